@@ -1,0 +1,233 @@
+//! Building a variant directory into its cdylib with cargo.
+//!
+//! [`VariantCrate::open`] checks the directory is a crate whose `[lib]` is a `cdylib` before any
+//! compiling starts. [`VariantCrate::build`] runs `cargo build --release` (cargo's own output,
+//! errors included, goes to the user's terminal) and reads the library's path from cargo's JSON
+//! messages; [`VariantCrate::built_library`] finds it without building (`--no-build`).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Why a variant could not be built or found.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("variant directory {0} does not exist")]
+    NoDir(PathBuf),
+    #[error("{0} is not a variant crate: it has no Cargo.toml")]
+    NoManifest(PathBuf),
+    #[error("{path}: {message}")]
+    BadManifest { path: PathBuf, message: String },
+    #[error("{path}: a variant must be a cdylib crate; add `[lib] crate-type = [\"cdylib\"]`")]
+    NotCdylib { path: PathBuf },
+    #[error("cannot run cargo ({cargo}): {source}")]
+    Cargo {
+        cargo: String,
+        source: std::io::Error,
+    },
+    #[error("cargo build of variant {dir} failed ({status}); cargo's errors are above")]
+    Failed { dir: PathBuf, status: String },
+    #[error("cargo built variant {dir} but reported no cdylib for package {package}")]
+    NoArtifact { dir: PathBuf, package: String },
+    #[error(
+        "--no-build: variant {dir} has no built library at {lib}; run without --no-build first"
+    )]
+    NotBuilt { dir: PathBuf, lib: PathBuf },
+}
+
+/// A variant crate on disk.
+#[derive(Debug, Clone)]
+pub struct VariantCrate {
+    pub dir: PathBuf,
+    pub package: String,
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+impl VariantCrate {
+    /// Checks that `dir` holds a cdylib crate and reads its package name.
+    pub fn open(dir: &Path) -> Result<Self, BuildError> {
+        if !dir.is_dir() {
+            return Err(BuildError::NoDir(dir.into()));
+        }
+        let manifest = dir.join("Cargo.toml");
+        let text =
+            std::fs::read_to_string(&manifest).map_err(|_| BuildError::NoManifest(dir.into()))?;
+        let bad = |message: String| BuildError::BadManifest {
+            path: manifest.clone(),
+            message,
+        };
+        let doc: toml::Table =
+            toml::from_str(&text).map_err(|e| bad(e.to_string().trim_end().to_string()))?;
+        let package = doc
+            .get("package")
+            .and_then(|p| p.get("name"))
+            .and_then(|n| n.as_str())
+            .ok_or_else(|| bad("no [package] name".into()))?
+            .to_string();
+        let is_cdylib = doc
+            .get("lib")
+            .and_then(|l| l.get("crate-type"))
+            .and_then(|t| t.as_array())
+            .is_some_and(|types| types.iter().any(|t| t.as_str() == Some("cdylib")));
+        if !is_cdylib {
+            return Err(BuildError::NotCdylib { path: manifest });
+        }
+        Ok(VariantCrate {
+            dir: dir.into(),
+            package,
+        })
+    }
+
+    /// Builds the crate in release mode and returns the path of its cdylib.
+    pub fn build(&self) -> Result<PathBuf, BuildError> {
+        let cargo = cargo();
+        let mut child = Command::new(&cargo)
+            .args([
+                "build",
+                "--release",
+                "--message-format=json-render-diagnostics",
+                "--manifest-path",
+            ])
+            .arg(self.dir.join("Cargo.toml"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|source| BuildError::Cargo {
+                cargo: cargo.clone(),
+                source,
+            })?;
+        let mut library = None;
+        let stdout = child.stdout.take().expect("stdout was piped");
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if msg["reason"] != "compiler-artifact" {
+                continue;
+            }
+            let is_ours = msg["target"]["name"].as_str().map(|n| n.replace('-', "_"))
+                == Some(self.package.replace('-', "_"));
+            let is_cdylib = msg["target"]["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "cdylib"));
+            if is_ours && is_cdylib {
+                library = msg["filenames"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|f| f.as_str())
+                    .find(|f| f.ends_with(".so") || f.ends_with(".dylib"))
+                    .map(PathBuf::from);
+            }
+        }
+        let status = child
+            .wait()
+            .map_err(|source| BuildError::Cargo { cargo, source })?;
+        if !status.success() {
+            return Err(BuildError::Failed {
+                dir: self.dir.clone(),
+                status: status.to_string(),
+            });
+        }
+        library.ok_or_else(|| BuildError::NoArtifact {
+            dir: self.dir.clone(),
+            package: self.package.clone(),
+        })
+    }
+
+    /// The library a previous build left, without building.
+    pub fn built_library(&self) -> Result<PathBuf, BuildError> {
+        let cargo = cargo();
+        let output = Command::new(&cargo)
+            .args([
+                "metadata",
+                "--no-deps",
+                "--format-version",
+                "1",
+                "--manifest-path",
+            ])
+            .arg(self.dir.join("Cargo.toml"))
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|source| BuildError::Cargo {
+                cargo: cargo.clone(),
+                source,
+            })?;
+        if !output.status.success() {
+            return Err(BuildError::Failed {
+                dir: self.dir.clone(),
+                status: output.status.to_string(),
+            });
+        }
+        let meta: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        let target = meta["target_directory"]
+            .as_str()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.dir.join("target"));
+        let lib = target
+            .join("release")
+            .join(format!("lib{}.so", self.package.replace('-', "_")));
+        if lib.is_file() {
+            Ok(lib)
+        } else {
+            Err(BuildError::NotBuilt {
+                dir: self.dir.clone(),
+                lib,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str, manifest: Option<&str>) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("autoinfer-build-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        if let Some(m) = manifest {
+            std::fs::write(dir.join("Cargo.toml"), m).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_cdylib_crate() {
+        let missing = std::env::temp_dir().join("autoinfer-no-such-dir");
+        assert!(matches!(
+            VariantCrate::open(&missing),
+            Err(BuildError::NoDir(_))
+        ));
+        let empty = scratch("empty", None);
+        assert!(matches!(
+            VariantCrate::open(&empty),
+            Err(BuildError::NoManifest(_))
+        ));
+        let rlib = scratch(
+            "rlib",
+            Some("[package]\nname = \"x\"\nversion = \"0.1.0\"\n"),
+        );
+        let err = VariantCrate::open(&rlib).unwrap_err();
+        assert!(
+            matches!(err, BuildError::NotCdylib { .. }) && err.to_string().contains("cdylib"),
+            "{err}"
+        );
+        let broken = scratch("broken", Some("[package\nname = 1"));
+        assert!(matches!(
+            VariantCrate::open(&broken),
+            Err(BuildError::BadManifest { .. })
+        ));
+        let good = scratch(
+            "good",
+            Some("[package]\nname = \"my-variant\"\n[lib]\ncrate-type = [\"cdylib\"]\n"),
+        );
+        assert_eq!(VariantCrate::open(&good).unwrap().package, "my-variant");
+        for d in [empty, rlib, broken, good] {
+            std::fs::remove_dir_all(d).unwrap();
+        }
+    }
+}

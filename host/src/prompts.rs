@@ -1,0 +1,784 @@
+//! The benchmark prompts: templates in `prompts/*.toml` whose parameters are drawn per request.
+//!
+//! A [`PromptSet`] holds the [`PromptSpec`]s of a directory, validated on load (an error names the
+//! file and the field). [`PromptSpec::draw`] makes a [`PromptInstance`] from a seed, the round and
+//! the prompt's name, so the same (seed, round) always gives the same text, two variants in one
+//! round get the same instance, and no output can be memoised from an earlier request. Each
+//! prompt carries its sanity [`Check`]s; their expected values come from the drawn parameters.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::expr::Expr;
+
+/// Why the prompts could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PromptError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("{0}: no prompt files (*.toml other than protocol.toml)")]
+    Empty(PathBuf),
+}
+
+/// One option of a `choice` or `sample` parameter: its text plus what checks need of it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct OptionEntry {
+    /// What `{param}` becomes in the template.
+    pub text: String,
+    /// Words a good answer about this option mentions (for `keywords` checks).
+    #[serde(default)]
+    pub keywords: Vec<String>,
+    /// Further named strings, reachable as `{param.field}`.
+    #[serde(flatten)]
+    pub fields: BTreeMap<String, String>,
+}
+
+/// A template parameter and how it is drawn.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "RawParam")]
+pub enum Param {
+    /// A whole number in `min..=max`, a multiple of `step` away from `min`.
+    Int {
+        name: String,
+        min: i64,
+        max: i64,
+        #[serde(default = "one")]
+        step: i64,
+    },
+    /// One of `options`.
+    Choice {
+        name: String,
+        options: Vec<OptionEntry>,
+    },
+    /// `count` distinct options in random order, joined by `separator`.
+    Sample {
+        name: String,
+        count: usize,
+        separator: String,
+        options: Vec<OptionEntry>,
+    },
+}
+
+/// A parameter table as written: one flat struct, so a type error points at the exact key
+/// (an internally tagged enum would only point at the table).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawParam {
+    kind: String,
+    name: String,
+    min: Option<i64>,
+    max: Option<i64>,
+    step: Option<i64>,
+    count: Option<usize>,
+    separator: Option<String>,
+    options: Option<Vec<OptionEntry>>,
+}
+
+impl TryFrom<RawParam> for Param {
+    type Error = String;
+    fn try_from(r: RawParam) -> Result<Self, String> {
+        let name = r.name;
+        let need = |field: &str, kind: &str| format!("parameter {name:?} of kind {kind:?} needs `{field}`");
+        let unused = |present: bool, field: &str, kind: &str| {
+            if present {
+                Err(format!("parameter {name:?}: `{field}` does not apply to kind {kind:?}"))
+            } else {
+                Ok(())
+            }
+        };
+        match r.kind.as_str() {
+            "int" => {
+                unused(r.options.is_some(), "options", "int")?;
+                unused(r.count.is_some() || r.separator.is_some(), "count/separator", "int")?;
+                Ok(Param::Int {
+                    min: r.min.ok_or_else(|| need("min", "int"))?,
+                    max: r.max.ok_or_else(|| need("max", "int"))?,
+                    step: r.step.unwrap_or(1),
+                    name,
+                })
+            }
+            "choice" => {
+                unused(r.min.is_some() || r.max.is_some() || r.step.is_some(), "min/max/step", "choice")?;
+                unused(r.count.is_some() || r.separator.is_some(), "count/separator", "choice")?;
+                Ok(Param::Choice { options: r.options.ok_or_else(|| need("options", "choice"))?, name })
+            }
+            "sample" => {
+                unused(r.min.is_some() || r.max.is_some() || r.step.is_some(), "min/max/step", "sample")?;
+                Ok(Param::Sample {
+                    count: r.count.ok_or_else(|| need("count", "sample"))?,
+                    separator: r.separator.unwrap_or_else(|| "\n\n".into()),
+                    options: r.options.ok_or_else(|| need("options", "sample"))?,
+                    name,
+                })
+            }
+            other => Err(format!("parameter {name:?}: unknown kind {other:?} (int, choice or sample)")),
+        }
+    }
+}
+
+/// A check table as written (see [`RawParam`] for why it is flat).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    kind: String,
+    from: Option<String>,
+    min: Option<usize>,
+    expr: Option<String>,
+    tolerance: Option<f64>,
+    patterns: Option<Vec<String>>,
+}
+
+impl TryFrom<RawCheck> for Check {
+    type Error = String;
+    fn try_from(r: RawCheck) -> Result<Self, String> {
+        let kind = r.kind.clone();
+        let need = |field: &str| format!("a check of kind {kind:?} needs `{field}`");
+        let fields = [("from", r.from.is_some()), ("min", r.min.is_some()), ("expr", r.expr.is_some()), ("tolerance", r.tolerance.is_some()), ("patterns", r.patterns.is_some())];
+        let allowed: &[&str] = match kind.as_str() {
+            "keywords" => &["from", "min"],
+            "number" => &["expr", "tolerance"],
+            "contains" => &["patterns"],
+            "lines" => &["min"],
+            other => return Err(format!("unknown check kind {other:?} (keywords, number, contains or lines)")),
+        };
+        if let Some((field, _)) = fields.iter().find(|(f, present)| *present && !allowed.contains(f)) {
+            return Err(format!("`{field}` does not apply to a check of kind {kind:?}"));
+        }
+        Ok(match kind.as_str() {
+            "keywords" => Check::Keywords { from: r.from.ok_or_else(|| need("from"))?, min: r.min.ok_or_else(|| need("min"))? },
+            "number" => Check::Number { expr: r.expr.ok_or_else(|| need("expr"))?, tolerance: r.tolerance.ok_or_else(|| need("tolerance"))? },
+            "contains" => Check::Contains { patterns: r.patterns.ok_or_else(|| need("patterns"))? },
+            _ => Check::Lines { min: r.min.ok_or_else(|| need("min"))? },
+        })
+    }
+}
+
+impl Param {
+    fn name(&self) -> &str {
+        match self {
+            Param::Int { name, .. } | Param::Choice { name, .. } | Param::Sample { name, .. } => {
+                name
+            }
+        }
+    }
+}
+
+/// A sanity check on the output text (read up to the first end-of-sequence token).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(try_from = "RawCheck", tag = "kind", rename_all = "snake_case")]
+pub enum Check {
+    /// At least `min` of the keywords of the drawn option(s) of `from` appear (any case).
+    Keywords { from: String, min: usize },
+    /// Some number in the output is within `tolerance` of `expr`, computed from int parameters.
+    Number { expr: String, tolerance: f64 },
+    /// Every pattern appears verbatim, after `{param}` substitution.
+    Contains { patterns: Vec<String> },
+    /// The output has at least `min` non-empty lines.
+    Lines { min: usize },
+}
+
+/// One prompt file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptSpec {
+    /// Short name, used in tables and results.
+    pub name: String,
+    /// What this prompt exercises.
+    pub about: String,
+    /// The user's message, with `{param}` and `{param.field}` placeholders.
+    pub template: String,
+    #[serde(default)]
+    pub params: Vec<Param>,
+    #[serde(default)]
+    pub checks: Vec<Check>,
+}
+
+/// The drawn value of one parameter.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DrawnValue {
+    pub text: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub keywords: Vec<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub fields: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub number: Option<i64>,
+}
+
+/// One concrete request text and the values it was drawn with.
+#[derive(Debug, Clone, Serialize)]
+pub struct PromptInstance {
+    pub prompt: String,
+    pub user_text: String,
+    pub values: BTreeMap<String, DrawnValue>,
+}
+
+/// The outcome of one check on one output.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckOutcome {
+    pub check: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
+/// All prompts of a directory, in file-name order.
+#[derive(Debug, Clone)]
+pub struct PromptSet {
+    pub prompts: Vec<PromptSpec>,
+}
+
+impl PromptSet {
+    /// Loads and validates every `*.toml` in `dir` except `protocol.toml`.
+    pub fn load(dir: &Path) -> Result<Self, PromptError> {
+        let read_err = |source| PromptError::Read {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let mut files: Vec<PathBuf> = fs::read_dir(dir)
+            .map_err(read_err)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .filter(|p| p.file_name().is_some_and(|n| n != "protocol.toml"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(PromptError::Empty(dir.to_path_buf()));
+        }
+        let prompts = files
+            .iter()
+            .map(|p| PromptSpec::load(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (i, a) in prompts.iter().enumerate() {
+            if let Some(b) = prompts[..i].iter().find(|b| b.name == a.name) {
+                return Err(PromptError::Invalid {
+                    path: files[i].clone(),
+                    message: format!(
+                        "name {:?} is already used by another prompt file ({})",
+                        b.name,
+                        dir.display()
+                    ),
+                });
+            }
+        }
+        Ok(PromptSet { prompts })
+    }
+}
+
+impl PromptSpec {
+    /// Loads one prompt file and checks it is usable.
+    pub fn load(path: &Path) -> Result<Self, PromptError> {
+        let text = fs::read_to_string(path).map_err(|source| PromptError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let invalid = |message: String| PromptError::Invalid {
+            path: path.into(),
+            message,
+        };
+        let spec: PromptSpec =
+            toml::from_str(&text).map_err(|e| invalid(e.to_string().trim_end().to_string()))?;
+        spec.validate().map_err(invalid)?;
+        Ok(spec)
+    }
+
+    fn param(&self, name: &str) -> Option<&Param> {
+        self.params.iter().find(|p| p.name() == name)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        for (i, p) in self.params.iter().enumerate() {
+            let at = format!("params[{i}] ({:?})", p.name());
+            if self.params[..i].iter().any(|q| q.name() == p.name()) {
+                return Err(format!("{at}: the name is used twice"));
+            }
+            match p {
+                Param::Int { min, max, step, .. } if min > max || *step <= 0 => {
+                    return Err(format!(
+                        "{at}: needs min <= max and step > 0 (min {min}, max {max}, step {step})"
+                    ))
+                }
+                Param::Choice { options, .. } if options.is_empty() => {
+                    return Err(format!("{at}: options is empty"))
+                }
+                Param::Sample { options, count, .. } if *count == 0 || *count > options.len() => {
+                    return Err(format!(
+                        "{at}: count {count} must be between 1 and the {} options",
+                        options.len()
+                    ))
+                }
+                _ => {}
+            }
+        }
+        for placeholder in placeholders(&self.template) {
+            self.check_placeholder(&placeholder)
+                .map_err(|m| format!("template: {m}"))?;
+        }
+        for (i, check) in self.checks.iter().enumerate() {
+            let at = format!("checks[{i}]");
+            match check {
+                Check::Keywords { from, min } => {
+                    match self.param(from) {
+                        Some(Param::Choice { options, .. } | Param::Sample { options, .. }) => {
+                            if let Some(o) = options.iter().find(|o| o.keywords.len() < *min) {
+                                return Err(format!("{at}: needs {min} keywords but option {:?} of {from:?} has fewer", o.text));
+                            }
+                        }
+                        _ => {
+                            return Err(format!(
+                                "{at}: from = {from:?} must name a choice or sample parameter"
+                            ))
+                        }
+                    }
+                }
+                Check::Number { expr, tolerance } => {
+                    let parsed =
+                        Expr::parse(expr).map_err(|m| format!("{at}: expr {expr:?}: {m}"))?;
+                    for var in parsed.variables() {
+                        if !matches!(self.param(&var), Some(Param::Int { .. })) {
+                            return Err(format!(
+                                "{at}: expr uses {var:?}, which is not an int parameter"
+                            ));
+                        }
+                    }
+                    if !(*tolerance >= 0.0) {
+                        return Err(format!("{at}: tolerance must be >= 0"));
+                    }
+                }
+                Check::Contains { patterns } => {
+                    for p in patterns {
+                        for placeholder in placeholders(p) {
+                            self.check_placeholder(&placeholder)
+                                .map_err(|m| format!("{at}: {m}"))?;
+                        }
+                    }
+                }
+                Check::Lines { .. } => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn check_placeholder(&self, placeholder: &str) -> Result<(), String> {
+        let (name, field) = split_placeholder(placeholder);
+        let param = self
+            .param(name)
+            .ok_or_else(|| format!("{{{placeholder}}} names no parameter"))?;
+        if let Some(field) = field {
+            let options = match param {
+                Param::Choice { options, .. } => options,
+                _ => {
+                    return Err(format!(
+                        "{{{placeholder}}}: only choice parameters have fields"
+                    ))
+                }
+            };
+            if let Some(o) = options.iter().find(|o| !o.fields.contains_key(field)) {
+                return Err(format!(
+                    "{{{placeholder}}}: option {:?} has no field {field:?}",
+                    o.text
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Draws this prompt's parameters for (`seed`, `round`) and fills the template.
+    pub fn draw(&self, seed: u64, round: u64) -> PromptInstance {
+        let mut rng = SplitMix64::for_request(seed, round, &self.name);
+        let mut values = BTreeMap::new();
+        for p in &self.params {
+            let value = match p {
+                Param::Int { min, max, step, .. } => {
+                    let n = rng.below(((max - min) / step + 1) as u64) as i64;
+                    let v = min + n * step;
+                    DrawnValue {
+                        text: v.to_string(),
+                        keywords: vec![],
+                        fields: BTreeMap::new(),
+                        number: Some(v),
+                    }
+                }
+                Param::Choice { options, .. } => {
+                    let o = &options[rng.below(options.len() as u64) as usize];
+                    DrawnValue {
+                        text: o.text.clone(),
+                        keywords: o.keywords.clone(),
+                        fields: o.fields.clone(),
+                        number: None,
+                    }
+                }
+                Param::Sample {
+                    options,
+                    count,
+                    separator,
+                    ..
+                } => {
+                    let mut order: Vec<usize> = (0..options.len()).collect();
+                    for i in 0..*count {
+                        let j = i + rng.below((order.len() - i) as u64) as usize;
+                        order.swap(i, j);
+                    }
+                    let picked = &order[..*count];
+                    DrawnValue {
+                        text: picked
+                            .iter()
+                            .map(|&i| options[i].text.trim())
+                            .collect::<Vec<_>>()
+                            .join(separator),
+                        keywords: picked
+                            .iter()
+                            .flat_map(|&i| options[i].keywords.clone())
+                            .collect(),
+                        fields: BTreeMap::new(),
+                        number: None,
+                    }
+                }
+            };
+            values.insert(p.name().to_string(), value);
+        }
+        let user_text = substitute(&self.template, &values);
+        PromptInstance {
+            prompt: self.name.clone(),
+            user_text,
+            values,
+        }
+    }
+
+    /// Runs every check on `output` (already cut at the first end-of-sequence token).
+    pub fn evaluate(&self, instance: &PromptInstance, output: &str) -> Vec<CheckOutcome> {
+        self.checks
+            .iter()
+            .map(|c| evaluate_check(c, instance, output))
+            .collect()
+    }
+}
+
+fn evaluate_check(check: &Check, instance: &PromptInstance, output: &str) -> CheckOutcome {
+    let lower = output.to_lowercase();
+    let (name, passed, detail) = match check {
+        Check::Keywords { from, min } => {
+            let keywords = instance
+                .values
+                .get(from)
+                .map(|v| v.keywords.as_slice())
+                .unwrap_or(&[]);
+            let found: Vec<&String> = keywords
+                .iter()
+                .filter(|k| lower.contains(&k.to_lowercase()))
+                .collect();
+            (
+                format!("keywords({from})"),
+                found.len() >= *min,
+                format!(
+                    "{} of {} keywords (need {min}): {:?}",
+                    found.len(),
+                    keywords.len(),
+                    found
+                ),
+            )
+        }
+        Check::Number { expr, tolerance } => {
+            let vars: BTreeMap<String, f64> = instance
+                .values
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.number? as f64)))
+                .collect();
+            match Expr::parse(expr).and_then(|e| e.eval(&vars)) {
+                Ok(expected) => {
+                    let numbers = numbers_in(output);
+                    let hit = numbers.iter().any(|n| (n - expected).abs() <= *tolerance);
+                    (
+                        "number".into(),
+                        hit,
+                        format!(
+                            "expected {expected:.2} ± {tolerance}, found {:?}",
+                            &numbers[..numbers.len().min(12)]
+                        ),
+                    )
+                }
+                Err(e) => (
+                    "number".into(),
+                    false,
+                    format!("cannot evaluate {expr:?}: {e}"),
+                ),
+            }
+        }
+        Check::Contains { patterns } => {
+            let wanted: Vec<String> = patterns
+                .iter()
+                .map(|p| substitute(p, &instance.values))
+                .collect();
+            let missing: Vec<&String> = wanted
+                .iter()
+                .filter(|p| !output.contains(p.as_str()))
+                .collect();
+            (
+                "contains".into(),
+                missing.is_empty(),
+                format!("missing {missing:?}"),
+            )
+        }
+        Check::Lines { min } => {
+            let n = output.lines().filter(|l| !l.trim().is_empty()).count();
+            (
+                "lines".into(),
+                n >= *min,
+                format!("{n} non-empty lines (need {min})"),
+            )
+        }
+    };
+    CheckOutcome {
+        check: name,
+        passed,
+        detail,
+    }
+}
+
+/// Every number written in `text` (`1,200` and `57.5` included).
+fn numbers_in(text: &str) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    let flush = |current: &mut String, out: &mut Vec<f64>| {
+        let trimmed = current.trim_end_matches(['.', ',']).replace(',', "");
+        if let Ok(v) = trimmed.parse() {
+            out.push(v);
+        }
+        current.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_digit() || (!current.is_empty() && (c == '.' || c == ',')) {
+            current.push(c);
+        } else {
+            flush(&mut current, &mut out);
+        }
+    }
+    flush(&mut current, &mut out);
+    out
+}
+
+/// The `{...}` placeholders of a template, in order.
+fn placeholders(template: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        match rest[start..].find('}') {
+            Some(len) => {
+                out.push(rest[start + 1..start + len].to_string());
+                rest = &rest[start + len + 1..];
+            }
+            None => break,
+        }
+    }
+    out
+}
+
+fn split_placeholder(placeholder: &str) -> (&str, Option<&str>) {
+    match placeholder.split_once('.') {
+        Some((name, field)) => (name, Some(field)),
+        None => (placeholder, None),
+    }
+}
+
+fn substitute(template: &str, values: &BTreeMap<String, DrawnValue>) -> String {
+    let mut out = template.to_string();
+    for placeholder in placeholders(template) {
+        let (name, field) = split_placeholder(&placeholder);
+        let value = values.get(name).and_then(|v| match field {
+            None => Some(v.text.clone()),
+            Some(f) => v.fields.get(f).cloned(),
+        });
+        if let Some(value) = value {
+            out = out.replacen(&format!("{{{placeholder}}}"), &value, 1);
+        }
+    }
+    out
+}
+
+/// A tiny, fully specified PRNG, so a seed draws the same prompts in every build, forever.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    /// The generator for one request: independent of the order requests are drawn in.
+    fn for_request(seed: u64, round: u64, prompt: &str) -> Self {
+        let mut state = seed ^ round.wrapping_mul(0xA24B_AED4_963E_E407);
+        for b in prompt.bytes() {
+            state = (state ^ b as u64).wrapping_mul(0x100_0000_01B3);
+        }
+        let mut rng = SplitMix64(state);
+        rng.next();
+        rng
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0), without modulo bias worth mentioning for small n.
+    fn below(&mut self, n: u64) -> u64 {
+        ((self.next() as u128 * n as u128) >> 64) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(toml_text: &str) -> Result<PromptSpec, String> {
+        let spec: PromptSpec = toml::from_str(toml_text).map_err(|e| e.to_string())?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    const TRAIN: &str = r#"
+        name = "reasoning"
+        about = "test"
+        template = "Out at {a} km/h, back at {b} km/h."
+        [[params]]
+        kind = "int"
+        name = "a"
+        min = 40
+        max = 120
+        step = 10
+        [[params]]
+        kind = "int"
+        name = "b"
+        min = 40
+        max = 120
+        step = 10
+        [[checks]]
+        kind = "number"
+        expr = "2 * a * b / (a + b)"
+        tolerance = 0.5
+    "#;
+
+    #[test]
+    fn draws_are_seeded_per_round_and_in_range() {
+        let s = spec(TRAIN).unwrap();
+        let first = s.draw(7, 0);
+        assert_eq!(
+            first.user_text,
+            s.draw(7, 0).user_text,
+            "same seed and round, same text"
+        );
+        let texts: std::collections::BTreeSet<String> =
+            (0..20).map(|r| s.draw(7, r).user_text).collect();
+        assert!(
+            texts.len() > 10,
+            "rounds must draw different instances: {texts:?}"
+        );
+        for r in 0..50 {
+            let v = s.draw(1, r).values["a"].number.unwrap();
+            assert!((40..=120).contains(&v) && v % 10 == 0, "{v}");
+        }
+    }
+
+    #[test]
+    fn number_check_uses_the_drawn_speeds() {
+        let s = spec(TRAIN).unwrap();
+        let inst = s.draw(3, 1);
+        let (a, b) = (
+            inst.values["a"].number.unwrap() as f64,
+            inst.values["b"].number.unwrap() as f64,
+        );
+        let right = format!("The average speed is {:.1} km/h.", 2.0 * a * b / (a + b));
+        assert!(s.evaluate(&inst, &right)[0].passed, "{right}");
+        let wrong = format!("The average speed is {} km/h.", (a + b) / 2.0 + 7.0);
+        assert!(!s.evaluate(&inst, &wrong)[0].passed, "{wrong}");
+    }
+
+    #[test]
+    fn keyword_contains_and_lines_checks() {
+        let s = spec(
+            r#"
+            name = "code"
+            about = "test"
+            template = "Write {task.function}: {task}"
+            [[params]]
+            kind = "choice"
+            name = "task"
+            options = [{ text = "reverse a list", function = "rev", keywords = ["list", "reverse"] }]
+            [[checks]]
+            kind = "contains"
+            patterns = ["def {task.function}("]
+            [[checks]]
+            kind = "keywords"
+            from = "task"
+            min = 2
+            [[checks]]
+            kind = "lines"
+            min = 2
+        "#,
+        )
+        .unwrap();
+        let inst = s.draw(0, 0);
+        assert_eq!(inst.user_text, "Write rev: reverse a list");
+        let good = s.evaluate(
+            &inst,
+            "def rev(xs):\n    return xs[::-1]  # Reverse the LIST",
+        );
+        assert!(good.iter().all(|c| c.passed), "{good:?}");
+        let bad = s.evaluate(&inst, "def reverse(xs): pass");
+        assert!(bad.iter().all(|c| !c.passed), "{bad:?}");
+    }
+
+    #[test]
+    fn invalid_specs_name_the_field() {
+        let err = spec(&TRAIN.replace("a + b", "a + c")).unwrap_err();
+        assert!(err.contains("checks[0]") && err.contains("\"c\""), "{err}");
+        let err = spec(&TRAIN.replace("{b}", "{speed}")).unwrap_err();
+        assert!(err.contains("template") && err.contains("{speed}"), "{err}");
+        let err = spec(&TRAIN.replace("template =", "templat =")).unwrap_err();
+        assert!(err.contains("templat"), "{err}");
+        let err = spec(&TRAIN.replace(
+            "max = 120\n        step = 10\n        [[checks]]",
+            "max = 1\n        [[checks]]",
+        ))
+        .unwrap_err();
+        assert!(err.contains("params[1]"), "{err}");
+    }
+
+    #[test]
+    fn sample_draws_distinct_options() {
+        let s = spec(
+            r#"
+            name = "s"
+            about = "t"
+            template = "{doc}"
+            [[params]]
+            kind = "sample"
+            name = "doc"
+            count = 3
+            separator = "|"
+            options = [{ text = "a" }, { text = "b" }, { text = "c" }, { text = "d" }]
+        "#,
+        )
+        .unwrap();
+        for r in 0..20 {
+            let text = s.draw(5, r).user_text;
+            let mut parts: Vec<&str> = text.split('|').collect();
+            parts.sort();
+            parts.dedup();
+            assert_eq!(parts.len(), 3, "{text}");
+        }
+    }
+
+    #[test]
+    fn finds_numbers_in_prose() {
+        assert_eq!(
+            numbers_in("It is 57.5 km/h, or 1,200 m. Done."),
+            vec![57.5, 1200.0]
+        );
+    }
+}

@@ -1,0 +1,103 @@
+//! The measurement protocol: `prompts/protocol.toml`, part of the locked harness.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Why the protocol file could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ProtocolError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+/// How every run is measured. Each value's reason is written beside it in the file.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Protocol {
+    /// Tokens every request must produce, exactly.
+    pub max_new_tokens: u32,
+    /// Timed rounds over all prompts.
+    pub rounds: u32,
+    /// Untimed requests before the first round.
+    pub warmup_requests: u32,
+    /// Seed of the prompt draws.
+    pub seed: u64,
+    /// Seconds a request (or the variant's load) may take before the worker is killed.
+    pub request_timeout_s: f64,
+    /// The decoding policy; only "greedy" exists.
+    pub decoding: String,
+}
+
+impl Protocol {
+    /// Loads and checks `path`.
+    pub fn load(path: &Path) -> Result<Protocol, ProtocolError> {
+        let err = |message: String| ProtocolError {
+            path: path.into(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let p: Protocol =
+            toml::from_str(&text).map_err(|e| err(e.to_string().trim_end().to_string()))?;
+        p.check().map_err(err)?;
+        Ok(p)
+    }
+
+    /// Checks the values make sense (also after command-line overrides).
+    pub fn check(&self) -> Result<(), String> {
+        if self.max_new_tokens < 2 {
+            return Err(format!(
+                "max_new_tokens is {}; at least 2 are needed to time decoding",
+                self.max_new_tokens
+            ));
+        }
+        if self.rounds == 0 {
+            return Err("rounds must be at least 1".into());
+        }
+        if !(self.request_timeout_s > 0.0) {
+            return Err(format!(
+                "request_timeout_s must be positive, not {}",
+                self.request_timeout_s
+            ));
+        }
+        if self.decoding != "greedy" {
+            return Err(format!(
+                "decoding {:?} is not supported (only \"greedy\")",
+                self.decoding
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_committed_protocol_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../prompts/protocol.toml");
+        let p = Protocol::load(&path).unwrap();
+        assert_eq!(p.decoding, "greedy");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let dir = std::env::temp_dir().join(format!("autoinfer-protocol-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("protocol.toml");
+        let good = "max_new_tokens = 8\nrounds = 1\nwarmup_requests = 1\nseed = 1\nrequest_timeout_s = 5\ndecoding = \"greedy\"\n";
+        for (bad, needle) in [
+            (good.replace("rounds = 1", "rounds = 0"), "rounds"),
+            (good.replace("rounds = 1", "rounds = \"x\""), "rounds"),
+            (good.replace("greedy", "beam"), "beam"),
+            (good.replace("seed = 1\n", ""), "seed"),
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let e = Protocol::load(&path).unwrap_err().to_string();
+            assert!(e.contains("protocol.toml") && e.contains(needle), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,189 @@
+//! The experiment log: one row per run appended to `results/results.tsv`, and one JSON file per
+//! run with every raw sample.
+//!
+//! Rows are written with a single `write` on a file opened for appending and then synced, and
+//! JSON files are written to a temporary name and renamed, so a crash can lose at most the run
+//! in progress, never an earlier row.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::report::Summary;
+
+/// The columns of `results.tsv`, in order.
+pub const COLUMNS: [&str; 22] = [
+    "time",
+    "commit",
+    "variant",
+    "variant_tree",
+    "harness",
+    "model",
+    "machine",
+    "device",
+    "rounds",
+    "max_new_tokens",
+    "seed",
+    "prefill_tok_s",
+    "decode_tok_s",
+    "decode_iqr_pct",
+    "ttft_ms",
+    "itl_p50_ms",
+    "itl_p99_ms",
+    "peak_rss_mib",
+    "checks_passed",
+    "status",
+    "description",
+    "json",
+];
+
+/// Where the run's code and machine came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Provenance {
+    pub time: String,
+    pub commit: String,
+    pub variant_dir: String,
+    pub variant_package: String,
+    pub variant_tree: String,
+    pub harness: String,
+    pub model_path: String,
+    pub model_sha256: String,
+    pub machine: String,
+    pub device: String,
+}
+
+/// A one-line description of this machine: host name, CPU model, logical CPUs.
+pub fn machine() -> String {
+    let host = fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    format!("{host} ({cpu}, {cpus} CPUs)")
+}
+
+fn clean(field: &str) -> String {
+    field.replace(['\t', '\n', '\r'], " ")
+}
+
+/// Writes `value` as pretty JSON to `dir/<stem>.json` (atomically) and returns its path.
+pub fn write_json<T: Serialize>(dir: &Path, stem: &str, value: &T) -> Result<PathBuf> {
+    let runs = dir.join("runs");
+    fs::create_dir_all(&runs).with_context(|| format!("cannot create {}", runs.display()))?;
+    let path = runs.join(format!("{stem}.json"));
+    let tmp = runs.join(format!(".{stem}.json.tmp"));
+    let text = serde_json::to_string_pretty(value)?;
+    fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    fs::rename(&tmp, &path)
+        .with_context(|| format!("cannot rename {} into place", tmp.display()))?;
+    Ok(path)
+}
+
+/// The row for one run (`summary` is `None` when the run failed before any figure).
+pub fn row(
+    p: &Provenance,
+    rounds: u32,
+    max_new: u32,
+    seed: u64,
+    summary: Option<&Summary>,
+    status: &str,
+    description: &str,
+    json: &Path,
+) -> Vec<String> {
+    let f = |v: Option<f64>, digits: usize| {
+        v.map(|v| format!("{v:.digits$}"))
+            .unwrap_or_else(|| "-".into())
+    };
+    let o = summary.map(|s| &s.overall);
+    vec![
+        p.time.clone(),
+        p.commit.clone(),
+        p.variant_dir.clone(),
+        p.variant_tree[..12.min(p.variant_tree.len())].to_string(),
+        p.harness[..12.min(p.harness.len())].to_string(),
+        p.model_sha256[..12.min(p.model_sha256.len())].to_string(),
+        p.machine.clone(),
+        p.device.clone(),
+        rounds.to_string(),
+        max_new.to_string(),
+        seed.to_string(),
+        f(o.and_then(|o| o.prefill_tok_s.map(|s| s.median)), 1),
+        f(o.and_then(|o| o.decode_tok_s.map(|s| s.median)), 2),
+        f(o.and_then(|o| o.decode_tok_s.map(|s| s.iqr_percent())), 1),
+        f(o.and_then(|o| o.ttft_ms.map(|s| s.median)), 1),
+        f(o.and_then(|o| o.itl_p50_ms.map(|s| s.median)), 2),
+        f(o.and_then(|o| o.itl_p99_ms.map(|s| s.median)), 2),
+        f(o.and_then(|o| o.peak_rss_mib.map(|s| s.max)), 1),
+        o.map(|o| format!("{}/{}", o.checks_passed, o.checks_total))
+            .unwrap_or_else(|| "-".into()),
+        status.to_string(),
+        description.to_string(),
+        json.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    ]
+    .iter()
+    .map(|s| clean(s))
+    .collect()
+}
+
+/// Appends `fields` as one row of `dir/results.tsv`, writing the header first if the file is new.
+pub fn append_row(dir: &Path, fields: &[String]) -> Result<PathBuf> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join("results.tsv");
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {} for appending", path.display()))?;
+    let mut text = String::new();
+    if file.metadata()?.len() == 0 {
+        text.push_str(&COLUMNS.join("\t"));
+        text.push('\n');
+    }
+    text.push_str(&fields.join("\t"));
+    text.push('\n');
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("cannot append to {}", path.display()))?;
+    file.sync_all()?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_rows_under_one_header() {
+        let dir = std::env::temp_dir().join(format!("autoinfer-record-{}", std::process::id()));
+        let row = |s: &str| {
+            (0..COLUMNS.len())
+                .map(|i| format!("{s}{i}"))
+                .collect::<Vec<_>>()
+        };
+        append_row(&dir, &row("a")).unwrap();
+        let path = append_row(&dir, &row("b")).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("time\tcommit"));
+        assert!(lines[1].starts_with("a0\ta1"));
+        assert_eq!(lines[2].split('\t').count(), COLUMNS.len());
+        assert_eq!(clean("b\tc\nd"), "b c d");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

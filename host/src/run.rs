@@ -1,0 +1,326 @@
+//! `host run`: score one variant on the real model.
+//!
+//! Order of work: read the protocol and prompts (cheap errors first), open the model and its
+//! tokenizer, draw and tokenize every request, build the variant, then run one worker through
+//! the warm-up and the timed rounds. Every outcome, a failure included, ends in a results row.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::cargo_build::VariantCrate;
+use crate::measure::Timing;
+use crate::model::Model;
+use crate::prompts::{PromptInstance, PromptSet};
+use crate::protocol::Protocol;
+use crate::record::{self, Provenance};
+use crate::report::{Sample, Summary};
+use crate::supervisor::Worker;
+use crate::tokenize::TextCodec;
+use crate::wire::{Reply, Request};
+
+/// What `host run` was asked to do (see the CLI for each flag's meaning).
+#[derive(Debug, Clone)]
+pub struct RunArgs {
+    pub variant: PathBuf,
+    pub model: Option<PathBuf>,
+    pub rounds: Option<u32>,
+    pub max_new_tokens: Option<u32>,
+    pub seed: Option<u64>,
+    pub timeout_s: Option<f64>,
+    pub no_build: bool,
+    pub json: bool,
+    pub description: String,
+    pub verbose: bool,
+    pub results: Option<PathBuf>,
+}
+
+/// The checkout's root: the nearest ancestor of `start` with `prompts/protocol.toml`.
+pub fn find_root(start: &Path) -> Result<PathBuf> {
+    let start = start
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", start.display()))?;
+    start
+        .ancestors()
+        .find(|d| d.join("prompts/protocol.toml").is_file())
+        .map(Path::to_path_buf)
+        .with_context(|| {
+            format!("no prompts/protocol.toml in {} or above it: run host from inside an autoinfer checkout", start.display())
+        })
+}
+
+/// Resolves the model: `--model`, else the default one (fetched when missing, hash-checked).
+pub fn open_model(path: Option<&Path>) -> Result<Model> {
+    match path {
+        Some(p) => Ok(Model::open(p)?),
+        None => {
+            let p = crate::fetch::default_model()?;
+            let model = Model::open(&p)?;
+            let sha = model.sha256();
+            if sha != crate::fetch::DEFAULT_MODEL_SHA256 {
+                bail!(
+                    "the cached default model {} has SHA-256 {sha}, not {}; delete it and run again to refetch",
+                    p.display(),
+                    crate::fetch::DEFAULT_MODEL_SHA256
+                );
+            }
+            Ok(model)
+        }
+    }
+}
+
+/// One request to send: which prompt, which round, its text and ids.
+struct Planned {
+    round: Option<u32>,
+    instance: PromptInstance,
+    ids: Vec<u32>,
+}
+
+/// Everything a run's JSON file holds.
+#[derive(Serialize)]
+struct RunRecord<'a> {
+    schema: u32,
+    provenance: &'a Provenance,
+    protocol: &'a Protocol,
+    status: &'a str,
+    error: Option<String>,
+    description: &'a str,
+    load_ms: f64,
+    summary: Option<&'a Summary>,
+    samples: &'a [Sample],
+}
+
+/// Runs `host run`; returns the summary on success.
+pub fn run(args: &RunArgs) -> Result<Summary> {
+    let cwd = std::env::current_dir()?;
+    let root = find_root(&cwd).or_else(|_| find_root(&args.variant))?;
+    let prompts_dir = root.join("prompts");
+    let mut protocol = Protocol::load(&prompts_dir.join("protocol.toml"))?;
+    if let Some(r) = args.rounds {
+        protocol.rounds = r;
+    }
+    if let Some(n) = args.max_new_tokens {
+        protocol.max_new_tokens = n;
+    }
+    if let Some(s) = args.seed {
+        protocol.seed = s;
+    }
+    if let Some(t) = args.timeout_s {
+        protocol.request_timeout_s = t;
+    }
+    protocol
+        .check()
+        .map_err(|m| anyhow::anyhow!("command-line override: {m}"))?;
+    let prompts = PromptSet::load(&prompts_dir)?;
+    let variant = VariantCrate::open(&args.variant)?;
+
+    let model = open_model(args.model.as_deref())?;
+    let codec = TextCodec::from_model(model.view)
+        .with_context(|| format!("model {}", model.path.display()))?;
+
+    let mut plan = Vec::new();
+    for i in 0..protocol.warmup_requests {
+        let spec = &prompts.prompts[i as usize % prompts.prompts.len()];
+        plan.push((None, spec.draw(protocol.seed, u64::MAX - i as u64)));
+    }
+    for round in 0..protocol.rounds {
+        for spec in &prompts.prompts {
+            plan.push((Some(round), spec.draw(protocol.seed, round as u64)));
+        }
+    }
+    let plan = plan
+        .into_iter()
+        .map(|(round, instance)| {
+            let text = codec.render_chat(&instance.user_text)?;
+            let ids = codec.encode(&text)?;
+            Ok(Planned {
+                round,
+                instance,
+                ids,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    let lib = if args.no_build {
+        variant.built_library()?
+    } else {
+        variant.build()?
+    };
+
+    let provenance = Provenance {
+        time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        commit: crate::vcs::describe_commit(&root),
+        variant_dir: args.variant.display().to_string(),
+        variant_package: variant.package.clone(),
+        variant_tree: crate::vcs::tree_hash(&args.variant),
+        harness: crate::vcs::harness_hash(&root),
+        model_path: model.path.display().to_string(),
+        model_sha256: model.sha256(),
+        machine: record::machine(),
+        device: "cpu".into(),
+    };
+    let stem = format!("{}-{}", provenance.time.replace(':', ""), variant.package);
+    let results_dir = args.results.clone().unwrap_or_else(|| root.join("results"));
+    let order: Vec<String> = prompts.prompts.iter().map(|p| p.name.clone()).collect();
+    let mut samples = Vec::new();
+    let mut load_ms = 0.0;
+
+    let outcome = measure(
+        args,
+        &protocol,
+        &prompts,
+        &codec,
+        &model,
+        &lib,
+        &plan,
+        &mut samples,
+        &mut load_ms,
+    );
+    let summary = outcome.is_ok().then(|| Summary::of(&samples, &order));
+    let (status, error) = match &outcome {
+        Ok(()) => ("ok", None),
+        Err(e) => ("failed", Some(format!("{e:#}"))),
+    };
+    let record = RunRecord {
+        schema: 1,
+        provenance: &provenance,
+        protocol: &protocol,
+        status,
+        error,
+        description: &args.description,
+        load_ms,
+        summary: summary.as_ref(),
+        samples: &samples,
+    };
+    let json = record::write_json(&results_dir, &stem, &record)?;
+    let row = record::row(
+        &provenance,
+        protocol.rounds,
+        protocol.max_new_tokens,
+        protocol.seed,
+        summary.as_ref(),
+        status,
+        &args.description,
+        &json,
+    );
+    let tsv = record::append_row(&results_dir, &row)?;
+    outcome?;
+    let summary = summary.expect("a successful run has a summary");
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!("{}", summary.render());
+    }
+    eprintln!(
+        "recorded: {} (row appended), {}",
+        tsv.display(),
+        json.display()
+    );
+    Ok(summary)
+}
+
+/// The measured part: one worker, the warm-up, then every timed request.
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    args: &RunArgs,
+    protocol: &Protocol,
+    prompts: &PromptSet,
+    codec: &TextCodec,
+    model: &Model,
+    lib: &Path,
+    plan: &[Planned],
+    samples: &mut Vec<Sample>,
+    load_ms: &mut f64,
+) -> Result<()> {
+    let timeout = Duration::from_secs_f64(protocol.request_timeout_s);
+    let name = args.variant.display().to_string();
+    let mut worker = Worker::spawn(&name, lib, &model.path, timeout, args.verbose)?;
+    *load_ms = worker.load_ms;
+
+    let tty = std::io::stderr().is_terminal();
+    let bar = if tty {
+        ProgressBar::new(plan.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    for (i, planned) in plan.iter().enumerate() {
+        let label = match planned.round {
+            Some(r) => format!(
+                "prompt {:?} round {}/{}",
+                planned.instance.prompt,
+                r + 1,
+                protocol.rounds
+            ),
+            None => format!("warm-up request ({:?})", planned.instance.prompt),
+        };
+        bar.set_message(label.clone());
+        let request = Request::Generate {
+            prompt: planned.ids.clone(),
+            max_new_tokens: protocol.max_new_tokens,
+        };
+        let reply = worker.request(&request, &label, timeout)?;
+        let Reply::Generated {
+            tokens,
+            emit_ns,
+            overflow,
+            peak_rss_kib,
+        } = reply
+        else {
+            bail!("variant {name}: the worker answered {label} with something other than tokens");
+        };
+        let timing = Timing::from_emits(
+            planned.ids.len(),
+            &tokens,
+            &emit_ns,
+            overflow,
+            protocol.max_new_tokens as usize,
+            codec.vocab_size,
+        )
+        .with_context(|| format!("variant {name} failed {label}"))?;
+        let line = format!(
+            "[{}/{}] {label}: {} prompt tokens, prefill {:.1} tok/s, decode {:.2} tok/s",
+            i + 1,
+            plan.len(),
+            timing.prompt_tokens,
+            timing.prefill_tok_s,
+            timing.decode_tok_s
+        );
+        if tty {
+            bar.println(line);
+        } else {
+            eprintln!("{line}");
+        }
+        bar.inc(1);
+        let Some(round) = planned.round else { continue };
+        let eos_at = tokens.iter().position(|&t| t == codec.eos_id);
+        let text = codec.decode(&tokens[..eos_at.unwrap_or(tokens.len())])?;
+        let spec = prompts
+            .prompts
+            .iter()
+            .find(|p| p.name == planned.instance.prompt)
+            .expect("every planned request comes from a prompt");
+        let checks = spec.evaluate(&planned.instance, &text);
+        samples.push(Sample {
+            prompt: planned.instance.prompt.clone(),
+            round,
+            instance: planned.instance.clone(),
+            timing,
+            peak_rss_kib,
+            tokens,
+            eos_at,
+            text,
+            checks,
+        });
+    }
+    bar.finish_and_clear();
+    Ok(())
+}

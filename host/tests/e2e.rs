@@ -1,0 +1,160 @@
+//! The main job end to end: `host run variants/current` on the real model.
+
+mod common;
+
+use common::{host, model, output, rows, scratch};
+
+#[test]
+fn scores_the_current_variant_on_the_real_model() {
+    model();
+    let results = scratch("e2e");
+    let (out, stdout, stderr) = output(
+        host()
+            .args([
+                "run",
+                "variants/current",
+                "--rounds",
+                "1",
+                "--max-new-tokens",
+                "24",
+                "--description",
+                "e2e test",
+                "--results",
+            ])
+            .arg(&results),
+    );
+    assert!(out.status.success(), "host run failed:\n{stderr}");
+    for header in [
+        "prompt",
+        "prefill tok/s",
+        "decode tok/s",
+        "TTFT ms",
+        "ITL p50 ms",
+        "ITL p99 ms",
+        "peak RSS MiB",
+    ] {
+        assert!(
+            stdout.contains(header),
+            "{header:?} missing from the table:\n{stdout}"
+        );
+    }
+    for prompt in [
+        "code",
+        "creative",
+        "explanation",
+        "reasoning",
+        "summarization",
+    ] {
+        assert!(
+            stdout.contains(prompt),
+            "{prompt} missing from the table:\n{stdout}"
+        );
+    }
+
+    let rows = rows(&results);
+    assert_eq!(rows.len(), 1, "one row per run");
+    let row = &rows[0];
+    assert_eq!(row.len(), 22);
+    assert_eq!(
+        (row[2].as_str(), row[19].as_str(), row[20].as_str()),
+        ("variants/current", "ok", "e2e test")
+    );
+    assert!(
+        row[12].parse::<f64>().unwrap() > 1.0,
+        "decode tok/s is a real figure: {row:?}"
+    );
+
+    let json_path = results.join("runs").join(&row[21]);
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json_path).unwrap()).unwrap();
+    let samples = run["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 5, "one timed request per prompt per round");
+    assert_eq!(
+        run["provenance"]["model_sha256"],
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    );
+    for s in samples {
+        assert_eq!(s["tokens"].as_array().unwrap().len(), 24, "fixed work");
+        assert_eq!(s["timing"]["itl_ms"].as_array().unwrap().len(), 23);
+    }
+    let long = samples
+        .iter()
+        .find(|s| s["prompt"] == "summarization")
+        .unwrap();
+    assert!(
+        long["timing"]["prompt_tokens"].as_u64().unwrap() >= 1500,
+        "the long-context prompt is long"
+    );
+    // Coherent English: the explanation's answer is mostly common words, not noise.
+    let text = samples
+        .iter()
+        .find(|s| s["prompt"] == "explanation")
+        .unwrap()["text"]
+        .as_str()
+        .unwrap()
+        .to_lowercase();
+    let common_words = [
+        "the", "a", "of", "and", "is", "to", "in", "it", "that", "are", "this", "like",
+    ];
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let hits = words.iter().filter(|w| common_words.contains(w)).count();
+    assert!(
+        words.len() >= 10 && hits * 8 >= words.len(),
+        "not coherent English? {text:?}"
+    );
+}
+
+#[test]
+fn json_summary_and_no_build() {
+    let results = scratch("e2e-json");
+    let (out, stdout, stderr) = output(
+        host()
+            .args([
+                "run",
+                "variants/current",
+                "--rounds",
+                "1",
+                "--max-new-tokens",
+                "4",
+                "--json",
+                "--results",
+            ])
+            .arg(&results),
+    );
+    assert!(out.status.success(), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON only");
+    assert_eq!(summary["overall"]["requests"], 5);
+    assert_eq!(summary["per_prompt"].as_array().unwrap().len(), 5);
+    for figure in [
+        "prefill_tok_s",
+        "decode_tok_s",
+        "ttft_ms",
+        "itl_p50_ms",
+        "itl_p99_ms",
+        "peak_rss_mib",
+    ] {
+        let median = summary["overall"][figure]["median"].as_f64();
+        assert!(
+            median.is_some_and(|m| m > 0.0),
+            "{figure}: {}",
+            summary["overall"][figure]
+        );
+    }
+    // The same variant again without building: the library from the run above is used.
+    let (out, _, stderr) = output(
+        host()
+            .args([
+                "run",
+                "variants/current",
+                "--no-build",
+                "--rounds",
+                "1",
+                "--max-new-tokens",
+                "2",
+                "--results",
+            ])
+            .arg(&results),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(rows(&results).len(), 2);
+}

@@ -1,0 +1,270 @@
+//! Every bad input and every way a variant can fail ends in a clear error that names the thing,
+//! a non-zero exit, and (once measuring began) a `failed` row, with earlier rows intact.
+
+mod common;
+
+use std::path::Path;
+
+use common::{fixture, host, model, output, rows, run_fixture, scratch};
+
+/// `host run variants/current --no-build` with `args`, expecting failure; returns stderr.
+fn run_fails(args: &[&str], model_path: &Path) -> String {
+    let (out, _, stderr) = output(
+        host()
+            .args(["run", "variants/current", "--no-build", "--model"])
+            .arg(model_path)
+            .args(args),
+    );
+    assert!(!out.status.success(), "must fail: {stderr}");
+    stderr
+}
+
+#[test]
+fn missing_model_file() {
+    let err = run_fails(&[], Path::new("/nonexistent/model.gguf"));
+    assert!(
+        err.contains("/nonexistent/model.gguf") && err.contains("cannot open"),
+        "{err}"
+    );
+}
+
+#[test]
+fn file_that_is_not_gguf() {
+    let dir = scratch("not-gguf");
+    let path = dir.join("model.gguf");
+    std::fs::write(&path, "this is plain text, not a model").unwrap();
+    let err = run_fails(&[], &path);
+    assert!(
+        err.contains("model.gguf") && err.contains("is not a GGUF file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncated_model() {
+    let dir = scratch("truncated");
+    let path = dir.join("truncated.gguf");
+    let bytes = std::fs::read(model()).unwrap();
+    for cut in [1_000, 3_000_000, bytes.len() - 1] {
+        std::fs::write(&path, &bytes[..cut]).unwrap();
+        let err = run_fails(&[], &path);
+        assert!(
+            err.contains("truncated.gguf") && err.contains("truncated"),
+            "cut at {cut}: {err}"
+        );
+    }
+}
+
+#[test]
+fn model_of_another_architecture() {
+    let dir = scratch("arch");
+    let path = dir.join("mamba.gguf");
+    let mut bytes = std::fs::read(model()).unwrap();
+    // general.architecture's value: key, u32 type (8 = string), u64 length 5, then "llama".
+    let key = b"general.architecture";
+    let at = bytes
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("the key is in the file")
+        + key.len()
+        + 12;
+    assert_eq!(&bytes[at..at + 5], b"llama");
+    bytes[at..at + 5].copy_from_slice(b"mamba");
+    std::fs::write(&path, bytes).unwrap();
+    let err = run_fails(&[], &path);
+    assert!(
+        err.contains("mamba.gguf")
+            && err.contains("\"mamba\"")
+            && err.contains("Llama-architecture"),
+        "{err}"
+    );
+}
+
+#[test]
+fn directory_that_is_not_a_cdylib_crate() {
+    let (out, _, err) = output(
+        host()
+            .args(["run", "--no-build"])
+            .arg(fixture("not-cdylib")),
+    );
+    assert!(!out.status.success());
+    assert!(
+        err.contains("not-cdylib/Cargo.toml") && err.contains("cdylib"),
+        "{err}"
+    );
+    let (out, _, err) = output(host().args(["run", "/no/such/variant"]));
+    assert!(!out.status.success());
+    assert!(
+        err.contains("/no/such/variant") && err.contains("does not exist"),
+        "{err}"
+    );
+}
+
+#[test]
+fn variant_that_does_not_compile_shows_cargos_error() {
+    let results = scratch("compile-error");
+    let (out, _, err) = run_fixture("compile-error", "", &results, &[]);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("error[E0308]") && err.contains("mismatched types"),
+        "cargo's error is shown: {err}"
+    );
+    assert!(
+        err.contains("cargo build of variant") && err.contains("compile-error"),
+        "{err}"
+    );
+    assert!(rows(&results).is_empty(), "nothing was measured, so no row");
+}
+
+#[test]
+fn variant_built_against_another_plugin_api() {
+    let results = scratch("abi");
+    let (out, _, err) = run_fixture("abi-mismatch", "", &results, &[]);
+    assert!(!out.status.success());
+    assert!(err.contains("different plugin-api"), "{err}");
+    assert!(
+        err.len() < 4000,
+        "a short message, not abi_stable's whole report ({} bytes): {err}",
+        err.len()
+    );
+}
+
+/// Runs the `broken` fixture in `mode` and checks the error mentions every one of `needles`,
+/// names the variant and the request, and leaves a `failed` row after the earlier ones.
+fn broken(mode: &str, needles: &[&str], extra: &[&str]) {
+    let results = scratch(&format!("broken-{mode}"));
+    let earlier = "time\tcommit\nearlier\trow\n";
+    std::fs::write(results.join("results.tsv"), earlier).unwrap();
+    let (out, _, err) = run_fixture("broken", mode, &results, extra);
+    assert!(!out.status.success(), "mode {mode} must fail");
+    for needle in needles.iter().chain(&["variants/broken"]) {
+        assert!(
+            err.contains(needle),
+            "mode {mode}: {needle:?} missing from: {err}"
+        );
+    }
+    let text = std::fs::read_to_string(results.join("results.tsv")).unwrap();
+    assert!(text.starts_with(earlier), "earlier rows intact: {text}");
+    let all = rows(&results);
+    let last = all.last().unwrap();
+    assert_eq!(last[19], "failed", "the failed run is recorded: {last:?}");
+}
+
+#[test]
+fn variant_that_panics() {
+    broken(
+        "panic",
+        &[
+            "panicked in generate",
+            "deliberate panic",
+            "warm-up request",
+        ],
+        &[],
+    );
+}
+
+#[test]
+fn variant_that_segfaults() {
+    broken(
+        "segfault",
+        &["SIGSEGV", "crashed during warm-up request"],
+        &[],
+    );
+}
+
+#[test]
+fn variant_that_aborts() {
+    broken("abort", &["SIGABRT", "crashed during warm-up request"], &[]);
+}
+
+#[test]
+fn variant_that_hangs() {
+    broken(
+        "hang",
+        &["timed out on warm-up request", "within 3 s"],
+        &["--timeout", "3"],
+    );
+}
+
+#[test]
+fn variant_that_emits_one_token_too_few() {
+    broken("fewer", &["emitted 3 tokens", "exactly 4"], &[]);
+}
+
+#[test]
+fn variant_that_emits_past_stop() {
+    broken(
+        "more",
+        &["emitted 1 token(s) after the host said stop"],
+        &[],
+    );
+}
+
+#[test]
+fn variant_that_emits_ids_outside_the_vocabulary() {
+    broken(
+        "out_of_vocab",
+        &["outside the vocabulary", "1073741824"],
+        &[],
+    );
+}
+
+#[test]
+fn variant_whose_load_fails() {
+    broken(
+        "load_error",
+        &["load() failed", "refuses on purpose", "loading the variant"],
+        &[],
+    );
+}
+
+#[test]
+fn malformed_prompt_files_name_the_file_and_field() {
+    let root = scratch("prompts");
+    std::fs::create_dir_all(root.join("prompts")).unwrap();
+    for entry in std::fs::read_dir(common::root().join("prompts")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, root.join("prompts").join(path.file_name().unwrap())).unwrap();
+    }
+    let current = common::root().join("variants/current");
+    let cases = [
+        (
+            "reasoning.toml",
+            "tolerance = 0.5",
+            "tolerance = \"half\"",
+            "tolerance",
+        ),
+        (
+            "reasoning.toml",
+            "2 * speed_out",
+            "2 * speed_in",
+            "checks[0]",
+        ),
+        ("code.toml", "template =", "templat =", "templat"),
+        (
+            "creative.toml",
+            "min = 4",
+            "min = 4\nmin = 5",
+            "duplicate key",
+        ),
+        ("protocol.toml", "rounds = 3", "rounds = 0", "rounds"),
+    ];
+    for (file, from, to, needle) in cases {
+        let path = root.join("prompts").join(file);
+        let original = std::fs::read_to_string(&path).unwrap();
+        assert!(original.contains(from), "{file} has {from:?}");
+        std::fs::write(&path, original.replacen(from, to, 1)).unwrap();
+        let (out, _, err) = output(
+            host()
+                .current_dir(&root)
+                .args(["run", "--no-build"])
+                .arg(&current),
+        );
+        std::fs::write(&path, original).unwrap();
+        assert!(!out.status.success(), "{file} with {to:?} must be refused");
+        assert!(
+            err.contains(file) && err.contains(needle),
+            "{file}: {needle:?} missing from: {err}"
+        );
+    }
+}

@@ -1,0 +1,229 @@
+#![allow(non_local_definitions)] // abi_stable 0.11 derive output trips this lint on rustc 1.95
+//! The stable ABI between the autoinfer `host` and a *variant* (a `cdylib` it hot-loads).
+//!
+//! Types only, no I/O. The principal pieces:
+//! - [`VariantMod`] / [`VariantModRef`]: the root module a variant exports (a prefix type,
+//!   append-only: new fields go after the `last_prefix_field`, never reorder).
+//! - [`ModelView`]: the read-only model the host lends: the whole GGUF file as bytes (zero-copy
+//!   from the host's mmap, which outlives every variant), its metadata and its tensor index.
+//! - [`Variant`] (a `sabi_trait` object, [`VariantBox`]): `generate` and `score`.
+//! - [`TokenSink`]: the host-owned sink a variant streams tokens into; the host timestamps every
+//!   `emit` and may answer "stop".
+//! - [`HostLog`]: the host's log callback (each cdylib has its own `log`/`tracing` globals).
+//! - [`Engine`] and [`export_variant!`]: what a variant author writes. The macro wraps every
+//!   entry point in `catch_unwind`, so a panic comes back to the host as an error instead of
+//!   abi_stable's `exit(1)`.
+
+pub use abi_stable;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use abi_stable::{
+    declare_root_module_statics,
+    library::RootModule,
+    package_version_strings,
+    prefix_type::PrefixTypeTrait,
+    sabi_trait,
+    sabi_trait::TD_Opaque,
+    sabi_types::VersionStrings,
+    std_types::{RBox, RErr, ROk, RResult, RSlice, RStr, RString, RVec},
+    StableAbi,
+};
+
+mod model_view;
+pub use model_view::{GgmlType, MetaValue, MetadataEntry, ModelView, TensorInfo};
+
+/// The root module every variant exports (through [`export_variant!`]).
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = VariantModRef)))]
+#[sabi(missing_field(panic))]
+pub struct VariantMod {
+    /// Builds the variant over the host's model. The model view lives for the whole process.
+    #[sabi(last_prefix_field)]
+    pub load:
+        extern "C" fn(model: &'static ModelView, log: HostLog) -> RResult<VariantBox, RString>,
+}
+
+impl RootModule for VariantModRef {
+    declare_root_module_statics! {VariantModRef}
+    const BASE_NAME: &'static str = "autoinfer_variant";
+    const NAME: &'static str = "autoinfer_variant";
+    const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}
+
+/// What the oracle reports for one position of a teacher-forced sequence.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq)]
+pub struct ScoredPosition {
+    /// Natural-log probability of the token that actually comes next.
+    pub logprob: f32,
+    /// The most likely next token.
+    pub argmax: u32,
+    /// Its natural-log probability.
+    pub argmax_logprob: f32,
+}
+
+/// The host-owned sink a variant streams its output into.
+#[sabi_trait]
+pub trait TokenSink {
+    /// Hands `tokens` to the host, which timestamps them on arrival. Returns `false` once the
+    /// host wants no more tokens; a variant must stop generating then.
+    #[sabi(last_prefix_field)]
+    fn emit(&mut self, tokens: RSlice<'_, u32>) -> bool;
+}
+
+/// The sink as a variant receives it.
+pub type SinkRef<'a> = TokenSink_TO<'a, abi_stable::sabi_types::RMut<'a, ()>>;
+
+/// The interface the host calls. Variant authors implement [`Engine`] instead.
+#[sabi_trait]
+pub trait Variant: Send {
+    /// Greedy-decodes exactly `max_new_tokens` tokens after `prompt`, streaming them to `sink`
+    /// (end-of-sequence does not stop it; the host decides what counts).
+    fn generate(
+        &mut self,
+        prompt: RSlice<'_, u32>,
+        max_new_tokens: u32,
+        sink: SinkRef<'_>,
+    ) -> RResult<(), RString>;
+
+    /// Teacher-forced scoring of `tokens`: entry `i` describes the distribution after
+    /// `tokens[..=i]`, evaluated at `tokens[i + 1]`, so there are `tokens.len() - 1` entries.
+    #[sabi(last_prefix_field)]
+    fn score(&mut self, tokens: RSlice<'_, u32>) -> RResult<RVec<ScoredPosition>, RString>;
+}
+
+/// A loaded variant, owned by the host.
+pub type VariantBox = Variant_TO<'static, RBox<()>>;
+
+/// Severity of a message sent through [`HostLog`].
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// The host's log callback, so a variant's messages land in the host's log.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy)]
+pub struct HostLog {
+    /// The host function that records one message.
+    pub write: extern "C" fn(level: LogLevel, message: RStr<'_>),
+}
+
+impl HostLog {
+    /// Logs `message` at `level`.
+    pub fn log(&self, level: LogLevel, message: &str) {
+        (self.write)(level, RStr::from(message));
+    }
+    /// Logs an informational message.
+    pub fn info(&self, message: &str) {
+        self.log(LogLevel::Info, message);
+    }
+    /// Logs a warning.
+    pub fn warn(&self, message: &str) {
+        self.log(LogLevel::Warn, message);
+    }
+}
+
+/// The sink as an [`Engine`] sees it: a thin, safe wrapper over [`SinkRef`].
+pub struct Sink<'a> {
+    inner: SinkRef<'a>,
+}
+
+impl Sink<'_> {
+    /// Streams `tokens` to the host. Returns `false` once the host wants no more.
+    pub fn emit(&mut self, tokens: &[u32]) -> bool {
+        self.inner.emit(RSlice::from_slice(tokens))
+    }
+}
+
+/// What a variant author implements; [`export_variant!`] turns it into the ABI.
+pub trait Engine: Send + Sized + 'static {
+    /// Builds the engine over the host's model (the view lives for the whole process).
+    fn load(model: &'static ModelView, log: HostLog) -> Result<Self, String>;
+    /// See [`Variant::generate`].
+    fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        sink: &mut Sink<'_>,
+    ) -> Result<(), String>;
+    /// See [`Variant::score`].
+    fn score(&mut self, tokens: &[u32]) -> Result<Vec<ScoredPosition>, String>;
+}
+
+/// Runs `f`, turning a panic into an error that says where it happened.
+fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> RResult<T, RString> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(value)) => ROk(value),
+        Ok(Err(message)) => RErr(message.into()),
+        Err(payload) => {
+            let message = if let Some(s) = payload.downcast_ref::<&str>() {
+                (*s).to_string()
+            } else if let Some(s) = payload.downcast_ref::<String>() {
+                s.clone()
+            } else {
+                "a panic with a non-string payload".to_string()
+            };
+            RErr(format!("variant panicked in {what}: {message}").into())
+        }
+    }
+}
+
+/// Adapts an [`Engine`] to the [`Variant`] interface, catching panics at the boundary.
+struct Guarded<E>(E);
+
+impl<E: Engine> Variant for Guarded<E> {
+    fn generate(
+        &mut self,
+        prompt: RSlice<'_, u32>,
+        max_new_tokens: u32,
+        sink: SinkRef<'_>,
+    ) -> RResult<(), RString> {
+        let mut sink = Sink { inner: sink };
+        guard("generate", || {
+            self.0
+                .generate(prompt.as_slice(), max_new_tokens as usize, &mut sink)
+        })
+    }
+
+    fn score(&mut self, tokens: RSlice<'_, u32>) -> RResult<RVec<ScoredPosition>, RString> {
+        guard("score", || self.0.score(tokens.as_slice()).map(RVec::from))
+    }
+}
+
+extern "C" fn load_engine<E: Engine>(
+    model: &'static ModelView,
+    log: HostLog,
+) -> RResult<VariantBox, RString> {
+    guard("load", || {
+        E::load(model, log).map(|engine| Variant_TO::from_value(Guarded(engine), TD_Opaque))
+    })
+}
+
+/// Builds the root module for engine `E`. Called by [`export_variant!`]; not for hosts.
+#[doc(hidden)]
+pub fn root_module_for<E: Engine>() -> VariantModRef {
+    VariantMod {
+        load: load_engine::<E>,
+    }
+    .leak_into_prefix()
+}
+
+/// Exports `$engine` (a type implementing [`Engine`]) as this cdylib's root module.
+///
+/// The variant crate must also depend on `abi_stable` (the attribute macro names it).
+#[macro_export]
+macro_rules! export_variant {
+    ($engine:ty) => {
+        #[$crate::abi_stable::export_root_module]
+        pub fn autoinfer_root_module() -> $crate::VariantModRef {
+            $crate::root_module_for::<$engine>()
+        }
+    };
+}
