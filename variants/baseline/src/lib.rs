@@ -1,0 +1,62 @@
+//! The reference ("baseline") autoinfer variant: Llama-architecture GGUF inference on candle's
+//! CPU quantized tensors.
+//!
+//! Principal types:
+//! - [`Baseline`]: the [`plugin_api::Engine`] the host loads; it ties the model to the
+//!   generation loop and is exported with [`plugin_api::export_variant!`].
+//! - [`model::LlamaModel`]: the weights (candle `QMatMul`s over the GGUF blocks), the RoPE
+//!   tables and the in-place [`model::KvCache`]; `forward` runs a chunk of tokens.
+//! - [`model::LlamaConfig`]: the hyperparameters, read from the `llama.*` metadata.
+//! - [`generate::generate`] and [`generate::score`]: chunked prefill then greedy decoding, and
+//!   teacher-forced scoring.
+
+pub mod generate;
+pub mod model;
+
+use plugin_api::{Engine, HostLog, ModelView, ScoredPosition, Sink};
+
+use crate::model::LlamaModel;
+
+/// The baseline engine: a [`LlamaModel`] plus the host's log.
+pub struct Baseline {
+    model: LlamaModel,
+    log: HostLog,
+}
+
+impl Engine for Baseline {
+    fn load(model: &'static ModelView, log: HostLog) -> Result<Self, String> {
+        let model = LlamaModel::from_gguf(model).map_err(|e| e.to_string())?;
+        let cfg = model.config();
+        log.info(&format!(
+            "baseline: llama model with {} blocks, width {}, {} heads ({} KV), vocabulary {}, \
+             context {}",
+            cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.vocab_size, cfg.context_len
+        ));
+        Ok(Self { model, log })
+    }
+
+    fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        sink: &mut Sink<'_>,
+    ) -> Result<(), String> {
+        let emitted = generate::generate(&mut self.model, prompt, max_new_tokens, |tokens| {
+            sink.emit(tokens)
+        })
+        .map_err(|e| e.to_string())?;
+        if emitted < max_new_tokens {
+            self.log.log(
+                plugin_api::LogLevel::Debug,
+                &format!("baseline: host stopped generation after {emitted} tokens"),
+            );
+        }
+        Ok(())
+    }
+
+    fn score(&mut self, tokens: &[u32]) -> Result<Vec<ScoredPosition>, String> {
+        generate::score(&mut self.model, tokens).map_err(|e| e.to_string())
+    }
+}
+
+plugin_api::export_variant!(Baseline);

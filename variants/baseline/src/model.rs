@@ -1,0 +1,1315 @@
+//! The Llama-architecture transformer, on candle's CPU quantized tensors.
+//!
+//! [`LlamaModel::from_gguf`] reads the hyperparameters ([`LlamaConfig`]) from the GGUF metadata
+//! and turns every projection of the file into a candle [`QTensor`] (wrapped in a [`QMatMul`]),
+//! so the quantized matmuls run on the blocks exactly as they are stored. The token embedding
+//! stays in the host's mapping and only the rows a chunk needs are dequantized
+//! ([`EmbeddingTable`]); the output layer is `output.weight` when the file has one and otherwise
+//! the (tied) embedding table, used as a quantized matmul.
+//!
+//! One forward pass ([`LlamaModel::forward_hidden`]) takes a chunk of tokens at a position and
+//! runs, for every block: RMSNorm, the Q/K/V projections, interleaved RoPE ([`RopeTables`]),
+//! causal grouped-query [`attention`] over a [`KvCache`] that is preallocated and written in
+//! place, the output projection and residual, then RMSNorm and the SwiGLU MLP with its residual.
+//!
+//! Every step computes each token's row the same way whatever the chunk size (the quantized
+//! matmuls work row by row, and attention is a plain loop per query rather than a blocked
+//! matmul), so a prompt run in one chunk gives bit-for-bit the logits it gives token by token:
+//! scoring a generated sequence reproduces its greedy choices exactly.
+
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Shape, Storage, Tensor};
+use half::f16;
+use plugin_api::{GgmlType, ModelView, TensorInfo};
+
+/// The KV cache grows in steps of this many positions (and never past the context length).
+pub const KV_CACHE_STEP: usize = 512;
+
+/// Why the model could not be built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// `general.architecture` is not `llama`.
+    #[error("unsupported architecture '{0}': this variant runs Llama-architecture GGUF only")]
+    UnsupportedArchitecture(String),
+    /// A metadata key the model needs is absent (or has the wrong type).
+    #[error("GGUF metadata key '{0}' is missing or is not a number")]
+    MissingMetadata(String),
+    /// The hyperparameters are inconsistent.
+    #[error("invalid model hyperparameters: {0}")]
+    InvalidConfig(String),
+    /// A tensor the model needs is absent.
+    #[error("GGUF tensor '{0}' is missing")]
+    MissingTensor(String),
+    /// A tensor exists but cannot be used as it is.
+    #[error("GGUF tensor '{name}': {problem}")]
+    BadTensor {
+        /// The tensor's name.
+        name: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A token id is not in the vocabulary.
+    #[error("token id {token} is outside the vocabulary ({vocab} tokens)")]
+    TokenOutOfRange {
+        /// The offending id.
+        token: u32,
+        /// The vocabulary size.
+        vocab: usize,
+    },
+    /// A chunk would run past the context length.
+    #[error("positions {start}..{end} exceed the context length {context}")]
+    ContextOverflow {
+        /// First position of the chunk.
+        start: usize,
+        /// One past its last position.
+        end: usize,
+        /// The model's context length.
+        context: usize,
+    },
+    /// A chunk does not continue the cached sequence.
+    #[error("position {pos} is past the end of the cached sequence ({cached} positions)")]
+    PositionGap {
+        /// The requested start position.
+        pos: usize,
+        /// How many positions the cache holds.
+        cached: usize,
+    },
+    /// A forward pass was asked for no tokens.
+    #[error("a forward pass needs at least one token")]
+    EmptyChunk,
+    /// candle reported an error.
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Hyperparameters of a Llama-architecture model, read from the `llama.*` GGUF metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// Number of transformer blocks (`llama.block_count`).
+    pub n_layer: usize,
+    /// Width of the residual stream (`llama.embedding_length`).
+    pub n_embd: usize,
+    /// Hidden width of the MLP (`llama.feed_forward_length`).
+    pub n_ff: usize,
+    /// Number of query heads (`llama.attention.head_count`).
+    pub n_head: usize,
+    /// Number of key/value heads (`llama.attention.head_count_kv`).
+    pub n_kv_head: usize,
+    /// Width of one head (`n_embd / n_head`).
+    pub head_dim: usize,
+    /// How many leading dimensions of each head RoPE rotates (`llama.rope.dimension_count`).
+    pub rope_dim: usize,
+    /// RoPE frequency base (`llama.rope.freq_base`).
+    pub rope_base: f64,
+    /// RMSNorm epsilon (`llama.attention.layer_norm_rms_epsilon`).
+    pub rms_eps: f64,
+    /// Maximum sequence length (`llama.context_length`).
+    pub context_len: usize,
+    /// Vocabulary size (rows of `token_embd.weight`).
+    pub vocab_size: usize,
+}
+
+impl LlamaConfig {
+    /// Reads and checks the hyperparameters; fails unless `general.architecture` is `llama`.
+    pub fn from_view(view: &ModelView) -> Result<Self, ModelError> {
+        let arch = view.meta_str("general.architecture").unwrap_or("(missing)");
+        if arch != "llama" {
+            return Err(ModelError::UnsupportedArchitecture(arch.to_string()));
+        }
+        let uint = |key: &str| -> Result<usize, ModelError> {
+            view.meta_uint(key)
+                .and_then(|v| usize::try_from(v).ok())
+                .ok_or_else(|| ModelError::MissingMetadata(key.to_string()))
+        };
+        let float = |key: &str| -> Result<f64, ModelError> {
+            view.meta_float(key)
+                .ok_or_else(|| ModelError::MissingMetadata(key.to_string()))
+        };
+        let n_layer = uint("llama.block_count")?;
+        let n_embd = uint("llama.embedding_length")?;
+        let n_ff = uint("llama.feed_forward_length")?;
+        let n_head = uint("llama.attention.head_count")?;
+        let n_kv_head = match view.meta("llama.attention.head_count_kv") {
+            Some(_) => uint("llama.attention.head_count_kv")?,
+            None => n_head,
+        };
+        let context_len = uint("llama.context_length")?;
+        let rms_eps = float("llama.attention.layer_norm_rms_epsilon")?;
+        let rope_base = match view.meta("llama.rope.freq_base") {
+            Some(_) => float("llama.rope.freq_base")?,
+            None => 10_000.0,
+        };
+        if n_layer == 0 || n_embd == 0 || n_ff == 0 || n_head == 0 || n_kv_head == 0 {
+            return Err(ModelError::InvalidConfig(format!(
+                "block_count {n_layer}, embedding_length {n_embd}, feed_forward_length {n_ff}, \
+                 head_count {n_head} and head_count_kv {n_kv_head} must all be positive"
+            )));
+        }
+        if !n_embd.is_multiple_of(n_head) {
+            return Err(ModelError::InvalidConfig(format!(
+                "embedding_length {n_embd} is not a multiple of head_count {n_head}"
+            )));
+        }
+        if !n_head.is_multiple_of(n_kv_head) {
+            return Err(ModelError::InvalidConfig(format!(
+                "head_count {n_head} is not a multiple of head_count_kv {n_kv_head}"
+            )));
+        }
+        let head_dim = n_embd / n_head;
+        let rope_dim = match view.meta("llama.rope.dimension_count") {
+            Some(_) => uint("llama.rope.dimension_count")?,
+            None => head_dim,
+        };
+        if !rope_dim.is_multiple_of(2) || rope_dim > head_dim {
+            return Err(ModelError::InvalidConfig(format!(
+                "rope.dimension_count {rope_dim} must be even and at most the head width {head_dim}"
+            )));
+        }
+        if context_len == 0
+            || rms_eps.is_nan()
+            || rms_eps <= 0.0
+            || rope_base.is_nan()
+            || rope_base <= 0.0
+        {
+            return Err(ModelError::InvalidConfig(format!(
+                "context_length {context_len}, layer_norm_rms_epsilon {rms_eps} and \
+                 rope.freq_base {rope_base} must be positive"
+            )));
+        }
+        let embd = tensor_info(view, "token_embd.weight")?;
+        let vocab_size = match embd.dims.as_slice() {
+            [cols, rows] if *cols as usize == n_embd => *rows as usize,
+            dims => {
+                return Err(bad_tensor(
+                    embd,
+                    format!("dims {dims:?}, expected [{n_embd}, vocab]"),
+                ))
+            }
+        };
+        Ok(Self {
+            n_layer,
+            n_embd,
+            n_ff,
+            n_head,
+            n_kv_head,
+            head_dim,
+            rope_dim,
+            rope_base,
+            rms_eps,
+            context_len,
+            vocab_size,
+        })
+    }
+}
+
+/// Precomputed cos/sin tables for interleaved ("traditional") RoPE: the pairs
+/// `(x[2i], x[2i + 1])` of a head, for `i < rope_dim / 2`, rotate by `pos * base^(-2i / rope_dim)`.
+#[derive(Debug, Clone)]
+pub struct RopeTables {
+    half: usize,
+    max_pos: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTables {
+    /// Tables for positions `0..max_pos` over the first `rope_dim` (even) dimensions of a head.
+    pub fn new(rope_dim: usize, base: f64, max_pos: usize) -> Self {
+        let half = rope_dim / 2;
+        let mut cos = Vec::with_capacity(max_pos * half);
+        let mut sin = Vec::with_capacity(max_pos * half);
+        for pos in 0..max_pos {
+            for i in 0..half {
+                let freq = base.powf(-((2 * i) as f64) / rope_dim as f64);
+                let angle = pos as f64 * freq;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        Self {
+            half,
+            max_pos,
+            cos,
+            sin,
+        }
+    }
+
+    /// Number of positions the tables cover.
+    pub fn max_pos(&self) -> usize {
+        self.max_pos
+    }
+
+    /// `(cos, sin)` of the angle for pair `i` at `pos`.
+    pub fn cos_sin(&self, pos: usize, i: usize) -> (f32, f32) {
+        let at = pos * self.half + i;
+        (self.cos[at], self.sin[at])
+    }
+
+    /// Rotates one head (`head.len() >= rope_dim`) in place as at position `pos`.
+    pub fn rotate_head(&self, head: &mut [f32], pos: usize) {
+        let cos = &self.cos[pos * self.half..(pos + 1) * self.half];
+        let sin = &self.sin[pos * self.half..(pos + 1) * self.half];
+        for ((pair, &c), &s) in head[..2 * self.half].chunks_exact_mut(2).zip(cos).zip(sin) {
+            let (x0, x1) = (pair[0], pair[1]);
+            pair[0] = x0 * c - x1 * s;
+            pair[1] = x0 * s + x1 * c;
+        }
+    }
+
+    /// Rotates `x`, laid out `[token][head][head_dim]`, whose first token sits at `start_pos`.
+    pub fn rotate(&self, x: &mut [f32], n_heads: usize, head_dim: usize, start_pos: usize) {
+        for (t, token) in x.chunks_exact_mut(n_heads * head_dim).enumerate() {
+            for head in token.chunks_exact_mut(head_dim) {
+                self.rotate_head(head, start_pos + t);
+            }
+        }
+    }
+}
+
+/// `out = x / sqrt(mean(x^2) + eps) * weight`, for one row.
+pub fn rms_norm_row(x: &[f32], weight: &[f32], eps: f64, out: &mut [f32]) {
+    let sum_sq: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    let scale = (1.0 / (sum_sq / x.len() as f64 + eps).sqrt()) as f32;
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
+        *o = v * scale * w;
+    }
+}
+
+/// How many keys query `t` of a chunk starting at `start_pos` may attend to (causal mask):
+/// every cached position up to and including its own, `start_pos + t + 1`.
+pub fn causal_visible(start_pos: usize, t: usize) -> usize {
+    start_pos + t + 1
+}
+
+/// Softmax of `x` in place.
+pub fn softmax_in_place(x: &mut [f32]) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Dot product with eight independent partial sums (vectorizable, and always in the same order).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (xs, ys) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = xs
+        .remainder()
+        .iter()
+        .zip(ys.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in xs.zip(ys) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// Head layout of one attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Query heads.
+    pub n_head: usize,
+    /// Key/value heads; query head `h` reads KV head `h / (n_head / n_kv_head)`.
+    pub n_kv_head: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Positions per KV head in the key/value buffers.
+    pub capacity: usize,
+}
+
+/// Causal grouped-query attention for a chunk of `q.len() / (n_head * head_dim)` queries whose
+/// first token sits at `start_pos`.
+///
+/// `q` and `out` are `[token][head][head_dim]`; `keys` and `values` are
+/// `[kv_head][capacity][head_dim]` and must already hold positions `..start_pos + tokens`. Query
+/// `t` attends to positions `..causal_visible(start_pos, t)` with scores scaled by
+/// `1 / sqrt(head_dim)`. Each (token, head) is computed independently, in a fixed order, so the
+/// result does not depend on how a sequence is cut into chunks, nor on `threads`, the number of
+/// threads the queries are dealt out to.
+pub fn attention(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    shape: AttentionShape,
+    start_pos: usize,
+    threads: usize,
+    out: &mut [f32],
+) {
+    let AttentionShape {
+        n_head,
+        n_kv_head,
+        head_dim: hd,
+        capacity,
+    } = shape;
+    let group = n_head / n_kv_head;
+    let row = n_head * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let one_token = |t: usize, q: &[f32], out: &mut [f32], scores: &mut Vec<f32>| {
+        let visible = causal_visible(start_pos, t);
+        for (h, (q, out)) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).enumerate() {
+            let base = (h / group) * capacity * hd;
+            let keys = &keys[base..base + visible * hd];
+            let values = &values[base..base + visible * hd];
+            scores.clear();
+            scores.extend(keys.chunks_exact(hd).map(|k| dot(q, k) * scale));
+            softmax_in_place(scores);
+            out.fill(0.0);
+            for (&p, v) in scores.iter().zip(values.chunks_exact(hd)) {
+                for (o, &v) in out.iter_mut().zip(v) {
+                    *o += p * v;
+                }
+            }
+        }
+    };
+    let threads = threads.clamp(1, (q.len() / row).max(1));
+    if threads == 1 {
+        let mut scores = Vec::new();
+        for (t, (q, out)) in q
+            .chunks_exact(row)
+            .zip(out.chunks_exact_mut(row))
+            .enumerate()
+        {
+            one_token(t, q, out, &mut scores);
+        }
+        return;
+    }
+    // Deal tokens round-robin, so the long (late) queries are shared out evenly.
+    let mut shares: Vec<Vec<(usize, &mut [f32])>> = (0..threads).map(|_| Vec::new()).collect();
+    for (t, out) in out.chunks_exact_mut(row).enumerate() {
+        shares[t % threads].push((t, out));
+    }
+    std::thread::scope(|scope| {
+        for share in shares {
+            scope.spawn(|| {
+                let mut scores = Vec::new();
+                for (t, out) in share {
+                    one_token(t, &q[t * row..(t + 1) * row], out, &mut scores);
+                }
+            });
+        }
+    });
+}
+
+/// Dequantizes one Q8_0 row: blocks of 34 bytes, an f16 scale then 32 signed bytes.
+pub fn dequantize_q8_0_row(row: &[u8], out: &mut [f32]) {
+    for (block, out) in row.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
+        let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+        for (o, &q) in out.iter_mut().zip(&block[2..]) {
+            *o = d * (q as i8) as f32;
+        }
+    }
+}
+
+/// The token embedding, left in the host's mapping; rows are dequantized on demand.
+#[derive(Debug)]
+pub struct EmbeddingTable {
+    dtype: GgmlDType,
+    data: &'static [u8],
+    row_bytes: usize,
+    n_embd: usize,
+    vocab: usize,
+}
+
+impl EmbeddingTable {
+    /// The table over `token_embd.weight` (`[n_embd, vocab]` in GGUF order).
+    pub fn new(view: &'static ModelView, cfg: &LlamaConfig) -> Result<Self, ModelError> {
+        let info = tensor_info(view, "token_embd.weight")?;
+        let dtype = ggml_dtype(info)?;
+        if !cfg.n_embd.is_multiple_of(dtype.block_size()) {
+            return Err(bad_tensor(
+                info,
+                format!("rows of {} are not whole {dtype:?} blocks", cfg.n_embd),
+            ));
+        }
+        let row_bytes = cfg.n_embd / dtype.block_size() * dtype.type_size();
+        let data = checked_data(view, info, row_bytes * cfg.vocab_size)?;
+        Ok(Self {
+            dtype,
+            data,
+            row_bytes,
+            n_embd: cfg.n_embd,
+            vocab: cfg.vocab_size,
+        })
+    }
+
+    /// The rows for `tokens`, as a `(tokens.len(), n_embd)` f32 tensor.
+    pub fn lookup(&self, tokens: &[u32]) -> Result<Tensor, ModelError> {
+        let mut out = vec![0f32; tokens.len() * self.n_embd];
+        for (&tok, dst) in tokens.iter().zip(out.chunks_exact_mut(self.n_embd)) {
+            let id = tok as usize;
+            if id >= self.vocab {
+                return Err(ModelError::TokenOutOfRange {
+                    token: tok,
+                    vocab: self.vocab,
+                });
+            }
+            let row = &self.data[id * self.row_bytes..(id + 1) * self.row_bytes];
+            match self.dtype {
+                GgmlDType::Q8_0 => dequantize_q8_0_row(row, dst),
+                GgmlDType::F32 => {
+                    for (o, b) in dst.iter_mut().zip(row.chunks_exact(4)) {
+                        *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    }
+                }
+                GgmlDType::F16 => {
+                    for (o, b) in dst.iter_mut().zip(row.chunks_exact(2)) {
+                        *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    }
+                }
+                dtype => {
+                    // Any other block type: let candle dequantize this one row.
+                    let q = qtensor_from_ggml(
+                        dtype,
+                        AlignedBytes::new(row).as_slice(),
+                        vec![1, self.n_embd],
+                        &Device::Cpu,
+                    )?;
+                    let v = q
+                        .dequantize(&Device::Cpu)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?;
+                    dst.copy_from_slice(&v);
+                }
+            }
+        }
+        Ok(Tensor::from_vec(
+            out,
+            (tokens.len(), self.n_embd),
+            &Device::Cpu,
+        )?)
+    }
+}
+
+/// The key/value cache: per block, keys and values as `[kv_head][capacity][head_dim]` f32
+/// buffers, written in place as positions are computed and grown in steps of
+/// [`KV_CACHE_STEP`] positions.
+#[derive(Debug)]
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    n_kv_head: usize,
+    head_dim: usize,
+    capacity: usize,
+    len: usize,
+    max_len: usize,
+}
+
+impl KvCache {
+    /// An empty cache (no storage yet) for `cfg`.
+    pub fn new(cfg: &LlamaConfig) -> Self {
+        Self {
+            k: Vec::new(),
+            v: Vec::new(),
+            n_kv_head: cfg.n_kv_head,
+            head_dim: cfg.head_dim,
+            capacity: 0,
+            len: 0,
+            max_len: cfg.context_len,
+        }
+    }
+
+    /// Number of positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no position is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of positions the storage holds before it must grow.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Forgets every cached position (the storage is kept).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Makes room for `n` positions in each of `n_layer` blocks, rounding the capacity up to a
+    /// multiple of [`KV_CACHE_STEP`] (at most the context length); cached positions are kept.
+    pub fn reserve(&mut self, n_layer: usize, n: usize) {
+        if n <= self.capacity && self.k.len() == n_layer {
+            return;
+        }
+        let capacity = n
+            .div_ceil(KV_CACHE_STEP)
+            .saturating_mul(KV_CACHE_STEP)
+            .min(self.max_len)
+            .max(n);
+        let len = if self.k.len() == n_layer { self.len } else { 0 };
+        let (hd, old_cap) = (self.head_dim, self.capacity);
+        let grow = |old: Option<&Vec<f32>>| {
+            let mut buf = vec![0f32; self.n_kv_head * capacity * hd];
+            if let Some(old) = old {
+                for g in 0..self.n_kv_head {
+                    buf[g * capacity * hd..(g * capacity + len) * hd]
+                        .copy_from_slice(&old[g * old_cap * hd..(g * old_cap + len) * hd]);
+                }
+            }
+            buf
+        };
+        let keep = len > 0;
+        self.k = (0..n_layer)
+            .map(|i| grow(self.k.get(i).filter(|_| keep)))
+            .collect();
+        self.v = (0..n_layer)
+            .map(|i| grow(self.v.get(i).filter(|_| keep)))
+            .collect();
+        self.capacity = capacity;
+        self.len = len;
+    }
+
+    /// Writes the keys and values (`[token][kv_head][head_dim]`) of a chunk starting at `pos`
+    /// into block `layer`. The caller has reserved room.
+    fn store(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let (hd, cap) = (self.head_dim, self.capacity);
+        let row = self.n_kv_head * hd;
+        for (dst, src) in [(&mut self.k[layer], k), (&mut self.v[layer], v)] {
+            for (t, token) in src.chunks_exact(row).enumerate() {
+                for (g, head) in token.chunks_exact(hd).enumerate() {
+                    let at = (g * cap + pos + t) * hd;
+                    dst[at..at + hd].copy_from_slice(head);
+                }
+            }
+        }
+    }
+}
+
+/// One transformer block's weights.
+#[derive(Debug)]
+struct Block {
+    attn_norm: Vec<f32>,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    ffn_norm: Vec<f32>,
+    w_gate: QMatMul,
+    w_up: QMatMul,
+    w_down: QMatMul,
+}
+
+/// A Llama-architecture model over a GGUF file, with its KV cache.
+#[derive(Debug)]
+pub struct LlamaModel {
+    cfg: LlamaConfig,
+    embedding: EmbeddingTable,
+    blocks: Vec<Block>,
+    output_norm: Vec<f32>,
+    output: QMatMul,
+    rope: RopeTables,
+    cache: KvCache,
+}
+
+impl LlamaModel {
+    /// Builds the model over the host's GGUF view (Llama architecture only).
+    pub fn from_gguf(view: &'static ModelView) -> Result<Self, ModelError> {
+        let cfg = LlamaConfig::from_view(view)?;
+        let (d, ff) = (cfg.n_embd, cfg.n_ff);
+        let (q_dim, kv_dim) = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim);
+        let blocks = (0..cfg.n_layer)
+            .map(|i| {
+                let name = |part: &str| format!("blk.{i}.{part}.weight");
+                Ok(Block {
+                    attn_norm: load_vector(view, &name("attn_norm"), d)?,
+                    wq: load_matrix(view, &name("attn_q"), q_dim, d)?,
+                    wk: load_matrix(view, &name("attn_k"), kv_dim, d)?,
+                    wv: load_matrix(view, &name("attn_v"), kv_dim, d)?,
+                    wo: load_matrix(view, &name("attn_output"), d, q_dim)?,
+                    ffn_norm: load_vector(view, &name("ffn_norm"), d)?,
+                    w_gate: load_matrix(view, &name("ffn_gate"), ff, d)?,
+                    w_up: load_matrix(view, &name("ffn_up"), ff, d)?,
+                    w_down: load_matrix(view, &name("ffn_down"), d, ff)?,
+                })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        let output_name = if view.tensor("output.weight").is_some() {
+            "output.weight"
+        } else {
+            "token_embd.weight"
+        };
+        Ok(Self {
+            embedding: EmbeddingTable::new(view, &cfg)?,
+            output_norm: load_vector(view, "output_norm.weight", d)?,
+            output: load_matrix(view, output_name, cfg.vocab_size, d)?,
+            rope: RopeTables::new(cfg.rope_dim, cfg.rope_base, cfg.context_len),
+            cache: KvCache::new(&cfg),
+            blocks,
+            cfg,
+        })
+    }
+
+    /// The hyperparameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// The KV cache.
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// Forgets the cached sequence; the next forward pass must start at position 0.
+    pub fn reset(&mut self) {
+        self.cache.clear();
+    }
+
+    /// Preallocates the KV cache for a sequence of `n` positions (it grows anyway if needed).
+    pub fn reserve(&mut self, n: usize) {
+        self.cache
+            .reserve(self.cfg.n_layer, n.min(self.cfg.context_len));
+    }
+
+    /// Runs `tokens` (at positions `pos..`) and returns the logits `(vocab,)` after the last one.
+    pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Tensor, ModelError> {
+        let hidden = self.forward_hidden(tokens, pos)?;
+        let last = hidden.narrow(0, tokens.len() - 1, 1)?;
+        Ok(self.logits(&last)?.squeeze(0)?)
+    }
+
+    /// Runs `tokens` (at positions `pos..`, `pos <= cache.len()`; a smaller `pos` rewinds the
+    /// cache) and returns the final-normed hidden states `(tokens.len(), n_embd)`. Feed rows of
+    /// it to [`LlamaModel::logits`].
+    pub fn forward_hidden(&mut self, tokens: &[u32], pos: usize) -> Result<Tensor, ModelError> {
+        let t = tokens.len();
+        if t == 0 {
+            return Err(ModelError::EmptyChunk);
+        }
+        if pos > self.cache.len() {
+            return Err(ModelError::PositionGap {
+                pos,
+                cached: self.cache.len(),
+            });
+        }
+        let end = pos + t;
+        if end > self.cfg.context_len {
+            return Err(ModelError::ContextOverflow {
+                start: pos,
+                end,
+                context: self.cfg.context_len,
+            });
+        }
+        self.cache.len = pos;
+        self.cache.reserve(self.cfg.n_layer, end);
+
+        let mut x = self.embedding.lookup(tokens)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let attn = attention_block(&self.cfg, &self.rope, &mut self.cache, block, i, &x, pos)?;
+            x = (x + attn)?;
+            let h = x.apply_op1_no_bwd(&RmsNorm {
+                weight: &block.ffn_norm,
+                eps: self.cfg.rms_eps,
+            })?;
+            let gate = block.w_gate.forward(&h)?;
+            let up = block.w_up.forward(&h)?;
+            let mlp = block.w_down.forward(&(gate.silu()? * up)?)?;
+            x = (x + mlp)?;
+        }
+        self.cache.len = end;
+        Ok(x.apply_op1_no_bwd(&RmsNorm {
+            weight: &self.output_norm,
+            eps: self.cfg.rms_eps,
+        })?)
+    }
+
+    /// The logits `(rows, vocab)` for final-normed hidden states `(rows, n_embd)`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(self.output.forward(hidden)?)
+    }
+}
+
+/// The attention half of block `i` for the chunk `x` `(t, n_embd)` at `pos`: norm, Q/K/V,
+/// RoPE, cache update, attention and output projection. Returns the residual update.
+fn attention_block(
+    cfg: &LlamaConfig,
+    rope: &RopeTables,
+    cache: &mut KvCache,
+    block: &Block,
+    i: usize,
+    x: &Tensor,
+    pos: usize,
+) -> Result<Tensor, ModelError> {
+    let (t, hd) = (x.dim(0)?, cfg.head_dim);
+    let h = x.apply_op1_no_bwd(&RmsNorm {
+        weight: &block.attn_norm,
+        eps: cfg.rms_eps,
+    })?;
+    let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+    tensor_to_vec(&block.wq.forward(&h)?, &mut q)?;
+    tensor_to_vec(&block.wk.forward(&h)?, &mut k)?;
+    tensor_to_vec(&block.wv.forward(&h)?, &mut v)?;
+    rope.rotate(&mut q, cfg.n_head, hd, pos);
+    rope.rotate(&mut k, cfg.n_kv_head, hd, pos);
+    cache.store(i, pos, &k, &v);
+    let mut y = vec![0f32; t * cfg.n_head * hd];
+    let shape = AttentionShape {
+        n_head: cfg.n_head,
+        n_kv_head: cfg.n_kv_head,
+        head_dim: hd,
+        capacity: cache.capacity,
+    };
+    // Multiply-adds in this call; below about a million a thread costs more than it saves.
+    let work = t * (pos + t) * cfg.n_head * hd;
+    let threads = if work < 1 << 20 {
+        1
+    } else {
+        candle_core::utils::get_num_threads()
+    };
+    attention(&q, &cache.k[i], &cache.v[i], shape, pos, threads, &mut y);
+    let y = Tensor::from_vec(y, (t, cfg.n_head * hd), &Device::Cpu)?;
+    Ok(block.wo.forward(&y)?)
+}
+
+/// RMSNorm over the last dimension, as a candle op.
+struct RmsNorm<'a> {
+    weight: &'a [f32],
+    eps: f64,
+}
+
+impl CustomOp1 for RmsNorm<'_> {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage.as_slice::<f32>()?, layout, "rms-norm")?;
+        let d = self.weight.len();
+        if layout.dims().last() != Some(&d) {
+            candle_core::bail!("rms-norm: input {:?} does not end in {d}", layout.dims())
+        }
+        let mut out = vec![0f32; x.len()];
+        for (row, dst) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            rms_norm_row(row, self.weight, self.eps, dst);
+        }
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+fn contiguous_f32<'a>(x: &'a [f32], layout: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&x[start..end]),
+        None => candle_core::bail!("{op}: input is not contiguous"),
+    }
+}
+
+/// Copies the contents of an f32 CPU tensor into `out` (cleared first).
+pub fn tensor_to_vec(t: &Tensor, out: &mut Vec<f32>) -> Result<(), ModelError> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(ModelError::Candle(candle_core::Error::Msg(
+            "expected a CPU tensor".into(),
+        )));
+    };
+    let x = contiguous_f32(cpu.as_slice::<f32>()?, layout, "read")?;
+    out.clear();
+    out.extend_from_slice(x);
+    Ok(())
+}
+
+fn tensor_info<'v>(view: &'v ModelView, name: &str) -> Result<&'v TensorInfo, ModelError> {
+    view.tensor(name)
+        .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+}
+
+fn bad_tensor(info: &TensorInfo, problem: String) -> ModelError {
+    ModelError::BadTensor {
+        name: info.name.to_string(),
+        problem,
+    }
+}
+
+/// The candle type for a tensor's ggml type id.
+fn ggml_dtype(info: &TensorInfo) -> Result<GgmlDType, ModelError> {
+    let unsupported = || bad_tensor(info, format!("unsupported ggml type id {}", info.ggml_type));
+    Ok(
+        match GgmlType::from_id(info.ggml_type).ok_or_else(unsupported)? {
+            GgmlType::F32 => GgmlDType::F32,
+            GgmlType::F16 => GgmlDType::F16,
+            GgmlType::BF16 => GgmlDType::BF16,
+            GgmlType::Q4_0 => GgmlDType::Q4_0,
+            GgmlType::Q4_1 => GgmlDType::Q4_1,
+            GgmlType::Q5_0 => GgmlDType::Q5_0,
+            GgmlType::Q5_1 => GgmlDType::Q5_1,
+            GgmlType::Q8_0 => GgmlDType::Q8_0,
+            GgmlType::Q2K => GgmlDType::Q2K,
+            GgmlType::Q3K => GgmlDType::Q3K,
+            GgmlType::Q4K => GgmlDType::Q4K,
+            GgmlType::Q5K => GgmlDType::Q5K,
+            GgmlType::Q6K => GgmlDType::Q6K,
+            _ => return Err(unsupported()),
+        },
+    )
+}
+
+/// The tensor's bytes, checked to hold at least `expected` of them.
+fn checked_data(
+    view: &'static ModelView,
+    info: &TensorInfo,
+    expected: usize,
+) -> Result<&'static [u8], ModelError> {
+    let data = view.tensor_data(info);
+    if data.len() < expected {
+        return Err(bad_tensor(
+            info,
+            format!("holds {} bytes, its dims need {expected}", data.len()),
+        ));
+    }
+    Ok(&data[..expected])
+}
+
+/// Bytes aligned for any ggml block type: borrowed when they already are, else copied.
+enum AlignedBytes<'a> {
+    Borrowed(&'a [u8]),
+    Owned { words: Vec<u64>, len: usize },
+}
+
+impl<'a> AlignedBytes<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        if (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<u64>()) {
+            return Self::Borrowed(bytes);
+        }
+        let words = bytes
+            .chunks(8)
+            .map(|chunk| {
+                let mut b = [0u8; 8];
+                b[..chunk.len()].copy_from_slice(chunk);
+                u64::from_ne_bytes(b)
+            })
+            .collect();
+        Self::Owned {
+            words,
+            len: bytes.len(),
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Self::Borrowed(bytes) => bytes,
+            // SAFETY: `words` holds at least `len` initialized bytes, in memory order.
+            Self::Owned { words, len } => unsafe {
+                std::slice::from_raw_parts(words.as_ptr() as *const u8, *len)
+            },
+        }
+    }
+}
+
+/// A quantized (or float) matrix `(rows, cols)` (GGUF dims `[cols, rows]`) as a [`QMatMul`].
+fn load_matrix(
+    view: &'static ModelView,
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<QMatMul, ModelError> {
+    let info = tensor_info(view, name)?;
+    if info.dims.as_slice() != [cols as u64, rows as u64] {
+        return Err(bad_tensor(
+            info,
+            format!("dims {:?}, expected [{cols}, {rows}]", info.dims.as_slice()),
+        ));
+    }
+    let dtype = ggml_dtype(info)?;
+    if !cols.is_multiple_of(dtype.block_size()) {
+        return Err(bad_tensor(
+            info,
+            format!("rows of {cols} are not whole {dtype:?} blocks"),
+        ));
+    }
+    let data = checked_data(
+        view,
+        info,
+        rows * cols / dtype.block_size() * dtype.type_size(),
+    )?;
+    let q: QTensor = qtensor_from_ggml(
+        dtype,
+        AlignedBytes::new(data).as_slice(),
+        vec![rows, cols],
+        &Device::Cpu,
+    )?;
+    Ok(QMatMul::from_qtensor(q)?)
+}
+
+/// An F32 vector of length `n` (the norm weights).
+fn load_vector(view: &'static ModelView, name: &str, n: usize) -> Result<Vec<f32>, ModelError> {
+    let info = tensor_info(view, name)?;
+    if info.dims.as_slice() != [n as u64]
+        || GgmlType::from_id(info.ggml_type) != Some(GgmlType::F32)
+    {
+        return Err(bad_tensor(
+            info,
+            format!(
+                "type id {} dims {:?}, expected F32 [{n}]",
+                info.ggml_type,
+                info.dims.as_slice()
+            ),
+        ));
+    }
+    let data = checked_data(view, info, 4 * n)?;
+    Ok(data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+/// A tiny random Llama model in GGUF form (Q8_0 projections and embedding, F32 norms), for
+/// tests that need a whole model without the real file.
+#[cfg(test)]
+pub(crate) mod tiny {
+    use abi_stable::std_types::{RSlice, RVec};
+    use plugin_api::{MetaValue, MetadataEntry, ModelView, TensorInfo};
+
+    /// Vocabulary size of the tiny model.
+    pub const VOCAB: usize = 16;
+
+    /// A leaked view of a 2-block model: width 32, 2 query heads sharing 1 KV head, FFN 64.
+    pub fn view(architecture: &str, context: u64) -> &'static ModelView {
+        let (d, ff, n_layer) = (32u64, 64u64, 2);
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut bytes = Vec::new();
+        let mut tensors = Vec::new();
+        let mut add = |name: String, ggml_type: u32, dims: Vec<u64>, data: Vec<u8>| {
+            while bytes.len() % 32 != 0 {
+                bytes.push(0);
+            }
+            tensors.push(TensorInfo {
+                name: name.into(),
+                ggml_type,
+                dims: dims.into(),
+                offset: bytes.len() as u64,
+                size: data.len() as u64,
+            });
+            bytes.extend(data);
+        };
+        let mut q8_0 = |cols: u64, rows: u64| -> Vec<u8> {
+            let mut data = Vec::new();
+            for _ in 0..cols * rows / 32 {
+                data.extend(half::f16::from_f32(0.02).to_le_bytes());
+                data.extend((0..32).map(|_| (next() % 255) as u8 ^ 0x80));
+            }
+            data
+        };
+        let ones = |n: u64| -> Vec<u8> { (0..n).flat_map(|_| 1f32.to_le_bytes()).collect() };
+        let embd = q8_0(d, VOCAB as u64);
+        add("token_embd.weight".into(), 8, vec![d, VOCAB as u64], embd);
+        add("output_norm.weight".into(), 0, vec![d], ones(d));
+        for i in 0..n_layer {
+            let mut m = |part: &str, cols: u64, rows: u64| {
+                let data = q8_0(cols, rows);
+                add(format!("blk.{i}.{part}.weight"), 8, vec![cols, rows], data);
+            };
+            m("attn_q", d, d);
+            m("attn_k", d, d / 2);
+            m("attn_v", d, d / 2);
+            m("attn_output", d, d);
+            m("ffn_gate", d, ff);
+            m("ffn_up", d, ff);
+            m("ffn_down", ff, d);
+            add(format!("blk.{i}.attn_norm.weight"), 0, vec![d], ones(d));
+            add(format!("blk.{i}.ffn_norm.weight"), 0, vec![d], ones(d));
+        }
+        let meta = |key: &str, value: MetaValue| MetadataEntry {
+            key: key.into(),
+            value,
+        };
+        let metadata: RVec<MetadataEntry> = vec![
+            meta("general.architecture", MetaValue::Str(architecture.into())),
+            meta("llama.block_count", MetaValue::Uint(n_layer)),
+            meta("llama.embedding_length", MetaValue::Uint(d)),
+            meta("llama.feed_forward_length", MetaValue::Uint(ff)),
+            meta("llama.attention.head_count", MetaValue::Uint(2)),
+            meta("llama.attention.head_count_kv", MetaValue::Uint(1)),
+            meta("llama.rope.dimension_count", MetaValue::Uint(16)),
+            meta("llama.rope.freq_base", MetaValue::Float(10_000.0)),
+            meta(
+                "llama.attention.layer_norm_rms_epsilon",
+                MetaValue::Float(1e-5),
+            ),
+            meta("llama.context_length", MetaValue::Uint(context)),
+        ]
+        .into();
+        let bytes: &'static [u8] = Vec::leak(bytes);
+        Box::leak(Box::new(ModelView {
+            bytes: RSlice::from_slice(bytes),
+            metadata,
+            tensors: tensors.into(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_comes_from_llama_metadata() {
+        let cfg = LlamaConfig::from_view(tiny::view("llama", 700)).unwrap();
+        assert_eq!((cfg.n_layer, cfg.n_embd, cfg.n_ff), (2, 32, 64));
+        assert_eq!(
+            (cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.rope_dim),
+            (2, 1, 16, 16)
+        );
+        assert_eq!((cfg.context_len, cfg.vocab_size), (700, tiny::VOCAB));
+        assert!((cfg.rms_eps - 1e-5).abs() < 1e-12 && cfg.rope_base == 10_000.0);
+    }
+
+    #[test]
+    fn other_architectures_are_refused_by_name() {
+        let err = LlamaModel::from_gguf(tiny::view("gpt2", 64)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unsupported architecture 'gpt2': this variant runs Llama-architecture GGUF only"
+        );
+    }
+
+    #[test]
+    fn chunked_and_token_by_token_forward_agree_bit_for_bit() {
+        let mut model = LlamaModel::from_gguf(tiny::view("llama", 64)).unwrap();
+        let tokens = [3u32, 1, 4, 1, 5, 9, 2, 6, 5, 3];
+        let hidden = model.forward_hidden(&tokens, 0).unwrap();
+        let chunked = model.logits(&hidden).unwrap().to_vec2::<f32>().unwrap();
+        model.reset();
+        for (i, &tok) in tokens.iter().enumerate() {
+            let one = model.forward(&[tok], i).unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(one, chunked[i], "position {i}");
+        }
+        assert_eq!(model.cache().len(), tokens.len());
+        // rewinding to an earlier position recomputes the same logits
+        let again = model
+            .forward(&tokens[4..6], 4)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(again, chunked[5]);
+    }
+
+    #[test]
+    fn bad_positions_and_tokens_are_errors() {
+        let mut model = LlamaModel::from_gguf(tiny::view("llama", 8)).unwrap();
+        assert!(matches!(
+            model.forward(&[99], 0),
+            Err(ModelError::TokenOutOfRange { token: 99, .. })
+        ));
+        assert!(matches!(model.forward(&[], 0), Err(ModelError::EmptyChunk)));
+        assert!(matches!(
+            model.forward(&[1], 3),
+            Err(ModelError::PositionGap { pos: 3, cached: 0 })
+        ));
+        assert!(matches!(
+            model.forward(&[1; 9], 0),
+            Err(ModelError::ContextOverflow { end: 9, .. })
+        ));
+        assert!(model.forward(&[1; 8], 0).is_ok());
+    }
+
+    #[test]
+    fn rope_tables_match_hand_computation() {
+        let tables = RopeTables::new(4, 100.0, 3);
+        // pair 0 turns by pos * 1, pair 1 by pos * 100^(-1/2) = pos / 10
+        let (c, s) = tables.cos_sin(2, 0);
+        assert!((c - 2f32.cos()).abs() < 1e-6 && (s - 2f32.sin()).abs() < 1e-6);
+        let (c, s) = tables.cos_sin(2, 1);
+        assert!((c - 0.2f32.cos()).abs() < 1e-6 && (s - 0.2f32.sin()).abs() < 1e-6);
+        assert_eq!(tables.cos_sin(0, 1), (1.0, 0.0));
+    }
+
+    #[test]
+    fn rope_rotates_interleaved_pairs_and_leaves_the_tail() {
+        // head_dim 6, rope_dim 4: the last pair is not rotated
+        let tables = RopeTables::new(4, 100.0, 4);
+        let mut x = vec![1.0, 0.0, 0.0, 2.0, 5.0, 6.0];
+        tables.rotate_head(&mut x, 1);
+        let (c1, s1) = (1f32.cos(), 1f32.sin());
+        let (c2, s2) = (0.1f32.cos(), 0.1f32.sin());
+        let want = [c1, s1, -2.0 * s2, 2.0 * c2, 5.0, 6.0];
+        for (a, b) in x.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{x:?} vs {want:?}");
+        }
+        // two tokens of two heads starting at position 2: token 1 rotates as position 3
+        let mut y = vec![0.0; 24];
+        y[12] = 1.0; // token 1, head 0, dim 0
+        y[18 + 1] = 1.0; // token 1, head 1, dim 1
+        tables.rotate(&mut y, 2, 6, 2);
+        assert!((y[12] - 3f32.cos()).abs() < 1e-6 && (y[13] - 3f32.sin()).abs() < 1e-6);
+        assert!((y[18] + 3f32.sin()).abs() < 1e-6 && (y[19] - 3f32.cos()).abs() < 1e-6);
+        assert!(y[..12].iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn rms_norm_scales_by_root_mean_square() {
+        let x = [3.0, -4.0];
+        let w = [1.0, 2.0];
+        let mut out = [0.0; 2];
+        rms_norm_row(&x, &w, 0.0, &mut out);
+        // mean square = 12.5
+        let r = 12.5f32.sqrt();
+        assert!((out[0] - 3.0 / r).abs() < 1e-6);
+        assert!((out[1] + 8.0 / r).abs() < 1e-6);
+        rms_norm_row(&[0.0, 0.0], &w, 1e-5, &mut out);
+        assert_eq!(out, [0.0, 0.0], "eps keeps a zero row finite");
+    }
+
+    #[test]
+    fn causal_mask_sees_cache_and_own_position() {
+        assert_eq!(causal_visible(0, 0), 1);
+        assert_eq!(causal_visible(0, 3), 4);
+        assert_eq!(causal_visible(10, 0), 11);
+    }
+
+    #[test]
+    fn softmax_normalizes_and_survives_large_values() {
+        let mut x = [0.0, 2f32.ln(), 1000.0, 1000.0];
+        softmax_in_place(&mut x[..2]);
+        assert!((x[0] - 1.0 / 3.0).abs() < 1e-6 && (x[1] - 2.0 / 3.0).abs() < 1e-6);
+        softmax_in_place(&mut x[2..]);
+        assert_eq!(&x[2..], &[0.5, 0.5]);
+    }
+
+    #[test]
+    fn dot_matches_naive_sum() {
+        let a: Vec<f32> = (0..19).map(|i| i as f32 * 0.5).collect();
+        let b: Vec<f32> = (0..19).map(|i| 1.0 - i as f32 * 0.25).collect();
+        let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!(
+            (dot(&a, &b) - want).abs() < 1e-4,
+            "{} vs {want}",
+            dot(&a, &b)
+        );
+    }
+
+    /// Two query heads sharing one KV head of width 2, capacity 4, three cached positions.
+    fn tiny_attention(q: &[f32], start_pos: usize, threads: usize) -> Vec<f32> {
+        let shape = AttentionShape {
+            n_head: 2,
+            n_kv_head: 1,
+            head_dim: 2,
+            capacity: 4,
+        };
+        // keys: position 0 along x, 1 along y, 2 along -x; values: one-hot-ish markers
+        let keys = [1.0, 0.0, 0.0, 1.0, -1.0, 0.0, 9.0, 9.0];
+        let values = [1.0, 0.0, 0.0, 1.0, 5.0, 5.0, 7.0, 7.0];
+        let mut out = vec![0.0; q.len()];
+        attention(q, &keys, &values, shape, start_pos, threads, &mut out);
+        out
+    }
+
+    #[test]
+    fn attention_is_causal_and_groups_heads() {
+        let s = std::f32::consts::SQRT_2; // scores are scaled by 1/sqrt(2)
+                                          // one token at position 0: it sees only key 0, whatever the query
+        let out = tiny_attention(&[3.0, -2.0, 0.0, 1.0], 0, 1);
+        assert_eq!(out, [1.0, 0.0, 1.0, 0.0]);
+        // one token at position 1, head 0 queries along x * sqrt(2) * ln 3: weights 3/4, 1/4
+        let a = s * 3f32.ln();
+        let out = tiny_attention(&[a, 0.0, 0.0, 0.0], 1, 1);
+        assert!(
+            (out[0] - 0.75).abs() < 1e-6 && (out[1] - 0.25).abs() < 1e-6,
+            "{out:?}"
+        );
+        assert!(
+            (out[2] - 0.5).abs() < 1e-6 && (out[3] - 0.5).abs() < 1e-6,
+            "{out:?}"
+        );
+        // a chunk of two tokens at positions 1 and 2: the first must not see position 2
+        let chunk = tiny_attention(&[a, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], 1, 1);
+        assert_eq!(&chunk[..4], &out[..]);
+        let third = 1.0 / 3.0;
+        let want = [(1.0 + 5.0) * third, (1.0 + 5.0) * third];
+        assert!((chunk[4] - want[0]).abs() < 1e-6 && (chunk[5] - want[1]).abs() < 1e-6);
+        // the threaded path gives the same bits
+        assert_eq!(
+            tiny_attention(&[a, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], 1, 2),
+            chunk
+        );
+    }
+
+    #[test]
+    fn q8_0_row_dequantizes_hand_made_blocks() {
+        let mut row = Vec::new();
+        for (scale, base) in [(0.5f32, 0i8), (-2.0, -16)] {
+            row.extend_from_slice(&f16::from_f32(scale).to_le_bytes());
+            row.extend((0..32).map(|j| (base + j as i8) as u8));
+        }
+        let mut out = [0f32; 64];
+        dequantize_q8_0_row(&row, &mut out);
+        assert_eq!(out[0], 0.0);
+        assert_eq!(out[31], 15.5);
+        assert_eq!(out[32], 32.0); // -2 * -16
+        assert_eq!(out[63], -30.0); // -2 * 15
+    }
+
+    #[test]
+    fn kv_cache_grows_in_steps_and_keeps_contents() {
+        let cfg = LlamaConfig {
+            n_layer: 2,
+            n_embd: 8,
+            n_ff: 16,
+            n_head: 2,
+            n_kv_head: 2,
+            head_dim: 4,
+            rope_dim: 4,
+            rope_base: 10_000.0,
+            rms_eps: 1e-5,
+            context_len: 2000,
+            vocab_size: 10,
+        };
+        let mut cache = KvCache::new(&cfg);
+        cache.reserve(2, 3);
+        assert_eq!(cache.capacity(), KV_CACHE_STEP);
+        // position 2 of block 1: kv head 0 = 1..4, kv head 1 = 5..8
+        let k: Vec<f32> = (1..=8).map(|i| i as f32).collect();
+        let v: Vec<f32> = k.iter().map(|x| -x).collect();
+        cache.store(1, 2, &k, &v);
+        cache.len = 3;
+        let at = |c: &KvCache, g: usize, p: usize| (g * c.capacity() + p) * 4;
+        assert_eq!(&cache.k[1][at(&cache, 1, 2)..][..4], &[5.0, 6.0, 7.0, 8.0]);
+        cache.reserve(2, KV_CACHE_STEP + 1);
+        assert_eq!(cache.capacity(), 2 * KV_CACHE_STEP);
+        assert_eq!(cache.len(), 3);
+        assert_eq!(&cache.k[1][at(&cache, 1, 2)..][..4], &[5.0, 6.0, 7.0, 8.0]);
+        assert_eq!(
+            &cache.v[1][at(&cache, 0, 2)..][..4],
+            &[-1.0, -2.0, -3.0, -4.0]
+        );
+        cache.reserve(2, 1999);
+        assert_eq!(cache.capacity(), 2000, "capped at the context length");
+        cache.clear();
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn aligned_bytes_copy_only_when_needed() {
+        let words = [0x0807060504030201u64, 0x100f0e0d0c0b0a09];
+        // SAFETY: reading the bytes of a live array.
+        let bytes = unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, 16) };
+        let same = AlignedBytes::new(bytes);
+        assert!(matches!(same, AlignedBytes::Borrowed(_)));
+        assert_eq!(same.as_slice().as_ptr(), bytes.as_ptr());
+        let odd = &bytes[1..10];
+        let copy = AlignedBytes::new(odd);
+        assert!(matches!(copy, AlignedBytes::Owned { .. }));
+        assert_eq!(copy.as_slice(), odd);
+        assert_eq!(copy.as_slice().as_ptr() as usize % 8, 0);
+    }
+}
