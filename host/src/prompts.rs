@@ -86,10 +86,14 @@ impl TryFrom<RawParam> for Param {
     type Error = String;
     fn try_from(r: RawParam) -> Result<Self, String> {
         let name = r.name;
-        let need = |field: &str, kind: &str| format!("parameter {name:?} of kind {kind:?} needs `{field}`");
+        let need = |field: &str, kind: &str| {
+            format!("parameter {name:?} of kind {kind:?} needs `{field}`")
+        };
         let unused = |present: bool, field: &str, kind: &str| {
             if present {
-                Err(format!("parameter {name:?}: `{field}` does not apply to kind {kind:?}"))
+                Err(format!(
+                    "parameter {name:?}: `{field}` does not apply to kind {kind:?}"
+                ))
             } else {
                 Ok(())
             }
@@ -97,7 +101,11 @@ impl TryFrom<RawParam> for Param {
         match r.kind.as_str() {
             "int" => {
                 unused(r.options.is_some(), "options", "int")?;
-                unused(r.count.is_some() || r.separator.is_some(), "count/separator", "int")?;
+                unused(
+                    r.count.is_some() || r.separator.is_some(),
+                    "count/separator",
+                    "int",
+                )?;
                 Ok(Param::Int {
                     min: r.min.ok_or_else(|| need("min", "int"))?,
                     max: r.max.ok_or_else(|| need("max", "int"))?,
@@ -106,12 +114,27 @@ impl TryFrom<RawParam> for Param {
                 })
             }
             "choice" => {
-                unused(r.min.is_some() || r.max.is_some() || r.step.is_some(), "min/max/step", "choice")?;
-                unused(r.count.is_some() || r.separator.is_some(), "count/separator", "choice")?;
-                Ok(Param::Choice { options: r.options.ok_or_else(|| need("options", "choice"))?, name })
+                unused(
+                    r.min.is_some() || r.max.is_some() || r.step.is_some(),
+                    "min/max/step",
+                    "choice",
+                )?;
+                unused(
+                    r.count.is_some() || r.separator.is_some(),
+                    "count/separator",
+                    "choice",
+                )?;
+                Ok(Param::Choice {
+                    options: r.options.ok_or_else(|| need("options", "choice"))?,
+                    name,
+                })
             }
             "sample" => {
-                unused(r.min.is_some() || r.max.is_some() || r.step.is_some(), "min/max/step", "sample")?;
+                unused(
+                    r.min.is_some() || r.max.is_some() || r.step.is_some(),
+                    "min/max/step",
+                    "sample",
+                )?;
                 Ok(Param::Sample {
                     count: r.count.ok_or_else(|| need("count", "sample"))?,
                     separator: r.separator.unwrap_or_else(|| "\n\n".into()),
@@ -119,7 +142,9 @@ impl TryFrom<RawParam> for Param {
                     name,
                 })
             }
-            other => Err(format!("parameter {name:?}: unknown kind {other:?} (int, choice or sample)")),
+            other => Err(format!(
+                "parameter {name:?}: unknown kind {other:?} (int, choice or sample)"
+            )),
         }
     }
 }
@@ -141,22 +166,47 @@ impl TryFrom<RawCheck> for Check {
     fn try_from(r: RawCheck) -> Result<Self, String> {
         let kind = r.kind.clone();
         let need = |field: &str| format!("a check of kind {kind:?} needs `{field}`");
-        let fields = [("from", r.from.is_some()), ("min", r.min.is_some()), ("expr", r.expr.is_some()), ("tolerance", r.tolerance.is_some()), ("patterns", r.patterns.is_some())];
+        let fields = [
+            ("from", r.from.is_some()),
+            ("min", r.min.is_some()),
+            ("expr", r.expr.is_some()),
+            ("tolerance", r.tolerance.is_some()),
+            ("patterns", r.patterns.is_some()),
+        ];
         let allowed: &[&str] = match kind.as_str() {
             "keywords" => &["from", "min"],
             "number" => &["expr", "tolerance"],
             "contains" => &["patterns"],
             "lines" => &["min"],
-            other => return Err(format!("unknown check kind {other:?} (keywords, number, contains or lines)")),
+            other => {
+                return Err(format!(
+                    "unknown check kind {other:?} (keywords, number, contains or lines)"
+                ))
+            }
         };
-        if let Some((field, _)) = fields.iter().find(|(f, present)| *present && !allowed.contains(f)) {
-            return Err(format!("`{field}` does not apply to a check of kind {kind:?}"));
+        if let Some((field, _)) = fields
+            .iter()
+            .find(|(f, present)| *present && !allowed.contains(f))
+        {
+            return Err(format!(
+                "`{field}` does not apply to a check of kind {kind:?}"
+            ));
         }
         Ok(match kind.as_str() {
-            "keywords" => Check::Keywords { from: r.from.ok_or_else(|| need("from"))?, min: r.min.ok_or_else(|| need("min"))? },
-            "number" => Check::Number { expr: r.expr.ok_or_else(|| need("expr"))?, tolerance: r.tolerance.ok_or_else(|| need("tolerance"))? },
-            "contains" => Check::Contains { patterns: r.patterns.ok_or_else(|| need("patterns"))? },
-            _ => Check::Lines { min: r.min.ok_or_else(|| need("min"))? },
+            "keywords" => Check::Keywords {
+                from: r.from.ok_or_else(|| need("from"))?,
+                min: r.min.ok_or_else(|| need("min"))?,
+            },
+            "number" => Check::Number {
+                expr: r.expr.ok_or_else(|| need("expr"))?,
+                tolerance: r.tolerance.ok_or_else(|| need("tolerance"))?,
+            },
+            "contains" => Check::Contains {
+                patterns: r.patterns.ok_or_else(|| need("patterns"))?,
+            },
+            _ => Check::Lines {
+                min: r.min.ok_or_else(|| need("min"))?,
+            },
         })
     }
 }

@@ -114,7 +114,7 @@ impl Summary {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<14} {:>6}  {:<24} {:<22} {:<22} {:<19} {:<19} {:>7}",
+            "{:<14} {:>6}  {:<24} {:<22} {:<28} {:<19} {:<19} {:>7}",
             "prompt",
             "tokens",
             "prefill tok/s",
@@ -127,7 +127,7 @@ impl Summary {
         for f in &self.per_prompt {
             let _ = writeln!(
                 out,
-                "{:<14} {:>6}  {:<24} {:<22} {:<22} {:<19} {:<19} {:>7}",
+                "{:<14} {:>6}  {:<24} {:<22} {:<28} {:<19} {:<19} {:>7}",
                 f.label,
                 f.prompt_tokens
                     .map(|s| format!("{:.0}", s.median))
