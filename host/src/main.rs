@@ -32,7 +32,18 @@ use clap::{Parser, Subcommand};
 
 /// autoinfer: an honest harness for hill-climbing LLM inference speed.
 #[derive(Parser)]
-#[command(name = "host", version, about, long_about = None)]
+#[command(
+    name = "host",
+    version,
+    about,
+    long_about = None,
+    after_help = "Examples:\n  \
+      host run variants/current                      score the working variant (3 rounds)\n  \
+      host run variants/current --rounds 6 --description \"q4_1 simd\"\n  \
+      host run variants/baseline --model other.gguf  any Llama-architecture GGUF\n  \
+      host prompts --round 1                         show what a round asks\n\n\
+      Results go to results/results.tsv (one row per run) and results/runs/*.json."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -109,7 +109,9 @@ impl TextCodec {
             .filter_map(|(i, _)| tokens.get(i))
             .map(|t| AddedToken::from(t.to_string(), true).normalized(false))
             .collect();
-        tokenizer.add_special_tokens(&special);
+        tokenizer
+            .add_special_tokens(special)
+            .map_err(|e| TokenizeError::Build(e.to_string()))?;
 
         let token_at = |key: &'static str| -> Result<(u32, String), TokenizeError> {
             let id = view.meta_uint(key).ok_or(TokenizeError::Missing(key))? as u32;
