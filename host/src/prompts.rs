@@ -398,7 +398,7 @@ impl PromptSpec {
                             ));
                         }
                     }
-                    if !(*tolerance >= 0.0) {
+                    if !tolerance.is_finite() || *tolerance < 0.0 {
                         return Err(format!("{at}: tolerance must be >= 0"));
                     }
                 }

@@ -55,10 +55,10 @@ impl Protocol {
         if self.rounds == 0 {
             return Err("rounds must be at least 1".into());
         }
-        if !(self.request_timeout_s > 0.0) {
+        let t = self.request_timeout_s;
+        if !t.is_finite() || t <= 0.0 || t > 86_400.0 {
             return Err(format!(
-                "request_timeout_s must be positive, not {}",
-                self.request_timeout_s
+                "request_timeout_s must be between 0 and 86400 seconds, not {t}"
             ));
         }
         if self.decoding != "greedy" {
@@ -92,6 +92,10 @@ mod tests {
             (good.replace("rounds = 1", "rounds = 0"), "rounds"),
             (good.replace("rounds = 1", "rounds = \"x\""), "rounds"),
             (good.replace("greedy", "beam"), "beam"),
+            (
+                good.replace("request_timeout_s = 5", "request_timeout_s = inf"),
+                "request_timeout_s",
+            ),
             (good.replace("seed = 1\n", ""), "seed"),
         ] {
             std::fs::write(&path, bad).unwrap();

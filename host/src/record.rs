@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use crate::protocol::Protocol;
 use crate::report::Summary;
 
 /// The columns of `results.tsv`, in order.
@@ -96,9 +97,7 @@ pub fn write_json<T: Serialize>(dir: &Path, stem: &str, value: &T) -> Result<Pat
 /// The row for one run (`summary` is `None` when the run failed before any figure).
 pub fn row(
     p: &Provenance,
-    rounds: u32,
-    max_new: u32,
-    seed: u64,
+    protocol: &Protocol,
     summary: Option<&Summary>,
     status: &str,
     description: &str,
@@ -118,9 +117,9 @@ pub fn row(
         p.model_sha256[..12.min(p.model_sha256.len())].to_string(),
         p.machine.clone(),
         p.device.clone(),
-        rounds.to_string(),
-        max_new.to_string(),
-        seed.to_string(),
+        protocol.rounds.to_string(),
+        protocol.max_new_tokens.to_string(),
+        protocol.seed.to_string(),
         f(o.and_then(|o| o.prefill_tok_s.map(|s| s.median)), 1),
         f(o.and_then(|o| o.decode_tok_s.map(|s| s.median)), 2),
         f(o.and_then(|o| o.decode_tok_s.map(|s| s.iqr_percent())), 1),

@@ -199,9 +199,7 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     let json = record::write_json(&results_dir, &stem, &record)?;
     let row = record::row(
         &provenance,
-        protocol.rounds,
-        protocol.max_new_tokens,
-        protocol.seed,
+        &protocol,
         summary.as_ref(),
         status,
         &args.description,

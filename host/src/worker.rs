@@ -124,8 +124,8 @@ pub fn run(lib: &Path, model_path: &Path) -> Result<()> {
                 let mut sink = TimedSink {
                     start: Instant::now(),
                     max: max_new_tokens as usize,
-                    tokens: Vec::with_capacity(max_new_tokens as usize),
-                    emit_ns: Vec::with_capacity(max_new_tokens as usize),
+                    tokens: Vec::with_capacity((max_new_tokens as usize).min(1 << 16)),
+                    emit_ns: Vec::with_capacity((max_new_tokens as usize).min(1 << 16)),
                     overflow: 0,
                 };
                 let result = variant.generate(
