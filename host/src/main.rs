@@ -12,6 +12,7 @@ mod expr;
 mod fetch;
 mod measure;
 mod model;
+mod physics;
 mod plugin;
 mod prompts;
 mod protocol;

@@ -90,6 +90,7 @@ struct RunRecord<'a> {
     error: Option<String>,
     description: &'a str,
     load_ms: f64,
+    roofline: &'a crate::physics::Roofline,
     summary: Option<&'a Summary>,
     samples: &'a [Sample],
 }
@@ -169,6 +170,7 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     let mut samples = Vec::new();
     let mut load_ms = 0.0;
 
+    let roofline = crate::physics::Roofline::new(model.view, crate::physics::measure_bandwidth());
     let outcome = measure(
         args,
         &protocol,
@@ -181,7 +183,13 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         &mut load_ms,
     );
     let summary = outcome.is_ok().then(|| Summary::of(&samples, &order));
+    let fastest = samples
+        .iter()
+        .map(|s| s.timing.decode_tok_s)
+        .fold(0.0, f64::max);
+    let suspect = roofline.is_suspect(fastest);
     let (status, error) = match &outcome {
+        Ok(()) if suspect => ("suspect", None),
         Ok(()) => ("ok", None),
         Err(e) => ("failed", Some(format!("{e:#}"))),
     };
@@ -193,6 +201,7 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         error,
         description: &args.description,
         load_ms,
+        roofline: &roofline,
         summary: summary.as_ref(),
         samples: &samples,
     };
@@ -207,12 +216,26 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     );
     let tsv = record::append_row(&results_dir, &row)?;
     outcome?;
+    if suspect {
+        bail!(
+            "variant {} decoded at {fastest:.1} tok/s, above the {:.0} tok/s that memory bandwidth allows: \
+             the run is recorded as suspect, not as a result",
+            args.variant.display(),
+            roofline.bound_tok_s
+        );
+    }
     let summary = summary.expect("a successful run has a summary");
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         println!("{}", summary.render());
     }
+    eprintln!(
+        "decode roofline: {:.0} tok/s ({:.1} MB of weights per token at {:.1} GB/s); fastest request {fastest:.2} tok/s",
+        roofline.bound_tok_s,
+        roofline.bytes_per_token as f64 / 1e6,
+        roofline.bandwidth_gb_s,
+    );
     eprintln!(
         "recorded: {} (row appended), {}",
         tsv.display(),

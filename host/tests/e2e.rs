@@ -68,6 +68,16 @@ fn scores_the_current_variant_on_the_real_model() {
     let run: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(json_path).unwrap()).unwrap();
     let samples = run["samples"].as_array().unwrap();
+    let bound = run["roofline"]["bound_tok_s"].as_f64().unwrap();
+    let bytes = run["roofline"]["bytes_per_token"].as_u64().unwrap();
+    assert!(
+        (90_000_000..100_000_000).contains(&bytes),
+        "about 96 MB of weights per token: {bytes}"
+    );
+    assert!(
+        bound > row[12].parse::<f64>().unwrap(),
+        "an honest variant is below the roofline ({bound})"
+    );
     assert_eq!(samples.len(), 5, "one timed request per prompt per round");
     assert_eq!(
         run["provenance"]["model_sha256"],

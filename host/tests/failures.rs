@@ -268,3 +268,19 @@ fn malformed_prompt_files_name_the_file_and_field() {
         );
     }
 }
+
+#[test]
+fn variant_faster_than_memory_bandwidth_is_suspect() {
+    // The fixture's well-behaved mode emits a token per millisecond without reading a weight:
+    // about 1,000 tok/s, far above what reading ~96 MB per token allows on any CPU.
+    let results = scratch("suspect");
+    let (out, _, err) = run_fixture("broken", "no-work", &results, &[]);
+    assert!(!out.status.success(), "a suspect run must not pass: {err}");
+    assert!(
+        err.contains("recorded as suspect") && err.contains("memory bandwidth allows"),
+        "{err}"
+    );
+    let all = rows(&results);
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0][19], "suspect", "{:?}", all[0]);
+}

@@ -1,0 +1,124 @@
+//! The decode roofline: every decoded token must read every weight once, so no honest variant
+//! decodes faster than memory bandwidth / bytes of weights per token. A faster figure means the
+//! work was not done (or the clock was fooled) and is flagged as suspect, never celebrated.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use plugin_api::ModelView;
+use serde::Serialize;
+
+/// The bound for one model on this machine.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Roofline {
+    /// Bytes of weights one decoded token must read.
+    pub bytes_per_token: u64,
+    /// Best streaming-read bandwidth measured with every core, GB/s.
+    pub bandwidth_gb_s: f64,
+    /// `bandwidth / bytes_per_token`: the fastest possible decode, tokens/s.
+    pub bound_tok_s: f64,
+}
+
+/// Bytes a decoded token reads: every tensor, the token embedding included when the output
+/// layer is tied to it (it is then read whole as the output matrix).
+pub fn bytes_per_token(view: &ModelView) -> u64 {
+    let tied = view.tensor("output.weight").is_none();
+    view.tensors
+        .iter()
+        .filter(|t| tied || t.name.as_str() != "token_embd.weight")
+        .map(|t| t.size)
+        .sum()
+}
+
+/// Best of five streaming reads of a 256 MiB buffer split over every core, in GB/s.
+pub fn measure_bandwidth() -> f64 {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let words = (256usize << 20) / 8;
+    let buffer: Vec<u64> = (0..words as u64).collect();
+    let chunk = words.div_ceil(threads);
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for part in buffer.chunks(chunk) {
+                s.spawn(move || black_box(part.iter().fold(0u64, |a, &x| a.wrapping_add(x))));
+            }
+        });
+        best = best.max((words * 8) as f64 / start.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+impl Roofline {
+    /// The roofline of `view` at `bandwidth_gb_s`.
+    pub fn new(view: &ModelView, bandwidth_gb_s: f64) -> Roofline {
+        let bytes_per_token = bytes_per_token(view);
+        Roofline {
+            bytes_per_token,
+            bandwidth_gb_s,
+            bound_tok_s: bandwidth_gb_s * 1e9 / bytes_per_token.max(1) as f64,
+        }
+    }
+
+    /// Whether a measured decode rate is faster than physics allows.
+    pub fn is_suspect(&self, decode_tok_s: f64) -> bool {
+        decode_tok_s > self.bound_tok_s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use abi_stable::std_types::{RSlice, RVec};
+    use plugin_api::TensorInfo;
+
+    fn view(names: &[(&str, u64)]) -> ModelView {
+        static EMPTY: [u8; 0] = [];
+        ModelView {
+            bytes: RSlice::from_slice(&EMPTY),
+            metadata: RVec::new(),
+            tensors: names
+                .iter()
+                .map(|&(name, size)| TensorInfo {
+                    name: name.into(),
+                    ggml_type: 0,
+                    dims: RVec::new(),
+                    offset: 0,
+                    size,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn tied_embedding_counts_untied_does_not() {
+        assert_eq!(
+            bytes_per_token(&view(&[("token_embd.weight", 100), ("blk.0.w", 50)])),
+            150
+        );
+        assert_eq!(
+            bytes_per_token(&view(&[
+                ("token_embd.weight", 100),
+                ("output.weight", 100),
+                ("blk.0.w", 50)
+            ])),
+            150
+        );
+    }
+
+    #[test]
+    fn flags_only_rates_above_the_bound() {
+        let r = Roofline::new(&view(&[("token_embd.weight", 100_000_000)]), 25.0);
+        assert!((r.bound_tok_s - 250.0).abs() < 1e-9);
+        assert!(!r.is_suspect(249.0));
+        assert!(r.is_suspect(251.0));
+    }
+
+    #[test]
+    fn bandwidth_is_a_plausible_figure() {
+        let gb_s = measure_bandwidth();
+        assert!(gb_s > 0.1 && gb_s < 10_000.0, "{gb_s} GB/s");
+    }
+}
