@@ -16,6 +16,7 @@ mod physics;
 mod plugin;
 mod prompts;
 mod protocol;
+mod quality;
 mod record;
 mod report;
 mod run;

@@ -25,6 +25,8 @@ pub struct Sample {
     pub eos_at: Option<usize>,
     /// The output text up to the first end-of-sequence token.
     pub text: String,
+    /// Share of repeated 4-grams in the tokens before the first end-of-sequence token.
+    pub repetition: f64,
     pub checks: Vec<CheckOutcome>,
 }
 
@@ -42,6 +44,8 @@ pub struct Figures {
     /// Per request: the 99th-percentile gap between tokens, then summarised over requests.
     pub itl_p99_ms: Option<Spread>,
     pub peak_rss_mib: Option<Spread>,
+    /// Share of repeated 4-grams in the output (see `quality::repeated_ngram_share`).
+    pub repetition: Option<Spread>,
     pub checks_passed: usize,
     pub checks_total: usize,
 }
@@ -62,6 +66,7 @@ impl Figures {
             itl_p50_ms: over(&|s| percentile(&s.timing.itl_ms, 50.0)),
             itl_p99_ms: over(&|s| percentile(&s.timing.itl_ms, 99.0)),
             peak_rss_mib: over(&|s| Some(s.peak_rss_kib as f64 / 1024.0)),
+            repetition: over(&|s| Some(s.repetition)),
             checks_passed: samples
                 .iter()
                 .flat_map(|s| &s.checks)
@@ -153,6 +158,7 @@ impl Summary {
             ("ITL p50 ms", &o.itl_p50_ms, 2),
             ("ITL p99 ms", &o.itl_p99_ms, 2),
             ("peak RSS MiB", &o.peak_rss_mib, 1),
+            ("repetition", &o.repetition, 3),
         ] {
             if let Some(s) = s {
                 let _ = writeln!(
@@ -199,6 +205,7 @@ mod tests {
             tokens: vec![1, 2, 3, 4],
             eos_at: None,
             text: String::new(),
+            repetition: 0.25,
             checks: vec![CheckOutcome {
                 check: "x".into(),
                 passed,
@@ -224,6 +231,7 @@ mod tests {
         assert_eq!(s.overall.decode_tok_s.unwrap().median, 50.0);
         assert_eq!((s.overall.checks_passed, s.overall.checks_total), (2, 3));
         assert_eq!(s.overall.peak_rss_mib.unwrap().max, 2.0);
+        assert_eq!(s.overall.repetition.unwrap().median, 0.25);
         let table = s.render();
         assert!(
             table.contains("decode tok/s") && table.contains("75.00 (50.00-100.00)"),

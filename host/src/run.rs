@@ -330,6 +330,10 @@ fn measure(
             .find(|p| p.name == planned.instance.prompt)
             .expect("every planned request comes from a prompt");
         let checks = spec.evaluate(&planned.instance, &text);
+        let repetition = crate::quality::repeated_ngram_share(
+            &tokens[..eos_at.unwrap_or(tokens.len())],
+            crate::quality::REPETITION_N,
+        );
         samples.push(Sample {
             prompt: planned.instance.prompt.clone(),
             round,
@@ -339,6 +343,7 @@ fn measure(
             tokens,
             eos_at,
             text,
+            repetition,
             checks,
         });
     }

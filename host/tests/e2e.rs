@@ -150,6 +150,11 @@ fn json_summary_and_no_build() {
             summary["overall"][figure]
         );
     }
+    let repetition = summary["overall"]["repetition"]["median"].as_f64().unwrap();
+    assert!(
+        (0.0..=1.0).contains(&repetition),
+        "repetition is a share: {repetition}"
+    );
     // The same variant again without building: the library from the run above is used.
     let (out, _, stderr) = output(
         host()
