@@ -1,28 +1,11 @@
 //! Embeds a hash of the host's and plugin-api's sources, so every result row says exactly which
 //! harness code produced it (the binary cannot drift from the hash it reports).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use sha2::{Digest, Sha256};
-
-fn files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            if path
-                .file_name()
-                .is_some_and(|n| n != "target" && n != "tests")
-            {
-                files(&path, out);
-            }
-        } else {
-            out.push(path);
-        }
-    }
-}
+#[allow(dead_code)] // the build script needs only hash_files
+#[path = "src/hashing.rs"]
+mod hashing;
 
 fn main() {
     let manifest =
@@ -31,28 +14,21 @@ fn main() {
         .parent()
         .expect("host/ sits in the workspace")
         .to_path_buf();
-    let mut paths = Vec::new();
-    for dir in ["host/src", "plugin-api/src"] {
-        files(&root.join(dir), &mut paths);
-        println!("cargo:rerun-if-changed={}", root.join(dir).display());
-    }
-    for file in ["host/Cargo.toml", "host/build.rs", "plugin-api/Cargo.toml"] {
-        paths.push(root.join(file));
-        println!("cargo:rerun-if-changed={}", root.join(file).display());
-    }
-    paths.sort();
-    let mut hasher = Sha256::new();
+    let paths: Vec<PathBuf> = [
+        "host/src",
+        "host/Cargo.toml",
+        "host/build.rs",
+        "plugin-api/src",
+        "plugin-api/Cargo.toml",
+    ]
+    .iter()
+    .map(|p| root.join(p))
+    .collect();
     for path in &paths {
-        let rel = path.strip_prefix(&root).unwrap_or(path);
-        hasher.update(rel.to_string_lossy().as_bytes());
-        hasher.update([0]);
-        hasher.update(std::fs::read(path).unwrap_or_default());
-        hasher.update([0]);
+        println!("cargo:rerun-if-changed={}", path.display());
     }
-    let hex: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    println!("cargo:rustc-env=AUTOINFER_HOST_SOURCE_HASH={hex}");
+    println!(
+        "cargo:rustc-env=AUTOINFER_HOST_SOURCE_HASH={}",
+        hashing::hash_files(&root, &paths)
+    );
 }

@@ -126,11 +126,7 @@ fn extract_member(archive: &Path, member: &str, out: &Path) -> Result<String> {
         sink.write_all(&buf[..n])?;
     }
     sink.sync_all()?;
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(crate::hashing::hex(&hasher.finalize()))
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 mod cargo_build;
 mod expr;
 mod fetch;
+mod hashing;
 mod measure;
 mod model;
 mod physics;

@@ -7,11 +7,13 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use abi_stable::std_types::{RSlice, RString, RVec};
 use memmap2::Mmap;
 use plugin_api::{GgmlType, MetaValue, MetadataEntry, ModelView, TensorInfo};
-use sha2::{Digest, Sha256};
+
+use crate::hashing::sha256_hex;
 
 /// Why a model file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,7 @@ pub struct Model {
     pub path: PathBuf,
     /// The view variants receive; it borrows the leaked mapping.
     pub view: &'static ModelView,
+    sha256: OnceLock<String>,
 }
 
 impl Model {
@@ -70,19 +73,15 @@ impl Model {
         Ok(Model {
             path: path.into(),
             view: Box::leak(Box::new(view)),
+            sha256: OnceLock::new(),
         })
     }
 
-    /// SHA-256 of the whole file, in hex.
-    pub fn sha256(&self) -> String {
-        sha256_hex(self.view.bytes.as_slice())
+    /// SHA-256 of the whole file, in hex (hashed on first use only).
+    pub fn sha256(&self) -> &str {
+        self.sha256
+            .get_or_init(|| sha256_hex(self.view.bytes.as_slice()))
     }
-}
-
-/// Hex SHA-256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
-    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A parse failure before the file's path is attached.

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use abi_stable::library::lib_header_from_path;
+use abi_stable::library::{lib_header_from_path, LibraryError};
 use abi_stable::std_types::RStr;
 use plugin_api::{HostLog, LogLevel, ModelView, VariantBox, VariantModRef};
 
@@ -52,6 +52,19 @@ pub fn host_logger() -> HostLog {
     HostLog { write: host_log }
 }
 
+/// Whether abi_stable refused the library because it was built against other types or
+/// versions (rather than because it could not be opened or has no root module).
+fn is_abi_mismatch(e: &LibraryError) -> bool {
+    match e {
+        LibraryError::AbiInstability(_)
+        | LibraryError::IncompatibleVersionNumber { .. }
+        | LibraryError::InvalidAbiHeader(_)
+        | LibraryError::InvalidCAbi { .. } => true,
+        LibraryError::Many(errors) => errors.iter().any(is_abi_mismatch),
+        _ => false,
+    }
+}
+
 /// Loads the variant at `lib` and builds it over `model`.
 pub fn load(lib: &Path, model: &'static ModelView) -> Result<VariantBox, PluginError> {
     static COPIES: AtomicUsize = AtomicUsize::new(0);
@@ -76,17 +89,16 @@ pub fn load(lib: &Path, model: &'static ModelView) -> Result<VariantBox, PluginE
         message: short_report(&e.to_string()),
     })?;
     let module = header.init_root_module::<VariantModRef>().map_err(|e| {
-        let report = e.to_string();
-        if report.contains("incompatib") || report.contains("mismatch") || report.contains("layout")
-        {
+        let message = short_report(&e.to_string());
+        if is_abi_mismatch(&e) {
             PluginError::Abi {
                 path: lib.into(),
-                message: short_report(&report),
+                message,
             }
         } else {
             PluginError::Load {
                 path: lib.into(),
-                message: short_report(&report),
+                message,
             }
         }
     })?;

@@ -77,6 +77,11 @@ pub fn machine() -> String {
     format!("{host} ({cpu}, {cpus} CPUs)")
 }
 
+/// The first 12 hex digits of a hash: enough to tell runs apart in a table.
+fn short(hash: &str) -> String {
+    hash.chars().take(12).collect()
+}
+
 fn clean(field: &str) -> String {
     field.replace(['\t', '\n', '\r'], " ")
 }
@@ -112,9 +117,9 @@ pub fn row(
         p.time.clone(),
         p.commit.clone(),
         p.variant_dir.clone(),
-        p.variant_tree[..12.min(p.variant_tree.len())].to_string(),
-        p.harness[..12.min(p.harness.len())].to_string(),
-        p.model_sha256[..12.min(p.model_sha256.len())].to_string(),
+        short(&p.variant_tree),
+        short(&p.harness),
+        short(&p.model_sha256),
         p.machine.clone(),
         p.device.clone(),
         protocol.rounds.to_string(),

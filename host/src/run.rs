@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::cargo_build::VariantCrate;
 use crate::measure::Timing;
 use crate::model::Model;
-use crate::prompts::{PromptInstance, PromptSet};
+use crate::prompts::{PromptInstance, PromptSet, PromptSpec};
 use crate::protocol::Protocol;
 use crate::record::{self, Provenance};
 use crate::report::{Sample, Summary};
@@ -74,7 +74,8 @@ pub fn open_model(path: Option<&Path>) -> Result<Model> {
 }
 
 /// One request to send: which prompt, which round, its text and ids.
-struct Planned {
+struct Planned<'a> {
+    spec: &'a PromptSpec,
     round: Option<u32>,
     instance: PromptInstance,
     ids: Vec<u32>,
@@ -123,22 +124,27 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     let codec = TextCodec::from_model(model.view)
         .with_context(|| format!("model {}", model.path.display()))?;
 
-    let mut plan = Vec::new();
-    for i in 0..protocol.warmup_requests {
-        let spec = &prompts.prompts[i as usize % prompts.prompts.len()];
-        plan.push((None, spec.draw(protocol.seed, u64::MAX - i as u64)));
-    }
-    for round in 0..protocol.rounds {
-        for spec in &prompts.prompts {
-            plan.push((Some(round), spec.draw(protocol.seed, round as u64)));
-        }
-    }
-    let plan = plan
-        .into_iter()
-        .map(|(round, instance)| {
-            let text = codec.render_chat(&instance.user_text)?;
-            let ids = codec.encode(&text)?;
+    // Warm-ups draw from rounds counted down from u64::MAX, so they never repeat a timed one.
+    let warmups = (0..protocol.warmup_requests as u64).map(|i| {
+        (
+            &prompts.prompts[i as usize % prompts.prompts.len()],
+            None,
+            u64::MAX - i,
+        )
+    });
+    let timed = (0..protocol.rounds).flat_map(|r| {
+        prompts
+            .prompts
+            .iter()
+            .map(move |spec| (spec, Some(r), r as u64))
+    });
+    let plan = warmups
+        .chain(timed)
+        .map(|(spec, round, draw)| {
+            let instance = spec.draw(protocol.seed, draw);
+            let ids = codec.encode(&codec.render_chat(&instance.user_text)?)?;
             Ok(Planned {
+                spec,
                 round,
                 instance,
                 ids,
@@ -160,7 +166,7 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         variant_tree: crate::vcs::tree_hash(&args.variant),
         harness: crate::vcs::harness_hash(&root),
         model_path: model.path.display().to_string(),
-        model_sha256: model.sha256(),
+        model_sha256: model.sha256().to_string(),
         machine: record::machine(),
         device: "cpu".into(),
     };
@@ -174,7 +180,6 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     let outcome = measure(
         args,
         &protocol,
-        &prompts,
         &codec,
         &model,
         &lib,
@@ -249,7 +254,6 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
 fn measure(
     args: &RunArgs,
     protocol: &Protocol,
-    prompts: &PromptSet,
     codec: &TextCodec,
     model: &Model,
     lib: &Path,
@@ -324,12 +328,7 @@ fn measure(
         let Some(round) = planned.round else { continue };
         let eos_at = tokens.iter().position(|&t| t == codec.eos_id);
         let text = codec.decode(&tokens[..eos_at.unwrap_or(tokens.len())])?;
-        let spec = prompts
-            .prompts
-            .iter()
-            .find(|p| p.name == planned.instance.prompt)
-            .expect("every planned request comes from a prompt");
-        let checks = spec.evaluate(&planned.instance, &text);
+        let checks = planned.spec.evaluate(&planned.instance, &text);
         let repetition = crate::quality::repeated_ngram_share(
             &tokens[..eos_at.unwrap_or(tokens.len())],
             crate::quality::REPETITION_N,

@@ -163,7 +163,7 @@ impl Worker {
             load_ms: 0.0,
         };
         match worker.wait_reply("loading the variant", timeout)? {
-            Reply::Ready { load_ms, .. } => {
+            Reply::Ready { load_ms } => {
                 worker.load_ms = load_ms;
                 Ok(worker)
             }

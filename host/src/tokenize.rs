@@ -31,6 +31,9 @@ pub enum TokenizeError {
     Template(#[from] minijinja::Error),
 }
 
+/// The chat template's name in the minijinja environment.
+const CHAT: &str = "chat";
+
 /// GGUF `tokenizer.ggml.token_type` values that mark special (control) tokens.
 const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
@@ -38,7 +41,8 @@ const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 /// The model's tokenizer and chat template.
 pub struct TextCodec {
     tokenizer: Tokenizer,
-    chat_template: String,
+    /// The chat template, parsed once (a syntax error surfaces when the model is opened).
+    templates: minijinja::Environment<'static>,
     bos: String,
     /// Id of the end-of-sequence token.
     pub eos_id: u32,
@@ -124,9 +128,20 @@ impl TextCodec {
             .meta_str("tokenizer.chat_template")
             .ok_or(TokenizeError::Missing("tokenizer.chat_template"))?
             .to_string();
+        let mut templates = minijinja::Environment::new();
+        templates.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        templates.add_template_owned(CHAT, chat_template)?;
         Ok(TextCodec {
             tokenizer,
-            chat_template,
+            templates,
             bos,
             eos_id,
             vocab_size: tokens.len() as u32,
@@ -151,23 +166,15 @@ impl TextCodec {
 
     /// Renders a one-turn chat (the user's message, then the assistant's turn begins).
     pub fn render_chat(&self, user_message: &str) -> Result<String, TokenizeError> {
-        let mut env = minijinja::Environment::new();
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        env.add_template("chat", &self.chat_template)?;
         let messages = [HashMap::from([("role", "user"), ("content", user_message)])];
-        let text = env.get_template("chat")?.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => true,
-            bos_token => self.bos,
-        })?;
+        let text = self
+            .templates
+            .get_template(CHAT)?
+            .render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => self.bos,
+            })?;
         Ok(text)
     }
 }

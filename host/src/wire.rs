@@ -19,7 +19,7 @@ pub enum Request {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Reply {
     /// The variant is loaded and ready; `load_ms` is the time its `load` took.
-    Ready { load_ms: f64, peak_rss_kib: u64 },
+    Ready { load_ms: f64 },
     /// A finished generation: the tokens the sink accepted, the time of each since the request
     /// began (ns), and how many the variant pushed past the host's "stop".
     Generated {

@@ -105,13 +105,7 @@ pub fn run(lib: &Path, model_path: &Path) -> Result<()> {
         }
     };
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
-    send(
-        &mut out,
-        &Reply::Ready {
-            load_ms,
-            peak_rss_kib: peak_rss_kib(),
-        },
-    )?;
+    send(&mut out, &Reply::Ready { load_ms })?;
 
     for line in BufReader::new(std::io::stdin()).lines() {
         let line = line.context("reading a request")?;

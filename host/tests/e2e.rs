@@ -171,5 +171,9 @@ fn json_summary_and_no_build() {
             .arg(&results),
     );
     assert!(out.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("Finished"),
+        "--no-build must not run cargo build: {stderr}"
+    );
     assert_eq!(rows(&results).len(), 2);
 }

@@ -1,0 +1,96 @@
+//! Content hashes: SHA-256 in hex, of bytes or of a set of files.
+//!
+//! Shared by the host (model, variant and harness hashes) and by `build.rs`, which includes this
+//! file to hash the host's own sources, so both hash file sets the same way.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+/// Every file under `path` (or `path` itself), skipping `target/` and dot-entries.
+fn collect(path: &Path, out: &mut Vec<PathBuf>) {
+    if !path.is_dir() {
+        if path.is_file() {
+            out.push(path.to_path_buf());
+        }
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name != "target" && !name.starts_with('.') {
+            collect(&entry.path(), out);
+        }
+    }
+}
+
+/// Hex SHA-256 over the paths (relative to `root`) and contents of every file in `paths`, each
+/// a file or a directory walked recursively. The order of `paths` does not matter.
+pub fn hash_files(root: &Path, paths: &[PathBuf]) -> String {
+    let mut files = Vec::new();
+    for path in paths {
+        collect(path, &mut files);
+    }
+    files.sort();
+    files.dedup();
+    let mut hasher = Sha256::new();
+    for file in &files {
+        hasher.update(
+            file.strip_prefix(root)
+                .unwrap_or(file)
+                .to_string_lossy()
+                .as_bytes(),
+        );
+        hasher.update([0]);
+        hasher.update(std::fs::read(file).unwrap_or_default());
+        hasher.update([0]);
+    }
+    hex(&hasher.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_and_sha256() {
+        assert_eq!(hex(&[0, 15, 255]), "000fff");
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn file_hash_follows_content_and_ignores_target() {
+        let dir = std::env::temp_dir().join(format!("autoinfer-hashing-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("src")).unwrap();
+        std::fs::create_dir_all(dir.join("target")).unwrap();
+        std::fs::write(dir.join("src/lib.rs"), "a").unwrap();
+        let all = || hash_files(&dir, &[dir.clone()]);
+        let h1 = all();
+        std::fs::write(dir.join("target/junk"), "x").unwrap();
+        assert_eq!(h1, all(), "target/ must not count");
+        assert_eq!(
+            h1,
+            hash_files(&dir, &[dir.join("src/lib.rs")]),
+            "a file or its directory: same set"
+        );
+        std::fs::write(dir.join("src/lib.rs"), "b").unwrap();
+        assert_ne!(h1, all(), "an edit must change the hash");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
