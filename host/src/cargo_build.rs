@@ -20,7 +20,7 @@ pub enum BuildError {
     BadManifest { path: PathBuf, message: String },
     #[error("{path}: a variant must be a cdylib crate; add `[lib] crate-type = [\"cdylib\"]`")]
     NotCdylib { path: PathBuf },
-    #[error("cannot run cargo ({cargo}): {source}")]
+    #[error("cannot run cargo ({cargo})")]
     Cargo {
         cargo: String,
         source: std::io::Error,
@@ -83,8 +83,17 @@ impl VariantCrate {
 
     /// Builds the crate in release mode and returns the path of its cdylib.
     pub fn build(&self) -> Result<PathBuf, BuildError> {
+        self.build_in(None)
+    }
+
+    /// Like [`VariantCrate::build`], into `target_dir` instead of cargo's default when given.
+    pub fn build_in(&self, target_dir: Option<&Path>) -> Result<PathBuf, BuildError> {
         let cargo = cargo();
-        let mut child = Command::new(&cargo)
+        let mut command = Command::new(&cargo);
+        if let Some(dir) = target_dir {
+            command.env("CARGO_TARGET_DIR", dir);
+        }
+        let mut child = command
             .args([
                 "build",
                 "--release",

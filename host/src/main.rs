@@ -6,13 +6,18 @@
 //! drives a worker ([`supervisor::Worker`]): this same binary started as `host worker`, which
 //! loads the variant ([`plugin::load`]) and times every token it emits ([`worker`]). The
 //! figures ([`measure::Timing`], [`report::Summary`]) land in `results/` ([`record`]).
+//! After the timed requests, the quality oracle ([`oracle::Oracle`]: the committed
+//! `variants/baseline`, in a worker of its own) scores every one, and [`judge`] decides the
+//! quality gates ([`quality::GateReport`]) against the protocol's thresholds.
 
 mod cargo_build;
 mod expr;
 mod fetch;
 mod hashing;
+mod judge;
 mod measure;
 mod model;
+mod oracle;
 mod physics;
 mod plugin;
 mod prompts;
@@ -43,6 +48,7 @@ use clap::{Parser, Subcommand};
     after_help = "Examples:\n  \
       host run variants/current                      score the working variant (3 rounds)\n  \
       host run variants/current --rounds 6 --description \"q4_1 simd\"\n  \
+      host run variants/current --prompt code --prompt reasoning   a partial run\n  \
       host run variants/baseline --model other.gguf  any Llama-architecture GGUF\n  \
       host prompts --round 1                         show what a round asks\n\n\
       Results go to results/results.tsv (one row per run) and results/runs/*.json."
@@ -55,8 +61,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Build a variant and score it on the real model: a warm-up, then timed rounds over every
-    /// prompt in prompts/. Prints a per-prompt table and a summary, and appends a row to
-    /// results/results.tsv plus a JSON file with every raw sample under results/runs/.
+    /// prompt in prompts/, then the quality gates (the committed variants/baseline scores every
+    /// answer). Prints a per-prompt table, a summary and the gates, and appends a row to
+    /// results/results.tsv plus a JSON file with every raw sample under results/runs/. Exits
+    /// non-zero when the run fails, is suspect, or fails a quality gate.
     Run {
         /// The variant's crate directory, e.g. variants/current.
         variant: PathBuf,
@@ -76,10 +84,12 @@ enum Command {
         /// Seconds a request may take before the worker is killed [default: the protocol's].
         #[arg(long)]
         timeout: Option<f64>,
-        /// Use the library the last build left instead of running cargo.
+        /// Use the library the last build left instead of running cargo (the quality oracle is
+        /// still built, once per baseline revision, when it is missing).
         #[arg(long)]
         no_build: bool,
-        /// Print the summary as JSON on stdout instead of the table.
+        /// Print the summary and the gate report as one JSON object ({"summary", "gates"}) on
+        /// stdout instead of the tables.
         #[arg(long)]
         json: bool,
         /// A note stored with the results row.
@@ -91,6 +101,10 @@ enum Command {
         /// Where results.tsv and runs/ go [default: results/ in the checkout].
         #[arg(long)]
         results: Option<PathBuf>,
+        /// Run only this prompt (repeat the flag for several) [default: every prompt]. A
+        /// partial run is recorded with its prompt list and is not comparable with a full one.
+        #[arg(long = "prompt", value_name = "NAME")]
+        prompts: Vec<String>,
     },
     /// Print the path of the default model, fetching it into the cache first if needed.
     Model,
@@ -143,6 +157,7 @@ fn main() -> ExitCode {
             description,
             verbose,
             results,
+            prompts,
         } => {
             let args = run::RunArgs {
                 variant,
@@ -156,6 +171,7 @@ fn main() -> ExitCode {
                 description,
                 verbose,
                 results,
+                prompts,
             };
             run::run(&args).map(|_| ())
         }

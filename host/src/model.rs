@@ -18,7 +18,7 @@ use crate::hashing::sha256_hex;
 /// Why a model file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("model file {path}: cannot open: {source}")]
+    #[error("model file {path}: cannot open")]
     Open {
         path: PathBuf,
         source: std::io::Error,

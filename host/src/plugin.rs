@@ -14,7 +14,7 @@ use plugin_api::{HostLog, LogLevel, ModelView, VariantBox, VariantModRef};
 /// Why a variant library could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
-    #[error("cannot copy {path} for loading: {source}")]
+    #[error("cannot copy {path} for loading")]
     Copy {
         path: PathBuf,
         source: std::io::Error,

@@ -17,7 +17,7 @@ use crate::expr::Expr;
 /// Why the prompts could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum PromptError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -286,6 +286,25 @@ pub struct PromptSet {
 }
 
 impl PromptSet {
+    /// Keeps only the prompts named in `names` (all when it is empty); an unknown name is an
+    /// error that lists the known ones.
+    pub fn select(mut self, names: &[String]) -> Result<Self, String> {
+        if names.is_empty() {
+            return Ok(self);
+        }
+        for name in names {
+            if !self.prompts.iter().any(|p| &p.name == name) {
+                let known: Vec<&str> = self.prompts.iter().map(|p| p.name.as_str()).collect();
+                return Err(format!(
+                    "--prompt {name:?}: no such prompt (prompts/ has {})",
+                    known.join(", ")
+                ));
+            }
+        }
+        self.prompts.retain(|p| names.contains(&p.name));
+        Ok(self)
+    }
+
     /// Loads and validates every `*.toml` in `dir` except `protocol.toml`.
     pub fn load(dir: &Path) -> Result<Self, PromptError> {
         let read_err = |source| PromptError::Read {
@@ -712,6 +731,25 @@ mod tests {
         expr = "2 * a * b / (a + b)"
         tolerance = 0.5
     "#;
+
+    #[test]
+    fn select_keeps_the_named_prompts_and_refuses_unknown_ones() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../prompts");
+        let all = PromptSet::load(&dir).unwrap();
+        assert_eq!(all.prompts.len(), 5);
+        let two = all
+            .clone()
+            .select(&["reasoning".into(), "code".into()])
+            .unwrap();
+        let names: Vec<&str> = two.prompts.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["code", "reasoning"], "prompt order is kept");
+        assert_eq!(all.clone().select(&[]).unwrap().prompts.len(), 5);
+        let err = all.select(&["poem".into()]).unwrap_err();
+        assert!(
+            err.contains("\"poem\"") && err.contains("creative"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn draws_are_seeded_per_round_and_in_range() {

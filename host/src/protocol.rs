@@ -28,6 +28,25 @@ pub struct Protocol {
     pub request_timeout_s: f64,
     /// The decoding policy; only "greedy" exists.
     pub decoding: String,
+    /// The quality gates' thresholds (`[gates]`).
+    pub gates: Gates,
+}
+
+/// Thresholds of the quality gates, each decided per prompt over its timed requests.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Gates {
+    /// A token whose oracle log-probability is within this many nats of the oracle's argmax
+    /// counts as agreeing (a near tie that reordered floating-point sums may flip).
+    pub tie_margin: f64,
+    /// Least share of emitted tokens that must agree with the oracle.
+    pub min_agreement: f64,
+    /// Largest ratio of the variant's perplexity (under the oracle) to the baseline's.
+    pub max_perplexity_ratio: f64,
+    /// Largest drop of the sanity-check pass rate below the baseline's, as a share of checks.
+    pub max_check_drop: f64,
+    /// Largest rise of the repeated-4-gram share above the baseline's.
+    pub max_repetition_rise: f64,
 }
 
 impl Protocol {
@@ -61,6 +80,23 @@ impl Protocol {
                 "request_timeout_s must be between 0 and 86400 seconds, not {t}"
             ));
         }
+        let g = &self.gates;
+        for (name, value, lo, hi) in [
+            ("gates.tie_margin", g.tie_margin, 0.0, 10.0),
+            ("gates.min_agreement", g.min_agreement, 0.0, 1.0),
+            (
+                "gates.max_perplexity_ratio",
+                g.max_perplexity_ratio,
+                1.0,
+                1e6,
+            ),
+            ("gates.max_check_drop", g.max_check_drop, 0.0, 1.0),
+            ("gates.max_repetition_rise", g.max_repetition_rise, 0.0, 1.0),
+        ] {
+            if !(lo..=hi).contains(&value) {
+                return Err(format!("{name} must be between {lo} and {hi}, not {value}"));
+            }
+        }
         if self.decoding != "greedy" {
             return Err(format!(
                 "decoding {:?} is not supported (only \"greedy\")",
@@ -87,7 +123,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("autoinfer-protocol-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("protocol.toml");
-        let good = "max_new_tokens = 8\nrounds = 1\nwarmup_requests = 1\nseed = 1\nrequest_timeout_s = 5\ndecoding = \"greedy\"\n";
+        let good = "max_new_tokens = 8\nrounds = 1\nwarmup_requests = 1\nseed = 1\nrequest_timeout_s = 5\ndecoding = \"greedy\"\n\
+                    [gates]\ntie_margin = 0.01\nmin_agreement = 0.99\nmax_perplexity_ratio = 1.05\n\
+                    max_check_drop = 0.1\nmax_repetition_rise = 0.2\n";
+        std::fs::write(&path, good).unwrap();
+        Protocol::load(&path).expect("the good file loads");
         for (bad, needle) in [
             (good.replace("rounds = 1", "rounds = 0"), "rounds"),
             (good.replace("rounds = 1", "rounds = \"x\""), "rounds"),
@@ -97,6 +137,16 @@ mod tests {
                 "request_timeout_s",
             ),
             (good.replace("seed = 1\n", ""), "seed"),
+            (
+                good.replace("min_agreement = 0.99", "min_agreement = 1.5"),
+                "gates.min_agreement",
+            ),
+            (
+                good.replace("max_perplexity_ratio = 1.05", "max_perplexity_ratio = 0.5"),
+                "gates.max_perplexity_ratio",
+            ),
+            (good.replace("tie_margin = 0.01\n", ""), "tie_margin"),
+            (good.replace("[gates]", "[gate]"), "gate"),
         ] {
             std::fs::write(&path, bad).unwrap();
             let e = Protocol::load(&path).unwrap_err().to_string();

@@ -13,10 +13,17 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::protocol::Protocol;
+use crate::quality::GateReport;
 use crate::report::Summary;
 
+/// Which prompts a run covered: a partial run (`--prompt`) says so in its row.
+pub struct Scope<'a> {
+    pub prompts: &'a [String],
+    pub all_prompts: bool,
+}
+
 /// The columns of `results.tsv`, in order.
-pub const COLUMNS: [&str; 22] = [
+pub const COLUMNS: [&str; 29] = [
     "time",
     "commit",
     "variant",
@@ -28,6 +35,7 @@ pub const COLUMNS: [&str; 22] = [
     "rounds",
     "max_new_tokens",
     "seed",
+    "prompts",
     "prefill_tok_s",
     "decode_tok_s",
     "decode_iqr_pct",
@@ -36,6 +44,12 @@ pub const COLUMNS: [&str; 22] = [
     "itl_p99_ms",
     "peak_rss_mib",
     "checks_passed",
+    "checks_baseline",
+    "agreement",
+    "ppl_ratio",
+    "repetition",
+    "repetition_baseline",
+    "gates",
     "status",
     "description",
     "json",
@@ -99,11 +113,15 @@ pub fn write_json<T: Serialize>(dir: &Path, stem: &str, value: &T) -> Result<Pat
     Ok(path)
 }
 
-/// The row for one run (`summary` is `None` when the run failed before any figure).
+/// The row for one run (`summary` is `None` when the run failed before any figure, `gates`
+/// when it was not gated).
+#[allow(clippy::too_many_arguments)]
 pub fn row(
     p: &Provenance,
     protocol: &Protocol,
+    scope: &Scope,
     summary: Option<&Summary>,
+    gates: Option<&GateReport>,
     status: &str,
     description: &str,
     json: &Path,
@@ -113,6 +131,7 @@ pub fn row(
             .unwrap_or_else(|| "-".into())
     };
     let o = summary.map(|s| &s.overall);
+    let g = gates.map(|r| &r.overall);
     vec![
         p.time.clone(),
         p.commit.clone(),
@@ -125,6 +144,11 @@ pub fn row(
         protocol.rounds.to_string(),
         protocol.max_new_tokens.to_string(),
         protocol.seed.to_string(),
+        if scope.all_prompts {
+            "all".into()
+        } else {
+            scope.prompts.join(",")
+        },
         f(o.and_then(|o| o.prefill_tok_s.map(|s| s.median)), 1),
         f(o.and_then(|o| o.decode_tok_s.map(|s| s.median)), 2),
         f(o.and_then(|o| o.decode_tok_s.map(|s| s.iqr_percent())), 1),
@@ -134,6 +158,24 @@ pub fn row(
         f(o.and_then(|o| o.peak_rss_mib.map(|s| s.max)), 1),
         o.map(|o| format!("{}/{}", o.checks_passed, o.checks_total))
             .unwrap_or_else(|| "-".into()),
+        g.map(|g| format!("{}/{}", g.reference_checks_passed, g.checks_total))
+            .unwrap_or_else(|| "-".into()),
+        f(g.map(|g| g.agreement), 4),
+        f(g.map(|g| g.perplexity_ratio), 4),
+        f(g.map(|g| g.repetition), 3),
+        f(g.map(|g| g.reference_repetition), 3),
+        match gates {
+            None => "-".into(),
+            Some(r) if r.passed() => "pass".into(),
+            Some(r) => format!(
+                "fail: {}",
+                r.failures
+                    .iter()
+                    .map(|f| format!("{} {}", f.prompt, f.gate))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        },
         status.to_string(),
         description.to_string(),
         json.file_name()
@@ -149,6 +191,7 @@ pub fn row(
 pub fn append_row(dir: &Path, fields: &[String]) -> Result<PathBuf> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join("results.tsv");
+    set_aside_old_layout(&path)?;
     let mut file = OpenOptions::new()
         .create(true)
         .append(true)
@@ -165,6 +208,32 @@ pub fn append_row(dir: &Path, fields: &[String]) -> Result<PathBuf> {
         .with_context(|| format!("cannot append to {}", path.display()))?;
     file.sync_all()?;
     Ok(path)
+}
+
+/// A `results.tsv` whose header is not today's [`COLUMNS`] (written by an older host) is renamed
+/// to `results-<its header's hash>.tsv` so that rows of two layouts never share a file.
+fn set_aside_old_layout(path: &Path) -> Result<()> {
+    let Ok(text) = fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let header = text.lines().next().unwrap_or("");
+    if header.is_empty() || header == COLUMNS.join("\t") {
+        return Ok(());
+    }
+    let hash = crate::hashing::sha256_hex(header.as_bytes());
+    let aside = path.with_file_name(format!("results-{}.tsv", &hash[..8]));
+    fs::rename(path, &aside).with_context(|| {
+        format!(
+            "{} has an older column layout and cannot be moved aside",
+            path.display()
+        )
+    })?;
+    eprintln!(
+        "note: {} had an older column layout; it was moved to {}",
+        path.display(),
+        aside.display()
+    );
+    Ok(())
 }
 
 #[cfg(test)]
@@ -188,6 +257,17 @@ mod tests {
         assert!(lines[1].starts_with("a0\ta1"));
         assert_eq!(lines[2].split('\t').count(), COLUMNS.len());
         assert_eq!(clean("b\tc\nd"), "b c d");
+        // A file of another layout is set aside, not appended to.
+        fs::write(&path, "time\tcommit\nx\ty\n").unwrap();
+        append_row(&dir, &row("c")).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        let aside: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("results-"))
+            .collect();
+        assert_eq!(aside.len(), 1);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::measure::Timing;
 use crate::prompts::{CheckOutcome, PromptInstance};
+use crate::quality::RequestQuality;
 use crate::stats::{percentile, Spread};
 
 /// One timed request, everything kept.
@@ -28,6 +29,11 @@ pub struct Sample {
     /// Share of repeated 4-grams in the tokens before the first end-of-sequence token.
     pub repetition: f64,
     pub checks: Vec<CheckOutcome>,
+    /// The prompt's token ids (not recorded: the instance says how to rebuild them).
+    #[serde(skip)]
+    pub prompt_ids: Vec<u32>,
+    /// The quality gates' figures for this request, once the oracle has scored it.
+    pub quality: Option<RequestQuality>,
 }
 
 /// Median and spread of every figure over a set of samples.
@@ -211,6 +217,8 @@ mod tests {
                 passed,
                 detail: String::new(),
             }],
+            prompt_ids: vec![9; 50],
+            quality: None,
         }
     }
 

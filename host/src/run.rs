@@ -13,10 +13,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::cargo_build::VariantCrate;
+use crate::judge::judge;
 use crate::measure::Timing;
 use crate::model::Model;
+use crate::oracle::{Oracle, OracleBuild, OracleCost};
 use crate::prompts::{PromptInstance, PromptSet, PromptSpec};
 use crate::protocol::Protocol;
+use crate::quality::GateReport;
 use crate::record::{self, Provenance};
 use crate::report::{Sample, Summary};
 use crate::supervisor::Worker;
@@ -37,6 +40,8 @@ pub struct RunArgs {
     pub description: String,
     pub verbose: bool,
     pub results: Option<PathBuf>,
+    /// Only these prompts (all when empty): a partial run, recorded as such.
+    pub prompts: Vec<String>,
 }
 
 /// The checkout's root: the nearest ancestor of `start` with `prompts/protocol.toml`.
@@ -92,8 +97,22 @@ struct RunRecord<'a> {
     description: &'a str,
     load_ms: f64,
     roofline: &'a crate::physics::Roofline,
+    /// The prompts run (all of prompts/ unless `--prompt` chose some).
+    prompts: &'a [String],
     summary: Option<&'a Summary>,
+    /// The quality gates, when measuring succeeded.
+    gates: Option<&'a GateReport>,
+    /// Which baseline scored the run, and what that cost.
+    oracle: Option<OracleRecord>,
     samples: &'a [Sample],
+}
+
+/// The oracle's identity and cost, as recorded.
+#[derive(Serialize)]
+struct OracleRecord {
+    commit: String,
+    key: String,
+    cost: Option<OracleCost>,
 }
 
 /// Runs `host run`; returns the summary on success.
@@ -117,7 +136,9 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     protocol
         .check()
         .map_err(|m| anyhow::anyhow!("command-line override: {m}"))?;
-    let prompts = PromptSet::load(&prompts_dir)?;
+    let prompts = PromptSet::load(&prompts_dir)?
+        .select(&args.prompts)
+        .map_err(anyhow::Error::msg)?;
     let variant = VariantCrate::open(&args.variant)?;
 
     let model = open_model(args.model.as_deref())?;
@@ -157,6 +178,8 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     } else {
         variant.build()?
     };
+    // Built before measuring, so a build never runs beside a timed request.
+    let oracle_build = OracleBuild::prepare(&root)?;
 
     let provenance = Provenance {
         time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
@@ -164,7 +187,7 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         variant_dir: args.variant.display().to_string(),
         variant_package: variant.package.clone(),
         variant_tree: crate::vcs::tree_hash(&args.variant),
-        harness: crate::vcs::harness_hash(&root),
+        harness: crate::vcs::harness_hash(&root, &oracle_build.key),
         model_path: model.path.display().to_string(),
         model_sha256: model.sha256().to_string(),
         machine: record::machine(),
@@ -193,8 +216,35 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         .map(|s| s.timing.decode_tok_s)
         .fold(0.0, f64::max);
     let suspect = roofline.is_suspect(fastest);
+    let mut outcome = outcome;
+    let mut gates = None;
+    let mut oracle_cost = None;
+    if outcome.is_ok() && !suspect {
+        let mut oracle = Oracle::new(
+            oracle_build.clone(),
+            &model.path,
+            model.sha256(),
+            Duration::from_secs_f64(protocol.request_timeout_s),
+            args.verbose,
+        );
+        let judged = judge(
+            &mut oracle,
+            &mut samples,
+            &codec,
+            &prompts,
+            &protocol,
+            &order,
+        );
+        oracle_cost = Some(oracle.finish());
+        match judged {
+            Ok(report) => gates = Some(report),
+            Err(e) => outcome = Err(e.context("the quality oracle failed")),
+        }
+    }
+    let rejected = gates.as_ref().is_some_and(|g| !g.passed());
     let (status, error) = match &outcome {
         Ok(()) if suspect => ("suspect", None),
+        Ok(()) if rejected => ("rejected", None),
         Ok(()) => ("ok", None),
         Err(e) => ("failed", Some(format!("{e:#}"))),
     };
@@ -207,14 +257,26 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         description: &args.description,
         load_ms,
         roofline: &roofline,
+        prompts: &order,
         summary: summary.as_ref(),
+        gates: gates.as_ref(),
+        oracle: Some(OracleRecord {
+            commit: oracle_build.commit.clone(),
+            key: oracle_build.key.clone(),
+            cost: oracle_cost.clone(),
+        }),
         samples: &samples,
     };
     let json = record::write_json(&results_dir, &stem, &record)?;
     let row = record::row(
         &provenance,
         &protocol,
+        &record::Scope {
+            prompts: &order,
+            all_prompts: args.prompts.is_empty(),
+        },
         summary.as_ref(),
+        gates.as_ref(),
         status,
         &args.description,
         &json,
@@ -230,10 +292,16 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         );
     }
     let summary = summary.expect("a successful run has a summary");
+    let gates = gates.expect("a successful run that is not suspect has been gated");
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        let both = serde_json::json!({ "summary": &summary, "gates": &gates });
+        println!("{}", serde_json::to_string_pretty(&both)?);
     } else {
         println!("{}", summary.render());
+        println!("{}", gates.render());
+    }
+    if let Some(cost) = &oracle_cost {
+        eprintln!("{}", crate::judge::describe_cost(cost));
     }
     eprintln!(
         "decode roofline: {:.0} tok/s ({:.1} MB of weights per token at {:.1} GB/s); fastest request {fastest:.2} tok/s",
@@ -246,7 +314,37 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         tsv.display(),
         json.display()
     );
+    if !gates.passed() {
+        bail!(
+            "variant {} failed {} quality gate(s); it is recorded as rejected:\n  {}",
+            args.variant.display(),
+            gates.failures.len(),
+            gates
+                .failures
+                .iter()
+                .map(|f| f.message.as_str())
+                .collect::<Vec<_>>()
+                .join("\n  ")
+        );
+    }
     Ok(summary)
+}
+
+/// A progress bar on stderr when it is a terminal (hidden otherwise), `prefix` before the bar.
+pub fn progress_bar(len: usize, prefix: &str) -> ProgressBar {
+    let bar = if std::io::stderr().is_terminal() {
+        ProgressBar::new(len as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    let template =
+        format!("{{spinner}} {prefix}[{{bar:30}}] {{pos}}/{{len}} {{msg}} ({{elapsed}})");
+    bar.set_style(
+        ProgressStyle::with_template(&template)
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar
 }
 
 /// The measured part: one worker, the warm-up, then every timed request.
@@ -267,16 +365,7 @@ fn measure(
     *load_ms = worker.load_ms;
 
     let tty = std::io::stderr().is_terminal();
-    let bar = if tty {
-        ProgressBar::new(plan.len() as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
+    let bar = progress_bar(plan.len(), "");
     for (i, planned) in plan.iter().enumerate() {
         let label = match planned.round {
             Some(r) => format!(
@@ -334,6 +423,8 @@ fn measure(
             crate::quality::REPETITION_N,
         );
         samples.push(Sample {
+            prompt_ids: planned.ids.clone(),
+            quality: None,
             prompt: planned.instance.prompt.clone(),
             round,
             instance: planned.instance.clone(),

@@ -19,7 +19,7 @@ use crate::wire::{Reply, Request};
 /// How a request (or the start-up) of a worker went wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("cannot start a worker for {variant}: {source}")]
+    #[error("cannot start a worker for {variant}")]
     Spawn {
         variant: String,
         source: std::io::Error,
@@ -105,7 +105,15 @@ impl Worker {
         timeout: Duration,
         echo_log: bool,
     ) -> Result<Worker, WorkerError> {
-        let exe = std::env::current_exe().map_err(|source| WorkerError::Spawn {
+        // /proc/self/exe is this very binary even after a rebuild has replaced the file on
+        // disk (a run takes minutes, and the oracle's worker starts at its end).
+        let proc_exe = Path::new("/proc/self/exe");
+        let exe = if proc_exe.exists() {
+            Ok(proc_exe.to_path_buf())
+        } else {
+            std::env::current_exe()
+        };
+        let exe = exe.map_err(|source| WorkerError::Spawn {
             variant: variant.into(),
             source,
         })?;

@@ -35,13 +35,13 @@ pub fn tree_hash(dir: &Path) -> String {
     hash_files(dir, &[dir.to_path_buf()])
 }
 
-/// The harness hash: host and plugin-api sources (fixed at build time), the prompts and the
-/// baseline variant (read now).
-pub fn harness_hash(root: &Path) -> String {
+/// The harness hash: host and plugin-api sources (fixed at build time), the prompts and
+/// protocol (read now) and the oracle, i.e. the committed baseline (`oracle_key`).
+pub fn harness_hash(root: &Path, oracle_key: &str) -> String {
     let parts = [
         env!("AUTOINFER_HOST_SOURCE_HASH").to_string(),
         tree_hash(&root.join("prompts")),
-        tree_hash(&root.join("variants/baseline")),
+        oracle_key.to_string(),
     ];
     sha256_hex(parts.concat().as_bytes())
 }

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{host, model, output, rows, scratch};
+use common::{host, model, output, records, scratch};
 
 #[test]
 fn scores_the_current_variant_on_the_real_model() {
@@ -51,20 +51,49 @@ fn scores_the_current_variant_on_the_real_model() {
         );
     }
 
-    let rows = rows(&results);
+    // The gates: every figure and threshold shown, and the unchanged copy of the baseline
+    // reproduces the oracle exactly.
+    for needle in [
+        "quality gates",
+        "agreement",
+        "ppl ratio",
+        "checks (baseline)",
+        "thresholds per prompt",
+        "gates: PASS",
+    ] {
+        assert!(stdout.contains(needle), "{needle:?} missing:\n{stdout}");
+    }
+    assert!(
+        stderr.contains("oracle: "),
+        "the oracle's cost is shown: {stderr}"
+    );
+
+    let rows = records(&results);
     assert_eq!(rows.len(), 1, "one row per run");
     let row = &rows[0];
-    assert_eq!(row.len(), 22);
+    assert_eq!(row.len(), 29);
     assert_eq!(
-        (row[2].as_str(), row[19].as_str(), row[20].as_str()),
-        ("variants/current", "ok", "e2e test")
+        (
+            row["variant"].as_str(),
+            row["status"].as_str(),
+            row["description"].as_str(),
+            row["prompts"].as_str(),
+            row["gates"].as_str(),
+        ),
+        ("variants/current", "ok", "e2e test", "all", "pass")
     );
+    assert_eq!(
+        (row["agreement"].as_str(), row["ppl_ratio"].as_str()),
+        ("1.0000", "1.0000"),
+        "{row:?}"
+    );
+    assert_eq!(row["checks_passed"], row["checks_baseline"], "{row:?}");
     assert!(
-        row[12].parse::<f64>().unwrap() > 1.0,
+        row["decode_tok_s"].parse::<f64>().unwrap() > 1.0,
         "decode tok/s is a real figure: {row:?}"
     );
 
-    let json_path = results.join("runs").join(&row[21]);
+    let json_path = results.join("runs").join(&row["json"]);
     let run: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(json_path).unwrap()).unwrap();
     let samples = run["samples"].as_array().unwrap();
@@ -75,7 +104,7 @@ fn scores_the_current_variant_on_the_real_model() {
         "about 96 MB of weights per token: {bytes}"
     );
     assert!(
-        bound > row[12].parse::<f64>().unwrap(),
+        bound > row["decode_tok_s"].parse::<f64>().unwrap(),
         "an honest variant is below the roofline ({bound})"
     );
     assert_eq!(samples.len(), 5, "one timed request per prompt per round");
@@ -86,7 +115,12 @@ fn scores_the_current_variant_on_the_real_model() {
     for s in samples {
         assert_eq!(s["tokens"].as_array().unwrap().len(), 24, "fixed work");
         assert_eq!(s["timing"]["itl_ms"].as_array().unwrap().len(), 23);
+        assert_eq!(s["quality"]["tokens"], 24, "every request is scored: {s}");
+        assert_eq!(s["quality"]["matches_reference"], true);
     }
+    assert_eq!(run["gates"]["failures"].as_array().unwrap().len(), 0);
+    assert_eq!(run["gates"]["per_prompt"].as_array().unwrap().len(), 5);
+    assert!(run["oracle"]["commit"].as_str().unwrap().len() == 40);
     let long = samples
         .iter()
         .find(|s| s["prompt"] == "summarization")
@@ -126,15 +160,21 @@ fn json_summary_and_no_build() {
                 "1",
                 "--max-new-tokens",
                 "4",
+                "--prompt",
+                "code",
+                "--prompt",
+                "reasoning",
                 "--json",
                 "--results",
             ])
             .arg(&results),
     );
     assert!(out.status.success(), "{stderr}");
-    let summary: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON only");
-    assert_eq!(summary["overall"]["requests"], 5);
-    assert_eq!(summary["per_prompt"].as_array().unwrap().len(), 5);
+    let both: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON only");
+    let summary = &both["summary"];
+    assert_eq!(summary["overall"]["requests"], 2);
+    assert_eq!(summary["per_prompt"].as_array().unwrap().len(), 2);
+    assert_eq!(both["gates"]["overall"]["agreement"], 1.0);
     for figure in [
         "prefill_tok_s",
         "decode_tok_s",
@@ -166,6 +206,8 @@ fn json_summary_and_no_build() {
                 "1",
                 "--max-new-tokens",
                 "2",
+                "--prompt",
+                "code",
                 "--results",
             ])
             .arg(&results),
@@ -175,5 +217,25 @@ fn json_summary_and_no_build() {
         !stderr.contains("Finished"),
         "--no-build must not run cargo build: {stderr}"
     );
-    assert_eq!(rows(&results).len(), 2);
+    let rows = records(&results);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        rows[1]["prompts"], "code",
+        "a partial run says so: {:?}",
+        rows[1]
+    );
+
+    // An unknown prompt name is refused, naming the known ones, before anything runs.
+    let (out, _, stderr) = output(host().args([
+        "run",
+        "variants/current",
+        "--no-build",
+        "--prompt",
+        "poetry",
+    ]));
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("\"poetry\"") && stderr.contains("reasoning"),
+        "{stderr}"
+    );
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{fixture, host, model, output, rows, run_fixture, scratch};
+use common::{fixture, host, model, output, records, rows, run_fixture, scratch};
 
 /// `host run variants/current --no-build` with `args`, expecting failure; returns stderr.
 fn run_fails(args: &[&str], model_path: &Path) -> String {
@@ -133,8 +133,11 @@ fn variant_built_against_another_plugin_api() {
 /// names the variant and the request, and leaves a `failed` row after the earlier ones.
 fn broken(mode: &str, needles: &[&str], extra: &[&str]) {
     let results = scratch(&format!("broken-{mode}"));
-    let earlier = "time\tcommit\nearlier\trow\n";
-    std::fs::write(results.join("results.tsv"), earlier).unwrap();
+    // An earlier run's row: a real one, from the suspect fixture (fast, and recorded).
+    let (out, _, _) = run_fixture("broken", "no-work", &results, &[]);
+    assert!(!out.status.success());
+    let earlier = std::fs::read_to_string(results.join("results.tsv")).unwrap();
+    assert_eq!(earlier.lines().count(), 2);
     let (out, _, err) = run_fixture("broken", mode, &results, extra);
     assert!(!out.status.success(), "mode {mode} must fail");
     for needle in needles.iter().chain(&["variants/broken"]) {
@@ -145,9 +148,13 @@ fn broken(mode: &str, needles: &[&str], extra: &[&str]) {
     }
     let text = std::fs::read_to_string(results.join("results.tsv")).unwrap();
     assert!(text.starts_with(earlier), "earlier rows intact: {text}");
-    let all = rows(&results);
+    let all = records(&results);
     let last = all.last().unwrap();
-    assert_eq!(last[19], "failed", "the failed run is recorded: {last:?}");
+    assert_eq!(all.len(), 2);
+    assert_eq!(
+        last["status"], "failed",
+        "the failed run is recorded: {last:?}"
+    );
 }
 
 #[test]
@@ -280,7 +287,12 @@ fn variant_faster_than_memory_bandwidth_is_suspect() {
         err.contains("recorded as suspect") && err.contains("memory bandwidth allows"),
         "{err}"
     );
-    let all = rows(&results);
+    let all = records(&results);
     assert_eq!(all.len(), 1);
-    assert_eq!(all[0][19], "suspect", "{:?}", all[0]);
+    assert_eq!(all[0]["status"], "suspect", "{:?}", all[0]);
+    assert_eq!(
+        all[0]["gates"], "-",
+        "a suspect run is not gated: {:?}",
+        all[0]
+    );
 }

@@ -70,6 +70,40 @@ pub fn run_fixture(
     output(&mut cmd)
 }
 
+/// The rows of `results/results.tsv` as maps from column name to field.
+pub fn records(results: &Path) -> Vec<std::collections::BTreeMap<String, String>> {
+    let text = std::fs::read_to_string(results.join("results.tsv")).unwrap_or_default();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or("").split('\t').collect();
+    lines
+        .map(|l| {
+            header
+                .iter()
+                .zip(l.split('\t'))
+                .map(|(h, f)| (h.to_string(), f.to_string()))
+                .collect()
+        })
+        .collect()
+}
+
+/// `host run` of the `drift` fixture (the baseline's code, changed by `mode`) on two short
+/// prompts, one round of 16 tokens: enough for the gates to judge, at a test's cost.
+pub fn run_drift(mode: &str, results: &Path) -> (Output, String, String) {
+    run_fixture(
+        "drift",
+        mode,
+        results,
+        &[
+            "--prompt",
+            "code",
+            "--prompt",
+            "explanation",
+            "--max-new-tokens",
+            "16",
+        ],
+    )
+}
+
 /// The rows of `results/results.tsv` (header excluded).
 pub fn rows(results: &Path) -> Vec<Vec<String>> {
     let text = std::fs::read_to_string(results.join("results.tsv")).unwrap_or_default();

@@ -1,0 +1,108 @@
+//! The quality phase of a run: after every timed request, the oracle scores each one and the
+//! gates are decided.
+//!
+//! For each timed sample: the oracle scores the prompt plus the emitted tokens (teacher-forced);
+//! the baseline's own answer to the same instance is the reference. When every emitted token is
+//! the oracle's argmax, the variant's answer *is* the baseline's greedy answer, so it serves as
+//! the reference at no cost; otherwise the oracle generates the reference and scores it. Both
+//! answers are cached by the oracle, so a repeated instance costs nothing the second time.
+
+use anyhow::Result;
+
+use crate::oracle::{Oracle, OracleCost};
+use crate::prompts::PromptSet;
+use crate::protocol::Protocol;
+use crate::quality::{repeated_ngram_share, GateReport, RequestQuality, TextFigures, REPETITION_N};
+use crate::report::Sample;
+use crate::tokenize::TextCodec;
+
+/// The text figures (checks, repetition) of `tokens` as an answer to `sample`'s instance.
+fn text_figures(
+    codec: &TextCodec,
+    prompts: &PromptSet,
+    sample: &Sample,
+    tokens: &[u32],
+) -> Result<TextFigures> {
+    let end = tokens
+        .iter()
+        .position(|&t| t == codec.eos_id)
+        .unwrap_or(tokens.len());
+    let text = codec.decode(&tokens[..end])?;
+    let checks = prompts
+        .prompts
+        .iter()
+        .find(|p| p.name == sample.prompt)
+        .map(|spec| spec.evaluate(&sample.instance, &text))
+        .unwrap_or_default();
+    Ok(TextFigures {
+        checks_passed: checks.iter().filter(|c| c.passed).count(),
+        checks_total: checks.len(),
+        repetition: repeated_ngram_share(&tokens[..end], REPETITION_N),
+    })
+}
+
+/// Scores every sample with `oracle`, stores each one's figures in `sample.quality`, and decides
+/// the gates per prompt (in `order`).
+pub fn judge(
+    oracle: &mut Oracle,
+    samples: &mut [Sample],
+    codec: &TextCodec,
+    prompts: &PromptSet,
+    protocol: &Protocol,
+    order: &[String],
+) -> Result<GateReport> {
+    let bar = crate::run::progress_bar(samples.len(), "quality ");
+    let mut judged = Vec::with_capacity(samples.len());
+    for sample in samples.iter_mut() {
+        let label = format!(
+            "scoring prompt {:?} round {}",
+            sample.prompt,
+            sample.round + 1
+        );
+        bar.set_message(label.clone());
+        let scores = oracle.scores(&sample.prompt_ids, &sample.tokens, &label)?;
+        let greedy = sample
+            .tokens
+            .iter()
+            .zip(&scores)
+            .all(|(&t, s)| t == s.argmax);
+        let (reference, reference_scores) = if greedy {
+            oracle.remember_reference(&sample.prompt_ids, &sample.tokens);
+            (sample.tokens.clone(), scores.clone())
+        } else {
+            let reference = oracle.reference(
+                &sample.prompt_ids,
+                protocol.max_new_tokens,
+                &format!(
+                    "the reference answer to prompt {:?} round {}",
+                    sample.prompt,
+                    sample.round + 1
+                ),
+            )?;
+            let reference_scores = oracle.scores(&sample.prompt_ids, &reference, &label)?;
+            (reference, reference_scores)
+        };
+        let quality = RequestQuality::judge(
+            &sample.tokens,
+            &scores,
+            &reference,
+            &reference_scores,
+            text_figures(codec, prompts, sample, &sample.tokens)?,
+            text_figures(codec, prompts, sample, &reference)?,
+            protocol.gates.tie_margin,
+        );
+        judged.push((sample.prompt.clone(), quality.clone()));
+        sample.quality = Some(quality);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(GateReport::decide(&judged, order, &protocol.gates))
+}
+
+/// One line on what the oracle cost.
+pub fn describe_cost(cost: &OracleCost) -> String {
+    format!(
+        "oracle: {:.1} s ({} sequences scored, {} reference answers generated, {} answers from its cache)",
+        cost.seconds, cost.scored, cost.generated, cost.cache_hits
+    )
+}
