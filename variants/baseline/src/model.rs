@@ -1,26 +1,29 @@
-//! The Llama-architecture transformer, on candle's CPU quantized tensors.
+//! The Llama-architecture transformer, on candle CPU tensors with f32 activations.
 //!
 //! [`LlamaModel::from_gguf`] reads the hyperparameters ([`LlamaConfig`]) from the GGUF metadata
-//! and turns every projection of the file into a candle [`QTensor`] (wrapped in a [`QMatMul`]),
-//! so the quantized matmuls run on the blocks exactly as they are stored. The token embedding
-//! stays in the host's mapping and only the rows a chunk needs are dequantized
-//! ([`EmbeddingTable`]); the output layer is `output.weight` when the file has one and otherwise
-//! the (tied) embedding table, used as a quantized matmul.
+//! and wraps every projection of the file in a [`Matrix`]: Q4_1 and Q8_0 blocks stay in the
+//! host's mapping and are dequantized row by row as a matmul runs (other types are dequantized
+//! to f32 once, at load). The token embedding also stays in the mapping and only the rows a
+//! chunk needs are dequantized ([`EmbeddingTable`]); the output layer is `output.weight` when
+//! the file has one and otherwise the (tied) embedding table.
 //!
 //! One forward pass ([`LlamaModel::forward_hidden`]) takes a chunk of tokens at a position and
 //! runs, for every block: RMSNorm, the Q/K/V projections, interleaved RoPE ([`RopeTables`]),
 //! causal grouped-query [`attention`] over a [`KvCache`] that is preallocated and written in
 //! place, the output projection and residual, then RMSNorm and the SwiGLU MLP with its residual.
 //!
-//! Every step computes each token's row the same way whatever the chunk size (the quantized
-//! matmuls work row by row, and attention is a plain loop per query rather than a blocked
+//! Every step computes each token's row the same way whatever the chunk size (the matmuls work
+//! weight row by weight row, and attention is a plain loop per query rather than a blocked
 //! matmul), so a prompt run in one chunk gives bit-for-bit the logits it gives token by token:
-//! scoring a generated sequence reproduces its greedy choices exactly.
+//! scoring a generated sequence reproduces its greedy choices exactly. Activations are never
+//! rounded below f32 (see [`crate::matmul`] for why that matters to the quality gates).
 
-use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Shape, Storage, Tensor};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Storage, Tensor};
 use half::f16;
 use plugin_api::{GgmlType, ModelView, TensorInfo};
+
+use crate::matmul::{dequantize_q8_0_row, dot, Matrix, Weights};
 
 /// The KV cache grows in steps of this many positions (and never past the context length).
 pub const KV_CACHE_STEP: usize = 512;
@@ -295,24 +298,6 @@ pub fn softmax_in_place(x: &mut [f32]) {
     }
 }
 
-/// Dot product with eight independent partial sums (vectorizable, and always in the same order).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (xs, ys) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = xs
-        .remainder()
-        .iter()
-        .zip(ys.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in xs.zip(ys) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
-}
-
 /// Head layout of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionShape {
@@ -397,16 +382,6 @@ pub fn attention(
             });
         }
     });
-}
-
-/// Dequantizes one Q8_0 row: blocks of 34 bytes, an f16 scale then 32 signed bytes.
-pub fn dequantize_q8_0_row(row: &[u8], out: &mut [f32]) {
-    for (block, out) in row.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
-        let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-        for (o, &q) in out.iter_mut().zip(&block[2..]) {
-            *o = d * (q as i8) as f32;
-        }
-    }
 }
 
 /// The token embedding, left in the host's mapping; rows are dequantized on demand.
@@ -591,14 +566,14 @@ impl KvCache {
 #[derive(Debug)]
 struct Block {
     attn_norm: Vec<f32>,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Matrix,
+    wk: Matrix,
+    wv: Matrix,
+    wo: Matrix,
     ffn_norm: Vec<f32>,
-    w_gate: QMatMul,
-    w_up: QMatMul,
-    w_down: QMatMul,
+    w_gate: Matrix,
+    w_up: Matrix,
+    w_down: Matrix,
 }
 
 /// A Llama-architecture model over a GGUF file, with its KV cache.
@@ -608,7 +583,7 @@ pub struct LlamaModel {
     embedding: EmbeddingTable,
     blocks: Vec<Block>,
     output_norm: Vec<f32>,
-    output: QMatMul,
+    output: Matrix,
     rope: RopeTables,
     cache: KvCache,
 }
@@ -910,13 +885,14 @@ impl<'a> AlignedBytes<'a> {
     }
 }
 
-/// A quantized (or float) matrix `(rows, cols)` (GGUF dims `[cols, rows]`) as a [`QMatMul`].
+/// A quantized (or float) matrix `(rows, cols)` (GGUF dims `[cols, rows]`) as a [`Matrix`]:
+/// Q4_1 and Q8_0 borrowed from the mapping, F32 read, anything else dequantized by candle.
 fn load_matrix(
     view: &'static ModelView,
     name: &str,
     rows: usize,
     cols: usize,
-) -> Result<QMatMul, ModelError> {
+) -> Result<Matrix, ModelError> {
     let info = tensor_info(view, name)?;
     if info.dims.as_slice() != [cols as u64, rows as u64] {
         return Err(bad_tensor(
@@ -936,13 +912,29 @@ fn load_matrix(
         info,
         rows * cols / dtype.block_size() * dtype.type_size(),
     )?;
-    let q: QTensor = qtensor_from_ggml(
-        dtype,
-        AlignedBytes::new(data).as_slice(),
-        vec![rows, cols],
-        &Device::Cpu,
-    )?;
-    Ok(QMatMul::from_qtensor(q)?)
+    let weights = match dtype {
+        GgmlDType::Q4_1 => Weights::Q4_1(data),
+        GgmlDType::Q8_0 => Weights::Q8_0(data),
+        GgmlDType::F32 => Weights::F32(
+            data.chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        ),
+        dtype => {
+            let q = qtensor_from_ggml(
+                dtype,
+                AlignedBytes::new(data).as_slice(),
+                vec![rows, cols],
+                &Device::Cpu,
+            )?;
+            Weights::F32(
+                q.dequantize(&Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            )
+        }
+    };
+    Ok(Matrix::new(weights, rows, cols))
 }
 
 /// An F32 vector of length `n` (the norm weights).

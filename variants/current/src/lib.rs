@@ -1,16 +1,18 @@
-//! The reference ("baseline") autoinfer variant: Llama-architecture GGUF inference on candle's
-//! CPU quantized tensors.
+//! The reference ("baseline") autoinfer variant: Llama-architecture GGUF inference on the CPU,
+//! with candle tensors, f32 activations and the GGUF's quantized weights dequantized row by row.
 //!
 //! Principal types:
 //! - [`Baseline`]: the [`plugin_api::Engine`] the host loads; it ties the model to the
 //!   generation loop and is exported with [`plugin_api::export_variant!`].
-//! - [`model::LlamaModel`]: the weights (candle `QMatMul`s over the GGUF blocks), the RoPE
+//! - [`model::LlamaModel`]: the weights ([`matmul::Matrix`]es over the GGUF blocks), the RoPE
 //!   tables and the in-place [`model::KvCache`]; `forward` runs a chunk of tokens.
 //! - [`model::LlamaConfig`]: the hyperparameters, read from the `llama.*` metadata.
+//! - [`matmul::Matrix`]: a weight matrix left in the host's mapping, and its f32 matmul.
 //! - [`generate::generate`] and [`generate::score`]: chunked prefill then greedy decoding, and
 //!   teacher-forced scoring.
 
 pub mod generate;
+pub mod matmul;
 pub mod model;
 
 use plugin_api::{Engine, HostLog, ModelView, ScoredPosition, Sink};
