@@ -147,7 +147,7 @@ fn broken(mode: &str, needles: &[&str], extra: &[&str]) {
         );
     }
     let text = std::fs::read_to_string(results.join("results.tsv")).unwrap();
-    assert!(text.starts_with(earlier), "earlier rows intact: {text}");
+    assert!(text.starts_with(&earlier), "earlier rows intact: {text}");
     let all = records(&results);
     let last = all.last().unwrap();
     assert_eq!(all.len(), 2);

@@ -58,7 +58,8 @@ fn one_token_repeated_fails_agreement_and_repetition() {
     let results = scratch("gate-repeat");
     let run = broken_on_code("repeat", &results);
     let row = rejected(run, &results, &["agreement", "repetition rise"]);
-    assert_eq!(row["repetition"], "1.000", "16 equal tokens: {row:?}");
+    // 16 equal tokens: 12 of their 13 4-grams repeat the first.
+    assert_eq!(row["repetition"], "0.923", "{row:?}");
 }
 
 #[test]

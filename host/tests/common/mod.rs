@@ -51,7 +51,8 @@ pub fn fixture(name: &str) -> PathBuf {
     root().join("host/tests/fixtures/variants").join(name)
 }
 
-/// `host run` on a fixture variant: short protocol, results into `results`, and the fixture
+/// `host run` on a fixture variant: short protocol (one round, 4 tokens unless `extra` says
+/// otherwise), results into `results`, and the fixture
 /// workspace sharing the main target directory (so abi_stable is compiled once).
 pub fn run_fixture(
     name: &str,
@@ -60,9 +61,11 @@ pub fn run_fixture(
     extra: &[&str],
 ) -> (Output, String, String) {
     let mut cmd = host();
-    cmd.args(["run"])
-        .arg(fixture(name))
-        .args(["--rounds", "1", "--max-new-tokens", "4", "--results"])
+    cmd.args(["run"]).arg(fixture(name)).args(["--rounds", "1"]);
+    if !extra.contains(&"--max-new-tokens") {
+        cmd.args(["--max-new-tokens", "4"]);
+    }
+    cmd.arg("--results")
         .arg(results)
         .args(extra)
         .env("AUTOINFER_FIXTURE_MODE", mode)
