@@ -11,6 +11,7 @@
 //! quality gates ([`quality::GateReport`]) against the protocol's thresholds.
 
 mod cargo_build;
+mod diff;
 mod expr;
 mod fetch;
 mod hashing;
@@ -50,7 +51,8 @@ use clap::{Parser, Subcommand};
       host run variants/current --rounds 6 --description \"q4_1 simd\"\n  \
       host run variants/current --prompt code --prompt reasoning   a partial run\n  \
       host run variants/baseline --model other.gguf  any Llama-architecture GGUF\n  \
-      host prompts --round 1                         show what a round asks\n\n\
+      host prompts --round 1                         show what a round asks\n  \
+      host diff                                      what variants/current changed vs baseline\n\n\
       Results go to results/results.tsv (one row per run) and results/runs/*.json."
 )]
 struct Cli {
@@ -105,6 +107,20 @@ enum Command {
         /// partial run is recorded with its prompt list and is not comparable with a full one.
         #[arg(long = "prompt", value_name = "NAME")]
         prompts: Vec<String>,
+    },
+    /// Summarise what a variant changed against another: files added, removed and changed,
+    /// lines added and removed, Rust functions added and removed (working tree, uncommitted
+    /// edits included).
+    Diff {
+        /// The variant to describe.
+        #[arg(default_value = "variants/current")]
+        variant: PathBuf,
+        /// The variant it is compared with.
+        #[arg(long, default_value = "variants/baseline")]
+        against: PathBuf,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the path of the default model, fetching it into the cache first if needed.
     Model,
@@ -175,6 +191,11 @@ fn main() -> ExitCode {
             };
             run::run(&args).map(|_| ())
         }
+        Command::Diff {
+            variant,
+            against,
+            json,
+        } => diff::run(&against, &variant, json),
         Command::Model => fetch::default_model().map(|p| println!("{}", p.display())),
         Command::Tokenize { text, chat, model } => tokenize_command(text, chat, model),
         Command::Prompts { round, seed, model } => prompts_command(round, seed, model),
