@@ -27,6 +27,7 @@ mod quality;
 mod record;
 mod report;
 mod run;
+mod significance;
 mod stats;
 mod supervisor;
 mod tokenize;

@@ -100,7 +100,23 @@ impl OracleBuild {
         std::fs::copy(&built, &tmp)
             .with_context(|| format!("cannot copy {} to {}", built.display(), tmp.display()))?;
         std::fs::rename(&tmp, &lib)?;
+        prune_sources(&home, &src);
         Ok(build)
+    }
+}
+
+/// Removes the written-out trees of earlier baseline revisions (their built libraries stay, so
+/// going back to one costs nothing), keeping `current`. Trees still being written (`.src-*`,
+/// perhaps by a run in parallel) are left alone. Failures only cost disk space.
+fn prune_sources(home: &Path, current: &Path) {
+    let Ok(entries) = std::fs::read_dir(home) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("src-") && entry.path() != current {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 

@@ -672,9 +672,14 @@ fn substitute(template: &str, values: &BTreeMap<String, DrawnValue>) -> String {
 }
 
 /// A tiny, fully specified PRNG, so a seed draws the same prompts in every build, forever.
-struct SplitMix64(u64);
+pub(crate) struct SplitMix64(u64);
 
 impl SplitMix64 {
+    /// A generator from a plain seed.
+    pub(crate) fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+
     /// The generator for one request: independent of the order requests are drawn in.
     fn for_request(seed: u64, round: u64, prompt: &str) -> Self {
         let mut state = seed ^ round.wrapping_mul(0xA24B_AED4_963E_E407);
@@ -686,7 +691,7 @@ impl SplitMix64 {
         rng
     }
 
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -695,7 +700,7 @@ impl SplitMix64 {
     }
 
     /// Uniform in `0..n` (n > 0), without modulo bias worth mentioning for small n.
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         ((self.next() as u128 * n as u128) >> 64) as u64
     }
 }
