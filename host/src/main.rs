@@ -16,6 +16,7 @@ mod expr;
 mod fetch;
 mod hashing;
 mod judge;
+mod keep;
 mod measure;
 mod model;
 mod oracle;
@@ -53,7 +54,9 @@ use clap::{Parser, Subcommand};
       host run variants/current --prompt code --prompt reasoning   a partial run\n  \
       host run variants/baseline --model other.gguf  any Llama-architecture GGUF\n  \
       host prompts --round 1                         show what a round asks\n  \
-      host diff                                      what variants/current changed vs baseline\n\n\
+      host diff                                      what variants/current changed vs baseline\n  \
+      host keep -m \"q4_1 simd dot\"                   commit variants/current after a passing run\n  \
+      host revert                                    throw the working change away\n\n\
       Results go to results/results.tsv (one row per run) and results/runs/*.json."
 )]
 struct Cli {
@@ -123,6 +126,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Commit variants/current alone, if the latest `host run` of exactly its present content
+    /// passed (status ok, every gate passed); the commit message carries that run's figures.
+    Keep {
+        /// What the change is.
+        #[arg(short, long)]
+        message: String,
+        /// Where results.tsv is [default: results/ in the checkout].
+        #[arg(long)]
+        results: Option<PathBuf>,
+    },
+    /// Put variants/current back as the last commit has it: edits undone, added files deleted.
+    /// Nothing outside variants/current is touched.
+    Revert,
     /// Print the path of the default model, fetching it into the cache first if needed.
     Model,
     /// Tokenize text with the model's tokenizer; with --chat, wrap it in the chat template
@@ -197,6 +213,8 @@ fn main() -> ExitCode {
             against,
             json,
         } => diff::run(&against, &variant, json),
+        Command::Keep { message, results } => keep_command(&message, results),
+        Command::Revert => revert_command(),
         Command::Model => fetch::default_model().map(|p| println!("{}", p.display())),
         Command::Tokenize { text, chat, model } => tokenize_command(text, chat, model),
         Command::Prompts { round, seed, model } => prompts_command(round, seed, model),
@@ -209,6 +227,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn keep_command(message: &str, results: Option<PathBuf>) -> anyhow::Result<()> {
+    let root = run::find_root(&std::env::current_dir()?)?;
+    let results = results.unwrap_or_else(|| root.join("results"));
+    let id = keep::keep(&root, &results, message)?;
+    println!("kept {} as commit {id}", keep::CURRENT);
+    Ok(())
+}
+
+fn revert_command() -> anyhow::Result<()> {
+    let root = run::find_root(&std::env::current_dir()?)?;
+    let changed = keep::revert(&root)?;
+    println!(
+        "restored {} from the last commit ({changed} path(s) were different)",
+        keep::CURRENT
+    );
+    Ok(())
 }
 
 fn tokenize_command(
