@@ -176,6 +176,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // The checkout is the user's own, and the host only reads it and commits to it (libgit2
+    // runs no hooks). Without this, a checkout owned by another uid (a CI runner, a container)
+    // would refuse to open, and with it the quality oracle, which is built from HEAD.
+    // SAFETY: called once, before any other thread or git2 call exists.
+    let _ = unsafe { git2::opts::set_verify_owner_validation(false) };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run {
