@@ -16,7 +16,17 @@ use crate::quality::{repeated_ngram_share, GateReport, RequestQuality, TextFigur
 use crate::report::Sample;
 use crate::tokenize::TextCodec;
 
-/// The text figures (checks, repetition) of `tokens` as an answer to `sample`'s instance.
+/// The variant's own text figures, as the timed phase already computed them.
+fn sample_figures(sample: &Sample) -> TextFigures {
+    TextFigures {
+        checks_passed: sample.checks.iter().filter(|c| c.passed).count(),
+        checks_total: sample.checks.len(),
+        repetition: sample.repetition,
+    }
+}
+
+/// The text figures (checks, repetition) of `tokens` as an answer to `sample`'s instance,
+/// computed as the timed phase computes them for the variant's own answer.
 fn text_figures(
     codec: &TextCodec,
     prompts: &PromptSet,
@@ -66,29 +76,30 @@ pub fn judge(
             .iter()
             .zip(&scores)
             .all(|(&t, s)| t == s.argmax);
-        let (reference, reference_scores) = if greedy {
+        let variant = sample_figures(sample);
+        let (reference, reference_scores, reference_figures) = if greedy {
+            // The variant's answer is the baseline's greedy answer: nothing to recompute.
             oracle.remember_reference(&sample.prompt_ids, &sample.tokens);
-            (sample.tokens.clone(), scores.clone())
+            (sample.tokens.clone(), scores.clone(), variant)
         } else {
-            let reference = oracle.reference(
-                &sample.prompt_ids,
-                protocol.max_new_tokens,
-                &format!(
-                    "the reference answer to prompt {:?} round {}",
-                    sample.prompt,
-                    sample.round + 1
-                ),
-            )?;
-            let reference_scores = oracle.scores(&sample.prompt_ids, &reference, &label)?;
-            (reference, reference_scores)
+            let what = format!(
+                "the reference answer to prompt {:?} round {}",
+                sample.prompt,
+                sample.round + 1
+            );
+            let reference = oracle.reference(&sample.prompt_ids, protocol.max_new_tokens, &what)?;
+            let reference_scores =
+                oracle.scores(&sample.prompt_ids, &reference, &format!("scoring {what}"))?;
+            let figures = text_figures(codec, prompts, sample, &reference)?;
+            (reference, reference_scores, figures)
         };
         let quality = RequestQuality::judge(
             &sample.tokens,
             &scores,
             &reference,
             &reference_scores,
-            text_figures(codec, prompts, sample, &sample.tokens)?,
-            text_figures(codec, prompts, sample, &reference)?,
+            variant,
+            reference_figures,
             protocol.gates.tie_margin,
         );
         judged.push((sample.prompt.clone(), quality.clone()));

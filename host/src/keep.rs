@@ -17,27 +17,15 @@ pub const CURRENT: &str = "variants/current";
 /// The newest row of `results.tsv` (as column → field) for `CURRENT` whose tree hash starts
 /// like `tree`.
 fn latest_run(results: &Path, tree: &str) -> Result<Option<BTreeMap<String, String>>> {
-    let path = results.join("results.tsv");
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return Ok(None);
-    };
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap_or("").split('\t').collect();
-    let rows = lines.map(|l| {
-        header
-            .iter()
-            .zip(l.split('\t'))
-            .map(|(h, f)| (h.to_string(), f.to_string()))
-            .collect::<BTreeMap<_, _>>()
-    });
-    Ok(rows
+    Ok(crate::record::read_rows(results)?
+        .into_iter()
         .filter(|r| {
             r.get("variant")
                 .is_some_and(|v| v.trim_end_matches('/').ends_with(CURRENT))
                 && r.get("variant_tree")
                     .is_some_and(|t| !t.is_empty() && tree.starts_with(t.as_str()))
         })
-        .last())
+        .next_back())
 }
 
 /// Commits `variants/current` alone with `message`, after checking the latest run of its exact

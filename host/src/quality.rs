@@ -258,38 +258,53 @@ impl GateReport {
             .collect();
         let mut failures = Vec::new();
         for f in &per_prompt {
-            let mut fail = |gate: &str, figure: f64, threshold: f64, how: &str| {
+            let mut fail = |gate: &str, key: &str, figure: f64, threshold: f64, how: &str| {
                 failures.push(GateFailure {
                     prompt: f.label.clone(),
                     gate: gate.into(),
                     figure,
                     threshold,
                     message: format!(
-                        "prompt {:?}: {gate} {figure:.4} {how} the threshold {threshold} (gates.{})",
-                        f.label,
-                        threshold_key(gate)
+                        "prompt {:?}: {gate} {figure:.4} {how} the threshold {threshold} (gates.{key})",
+                        f.label
                     ),
                 });
             };
             if f.agreement < gates.min_agreement {
-                fail("agreement", f.agreement, gates.min_agreement, "is below");
+                fail(
+                    "agreement",
+                    "min_agreement",
+                    f.agreement,
+                    gates.min_agreement,
+                    "is below",
+                );
             }
             // NaN (no finite perplexity) fails too.
             if f.perplexity_ratio.is_nan() || f.perplexity_ratio > gates.max_perplexity_ratio {
                 fail(
                     "perplexity ratio",
+                    "max_perplexity_ratio",
                     f.perplexity_ratio,
                     gates.max_perplexity_ratio,
                     "is above",
                 );
             }
+            // Both are differences of small-count shares: 1e-9 keeps float rounding from
+            // failing a value that sits exactly on its threshold.
             if f.check_drop > gates.max_check_drop + 1e-9 {
-                fail("check drop", f.check_drop, gates.max_check_drop, "is above");
+                fail(
+                    "check drop",
+                    "max_check_drop",
+                    f.check_drop,
+                    gates.max_check_drop,
+                    "is above",
+                );
             }
             let rise = f.repetition - f.reference_repetition;
             if rise > gates.max_repetition_rise + 1e-9 {
                 fail(
                     "repetition rise",
+                    "max_repetition_rise",
                     rise,
                     gates.max_repetition_rise,
                     "is above",
@@ -363,15 +378,6 @@ impl GateReport {
             }
         }
         out
-    }
-}
-
-fn threshold_key(gate: &str) -> &'static str {
-    match gate {
-        "agreement" => "min_agreement",
-        "perplexity ratio" => "max_perplexity_ratio",
-        "check drop" => "max_check_drop",
-        _ => "max_repetition_rise",
     }
 }
 

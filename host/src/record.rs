@@ -210,6 +210,27 @@ pub fn append_row(dir: &Path, fields: &[String]) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The rows of `dir/results.tsv`, each as column name → field (none when the file is absent).
+pub fn read_rows(dir: &Path) -> Result<Vec<std::collections::BTreeMap<String, String>>> {
+    let path = dir.join("results.tsv");
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or("").split('\t').collect();
+    Ok(lines
+        .map(|l| {
+            header
+                .iter()
+                .zip(l.split('\t'))
+                .map(|(h, f)| (h.to_string(), f.to_string()))
+                .collect()
+        })
+        .collect())
+}
+
 /// A `results.tsv` whose header is not today's [`COLUMNS`] (written by an older host) is renamed
 /// to `results-<its header's hash>.tsv` so that rows of two layouts never share a file.
 fn set_aside_old_layout(path: &Path) -> Result<()> {
@@ -262,6 +283,8 @@ mod tests {
         append_row(&dir, &row("c")).unwrap();
         let text = fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 2, "{text}");
+        let rows = read_rows(&dir).unwrap();
+        assert_eq!((rows.len(), rows[0]["time"].as_str()), (1, "c0"));
         let aside: Vec<_> = fs::read_dir(&dir)
             .unwrap()
             .filter_map(|e| e.ok())
