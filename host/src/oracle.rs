@@ -1,11 +1,8 @@
 //! The quality oracle: `variants/baseline` as committed, scoring every timed request.
 //!
 //! [`OracleBuild::prepare`] takes the baseline from git's HEAD, never from the working copy (an
-//! agent may have edited that): it writes HEAD's tree to `<target>/autoinfer-oracle/src-<key>`
-//! and builds it there with its own target directory, so the working tree's build outputs are
-//! never mixed with it. The key hashes the git objects of everything the baseline's build
-//! reads (root manifest and lock file, `plugin-api/`, `variants/baseline/`), and the built
-//! library is kept under that key: the oracle is built once per baseline revision.
+//! agent may have edited that), and builds it as [`crate::revision`] builds any committed
+//! variant: once per build key, i.e. once per baseline revision.
 //!
 //! [`Oracle`] answers two questions, each with a cache on disk keyed by (model, oracle key,
 //! tokens): the teacher-forced scores of a token sequence ([`Oracle::scores`]), and the
@@ -18,169 +15,53 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::cargo_build::VariantCrate;
 use crate::hashing::sha256_hex;
 use crate::quality::Scored;
+use crate::revision::{target_dir, Committed};
 use crate::supervisor::Worker;
 use crate::wire::{Reply, Request};
-
-/// The paths of HEAD whose content the baseline's build reads.
-const ORACLE_INPUTS: [&str; 4] = [
-    "Cargo.toml",
-    "Cargo.lock",
-    "plugin-api",
-    "variants/baseline",
-];
 
 /// The baseline variant of HEAD, built.
 #[derive(Debug, Clone)]
 pub struct OracleBuild {
-    /// Hex hash of the git objects of [`ORACLE_INPUTS`] at HEAD.
+    /// The build key of HEAD's `variants/baseline` ([`Committed::key`]).
     pub key: String,
     /// The commit the baseline was taken from.
     pub commit: String,
     /// The built cdylib.
     pub lib: PathBuf,
-    /// Where the oracle's sources, build and caches live.
+    /// Where the oracle's caches live: `<target>/autoinfer-oracle`.
     pub home: PathBuf,
 }
 
-/// `<target>/autoinfer-oracle`, where target is `$CARGO_TARGET_DIR` (relative to the current
-/// directory, as cargo reads it) or `<root>/target`.
-fn oracle_home(root: &Path) -> PathBuf {
-    let target = match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) => std::env::current_dir()
-            .unwrap_or_default()
-            .join(PathBuf::from(dir)),
-        None => root.join("target"),
-    };
-    target.join("autoinfer-oracle")
-}
+/// The baseline the oracle is built from.
+pub const BASELINE: &str = "variants/baseline";
 
 impl OracleBuild {
+    /// The baseline of the checkout's HEAD, without building it (for its key).
+    pub fn find(root: &Path) -> Result<Committed> {
+        Committed::find(root, "HEAD", BASELINE)
+            .context("the quality oracle is variants/baseline as committed in HEAD")
+    }
+
     /// Finds (or builds) the baseline of the checkout's HEAD commit.
     pub fn prepare(root: &Path) -> Result<OracleBuild> {
-        let (repo, commit, key) = head_inputs(root)?;
-        let tree = repo.find_commit(commit)?.tree()?;
-        let commit = commit.to_string();
-        let short = &key[..16];
-        let home = oracle_home(root);
-        let lib = home.join("lib").join(format!("libbaseline-{short}.so"));
-        let build = OracleBuild {
-            key: key.clone(),
-            commit,
-            lib: lib.clone(),
-            home: home.clone(),
-        };
-        if lib.is_file() {
-            return Ok(build);
+        let committed = Self::find(root)?;
+        if !committed.library().is_file() {
+            eprintln!(
+                "building the quality oracle: variants/baseline of commit {} (once per baseline revision)",
+                &committed.commit[..12]
+            );
         }
-
-        let src = home.join(format!("src-{short}"));
-        if !src.join("variants/baseline/Cargo.toml").is_file() {
-            let tmp = home.join(format!(".src-{short}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&tmp);
-            materialise(&repo, &tree, &tmp)
-                .with_context(|| format!("cannot write HEAD's tree to {}", tmp.display()))?;
-            if std::fs::rename(&tmp, &src).is_err() {
-                // Another run materialised the same tree first; theirs is as good as ours.
-                let _ = std::fs::remove_dir_all(&tmp);
-            }
-        }
-        eprintln!(
-            "building the quality oracle: variants/baseline of commit {} (once per baseline revision)",
-            &build.commit[..12]
-        );
-        let crate_ = VariantCrate::open(&src.join("variants/baseline"))?;
-        let built = crate_
-            .build_in(Some(&home.join("target")))
+        let lib = committed
+            .build()
             .context("cannot build the quality oracle (HEAD's variants/baseline)")?;
-        std::fs::create_dir_all(home.join("lib"))?;
-        let tmp = lib.with_extension(format!("so.tmp-{}", std::process::id()));
-        std::fs::copy(&built, &tmp)
-            .with_context(|| format!("cannot copy {} to {}", built.display(), tmp.display()))?;
-        std::fs::rename(&tmp, &lib)?;
-        prune_sources(&home, &src);
-        Ok(build)
-    }
-}
-
-/// Removes the written-out trees of earlier baseline revisions (their built libraries stay, so
-/// going back to one costs nothing), keeping `current`. Trees still being written (`.src-*`,
-/// perhaps by a run in parallel) are left alone. Failures only cost disk space.
-fn prune_sources(home: &Path, current: &Path) {
-    let Ok(entries) = std::fs::read_dir(home) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("src-") && entry.path() != current {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
-/// The repository of `root`, its HEAD commit, and the key: a hash of the git object ids of
-/// [`ORACLE_INPUTS`] at HEAD (so it changes exactly when what the baseline's build reads does).
-fn head_inputs(root: &Path) -> Result<(git2::Repository, git2::Oid, String)> {
-    let repo = git2::Repository::discover(root).with_context(|| {
-        format!(
-            "the quality oracle is variants/baseline as committed, but {} is not in a git repository",
-            root.display()
-        )
-    })?;
-    let (commit, inputs) = {
-        let commit = repo
-            .head()
-            .and_then(|h| h.peel_to_commit())
-            .context("the quality oracle is variants/baseline as committed, but HEAD has no commit yet: commit the checkout first")?;
-        let tree = commit.tree()?;
-        let mut inputs = String::new();
-        for path in ORACLE_INPUTS {
-            let entry = tree.get_path(Path::new(path)).with_context(|| {
-                format!(
-                    "HEAD ({}) has no {path}: the quality oracle is built from the committed variants/baseline",
-                    commit.id()
-                )
-            })?;
-            inputs.push_str(&format!("{path}:{}\n", entry.id()));
-        }
-        (commit.id(), inputs)
-    };
-    let key = sha256_hex(inputs.as_bytes());
-    Ok((repo, commit, key))
-}
-
-/// Writes every blob of `tree` under `dir` (executable bits and symlinks are not needed to
-/// build a crate and are written as plain files).
-fn materialise(repo: &git2::Repository, tree: &git2::Tree, dir: &Path) -> Result<()> {
-    let mut failure: Option<anyhow::Error> = None;
-    tree.walk(git2::TreeWalkMode::PreOrder, |parent, entry| {
-        if entry.kind() != Some(git2::ObjectType::Blob) {
-            return git2::TreeWalkResult::Ok;
-        }
-        let path = dir.join(parent).join(entry.name().unwrap_or("_"));
-        let written = repo
-            .find_blob(entry.id())
-            .map_err(anyhow::Error::from)
-            .and_then(|blob| {
-                if let Some(p) = path.parent() {
-                    std::fs::create_dir_all(p)?;
-                }
-                std::fs::write(&path, blob.content())?;
-                Ok(())
-            });
-        match written {
-            Ok(()) => git2::TreeWalkResult::Ok,
-            Err(e) => {
-                failure = Some(e.context(path.display().to_string()));
-                git2::TreeWalkResult::Abort
-            }
-        }
-    })?;
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(()),
+        Ok(OracleBuild {
+            key: committed.key,
+            commit: committed.commit,
+            lib,
+            home: target_dir(root).join("autoinfer-oracle"),
+        })
     }
 }
 
@@ -391,37 +272,6 @@ fn write_cache<T: Serialize>(path: &Path, value: &T) {
 mod tests {
     use super::*;
 
-    /// A scratch git repository holding `files` in one commit (none when `files` is empty).
-    fn repo(name: &str, files: &[(&str, &str)]) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("autoinfer-oracle-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let repo = git2::Repository::init(&dir).unwrap();
-        if files.is_empty() {
-            return dir;
-        }
-        commit(&repo, files);
-        dir
-    }
-
-    fn commit(repo: &git2::Repository, files: &[(&str, &str)]) {
-        let dir = repo.workdir().unwrap().to_path_buf();
-        let mut index = repo.index().unwrap();
-        for (path, text) in files {
-            let full = dir.join(path);
-            std::fs::create_dir_all(full.parent().unwrap()).unwrap();
-            std::fs::write(&full, text).unwrap();
-            index.add_path(Path::new(path)).unwrap();
-        }
-        index.write().unwrap();
-        let tree = repo.find_tree(index.write_tree().unwrap()).unwrap();
-        let sig = git2::Signature::now("test", "test@example.com").unwrap();
-        let parent = repo.head().ok().and_then(|h| h.peel_to_commit().ok());
-        let parents: Vec<&git2::Commit> = parent.iter().collect();
-        repo.commit(Some("HEAD"), &sig, &sig, "test", &tree, &parents)
-            .unwrap();
-    }
-
     #[test]
     fn cache_entries_round_trip_and_wrong_lengths_are_misses() {
         let dir =
@@ -442,77 +292,34 @@ mod tests {
         assert_ne!(ids_bytes(&[&[1, 2], &[3]]), ids_bytes(&[&[1], &[2, 3]]));
     }
 
-    const CHECKOUT: &[(&str, &str)] = &[
-        ("Cargo.toml", "[workspace]"),
-        ("Cargo.lock", "# lock"),
-        ("plugin-api/src/lib.rs", "// api"),
-        ("variants/baseline/src/lib.rs", "// baseline v1"),
-        ("variants/current/src/lib.rs", "// current v1"),
-        ("README.md", "readme"),
-    ];
-
-    fn error_of(dir: &Path) -> String {
-        match head_inputs(dir) {
-            Ok(_) => panic!("{} should be refused", dir.display()),
-            Err(e) => format!("{e:#}"),
-        }
-    }
-
     #[test]
-    fn no_repository_or_no_baseline_is_a_clear_error() {
-        let outside =
-            std::env::temp_dir().join(format!("autoinfer-oracle-none-{}", std::process::id()));
-        std::fs::create_dir_all(&outside).unwrap();
-        let err = error_of(&outside);
-        assert!(err.contains("not in a git repository"), "{err}");
-        let empty = repo("empty", &[]);
-        let err = error_of(&empty);
-        assert!(err.contains("HEAD has no commit"), "{err}");
-        let partial = repo("partial", &CHECKOUT[..3]);
-        let err = error_of(&partial);
-        assert!(err.contains("has no variants/baseline"), "{err}");
-        for d in [outside, empty, partial] {
-            std::fs::remove_dir_all(d).unwrap();
-        }
-    }
-
-    #[test]
-    fn the_key_follows_the_committed_baseline_only() {
-        let dir = repo("key", CHECKOUT);
-        let (git, first, key) = head_inputs(&dir).unwrap();
-        // Editing the working copy, or committing an unrelated file, keeps the oracle.
+    fn the_oracle_follows_the_committed_baseline_only() {
+        use crate::revision::tests::{commit, repo, CHECKOUT};
+        let dir = repo("oracle-key", CHECKOUT);
+        let git = git2::Repository::open(&dir).unwrap();
+        let first = OracleBuild::find(&dir).unwrap();
+        // Editing the working copy, or committing another variant, keeps the oracle.
         std::fs::write(
             dir.join("variants/baseline/src/lib.rs"),
             "// edited, not committed",
         )
         .unwrap();
         commit(&git, &[("variants/current/src/lib.rs", "// current v2")]);
-        let (_, second, same) = head_inputs(&dir).unwrap();
-        assert_ne!(first, second);
-        assert_eq!(key, same);
-        // Committing a change to the baseline (or plugin-api) makes a new oracle.
+        let second = OracleBuild::find(&dir).unwrap();
+        assert_ne!(first.commit, second.commit);
+        assert_eq!(first.key, second.key);
+        // Committing a change to the baseline makes a new oracle.
         commit(&git, &[("variants/baseline/src/lib.rs", "// baseline v2")]);
-        let (_, _, changed) = head_inputs(&dir).unwrap();
-        assert_ne!(key, changed);
-
-        // HEAD's tree is what gets written out, not the working copy.
-        let out = dir.join("materialised");
-        let head = git
-            .head()
-            .unwrap()
-            .peel_to_commit()
-            .unwrap()
-            .tree()
-            .unwrap();
-        materialise(&git, &head, &out).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(out.join("variants/baseline/src/lib.rs")).unwrap(),
-            "// baseline v2"
+        assert_ne!(first.key, OracleBuild::find(&dir).unwrap().key);
+        // A checkout without a committed baseline is refused, naming it.
+        let partial = repo("oracle-partial", &CHECKOUT[..3]);
+        let err = format!("{:#}", OracleBuild::find(&partial).unwrap_err());
+        assert!(
+            err.contains("has no variants/baseline") && err.contains("quality oracle"),
+            "{err}"
         );
-        assert_eq!(
-            std::fs::read_to_string(out.join("README.md")).unwrap(),
-            "readme"
-        );
-        std::fs::remove_dir_all(dir).unwrap();
+        for d in [dir, partial] {
+            std::fs::remove_dir_all(d).unwrap();
+        }
     }
 }

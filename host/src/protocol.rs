@@ -30,6 +30,24 @@ pub struct Protocol {
     pub decoding: String,
     /// The quality gates' thresholds (`[gates]`).
     pub gates: Gates,
+    /// How `host compare` decides (`[compare]`).
+    pub compare: CompareRules,
+}
+
+/// The statistics of `host compare`: thresholds and the schedule of looks.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CompareRules {
+    /// Smallest relative change that can earn a verdict (0.01 = 1%).
+    pub noise_threshold: f64,
+    /// The chance of any false verdict, over every figure and every look, is at most this.
+    pub alpha: f64,
+    /// Looks at the data, fixed in advance.
+    pub looks: u32,
+    /// Rounds (each one request per prompt and variant) between looks.
+    pub rounds_per_look: u32,
+    /// The comparison stops at the first look after this many seconds of measuring.
+    pub max_seconds: f64,
 }
 
 /// Thresholds of the quality gates, each decided per prompt over its timed requests.
@@ -97,10 +115,39 @@ impl Protocol {
                 return Err(format!("{name} must be between {lo} and {hi}, not {value}"));
             }
         }
+        self.compare.check()?;
         if self.decoding != "greedy" {
             return Err(format!(
                 "decoding {:?} is not supported (only \"greedy\")",
                 self.decoding
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl CompareRules {
+    /// Checks the values make sense (also after command-line overrides).
+    pub fn check(&self) -> Result<(), String> {
+        for (name, value, lo, hi) in [
+            ("compare.noise_threshold", self.noise_threshold, 0.0, 1.0),
+            ("compare.alpha", self.alpha, 1e-6, 0.5),
+            ("compare.max_seconds", self.max_seconds, 1.0, 604_800.0),
+        ] {
+            if !(lo..=hi).contains(&value) {
+                return Err(format!("{name} must be between {lo} and {hi}, not {value}"));
+            }
+        }
+        if !(1..=100).contains(&self.looks) {
+            return Err(format!(
+                "compare.looks must be between 1 and 100, not {}",
+                self.looks
+            ));
+        }
+        if !(1..=1000).contains(&self.rounds_per_look) {
+            return Err(format!(
+                "compare.rounds_per_look must be between 1 and 1000, not {}",
+                self.rounds_per_look
             ));
         }
         Ok(())
@@ -125,7 +172,8 @@ mod tests {
         let path = dir.join("protocol.toml");
         let good = "max_new_tokens = 8\nrounds = 1\nwarmup_requests = 1\nseed = 1\nrequest_timeout_s = 5\ndecoding = \"greedy\"\n\
                     [gates]\ntie_margin = 0.01\nmin_agreement = 0.99\nmax_perplexity_ratio = 1.05\n\
-                    max_check_drop = 0.1\nmax_repetition_rise = 0.2\n";
+                    max_check_drop = 0.1\nmax_repetition_rise = 0.2\n\
+                    [compare]\nnoise_threshold = 0.01\nalpha = 0.05\nlooks = 5\nrounds_per_look = 2\nmax_seconds = 600\n";
         std::fs::write(&path, good).unwrap();
         Protocol::load(&path).expect("the good file loads");
         for (bad, needle) in [
@@ -147,6 +195,16 @@ mod tests {
             ),
             (good.replace("tie_margin = 0.01\n", ""), "tie_margin"),
             (good.replace("[gates]", "[gate]"), "gate"),
+            (good.replace("alpha = 0.05", "alpha = 0"), "compare.alpha"),
+            (good.replace("looks = 5", "looks = 0"), "compare.looks"),
+            (
+                good.replace("rounds_per_look = 2", "rounds_per_look = 0"),
+                "compare.rounds_per_look",
+            ),
+            (
+                good.replace("noise_threshold = 0.01\n", ""),
+                "noise_threshold",
+            ),
         ] {
             std::fs::write(&path, bad).unwrap();
             let e = Protocol::load(&path).unwrap_err().to_string();

@@ -23,7 +23,7 @@ pub struct Scope<'a> {
 }
 
 /// The columns of `results.tsv`, in order.
-pub const COLUMNS: [&str; 29] = [
+pub const COLUMNS: [&str; 34] = [
     "time",
     "commit",
     "variant",
@@ -50,10 +50,27 @@ pub const COLUMNS: [&str; 29] = [
     "repetition",
     "repetition_baseline",
     "gates",
+    "against",
+    "against_tree",
+    "compare_rounds",
+    "decode_ratio",
+    "verdict",
     "status",
     "description",
     "json",
 ];
+
+/// What a comparison adds to its row (`host run` rows leave these columns `-`).
+pub struct Compared<'a> {
+    /// Variant A as given.
+    pub against: &'a str,
+    pub against_tree: &'a str,
+    pub rounds: u32,
+    /// The decode rate's paired statistics (B/A), at the decision's alpha.
+    pub decode: Option<&'a crate::significance::Paired>,
+    /// KEEP, REVERT, NOISE, or `-` when the comparison failed.
+    pub verdict: &'a str,
+}
 
 /// Where the run's code and machine came from.
 #[derive(Debug, Clone, Serialize)]
@@ -122,6 +139,7 @@ pub fn row(
     scope: &Scope,
     summary: Option<&Summary>,
     gates: Option<&GateReport>,
+    compared: Option<&Compared>,
     status: &str,
     description: &str,
     json: &Path,
@@ -176,6 +194,13 @@ pub fn row(
                     .join("; ")
             ),
         },
+        compared.map_or("-".into(), |c| c.against.to_string()),
+        compared.map_or("-".into(), |c| short(c.against_tree)),
+        compared.map_or("-".into(), |c| c.rounds.to_string()),
+        compared.and_then(|c| c.decode).map_or("-".into(), |d| {
+            format!("{:.4} [{:.4}, {:.4}]", d.ratio, d.ci.0, d.ci.1)
+        }),
+        compared.map_or("-".into(), |c| c.verdict.to_string()),
         status.to_string(),
         description.to_string(),
         json.file_name()

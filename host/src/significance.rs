@@ -10,14 +10,15 @@
 //!
 //! Repeated looks: a comparison that adds rounds and tests again after each batch would, at a
 //! fixed alpha per look, find a difference that is not there far more often than alpha. A
-//! [`LookSchedule`] fixes the looks in advance and spends alpha evenly over them (Bonferroni):
-//! the chance of any false verdict over all looks is at most the stated alpha, whatever the
-//! correlation between looks. It is conservative (it decides a little later than a tuned
+//! [`LookSchedule`] fixes the looks in advance and spends alpha evenly over every look and every
+//! figure tested (Bonferroni): the chance of any false verdict on any figure over all looks is
+//! at most the stated alpha, whatever the correlation between looks and figures, and whenever
+//! the comparison stops. It is conservative (it decides a little later than a tuned
 //! group-sequential boundary would), which is the side to err on.
 //!
-//! The `host compare` command is this module's caller and is still being built (issue 4); until
-//! it lands the module is exercised by its tests, including A/A and power simulations.
-#![cfg_attr(not(test), allow(dead_code))]
+//! A figure can also be *settled* without a verdict: when its whole interval lies inside the
+//! noise band, more rounds cannot make it FASTER or SLOWER by more than the threshold
+//! ([`Paired::within`]), so `host compare` stops measuring it.
 
 use serde::Serialize;
 use statrs::distribution::{ContinuousCDF, StudentsT};
@@ -96,6 +97,12 @@ impl Paired {
         })
     }
 
+    /// Whether the whole interval lies inside the noise band (1/(1+noise), 1+noise): the figure
+    /// is the same within the threshold, and more rounds would not change its verdict.
+    pub fn within(&self, noise: f64) -> bool {
+        self.ci.0 > 1.0 / (1.0 + noise) && self.ci.1 < 1.0 + noise
+    }
+
     /// The call for a figure where `better` is the good direction, with `noise` the smallest
     /// relative change worth a verdict (0.01 = 1%).
     pub fn verdict(&self, better: Better, noise: f64) -> Verdict {
@@ -131,19 +138,22 @@ fn bootstrap(log_ratios: &[f64], alpha: f64, seed: u64) -> (f64, f64) {
     (at(alpha / 2.0), at(1.0 - alpha / 2.0))
 }
 
-/// Looks fixed in advance: after every `rounds_per_look` rounds, up to `looks` times, each at
-/// alpha / looks, so the false-verdict rate over all looks stays at most `alpha`.
+/// Looks fixed in advance: after every `rounds_per_look` rounds, up to `looks` times, each of
+/// `tests` figures at alpha / (looks x tests), so the false-verdict rate over all looks and
+/// figures stays at most `alpha`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct LookSchedule {
     pub alpha: f64,
     pub looks: u32,
     pub rounds_per_look: u32,
+    /// Independent tests made at each look.
+    pub tests: u32,
 }
 
 impl LookSchedule {
-    /// The alpha each look tests at.
-    pub fn alpha_per_look(&self) -> f64 {
-        self.alpha / self.looks as f64
+    /// The alpha each figure is tested at, at each look.
+    pub fn alpha_per_test(&self) -> f64 {
+        self.alpha / (self.looks * self.tests) as f64
     }
 
     /// The most rounds a comparison runs.
@@ -184,7 +194,7 @@ mod tests {
                 ratios.push(effect + sd * normal(rng));
             }
             if schedule.looks_after(round) {
-                let p = Paired::of(&ratios, schedule.alpha_per_look(), round as u64).unwrap();
+                let p = Paired::of(&ratios, schedule.alpha_per_test(), round as u64).unwrap();
                 let v = p.verdict(better, 0.01);
                 if v != Verdict::Noise {
                     return (v, round);
@@ -198,6 +208,7 @@ mod tests {
         alpha: 0.05,
         looks: 5,
         rounds_per_look: 2,
+        tests: 1,
     };
 
     #[test]
@@ -223,11 +234,19 @@ mod tests {
         let same = Paired::of(&[0.0, 0.0, 0.0], 0.05, 1).unwrap();
         assert_eq!((same.ratio, same.ci, same.p), (1.0, (1.0, 1.0), 1.0));
         assert_eq!(same.verdict(Better::Higher, 0.01), Verdict::Noise);
+        assert!(same.within(0.01), "an exactly known ratio of 1 is settled");
+        let wide = Paired::of(&[-0.05, 0.05, 0.0], 0.05, 1).unwrap();
+        assert!(!wide.within(0.01), "{wide:?}");
     }
 
     #[test]
     fn the_schedule_spends_alpha_over_its_looks() {
-        assert_eq!(SCHEDULE.alpha_per_look(), 0.01);
+        assert_eq!(SCHEDULE.alpha_per_test(), 0.01);
+        let three = LookSchedule {
+            tests: 3,
+            ..SCHEDULE
+        };
+        assert!((three.alpha_per_test() - 0.05 / 15.0).abs() < 1e-12);
         assert_eq!(SCHEDULE.max_rounds(), 10);
         let looks: Vec<u32> = (0..=12).filter(|&r| SCHEDULE.looks_after(r)).collect();
         assert_eq!(looks, [2, 4, 6, 8, 10]);
@@ -264,7 +283,8 @@ mod tests {
 
     #[test]
     fn a_5_percent_slowdown_is_found_at_least_95_percent_of_the_time() {
-        // B 5% slower per token, 3% spread per pair.
+        // B 5% slower per token, 3% spread per pair; alpha split over three figures, as
+        // `host compare` splits it.
         let mut rng = SplitMix64::new(11);
         let trials = 1000;
         let runs: Vec<(Verdict, u32)> = (0..trials)
@@ -274,7 +294,10 @@ mod tests {
                     (1.0f64 / 1.05).ln(),
                     0.03,
                     5,
-                    SCHEDULE,
+                    LookSchedule {
+                        tests: 3,
+                        ..SCHEDULE
+                    },
                     Better::Higher,
                 )
             })

@@ -71,7 +71,16 @@ fn scores_the_current_variant_on_the_real_model() {
     let rows = records(&results);
     assert_eq!(rows.len(), 1, "one row per run");
     let row = &rows[0];
-    assert_eq!(row.len(), 29);
+    assert_eq!(row.len(), 34);
+    for column in [
+        "against",
+        "against_tree",
+        "compare_rounds",
+        "decode_ratio",
+        "verdict",
+    ] {
+        assert_eq!(row[column], "-", "a run is not a comparison: {column}");
+    }
     assert_eq!(
         (
             row["variant"].as_str(),

@@ -1,0 +1,935 @@
+//! `host compare A B`: a paired, interleaved head-to-head that says KEEP, REVERT or NOISE only
+//! after a statistical test.
+//!
+//! Order of work: resolve and build both variants ([`Side`]: a directory, or `REV:PATH` built
+//! from git by [`crate::revision`]) and the quality oracle, then start one worker for each and
+//! keep both alive. Each gets its warm-up; then every round draws one instance per prompt and
+//! both variants answer it, in the order A B, B A, A B, ... so that drift in the machine hits
+//! both alike. After every `rounds_per_look` rounds the paired log-ratios of each [`Figure`]
+//! are tested ([`crate::significance`]); measuring stops when every figure is decided (or
+//! settled inside the noise band), when the outcome can no longer become a keep, or when the
+//! schedule or the time budget ends. B's answers then go through the quality gates, and
+//! [`Outcome::decide`] applies the keep rule.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::cargo_build::VariantCrate;
+use crate::judge::judge;
+use crate::oracle::{Oracle, OracleBuild, OracleCost};
+use crate::protocol::{CompareRules, Protocol};
+use crate::quality::GateReport;
+use crate::record::{self, Provenance};
+use crate::report::{Sample, Summary};
+use crate::revision::{Committed, VariantArg};
+use crate::setup::{find_root, request_line, timed_request, Overrides, Setup};
+use crate::significance::{Better, LookSchedule, Paired, Verdict};
+use crate::stats::Spread;
+use crate::supervisor::Worker;
+
+/// What `host compare` was asked to do (see the CLI for each flag's meaning).
+#[derive(Debug, Clone, Default)]
+pub struct CompareArgs {
+    /// A and B as given; both absent means `HEAD:variants/current` against the working tree.
+    pub a: Option<String>,
+    pub b: Option<String>,
+    pub overrides: Overrides,
+    pub looks: Option<u32>,
+    pub rounds_per_look: Option<u32>,
+    pub max_seconds: Option<f64>,
+    pub noise_threshold: Option<f64>,
+    pub no_build: bool,
+    pub json: bool,
+    pub description: String,
+    pub verbose: bool,
+    pub results: Option<PathBuf>,
+}
+
+/// The figures compared, each as one paired log-ratio per request pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Figure {
+    DecodeTokS,
+    PrefillTokS,
+    TtftMs,
+    PeakRssMib,
+}
+
+/// Independent tests per look: prefill rate and time to first token are one test (with the
+/// same prompt on both sides, one ratio is the other's inverse).
+const TESTS_PER_LOOK: u32 = 3;
+
+impl Figure {
+    pub const ALL: [Figure; 4] = [
+        Figure::DecodeTokS,
+        Figure::PrefillTokS,
+        Figure::TtftMs,
+        Figure::PeakRssMib,
+    ];
+
+    /// The figure's name in tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Figure::DecodeTokS => "decode tok/s",
+            Figure::PrefillTokS => "prefill tok/s",
+            Figure::TtftMs => "TTFT ms",
+            Figure::PeakRssMib => "peak RSS MiB",
+        }
+    }
+
+    /// Which direction is an improvement.
+    pub fn better(self) -> Better {
+        match self {
+            Figure::DecodeTokS | Figure::PrefillTokS => Better::Higher,
+            Figure::TtftMs | Figure::PeakRssMib => Better::Lower,
+        }
+    }
+
+    /// The figure's value in one sample.
+    pub fn of(self, s: &Sample) -> f64 {
+        match self {
+            Figure::DecodeTokS => s.timing.decode_tok_s,
+            Figure::PrefillTokS => s.timing.prefill_tok_s,
+            Figure::TtftMs => s.timing.ttft_ms,
+            Figure::PeakRssMib => s.peak_rss_kib as f64 / 1024.0,
+        }
+    }
+}
+
+/// Which variant answered first in a pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Order {
+    AB,
+    BA,
+}
+
+/// One prompt instance answered by both variants, back to back.
+#[derive(Debug, Clone, Serialize)]
+pub struct Pair {
+    pub round: u32,
+    pub prompt: String,
+    pub order: Order,
+    pub a: Sample,
+    pub b: Sample,
+}
+
+/// One figure's comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct FigureResult {
+    pub figure: Figure,
+    pub better: Better,
+    /// Whether a SLOWER here blocks a keep (every figure but the decode rate).
+    pub guarded: bool,
+    pub a_median: Option<f64>,
+    pub b_median: Option<f64>,
+    /// At the look's alpha per test: the interval the verdict rests on.
+    pub decision: Option<Paired>,
+    /// At alpha 0.05, for reading (not for deciding).
+    pub at_95: Option<Paired>,
+    pub verdict: Verdict,
+    /// The decision interval lies inside the noise band: the same within the threshold.
+    pub settled: bool,
+}
+
+impl FigureResult {
+    fn decided(&self) -> bool {
+        self.verdict != Verdict::Noise || self.settled
+    }
+}
+
+/// The figures at one look.
+fn look(pairs: &[Pair], alpha: f64, noise: f64, seed: u64) -> Vec<FigureResult> {
+    Figure::ALL
+        .iter()
+        .map(|&figure| {
+            let a: Vec<f64> = pairs.iter().map(|p| figure.of(&p.a)).collect();
+            let b: Vec<f64> = pairs.iter().map(|p| figure.of(&p.b)).collect();
+            let logs: Vec<f64> = a.iter().zip(&b).map(|(a, b)| (b / a).ln()).collect();
+            let decision = Paired::of(&logs, alpha, seed);
+            let verdict = decision
+                .as_ref()
+                .map(|d| d.verdict(figure.better(), noise))
+                .unwrap_or(Verdict::Noise);
+            FigureResult {
+                figure,
+                better: figure.better(),
+                guarded: figure != Figure::DecodeTokS,
+                a_median: Spread::of(&a).map(|s| s.median),
+                b_median: Spread::of(&b).map(|s| s.median),
+                settled: decision.as_ref().is_some_and(|d| d.within(noise)),
+                at_95: Paired::of(&logs, 0.05, seed),
+                decision,
+                verdict,
+            }
+        })
+        .collect()
+}
+
+/// The comparison's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Outcome {
+    /// B is faster at decoding, worse at nothing, and passes every gate: commit it.
+    Keep,
+    /// B is slower somewhere, fails a gate, or is suspect: throw it away.
+    Revert,
+    /// Nothing was decided either way.
+    Noise,
+}
+
+impl Outcome {
+    /// The keep rule: KEEP only when decode is FASTER, no guarded figure is SLOWER, B passes
+    /// every gate and is not suspect; REVERT when anything is SLOWER, a gate fails or B is
+    /// suspect; NOISE otherwise. Returns the outcome and the reasons, in words.
+    pub fn decide(
+        figures: &[FigureResult],
+        gates: Option<&GateReport>,
+        suspect: Option<&str>,
+    ) -> (Outcome, Vec<String>) {
+        let mut against = Vec::new();
+        if let Some(why) = suspect {
+            against.push(why.to_string());
+        }
+        for f in figures.iter().filter(|f| f.verdict == Verdict::Slower) {
+            against.push(format!("{} is SLOWER ({})", f.figure.name(), change(f)));
+        }
+        match gates {
+            Some(g) if !g.passed() => against.push(format!(
+                "B fails {} quality gate(s): {}",
+                g.failures.len(),
+                g.failures
+                    .iter()
+                    .map(|f| format!("{} {}", f.prompt, f.gate))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            Some(_) => {}
+            None if suspect.is_none() => against.push("B was not gated".into()),
+            None => {}
+        }
+        if !against.is_empty() {
+            return (Outcome::Revert, against);
+        }
+        let decode = figures.iter().find(|f| f.figure == Figure::DecodeTokS);
+        match decode {
+            Some(d) if d.verdict == Verdict::Faster => (
+                Outcome::Keep,
+                vec![format!(
+                    "decode is FASTER ({}), no guarded figure is SLOWER, every gate passes",
+                    change(d)
+                )],
+            ),
+            Some(d) if d.settled => (
+                Outcome::Noise,
+                vec![format!(
+                    "decode is the same within the noise threshold ({}); nothing is SLOWER",
+                    change(d)
+                )],
+            ),
+            _ => (
+                Outcome::Noise,
+                vec![
+                    "decode rate undecided: no significant difference beyond the noise threshold"
+                        .into(),
+                ],
+            ),
+        }
+    }
+
+    /// The process exit status: 0 KEEP, 3 NOISE, 4 REVERT (1 is an error, 2 a usage error).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Outcome::Keep => 0,
+            Outcome::Noise => 3,
+            Outcome::Revert => 4,
+        }
+    }
+
+    pub fn word(self) -> &'static str {
+        match self {
+            Outcome::Keep => "KEEP",
+            Outcome::Revert => "REVERT",
+            Outcome::Noise => "NOISE",
+        }
+    }
+}
+
+/// "+5.2% [+3.1%, +7.4%]" for a figure's decision interval.
+fn change(f: &FigureResult) -> String {
+    let pct = |r: f64| format!("{:+.1}%", (r - 1.0) * 100.0);
+    match &f.decision {
+        Some(d) => format!("{} [{}, {}]", pct(d.ratio), pct(d.ci.0), pct(d.ci.1)),
+        None => "no pairs".into(),
+    }
+}
+
+/// One side of the comparison, resolved and built.
+#[derive(Debug, Clone, Serialize)]
+pub struct Side {
+    /// As the user gave it.
+    pub arg: String,
+    pub package: String,
+    /// Content hash of the variant's files.
+    pub tree: String,
+    /// The commit it was taken from, for a revision.
+    pub commit: Option<String>,
+    #[serde(skip)]
+    pub lib: PathBuf,
+}
+
+impl Side {
+    fn resolve(root: &Path, arg: &str, no_build: bool) -> Result<Side> {
+        match VariantArg::parse(arg) {
+            VariantArg::Dir(dir) => {
+                let variant = VariantCrate::open(&dir).map_err(|e| {
+                    anyhow::anyhow!("{e} (a variant is a directory or a revision REV:PATH, e.g. HEAD:variants/current)")
+                })?;
+                let lib = if no_build {
+                    variant.built_library()?
+                } else {
+                    variant.build()?
+                };
+                Ok(Side {
+                    arg: arg.to_string(),
+                    package: variant.package,
+                    tree: crate::vcs::tree_hash(&dir),
+                    commit: None,
+                    lib,
+                })
+            }
+            VariantArg::Revision { rev, path } => {
+                let committed =
+                    Committed::find(root, &rev, &path).with_context(|| format!("variant {arg}"))?;
+                if !committed.library().is_file() {
+                    eprintln!(
+                        "building {arg} (commit {}; cached by its build key afterwards)",
+                        &committed.commit[..12]
+                    );
+                }
+                let lib = committed.build()?;
+                Ok(Side {
+                    arg: arg.to_string(),
+                    package: committed.package,
+                    tree: committed.tree,
+                    commit: Some(committed.commit),
+                    lib,
+                })
+            }
+        }
+    }
+}
+
+/// Everything a comparison's JSON file holds.
+#[derive(Serialize)]
+struct CompareRecord<'a> {
+    schema: u32,
+    kind: &'static str,
+    /// B's provenance (the row is B's); A is `against`.
+    provenance: &'a Provenance,
+    against: &'a Side,
+    candidate: &'a Side,
+    protocol: &'a Protocol,
+    schedule: LookSchedule,
+    status: &'a str,
+    error: Option<String>,
+    outcome: Option<Outcome>,
+    reasons: &'a [String],
+    description: &'a str,
+    rounds: u32,
+    seconds: f64,
+    figures: &'a [FigureResult],
+    /// Every look's figures, in order: how the decision came about.
+    looks: &'a [Vec<FigureResult>],
+    gates: Option<&'a GateReport>,
+    oracle: Option<OracleCost>,
+    pairs: &'a [Pair],
+}
+
+/// What measuring produced, failed or not.
+#[derive(Default)]
+struct Measured {
+    pairs: Vec<Pair>,
+    looks: Vec<Vec<FigureResult>>,
+    rounds: u32,
+    seconds: f64,
+}
+
+/// Runs `host compare`; returns the outcome (the caller turns it into the exit status).
+pub fn compare(args: &CompareArgs) -> Result<Outcome> {
+    let root = find_root(&std::env::current_dir()?)?;
+    if args.overrides.rounds.is_some() {
+        bail!("host compare takes no --rounds: it adds rounds until it can decide; bound it with --looks, --rounds-per-look or --max-seconds");
+    }
+    let (a_arg, b_arg) = match (&args.a, &args.b) {
+        (Some(a), Some(b)) => (a.clone(), b.clone()),
+        (None, None) => (
+            format!("HEAD:{}", crate::keep::CURRENT),
+            crate::keep::CURRENT.to_string(),
+        ),
+        _ => bail!("host compare takes two variants (A B) or none (HEAD:variants/current against the working tree)"),
+    };
+    let mut setup = Setup::open(root.clone(), &args.overrides)?;
+    apply_rules(&mut setup.protocol.compare, args)?;
+    let rules = setup.protocol.compare.clone();
+    let schedule = LookSchedule {
+        alpha: rules.alpha,
+        looks: rules.looks,
+        rounds_per_look: rules.rounds_per_look,
+        tests: TESTS_PER_LOOK,
+    };
+
+    // Builds before any timed request.
+    let a = Side::resolve(&root, &a_arg, args.no_build)
+        .with_context(|| format!("variant A ({a_arg})"))?;
+    let b = Side::resolve(&root, &b_arg, args.no_build)
+        .with_context(|| format!("variant B ({b_arg})"))?;
+    let oracle_build = OracleBuild::prepare(&root)?;
+    if a.tree == b.tree {
+        eprintln!(
+            "A and B hold the same files (tree {}): an A/A comparison",
+            &a.tree[..12]
+        );
+    }
+
+    let provenance = setup.provenance(b_arg.clone(), &b.package, b.tree.clone(), &oracle_build.key);
+    let stem = format!("{}-compare-{}", provenance.time.replace(':', ""), b.package);
+    let results_dir = args.results.clone().unwrap_or_else(|| root.join("results"));
+    let order = setup.order();
+
+    let mut measured = Measured::default();
+    let outcome = measure(args, &setup, &schedule, &rules, &a, &b, &mut measured);
+    let figures = measured.looks.last().cloned().unwrap_or_default();
+
+    let roofline =
+        crate::physics::Roofline::new(setup.model.view, crate::physics::measure_bandwidth());
+    let fastest = |pick: fn(&Pair) -> &Sample| {
+        measured
+            .pairs
+            .iter()
+            .map(|p| pick(p).timing.decode_tok_s)
+            .fold(0.0, f64::max)
+    };
+    let (fastest_a, fastest_b) = (fastest(|p| &p.a), fastest(|p| &p.b));
+    let suspect = roofline.is_suspect(fastest_b).then(|| {
+        format!(
+            "B decoded at {fastest_b:.1} tok/s, above the {:.0} tok/s that memory bandwidth allows (suspect)",
+            roofline.bound_tok_s
+        )
+    });
+    let mut outcome = outcome;
+    if outcome.is_ok() && roofline.is_suspect(fastest_a) {
+        outcome = Err(anyhow::anyhow!(
+            "A ({a_arg}) decoded at {fastest_a:.1} tok/s, above the {:.0} tok/s bound: the reference side is suspect, so nothing can be compared with it",
+            roofline.bound_tok_s
+        ));
+    }
+
+    let mut gates = None;
+    let mut oracle_cost = None;
+    let mut b_samples: Vec<Sample> = measured.pairs.iter().map(|p| p.b.clone()).collect();
+    if outcome.is_ok() && suspect.is_none() {
+        let mut oracle = Oracle::new(
+            oracle_build.clone(),
+            &setup.model.path,
+            setup.model.sha256(),
+            setup.timeout(),
+            args.verbose,
+        );
+        let judged = judge(
+            &mut oracle,
+            &mut b_samples,
+            &setup.codec,
+            &setup.prompts,
+            &setup.protocol,
+            &order,
+        );
+        oracle_cost = Some(oracle.finish());
+        match judged {
+            Ok(report) => {
+                for (pair, judged) in measured.pairs.iter_mut().zip(&b_samples) {
+                    pair.b.quality = judged.quality.clone();
+                }
+                gates = Some(report)
+            }
+            Err(e) => outcome = Err(e.context("the quality oracle failed on B's answers")),
+        }
+    }
+    let decided = outcome
+        .as_ref()
+        .ok()
+        .map(|()| Outcome::decide(&figures, gates.as_ref(), suspect.as_deref()));
+    let (status, error) = match &outcome {
+        Ok(()) if suspect.is_some() => ("suspect", None),
+        Ok(()) if gates.as_ref().is_some_and(|g| !g.passed()) => ("rejected", None),
+        Ok(()) => ("ok", None),
+        Err(e) => ("failed", Some(format!("{e:#}"))),
+    };
+    let reasons = decided.as_ref().map(|d| d.1.clone()).unwrap_or_default();
+    let verdict = decided.as_ref().map(|d| d.0);
+    let record = CompareRecord {
+        schema: 1,
+        kind: "compare",
+        provenance: &provenance,
+        against: &a,
+        candidate: &b,
+        protocol: &setup.protocol,
+        schedule,
+        status,
+        error,
+        outcome: verdict,
+        reasons: &reasons,
+        description: &args.description,
+        rounds: measured.rounds,
+        seconds: measured.seconds,
+        figures: &figures,
+        looks: &measured.looks,
+        gates: gates.as_ref(),
+        oracle: oracle_cost.clone(),
+        pairs: &measured.pairs,
+    };
+    let json = record::write_json(&results_dir, &stem, &record)?;
+    let summary = (!b_samples.is_empty()).then(|| Summary::of(&b_samples, &order));
+    let decode = figures.iter().find(|f| f.figure == Figure::DecodeTokS);
+    let row = record::row(
+        &provenance,
+        &setup.protocol,
+        &record::Scope {
+            prompts: &order,
+            all_prompts: setup.all_prompts,
+        },
+        summary.as_ref(),
+        gates.as_ref(),
+        Some(&record::Compared {
+            against: &a_arg,
+            against_tree: &a.tree,
+            rounds: measured.rounds,
+            decode: decode.and_then(|d| d.decision.as_ref()),
+            verdict: verdict.map(Outcome::word).unwrap_or("-"),
+        }),
+        status,
+        &args.description,
+        &json,
+    );
+    let tsv = record::append_row(&results_dir, &row)?;
+    outcome?;
+    let (verdict, reasons) = decided.expect("a comparison that measured has an outcome");
+
+    if args.json {
+        let out = serde_json::json!({
+            "outcome": verdict,
+            "reasons": reasons,
+            "rounds": measured.rounds,
+            "pairs": measured.pairs.len(),
+            "seconds": measured.seconds,
+            "figures": &figures,
+            "gates": &gates,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "{}",
+            render(&figures, &a_arg, &b_arg, &schedule, rules.noise_threshold)
+        );
+        if let Some(g) = &gates {
+            println!("{}", g.render());
+        }
+        println!(
+            "verdict: {} — {} ({} pairs over {} rounds, {:.0} s)",
+            verdict.word(),
+            reasons.join("; "),
+            measured.pairs.len(),
+            measured.rounds,
+            measured.seconds
+        );
+    }
+    if let Some(cost) = &oracle_cost {
+        eprintln!("{}", crate::judge::describe_cost(cost));
+    }
+    eprintln!(
+        "recorded: {} (row appended), {}",
+        tsv.display(),
+        json.display()
+    );
+    Ok(verdict)
+}
+
+/// Applies the command-line overrides of `[compare]` and checks the result.
+fn apply_rules(rules: &mut CompareRules, args: &CompareArgs) -> Result<()> {
+    if let Some(v) = args.looks {
+        rules.looks = v;
+    }
+    if let Some(v) = args.rounds_per_look {
+        rules.rounds_per_look = v;
+    }
+    if let Some(v) = args.max_seconds {
+        rules.max_seconds = v;
+    }
+    if let Some(v) = args.noise_threshold {
+        rules.noise_threshold = v;
+    }
+    rules
+        .check()
+        .map_err(|m| anyhow::anyhow!("command-line override: {m}"))
+}
+
+/// The measured part: both workers, the warm-ups, then rounds until a stop.
+fn measure(
+    args: &CompareArgs,
+    setup: &Setup,
+    schedule: &LookSchedule,
+    rules: &CompareRules,
+    a: &Side,
+    b: &Side,
+    out: &mut Measured,
+) -> Result<()> {
+    let timeout = setup.timeout();
+    let model = &setup.model.path;
+    let name_a = format!("A ({})", a.arg);
+    let name_b = format!("B ({})", b.arg);
+    let mut worker_a = Worker::spawn(&name_a, &a.lib, model, timeout, args.verbose)?;
+    let mut worker_b = Worker::spawn(&name_b, &b.lib, model, timeout, args.verbose)?;
+
+    let prompts = setup.prompts.prompts.len();
+    let max_rounds = schedule.max_rounds();
+    let warmups = setup.warmups()?;
+    let total = 2 * (warmups.len() + prompts * max_rounds as usize);
+    let bar = crate::run::progress_bar(total, "");
+    let tty = std::io::stderr().is_terminal();
+    let log = |line: String| {
+        if tty {
+            bar.println(line);
+        } else {
+            eprintln!("{line}");
+        }
+    };
+    for planned in &warmups {
+        let label = planned.label(max_rounds);
+        bar.set_message(format!("{label}, A and B"));
+        let s = timed_request(setup, &mut worker_a, &name_a, planned, &label)?;
+        log(format!("A {}", request_line(&s, &label)));
+        bar.inc(1);
+        let s = timed_request(setup, &mut worker_b, &name_b, planned, &label)?;
+        log(format!("B {}", request_line(&s, &label)));
+        bar.inc(1);
+    }
+
+    let started = Instant::now();
+    let mut interval = String::from("no look yet");
+    for round in 0..max_rounds {
+        for planned in setup.round(round)? {
+            let label = planned.label(max_rounds);
+            let order = if out.pairs.len() % 2 == 0 {
+                Order::AB
+            } else {
+                Order::BA
+            };
+            bar.set_message(format!("{label}; {interval}"));
+            let mut run = |which: char| -> Result<Sample> {
+                let s = if which == 'A' {
+                    timed_request(setup, &mut worker_a, &name_a, &planned, &label)?
+                } else {
+                    timed_request(setup, &mut worker_b, &name_b, &planned, &label)?
+                };
+                log(format!("{which} {}", request_line(&s, &label)));
+                bar.inc(1);
+                Ok(s)
+            };
+            let (sa, sb) = match order {
+                Order::AB => {
+                    let sa = run('A')?;
+                    (sa, run('B')?)
+                }
+                Order::BA => {
+                    let sb = run('B')?;
+                    (run('A')?, sb)
+                }
+            };
+            out.pairs.push(Pair {
+                round,
+                prompt: planned.instance.prompt.clone(),
+                order,
+                a: sa,
+                b: sb,
+            });
+        }
+        out.rounds = round + 1;
+        out.seconds = started.elapsed().as_secs_f64();
+        if !schedule.looks_after(round + 1) {
+            continue;
+        }
+        let figures = look(
+            &out.pairs,
+            schedule.alpha_per_test(),
+            rules.noise_threshold,
+            setup.protocol.seed ^ round as u64,
+        );
+        if let Some(d) = figures.iter().find(|f| f.figure == Figure::DecodeTokS) {
+            interval = format!("decode B/A {}", change(d));
+        }
+        log(format!(
+            "look {}/{} after {} rounds: {}",
+            (round + 1) / schedule.rounds_per_look,
+            schedule.looks,
+            round + 1,
+            figures
+                .iter()
+                .map(|f| format!("{} {}", f.figure.name(), verdict_word(f)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        let all_decided = figures.iter().all(FigureResult::decided);
+        let reverts = figures.iter().any(|f| f.verdict == Verdict::Slower);
+        out.looks.push(figures);
+        if all_decided || reverts || out.seconds >= rules.max_seconds {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    if out.looks.is_empty() {
+        bail!("the comparison ended before its first look");
+    }
+    Ok(())
+}
+
+/// "FASTER", "SLOWER", "NOISE" or "SAME" (NOISE, settled inside the noise band).
+fn verdict_word(f: &FigureResult) -> &'static str {
+    match f.verdict {
+        Verdict::Faster => "FASTER",
+        Verdict::Slower => "SLOWER",
+        Verdict::Noise if f.settled => "SAME",
+        Verdict::Noise => "NOISE",
+    }
+}
+
+/// The table of figures.
+fn render(
+    figures: &[FigureResult],
+    a: &str,
+    b: &str,
+    schedule: &LookSchedule,
+    noise: f64,
+) -> String {
+    let num = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+    let ci = |c: (f64, f64)| format!("[{:.3}, {:.3}]", c.0, c.1);
+    let mut out = format!(
+        "A = {a}\nB = {b}\n{:<14} {:>10} {:>10} {:>7} {:>17} {:>17} {:>17} {:>9}  verdict\n",
+        "figure", "A median", "B median", "B/A", "95% CI", "bootstrap 95%", "decision CI", "p"
+    );
+    for f in figures {
+        let (ratio, c95, boot, dec, p) = match (&f.at_95, &f.decision) {
+            (Some(w), Some(d)) => (
+                format!("{:.3}", w.ratio),
+                ci(w.ci),
+                ci(w.ci_bootstrap),
+                ci(d.ci),
+                format!("{:.2e}", w.p),
+            ),
+            _ => ("-".into(), "-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        out.push_str(&format!(
+            "{:<14} {:>10} {:>10} {:>7} {:>17} {:>17} {:>17} {:>9}  {}\n",
+            f.figure.name(),
+            num(f.a_median),
+            num(f.b_median),
+            ratio,
+            c95,
+            boot,
+            dec,
+            p,
+            verdict_word(f)
+        ));
+    }
+    let level = (1.0 - schedule.alpha_per_test()) * 100.0;
+    out.push_str(&format!(
+        "A verdict needs p < {:.2e} and the whole {level:.2}% decision interval beyond ±{:.1}% \
+         (alpha {} spent over {} looks x {} figures); SAME = the interval lies inside ±{:.1}%.",
+        schedule.alpha_per_test(),
+        noise * 100.0,
+        schedule.alpha,
+        schedule.looks,
+        schedule.tests,
+        noise * 100.0,
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(figure: Figure, verdict: Verdict, settled: bool) -> FigureResult {
+        FigureResult {
+            figure,
+            better: figure.better(),
+            guarded: figure != Figure::DecodeTokS,
+            a_median: Some(1.0),
+            b_median: Some(1.0),
+            decision: Paired::of(&[0.05, 0.06, 0.04], 0.01, 1),
+            at_95: None,
+            verdict,
+            settled,
+        }
+    }
+
+    fn figures(decode: Verdict, guarded: Verdict) -> Vec<FigureResult> {
+        vec![
+            result(Figure::DecodeTokS, decode, false),
+            result(Figure::PrefillTokS, Verdict::Noise, true),
+            result(Figure::TtftMs, guarded, false),
+            result(Figure::PeakRssMib, Verdict::Noise, true),
+        ]
+    }
+
+    fn gates(fail: bool) -> GateReport {
+        let thresholds = crate::protocol::Gates {
+            tie_margin: 0.001,
+            min_agreement: 0.999,
+            max_perplexity_ratio: 1.1,
+            max_check_drop: 0.34,
+            max_repetition_rise: 0.2,
+        };
+        let mut report = GateReport::decide(&[], &[], &thresholds);
+        if fail {
+            report.failures.push(crate::quality::GateFailure {
+                prompt: "code".into(),
+                gate: "agreement".into(),
+                figure: 0.5,
+                threshold: 0.999,
+                message: "prompt \"code\": agreement 0.5 is below the threshold".into(),
+            });
+        }
+        report
+    }
+
+    #[test]
+    fn the_keep_rule() {
+        let gates_pass = gates(false);
+        let keep = Outcome::decide(
+            &figures(Verdict::Faster, Verdict::Noise),
+            Some(&gates_pass),
+            None,
+        );
+        assert_eq!(keep.0, Outcome::Keep, "{keep:?}");
+        // A guarded figure slower: revert, naming it.
+        let (o, why) = Outcome::decide(
+            &figures(Verdict::Faster, Verdict::Slower),
+            Some(&gates_pass),
+            None,
+        );
+        assert_eq!(o, Outcome::Revert);
+        assert!(
+            why.iter().any(|w| w.contains("TTFT ms is SLOWER")),
+            "{why:?}"
+        );
+        // Decode slower: revert.
+        let (o, _) = Outcome::decide(
+            &figures(Verdict::Slower, Verdict::Noise),
+            Some(&gates_pass),
+            None,
+        );
+        assert_eq!(o, Outcome::Revert);
+        // Nothing decided: noise.
+        let (o, _) = Outcome::decide(
+            &figures(Verdict::Noise, Verdict::Noise),
+            Some(&gates_pass),
+            None,
+        );
+        assert_eq!(o, Outcome::Noise);
+        // Faster but suspect, or not gated: revert.
+        let (o, why) = Outcome::decide(
+            &figures(Verdict::Faster, Verdict::Noise),
+            None,
+            Some("suspect"),
+        );
+        assert_eq!((o, why[0].as_str()), (Outcome::Revert, "suspect"));
+        let (o, _) = Outcome::decide(&figures(Verdict::Faster, Verdict::Noise), None, None);
+        assert_eq!(o, Outcome::Revert);
+        // Faster but a failed gate: revert.
+        let failing = gates(true);
+        let (o, why) = Outcome::decide(
+            &figures(Verdict::Faster, Verdict::Noise),
+            Some(&failing),
+            None,
+        );
+        assert_eq!(o, Outcome::Revert);
+        assert!(why.iter().any(|w| w.contains("quality gate")), "{why:?}");
+        assert_eq!(
+            [Outcome::Keep, Outcome::Revert, Outcome::Noise].map(Outcome::exit_code),
+            [0, 4, 3]
+        );
+    }
+
+    fn sample(decode: f64, ttft: f64, rss: u64) -> Sample {
+        Sample {
+            prompt: "p".into(),
+            round: 0,
+            instance: crate::prompts::PromptInstance {
+                prompt: "p".into(),
+                user_text: String::new(),
+                values: Default::default(),
+            },
+            timing: crate::measure::Timing {
+                prompt_tokens: 100,
+                new_tokens: 8,
+                ttft_ms: ttft,
+                prefill_tok_s: 100.0 / (ttft / 1e3),
+                decode_tok_s: decode,
+                total_ms: ttft + 7.0 * 1e3 / decode,
+                itl_ms: vec![],
+            },
+            peak_rss_kib: rss,
+            tokens: vec![],
+            eos_at: None,
+            text: String::new(),
+            repetition: 0.0,
+            checks: vec![],
+            prompt_ids: vec![],
+            quality: None,
+        }
+    }
+
+    #[test]
+    fn looks_pair_the_figures() {
+        // B decodes 10% faster with a little jitter, prefill identical, memory identical.
+        let pairs: Vec<Pair> = (0..8)
+            .map(|i| {
+                let jitter = 1.0 + 0.002 * (i % 3) as f64;
+                Pair {
+                    round: i,
+                    prompt: "p".into(),
+                    order: if i % 2 == 0 { Order::AB } else { Order::BA },
+                    a: sample(20.0, 500.0, 200_000),
+                    b: sample(22.0 * jitter, 500.0, 200_000),
+                }
+            })
+            .collect();
+        let figures = look(&pairs, 0.05 / 15.0, 0.01, 1);
+        let by = |f: Figure| figures.iter().find(|r| r.figure == f).unwrap();
+        assert_eq!(by(Figure::DecodeTokS).verdict, Verdict::Faster);
+        assert!((by(Figure::DecodeTokS).decision.as_ref().unwrap().ratio - 1.102).abs() < 0.01);
+        for f in [Figure::PrefillTokS, Figure::TtftMs, Figure::PeakRssMib] {
+            assert_eq!(by(f).verdict, Verdict::Noise);
+            assert!(by(f).settled, "{f:?} is identical on both sides");
+        }
+        assert!(figures.iter().all(FigureResult::decided));
+        let table = render(
+            &figures,
+            "a",
+            "b",
+            &LookSchedule {
+                alpha: 0.05,
+                looks: 5,
+                rounds_per_look: 2,
+                tests: 3,
+            },
+            0.01,
+        );
+        assert!(
+            table.contains("FASTER") && table.contains("SAME"),
+            "{table}"
+        );
+    }
+}

@@ -1,0 +1,450 @@
+//! Variants as committed: `REV:PATH` arguments (`HEAD:variants/current`, `abc123:variants/current`)
+//! and the quality oracle (`HEAD:variants/baseline`) are built from git objects, never from the
+//! working copy.
+//!
+//! [`Committed::find`] resolves a revision and a variant path to its git objects and computes two
+//! hashes without writing anything: the *build key*, over the object ids of everything the
+//! build reads (root manifest, lock file, `plugin-api/`, the variant), and the variant's *content
+//! hash*, in the same format as [`crate::vcs::tree_hash`] of a checkout, so a revision and a
+//! directory holding the same files get the same hash. [`Committed::build`] writes the commit's
+//! tree to a scratch directory, builds it with cargo in one shared target directory
+//! (`<target>/autoinfer-git/target`), and keeps the library under its build key: the same tree
+//! is never built twice.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::cargo_build::VariantCrate;
+use crate::hashing::{hash_entries, is_skipped_name, sha256_hex};
+
+/// The paths of a commit, besides the variant itself, whose content a variant's build reads.
+const BUILD_INPUTS: [&str; 3] = ["Cargo.toml", "Cargo.lock", "plugin-api"];
+
+/// A variant argument: a directory, or a path inside a git revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VariantArg {
+    /// A crate directory in the working tree.
+    Dir(PathBuf),
+    /// `rev:path`, the path relative to the repository's root.
+    Revision { rev: String, path: String },
+}
+
+impl VariantArg {
+    /// Reads `arg`: `REV:PATH` when it has a colon and no such directory exists, else a path.
+    pub fn parse(arg: &str) -> VariantArg {
+        match arg.split_once(':') {
+            Some((rev, path)) if !rev.is_empty() && !Path::new(arg).exists() => {
+                VariantArg::Revision {
+                    rev: rev.to_string(),
+                    path: path.trim_matches('/').to_string(),
+                }
+            }
+            _ => VariantArg::Dir(PathBuf::from(arg)),
+        }
+    }
+}
+
+impl std::fmt::Display for VariantArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VariantArg::Dir(d) => write!(f, "{}", d.display()),
+            VariantArg::Revision { rev, path } => write!(f, "{rev}:{path}"),
+        }
+    }
+}
+
+/// `<target>/autoinfer-git`, where target is `$CARGO_TARGET_DIR` (relative to the current
+/// directory, as cargo reads it) or `<root>/target`. Committed builds live here.
+pub fn builds_home(root: &Path) -> PathBuf {
+    target_dir(root).join("autoinfer-git")
+}
+
+/// The target directory cargo uses for the checkout at `root`.
+pub fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => std::env::current_dir()
+            .unwrap_or_default()
+            .join(PathBuf::from(dir)),
+        None => root.join("target"),
+    }
+}
+
+/// A variant directory as one commit has it.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// The commit's full id.
+    pub commit: String,
+    /// The variant's path inside the commit.
+    pub path: String,
+    /// Hex hash of the object ids of [`BUILD_INPUTS`] and the variant: what the build reads.
+    pub key: String,
+    /// Content hash of the variant's files (as [`crate::vcs::tree_hash`] computes it).
+    pub tree: String,
+    /// The crate's package name.
+    pub package: String,
+    root: PathBuf,
+}
+
+impl Committed {
+    /// Resolves `rev` (anything `git rev-parse` takes) and the variant `path` in the repository
+    /// holding `root`.
+    pub fn find(root: &Path, rev: &str, path: &str) -> Result<Committed> {
+        let repo = open_repo(root)?;
+        let commit = repo
+            .revparse_single(rev)
+            .and_then(|o| o.peel_to_commit())
+            .with_context(|| {
+                if rev == "HEAD" {
+                    "HEAD has no commit yet: commit the checkout first".to_string()
+                } else {
+                    format!(
+                        "{rev:?} is not a commit of the repository at {}",
+                        root.display()
+                    )
+                }
+            })?;
+        let tree = commit.tree()?;
+        let mut inputs = String::new();
+        for input in BUILD_INPUTS.iter().copied().chain([path]) {
+            let entry = tree.get_path(Path::new(input)).with_context(|| {
+                format!("commit {} ({rev}) has no {input}", short(&commit.id()))
+            })?;
+            inputs.push_str(&format!("{input}:{}\n", entry.id()));
+        }
+        let variant = tree
+            .get_path(Path::new(path))?
+            .to_object(&repo)?
+            .peel_to_tree()
+            .with_context(|| format!("{rev}:{path} is a file, not a variant directory"))?;
+        let manifest = variant
+            .get_path(Path::new("Cargo.toml"))
+            .ok()
+            .and_then(|e| e.to_object(&repo).ok())
+            .and_then(|o| o.peel_to_blob().ok())
+            .with_context(|| {
+                format!("{rev}:{path} is not a variant crate: it has no Cargo.toml")
+            })?;
+        let manifest_name = PathBuf::from(format!("{rev}:{path}/Cargo.toml"));
+        let package = crate::cargo_build::package_of(
+            &String::from_utf8_lossy(manifest.content()),
+            &manifest_name,
+        )?;
+        Ok(Committed {
+            commit: commit.id().to_string(),
+            path: path.to_string(),
+            key: sha256_hex(inputs.as_bytes()),
+            tree: content_hash(&repo, &variant)?,
+            package,
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// The built library's cache path.
+    pub fn library(&self) -> PathBuf {
+        builds_home(&self.root)
+            .join("lib")
+            .join(format!("{}-{}.so", self.package, &self.key[..16]))
+    }
+
+    /// The built library: from the cache, or written out and built now (cargo's output goes to
+    /// the terminal).
+    pub fn build(&self) -> Result<PathBuf> {
+        let lib = self.library();
+        if lib.is_file() {
+            return Ok(lib);
+        }
+        let home = builds_home(&self.root);
+        let short_key = &self.key[..16];
+        let src = home.join(format!("src-{short_key}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&src);
+        let repo = open_repo(&self.root)?;
+        let tree = repo
+            .find_commit(git2::Oid::from_str(&self.commit)?)?
+            .tree()?;
+        materialise(&repo, &tree, &src).with_context(|| {
+            format!(
+                "cannot write commit {} to {}",
+                &self.commit[..12],
+                src.display()
+            )
+        })?;
+        let built = VariantCrate::open(&src.join(&self.path))
+            .map_err(anyhow::Error::from)
+            .and_then(|c| Ok(c.build_in(Some(&home.join("target")))?));
+        let copied = built.and_then(|built| {
+            std::fs::create_dir_all(lib.parent().expect("lib/ has a parent"))?;
+            let tmp = lib.with_extension(format!("so.tmp-{}", std::process::id()));
+            std::fs::copy(&built, &tmp)
+                .with_context(|| format!("cannot copy {} to {}", built.display(), tmp.display()))?;
+            std::fs::rename(&tmp, &lib)?;
+            Ok(lib.clone())
+        });
+        // The written-out tree is only needed by cargo; the library is kept by key.
+        let _ = std::fs::remove_dir_all(&src);
+        copied.with_context(|| {
+            format!(
+                "cannot build {}:{} (commit {})",
+                short_rev(&self.commit),
+                self.path,
+                &self.commit[..12]
+            )
+        })
+    }
+}
+
+/// The content hash of `path` as commit `rev` has it (see [`Committed::tree`]).
+pub fn tree_hash_at(root: &Path, rev: &str, path: &str) -> Result<String> {
+    let repo = open_repo(root)?;
+    let commit = repo
+        .revparse_single(rev)
+        .and_then(|o| o.peel_to_commit())
+        .with_context(|| {
+            format!(
+                "{rev:?} is not a commit of the repository at {}",
+                root.display()
+            )
+        })?;
+    let tree = commit
+        .tree()?
+        .get_path(Path::new(path))
+        .with_context(|| format!("commit {} ({rev}) has no {path}", short(&commit.id())))?
+        .to_object(&repo)?
+        .peel_to_tree()
+        .with_context(|| format!("{rev}:{path} is a file, not a directory"))?;
+    content_hash(&repo, &tree)
+}
+
+fn short(oid: &git2::Oid) -> String {
+    oid.to_string()[..12].to_string()
+}
+
+fn short_rev(commit: &str) -> &str {
+    &commit[..12.min(commit.len())]
+}
+
+fn open_repo(root: &Path) -> Result<git2::Repository> {
+    git2::Repository::discover(root).with_context(|| {
+        format!(
+            "{} is not in a git repository (committed variants and the quality oracle are read from git)",
+            root.display()
+        )
+    })
+}
+
+/// The content hash of a committed directory: every blob's path and bytes, in the format and
+/// order of [`crate::hashing::hash_files`], skipping the same names.
+fn content_hash(repo: &git2::Repository, tree: &git2::Tree) -> Result<String> {
+    let mut entries = Vec::new();
+    collect_blobs(repo, tree, PathBuf::new(), &mut entries)?;
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(hash_entries(entries))
+}
+
+fn collect_blobs(
+    repo: &git2::Repository,
+    tree: &git2::Tree,
+    prefix: PathBuf,
+    out: &mut Vec<(PathBuf, Vec<u8>)>,
+) -> Result<()> {
+    for entry in tree.iter() {
+        let name = entry.name().unwrap_or("_");
+        if is_skipped_name(name) {
+            continue;
+        }
+        let path = prefix.join(name);
+        match entry.kind() {
+            Some(git2::ObjectType::Blob) => {
+                out.push((path, repo.find_blob(entry.id())?.content().to_vec()))
+            }
+            Some(git2::ObjectType::Tree) => {
+                collect_blobs(repo, &repo.find_tree(entry.id())?, path, out)?
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Writes every blob of `tree` under `dir` (executable bits and symlinks are not needed to
+/// build a crate and are written as plain files).
+fn materialise(repo: &git2::Repository, tree: &git2::Tree, dir: &Path) -> Result<()> {
+    let mut failure: Option<anyhow::Error> = None;
+    tree.walk(git2::TreeWalkMode::PreOrder, |parent, entry| {
+        if entry.kind() != Some(git2::ObjectType::Blob) {
+            return git2::TreeWalkResult::Ok;
+        }
+        let path = dir.join(parent).join(entry.name().unwrap_or("_"));
+        let written = repo
+            .find_blob(entry.id())
+            .map_err(anyhow::Error::from)
+            .and_then(|blob| {
+                if let Some(p) = path.parent() {
+                    std::fs::create_dir_all(p)?;
+                }
+                std::fs::write(&path, blob.content())?;
+                Ok(())
+            });
+        match written {
+            Ok(()) => git2::TreeWalkResult::Ok,
+            Err(e) => {
+                failure = Some(e.context(path.display().to_string()));
+                git2::TreeWalkResult::Abort
+            }
+        }
+    })?;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A scratch git repository holding `files` in one commit (none when `files` is empty).
+    pub fn repo(name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("autoinfer-rev-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let repo = git2::Repository::init(&dir).unwrap();
+        if files.is_empty() {
+            return dir;
+        }
+        commit(&repo, files);
+        dir
+    }
+
+    /// Writes `files` into the work tree and commits them.
+    pub fn commit(repo: &git2::Repository, files: &[(&str, &str)]) {
+        let dir = repo.workdir().unwrap().to_path_buf();
+        let mut index = repo.index().unwrap();
+        for (path, text) in files {
+            let full = dir.join(path);
+            std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+            std::fs::write(&full, text).unwrap();
+            index.add_path(Path::new(path)).unwrap();
+        }
+        index.write().unwrap();
+        let tree = repo.find_tree(index.write_tree().unwrap()).unwrap();
+        let sig = git2::Signature::now("test", "test@example.com").unwrap();
+        let parent = repo.head().ok().and_then(|h| h.peel_to_commit().ok());
+        let parents: Vec<&git2::Commit> = parent.iter().collect();
+        repo.commit(Some("HEAD"), &sig, &sig, "test", &tree, &parents)
+            .unwrap();
+    }
+
+    const MANIFEST: &str = "[package]\nname = \"current\"\n[lib]\ncrate-type = [\"cdylib\"]\n";
+
+    pub const CHECKOUT: &[(&str, &str)] = &[
+        ("Cargo.toml", "[workspace]"),
+        ("Cargo.lock", "# lock"),
+        ("plugin-api/src/lib.rs", "// api"),
+        (
+            "variants/baseline/Cargo.toml",
+            "[package]\nname = \"baseline\"\n[lib]\ncrate-type = [\"cdylib\"]\n",
+        ),
+        ("variants/baseline/src/lib.rs", "// baseline v1"),
+        ("variants/current/Cargo.toml", MANIFEST),
+        ("variants/current/src/lib.rs", "// current v1"),
+        ("README.md", "readme"),
+    ];
+
+    fn error_of(dir: &Path, rev: &str, path: &str) -> String {
+        match Committed::find(dir, rev, path) {
+            Ok(_) => panic!("{rev}:{path} in {} should be refused", dir.display()),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn arguments_are_paths_or_revisions() {
+        assert_eq!(
+            VariantArg::parse("HEAD:variants/current/"),
+            VariantArg::Revision {
+                rev: "HEAD".into(),
+                path: "variants/current".into()
+            }
+        );
+        assert_eq!(
+            VariantArg::parse("variants/current"),
+            VariantArg::Dir("variants/current".into())
+        );
+        assert_eq!(VariantArg::parse(":x"), VariantArg::Dir(":x".into()));
+    }
+
+    #[test]
+    fn bad_revisions_are_named() {
+        let outside =
+            std::env::temp_dir().join(format!("autoinfer-rev-none-{}", std::process::id()));
+        std::fs::create_dir_all(&outside).unwrap();
+        assert!(error_of(&outside, "HEAD", "v").contains("not in a git repository"));
+        let empty = repo("empty", &[]);
+        assert!(error_of(&empty, "HEAD", "v").contains("HEAD has no commit"));
+        let dir = repo("bad", CHECKOUT);
+        let e = error_of(&dir, "nosuchbranch", "variants/current");
+        assert!(e.contains("\"nosuchbranch\" is not a commit"), "{e}");
+        let e = error_of(&dir, "HEAD", "variants/nope");
+        assert!(e.contains("has no variants/nope"), "{e}");
+        let e = error_of(&dir, "HEAD", "README.md");
+        assert!(e.contains("is a file"), "{e}");
+        let e = error_of(&dir, "HEAD", "plugin-api");
+        assert!(e.contains("no Cargo.toml"), "{e}");
+        for d in [outside, empty, dir] {
+            std::fs::remove_dir_all(d).unwrap();
+        }
+    }
+
+    #[test]
+    fn keys_follow_what_the_build_reads_and_hashes_match_checkouts() {
+        let dir = repo("key", CHECKOUT);
+        let git = git2::Repository::open(&dir).unwrap();
+        let first = Committed::find(&dir, "HEAD", "variants/current").unwrap();
+        assert_eq!(first.package, "current");
+        // The content hash equals the checkout's directory hash.
+        assert_eq!(
+            first.tree,
+            crate::vcs::tree_hash(&dir.join("variants/current"))
+        );
+        // An unrelated commit keeps the key; an edit of the variant or plugin-api changes it.
+        commit(&git, &[("README.md", "readme v2")]);
+        let same = Committed::find(&dir, "HEAD", "variants/current").unwrap();
+        assert_ne!(first.commit, same.commit);
+        assert_eq!(
+            (first.key.as_str(), first.tree.as_str()),
+            (same.key.as_str(), same.tree.as_str())
+        );
+        commit(&git, &[("plugin-api/src/lib.rs", "// api v2")]);
+        let api = Committed::find(&dir, "HEAD", "variants/current").unwrap();
+        assert_ne!(api.key, first.key);
+        assert_eq!(
+            api.tree, first.tree,
+            "the variant's own files did not change"
+        );
+        commit(&git, &[("variants/current/src/lib.rs", "// current v2")]);
+        let edited = Committed::find(&dir, "HEAD", "variants/current").unwrap();
+        assert_ne!(edited.tree, first.tree);
+        // Older revisions stay reachable.
+        let old = Committed::find(&dir, &format!("{}", first.commit), "variants/current").unwrap();
+        assert_eq!(old.key, first.key);
+        let parent = Committed::find(&dir, "HEAD~1", "variants/current").unwrap();
+        assert_eq!(parent.key, api.key);
+
+        // The commit's tree is what gets written out, not the working copy.
+        std::fs::write(dir.join("variants/current/src/lib.rs"), "// not committed").unwrap();
+        let out = dir.join("materialised");
+        let head = git
+            .head()
+            .unwrap()
+            .peel_to_commit()
+            .unwrap()
+            .tree()
+            .unwrap();
+        materialise(&git, &head, &out).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(out.join("variants/current/src/lib.rs")).unwrap(),
+            "// current v2"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

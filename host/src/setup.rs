@@ -1,0 +1,270 @@
+//! What `host run` and `host compare` share before and during measuring.
+//!
+//! [`Setup::open`] reads the protocol (with command-line overrides) and the prompts, opens the
+//! model and its tokenizer: the cheap errors come first. [`Setup::warmups`] and [`Setup::round`]
+//! draw and tokenize the requests ([`Planned`]); [`timed_request`] sends one to a worker and
+//! turns the reply into a checked [`Sample`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::measure::Timing;
+use crate::model::Model;
+use crate::prompts::{PromptInstance, PromptSet, PromptSpec};
+use crate::protocol::Protocol;
+use crate::record::{self, Provenance};
+use crate::report::Sample;
+use crate::supervisor::Worker;
+use crate::tokenize::TextCodec;
+use crate::wire::{Reply, Request};
+
+/// Command-line values that override the protocol file or the defaults for one invocation.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// A GGUF instead of the default model.
+    pub model: Option<PathBuf>,
+    pub rounds: Option<u32>,
+    pub max_new_tokens: Option<u32>,
+    pub seed: Option<u64>,
+    pub timeout_s: Option<f64>,
+    /// Only these prompts (all when empty).
+    pub prompts: Vec<String>,
+}
+
+/// The protocol, prompts, model and tokenizer of one invocation.
+pub struct Setup {
+    /// The checkout's root.
+    pub root: PathBuf,
+    pub protocol: Protocol,
+    pub prompts: PromptSet,
+    pub model: Model,
+    pub codec: TextCodec,
+    /// Whether every prompt runs (no `--prompt`).
+    pub all_prompts: bool,
+}
+
+/// One request to send: which prompt, which round (`None` for a warm-up), its text and ids.
+pub struct Planned<'a> {
+    pub spec: &'a PromptSpec,
+    pub round: Option<u32>,
+    pub instance: PromptInstance,
+    pub ids: Vec<u32>,
+}
+
+impl Planned<'_> {
+    /// How the request is named in progress lines and errors.
+    pub fn label(&self, rounds: u32) -> String {
+        match self.round {
+            Some(r) => format!("prompt {:?} round {}/{rounds}", self.instance.prompt, r + 1),
+            None => format!("warm-up request ({:?})", self.instance.prompt),
+        }
+    }
+}
+
+/// The checkout's root: the nearest ancestor of `start` with `prompts/protocol.toml`.
+pub fn find_root(start: &Path) -> Result<PathBuf> {
+    let start = start
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", start.display()))?;
+    start
+        .ancestors()
+        .find(|d| d.join("prompts/protocol.toml").is_file())
+        .map(Path::to_path_buf)
+        .with_context(|| {
+            format!("no prompts/protocol.toml in {} or above it: run host from inside an autoinfer checkout", start.display())
+        })
+}
+
+/// Resolves the model: `--model`, else the default one (fetched when missing, hash-checked).
+pub fn open_model(path: Option<&Path>) -> Result<Model> {
+    match path {
+        Some(p) => Ok(Model::open(p)?),
+        None => {
+            let p = crate::fetch::default_model()?;
+            let model = Model::open(&p)?;
+            let sha = model.sha256();
+            if sha != crate::fetch::DEFAULT_MODEL_SHA256 {
+                bail!(
+                    "the cached default model {} has SHA-256 {sha}, not {}; delete it and run again to refetch",
+                    p.display(),
+                    crate::fetch::DEFAULT_MODEL_SHA256
+                );
+            }
+            Ok(model)
+        }
+    }
+}
+
+impl Setup {
+    /// Reads `root`'s protocol and prompts with `o` applied, then opens the model.
+    pub fn open(root: PathBuf, o: &Overrides) -> Result<Setup> {
+        let prompts_dir = root.join("prompts");
+        let mut protocol = Protocol::load(&prompts_dir.join("protocol.toml"))?;
+        if let Some(r) = o.rounds {
+            protocol.rounds = r;
+        }
+        if let Some(n) = o.max_new_tokens {
+            protocol.max_new_tokens = n;
+        }
+        if let Some(s) = o.seed {
+            protocol.seed = s;
+        }
+        if let Some(t) = o.timeout_s {
+            protocol.request_timeout_s = t;
+        }
+        protocol
+            .check()
+            .map_err(|m| anyhow::anyhow!("command-line override: {m}"))?;
+        let prompts = PromptSet::load(&prompts_dir)?
+            .select(&o.prompts)
+            .map_err(anyhow::Error::msg)?;
+        let model = open_model(o.model.as_deref())?;
+        let codec = TextCodec::from_model(model.view)
+            .with_context(|| format!("model {}", model.path.display()))?;
+        Ok(Setup {
+            root,
+            protocol,
+            prompts,
+            model,
+            codec,
+            all_prompts: o.prompts.is_empty(),
+        })
+    }
+
+    /// The prompt names in order.
+    pub fn order(&self) -> Vec<String> {
+        self.prompts
+            .prompts
+            .iter()
+            .map(|p| p.name.clone())
+            .collect()
+    }
+
+    fn plan<'a>(
+        &'a self,
+        spec: &'a PromptSpec,
+        round: Option<u32>,
+        draw: u64,
+    ) -> Result<Planned<'a>> {
+        let instance = spec.draw(self.protocol.seed, draw);
+        let ids = self
+            .codec
+            .encode(&self.codec.render_chat(&instance.user_text)?)?;
+        Ok(Planned {
+            spec,
+            round,
+            instance,
+            ids,
+        })
+    }
+
+    /// The warm-up requests. They draw from rounds counted down from u64::MAX, so they never
+    /// repeat a timed one.
+    pub fn warmups(&self) -> Result<Vec<Planned<'_>>> {
+        let specs = &self.prompts.prompts;
+        (0..self.protocol.warmup_requests as u64)
+            .map(|i| self.plan(&specs[i as usize % specs.len()], None, u64::MAX - i))
+            .collect()
+    }
+
+    /// Round `r`'s requests, one per prompt: the same instances for every variant.
+    pub fn round(&self, r: u32) -> Result<Vec<Planned<'_>>> {
+        self.prompts
+            .prompts
+            .iter()
+            .map(|spec| self.plan(spec, Some(r), r as u64))
+            .collect()
+    }
+
+    /// The provenance of a measurement of one variant.
+    pub fn provenance(
+        &self,
+        variant_dir: String,
+        package: &str,
+        tree: String,
+        oracle_key: &str,
+    ) -> Provenance {
+        Provenance {
+            time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            commit: crate::vcs::describe_commit(&self.root),
+            variant_dir,
+            variant_package: package.to_string(),
+            variant_tree: tree,
+            harness: crate::vcs::harness_hash(&self.root, oracle_key),
+            model_path: self.model.path.display().to_string(),
+            model_sha256: self.model.sha256().to_string(),
+            machine: record::machine(),
+            device: "cpu".into(),
+        }
+    }
+
+    /// The request timeout.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.protocol.request_timeout_s)
+    }
+}
+
+/// Sends `planned` to `worker` (the variant `name`) and checks and times what comes back. A
+/// warm-up's sample is returned too; the caller decides what counts.
+pub fn timed_request(
+    setup: &Setup,
+    worker: &mut Worker,
+    name: &str,
+    planned: &Planned,
+    label: &str,
+) -> Result<Sample> {
+    let protocol = &setup.protocol;
+    let codec = &setup.codec;
+    let request = Request::Generate {
+        prompt: planned.ids.clone(),
+        max_new_tokens: protocol.max_new_tokens,
+    };
+    let reply = worker.request(&request, label, setup.timeout())?;
+    let Reply::Generated {
+        tokens,
+        emit_ns,
+        overflow,
+        peak_rss_kib,
+    } = reply
+    else {
+        bail!("variant {name}: the worker answered {label} with something other than tokens");
+    };
+    let timing = Timing::from_emits(
+        planned.ids.len(),
+        &tokens,
+        &emit_ns,
+        overflow,
+        protocol.max_new_tokens as usize,
+        codec.vocab_size,
+    )
+    .with_context(|| format!("variant {name} failed {label}"))?;
+    let eos_at = tokens.iter().position(|&t| t == codec.eos_id);
+    let answer = &tokens[..eos_at.unwrap_or(tokens.len())];
+    let text = codec.decode(answer)?;
+    let checks = planned.spec.evaluate(&planned.instance, &text);
+    let repetition = crate::quality::repeated_ngram_share(answer, crate::quality::REPETITION_N);
+    Ok(Sample {
+        prompt_ids: planned.ids.clone(),
+        quality: None,
+        prompt: planned.instance.prompt.clone(),
+        round: planned.round.unwrap_or(u32::MAX),
+        instance: planned.instance.clone(),
+        timing,
+        peak_rss_kib,
+        tokens,
+        eos_at,
+        text,
+        repetition,
+        checks,
+    })
+}
+
+/// One line describing a finished request, for the log under the progress bar.
+pub fn request_line(sample: &Sample, label: &str) -> String {
+    format!(
+        "{label}: {} prompt tokens, prefill {:.1} tok/s, decode {:.2} tok/s",
+        sample.timing.prompt_tokens, sample.timing.prefill_tok_s, sample.timing.decode_tok_s
+    )
+}

@@ -1,0 +1,253 @@
+//! `host compare` on the real model: A/A comes out NOISE, a slower variant is SLOWER and
+//! reverted, a variant that buffers its tokens is never kept, revisions are built once, and bad
+//! arguments and crashes are named.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::{fixture, host, model, output, records, root, scratch};
+
+/// `host compare A B` with a test-sized protocol and schedule, results into `results`, the
+/// fixtures' mode set to `mode`.
+fn compare(
+    a: &str,
+    b: &str,
+    mode: &str,
+    results: &Path,
+    extra: &[&str],
+) -> (Output, String, String) {
+    model();
+    let mut cmd = host();
+    cmd.arg("compare");
+    if !a.is_empty() {
+        cmd.args([a, b]);
+    }
+    cmd.args(["--max-new-tokens", "8", "--prompt", "code"])
+        .arg("--results")
+        .arg(results)
+        .args(extra)
+        .env("AUTOINFER_FIXTURE_MODE", mode)
+        .env("CARGO_TARGET_DIR", root().join("target"));
+    output(&mut cmd)
+}
+
+fn drift() -> String {
+    fixture("drift").display().to_string()
+}
+
+#[test]
+fn a_variant_against_itself_is_noise() {
+    let results = scratch("compare-aa");
+    let schedule = ["--looks", "2", "--rounds-per-look", "2"];
+    let mut noise = 0;
+    for _ in 0..4 {
+        let (out, stdout, err) = compare(
+            "variants/baseline",
+            "variants/baseline",
+            "",
+            &results,
+            &schedule,
+        );
+        assert!(
+            matches!(out.status.code(), Some(0 | 3 | 4)),
+            "the comparison must run: {err}"
+        );
+        assert_ne!(
+            out.status.code(),
+            Some(0),
+            "an A/A comparison must never say KEEP: {stdout}"
+        );
+        if out.status.code() == Some(3) {
+            assert!(stdout.contains("verdict: NOISE"), "{stdout}");
+            noise += 1;
+        }
+        assert!(err.contains("an A/A comparison"), "{err}");
+    }
+    // Each comparison's false-verdict rate is at most 5% by construction; 2 of 4 would be
+    // a 1-in-70 event even at that rate.
+    assert!(
+        noise >= 3,
+        "only {noise} of 4 A/A comparisons came out NOISE"
+    );
+    let rows = records(&results);
+    assert_eq!(rows.len(), 4);
+    for row in &rows {
+        assert_eq!(row["against"], "variants/baseline");
+        assert_eq!(row["against_tree"], row["variant_tree"]);
+        assert_eq!(row["status"], "ok");
+        assert_eq!(
+            row["compare_rounds"], "4",
+            "an undecided comparison runs every look"
+        );
+        assert!(row["decode_ratio"].contains('['), "{row:?}");
+    }
+    // The JSON holds every pair, both sides, in ABBA order.
+    let json = results.join("runs").join(&rows[0]["json"]);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    let orders: Vec<&str> = record["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["order"].as_str().unwrap())
+        .collect();
+    assert_eq!(orders, ["AB", "BA", "AB", "BA"]);
+    assert_eq!(record["looks"].as_array().unwrap().len(), 2);
+    std::fs::remove_dir_all(&results).unwrap();
+}
+
+#[test]
+fn a_slower_variant_is_slower_and_reverted() {
+    // The drift fixture's `sleep` mode: the baseline's code and answers, 20 ms more per token.
+    let results = scratch("compare-slow");
+    let (out, stdout, err) = compare(
+        "variants/baseline",
+        &drift(),
+        "sleep",
+        &results,
+        &[
+            "--prompt",
+            "explanation",
+            "--looks",
+            "2",
+            "--rounds-per-look",
+            "2",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(4), "REVERT exits 4: {stdout}{err}");
+    let decode = stdout
+        .lines()
+        .find(|l| l.starts_with("decode tok/s"))
+        .unwrap();
+    assert!(decode.ends_with("SLOWER"), "{stdout}");
+    assert!(
+        stdout.contains("verdict: REVERT") && stdout.contains("decode tok/s is SLOWER"),
+        "{stdout}"
+    );
+    let row = &records(&results)[0];
+    assert_eq!(
+        (row["verdict"].as_str(), row["status"].as_str()),
+        ("REVERT", "ok")
+    );
+    std::fs::remove_dir_all(&results).unwrap();
+}
+
+#[test]
+fn a_variant_that_buffers_its_tokens_is_never_kept() {
+    // The drift fixture's `buffer` mode: correct answers, every token held back and emitted at
+    // the end. Its "decode rate" is enormous; its first token comes late.
+    let results = scratch("compare-buffer");
+    let (out, stdout, err) = compare(
+        "variants/baseline",
+        &drift(),
+        "buffer",
+        &results,
+        &["--looks", "2", "--rounds-per-look", "2"],
+    );
+    assert_eq!(out.status.code(), Some(4), "REVERT exits 4: {stdout}{err}");
+    assert!(
+        stdout.contains("verdict: REVERT") && stdout.contains("suspect"),
+        "{stdout}"
+    );
+    let row = &records(&results)[0];
+    assert_eq!(
+        (row["verdict"].as_str(), row["status"].as_str()),
+        ("REVERT", "suspect")
+    );
+    std::fs::remove_dir_all(&results).unwrap();
+}
+
+#[test]
+fn no_arguments_compare_the_committed_current_and_build_it_once() {
+    let results = scratch("compare-rev");
+    let schedule = ["--looks", "1", "--rounds-per-look", "2"];
+    let mut err = String::new();
+    for _ in 0..2 {
+        let (out, stdout, stderr) = compare("", "", "", &results, &schedule);
+        assert!(
+            matches!(out.status.code(), Some(0 | 3 | 4)),
+            "{stdout}{stderr}"
+        );
+        err = stderr;
+    }
+    assert!(
+        !err.contains("building HEAD:variants/current"),
+        "the same tree must not be built twice: {err}"
+    );
+    let rows = records(&results);
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        assert_eq!(row["against"], "HEAD:variants/current");
+        assert_eq!(row["variant"], "variants/current");
+    }
+    std::fs::remove_dir_all(&results).unwrap();
+}
+
+#[test]
+fn bad_arguments_are_named_and_leave_no_row() {
+    let results = scratch("compare-bad");
+    for (args, needle) in [
+        (vec!["variants/baseline"], "two variants (A B) or none"),
+        (
+            vec!["nosuchrev:variants/current", "variants/current"],
+            "\"nosuchrev\" is not a commit",
+        ),
+        (
+            vec!["HEAD:variants/nothing", "variants/current"],
+            "has no variants/nothing",
+        ),
+        (
+            vec!["variants/nothing", "variants/current"],
+            "variant directory variants/nothing does not exist",
+        ),
+        (
+            vec!["variants/baseline", "variants/current", "--rounds", "3"],
+            "no --rounds",
+        ),
+        (
+            vec!["variants/baseline", "variants/current", "--looks", "0"],
+            "compare.looks",
+        ),
+        (
+            vec!["variants/baseline", "variants/current", "--prompt", "nope"],
+            "nope",
+        ),
+    ] {
+        let mut cmd = host();
+        cmd.arg("compare")
+            .args(&args)
+            .arg("--results")
+            .arg(&results);
+        let (out, _, err) = output(&mut cmd);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "{args:?} should say {needle:?}: {err}"
+        );
+    }
+    assert!(
+        records(&results).is_empty(),
+        "refused before measuring: no row"
+    );
+    std::fs::remove_dir_all(&results).unwrap();
+}
+
+#[test]
+fn a_crash_of_b_is_named_and_recorded() {
+    let results = scratch("compare-crash");
+    let broken = fixture("broken").display().to_string();
+    let (out, _, err) = compare("variants/baseline", &broken, "panic", &results, &[]);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("B ({broken})")) && err.contains("panicked"),
+        "{err}"
+    );
+    let row = &records(&results)[0];
+    assert_eq!(
+        (row["status"].as_str(), row["verdict"].as_str()),
+        ("failed", "-")
+    );
+    std::fs::remove_dir_all(&results).unwrap();
+}
