@@ -15,6 +15,10 @@ use anyhow::{bail, Context, Result};
 /// The variant the loop edits, relative to the checkout's root.
 pub const CURRENT: &str = "variants/current";
 
+/// The workspace's lock file: committed with the variant when the variant's dependencies
+/// changed it (this changes the oracle's build key, so the harness hash, once).
+const LOCK: &str = "Cargo.lock";
+
 /// The newest row of `results.tsv` (as column → field) for `CURRENT` whose tree hash starts
 /// like `tree`.
 fn latest_row(results: &Path, tree: &str) -> Result<Option<BTreeMap<String, String>>> {
@@ -35,6 +39,9 @@ pub struct KeepRules<'a> {
     pub harness: &'a str,
     /// Accept a NOISE verdict when the change deletes more lines than it adds.
     pub simpler: bool,
+    /// The protocol's tokens per request: a comparison with fewer (or on some prompts only) was
+    /// a quick look, not one to keep on.
+    pub max_new_tokens: u32,
 }
 
 /// Commits `variants/current` alone with `message`, after checking the latest comparison of its
@@ -82,6 +89,17 @@ pub fn keep(root: &Path, results: &Path, message: &str, rules: &KeepRules) -> Re
             &head_tree[..12]
         );
     }
+    if field("prompts") != "all" || field("max_new_tokens") != rules.max_new_tokens.to_string() {
+        bail!(
+            "the latest comparison of {CURRENT} ({}) was a quick one (prompts {}, {} tokens per \
+             request): only a comparison on every prompt with the protocol's {} tokens is kept on; \
+             run `host compare` without --prompt or --max-new-tokens",
+            field("time"),
+            field("prompts"),
+            field("max_new_tokens"),
+            rules.max_new_tokens
+        );
+    }
     if field("status") != "ok" || field("gates") != "pass" {
         bail!(
             "the latest comparison of {CURRENT} as it is now ({}) has status {:?} and gates {:?}: \
@@ -122,7 +140,8 @@ pub fn keep(root: &Path, results: &Path, message: &str, rules: &KeepRules) -> Re
                 || st.is_index_deleted()
                 || st.is_index_renamed()
                 || st.is_index_typechange();
-            staged && !s.path().unwrap_or("").starts_with(CURRENT)
+            let path = s.path().unwrap_or("");
+            staged && !path.starts_with(CURRENT) && path != LOCK
         })
         .filter_map(|s| s.path().map(String::from))
         .collect();
@@ -135,6 +154,13 @@ pub fn keep(root: &Path, results: &Path, message: &str, rules: &KeepRules) -> Re
     let mut index = repo.index()?;
     index.add_all([CURRENT], git2::IndexAddOption::DEFAULT, None)?;
     index.update_all([CURRENT], None)?;
+    // A dependency added to the variant changes the workspace's lock file; it goes with it.
+    let lock_changed = repo
+        .status_file(Path::new(LOCK))
+        .is_ok_and(|st| st.is_wt_new() || st.is_wt_modified());
+    if lock_changed {
+        index.add_path(Path::new(LOCK))?;
+    }
     index.write()?;
     let tree_id = index.write_tree()?;
     let head = repo.head().ok().and_then(|h| h.peel_to_commit().ok());
@@ -146,7 +172,7 @@ pub fn keep(root: &Path, results: &Path, message: &str, rules: &KeepRules) -> Re
          decode B/A {} (ratio [decision interval])\n\
          B: decode {} tok/s, prefill {} tok/s, TTFT {} ms, peak RSS {} MiB\n\
          gates pass: agreement {}, perplexity ratio {}, checks {} (baseline {})\n\
-         {CURRENT} tree {}, {added} line(s) added, {removed} removed\n\
+         {CURRENT} tree {}, {added} line(s) added, {removed} removed{}\n\
          compared {} on {}, harness {}",
         message.trim(),
         if verdict == "NOISE" { " (simpler)" } else { "" },
@@ -163,6 +189,11 @@ pub fn keep(root: &Path, results: &Path, message: &str, rules: &KeepRules) -> Re
         field("checks_passed"),
         field("checks_baseline"),
         field("variant_tree"),
+        if lock_changed {
+            "; Cargo.lock updated with it"
+        } else {
+            ""
+        },
         field("time"),
         field("machine"),
         field("harness"),
@@ -254,6 +285,7 @@ mod tests {
     const RULES: KeepRules = KeepRules {
         harness: "0123456789abcdef",
         simpler: false,
+        max_new_tokens: 128,
     };
 
     /// Writes a results.tsv with one comparison of the present `variants/current` against
@@ -275,6 +307,8 @@ mod tests {
                 "against" => format!("HEAD:{CURRENT}"),
                 "against_tree" => head[..12].to_string(),
                 "verdict" => verdict.to_string(),
+                "prompts" => "all".to_string(),
+                "max_new_tokens" => "128".to_string(),
                 "decode_ratio" => "1.0500 [1.0300, 1.0700]".to_string(),
                 _ => "x".to_string(),
             })
@@ -294,6 +328,11 @@ mod tests {
         let results = dir.join("results");
         std::fs::write(dir.join("variants/current/src/lib.rs"), "// v2\n// more\n").unwrap();
         std::fs::write(dir.join("README.md"), "edited, not to be committed\n").unwrap();
+        std::fs::write(
+            dir.join("Cargo.lock"),
+            "# a new dependency of the variant\n",
+        )
+        .unwrap();
         let keep_err = |rules: &KeepRules| {
             keep(&dir, &results, "faster", rules)
                 .unwrap_err()

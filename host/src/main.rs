@@ -8,7 +8,13 @@
 //! figures ([`measure::Timing`], [`report::Summary`]) land in `results/` ([`record`]).
 //! After the timed requests, the quality oracle ([`oracle::Oracle`]: the committed
 //! `variants/baseline`, in a worker of its own) scores every one, and [`judge`] decides the
-//! quality gates ([`quality::GateReport`]) against the protocol's thresholds.
+//! quality gates ([`quality::GateReport`]) against the protocol's thresholds. `run` and
+//! `compare` share their setup ([`setup::Setup`]: protocol, prompts, model, timed requests).
+//!
+//! `host compare` ([`compare`]) runs two workers side by side on paired requests and decides
+//! with [`significance::Paired`] under a [`significance::LookSchedule`]; a variant named by a
+//! git revision is built by [`revision::Committed`]. [`keep`] commits a KEEP, [`diff`]
+//! summarises a change, and [`plot`] draws the history.
 
 mod cargo_build;
 mod compare;
@@ -349,9 +355,11 @@ fn keep_command(message: &str, simpler: bool, results: Option<PathBuf>) -> anyho
     let results = results.unwrap_or_else(|| root.join("results"));
     let oracle = oracle::OracleBuild::find(&root)?;
     let harness = vcs::harness_hash(&root, &oracle.key);
+    let protocol = protocol::Protocol::load(&root.join("prompts/protocol.toml"))?;
     let rules = keep::KeepRules {
         harness: &harness,
         simpler,
+        max_new_tokens: protocol.max_new_tokens,
     };
     let id = keep::keep(&root, &results, message, &rules)?;
     println!("kept {} as commit {id}", keep::CURRENT);
