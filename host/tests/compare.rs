@@ -6,8 +6,17 @@ mod common;
 
 use std::path::Path;
 use std::process::Output;
+use std::sync::{Mutex, MutexGuard};
 
 use common::{fixture, host, model, output, records, root, scratch};
+
+/// One comparison at a time: a comparison measures while another test's comparison would build
+/// (the first one in a fresh checkout compiles the oracle) or measure beside it, and on two
+/// cores that noise drowns even a 45% slowdown.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// `host compare A B` with a test-sized protocol and schedule, results into `results`, the
 /// fixtures' mode set to `mode`.
@@ -39,6 +48,7 @@ fn drift() -> String {
 
 #[test]
 fn a_variant_against_itself_is_noise() {
+    let _one_at_a_time = serial();
     let results = scratch("compare-aa");
     let schedule = ["--looks", "2", "--rounds-per-look", "2"];
     let mut noise = 0;
@@ -102,6 +112,7 @@ fn a_variant_against_itself_is_noise() {
 
 #[test]
 fn a_slower_variant_is_slower_and_reverted() {
+    let _one_at_a_time = serial();
     // The drift fixture's `sleep` mode: the baseline's code and answers, 20 ms more per token.
     let results = scratch("compare-slow");
     let (out, stdout, err) = compare(
@@ -138,6 +149,7 @@ fn a_slower_variant_is_slower_and_reverted() {
 
 #[test]
 fn a_variant_that_buffers_its_tokens_is_never_kept() {
+    let _one_at_a_time = serial();
     // The drift fixture's `buffer` mode: correct answers, every token held back and emitted at
     // the end. Its "decode rate" is enormous; its first token comes late.
     let results = scratch("compare-buffer");
@@ -163,6 +175,7 @@ fn a_variant_that_buffers_its_tokens_is_never_kept() {
 
 #[test]
 fn no_arguments_compare_the_committed_current_and_build_it_once() {
+    let _one_at_a_time = serial();
     let results = scratch("compare-rev");
     let schedule = ["--looks", "1", "--rounds-per-look", "2"];
     let mut err = String::new();
@@ -189,6 +202,7 @@ fn no_arguments_compare_the_committed_current_and_build_it_once() {
 
 #[test]
 fn bad_arguments_are_named_and_leave_no_row() {
+    let _one_at_a_time = serial();
     let results = scratch("compare-bad");
     for (args, needle) in [
         (vec!["variants/baseline"], "two variants (A B) or none"),
@@ -238,6 +252,7 @@ fn bad_arguments_are_named_and_leave_no_row() {
 
 #[test]
 fn a_crash_of_b_is_named_and_recorded() {
+    let _one_at_a_time = serial();
     let results = scratch("compare-crash");
     let broken = fixture("broken").display().to_string();
     let (out, _, err) = compare("variants/baseline", &broken, "panic", &results, &[]);
