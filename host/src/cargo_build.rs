@@ -46,6 +46,15 @@ fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }
 
+/// `$CARGO_TARGET_DIR`, resolved against the current directory as cargo resolves it.
+pub fn target_dir_from_env() -> Option<PathBuf> {
+    std::env::var_os("CARGO_TARGET_DIR").map(|dir| {
+        std::env::current_dir()
+            .unwrap_or_default()
+            .join(PathBuf::from(dir))
+    })
+}
+
 /// The package name of a variant's manifest `text` (read from `manifest`, named in errors),
 /// after checking its `[lib]` is a `cdylib`.
 pub fn package_of(text: &str, manifest: &Path) -> Result<String, BuildError> {
@@ -159,10 +168,8 @@ impl VariantCrate {
     /// The library a previous build left, without building. With `CARGO_TARGET_DIR` set, cargo
     /// is not run at all (so `--no-build` works where no toolchain is installed).
     pub fn built_library(&self) -> Result<PathBuf, BuildError> {
-        let target = match std::env::var_os("CARGO_TARGET_DIR") {
-            Some(dir) => std::env::current_dir()
-                .unwrap_or_default()
-                .join(PathBuf::from(dir)),
+        let target = match target_dir_from_env() {
+            Some(dir) => dir,
             None => self.target_directory()?,
         };
         let lib = target

@@ -62,12 +62,7 @@ pub fn builds_home(root: &Path) -> PathBuf {
 
 /// The target directory cargo uses for the checkout at `root`.
 pub fn target_dir(root: &Path) -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) => std::env::current_dir()
-            .unwrap_or_default()
-            .join(PathBuf::from(dir)),
-        None => root.join("target"),
-    }
+    crate::cargo_build::target_dir_from_env().unwrap_or_else(|| root.join("target"))
 }
 
 /// A variant directory as one commit has it.
@@ -91,19 +86,7 @@ impl Committed {
     /// holding `root`.
     pub fn find(root: &Path, rev: &str, path: &str) -> Result<Committed> {
         let repo = open_repo(root)?;
-        let commit = repo
-            .revparse_single(rev)
-            .and_then(|o| o.peel_to_commit())
-            .with_context(|| {
-                if rev == "HEAD" {
-                    "HEAD has no commit yet: commit the checkout first".to_string()
-                } else {
-                    format!(
-                        "{rev:?} is not a commit of the repository at {}",
-                        root.display()
-                    )
-                }
-            })?;
+        let commit = find_commit(&repo, root, rev)?;
         let tree = commit.tree()?;
         let mut inputs = String::new();
         for input in BUILD_INPUTS.iter().copied().chain([path]) {
@@ -112,11 +95,7 @@ impl Committed {
             })?;
             inputs.push_str(&format!("{input}:{}\n", entry.id()));
         }
-        let variant = tree
-            .get_path(Path::new(path))?
-            .to_object(&repo)?
-            .peel_to_tree()
-            .with_context(|| format!("{rev}:{path} is a file, not a variant directory"))?;
+        let variant = subtree(&repo, &commit, rev, path)?;
         let manifest = variant
             .get_path(Path::new("Cargo.toml"))
             .ok()
@@ -196,23 +175,41 @@ impl Committed {
 /// The content hash of `path` as commit `rev` has it (see [`Committed::tree`]).
 pub fn tree_hash_at(root: &Path, rev: &str, path: &str) -> Result<String> {
     let repo = open_repo(root)?;
-    let commit = repo
-        .revparse_single(rev)
+    let commit = find_commit(&repo, root, rev)?;
+    let tree = subtree(&repo, &commit, rev, path)?;
+    content_hash(&repo, &tree)
+}
+
+/// The commit `rev` names, with an error that says which revision and repository.
+fn find_commit<'r>(repo: &'r git2::Repository, root: &Path, rev: &str) -> Result<git2::Commit<'r>> {
+    repo.revparse_single(rev)
         .and_then(|o| o.peel_to_commit())
         .with_context(|| {
-            format!(
-                "{rev:?} is not a commit of the repository at {}",
-                root.display()
-            )
-        })?;
-    let tree = commit
+            if rev == "HEAD" {
+                "HEAD has no commit yet: commit the checkout first".to_string()
+            } else {
+                format!(
+                    "{rev:?} is not a commit of the repository at {}",
+                    root.display()
+                )
+            }
+        })
+}
+
+/// The directory `path` of `commit` (named `rev` in errors).
+fn subtree<'r>(
+    repo: &'r git2::Repository,
+    commit: &git2::Commit,
+    rev: &str,
+    path: &str,
+) -> Result<git2::Tree<'r>> {
+    commit
         .tree()?
         .get_path(Path::new(path))
         .with_context(|| format!("commit {} ({rev}) has no {path}", short(&commit.id())))?
-        .to_object(&repo)?
+        .to_object(repo)?
         .peel_to_tree()
-        .with_context(|| format!("{rev}:{path} is a file, not a directory"))?;
-    content_hash(&repo, &tree)
+        .with_context(|| format!("{rev}:{path} is a file, not a variant directory"))
 }
 
 fn short(oid: &git2::Oid) -> String {
