@@ -59,9 +59,10 @@ pub enum Figure {
     PeakRssMib,
 }
 
-/// Independent tests per look: prefill rate and time to first token are one test (with the
-/// same prompt on both sides, one ratio is the other's inverse).
-const TESTS_PER_LOOK: u32 = 3;
+/// The independent tests made at each look and their shares of alpha. Prefill rate and time to
+/// first token are one test (with the same prompt on both sides, one ratio is the other's
+/// inverse). The decode rate, the figure a keep rests on, gets 3/5; each guard 1/5.
+const TESTS: [(&str, f64); 3] = [("decode", 0.6), ("prefill/TTFT", 0.2), ("peak RSS", 0.2)];
 
 impl Figure {
     pub const ALL: [Figure; 4] = [
@@ -78,6 +79,15 @@ impl Figure {
             Figure::PrefillTokS => "prefill tok/s",
             Figure::TtftMs => "TTFT ms",
             Figure::PeakRssMib => "peak RSS MiB",
+        }
+    }
+
+    /// The test (in [`TESTS`]) that decides this figure.
+    pub fn test(self) -> &'static str {
+        match self {
+            Figure::DecodeTokS => TESTS[0].0,
+            Figure::PrefillTokS | Figure::TtftMs => TESTS[1].0,
+            Figure::PeakRssMib => TESTS[2].0,
         }
     }
 
@@ -141,11 +151,12 @@ impl FigureResult {
     }
 }
 
-/// The figures at one look.
-fn look(pairs: &[Pair], alpha: f64, noise: f64, seed: u64) -> Vec<FigureResult> {
+/// The figures at one look, each tested at the alpha `alpha(figure)` gives it.
+fn look(pairs: &[Pair], alpha: impl Fn(Figure) -> f64, noise: f64, seed: u64) -> Vec<FigureResult> {
     Figure::ALL
         .iter()
         .map(|&figure| {
+            let alpha = alpha(figure);
             let a: Vec<f64> = pairs.iter().map(|p| figure.of(&p.a)).collect();
             let b: Vec<f64> = pairs.iter().map(|p| figure.of(&p.b)).collect();
             let logs: Vec<f64> = a.iter().zip(&b).map(|(a, b)| (b / a).ln()).collect();
@@ -332,7 +343,7 @@ struct CompareRecord<'a> {
     against: &'a Side,
     candidate: &'a Side,
     protocol: &'a Protocol,
-    schedule: LookSchedule,
+    schedule: &'a LookSchedule,
     status: &'a str,
     error: Option<String>,
     outcome: Option<Outcome>,
@@ -374,12 +385,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     let mut setup = Setup::open(root.clone(), &args.overrides)?;
     apply_rules(&mut setup.protocol.compare, args)?;
     let rules = setup.protocol.compare.clone();
-    let schedule = LookSchedule {
-        alpha: rules.alpha,
-        looks: rules.looks,
-        rounds_per_look: rules.rounds_per_look,
-        tests: TESTS_PER_LOOK,
-    };
+    let schedule = LookSchedule::new(rules.alpha, rules.looks, rules.rounds_per_look, &TESTS);
 
     // Builds before any timed request.
     let a = Side::resolve(&root, &a_arg, args.no_build)
@@ -476,7 +482,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         against: &a,
         candidate: &b,
         protocol: &setup.protocol,
-        schedule,
+        schedule: &schedule,
         status,
         error,
         outcome: verdict,
@@ -531,7 +537,14 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     } else {
         println!(
             "{}",
-            render(&figures, &a_arg, &b_arg, &schedule, rules.noise_threshold)
+            render(
+                &figures,
+                &a_arg,
+                &b_arg,
+                &schedule,
+                measured.looks.len() as u32,
+                rules.noise_threshold
+            )
         );
         if let Some(g) = &gates {
             println!("{}", g.render());
@@ -660,9 +673,10 @@ fn measure(
         if !schedule.looks_after(round + 1) {
             continue;
         }
+        let number = schedule.look_number(round + 1);
         let figures = look(
             &out.pairs,
-            schedule.alpha_per_test(),
+            |f| schedule.alpha_at(f.test(), number).unwrap_or(0.0),
             rules.noise_threshold,
             setup.protocol.seed ^ round as u64,
         );
@@ -671,7 +685,7 @@ fn measure(
         }
         log(format!(
             "look {}/{} after {} rounds: {}",
-            (round + 1) / schedule.rounds_per_look,
+            number,
             schedule.looks,
             round + 1,
             figures
@@ -710,6 +724,7 @@ fn render(
     a: &str,
     b: &str,
     schedule: &LookSchedule,
+    look: u32,
     noise: f64,
 ) -> String {
     let num = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
@@ -742,16 +757,24 @@ fn render(
             verdict_word(f)
         ));
     }
-    let level = (1.0 - schedule.alpha_per_test()) * 100.0;
+    let alphas = schedule
+        .tests
+        .iter()
+        .map(|t| {
+            let at = schedule.alpha_at(t.name, look).unwrap_or(f64::NAN);
+            format!("{} {at:.1e}", t.name)
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
     out.push_str(&format!(
-        "A verdict needs p < {:.2e} and the whole {level:.2}% decision interval beyond ±{:.1}% \
-         (alpha {} spent over {} looks x {} figures); SAME = the interval lies inside ±{:.1}%.",
-        schedule.alpha_per_test(),
+        "A verdict needs p below the look's alpha ({alphas} at look {look} of {}) and the whole \
+         decision interval, at that alpha, beyond ±{:.1}%; SAME = the interval lies inside \
+         ±{:.1}%. Alpha {} is split over the tests and spent over the looks \
+         (O'Brien-Fleming-type), so any false verdict has at most that chance.",
+        schedule.looks,
+        noise * 100.0,
         noise * 100.0,
         schedule.alpha,
-        schedule.looks,
-        schedule.tests,
-        noise * 100.0,
     ));
     out
 }
@@ -906,7 +929,7 @@ mod tests {
                 }
             })
             .collect();
-        let figures = look(&pairs, 0.05 / 15.0, 0.01, 1);
+        let figures = look(&pairs, |_| 0.05 / 15.0, 0.01, 1);
         let by = |f: Figure| figures.iter().find(|r| r.figure == f).unwrap();
         assert_eq!(by(Figure::DecodeTokS).verdict, Verdict::Faster);
         assert!((by(Figure::DecodeTokS).decision.as_ref().unwrap().ratio - 1.102).abs() < 0.01);
@@ -919,17 +942,14 @@ mod tests {
             &figures,
             "a",
             "b",
-            &LookSchedule {
-                alpha: 0.05,
-                looks: 5,
-                rounds_per_look: 2,
-                tests: 3,
-            },
+            &LookSchedule::new(0.05, 6, 2, &TESTS),
+            3,
             0.01,
         );
         assert!(
             table.contains("FASTER") && table.contains("SAME"),
             "{table}"
         );
+        assert!(table.contains("at look 3 of 6"), "{table}");
     }
 }
