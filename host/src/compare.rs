@@ -151,6 +151,27 @@ impl FigureResult {
     }
 }
 
+/// The mean of ln(B/A) of `figure` over each round's pairs, in round order: the unit the
+/// statistics test. Pairs of one round share their two worker processes, so they are not
+/// independent of each other; rounds, each with fresh workers, are.
+fn round_means(pairs: &[Pair], figure: Figure) -> Vec<f64> {
+    let mut means: Vec<(u32, f64, usize)> = Vec::new();
+    for p in pairs {
+        let log = (figure.of(&p.b) / figure.of(&p.a)).ln();
+        match means.last_mut() {
+            Some((round, sum, n)) if *round == p.round => {
+                *sum += log;
+                *n += 1;
+            }
+            _ => means.push((p.round, log, 1)),
+        }
+    }
+    means
+        .into_iter()
+        .map(|(_, sum, n)| sum / n as f64)
+        .collect()
+}
+
 /// The figures at one look, each tested at the alpha `alpha(figure)` gives it.
 fn look(pairs: &[Pair], alpha: impl Fn(Figure) -> f64, noise: f64, seed: u64) -> Vec<FigureResult> {
     Figure::ALL
@@ -159,7 +180,7 @@ fn look(pairs: &[Pair], alpha: impl Fn(Figure) -> f64, noise: f64, seed: u64) ->
             let alpha = alpha(figure);
             let a: Vec<f64> = pairs.iter().map(|p| figure.of(&p.a)).collect();
             let b: Vec<f64> = pairs.iter().map(|p| figure.of(&p.b)).collect();
-            let logs: Vec<f64> = a.iter().zip(&b).map(|(a, b)| (b / a).ln()).collect();
+            let logs = round_means(pairs, figure);
             let decision = Paired::of(&logs, alpha, seed);
             let verdict = decision
                 .as_ref()
@@ -602,13 +623,11 @@ fn measure(
     let model = &setup.model.path;
     let name_a = format!("A ({})", a.arg);
     let name_b = format!("B ({})", b.arg);
-    let mut worker_a = Worker::spawn(&name_a, &a.lib, model, timeout, args.verbose)?;
-    let mut worker_b = Worker::spawn(&name_b, &b.lib, model, timeout, args.verbose)?;
 
     let prompts = setup.prompts.prompts.len();
     let max_rounds = schedule.max_rounds();
     let warmups = setup.warmups()?;
-    let total = 2 * (warmups.len() + prompts * max_rounds as usize);
+    let total = 2 * (warmups.len() + prompts) * max_rounds as usize;
     let bar = crate::run::progress_bar(total, "");
     let tty = std::io::stderr().is_terminal();
     let log = |line: String| {
@@ -618,20 +637,26 @@ fn measure(
             eprintln!("{line}");
         }
     };
-    for planned in &warmups {
-        let label = planned.label(max_rounds);
-        bar.set_message(format!("{label}, A and B"));
-        let s = timed_request(setup, &mut worker_a, &name_a, planned, &label)?;
-        log(format!("A {}", request_line(&s, &label)));
-        bar.inc(1);
-        let s = timed_request(setup, &mut worker_b, &name_b, planned, &label)?;
-        log(format!("B {}", request_line(&s, &label)));
-        bar.inc(1);
-    }
-
     let started = Instant::now();
     let mut interval = String::from("no look yet");
     for round in 0..max_rounds {
+        // Fresh workers every round. A process keeps its own speed for its whole life (heap
+        // layout, huge pages, where its threads land): with one pair of workers for the whole
+        // comparison that offset would sit in every pair and look like a real difference.
+        // New processes each round make it part of the round-to-round noise, which the test
+        // sees, and the statistics take one observation per round (see `look`).
+        let mut worker_a = Worker::spawn(&name_a, &a.lib, model, timeout, args.verbose)?;
+        let mut worker_b = Worker::spawn(&name_b, &b.lib, model, timeout, args.verbose)?;
+        for planned in &warmups {
+            let label = planned.label(max_rounds);
+            bar.set_message(format!("{label}, A and B, round {}", round + 1));
+            let s = timed_request(setup, &mut worker_a, &name_a, planned, &label)?;
+            log(format!("A {}", request_line(&s, &label)));
+            bar.inc(1);
+            let s = timed_request(setup, &mut worker_b, &name_b, planned, &label)?;
+            log(format!("B {}", request_line(&s, &label)));
+            bar.inc(1);
+        }
         for planned in setup.round(round)? {
             let label = planned.label(max_rounds);
             let order = if out.pairs.len() % 2 == 0 {
@@ -912,6 +937,30 @@ mod tests {
             prompt_ids: vec![],
             quality: None,
         }
+    }
+
+    #[test]
+    fn rounds_not_pairs_are_the_unit() {
+        // Two rounds of two prompts: B 10% then 20% faster in round 0, 0% and 10% in round 1.
+        let pair = |round, b| Pair {
+            round,
+            prompt: "p".into(),
+            order: Order::AB,
+            a: sample(20.0, 500.0, 200_000),
+            b: sample(b, 500.0, 200_000),
+        };
+        let pairs = [pair(0, 22.0), pair(0, 24.0), pair(1, 20.0), pair(1, 22.0)];
+        let means = round_means(&pairs, Figure::DecodeTokS);
+        let expect = [
+            (1.1f64.ln() + 1.2f64.ln()) / 2.0,
+            (1.0f64.ln() + 1.1f64.ln()) / 2.0,
+        ];
+        assert_eq!(means.len(), 2);
+        for (m, e) in means.iter().zip(expect) {
+            assert!((m - e).abs() < 1e-12, "{means:?}");
+        }
+        let figures = look(&pairs, |_| 0.05, 0.01, 1);
+        assert_eq!(figures[0].decision.as_ref().map(|d| d.n), Some(2));
     }
 
     #[test]
