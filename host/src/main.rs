@@ -14,8 +14,10 @@
 //! `host compare` ([`compare`]) runs two workers side by side on paired requests and decides
 //! with [`significance::Paired`] under a [`significance::LookSchedule`]; a variant named by a
 //! git revision is built by [`revision::Committed`]. [`keep`] commits a KEEP, [`diff`]
-//! summarises a change, and [`plot`] draws the history.
+//! summarises a change, and [`plot`] draws the history. `host bench` ([`bench`]) runs
+//! llama-bench-style synthetic workloads and sets them beside the roofline ([`physics`]).
 
+mod bench;
 mod cargo_build;
 mod compare;
 mod diff;
@@ -145,6 +147,60 @@ enum Command {
         #[command(flatten)]
         common: MeasureFlags,
     },
+    /// llama-bench-style speed: pp (prompt processing of N random tokens, timed to the first
+    /// token) and tg (N tokens generated after one random token) tests, a warm-up then -r
+    /// timed repetitions each, reported as mean ± sd t/s in llama-bench's markdown table (or
+    /// --json, --csv). The host draws the tokens and times them; end-of-sequence is ignored.
+    /// Also measures the machine's memory read bandwidth and reports the decode rate it allows
+    /// (the roofline) and each tg test's share of it. No quality gates, no results row.
+    Bench {
+        /// The variant's crate directory, e.g. variants/baseline.
+        variant: PathBuf,
+        /// Prompt lengths of the pp tests, comma-separated; 0 for none.
+        #[arg(
+            short = 'p',
+            long = "n-prompt",
+            value_delimiter = ',',
+            default_value = "512"
+        )]
+        n_prompt: Vec<usize>,
+        /// Generated lengths of the tg tests, comma-separated; 0 for none.
+        #[arg(
+            short = 'n',
+            long = "n-gen",
+            value_delimiter = ',',
+            default_value = "128"
+        )]
+        n_gen: Vec<usize>,
+        /// Timed repetitions of each test (after one warm-up).
+        #[arg(short = 'r', long, default_value_t = 5)]
+        repetitions: usize,
+        /// Threads the variant computes with (the `threads` load option) [default: every
+        /// core this process may use].
+        #[arg(short = 't', long)]
+        threads: Option<usize>,
+        /// GGUF model to run [default: the cached default model].
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Seed of the random prompt tokens.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// A request that takes longer is a hang, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Use the library the last build left instead of running cargo.
+        #[arg(long)]
+        no_build: bool,
+        /// Print the report as JSON.
+        #[arg(long, conflicts_with = "csv")]
+        json: bool,
+        /// Print the report as CSV, one row per test.
+        #[arg(long)]
+        csv: bool,
+        /// Echo the variant's log.
+        #[arg(short, long)]
+        verbose: bool,
+    },
     /// Head-to-head: is B faster than A? Both variants run at once in two workers, requests
     /// alternating A B B A ... on the same prompt instances; after every few rounds the paired
     /// ratios are tested, and rounds are added until each figure is decided or the budget ends.
@@ -262,6 +318,8 @@ enum Command {
         lib: PathBuf,
         #[arg(long)]
         model: PathBuf,
+        #[arg(long)]
+        threads: Option<usize>,
     },
 }
 
@@ -289,6 +347,44 @@ fn main() -> ExitCode {
                 results: common.results,
             };
             run::run(&args).map(|_| ())
+        }
+        Command::Bench {
+            variant,
+            n_prompt,
+            n_gen,
+            repetitions,
+            threads,
+            model,
+            seed,
+            timeout,
+            no_build,
+            json,
+            csv,
+            verbose,
+        } => {
+            let threads = threads.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
+            let args = bench::BenchArgs {
+                variant,
+                prompts: n_prompt,
+                gens: n_gen,
+                repetitions,
+                threads,
+                model,
+                seed,
+                timeout_s: timeout,
+                no_build,
+                format: match (json, csv) {
+                    (true, _) => bench::Format::Json,
+                    (_, true) => bench::Format::Csv,
+                    _ => bench::Format::Markdown,
+                },
+                verbose,
+            };
+            bench::bench(&args).map(|_| ())
         }
         Command::Compare {
             a,
@@ -339,7 +435,11 @@ fn main() -> ExitCode {
         Command::Model => fetch::default_model().map(|p| println!("{}", p.display())),
         Command::Tokenize { text, chat, model } => tokenize_command(text, chat, model),
         Command::Prompts { round, seed, model } => prompts_command(round, seed, model),
-        Command::Worker { lib, model } => worker::run(&lib, &model),
+        Command::Worker {
+            lib,
+            model,
+            threads,
+        } => worker::run(&lib, &model, threads),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

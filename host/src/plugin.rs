@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use abi_stable::library::{lib_header_from_path, LibraryError};
 use abi_stable::std_types::RStr;
-use plugin_api::{HostLog, LogLevel, ModelView, VariantBox, VariantModRef};
+use plugin_api::{HostLog, LoadOptions, LogLevel, ModelView, VariantBox, VariantModRef};
 
 /// Why a variant library could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +66,11 @@ fn is_abi_mismatch(e: &LibraryError) -> bool {
 }
 
 /// Loads the variant at `lib` and builds it over `model`.
-pub fn load(lib: &Path, model: &'static ModelView) -> Result<VariantBox, PluginError> {
+pub fn load(
+    lib: &Path,
+    model: &'static ModelView,
+    options: &LoadOptions,
+) -> Result<VariantBox, PluginError> {
     static COPIES: AtomicUsize = AtomicUsize::new(0);
     let name = lib
         .file_name()
@@ -102,7 +106,7 @@ pub fn load(lib: &Path, model: &'static ModelView) -> Result<VariantBox, PluginE
             }
         }
     })?;
-    module.load()(model, host_logger())
+    module.load_with()(model, host_logger(), options)
         .into_result()
         .map_err(|e| PluginError::Init(e.into_string()))
 }
@@ -133,7 +137,9 @@ mod tests {
         let path =
             std::env::temp_dir().join(format!("autoinfer-not-a-lib-{}.so", std::process::id()));
         std::fs::write(&path, b"not an ELF file").unwrap();
-        let err = load(&path, view).err().expect("must fail");
+        let err = load(&path, view, &LoadOptions::default())
+            .err()
+            .expect("must fail");
         std::fs::remove_file(&path).unwrap();
         assert!(matches!(err, PluginError::Load { .. }), "{err}");
         assert!(err.to_string().contains("autoinfer-not-a-lib"), "{err}");

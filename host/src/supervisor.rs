@@ -105,6 +105,19 @@ impl Worker {
         timeout: Duration,
         echo_log: bool,
     ) -> Result<Worker, WorkerError> {
+        Self::spawn_with_threads(variant, lib, model, timeout, echo_log, None)
+    }
+
+    /// [`Worker::spawn`], asking the variant to compute with `threads` threads (the `threads`
+    /// load option; the variant decides how to honour it).
+    pub fn spawn_with_threads(
+        variant: &str,
+        lib: &Path,
+        model: &Path,
+        timeout: Duration,
+        echo_log: bool,
+        threads: Option<usize>,
+    ) -> Result<Worker, WorkerError> {
         // /proc/self/exe is this very binary even after a rebuild has replaced the file on
         // disk (a run takes minutes, and the oracle's worker starts at its end).
         let proc_exe = Path::new("/proc/self/exe");
@@ -117,12 +130,17 @@ impl Worker {
             variant: variant.into(),
             source,
         })?;
-        let mut child = Command::new(exe)
+        let mut command = Command::new(exe);
+        command
             .arg("worker")
             .arg("--lib")
             .arg(lib)
             .arg("--model")
-            .arg(model)
+            .arg(model);
+        if let Some(n) = threads {
+            command.arg("--threads").arg(n.to_string());
+        }
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -79,7 +79,8 @@ fn send(out: &mut File, reply: &Reply) -> Result<()> {
 }
 
 /// Runs the worker: load the model and the variant, then answer requests until stdin closes.
-pub fn run(lib: &Path, model_path: &Path) -> Result<()> {
+/// `threads`, when given, goes to the variant as the `threads` load option.
+pub fn run(lib: &Path, model_path: &Path, threads: Option<usize>) -> Result<()> {
     let mut out = private_stdout()?;
     let model = match Model::open(model_path) {
         Ok(m) => m,
@@ -93,7 +94,11 @@ pub fn run(lib: &Path, model_path: &Path) -> Result<()> {
         }
     };
     let started = Instant::now();
-    let mut variant = match crate::plugin::load(lib, model.view) {
+    let mut options = plugin_api::LoadOptions::default();
+    if let Some(n) = threads {
+        options = options.with(plugin_api::LoadOptions::THREADS, &n.to_string());
+    }
+    let mut variant = match crate::plugin::load(lib, model.view, &options) {
         Ok(v) => v,
         Err(e) => {
             return send(

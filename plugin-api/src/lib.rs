@@ -10,6 +10,8 @@
 //! - [`TokenSink`]: the host-owned sink a variant streams tokens into; the host timestamps every
 //!   `emit` and may answer "stop".
 //! - [`HostLog`]: the host's log callback (each cdylib has its own `log`/`tracing` globals).
+//! - [`LoadOptions`]: what the host asks of a variant at load time (the thread count), as
+//!   key/value text so that later options never change a type's layout.
 //! - [`Engine`] and [`export_variant!`]: what a variant author writes. The macro wraps every
 //!   entry point in `catch_unwind`, so a panic comes back to the host as an error instead of
 //!   abi_stable's `exit(1)`.
@@ -43,6 +45,68 @@ pub struct VariantMod {
     #[sabi(last_prefix_field)]
     pub load:
         extern "C" fn(model: &'static ModelView, log: HostLog) -> RResult<VariantBox, RString>,
+    /// Builds the variant with the host's [`LoadOptions`]. Appended after `load`. abi_stable
+    /// refuses, at load time, a root module with fewer fields than the host's, so a variant
+    /// built before this field existed is refused with "rebuild it" rather than loaded.
+    pub load_with: extern "C" fn(
+        model: &'static ModelView,
+        log: HostLog,
+        options: &LoadOptions,
+    ) -> RResult<VariantBox, RString>,
+}
+
+/// One load-time option: a key and its value, both text.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq)]
+pub struct LoadOption {
+    pub key: RString,
+    pub value: RString,
+}
+
+/// What the host asks of a variant at load time. Keys the host sends today: [`Self::THREADS`].
+/// A variant reads the keys it knows and decides how to honour them.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Default, PartialEq)]
+pub struct LoadOptions {
+    pub entries: RVec<LoadOption>,
+}
+
+impl LoadOptions {
+    /// The number of threads the variant should compute with (a positive integer).
+    pub const THREADS: &'static str = "threads";
+
+    /// These options with `key` set to `value` (replacing an earlier value).
+    pub fn with(mut self, key: &str, value: &str) -> Self {
+        self.entries.retain(|e| e.key.as_str() != key);
+        self.entries.push(LoadOption {
+            key: key.into(),
+            value: value.into(),
+        });
+        self
+    }
+
+    /// The value of `key`, if the host set it.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.entries
+            .iter()
+            .find(|e| e.key.as_str() == key)
+            .map(|e| e.value.as_str())
+    }
+
+    /// The thread count the host asked for; an error names a value that is not a positive
+    /// integer.
+    pub fn threads(&self) -> Result<Option<usize>, String> {
+        match self.get(Self::THREADS) {
+            None => Ok(None),
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if n > 0 => Ok(Some(n)),
+                _ => Err(format!(
+                    "load option {}={v:?} is not a positive integer",
+                    Self::THREADS
+                )),
+            },
+        }
+    }
 }
 
 impl RootModule for VariantModRef {
@@ -146,6 +210,16 @@ impl Sink<'_> {
 pub trait Engine: Send + Sized + 'static {
     /// Builds the engine over the host's model (the view lives for the whole process).
     fn load(model: &'static ModelView, log: HostLog) -> Result<Self, String>;
+    /// Builds the engine with the host's load-time options. The default ignores them and calls
+    /// [`Engine::load`]; an engine that can honour a thread count overrides this.
+    fn load_with(
+        model: &'static ModelView,
+        log: HostLog,
+        options: &LoadOptions,
+    ) -> Result<Self, String> {
+        let _ = options;
+        Self::load(model, log)
+    }
     /// See [`Variant::generate`].
     fn generate(
         &mut self,
@@ -206,11 +280,23 @@ extern "C" fn load_engine<E: Engine>(
     })
 }
 
+extern "C" fn load_engine_with<E: Engine>(
+    model: &'static ModelView,
+    log: HostLog,
+    options: &LoadOptions,
+) -> RResult<VariantBox, RString> {
+    guard("load", || {
+        E::load_with(model, log, options)
+            .map(|engine| Variant_TO::from_value(Guarded(engine), TD_Opaque))
+    })
+}
+
 /// Builds the root module for engine `E`. Called by [`export_variant!`]; not for hosts.
 #[doc(hidden)]
 pub fn root_module_for<E: Engine>() -> VariantModRef {
     VariantMod {
         load: load_engine::<E>,
+        load_with: load_engine_with::<E>,
     }
     .leak_into_prefix()
 }
@@ -226,4 +312,31 @@ macro_rules! export_variant {
             $crate::root_module_for::<$engine>()
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LoadOptions;
+
+    #[test]
+    fn threads_parse_and_bad_values_are_named() {
+        assert_eq!(LoadOptions::default().threads(), Ok(None));
+        let two = LoadOptions::default()
+            .with(LoadOptions::THREADS, "3")
+            .with("threads", "2");
+        assert_eq!(
+            two.threads(),
+            Ok(Some(2)),
+            "the later value replaces the earlier"
+        );
+        assert_eq!(two.entries.len(), 1);
+        for bad in ["0", "-1", "two", ""] {
+            let err = LoadOptions::default()
+                .with(LoadOptions::THREADS, bad)
+                .threads()
+                .unwrap_err();
+            assert!(err.contains("threads") && err.contains(bad), "{err}");
+        }
+        assert_eq!(two.get("device"), None);
+    }
 }

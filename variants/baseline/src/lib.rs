@@ -15,7 +15,7 @@ pub mod generate;
 pub mod matmul;
 pub mod model;
 
-use plugin_api::{Engine, HostLog, ModelView, ScoredPosition, Sink};
+use plugin_api::{Engine, HostLog, LoadOptions, ModelView, ScoredPosition, Sink};
 
 use crate::model::LlamaModel;
 
@@ -35,6 +35,29 @@ impl Engine for Baseline {
             cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.vocab_size, cfg.context_len
         ));
         Ok(Self { model, log })
+    }
+
+    /// Honours the `threads` option by sizing rayon's global pool, which the matmuls run on
+    /// and whose size attention deals its queries to. A worker process loads one variant, so
+    /// the pool is this engine's alone.
+    fn load_with(
+        model: &'static ModelView,
+        log: HostLog,
+        options: &LoadOptions,
+    ) -> Result<Self, String> {
+        if let Some(n) = options.threads()? {
+            let built = rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build_global();
+            if built.is_err() && rayon::current_num_threads() != n {
+                return Err(format!(
+                    "cannot compute with {n} threads: rayon's pool already runs {}",
+                    rayon::current_num_threads()
+                ));
+            }
+            log.info(&format!("baseline: computing with {n} threads"));
+        }
+        Self::load(model, log)
     }
 
     fn generate(

@@ -740,7 +740,8 @@ fn attention_block(
     let threads = if work < 1 << 20 {
         1
     } else {
-        candle_core::utils::get_num_threads()
+        // The pool this call runs in: the host's thread count when it set one.
+        rayon::current_num_threads()
     };
     attention(&q, &cache.k[i], &cache.v[i], shape, pos, threads, &mut y);
     let y = Tensor::from_vec(y, (t, cfg.n_head * hd), &Device::Cpu)?;

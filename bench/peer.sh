@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# The peer, side by side: llama.cpp's llama-bench and `host bench` on the same GGUF, the same
+# thread counts and the same workloads, in one table.
+#
+#   bench/peer.sh                                  # variants/baseline, -p 128,512 -n 128 -r 5, all cores
+#   bench/peer.sh -t 1,2 variants/current          # one row per test and thread count
+#   bench/peer.sh -p 512 -n 128 -r 3 --model my.gguf
+#
+# llama.cpp comes from the package registry: the source distribution of the PyPI package
+# llama-cpp-python (pinned below; it vendors llama.cpp), fetched with pip. Only llama-bench is
+# built, with CMake, once, in $AUTOINFER_CACHE/peer (default ~/.cache/autoinfer/peer); later runs
+# reuse it. On a CPU that advertises AMX the build disables it (-mno-amx-*): virtual machines
+# may advertise AMX without being able to run it, and a native build then dies with an illegal
+# instruction. Needs: pip, cmake, a C++ compiler, python3, and cargo (the host is built if
+# target/release/host is missing).
+set -euo pipefail
+
+VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+PROMPTS=128,512
+GENS=128
+REPS=5
+THREADS="$(nproc)"
+MODEL=""
+VARIANT=variants/baseline
+
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -p) PROMPTS="$2"; shift 2 ;;
+    -n) GENS="$2"; shift 2 ;;
+    -r) REPS="$2"; shift 2 ;;
+    -t) THREADS="$2"; shift 2 ;;
+    --model) MODEL="$2"; shift 2 ;;
+    -h|--help) usage 0 ;;
+    -*) echo "peer.sh: unknown option $1" >&2; usage 2 ;;
+    *) VARIANT="$1"; shift ;;
+  esac
+done
+for list in "$PROMPTS" "$GENS" "$THREADS"; do
+  [[ "$list" =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "peer.sh: '$list' is not a comma-separated list of numbers" >&2; exit 2; }
+done
+[[ "$REPS" =~ ^[1-9][0-9]*$ ]] || { echo "peer.sh: -r wants a positive number, not '$REPS'" >&2; exit 2; }
+for tool in pip cmake python3; do
+  command -v "$tool" > /dev/null || { echo "peer.sh: $tool is needed and not on PATH" >&2; exit 1; }
+done
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+CACHE="${AUTOINFER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/autoinfer}/peer"
+SRC="$CACHE/llama.cpp-$VERSION"
+BUILD="$CACHE/build-$VERSION"
+BENCH="$BUILD/bin/llama-bench"
+started=$SECONDS
+
+if [ ! -x "$BENCH" ]; then
+  mkdir -p "$CACHE/download"
+  sdist="$CACHE/download/llama_cpp_python-$VERSION.tar.gz"
+  if [ ! -f "$sdist" ]; then
+    echo "== fetching llama-cpp-python $VERSION's source distribution from PyPI" >&2
+    pip download "llama-cpp-python==$VERSION" --no-deps --no-binary llama-cpp-python \
+      -d "$CACHE/download" >&2
+  fi
+  if [ ! -f "$SRC/CMakeLists.txt" ]; then
+    echo "== unpacking its vendored llama.cpp into $SRC" >&2
+    rm -rf "$SRC.partial" && mkdir -p "$SRC.partial"
+    tar xzf "$sdist" -C "$SRC.partial" --strip-components=3 \
+      "llama_cpp_python-$VERSION/vendor/llama.cpp"
+    rm -rf "$SRC" && mv "$SRC.partial" "$SRC"
+  fi
+  flags=""
+  if grep -q amx /proc/cpuinfo 2> /dev/null; then
+    flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    echo "== the CPU advertises AMX: building without it ($flags)" >&2
+  fi
+  echo "== building llama-bench (CPU, native, Release) in $BUILD" >&2
+  cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+    -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" > "$CACHE/cmake-configure.log" 2>&1 \
+    || { tail -20 "$CACHE/cmake-configure.log" >&2; exit 1; }
+  cmake --build "$BUILD" --target llama-bench -j "$(nproc)" > "$CACHE/cmake-build.log" 2>&1 \
+    || { tail -30 "$CACHE/cmake-build.log" >&2; exit 1; }
+  echo "== llama-bench built in $((SECONDS - started)) s" >&2
+else
+  echo "== reusing $BENCH" >&2
+fi
+
+HOST="$ROOT/target/release/host"
+if [ ! -x "$HOST" ]; then
+  echo "== building the host" >&2
+  (cd "$ROOT" && cargo build --release -p host >&2)
+fi
+[ -n "$MODEL" ] || MODEL="$(cd "$ROOT" && "$HOST" model)"
+
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+echo "== llama-bench -p $PROMPTS -n $GENS -r $REPS -t $THREADS" >&2
+"$BENCH" -m "$MODEL" -p "$PROMPTS" -n "$GENS" -r "$REPS" -t "$THREADS" -o json > "$WORK/peer.json"
+for t in ${THREADS//,/ }; do
+  echo "== host bench $VARIANT -p $PROMPTS -n $GENS -r $REPS -t $t" >&2
+  (cd "$ROOT" && "$HOST" bench "$VARIANT" -p "$PROMPTS" -n "$GENS" -r "$REPS" -t "$t" \
+    --model "$MODEL" --json) > "$WORK/ours-$t.json"
+done
+
+python3 - "$WORK" "$VARIANT" "$VERSION" "$((SECONDS - started))" <<'EOF'
+import glob, json, os, platform, sys, time
+work, variant, version, took = sys.argv[1:]
+peer = json.load(open(os.path.join(work, "peer.json")))
+ours = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(work, "ours-*.json")))]
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+first = ours[0]
+print(f"{time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} logical CPUs; model {first['model']['description']} "
+      f"({os.path.basename(first['model']['path'])}); llama.cpp vendored by llama-cpp-python {version} "
+      f"({peer[0].get('backends', 'CPU')} backend)\n")
+print(f"| test | threads | llama.cpp t/s | {variant} t/s | {variant} / llama.cpp |")
+print("| --- | ---: | ---: | ---: | ---: |")
+for report in ours:
+    t = report["threads"]
+    for test in report["tests"]:
+        match = [p for p in peer if p["n_threads"] == t and p["n_prompt"] == test["n_prompt"] and p["n_gen"] == test["n_gen"]]
+        if not match:
+            continue
+        p = match[0]
+        print(f"| {test['test']} | {t} | {p['avg_ts']:.2f} ± {p['stddev_ts']:.2f} | "
+              f"{test['mean_tok_s']:.2f} ± {test['sd_tok_s']:.2f} | {test['mean_tok_s'] / p['avg_ts']:.3f} |")
+rl = first["roofline"]
+print(f"\nroofline: {rl['bytes_per_token'] / 2**20:.2f} MiB of weights per generated token; measured read bandwidth "
+      f"{rl['bandwidth_gb_s']:.1f} GB/s (every core) allows {rl['bound_tok_s']:.1f} t/s.")
+for report in ours:
+    for test in report["tests"]:
+        if test["n_gen"]:
+            p = [p for p in peer if p["n_threads"] == report["threads"] and p["n_gen"] == test["n_gen"] and p["n_prompt"] == 0]
+            peer_share = f", llama.cpp {p[0]['avg_ts'] / rl['bound_tok_s']:.1%}" if p else ""
+            print(f"{test['test']} at {report['threads']} thread(s): {variant} reaches {test['roofline_share']:.1%} of it{peer_share}.")
+print(f"\n(whole script: {took} s)")
+EOF

@@ -1,0 +1,537 @@
+//! `host bench VARIANT`: llama-bench-style synthetic workloads, so a variant can be set beside
+//! llama.cpp and beside the machine's memory bandwidth.
+//!
+//! Each [`Test`] is either prompt processing (`ppN`: a prompt of N random tokens, timed to the
+//! first token, t/s = N / time to first token) or text generation (`tgN`: one random token in,
+//! N tokens out, t/s = N / time to the N-th token). The host draws the tokens (seeded), the
+//! variant must emit exactly the tokens asked for (end-of-sequence is ignored), and the host's
+//! worker timestamps them as in `host run`. Every test gets one warm-up request, then
+//! `repetitions` timed ones; [`TestResult`] holds their mean and standard deviation. The thread
+//! count reaches the variant as the `threads` load option. [`BenchReport`] adds the roofline:
+//! the bytes of weights a generated token reads, the decode rate the measured bandwidth allows,
+//! and each tg test's share of it.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::cargo_build::VariantCrate;
+use crate::measure::Timing;
+use crate::physics::{measure_bandwidth, Roofline};
+use crate::prompts::SplitMix64;
+use crate::supervisor::Worker;
+use crate::wire::{Reply, Request};
+use plugin_api::ModelView;
+
+/// What `host bench` was asked to do.
+#[derive(Debug, Clone)]
+pub struct BenchArgs {
+    pub variant: PathBuf,
+    /// Prompt lengths of the pp tests (0 = none).
+    pub prompts: Vec<usize>,
+    /// Generated lengths of the tg tests (0 = none).
+    pub gens: Vec<usize>,
+    pub repetitions: usize,
+    pub threads: usize,
+    pub model: Option<PathBuf>,
+    pub seed: u64,
+    pub timeout_s: u64,
+    pub no_build: bool,
+    pub format: Format,
+    pub verbose: bool,
+}
+
+/// How the report is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Markdown,
+    Json,
+    Csv,
+}
+
+/// One workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Test {
+    /// Prompt processing of this many tokens.
+    Prompt(usize),
+    /// Text generation of this many tokens.
+    Generate(usize),
+}
+
+impl Test {
+    /// llama-bench's name: `pp512`, `tg128`.
+    pub fn name(self) -> String {
+        match self {
+            Test::Prompt(n) => format!("pp{n}"),
+            Test::Generate(n) => format!("tg{n}"),
+        }
+    }
+
+    /// (prompt tokens, tokens to generate) of one request.
+    fn shape(self) -> (usize, usize) {
+        match self {
+            Test::Prompt(n) => (n, 1),
+            Test::Generate(n) => (1, n),
+        }
+    }
+
+    /// Tokens per second of one timed request.
+    fn rate(self, timing: &Timing) -> f64 {
+        match self {
+            Test::Prompt(n) => n as f64 / (timing.ttft_ms / 1e3),
+            Test::Generate(n) => n as f64 / (timing.total_ms / 1e3),
+        }
+    }
+}
+
+/// The tests of `-p` and `-n`, in llama-bench's order (pp first); zeros are skipped.
+pub fn tests_of(prompts: &[usize], gens: &[usize]) -> Vec<Test> {
+    let pp = prompts.iter().filter(|&&n| n > 0).map(|&n| Test::Prompt(n));
+    let tg = gens.iter().filter(|&&n| n > 0).map(|&n| Test::Generate(n));
+    pp.chain(tg).collect()
+}
+
+/// The measured rates of one test.
+#[derive(Debug, Clone, Serialize)]
+pub struct TestResult {
+    pub test: String,
+    pub n_prompt: usize,
+    pub n_gen: usize,
+    /// Tokens per second of each timed repetition.
+    pub samples_tok_s: Vec<f64>,
+    pub mean_tok_s: f64,
+    /// Sample standard deviation (0 with one repetition).
+    pub sd_tok_s: f64,
+    /// For tg tests: the mean as a share of the roofline's bound.
+    pub roofline_share: Option<f64>,
+}
+
+/// What the model is, in llama-bench's columns.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    pub path: String,
+    /// `llama 135M Q4_1`.
+    pub description: String,
+    /// Bytes of tensor data.
+    pub size_bytes: u64,
+    pub params: u64,
+}
+
+/// Everything `host bench` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub variant: String,
+    pub model: ModelInfo,
+    pub backend: &'static str,
+    pub threads: usize,
+    pub repetitions: usize,
+    pub seed: u64,
+    pub roofline: Roofline,
+    pub tests: Vec<TestResult>,
+}
+
+/// Runs `host bench` and prints the report in the asked format.
+pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
+    let tests = tests_of(&args.prompts, &args.gens);
+    if tests.is_empty() {
+        bail!("nothing to measure: -p and -n are both 0; ask for at least one test");
+    }
+    if args.repetitions == 0 {
+        bail!("-r/--repetitions must be at least 1");
+    }
+    if args.threads == 0 {
+        bail!("-t/--threads must be at least 1");
+    }
+    let variant = VariantCrate::open(&args.variant)?;
+    let model = crate::setup::open_model(args.model.as_deref())?;
+    let view = model.view;
+    let vocab = vocabulary(view).with_context(|| format!("model {}", model.path.display()))?;
+    if let Some(context) = view.meta_uint("llama.context_length") {
+        for &test in &tests {
+            let (prompt, gen) = test.shape();
+            if (prompt + gen) as u64 > context {
+                bail!(
+                    "{} needs {} positions; the model's context is {context}",
+                    test.name(),
+                    prompt + gen
+                );
+            }
+        }
+    }
+    let lib = if args.no_build {
+        variant.built_library()?
+    } else {
+        variant.build()?
+    };
+
+    // Before the worker starts, so nothing else reads memory meanwhile.
+    eprintln!("measuring memory bandwidth ...");
+    let roofline = Roofline::new(view, measure_bandwidth());
+    let name = args.variant.display().to_string();
+    let timeout = std::time::Duration::from_secs(args.timeout_s);
+    let mut worker = Worker::spawn_with_threads(
+        &name,
+        &lib,
+        &model.path,
+        timeout,
+        args.verbose,
+        Some(args.threads),
+    )?;
+
+    let bar = crate::run::progress_bar(tests.len() * (args.repetitions + 1), "");
+    let tty = std::io::stderr().is_terminal();
+    let mut results = Vec::new();
+    for (t, &test) in tests.iter().enumerate() {
+        let mut rates = Vec::new();
+        for rep in 0..=args.repetitions {
+            let label = if rep == 0 {
+                format!("{} warm-up", test.name())
+            } else {
+                format!("{} repetition {rep}/{}", test.name(), args.repetitions)
+            };
+            bar.set_message(label.clone());
+            let (n_prompt, n_gen) = test.shape();
+            let prompt = random_tokens(args.seed, t as u64, rep as u64, n_prompt, vocab);
+            let timing = timed(&mut worker, &name, &prompt, n_gen, vocab, &label, timeout)?;
+            let rate = test.rate(&timing);
+            if rep > 0 {
+                rates.push(rate);
+            }
+            let line = format!("{label}: {rate:.2} t/s");
+            if tty {
+                bar.println(line);
+            } else {
+                eprintln!("{line}");
+            }
+            bar.inc(1);
+        }
+        let (mean, sd) = mean_sd(&rates);
+        let (n_prompt, n_gen) = match test {
+            Test::Prompt(n) => (n, 0),
+            Test::Generate(n) => (0, n),
+        };
+        results.push(TestResult {
+            test: test.name(),
+            n_prompt,
+            n_gen,
+            samples_tok_s: rates,
+            mean_tok_s: mean,
+            sd_tok_s: sd,
+            roofline_share: matches!(test, Test::Generate(_)).then(|| mean / roofline.bound_tok_s),
+        });
+    }
+    bar.finish_and_clear();
+    let report = BenchReport {
+        variant: name,
+        model: model_info(view, &model.path),
+        backend: "CPU",
+        threads: args.threads,
+        repetitions: args.repetitions,
+        seed: args.seed,
+        roofline,
+        tests: results,
+    };
+    match args.format {
+        Format::Markdown => println!("{}", markdown(&report)),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Csv => print!("{}", csv(&report)),
+    }
+    Ok(report)
+}
+
+/// One timed request: `prompt` in, exactly `n_gen` tokens out.
+fn timed(
+    worker: &mut Worker,
+    name: &str,
+    prompt: &[u32],
+    n_gen: usize,
+    vocab: u32,
+    label: &str,
+    timeout: std::time::Duration,
+) -> Result<Timing> {
+    let request = Request::Generate {
+        prompt: prompt.to_vec(),
+        max_new_tokens: n_gen as u32,
+    };
+    let reply = worker.request(&request, label, timeout)?;
+    let Reply::Generated {
+        tokens,
+        emit_ns,
+        overflow,
+        ..
+    } = reply
+    else {
+        bail!("variant {name}: the worker answered {label} with something other than tokens");
+    };
+    Timing::from_emits(prompt.len(), &tokens, &emit_ns, overflow, n_gen, vocab)
+        .with_context(|| format!("variant {name} failed {label}"))
+}
+
+/// `n` token ids below `vocab`, the same for the same (seed, test, repetition).
+pub fn random_tokens(seed: u64, test: u64, rep: u64, n: usize, vocab: u32) -> Vec<u32> {
+    let mut rng = SplitMix64::new(seed ^ (test << 32) ^ rep.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    (0..n).map(|_| rng.below(vocab as u64) as u32).collect()
+}
+
+/// Mean and sample standard deviation.
+fn mean_sd(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let sd = if xs.len() > 1 {
+        (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+    } else {
+        0.0
+    };
+    (mean, sd)
+}
+
+/// The vocabulary size: the token embedding's second dimension.
+fn vocabulary(view: &ModelView) -> Result<u32> {
+    let embd = view
+        .tensor("token_embd.weight")
+        .context("the model has no token_embd.weight tensor")?;
+    let n = embd
+        .dims
+        .get(1)
+        .copied()
+        .context("token_embd.weight is not a matrix")?;
+    u32::try_from(n).context("the vocabulary does not fit 32 bits")
+}
+
+/// llama-bench's model columns.
+fn model_info(view: &ModelView, path: &std::path::Path) -> ModelInfo {
+    let params: u64 = view
+        .tensors
+        .iter()
+        .map(|t| t.dims.iter().product::<u64>())
+        .sum();
+    let size_bytes = view.tensors.iter().map(|t| t.size).sum();
+    let arch = view.meta_str("general.architecture").unwrap_or("?");
+    let size = match params {
+        p if p >= 1_000_000_000 => format!("{:.0}B", p as f64 / 1e9),
+        p => format!("{:.0}M", p as f64 / 1e6),
+    };
+    let ftype = view
+        .meta_uint("general.file_type")
+        .map(file_type_name)
+        .unwrap_or_else(|| "?".into());
+    ModelInfo {
+        path: path.display().to_string(),
+        description: format!("{arch} {size} {ftype}"),
+        size_bytes,
+        params,
+    }
+}
+
+/// GGUF's `general.file_type` as llama.cpp names it.
+fn file_type_name(id: u64) -> String {
+    match id {
+        0 => "all F32".into(),
+        1 => "F16".into(),
+        2 => "Q4_0".into(),
+        3 => "Q4_1".into(),
+        7 => "Q8_0".into(),
+        8 => "Q5_0".into(),
+        9 => "Q5_1".into(),
+        15 => "Q4_K - Medium".into(),
+        17 => "Q5_K - Medium".into(),
+        18 => "Q6_K".into(),
+        32 => "BF16".into(),
+        other => format!("file type {other}"),
+    }
+}
+
+/// The report as llama-bench's markdown table, then the roofline.
+pub fn markdown(r: &BenchReport) -> String {
+    let mut out = String::from(
+        "| model | size | params | backend | threads | test | t/s |\n\
+         | --- | ---: | ---: | --- | ---: | ---: | ---: |\n",
+    );
+    for t in &r.tests {
+        out.push_str(&format!(
+            "| {} | {:.2} MiB | {:.2} M | {} | {} | {} | {:.2} ± {:.2} |\n",
+            r.model.description,
+            r.model.size_bytes as f64 / (1 << 20) as f64,
+            r.model.params as f64 / 1e6,
+            r.backend,
+            r.threads,
+            t.test,
+            t.mean_tok_s,
+            t.sd_tok_s
+        ));
+    }
+    let rl = &r.roofline;
+    out.push_str(&format!(
+        "\nroofline: a generated token reads {:.2} MiB of weights; the measured read bandwidth \
+         ({:.1} GB/s, every core) allows {:.1} t/s",
+        rl.bytes_per_token as f64 / (1 << 20) as f64,
+        rl.bandwidth_gb_s,
+        rl.bound_tok_s
+    ));
+    for t in &r.tests {
+        if let Some(share) = t.roofline_share {
+            out.push_str(&format!("; {} reaches {:.1}% of it", t.test, share * 100.0));
+        }
+    }
+    out
+}
+
+/// The report as CSV, one row per test.
+pub fn csv(r: &BenchReport) -> String {
+    let mut out = String::from(
+        "model,size_bytes,params,backend,threads,test,n_prompt,n_gen,avg_ts,stddev_ts,\
+         bytes_per_token,bandwidth_gb_s,bound_ts,roofline_share\n",
+    );
+    for t in &r.tests {
+        out.push_str(&format!(
+            "\"{}\",{},{},{},{},{},{},{},{:.4},{:.4},{},{:.3},{:.3},{}\n",
+            r.model.description,
+            r.model.size_bytes,
+            r.model.params,
+            r.backend,
+            r.threads,
+            t.test,
+            t.n_prompt,
+            t.n_gen,
+            t.mean_tok_s,
+            t.sd_tok_s,
+            r.roofline.bytes_per_token,
+            r.roofline.bandwidth_gb_s,
+            r.roofline.bound_tok_s,
+            t.roofline_share
+                .map(|s| format!("{s:.5}"))
+                .unwrap_or_default()
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tests_follow_llama_bench_names_and_order() {
+        let t = tests_of(&[128, 0, 512], &[128]);
+        let names: Vec<String> = t.iter().map(|t| t.name()).collect();
+        assert_eq!(names, ["pp128", "pp512", "tg128"]);
+        assert!(tests_of(&[0], &[0]).is_empty());
+        assert_eq!(Test::Prompt(512).shape(), (512, 1));
+        assert_eq!(Test::Generate(128).shape(), (1, 128));
+    }
+
+    #[test]
+    fn rates_use_the_first_token_for_pp_and_the_last_for_tg() {
+        let timing = Timing {
+            prompt_tokens: 512,
+            new_tokens: 1,
+            ttft_ms: 2000.0,
+            prefill_tok_s: 256.0,
+            decode_tok_s: 0.0,
+            total_ms: 4000.0,
+            itl_ms: vec![],
+        };
+        assert!((Test::Prompt(512).rate(&timing) - 256.0).abs() < 1e-9);
+        assert!((Test::Generate(128).rate(&timing) - 32.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn random_prompts_are_seeded_and_in_the_vocabulary() {
+        let a = random_tokens(1, 0, 1, 512, 49152);
+        assert_eq!(a, random_tokens(1, 0, 1, 512, 49152));
+        assert_ne!(
+            a,
+            random_tokens(1, 0, 2, 512, 49152),
+            "each repetition draws anew"
+        );
+        assert_ne!(
+            a,
+            random_tokens(1, 1, 1, 512, 49152),
+            "each test draws anew"
+        );
+        assert!(a.iter().all(|&t| t < 49152));
+        let distinct: std::collections::HashSet<_> = a.iter().collect();
+        assert!(distinct.len() > 400, "{}", distinct.len());
+    }
+
+    #[test]
+    fn mean_and_sd() {
+        let (m, s) = mean_sd(&[10.0, 12.0, 14.0]);
+        assert!((m - 12.0).abs() < 1e-12 && (s - 2.0).abs() < 1e-12);
+        assert_eq!(mean_sd(&[5.0]), (5.0, 0.0));
+    }
+
+    fn report() -> BenchReport {
+        BenchReport {
+            variant: "v".into(),
+            model: ModelInfo {
+                path: "m.gguf".into(),
+                description: "llama 135M Q4_1".into(),
+                size_bytes: 85 << 20,
+                params: 134_515_008,
+            },
+            backend: "CPU",
+            threads: 2,
+            repetitions: 3,
+            seed: 1,
+            roofline: Roofline {
+                bytes_per_token: 85 << 20,
+                bandwidth_gb_s: 8.9,
+                bound_tok_s: 100.0,
+            },
+            tests: vec![
+                TestResult {
+                    test: "pp512".into(),
+                    n_prompt: 512,
+                    n_gen: 0,
+                    samples_tok_s: vec![100.0, 110.0, 120.0],
+                    mean_tok_s: 110.0,
+                    sd_tok_s: 10.0,
+                    roofline_share: None,
+                },
+                TestResult {
+                    test: "tg128".into(),
+                    n_prompt: 0,
+                    n_gen: 128,
+                    samples_tok_s: vec![25.0],
+                    mean_tok_s: 25.0,
+                    sd_tok_s: 0.0,
+                    roofline_share: Some(0.25),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn markdown_has_llama_bench_columns_and_the_roofline() {
+        let md = markdown(&report());
+        assert!(
+            md.starts_with("| model | size | params | backend | threads | test | t/s |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| llama 135M Q4_1 | 85.00 MiB | 134.52 M | CPU | 2 | pp512 | 110.00 ± 10.00 |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("allows 100.0 t/s; tg128 reaches 25.0% of it"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn csv_has_one_row_per_test() {
+        let text = csv(&report());
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        let header: Vec<&str> = lines[0].split(',').collect();
+        let row: Vec<&str> = lines[2].split(',').collect();
+        assert_eq!(header.len(), row.len(), "{text}");
+        assert_eq!(row[5], "tg128");
+        assert_eq!(row[13], "0.25000");
+    }
+}
