@@ -78,3 +78,29 @@ fn bad_inputs_are_refused_by_name() {
     assert!(!out.status.success());
     assert!(stderr.contains("variants/nothing-here"), "{stderr}");
 }
+
+#[test]
+fn the_peer_script_refuses_bad_arguments_before_fetching_anything() {
+    for (args, needle) in [
+        (
+            vec!["-p", "128,abc"],
+            "'128,abc' is not a comma-separated list of numbers",
+        ),
+        (
+            vec!["-t", "two"],
+            "'two' is not a comma-separated list of numbers",
+        ),
+        (vec!["-r", "0"], "-r wants a positive number, not '0'"),
+        (vec!["--fast"], "unknown option --fast"),
+    ] {
+        let out = std::process::Command::new("bash")
+            .arg(common::root().join("bench/peer.sh"))
+            .args(&args)
+            .env("AUTOINFER_CACHE", "/nonexistent/autoinfer-peer-test")
+            .output()
+            .expect("bash runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
