@@ -7,7 +7,7 @@
 #   bench/peer.sh -p 512 -n 128 -r 3 --model my.gguf
 #
 # llama.cpp comes from the package registry: the source distribution of the PyPI package
-# llama-cpp-python (pinned below; it vendors llama.cpp), fetched with pip. Only llama-bench is
+# llama-cpp-python (pinned in this script; it vendors llama.cpp), fetched with pip. Only llama-bench is
 # built, with CMake, once, in $AUTOINFER_CACHE/peer (default ~/.cache/autoinfer/peer); later runs
 # reuse it. On a CPU that advertises AMX the build disables it (-mno-amx-*): virtual machines
 # may advertise AMX without being able to run it, and a native build then dies with an illegal
