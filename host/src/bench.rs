@@ -11,7 +11,6 @@
 //! the bytes of weights a generated token reads, the decode rate the measured bandwidth allows,
 //! and each tg test's share of it.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -21,8 +20,8 @@ use crate::cargo_build::VariantCrate;
 use crate::measure::Timing;
 use crate::physics::{measure_bandwidth, Roofline};
 use crate::prompts::SplitMix64;
+use crate::setup::generate_timed;
 use crate::supervisor::Worker;
-use crate::wire::{Reply, Request};
 use plugin_api::ModelView;
 
 /// What `host bench` was asked to do.
@@ -74,6 +73,14 @@ impl Test {
         match self {
             Test::Prompt(n) => (n, 1),
             Test::Generate(n) => (1, n),
+        }
+    }
+
+    /// (n_prompt, n_gen) as llama-bench reports the test: the other count is 0.
+    fn counts(self) -> (usize, usize) {
+        match self {
+            Test::Prompt(n) => (n, 0),
+            Test::Generate(n) => (0, n),
         }
     }
 
@@ -181,7 +188,6 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
     )?;
 
     let bar = crate::run::progress_bar(tests.len() * (args.repetitions + 1), "");
-    let tty = std::io::stderr().is_terminal();
     let mut results = Vec::new();
     for (t, &test) in tests.iter().enumerate() {
         let mut rates = Vec::new();
@@ -194,24 +200,24 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
             bar.set_message(label.clone());
             let (n_prompt, n_gen) = test.shape();
             let prompt = random_tokens(args.seed, t as u64, rep as u64, n_prompt, vocab);
-            let timing = timed(&mut worker, &name, &prompt, n_gen, vocab, &label, timeout)?;
-            let rate = test.rate(&timing);
+            let generated = generate_timed(
+                &mut worker,
+                &name,
+                &prompt,
+                n_gen as u32,
+                vocab,
+                &label,
+                timeout,
+            )?;
+            let rate = test.rate(&generated.timing);
             if rep > 0 {
                 rates.push(rate);
             }
-            let line = format!("{label}: {rate:.2} t/s");
-            if tty {
-                bar.println(line);
-            } else {
-                eprintln!("{line}");
-            }
+            crate::run::log_line(&bar, format!("{label}: {rate:.2} t/s"));
             bar.inc(1);
         }
         let (mean, sd) = mean_sd(&rates);
-        let (n_prompt, n_gen) = match test {
-            Test::Prompt(n) => (n, 0),
-            Test::Generate(n) => (0, n),
-        };
+        let (n_prompt, n_gen) = test.counts();
         results.push(TestResult {
             test: test.name(),
             n_prompt,
@@ -239,34 +245,6 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         Format::Csv => print!("{}", csv(&report)),
     }
     Ok(report)
-}
-
-/// One timed request: `prompt` in, exactly `n_gen` tokens out.
-fn timed(
-    worker: &mut Worker,
-    name: &str,
-    prompt: &[u32],
-    n_gen: usize,
-    vocab: u32,
-    label: &str,
-    timeout: std::time::Duration,
-) -> Result<Timing> {
-    let request = Request::Generate {
-        prompt: prompt.to_vec(),
-        max_new_tokens: n_gen as u32,
-    };
-    let reply = worker.request(&request, label, timeout)?;
-    let Reply::Generated {
-        tokens,
-        emit_ns,
-        overflow,
-        ..
-    } = reply
-    else {
-        bail!("variant {name}: the worker answered {label} with something other than tokens");
-    };
-    Timing::from_emits(prompt.len(), &tokens, &emit_ns, overflow, n_gen, vocab)
-        .with_context(|| format!("variant {name} failed {label}"))
 }
 
 /// `n` token ids below `vocab`, the same for the same (seed, test, repetition).

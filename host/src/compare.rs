@@ -11,7 +11,6 @@
 //! schedule or the time budget ends. B's answers then go through the quality gates, and
 //! [`Outcome::decide`] applies the keep rule.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -629,14 +628,7 @@ fn measure(
     let warmups = setup.warmups()?;
     let total = 2 * (warmups.len() + prompts) * max_rounds as usize;
     let bar = crate::run::progress_bar(total, "");
-    let tty = std::io::stderr().is_terminal();
-    let log = |line: String| {
-        if tty {
-            bar.println(line);
-        } else {
-            eprintln!("{line}");
-        }
-    };
+    let log = |line: String| crate::run::log_line(&bar, line);
     let started = Instant::now();
     let mut interval = String::from("no look yet");
     for round in 0..max_rounds {

@@ -216,6 +216,16 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     Ok(summary)
 }
 
+/// Prints `line` to stderr above `bar` (a hidden bar would swallow it, so it goes to stderr
+/// directly when stderr is not a terminal).
+pub fn log_line(bar: &ProgressBar, line: String) {
+    if std::io::stderr().is_terminal() {
+        bar.println(line);
+    } else {
+        eprintln!("{line}");
+    }
+}
+
 /// A progress bar on stderr when it is a terminal (hidden otherwise), `prefix` before the bar.
 pub fn progress_bar(len: usize, prefix: &str) -> ProgressBar {
     let bar = if std::io::stderr().is_terminal() {
@@ -247,7 +257,6 @@ fn measure(
     let mut worker = Worker::spawn(&name, lib, &setup.model.path, timeout, args.verbose)?;
     *load_ms = worker.load_ms;
 
-    let tty = std::io::stderr().is_terminal();
     let bar = progress_bar(plan.len(), "");
     for (i, planned) in plan.iter().enumerate() {
         let label = planned.label(setup.protocol.rounds);
@@ -259,11 +268,7 @@ fn measure(
             plan.len(),
             request_line(&sample, &label)
         );
-        if tty {
-            bar.println(line);
-        } else {
-            eprintln!("{line}");
-        }
+        log_line(&bar, line);
         bar.inc(1);
         if planned.round.is_some() {
             samples.push(sample);

@@ -206,22 +206,30 @@ impl Setup {
     }
 }
 
-/// Sends `planned` to `worker` (the variant `name`) and checks and times what comes back. A
-/// warm-up's sample is returned too; the caller decides what counts.
-pub fn timed_request(
-    setup: &Setup,
+/// One generation as the worker returned it, checked and timed.
+pub struct Generated {
+    pub timing: Timing,
+    pub tokens: Vec<u32>,
+    pub peak_rss_kib: u64,
+}
+
+/// Asks `worker` (the variant `name`) for exactly `max_new_tokens` tokens after `prompt` and
+/// checks (count, vocabulary of `vocab` ids) and times what comes back. `label` names the
+/// request in errors.
+pub fn generate_timed(
     worker: &mut Worker,
     name: &str,
-    planned: &Planned,
+    prompt: &[u32],
+    max_new_tokens: u32,
+    vocab: u32,
     label: &str,
-) -> Result<Sample> {
-    let protocol = &setup.protocol;
-    let codec = &setup.codec;
+    timeout: Duration,
+) -> Result<Generated> {
     let request = Request::Generate {
-        prompt: planned.ids.clone(),
-        max_new_tokens: protocol.max_new_tokens,
+        prompt: prompt.to_vec(),
+        max_new_tokens,
     };
-    let reply = worker.request(&request, label, setup.timeout())?;
+    let reply = worker.request(&request, label, timeout)?;
     let Reply::Generated {
         tokens,
         emit_ns,
@@ -232,14 +240,44 @@ pub fn timed_request(
         bail!("variant {name}: the worker answered {label} with something other than tokens");
     };
     let timing = Timing::from_emits(
-        planned.ids.len(),
+        prompt.len(),
         &tokens,
         &emit_ns,
         overflow,
-        protocol.max_new_tokens as usize,
-        codec.vocab_size,
+        max_new_tokens as usize,
+        vocab,
     )
     .with_context(|| format!("variant {name} failed {label}"))?;
+    Ok(Generated {
+        timing,
+        tokens,
+        peak_rss_kib,
+    })
+}
+
+/// Sends `planned` to `worker` (the variant `name`) and checks and times what comes back. A
+/// warm-up's sample is returned too; the caller decides what counts.
+pub fn timed_request(
+    setup: &Setup,
+    worker: &mut Worker,
+    name: &str,
+    planned: &Planned,
+    label: &str,
+) -> Result<Sample> {
+    let codec = &setup.codec;
+    let Generated {
+        timing,
+        tokens,
+        peak_rss_kib,
+    } = generate_timed(
+        worker,
+        name,
+        &planned.ids,
+        setup.protocol.max_new_tokens,
+        codec.vocab_size,
+        label,
+        setup.timeout(),
+    )?;
     let eos_at = tokens.iter().position(|&t| t == codec.eos_id);
     let answer = &tokens[..eos_at.unwrap_or(tokens.len())];
     let text = codec.decode(answer)?;
