@@ -106,7 +106,7 @@ pub fn load(
             }
         }
     })?;
-    module.load_with()(model, host_logger(), options)
+    module.load()(model, host_logger(), options)
         .into_result()
         .map_err(|e| PluginError::Init(e.into_string()))
 }

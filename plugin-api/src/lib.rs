@@ -41,14 +41,10 @@ pub use model_view::{GgmlType, MetaValue, MetadataEntry, ModelView, TensorInfo};
 #[sabi(kind(Prefix(prefix_ref = VariantModRef)))]
 #[sabi(missing_field(panic))]
 pub struct VariantMod {
-    /// Builds the variant over the host's model. The model view lives for the whole process.
+    /// Builds the variant over the host's model (the view lives for the whole process) with the
+    /// host's [`LoadOptions`]. New options are new keys, so this signature does not change.
     #[sabi(last_prefix_field)]
-    pub load:
-        extern "C" fn(model: &'static ModelView, log: HostLog) -> RResult<VariantBox, RString>,
-    /// Builds the variant with the host's [`LoadOptions`]. Appended after `load`. abi_stable
-    /// refuses, at load time, a root module with fewer fields than the host's, so a variant
-    /// built before this field existed is refused with "rebuild it" rather than loaded.
-    pub load_with: extern "C" fn(
+    pub load: extern "C" fn(
         model: &'static ModelView,
         log: HostLog,
         options: &LoadOptions,
@@ -274,15 +270,6 @@ impl<E: Engine> Variant for Guarded<E> {
 extern "C" fn load_engine<E: Engine>(
     model: &'static ModelView,
     log: HostLog,
-) -> RResult<VariantBox, RString> {
-    guard("load", || {
-        E::load(model, log).map(|engine| Variant_TO::from_value(Guarded(engine), TD_Opaque))
-    })
-}
-
-extern "C" fn load_engine_with<E: Engine>(
-    model: &'static ModelView,
-    log: HostLog,
     options: &LoadOptions,
 ) -> RResult<VariantBox, RString> {
     guard("load", || {
@@ -296,7 +283,6 @@ extern "C" fn load_engine_with<E: Engine>(
 pub fn root_module_for<E: Engine>() -> VariantModRef {
     VariantMod {
         load: load_engine::<E>,
-        load_with: load_engine_with::<E>,
     }
     .leak_into_prefix()
 }
