@@ -693,7 +693,11 @@ fn measure(
         let number = schedule.look_number(round + 1);
         let figures = look(
             &out.pairs,
-            |f| schedule.alpha_at(f.test(), number).unwrap_or(0.0),
+            |f| {
+                schedule.alpha_at(f.test(), number).expect(
+                    "every figure's test is in TESTS, and looks_after keeps the look in range",
+                )
+            },
             rules.noise_threshold,
             setup.protocol.seed ^ round as u64,
         );
