@@ -21,8 +21,8 @@ use crate::measure::Timing;
 use crate::physics::{measure_bandwidth, Roofline};
 use crate::prompts::SplitMix64;
 use crate::setup::generate_timed;
-use crate::supervisor::Worker;
-use plugin_api::ModelView;
+use crate::supervisor::{LoadRequest, Worker};
+use plugin_api::{Device, ModelView};
 
 /// What `host bench` was asked to do.
 #[derive(Debug, Clone)]
@@ -34,6 +34,8 @@ pub struct BenchArgs {
     pub gens: Vec<usize>,
     pub repetitions: usize,
     pub threads: usize,
+    /// Where the variant computes (the `device` load option).
+    pub device: Device,
     pub model: Option<PathBuf>,
     pub seed: u64,
     pub timeout_s: u64,
@@ -131,11 +133,18 @@ pub struct ModelInfo {
 pub struct BenchReport {
     pub variant: String,
     pub model: ModelInfo,
+    /// llama-bench's name for the device: CPU, CUDA, Metal.
     pub backend: &'static str,
+    /// The device as `--device` names it.
+    pub device: String,
+    /// Whether the model is synthetic (random weights): speed only.
+    pub synthetic: bool,
     pub threads: usize,
     pub repetitions: usize,
     pub seed: u64,
-    pub roofline: Roofline,
+    /// The CPU's decode bound; `None` on another device (the host measures the CPU's
+    /// bandwidth only).
+    pub roofline: Option<Roofline>,
     pub tests: Vec<TestResult>,
 }
 
@@ -167,25 +176,28 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
             }
         }
     }
+    let synthetic = model.is_synthetic();
+    if synthetic {
+        eprintln!("{}", crate::setup::SYNTHETIC_BANNER);
+    }
     let lib = if args.no_build {
         variant.built_library()?
     } else {
-        variant.build()?
+        variant.build(args.device)?
     };
 
     // Before the worker starts, so nothing else reads memory meanwhile.
-    eprintln!("measuring memory bandwidth ...");
-    let roofline = Roofline::new(view, measure_bandwidth());
+    let roofline = (args.device == Device::Cpu).then(|| {
+        eprintln!("measuring memory bandwidth ...");
+        Roofline::new(view, measure_bandwidth())
+    });
     let name = args.variant.display().to_string();
     let timeout = std::time::Duration::from_secs(args.timeout_s);
-    let mut worker = Worker::spawn_with_threads(
-        &name,
-        &lib,
-        &model.path,
-        timeout,
-        args.verbose,
-        Some(args.threads),
-    )?;
+    let load = LoadRequest {
+        threads: Some(args.threads),
+        device: Some(args.device),
+    };
+    let mut worker = Worker::spawn(&name, &lib, &model.path, timeout, args.verbose, &load)?;
 
     let bar = crate::run::progress_bar(tests.len() * (args.repetitions + 1), "");
     let mut results = Vec::new();
@@ -225,14 +237,23 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
             samples_tok_s: rates,
             mean_tok_s: mean,
             sd_tok_s: sd,
-            roofline_share: matches!(test, Test::Generate(_)).then(|| mean / roofline.bound_tok_s),
+            roofline_share: roofline
+                .as_ref()
+                .filter(|_| matches!(test, Test::Generate(_)))
+                .map(|r| mean / r.bound_tok_s),
         });
     }
     bar.finish_and_clear();
     let report = BenchReport {
         variant: name,
         model: model_info(view, &model.path),
-        backend: "CPU",
+        backend: match args.device {
+            Device::Cpu => "CPU",
+            Device::Cuda(_) => "CUDA",
+            Device::Metal(_) => "Metal",
+        },
+        device: args.device.to_string(),
+        synthetic,
         threads: args.threads,
         repetitions: args.repetitions,
         seed: args.seed,
@@ -340,7 +361,16 @@ pub fn markdown(r: &BenchReport) -> String {
             t.sd_tok_s
         ));
     }
-    let rl = &r.roofline;
+    if r.synthetic {
+        out.push_str("\nSYNTHETIC MODEL (random weights): the figures measure speed only\n");
+    }
+    let Some(rl) = &r.roofline else {
+        out.push_str(&format!(
+            "\nroofline: not measured on {} (the host measures the CPU's memory bandwidth only)",
+            r.device
+        ));
+        return out;
+    };
     out.push_str(&format!(
         "\nroofline: a generated token reads {:.2} MiB of weights; the measured read bandwidth \
          ({:.1} GB/s, every core) allows {:.1} t/s",
@@ -362,9 +392,10 @@ pub fn csv(r: &BenchReport) -> String {
         "model,size_bytes,params,backend,threads,test,n_prompt,n_gen,avg_ts,stddev_ts,\
          bytes_per_token,bandwidth_gb_s,bound_ts,roofline_share\n",
     );
+    let rl = r.roofline.as_ref();
     for t in &r.tests {
         out.push_str(&format!(
-            "\"{}\",{},{},{},{},{},{},{},{:.4},{:.4},{},{:.3},{:.3},{}\n",
+            "\"{}\",{},{},{},{},{},{},{},{:.4},{:.4},{},{},{},{}\n",
             r.model.description,
             r.model.size_bytes,
             r.model.params,
@@ -375,9 +406,12 @@ pub fn csv(r: &BenchReport) -> String {
             t.n_gen,
             t.mean_tok_s,
             t.sd_tok_s,
-            r.roofline.bytes_per_token,
-            r.roofline.bandwidth_gb_s,
-            r.roofline.bound_tok_s,
+            rl.map(|r| r.bytes_per_token.to_string())
+                .unwrap_or_default(),
+            rl.map(|r| format!("{:.3}", r.bandwidth_gb_s))
+                .unwrap_or_default(),
+            rl.map(|r| format!("{:.3}", r.bound_tok_s))
+                .unwrap_or_default(),
             t.roofline_share
                 .map(|s| format!("{s:.5}"))
                 .unwrap_or_default()
@@ -451,14 +485,16 @@ mod tests {
                 params: 134_515_008,
             },
             backend: "CPU",
+            device: "cpu".into(),
+            synthetic: false,
             threads: 2,
             repetitions: 3,
             seed: 1,
-            roofline: Roofline {
+            roofline: Some(Roofline {
                 bytes_per_token: 85 << 20,
                 bandwidth_gb_s: 8.9,
                 bound_tok_s: 100.0,
-            },
+            }),
             tests: vec![
                 TestResult {
                     test: "pp512".into(),
@@ -511,5 +547,25 @@ mod tests {
         assert_eq!(header.len(), row.len(), "{text}");
         assert_eq!(row[5], "tg128");
         assert_eq!(row[13], "0.25000");
+    }
+
+    #[test]
+    fn a_gpu_report_has_no_cpu_roofline_and_a_synthetic_one_says_so() {
+        let mut r = report();
+        r.backend = "CUDA";
+        r.device = "cuda:0".into();
+        r.synthetic = true;
+        r.roofline = None;
+        for t in &mut r.tests {
+            t.roofline_share = None;
+        }
+        let md = markdown(&r);
+        assert!(md.contains("| CUDA | 2 | tg128 |"), "{md}");
+        assert!(md.contains("roofline: not measured on cuda:0"), "{md}");
+        assert!(md.contains("SYNTHETIC MODEL"), "{md}");
+        let text = csv(&r);
+        let row: Vec<&str> = text.lines().nth(2).unwrap().split(',').collect();
+        assert_eq!(row[3], "CUDA");
+        assert!(row[10..].iter().all(|f| f.is_empty()), "{text}");
     }
 }

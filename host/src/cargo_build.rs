@@ -3,11 +3,15 @@
 //! [`VariantCrate::open`] checks the directory is a crate whose `[lib]` is a `cdylib` before any
 //! compiling starts. [`VariantCrate::build`] runs `cargo build --release` (cargo's own output,
 //! errors included, goes to the user's terminal) and reads the library's path from cargo's JSON
-//! messages; [`VariantCrate::built_library`] finds it without building (`--no-build`).
+//! messages; [`VariantCrate::built_library`] finds it without building (`--no-build`). A build
+//! for a device other than the CPU enables the device's cargo feature (`cuda`, `metal`), which
+//! the manifest must declare.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+use plugin_api::Device;
 
 /// Why a variant could not be built or found.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +37,12 @@ pub enum BuildError {
         "--no-build: variant {dir} has no built library at {lib}; run without --no-build first"
     )]
     NotBuilt { dir: PathBuf, lib: PathBuf },
+    #[error("variant {dir} cannot be built for {device}: its Cargo.toml declares no `{feature}` feature (variants/baseline's shows how)")]
+    NoDeviceFeature {
+        dir: PathBuf,
+        device: Device,
+        feature: &'static str,
+    },
 }
 
 /// A variant crate on disk.
@@ -40,6 +50,8 @@ pub enum BuildError {
 pub struct VariantCrate {
     pub dir: PathBuf,
     pub package: String,
+    /// The cargo features its manifest declares.
+    pub features: Vec<String>,
 }
 
 fn cargo() -> String {
@@ -53,6 +65,16 @@ pub fn target_dir_from_env() -> Option<PathBuf> {
             .unwrap_or_default()
             .join(PathBuf::from(dir))
     })
+}
+
+/// The cargo features a manifest `text` declares (none when it cannot be parsed: building
+/// reports that).
+pub fn features_of(text: &str) -> Vec<String> {
+    toml::from_str::<toml::Table>(text)
+        .ok()
+        .and_then(|doc| doc.get("features")?.as_table().cloned())
+        .map(|features| features.keys().cloned().collect())
+        .unwrap_or_default()
 }
 
 /// The package name of a variant's manifest `text` (read from `manifest`, named in errors),
@@ -96,28 +118,52 @@ impl VariantCrate {
         Ok(VariantCrate {
             dir: dir.into(),
             package,
+            features: features_of(&text),
         })
     }
 
-    /// Builds the crate in release mode and returns the path of its cdylib.
-    pub fn build(&self) -> Result<PathBuf, BuildError> {
-        self.build_in(None)
+    /// The cargo feature a build for `device` enables (none for the CPU); an error when the
+    /// manifest does not declare it.
+    pub fn feature_for(&self, device: Device) -> Result<Option<&'static str>, BuildError> {
+        match device.cargo_feature() {
+            Some(feature) if !self.features.iter().any(|f| f == feature) => {
+                Err(BuildError::NoDeviceFeature {
+                    dir: self.dir.clone(),
+                    device,
+                    feature,
+                })
+            }
+            feature => Ok(feature),
+        }
+    }
+
+    /// Builds the crate in release mode for `device` and returns the path of its cdylib.
+    pub fn build(&self, device: Device) -> Result<PathBuf, BuildError> {
+        self.build_in(None, device)
     }
 
     /// Like [`VariantCrate::build`], into `target_dir` instead of cargo's default when given.
-    pub fn build_in(&self, target_dir: Option<&Path>) -> Result<PathBuf, BuildError> {
+    pub fn build_in(
+        &self,
+        target_dir: Option<&Path>,
+        device: Device,
+    ) -> Result<PathBuf, BuildError> {
+        let feature = self.feature_for(device)?;
         let cargo = cargo();
         let mut command = Command::new(&cargo);
         if let Some(dir) = target_dir {
             command.env("CARGO_TARGET_DIR", dir);
         }
+        command.args([
+            "build",
+            "--release",
+            "--message-format=json-render-diagnostics",
+        ]);
+        if let Some(feature) = feature {
+            command.args(["--features", feature]);
+        }
         let mut child = command
-            .args([
-                "build",
-                "--release",
-                "--message-format=json-render-diagnostics",
-                "--manifest-path",
-            ])
+            .arg("--manifest-path")
             .arg(self.dir.join("Cargo.toml"))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -261,8 +307,25 @@ mod tests {
             "good",
             Some("[package]\nname = \"my-variant\"\n[lib]\ncrate-type = [\"cdylib\"]\n"),
         );
-        assert_eq!(VariantCrate::open(&good).unwrap().package, "my-variant");
-        for d in [empty, rlib, broken, good] {
+        let good = VariantCrate::open(&good).unwrap();
+        assert_eq!(good.package, "my-variant");
+        assert_eq!(good.feature_for(Device::Cpu).unwrap(), None);
+        let err = good.feature_for(Device::Cuda(0)).unwrap_err();
+        assert!(
+            err.to_string().contains("cuda:0") && err.to_string().contains("`cuda` feature"),
+            "{err}"
+        );
+        let gpu = scratch(
+            "gpu",
+            Some("[package]\nname = \"g\"\n[lib]\ncrate-type = [\"cdylib\"]\n[features]\ncuda = []\n"),
+        );
+        let gpu_crate = VariantCrate::open(&gpu).unwrap();
+        assert_eq!(
+            gpu_crate.feature_for(Device::Cuda(1)).unwrap(),
+            Some("cuda")
+        );
+        assert!(gpu_crate.feature_for(Device::Metal(0)).is_err());
+        for d in [empty, rlib, broken, good.dir, gpu] {
             std::fs::remove_dir_all(d).unwrap();
         }
     }

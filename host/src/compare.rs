@@ -29,6 +29,7 @@ use crate::setup::{find_root, request_line, timed_request, Overrides, Setup};
 use crate::significance::{Better, LookSchedule, Paired, Verdict};
 use crate::stats::Spread;
 use crate::supervisor::Worker;
+use plugin_api::Device;
 
 /// What `host compare` was asked to do (see the CLI for each flag's meaning).
 #[derive(Debug, Clone, Default)]
@@ -212,6 +213,31 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The rule on a synthetic model, whose random weights make the quality gates meaningless:
+    /// REVERT when anything is SLOWER, NOISE otherwise. Never KEEP, since nothing was gated.
+    pub fn decide_synthetic(figures: &[FigureResult]) -> (Outcome, Vec<String>) {
+        let slower: Vec<String> = figures
+            .iter()
+            .filter(|f| f.verdict == Verdict::Slower)
+            .map(|f| format!("{} is SLOWER ({})", f.figure.name(), change(f)))
+            .collect();
+        if !slower.is_empty() {
+            return (Outcome::Revert, slower);
+        }
+        let mut why = vec![
+            "synthetic model (random weights): the quality gates were skipped, so \
+                            nothing can be kept"
+                .to_string(),
+        ];
+        if let Some(d) = figures
+            .iter()
+            .find(|f| f.figure == Figure::DecodeTokS && f.verdict == Verdict::Faster)
+        {
+            why.push(format!("decode is FASTER ({})", change(d)));
+        }
+        (Outcome::Noise, why)
+    }
+
     /// The keep rule: KEEP only when decode is FASTER, no guarded figure is SLOWER, B passes
     /// every gate and is not suspect; REVERT when anything is SLOWER, a gate fails or B is
     /// suspect; NOISE otherwise. Returns the outcome and the reasons, in words.
@@ -312,7 +338,7 @@ pub struct Side {
 }
 
 impl Side {
-    fn resolve(root: &Path, arg: &str, no_build: bool) -> Result<Side> {
+    fn resolve(root: &Path, arg: &str, no_build: bool, device: Device) -> Result<Side> {
         match VariantArg::parse(arg) {
             VariantArg::Dir(dir) => {
                 let variant = VariantCrate::open(&dir).map_err(|e| {
@@ -321,7 +347,7 @@ impl Side {
                 let lib = if no_build {
                     variant.built_library()?
                 } else {
-                    variant.build()?
+                    variant.build(device)?
                 };
                 Ok(Side {
                     arg: arg.to_string(),
@@ -334,13 +360,13 @@ impl Side {
             VariantArg::Revision { rev, path } => {
                 let committed =
                     Committed::find(root, &rev, &path).with_context(|| format!("variant {arg}"))?;
-                if !committed.library().is_file() {
+                if !committed.library(device).is_file() {
                     eprintln!(
                         "building {arg} (commit {}; cached by its build key afterwards)",
                         &committed.commit[..12]
                     );
                 }
-                let lib = committed.build()?;
+                let lib = committed.build(device)?;
                 Ok(Side {
                     arg: arg.to_string(),
                     package: committed.package,
@@ -408,11 +434,21 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     let schedule = LookSchedule::new(rules.alpha, rules.looks, rules.rounds_per_look, &TESTS);
 
     // Builds before any timed request.
-    let a = Side::resolve(&root, &a_arg, args.no_build)
+    let synthetic = setup.model.is_synthetic();
+    if synthetic {
+        eprintln!("{}", crate::setup::SYNTHETIC_BANNER);
+    }
+    let device = setup.device;
+    let a = Side::resolve(&root, &a_arg, args.no_build, device)
         .with_context(|| format!("variant A ({a_arg})"))?;
-    let b = Side::resolve(&root, &b_arg, args.no_build)
+    let b = Side::resolve(&root, &b_arg, args.no_build, device)
         .with_context(|| format!("variant B ({b_arg})"))?;
-    let oracle_build = OracleBuild::prepare(&root)?;
+    let oracle_device = setup
+        .protocol
+        .gates
+        .oracle_device()
+        .map_err(anyhow::Error::msg)?;
+    let oracle_build = OracleBuild::prepare(&root, oracle_device)?;
     if a.tree == b.tree {
         eprintln!(
             "A and B hold the same files (tree {}): an A/A comparison",
@@ -439,14 +475,16 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
             .fold(0.0, f64::max)
     };
     let (fastest_a, fastest_b) = (fastest(|p| &p.a), fastest(|p| &p.b));
-    let suspect = roofline.is_suspect(fastest_b).then(|| {
+    // The bound is the CPU's: a GPU may beat it honestly.
+    let on_cpu = device == Device::Cpu;
+    let suspect = (on_cpu && roofline.is_suspect(fastest_b)).then(|| {
         format!(
             "B decoded at {fastest_b:.1} tok/s, above the {:.0} tok/s that memory bandwidth allows (suspect)",
             roofline.bound_tok_s
         )
     });
     let mut outcome = outcome;
-    if outcome.is_ok() && roofline.is_suspect(fastest_a) {
+    if outcome.is_ok() && on_cpu && roofline.is_suspect(fastest_a) {
         outcome = Err(anyhow::anyhow!(
             "A ({a_arg}) decoded at {fastest_a:.1} tok/s, above the {:.0} tok/s bound: the reference side is suspect, so nothing can be compared with it",
             roofline.bound_tok_s
@@ -456,7 +494,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     let mut gates = None;
     let mut oracle_cost = None;
     let mut b_samples: Vec<Sample> = measured.pairs.iter().map(|p| p.b.clone()).collect();
-    if outcome.is_ok() && suspect.is_none() {
+    if outcome.is_ok() && suspect.is_none() && !synthetic {
         let mut oracle = Oracle::new(
             oracle_build.clone(),
             &setup.model.path,
@@ -483,12 +521,13 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
             Err(e) => outcome = Err(e.context("the quality oracle failed on B's answers")),
         }
     }
-    let decided = outcome
-        .as_ref()
-        .ok()
-        .map(|()| Outcome::decide(&figures, gates.as_ref(), suspect.as_deref()));
+    let decided = outcome.as_ref().ok().map(|()| match synthetic {
+        true => Outcome::decide_synthetic(&figures),
+        false => Outcome::decide(&figures, gates.as_ref(), suspect.as_deref()),
+    });
     let (status, error) = match &outcome {
         Ok(()) if suspect.is_some() => ("suspect", None),
+        Ok(()) if synthetic => ("synthetic", None),
         Ok(()) if gates.as_ref().is_some_and(|g| !g.passed()) => ("rejected", None),
         Ok(()) => ("ok", None),
         Err(e) => ("failed", Some(format!("{e:#}"))),
@@ -637,8 +676,9 @@ fn measure(
         // comparison that offset would sit in every pair and look like a real difference.
         // New processes each round make it part of the round-to-round noise, which the test
         // sees, and the statistics take one observation per round (see `look`).
-        let mut worker_a = Worker::spawn(&name_a, &a.lib, model, timeout, args.verbose)?;
-        let mut worker_b = Worker::spawn(&name_b, &b.lib, model, timeout, args.verbose)?;
+        let load = setup.load_request();
+        let mut worker_a = Worker::spawn(&name_a, &a.lib, model, timeout, args.verbose, &load)?;
+        let mut worker_b = Worker::spawn(&name_b, &b.lib, model, timeout, args.verbose, &load)?;
         for planned in &warmups {
             let label = planned.label(max_rounds);
             bar.set_message(format!("{label}, A and B, round {}", round + 1));
@@ -834,6 +874,7 @@ mod tests {
             max_perplexity_ratio: 1.1,
             max_check_drop: 0.34,
             max_repetition_rise: 0.2,
+            oracle_device: "cpu".into(),
         };
         let mut report = GateReport::decide(&[], &[], &thresholds);
         if fail {
@@ -889,6 +930,13 @@ mod tests {
             Some("suspect"),
         );
         assert_eq!((o, why[0].as_str()), (Outcome::Revert, "suspect"));
+        let (o, _) = Outcome::decide(&figures(Verdict::Faster, Verdict::Noise), None, None);
+        assert_eq!(o, Outcome::Revert, "an ungated B is never kept");
+        let (o, why) = Outcome::decide_synthetic(&figures(Verdict::Faster, Verdict::Noise));
+        assert_eq!(o, Outcome::Noise, "a synthetic model never earns a KEEP");
+        assert!(why.iter().any(|w| w.contains("FASTER")), "{why:?}");
+        let (o, _) = Outcome::decide_synthetic(&figures(Verdict::Faster, Verdict::Slower));
+        assert_eq!(o, Outcome::Revert);
         let (o, _) = Outcome::decide(&figures(Verdict::Faster, Verdict::Noise), None, None);
         assert_eq!(o, Outcome::Revert);
         // Faster but a failed gate: revert.

@@ -43,6 +43,7 @@ mod setup;
 mod significance;
 mod stats;
 mod supervisor;
+mod synth;
 mod tokenize;
 mod vcs;
 mod wire;
@@ -52,6 +53,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use plugin_api::Device;
 
 /// autoinfer: an honest harness for hill-climbing LLM inference speed.
 #[derive(Parser)]
@@ -111,6 +113,12 @@ struct MeasureFlags {
     /// Where results.tsv and runs/ go [default: results/ in the checkout].
     #[arg(long)]
     results: Option<PathBuf>,
+    /// Where the variants compute: cpu, cuda, cuda:N or metal. It reaches each variant as the
+    /// `device` load option, and a build for a GPU enables the variant's cargo feature of that
+    /// name (`cuda`, `metal`). The quality oracle computes on the protocol's
+    /// gates.oracle_device.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
 }
 
 impl MeasureFlags {
@@ -123,6 +131,7 @@ impl MeasureFlags {
             seed: self.seed,
             timeout_s: self.timeout,
             prompts: self.prompts.clone(),
+            device: Some(self.device),
         }
     }
 }
@@ -179,6 +188,11 @@ enum Command {
         /// core this process may use].
         #[arg(short = 't', long)]
         threads: Option<usize>,
+        /// Where the variant computes: cpu, cuda, cuda:N or metal (the `device` load option;
+        /// a build for a GPU enables the variant's cargo feature of that name). The roofline
+        /// is measured on the CPU only.
+        #[arg(long, default_value = "cpu")]
+        device: Device,
         /// GGUF model to run [default: the cached default model].
         #[arg(long)]
         model: Option<PathBuf>,
@@ -311,6 +325,33 @@ enum Command {
         #[arg(long)]
         model: Option<PathBuf>,
     },
+    /// Write a GGUF with random weights in a real model's Llama shape (layers, width, heads,
+    /// KV heads, FFN, vocabulary), to measure speed at realistic sizes without downloading
+    /// weights: every matrix random Q4_1 or Q8_0 from --seed, the tokenizer copied from
+    /// another GGUF (padded with unused tokens up to the shape's vocabulary), and the file
+    /// marked `autoinfer.synthetic`: its output is noise, so runs on it measure speed only and
+    /// skip the quality gates. Shapes: llama-3.2-1b, llama-3.1-8b, smollm2-135m, tiny. Prints
+    /// the path written.
+    Synth {
+        /// The shape: llama-3.2-1b, llama-3.1-8b, smollm2-135m or tiny (for tests).
+        #[arg(long)]
+        shape: String,
+        /// The matrices' quantization.
+        #[arg(long = "type", value_name = "TYPE", value_enum, default_value = "q4_1")]
+        quant: synth::Quant,
+        /// Where to write [default: <cache>/synth/<shape>-<type>.gguf].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Seed of the random weights.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// The GGUF whose tokenizer to copy [default: the default model].
+        #[arg(long, value_name = "GGUF")]
+        tokenizer_from: Option<PathBuf>,
+        /// Overwrite the output file if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Internal: serve requests for one variant (started by the supervisor).
     #[command(hide = true)]
     Worker {
@@ -320,6 +361,8 @@ enum Command {
         model: PathBuf,
         #[arg(long)]
         threads: Option<usize>,
+        #[arg(long)]
+        device: Option<Device>,
     },
 }
 
@@ -354,6 +397,7 @@ fn main() -> ExitCode {
             n_gen,
             repetitions,
             threads,
+            device,
             model,
             seed,
             timeout,
@@ -373,6 +417,7 @@ fn main() -> ExitCode {
                 gens: n_gen,
                 repetitions,
                 threads,
+                device,
                 model,
                 seed,
                 timeout_s: timeout,
@@ -435,11 +480,28 @@ fn main() -> ExitCode {
         Command::Model => fetch::default_model().map(|p| println!("{}", p.display())),
         Command::Tokenize { text, chat, model } => tokenize_command(text, chat, model),
         Command::Prompts { round, seed, model } => prompts_command(round, seed, model),
+        Command::Synth {
+            shape,
+            quant,
+            out,
+            seed,
+            tokenizer_from,
+            force,
+        } => synth::run(&synth::SynthArgs {
+            shape,
+            quant,
+            out,
+            seed,
+            tokenizer_from,
+            force,
+        })
+        .map(|_| ()),
         Command::Worker {
             lib,
             model,
             threads,
-        } => worker::run(&lib, &model, threads),
+            device,
+        } => worker::run(&lib, &model, &supervisor::LoadRequest { threads, device }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -82,6 +82,16 @@ impl Model {
         self.sha256
             .get_or_init(|| sha256_hex(self.view.bytes.as_slice()))
     }
+
+    /// Whether this is a synthetic model (random weights, written by `host synth`): its
+    /// metadata has `autoinfer.synthetic` set to the bool true. Its output is noise, so runs
+    /// on it measure speed only and skip the quality gates.
+    pub fn is_synthetic(&self) -> bool {
+        matches!(
+            self.view.meta(crate::synth::SYNTHETIC_KEY),
+            Some(MetaValue::Bool(true))
+        )
+    }
 }
 
 /// A parse failure before the file's path is attached.
@@ -411,6 +421,28 @@ pub(crate) mod tests {
                 "cut at {cut}: {err:?}"
             );
         }
+    }
+
+    #[test]
+    fn only_a_bool_true_marks_a_synthetic_model() {
+        // A bool true does: host synth's files are checked in synth's tests.
+        let dir = std::env::temp_dir().join(format!("autoinfer-model-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, meta) in [
+            ("plain", vec![("general.architecture", "llama")]),
+            (
+                "string",
+                vec![
+                    ("general.architecture", "llama"),
+                    ("autoinfer.synthetic", "true"),
+                ],
+            ),
+        ] {
+            let path = dir.join(format!("{name}.gguf"));
+            std::fs::write(&path, tiny_gguf(&meta, 8)).unwrap();
+            assert!(!Model::open(&path).unwrap().is_synthetic(), "{name}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -13,19 +13,23 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use plugin_api::Device;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::hashing::sha256_hex;
 use crate::quality::Scored;
 use crate::revision::{target_dir, Committed};
-use crate::supervisor::Worker;
+use crate::supervisor::{LoadRequest, Worker};
 use crate::wire::{Reply, Request};
 
 /// The baseline variant of HEAD, built.
 #[derive(Debug, Clone)]
 pub struct OracleBuild {
-    /// The build key of HEAD's `variants/baseline` ([`Committed::key`]).
+    /// The build key of HEAD's `variants/baseline` ([`Committed::key`]), with `+<device>`
+    /// appended when the oracle computes on another device than the CPU.
     pub key: String,
+    /// Where the oracle computes.
+    pub device: Device,
     /// The commit the baseline was taken from.
     pub commit: String,
     /// The built cdylib.
@@ -44,20 +48,28 @@ impl OracleBuild {
             .context("the quality oracle is variants/baseline as committed in HEAD")
     }
 
-    /// Finds (or builds) the baseline of the checkout's HEAD commit.
-    pub fn prepare(root: &Path) -> Result<OracleBuild> {
+    /// Finds (or builds) the baseline of the checkout's HEAD commit, for `device` (the
+    /// protocol's `gates.oracle_device`).
+    pub fn prepare(root: &Path, device: Device) -> Result<OracleBuild> {
         let committed = Self::find(root)?;
-        if !committed.library().is_file() {
+        if !committed.library(device).is_file() {
             eprintln!(
                 "building the quality oracle: variants/baseline of commit {} (once per baseline revision)",
                 &committed.commit[..12]
             );
         }
         let lib = committed
-            .build()
+            .build(device)
             .context("cannot build the quality oracle (HEAD's variants/baseline)")?;
+        // Scores computed on another device are other numbers: their caches and the harness
+        // hash keep them apart. The CPU oracle keeps the plain key.
+        let key = match device {
+            Device::Cpu => committed.key,
+            device => format!("{}+{device}", committed.key),
+        };
         Ok(OracleBuild {
-            key: committed.key,
+            key,
+            device,
             commit: committed.commit,
             lib,
             home: target_dir(root).join("autoinfer-oracle"),
@@ -148,12 +160,17 @@ impl Oracle {
     fn worker(&mut self) -> Result<&mut Worker> {
         if self.worker.is_none() {
             let name = self.name();
+            let load = LoadRequest {
+                threads: None,
+                device: Some(self.build.device),
+            };
             let w = Worker::spawn(
                 &name,
                 &self.build.lib,
                 &self.model_path,
                 self.timeout,
                 self.verbose,
+                &load,
             )?;
             self.worker = Some(w);
         }

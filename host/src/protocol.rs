@@ -65,6 +65,23 @@ pub struct Gates {
     pub max_check_drop: f64,
     /// Largest rise of the repeated-4-gram share above the baseline's.
     pub max_repetition_rise: f64,
+    /// Where the oracle computes (`cpu`, `cuda`, `cuda:N`): a device other than the CPU
+    /// builds the oracle with that device's cargo feature. Absent means `cpu`.
+    #[serde(default = "default_oracle_device")]
+    pub oracle_device: String,
+}
+
+fn default_oracle_device() -> String {
+    "cpu".into()
+}
+
+impl Gates {
+    /// The oracle's device, parsed (an error names the bad value).
+    pub fn oracle_device(&self) -> Result<plugin_api::Device, String> {
+        self.oracle_device
+            .parse()
+            .map_err(|e| format!("gates.oracle_device: {e}"))
+    }
 }
 
 impl Protocol {
@@ -115,6 +132,7 @@ impl Protocol {
                 return Err(format!("{name} must be between {lo} and {hi}, not {value}"));
             }
         }
+        g.oracle_device()?;
         self.compare.check()?;
         if self.decoding != "greedy" {
             return Err(format!(
@@ -194,6 +212,10 @@ mod tests {
                 "gates.max_perplexity_ratio",
             ),
             (good.replace("tie_margin = 0.01\n", ""), "tie_margin"),
+            (
+                good.replace("[compare]", "oracle_device = \"gpu\"\n[compare]"),
+                "gates.oracle_device",
+            ),
             (good.replace("[gates]", "[gate]"), "gate"),
             (good.replace("alpha = 0.05", "alpha = 0"), "compare.alpha"),
             (good.replace("looks = 5", "looks = 0"), "compare.looks"),

@@ -401,6 +401,7 @@ mod tests {
             max_perplexity_ratio: 1.1,
             max_check_drop: 0.0,
             max_repetition_rise: 0.2,
+            oracle_device: "cpu".into(),
         }
     }
 

@@ -14,6 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use plugin_api::Device;
 
 use crate::cargo_build::VariantCrate;
 use crate::hashing::{hash_entries, is_skipped_name, sha256_hex};
@@ -119,17 +120,24 @@ impl Committed {
         })
     }
 
-    /// The built library's cache path.
-    pub fn library(&self) -> PathBuf {
-        builds_home(&self.root)
-            .join("lib")
-            .join(format!("{}-{}.so", self.package, &self.key[..16]))
+    /// The built library's cache path, for `device` (a build for another device than the CPU
+    /// enables its cargo feature, so it is kept apart).
+    pub fn library(&self, device: Device) -> PathBuf {
+        let suffix = device
+            .cargo_feature()
+            .map(|f| format!("-{f}"))
+            .unwrap_or_default();
+        builds_home(&self.root).join("lib").join(format!(
+            "{}-{}{suffix}.so",
+            self.package,
+            &self.key[..16]
+        ))
     }
 
-    /// The built library: from the cache, or written out and built now (cargo's output goes to
-    /// the terminal).
-    pub fn build(&self) -> Result<PathBuf> {
-        let lib = self.library();
+    /// The built library for `device`: from the cache, or written out and built now (cargo's
+    /// output goes to the terminal).
+    pub fn build(&self, device: Device) -> Result<PathBuf> {
+        let lib = self.library(device);
         if lib.is_file() {
             return Ok(lib);
         }
@@ -150,7 +158,7 @@ impl Committed {
         })?;
         let built = VariantCrate::open(&src.join(&self.path))
             .map_err(anyhow::Error::from)
-            .and_then(|c| Ok(c.build_in(Some(&home.join("target")))?));
+            .and_then(|c| Ok(c.build_in(Some(&home.join("target")), device)?));
         let copied = built.and_then(|built| {
             std::fs::create_dir_all(lib.parent().expect("lib/ has a parent"))?;
             let tmp = lib.with_extension(format!("so.tmp-{}", std::process::id()));

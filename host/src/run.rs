@@ -21,6 +21,7 @@ use crate::record::{self, Provenance};
 use crate::report::{Sample, Summary};
 use crate::setup::{find_root, request_line, timed_request, Overrides, Planned, Setup};
 use crate::supervisor::Worker;
+use plugin_api::Device;
 
 /// What `host run` was asked to do (see the CLI for each flag's meaning).
 #[derive(Debug, Clone)]
@@ -78,13 +79,18 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         plan.extend(setup.round(r)?);
     }
 
+    let synthetic = model.is_synthetic();
+    if synthetic {
+        eprintln!("{}", crate::setup::SYNTHETIC_BANNER);
+    }
     let lib = if args.no_build {
         variant.built_library()?
     } else {
-        variant.build()?
+        variant.build(setup.device)?
     };
     // Built before measuring, so a build never runs beside a timed request.
-    let oracle_build = OracleBuild::prepare(&root)?;
+    let oracle_device = protocol.gates.oracle_device().map_err(anyhow::Error::msg)?;
+    let oracle_build = OracleBuild::prepare(&root, oracle_device)?;
 
     let provenance = setup.provenance(
         args.variant.display().to_string(),
@@ -107,11 +113,12 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         .iter()
         .map(|s| s.timing.decode_tok_s)
         .fold(0.0, f64::max);
-    let suspect = roofline.is_suspect(fastest);
+    // The bound is the CPU's: a GPU may beat it honestly.
+    let suspect = setup.device == Device::Cpu && roofline.is_suspect(fastest);
     let mut outcome = outcome;
     let mut gates = None;
     let mut oracle_cost = None;
-    if outcome.is_ok() && !suspect {
+    if outcome.is_ok() && !suspect && !synthetic {
         let mut oracle = Oracle::new(
             oracle_build.clone(),
             &model.path,
@@ -129,6 +136,7 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     let rejected = gates.as_ref().is_some_and(|g| !g.passed());
     let (status, error) = match &outcome {
         Ok(()) if suspect => ("suspect", None),
+        Ok(()) if synthetic => ("synthetic", None),
         Ok(()) if rejected => ("rejected", None),
         Ok(()) => ("ok", None),
         Err(e) => ("failed", Some(format!("{e:#}"))),
@@ -178,28 +186,43 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         );
     }
     let summary = summary.expect("a successful run has a summary");
-    let gates = gates.expect("a successful run that is not suspect has been gated");
     if args.json {
-        let both = serde_json::json!({ "summary": &summary, "gates": &gates });
+        let both =
+            serde_json::json!({ "summary": &summary, "gates": &gates, "synthetic": synthetic });
         println!("{}", serde_json::to_string_pretty(&both)?);
     } else {
         println!("{}", summary.render());
-        println!("{}", gates.render());
+        match &gates {
+            Some(gates) => println!("{}", gates.render()),
+            None => println!("quality gates: skipped (synthetic model: random weights)"),
+        }
     }
     if let Some(cost) = &oracle_cost {
         eprintln!("{}", crate::judge::describe_cost(cost));
     }
-    eprintln!(
-        "decode roofline: {:.0} tok/s ({:.1} MB of weights per token at {:.1} GB/s); fastest request {fastest:.2} tok/s",
-        roofline.bound_tok_s,
-        roofline.bytes_per_token as f64 / 1e6,
-        roofline.bandwidth_gb_s,
-    );
+    if setup.device == Device::Cpu {
+        eprintln!(
+            "decode roofline: {:.0} tok/s ({:.1} MB of weights per token at {:.1} GB/s); fastest request {fastest:.2} tok/s",
+            roofline.bound_tok_s,
+            roofline.bytes_per_token as f64 / 1e6,
+            roofline.bandwidth_gb_s,
+        );
+    } else {
+        eprintln!(
+            "decode roofline: not checked on {} (the host measures the CPU's memory bandwidth only); fastest request {fastest:.2} tok/s",
+            setup.device
+        );
+    }
     eprintln!(
         "recorded: {} (row appended), {}",
         tsv.display(),
         json.display()
     );
+    if synthetic {
+        eprintln!("{}", crate::setup::SYNTHETIC_BANNER);
+        return Ok(summary);
+    }
+    let gates = gates.expect("a successful run that is not suspect nor synthetic has been gated");
     if !gates.passed() {
         bail!(
             "variant {} failed {} quality gate(s); it is recorded as rejected:\n  {}",
@@ -254,7 +277,14 @@ fn measure(
 ) -> Result<()> {
     let name = args.variant.display().to_string();
     let timeout = setup.timeout();
-    let mut worker = Worker::spawn(&name, lib, &setup.model.path, timeout, args.verbose)?;
+    let mut worker = Worker::spawn(
+        &name,
+        lib,
+        &setup.model.path,
+        timeout,
+        args.verbose,
+        &setup.load_request(),
+    )?;
     *load_ms = worker.load_ms;
 
     let bar = progress_bar(plan.len(), "");

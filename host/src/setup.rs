@@ -16,9 +16,15 @@ use crate::prompts::{PromptInstance, PromptSet, PromptSpec};
 use crate::protocol::Protocol;
 use crate::record::{self, Provenance};
 use crate::report::Sample;
-use crate::supervisor::Worker;
+use crate::supervisor::{LoadRequest, Worker};
 use crate::tokenize::TextCodec;
 use crate::wire::{Reply, Request};
+use plugin_api::Device;
+
+/// Printed before and after any measurement on a synthetic model (`host synth`).
+pub const SYNTHETIC_BANNER: &str =
+    "*** SYNTHETIC MODEL: random weights. These figures measure speed only; \
+the quality gates are skipped and nothing measured on it can be kept. ***";
 
 /// Command-line values that override the protocol file or the defaults for one invocation.
 #[derive(Debug, Clone, Default)]
@@ -31,6 +37,8 @@ pub struct Overrides {
     pub timeout_s: Option<f64>,
     /// Only these prompts (all when empty).
     pub prompts: Vec<String>,
+    /// Where the variants compute [default: the CPU].
+    pub device: Option<Device>,
 }
 
 /// The protocol, prompts, model and tokenizer of one invocation.
@@ -43,6 +51,8 @@ pub struct Setup {
     pub codec: TextCodec,
     /// Whether every prompt runs (no `--prompt`).
     pub all_prompts: bool,
+    /// Where the variants compute (`--device`).
+    pub device: Device,
 }
 
 /// One request to send: which prompt, which round (`None` for a warm-up), its text and ids.
@@ -130,7 +140,17 @@ impl Setup {
             model,
             codec,
             all_prompts: o.prompts.is_empty(),
+            device: o.device.unwrap_or(Device::Cpu),
         })
+    }
+
+    /// What every measured worker asks its variant at load time: the device, and no thread
+    /// count (the variant uses every core this process may use).
+    pub fn load_request(&self) -> LoadRequest {
+        LoadRequest {
+            threads: None,
+            device: Some(self.device),
+        }
     }
 
     /// The prompt names in order.
@@ -196,7 +216,7 @@ impl Setup {
             model_path: self.model.path.display().to_string(),
             model_sha256: self.model.sha256().to_string(),
             machine: record::machine(),
-            device: "cpu".into(),
+            device: self.device.to_string(),
         }
     }
 

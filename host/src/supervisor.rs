@@ -95,28 +95,41 @@ pub struct Worker {
 
 const TAIL_LINES: usize = 12;
 
+/// What a worker asks its variant at load time: the [`plugin_api::LoadOptions`] it sends.
+/// `None` sends nothing, and the variant chooses (every core; the CPU).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadRequest {
+    /// The `threads` option.
+    pub threads: Option<usize>,
+    /// The `device` option.
+    pub device: Option<plugin_api::Device>,
+}
+
+impl LoadRequest {
+    /// The load options the variant receives.
+    pub fn options(&self) -> plugin_api::LoadOptions {
+        let mut options = plugin_api::LoadOptions::default();
+        if let Some(n) = self.threads {
+            options = options.with(plugin_api::LoadOptions::THREADS, &n.to_string());
+        }
+        if let Some(device) = self.device {
+            options = options.with(plugin_api::LoadOptions::DEVICE, &device.to_string());
+        }
+        options
+    }
+}
+
 impl Worker {
     /// Starts a worker for the library `lib` over the model at `model`, waiting up to `timeout`
-    /// for the variant to load. `variant` names it in every message.
+    /// for the variant to load, which gets `load` as its load options. `variant` names it in
+    /// every message.
     pub fn spawn(
         variant: &str,
         lib: &Path,
         model: &Path,
         timeout: Duration,
         echo_log: bool,
-    ) -> Result<Worker, WorkerError> {
-        Self::spawn_with_threads(variant, lib, model, timeout, echo_log, None)
-    }
-
-    /// [`Worker::spawn`], asking the variant to compute with `threads` threads (the `threads`
-    /// load option; the variant decides how to honour it).
-    pub fn spawn_with_threads(
-        variant: &str,
-        lib: &Path,
-        model: &Path,
-        timeout: Duration,
-        echo_log: bool,
-        threads: Option<usize>,
+        load: &LoadRequest,
     ) -> Result<Worker, WorkerError> {
         // /proc/self/exe is this very binary even after a rebuild has replaced the file on
         // disk (a run takes minutes, and the oracle's worker starts at its end).
@@ -137,8 +150,11 @@ impl Worker {
             .arg(lib)
             .arg("--model")
             .arg(model);
-        if let Some(n) = threads {
+        if let Some(n) = load.threads {
             command.arg("--threads").arg(n.to_string());
+        }
+        if let Some(device) = load.device {
+            command.arg("--device").arg(device.to_string());
         }
         let mut child = command
             .stdin(Stdio::piped())

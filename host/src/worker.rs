@@ -17,6 +17,7 @@ use anyhow::{Context, Result};
 use plugin_api::{TokenSink, TokenSink_TO};
 
 use crate::model::Model;
+use crate::supervisor::LoadRequest;
 use crate::wire::{Reply, Request};
 
 /// The host-owned sink: a timestamp per token, exactly `max` tokens kept.
@@ -79,8 +80,8 @@ fn send(out: &mut File, reply: &Reply) -> Result<()> {
 }
 
 /// Runs the worker: load the model and the variant, then answer requests until stdin closes.
-/// `threads`, when given, goes to the variant as the `threads` load option.
-pub fn run(lib: &Path, model_path: &Path, threads: Option<usize>) -> Result<()> {
+/// `load` becomes the variant's load options.
+pub fn run(lib: &Path, model_path: &Path, load: &LoadRequest) -> Result<()> {
     let mut out = private_stdout()?;
     let model = match Model::open(model_path) {
         Ok(m) => m,
@@ -94,11 +95,7 @@ pub fn run(lib: &Path, model_path: &Path, threads: Option<usize>) -> Result<()> 
         }
     };
     let started = Instant::now();
-    let mut options = plugin_api::LoadOptions::default();
-    if let Some(n) = threads {
-        options = options.with(plugin_api::LoadOptions::THREADS, &n.to_string());
-    }
-    let mut variant = match crate::plugin::load(lib, model.view, &options) {
+    let mut variant = match crate::plugin::load(lib, model.view, &load.options()) {
         Ok(v) => v,
         Err(e) => {
             return send(

@@ -92,6 +92,10 @@ fn the_peer_script_refuses_bad_arguments_before_fetching_anything() {
         ),
         (vec!["-r", "0"], "-r wants a positive number, not '0'"),
         (vec!["--fast"], "unknown option --fast"),
+        (
+            vec!["--device", "gpu"],
+            "--device wants cpu, cuda or cuda:N, not 'gpu'",
+        ),
     ] {
         let out = std::process::Command::new("bash")
             .arg(common::root().join("bench/peer.sh"))

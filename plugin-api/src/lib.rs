@@ -10,8 +10,8 @@
 //! - [`TokenSink`]: the host-owned sink a variant streams tokens into; the host timestamps every
 //!   `emit` and may answer "stop".
 //! - [`HostLog`]: the host's log callback (each cdylib has its own `log`/`tracing` globals).
-//! - [`LoadOptions`]: what the host asks of a variant at load time (the thread count), as
-//!   key/value text so that later options never change a type's layout.
+//! - [`LoadOptions`]: what the host asks of a variant at load time (the thread count, the
+//!   [`Device`]), as key/value text so that later options never change a type's layout.
 //! - [`Engine`] and [`export_variant!`]: what a variant author writes. The macro wraps every
 //!   entry point in `catch_unwind`, so a panic comes back to the host as an error instead of
 //!   abi_stable's `exit(1)`.
@@ -59,8 +59,9 @@ pub struct LoadOption {
     pub value: RString,
 }
 
-/// What the host asks of a variant at load time. Keys the host sends today: [`Self::THREADS`].
-/// A variant reads the keys it knows and decides how to honour them.
+/// What the host asks of a variant at load time. Keys the host sends today: [`Self::THREADS`]
+/// and [`Self::DEVICE`]. A variant reads the keys it knows and decides how to honour them; a
+/// variant that cannot run on the asked device must refuse (see [`LoadOptions::device`]).
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, Default, PartialEq)]
 pub struct LoadOptions {
@@ -70,6 +71,9 @@ pub struct LoadOptions {
 impl LoadOptions {
     /// The number of threads the variant should compute with (a positive integer).
     pub const THREADS: &'static str = "threads";
+    /// Where the variant should compute: a [`Device`] in its text form (`cpu`, `cuda`,
+    /// `cuda:1`, `metal`). Absent means `cpu`.
+    pub const DEVICE: &'static str = "device";
 
     /// These options with `key` set to `value` (replacing an earlier value).
     pub fn with(mut self, key: &str, value: &str) -> Self {
@@ -101,6 +105,75 @@ impl LoadOptions {
                     Self::THREADS
                 )),
             },
+        }
+    }
+
+    /// The device the host asked for ([`Device::Cpu`] when none); an error names a value that
+    /// is not a device.
+    pub fn device(&self) -> Result<Device, String> {
+        match self.get(Self::DEVICE) {
+            None => Ok(Device::Cpu),
+            Some(v) => v
+                .parse()
+                .map_err(|e| format!("load option {}={v:?}: {e}", Self::DEVICE)),
+        }
+    }
+}
+
+/// A compute device, as `host --device` names it and [`LoadOptions::DEVICE`] carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// The host's CPU.
+    Cpu,
+    /// An NVIDIA GPU through CUDA, by ordinal (`cuda` is `cuda:0`).
+    Cuda(usize),
+    /// An Apple GPU through Metal, by ordinal (`metal` is `metal:0`).
+    Metal(usize),
+}
+
+impl Device {
+    /// The cargo feature a variant conventionally builds this device's support under (`None`
+    /// for the CPU, which every variant supports).
+    pub fn cargo_feature(&self) -> Option<&'static str> {
+        match self {
+            Device::Cpu => None,
+            Device::Cuda(_) => Some("cuda"),
+            Device::Metal(_) => Some("metal"),
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (kind, ordinal) = match s.split_once(':') {
+            Some((kind, n)) => {
+                let n = n.parse::<usize>().map_err(|_| {
+                    format!("device ordinal {n:?} in {s:?} is not a non-negative integer")
+                })?;
+                (kind, Some(n))
+            }
+            None => (s, None),
+        };
+        match (kind, ordinal) {
+            ("cpu", None) => Ok(Device::Cpu),
+            ("cpu", Some(_)) => Err(format!("{s:?}: the CPU takes no ordinal; say `cpu`")),
+            ("cuda", n) => Ok(Device::Cuda(n.unwrap_or(0))),
+            ("metal", n) => Ok(Device::Metal(n.unwrap_or(0))),
+            _ => Err(format!(
+                "unknown device {s:?}: expected cpu, cuda, cuda:N, metal or metal:N"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+            Device::Metal(n) => write!(f, "metal:{n}"),
         }
     }
 }
@@ -206,15 +279,22 @@ impl Sink<'_> {
 pub trait Engine: Send + Sized + 'static {
     /// Builds the engine over the host's model (the view lives for the whole process).
     fn load(model: &'static ModelView, log: HostLog) -> Result<Self, String>;
-    /// Builds the engine with the host's load-time options. The default ignores them and calls
-    /// [`Engine::load`]; an engine that can honour a thread count overrides this.
+    /// Builds the engine with the host's load-time options. The default ignores the thread
+    /// count, refuses any device but the CPU (an engine that never reads its options must not
+    /// pretend to run on a GPU), and calls [`Engine::load`]; an engine that can honour more
+    /// overrides this.
     fn load_with(
         model: &'static ModelView,
         log: HostLog,
         options: &LoadOptions,
     ) -> Result<Self, String> {
-        let _ = options;
-        Self::load(model, log)
+        match options.device()? {
+            Device::Cpu => Self::load(model, log),
+            device => Err(format!(
+                "this variant runs on the CPU only and cannot run on {device}: it does not \
+                 implement Engine::load_with to choose a device"
+            )),
+        }
     }
     /// See [`Variant::generate`].
     fn generate(
@@ -302,7 +382,34 @@ macro_rules! export_variant {
 
 #[cfg(test)]
 mod tests {
-    use super::LoadOptions;
+    use super::{Device, LoadOptions};
+
+    #[test]
+    fn devices_parse_print_and_bad_values_are_named() {
+        assert_eq!(LoadOptions::default().device(), Ok(Device::Cpu));
+        for (text, device, printed) in [
+            ("cpu", Device::Cpu, "cpu"),
+            ("cuda", Device::Cuda(0), "cuda:0"),
+            ("cuda:1", Device::Cuda(1), "cuda:1"),
+            ("metal", Device::Metal(0), "metal:0"),
+        ] {
+            let parsed = LoadOptions::default()
+                .with(LoadOptions::DEVICE, text)
+                .device();
+            assert_eq!(parsed, Ok(device));
+            assert_eq!(device.to_string(), printed);
+            assert_eq!(printed.parse::<Device>(), Ok(device), "round trip");
+        }
+        assert_eq!(Device::Cuda(3).cargo_feature(), Some("cuda"));
+        assert_eq!(Device::Cpu.cargo_feature(), None);
+        for bad in ["gpu", "cuda:x", "cuda:-1", "cpu:0", "CUDA", ""] {
+            let err = LoadOptions::default()
+                .with(LoadOptions::DEVICE, bad)
+                .device()
+                .unwrap_err();
+            assert!(err.contains("device") && err.contains(bad), "{err}");
+        }
+    }
 
     #[test]
     fn threads_parse_and_bad_values_are_named() {

@@ -237,6 +237,11 @@ impl RopeTables {
         }
     }
 
+    /// The cos and sin tables, `[pos][pair]` for the `max_pos` positions.
+    pub fn tables(&self) -> (&[f32], &[f32]) {
+        (&self.cos, &self.sin)
+    }
+
     /// Number of positions the tables cover.
     pub fn max_pos(&self) -> usize {
         self.max_pos
@@ -626,38 +631,56 @@ impl LlamaModel {
         })
     }
 
-    /// The hyperparameters.
-    pub fn config(&self) -> &LlamaConfig {
-        &self.cfg
-    }
-
     /// The KV cache.
     pub fn cache(&self) -> &KvCache {
         &self.cache
     }
+}
+
+/// What generation and scoring need of a model, whichever way it computes: the hand-written
+/// CPU [`LlamaModel`] or the candle-ops [`TensorLlama`](crate::tensor_model::TensorLlama).
+pub trait Transformer: Send {
+    /// The hyperparameters.
+    fn config(&self) -> &LlamaConfig;
 
     /// Forgets the cached sequence; the next forward pass must start at position 0.
-    pub fn reset(&mut self) {
-        self.cache.clear();
-    }
+    fn reset(&mut self);
 
     /// Preallocates the KV cache for a sequence of `n` positions (it grows anyway if needed).
-    pub fn reserve(&mut self, n: usize) {
-        self.cache
-            .reserve(self.cfg.n_layer, n.min(self.cfg.context_len));
-    }
+    fn reserve(&mut self, n: usize) -> Result<(), ModelError>;
+
+    /// Runs `tokens` (at positions `pos..`, `pos <=` the cached length; a smaller `pos` rewinds
+    /// the cache) and returns the final-normed hidden states `(tokens.len(), n_embd)`. Feed rows
+    /// of it to [`Transformer::logits`].
+    fn forward_hidden(&mut self, tokens: &[u32], pos: usize) -> Result<Tensor, ModelError>;
+
+    /// The logits `(rows, vocab)` for final-normed hidden states `(rows, n_embd)`.
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor, ModelError>;
 
     /// Runs `tokens` (at positions `pos..`) and returns the logits `(vocab,)` after the last one.
-    pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Tensor, ModelError> {
+    fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Tensor, ModelError> {
         let hidden = self.forward_hidden(tokens, pos)?;
         let last = hidden.narrow(0, tokens.len() - 1, 1)?;
         Ok(self.logits(&last)?.squeeze(0)?)
     }
+}
 
-    /// Runs `tokens` (at positions `pos..`, `pos <= cache.len()`; a smaller `pos` rewinds the
-    /// cache) and returns the final-normed hidden states `(tokens.len(), n_embd)`. Feed rows of
-    /// it to [`LlamaModel::logits`].
-    pub fn forward_hidden(&mut self, tokens: &[u32], pos: usize) -> Result<Tensor, ModelError> {
+impl Transformer for LlamaModel {
+    fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    fn reset(&mut self) {
+        self.cache.clear();
+    }
+
+    fn reserve(&mut self, n: usize) -> Result<(), ModelError> {
+        self.cache
+            .reserve(self.cfg.n_layer, n.min(self.cfg.context_len));
+        Ok(())
+    }
+
+    fn forward_hidden(&mut self, tokens: &[u32], pos: usize) -> Result<Tensor, ModelError> {
         let t = tokens.len();
         if t == 0 {
             return Err(ModelError::EmptyChunk);
@@ -699,8 +722,7 @@ impl LlamaModel {
         })?)
     }
 
-    /// The logits `(rows, vocab)` for final-normed hidden states `(rows, n_embd)`.
-    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
         Ok(self.output.forward(hidden)?)
     }
 }
@@ -784,9 +806,14 @@ fn contiguous_f32<'a>(x: &'a [f32], layout: &Layout, op: &str) -> candle_core::R
     }
 }
 
-/// Copies the contents of an f32 CPU tensor into `out` (cleared first).
+/// Copies the contents of an f32 tensor into `out` (cleared first); a tensor on another device
+/// is copied to the host first.
 pub fn tensor_to_vec(t: &Tensor, out: &mut Vec<f32>) -> Result<(), ModelError> {
-    let t = t.contiguous()?;
+    let t = if t.device().is_cpu() {
+        t.contiguous()?
+    } else {
+        t.to_device(&Device::Cpu)?
+    };
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
         return Err(ModelError::Candle(candle_core::Error::Msg(
@@ -799,7 +826,10 @@ pub fn tensor_to_vec(t: &Tensor, out: &mut Vec<f32>) -> Result<(), ModelError> {
     Ok(())
 }
 
-fn tensor_info<'v>(view: &'v ModelView, name: &str) -> Result<&'v TensorInfo, ModelError> {
+pub(crate) fn tensor_info<'v>(
+    view: &'v ModelView,
+    name: &str,
+) -> Result<&'v TensorInfo, ModelError> {
     view.tensor(name)
         .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
 }
@@ -812,7 +842,7 @@ fn bad_tensor(info: &TensorInfo, problem: String) -> ModelError {
 }
 
 /// The candle type for a tensor's ggml type id.
-fn ggml_dtype(info: &TensorInfo) -> Result<GgmlDType, ModelError> {
+pub(crate) fn ggml_dtype(info: &TensorInfo) -> Result<GgmlDType, ModelError> {
     let unsupported = || bad_tensor(info, format!("unsupported ggml type id {}", info.ggml_type));
     Ok(
         match GgmlType::from_id(info.ggml_type).ok_or_else(unsupported)? {
@@ -835,7 +865,7 @@ fn ggml_dtype(info: &TensorInfo) -> Result<GgmlDType, ModelError> {
 }
 
 /// The tensor's bytes, checked to hold at least `expected` of them.
-fn checked_data(
+pub(crate) fn checked_data(
     view: &'static ModelView,
     info: &TensorInfo,
     expected: usize,
@@ -851,13 +881,13 @@ fn checked_data(
 }
 
 /// Bytes aligned for any ggml block type: borrowed when they already are, else copied.
-enum AlignedBytes<'a> {
+pub(crate) enum AlignedBytes<'a> {
     Borrowed(&'a [u8]),
     Owned { words: Vec<u64>, len: usize },
 }
 
 impl<'a> AlignedBytes<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
         if (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<u64>()) {
             return Self::Borrowed(bytes);
         }
@@ -875,7 +905,7 @@ impl<'a> AlignedBytes<'a> {
         }
     }
 
-    fn as_slice(&self) -> &[u8] {
+    pub(crate) fn as_slice(&self) -> &[u8] {
         match self {
             Self::Borrowed(bytes) => bytes,
             // SAFETY: `words` holds at least `len` initialized bytes, in memory order.
@@ -939,7 +969,11 @@ fn load_matrix(
 }
 
 /// An F32 vector of length `n` (the norm weights).
-fn load_vector(view: &'static ModelView, name: &str, n: usize) -> Result<Vec<f32>, ModelError> {
+pub(crate) fn load_vector(
+    view: &'static ModelView,
+    name: &str,
+    n: usize,
+) -> Result<Vec<f32>, ModelError> {
     let info = tensor_info(view, name)?;
     if info.dims.as_slice() != [n as u64]
         || GgmlType::from_id(info.ggml_type) != Some(GgmlType::F32)

@@ -1,4 +1,5 @@
-//! Generation and scoring over a [`LlamaModel`].
+//! Generation and scoring over any [`Transformer`]: the hand-written CPU model or the
+//! candle-ops one.
 //!
 //! [`generate`] prefills the prompt in chunks of [`PREFILL_CHUNK`] tokens, then greedily decodes
 //! exactly `max_new_tokens` tokens (end-of-sequence does not stop it), handing each one to the
@@ -8,7 +9,7 @@
 
 use plugin_api::ScoredPosition;
 
-use crate::model::{tensor_to_vec, LlamaModel, ModelError};
+use crate::model::{tensor_to_vec, ModelError, Transformer};
 
 /// Tokens per prefill (and scoring) forward pass.
 pub const PREFILL_CHUNK: usize = 512;
@@ -43,8 +44,8 @@ pub enum GenerateError {
 /// Greedy-decodes exactly `max_new_tokens` tokens after `prompt`, passing each to `emit` as soon
 /// as it is chosen; stops early only when `emit` returns `false`. Returns how many tokens were
 /// emitted. The KV cache is reset first, so requests are independent.
-pub fn generate(
-    model: &mut LlamaModel,
+pub fn generate<M: Transformer + ?Sized>(
+    model: &mut M,
     prompt: &[u32],
     max_new_tokens: usize,
     mut emit: impl FnMut(&[u32]) -> bool,
@@ -68,7 +69,7 @@ pub fn generate(
     if max_new_tokens == 0 {
         return Ok(0);
     }
-    model.reserve(needed);
+    model.reserve(needed)?;
 
     let mut logits = Vec::new();
     let mut pos = 0;
@@ -95,7 +96,10 @@ pub fn generate(
 
 /// Teacher-forced scoring: entry `i` describes the distribution after `tokens[..=i]`, evaluated
 /// at `tokens[i + 1]`, so there are `tokens.len() - 1` entries. The KV cache is reset first.
-pub fn score(model: &mut LlamaModel, tokens: &[u32]) -> Result<Vec<ScoredPosition>, GenerateError> {
+pub fn score<M: Transformer + ?Sized>(
+    model: &mut M,
+    tokens: &[u32],
+) -> Result<Vec<ScoredPosition>, GenerateError> {
     if tokens.is_empty() {
         return Err(GenerateError::EmptySequence);
     }
@@ -110,7 +114,7 @@ pub fn score(model: &mut LlamaModel, tokens: &[u32]) -> Result<Vec<ScoredPositio
     model.reset();
     // The last token has no successor to score, so it never needs to be run.
     let inputs = &tokens[..tokens.len() - 1];
-    model.reserve(inputs.len());
+    model.reserve(inputs.len())?;
     let mut scored = Vec::with_capacity(inputs.len());
     let mut logits = Vec::new();
     let mut pos = 0;
@@ -166,7 +170,7 @@ pub fn score_row(logits: &[f32], target: u32) -> ScoredPosition {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::tiny;
+    use crate::model::{tiny, LlamaModel};
 
     fn tiny_model(context: u64) -> LlamaModel {
         LlamaModel::from_gguf(tiny::view("llama", context)).unwrap()

@@ -1,11 +1,15 @@
 //! The reference ("baseline") autoinfer variant: Llama-architecture GGUF inference on the CPU,
-//! with candle tensors, f32 activations and the GGUF's quantized weights dequantized row by row.
+//! with candle tensors, f32 activations and the GGUF's quantized weights dequantized row by row;
+//! with the `cuda` cargo feature, the same model on an NVIDIA GPU through candle's CUDA backend.
 //!
 //! Principal types:
-//! - [`Baseline`]: the [`plugin_api::Engine`] the host loads; it ties the model to the
-//!   generation loop and is exported with [`plugin_api::export_variant!`].
-//! - [`model::LlamaModel`]: the weights ([`matmul::Matrix`]es over the GGUF blocks), the RoPE
-//!   tables and the in-place [`model::KvCache`]; `forward` runs a chunk of tokens.
+//! - [`Baseline`]: the [`plugin_api::Engine`] the host loads; it picks the model for the asked
+//!   device, ties it to the generation loop and is exported with [`plugin_api::export_variant!`].
+//! - [`model::Transformer`]: what generation needs of a model, whichever device it runs on.
+//! - [`model::LlamaModel`]: the CPU model: the weights ([`matmul::Matrix`]es over the GGUF
+//!   blocks), the RoPE tables and the in-place [`model::KvCache`]; `forward` runs a chunk of
+//!   tokens. It is also the quality oracle.
+//! - [`tensor_model::TensorLlama`]: the same model in candle tensor operations, for the GPU.
 //! - [`model::LlamaConfig`]: the hyperparameters, read from the `llama.*` metadata.
 //! - [`matmul::Matrix`]: a weight matrix left in the host's mapping, and its f32 matmul.
 //! - [`generate::generate`] and [`generate::score`]: chunked prefill then greedy decoding, and
@@ -14,32 +18,27 @@
 pub mod generate;
 pub mod matmul;
 pub mod model;
+pub mod tensor_model;
 
-use plugin_api::{Engine, HostLog, LoadOptions, ModelView, ScoredPosition, Sink};
+use plugin_api::{Device, Engine, HostLog, LoadOptions, ModelView, ScoredPosition, Sink};
 
-use crate::model::LlamaModel;
+use crate::model::{LlamaModel, Transformer};
 
-/// The baseline engine: a [`LlamaModel`] plus the host's log.
+/// The baseline engine: the model for the asked device plus the host's log.
 pub struct Baseline {
-    model: LlamaModel,
+    model: Box<dyn Transformer>,
     log: HostLog,
 }
 
 impl Engine for Baseline {
     fn load(model: &'static ModelView, log: HostLog) -> Result<Self, String> {
-        let model = LlamaModel::from_gguf(model).map_err(|e| e.to_string())?;
-        let cfg = model.config();
-        log.info(&format!(
-            "baseline: llama model with {} blocks, width {}, {} heads ({} KV), vocabulary {}, \
-             context {}",
-            cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.vocab_size, cfg.context_len
-        ));
-        Ok(Self { model, log })
+        Self::load_with(model, log, &LoadOptions::default())
     }
 
-    /// Honours the `threads` option by sizing rayon's global pool, which the matmuls run on
-    /// and whose size attention deals its queries to. A worker process loads one variant, so
-    /// the pool is this engine's alone.
+    /// Honours the `threads` option by sizing rayon's global pool, which the CPU matmuls run
+    /// on and whose size attention deals its queries to (a worker process loads one variant,
+    /// so the pool is this engine's alone), and the `device` option by choosing the model:
+    /// the hand-written [`LlamaModel`] on the CPU, [`tensor_model::TensorLlama`] on CUDA.
     fn load_with(
         model: &'static ModelView,
         log: HostLog,
@@ -57,7 +56,25 @@ impl Engine for Baseline {
             }
             log.info(&format!("baseline: computing with {n} threads"));
         }
-        Self::load(model, log)
+        let device = options.device()?;
+        let model: Box<dyn Transformer> = match device {
+            Device::Cpu => Box::new(LlamaModel::from_gguf(model).map_err(|e| e.to_string())?),
+            Device::Cuda(ordinal) => cuda_model(model, ordinal)?,
+            Device::Metal(_) => {
+                return Err(format!(
+                    "variant {} cannot run on {device}: it has no Metal support (its cargo \
+                     features are `cuda` only)",
+                    env!("CARGO_PKG_NAME")
+                ))
+            }
+        };
+        let cfg = model.config();
+        log.info(&format!(
+            "baseline: llama model on {device} with {} blocks, width {}, {} heads ({} KV), \
+             vocabulary {}, context {}",
+            cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.vocab_size, cfg.context_len
+        ));
+        Ok(Self { model, log })
     }
 
     fn generate(
@@ -66,7 +83,7 @@ impl Engine for Baseline {
         max_new_tokens: usize,
         sink: &mut Sink<'_>,
     ) -> Result<(), String> {
-        let emitted = generate::generate(&mut self.model, prompt, max_new_tokens, |tokens| {
+        let emitted = generate::generate(self.model.as_mut(), prompt, max_new_tokens, |tokens| {
             sink.emit(tokens)
         })
         .map_err(|e| e.to_string())?;
@@ -80,8 +97,28 @@ impl Engine for Baseline {
     }
 
     fn score(&mut self, tokens: &[u32]) -> Result<Vec<ScoredPosition>, String> {
-        generate::score(&mut self.model, tokens).map_err(|e| e.to_string())
+        generate::score(self.model.as_mut(), tokens).map_err(|e| e.to_string())
     }
+}
+
+/// The model on CUDA device `ordinal`.
+#[cfg(feature = "cuda")]
+fn cuda_model(view: &'static ModelView, ordinal: usize) -> Result<Box<dyn Transformer>, String> {
+    let device = candle_core::Device::new_cuda(ordinal)
+        .map_err(|e| format!("cannot open CUDA device {ordinal}: {e}"))?;
+    let model = tensor_model::TensorLlama::from_gguf(view, &device).map_err(|e| e.to_string())?;
+    Ok(Box::new(model))
+}
+
+/// Without the `cuda` feature there is no CUDA model: say how to get one.
+#[cfg(not(feature = "cuda"))]
+fn cuda_model(_: &'static ModelView, ordinal: usize) -> Result<Box<dyn Transformer>, String> {
+    Err(format!(
+        "this build of variant {} cannot run on cuda:{ordinal}: it was built without \
+         CUDA support. Rebuild it with the `cuda` cargo feature (`cargo build --release \
+         --features cuda`, or tools/cuda-build.sh where there is no CUDA toolkit)",
+        env!("CARGO_PKG_NAME")
+    ))
 }
 
 plugin_api::export_variant!(Baseline);

@@ -1,0 +1,158 @@
+//! `host synth` end to end: the real binary writes a tiny synthetic model that opens, refuses
+//! to overwrite it, refuses unknown shapes by listing the known ones, and (when the baseline
+//! is already built) benches on it; `host run` on it says so loudly and skips the gates.
+
+mod common;
+
+use common::{host, model, output, records, root, scratch};
+
+#[test]
+fn writes_a_tiny_model_and_refuses_to_overwrite_it() {
+    // The tokenizer comes from the default model: fetch it first if need be.
+    model();
+    let dir = scratch("synth");
+    let path = dir.join("t.gguf");
+    let (out, stdout, stderr) = output(
+        host()
+            .args(["synth", "--shape", "tiny", "--out"])
+            .arg(&path),
+    );
+    assert!(out.status.success(), "host synth failed:\n{stderr}");
+    assert_eq!(stdout.trim(), path.display().to_string(), "{stderr}");
+    assert!(stderr.contains("synthetic tiny"), "{stderr}");
+    assert!(path.is_file());
+    let partial = dir.join("t.gguf.partial");
+    assert!(!partial.exists(), "the partial file was left behind");
+    // It opens as a Llama model whose tokenizer the host can use.
+    let (out, stdout, stderr) = output(host().args(["tokenize", "hello", "--model"]).arg(&path));
+    assert!(
+        out.status.success(),
+        "host tokenize on it failed:\n{stderr}"
+    );
+    let ids: Vec<u32> = serde_json::from_str(stdout.trim()).expect("token ids as JSON");
+    assert!(!ids.is_empty());
+
+    let before = std::fs::read(&path).unwrap();
+    let (out, _, stderr) = output(
+        host()
+            .args(["synth", "--shape", "tiny", "--out"])
+            .arg(&path),
+    );
+    assert!(!out.status.success(), "an existing file was overwritten");
+    assert!(stderr.contains(&path.display().to_string()), "{stderr}");
+    assert!(stderr.contains("--force"), "{stderr}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+
+    // With --force and another seed it is rewritten, to the same size.
+    let (out, _, stderr) = output(
+        host()
+            .args([
+                "synth", "--shape", "tiny", "--seed", "2", "--force", "--out",
+            ])
+            .arg(&path),
+    );
+    assert!(out.status.success(), "host synth --force failed:\n{stderr}");
+    let after = std::fs::read(&path).unwrap();
+    assert_eq!(after.len(), before.len());
+    assert_ne!(after, before);
+
+    // A q8_0 file is larger.
+    let q8 = dir.join("t8.gguf");
+    let (out, _, stderr) = output(
+        host()
+            .args(["synth", "--shape", "tiny", "--type", "q8_0", "--out"])
+            .arg(&q8),
+    );
+    assert!(
+        out.status.success(),
+        "host synth --type q8_0 failed:\n{stderr}"
+    );
+    assert!(std::fs::metadata(&q8).unwrap().len() > after.len() as u64);
+
+    bench_if_built(&path);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `host bench` of the last built baseline on the synthetic model, when there is one (the
+/// bench tests build it; this test does not wait for a build).
+fn bench_if_built(path: &std::path::Path) {
+    let lib = root().join("target/release/libbaseline.so");
+    if !lib.is_file() {
+        eprintln!("skipped the bench: {} is not built", lib.display());
+        return;
+    }
+    let (out, stdout, stderr) = output(
+        host()
+            .args(["bench", "variants/baseline", "--model"])
+            .arg(path)
+            .args(["-p", "16", "-n", "8", "-r", "1", "--no-build", "--json"]),
+    );
+    assert!(
+        out.status.success(),
+        "host bench on the synthetic model failed:\n{stderr}"
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON on stdout");
+    for t in report["tests"].as_array().expect("tests") {
+        let rate = t["mean_tok_s"].as_f64().unwrap();
+        assert!(rate > 0.0 && rate.is_finite(), "{t}");
+    }
+}
+
+#[test]
+fn unknown_shapes_and_types_are_refused() {
+    let dir = scratch("synth-unknown");
+    let path = dir.join("x.gguf");
+    let (out, _, stderr) = output(
+        host()
+            .args(["synth", "--shape", "llama-9000", "--out"])
+            .arg(&path),
+    );
+    assert!(!out.status.success());
+    assert!(stderr.contains("llama-9000"), "{stderr}");
+    for known in ["llama-3.2-1b", "llama-3.1-8b", "smollm2-135m", "tiny"] {
+        assert!(stderr.contains(known), "{known} is not listed:\n{stderr}");
+    }
+    assert!(!path.exists());
+    let (out, _, stderr) = output(host().args(["synth", "--shape", "tiny", "--type", "q4_0"]));
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("q4_1") && stderr.contains("q8_0"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_run_on_a_synthetic_model_says_so_and_skips_the_gates() {
+    model();
+    let dir = scratch("synth-run");
+    let path = dir.join("t.gguf");
+    let (out, _, stderr) = output(
+        host()
+            .args(["synth", "--shape", "tiny", "--out"])
+            .arg(&path),
+    );
+    assert!(out.status.success(), "host synth failed:\n{stderr}");
+    let results = dir.join("results");
+    let (out, stdout, stderr) = output(
+        host()
+            .args(["run", "variants/baseline", "--model"])
+            .arg(&path)
+            .args(["--rounds", "1", "--max-new-tokens", "4", "--prompt", "code"])
+            .arg("--results")
+            .arg(&results),
+    );
+    assert!(
+        out.status.success(),
+        "host run on the synthetic model failed:\n{stderr}"
+    );
+    assert!(
+        stderr.matches("SYNTHETIC MODEL").count() >= 2,
+        "the banner is not printed before and after:\n{stderr}"
+    );
+    assert!(stdout.contains("quality gates: skipped"), "{stdout}");
+    let rows = records(&results);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["status"], "synthetic", "{:?}", rows[0]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
