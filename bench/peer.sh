@@ -5,13 +5,19 @@
 #   bench/peer.sh                                  # variants/baseline, -p 128,512 -n 128 -r 5, all cores
 #   bench/peer.sh -t 1,2 variants/current          # one row per test and thread count
 #   bench/peer.sh -p 512 -n 128 -r 3 --model my.gguf
+#   bench/peer.sh --device cuda --no-build        # on an NVIDIA GPU (llama.cpp built with CUDA)
 #
 # llama.cpp comes from the package registry: the source distribution of the PyPI package
 # llama-cpp-python (pinned in this script; it vendors llama.cpp), fetched with pip. Only llama-bench is
 # built, with CMake, once, in $AUTOINFER_CACHE/peer (default ~/.cache/autoinfer/peer); later runs
 # reuse it. On a CPU that advertises AMX the build disables it (-mno-amx-*): virtual machines
 # may advertise AMX without being able to run it, and a native build then dies with an illegal
-# instruction. Needs: pip, cmake, a C++ compiler, python3, and cargo (the host is built if
+# instruction. With --device cuda, llama-bench is built with its CUDA backend (nvcc on PATH or in
+# /usr/local/cuda; CUDA_ARCHITECTURES, default native) into its own build folder, runs every
+# layer on the GPU (-ngl 99), and `host bench --device cuda` runs the variant there (build it
+# with its `cuda` feature; --no-build uses the library already in target/release). Offline,
+# unpack the llama.cpp source into $AUTOINFER_CACHE/peer/llama.cpp-VERSION first and nothing is
+# fetched. Needs: pip, cmake, a C++ compiler, python3, and cargo (the host is built if
 # target/release/host is missing).
 set -euo pipefail
 
@@ -22,8 +28,10 @@ REPS=5
 THREADS="$(nproc)"
 MODEL=""
 VARIANT=variants/baseline
+DEVICE=cpu
+NO_BUILD=""
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     -p) PROMPTS="$2"; shift 2 ;;
@@ -31,6 +39,8 @@ while [ $# -gt 0 ]; do
     -r) REPS="$2"; shift 2 ;;
     -t) THREADS="$2"; shift 2 ;;
     --model) MODEL="$2"; shift 2 ;;
+    --device) DEVICE="$2"; shift 2 ;;
+    --no-build) NO_BUILD=1; shift ;;
     -h|--help) usage 0 ;;
     -*) echo "peer.sh: unknown option $1" >&2; usage 2 ;;
     *) VARIANT="$1"; shift ;;
@@ -40,6 +50,7 @@ for list in "$PROMPTS" "$GENS" "$THREADS"; do
   [[ "$list" =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "peer.sh: '$list' is not a comma-separated list of numbers" >&2; exit 2; }
 done
 [[ "$REPS" =~ ^[1-9][0-9]*$ ]] || { echo "peer.sh: -r wants a positive number, not '$REPS'" >&2; exit 2; }
+[[ "$DEVICE" =~ ^(cpu|cuda(:[0-9]+)?)$ ]] || { echo "peer.sh: --device wants cpu, cuda or cuda:N, not '$DEVICE'" >&2; exit 2; }
 for tool in pip cmake python3; do
   command -v "$tool" > /dev/null || { echo "peer.sh: $tool is needed and not on PATH" >&2; exit 1; }
 done
@@ -48,13 +59,23 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="${AUTOINFER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/autoinfer}/peer"
 SRC="$CACHE/llama.cpp-$VERSION"
 BUILD="$CACHE/build-$VERSION"
+NGL=()
+CUDA_FLAGS=()
+if [ "$DEVICE" != cpu ]; then
+  BUILD="$CACHE/build-$VERSION-cuda"
+  NGL=(-ngl 99)
+  [ "$DEVICE" = cuda ] || NGL+=(-mg "${DEVICE#cuda:}")
+  CUDA_FLAGS=(-DGGML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES:-native}")
+  command -v nvcc > /dev/null || export PATH="$PATH:/usr/local/cuda/bin"
+  command -v nvcc > /dev/null || { echo "peer.sh: --device $DEVICE needs nvcc (not on PATH nor in /usr/local/cuda/bin)" >&2; exit 1; }
+fi
 BENCH="$BUILD/bin/llama-bench"
 started=$SECONDS
 
 if [ ! -x "$BENCH" ]; then
   mkdir -p "$CACHE/download"
   sdist="$CACHE/download/llama_cpp_python-$VERSION.tar.gz"
-  if [ ! -f "$sdist" ]; then
+  if [ ! -f "$sdist" ] && [ ! -f "$SRC/CMakeLists.txt" ]; then
     echo "== fetching llama-cpp-python $VERSION's source distribution from PyPI" >&2
     pip download "llama-cpp-python==$VERSION" --no-deps --no-binary llama-cpp-python \
       -d "$CACHE/download" >&2
@@ -71,8 +92,8 @@ if [ ! -x "$BENCH" ]; then
     flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
     echo "== the CPU advertises AMX: building without it ($flags)" >&2
   fi
-  echo "== building llama-bench (CPU, native, Release) in $BUILD" >&2
-  cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+  echo "== building llama-bench ($DEVICE, native, Release) in $BUILD" >&2
+  cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON "${CUDA_FLAGS[@]}" \
     -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
     -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" > "$CACHE/cmake-configure.log" 2>&1 \
@@ -93,12 +114,12 @@ fi
 
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-echo "== llama-bench -p $PROMPTS -n $GENS -r $REPS -t $THREADS" >&2
-"$BENCH" -m "$MODEL" -p "$PROMPTS" -n "$GENS" -r "$REPS" -t "$THREADS" -o json > "$WORK/peer.json"
+echo "== llama-bench -p $PROMPTS -n $GENS -r $REPS -t $THREADS ${NGL[*]}" >&2
+"$BENCH" -m "$MODEL" -p "$PROMPTS" -n "$GENS" -r "$REPS" -t "$THREADS" "${NGL[@]}" -o json > "$WORK/peer.json"
 for t in ${THREADS//,/ }; do
-  echo "== host bench $VARIANT -p $PROMPTS -n $GENS -r $REPS -t $t" >&2
+  echo "== host bench $VARIANT -p $PROMPTS -n $GENS -r $REPS -t $t --device $DEVICE" >&2
   (cd "$ROOT" && "$HOST" bench "$VARIANT" -p "$PROMPTS" -n "$GENS" -r "$REPS" -t "$t" \
-    --model "$MODEL" --json) > "$WORK/ours-$t.json"
+    --device "$DEVICE" ${NO_BUILD:+--no-build} --model "$MODEL" --json) > "$WORK/ours-$t.json"
 done
 
 python3 - "$WORK" "$VARIANT" "$VERSION" "$((SECONDS - started))" <<'EOF'
@@ -108,6 +129,11 @@ peer = json.load(open(os.path.join(work, "peer.json")))
 ours = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(work, "ours-*.json")))]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
 first = ours[0]
+if first["device"] != "cpu":
+    import subprocess
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip().replace("\n", "; ")
+    cpu = f"{gpu or 'GPU (nvidia-smi unavailable)'} on {first['device']}, host CPU {cpu}"
 print(f"{time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} logical CPUs; model {first['model']['description']} "
       f"({os.path.basename(first['model']['path'])}); llama.cpp vendored by llama-cpp-python {version} "
       f"({peer[0].get('backends', 'CPU')} backend)\n")
@@ -123,6 +149,12 @@ for report in ours:
         print(f"| {test['test']} | {t} | {p['avg_ts']:.2f} ± {p['stddev_ts']:.2f} | "
               f"{test['mean_tok_s']:.2f} ± {test['sd_tok_s']:.2f} | {test['mean_tok_s'] / p['avg_ts']:.3f} |")
 rl = first["roofline"]
+if first.get("synthetic"):
+    print("\nSYNTHETIC MODEL (random weights): speed only.")
+if rl is None:
+    print(f"\nroofline: not measured on {first['device']} (the host measures the CPU's bandwidth only).")
+    print(f"\n(whole script: {took} s)")
+    sys.exit(0)
 print(f"\nroofline: {rl['bytes_per_token'] / 2**20:.2f} MiB of weights per generated token; measured read bandwidth "
       f"{rl['bandwidth_gb_s']:.1f} GB/s (every core) allows {rl['bound_tok_s']:.1f} t/s.")
 for report in ours:
