@@ -6,6 +6,7 @@
 #   bench/peer.sh -t 1,2 variants/current          # one row per test and thread count
 #   bench/peer.sh -p 512 -n 128 -r 3 --model my.gguf
 #   bench/peer.sh --device cuda --no-build        # on an NVIDIA GPU (llama.cpp built with CUDA)
+#   bench/peer.sh --device cuda --build-only      # build llama-bench and stop
 #
 # llama.cpp comes from the package registry: the source distribution of the PyPI package
 # llama-cpp-python (pinned in this script; it vendors llama.cpp), fetched with pip. Only llama-bench is
@@ -30,8 +31,9 @@ MODEL=""
 VARIANT=variants/baseline
 DEVICE=cpu
 NO_BUILD=""
+BUILD_ONLY=""
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     -p) PROMPTS="$2"; shift 2 ;;
@@ -41,6 +43,7 @@ while [ $# -gt 0 ]; do
     --model) MODEL="$2"; shift 2 ;;
     --device) DEVICE="$2"; shift 2 ;;
     --no-build) NO_BUILD=1; shift ;;
+    --build-only) BUILD_ONLY=1; shift ;;
     -h|--help) usage 0 ;;
     -*) echo "peer.sh: unknown option $1" >&2; usage 2 ;;
     *) VARIANT="$1"; shift ;;
@@ -51,7 +54,7 @@ for list in "$PROMPTS" "$GENS" "$THREADS"; do
 done
 [[ "$REPS" =~ ^[1-9][0-9]*$ ]] || { echo "peer.sh: -r wants a positive number, not '$REPS'" >&2; exit 2; }
 [[ "$DEVICE" =~ ^(cpu|cuda(:[0-9]+)?)$ ]] || { echo "peer.sh: --device wants cpu, cuda or cuda:N, not '$DEVICE'" >&2; exit 2; }
-for tool in pip cmake python3; do
+for tool in cmake python3; do
   command -v "$tool" > /dev/null || { echo "peer.sh: $tool is needed and not on PATH" >&2; exit 1; }
 done
 
@@ -76,6 +79,7 @@ if [ ! -x "$BENCH" ]; then
   mkdir -p "$CACHE/download"
   sdist="$CACHE/download/llama_cpp_python-$VERSION.tar.gz"
   if [ ! -f "$sdist" ] && [ ! -f "$SRC/CMakeLists.txt" ]; then
+    command -v pip > /dev/null || { echo "peer.sh: pip is needed to fetch llama.cpp and is not on PATH" >&2; exit 1; }
     echo "== fetching llama-cpp-python $VERSION's source distribution from PyPI" >&2
     pip download "llama-cpp-python==$VERSION" --no-deps --no-binary llama-cpp-python \
       -d "$CACHE/download" >&2
@@ -104,6 +108,8 @@ if [ ! -x "$BENCH" ]; then
 else
   echo "== reusing $BENCH" >&2
 fi
+
+[ -z "$BUILD_ONLY" ] || exit 0
 
 HOST="$ROOT/target/release/host"
 if [ ! -x "$HOST" ]; then
