@@ -332,26 +332,7 @@ enum Command {
     /// marked `autoinfer.synthetic`: its output is noise, so runs on it measure speed only and
     /// skip the quality gates. Shapes: llama-3.2-1b, llama-3.1-8b, smollm2-135m, tiny. Prints
     /// the path written.
-    Synth {
-        /// The shape: llama-3.2-1b, llama-3.1-8b, smollm2-135m or tiny (for tests).
-        #[arg(long)]
-        shape: String,
-        /// The matrices' quantization.
-        #[arg(long = "type", value_name = "TYPE", value_enum, default_value = "q4_1")]
-        quant: synth::Quant,
-        /// Where to write [default: <cache>/synth/<shape>-<type>.gguf].
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Seed of the random weights.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// The GGUF whose tokenizer to copy [default: the default model].
-        #[arg(long, value_name = "GGUF")]
-        tokenizer_from: Option<PathBuf>,
-        /// Overwrite the output file if it exists.
-        #[arg(long)]
-        force: bool,
-    },
+    Synth(synth::SynthArgs),
     /// Internal: serve requests for one variant (started by the supervisor).
     #[command(hide = true)]
     Worker {
@@ -480,22 +461,7 @@ fn main() -> ExitCode {
         Command::Model => fetch::default_model().map(|p| println!("{}", p.display())),
         Command::Tokenize { text, chat, model } => tokenize_command(text, chat, model),
         Command::Prompts { round, seed, model } => prompts_command(round, seed, model),
-        Command::Synth {
-            shape,
-            quant,
-            out,
-            seed,
-            tokenizer_from,
-            force,
-        } => synth::run(&synth::SynthArgs {
-            shape,
-            quant,
-            out,
-            seed,
-            tokenizer_from,
-            force,
-        })
-        .map(|_| ()),
+        Command::Synth(args) => synth::run(&args).map(|_| ()),
         Command::Worker {
             lib,
             model,

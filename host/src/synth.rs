@@ -767,20 +767,26 @@ pub fn f32_to_f16(x: f32) -> u16 {
     sign | round(((e as u32) << 10) | (man >> 13), man & 0x1fff, 0x1000)
 }
 
-/// Arguments of `host synth`.
-#[derive(Debug, Clone)]
+/// Arguments of `host synth` (its command-line flags).
+#[derive(Debug, Clone, clap::Args)]
 pub struct SynthArgs {
-    /// The shape's name.
+    /// The shape: llama-3.2-1b, llama-3.1-8b, smollm2-135m or tiny (for tests).
+    #[arg(long)]
     pub shape: String,
-    /// The matrices' type.
+    /// The matrices' quantization.
+    #[arg(long = "type", value_name = "TYPE", value_enum, default_value = "q4_1")]
     pub quant: Quant,
-    /// Where to write [default: [`default_path`]].
+    /// Where to write [default: <cache>/synth/<shape>-<type>.gguf].
+    #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Seed of the random values.
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// The GGUF whose tokenizer to copy [default: the default model].
+    #[arg(long, value_name = "GGUF")]
     pub tokenizer_from: Option<PathBuf>,
-    /// Overwrite an existing file.
+    /// Overwrite the output file if it exists.
+    #[arg(long)]
     pub force: bool,
 }
 

@@ -637,6 +637,31 @@ impl LlamaModel {
     }
 }
 
+/// Checks a chunk of `t` tokens at `pos` against a cache holding `cached` positions and the
+/// context length; returns the position after the chunk.
+pub fn check_chunk(
+    cfg: &LlamaConfig,
+    cached: usize,
+    t: usize,
+    pos: usize,
+) -> Result<usize, ModelError> {
+    if t == 0 {
+        return Err(ModelError::EmptyChunk);
+    }
+    if pos > cached {
+        return Err(ModelError::PositionGap { pos, cached });
+    }
+    let end = pos + t;
+    if end > cfg.context_len {
+        return Err(ModelError::ContextOverflow {
+            start: pos,
+            end,
+            context: cfg.context_len,
+        });
+    }
+    Ok(end)
+}
+
 /// What generation and scoring need of a model, whichever way it computes: the hand-written
 /// CPU [`LlamaModel`] or the candle-ops [`TensorLlama`](crate::tensor_model::TensorLlama).
 pub trait Transformer: Send {
@@ -681,24 +706,7 @@ impl Transformer for LlamaModel {
     }
 
     fn forward_hidden(&mut self, tokens: &[u32], pos: usize) -> Result<Tensor, ModelError> {
-        let t = tokens.len();
-        if t == 0 {
-            return Err(ModelError::EmptyChunk);
-        }
-        if pos > self.cache.len() {
-            return Err(ModelError::PositionGap {
-                pos,
-                cached: self.cache.len(),
-            });
-        }
-        let end = pos + t;
-        if end > self.cfg.context_len {
-            return Err(ModelError::ContextOverflow {
-                start: pos,
-                end,
-                context: self.cfg.context_len,
-            });
-        }
+        let end = check_chunk(&self.cfg, self.cache.len(), tokens.len(), pos)?;
         self.cache.len = pos;
         self.cache.reserve(self.cfg.n_layer, end);
 

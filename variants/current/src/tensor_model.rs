@@ -22,7 +22,7 @@ use candle_core::{Device, Module, Tensor};
 use plugin_api::ModelView;
 
 use crate::model::{
-    causal_visible, checked_data, ggml_dtype, load_vector, tensor_info, AlignedBytes,
+    causal_visible, check_chunk, checked_data, ggml_dtype, load_vector, tensor_info, AlignedBytes,
     EmbeddingTable, LlamaConfig, ModelError, RopeTables, Transformer, KV_CACHE_STEP,
 };
 
@@ -236,24 +236,7 @@ impl Transformer for TensorLlama {
     }
 
     fn forward_hidden(&mut self, tokens: &[u32], pos: usize) -> Result<Tensor, ModelError> {
-        let t = tokens.len();
-        if t == 0 {
-            return Err(ModelError::EmptyChunk);
-        }
-        if pos > self.cache.len {
-            return Err(ModelError::PositionGap {
-                pos,
-                cached: self.cache.len,
-            });
-        }
-        let end = pos + t;
-        if end > self.cfg.context_len {
-            return Err(ModelError::ContextOverflow {
-                start: pos,
-                end,
-                context: self.cfg.context_len,
-            });
-        }
+        let end = check_chunk(&self.cfg, self.cache.len, tokens.len(), pos)?;
         self.cache.len = pos;
         self.grow_cache(end)?;
         let eps = self.cfg.rms_eps as f32;
@@ -377,6 +360,35 @@ mod tests {
         .unwrap();
         tensor_to_vec(&tensor.forward(&prompt[..3], 0).unwrap(), &mut b).unwrap();
         assert!(max_diff(&a, &b) < 1e-4);
+    }
+
+    #[test]
+    fn scoring_and_generation_match_the_hand_written_model() {
+        let view = tiny::view("llama", 64);
+        let mut hand = LlamaModel::from_gguf(view).unwrap();
+        let mut tensor = TensorLlama::from_gguf(view, &Device::Cpu).unwrap();
+        let tokens = [1u32, 5, 9, 2, 7, 3, 11, 4];
+        let a = crate::generate::score(&mut hand, &tokens).unwrap();
+        let b = crate::generate::score(&mut tensor, &tokens).unwrap();
+        assert_eq!(a.len(), tokens.len() - 1);
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.argmax, y.argmax);
+            assert!((x.logprob - y.logprob).abs() < 1e-4, "{x:?} {y:?}");
+        }
+        let (mut out_a, mut out_b) = (Vec::new(), Vec::new());
+        crate::generate::generate(&mut hand, &tokens[..3], 5, |t| {
+            out_a.extend_from_slice(t);
+            true
+        })
+        .unwrap();
+        crate::generate::generate(&mut tensor, &tokens[..3], 5, |t| {
+            out_b.extend_from_slice(t);
+            true
+        })
+        .unwrap();
+        assert_eq!(out_a.len(), 5);
+        assert_eq!(out_a, out_b);
     }
 
     #[test]
