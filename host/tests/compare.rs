@@ -64,19 +64,20 @@ fn a_variant_against_itself_is_noise() {
             matches!(out.status.code(), Some(0 | 3 | 4)),
             "the comparison must run: {err}"
         );
-        assert_ne!(
-            out.status.code(),
-            Some(0),
-            "an A/A comparison must never say KEEP: {stdout}"
-        );
+        // A false KEEP (decode FASTER by chance) is one of the false verdicts bounded below;
+        // one in four can happen (about 1.5% a comparison), so it is counted, not forbidden.
+        if out.status.code() != Some(3) {
+            eprintln!("an A/A comparison was not NOISE:\n{stdout}");
+        }
         if out.status.code() == Some(3) {
             assert!(stdout.contains("verdict: NOISE"), "{stdout}");
             noise += 1;
         }
         assert!(err.contains("an A/A comparison"), "{err}");
     }
-    // Each comparison's false-verdict rate is at most 5% by construction; 2 of 4 would be
-    // a 1-in-70 event even at that rate.
+    // Each comparison's false-verdict rate (KEEP, REVERT or a guarded figure decided) is at
+    // most 5% by construction; 2 of 4 would be a 1-in-70 event even at that rate. (Forbidding
+    // any false KEEP at all made this test fail about once in 17 runs, by design.)
     assert!(
         noise >= 3,
         "only {noise} of 4 A/A comparisons came out NOISE"
