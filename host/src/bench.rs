@@ -180,11 +180,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
     if synthetic {
         eprintln!("{}", crate::setup::SYNTHETIC_BANNER);
     }
-    let lib = if args.no_build {
-        variant.built_library()?
-    } else {
-        variant.build(args.device)?
-    };
+    let lib = variant.library_for(args.no_build, args.device)?;
 
     // Before the worker starts, so nothing else reads memory meanwhile.
     let roofline = (args.device == Device::Cpu).then(|| {

@@ -137,6 +137,16 @@ impl VariantCrate {
         }
     }
 
+    /// The library to load: the last build's with `no_build` (`--no-build`), else the crate
+    /// built now for `device`.
+    pub fn library_for(&self, no_build: bool, device: Device) -> Result<PathBuf, BuildError> {
+        if no_build {
+            self.built_library()
+        } else {
+            self.build(device)
+        }
+    }
+
     /// Builds the crate in release mode for `device` and returns the path of its cdylib.
     pub fn build(&self, device: Device) -> Result<PathBuf, BuildError> {
         self.build_in(None, device)

@@ -344,11 +344,7 @@ impl Side {
                 let variant = VariantCrate::open(&dir).map_err(|e| {
                     anyhow::anyhow!("{e} (a variant is a directory or a revision REV:PATH, e.g. HEAD:variants/current)")
                 })?;
-                let lib = if no_build {
-                    variant.built_library()?
-                } else {
-                    variant.build(device)?
-                };
+                let lib = variant.library_for(no_build, device)?;
                 Ok(Side {
                     arg: arg.to_string(),
                     package: variant.package,

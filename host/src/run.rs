@@ -83,11 +83,7 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     if synthetic {
         eprintln!("{}", crate::setup::SYNTHETIC_BANNER);
     }
-    let lib = if args.no_build {
-        variant.built_library()?
-    } else {
-        variant.build(setup.device)?
-    };
+    let lib = variant.library_for(args.no_build, setup.device)?;
     // Built before measuring, so a build never runs beside a timed request.
     let oracle_device = protocol.gates.oracle_device().map_err(anyhow::Error::msg)?;
     let oracle_build = OracleBuild::prepare(&root, oracle_device)?;

@@ -834,10 +834,7 @@ pub fn tensor_to_vec(t: &Tensor, out: &mut Vec<f32>) -> Result<(), ModelError> {
     Ok(())
 }
 
-pub(crate) fn tensor_info<'v>(
-    view: &'v ModelView,
-    name: &str,
-) -> Result<&'v TensorInfo, ModelError> {
+fn tensor_info<'v>(view: &'v ModelView, name: &str) -> Result<&'v TensorInfo, ModelError> {
     view.tensor(name)
         .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
 }
@@ -850,7 +847,7 @@ fn bad_tensor(info: &TensorInfo, problem: String) -> ModelError {
 }
 
 /// The candle type for a tensor's ggml type id.
-pub(crate) fn ggml_dtype(info: &TensorInfo) -> Result<GgmlDType, ModelError> {
+fn ggml_dtype(info: &TensorInfo) -> Result<GgmlDType, ModelError> {
     let unsupported = || bad_tensor(info, format!("unsupported ggml type id {}", info.ggml_type));
     Ok(
         match GgmlType::from_id(info.ggml_type).ok_or_else(unsupported)? {
@@ -873,7 +870,7 @@ pub(crate) fn ggml_dtype(info: &TensorInfo) -> Result<GgmlDType, ModelError> {
 }
 
 /// The tensor's bytes, checked to hold at least `expected` of them.
-pub(crate) fn checked_data(
+fn checked_data(
     view: &'static ModelView,
     info: &TensorInfo,
     expected: usize,
@@ -932,25 +929,7 @@ fn load_matrix(
     rows: usize,
     cols: usize,
 ) -> Result<Matrix, ModelError> {
-    let info = tensor_info(view, name)?;
-    if info.dims.as_slice() != [cols as u64, rows as u64] {
-        return Err(bad_tensor(
-            info,
-            format!("dims {:?}, expected [{cols}, {rows}]", info.dims.as_slice()),
-        ));
-    }
-    let dtype = ggml_dtype(info)?;
-    if !cols.is_multiple_of(dtype.block_size()) {
-        return Err(bad_tensor(
-            info,
-            format!("rows of {cols} are not whole {dtype:?} blocks"),
-        ));
-    }
-    let data = checked_data(
-        view,
-        info,
-        rows * cols / dtype.block_size() * dtype.type_size(),
-    )?;
+    let (dtype, data) = matrix_data(view, name, rows, cols)?;
     let weights = match dtype {
         GgmlDType::Q4_1 => Weights::Q4_1(data),
         GgmlDType::Q8_0 => Weights::Q8_0(data),
@@ -974,6 +953,32 @@ fn load_matrix(
         }
     };
     Ok(Matrix::new(weights, rows, cols))
+}
+
+/// The type and bytes of the matrix `name`, `(rows, cols)` (GGUF dims `[cols, rows]`), after
+/// checking its dims, that its rows are whole blocks, and that the file holds its bytes.
+pub(crate) fn matrix_data(
+    view: &'static ModelView,
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<(GgmlDType, &'static [u8]), ModelError> {
+    let info = tensor_info(view, name)?;
+    if info.dims.as_slice() != [cols as u64, rows as u64] {
+        return Err(bad_tensor(
+            info,
+            format!("dims {:?}, expected [{cols}, {rows}]", info.dims.as_slice()),
+        ));
+    }
+    let dtype = ggml_dtype(info)?;
+    if !cols.is_multiple_of(dtype.block_size()) {
+        return Err(bad_tensor(
+            info,
+            format!("rows of {cols} are not whole {dtype:?} blocks"),
+        ));
+    }
+    let bytes = rows * cols / dtype.block_size() * dtype.type_size();
+    Ok((dtype, checked_data(view, info, bytes)?))
 }
 
 /// An F32 vector of length `n` (the norm weights).

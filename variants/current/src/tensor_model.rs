@@ -22,8 +22,8 @@ use candle_core::{Device, Module, Tensor};
 use plugin_api::ModelView;
 
 use crate::model::{
-    causal_visible, check_chunk, checked_data, ggml_dtype, load_vector, tensor_info, AlignedBytes,
-    EmbeddingTable, LlamaConfig, ModelError, RopeTables, Transformer, KV_CACHE_STEP,
+    causal_visible, check_chunk, load_vector, matrix_data, AlignedBytes, EmbeddingTable,
+    LlamaConfig, ModelError, RopeTables, Transformer, KV_CACHE_STEP,
 };
 
 /// Makes every quantized matmul on CUDA keep its activations in f32: one token goes through
@@ -268,19 +268,7 @@ fn matmul(
     cols: usize,
     device: &Device,
 ) -> Result<QMatMul, ModelError> {
-    let info = tensor_info(view, name)?;
-    if info.dims.as_slice() != [cols as u64, rows as u64] {
-        return Err(ModelError::BadTensor {
-            name: name.to_string(),
-            problem: format!("dims {:?}, expected [{cols}, {rows}]", info.dims.as_slice()),
-        });
-    }
-    let dtype = ggml_dtype(info)?;
-    let data = checked_data(
-        view,
-        info,
-        rows * cols / dtype.block_size() * dtype.type_size(),
-    )?;
+    let (dtype, data) = matrix_data(view, name, rows, cols)?;
     let quantized = !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
     if quantized && device.is_cuda() {
         let q = qtensor_from_ggml(
