@@ -434,6 +434,22 @@ pub(crate) mod tests {
         assert_eq!(old.key, first.key);
         let parent = Committed::find(&dir, "HEAD~1", "variants/current").unwrap();
         assert_eq!(parent.key, api.key);
+        // A build for a GPU is kept apart from the CPU build of the same key.
+        let cpu = edited.library(Device::Cpu);
+        let cuda = edited.library(Device::Cuda(1));
+        assert_eq!(
+            cpu.file_name().unwrap().to_str().unwrap(),
+            format!("current-{}.so", &edited.key[..16])
+        );
+        assert_eq!(
+            cuda.file_name().unwrap().to_str().unwrap(),
+            format!("current-{}-cuda.so", &edited.key[..16])
+        );
+        assert_eq!(
+            edited.library(Device::Cuda(0)),
+            cuda,
+            "one build serves every ordinal"
+        );
 
         // The commit's tree is what gets written out, not the working copy.
         std::fs::write(dir.join("variants/current/src/lib.rs"), "// not committed").unwrap();
