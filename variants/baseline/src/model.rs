@@ -18,7 +18,7 @@
 //! scoring a generated sequence reproduces its greedy choices exactly. Activations are never
 //! rounded below f32 (see [`crate::matmul`] for why that matters to the quality gates).
 
-use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Storage, Tensor};
 use half::f16;
 use plugin_api::{GgmlType, ModelView, TensorInfo};
@@ -447,13 +447,7 @@ impl EmbeddingTable {
                 }
                 dtype => {
                     // Any other block type: let candle dequantize this one row.
-                    let q = qtensor_from_ggml(
-                        dtype,
-                        AlignedBytes::new(row).as_slice(),
-                        vec![1, self.n_embd],
-                        &Device::Cpu,
-                    )?;
-                    let v = q
+                    let v = qtensor(dtype, row, 1, self.n_embd, &Device::Cpu)?
                         .dequantize(&Device::Cpu)?
                         .flatten_all()?
                         .to_vec1::<f32>()?;
@@ -938,19 +932,12 @@ fn load_matrix(
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect(),
         ),
-        dtype => {
-            let q = qtensor_from_ggml(
-                dtype,
-                AlignedBytes::new(data).as_slice(),
-                vec![rows, cols],
-                &Device::Cpu,
-            )?;
-            Weights::F32(
-                q.dequantize(&Device::Cpu)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?,
-            )
-        }
+        dtype => Weights::F32(
+            qtensor(dtype, data, rows, cols, &Device::Cpu)?
+                .dequantize(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        ),
     };
     Ok(Matrix::new(weights, rows, cols))
 }
@@ -979,6 +966,23 @@ pub(crate) fn matrix_data(
     }
     let bytes = rows * cols / dtype.block_size() * dtype.type_size();
     Ok((dtype, checked_data(view, info, bytes)?))
+}
+
+/// `(rows, cols)` ggml blocks of `dtype` as a candle tensor on `device` (the bytes are copied
+/// to aligned memory first when the mapping leaves them unaligned).
+pub(crate) fn qtensor(
+    dtype: GgmlDType,
+    data: &[u8],
+    rows: usize,
+    cols: usize,
+    device: &Device,
+) -> Result<QTensor, ModelError> {
+    Ok(qtensor_from_ggml(
+        dtype,
+        AlignedBytes::new(data).as_slice(),
+        vec![rows, cols],
+        device,
+    )?)
 }
 
 /// An F32 vector of length `n` (the norm weights).

@@ -17,13 +17,13 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul};
+use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{Device, Module, Tensor};
 use plugin_api::ModelView;
 
 use crate::model::{
-    causal_visible, check_chunk, load_vector, matrix_data, AlignedBytes, EmbeddingTable,
-    LlamaConfig, ModelError, RopeTables, Transformer, KV_CACHE_STEP,
+    causal_visible, check_chunk, load_vector, matrix_data, qtensor, EmbeddingTable, LlamaConfig,
+    ModelError, RopeTables, Transformer, KV_CACHE_STEP,
 };
 
 /// Makes every quantized matmul on CUDA keep its activations in f32: one token goes through
@@ -271,20 +271,10 @@ fn matmul(
     let (dtype, data) = matrix_data(view, name, rows, cols)?;
     let quantized = !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
     if quantized && device.is_cuda() {
-        let q = qtensor_from_ggml(
-            dtype,
-            AlignedBytes::new(data).as_slice(),
-            vec![rows, cols],
-            device,
-        )?;
+        let q = qtensor(dtype, data, rows, cols, device)?;
         return Ok(QMatMul::QTensor(Arc::new(q)));
     }
-    let q = qtensor_from_ggml(
-        dtype,
-        AlignedBytes::new(data).as_slice(),
-        vec![rows, cols],
-        &Device::Cpu,
-    )?;
+    let q = qtensor(dtype, data, rows, cols, &Device::Cpu)?;
     Ok(QMatMul::Tensor(
         q.dequantize(&Device::Cpu)?.to_device(device)?,
     ))
