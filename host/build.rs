@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-#[allow(dead_code)] // the build script needs only hash_files
+#[allow(dead_code)] // the build script needs only hash_files and HOST_SOURCES
 #[path = "src/hashing.rs"]
 mod hashing;
 
@@ -14,16 +14,7 @@ fn main() {
         .parent()
         .expect("host/ sits in the workspace")
         .to_path_buf();
-    let paths: Vec<PathBuf> = [
-        "host/src",
-        "host/Cargo.toml",
-        "host/build.rs",
-        "plugin-api/src",
-        "plugin-api/Cargo.toml",
-    ]
-    .iter()
-    .map(|p| root.join(p))
-    .collect();
+    let paths: Vec<PathBuf> = hashing::HOST_SOURCES.iter().map(|p| root.join(p)).collect();
     for path in &paths {
         println!("cargo:rerun-if-changed={}", path.display());
     }

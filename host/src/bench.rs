@@ -21,7 +21,7 @@ use crate::measure::Timing;
 use crate::physics::{measure_bandwidth, Roofline};
 use crate::prompts::SplitMix64;
 use crate::setup::generate_timed;
-use crate::supervisor::{LoadRequest, Worker};
+use crate::supervisor::{LoadRequest, Spawn, Worker};
 use plugin_api::{Device, ModelView};
 
 /// What `host bench` was asked to do.
@@ -180,7 +180,23 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
     if synthetic {
         eprintln!("{}", crate::setup::SYNTHETIC_BANNER);
     }
-    let lib = variant.library_for(args.no_build, args.device)?;
+    let root = crate::setup::find_root(&std::env::current_dir()?)
+        .or_else(|_| crate::setup::find_root(&args.variant))
+        .ok();
+    let (lib, _) = match &root {
+        Some(root) if !args.no_build => {
+            // The committed baseline's build is what the variant's confined build starts from.
+            crate::oracle::OracleBuild::prepare(root, args.device)?;
+            variant.library_for(false, args.device, &crate::setup::build_sandbox(root, None))?
+        }
+        Some(root) => {
+            variant.library_for(true, args.device, &crate::setup::build_sandbox(root, None))?
+        }
+        None => anyhow::bail!(
+            "host bench builds a variant inside an autoinfer checkout (its build starts from the \
+             committed baseline's); run it from the checkout, or use --no-build"
+        ),
+    };
 
     // Before the worker starts, so nothing else reads memory meanwhile.
     let roofline = (args.device == Device::Cpu).then(|| {
@@ -193,7 +209,16 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         threads: Some(args.threads),
         device: Some(args.device),
     };
-    let mut worker = Worker::spawn(&name, &lib, &model.path, timeout, args.verbose, &load)?;
+    let protect = crate::setup::protected_paths(root.as_deref(), None, true);
+    let mut worker = Worker::spawn(&Spawn {
+        variant: &name,
+        lib: &lib,
+        model: &model.path,
+        timeout,
+        echo_log: args.verbose,
+        load,
+        protect: &protect,
+    })?;
 
     let bar = crate::run::progress_bar(tests.len() * (args.repetitions + 1), "");
     let mut results = Vec::new();

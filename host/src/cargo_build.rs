@@ -8,10 +8,13 @@
 //! the manifest must declare.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use plugin_api::Device;
+
+use crate::sandbox::{Level, Support};
 
 /// Why a variant could not be built or found.
 #[derive(Debug, thiserror::Error)]
@@ -37,12 +40,119 @@ pub enum BuildError {
         "--no-build: variant {dir} has no built library at {lib}; run without --no-build first"
     )]
     NotBuilt { dir: PathBuf, lib: PathBuf },
+    #[error("cannot make a private build directory in {dir}")]
+    Slot {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot copy the built library {from} to {to}")]
+    Copy {
+        from: PathBuf,
+        to: PathBuf,
+        source: std::io::Error,
+    },
     #[error("variant {dir} cannot be built for {device}: its Cargo.toml declares no `{feature}` feature (variants/baseline's shows how)")]
     NoDeviceFeature {
         dir: PathBuf,
         device: Device,
         feature: &'static str,
     },
+}
+
+/// Where and how a variant's build is confined (see [`VariantCrate::build_confined`]).
+#[derive(Debug, Clone)]
+pub struct BuildSandbox {
+    /// A target directory whose compiled dependencies each build starts from (the committed
+    /// baseline's, built by the harness), when it exists.
+    pub seed: Option<PathBuf>,
+    /// Where private target directories are made (and removed after each build).
+    pub slots: PathBuf,
+    /// The sources the build may read, besides the system and the toolchain.
+    pub sources: Vec<PathBuf>,
+    /// What stays out of reach inside those (build outputs, results, caches).
+    pub protect: Vec<PathBuf>,
+}
+
+impl BuildSandbox {
+    /// What a confined build may read: its sources, the Rust toolchain (rustup's and cargo's
+    /// homes, and wherever the cargo binary really lives).
+    fn read_paths(&self) -> Vec<PathBuf> {
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let mut paths = self.sources.clone();
+        for (var, default) in [("CARGO_HOME", ".cargo"), ("RUSTUP_HOME", ".rustup")] {
+            match std::env::var_os(var) {
+                Some(dir) => paths.push(PathBuf::from(dir)),
+                None => paths.extend(home.as_ref().map(|h| h.join(default))),
+            }
+        }
+        // A toolchain's bin/cargo: grant the toolchain (its lib/ holds rustc's libraries).
+        let cargo_bin = std::env::var_os("CARGO").map(PathBuf::from).or_else(|| {
+            std::env::split_paths(&std::env::var_os("PATH")?)
+                .map(|dir| dir.join("cargo"))
+                .find(|p| p.is_file())
+        });
+        if let Some(real) = cargo_bin.and_then(|p| p.canonicalize().ok()) {
+            paths.extend(real.parent().and_then(Path::parent).map(Path::to_path_buf));
+        }
+        paths
+    }
+
+    /// Removes what builds of processes that are gone left in the slots directory (each entry
+    /// is named after the process that made it).
+    fn sweep(&self) {
+        for entry in std::fs::read_dir(&self.slots)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+                continue;
+            };
+            // SAFETY: signal 0 only asks whether the process exists.
+            let alive = unsafe { libc::kill(pid, 0) } == 0
+                || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+            if !alive {
+                let path = entry.path();
+                let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+            }
+        }
+    }
+
+    /// A fresh private target directory: a copy of the seed (file times kept, so cargo sees
+    /// its dependencies as built), or empty.
+    fn new_slot(&self) -> std::io::Result<PathBuf> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let slot = self.slots.join(format!(
+            "{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&slot);
+        std::fs::create_dir_all(&self.slots)?;
+        self.sweep();
+        match &self.seed {
+            Some(seed) if seed.is_dir() => {
+                let status = Command::new("cp")
+                    .arg("-a")
+                    .arg("--reflink=auto")
+                    .arg(seed)
+                    .arg(&slot)
+                    .status()?;
+                if !status.success() {
+                    return Err(std::io::Error::other(format!(
+                        "cp -a {} {} failed ({status})",
+                        seed.display(),
+                        slot.display()
+                    )));
+                }
+            }
+            _ => std::fs::create_dir_all(&slot)?,
+        }
+        std::fs::create_dir_all(slot.join("tmp"))?;
+        Ok(slot)
+    }
 }
 
 /// A variant crate on disk.
@@ -137,38 +247,124 @@ impl VariantCrate {
         }
     }
 
-    /// The library to load: the last build's with `no_build` (`--no-build`), else the crate
-    /// built now for `device`.
-    pub fn library_for(&self, no_build: bool, device: Device) -> Result<PathBuf, BuildError> {
-        if no_build {
-            self.built_library()
-        } else {
-            self.build(device)
-        }
+    /// Builds the crate in release mode for `device`, with cargo's default target directory,
+    /// unconfined: for the harness's own code (the committed baseline) only.
+    pub fn build_trusted(&self, target_dir: &Path, device: Device) -> Result<PathBuf, BuildError> {
+        let mut command = Command::new(cargo());
+        command.env("CARGO_TARGET_DIR", target_dir);
+        self.run_cargo(command, device, target_dir, false)
     }
 
-    /// Builds the crate in release mode for `device` and returns the path of its cdylib.
-    pub fn build(&self, device: Device) -> Result<PathBuf, BuildError> {
-        self.build_in(None, device)
-    }
-
-    /// Like [`VariantCrate::build`], into `target_dir` instead of cargo's default when given.
-    pub fn build_in(
+    /// Builds the crate for `device` as variant code: in a fresh private target directory (a
+    /// copy of `sandbox.seed`, so compiled dependencies are not compiled again), with cargo and
+    /// everything it runs (build scripts, proc macros) confined to reading the sources and the
+    /// toolchain and writing that directory ([`crate::sandbox`]). Nothing a build leaves can
+    /// reach another build, the harness or the results. The library is copied to `out`.
+    pub fn build_confined(
         &self,
-        target_dir: Option<&Path>,
         device: Device,
+        sandbox: &BuildSandbox,
+        out: &Path,
+    ) -> Result<PathBuf, BuildError> {
+        self.feature_for(device)?;
+        self.fetch()?;
+        let slot = sandbox.new_slot().map_err(|e| BuildError::Slot {
+            dir: sandbox.slots.clone(),
+            source: e,
+        })?;
+        let built = (|| {
+            let exe = std::env::current_exe().map_err(|source| BuildError::Cargo {
+                cargo: "host confine".into(),
+                source,
+            })?;
+            let mut command = Command::new(exe);
+            command.arg("confine");
+            for path in sandbox.read_paths() {
+                command.arg("--read").arg(path);
+            }
+            for path in &sandbox.protect {
+                command.arg("--protect").arg(path);
+            }
+            command
+                .arg("--write")
+                .arg(&slot)
+                .arg("--")
+                .arg(cargo())
+                .env("CARGO_TARGET_DIR", &slot)
+                .env("TMPDIR", slot.join("tmp"))
+                // Its own process group, so that whatever a build script leaves running is
+                // killed with it (the sandbox keeps it from leaving the group).
+                .process_group(0);
+            let lib = self.run_cargo(command, device, &slot, true)?;
+            if let Some(dir) = out.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| BuildError::Copy {
+                    from: lib.clone(),
+                    to: out.into(),
+                    source: e,
+                })?;
+            }
+            let tmp = out.with_extension(format!("so.tmp-{}", std::process::id()));
+            std::fs::copy(&lib, &tmp)
+                .and_then(|_| std::fs::rename(&tmp, out))
+                .map_err(|e| BuildError::Copy {
+                    from: lib.clone(),
+                    to: out.into(),
+                    source: e,
+                })?;
+            Ok(out.to_path_buf())
+        })();
+        let _ = std::fs::remove_dir_all(&slot);
+        built
+    }
+
+    /// Lets cargo resolve the crate's dependencies and download what is missing (and update
+    /// the lock file), unconfined: no code of the variant runs here, and the confined build
+    /// that follows is `--frozen`.
+    fn fetch(&self) -> Result<(), BuildError> {
+        let cargo = cargo();
+        let status = Command::new(&cargo)
+            .arg("fetch")
+            .arg("--quiet")
+            .arg("--manifest-path")
+            .arg(self.dir.join("Cargo.toml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .status()
+            .map_err(|source| BuildError::Cargo {
+                cargo: cargo.clone(),
+                source,
+            })?;
+        if !status.success() {
+            return Err(BuildError::Failed {
+                dir: self.dir.clone(),
+                status: format!("cargo fetch: {status}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs `command` (cargo, or `host confine -- cargo`) as `cargo build --release` of this
+    /// crate for `device` into `target_dir`, and returns the cdylib it reports. Cargo's own
+    /// output, errors included, goes to the user's terminal. A `confined` build is `--frozen`
+    /// (its dependencies were fetched beforehand) and leads a process group, which is killed
+    /// after cargo exits.
+    fn run_cargo(
+        &self,
+        mut command: Command,
+        device: Device,
+        target_dir: &Path,
+        confined: bool,
     ) -> Result<PathBuf, BuildError> {
         let feature = self.feature_for(device)?;
         let cargo = cargo();
-        let mut command = Command::new(&cargo);
-        if let Some(dir) = target_dir {
-            command.env("CARGO_TARGET_DIR", dir);
-        }
         command.args([
             "build",
             "--release",
             "--message-format=json-render-diagnostics",
         ]);
+        if confined {
+            command.arg("--frozen");
+        }
         if let Some(feature) = feature {
             command.args(["--features", feature]);
         }
@@ -208,17 +404,57 @@ impl VariantCrate {
         }
         let status = child
             .wait()
-            .map_err(|source| BuildError::Cargo { cargo, source })?;
+            .map_err(|source| BuildError::Cargo { cargo, source });
+        if confined {
+            // SAFETY: signalling the process group the confined cargo led (its pid): whatever
+            // a build script left running in it.
+            unsafe { libc::killpg(child.id() as libc::pid_t, libc::SIGKILL) };
+        }
+        let status = status?;
         if !status.success() {
             return Err(BuildError::Failed {
                 dir: self.dir.clone(),
                 status: status.to_string(),
             });
         }
-        library.ok_or_else(|| BuildError::NoArtifact {
+        let library = library.ok_or_else(|| BuildError::NoArtifact {
             dir: self.dir.clone(),
             package: self.package.clone(),
-        })
+        })?;
+        // Only a library inside the build's own target directory counts.
+        if !library.starts_with(target_dir) {
+            return Err(BuildError::NoArtifact {
+                dir: self.dir.clone(),
+                package: self.package.clone(),
+            });
+        }
+        Ok(library)
+    }
+
+    /// The library to load: with `no_build` (`--no-build`), the one the last plain cargo build
+    /// left (built by whoever ran cargo, not confined by the host); else the crate built now,
+    /// confined ([`VariantCrate::build_confined`]), its library kept beside `sandbox`'s private
+    /// build directories for as long as this process lives.
+    pub fn library_for(
+        &self,
+        no_build: bool,
+        device: Device,
+        sandbox: &BuildSandbox,
+    ) -> Result<(PathBuf, Level), BuildError> {
+        if no_build {
+            return Ok((self.built_library()?, Level::not_built_by_host()));
+        }
+        let suffix = device
+            .cargo_feature()
+            .map(|f| format!("-{f}"))
+            .unwrap_or_default();
+        let out = sandbox.slots.join(format!(
+            "{}-lib-{}{suffix}.so",
+            std::process::id(),
+            self.package
+        ));
+        let lib = self.build_confined(device, sandbox, &out)?;
+        Ok((lib, Support::probe().build_level()))
     }
 
     /// The library a previous build left, without building. With `CARGO_TARGET_DIR` set, cargo

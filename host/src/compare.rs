@@ -17,7 +17,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::cargo_build::VariantCrate;
+use crate::cargo_build::{BuildSandbox, VariantCrate};
 use crate::judge::judge;
 use crate::oracle::{Oracle, OracleBuild, OracleCost};
 use crate::protocol::{CompareRules, Protocol};
@@ -28,7 +28,7 @@ use crate::revision::{Committed, VariantArg};
 use crate::setup::{find_root, request_line, timed_request, Overrides, Setup};
 use crate::significance::{Better, LookSchedule, Paired, Verdict};
 use crate::stats::Spread;
-use crate::supervisor::Worker;
+use crate::supervisor::{Spawn, Worker};
 use plugin_api::Device;
 
 /// What `host compare` was asked to do (see the CLI for each flag's meaning).
@@ -333,23 +333,32 @@ pub struct Side {
     pub tree: String,
     /// The commit it was taken from, for a revision.
     pub commit: Option<String>,
+    /// How its build was confined.
+    pub build: crate::sandbox::Level,
     #[serde(skip)]
     pub lib: PathBuf,
 }
 
 impl Side {
-    fn resolve(root: &Path, arg: &str, no_build: bool, device: Device) -> Result<Side> {
+    fn resolve(
+        root: &Path,
+        arg: &str,
+        no_build: bool,
+        device: Device,
+        sandbox: &BuildSandbox,
+    ) -> Result<Side> {
         match VariantArg::parse(arg) {
             VariantArg::Dir(dir) => {
                 let variant = VariantCrate::open(&dir).map_err(|e| {
                     anyhow::anyhow!("{e} (a variant is a directory or a revision REV:PATH, e.g. HEAD:variants/current)")
                 })?;
-                let lib = variant.library_for(no_build, device)?;
+                let (lib, build) = variant.library_for(no_build, device, sandbox)?;
                 Ok(Side {
                     arg: arg.to_string(),
                     package: variant.package,
                     tree: crate::vcs::tree_hash(&dir),
                     commit: None,
+                    build,
                     lib,
                 })
             }
@@ -362,12 +371,13 @@ impl Side {
                         &committed.commit[..12]
                     );
                 }
-                let lib = committed.build(device)?;
+                let lib = committed.build(device, Some(sandbox))?;
                 Ok(Side {
                     arg: arg.to_string(),
                     package: committed.package,
                     tree: committed.tree,
                     commit: Some(committed.commit),
+                    build: crate::sandbox::Support::probe().build_level(),
                     lib,
                 })
             }
@@ -397,8 +407,17 @@ struct CompareRecord<'a> {
     /// Every look's figures, in order: how the decision came about.
     looks: &'a [Vec<FigureResult>],
     gates: Option<&'a GateReport>,
+    /// The rounds whose answers of B the oracle scored.
+    scored_rounds: &'a [u32],
     oracle: Option<OracleCost>,
     pairs: &'a [Pair],
+}
+
+/// The two variants of a comparison and what their workers must not reach.
+struct Sides<'a> {
+    a: &'a Side,
+    b: &'a Side,
+    protect: &'a [PathBuf],
 }
 
 /// What measuring produced, failed or not.
@@ -426,6 +445,16 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     };
     let mut setup = Setup::open(root.clone(), &args.overrides)?;
     apply_rules(&mut setup.protocol.compare, args)?;
+    let oracle_device = setup
+        .protocol
+        .gates
+        .oracle_device()
+        .map_err(anyhow::Error::msg)?;
+    // Only the committed harness measures a comparison (its verdict may be kept).
+    let harness = crate::vcs::harness(&root, &OracleBuild::key_for(&root, oracle_device)?)?;
+    if !harness.is_committed() {
+        bail!("host compare refuses to measure: {}", harness.describe());
+    }
     let rules = setup.protocol.compare.clone();
     let schedule = LookSchedule::new(rules.alpha, rules.looks, rules.rounds_per_look, &TESTS);
 
@@ -435,16 +464,14 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         eprintln!("{}", crate::setup::SYNTHETIC_BANNER);
     }
     let device = setup.device;
-    let a = Side::resolve(&root, &a_arg, args.no_build, device)
-        .with_context(|| format!("variant A ({a_arg})"))?;
-    let b = Side::resolve(&root, &b_arg, args.no_build, device)
-        .with_context(|| format!("variant B ({b_arg})"))?;
-    let oracle_device = setup
-        .protocol
-        .gates
-        .oracle_device()
-        .map_err(anyhow::Error::msg)?;
+    // The oracle first: the variants' builds start from its compiled dependencies.
     let oracle_build = OracleBuild::prepare(&root, oracle_device)?;
+    let results_dir = args.results.clone().unwrap_or_else(|| root.join("results"));
+    let sandbox = crate::setup::build_sandbox(&root, Some(&results_dir));
+    let a = Side::resolve(&root, &a_arg, args.no_build, device, &sandbox)
+        .with_context(|| format!("variant A ({a_arg})"))?;
+    let b = Side::resolve(&root, &b_arg, args.no_build, device, &sandbox)
+        .with_context(|| format!("variant B ({b_arg})"))?;
     if a.tree == b.tree {
         eprintln!(
             "A and B hold the same files (tree {}): an A/A comparison",
@@ -452,13 +479,35 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         );
     }
 
-    let provenance = setup.provenance(b_arg.clone(), &b.package, b.tree.clone(), &oracle_build.key);
+    // Both sides' builds and their workers: the comparison is only as confined as the least.
+    let sandbox_level = crate::sandbox::Support::probe()
+        .worker_level()
+        .and(a.build.clone())
+        .and(b.build.clone());
+    if !sandbox_level.is_full() {
+        eprintln!(
+            "WARNING: variant code is not fully confined: {}",
+            sandbox_level.label()
+        );
+    }
+    let provenance = setup.provenance(
+        b_arg.clone(),
+        &b.package,
+        b.tree.clone(),
+        &harness,
+        sandbox_level,
+    );
     let stem = format!("{}-compare-{}", provenance.time.replace(':', ""), b.package);
-    let results_dir = args.results.clone().unwrap_or_else(|| root.join("results"));
+    let protect = crate::setup::protected_paths(Some(&root), Some(&results_dir), true);
     let order = setup.order();
 
     let mut measured = Measured::default();
-    let outcome = measure(args, &setup, &schedule, &rules, &a, &b, &mut measured);
+    let sides = Sides {
+        a: &a,
+        b: &b,
+        protect: &protect,
+    };
+    let outcome = measure(args, &setup, &schedule, &rules, &sides, &mut measured);
     let figures = measured.looks.last().cloned().unwrap_or_default();
 
     let roofline =
@@ -489,7 +538,20 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
 
     let mut gates = None;
     let mut oracle_cost = None;
-    let mut b_samples: Vec<Sample> = measured.pairs.iter().map(|p| p.b.clone()).collect();
+    let b_samples: Vec<Sample> = measured.pairs.iter().map(|p| p.b.clone()).collect();
+    // The oracle scores B's answers of `scored_rounds` rounds, picked at random now (after
+    // measuring, by the supervisor, so a variant cannot know which of its answers count): the
+    // amount of text `host run` judges, at a cost that does not grow with the comparison.
+    let scored_rounds = pick_rounds(
+        measured.rounds,
+        setup.protocol.gates.scored_rounds,
+        crate::setup::fresh_seed(),
+    );
+    let mut judged_samples: Vec<Sample> = b_samples
+        .iter()
+        .filter(|s| scored_rounds.contains(&s.round))
+        .cloned()
+        .collect();
     if outcome.is_ok() && suspect.is_none() && !synthetic {
         let mut oracle = Oracle::new(
             oracle_build.clone(),
@@ -497,10 +559,11 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
             setup.model.sha256(),
             setup.timeout(),
             args.verbose,
+            protect.clone(),
         );
         let judged = judge(
             &mut oracle,
-            &mut b_samples,
+            &mut judged_samples,
             &setup.codec,
             &setup.prompts,
             &setup.protocol,
@@ -509,8 +572,14 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         oracle_cost = Some(oracle.finish());
         match judged {
             Ok(report) => {
-                for (pair, judged) in measured.pairs.iter_mut().zip(&b_samples) {
-                    pair.b.quality = judged.quality.clone();
+                for judged in &judged_samples {
+                    if let Some(pair) = measured
+                        .pairs
+                        .iter_mut()
+                        .find(|p| p.round == judged.round && p.prompt == judged.prompt)
+                    {
+                        pair.b.quality = judged.quality.clone();
+                    }
                 }
                 gates = Some(report)
             }
@@ -548,6 +617,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         figures: &figures,
         looks: &measured.looks,
         gates: gates.as_ref(),
+        scored_rounds: &scored_rounds,
         oracle: oracle_cost.clone(),
         pairs: &measured.pairs,
     };
@@ -624,6 +694,19 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     Ok(verdict)
 }
 
+/// `k` of the rounds `0..rounds` (all when there are no more), drawn with `seed`, in order.
+fn pick_rounds(rounds: u32, k: u32, seed: u64) -> Vec<u32> {
+    let mut all: Vec<u32> = (0..rounds).collect();
+    let mut rng = crate::prompts::SplitMix64::new(seed);
+    for i in 0..k.min(rounds) as usize {
+        let j = i + rng.below((all.len() - i) as u64) as usize;
+        all.swap(i, j);
+    }
+    all.truncate(k.min(rounds) as usize);
+    all.sort_unstable();
+    all
+}
+
 /// Applies the command-line overrides of `[compare]` and checks the result.
 fn apply_rules(rules: &mut CompareRules, args: &CompareArgs) -> Result<()> {
     if let Some(v) = args.looks {
@@ -649,19 +732,20 @@ fn measure(
     setup: &Setup,
     schedule: &LookSchedule,
     rules: &CompareRules,
-    a: &Side,
-    b: &Side,
+    sides: &Sides,
     out: &mut Measured,
 ) -> Result<()> {
-    let timeout = setup.timeout();
-    let model = &setup.model.path;
+    let (a, b) = (sides.a, sides.b);
     let name_a = format!("A ({})", a.arg);
     let name_b = format!("B ({})", b.arg);
 
     let prompts = setup.prompts.prompts.len();
     let max_rounds = schedule.max_rounds();
-    let warmups = setup.warmups()?;
-    let total = 2 * (warmups.len() + prompts) * max_rounds as usize;
+    // Every instance of the longest comparison, drawn now: none repeats, the warm-ups of each
+    // round's new workers included.
+    let plan = setup.plan(max_rounds, max_rounds)?;
+    let warmups_per_round = setup.protocol.warmup_requests as usize;
+    let total = 2 * (warmups_per_round + prompts) * max_rounds as usize;
     let bar = crate::run::progress_bar(total, "");
     let log = |line: String| crate::run::log_line(&bar, line);
     let started = Instant::now();
@@ -672,10 +756,22 @@ fn measure(
         // comparison that offset would sit in every pair and look like a real difference.
         // New processes each round make it part of the round-to-round noise, which the test
         // sees, and the statistics take one observation per round (see `look`).
-        let load = setup.load_request();
-        let mut worker_a = Worker::spawn(&name_a, &a.lib, model, timeout, args.verbose, &load)?;
-        let mut worker_b = Worker::spawn(&name_b, &b.lib, model, timeout, args.verbose, &load)?;
-        for planned in &warmups {
+        // Each worker is frozen as soon as it is loaded and whenever it is not answering, so
+        // neither can compute while the other is measured.
+        let spawn = |variant: &str, lib: &Path| {
+            Worker::spawn(&Spawn {
+                variant,
+                lib,
+                model: &setup.model.path,
+                timeout: setup.timeout(),
+                echo_log: args.verbose,
+                load: setup.load_request(),
+                protect: sides.protect,
+            })
+        };
+        let mut worker_a = spawn(&name_a, &a.lib)?;
+        let mut worker_b = spawn(&name_b, &b.lib)?;
+        for planned in &plan.warmups[round as usize] {
             let label = planned.label(max_rounds);
             bar.set_message(format!("{label}, A and B, round {}", round + 1));
             let s = timed_request(setup, &mut worker_a, &name_a, planned, &label)?;
@@ -685,7 +781,7 @@ fn measure(
             log(format!("B {}", request_line(&s, &label)));
             bar.inc(1);
         }
-        for planned in setup.round(round)? {
+        for planned in &plan.rounds[round as usize] {
             let label = planned.label(max_rounds);
             let order = if out.pairs.len() % 2 == 0 {
                 Order::AB
@@ -695,9 +791,9 @@ fn measure(
             bar.set_message(format!("{label}; {interval}"));
             let mut run = |which: char| -> Result<Sample> {
                 let s = if which == 'A' {
-                    timed_request(setup, &mut worker_a, &name_a, &planned, &label)?
+                    timed_request(setup, &mut worker_a, &name_a, planned, &label)?
                 } else {
-                    timed_request(setup, &mut worker_b, &name_b, &planned, &label)?
+                    timed_request(setup, &mut worker_b, &name_b, planned, &label)?
                 };
                 log(format!("{which} {}", request_line(&s, &label)));
                 bar.inc(1);
@@ -871,6 +967,7 @@ mod tests {
             max_check_drop: 0.34,
             max_repetition_rise: 0.2,
             oracle_device: "cpu".into(),
+            scored_rounds: 3,
         };
         let mut report = GateReport::decide(&[], &[], &thresholds);
         if fail {
@@ -969,6 +1066,7 @@ mod tests {
                 itl_ms: vec![],
             },
             peak_rss_kib: rss,
+            cpu_ms: 0.0,
             tokens: vec![],
             eos_at: None,
             text: String::new(),
@@ -977,6 +1075,25 @@ mod tests {
             prompt_ids: vec![],
             quality: None,
         }
+    }
+
+    #[test]
+    fn the_scored_rounds_are_a_random_subset() {
+        assert_eq!(
+            pick_rounds(2, 3, 1),
+            vec![0, 1],
+            "fewer rounds than asked: all"
+        );
+        let picks: Vec<Vec<u32>> = (0..50).map(|seed| pick_rounds(12, 3, seed)).collect();
+        for p in &picks {
+            assert_eq!(p.len(), 3);
+            assert!(p.windows(2).all(|w| w[0] < w[1]) && p[2] < 12, "{p:?}");
+        }
+        let distinct: std::collections::HashSet<&Vec<u32>> = picks.iter().collect();
+        assert!(
+            distinct.len() > 30,
+            "seeds pick different rounds: {distinct:?}"
+        );
     }
 
     #[test]

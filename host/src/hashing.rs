@@ -7,6 +7,17 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+/// The host binary's own sources (relative to the checkout): `build.rs` hashes them into the
+/// binary, and the harness check compares that hash with HEAD's, so a binary built from other
+/// sources than the committed ones is caught.
+pub const HOST_SOURCES: [&str; 5] = [
+    "host/src",
+    "host/Cargo.toml",
+    "host/build.rs",
+    "plugin-api/src",
+    "plugin-api/Cargo.toml",
+];
+
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

@@ -42,6 +42,8 @@ pub struct KeepRules<'a> {
     /// The protocol's tokens per request: a comparison with fewer (or on some prompts only) was
     /// a quick look, not one to keep on.
     pub max_new_tokens: u32,
+    /// Accept a comparison whose variant code was not fully confined (`--allow-unsandboxed`).
+    pub allow_unsandboxed: bool,
 }
 
 /// Commits `variants/current` alone with `message`, after checking the latest comparison of its
@@ -109,6 +111,16 @@ pub fn keep(root: &Path, results: &Path, message: &str, rules: &KeepRules) -> Re
             field("gates")
         );
     }
+    if field("sandbox") != "full" && !rules.allow_unsandboxed {
+        bail!(
+            "the latest comparison of {CURRENT} ({}) ran with its variant code confined only in \
+             part ({}): a verdict is trusted only when neither side could reach the clock, the \
+             results or the other side. Keep it anyway with `host keep --allow-unsandboxed`",
+            field("time"),
+            field("sandbox")
+        );
+    }
+    check_record(results, &row, &tree, &head_tree, rules.harness)?;
     let (added, removed) = line_changes(&repo)?;
     match verdict {
         "KEEP" => {}
@@ -207,6 +219,77 @@ pub fn keep(root: &Path, results: &Path, message: &str, rules: &KeepRules) -> Re
     Ok(id.to_string())
 }
 
+/// Checks `row` against the comparison's JSON record it names: `host keep` trusts a row only
+/// when the record says the same (the variant's and A's trees, the harness, the seed, the
+/// verdict, the status and the sandbox), so a row edited or appended by anything but the host
+/// is refused. `tree` and `head_tree` are the present and HEAD's `variants/current`, `harness`
+/// HEAD's harness hash.
+fn check_record(
+    results: &Path,
+    row: &BTreeMap<String, String>,
+    tree: &str,
+    head_tree: &str,
+    harness: &str,
+) -> Result<()> {
+    let field = |k: &str| row.get(k).map(String::as_str).unwrap_or("-");
+    let name = field("json");
+    if name.contains('/') || name.starts_with('.') {
+        bail!(
+            "the results row of {} names no record of its own ({name:?})",
+            field("time")
+        );
+    }
+    let path = results.join("runs").join(name);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "the record of the comparison of {} ({}) cannot be read, so its row cannot be \
+             checked; run `host compare` again",
+            field("time"),
+            path.display()
+        )
+    })?;
+    let record: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a comparison record", path.display()))?;
+    let text_of = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        other => other.to_string(),
+    };
+    let outcome = text_of(&record["outcome"]).to_uppercase();
+    let sandbox_full = record["provenance"]["sandbox"] == "full";
+    let checks = [
+        ("the kind of measurement", record["kind"] == "compare"),
+        (
+            "the variant's tree",
+            text_of(&record["provenance"]["variant_tree"]) == tree,
+        ),
+        (
+            "variant A's tree",
+            text_of(&record["against"]["tree"]) == head_tree,
+        ),
+        (
+            "the harness",
+            text_of(&record["provenance"]["harness"]) == harness,
+        ),
+        (
+            "the seed",
+            text_of(&record["protocol"]["seed"]) == field("seed"),
+        ),
+        ("the verdict", outcome == field("verdict")),
+        ("the status", text_of(&record["status"]) == field("status")),
+        ("the sandbox", sandbox_full == (field("sandbox") == "full")),
+    ];
+    if let Some((what, _)) = checks.iter().find(|(_, agree)| !agree) {
+        bail!(
+            "the results row of {} and its record {} disagree on {what}: the ledger was changed \
+             after the comparison; run `host compare` again",
+            field("time"),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Lines added and removed in `variants/current` between HEAD and the working tree (new files
 /// included).
 fn line_changes(repo: &git2::Repository) -> Result<(usize, usize)> {
@@ -286,6 +369,7 @@ mod tests {
         harness: "0123456789abcdef",
         simpler: false,
         max_new_tokens: 128,
+        allow_unsandboxed: false,
     };
 
     /// Writes a results.tsv with one comparison of the present `variants/current` against
@@ -310,11 +394,30 @@ mod tests {
                 "prompts" => "all".to_string(),
                 "max_new_tokens" => "128".to_string(),
                 "decode_ratio" => "1.0500 [1.0300, 1.0700]".to_string(),
+                "sandbox" => "full".to_string(),
+                "seed" => "42".to_string(),
+                "json" => "compare.json".to_string(),
                 _ => "x".to_string(),
             })
             .collect();
         let results = dir.join("results");
-        std::fs::create_dir_all(&results).unwrap();
+        std::fs::create_dir_all(results.join("runs")).unwrap();
+        // The record the host writes beside the row, saying the same.
+        let outcome = match verdict {
+            "KEEP" => "Keep",
+            "NOISE" => "Noise",
+            "REVERT" => "Revert",
+            _ => "-",
+        };
+        let record = serde_json::json!({
+            "kind": "compare",
+            "provenance": { "variant_tree": tree, "harness": RULES.harness, "sandbox": "full" },
+            "against": { "tree": head },
+            "protocol": { "seed": 42 },
+            "outcome": outcome,
+            "status": status,
+        });
+        std::fs::write(results.join("runs/compare.json"), record.to_string()).unwrap();
         std::fs::write(
             results.join("results.tsv"),
             format!("{header}\n{}\n", row.join("\t")),
@@ -371,6 +474,29 @@ mod tests {
                 ("against_tree", "eeeeeeeeeeee"),
                 "not the last kept",
             ),
+            (
+                "KEEP",
+                "ok",
+                "pass",
+                ("sandbox", "partial: no Landlock"),
+                "--allow-unsandboxed",
+            ),
+            // A row that its record does not back: edited or appended after the fact.
+            ("KEEP", "ok", "pass", ("seed", "43"), "disagree on the seed"),
+            (
+                "KEEP",
+                "ok",
+                "pass",
+                ("json", "missing.json"),
+                "cannot be read",
+            ),
+            (
+                "KEEP",
+                "ok",
+                "pass",
+                ("json", "../x.json"),
+                "names no record",
+            ),
             ("NOISE", "ok", "pass", ("", ""), "host keep --simpler"),
         ] {
             record_compare(&dir, verdict, status, gates, edit);
@@ -384,6 +510,19 @@ mod tests {
         };
         let err = keep_err(&simpler);
         assert!(err.contains("adds 2 line(s) while removing 1"), "{err}");
+        // --allow-unsandboxed takes a partly confined comparison, if its record agrees.
+        record_compare(
+            &dir,
+            "KEEP",
+            "ok",
+            "pass",
+            ("sandbox", "partial: no Landlock"),
+        );
+        let err = keep_err(&KeepRules {
+            allow_unsandboxed: true,
+            ..RULES
+        });
+        assert!(err.contains("disagree on the sandbox"), "{err}");
 
         record_compare(&dir, "KEEP", "ok", "pass", ("", ""));
         assert!(

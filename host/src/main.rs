@@ -39,6 +39,7 @@ mod record;
 mod report;
 mod revision;
 mod run;
+mod sandbox;
 mod setup;
 mod significance;
 mod stats;
@@ -91,7 +92,8 @@ struct MeasureFlags {
     /// Tokens every request must produce [default: the protocol's max_new_tokens].
     #[arg(long)]
     max_new_tokens: Option<u32>,
-    /// Seed of the prompt draws [default: the protocol's seed].
+    /// Seed of the prompt draws, to repeat a recorded run's instances exactly [default: a
+    /// fresh random seed, recorded in the results row].
     #[arg(long)]
     seed: Option<u64>,
     /// Seconds a request may take before its worker is killed [default: the protocol's].
@@ -277,6 +279,10 @@ enum Command {
         /// change removes more lines than it adds: the simplicity rule.
         #[arg(long)]
         simpler: bool,
+        /// Also keep a comparison whose variant code was not fully confined (the row's
+        /// `sandbox` is `partial` or `none`: an old kernel, or `--no-build`).
+        #[arg(long)]
+        allow_unsandboxed: bool,
         /// Where results.tsv is [default: results/ in the checkout].
         #[arg(long)]
         results: Option<PathBuf>,
@@ -318,7 +324,7 @@ enum Command {
         /// The round to draw [default: 0].
         #[arg(long, default_value_t = 0)]
         round: u64,
-        /// Seed of the draw [default: the protocol's seed].
+        /// Seed of the draw [default: a fresh random seed, printed].
         #[arg(long)]
         seed: Option<u64>,
         /// The GGUF whose tokenizer counts the tokens [default: the default model].
@@ -335,16 +341,11 @@ enum Command {
     Synth(synth::SynthArgs),
     /// Internal: serve requests for one variant (started by the supervisor).
     #[command(hide = true)]
-    Worker {
-        #[arg(long)]
-        lib: PathBuf,
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long)]
-        threads: Option<usize>,
-        #[arg(long)]
-        device: Option<Device>,
-    },
+    Worker(worker::WorkerArgs),
+    /// Internal: confine this process (Landlock, seccomp, no capabilities) and run PROGRAM in
+    /// it; how a variant's build runs.
+    #[command(hide = true)]
+    Confine(sandbox::ConfineArgs),
 }
 
 fn main() -> ExitCode {
@@ -450,8 +451,9 @@ fn main() -> ExitCode {
         Command::Keep {
             message,
             simpler,
+            allow_unsandboxed,
             results,
-        } => keep_command(&message, simpler, results),
+        } => keep_command(&message, simpler, allow_unsandboxed, results),
         Command::Revert => revert_command(),
         Command::Plot {
             results,
@@ -462,12 +464,8 @@ fn main() -> ExitCode {
         Command::Tokenize { text, chat, model } => tokenize_command(text, chat, model),
         Command::Prompts { round, seed, model } => prompts_command(round, seed, model),
         Command::Synth(args) => synth::run(&args).map(|_| ()),
-        Command::Worker {
-            lib,
-            model,
-            threads,
-            device,
-        } => worker::run(&lib, &model, &supervisor::LoadRequest { threads, device }),
+        Command::Worker(args) => worker::run(&args),
+        Command::Confine(args) => sandbox::confine_and_exec(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -478,16 +476,26 @@ fn main() -> ExitCode {
     }
 }
 
-fn keep_command(message: &str, simpler: bool, results: Option<PathBuf>) -> anyhow::Result<()> {
+fn keep_command(
+    message: &str,
+    simpler: bool,
+    allow_unsandboxed: bool,
+    results: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let root = setup::find_root(&std::env::current_dir()?)?;
     let results = results.unwrap_or_else(|| root.join("results"));
-    let oracle = oracle::OracleBuild::find(&root)?;
-    let harness = vcs::harness_hash(&root, &oracle.key);
     let protocol = protocol::Protocol::load(&root.join("prompts/protocol.toml"))?;
+    let oracle_device = protocol.gates.oracle_device().map_err(anyhow::Error::msg)?;
+    let key = oracle::OracleBuild::key_for(&root, oracle_device)?;
+    let harness = vcs::harness(&root, &key)?;
+    if !harness.is_committed() {
+        anyhow::bail!("host keep refuses: {}", harness.describe());
+    }
     let rules = keep::KeepRules {
-        harness: &harness,
+        harness: &harness.hash,
         simpler,
         max_new_tokens: protocol.max_new_tokens,
+        allow_unsandboxed,
     };
     let id = keep::keep(&root, &results, message, &rules)?;
     println!("kept {} as commit {id}", keep::CURRENT);
@@ -572,18 +580,31 @@ fn tokenize_command(
 
 fn prompts_command(round: u64, seed: Option<u64>, model: Option<PathBuf>) -> anyhow::Result<()> {
     let root = setup::find_root(&std::env::current_dir()?)?;
-    let protocol = protocol::Protocol::load(&root.join("prompts/protocol.toml"))?;
-    let prompts = prompts::PromptSet::load(&root.join("prompts"))?;
-    let model = setup::open_model(model.as_deref())?;
-    let codec = tokenize::TextCodec::from_model(model.view)?;
+    let overrides = setup::Overrides {
+        model,
+        seed,
+        ..setup::Overrides::default()
+    };
+    let setup = setup::Setup::open(root, &overrides)?;
+    let round = u32::try_from(round)
+        .ok()
+        .filter(|r| *r < 10_000)
+        .ok_or_else(|| anyhow::anyhow!("--round {round} is too large (at most 9999)"))?;
+    // Drawn as a run with this seed draws them, earlier rounds included (no instance repeats).
+    let plan = setup.plan(round + 1, 0)?;
     let mut out = Vec::new();
-    for spec in &prompts.prompts {
-        let instance = spec.draw(seed.unwrap_or(protocol.seed), round);
-        let tokens = codec
-            .encode(&codec.render_chat(&instance.user_text)?)?
-            .len();
-        out.push(serde_json::json!({ "prompt": instance.prompt, "about": spec.about, "user_text": instance.user_text, "prompt_tokens": tokens }));
+    for planned in &plan.rounds[round as usize] {
+        out.push(serde_json::json!({
+            "prompt": planned.instance.prompt,
+            "about": planned.spec.about,
+            "user_text": planned.instance.user_text,
+            "prompt_tokens": planned.ids.len(),
+        }));
     }
+    eprintln!(
+        "seed {} (pass --seed {} to draw these again)",
+        setup.protocol.seed, setup.protocol.seed
+    );
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! Turning one timed generation into figures, under the fixed-work rules of the protocol.
 //!
-//! [`Timing::from_emits`] checks the work was exactly what was asked (count, vocabulary) and
-//! computes, from the host's own timestamps: time to first token, prefill rate (prompt tokens /
+//! [`Timing::from_arrivals`] checks the work was exactly what was asked (count, vocabulary)
+//! and computes, from the supervisor's own timestamps (each token's arrival, taken in a process
+//! no variant code runs in): time to first token, prefill rate (prompt tokens /
 //! TTFT), decode rate ((n - 1) / (last - first)) and the inter-token gaps.
 
 use serde::Serialize;
@@ -35,11 +36,13 @@ pub enum WorkError {
 }
 
 impl Timing {
-    /// Validates and measures one generation.
-    pub fn from_emits(
+    /// Validates and measures one generation: `tokens` as received, `arrivals_ns[i]` the time
+    /// token `i` arrived (ns after the request was sent), `overflow` the tokens that arrived
+    /// past `want`.
+    pub fn from_arrivals(
         prompt_tokens: usize,
         tokens: &[u32],
-        emit_ns: &[u64],
+        arrivals_ns: &[u64],
         overflow: u64,
         want: usize,
         vocab: u32,
@@ -50,7 +53,7 @@ impl Timing {
                 want,
             });
         }
-        if tokens.len() != want || emit_ns.len() != want {
+        if tokens.len() != want || arrivals_ns.len() != want {
             return Err(WorkError::TooFew {
                 got: tokens.len(),
                 want,
@@ -60,8 +63,8 @@ impl Timing {
             return Err(WorkError::OutOfVocab { id, pos, vocab });
         }
         let ms = |ns: u64| ns as f64 / 1e6;
-        let first = emit_ns[0];
-        let last = emit_ns[want - 1];
+        let first = arrivals_ns[0];
+        let last = arrivals_ns[want - 1];
         let decode_ms = ms(last - first);
         if want > 1 && decode_ms <= 0.0 {
             return Err(WorkError::NoDecodeTime { n: want });
@@ -78,7 +81,7 @@ impl Timing {
                 0.0
             },
             total_ms: ms(last),
-            itl_ms: emit_ns.windows(2).map(|w| ms(w[1] - w[0])).collect(),
+            itl_ms: arrivals_ns.windows(2).map(|w| ms(w[1] - w[0])).collect(),
         })
     }
 }
@@ -91,7 +94,7 @@ mod tests {
     fn computes_rates_from_timestamps() {
         // 100 prompt tokens, first token at 50 ms, then one every 10 ms.
         let emits: Vec<u64> = (0..5).map(|i| 50_000_000 + i * 10_000_000).collect();
-        let t = Timing::from_emits(100, &[1, 2, 3, 4, 5], &emits, 0, 5, 10).unwrap();
+        let t = Timing::from_arrivals(100, &[1, 2, 3, 4, 5], &emits, 0, 5, 10).unwrap();
         assert!((t.ttft_ms - 50.0).abs() < 1e-9);
         assert!((t.prefill_tok_s - 2000.0).abs() < 1e-6);
         assert!((t.decode_tok_s - 100.0).abs() < 1e-6);
@@ -102,15 +105,15 @@ mod tests {
     fn refuses_wrong_work() {
         let e = |n: usize| (0..n as u64).map(|i| (i + 1) * 1000).collect::<Vec<_>>();
         assert_eq!(
-            Timing::from_emits(1, &[1; 4], &e(4), 0, 5, 10),
+            Timing::from_arrivals(1, &[1; 4], &e(4), 0, 5, 10),
             Err(WorkError::TooFew { got: 4, want: 5 })
         );
         assert_eq!(
-            Timing::from_emits(1, &[1; 5], &e(5), 1, 5, 10),
+            Timing::from_arrivals(1, &[1; 5], &e(5), 1, 5, 10),
             Err(WorkError::TooMany { extra: 1, want: 5 })
         );
         assert_eq!(
-            Timing::from_emits(1, &[1, 2, 10, 3, 4], &e(5), 0, 5, 10),
+            Timing::from_arrivals(1, &[1, 2, 10, 3, 4], &e(5), 0, 5, 10),
             Err(WorkError::OutOfVocab {
                 id: 10,
                 pos: 2,
@@ -118,7 +121,7 @@ mod tests {
             })
         );
         assert_eq!(
-            Timing::from_emits(1, &[1; 3], &[5, 5, 5], 0, 3, 10),
+            Timing::from_arrivals(1, &[1; 3], &[5, 5, 5], 0, 3, 10),
             Err(WorkError::NoDecodeTime { n: 3 })
         );
     }

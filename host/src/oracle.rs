@@ -19,8 +19,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::hashing::sha256_hex;
 use crate::quality::Scored;
 use crate::revision::{target_dir, Committed};
-use crate::supervisor::{LoadRequest, Worker};
-use crate::wire::{Reply, Request};
+use crate::supervisor::{LoadRequest, Spawn, Worker};
 
 /// The baseline variant of HEAD, built.
 #[derive(Debug, Clone)]
@@ -48,6 +47,19 @@ impl OracleBuild {
             .context("the quality oracle is variants/baseline as committed in HEAD")
     }
 
+    /// The oracle's key for `device` without building it: HEAD's baseline's build key, with
+    /// `+<device>` appended for another device than the CPU (see [`OracleBuild::key`]).
+    pub fn key_for(root: &Path, device: Device) -> Result<String> {
+        Ok(Self::keyed(Self::find(root)?.key, device))
+    }
+
+    fn keyed(key: String, device: Device) -> String {
+        match device {
+            Device::Cpu => key,
+            device => format!("{key}+{device}"),
+        }
+    }
+
     /// Finds (or builds) the baseline of the checkout's HEAD commit, for `device` (the
     /// protocol's `gates.oracle_device`).
     pub fn prepare(root: &Path, device: Device) -> Result<OracleBuild> {
@@ -59,14 +71,11 @@ impl OracleBuild {
             );
         }
         let lib = committed
-            .build(device)
+            .build(device, None)
             .context("cannot build the quality oracle (HEAD's variants/baseline)")?;
         // Scores computed on another device are other numbers: their caches and the harness
         // hash keep them apart. The CPU oracle keeps the plain key.
-        let key = match device {
-            Device::Cpu => committed.key,
-            device => format!("{}+{device}", committed.key),
-        };
+        let key = Self::keyed(committed.key, device);
         Ok(OracleBuild {
             key,
             device,
@@ -98,6 +107,8 @@ pub struct Oracle {
     timeout: Duration,
     verbose: bool,
     worker: Option<Worker>,
+    /// What its worker must not reach (see [`crate::setup::protected_paths`]).
+    protect: Vec<PathBuf>,
     started: Instant,
     /// Counters for the record.
     pub cost: OracleCost,
@@ -115,13 +126,15 @@ fn ids_bytes(parts: &[&[u32]]) -> Vec<u8> {
 }
 
 impl Oracle {
-    /// A session over `build` for the model at `model_path` (whose SHA-256 keys the caches).
+    /// A session over `build` for the model at `model_path` (whose SHA-256 keys the caches);
+    /// its worker is kept from `protect`.
     pub fn new(
         build: OracleBuild,
         model_path: &Path,
         model_sha256: &str,
         timeout: Duration,
         verbose: bool,
+        protect: Vec<PathBuf>,
     ) -> Oracle {
         Oracle {
             build,
@@ -130,6 +143,7 @@ impl Oracle {
             timeout,
             verbose,
             worker: None,
+            protect,
             started: Instant::now(),
             cost: OracleCost::default(),
         }
@@ -164,14 +178,15 @@ impl Oracle {
                 threads: None,
                 device: Some(self.build.device),
             };
-            let w = Worker::spawn(
-                &name,
-                &self.build.lib,
-                &self.model_path,
-                self.timeout,
-                self.verbose,
-                &load,
-            )?;
+            let w = Worker::spawn(&Spawn {
+                variant: &name,
+                lib: &self.build.lib,
+                model: &self.model_path,
+                timeout: self.timeout,
+                echo_log: self.verbose,
+                load,
+                protect: &self.protect,
+            })?;
             self.worker = Some(w);
         }
         Ok(self.worker.as_mut().expect("just started"))
@@ -190,20 +205,7 @@ impl Oracle {
         }
         let tokens: Vec<u32> = prompt.iter().chain(emitted).copied().collect();
         let timeout = self.timeout;
-        let reply = self
-            .worker()?
-            .request(&Request::Score { tokens }, label, timeout)?;
-        let Reply::Scored { positions } = reply else {
-            bail!("{name} answered {label} with something other than scores");
-        };
-        let total = prompt.len() + emitted.len();
-        if positions.len() + 1 != total {
-            bail!(
-                "{name} returned {} scores for {label}, a {total}-token sequence (expected {})",
-                positions.len(),
-                total.saturating_sub(1)
-            );
-        }
+        let positions = self.worker()?.score(&tokens, label, timeout)?;
         let scores: Vec<Scored> = positions[prompt.len() - 1..]
             .iter()
             .map(|&(logprob, argmax, argmax_logprob)| Scored {
@@ -226,18 +228,12 @@ impl Oracle {
         }
         let timeout = self.timeout;
         let name = self.name();
-        let request = Request::Generate {
-            prompt: prompt.to_vec(),
-            max_new_tokens: max_new,
-        };
-        let reply = self.worker()?.request(&request, label, timeout)?;
-        let Reply::Generated { tokens, .. } = reply else {
-            bail!("{name} answered {label} with something other than tokens");
-        };
-        if tokens.len() != max_new as usize {
+        let generation = self.worker()?.generate(prompt, max_new, label, timeout)?;
+        let tokens = generation.tokens;
+        if tokens.len() != max_new as usize || generation.overflow > 0 {
             bail!(
                 "{name} emitted {} tokens for {label}, not {max_new}",
-                tokens.len()
+                tokens.len() as u64 + generation.overflow
             );
         }
         self.cost.generated += 1;

@@ -1,11 +1,10 @@
 //! Loading a variant cdylib into the current process (a worker), with a readable ABI check.
 //!
-//! glibc caches a loaded library by path and inode and abi_stable never unloads one, so the file
-//! is first byte-copied to a unique name; `lib_header_from_path` then loads that copy and checks
-//! its root module's layout against this build of `plugin-api`.
+//! glibc caches a loaded library by path and inode and abi_stable never unloads one, so the
+//! worker loads a byte copy of it ([`crate::worker`]); `lib_header_from_path` loads it and
+//! checks its root module's layout against this build of `plugin-api`.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use abi_stable::library::{lib_header_from_path, LibraryError};
 use abi_stable::std_types::RStr;
@@ -14,11 +13,6 @@ use plugin_api::{HostLog, LoadOptions, LogLevel, ModelView, VariantBox, VariantM
 /// Why a variant library could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
-    #[error("cannot copy {path} for loading")]
-    Copy {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error("{path} is not a loadable autoinfer variant: {message}")]
     Load { path: PathBuf, message: String },
     #[error("{path} was built against a different plugin-api; rebuild it against this checkout's plugin-api:\n{message}")]
@@ -65,30 +59,15 @@ fn is_abi_mismatch(e: &LibraryError) -> bool {
     }
 }
 
-/// Loads the variant at `lib` and builds it over `model`.
+/// Loads the variant at `lib` and builds it over `model`. `lib` must be a path no library of
+/// this process was loaded from (glibc would hand back the cached one): the worker loads a
+/// fresh copy in its scratch directory.
 pub fn load(
     lib: &Path,
     model: &'static ModelView,
     options: &LoadOptions,
 ) -> Result<VariantBox, PluginError> {
-    static COPIES: AtomicUsize = AtomicUsize::new(0);
-    let name = lib
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let copy = std::env::temp_dir().join(format!(
-        "autoinfer-{}-{}-{name}",
-        std::process::id(),
-        COPIES.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::copy(lib, &copy).map_err(|source| PluginError::Copy {
-        path: lib.into(),
-        source,
-    })?;
-    let header = lib_header_from_path(&copy);
-    // The mapping stays alive after the file is unlinked; nothing else reads the copy.
-    let _ = std::fs::remove_file(&copy);
-    let header = header.map_err(|e| PluginError::Load {
+    let header = lib_header_from_path(lib).map_err(|e| PluginError::Load {
         path: lib.into(),
         message: short_report(&e.to_string()),
     })?;

@@ -459,6 +459,46 @@ impl PromptSpec {
         Ok(())
     }
 
+    /// How many distinct instances this prompt can draw: the product of its parameters'
+    /// choices (an ordered sample of k of n counts n!/(n-k)!). A float: it can be huge.
+    pub fn space_size(&self) -> f64 {
+        self.params
+            .iter()
+            .map(|p| match p {
+                Param::Int { min, max, step, .. } => ((max - min) / step + 1) as f64,
+                Param::Choice { options, .. } => options.len() as f64,
+                Param::Sample { options, count, .. } => {
+                    let n = options.len();
+                    (n + 1 - count..=n).map(|k| k as f64).product()
+                }
+            })
+            .product()
+    }
+
+    /// Draws an instance for (`seed`, `stream`) whose text is not in `used` (and records it):
+    /// no two requests of a run or a comparison share an instance, so nothing can be answered
+    /// from a memo of an earlier one. A repeat is redrawn on a stream derived from `stream`;
+    /// an error says the parameter space is too small when it keeps repeating.
+    pub fn draw_unique(
+        &self,
+        seed: u64,
+        stream: u64,
+        used: &mut std::collections::HashSet<String>,
+    ) -> Result<PromptInstance, String> {
+        for attempt in 0..1000u64 {
+            let instance = self.draw(seed, stream ^ attempt.wrapping_mul(0xD1B5_4A32_D192_ED03));
+            if used.insert(instance.user_text.clone()) {
+                return Ok(instance);
+            }
+        }
+        Err(format!(
+            "prompt {:?}: 1000 draws in a row repeated earlier instances; its parameters allow \
+             only {} distinct ones",
+            self.name,
+            self.space_size()
+        ))
+    }
+
     /// Draws this prompt's parameters for (`seed`, `round`) and fills the template.
     pub fn draw(&self, seed: u64, round: u64) -> PromptInstance {
         let mut rng = SplitMix64::for_request(seed, round, &self.name);
@@ -754,6 +794,42 @@ mod tests {
             err.contains("\"poem\"") && err.contains("creative"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn unique_draws_never_repeat_and_a_small_space_is_named() {
+        let train = spec(TRAIN).unwrap();
+        assert_eq!(train.space_size(), 81.0);
+        let mut used = std::collections::HashSet::new();
+        let texts: Vec<String> = (0..81)
+            .map(|i| train.draw_unique(7, i, &mut used).unwrap().user_text)
+            .collect();
+        let distinct: std::collections::HashSet<&String> = texts.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            81,
+            "every instance of the space, none twice"
+        );
+        let err = train.draw_unique(7, 81, &mut used).unwrap_err();
+        assert!(err.contains("reasoning") && err.contains("81"), "{err}");
+    }
+
+    /// The real prompts: each one's space is large enough that even drawing without the
+    /// no-repeat rule, the longest comparison (12 rounds, each with a warm-up) would repeat an
+    /// instance with a probability under 0.3% (birthday bound n^2 / 2N for n = 24 draws).
+    #[test]
+    fn the_prompts_have_large_parameter_spaces() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../prompts");
+        for p in PromptSet::load(&dir).unwrap().prompts {
+            let n = 24.0;
+            let odds = n * n / (2.0 * p.space_size());
+            assert!(
+                odds < 0.003,
+                "prompt {:?}: {} instances; a repeat in {n} draws has odds {odds:.4}",
+                p.name,
+                p.space_size()
+            );
+        }
     }
 
     #[test]

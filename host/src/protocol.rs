@@ -22,7 +22,10 @@ pub struct Protocol {
     pub rounds: u32,
     /// Untimed requests before the first round.
     pub warmup_requests: u32,
-    /// Seed of the prompt draws.
+    /// Seed of the prompt draws: not in the file. Every run and comparison draws a fresh one
+    /// (or takes `--seed`), so no instance can be known in advance; it is recorded with the
+    /// protocol in every result.
+    #[serde(skip_deserializing)]
     pub seed: u64,
     /// Seconds a request (or the variant's load) may take before the worker is killed.
     pub request_timeout_s: f64,
@@ -69,6 +72,9 @@ pub struct Gates {
     /// builds the oracle with that device's cargo feature. Absent means `cpu`.
     #[serde(default = "default_oracle_device")]
     pub oracle_device: String,
+    /// How many rounds of a comparison's candidate the oracle scores (picked at random after
+    /// measuring); a run scores all of its rounds.
+    pub scored_rounds: u32,
 }
 
 fn default_oracle_device() -> String {
@@ -92,6 +98,13 @@ impl Protocol {
             message,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        if toml::from_str::<toml::Table>(&text).is_ok_and(|t| t.contains_key("seed")) {
+            return Err(err(
+                "`seed` is no longer a protocol value: every run draws a fresh seed (recorded in \
+                 its results row); pass --seed to repeat one. Remove the line."
+                    .into(),
+            ));
+        }
         let p: Protocol =
             toml::from_str(&text).map_err(|e| err(e.to_string().trim_end().to_string()))?;
         p.check().map_err(err)?;
@@ -133,6 +146,9 @@ impl Protocol {
             }
         }
         g.oracle_device()?;
+        if g.scored_rounds == 0 {
+            return Err("gates.scored_rounds must be at least 1".into());
+        }
         self.compare.check()?;
         if self.decoding != "greedy" {
             return Err(format!(
@@ -188,9 +204,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("autoinfer-protocol-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("protocol.toml");
-        let good = "max_new_tokens = 8\nrounds = 1\nwarmup_requests = 1\nseed = 1\nrequest_timeout_s = 5\ndecoding = \"greedy\"\n\
+        let good = "max_new_tokens = 8\nrounds = 1\nwarmup_requests = 1\nrequest_timeout_s = 5\ndecoding = \"greedy\"\n\
                     [gates]\ntie_margin = 0.01\nmin_agreement = 0.99\nmax_perplexity_ratio = 1.05\n\
-                    max_check_drop = 0.1\nmax_repetition_rise = 0.2\n\
+                    max_check_drop = 0.1\nmax_repetition_rise = 0.2\nscored_rounds = 3\n\
                     [compare]\nnoise_threshold = 0.01\nalpha = 0.05\nlooks = 5\nrounds_per_look = 2\nmax_seconds = 600\n";
         std::fs::write(&path, good).unwrap();
         Protocol::load(&path).expect("the good file loads");
@@ -202,7 +218,10 @@ mod tests {
                 good.replace("request_timeout_s = 5", "request_timeout_s = inf"),
                 "request_timeout_s",
             ),
-            (good.replace("seed = 1\n", ""), "seed"),
+            (
+                good.replace("rounds = 1\n", "rounds = 1\nseed = 3\n"),
+                "--seed",
+            ),
             (
                 good.replace("min_agreement = 0.99", "min_agreement = 1.5"),
                 "gates.min_agreement",
@@ -212,6 +231,10 @@ mod tests {
                 "gates.max_perplexity_ratio",
             ),
             (good.replace("tie_margin = 0.01\n", ""), "tie_margin"),
+            (
+                good.replace("scored_rounds = 3", "scored_rounds = 0"),
+                "gates.scored_rounds",
+            ),
             (
                 good.replace("[compare]", "oracle_device = \"gpu\"\n[compare]"),
                 "gates.oracle_device",

@@ -402,6 +402,7 @@ mod tests {
             max_check_drop: 0.0,
             max_repetition_rise: 0.2,
             oracle_device: "cpu".into(),
+            scored_rounds: 3,
         }
     }
 

@@ -23,12 +23,13 @@ pub struct Scope<'a> {
 }
 
 /// The columns of `results.tsv`, in order.
-pub const COLUMNS: [&str; 34] = [
+pub const COLUMNS: [&str; 35] = [
     "time",
     "commit",
     "variant",
     "variant_tree",
     "harness",
+    "sandbox",
     "model",
     "machine",
     "device",
@@ -85,6 +86,10 @@ pub struct Provenance {
     pub model_sha256: String,
     pub machine: String,
     pub device: String,
+    /// What of the harness differed from HEAD (empty: the committed one ran).
+    pub harness_modified: Vec<String>,
+    /// How the variant code of the measurement was confined ([`crate::sandbox::Level`]).
+    pub sandbox: crate::sandbox::Level,
 }
 
 /// A one-line description of this machine: host name, CPU model, logical CPUs.
@@ -155,7 +160,16 @@ pub fn row(
         p.commit.clone(),
         p.variant_dir.clone(),
         short(&p.variant_tree),
-        short(&p.harness),
+        if p.harness_modified.is_empty() {
+            short(&p.harness)
+        } else {
+            // Loud, and never equal to a committed harness's hash.
+            format!(
+                "modified-{}",
+                short(p.harness.trim_start_matches("modified-"))
+            )
+        },
+        p.sandbox.label(),
         short(&p.model_sha256),
         p.machine.clone(),
         p.device.clone(),

@@ -21,6 +21,8 @@ pub struct Sample {
     pub instance: PromptInstance,
     pub timing: Timing,
     pub peak_rss_kib: u64,
+    /// CPU time the variant's worker used on this request (all its threads), in ms.
+    pub cpu_ms: f64,
     pub tokens: Vec<u32>,
     /// Index of the first end-of-sequence token, if any.
     pub eos_at: Option<usize>,
@@ -206,8 +208,9 @@ mod tests {
                 user_text: String::new(),
                 values: Default::default(),
             },
-            timing: Timing::from_emits(50, &[1, 2, 3, 4], &emits, 0, 4, 10).unwrap(),
+            timing: Timing::from_arrivals(50, &[1, 2, 3, 4], &emits, 0, 4, 10).unwrap(),
             peak_rss_kib: 2048,
+            cpu_ms: 0.0,
             tokens: vec![1, 2, 3, 4],
             eos_at: None,
             text: String::new(),

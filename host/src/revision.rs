@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use plugin_api::Device;
 
-use crate::cargo_build::VariantCrate;
+use crate::cargo_build::{BuildSandbox, VariantCrate};
 use crate::hashing::{hash_entries, is_skipped_name, sha256_hex};
 
 /// The paths of a commit, besides the variant itself, whose content a variant's build reads.
@@ -59,6 +59,18 @@ impl std::fmt::Display for VariantArg {
 /// directory, as cargo reads it) or `<root>/target`. Committed builds live here.
 pub fn builds_home(root: &Path) -> PathBuf {
     target_dir(root).join("autoinfer-git")
+}
+
+/// Where the harness builds the committed baseline (the quality oracle): its compiled
+/// dependencies are what every confined variant build starts from, and only harness code is
+/// ever built here.
+pub fn seed_dir(root: &Path) -> PathBuf {
+    builds_home(root).join("target")
+}
+
+/// Where confined builds make their private target directories.
+pub fn slots_dir(root: &Path) -> PathBuf {
+    builds_home(root).join("slots")
 }
 
 /// The target directory cargo uses for the checkout at `root`.
@@ -127,7 +139,9 @@ impl Committed {
             .cargo_feature()
             .map(|f| format!("-{f}"))
             .unwrap_or_default();
-        builds_home(&self.root).join("lib").join(format!(
+        // `built/`: libraries from confined builds only (an older harness's unconfined ones
+        // lived in `lib/` and are never reused).
+        builds_home(&self.root).join("built").join(format!(
             "{}-{}{suffix}.so",
             self.package,
             &self.key[..16]
@@ -135,8 +149,11 @@ impl Committed {
     }
 
     /// The built library for `device`: from the cache, or written out and built now (cargo's
-    /// output goes to the terminal).
-    pub fn build(&self, device: Device) -> Result<PathBuf> {
+    /// output goes to the terminal). `sandbox` says how: `None` for the harness's own code
+    /// (the committed baseline, the quality oracle), built in place in the seed directory
+    /// ([`seed_dir`]) so later builds start from its compiled dependencies; `Some` for variant
+    /// code, built confined in a private copy of it.
+    pub fn build(&self, device: Device, sandbox: Option<&BuildSandbox>) -> Result<PathBuf> {
         let lib = self.library(device);
         if lib.is_file() {
             return Ok(lib);
@@ -158,18 +175,28 @@ impl Committed {
         })?;
         let built = VariantCrate::open(&src.join(&self.path))
             .map_err(anyhow::Error::from)
-            .and_then(|c| Ok(c.build_in(Some(&home.join("target")), device)?));
-        let copied = built.and_then(|built| {
-            std::fs::create_dir_all(lib.parent().expect("lib/ has a parent"))?;
-            let tmp = lib.with_extension(format!("so.tmp-{}", std::process::id()));
-            std::fs::copy(&built, &tmp)
-                .with_context(|| format!("cannot copy {} to {}", built.display(), tmp.display()))?;
-            std::fs::rename(&tmp, &lib)?;
-            Ok(lib.clone())
-        });
+            .and_then(|c| match sandbox {
+                Some(sandbox) => {
+                    let sandbox = BuildSandbox {
+                        sources: vec![src.clone()],
+                        ..sandbox.clone()
+                    };
+                    Ok(c.build_confined(device, &sandbox, &lib)?)
+                }
+                None => {
+                    let built = c.build_trusted(&seed_dir(&self.root), device)?;
+                    std::fs::create_dir_all(lib.parent().expect("lib/ has a parent"))?;
+                    let tmp = lib.with_extension(format!("so.tmp-{}", std::process::id()));
+                    std::fs::copy(&built, &tmp).with_context(|| {
+                        format!("cannot copy {} to {}", built.display(), tmp.display())
+                    })?;
+                    std::fs::rename(&tmp, &lib)?;
+                    Ok(lib.clone())
+                }
+            });
         // The written-out tree is only needed by cargo; the library is kept by key.
         let _ = std::fs::remove_dir_all(&src);
-        copied.with_context(|| {
+        built.with_context(|| {
             format!(
                 "cannot build {}:{} (commit {})",
                 short_rev(&self.commit),
@@ -186,6 +213,37 @@ pub fn tree_hash_at(root: &Path, rev: &str, path: &str) -> Result<String> {
     let commit = find_commit(&repo, root, rev)?;
     let tree = subtree(&repo, &commit, rev, path)?;
     content_hash(&repo, &tree)
+}
+
+/// The content hash of `paths` (files or directories, relative to the repository's root) as
+/// commit `rev` has them, in the format of [`crate::hashing::hash_files`] over the same paths
+/// of a checkout, so a clean checkout and its HEAD hash alike. Missing paths are skipped.
+pub fn committed_hash(root: &Path, rev: &str, paths: &[&str]) -> Result<String> {
+    let repo = open_repo(root)?;
+    let commit = find_commit(&repo, root, rev)?;
+    let tree = commit.tree()?;
+    let mut entries = Vec::new();
+    for path in paths {
+        let Ok(entry) = tree.get_path(Path::new(path)) else {
+            continue;
+        };
+        match entry.kind() {
+            Some(git2::ObjectType::Blob) => entries.push((
+                PathBuf::from(path),
+                repo.find_blob(entry.id())?.content().to_vec(),
+            )),
+            Some(git2::ObjectType::Tree) => collect_blobs(
+                &repo,
+                &repo.find_tree(entry.id())?,
+                PathBuf::from(path),
+                &mut entries,
+            )?,
+            _ => {}
+        }
+    }
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    entries.dedup_by(|a, b| a.0 == b.0);
+    Ok(hash_entries(entries))
 }
 
 /// The commit `rev` names, with an error that says which revision and repository.

@@ -20,7 +20,7 @@ use crate::quality::GateReport;
 use crate::record::{self, Provenance};
 use crate::report::{Sample, Summary};
 use crate::setup::{find_root, request_line, timed_request, Overrides, Planned, Setup};
-use crate::supervisor::Worker;
+use crate::supervisor::{Spawn, Worker};
 use plugin_api::Device;
 
 /// What `host run` was asked to do (see the CLI for each flag's meaning).
@@ -74,28 +74,46 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     let setup = Setup::open(root.clone(), &args.overrides)?;
     let protocol = &setup.protocol;
     let model = &setup.model;
-    let mut plan = setup.warmups()?;
-    for r in 0..protocol.rounds {
-        plan.extend(setup.round(r)?);
-    }
+    let drawn = setup.plan(protocol.rounds, 1)?;
+    let plan: Vec<&Planned> = drawn
+        .warmups
+        .iter()
+        .chain(&drawn.rounds)
+        .flatten()
+        .collect();
 
     let synthetic = model.is_synthetic();
     if synthetic {
         eprintln!("{}", crate::setup::SYNTHETIC_BANNER);
     }
-    let lib = variant.library_for(args.no_build, setup.device)?;
-    // Built before measuring, so a build never runs beside a timed request.
     let oracle_device = protocol.gates.oracle_device().map_err(anyhow::Error::msg)?;
+    let harness = crate::vcs::harness(&root, &OracleBuild::key_for(&root, oracle_device)?)?;
+    if !harness.is_committed() {
+        eprintln!("{}", crate::setup::modified_banner(&harness));
+    }
+    // Built before measuring, so a build never runs beside a timed request; the oracle first,
+    // since the variant's build starts from its compiled dependencies.
     let oracle_build = OracleBuild::prepare(&root, oracle_device)?;
+    let results_dir = args.results.clone().unwrap_or_else(|| root.join("results"));
+    let sandbox = crate::setup::build_sandbox(&root, Some(&results_dir));
+    let (lib, build) = variant.library_for(args.no_build, setup.device, &sandbox)?;
+    let sandbox_level = crate::sandbox::Support::probe().worker_level().and(build);
+    if !sandbox_level.is_full() {
+        eprintln!(
+            "WARNING: variant code is not fully confined: {}",
+            sandbox_level.label()
+        );
+    }
 
     let provenance = setup.provenance(
         args.variant.display().to_string(),
         &variant.package,
         crate::vcs::tree_hash(&args.variant),
-        &oracle_build.key,
+        &harness,
+        sandbox_level,
     );
     let stem = format!("{}-{}", provenance.time.replace(':', ""), variant.package);
-    let results_dir = args.results.clone().unwrap_or_else(|| root.join("results"));
+    let protect = crate::setup::protected_paths(Some(&root), Some(&results_dir), true);
     let order = setup.order();
     let prompts = &setup.prompts;
     let codec = &setup.codec;
@@ -103,7 +121,15 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     let mut load_ms = 0.0;
 
     let roofline = crate::physics::Roofline::new(model.view, crate::physics::measure_bandwidth());
-    let outcome = measure(args, &setup, &lib, &plan, &mut samples, &mut load_ms);
+    let outcome = measure(
+        args,
+        &setup,
+        &lib,
+        &plan,
+        &protect,
+        &mut samples,
+        &mut load_ms,
+    );
     let summary = outcome.is_ok().then(|| Summary::of(&samples, &order));
     let fastest = samples
         .iter()
@@ -121,6 +147,7 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
             model.sha256(),
             Duration::from_secs_f64(protocol.request_timeout_s),
             args.verbose,
+            protect.clone(),
         );
         let judged = judge(&mut oracle, &mut samples, codec, prompts, protocol, &order);
         oracle_cost = Some(oracle.finish());
@@ -214,6 +241,9 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         tsv.display(),
         json.display()
     );
+    if !harness.is_committed() {
+        eprintln!("{}", crate::setup::modified_banner(&harness));
+    }
     if synthetic {
         eprintln!("{}", crate::setup::SYNTHETIC_BANNER);
         return Ok(summary);
@@ -267,20 +297,21 @@ fn measure(
     args: &RunArgs,
     setup: &Setup,
     lib: &Path,
-    plan: &[Planned],
+    plan: &[&Planned],
+    protect: &[PathBuf],
     samples: &mut Vec<Sample>,
     load_ms: &mut f64,
 ) -> Result<()> {
     let name = args.variant.display().to_string();
-    let timeout = setup.timeout();
-    let mut worker = Worker::spawn(
-        &name,
+    let mut worker = Worker::spawn(&Spawn {
+        variant: &name,
         lib,
-        &setup.model.path,
-        timeout,
-        args.verbose,
-        &setup.load_request(),
-    )?;
+        model: &setup.model.path,
+        timeout: setup.timeout(),
+        echo_log: args.verbose,
+        load: setup.load_request(),
+        protect,
+    })?;
     *load_ms = worker.load_ms;
 
     let bar = progress_bar(plan.len(), "");

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use crate::cargo_build::BuildSandbox;
 use crate::measure::Timing;
 use crate::model::Model;
 use crate::prompts::{PromptInstance, PromptSet, PromptSpec};
@@ -18,8 +19,16 @@ use crate::record::{self, Provenance};
 use crate::report::Sample;
 use crate::supervisor::{LoadRequest, Worker};
 use crate::tokenize::TextCodec;
-use crate::wire::{Reply, Request};
 use plugin_api::Device;
+
+/// Printed before and after a run whose harness is not HEAD's.
+pub fn modified_banner(harness: &crate::vcs::Harness) -> String {
+    format!(
+        "*** HARNESS MODIFIED: {}. These figures are comparable with no other run, and a \
+         comparison under this harness is refused. ***",
+        harness.describe()
+    )
+}
 
 /// Printed before and after any measurement on a synthetic model (`host synth`).
 pub const SYNTHETIC_BANNER: &str =
@@ -73,6 +82,31 @@ impl Planned<'_> {
     }
 }
 
+/// Every request of a run or a comparison, no two with the same instance.
+pub struct Plan<'a> {
+    /// Sets of warm-up requests: one for a run, one per round for a comparison (each round's
+    /// workers are new).
+    pub warmups: Vec<Vec<Planned<'a>>>,
+    /// The timed rounds, each one request per prompt.
+    pub rounds: Vec<Vec<Planned<'a>>>,
+}
+
+/// A seed no one can know in advance, from the kernel's random source.
+pub fn fresh_seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom fills at most `bytes.len()` bytes of the buffer.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n == bytes.len() as isize {
+        u64::from_le_bytes(bytes)
+    } else {
+        // No getrandom (very old kernels): the clock's nanoseconds and the process id.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        now.as_nanos() as u64 ^ ((std::process::id() as u64) << 32)
+    }
+}
+
 /// The checkout's root: the nearest ancestor of `start` with `prompts/protocol.toml`.
 pub fn find_root(start: &Path) -> Result<PathBuf> {
     let start = start
@@ -85,6 +119,35 @@ pub fn find_root(start: &Path) -> Result<PathBuf> {
         .with_context(|| {
             format!("no prompts/protocol.toml in {} or above it: run host from inside an autoinfer checkout", start.display())
         })
+}
+
+/// What variant code must not reach even where it lies inside a hierarchy it may read: the
+/// target directory (the host binary, the oracle's build and cache, other builds) wherever
+/// `CARGO_TARGET_DIR` puts it, the results, and autoinfer's cache (models, tools); for a worker,
+/// which reads nothing of the checkout, the checkout `root` as well.
+pub fn protected_paths(root: Option<&Path>, results: Option<&Path>, worker: bool) -> Vec<PathBuf> {
+    let mut paths = vec![crate::fetch::cache_dir()];
+    if let Some(root) = root {
+        if worker {
+            paths.push(root.to_path_buf());
+        }
+        paths.push(crate::revision::target_dir(root));
+    }
+    paths.extend(crate::cargo_build::target_dir_from_env());
+    paths.extend(results.map(Path::to_path_buf));
+    paths
+}
+
+/// How variant builds in the checkout at `root` are confined: they start from the committed
+/// baseline's build ([`crate::revision::seed_dir`]), may read the checkout but not its build
+/// outputs, the results or the caches, and write only their private target directory.
+pub fn build_sandbox(root: &Path, results: Option<&Path>) -> BuildSandbox {
+    BuildSandbox {
+        seed: Some(crate::revision::seed_dir(root)),
+        slots: crate::revision::slots_dir(root),
+        sources: vec![root.to_path_buf()],
+        protect: protected_paths(Some(root), results, false),
+    }
 }
 
 /// Resolves the model: `--model`, else the default one (fetched when missing, hash-checked).
@@ -118,9 +181,7 @@ impl Setup {
         if let Some(n) = o.max_new_tokens {
             protocol.max_new_tokens = n;
         }
-        if let Some(s) = o.seed {
-            protocol.seed = s;
-        }
+        protocol.seed = o.seed.unwrap_or_else(fresh_seed);
         if let Some(t) = o.timeout_s {
             protocol.request_timeout_s = t;
         }
@@ -162,13 +223,49 @@ impl Setup {
             .collect()
     }
 
-    fn plan<'a>(
+    /// Every request of a run or a comparison, drawn up front from the seed so that no two
+    /// share an instance: `rounds` timed rounds (one instance per prompt each), and
+    /// `warmup_sets` sets of warm-ups (`warmup_requests` each, over the prompts in turn).
+    pub fn plan(&self, rounds: u32, warmup_sets: u32) -> Result<Plan<'_>> {
+        let mut used = std::collections::HashSet::new();
+        let specs = &self.prompts.prompts;
+        let seed = self.protocol.seed;
+        let mut plan = Plan {
+            warmups: Vec::new(),
+            rounds: Vec::new(),
+        };
+        for r in 0..rounds {
+            let mut round = Vec::new();
+            for spec in specs {
+                let instance = spec
+                    .draw_unique(seed, r as u64, &mut used)
+                    .map_err(anyhow::Error::msg)?;
+                round.push(self.tokenized(spec, Some(r), instance)?);
+            }
+            plan.rounds.push(round);
+        }
+        // Warm-ups draw from streams counted down from u64::MAX, far from the rounds'.
+        let n = self.protocol.warmup_requests as u64;
+        for set in 0..warmup_sets as u64 {
+            let mut warmups = Vec::new();
+            for i in 0..n {
+                let spec = &specs[i as usize % specs.len()];
+                let instance = spec
+                    .draw_unique(seed, u64::MAX - (set * n + i), &mut used)
+                    .map_err(anyhow::Error::msg)?;
+                warmups.push(self.tokenized(spec, None, instance)?);
+            }
+            plan.warmups.push(warmups);
+        }
+        Ok(plan)
+    }
+
+    fn tokenized<'a>(
         &'a self,
         spec: &'a PromptSpec,
         round: Option<u32>,
-        draw: u64,
+        instance: PromptInstance,
     ) -> Result<Planned<'a>> {
-        let instance = spec.draw(self.protocol.seed, draw);
         let ids = self
             .codec
             .encode(&self.codec.render_chat(&instance.user_text)?)?;
@@ -180,31 +277,14 @@ impl Setup {
         })
     }
 
-    /// The warm-up requests. They draw from rounds counted down from u64::MAX, so they never
-    /// repeat a timed one.
-    pub fn warmups(&self) -> Result<Vec<Planned<'_>>> {
-        let specs = &self.prompts.prompts;
-        (0..self.protocol.warmup_requests as u64)
-            .map(|i| self.plan(&specs[i as usize % specs.len()], None, u64::MAX - i))
-            .collect()
-    }
-
-    /// Round `r`'s requests, one per prompt: the same instances for every variant.
-    pub fn round(&self, r: u32) -> Result<Vec<Planned<'_>>> {
-        self.prompts
-            .prompts
-            .iter()
-            .map(|spec| self.plan(spec, Some(r), r as u64))
-            .collect()
-    }
-
     /// The provenance of a measurement of one variant.
     pub fn provenance(
         &self,
         variant_dir: String,
         package: &str,
         tree: String,
-        oracle_key: &str,
+        harness: &crate::vcs::Harness,
+        sandbox: crate::sandbox::Level,
     ) -> Provenance {
         Provenance {
             time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
@@ -212,11 +292,13 @@ impl Setup {
             variant_dir,
             variant_package: package.to_string(),
             variant_tree: tree,
-            harness: crate::vcs::harness_hash(&self.root, oracle_key),
+            harness: harness.hash.clone(),
+            harness_modified: harness.modified.clone(),
             model_path: self.model.path.display().to_string(),
             model_sha256: self.model.sha256().to_string(),
             machine: record::machine(),
             device: self.device.to_string(),
+            sandbox,
         }
     }
 
@@ -226,16 +308,17 @@ impl Setup {
     }
 }
 
-/// One generation as the worker returned it, checked and timed.
+/// One generation, checked and timed by the supervisor.
 pub struct Generated {
     pub timing: Timing,
     pub tokens: Vec<u32>,
     pub peak_rss_kib: u64,
+    pub cpu_ms: f64,
 }
 
 /// Asks `worker` (the variant `name`) for exactly `max_new_tokens` tokens after `prompt` and
-/// checks (count, vocabulary of `vocab` ids) and times what comes back. `label` names the
-/// request in errors.
+/// checks (count, vocabulary of `vocab` ids) and times what arrives. `label` names the request
+/// in errors.
 pub fn generate_timed(
     worker: &mut Worker,
     name: &str,
@@ -245,33 +328,21 @@ pub fn generate_timed(
     label: &str,
     timeout: Duration,
 ) -> Result<Generated> {
-    let request = Request::Generate {
-        prompt: prompt.to_vec(),
-        max_new_tokens,
-    };
-    let reply = worker.request(&request, label, timeout)?;
-    let Reply::Generated {
-        tokens,
-        emit_ns,
-        overflow,
-        peak_rss_kib,
-    } = reply
-    else {
-        bail!("variant {name}: the worker answered {label} with something other than tokens");
-    };
-    let timing = Timing::from_emits(
+    let generation = worker.generate(prompt, max_new_tokens, label, timeout)?;
+    let timing = Timing::from_arrivals(
         prompt.len(),
-        &tokens,
-        &emit_ns,
-        overflow,
+        &generation.tokens,
+        &generation.arrivals_ns,
+        generation.overflow,
         max_new_tokens as usize,
         vocab,
     )
     .with_context(|| format!("variant {name} failed {label}"))?;
     Ok(Generated {
         timing,
-        tokens,
-        peak_rss_kib,
+        tokens: generation.tokens,
+        peak_rss_kib: generation.peak_rss_kib,
+        cpu_ms: generation.cpu_ms,
     })
 }
 
@@ -289,6 +360,7 @@ pub fn timed_request(
         timing,
         tokens,
         peak_rss_kib,
+        cpu_ms,
     } = generate_timed(
         worker,
         name,
@@ -311,6 +383,7 @@ pub fn timed_request(
         instance: planned.instance.clone(),
         timing,
         peak_rss_kib,
+        cpu_ms,
         tokens,
         eos_at,
         text,

@@ -1,20 +1,27 @@
-//! The supervisor's handle on a worker process: spawn, send requests, enforce timeouts, and turn
-//! a crash into a verdict that names the variant and the request.
+//! The supervisor's handle on a worker process: spawn, send requests, time every token on
+//! arrival, freeze the worker between its requests, and turn a crash into a verdict that names
+//! the variant and the request.
 //!
-//! [`Worker::spawn`] starts this same executable as `host worker`, waits for `Ready`, and keeps
-//! two reader threads: replies (one JSON line each) and stderr (echoed when asked, and its last
-//! lines kept for error messages). The supervisor never loads a variant itself.
+//! [`Worker::spawn`] starts this same executable as `host worker` with a private scratch
+//! directory, waits for `Ready`, and keeps two reader threads: messages (one JSON line each,
+//! stamped with the supervisor's clock when read: [`crate::wire::LineReader`]) and stderr
+//! (echoed when asked, its last lines kept for error messages). [`Worker::generate`] turns a
+//! stream of tokens into a [`Generation`]: the tokens, each one's arrival time, the worker's
+//! CPU time and peak memory, all measured here. Between requests the worker is stopped
+//! (SIGSTOP), so it cannot compute while another worker is measured; the CPU it used while
+//! stopped is checked to be zero. The supervisor never loads a variant itself.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::wire::{Reply, Request};
+use crate::wire::{shorten, LineReader, Message, Received, Request};
 
 /// How a request (or the start-up) of a worker went wrong.
 #[derive(Debug, thiserror::Error)]
@@ -44,11 +51,17 @@ pub enum WorkerError {
         request: String,
         message: String,
     },
-    #[error("variant {variant}: the worker sent an unreadable reply during {request}: {line}")]
+    #[error("variant {variant} broke the worker protocol during {request} ({what}), so its worker was killed")]
     Protocol {
         variant: String,
         request: String,
-        line: String,
+        what: String,
+    },
+    #[error("variant {variant} used {cpu_ms:.0} ms of CPU while it was frozen (before {request}): a worker may compute only during its own requests")]
+    RanWhileFrozen {
+        variant: String,
+        request: String,
+        cpu_ms: f64,
     },
 }
 
@@ -60,6 +73,7 @@ fn describe_signal(signal: i32) -> String {
         libc::SIGBUS => "SIGBUS (bus error)",
         libc::SIGILL => "SIGILL (illegal instruction)",
         libc::SIGFPE => "SIGFPE (arithmetic fault)",
+        libc::SIGSYS => "SIGSYS (a system call its sandbox forbids)",
         libc::SIGKILL => "SIGKILL (killed; out of memory?)",
         _ => "a signal",
     };
@@ -73,27 +87,24 @@ fn describe_exit(status: Option<ExitStatus>) -> String {
             (None, Some(code)) => format!("exited with status {code} without answering"),
             _ => format!("ended ({s})"),
         },
-        None => "closed its reply pipe".into(),
+        None => "closed its message pipe".into(),
     }
 }
 
-enum Line {
-    Reply(String),
-    Eof,
+/// One generation, as the supervisor measured it.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The tokens, in the order they arrived (at most the number asked for).
+    pub tokens: Vec<u32>,
+    /// When each token arrived, in ns after the request was sent (the supervisor's clock).
+    pub arrivals_ns: Vec<u64>,
+    /// Tokens that arrived past the number asked for.
+    pub overflow: u64,
+    /// The worker's resident-memory high-water mark after the request (VmHWM), in KiB.
+    pub peak_rss_kib: u64,
+    /// CPU time the worker's threads used during the request, in ms.
+    pub cpu_ms: f64,
 }
-
-/// A running worker with one variant loaded.
-pub struct Worker {
-    variant: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    replies: Receiver<Line>,
-    stderr_tail: Arc<Mutex<VecDeque<String>>>,
-    /// Time the variant's `load` took, from the worker's `Ready`.
-    pub load_ms: f64,
-}
-
-const TAIL_LINES: usize = 12;
 
 /// What a worker asks its variant at load time: the [`plugin_api::LoadOptions`] it sends.
 /// `None` sends nothing, and the variant chooses (every core; the CPU).
@@ -119,18 +130,101 @@ impl LoadRequest {
     }
 }
 
+/// Everything a worker is started with.
+#[derive(Debug, Clone)]
+pub struct Spawn<'a> {
+    /// How the variant is named in every message.
+    pub variant: &'a str,
+    /// Its library.
+    pub lib: &'a Path,
+    /// The GGUF model.
+    pub model: &'a Path,
+    /// How long loading, and each request, may take.
+    pub timeout: Duration,
+    /// Echo the worker's log lines.
+    pub echo_log: bool,
+    /// The variant's load options.
+    pub load: LoadRequest,
+    /// Paths the worker must not reach even inside a readable system directory.
+    pub protect: &'a [PathBuf],
+}
+
+/// A running worker with one variant loaded, frozen whenever it is not answering.
+pub struct Worker {
+    variant: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    messages: Receiver<Received>,
+    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    scratch: PathBuf,
+    cpu_clock: Option<libc::clockid_t>,
+    /// The worker's CPU time when it was frozen; `None` while it runs.
+    frozen_at_ns: Option<u64>,
+    /// Time from spawning to `Ready`, by the supervisor's clock.
+    pub load_ms: f64,
+}
+
+const TAIL_LINES: usize = 12;
+/// The longest log line kept from a worker; the rest of the line is dropped.
+const LOG_LINE: usize = 4096;
+/// CPU a frozen worker may show: none is possible, this allows for clock granularity.
+const FROZEN_CPU_TOLERANCE_NS: u64 = 10_000_000;
+
+/// A fresh private directory for one worker, under the system's temporary directory.
+fn scratch_dir() -> std::io::Result<PathBuf> {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::env::temp_dir().join(format!(
+        "autoinfer-worker-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir)
+}
+
+/// Reads a worker's stderr into `tail`, line by line (lines capped at [`LOG_LINE`]), echoing
+/// each, made safe for a terminal, when `echo` is set.
+fn drain_log(mut stderr: impl Read, tail: Arc<Mutex<VecDeque<String>>>, echo: bool) {
+    let mut line = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let finish = |line: &mut Vec<u8>| {
+        let text = shorten(&String::from_utf8_lossy(line), LOG_LINE);
+        line.clear();
+        if echo {
+            eprintln!("  | {text}");
+        }
+        let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(text);
+    };
+    while let Ok(n) = stderr.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        for &b in &chunk[..n] {
+            if b == b'\n' {
+                finish(&mut line);
+            } else if line.len() < LOG_LINE * 4 {
+                line.push(b);
+            }
+        }
+    }
+    if !line.is_empty() {
+        finish(&mut line);
+    }
+}
+
 impl Worker {
-    /// Starts a worker for the library `lib` over the model at `model`, waiting up to `timeout`
-    /// for the variant to load, which gets `load` as its load options. `variant` names it in
-    /// every message.
-    pub fn spawn(
-        variant: &str,
-        lib: &Path,
-        model: &Path,
-        timeout: Duration,
-        echo_log: bool,
-        load: &LoadRequest,
-    ) -> Result<Worker, WorkerError> {
+    /// Starts a worker as `spec` says and waits until its variant is loaded, then freezes it.
+    pub fn spawn(spec: &Spawn) -> Result<Worker, WorkerError> {
+        let spawn_err = |source| WorkerError::Spawn {
+            variant: spec.variant.into(),
+            source,
+        };
         // /proc/self/exe is this very binary even after a rebuild has replaced the file on
         // disk (a run takes minutes, and the oracle's worker starts at its end).
         let proc_exe = Path::new("/proc/self/exe");
@@ -139,127 +233,236 @@ impl Worker {
         } else {
             std::env::current_exe()
         };
-        let exe = exe.map_err(|source| WorkerError::Spawn {
-            variant: variant.into(),
-            source,
-        })?;
+        let exe = exe.map_err(spawn_err)?;
+        let scratch = scratch_dir().map_err(spawn_err)?;
         let mut command = Command::new(exe);
         command
             .arg("worker")
             .arg("--lib")
-            .arg(lib)
+            .arg(spec.lib)
             .arg("--model")
-            .arg(model);
-        if let Some(n) = load.threads {
+            .arg(spec.model)
+            .arg("--scratch")
+            .arg(&scratch);
+        for path in spec.protect {
+            command.arg("--protect").arg(path);
+        }
+        if let Some(n) = spec.load.threads {
             command.arg("--threads").arg(n.to_string());
         }
-        if let Some(device) = load.device {
+        if let Some(device) = spec.load.device {
             command.arg("--device").arg(device.to_string());
         }
-        let mut child = command
+        // Whatever the variant's libraries write as caches goes to its scratch directory.
+        for var in ["HOME", "TMPDIR", "XDG_CACHE_HOME"] {
+            command.env(var, &scratch);
+        }
+        let started = Instant::now();
+        let mut child = match command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|source| WorkerError::Spawn {
-                variant: variant.into(),
-                source,
-            })?;
-        let (tx, replies) = mpsc::channel();
+        {
+            Ok(child) => child,
+            Err(source) => {
+                let _ = std::fs::remove_dir_all(&scratch);
+                return Err(spawn_err(source));
+            }
+        };
+        let (tx, messages) = mpsc::channel();
         let stdout = child.stdout.take().expect("stdout was piped");
         std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                match line {
-                    Ok(l) => {
-                        if tx.send(Line::Reply(l)).is_err() {
-                            return;
-                        }
+            let mut reader = LineReader::new(stdout);
+            loop {
+                let batch = reader.next_batch();
+                let last = batch
+                    .iter()
+                    .any(|r| matches!(r, Received::Closed | Received::TooLong));
+                for received in batch {
+                    if tx.send(received).is_err() {
+                        return;
                     }
-                    Err(_) => break,
+                }
+                if last {
+                    return;
                 }
             }
-            let _ = tx.send(Line::Eof);
         });
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
         let tail = stderr_tail.clone();
         let stderr = child.stderr.take().expect("stderr was piped");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if echo_log {
-                    eprintln!("  | {line}");
-                }
-                let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
-                if tail.len() == TAIL_LINES {
-                    tail.pop_front();
-                }
-                tail.push_back(line);
-            }
-        });
+        let echo = spec.echo_log;
+        std::thread::spawn(move || drain_log(stderr, tail, echo));
+        let pid = child.id() as libc::pid_t;
         let stdin = child.stdin.take();
         let mut worker = Worker {
-            variant: variant.into(),
+            variant: spec.variant.into(),
             child,
             stdin,
-            replies,
+            messages,
             stderr_tail,
+            scratch,
+            cpu_clock: cpu_clock(pid),
+            frozen_at_ns: None,
             load_ms: 0.0,
         };
-        match worker.wait_reply("loading the variant", timeout)? {
-            Reply::Ready { load_ms } => {
-                worker.load_ms = load_ms;
+        let label = "loading the variant";
+        let deadline = Instant::now() + spec.timeout;
+        match worker.next_message(label, deadline, spec.timeout)? {
+            (_, Message::Ready) => {
+                worker.load_ms = started.elapsed().as_secs_f64() * 1e3;
+                worker.freeze();
                 Ok(worker)
             }
-            Reply::Failed { message } => Err(worker.failed("loading the variant", message)),
-            other => Err(worker.protocol("loading the variant", format!("{other:?}"))),
+            (_, Message::Failed { message }) => Err(worker.failed(label, message)),
+            (_, other) => Err(worker.protocol(label, format!("sent {other:?} instead of Ready"))),
         }
     }
 
-    /// Sends `request` (described as `label` in errors) and waits up to `timeout` for the reply.
-    /// A `Failed` reply becomes [`WorkerError::Failed`].
-    pub fn request(
+    fn pid(&self) -> libc::pid_t {
+        self.child.id() as libc::pid_t
+    }
+
+    /// Generates exactly `max_new_tokens` tokens after `prompt` (`label` names the request in
+    /// errors), timing each token as it arrives.
+    pub fn generate(
         &mut self,
-        request: &Request,
+        prompt: &[u32],
+        max_new_tokens: u32,
         label: &str,
         timeout: Duration,
-    ) -> Result<Reply, WorkerError> {
+    ) -> Result<Generation, WorkerError> {
+        let request = Request::Generate {
+            prompt: prompt.to_vec(),
+            max_new_tokens,
+        };
+        let (sent, cpu_before) = self.send(&request, label)?;
+        let deadline = sent + timeout;
+        let max = max_new_tokens as usize;
+        let mut tokens = Vec::with_capacity(max.min(1 << 16));
+        let mut arrivals_ns = Vec::with_capacity(max.min(1 << 16));
+        let mut overflow = 0u64;
+        loop {
+            match self.next_message(label, deadline, timeout)? {
+                (at, Message::Tokens { ids }) => {
+                    let ns = at.saturating_duration_since(sent).as_nanos() as u64;
+                    for id in ids {
+                        if tokens.len() < max {
+                            tokens.push(id);
+                            arrivals_ns.push(ns);
+                        } else {
+                            overflow += 1;
+                        }
+                    }
+                }
+                (_, Message::Done) => break,
+                (_, Message::Failed { message }) => return Err(self.failed(label, message)),
+                (_, other) => {
+                    return Err(self.protocol(label, format!("sent {other:?} during a generation")))
+                }
+            }
+        }
+        let peak_rss_kib = peak_rss_kib(self.pid());
+        let cpu_ms = self.cpu_ns().saturating_sub(cpu_before) as f64 / 1e6;
+        self.freeze();
+        Ok(Generation {
+            tokens,
+            arrivals_ns,
+            overflow,
+            peak_rss_kib,
+            cpu_ms,
+        })
+    }
+
+    /// Teacher-forced scores of `tokens`: (log-prob of the next token, argmax, its log-prob)
+    /// for each position but the last, checked for count.
+    pub fn score(
+        &mut self,
+        tokens: &[u32],
+        label: &str,
+        timeout: Duration,
+    ) -> Result<Vec<(f32, u32, f32)>, WorkerError> {
+        let request = Request::Score {
+            tokens: tokens.to_vec(),
+        };
+        let (sent, _) = self.send(&request, label)?;
+        let reply = self.next_message(label, sent + timeout, timeout)?;
+        self.freeze();
+        match reply {
+            (_, Message::Scored { positions }) if positions.len() + 1 == tokens.len() => {
+                Ok(positions)
+            }
+            (_, Message::Scored { positions }) => Err(self.protocol(
+                label,
+                format!(
+                    "returned {} scores for a {}-token sequence",
+                    positions.len(),
+                    tokens.len()
+                ),
+            )),
+            (_, Message::Failed { message }) => Err(self.failed(label, message)),
+            (_, other) => Err(self.protocol(label, format!("sent {other:?} instead of scores"))),
+        }
+    }
+
+    /// Thaws the worker, checks it sent nothing since its last answer, and sends `request`.
+    /// Returns when it was sent and the worker's CPU time then.
+    fn send(&mut self, request: &Request, label: &str) -> Result<(Instant, u64), WorkerError> {
+        self.thaw(label)?;
+        match self.messages.try_recv() {
+            Ok(Received::Closed) | Err(TryRecvError::Disconnected) => {
+                return Err(self.crashed(label))
+            }
+            Ok(Received::Message(_, m)) => {
+                return Err(self.protocol(label, format!("sent {m:?} between requests")))
+            }
+            Ok(Received::Garbled(line)) => {
+                return Err(self.protocol(label, format!("sent an unreadable line: {line}")))
+            }
+            Ok(Received::TooLong) => {
+                return Err(self.protocol(label, "sent a line longer than the limit".into()))
+            }
+            Err(TryRecvError::Empty) => {}
+        }
         let mut line = serde_json::to_string(request).expect("requests always serialise");
         line.push('\n');
-        let sent = self
+        let cpu = self.cpu_ns();
+        let sent = Instant::now();
+        let written = self
             .stdin
             .as_mut()
             .map(|s| s.write_all(line.as_bytes()).and_then(|_| s.flush()));
-        if !matches!(sent, Some(Ok(()))) {
-            let how = describe_exit(self.reap());
-            return Err(WorkerError::Crashed {
-                variant: self.variant.clone(),
-                request: label.into(),
-                how,
-                log: self.log_tail(),
-            });
+        if !matches!(written, Some(Ok(()))) {
+            return Err(self.crashed(label));
         }
-        match self.wait_reply(label, timeout)? {
-            Reply::Failed { message } => Err(self.failed(label, message)),
-            reply => Ok(reply),
-        }
+        Ok((sent, cpu))
     }
 
-    fn wait_reply(&mut self, label: &str, timeout: Duration) -> Result<Reply, WorkerError> {
-        match self.replies.recv_timeout(timeout) {
-            Ok(Line::Reply(line)) => {
-                serde_json::from_str(&line).map_err(|_| self.protocol(label, line))
+    /// The next message, or the error that stands for it: a crash, a timeout (the worker is
+    /// killed), or a protocol breach (killed too).
+    fn next_message(
+        &mut self,
+        label: &str,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(Instant, Message), WorkerError> {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match self.messages.recv_timeout(wait) {
+            Ok(Received::Message(at, message)) => Ok((at, message)),
+            Ok(Received::Garbled(line)) => {
+                Err(self.protocol(label, format!("sent an unreadable line: {line}")))
             }
-            Ok(Line::Eof) | Err(RecvTimeoutError::Disconnected) => {
-                let how = describe_exit(self.reap());
-                Err(WorkerError::Crashed {
-                    variant: self.variant.clone(),
-                    request: label.into(),
-                    how,
-                    log: self.log_tail(),
-                })
-            }
+            Ok(Received::TooLong) => Err(self.protocol(
+                label,
+                format!(
+                    "sent a line longer than {} MiB",
+                    crate::wire::MAX_LINE >> 20
+                ),
+            )),
+            Ok(Received::Closed) | Err(RecvTimeoutError::Disconnected) => Err(self.crashed(label)),
             Err(RecvTimeoutError::Timeout) => {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
+                self.kill();
                 Err(WorkerError::TimedOut {
                     variant: self.variant.clone(),
                     request: label.into(),
@@ -270,8 +473,51 @@ impl Worker {
         }
     }
 
+    /// Stops every thread of the worker (SIGSTOP) and notes its CPU time then.
+    fn freeze(&mut self) {
+        if self.frozen_at_ns.is_some() {
+            return;
+        }
+        let pid = self.pid();
+        // SAFETY: signalling our own child, which has not been reaped (we hold its Child).
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        wait_until_stopped(pid, Duration::from_secs(2));
+        self.frozen_at_ns = Some(self.cpu_ns());
+    }
+
+    /// Lets the worker run again (SIGCONT), after checking it used no CPU while frozen.
+    fn thaw(&mut self, label: &str) -> Result<(), WorkerError> {
+        let Some(at) = self.frozen_at_ns.take() else {
+            return Ok(());
+        };
+        let used = self.cpu_ns().saturating_sub(at);
+        // SAFETY: as in `freeze`.
+        unsafe { libc::kill(self.pid(), libc::SIGCONT) };
+        if used > FROZEN_CPU_TOLERANCE_NS {
+            self.kill();
+            return Err(WorkerError::RanWhileFrozen {
+                variant: self.variant.clone(),
+                request: label.into(),
+                cpu_ms: used as f64 / 1e6,
+            });
+        }
+        Ok(())
+    }
+
+    /// The CPU time of every thread of the worker so far, in ns.
+    fn cpu_ns(&self) -> u64 {
+        process_cpu_ns(self.pid(), self.cpu_clock)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Waits briefly for the child to end and returns how it ended.
     fn reap(&mut self) -> Option<ExitStatus> {
+        // SAFETY: as in `freeze`; a frozen worker must run to end.
+        unsafe { libc::kill(self.pid(), libc::SIGCONT) };
         for _ in 0..200 {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Some(status);
@@ -280,6 +526,16 @@ impl Worker {
         }
         let _ = self.child.kill();
         self.child.wait().ok()
+    }
+
+    fn crashed(&mut self, label: &str) -> WorkerError {
+        let how = describe_exit(self.reap());
+        WorkerError::Crashed {
+            variant: self.variant.clone(),
+            request: label.into(),
+            how,
+            log: self.log_tail(),
+        }
     }
 
     fn log_tail(&self) -> String {
@@ -298,32 +554,112 @@ impl Worker {
         WorkerError::Failed {
             variant: self.variant.clone(),
             request: label.into(),
-            message,
+            message: shorten(&message, 2000),
         }
     }
 
-    fn protocol(&self, label: &str, line: String) -> WorkerError {
+    fn protocol(&mut self, label: &str, what: String) -> WorkerError {
+        self.kill();
         WorkerError::Protocol {
             variant: self.variant.clone(),
             request: label.into(),
-            line,
+            what: shorten(&what, 300),
         }
     }
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        // Closing stdin ends a healthy worker; a stuck one is killed.
+        // Closing stdin ends a healthy worker (thawed first); a stuck one is killed.
         self.stdin.take();
+        // SAFETY: as in `freeze`.
+        unsafe { libc::kill(self.pid(), libc::SIGCONT) };
+        let mut ended = false;
         for _ in 0..50 {
             if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+                ended = true;
+                break;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if !ended {
+            self.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.scratch);
     }
+}
+
+/// The CPU-time clock of process `pid`, readable from outside it.
+fn cpu_clock(pid: libc::pid_t) -> Option<libc::clockid_t> {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: writes one clockid into `clock`.
+    (unsafe { libc::clock_getcpuclockid(pid, &mut clock) } == 0).then_some(clock)
+}
+
+/// The CPU time of every thread of process `pid`, in ns: from its CPU-time clock, else from
+/// `/proc/<pid>/stat` (in clock ticks). 0 when the process is gone.
+pub fn process_cpu_ns(pid: libc::pid_t, clock: Option<libc::clockid_t>) -> u64 {
+    if let Some(clock) = clock {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: writes one timespec.
+        if unsafe { libc::clock_gettime(clock, &mut ts) } == 0 {
+            return ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+        }
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.split(' ').collect())
+        .unwrap_or_default();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let ticks: u64 = [11, 12] // utime, stime (fields 14 and 15 of the whole line)
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    ticks * 1_000_000_000 / hz
+}
+
+/// Waits until every thread of `pid` is stopped (state `T`), or `limit` passes.
+fn wait_until_stopped(pid: libc::pid_t, limit: Duration) {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return; // gone
+        };
+        let all_stopped = tasks.flatten().all(|task| {
+            std::fs::read_to_string(task.path().join("stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(") ")
+                        .and_then(|(_, rest)| rest.chars().next())
+                })
+                .is_none_or(|state| matches!(state, 'T' | 't' | 'Z' | 'X'))
+        });
+        if all_stopped {
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+/// The resident-memory high-water mark (VmHWM) of process `pid`, in KiB; 0 when unreadable.
+pub fn peak_rss_kib(pid: libc::pid_t) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -335,5 +671,34 @@ mod tests {
         assert!(describe_exit(Some(ExitStatus::from_raw(libc::SIGSEGV))).contains("SIGSEGV"));
         assert!(describe_exit(Some(ExitStatus::from_raw(libc::SIGABRT))).contains("SIGABRT"));
         assert!(describe_exit(Some(ExitStatus::from_raw(3 << 8))).contains("status 3"));
+    }
+
+    #[test]
+    fn a_stopped_process_uses_no_cpu_and_its_memory_is_read_from_outside() {
+        // A child that spins: its CPU clock advances while it runs and not while it is stopped.
+        let mut child = Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .unwrap();
+        let pid = child.id() as libc::pid_t;
+        let clock = cpu_clock(pid);
+        std::thread::sleep(Duration::from_millis(300));
+        let running = process_cpu_ns(pid, clock);
+        assert!(running > 50_000_000, "a spinning child used {running} ns");
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        wait_until_stopped(pid, Duration::from_secs(2));
+        let stopped = process_cpu_ns(pid, clock);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(process_cpu_ns(pid, clock), stopped, "a stopped child ran");
+        // The /proc fallback agrees with the clock to within a tick or two.
+        let from_proc = process_cpu_ns(pid, None);
+        assert!(
+            from_proc.abs_diff(stopped) < 30_000_000,
+            "{from_proc} vs {stopped}"
+        );
+        assert!(peak_rss_kib(pid) > 0);
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 }

@@ -1,70 +1,85 @@
 //! Worker mode: the process that loads one variant and runs the supervisor's requests.
 //!
-//! The worker's host code owns the clock and the sink: [`TimedSink`] timestamps every token the
-//! variant emits, caps the count at `max_new_tokens` (answering "stop") and counts any overflow.
-//! The worker keeps a private duplicate of stdout for replies and points fd 1 at stderr, so a
-//! variant that prints cannot corrupt the protocol.
+//! Everything in this process becomes the variant's once its library is opened, so the worker
+//! does all it must do before that, and nothing that counts after it:
+//! 1. it keeps only descriptors 0-2 (whatever started the host may have left others open),
+//!    takes a private copy of stdout for its messages and points fd 1 at stderr, so a variant
+//!    that prints cannot garble them;
+//! 2. it dies with the supervisor (`PR_SET_PDEATHSIG`), maps the model and copies the library
+//!    into its scratch directory;
+//! 3. it confines itself ([`crate::sandbox::confine_worker`]): from then on it can read only
+//!    system files and write only its scratch directory;
+//! 4. it opens the library and answers requests. Its sink ([`StreamSink`]) forwards every
+//!    `emit` at once as a [`Message::Tokens`] line: the supervisor timestamps it on arrival and
+//!    counts the tokens itself. Nothing here measures anything.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::FromRawFd;
-use std::path::Path;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
 
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::RSlice;
 use anyhow::{Context, Result};
-use plugin_api::{TokenSink, TokenSink_TO};
+use plugin_api::{Device, TokenSink, TokenSink_TO};
 
 use crate::model::Model;
+use crate::sandbox::{self, Policy, Support};
 use crate::supervisor::LoadRequest;
-use crate::wire::{Reply, Request};
+use crate::wire::{Message, Request};
 
-/// The host-owned sink: a timestamp per token, exactly `max` tokens kept.
-struct TimedSink {
-    start: Instant,
-    max: usize,
-    tokens: Vec<u32>,
-    emit_ns: Vec<u64>,
-    overflow: u64,
+/// What the supervisor starts a worker with (its hidden command line).
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerArgs {
+    /// The variant's library.
+    #[arg(long)]
+    pub lib: PathBuf,
+    /// The GGUF model.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The private directory the worker may write (the supervisor removes it afterwards).
+    #[arg(long)]
+    pub scratch: PathBuf,
+    /// Paths that stay out of reach even inside a readable system directory.
+    #[arg(long = "protect")]
+    pub protect: Vec<PathBuf>,
+    /// The variant's `threads` load option.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// The variant's `device` load option.
+    #[arg(long)]
+    pub device: Option<Device>,
 }
 
-impl TokenSink for TimedSink {
+/// The host-owned sink: every emit goes to the supervisor at once, untimed and unjudged here.
+struct StreamSink<'a> {
+    out: &'a mut File,
+    max: usize,
+    sent: usize,
+}
+
+impl TokenSink for StreamSink<'_> {
     fn emit(&mut self, tokens: RSlice<'_, u32>) -> bool {
-        let now = self.start.elapsed().as_nanos() as u64;
-        for &token in tokens.as_slice() {
-            if self.tokens.len() < self.max {
-                self.tokens.push(token);
-                self.emit_ns.push(now);
-            } else {
-                self.overflow += 1;
-            }
+        let line = Message::Tokens {
+            ids: tokens.to_vec(),
         }
-        self.tokens.len() < self.max
+        .line();
+        if self.out.write_all(line.as_bytes()).is_err() {
+            return false; // the supervisor is gone
+        }
+        self.sent += tokens.len();
+        self.sent < self.max
     }
 }
 
-/// The worker's resident-memory high-water mark (VmHWM), in KiB.
-pub fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// Takes fd 1 for replies and sends everything else written to stdout to stderr.
+/// Takes fd 1 for messages and sends everything else written to stdout to stderr.
 fn private_stdout() -> Result<File> {
-    // SAFETY: plain fd duplication at start-up, before any other thread writes to stdout.
+    // SAFETY: plain fd duplication at start-up, before any other thread exists.
     unsafe {
         let fd = libc::dup(1);
         if fd < 0 || libc::dup2(2, 1) < 0 {
             anyhow::bail!(
-                "cannot set up the worker's reply pipe: {}",
+                "cannot set up the worker's message pipe: {}",
                 std::io::Error::last_os_error()
             );
         }
@@ -72,42 +87,76 @@ fn private_stdout() -> Result<File> {
     }
 }
 
-fn send(out: &mut File, reply: &Reply) -> Result<()> {
-    let mut line = serde_json::to_string(reply)?;
-    line.push('\n');
-    out.write_all(line.as_bytes())
-        .context("the supervisor closed the reply pipe")
+fn send(out: &mut File, message: &Message) -> Result<()> {
+    out.write_all(message.line().as_bytes())
+        .context("the supervisor closed the message pipe")
 }
 
-/// Runs the worker: load the model and the variant, then answer requests until stdin closes.
-/// `load` becomes the variant's load options.
-pub fn run(lib: &Path, model_path: &Path, load: &LoadRequest) -> Result<()> {
+fn fail(out: &mut File, message: String) -> Result<()> {
+    send(out, &Message::Failed { message })
+}
+
+/// What the worker may touch once confined: the system's files, its scratch directory, and a
+/// GPU's device nodes when it computes on one.
+fn policy(args: &WorkerArgs) -> Policy {
+    let mut policy = Policy::system();
+    policy.write.push(args.scratch.clone());
+    if matches!(args.device, Some(Device::Cuda(_))) {
+        policy.devices.extend(Policy::nvidia_devices());
+    }
+    policy.protect = args.protect.clone();
+    policy
+}
+
+/// Copies the library into the scratch directory: glibc caches a loaded library by path and
+/// inode, so only a fresh copy loads rebuilt code, and the confined worker reads nothing
+/// outside its scratch directory and the system's files.
+fn private_copy(lib: &Path, scratch: &Path) -> Result<PathBuf> {
+    let name = lib
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "variant.so".into());
+    let copy = scratch.join(format!("loaded-{name}"));
+    std::fs::copy(lib, &copy)
+        .with_context(|| format!("cannot copy {} to {}", lib.display(), copy.display()))?;
+    Ok(copy)
+}
+
+/// Runs the worker: confine, load the variant, then answer requests until stdin closes.
+pub fn run(args: &WorkerArgs) -> Result<()> {
+    sandbox::close_inherited_descriptors(&[])?;
     let mut out = private_stdout()?;
-    let model = match Model::open(model_path) {
+    // SAFETY: asks the kernel to kill this process when its parent, the supervisor, dies; a
+    // worker frozen by the supervisor must not outlive it.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        if libc::getppid() == 1 {
+            std::process::exit(1);
+        }
+    }
+    let model = match Model::open(&args.model) {
         Ok(m) => m,
-        Err(e) => {
-            return send(
-                &mut out,
-                &Reply::Failed {
-                    message: e.to_string(),
-                },
-            )
-        }
+        Err(e) => return fail(&mut out, e.to_string()),
     };
-    let started = Instant::now();
-    let mut variant = match crate::plugin::load(lib, model.view, &load.options()) {
+    let lib = match private_copy(&args.lib, &args.scratch) {
+        Ok(lib) => lib,
+        Err(e) => return fail(&mut out, format!("{e:#}")),
+    };
+    if let Err(e) = sandbox::confine_worker(&policy(args), Support::probe()) {
+        return fail(
+            &mut out,
+            format!("the worker could not confine itself, so the variant was not opened: {e}"),
+        );
+    }
+    let load = LoadRequest {
+        threads: args.threads,
+        device: args.device,
+    };
+    let mut variant = match crate::plugin::load(&lib, model.view, &load.options()) {
         Ok(v) => v,
-        Err(e) => {
-            return send(
-                &mut out,
-                &Reply::Failed {
-                    message: e.to_string(),
-                },
-            )
-        }
+        Err(e) => return fail(&mut out, e.to_string()),
     };
-    let load_ms = started.elapsed().as_secs_f64() * 1e3;
-    send(&mut out, &Reply::Ready { load_ms })?;
+    send(&mut out, &Message::Ready)?;
 
     for line in BufReader::new(std::io::stdin()).lines() {
         let line = line.context("reading a request")?;
@@ -117,12 +166,10 @@ pub fn run(lib: &Path, model_path: &Path, load: &LoadRequest) -> Result<()> {
                 prompt,
                 max_new_tokens,
             } => {
-                let mut sink = TimedSink {
-                    start: Instant::now(),
+                let mut sink = StreamSink {
+                    out: &mut out,
                     max: max_new_tokens as usize,
-                    tokens: Vec::with_capacity((max_new_tokens as usize).min(1 << 16)),
-                    emit_ns: Vec::with_capacity((max_new_tokens as usize).min(1 << 16)),
-                    overflow: 0,
+                    sent: 0,
                 };
                 let result = variant.generate(
                     RSlice::from_slice(&prompt),
@@ -130,26 +177,21 @@ pub fn run(lib: &Path, model_path: &Path, load: &LoadRequest) -> Result<()> {
                     TokenSink_TO::from_ptr(&mut sink, TD_Opaque),
                 );
                 match result.into_result() {
-                    Ok(()) => Reply::Generated {
-                        tokens: sink.tokens,
-                        emit_ns: sink.emit_ns,
-                        overflow: sink.overflow,
-                        peak_rss_kib: peak_rss_kib(),
-                    },
-                    Err(e) => Reply::Failed {
+                    Ok(()) => Message::Done,
+                    Err(e) => Message::Failed {
                         message: e.into_string(),
                     },
                 }
             }
             Request::Score { tokens } => {
                 match variant.score(RSlice::from_slice(&tokens)).into_result() {
-                    Ok(positions) => Reply::Scored {
+                    Ok(positions) => Message::Scored {
                         positions: positions
                             .iter()
                             .map(|p| (p.logprob, p.argmax, p.argmax_logprob))
                             .collect(),
                     },
-                    Err(e) => Reply::Failed {
+                    Err(e) => Message::Failed {
                         message: e.into_string(),
                     },
                 }

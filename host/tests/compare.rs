@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Output;
 use std::sync::{Mutex, MutexGuard};
 
-use common::{fixture, host, model, output, records, root, scratch};
+use common::{build_plain, fixture, host, model, output, records, root, scratch};
 
 /// One comparison at a time: a comparison measures while another test's comparison would build
 /// (the first one in a fresh checkout compiles the oracle) or measure beside it, and on two
@@ -32,6 +32,11 @@ fn compare(
     cmd.arg("compare");
     if !a.is_empty() {
         cmd.args([a, b]);
+    }
+    if [a, b].iter().any(|side| side.contains("fixtures")) {
+        // The fixtures and the baseline from a plain cargo build (see common::build_plain).
+        build_plain();
+        cmd.arg("--no-build");
     }
     cmd.args(["--max-new-tokens", "8", "--prompt", "code"])
         .arg("--results")

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{host, model, output, records, scratch};
+use common::{build_plain, host, model, output, records, scratch};
 
 #[test]
 fn scores_the_current_variant_on_the_real_model() {
@@ -71,7 +71,7 @@ fn scores_the_current_variant_on_the_real_model() {
     let rows = records(&results);
     assert_eq!(rows.len(), 1, "one row per run");
     let row = &rows[0];
-    assert_eq!(row.len(), 34);
+    assert_eq!(row.len(), 35);
     for column in [
         "against",
         "against_tree",
@@ -97,6 +97,16 @@ fn scores_the_current_variant_on_the_real_model() {
         "{row:?}"
     );
     assert_eq!(row["checks_passed"], row["checks_baseline"], "{row:?}");
+    // Built and run by the host, confined as far as this kernel allows; a fresh seed drawn and
+    // recorded; the harness is the committed one (a modified one says so).
+    let expected = if common::landlock_abi() >= 3 {
+        "full"
+    } else {
+        "partial"
+    };
+    assert!(row["sandbox"].starts_with(expected), "{row:?}");
+    assert!(row["seed"].parse::<u64>().is_ok(), "{row:?}");
+    assert!(!row["harness"].is_empty(), "{row:?}");
     assert!(
         row["decode_tok_s"].parse::<f64>().unwrap() > 1.0,
         "decode tok/s is a real figure: {row:?}"
@@ -123,6 +133,10 @@ fn scores_the_current_variant_on_the_real_model() {
     );
     for s in samples {
         assert_eq!(s["tokens"].as_array().unwrap().len(), 24, "fixed work");
+        assert!(
+            s["cpu_ms"].as_f64().unwrap() > 0.0,
+            "the worker's CPU is measured: {s}"
+        );
         assert_eq!(s["timing"]["itl_ms"].as_array().unwrap().len(), 23);
         assert_eq!(s["quality"]["tokens"], 24, "every request is scored: {s}");
         assert_eq!(s["quality"]["matches_reference"], true);
@@ -204,7 +218,9 @@ fn json_summary_and_no_build() {
         (0.0..=1.0).contains(&repetition),
         "repetition is a share: {repetition}"
     );
-    // The same variant again without building: the library from the run above is used.
+    // The same variant again without building: the library a plain cargo build left is used,
+    // and the row says its build was not the host's (so not confined).
+    build_plain();
     let (out, _, stderr) = output(
         host()
             .args([
@@ -231,6 +247,11 @@ fn json_summary_and_no_build() {
     assert_eq!(
         rows[1]["prompts"], "code",
         "a partial run says so: {:?}",
+        rows[1]
+    );
+    assert!(
+        rows[1]["sandbox"].starts_with("partial: --no-build"),
+        "{:?}",
         rows[1]
     );
 

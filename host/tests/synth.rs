@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{host, model, output, records, root, scratch};
+use common::{build_plain, host, model, output, records, scratch};
 
 #[test]
 fn writes_a_tiny_model_and_refuses_to_overwrite_it() {
@@ -73,14 +73,9 @@ fn writes_a_tiny_model_and_refuses_to_overwrite_it() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `host bench` of the last built baseline on the synthetic model, when there is one (the
-/// bench tests build it; this test does not wait for a build).
+/// `host bench` of the baseline (from a plain cargo build) on the synthetic model.
 fn bench_if_built(path: &std::path::Path) {
-    let lib = root().join("target/release/libbaseline.so");
-    if !lib.is_file() {
-        eprintln!("skipped the bench: {} is not built", lib.display());
-        return;
-    }
+    build_plain();
     let (out, stdout, stderr) = output(
         host()
             .args(["bench", "variants/baseline", "--model"])

@@ -38,6 +38,20 @@ pub fn model() -> &'static Path {
     })
 }
 
+/// The kernel's Landlock ABI version (0 without Landlock): what confinement a run can get.
+pub fn landlock_abi() -> i64 {
+    // SAFETY: the documented version query of landlock_create_ruleset.
+    unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            1u32,
+        )
+    }
+    .max(0)
+}
+
 /// A fresh scratch directory for one test.
 pub fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("autoinfer-test-{name}-{}", std::process::id()));
@@ -51,9 +65,57 @@ pub fn fixture(name: &str) -> PathBuf {
     root().join("host/tests/fixtures/variants").join(name)
 }
 
+/// The fixtures' workspace members: built once per test binary by [`build_plain`], and run with
+/// `--no-build` (the host's own confined builds are tested by e2e.rs and sandbox.rs).
+pub const PREBUILT_FIXTURES: [&str; 3] = ["broken", "abi-mismatch", "drift"];
+
+/// `cargo build --release` of the fixtures' workspace and of the checkout's variants, into the
+/// main target directory, once per test binary: the libraries `--no-build` loads.
+pub fn build_plain() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        for args in [
+            vec![
+                "--manifest-path",
+                "host/tests/fixtures/variants/Cargo.toml",
+                "--workspace",
+            ],
+            vec!["-p", "baseline", "-p", "current"],
+        ] {
+            let status = Command::new(&cargo)
+                .args(["build", "--release", "--quiet"])
+                .args(&args)
+                .current_dir(root())
+                .env("CARGO_TARGET_DIR", root().join("target"))
+                .env_remove("AUTOINFER_FIXTURE_MODE")
+                .status()
+                .expect("cargo runs");
+            assert!(status.success(), "cargo build {args:?} failed");
+        }
+    });
+}
+
+/// A tiny synthetic model (`host synth --shape tiny`), written once per test binary: fast to
+/// run on, with no quality gates (for the timing attacks).
+pub fn tiny_model() -> &'static Path {
+    static TINY: OnceLock<PathBuf> = OnceLock::new();
+    TINY.get_or_init(|| {
+        model();
+        let path =
+            std::env::temp_dir().join(format!("autoinfer-test-tiny-{}.gguf", std::process::id()));
+        let (out, _, stderr) = output(
+            host()
+                .args(["synth", "--shape", "tiny", "--force", "--out"])
+                .arg(&path),
+        );
+        assert!(out.status.success(), "host synth failed: {stderr}");
+        path
+    })
+}
+
 /// `host run` on a fixture variant: short protocol (one round, 4 tokens unless `extra` says
-/// otherwise), results into `results`, and the fixture
-/// workspace sharing the main target directory (so abi_stable is compiled once).
+/// otherwise), results into `results`. A prebuilt fixture runs with `--no-build`.
 pub fn run_fixture(
     name: &str,
     mode: &str,
@@ -62,6 +124,10 @@ pub fn run_fixture(
 ) -> (Output, String, String) {
     let mut cmd = host();
     cmd.args(["run"]).arg(fixture(name)).args(["--rounds", "1"]);
+    if PREBUILT_FIXTURES.contains(&name) {
+        build_plain();
+        cmd.arg("--no-build");
+    }
     if !extra.contains(&"--max-new-tokens") {
         cmd.args(["--max-new-tokens", "4"]);
     }

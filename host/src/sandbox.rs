@@ -1,0 +1,802 @@
+//! Confining variant code with the kernel, at run time and at build time.
+//!
+//! Variant code runs in two places: in a worker, once its library is opened, and in its build
+//! (cargo runs its build scripts and proc macros). Both are confined before any of that code
+//! runs, by mechanisms the confined process cannot undo:
+//! - **Landlock** (files, TCP, signals, abstract sockets): a [`Policy`] lists what may be read
+//!   (system directories, the toolchain) and written (a scratch or build directory); everything
+//!   else, the checkout, the results and the oracle's cache included, is out of reach. A
+//!   Landlock-confined process also cannot trace or open the memory of a process outside its
+//!   own domain.
+//! - **seccomp** ([`worker_filters`], [`build_filters`]): no tracing or writing into other
+//!   processes, signals only to itself (a worker), no new processes or programs (a worker), no
+//!   network sockets, no kernel stores that outlive a process (SysV IPC, message queues, key
+//!   rings), no clock changes, no io_uring (which seccomp cannot see into).
+//! - **no capabilities** ([`drop_capabilities`]) and `no_new_privs`, so a worker started as
+//!   root has no more power than its user.
+//!
+//! [`Support`] probes what the running kernel offers and [`Level`] is what a results row
+//! records: `full`, `partial: ...` naming what is missing, or `none: ...`.
+
+use std::path::{Path, PathBuf};
+
+use landlock::{
+    Access, AccessFs, AccessNet, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
+    RulesetStatus, Scope, ABI,
+};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule,
+};
+use serde::Serialize;
+
+/// Why a process could not be confined.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("Landlock: {0}")]
+    Landlock(String),
+    #[error("seccomp: {0}")]
+    Seccomp(String),
+    #[error("cannot drop capabilities: {0}")]
+    Capabilities(std::io::Error),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// The oldest Landlock ABI that confines files fully: ABI 3 adds truncation, without which a
+/// confined process could truncate any file it may read.
+const FILES_ABI: i32 = 3;
+/// The Landlock ABI that scopes signals and abstract unix sockets to the sandbox.
+const SIGNALS_ABI: i32 = 6;
+
+/// What the running kernel offers for confinement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Support {
+    /// The kernel's Landlock ABI version, 0 when Landlock is missing or disabled.
+    pub landlock_abi: i32,
+    /// Whether seccomp filters can be installed.
+    pub seccomp: bool,
+}
+
+impl Support {
+    /// Asks the kernel.
+    pub fn probe() -> Support {
+        // SAFETY: the documented version query: a null attribute, size 0 and the VERSION flag.
+        let abi = unsafe {
+            libc::syscall(
+                libc::SYS_landlock_create_ruleset,
+                std::ptr::null::<u8>(),
+                0usize,
+                1u32, // LANDLOCK_CREATE_RULESET_VERSION
+            )
+        };
+        let seccomp = std::fs::read_to_string("/proc/self/status")
+            .is_ok_and(|s| s.lines().any(|l| l.starts_with("Seccomp_filters:")));
+        Support {
+            landlock_abi: abi.max(0) as i32,
+            seccomp,
+        }
+    }
+
+    /// How fully a worker is confined on this kernel.
+    pub fn worker_level(&self) -> Level {
+        let mut missing = Vec::new();
+        if self.landlock_abi == 0 {
+            missing.push("no Landlock in this kernel: files are not confined".to_string());
+        } else if self.landlock_abi < FILES_ABI {
+            missing.push(format!(
+                "Landlock ABI {} < {FILES_ABI}: files may be truncated",
+                self.landlock_abi
+            ));
+        }
+        if !self.seccomp {
+            missing.push(
+                "no seccomp: other processes, sockets and kernel stores are reachable".into(),
+            );
+        }
+        Level::from_missing(missing, self.landlock_abi == 0 && !self.seccomp)
+    }
+
+    /// How fully a build (cargo, build scripts, proc macros) is confined on this kernel.
+    pub fn build_level(&self) -> Level {
+        let mut missing = Vec::new();
+        if self.landlock_abi == 0 {
+            missing.push("no Landlock in this kernel: the build may write anywhere".to_string());
+        } else {
+            if self.landlock_abi < FILES_ABI {
+                missing.push(format!(
+                    "Landlock ABI {} < {FILES_ABI}: files may be truncated",
+                    self.landlock_abi
+                ));
+            }
+            if self.landlock_abi < SIGNALS_ABI {
+                missing.push(format!(
+                    "Landlock ABI {} < {SIGNALS_ABI}: build scripts may signal other processes",
+                    self.landlock_abi
+                ));
+            }
+        }
+        if !self.seccomp {
+            missing.push("no seccomp: build scripts may trace other processes".into());
+        }
+        Level::from_missing(missing, self.landlock_abi == 0)
+    }
+}
+
+/// How fully variant code was confined: what a results row records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Level {
+    /// Every mechanism of this module was in force.
+    Full,
+    /// Some were; the list says what was missing.
+    Partial(Vec<String>),
+    /// Nothing confined the code; the text says why.
+    None(String),
+}
+
+impl Level {
+    fn from_missing(missing: Vec<String>, nothing: bool) -> Level {
+        match (missing.is_empty(), nothing) {
+            (true, _) => Level::Full,
+            (false, true) => Level::None(missing.join("; ")),
+            (false, false) => Level::Partial(missing),
+        }
+    }
+
+    /// The weaker of two levels, their reasons merged.
+    pub fn and(self, other: Level) -> Level {
+        match (self, other) {
+            (Level::None(a), Level::None(b)) if a == b => Level::None(a),
+            (Level::None(a), Level::None(b)) => Level::None(format!("{a}; {b}")),
+            (Level::None(a), _) | (_, Level::None(a)) => Level::None(a),
+            (Level::Partial(mut a), Level::Partial(b)) => {
+                for reason in b {
+                    if !a.contains(&reason) {
+                        a.push(reason);
+                    }
+                }
+                Level::Partial(a)
+            }
+            (Level::Partial(a), Level::Full) | (Level::Full, Level::Partial(a)) => {
+                Level::Partial(a)
+            }
+            (Level::Full, Level::Full) => Level::Full,
+        }
+    }
+
+    /// A library the host did not build (`--no-build`): nothing is known of how its build
+    /// was confined.
+    pub fn not_built_by_host() -> Level {
+        Level::Partial(vec![
+            "--no-build: the library was built outside the host, its build not confined".into(),
+        ])
+    }
+
+    /// Whether every mechanism was in force.
+    pub fn is_full(&self) -> bool {
+        *self == Level::Full
+    }
+
+    /// The row's text: `full`, `partial: ...` or `none: ...`.
+    pub fn label(&self) -> String {
+        match self {
+            Level::Full => "full".into(),
+            Level::Partial(missing) => format!("partial: {}", missing.join("; ")),
+            Level::None(why) => format!("none: {why}"),
+        }
+    }
+}
+
+/// What a confined process may touch. Paths need not exist (missing ones are skipped).
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// Readable and executable hierarchies (system libraries, the toolchain, sources).
+    pub read: Vec<PathBuf>,
+    /// Hierarchies with every right: reading, writing, creating, removing.
+    pub write: Vec<PathBuf>,
+    /// Device files to open for reading and writing (`/dev/null`, a GPU's nodes).
+    pub devices: Vec<PathBuf>,
+    /// Paths that must stay out of reach even where they lie inside a `read` hierarchy: the
+    /// checkout's build outputs, the results, the oracle's cache, the model cache.
+    pub protect: Vec<PathBuf>,
+}
+
+/// The system directories every confined process may read: programs, libraries, their
+/// configuration, and the kernel's views of processes and devices (read only).
+pub const SYSTEM_READ: [&str; 11] = [
+    "/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/etc", "/opt", "/proc", "/sys",
+];
+
+/// Device files every confined process may open: the null and zero sinks, randomness.
+pub const SYSTEM_DEVICES: [&str; 5] = [
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/urandom",
+    "/dev/random",
+];
+
+impl Policy {
+    /// The system's part of every policy: [`SYSTEM_READ`], [`SYSTEM_DEVICES`], and every
+    /// directory of `LD_LIBRARY_PATH` (where a GPU's libraries may be).
+    pub fn system() -> Policy {
+        let mut read: Vec<PathBuf> = SYSTEM_READ.iter().map(PathBuf::from).collect();
+        if let Some(paths) = std::env::var_os("LD_LIBRARY_PATH") {
+            read.extend(std::env::split_paths(&paths).filter(|p| p.is_absolute()));
+        }
+        Policy {
+            read,
+            devices: SYSTEM_DEVICES.iter().map(PathBuf::from).collect(),
+            ..Policy::default()
+        }
+    }
+
+    /// The NVIDIA device nodes (`/dev/nvidia*`), which a CUDA worker opens read-write.
+    pub fn nvidia_devices() -> Vec<PathBuf> {
+        let mut nodes: Vec<PathBuf> = std::fs::read_dir("/dev")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("nvidia"))
+            .map(|e| e.path())
+            .collect();
+        nodes.sort();
+        nodes
+    }
+
+    /// The read rules after carving out [`Policy::protect`]: each `read` hierarchy, or, where a
+    /// protected path lies inside one, its other children (recursively), never a child that
+    /// is or leads (as a symlink) into a protected path. A `read` hierarchy named explicitly
+    /// inside a protected one (a build's sources under the target directory) is granted.
+    pub fn read_grants(&self) -> Vec<PathBuf> {
+        let protect: Vec<PathBuf> = self
+            .protect
+            .iter()
+            .map(|p| p.canonicalize().unwrap_or_else(|_| p.clone()))
+            .collect();
+        let mut out = Vec::new();
+        for root in &self.read {
+            carve(root, &protect, &mut out, 0);
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
+/// Adds `path` to `out`, or, when a protected path lies inside it, its children minus the
+/// protected ones. Paths are resolved first, so a symlink is judged by where it leads.
+fn carve(path: &Path, protect: &[PathBuf], out: &mut Vec<PathBuf>, depth: usize) {
+    let Ok(real) = path.canonicalize() else {
+        return;
+    };
+    // Children of a granted hierarchy inside a protected path stay out; a hierarchy named
+    // explicitly (depth 0) is granted even there, unless it is itself protected.
+    if protect
+        .iter()
+        .any(|p| real.starts_with(p) && (depth > 0 || &real == p))
+    {
+        return;
+    }
+    if !protect.iter().any(|p| p.starts_with(&real)) {
+        out.push(real);
+        return;
+    }
+    if depth > 32 {
+        return;
+    }
+    for entry in std::fs::read_dir(&real).into_iter().flatten().flatten() {
+        carve(&entry.path(), protect, out, depth + 1);
+    }
+}
+
+/// The Landlock rights on `path` for `wanted`, restricted to what applies to a file when it is
+/// not a directory (the kernel refuses directory rights on a file).
+fn rights_for(path: &Path, wanted: landlock::BitFlags<AccessFs>) -> landlock::BitFlags<AccessFs> {
+    if path.is_dir() {
+        wanted
+    } else {
+        wanted & AccessFs::from_file(ABI::V3)
+    }
+}
+
+/// Applies `policy` with Landlock to the calling thread and the processes it starts. Handles
+/// every file right of ABI 3, TCP (ABI 4) and the signal and abstract-socket scopes (ABI 6),
+/// each as far as the kernel supports it. Returns the kernel's enforcement status.
+pub fn landlock(policy: &Policy) -> Result<RulesetStatus, SandboxError> {
+    let err = |e: &dyn std::fmt::Display| SandboxError::Landlock(e.to_string());
+    let all = AccessFs::from_all(ABI::V3);
+    let read = AccessFs::from_read(ABI::V3);
+    let device = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate;
+    let mut ruleset = Ruleset::default()
+        .handle_access(all)
+        .map_err(|e| err(&e))?
+        .handle_access(AccessNet::from_all(ABI::V4))
+        .map_err(|e| err(&e))?
+        .scope(Scope::from_all(ABI::V6))
+        .map_err(|e| err(&e))?
+        .create()
+        .map_err(|e| err(&e))?;
+    let mut rules: Vec<(PathBuf, landlock::BitFlags<AccessFs>)> = Vec::new();
+    for path in policy.read_grants() {
+        rules.push((path, read));
+    }
+    for path in &policy.write {
+        rules.push((path.clone(), all));
+    }
+    for path in &policy.devices {
+        rules.push((path.clone(), device));
+    }
+    for (path, wanted) in rules {
+        // A missing path grants nothing; that is not an error.
+        let Ok(fd) = PathFd::new(&path) else { continue };
+        let rights = rights_for(&path, wanted);
+        ruleset = ruleset
+            .add_rule(PathBeneath::new(fd, rights))
+            .map_err(|e| SandboxError::Landlock(format!("rule for {}: {e}", path.display())))?;
+    }
+    let status = ruleset.restrict_self().map_err(|e| err(&e))?;
+    Ok(status.ruleset)
+}
+
+/// Drops every capability: the bounding set (where this process may), then the effective,
+/// permitted, inheritable and ambient sets. A worker started as root keeps uid 0 but none of
+/// its privileges (no reading files it does not own, no tracing, no clock changes).
+pub fn drop_capabilities() -> Result<(), SandboxError> {
+    // SAFETY: plain prctl/capset calls on this process with valid arguments.
+    unsafe {
+        let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|s| s.trim().parse::<libc::c_ulong>().ok())
+            .unwrap_or(40);
+        for cap in 0..=last {
+            // Fails without CAP_SETPCAP (an unprivileged user): then the bounding set cannot
+            // matter, since no_new_privs keeps exec from granting anything.
+            libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
+        }
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        let header = Header {
+            version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+            pid: 0,
+        };
+        let data = [Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        if libc::syscall(libc::SYS_capset, &header, data.as_ptr()) != 0 {
+            return Err(SandboxError::Capabilities(std::io::Error::last_os_error()));
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(SandboxError::Capabilities(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+fn arch() -> Result<seccompiler::TargetArch, SandboxError> {
+    std::env::consts::ARCH
+        .try_into()
+        .map_err(|e| SandboxError::Seccomp(format!("{e:?}")))
+}
+
+fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, SandboxError> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
+        .map_err(|e| SandboxError::Seccomp(format!("{e:?}")))
+}
+
+fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, SandboxError> {
+    SeccompRule::new(conditions).map_err(|e| SandboxError::Seccomp(format!("{e:?}")))
+}
+
+/// A filter that answers `errno` to every call in `deny` whose rules match (an empty rule list
+/// matches every call) and lets everything else through.
+fn deny_filter(deny: Vec<(i64, Vec<SeccompRule>)>, errno: i32) -> Result<BpfProgram, SandboxError> {
+    let mut rules = std::collections::BTreeMap::new();
+    for (nr, r) in deny {
+        rules.entry(nr).or_insert_with(Vec::new).extend(r);
+    }
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(errno as u32),
+        arch()?,
+    )
+    .map_err(|e| SandboxError::Seccomp(format!("{e:?}")))?;
+    filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| SandboxError::Seccomp(format!("{e:?}")))
+}
+
+/// Calls no confined process needs, denied outright: tracing and the memory of other
+/// processes, descriptors of other processes, kernel stores that outlive a process (SysV IPC,
+/// POSIX message queues, key rings), io_uring (its operations bypass seccomp), BPF and perf
+/// events, new namespaces and mounts, and changes to the system's clocks.
+fn always_denied() -> Vec<i64> {
+    vec![
+        libc::SYS_ptrace,
+        libc::SYS_process_vm_readv,
+        libc::SYS_process_vm_writev,
+        libc::SYS_process_madvise,
+        libc::SYS_pidfd_getfd,
+        libc::SYS_kcmp,
+        libc::SYS_keyctl,
+        libc::SYS_add_key,
+        libc::SYS_request_key,
+        libc::SYS_shmget,
+        libc::SYS_shmat,
+        libc::SYS_shmctl,
+        libc::SYS_msgget,
+        libc::SYS_msgsnd,
+        libc::SYS_msgrcv,
+        libc::SYS_msgctl,
+        libc::SYS_semget,
+        libc::SYS_semop,
+        libc::SYS_semtimedop,
+        libc::SYS_semctl,
+        libc::SYS_mq_open,
+        libc::SYS_mq_unlink,
+        libc::SYS_io_uring_setup,
+        libc::SYS_io_uring_enter,
+        libc::SYS_io_uring_register,
+        libc::SYS_bpf,
+        libc::SYS_perf_event_open,
+        libc::SYS_unshare,
+        libc::SYS_setns,
+        libc::SYS_mount,
+        libc::SYS_umount2,
+        libc::SYS_pivot_root,
+        libc::SYS_chroot,
+        libc::SYS_open_tree,
+        libc::SYS_move_mount,
+        libc::SYS_fsopen,
+        libc::SYS_fsmount,
+        libc::SYS_fspick,
+        libc::SYS_adjtimex,
+        libc::SYS_clock_adjtime,
+        libc::SYS_clock_settime,
+        libc::SYS_settimeofday,
+        libc::SYS_open_by_handle_at,
+        libc::SYS_name_to_handle_at,
+    ]
+}
+
+/// Calls whose first argument names a process, allowed only on the caller itself (`0`, or
+/// `pid` where given): scheduling, CPU affinity, priorities and resource limits of other
+/// processes (the other side of a comparison) are out of reach.
+fn own_process_only(pid: Option<u32>) -> Result<Vec<(i64, Vec<SeccompRule>)>, SandboxError> {
+    let mut out = Vec::new();
+    for nr in [
+        libc::SYS_sched_setaffinity,
+        libc::SYS_sched_setscheduler,
+        libc::SYS_sched_setparam,
+        libc::SYS_sched_setattr,
+        libc::SYS_prlimit64,
+        libc::SYS_migrate_pages,
+        libc::SYS_move_pages,
+        libc::SYS_get_robust_list,
+    ] {
+        let mut conditions = vec![cond(0, SeccompCmpOp::Ne, 0)?];
+        if let Some(pid) = pid {
+            conditions.push(cond(0, SeccompCmpOp::Ne, pid as u64)?);
+        }
+        out.push((nr, vec![rule(conditions)?]));
+    }
+    // setpriority(which, who, prio) and ioprio_set(which, who, prio): only one's own process.
+    for (nr, own_kind) in [
+        (libc::SYS_setpriority, libc::PRIO_PROCESS as u64),
+        (libc::SYS_ioprio_set, 1 /* IOPRIO_WHO_PROCESS */),
+    ] {
+        let mut other_who = vec![cond(1, SeccompCmpOp::Ne, 0)?];
+        if let Some(pid) = pid {
+            other_who.push(cond(1, SeccompCmpOp::Ne, pid as u64)?);
+        }
+        out.push((
+            nr,
+            vec![
+                rule(vec![cond(0, SeccompCmpOp::Ne, own_kind)?])?,
+                rule(other_who)?,
+            ],
+        ));
+    }
+    Ok(out)
+}
+
+/// The seccomp filters of a worker, for the process `pid`: [`always_denied`], other
+/// processes' scheduling ([`own_process_only`]), signals to anything but itself, new
+/// processes and programs (threads only: a frozen worker must have no process that keeps
+/// running), and sockets (no network, no connection to another process). `clone3` answers
+/// ENOSYS, so that the C library falls back to `clone`, whose flags a filter can read.
+pub fn worker_filters(pid: u32) -> Result<Vec<BpfProgram>, SandboxError> {
+    let mut deny: Vec<(i64, Vec<SeccompRule>)> =
+        always_denied().into_iter().map(|nr| (nr, vec![])).collect();
+    deny.extend(own_process_only(Some(pid))?);
+    for nr in [
+        libc::SYS_kill,
+        libc::SYS_tgkill,
+        libc::SYS_rt_sigqueueinfo,
+        libc::SYS_rt_tgsigqueueinfo,
+    ] {
+        deny.push((
+            nr,
+            vec![rule(vec![cond(0, SeccompCmpOp::Ne, pid as u64)?])?],
+        ));
+    }
+    for nr in [
+        libc::SYS_tkill,
+        libc::SYS_pidfd_open,
+        libc::SYS_pidfd_send_signal,
+        libc::SYS_execve,
+        libc::SYS_execveat,
+        libc::SYS_socket,
+    ] {
+        deny.push((nr, vec![]));
+    }
+    #[cfg(target_arch = "x86_64")]
+    for nr in [libc::SYS_fork, libc::SYS_vfork] {
+        deny.push((nr, vec![]));
+    }
+    // clone(flags, ...): a thread (CLONE_THREAD) only.
+    deny.push((
+        libc::SYS_clone,
+        vec![rule(vec![cond(
+            0,
+            SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
+            0,
+        )?])?],
+    ));
+    Ok(vec![
+        deny_filter(deny, libc::EPERM)?,
+        deny_filter(vec![(libc::SYS_clone3, vec![])], libc::ENOSYS)?,
+    ])
+}
+
+/// The seccomp filter of a build: [`always_denied`], other processes' scheduling, and leaving
+/// the build's process group (`setsid`, `setpgid`), so that killing the group after cargo
+/// exits ends every process a build script started.
+pub fn build_filters() -> Result<Vec<BpfProgram>, SandboxError> {
+    let mut deny: Vec<(i64, Vec<SeccompRule>)> =
+        always_denied().into_iter().map(|nr| (nr, vec![])).collect();
+    deny.extend(own_process_only(None)?);
+    for nr in [
+        libc::SYS_setsid,
+        libc::SYS_setpgid,
+        libc::SYS_pidfd_send_signal,
+    ] {
+        deny.push((nr, vec![]));
+    }
+    Ok(vec![deny_filter(deny, libc::EPERM)?])
+}
+
+/// Installs `filters` on every thread of this process (and what it starts afterwards).
+pub fn seccomp(filters: &[BpfProgram]) -> Result<(), SandboxError> {
+    for filter in filters {
+        seccompiler::apply_filter_all_threads(filter)
+            .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Closes every descriptor from 3 up except `keep`: a worker starts with what its parent left
+/// open (a terminal's, a build tool's), and must hold only what the host gave it.
+pub fn close_inherited_descriptors(keep: &[i32]) -> Result<(), SandboxError> {
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map_err(|e| SandboxError::Setup(format!("cannot list /proc/self/fd: {e}")))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in fds {
+        if fd > 2 && !keep.contains(&fd) {
+            // SAFETY: closing a descriptor this process owns and no Rust object wraps (the
+            // directory listing's own descriptor is closed already, or fails harmlessly).
+            unsafe { libc::close(fd) };
+        }
+    }
+    Ok(())
+}
+
+/// The number of threads of this process (Landlock confines the calling thread and what it
+/// starts, so a worker confines itself while it has one thread).
+pub fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Confines a worker about to open a variant's library: capabilities, Landlock with `policy`,
+/// then the worker's seccomp filters. Fails (and the worker must not open the library) when
+/// the kernel supports a mechanism and applying it fails.
+pub fn confine_worker(policy: &Policy, support: Support) -> Result<(), SandboxError> {
+    if thread_count() != 1 {
+        return Err(SandboxError::Setup(format!(
+            "the worker has {} threads before confinement; it must have one",
+            thread_count()
+        )));
+    }
+    drop_capabilities()?;
+    if support.landlock_abi > 0 {
+        let status = landlock(policy)?;
+        if status == RulesetStatus::NotEnforced {
+            return Err(SandboxError::Landlock(
+                "the kernel reports Landlock but enforced nothing".into(),
+            ));
+        }
+    }
+    if support.seccomp {
+        seccomp(&worker_filters(std::process::id())?)?;
+    }
+    Ok(())
+}
+
+/// Confines a build helper before it runs cargo: no capabilities, Landlock with `policy` and
+/// the build's seccomp filter.
+pub fn confine_build(policy: &Policy, support: Support) -> Result<(), SandboxError> {
+    drop_capabilities()?;
+    if support.landlock_abi > 0 {
+        let status = landlock(policy)?;
+        if status == RulesetStatus::NotEnforced {
+            return Err(SandboxError::Landlock(
+                "the kernel reports Landlock but enforced nothing".into(),
+            ));
+        }
+    }
+    if support.seccomp {
+        seccomp(&build_filters()?)?;
+    }
+    Ok(())
+}
+
+/// The hidden `host confine` command line: a [`Policy`] and the program to run under it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfineArgs {
+    /// A hierarchy to read (and execute from).
+    #[arg(long)]
+    pub read: Vec<PathBuf>,
+    /// A hierarchy to write.
+    #[arg(long)]
+    pub write: Vec<PathBuf>,
+    /// A device file to open for reading and writing.
+    #[arg(long)]
+    pub device: Vec<PathBuf>,
+    /// A path to keep out of reach inside the readable hierarchies.
+    #[arg(long)]
+    pub protect: Vec<PathBuf>,
+    /// The program and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+/// Confines this process as a build ([`confine_build`]) with the system's part of a policy
+/// ([`Policy::system`]) and `args`' paths, and replaces it with the program.
+pub fn confine_and_exec(args: &ConfineArgs) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let mut policy = Policy::system();
+    policy.read.extend(args.read.iter().cloned());
+    policy.write.extend(args.write.iter().cloned());
+    policy.devices.extend(args.device.iter().cloned());
+    policy.protect.extend(args.protect.iter().cloned());
+    confine_build(&policy, Support::probe())?;
+    let (program, rest) = args
+        .command
+        .split_first()
+        .ok_or_else(|| anyhow::anyhow!("host confine: no program to run"))?;
+    let err = std::process::Command::new(program).args(rest).exec();
+    Err(anyhow::anyhow!(
+        "host confine: cannot run {}: {err}",
+        program.to_string_lossy()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_combine_to_the_weaker_one() {
+        let partial = Level::Partial(vec!["a".into()]);
+        assert_eq!(Level::Full.and(Level::Full), Level::Full);
+        assert_eq!(Level::Full.and(partial.clone()), partial);
+        assert_eq!(
+            partial
+                .clone()
+                .and(Level::Partial(vec!["b".into(), "a".into()])),
+            Level::Partial(vec!["a".into(), "b".into()])
+        );
+        assert!(matches!(
+            partial.and(Level::None("x".into())),
+            Level::None(_)
+        ));
+        assert_eq!(Level::Full.label(), "full");
+        assert_eq!(Level::Partial(vec!["no x".into()]).label(), "partial: no x");
+    }
+
+    #[test]
+    fn levels_follow_the_kernel() {
+        let full = Support {
+            landlock_abi: 7,
+            seccomp: true,
+        };
+        assert_eq!(full.worker_level(), Level::Full);
+        assert_eq!(full.build_level(), Level::Full);
+        let old = Support {
+            landlock_abi: 4,
+            seccomp: true,
+        };
+        assert_eq!(old.worker_level(), Level::Full, "seccomp covers signals");
+        assert!(
+            old.build_level().label().contains("signal"),
+            "{:?}",
+            old.build_level()
+        );
+        let none = Support {
+            landlock_abi: 0,
+            seccomp: false,
+        };
+        assert!(matches!(none.worker_level(), Level::None(_)));
+        assert!(matches!(none.build_level(), Level::None(_)));
+    }
+
+    #[test]
+    fn protected_paths_are_carved_out_of_read_grants() {
+        let dir = std::env::temp_dir().join(format!("autoinfer-carve-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for sub in ["a/keep", "a/secret/deep", "b"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        std::fs::write(dir.join("a/file"), "x").unwrap();
+        // A symlink beside the secret that leads into it must not be granted either.
+        std::os::unix::fs::symlink(dir.join("a/secret"), dir.join("a/link")).unwrap();
+        let policy = Policy {
+            read: vec![dir.join("a"), dir.join("b"), dir.join("a/secret/deep")],
+            protect: vec![dir.join("a/secret")],
+            ..Policy::default()
+        };
+        let real = dir.canonicalize().unwrap();
+        let grants = policy.read_grants();
+        assert_eq!(
+            grants,
+            vec![
+                real.join("a/file"),
+                real.join("a/keep"),
+                real.join("a/secret/deep"),
+                real.join("b")
+            ],
+            "a protected path's content is granted only where named explicitly: {grants:?}"
+        );
+        let named = Policy {
+            read: vec![dir.join("a/secret")],
+            protect: vec![dir.join("a/secret")],
+            ..Policy::default()
+        };
+        assert!(
+            named.read_grants().is_empty(),
+            "a protected path itself is never granted"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn filters_compile_for_this_machine() {
+        assert_eq!(worker_filters(1234).unwrap().len(), 2);
+        assert_eq!(build_filters().unwrap().len(), 1);
+    }
+}
