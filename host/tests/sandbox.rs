@@ -1,0 +1,394 @@
+//! A variant cannot buy a better score: every attack of issue 13, written into a fixture as an
+//! agent after a better score might write it, is defeated for the right reason.
+//!
+//! The runtime attacks are modes of the `drift` fixture (the baseline's code plus
+//! `src/attacks.rs`), run on a tiny synthetic model, where `sleep` (20 ms before each token)
+//! bounds the honest decode rate at 50 tok/s: a figure above it would be a figure bought. The
+//! build-time attack is the `build-escape` fixture, built by the host. The kernel must offer
+//! Landlock (ABI 3 or later), as machines of this project's kind do; on one without, these
+//! tests fail rather than pass without checking anything.
+
+mod common;
+
+use std::os::fd::FromRawFd;
+use std::path::Path;
+
+use common::{build_plain, fixture, host, landlock_abi, output, records, root, run_fixture};
+use common::{scratch, tiny_model};
+
+/// The most a `sleep` variant can decode: one token per 20 ms, plus a margin for when the
+/// first token's arrival is stamped a little late.
+const SLEEP_BOUND_TOK_S: f64 = 52.0;
+
+fn require_landlock() {
+    assert!(
+        landlock_abi() >= 3,
+        "this kernel has Landlock ABI {}: variant code cannot be confined here",
+        landlock_abi()
+    );
+}
+
+/// `host run` of the drift fixture in `mode` on the tiny model: one round of the `code`
+/// prompt, 16 tokens, the workers' log echoed.
+fn attack(mode: &str, results: &Path, extra: &[&str]) -> (std::process::Output, String, String) {
+    require_landlock();
+    let mut args = vec!["--model", tiny_model().to_str().unwrap()];
+    args.extend(["--prompt", "code", "--max-new-tokens", "16", "--verbose"]);
+    args.extend(extra);
+    run_fixture("drift", mode, results, &args)
+}
+
+/// The lines where the fixture reports attack `name`.
+fn reports<'a>(stderr: &'a str, name: &str) -> Vec<&'a str> {
+    let tag = format!("attack {name}:");
+    stderr.lines().filter(|l| l.contains(&tag)).collect()
+}
+
+/// Asserts the attack `name` ran (`at_least` attempts reported) and none of its attempts
+/// succeeded.
+fn all_denied(stderr: &str, name: &str, at_least: usize) {
+    let lines = reports(stderr, name);
+    assert!(
+        lines.len() >= at_least,
+        "attack {name} reported {} attempts, expected {at_least}:\n{stderr}",
+        lines.len()
+    );
+    for line in lines {
+        assert!(line.contains("denied"), "attack {name} got through: {line}");
+    }
+}
+
+fn decode_of(results: &Path) -> f64 {
+    let rows = records(results);
+    rows.last().unwrap()["decode_tok_s"].parse().unwrap()
+}
+
+#[test]
+fn a_patched_clock_moves_no_figure() {
+    let results = scratch("attack-clock");
+    let (out, _, stderr) = attack("sleep,clock", &results, &[]);
+    assert!(out.status.success(), "{stderr}");
+    if cfg!(target_arch = "x86_64") {
+        let patched = reports(&stderr, "clock");
+        assert!(
+            patched.iter().any(|l| l.ends_with("DONE")),
+            "the worker's clock was patched (the attack ran): {stderr}"
+        );
+    }
+    // The worker's clock runs at half speed, the supervisor's does not.
+    let decode = decode_of(&results);
+    assert!(
+        decode <= SLEEP_BOUND_TOK_S,
+        "decode {decode} tok/s: the patched clock was believed"
+    );
+}
+
+#[test]
+fn a_forged_reply_breaks_the_protocol_and_reaches_no_inherited_descriptor() {
+    // A writable pipe left open (not close-on-exec) by whatever started the host.
+    let mut fds = [0i32; 2];
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    unsafe { libc::fcntl(fds[0], libc::F_SETFL, libc::O_NONBLOCK) };
+    let results = scratch("attack-forge");
+    let (out, _, stderr) = attack("sleep,forge", &results, &[]);
+    assert!(
+        !out.status.success(),
+        "a forged reply must fail the run: {stderr}"
+    );
+    assert!(
+        stderr.contains("broke the worker protocol") && stderr.contains("drift"),
+        "{stderr}"
+    );
+    assert_eq!(records(&results)[0]["status"], "failed");
+    // Nothing reached the inherited pipe: the worker closed it before the variant ran.
+    let mut read_end = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+    unsafe { libc::close(fds[1]) };
+    let mut buf = [0u8; 64];
+    let got = std::io::Read::read(&mut read_end, &mut buf);
+    assert!(
+        matches!(&got, Ok(0))
+            || got
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "the variant wrote into a descriptor the host inherited: {got:?}"
+    );
+}
+
+/// Every memo file the `memo` attack may have left where it outlives a worker.
+fn memo_files() -> Vec<std::path::PathBuf> {
+    let mut dirs = vec![
+        Path::new("/tmp").to_path_buf(),
+        Path::new("/dev/shm").to_path_buf(),
+    ];
+    dirs.extend(std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")));
+    dirs.iter()
+        .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains("autoinfer-drift-memo-"))
+        .collect()
+}
+
+#[test]
+fn a_memo_cannot_outlive_its_worker() {
+    for stale in memo_files() {
+        std::fs::remove_file(stale).unwrap();
+    }
+    let results = scratch("attack-memo");
+    // The same seed twice: the same instances, so only the sandbox keeps the second run from
+    // replaying the first one's answers.
+    for run in 0..2 {
+        let (out, _, stderr) = attack("sleep,memo", &results, &["--seed", "11"]);
+        assert!(out.status.success(), "{stderr}");
+        let saves = reports(&stderr, "memo");
+        assert!(
+            saves
+                .iter()
+                .any(|l| l.contains("save /tmp/") && l.contains("denied")),
+            "{stderr}"
+        );
+        assert!(
+            !stderr.contains("replaying"),
+            "run {run} replayed a memo: {stderr}"
+        );
+        let decode = decode_of(&results);
+        assert!(
+            decode <= SLEEP_BOUND_TOK_S,
+            "run {run}: decode {decode} tok/s"
+        );
+        assert_eq!(
+            memo_files(),
+            Vec::<std::path::PathBuf>::new(),
+            "a memo outlived the run"
+        );
+    }
+    let rows = records(&results);
+    assert_eq!(rows[0]["seed"], "11");
+    assert_eq!(rows[1]["seed"], "11");
+}
+
+#[test]
+fn the_results_the_oracle_and_the_host_are_out_of_reach() {
+    let results = scratch("attack-escape");
+    let (out, _, stderr) = attack("sleep", &results, &[]);
+    assert!(out.status.success(), "{stderr}");
+    let before = std::fs::read_to_string(results.join("results.tsv")).unwrap();
+    let (out, _, stderr) = attack("escape", &results, &[]);
+    assert!(out.status.success(), "{stderr}");
+    all_denied(&stderr, "escape", 5);
+    let after = std::fs::read_to_string(results.join("results.tsv")).unwrap();
+    assert!(after.starts_with(&before), "earlier rows intact");
+    assert_eq!(records(&results).len(), 2, "only the host's rows: {after}");
+    assert!(!after.contains("forged"), "{after}");
+    let planted = root().join("target/autoinfer-oracle/cache/scores/escaped.json");
+    assert!(
+        !planted.exists(),
+        "the variant wrote into the oracle's cache"
+    );
+}
+
+#[test]
+fn the_supervisor_cannot_be_signalled() {
+    let results = scratch("attack-kill");
+    let (out, _, stderr) = attack("kill-parent", &results, &[]);
+    assert!(out.status.success(), "the host must survive: {stderr}");
+    all_denied(&stderr, "kill-parent", 1);
+}
+
+/// `host compare variants/baseline drift` on the tiny model with the drift fixture in `mode`.
+fn compare_against(
+    mode: &str,
+    results: &Path,
+    tokens: &str,
+) -> (std::process::Output, String, String) {
+    require_landlock();
+    build_plain();
+    let mut cmd = host();
+    cmd.args(["compare", "variants/baseline"])
+        .arg(fixture("drift"))
+        .args(["--no-build", "--model"])
+        .arg(tiny_model())
+        .args(["--prompt", "code", "--max-new-tokens", tokens])
+        .args([
+            "--looks",
+            "2",
+            "--rounds-per-look",
+            "2",
+            "--verbose",
+            "--results",
+        ])
+        .arg(results)
+        .env("AUTOINFER_FIXTURE_MODE", mode)
+        .env("CARGO_TARGET_DIR", root().join("target"));
+    output(&mut cmd)
+}
+
+#[test]
+fn the_other_side_of_a_comparison_is_out_of_reach() {
+    let results = scratch("attack-others");
+    let (out, _, stderr) = compare_against("others", &results, "8");
+    assert!(matches!(out.status.code(), Some(0 | 3 | 4)), "{stderr}");
+    let lines = reports(&stderr, "others");
+    assert!(
+        lines.iter().any(|l| l.contains("pin worker")),
+        "the other worker was found and attacked: {stderr}"
+    );
+    all_denied(&stderr, "others", 5);
+}
+
+#[test]
+fn a_variant_burns_no_cpu_while_the_other_side_is_measured() {
+    let results = scratch("attack-spin");
+    let (out, stdout, stderr) = compare_against("spin", &results, "64");
+    // Not exit 1: the frozen worker used no CPU (else "used ... ms of CPU while it was frozen").
+    assert!(
+        matches!(out.status.code(), Some(0 | 3 | 4)),
+        "{stdout}{stderr}"
+    );
+    // Its spinning threads ran only in the moments between its own answer and its freezing.
+    let burnt: Vec<f64> = reports(&stderr, "spin")
+        .iter()
+        .filter_map(|l| l.split("burnt ").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(burnt.len() >= 4, "the attack ran: {stderr}");
+    assert!(
+        burnt.iter().all(|&ms| ms < 50.0),
+        "the spinner burnt CPU between its requests (ms): {burnt:?}"
+    );
+    // Every request of the comparison had an instance of its own.
+    let row = &records(&results)[0];
+    let record: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(results.join("runs").join(&row["json"])).unwrap(),
+    )
+    .unwrap();
+    let texts: Vec<&str> = record["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["a"]["instance"]["user_text"].as_str().unwrap())
+        .collect();
+    let distinct: std::collections::HashSet<&&str> = texts.iter().collect();
+    assert_eq!(distinct.len(), texts.len(), "{texts:?}");
+    for pair in record["pairs"].as_array().unwrap() {
+        assert_eq!(
+            pair["a"]["instance"], pair["b"]["instance"],
+            "A and B share each instance"
+        );
+    }
+}
+
+/// The processes whose command line is `sleep 617` (what the build-escape fixture leaves).
+fn lingering() -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.trim() == "sleep 617")
+        .collect()
+}
+
+#[test]
+fn a_build_script_writes_only_its_own_build_output() {
+    require_landlock();
+    build_plain();
+    let results = scratch("attack-build");
+    std::fs::write(results.join("results.tsv"), "").unwrap();
+    let mut cmd = host();
+    cmd.arg("run")
+        .arg(fixture("build-escape"))
+        .arg("--model")
+        .arg(tiny_model())
+        .args([
+            "--prompt",
+            "code",
+            "--max-new-tokens",
+            "4",
+            "--rounds",
+            "1",
+            "--results",
+        ])
+        .arg(&results)
+        .env("AUTOINFER_FIXTURE_MODE", "build-escape");
+    let (_, _, stderr) = output(&mut cmd);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("build-escape: "))
+        .collect();
+    assert!(lines.len() >= 14, "the build script ran: {stderr}");
+    for line in &lines {
+        let allowed = line.contains("its own build output") || line.contains("leave a process");
+        assert_eq!(
+            line.ends_with("DONE"),
+            allowed,
+            "{line}\n(only its own build output may be written)"
+        );
+    }
+    // The process it left running was ended with the build.
+    assert_eq!(
+        lingering(),
+        Vec::<String>::new(),
+        "a build script's process outlived it"
+    );
+}
+
+#[test]
+fn only_the_committed_harness_measures() {
+    require_landlock();
+    build_plain();
+    // A clone of the checkout's HEAD, with a quality threshold lowered.
+    let clone = scratch("harness-clone");
+    std::fs::remove_dir_all(&clone).unwrap();
+    git2::Repository::clone(root().to_str().unwrap(), &clone).expect("clone the checkout");
+    let protocol = clone.join("prompts/protocol.toml");
+    let text = std::fs::read_to_string(&protocol).unwrap();
+    std::fs::write(
+        &protocol,
+        text.replace("min_agreement = 0.999", "min_agreement = 0.5"),
+    )
+    .unwrap();
+    let in_clone = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_host"));
+        cmd.current_dir(&clone)
+            .args(args)
+            .env("CARGO_TARGET_DIR", root().join("target"));
+        output(&mut cmd)
+    };
+    let results = clone.join("results");
+    let (out, _, stderr) = in_clone(&["compare", "variants/baseline", "variants/baseline"]);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("refuses to measure") && stderr.contains("prompts/protocol.toml"),
+        "{stderr}"
+    );
+    assert!(
+        records(&results).is_empty(),
+        "refused before measuring: no row"
+    );
+    let (out, _, stderr) = in_clone(&["keep", "-m", "faster"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("host keep refuses") && stderr.contains("prompts/protocol.toml"),
+        "{stderr}"
+    );
+    // A run measures, but says so before and after, and its row can match no other.
+    let drift = clone.join("host/tests/fixtures/variants/drift");
+    let (out, _, stderr) = in_clone(&[
+        "run",
+        drift.to_str().unwrap(),
+        "--no-build",
+        "--model",
+        tiny_model().to_str().unwrap(),
+        "--prompt",
+        "code",
+        "--max-new-tokens",
+        "4",
+        "--rounds",
+        "1",
+    ]);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("HARNESS MODIFIED").count(), 2, "{stderr}");
+    assert!(stderr.contains("prompts/protocol.toml"), "{stderr}");
+    let row = &records(&results)[0];
+    assert!(row["harness"].starts_with("modified-"), "{row:?}");
+    std::fs::remove_dir_all(&clone).unwrap();
+}
