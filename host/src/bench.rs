@@ -187,11 +187,9 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         Some(root) if !args.no_build => {
             // The committed baseline's build is what the variant's confined build starts from.
             crate::oracle::OracleBuild::prepare(root, args.device)?;
-            variant.library_for(false, args.device, &crate::setup::build_sandbox(root, None))?
+            variant.library_for(false, args.device, &crate::setup::build_sandbox(root))?
         }
-        Some(root) => {
-            variant.library_for(true, args.device, &crate::setup::build_sandbox(root, None))?
-        }
+        Some(root) => variant.library_for(true, args.device, &crate::setup::build_sandbox(root))?,
         None => anyhow::bail!(
             "host bench builds a variant inside an autoinfer checkout (its build starts from the \
              committed baseline's); run it from the checkout, or use --no-build"
@@ -209,7 +207,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         threads: Some(args.threads),
         device: Some(args.device),
     };
-    let protect = crate::setup::protected_paths(root.as_deref(), None, true);
+    let protect = crate::setup::protected_paths(root.as_deref(), None);
     let mut worker = Worker::spawn(&Spawn {
         variant: &name,
         lib: &lib,

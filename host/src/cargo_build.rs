@@ -69,8 +69,6 @@ pub struct BuildSandbox {
     pub slots: PathBuf,
     /// The sources the build may read, besides the system and the toolchain.
     pub sources: Vec<PathBuf>,
-    /// What stays out of reach inside those (build outputs, results, caches).
-    pub protect: Vec<PathBuf>,
 }
 
 impl BuildSandbox {
@@ -258,8 +256,8 @@ impl VariantCrate {
     /// Builds the crate for `device` as variant code: in a fresh private target directory (a
     /// copy of `sandbox.seed`, so compiled dependencies are not compiled again), with cargo and
     /// everything it runs (build scripts, proc macros) confined to reading the sources and the
-    /// toolchain and writing that directory ([`crate::sandbox`]). Nothing a build leaves can
-    /// reach another build, the harness or the results. The library is copied to `out`.
+    /// toolchain and writing only that directory ([`crate::sandbox`]). Nothing a build leaves
+    /// can reach another build, the harness or the results. The library is copied to `out`.
     pub fn build_confined(
         &self,
         device: Device,
@@ -281,9 +279,6 @@ impl VariantCrate {
             command.arg("confine");
             for path in sandbox.read_paths() {
                 command.arg("--read").arg(path);
-            }
-            for path in &sandbox.protect {
-                command.arg("--protect").arg(path);
             }
             command
                 .arg("--write")

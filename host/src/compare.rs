@@ -467,7 +467,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     // The oracle first: the variants' builds start from its compiled dependencies.
     let oracle_build = OracleBuild::prepare(&root, oracle_device)?;
     let results_dir = args.results.clone().unwrap_or_else(|| root.join("results"));
-    let sandbox = crate::setup::build_sandbox(&root, Some(&results_dir));
+    let sandbox = crate::setup::build_sandbox(&root);
     let a = Side::resolve(&root, &a_arg, args.no_build, device, &sandbox)
         .with_context(|| format!("variant A ({a_arg})"))?;
     let b = Side::resolve(&root, &b_arg, args.no_build, device, &sandbox)
@@ -498,7 +498,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         sandbox_level,
     );
     let stem = format!("{}-compare-{}", provenance.time.replace(':', ""), b.package);
-    let protect = crate::setup::protected_paths(Some(&root), Some(&results_dir), true);
+    let protect = crate::setup::protected_paths(Some(&root), Some(&results_dir));
     let order = setup.order();
 
     let mut measured = Measured::default();

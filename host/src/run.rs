@@ -95,7 +95,7 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     // since the variant's build starts from its compiled dependencies.
     let oracle_build = OracleBuild::prepare(&root, oracle_device)?;
     let results_dir = args.results.clone().unwrap_or_else(|| root.join("results"));
-    let sandbox = crate::setup::build_sandbox(&root, Some(&results_dir));
+    let sandbox = crate::setup::build_sandbox(&root);
     let (lib, build) = variant.library_for(args.no_build, setup.device, &sandbox)?;
     let sandbox_level = crate::sandbox::Support::probe().worker_level().and(build);
     if !sandbox_level.is_full() {
@@ -113,7 +113,7 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         sandbox_level,
     );
     let stem = format!("{}-{}", provenance.time.replace(':', ""), variant.package);
-    let protect = crate::setup::protected_paths(Some(&root), Some(&results_dir), true);
+    let protect = crate::setup::protected_paths(Some(&root), Some(&results_dir));
     let order = setup.order();
     let prompts = &setup.prompts;
     let codec = &setup.codec;

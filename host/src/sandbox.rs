@@ -246,9 +246,8 @@ impl Policy {
     }
 
     /// The read rules after carving out [`Policy::protect`]: each `read` hierarchy, or, where a
-    /// protected path lies inside one, its other children (recursively), never a child that
-    /// is or leads (as a symlink) into a protected path. A `read` hierarchy named explicitly
-    /// inside a protected one (a build's sources under the target directory) is granted.
+    /// protected path lies inside one, its other children (recursively), never one that is,
+    /// lies inside or leads (as a symlink) into a protected path.
     pub fn read_grants(&self) -> Vec<PathBuf> {
         let protect: Vec<PathBuf> = self
             .protect
@@ -271,12 +270,7 @@ fn carve(path: &Path, protect: &[PathBuf], out: &mut Vec<PathBuf>, depth: usize)
     let Ok(real) = path.canonicalize() else {
         return;
     };
-    // Children of a granted hierarchy inside a protected path stay out; a hierarchy named
-    // explicitly (depth 0) is granted even there, unless it is itself protected.
-    if protect
-        .iter()
-        .any(|p| real.starts_with(p) && (depth > 0 || &real == p))
-    {
+    if protect.iter().any(|p| real.starts_with(p)) {
         return;
     }
     if !protect.iter().any(|p| p.starts_with(&real)) {

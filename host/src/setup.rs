@@ -121,16 +121,14 @@ pub fn find_root(start: &Path) -> Result<PathBuf> {
         })
 }
 
-/// What variant code must not reach even where it lies inside a hierarchy it may read: the
-/// target directory (the host binary, the oracle's build and cache, other builds) wherever
-/// `CARGO_TARGET_DIR` puts it, the results, and autoinfer's cache (models, tools); for a worker,
-/// which reads nothing of the checkout, the checkout `root` as well.
-pub fn protected_paths(root: Option<&Path>, results: Option<&Path>, worker: bool) -> Vec<PathBuf> {
+/// What a worker must not reach even where it lies inside a hierarchy it may read (a system
+/// directory, an `LD_LIBRARY_PATH` entry): the checkout `root`, the target directory (the host
+/// binary, the oracle's build and cache, other builds) wherever `CARGO_TARGET_DIR` puts it, the
+/// results, and autoinfer's cache (models, tools).
+pub fn protected_paths(root: Option<&Path>, results: Option<&Path>) -> Vec<PathBuf> {
     let mut paths = vec![crate::fetch::cache_dir()];
     if let Some(root) = root {
-        if worker {
-            paths.push(root.to_path_buf());
-        }
+        paths.push(root.to_path_buf());
         paths.push(crate::revision::target_dir(root));
     }
     paths.extend(crate::cargo_build::target_dir_from_env());
@@ -139,14 +137,14 @@ pub fn protected_paths(root: Option<&Path>, results: Option<&Path>, worker: bool
 }
 
 /// How variant builds in the checkout at `root` are confined: they start from the committed
-/// baseline's build ([`crate::revision::seed_dir`]), may read the checkout but not its build
-/// outputs, the results or the caches, and write only their private target directory.
-pub fn build_sandbox(root: &Path, results: Option<&Path>) -> BuildSandbox {
+/// baseline's build ([`crate::revision::seed_dir`]), may read the checkout (its sources; cargo
+/// lists a package's files through the repository, so the whole hierarchy), the toolchain
+/// and the system, and write only their private target directory.
+pub fn build_sandbox(root: &Path) -> BuildSandbox {
     BuildSandbox {
         seed: Some(crate::revision::seed_dir(root)),
         slots: crate::revision::slots_dir(root),
         sources: vec![root.to_path_buf()],
-        protect: protected_paths(Some(root), results, false),
     }
 }
 
