@@ -126,7 +126,9 @@ pub fn run_fixture(
     cmd.args(["run"]).arg(fixture(name)).args(["--rounds", "1"]);
     if PREBUILT_FIXTURES.contains(&name) {
         build_plain();
-        cmd.arg("--no-build");
+        if !extra.contains(&"--no-build") {
+            cmd.arg("--no-build");
+        }
     }
     if !extra.contains(&"--max-new-tokens") {
         cmd.args(["--max-new-tokens", "4"]);
