@@ -197,6 +197,9 @@ pub struct Policy {
     pub write: Vec<PathBuf>,
     /// Device files to open for reading and writing (`/dev/null`, a GPU's nodes).
     pub devices: Vec<PathBuf>,
+    /// Single files to read as named, even inside a protected path: a worker's own program,
+    /// which it runs anyway (the CUDA driver opens it).
+    pub exact: Vec<PathBuf>,
     /// Paths that must stay out of reach even where they lie inside a `read` hierarchy: the
     /// checkout's build outputs, the results, the oracle's cache, the model cache.
     pub protect: Vec<PathBuf>,
@@ -321,6 +324,9 @@ pub fn landlock(policy: &Policy) -> Result<RulesetStatus, SandboxError> {
     }
     for path in &policy.devices {
         rules.push((path.clone(), device));
+    }
+    for path in &policy.exact {
+        rules.push((path.clone(), AccessFs::ReadFile.into()));
     }
     for (path, wanted) in rules {
         // A missing path grants nothing; that is not an error.
@@ -518,8 +524,11 @@ fn own_process_only(pid: Option<u32>) -> Result<Vec<(i64, Vec<SeccompRule>)>, Sa
 /// The seccomp filters of a worker, for the process `pid`: [`always_denied`], other
 /// processes' scheduling ([`own_process_only`]), signals to anything but itself, new
 /// processes and programs (threads only: a frozen worker must have no process that keeps
-/// running), and sockets (no network, no connection to another process). `clone3` answers
-/// ENOSYS, so that the C library falls back to `clone`, whose flags a filter can read.
+/// running), and the network and other processes' sockets: only local (unix) sockets can be
+/// made, and every `connect`, addressed `sendto` and `sendmsg` answers ENOENT, as if no one
+/// listened there (the CUDA driver makes a unix socket and tries the MPS daemon's address at
+/// start-up; told there is none, it carries on). `clone3` answers ENOSYS, so that the C library falls
+/// back to `clone`, whose flags a filter can read.
 pub fn worker_filters(pid: u32) -> Result<Vec<BpfProgram>, SandboxError> {
     let mut deny: Vec<(i64, Vec<SeccompRule>)> =
         always_denied().into_iter().map(|nr| (nr, vec![])).collect();
@@ -541,10 +550,17 @@ pub fn worker_filters(pid: u32) -> Result<Vec<BpfProgram>, SandboxError> {
         libc::SYS_pidfd_send_signal,
         libc::SYS_execve,
         libc::SYS_execveat,
-        libc::SYS_socket,
     ] {
         deny.push((nr, vec![]));
     }
+    deny.push((
+        libc::SYS_socket,
+        vec![rule(vec![cond(
+            0,
+            SeccompCmpOp::Ne,
+            libc::AF_UNIX as u64,
+        )?])?],
+    ));
     #[cfg(target_arch = "x86_64")]
     for nr in [libc::SYS_fork, libc::SYS_vfork] {
         deny.push((nr, vec![]));
@@ -558,9 +574,18 @@ pub fn worker_filters(pid: u32) -> Result<Vec<BpfProgram>, SandboxError> {
             0,
         )?])?],
     ));
+    let addressed = SeccompCondition::new(4, SeccompCmpArgLen::Qword, SeccompCmpOp::Ne, 0)
+        .map_err(|e| SandboxError::Seccomp(format!("{e:?}")))?;
+    let refused = vec![
+        (libc::SYS_connect, vec![]),
+        (libc::SYS_sendto, vec![rule(vec![addressed])?]),
+        (libc::SYS_sendmsg, vec![]),
+        (libc::SYS_sendmmsg, vec![]),
+    ];
     Ok(vec![
         deny_filter(deny, libc::EPERM)?,
         deny_filter(vec![(libc::SYS_clone3, vec![])], libc::ENOSYS)?,
+        deny_filter(refused, libc::ENOENT)?,
     ])
 }
 
@@ -783,7 +808,7 @@ mod tests {
 
     #[test]
     fn filters_compile_for_this_machine() {
-        assert_eq!(worker_filters(1234).unwrap().len(), 2);
+        assert_eq!(worker_filters(1234).unwrap().len(), 3);
         assert_eq!(build_filters().unwrap().len(), 1);
     }
 }

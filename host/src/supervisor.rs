@@ -16,7 +16,7 @@ use std::io::{Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -160,6 +160,9 @@ pub struct Worker {
     cpu_clock: Option<libc::clockid_t>,
     /// The worker's CPU time when it was frozen; `None` while it runs.
     frozen_at_ns: Option<u64>,
+    /// For a worker that can reset its peak-memory counter (a CUDA worker may write its
+    /// threads' /proc entries): the highest memory seen by sampling it.
+    sampler: Option<MemorySampler>,
     /// Time from spawning to `Ready`, by the supervisor's clock.
     pub load_ms: f64,
 }
@@ -305,6 +308,8 @@ impl Worker {
             scratch,
             cpu_clock: cpu_clock(pid),
             frozen_at_ns: None,
+            sampler: matches!(spec.load.device, Some(plugin_api::Device::Cuda(_)))
+                .then(|| MemorySampler::start(pid)),
             load_ms: 0.0,
         };
         let label = "loading the variant";
@@ -363,7 +368,10 @@ impl Worker {
                 }
             }
         }
-        let peak_rss_kib = peak_rss_kib(self.pid());
+        let mut peak_rss_kib = peak_rss_kib(self.pid());
+        if let Some(sampler) = &self.sampler {
+            peak_rss_kib = peak_rss_kib.max(sampler.peak_kib.load(Ordering::Relaxed));
+        }
         let cpu_ms = self.cpu_ns().saturating_sub(cpu_before) as f64 / 1e6;
         self.freeze();
         Ok(Generation {
@@ -589,6 +597,48 @@ impl Drop for Worker {
     }
 }
 
+/// Samples a process's memory every [`SAMPLE_EVERY`] and keeps the highest figure seen (its
+/// high-water mark or its resident size), so that resetting the high-water mark (writing
+/// `clear_refs`) can hide only what is allocated and freed between two samples.
+struct MemorySampler {
+    peak_kib: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+/// How often [`MemorySampler`] reads a process's memory.
+const SAMPLE_EVERY: Duration = Duration::from_millis(10);
+
+impl MemorySampler {
+    fn start(pid: libc::pid_t) -> MemorySampler {
+        let peak_kib = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (peak, done) = (peak_kib.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+                    return; // gone
+                };
+                for key in ["VmHWM:", "VmRSS:"] {
+                    let kib = status
+                        .lines()
+                        .find(|l| l.starts_with(key))
+                        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                        .unwrap_or(0);
+                    peak.fetch_max(kib, Ordering::Relaxed);
+                }
+                std::thread::sleep(SAMPLE_EVERY);
+            }
+        });
+        MemorySampler { peak_kib, stop }
+    }
+}
+
+impl Drop for MemorySampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 /// The CPU-time clock of process `pid`, readable from outside it.
 fn cpu_clock(pid: libc::pid_t) -> Option<libc::clockid_t> {
     let mut clock: libc::clockid_t = 0;
@@ -671,6 +721,33 @@ mod tests {
         assert!(describe_exit(Some(ExitStatus::from_raw(libc::SIGSEGV))).contains("SIGSEGV"));
         assert!(describe_exit(Some(ExitStatus::from_raw(libc::SIGABRT))).contains("SIGABRT"));
         assert!(describe_exit(Some(ExitStatus::from_raw(3 << 8))).contains("status 3"));
+    }
+
+    #[test]
+    fn sampling_keeps_a_peak_that_clear_refs_resets() {
+        // A child that touches 256 MiB, frees it, then resets its high-water mark as a worker
+        // allowed to write its /proc entries could, and waits.
+        let script = "import time\nb = bytearray(256 << 20)\ntime.sleep(0.3)\ndel b\n\
+                      open('/proc/self/clear_refs', 'w').write('5')\ntime.sleep(5)\n";
+        let mut child = Command::new("python3")
+            .args(["-c", script])
+            .spawn()
+            .unwrap();
+        let pid = child.id() as libc::pid_t;
+        let sampler = MemorySampler::start(pid);
+        std::thread::sleep(Duration::from_millis(1500));
+        let after = peak_rss_kib(pid);
+        let sampled = sampler.peak_kib.load(Ordering::Relaxed);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(
+            after < 128 << 10,
+            "the reset took effect: VmHWM {after} KiB"
+        );
+        assert!(
+            sampled >= 250 << 10,
+            "the sampler kept the 256 MiB peak: {sampled} KiB (VmHWM now {after} KiB)"
+        );
     }
 
     #[test]

@@ -96,13 +96,20 @@ fn fail(out: &mut File, message: String) -> Result<()> {
     send(out, &Message::Failed { message })
 }
 
-/// What the worker may touch once confined: the system's files, its scratch directory, and a
-/// GPU's device nodes when it computes on one.
+/// What the worker may touch once confined: the system's files and its scratch directory; on
+/// a GPU also what the CUDA driver needs: the device nodes, its own program (the driver opens
+/// it), and its threads' /proc entries (the driver names its threads there; they include
+/// `clear_refs`, which resets the peak-memory counter, so the supervisor samples a CUDA
+/// worker's memory instead of trusting the counter: [`crate::supervisor`]).
 fn policy(args: &WorkerArgs) -> Policy {
     let mut policy = Policy::system();
     policy.write.push(args.scratch.clone());
     if matches!(args.device, Some(Device::Cuda(_))) {
         policy.devices.extend(Policy::nvidia_devices());
+        policy
+            .exact
+            .extend(std::fs::read_link("/proc/self/exe").ok());
+        policy.write.push("/proc/self/task".into());
     }
     policy.protect = args.protect.clone();
     policy

@@ -167,7 +167,11 @@ fn a_variant_that_buffers_its_tokens_is_never_kept() {
         &results,
         &["--looks", "2", "--rounds-per-look", "2"],
     );
-    assert_eq!(out.status.code(), Some(1), "a failure exits 1: {stdout}{err}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failure exits 1: {stdout}{err}"
+    );
     assert!(
         err.contains(&format!("variant B ({})", drift())) && err.contains("in one instant"),
         "{err}"
