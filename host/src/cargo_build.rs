@@ -257,12 +257,13 @@ impl VariantCrate {
     /// copy of `sandbox.seed`, so compiled dependencies are not compiled again), with cargo and
     /// everything it runs (build scripts, proc macros) confined to reading the sources and the
     /// toolchain and writing only that directory ([`crate::sandbox`]). Nothing a build leaves
-    /// can reach another build, the harness or the results. The library is copied to `out`.
+    /// can reach another build, the harness or the results. The library is copied to `out`, or
+    /// beside the private directory (named like it) when `out` is `None`.
     pub fn build_confined(
         &self,
         device: Device,
         sandbox: &BuildSandbox,
-        out: &Path,
+        out: Option<&Path>,
     ) -> Result<PathBuf, BuildError> {
         self.feature_for(device)?;
         self.fetch()?;
@@ -270,6 +271,10 @@ impl VariantCrate {
             dir: sandbox.slots.clone(),
             source: e,
         })?;
+        // Without a place of its own, the library goes beside the slot, under the slot's
+        // unique name (two variants of one package name never share it).
+        let beside = slot.with_extension("so");
+        let out = out.unwrap_or(&beside);
         let built = (|| {
             let exe = std::env::current_exe().map_err(|source| BuildError::Cargo {
                 cargo: "host confine".into(),
@@ -439,16 +444,7 @@ impl VariantCrate {
         if no_build {
             return Ok((self.built_library()?, Level::not_built_by_host()));
         }
-        let suffix = device
-            .cargo_feature()
-            .map(|f| format!("-{f}"))
-            .unwrap_or_default();
-        let out = sandbox.slots.join(format!(
-            "{}-lib-{}{suffix}.so",
-            std::process::id(),
-            self.package
-        ));
-        let lib = self.build_confined(device, sandbox, &out)?;
+        let lib = self.build_confined(device, sandbox, None)?;
         Ok((lib, Support::probe().build_level()))
     }
 

@@ -411,6 +411,8 @@ struct CompareRecord<'a> {
     scored_rounds: &'a [u32],
     oracle: Option<OracleCost>,
     pairs: &'a [Pair],
+    /// The untimed warm-ups of each round's workers (their instances are fresh too).
+    warmups: &'a [Pair],
 }
 
 /// The two variants of a comparison and what their workers must not reach.
@@ -424,6 +426,8 @@ struct Sides<'a> {
 #[derive(Default)]
 struct Measured {
     pairs: Vec<Pair>,
+    /// The warm-up requests (not counted), each round's, kept for the record.
+    warmups: Vec<Pair>,
     looks: Vec<Vec<FigureResult>>,
     rounds: u32,
     seconds: f64,
@@ -620,6 +624,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         scored_rounds: &scored_rounds,
         oracle: oracle_cost.clone(),
         pairs: &measured.pairs,
+        warmups: &measured.warmups,
     };
     let json = record::write_json(&results_dir, &stem, &record)?;
     let summary = (!b_samples.is_empty()).then(|| Summary::of(&b_samples, &order));
@@ -774,12 +779,19 @@ fn measure(
         for planned in &plan.warmups[round as usize] {
             let label = planned.label(max_rounds);
             bar.set_message(format!("{label}, A and B, round {}", round + 1));
-            let s = timed_request(setup, &mut worker_a, &name_a, planned, &label)?;
-            log(format!("A {}", request_line(&s, &label)));
+            let a = timed_request(setup, &mut worker_a, &name_a, planned, &label)?;
+            log(format!("A {}", request_line(&a, &label)));
             bar.inc(1);
-            let s = timed_request(setup, &mut worker_b, &name_b, planned, &label)?;
-            log(format!("B {}", request_line(&s, &label)));
+            let b = timed_request(setup, &mut worker_b, &name_b, planned, &label)?;
+            log(format!("B {}", request_line(&b, &label)));
             bar.inc(1);
+            out.warmups.push(Pair {
+                round,
+                prompt: planned.instance.prompt.clone(),
+                order: Order::AB,
+                a,
+                b,
+            });
         }
         for planned in &plan.rounds[round as usize] {
             let label = planned.label(max_rounds);

@@ -181,7 +181,7 @@ impl Committed {
                         sources: vec![src.clone()],
                         ..sandbox.clone()
                     };
-                    Ok(c.build_confined(device, &sandbox, &lib)?)
+                    Ok(c.build_confined(device, &sandbox, Some(&lib))?)
                 }
                 None => {
                     let built = c.build_trusted(&seed_dir(&self.root), device)?;

@@ -55,6 +55,8 @@ struct RunRecord<'a> {
     /// Which baseline scored the run, and what that cost.
     oracle: Option<OracleRecord>,
     samples: &'a [Sample],
+    /// The untimed warm-up requests (their instances are fresh too).
+    warmups: &'a [Sample],
 }
 
 /// The oracle's identity and cost, as recorded.
@@ -117,19 +119,15 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     let order = setup.order();
     let prompts = &setup.prompts;
     let codec = &setup.codec;
-    let mut samples = Vec::new();
-    let mut load_ms = 0.0;
+    let mut measured = Measured::default();
 
     let roofline = crate::physics::Roofline::new(model.view, crate::physics::measure_bandwidth());
-    let outcome = measure(
-        args,
-        &setup,
-        &lib,
-        &plan,
-        &protect,
-        &mut samples,
-        &mut load_ms,
-    );
+    let outcome = measure(args, &setup, &lib, &plan, &protect, &mut measured);
+    let Measured {
+        mut samples,
+        warmups,
+        load_ms,
+    } = measured;
     let summary = outcome.is_ok().then(|| Summary::of(&samples, &order));
     let fastest = samples
         .iter()
@@ -182,6 +180,7 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
             cost: oracle_cost.clone(),
         }),
         samples: &samples,
+        warmups: &warmups,
     };
     let json = record::write_json(&results_dir, &stem, &record)?;
     let row = record::row(
@@ -292,6 +291,14 @@ pub fn progress_bar(len: usize, prefix: &str) -> ProgressBar {
     bar
 }
 
+/// What measuring produced, failed or not.
+#[derive(Default)]
+struct Measured {
+    samples: Vec<Sample>,
+    warmups: Vec<Sample>,
+    load_ms: f64,
+}
+
 /// The measured part: one worker, the warm-up, then every timed request.
 fn measure(
     args: &RunArgs,
@@ -299,8 +306,7 @@ fn measure(
     lib: &Path,
     plan: &[&Planned],
     protect: &[PathBuf],
-    samples: &mut Vec<Sample>,
-    load_ms: &mut f64,
+    out: &mut Measured,
 ) -> Result<()> {
     let name = args.variant.display().to_string();
     let mut worker = Worker::spawn(&Spawn {
@@ -312,7 +318,7 @@ fn measure(
         load: setup.load_request(),
         protect,
     })?;
-    *load_ms = worker.load_ms;
+    out.load_ms = worker.load_ms;
 
     let bar = progress_bar(plan.len(), "");
     for (i, planned) in plan.iter().enumerate() {
@@ -328,7 +334,9 @@ fn measure(
         log_line(&bar, line);
         bar.inc(1);
         if planned.round.is_some() {
-            samples.push(sample);
+            out.samples.push(sample);
+        } else {
+            out.warmups.push(sample);
         }
     }
     bar.finish_and_clear();

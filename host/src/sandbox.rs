@@ -651,35 +651,30 @@ pub fn confine_worker(policy: &Policy, support: Support) -> Result<(), SandboxEr
             thread_count()
         )));
     }
-    drop_capabilities()?;
-    if support.landlock_abi > 0 {
-        let status = landlock(policy)?;
-        if status == RulesetStatus::NotEnforced {
-            return Err(SandboxError::Landlock(
-                "the kernel reports Landlock but enforced nothing".into(),
-            ));
-        }
-    }
-    if support.seccomp {
-        seccomp(&worker_filters(std::process::id())?)?;
-    }
-    Ok(())
+    confine(policy, support, || worker_filters(std::process::id()))
 }
 
 /// Confines a build helper before it runs cargo: no capabilities, Landlock with `policy` and
 /// the build's seccomp filter.
 pub fn confine_build(policy: &Policy, support: Support) -> Result<(), SandboxError> {
+    confine(policy, support, build_filters)
+}
+
+/// Drops the capabilities, applies Landlock with `policy` and installs the seccomp `filters`,
+/// each mechanism the kernel offers; one that it offers but enforces nothing of is an error.
+fn confine(
+    policy: &Policy,
+    support: Support,
+    filters: impl FnOnce() -> Result<Vec<BpfProgram>, SandboxError>,
+) -> Result<(), SandboxError> {
     drop_capabilities()?;
-    if support.landlock_abi > 0 {
-        let status = landlock(policy)?;
-        if status == RulesetStatus::NotEnforced {
-            return Err(SandboxError::Landlock(
-                "the kernel reports Landlock but enforced nothing".into(),
-            ));
-        }
+    if support.landlock_abi > 0 && landlock(policy)? == RulesetStatus::NotEnforced {
+        return Err(SandboxError::Landlock(
+            "the kernel reports Landlock but enforced nothing".into(),
+        ));
     }
     if support.seccomp {
-        seccomp(&build_filters()?)?;
+        seccomp(&filters()?)?;
     }
     Ok(())
 }
@@ -696,9 +691,6 @@ pub struct ConfineArgs {
     /// A device file to open for reading and writing.
     #[arg(long)]
     pub device: Vec<PathBuf>,
-    /// A path to keep out of reach inside the readable hierarchies.
-    #[arg(long)]
-    pub protect: Vec<PathBuf>,
     /// The program and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<std::ffi::OsString>,
@@ -712,7 +704,6 @@ pub fn confine_and_exec(args: &ConfineArgs) -> anyhow::Result<()> {
     policy.read.extend(args.read.iter().cloned());
     policy.write.extend(args.write.iter().cloned());
     policy.devices.extend(args.device.iter().cloned());
-    policy.protect.extend(args.protect.iter().cloned());
     confine_build(&policy, Support::probe())?;
     let (program, rest) = args
         .command

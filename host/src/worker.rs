@@ -56,20 +56,34 @@ struct StreamSink<'a> {
     out: &'a mut File,
     max: usize,
     sent: usize,
+    /// The line being written, reused: no allocation per token.
+    line: String,
 }
 
 impl TokenSink for StreamSink<'_> {
     fn emit(&mut self, tokens: RSlice<'_, u32>) -> bool {
-        let line = Message::Tokens {
-            ids: tokens.to_vec(),
-        }
-        .line();
-        if self.out.write_all(line.as_bytes()).is_err() {
+        tokens_line(&mut self.line, tokens.as_slice());
+        if self.out.write_all(self.line.as_bytes()).is_err() {
             return false; // the supervisor is gone
         }
         self.sent += tokens.len();
         self.sent < self.max
     }
+}
+
+/// Writes `tokens` into `line` as a [`Message::Tokens`] line, as serde would, without
+/// allocating (the per-token path of every generation).
+fn tokens_line(line: &mut String, tokens: &[u32]) {
+    use std::fmt::Write as _;
+    line.clear();
+    line.push_str("{\"Tokens\":{\"ids\":[");
+    for (i, t) in tokens.iter().enumerate() {
+        if i > 0 {
+            line.push(',');
+        }
+        let _ = write!(line, "{t}");
+    }
+    line.push_str("]}}\n");
 }
 
 /// Takes fd 1 for messages and sends everything else written to stdout to stderr.
@@ -177,6 +191,7 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
                     out: &mut out,
                     max: max_new_tokens as usize,
                     sent: 0,
+                    line: String::with_capacity(64),
                 };
                 let result = variant.generate(
                     RSlice::from_slice(&prompt),
@@ -207,4 +222,19 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         send(&mut out, &reply)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_line_is_the_message_serde_writes() {
+        let mut line = String::new();
+        for tokens in [&[][..], &[7], &[1, 49151, 0]] {
+            tokens_line(&mut line, tokens);
+            let ids = tokens.to_vec();
+            assert_eq!(line, Message::Tokens { ids }.line());
+        }
+    }
 }
