@@ -132,7 +132,7 @@ fn a_slower_variant_is_slower_and_reverted() {
             "--looks",
             "2",
             "--rounds-per-look",
-            "2",
+            "3",
         ],
     );
     assert_eq!(out.status.code(), Some(4), "REVERT exits 4: {stdout}{err}");

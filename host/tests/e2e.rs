@@ -127,6 +127,15 @@ fn scores_the_current_variant_on_the_real_model() {
         "an honest variant is below the roofline ({bound})"
     );
     assert_eq!(samples.len(), 5, "one timed request per prompt per round");
+    // No two requests share an instance, the untimed warm-up included.
+    let warmups = run["warmups"].as_array().unwrap();
+    assert_eq!(warmups.len(), 1);
+    let texts: std::collections::HashSet<&str> = samples
+        .iter()
+        .chain(warmups)
+        .map(|s| s["instance"]["user_text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts.len(), 6);
     assert_eq!(
         run["provenance"]["model_sha256"],
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"

@@ -260,15 +260,21 @@ fn a_variant_burns_no_cpu_while_the_other_side_is_measured() {
         &std::fs::read_to_string(results.join("runs").join(&row["json"])).unwrap(),
     )
     .unwrap();
-    let texts: Vec<&str> = record["pairs"]
-        .as_array()
-        .unwrap()
+    let pairs = record["pairs"].as_array().unwrap();
+    let warmups = record["warmups"].as_array().unwrap();
+    assert_eq!(
+        warmups.len(),
+        4,
+        "one warm-up per round, each with fresh workers"
+    );
+    let texts: Vec<&str> = pairs
         .iter()
+        .chain(warmups)
         .map(|p| p["a"]["instance"]["user_text"].as_str().unwrap())
         .collect();
     let distinct: std::collections::HashSet<&&str> = texts.iter().collect();
     assert_eq!(distinct.len(), texts.len(), "{texts:?}");
-    for pair in record["pairs"].as_array().unwrap() {
+    for pair in pairs.iter().chain(warmups) {
         assert_eq!(
             pair["a"]["instance"], pair["b"]["instance"],
             "A and B share each instance"
