@@ -245,8 +245,8 @@ impl VariantCrate {
         }
     }
 
-    /// Builds the crate in release mode for `device`, with cargo's default target directory,
-    /// unconfined: for the harness's own code (the committed baseline) only.
+    /// Builds the crate in release mode for `device` into `target_dir`, unconfined: for the
+    /// harness's own code (the committed baseline) only.
     pub fn build_trusted(&self, target_dir: &Path, device: Device) -> Result<PathBuf, BuildError> {
         let mut command = Command::new(cargo());
         command.env("CARGO_TARGET_DIR", target_dir);
@@ -276,7 +276,7 @@ impl VariantCrate {
         let beside = slot.with_extension("so");
         let out = out.unwrap_or(&beside);
         let built = (|| {
-            let exe = std::env::current_exe().map_err(|source| BuildError::Cargo {
+            let exe = crate::sandbox::this_program().map_err(|source| BuildError::Cargo {
                 cargo: "host confine".into(),
                 source,
             })?;

@@ -679,6 +679,18 @@ fn confine(
     Ok(())
 }
 
+/// This very program, to start confined children from (`host worker`, `host confine`):
+/// /proc/self/exe stays this binary even after a rebuild has replaced the file on disk (a run
+/// takes minutes, and the oracle's worker starts at its end).
+pub fn this_program() -> std::io::Result<PathBuf> {
+    let proc_exe = Path::new("/proc/self/exe");
+    if proc_exe.exists() {
+        Ok(proc_exe.to_path_buf())
+    } else {
+        std::env::current_exe()
+    }
+}
+
 /// The hidden `host confine` command line: a [`Policy`] and the program to run under it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConfineArgs {

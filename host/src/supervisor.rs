@@ -228,15 +228,7 @@ impl Worker {
             variant: spec.variant.into(),
             source,
         };
-        // /proc/self/exe is this very binary even after a rebuild has replaced the file on
-        // disk (a run takes minutes, and the oracle's worker starts at its end).
-        let proc_exe = Path::new("/proc/self/exe");
-        let exe = if proc_exe.exists() {
-            Ok(proc_exe.to_path_buf())
-        } else {
-            std::env::current_exe()
-        };
-        let exe = exe.map_err(spawn_err)?;
+        let exe = crate::sandbox::this_program().map_err(spawn_err)?;
         let scratch = scratch_dir().map_err(spawn_err)?;
         let mut command = Command::new(exe);
         command
