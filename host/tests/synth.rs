@@ -133,7 +133,14 @@ fn a_run_on_a_synthetic_model_says_so_and_skips_the_gates() {
         host()
             .args(["run", "variants/baseline", "--model"])
             .arg(&path)
-            .args(["--rounds", "1", "--max-new-tokens", "4", "--prompt", "code"])
+            .args([
+                "--rounds",
+                "1",
+                "--max-new-tokens",
+                "32",
+                "--prompt",
+                "code",
+            ])
             .arg("--results")
             .arg(&results),
     );

@@ -114,8 +114,15 @@ pub fn tiny_model() -> &'static Path {
     })
 }
 
-/// `host run` on a fixture variant: short protocol (one round, 4 tokens unless `extra` says
-/// otherwise), results into `results`. A prebuilt fixture runs with `--no-build`.
+/// Tokens a fixture run asks for unless the test says otherwise: the fixtures emit one every
+/// millisecond or more, so 32 give a decode window of 31 ms or more, wide enough that a
+/// supervisor descheduled for a few ms on a loaded machine does not receive them all in one read
+/// (with 4 tokens, a CI machine once saw all of them "in one instant").
+pub const FIXTURE_TOKENS: &str = "32";
+
+/// `host run` on fixture `name` in `mode`: short protocol (one round, [`FIXTURE_TOKENS`]
+/// tokens unless `extra` says otherwise), results into `results`. A prebuilt fixture runs with
+/// `--no-build`.
 pub fn run_fixture(
     name: &str,
     mode: &str,
@@ -131,7 +138,7 @@ pub fn run_fixture(
         }
     }
     if !extra.contains(&"--max-new-tokens") {
-        cmd.args(["--max-new-tokens", "4"]);
+        cmd.args(["--max-new-tokens", FIXTURE_TOKENS]);
     }
     cmd.arg("--results")
         .arg(results)
