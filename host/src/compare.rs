@@ -6,8 +6,9 @@
 //! keep both alive. Each gets its warm-up; then every round draws one instance per prompt and
 //! both variants answer it, in the order A B, B A, A B, ... so that drift in the machine hits
 //! both alike. After every `rounds_per_look` rounds the paired log-ratios of each [`Figure`]
-//! are tested ([`crate::significance`]); measuring stops when every figure is decided (or
-//! settled inside the noise band), when the outcome can no longer become a keep, or when the
+//! are tested ([`crate::significance`]); measuring stops as soon as the keep rule's outcome
+//! can no longer change ([`measuring_done`]: anything SLOWER, or decode decided and every
+//! guarded figure decided or shown not SLOWER beyond the noise threshold), or when the
 //! schedule or the time budget ends. B's answers then go through the quality gates, and
 //! [`Outcome::decide`] applies the keep rule.
 
@@ -146,9 +147,39 @@ pub struct FigureResult {
 }
 
 impl FigureResult {
+    /// FASTER, SLOWER, or SAME (settled inside the noise band).
     fn decided(&self) -> bool {
         self.verdict != Verdict::Noise || self.settled
     }
+
+    /// Shown not SLOWER beyond the noise threshold: FASTER, or the decision interval's bad end
+    /// inside the band.
+    fn not_worse(&self, noise: f64) -> bool {
+        self.verdict == Verdict::Faster
+            || self
+                .decision
+                .as_ref()
+                .is_some_and(|d| d.not_worse(self.better, noise))
+    }
+}
+
+/// Whether more rounds can no longer change what the keep rule ([`Outcome::decide`]) makes of
+/// the timing: a figure is SLOWER (a revert, whatever comes next), or decode is decided (FASTER,
+/// or SAME inside the noise band) and every guarded figure is decided or shown not SLOWER
+/// beyond the noise threshold. The stopping rule is the keep rule's: a comparison does not go
+/// on to pin down a guarded figure that can no longer block a keep.
+fn measuring_done(figures: &[FigureResult], noise: f64) -> bool {
+    if figures.iter().any(|f| f.verdict == Verdict::Slower) {
+        return true;
+    }
+    let decode_decided = figures
+        .iter()
+        .any(|f| f.figure == Figure::DecodeTokS && f.decided());
+    decode_decided
+        && figures
+            .iter()
+            .filter(|f| f.guarded)
+            .all(|f| f.decided() || f.not_worse(noise))
 }
 
 /// The mean of ln(B/A) of `figure` over each round's pairs, in round order: the unit the
@@ -848,21 +879,10 @@ fn measure(
         if let Some(d) = figures.iter().find(|f| f.figure == Figure::DecodeTokS) {
             interval = format!("decode B/A {}", change(d));
         }
-        log(format!(
-            "look {}/{} after {} rounds: {}",
-            number,
-            schedule.looks,
-            round + 1,
-            figures
-                .iter()
-                .map(|f| format!("{} {}", f.figure.name(), verdict_word(f)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-        let all_decided = figures.iter().all(FigureResult::decided);
-        let reverts = figures.iter().any(|f| f.verdict == Verdict::Slower);
+        log(look_line(&figures, number, schedule.looks, round + 1));
+        let done = measuring_done(&figures, rules.noise_threshold);
         out.looks.push(figures);
-        if all_decided || reverts || out.seconds >= rules.max_seconds {
+        if done || out.seconds >= rules.max_seconds {
             break;
         }
     }
@@ -871,6 +891,27 @@ fn measure(
         bail!("the comparison ended before its first look");
     }
     Ok(())
+}
+
+/// One look in a line: each figure's running B/A, its decision interval (at the look's alpha)
+/// and its verdict so far, so that "almost decided" and "hopeless" read differently.
+fn look_line(figures: &[FigureResult], look: u32, looks: u32, rounds: u32) -> String {
+    let figures = figures
+        .iter()
+        .map(|f| match &f.decision {
+            Some(d) => format!(
+                "{} {:.3} [{:.3}, {:.3}] {}",
+                f.figure.name(),
+                d.ratio,
+                d.ci.0,
+                d.ci.1,
+                verdict_word(f)
+            ),
+            None => format!("{} - {}", f.figure.name(), verdict_word(f)),
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    format!("look {look}/{looks} after {rounds} rounds, B/A [decision interval]: {figures}")
 }
 
 /// "FASTER", "SLOWER", "NOISE" or "SAME" (NOISE, settled inside the noise band).
@@ -1087,6 +1128,80 @@ mod tests {
             prompt_ids: vec![],
             quality: None,
         }
+    }
+
+    /// A figure whose decision interval is `ci` (as B/A), with the verdict and settledness
+    /// that interval implies at a 1% noise threshold.
+    fn with_interval(figure: Figure, ci: (f64, f64)) -> FigureResult {
+        let decision = Paired {
+            n: 4,
+            ratio: (ci.0 * ci.1).sqrt(),
+            ci,
+            ci_bootstrap: ci,
+            p: if ci.0 > 1.0 || ci.1 < 1.0 { 1e-6 } else { 0.5 },
+            alpha: 0.01,
+        };
+        FigureResult {
+            figure,
+            better: figure.better(),
+            guarded: figure != Figure::DecodeTokS,
+            a_median: Some(1.0),
+            b_median: Some(1.0),
+            verdict: decision.verdict(figure.better(), 0.01),
+            settled: decision.within(0.01),
+            at_95: Some(decision.clone()),
+            decision: Some(decision),
+        }
+    }
+
+    #[test]
+    fn measuring_stops_when_the_keep_rule_can_no_longer_change() {
+        let same = (0.995, 1.005);
+        let faster = (1.05, 1.10);
+        let unknown = (0.97, 1.04);
+        let case = |decode, prefill, ttft, rss| {
+            let figures = [
+                with_interval(Figure::DecodeTokS, decode),
+                with_interval(Figure::PrefillTokS, prefill),
+                with_interval(Figure::TtftMs, ttft),
+                with_interval(Figure::PeakRssMib, rss),
+            ];
+            measuring_done(&figures, 0.01)
+        };
+        // Decode FASTER, prefill shown no worse than 1% slower though not decided (the case
+        // that once ran all 12 rounds): stop.
+        assert!(case(faster, (0.995, 1.03), (0.97, 1.005), same));
+        // Decode FASTER, prefill could still be 3% slower: go on.
+        assert!(!case(faster, unknown, (0.96, 1.03), same));
+        // Memory could still be 2% larger: go on.
+        assert!(!case(faster, same, same, (0.99, 1.02)));
+        // Decode undecided: go on, however settled the guards.
+        assert!(!case(unknown, same, same, same));
+        // Decode the same within the band and nothing can block: stop (NOISE either way).
+        assert!(case(same, same, same, same));
+        // Anything SLOWER: stop (REVERT whatever comes next).
+        assert!(case(unknown, (0.90, 0.95), (1.05, 1.11), same));
+        assert!(case(unknown, same, same, (1.02, 1.04)));
+        // A time (lower is better) shown no worse: its upper end inside the band.
+        assert!(case(faster, (0.999, 1.2), (0.8, 1.009), same));
+    }
+
+    #[test]
+    fn a_look_line_shows_each_figures_running_ratio_and_interval() {
+        let figures = [
+            with_interval(Figure::DecodeTokS, (1.05, 1.10)),
+            with_interval(Figure::PrefillTokS, (0.97, 1.04)),
+        ];
+        let line = look_line(&figures, 2, 6, 4);
+        assert!(line.starts_with("look 2/6 after 4 rounds"), "{line}");
+        assert!(
+            line.contains("decode tok/s 1.075 [1.050, 1.100] FASTER"),
+            "{line}"
+        );
+        assert!(
+            line.contains("prefill tok/s 1.004 [0.970, 1.040] NOISE"),
+            "{line}"
+        );
     }
 
     #[test]

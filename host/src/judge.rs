@@ -63,7 +63,14 @@ pub fn judge(
 ) -> Result<GateReport> {
     let bar = crate::run::progress_bar(samples.len(), "quality ");
     let mut judged = Vec::with_capacity(samples.len());
-    for sample in samples.iter_mut() {
+    // Progress in tokens, not sequences: one long-context sequence costs the oracle as much as
+    // several short ones.
+    let tokens_of = |s: &Sample| (s.prompt_ids.len() + s.tokens.len()) as f64;
+    let total_tokens: f64 = samples.iter().map(tokens_of).sum();
+    let mut done_tokens = 0.0;
+    let started = std::time::Instant::now();
+    let count = samples.len();
+    for (i, sample) in samples.iter_mut().enumerate() {
         let label = format!(
             "scoring prompt {:?} round {}",
             sample.prompt,
@@ -102,6 +109,19 @@ pub fn judge(
             reference_figures,
             protocol.gates.tie_margin,
         );
+        done_tokens += tokens_of(sample);
+        let elapsed = started.elapsed().as_secs_f64();
+        crate::run::log_line(
+            &bar,
+            format!(
+                "oracle: {}/{count} sequences scored (prompt {:?} round {}: agreement {:.4}); {}",
+                i + 1,
+                sample.prompt,
+                sample.round + 1,
+                quality.agreement,
+                time_left(elapsed, done_tokens, total_tokens)
+            ),
+        );
         judged.push((sample.prompt.clone(), quality.clone()));
         sample.quality = Some(quality);
         bar.inc(1);
@@ -110,10 +130,35 @@ pub fn judge(
     Ok(GateReport::decide(&judged, order, &protocol.gates))
 }
 
+/// "12 s so far, about 40 s left": the time left estimated from the rate so far, in tokens
+/// (prompt and answer) scored per second.
+fn time_left(elapsed: f64, done_tokens: f64, total_tokens: f64) -> String {
+    if done_tokens >= total_tokens || done_tokens <= 0.0 {
+        return format!("{elapsed:.0} s");
+    }
+    let left = elapsed / done_tokens * (total_tokens - done_tokens);
+    format!("{elapsed:.0} s so far, about {left:.0} s left")
+}
+
 /// One line on what the oracle cost.
 pub fn describe_cost(cost: &OracleCost) -> String {
     format!(
         "oracle: {:.1} s ({} sequences scored, {} reference answers generated, {} answers from its cache)",
         cost.seconds, cost.scored, cost.generated, cost.cache_hits
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_left_scales_the_rate_so_far() {
+        assert_eq!(
+            time_left(10.0, 100.0, 400.0),
+            "10 s so far, about 30 s left"
+        );
+        assert_eq!(time_left(12.4, 400.0, 400.0), "12 s");
+        assert_eq!(time_left(0.0, 0.0, 400.0), "0 s");
+    }
 }

@@ -107,6 +107,15 @@ impl Paired {
         self.ci.0 > 1.0 / (1.0 + noise) && self.ci.1 < 1.0 + noise
     }
 
+    /// Whether the interval's bad end lies inside the noise band: B is shown not worse than A
+    /// by more than `noise`, in the direction `better` says is good, whatever the other end.
+    pub fn not_worse(&self, better: Better, noise: f64) -> bool {
+        match better {
+            Better::Higher => self.ci.0 > 1.0 / (1.0 + noise),
+            Better::Lower => self.ci.1 < 1.0 + noise,
+        }
+    }
+
     /// The call for a figure where `better` is the good direction, with `noise` the smallest
     /// relative change worth a verdict (0.01 = 1%).
     pub fn verdict(&self, better: Better, noise: f64) -> Verdict {
@@ -407,6 +416,11 @@ mod tests {
         assert!(same.within(0.01), "an exactly known ratio of 1 is settled");
         let wide = Paired::of(&[-0.05, 0.05, 0.0], 0.05, 1).unwrap();
         assert!(!wide.within(0.01), "{wide:?}");
+        assert!(!wide.not_worse(Better::Higher, 0.01) && !wide.not_worse(Better::Lower, 0.01));
+        // 5% up, give or take 1%: not worse for a rate, worse for a time.
+        let up = Paired::of(&[0.04, 0.05, 0.06], 0.05, 1).unwrap();
+        assert!(up.not_worse(Better::Higher, 0.01), "{up:?}");
+        assert!(!up.not_worse(Better::Lower, 0.01), "{up:?}");
     }
 
     #[test]
