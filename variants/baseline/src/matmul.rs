@@ -48,21 +48,142 @@ pub struct Matrix {
 }
 
 /// Dot product with eight independent partial sums (vectorizable, and always in the same order).
+///
+/// This order is the contract the oracle's bits rest on: lane `i` sums `a[j] * b[j]` for
+/// `j % 8 == i` front to back (a multiply, then an add: never fused), the lanes are combined as
+/// [`combine`] does, and the products of a tail shorter than 8 are added last. [`Matrix::forward`]
+/// computes many dot products at once, but each one in exactly this order.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (xs, ys) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = xs
-        .remainder()
-        .iter()
-        .zip(ys.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
+    let tail = tail_sum(xs.remainder(), ys.remainder());
     for (x, y) in xs.zip(ys) {
         for i in 0..8 {
             acc[i] += x[i] * y[i];
         }
     }
+    combine(&acc, tail)
+}
+
+/// The products of the last `len % 8` elements, summed front to back.
+fn tail_sum(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// The eight partial sums of [`dot`], combined pairwise, then the tail.
+#[inline(always)]
+fn combine(acc: &[f32; 8], tail: f32) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// Weight rows and token rows of one register tile: `TILE_ROWS x TILE_TOKENS` dot products
+/// advance together, so each weight vector loaded serves several tokens and each token vector
+/// several rows.
+const TILE_ROWS: usize = 2;
+/// See [`TILE_ROWS`].
+const TILE_TOKENS: usize = 4;
+
+/// `out[r][t] = dot(w[r], x[t])` for a tile of up to `TILE_ROWS` weight rows and `TILE_TOKENS`
+/// token rows (`cols` long each): the portable kernel, one [`dot`] at a time.
+fn tile_generic(
+    w: &[&[f32]],
+    x: &[&[f32]],
+    cols: usize,
+    out: &mut [[f32; TILE_TOKENS]; TILE_ROWS],
+) {
+    for (r, w) in w.iter().enumerate() {
+        for (t, x) in x.iter().enumerate() {
+            out[r][t] = dot(&w[..cols], &x[..cols]);
+        }
+    }
+}
+
+/// [`tile_generic`] with AVX2: a full tile keeps its 2 x 4 dot products in eight 8-lane
+/// registers, lane `i` of register `(r, t)` being [`dot`]'s `acc[i]` for that pair. Each step
+/// multiplies, then adds (FMA is never used: it rounds once where `dot` rounds twice), so every
+/// result has `dot`'s bits. A partial tile (the edges of a matrix) uses the portable kernel.
+///
+/// # Safety
+/// The CPU must support AVX2 (checked by [`Kernel::detect`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn tile_avx2(
+    w: &[&[f32]],
+    x: &[&[f32]],
+    cols: usize,
+    out: &mut [[f32; TILE_TOKENS]; TILE_ROWS],
+) {
+    use std::arch::x86_64::*;
+    if w.len() != TILE_ROWS || x.len() != TILE_TOKENS {
+        return tile_generic(w, x, cols, out);
+    }
+    // Every pointer below reads at most `whole <= cols` floats from a row this checks.
+    assert!(w.iter().chain(x).all(|row| row.len() >= cols));
+    let whole = cols / 8 * 8;
+    let (w0, w1) = (w[0].as_ptr(), w[1].as_ptr());
+    let (x0, x1, x2, x3) = (x[0].as_ptr(), x[1].as_ptr(), x[2].as_ptr(), x[3].as_ptr());
+    let mut acc = [_mm256_setzero_ps(); TILE_ROWS * TILE_TOKENS];
+    let mut k = 0;
+    while k < whole {
+        // SAFETY: k + 8 <= whole <= cols <= every row's length (asserted above); loadu needs
+        // no alignment.
+        let (a, b) = unsafe { (_mm256_loadu_ps(w0.add(k)), _mm256_loadu_ps(w1.add(k))) };
+        let xs = unsafe {
+            [
+                _mm256_loadu_ps(x0.add(k)),
+                _mm256_loadu_ps(x1.add(k)),
+                _mm256_loadu_ps(x2.add(k)),
+                _mm256_loadu_ps(x3.add(k)),
+            ]
+        };
+        for t in 0..TILE_TOKENS {
+            acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(a, xs[t]));
+            acc[TILE_TOKENS + t] = _mm256_add_ps(acc[TILE_TOKENS + t], _mm256_mul_ps(b, xs[t]));
+        }
+        k += 8;
+    }
+    for r in 0..TILE_ROWS {
+        for t in 0..TILE_TOKENS {
+            let mut lanes = [0f32; 8];
+            // SAFETY: `lanes` holds 8 floats; storeu needs no alignment.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r * TILE_TOKENS + t]) };
+            out[r][t] = combine(&lanes, tail_sum(&w[r][whole..cols], &x[t][whole..cols]));
+        }
+    }
+}
+
+/// Which compilation of the tile kernel this CPU runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Generic,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Kernel {
+    /// The fastest kernel the CPU supports.
+    fn detect() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return Kernel::Avx2;
+        }
+        Kernel::Generic
+    }
+
+    fn tile(
+        self,
+        w: &[&[f32]],
+        x: &[&[f32]],
+        cols: usize,
+        out: &mut [[f32; TILE_TOKENS]; TILE_ROWS],
+    ) {
+        match self {
+            Kernel::Generic => tile_generic(w, x, cols, out),
+            // SAFETY: `Avx2` is only chosen by `detect` on a CPU that has AVX2.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { tile_avx2(w, x, cols, out) },
+        }
+    }
 }
 
 /// Dequantizes one row of Q4_1 blocks into `out` (32 weights per 20-byte block).
@@ -140,18 +261,31 @@ impl Matrix {
             );
         }
         let x: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        // Computed weight row by weight row (each row dequantized once for all t tokens), then
-        // transposed to token-major.
+        let kernel = Kernel::detect();
+        // Computed ROWS_PER_TASK weight rows at a time (each dequantized once for all t tokens),
+        // in register tiles of rows x tokens, then transposed to token-major.
         let mut by_row = vec![0f32; self.rows * t];
         by_row
             .par_chunks_mut(ROWS_PER_TASK * t)
             .enumerate()
             .for_each(|(task, out)| {
-                let mut w = vec![0f32; self.cols];
-                for (i, out) in out.chunks_exact_mut(t).enumerate() {
-                    self.row_into(task * ROWS_PER_TASK + i, &mut w);
-                    for (o, x) in out.iter_mut().zip(x.chunks_exact(self.cols)) {
-                        *o = dot(&w, x);
+                let rows = out.len() / t;
+                let mut w = vec![0f32; rows * self.cols];
+                for (i, w) in w.chunks_exact_mut(self.cols).enumerate() {
+                    self.row_into(task * ROWS_PER_TASK + i, w);
+                }
+                let w: Vec<&[f32]> = w.chunks_exact(self.cols).collect();
+                let x: Vec<&[f32]> = x.chunks_exact(self.cols).collect();
+                let mut tile = [[0f32; TILE_TOKENS]; TILE_ROWS];
+                for t0 in (0..t).step_by(TILE_TOKENS) {
+                    let xs = &x[t0..(t0 + TILE_TOKENS).min(t)];
+                    for r0 in (0..rows).step_by(TILE_ROWS) {
+                        let ws = &w[r0..(r0 + TILE_ROWS).min(rows)];
+                        kernel.tile(ws, xs, self.cols, &mut tile);
+                        for (r, values) in tile.iter().enumerate().take(ws.len()) {
+                            let row = &mut out[(r0 + r) * t..(r0 + r + 1) * t];
+                            row[t0..t0 + xs.len()].copy_from_slice(&values[..xs.len()]);
+                        }
                     }
                 }
             });
@@ -216,11 +350,64 @@ mod tests {
                 assert!((all[tok][r] as f64 - expect).abs() < 1e-3, "row {r}");
             }
         }
+        // Every output is dot()'s bits exactly, whichever kernel ran.
+        for r in 0..rows {
+            dequantize_q8_0_row(&data[r * 68..(r + 1) * 68], &mut w);
+            for tok in 0..3 {
+                assert_eq!(
+                    all[tok][r].to_bits(),
+                    dot(&w, &x[tok * cols..(tok + 1) * cols]).to_bits()
+                );
+            }
+        }
         // Token by token gives the same bits.
         for tok in 0..3 {
             let one = xt.narrow(0, tok, 1).unwrap();
             let row = m.forward(&one).unwrap().to_vec2::<f32>().unwrap();
             assert_eq!(row[0], all[tok]);
+        }
+    }
+
+    /// Pseudo-random f32s of mixed signs and magnitudes (so that the order of a sum matters).
+    fn noise(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let unit = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                unit * (1 << ((state >> 20) % 12)) as f32
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_kernel_gives_dots_bits_on_every_tile_shape() {
+        let kernels = [Kernel::Generic, Kernel::detect()];
+        // Lengths with and without a tail; tiles full and partial.
+        for cols in [8, 64, 576, 1536, 13, 37] {
+            let w = noise(TILE_ROWS * cols, cols as u64);
+            let x = noise(TILE_TOKENS * cols, 1000 + cols as u64);
+            let ws: Vec<&[f32]> = w.chunks_exact(cols).collect();
+            let xs: Vec<&[f32]> = x.chunks_exact(cols).collect();
+            for kernel in kernels {
+                for rows in 1..=TILE_ROWS {
+                    for tokens in 1..=TILE_TOKENS {
+                        let mut out = [[f32::NAN; TILE_TOKENS]; TILE_ROWS];
+                        kernel.tile(&ws[..rows], &xs[..tokens], cols, &mut out);
+                        for r in 0..rows {
+                            for t in 0..tokens {
+                                assert_eq!(
+                                    out[r][t].to_bits(),
+                                    dot(ws[r], xs[t]).to_bits(),
+                                    "{kernel:?} cols {cols} tile {rows}x{tokens} at ({r}, {t})"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 }
