@@ -79,9 +79,9 @@ fn combine(acc: &[f32; 8], tail: f32) -> f32 {
 /// Weight rows and token rows of one register tile: `TILE_ROWS x TILE_TOKENS` dot products
 /// advance together, so each weight vector loaded serves several tokens and each token vector
 /// several rows.
-const TILE_ROWS: usize = 2;
+pub(crate) const TILE_ROWS: usize = 2;
 /// See [`TILE_ROWS`].
-const TILE_TOKENS: usize = 4;
+pub(crate) const TILE_TOKENS: usize = 4;
 
 /// `out[r][t] = dot(w[r], x[t])` for a tile of up to `TILE_ROWS` weight rows and `TILE_TOKENS`
 /// token rows (`cols` long each): the portable kernel, one [`dot`] at a time.
@@ -154,7 +154,7 @@ unsafe fn tile_avx2(
 
 /// Which compilation of the tile kernel this CPU runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kernel {
+pub(crate) enum Kernel {
     Generic,
     #[cfg(target_arch = "x86_64")]
     Avx2,
@@ -162,7 +162,7 @@ enum Kernel {
 
 impl Kernel {
     /// The fastest kernel the CPU supports.
-    fn detect() -> Kernel {
+    pub(crate) fn detect() -> Kernel {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             return Kernel::Avx2;
@@ -170,7 +170,8 @@ impl Kernel {
         Kernel::Generic
     }
 
-    fn tile(
+    /// `out[r][t] = dot(w[r], x[t])` for up to `TILE_ROWS` rows and `TILE_TOKENS` tokens.
+    pub(crate) fn tile(
         self,
         w: &[&[f32]],
         x: &[&[f32]],
@@ -182,6 +183,19 @@ impl Kernel {
             // SAFETY: `Avx2` is only chosen by `detect` on a CPU that has AVX2.
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { tile_avx2(w, x, cols, out) },
+        }
+    }
+
+    /// `outs[t] = sum over j of probs[t][j] * values[j]` for up to `TILE_TOKENS` rows of
+    /// probabilities (`values` holds rows of `outs[t].len()` floats, at least as many as the
+    /// longest `probs[t]`), each element summed over `j` front to back from 0.0, a multiply
+    /// then an add: the attention's weighted sum of values, for several queries at once.
+    pub(crate) fn weighted_sums(self, probs: &[&[f32]], values: &[f32], outs: &mut [&mut [f32]]) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Avx2` is only chosen by `detect` on a CPU that has AVX2.
+            Kernel::Avx2 => unsafe { weighted_sums_avx2(probs, values, outs) },
+            _ => weighted_sums_generic(probs, values, outs),
         }
     }
 }
@@ -211,6 +225,56 @@ pub fn dequantize_q8_0_row(row: &[u8], out: &mut [f32]) {
         let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
         for (o, &q) in out.iter_mut().zip(&block[2..]) {
             *o = d * (q as i8) as f32;
+        }
+    }
+}
+
+/// The portable [`Kernel::weighted_sums`]: one query at a time.
+fn weighted_sums_generic(probs: &[&[f32]], values: &[f32], outs: &mut [&mut [f32]]) {
+    for (probs, out) in probs.iter().zip(outs.iter_mut()) {
+        let width = out.len();
+        out.fill(0.0);
+        for (&p, v) in probs.iter().zip(values.chunks_exact(width)) {
+            for (o, &v) in out.iter_mut().zip(v) {
+                *o += p * v;
+            }
+        }
+    }
+}
+
+/// [`Kernel::weighted_sums`] with AVX2: eight output elements of every query in registers at
+/// a time, each value vector loaded once for all of them. Each lane sums its own element over
+/// `j` in order, multiply then add, so the bits are those of the portable code.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn weighted_sums_avx2(probs: &[&[f32]], values: &[f32], outs: &mut [&mut [f32]]) {
+    use std::arch::x86_64::*;
+    let n = probs.len();
+    let width = outs.first().map_or(0, |o| o.len());
+    if n > TILE_TOKENS || width % 8 != 0 || outs.len() != n || outs.iter().any(|o| o.len() != width)
+    {
+        return weighted_sums_generic(probs, values, outs);
+    }
+    let longest = probs.iter().map(|p| p.len()).max().unwrap_or(0);
+    // Every load below reads row j < longest of `values`, elements `lane..lane + 8 <= width`.
+    assert!(values.len() >= longest * width);
+    for lane in (0..width).step_by(8) {
+        let mut acc = [_mm256_setzero_ps(); TILE_TOKENS];
+        for j in 0..longest {
+            // SAFETY: j < longest and lane + 8 <= width (asserted above).
+            let v = unsafe { _mm256_loadu_ps(values.as_ptr().add(j * width + lane)) };
+            for (acc, probs) in acc.iter_mut().zip(probs) {
+                if let Some(&p) = probs.get(j) {
+                    *acc = _mm256_add_ps(*acc, _mm256_mul_ps(_mm256_set1_ps(p), v));
+                }
+            }
+        }
+        for (t, out) in outs.iter_mut().enumerate() {
+            // SAFETY: lane + 8 <= width = out.len(); storeu needs no alignment.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(lane), acc[t]) };
         }
     }
 }

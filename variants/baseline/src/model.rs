@@ -23,7 +23,7 @@ use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Storage, Tensor}
 use half::f16;
 use plugin_api::{GgmlType, ModelView, TensorInfo};
 
-use crate::matmul::{dequantize_q8_0_row, dot, Matrix, Weights};
+use crate::matmul::{dequantize_q8_0_row, Kernel, Matrix, Weights, TILE_ROWS, TILE_TOKENS};
 
 /// The KV cache grows in steps of this many positions (and never past the context length).
 pub const KV_CACHE_STEP: usize = 512;
@@ -343,48 +343,69 @@ pub fn attention(
     let group = n_head / n_kv_head;
     let row = n_head * hd;
     let scale = 1.0 / (hd as f32).sqrt();
-    let one_token = |t: usize, q: &[f32], out: &mut [f32], scores: &mut Vec<f32>| {
-        let visible = causal_visible(start_pos, t);
-        for (h, (q, out)) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).enumerate() {
+    let kernel = Kernel::detect();
+    // Up to TILE_TOKENS consecutive queries of one head at a time: each key and value row
+    // loaded once serves all of them. Every query's scores, softmax and weighted sum are
+    // computed exactly as one query alone would compute them (the kernels keep `dot`'s order
+    // and the sums' order), so the tile changes no bit.
+    let tile = |t0: usize, q: &[f32], out: &mut [f32], scores: &mut Vec<f32>| {
+        let n = out.len() / row;
+        let visible: Vec<usize> = (0..n).map(|i| causal_visible(start_pos, t0 + i)).collect();
+        let longest = visible[n - 1];
+        let mut dots = [[0f32; TILE_TOKENS]; TILE_ROWS];
+        for h in 0..n_head {
             let base = (h / group) * capacity * hd;
-            let keys = &keys[base..base + visible * hd];
-            let values = &values[base..base + visible * hd];
+            let keys = &keys[base..base + longest * hd];
+            let values = &values[base..base + longest * hd];
+            let queries: Vec<&[f32]> = (0..n).map(|i| &q[i * row + h * hd..][..hd]).collect();
+            // scores[i * longest + j]: query i against key j (keys past a query's own
+            // position are computed with the tile and never read).
             scores.clear();
-            scores.extend(keys.chunks_exact(hd).map(|k| dot(q, k) * scale));
-            softmax_in_place(scores);
-            out.fill(0.0);
-            for (&p, v) in scores.iter().zip(values.chunks_exact(hd)) {
-                for (o, &v) in out.iter_mut().zip(v) {
-                    *o += p * v;
+            scores.resize(n * longest, 0.0);
+            let key_rows: Vec<&[f32]> = keys.chunks_exact(hd).collect();
+            for (j0, ks) in key_rows.chunks(TILE_ROWS).enumerate() {
+                kernel.tile(ks, &queries, hd, &mut dots);
+                for (r, dots) in dots.iter().enumerate().take(ks.len()) {
+                    for (i, &d) in dots.iter().enumerate().take(n) {
+                        scores[i * longest + j0 * TILE_ROWS + r] = d * scale;
+                    }
                 }
             }
+            let mut probs: Vec<&[f32]> = Vec::with_capacity(n);
+            for (i, row_scores) in scores.chunks_exact_mut(longest).enumerate() {
+                softmax_in_place(&mut row_scores[..visible[i]]);
+            }
+            for (i, row_scores) in scores.chunks_exact(longest).enumerate() {
+                probs.push(&row_scores[..visible[i]]);
+            }
+            let mut outs: Vec<&mut [f32]> = out
+                .chunks_exact_mut(row)
+                .map(|o| &mut o[h * hd..(h + 1) * hd])
+                .collect();
+            kernel.weighted_sums(&probs, values, &mut outs);
         }
     };
-    let threads = threads.clamp(1, (q.len() / row).max(1));
-    if threads == 1 {
-        let mut scores = Vec::new();
-        for (t, (q, out)) in q
-            .chunks_exact(row)
-            .zip(out.chunks_exact_mut(row))
-            .enumerate()
-        {
-            one_token(t, q, out, &mut scores);
-        }
-        return;
-    }
-    // Deal tokens round-robin, so the long (late) queries are shared out evenly.
+    let tokens = q.len() / row;
+    let threads = threads.clamp(1, tokens.div_ceil(TILE_TOKENS).max(1));
+    // Deal tiles round-robin, so the long (late) queries are shared out evenly.
     let mut shares: Vec<Vec<(usize, &mut [f32])>> = (0..threads).map(|_| Vec::new()).collect();
-    for (t, out) in out.chunks_exact_mut(row).enumerate() {
-        shares[t % threads].push((t, out));
+    for (i, out) in out.chunks_mut(row * TILE_TOKENS).enumerate() {
+        shares[i % threads].push((i * TILE_TOKENS, out));
+    }
+    let run = |share: Vec<(usize, &mut [f32])>| {
+        let mut scores = Vec::new();
+        for (t0, out) in share {
+            let n = out.len() / row;
+            tile(t0, &q[t0 * row..(t0 + n) * row], out, &mut scores);
+        }
+    };
+    if threads == 1 {
+        shares.into_iter().for_each(run);
+        return;
     }
     std::thread::scope(|scope| {
         for share in shares {
-            scope.spawn(|| {
-                let mut scores = Vec::new();
-                for (t, out) in share {
-                    one_token(t, &q[t * row..(t + 1) * row], out, &mut scores);
-                }
-            });
+            scope.spawn(|| run(share));
         }
     });
 }
@@ -1105,6 +1126,7 @@ pub(crate) mod tiny {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::matmul::dot;
 
     #[test]
     fn config_comes_from_llama_metadata() {
@@ -1243,6 +1265,90 @@ mod tests {
     }
 
     /// Two query heads sharing one KV head of width 2, capacity 4, three cached positions.
+    /// Attention one query and one head at a time, as the baseline computed it before its
+    /// queries were tiled: the reference the tiled attention must match bit for bit.
+    fn attention_one_by_one(
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        shape: AttentionShape,
+        start_pos: usize,
+    ) -> Vec<f32> {
+        let AttentionShape {
+            n_head,
+            n_kv_head,
+            head_dim: hd,
+            capacity,
+        } = shape;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut out = vec![0f32; q.len()];
+        for (t, (q, out)) in q
+            .chunks_exact(n_head * hd)
+            .zip(out.chunks_exact_mut(n_head * hd))
+            .enumerate()
+        {
+            let visible = causal_visible(start_pos, t);
+            for (h, (q, out)) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).enumerate() {
+                let base = (h / (n_head / n_kv_head)) * capacity * hd;
+                let mut scores: Vec<f32> = keys[base..base + visible * hd]
+                    .chunks_exact(hd)
+                    .map(|k| dot(q, k) * scale)
+                    .collect();
+                softmax_in_place(&mut scores);
+                for (&p, v) in scores.iter().zip(values[base..].chunks_exact(hd)) {
+                    for (o, &v) in out.iter_mut().zip(v) {
+                        *o += p * v;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn tiled_attention_gives_the_one_by_one_bits() {
+        let mut state = 7u64;
+        let mut noise = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+                })
+                .collect()
+        };
+        // SmolLM2's grouping (3 query heads per KV head, 64 wide), and a width with a tail.
+        for (n_head, n_kv_head, hd) in [(9, 3, 64), (4, 2, 12)] {
+            let capacity = 40;
+            let shape = AttentionShape {
+                n_head,
+                n_kv_head,
+                head_dim: hd,
+                capacity,
+            };
+            let keys = noise(n_kv_head * capacity * hd);
+            let values = noise(n_kv_head * capacity * hd);
+            for (start_pos, tokens) in [(0, 1), (0, 9), (5, 4), (13, 7), (30, 10)] {
+                let q = noise(tokens * n_head * hd);
+                let want = attention_one_by_one(&q, &keys, &values, shape, start_pos);
+                for threads in [1, 2, 3] {
+                    let mut got = vec![f32::NAN; q.len()];
+                    attention(&q, &keys, &values, shape, start_pos, threads, &mut got);
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "heads {n_head}/{n_kv_head}x{hd}, {tokens} tokens at {start_pos}, \
+                         {threads} threads"
+                    );
+                }
+            }
+        }
+    }
+
     fn tiny_attention(q: &[f32], start_pos: usize, threads: usize) -> Vec<f32> {
         let shape = AttentionShape {
             n_head: 2,
