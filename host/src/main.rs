@@ -305,8 +305,17 @@ enum Command {
         #[arg(long)]
         harness: Option<String>,
     },
-    /// Print the path of the default model, fetching it into the cache first if needed.
-    Model,
+    /// Print the path of the default model, fetching it into the cache first if needed. With
+    /// --tensors, list the model's weights instead: each kind of tensor (the layers' copies
+    /// summed), its ggml type, shape, bytes and share of the bytes one decoded token reads.
+    Model {
+        /// List the tensors (grouped over layers) with their types and byte shares.
+        #[arg(long)]
+        tensors: bool,
+        /// The GGUF to list [default: the default model]; only with --tensors.
+        #[arg(long, requires = "tensors")]
+        model: Option<PathBuf>,
+    },
     /// Tokenize text with the model's tokenizer; with --chat, wrap it in the chat template
     /// first. Prints the token ids as JSON.
     Tokenize {
@@ -460,7 +469,15 @@ fn main() -> ExitCode {
             out,
             harness,
         } => plot_command(results, out, harness),
-        Command::Model => fetch::default_model().map(|p| println!("{}", p.display())),
+        Command::Model { tensors: false, .. } => {
+            fetch::default_model().map(|p| println!("{}", p.display()))
+        }
+        Command::Model {
+            tensors: true,
+            model,
+        } => {
+            setup::open_model(model.as_deref()).map(|m| print!("{}", physics::tensor_table(m.view)))
+        }
         Command::Tokenize { text, chat, model } => tokenize_command(text, chat, model),
         Command::Prompts { round, seed, model } => prompts_command(round, seed, model),
         Command::Synth(args) => synth::run(&args).map(|_| ()),

@@ -30,6 +30,75 @@ pub fn bytes_per_token(view: &ModelView) -> u64 {
         .sum()
 }
 
+/// The model's weights by kind, for `host model --tensors`: one line per tensor name with the
+/// layer number replaced by `*` (so `blk.*.attn_q.weight` sums 30 layers) and per ggml type,
+/// with the shape of one copy, the total bytes, and the share of the bytes one decoded token
+/// reads ([`bytes_per_token`]; a token embedding that is not the output layer is read one row
+/// a token, so it counts as 0).
+pub fn tensor_table(view: &ModelView) -> String {
+    use std::collections::BTreeMap;
+    let per_token = bytes_per_token(view).max(1) as f64;
+    let tied = view.tensor("output.weight").is_none();
+    // (kind, type) -> (copies, shape of one, bytes, bytes read per token)
+    let mut kinds: BTreeMap<(String, String), (u64, String, u64, u64)> = BTreeMap::new();
+    for t in view.tensors.iter() {
+        let name = t.name.as_str();
+        let kind = match name
+            .strip_prefix("blk.")
+            .and_then(|rest| rest.split_once('.'))
+        {
+            Some((layer, rest)) if layer.parse::<u32>().is_ok() => format!("blk.*.{rest}"),
+            _ => name.to_string(),
+        };
+        let ty = plugin_api::GgmlType::from_id(t.ggml_type)
+            .map(|g| format!("{g:?}"))
+            .unwrap_or_else(|| format!("type {}", t.ggml_type));
+        let shape = t
+            .dims
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(" x ");
+        let read = if tied || name != "token_embd.weight" {
+            t.size
+        } else {
+            0
+        };
+        let entry = kinds.entry((kind, ty)).or_insert((0, shape, 0, 0));
+        entry.0 += 1;
+        entry.2 += t.size;
+        entry.3 += read;
+    }
+    let mut rows: Vec<_> = kinds.into_iter().collect();
+    rows.sort_by(|a, b| b.1 .3.cmp(&a.1 .3).then(a.0.cmp(&b.0)));
+    let mut out = format!(
+        "{:<28} {:<6} {:>6} {:>14} {:>12} {:>13}\n",
+        "tensor", "type", "copies", "shape (GGUF)", "bytes", "share of a token's read"
+    );
+    let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
+    for ((kind, ty), (copies, shape, bytes, read)) in &rows {
+        *by_type.entry(ty.clone()).or_default() += read;
+        out.push_str(&format!(
+            "{kind:<28} {ty:<6} {copies:>6} {shape:>14} {bytes:>12} {:>12.1}%\n",
+            100.0 * *read as f64 / per_token
+        ));
+    }
+    out.push_str(&format!(
+        "one decoded token reads {:.1} MB:",
+        per_token / 1e6
+    ));
+    for (ty, read) in by_type.iter().filter(|(_, r)| **r > 0) {
+        out.push_str(&format!(" {ty} {:.1}%", 100.0 * *read as f64 / per_token));
+    }
+    out.push_str(if tied {
+        " (token_embd.weight is also the output layer: read whole every token)"
+    } else {
+        " (token_embd.weight is read one row a token)"
+    });
+    out.push('\n');
+    out
+}
+
 /// Best of five streaming reads of a 256 MiB buffer split over every core, in GB/s.
 pub fn measure_bandwidth() -> f64 {
     let threads = std::thread::available_parallelism()

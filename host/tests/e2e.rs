@@ -278,3 +278,27 @@ fn json_summary_and_no_build() {
         "{stderr}"
     );
 }
+
+#[test]
+fn model_tensors_lists_types_and_shares_of_a_tokens_read() {
+    let path = model();
+    let (out, stdout, stderr) = output(host().args(["model", "--tensors", "--model"]).arg(&path));
+    assert!(out.status.success(), "{stderr}");
+    // SmolLM2-135M: the FFN and attention matrices of 30 layers are Q4_1; the token
+    // embedding, tied to the output layer, is Q8_0 and read whole every token.
+    for line in [
+        "blk.*.ffn_down.weight        Q4_1       30     1536 x 576",
+        "token_embd.weight            Q8_0        1    576 x 49152",
+        "one decoded token reads 96.6 MB: F32 0.1% Q4_1 68.7% Q8_0 31.1%",
+    ] {
+        assert!(stdout.contains(line), "{line:?} missing from:\n{stdout}");
+    }
+    // Bad input names the file; --model alone is a usage error.
+    let (out, _, stderr) =
+        output(host().args(["model", "--tensors", "--model", "/nonexistent.gguf"]));
+    assert!(!out.status.success());
+    assert!(stderr.contains("/nonexistent.gguf"), "{stderr}");
+    let (out, _, stderr) = output(host().args(["model", "--model"]).arg(&path));
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--tensors"), "{stderr}");
+}
