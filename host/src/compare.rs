@@ -1142,15 +1142,11 @@ mod tests {
             alpha: 0.01,
         };
         FigureResult {
-            figure,
-            better: figure.better(),
-            guarded: figure != Figure::DecodeTokS,
-            a_median: Some(1.0),
-            b_median: Some(1.0),
             verdict: decision.verdict(figure.better(), 0.01),
             settled: decision.within(0.01),
             at_95: Some(decision.clone()),
             decision: Some(decision),
+            ..result(figure, Verdict::Noise, false)
         }
     }
 
