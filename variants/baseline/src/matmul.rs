@@ -326,9 +326,26 @@ impl Matrix {
         }
         let x: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let kernel = Kernel::detect();
+        let mut by_row = vec![0f32; self.rows * t];
+        if t < TILE_TOKENS {
+            // Decode: too few tokens to fill a tile. One weight row at a time, one buffer per
+            // task, nothing else allocated.
+            by_row
+                .par_chunks_mut(ROWS_PER_TASK * t)
+                .enumerate()
+                .for_each(|(task, out)| {
+                    let mut w = vec![0f32; self.cols];
+                    for (i, out) in out.chunks_exact_mut(t).enumerate() {
+                        self.row_into(task * ROWS_PER_TASK + i, &mut w);
+                        for (o, x) in out.iter_mut().zip(x.chunks_exact(self.cols)) {
+                            *o = dot(&w, x);
+                        }
+                    }
+                });
+            return self.token_major(&by_row, t);
+        }
         // Computed ROWS_PER_TASK weight rows at a time (each dequantized once for all t tokens),
         // in register tiles of rows x tokens, then transposed to token-major.
-        let mut by_row = vec![0f32; self.rows * t];
         by_row
             .par_chunks_mut(ROWS_PER_TASK * t)
             .enumerate()
@@ -353,6 +370,12 @@ impl Matrix {
                     }
                 }
             });
+        self.token_major(&by_row, t)
+    }
+
+    /// `by_row` (`rows x t`, one weight row's outputs for every token together) as the
+    /// `(t, rows)` tensor the model expects.
+    fn token_major(&self, by_row: &[f32], t: usize) -> candle_core::Result<Tensor> {
         let mut out = vec![0f32; t * self.rows];
         for (r, values) in by_row.chunks_exact(t).enumerate() {
             for (tok, &v) in values.iter().enumerate() {

@@ -23,7 +23,7 @@ use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Storage, Tensor}
 use half::f16;
 use plugin_api::{GgmlType, ModelView, TensorInfo};
 
-use crate::matmul::{dequantize_q8_0_row, Kernel, Matrix, Weights, TILE_ROWS, TILE_TOKENS};
+use crate::matmul::{dequantize_q8_0_row, dot, Kernel, Matrix, Weights, TILE_ROWS, TILE_TOKENS};
 
 /// The KV cache grows in steps of this many positions (and never past the context length).
 pub const KV_CACHE_STEP: usize = 512;
@@ -348,6 +348,25 @@ pub fn attention(
     // loaded once serves all of them. Every query's scores, softmax and weighted sum are
     // computed exactly as one query alone would compute them (the kernels keep `dot`'s order
     // and the sums' order), so the tile changes no bit.
+    let tokens = q.len() / row;
+    if tokens == 1 {
+        // Decode: one query, one head at a time, nothing allocated but the scores.
+        let visible = causal_visible(start_pos, 0);
+        let mut scores = Vec::with_capacity(visible);
+        for (h, (q, out)) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).enumerate() {
+            let base = (h / group) * capacity * hd;
+            let span = base..base + visible * hd;
+            attend_one(
+                q,
+                &keys[span.clone()],
+                &values[span],
+                scale,
+                &mut scores,
+                out,
+            );
+        }
+        return;
+    }
     let tile = |t0: usize, q: &[f32], out: &mut [f32], scores: &mut Vec<f32>| {
         let n = out.len() / row;
         let visible: Vec<usize> = (0..n).map(|i| causal_visible(start_pos, t0 + i)).collect();
@@ -362,12 +381,14 @@ pub fn attention(
             // position are computed with the tile and never read).
             scores.clear();
             scores.resize(n * longest, 0.0);
-            let key_rows: Vec<&[f32]> = keys.chunks_exact(hd).collect();
-            for (j0, ks) in key_rows.chunks(TILE_ROWS).enumerate() {
-                kernel.tile(ks, &queries, hd, &mut dots);
-                for (r, dots) in dots.iter().enumerate().take(ks.len()) {
+            for j0 in (0..longest).step_by(TILE_ROWS) {
+                let m = TILE_ROWS.min(longest - j0);
+                let ks: [&[f32]; TILE_ROWS] =
+                    std::array::from_fn(|r| &keys[(j0 + r.min(m - 1)) * hd..][..hd]);
+                kernel.tile(&ks[..m], &queries, hd, &mut dots);
+                for (r, dots) in dots.iter().enumerate().take(m) {
                     for (i, &d) in dots.iter().enumerate().take(n) {
-                        scores[i * longest + j0 * TILE_ROWS + r] = d * scale;
+                        scores[i * longest + j0 + r] = d * scale;
                     }
                 }
             }
@@ -385,7 +406,6 @@ pub fn attention(
             kernel.weighted_sums(&probs, values, &mut outs);
         }
     };
-    let tokens = q.len() / row;
     let threads = threads.clamp(1, tokens.div_ceil(TILE_TOKENS).max(1));
     // Deal tiles round-robin, so the long (late) queries are shared out evenly.
     let mut shares: Vec<Vec<(usize, &mut [f32])>> = (0..threads).map(|_| Vec::new()).collect();
@@ -408,6 +428,29 @@ pub fn attention(
             scope.spawn(|| run(share));
         }
     });
+}
+
+/// One query head against its `keys` and `values` (`visible` rows of `q.len()` each): scores
+/// `dot(q, k) * scale`, softmax, then the values summed in order into `out`. This order is what
+/// the tiled path of [`attention`] reproduces bit for bit.
+pub fn attend_one(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    scores.clear();
+    scores.extend(keys.chunks_exact(hd).map(|k| dot(q, k) * scale));
+    softmax_in_place(scores);
+    out.fill(0.0);
+    for (&p, v) in scores.iter().zip(values.chunks_exact(hd)) {
+        for (o, &v) in out.iter_mut().zip(v) {
+            *o += p * v;
+        }
+    }
 }
 
 /// The token embedding, left in the host's mapping; rows are dequantized on demand.
@@ -1126,7 +1169,6 @@ pub(crate) mod tiny {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::matmul::dot;
 
     #[test]
     fn config_comes_from_llama_metadata() {
@@ -1265,8 +1307,8 @@ mod tests {
     }
 
     /// Two query heads sharing one KV head of width 2, capacity 4, three cached positions.
-    /// Attention one query and one head at a time, as the baseline computed it before its
-    /// queries were tiled: the reference the tiled attention must match bit for bit.
+    /// Attention one query and one head at a time ([`attend_one`], as decode computes it): the
+    /// reference the tiled attention must match bit for bit.
     fn attention_one_by_one(
         q: &[f32],
         keys: &[f32],
@@ -1274,32 +1316,29 @@ mod tests {
         shape: AttentionShape,
         start_pos: usize,
     ) -> Vec<f32> {
-        let AttentionShape {
-            n_head,
-            n_kv_head,
-            head_dim: hd,
-            capacity,
-        } = shape;
-        let scale = 1.0 / (hd as f32).sqrt();
+        let hd = shape.head_dim;
+        let group = shape.n_head / shape.n_kv_head;
+        let row = shape.n_head * hd;
         let mut out = vec![0f32; q.len()];
+        let mut scores = Vec::new();
         for (t, (q, out)) in q
-            .chunks_exact(n_head * hd)
-            .zip(out.chunks_exact_mut(n_head * hd))
+            .chunks_exact(row)
+            .zip(out.chunks_exact_mut(row))
             .enumerate()
         {
             let visible = causal_visible(start_pos, t);
             for (h, (q, out)) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).enumerate() {
-                let base = (h / (n_head / n_kv_head)) * capacity * hd;
-                let mut scores: Vec<f32> = keys[base..base + visible * hd]
-                    .chunks_exact(hd)
-                    .map(|k| dot(q, k) * scale)
-                    .collect();
-                softmax_in_place(&mut scores);
-                for (&p, v) in scores.iter().zip(values[base..].chunks_exact(hd)) {
-                    for (o, &v) in out.iter_mut().zip(v) {
-                        *o += p * v;
-                    }
-                }
+                let base = (h / group) * shape.capacity * hd;
+                let span = base..base + visible * hd;
+                let scale = 1.0 / (hd as f32).sqrt();
+                attend_one(
+                    q,
+                    &keys[span.clone()],
+                    &values[span],
+                    scale,
+                    &mut scores,
+                    out,
+                );
             }
         }
         out
