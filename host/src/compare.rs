@@ -152,14 +152,12 @@ impl FigureResult {
         self.verdict != Verdict::Noise || self.settled
     }
 
-    /// Shown not SLOWER beyond the noise threshold: FASTER, or the decision interval's bad end
-    /// inside the band.
+    /// Shown not SLOWER beyond the noise threshold: the decision interval's bad end lies inside
+    /// the band (true of every FASTER and every SAME figure too).
     fn not_worse(&self, noise: f64) -> bool {
-        self.verdict == Verdict::Faster
-            || self
-                .decision
-                .as_ref()
-                .is_some_and(|d| d.not_worse(self.better, noise))
+        self.decision
+            .as_ref()
+            .is_some_and(|d| d.not_worse(self.better, noise))
     }
 }
 
@@ -179,7 +177,7 @@ fn measuring_done(figures: &[FigureResult], noise: f64) -> bool {
         && figures
             .iter()
             .filter(|f| f.guarded)
-            .all(|f| f.decided() || f.not_worse(noise))
+            .all(|f| f.not_worse(noise))
 }
 
 /// The mean of ln(B/A) of `figure` over each round's pairs, in round order: the unit the

@@ -5,7 +5,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use plugin_api::ModelView;
+use plugin_api::{ModelView, TensorInfo};
 use serde::Serialize;
 
 /// The bound for one model on this machine.
@@ -22,12 +22,18 @@ pub struct Roofline {
 /// Bytes a decoded token reads: every tensor, the token embedding included when the output
 /// layer is tied to it (it is then read whole as the output matrix).
 pub fn bytes_per_token(view: &ModelView) -> u64 {
+    view.tensors.iter().map(|t| read_per_token(view, t)).sum()
+}
+
+/// Bytes of tensor `t` one decoded token reads: all of it, except a token embedding that is
+/// not also the output layer (read one row a token, counted as 0).
+fn read_per_token(view: &ModelView, t: &TensorInfo) -> u64 {
     let tied = view.tensor("output.weight").is_none();
-    view.tensors
-        .iter()
-        .filter(|t| tied || t.name.as_str() != "token_embd.weight")
-        .map(|t| t.size)
-        .sum()
+    if tied || t.name.as_str() != "token_embd.weight" {
+        t.size
+    } else {
+        0
+    }
 }
 
 /// The model's weights by kind, for `host model --tensors`: one line per tensor name with the
@@ -59,11 +65,7 @@ pub fn tensor_table(view: &ModelView) -> String {
             .map(|d| d.to_string())
             .collect::<Vec<_>>()
             .join(" x ");
-        let read = if tied || name != "token_embd.weight" {
-            t.size
-        } else {
-            0
-        };
+        let read = read_per_token(view, t);
         let entry = kinds.entry((kind, ty)).or_insert((0, shape, 0, 0));
         entry.0 += 1;
         entry.2 += t.size;
