@@ -346,6 +346,7 @@ impl Matrix {
         }
         // Computed ROWS_PER_TASK weight rows at a time (each dequantized once for all t tokens),
         // in register tiles of rows x tokens, then transposed to token-major.
+        let x: Vec<&[f32]> = x.chunks_exact(self.cols).collect();
         by_row
             .par_chunks_mut(ROWS_PER_TASK * t)
             .enumerate()
@@ -356,7 +357,6 @@ impl Matrix {
                     self.row_into(task * ROWS_PER_TASK + i, w);
                 }
                 let w: Vec<&[f32]> = w.chunks_exact(self.cols).collect();
-                let x: Vec<&[f32]> = x.chunks_exact(self.cols).collect();
                 let mut tile = [[0f32; TILE_TOKENS]; TILE_ROWS];
                 for t0 in (0..t).step_by(TILE_TOKENS) {
                     let xs = &x[t0..(t0 + TILE_TOKENS).min(t)];

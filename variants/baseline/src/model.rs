@@ -351,20 +351,16 @@ pub fn attention(
     let tokens = q.len() / row;
     if tokens == 1 {
         // Decode: one query, one head at a time, nothing allocated but the scores.
-        let visible = causal_visible(start_pos, 0);
-        let mut scores = Vec::with_capacity(visible);
-        for (h, (q, out)) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).enumerate() {
-            let base = (h / group) * capacity * hd;
-            let span = base..base + visible * hd;
-            attend_one(
-                q,
-                &keys[span.clone()],
-                &values[span],
-                scale,
-                &mut scores,
-                out,
-            );
-        }
+        let mut scores = Vec::with_capacity(causal_visible(start_pos, 0));
+        attend_token(
+            q,
+            keys,
+            values,
+            shape,
+            causal_visible(start_pos, 0),
+            &mut scores,
+            out,
+        );
         return;
     }
     let tile = |t0: usize, q: &[f32], out: &mut [f32], scores: &mut Vec<f32>| {
@@ -430,25 +426,33 @@ pub fn attention(
     });
 }
 
-/// One query head against its `keys` and `values` (`visible` rows of `q.len()` each): scores
-/// `dot(q, k) * scale`, softmax, then the values summed in order into `out`. This order is what
-/// the tiled path of [`attention`] reproduces bit for bit.
-pub fn attend_one(
+/// One token's query (`[head][head_dim]`) against the first `visible` cached positions, one
+/// head at a time: scores `dot(q, k) / sqrt(head_dim)`, softmax, then the values summed in
+/// order into `out`. This order is what the tiled path of [`attention`] reproduces bit for bit.
+pub fn attend_token(
     q: &[f32],
     keys: &[f32],
     values: &[f32],
-    scale: f32,
+    shape: AttentionShape,
+    visible: usize,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let hd = q.len();
-    scores.clear();
-    scores.extend(keys.chunks_exact(hd).map(|k| dot(q, k) * scale));
-    softmax_in_place(scores);
-    out.fill(0.0);
-    for (&p, v) in scores.iter().zip(values.chunks_exact(hd)) {
-        for (o, &v) in out.iter_mut().zip(v) {
-            *o += p * v;
+    let hd = shape.head_dim;
+    let group = shape.n_head / shape.n_kv_head;
+    let scale = 1.0 / (hd as f32).sqrt();
+    for (h, (q, out)) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).enumerate() {
+        let base = (h / group) * shape.capacity * hd;
+        let keys = &keys[base..base + visible * hd];
+        let values = &values[base..base + visible * hd];
+        scores.clear();
+        scores.extend(keys.chunks_exact(hd).map(|k| dot(q, k) * scale));
+        softmax_in_place(scores);
+        out.fill(0.0);
+        for (&p, v) in scores.iter().zip(values.chunks_exact(hd)) {
+            for (o, &v) in out.iter_mut().zip(v) {
+                *o += p * v;
+            }
         }
     }
 }
@@ -1307,8 +1311,8 @@ mod tests {
     }
 
     /// Two query heads sharing one KV head of width 2, capacity 4, three cached positions.
-    /// Attention one query and one head at a time ([`attend_one`], as decode computes it): the
-    /// reference the tiled attention must match bit for bit.
+    /// Attention one token at a time ([`attend_token`], as decode computes it): the reference
+    /// the tiled attention must match bit for bit.
     fn attention_one_by_one(
         q: &[f32],
         keys: &[f32],
@@ -1316,9 +1320,7 @@ mod tests {
         shape: AttentionShape,
         start_pos: usize,
     ) -> Vec<f32> {
-        let hd = shape.head_dim;
-        let group = shape.n_head / shape.n_kv_head;
-        let row = shape.n_head * hd;
+        let row = shape.n_head * shape.head_dim;
         let mut out = vec![0f32; q.len()];
         let mut scores = Vec::new();
         for (t, (q, out)) in q
@@ -1327,19 +1329,7 @@ mod tests {
             .enumerate()
         {
             let visible = causal_visible(start_pos, t);
-            for (h, (q, out)) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).enumerate() {
-                let base = (h / group) * shape.capacity * hd;
-                let span = base..base + visible * hd;
-                let scale = 1.0 / (hd as f32).sqrt();
-                attend_one(
-                    q,
-                    &keys[span.clone()],
-                    &values[span],
-                    scale,
-                    &mut scores,
-                    out,
-                );
-            }
+            attend_token(q, keys, values, shape, visible, &mut scores, out);
         }
         out
     }
