@@ -48,13 +48,15 @@ pub fn tensor_table(view: &ModelView) -> String {
     // (kind, type) -> (copies, shape of one, bytes, bytes read per token)
     let mut kinds: BTreeMap<(String, String), (u64, String, u64, u64)> = BTreeMap::new();
     for t in view.tensors.iter() {
-        let name = t.name.as_str();
+        // Names come from the file: shown with control characters escaped (no terminal
+        // escape sequence from a hostile GGUF reaches the screen).
+        let name = crate::wire::shorten(t.name.as_str(), 200);
         let kind = match name
             .strip_prefix("blk.")
             .and_then(|rest| rest.split_once('.'))
         {
             Some((layer, rest)) if layer.parse::<u32>().is_ok() => format!("blk.*.{rest}"),
-            _ => name.to_string(),
+            _ => name.clone(),
         };
         let ty = plugin_api::GgmlType::from_id(t.ggml_type)
             .map(|g| format!("{g:?}"))
@@ -161,6 +163,23 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn the_tensor_table_groups_layers_and_escapes_names() {
+        let table = tensor_table(&view(&[
+            ("token_embd.weight", 100),
+            ("blk.0.w", 50),
+            ("blk.1.w", 50),
+            ("evil\u{1b}[2J", 0),
+        ]));
+        assert!(table.contains("blk.*.w"), "{table}");
+        assert!(table.contains("50.0%"), "two layers of 50 in 200: {table}");
+        assert!(
+            !table.contains('\u{1b}'),
+            "an escape reached the terminal: {table}"
+        );
+        assert!(table.contains("evil\\u{1b}[2J"), "{table}");
     }
 
     #[test]
