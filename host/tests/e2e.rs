@@ -169,15 +169,57 @@ fn scores_the_current_variant_on_the_real_model() {
         .as_str()
         .unwrap()
         .to_lowercase();
-    let common_words = [
-        "the", "a", "of", "and", "is", "to", "in", "it", "that", "are", "this", "like",
-    ];
-    let words: Vec<&str> = text.split_whitespace().collect();
-    let hits = words.iter().filter(|w| common_words.contains(w)).count();
-    assert!(
-        words.len() >= 10 && hits * 8 >= words.len(),
-        "not coherent English? {text:?}"
-    );
+    assert!(looks_like_english(&text), "not coherent English? {text:?}");
+}
+
+/// The most frequent English words: a reply of real sentences is full of
+/// them, token soup from a broken model is not.
+const COMMON_WORDS: &[&str] = &[
+    "the", "be", "to", "of", "and", "a", "an", "in", "that", "have", "i", "it", "for", "not",
+    "on", "with", "he", "as", "you", "do", "at", "this", "but", "his", "by", "from", "they",
+    "we", "say", "her", "she", "or", "will", "my", "one", "all", "would", "there", "their",
+    "what", "so", "up", "out", "if", "about", "who", "get", "which", "go", "me", "when",
+    "make", "can", "like", "time", "no", "just", "him", "know", "take", "people", "into",
+    "year", "your", "good", "some", "could", "them", "see", "other", "than", "then", "now",
+    "look", "only", "come", "its", "over", "think", "also", "back", "after", "use", "two",
+    "how", "our", "work", "first", "well", "way", "even", "new", "want", "because", "any",
+    "these", "give", "day", "most", "us", "is", "are", "was", "were", "has", "had", "here",
+    "little", "tell", "more", "very", "each", "many", "where", "why", "i'm", "it's", "let's",
+];
+
+/// Whether `text` (lower case) reads as English sentences: at least ten
+/// words, nearly all of them plain words, and one in five among the most
+/// common words. Written for the test of the real model; tolerant of which
+/// prompt instance was drawn.
+fn looks_like_english(text: &str) -> bool {
+    let words: Vec<&str> = text
+        .split_whitespace()
+        .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric() && c != '\''))
+        .filter(|w| !w.is_empty())
+        .collect();
+    let plain = words
+        .iter()
+        .filter(|w| w.chars().all(|c| c.is_alphabetic() || c == '\'' || c == '-'))
+        .count();
+    let common = words.iter().filter(|w| COMMON_WORDS.contains(w)).count();
+    words.len() >= 10 && plain * 10 >= words.len() * 9 && common * 5 >= words.len()
+}
+
+#[test]
+fn the_english_check_tells_sentences_from_noise() {
+    for good in [
+        "hello, my dear grandmother, i'm glad you're here. i'll tell you a little bit about my home,",
+        "a rainbow forms when sunlight is bent by drops of water in the air, and the light splits",
+    ] {
+        assert!(looks_like_english(good), "{good:?}");
+    }
+    for bad in [
+        "qx zzv ptrk lmno vvb ghjk wqrt plok xxyz mnbv",
+        "the the",
+        "<|im_end|> ##4 0x1f 9913 ]] {{ the of and a is to",
+    ] {
+        assert!(!looks_like_english(bad), "{bad:?}");
+    }
 }
 
 #[test]
