@@ -180,24 +180,12 @@ fn measuring_done(figures: &[FigureResult], noise: f64) -> bool {
             .all(|f| f.not_worse(noise))
 }
 
-/// The mean of ln(B/A) of `figure` over each round's pairs, in round order: the unit the
-/// statistics test. Pairs of one round share their two worker processes, so they are not
-/// independent of each other; rounds, each with fresh workers, are.
-fn round_means(pairs: &[Pair], figure: Figure) -> Vec<f64> {
-    let mut means: Vec<(u32, f64, usize)> = Vec::new();
-    for p in pairs {
-        let log = (figure.of(&p.b) / figure.of(&p.a)).ln();
-        match means.last_mut() {
-            Some((round, sum, n)) if *round == p.round => {
-                *sum += log;
-                *n += 1;
-            }
-            _ => means.push((p.round, log, 1)),
-        }
-    }
-    means
-        .into_iter()
-        .map(|(_, sum, n)| sum / n as f64)
+/// ln(B/A) of `figure` for every pair, in order: the unit the statistics test. Every pair has
+/// its own two fresh workers, so pairs are independent of each other.
+fn pair_logs(pairs: &[Pair], figure: Figure) -> Vec<f64> {
+    pairs
+        .iter()
+        .map(|p| (figure.of(&p.b) / figure.of(&p.a)).ln())
         .collect()
 }
 
@@ -209,7 +197,7 @@ fn look(pairs: &[Pair], alpha: impl Fn(Figure) -> f64, noise: f64, seed: u64) ->
             let alpha = alpha(figure);
             let a: Vec<f64> = pairs.iter().map(|p| figure.of(&p.a)).collect();
             let b: Vec<f64> = pairs.iter().map(|p| figure.of(&p.b)).collect();
-            let logs = round_means(pairs, figure);
+            let logs = pair_logs(pairs, figure);
             let decision = Paired::of(&logs, alpha, seed);
             let verdict = decision
                 .as_ref()
@@ -489,7 +477,13 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         bail!("host compare refuses to measure: {}", harness.describe());
     }
     let rules = setup.protocol.compare.clone();
-    let schedule = LookSchedule::new(rules.alpha, rules.looks, rules.rounds_per_look, &TESTS);
+    let schedule = LookSchedule::new(
+        rules.alpha,
+        rules.looks,
+        rules.rounds_per_look,
+        rules.spending_gamma,
+        &TESTS,
+    );
 
     // Builds before any timed request.
     let synthetic = setup.model.is_synthetic();
@@ -776,54 +770,56 @@ fn measure(
     let prompts = setup.prompts.prompts.len();
     let max_rounds = schedule.max_rounds();
     // Every instance of the longest comparison, drawn now: none repeats, the warm-ups of each
-    // round's new workers included.
-    let plan = setup.plan(max_rounds, max_rounds)?;
-    let warmups_per_round = setup.protocol.warmup_requests as usize;
-    let total = 2 * (warmups_per_round + prompts) * max_rounds as usize;
+    // pair's new workers included.
+    let plan = setup.plan(max_rounds, max_rounds * prompts as u32)?;
+    let warmups_per_pair = setup.protocol.warmup_requests as usize;
+    let total = 2 * (warmups_per_pair + 1) * prompts * max_rounds as usize;
     let bar = crate::run::progress_bar(total, "");
     let log = |line: String| crate::run::log_line(&bar, line);
     let started = Instant::now();
     let mut interval = String::from("no look yet");
+    let new_tokens = setup.protocol.max_new_tokens;
     for round in 0..max_rounds {
-        // Fresh workers every round. A process keeps its own speed for its whole life (heap
-        // layout, huge pages, where its threads land): with one pair of workers for the whole
-        // comparison that offset would sit in every pair and look like a real difference.
-        // New processes each round make it part of the round-to-round noise, which the test
-        // sees, and the statistics take one observation per round (see `look`).
-        // Each worker is frozen as soon as it is loaded and whenever it is not answering, so
-        // neither can compute while the other is measured.
-        let spawn = |variant: &str, lib: &Path| {
-            Worker::spawn(&Spawn {
-                variant,
-                lib,
-                model: &setup.model.path,
-                timeout: setup.timeout(),
-                echo_log: args.verbose,
-                load: setup.load_request(),
-                protect: sides.protect,
-            })
-        };
-        let mut worker_a = spawn(&name_a, &a.lib)?;
-        let mut worker_b = spawn(&name_b, &b.lib)?;
-        for planned in &plan.warmups[round as usize] {
-            let label = planned.label(max_rounds);
-            bar.set_message(format!("{label}, A and B, round {}", round + 1));
-            let a = timed_request(setup, &mut worker_a, &name_a, planned, &label)?;
-            log(format!("A {}", request_line(&a, &label)));
-            bar.inc(1);
-            let b = timed_request(setup, &mut worker_b, &name_b, planned, &label)?;
-            log(format!("B {}", request_line(&b, &label)));
-            bar.inc(1);
-            out.warmups.push(Pair {
-                round,
-                prompt: planned.instance.prompt.clone(),
-                order: Order::AB,
-                a,
-                b,
-            });
-        }
         for planned in &plan.rounds[round as usize] {
+            // Fresh workers for every pair. A process keeps its own speed for its whole life
+            // (heap layout, huge pages, where its threads land): workers shared by several
+            // pairs would put one offset into all of them, and the pairs would not be
+            // independent. With new processes per pair the offset is part of each pair's own
+            // noise, which the test sees, and every pair is one observation (see `look`).
+            // Each worker is frozen as soon as it is loaded and whenever it is not answering,
+            // so neither can compute while the other is measured.
+            let spawn = |variant: &str, lib: &Path| {
+                Worker::spawn(&Spawn {
+                    variant,
+                    lib,
+                    model: &setup.model.path,
+                    timeout: setup.timeout(),
+                    echo_log: args.verbose,
+                    load: setup.load_request(),
+                    protect: sides.protect,
+                })
+            };
+            let mut worker_a = spawn(&name_a, &a.lib)?;
+            let mut worker_b = spawn(&name_b, &b.lib)?;
             let label = planned.label(max_rounds);
+            // A short untimed request first: each new process faults in the weights and
+            // starts its threads outside the timed one.
+            for warm in &plan.warmups[out.pairs.len()] {
+                let wlabel = format!("warm-up for {label}");
+                bar.set_message(format!("{wlabel}; {interval}"));
+                let warm_tokens = rules.warmup_new_tokens;
+                let a = timed_request(setup, &mut worker_a, &name_a, warm, &wlabel, warm_tokens)?;
+                bar.inc(1);
+                let b = timed_request(setup, &mut worker_b, &name_b, warm, &wlabel, warm_tokens)?;
+                bar.inc(1);
+                out.warmups.push(Pair {
+                    round,
+                    prompt: warm.instance.prompt.clone(),
+                    order: Order::AB,
+                    a,
+                    b,
+                });
+            }
             let order = if out.pairs.len() % 2 == 0 {
                 Order::AB
             } else {
@@ -832,9 +828,9 @@ fn measure(
             bar.set_message(format!("{label}; {interval}"));
             let mut run = |which: char| -> Result<Sample> {
                 let s = if which == 'A' {
-                    timed_request(setup, &mut worker_a, &name_a, planned, &label)?
+                    timed_request(setup, &mut worker_a, &name_a, planned, &label, new_tokens)?
                 } else {
-                    timed_request(setup, &mut worker_b, &name_b, planned, &label)?
+                    timed_request(setup, &mut worker_b, &name_b, planned, &label, new_tokens)?
                 };
                 log(format!("{which} {}", request_line(&s, &label)));
                 bar.inc(1);
@@ -1218,7 +1214,7 @@ mod tests {
     }
 
     #[test]
-    fn rounds_not_pairs_are_the_unit() {
+    fn every_pair_is_one_observation() {
         // Two rounds of two prompts: B 10% then 20% faster in round 0, 0% and 10% in round 1.
         let pair = |round, b| Pair {
             round,
@@ -1228,17 +1224,14 @@ mod tests {
             b: sample(b, 500.0, 200_000),
         };
         let pairs = [pair(0, 22.0), pair(0, 24.0), pair(1, 20.0), pair(1, 22.0)];
-        let means = round_means(&pairs, Figure::DecodeTokS);
-        let expect = [
-            (1.1f64.ln() + 1.2f64.ln()) / 2.0,
-            (1.0f64.ln() + 1.1f64.ln()) / 2.0,
-        ];
-        assert_eq!(means.len(), 2);
-        for (m, e) in means.iter().zip(expect) {
-            assert!((m - e).abs() < 1e-12, "{means:?}");
+        let logs = pair_logs(&pairs, Figure::DecodeTokS);
+        let expect = [1.1f64.ln(), 1.2f64.ln(), 0.0, 1.1f64.ln()];
+        assert_eq!(logs.len(), 4);
+        for (m, e) in logs.iter().zip(expect) {
+            assert!((m - e).abs() < 1e-12, "{logs:?}");
         }
         let figures = look(&pairs, |_| 0.05, 0.01, 1);
-        assert_eq!(figures[0].decision.as_ref().map(|d| d.n), Some(2));
+        assert_eq!(figures[0].decision.as_ref().map(|d| d.n), Some(4));
     }
 
     #[test]
@@ -1269,7 +1262,7 @@ mod tests {
             &figures,
             "a",
             "b",
-            &LookSchedule::new(0.05, 6, 2, &TESTS),
+            &LookSchedule::new(0.05, 6, 2, -1.0, &TESTS),
             3,
             0.01,
         );

@@ -49,6 +49,11 @@ pub struct CompareRules {
     pub looks: u32,
     /// Rounds (each one request per prompt and variant) between looks.
     pub rounds_per_look: u32,
+    /// How early alpha is spent over the looks (Hwang-Shih-DeCani gamma: -4 late, 0 evenly,
+    /// 1 early); see `significance::spent`.
+    pub spending_gamma: f64,
+    /// Tokens of the short untimed request each fresh worker answers before its timed one.
+    pub warmup_new_tokens: u32,
     /// The comparison stops at the first look after this many seconds of measuring.
     pub max_seconds: f64,
 }
@@ -167,6 +172,7 @@ impl CompareRules {
             ("compare.noise_threshold", self.noise_threshold, 0.0, 1.0),
             ("compare.alpha", self.alpha, 1e-6, 0.5),
             ("compare.max_seconds", self.max_seconds, 1.0, 604_800.0),
+            ("compare.spending_gamma", self.spending_gamma, -10.0, 10.0),
         ] {
             if !(lo..=hi).contains(&value) {
                 return Err(format!("{name} must be between {lo} and {hi}, not {value}"));
@@ -182,6 +188,12 @@ impl CompareRules {
             return Err(format!(
                 "compare.rounds_per_look must be between 1 and 1000, not {}",
                 self.rounds_per_look
+            ));
+        }
+        if !(1..=4096).contains(&self.warmup_new_tokens) {
+            return Err(format!(
+                "compare.warmup_new_tokens must be between 1 and 4096, not {}",
+                self.warmup_new_tokens
             ));
         }
         Ok(())
@@ -207,7 +219,7 @@ mod tests {
         let good = "max_new_tokens = 8\nrounds = 1\nwarmup_requests = 1\nrequest_timeout_s = 5\ndecoding = \"greedy\"\n\
                     [gates]\ntie_margin = 0.01\nmin_agreement = 0.99\nmax_perplexity_ratio = 1.05\n\
                     max_check_drop = 0.1\nmax_repetition_rise = 0.2\nscored_rounds = 3\n\
-                    [compare]\nnoise_threshold = 0.01\nalpha = 0.05\nlooks = 5\nrounds_per_look = 2\nmax_seconds = 600\n";
+                    [compare]\nnoise_threshold = 0.01\nalpha = 0.05\nlooks = 5\nrounds_per_look = 2\nspending_gamma = -1.0\nwarmup_new_tokens = 8\nmax_seconds = 600\n";
         std::fs::write(&path, good).unwrap();
         Protocol::load(&path).expect("the good file loads");
         for (bad, needle) in [
@@ -242,6 +254,14 @@ mod tests {
             (good.replace("[gates]", "[gate]"), "gate"),
             (good.replace("alpha = 0.05", "alpha = 0"), "compare.alpha"),
             (good.replace("looks = 5", "looks = 0"), "compare.looks"),
+            (
+                good.replace("spending_gamma = -1.0", "spending_gamma = 30.0"),
+                "compare.spending_gamma",
+            ),
+            (
+                good.replace("warmup_new_tokens = 8", "warmup_new_tokens = 0"),
+                "compare.warmup_new_tokens",
+            ),
             (
                 good.replace("rounds_per_look = 2", "rounds_per_look = 0"),
                 "compare.rounds_per_look",

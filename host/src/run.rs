@@ -324,7 +324,14 @@ fn measure(
     for (i, planned) in plan.iter().enumerate() {
         let label = planned.label(setup.protocol.rounds);
         bar.set_message(label.clone());
-        let sample = timed_request(setup, &mut worker, &name, planned, &label)?;
+        let sample = timed_request(
+            setup,
+            &mut worker,
+            &name,
+            planned,
+            &label,
+            setup.protocol.max_new_tokens,
+        )?;
         let line = format!(
             "[{}/{}] {}",
             i + 1,

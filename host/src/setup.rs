@@ -344,14 +344,15 @@ pub fn generate_timed(
     })
 }
 
-/// Sends `planned` to `worker` (the variant `name`) and checks and times what comes back. A
-/// warm-up's sample is returned too; the caller decides what counts.
+/// Sends `planned` to `worker` (the variant `name`), asking for exactly `new_tokens`, and checks
+/// and times what comes back. A warm-up's sample is returned too; the caller decides what counts.
 pub fn timed_request(
     setup: &Setup,
     worker: &mut Worker,
     name: &str,
     planned: &Planned,
     label: &str,
+    new_tokens: u32,
 ) -> Result<Sample> {
     let codec = &setup.codec;
     let Generated {
@@ -363,7 +364,7 @@ pub fn timed_request(
         worker,
         name,
         &planned.ids,
-        setup.protocol.max_new_tokens,
+        new_tokens,
         codec.vocab_size,
         label,
         setup.timeout(),
