@@ -970,11 +970,12 @@ fn render(
         "A verdict needs p below the look's alpha ({alphas} at look {look} of {}) and the whole \
          decision interval, at that alpha, beyond ±{:.1}%; SAME = the interval lies inside \
          ±{:.1}%. Alpha {} is split over the tests and spent over the looks \
-         (O'Brien-Fleming-type), so any false verdict has at most that chance.",
+         (Hwang-Shih-DeCani, gamma {}), so any false verdict has at most that chance.",
         schedule.looks,
         noise * 100.0,
         noise * 100.0,
         schedule.alpha,
+        schedule.gamma,
     ));
     out
 }
