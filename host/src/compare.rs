@@ -43,6 +43,8 @@ pub struct CompareArgs {
     pub rounds_per_look: Option<u32>,
     pub max_seconds: Option<f64>,
     pub noise_threshold: Option<f64>,
+    /// `--screen`: the protocol's `[screen]` prompts, tokens and looks; never kept.
+    pub screen: bool,
     pub no_build: bool,
     pub json: bool,
     pub description: String,
@@ -464,7 +466,21 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         ),
         _ => bail!("host compare takes two variants (A B) or none (HEAD:variants/current against the working tree)"),
     };
-    let mut setup = Setup::open(root.clone(), &args.overrides)?;
+    let overrides = screen_overrides(&root, args)?;
+    let mut setup = Setup::open(root.clone(), &overrides)?;
+    if args.screen {
+        let screen = setup.protocol.screen.clone();
+        setup.protocol.compare.looks = screen.looks;
+        setup.protocol.compare.rounds_per_look = screen.rounds_per_look;
+        eprintln!(
+            "screen: prompts {}, {} tokens, at most {} looks of {} round(s); its verdict is \
+             recorded as SCREEN-... and is never kept",
+            screen.prompts.join(", "),
+            screen.max_new_tokens,
+            screen.looks,
+            screen.rounds_per_look
+        );
+    }
     apply_rules(&mut setup.protocol.compare, args)?;
     let oracle_device = setup
         .protocol
@@ -666,7 +682,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
             against_tree: &a.tree,
             rounds: measured.rounds,
             decode: decode.and_then(|d| d.decision.as_ref()),
-            verdict: verdict.map(Outcome::word).unwrap_or("-"),
+            verdict: &verdict.map_or("-".to_string(), |v| verdict_label(v, args.screen)),
         }),
         status,
         &args.description,
@@ -704,12 +720,17 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         }
         println!(
             "verdict: {} — {} ({} pairs over {} rounds, {:.0} s)",
-            verdict.word(),
+            verdict_label(verdict, args.screen),
             reasons.join("; "),
             measured.pairs.len(),
             measured.rounds,
             measured.seconds
         );
+        if args.screen {
+            println!(
+                "a screen is never kept: run `host compare` on the full protocol to decide"
+            );
+        }
     }
     if let Some(cost) = &oracle_cost {
         eprintln!("{}", crate::judge::describe_cost(cost));
@@ -720,6 +741,48 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         json.display()
     );
     Ok(verdict)
+}
+
+/// The verdict as recorded and printed: a screen's carries `SCREEN-`, which `host keep`
+/// refuses and `host plot` leaves out.
+fn verdict_label(outcome: Outcome, screen: bool) -> String {
+    if screen {
+        format!("{SCREEN_PREFIX}{}", outcome.word())
+    } else {
+        outcome.word().to_string()
+    }
+}
+
+/// What a screen's recorded verdict starts with.
+pub const SCREEN_PREFIX: &str = "SCREEN-";
+
+/// The overrides of `args`, with a screen's prompts and tokens in place; refuses a screen
+/// combined with flags that would change what a screen is.
+fn screen_overrides(root: &Path, args: &CompareArgs) -> Result<crate::setup::Overrides> {
+    let mut o = args.overrides.clone();
+    if !args.screen {
+        return Ok(o);
+    }
+    let clashes: Vec<&str> = [
+        (!o.prompts.is_empty(), "--prompt"),
+        (o.max_new_tokens.is_some(), "--max-new-tokens"),
+        (args.looks.is_some(), "--looks"),
+        (args.rounds_per_look.is_some(), "--rounds-per-look"),
+    ]
+    .into_iter()
+    .filter_map(|(given, flag)| given.then_some(flag))
+    .collect();
+    if !clashes.is_empty() {
+        bail!(
+            "--screen sets the prompts, tokens and looks from prompts/protocol.toml's [screen]; \
+             drop {}",
+            clashes.join(", ")
+        );
+    }
+    let protocol = crate::protocol::Protocol::load(&root.join("prompts/protocol.toml"))?;
+    o.prompts = protocol.screen.prompts;
+    o.max_new_tokens = Some(protocol.screen.max_new_tokens);
+    Ok(o)
 }
 
 /// `k` of the rounds `0..rounds` (all when there are no more), drawn with `seed`, in order.

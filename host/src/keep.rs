@@ -71,6 +71,13 @@ pub fn keep(root: &Path, results: &Path, message: &str, rules: &KeepRules) -> Re
             field("time")
         );
     }
+    if verdict.starts_with(crate::compare::SCREEN_PREFIX) {
+        bail!(
+            "the latest comparison of {CURRENT} ({}) was a screen ({verdict}): a screen is never \
+             kept; run `host compare` on the full protocol",
+            field("time")
+        );
+    }
     if !rules.harness.starts_with(field("harness")) || field("harness").is_empty() {
         bail!(
             "the latest comparison of {CURRENT} ({}) was measured under harness {}, and the harness \
@@ -453,6 +460,8 @@ mod tests {
                 "is a `host run`, not a comparison",
             ),
             ("REVERT", "ok", "pass", ("", ""), "is REVERT"),
+            // A screen, even one that would have been a KEEP on its prompts.
+            ("SCREEN-KEEP", "ok", "pass", ("", ""), "a screen is never kept"),
             (
                 "KEEP",
                 "rejected",

@@ -244,6 +244,12 @@ enum Command {
         /// Smallest relative change worth a verdict, 0.01 = 1% [default: compare.noise_threshold].
         #[arg(long)]
         noise_threshold: Option<f64>,
+        /// A cheap screen of an idea: prompts/protocol.toml's [screen] prompts, tokens and looks
+        /// (the four short prompts, 32 tokens, at most 3 rounds). Its verdict is recorded as
+        /// SCREEN-KEEP, SCREEN-REVERT or SCREEN-NOISE (same exit status as a comparison) and
+        /// is never kept; its error rates are in program.md.
+        #[arg(long)]
+        screen: bool,
         /// For directory variants, use the library the last build left (revisions are cached
         /// by their build key anyway).
         #[arg(long)]
@@ -429,6 +435,7 @@ fn main() -> ExitCode {
             rounds_per_look,
             max_seconds,
             noise_threshold,
+            screen,
             no_build,
             rounds,
             common,
@@ -441,6 +448,7 @@ fn main() -> ExitCode {
                 rounds_per_look,
                 max_seconds,
                 noise_threshold,
+                screen,
                 no_build,
                 json: common.json,
                 description: common.description,

@@ -50,7 +50,10 @@ impl History {
         let compared: Vec<_> = rows
             .iter()
             .filter(|r| {
-                r.get("verdict").is_some_and(|v| !v.is_empty() && v != "-") || is_failed_compare(r)
+                let verdict = r.get("verdict").map(String::as_str).unwrap_or("");
+                // A screen is a first look, never an experiment of the loop.
+                !verdict.starts_with(crate::compare::SCREEN_PREFIX)
+                    && ((!verdict.is_empty() && verdict != "-") || is_failed_compare(r))
             })
             .collect();
         let Some(newest) = compared.last() else {
@@ -350,6 +353,14 @@ mod tests {
                 ],
                 ["t3", "aaaaaaaaaaaa", "-", "-", "-", "failed"],
                 [
+                    "t3b",
+                    "aaaaaaaaaaaa",
+                    "40.0",
+                    "1.9000 [1.8, 2.0]",
+                    "SCREEN-KEEP",
+                    "ok",
+                ],
+                [
                     "t4",
                     "aaaaaaaaaaaa",
                     "21.1",
@@ -369,6 +380,7 @@ mod tests {
         );
         let h = History::read(&dir, None).unwrap();
         assert_eq!(h.other_harness_rows, 1, "the old harness's row is left out");
+        assert_eq!(h.experiments.len(), 5, "the screen is not an experiment");
         let marks: Vec<Mark> = h.experiments.iter().map(|e| e.outcome).collect();
         assert_eq!(
             marks,

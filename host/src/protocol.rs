@@ -35,6 +35,23 @@ pub struct Protocol {
     pub gates: Gates,
     /// How `host compare` decides (`[compare]`).
     pub compare: CompareRules,
+    /// What `host compare --screen` measures instead (`[screen]`).
+    pub screen: ScreenRules,
+}
+
+/// `host compare --screen`: a cheap first look at an idea on part of the protocol, whose
+/// verdict is recorded as a screen and can never be kept.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ScreenRules {
+    /// The prompts a screen runs (a subset of prompts/).
+    pub prompts: Vec<String>,
+    /// Tokens every request of a screen produces.
+    pub max_new_tokens: u32,
+    /// Looks of a screen.
+    pub looks: u32,
+    /// Rounds between a screen's looks.
+    pub rounds_per_look: u32,
 }
 
 /// The statistics of `host compare`: thresholds and the schedule of looks.
@@ -113,6 +130,7 @@ impl Protocol {
         let p: Protocol =
             toml::from_str(&text).map_err(|e| err(e.to_string().trim_end().to_string()))?;
         p.check().map_err(err)?;
+        p.screen.check().map_err(err)?;
         Ok(p)
     }
 
@@ -200,6 +218,28 @@ impl CompareRules {
     }
 }
 
+impl ScreenRules {
+    /// Checks the values make sense.
+    pub fn check(&self) -> Result<(), String> {
+        if self.prompts.is_empty() {
+            return Err("screen.prompts must name at least one prompt".into());
+        }
+        if !(2..=4096).contains(&self.max_new_tokens) {
+            return Err(format!(
+                "screen.max_new_tokens must be between 2 and 4096, not {}",
+                self.max_new_tokens
+            ));
+        }
+        if !(1..=100).contains(&self.looks) || !(1..=1000).contains(&self.rounds_per_look) {
+            return Err(format!(
+                "screen.looks (1 to 100) and screen.rounds_per_look (1 to 1000) are {} and {}",
+                self.looks, self.rounds_per_look
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,7 +259,8 @@ mod tests {
         let good = "max_new_tokens = 8\nrounds = 1\nwarmup_requests = 1\nrequest_timeout_s = 5\ndecoding = \"greedy\"\n\
                     [gates]\ntie_margin = 0.01\nmin_agreement = 0.99\nmax_perplexity_ratio = 1.05\n\
                     max_check_drop = 0.1\nmax_repetition_rise = 0.2\nscored_rounds = 3\n\
-                    [compare]\nnoise_threshold = 0.01\nalpha = 0.05\nlooks = 5\nrounds_per_look = 2\nspending_gamma = -1.0\nwarmup_new_tokens = 8\nmax_seconds = 600\n";
+                    [compare]\nnoise_threshold = 0.01\nalpha = 0.05\nlooks = 5\nrounds_per_look = 2\nspending_gamma = -1.0\nwarmup_new_tokens = 8\nmax_seconds = 600\n\
+                    [screen]\nprompts = [\"a\"]\nmax_new_tokens = 16\nlooks = 2\nrounds_per_look = 1\n";
         std::fs::write(&path, good).unwrap();
         Protocol::load(&path).expect("the good file loads");
         for (bad, needle) in [
@@ -262,6 +303,12 @@ mod tests {
                 good.replace("warmup_new_tokens = 8", "warmup_new_tokens = 0"),
                 "compare.warmup_new_tokens",
             ),
+            (good.replace("prompts = [\"a\"]", "prompts = []"), "screen.prompts"),
+            (
+                good.replace("max_new_tokens = 16", "max_new_tokens = 1"),
+                "screen.max_new_tokens",
+            ),
+            (good.replace("looks = 2\n", "looks = 0\n"), "screen.looks"),
             (
                 good.replace("rounds_per_look = 2", "rounds_per_look = 0"),
                 "compare.rounds_per_look",

@@ -69,7 +69,7 @@ pub struct Compared<'a> {
     pub rounds: u32,
     /// The decode rate's paired statistics (B/A), at the decision's alpha.
     pub decode: Option<&'a crate::significance::Paired>,
-    /// KEEP, REVERT, NOISE, or `-` when the comparison failed.
+    /// KEEP, REVERT, NOISE (SCREEN-... for a screen), or `-` when the comparison failed.
     pub verdict: &'a str,
 }
 

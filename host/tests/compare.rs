@@ -241,6 +241,14 @@ fn bad_arguments_are_named_and_leave_no_row() {
             vec!["variants/baseline", "variants/current", "--prompt", "nope"],
             "nope",
         ),
+        (
+            vec!["variants/baseline", "variants/current", "--screen", "--prompt", "code"],
+            "--screen sets the prompts, tokens and looks",
+        ),
+        (
+            vec!["variants/baseline", "variants/current", "--screen", "--looks", "2"],
+            "drop --looks",
+        ),
     ] {
         let mut cmd = host();
         cmd.arg("compare")
@@ -258,6 +266,34 @@ fn bad_arguments_are_named_and_leave_no_row() {
         records(&results).is_empty(),
         "refused before measuring: no row"
     );
+    std::fs::remove_dir_all(&results).unwrap();
+}
+
+#[test]
+fn a_screen_uses_its_own_prompts_and_is_recorded_as_a_screen() {
+    let _one_at_a_time = serial();
+    // The drift fixture's `sleep` mode (20 ms more per token) through `--screen`: the four
+    // short prompts at 32 tokens, at most 3 rounds, and a verdict that names itself a screen.
+    build_plain();
+    let results = scratch("compare-screen");
+    let mut cmd = host();
+    cmd.args(["compare", "variants/baseline"])
+        .arg(drift())
+        .args(["--no-build", "--screen", "--results"])
+        .arg(&results)
+        .env("AUTOINFER_FIXTURE_MODE", "sleep")
+        .env("CARGO_TARGET_DIR", root().join("target"));
+    let (out, stdout, err) = output(&mut cmd);
+    assert_eq!(out.status.code(), Some(4), "a slower B exits 4: {stdout}{err}");
+    assert!(stdout.contains("verdict: SCREEN-REVERT"), "{stdout}");
+    assert!(stdout.contains("a screen is never kept"), "{stdout}");
+    assert!(err.contains("screen: prompts code, creative, explanation, reasoning"), "{err}");
+    let row = &records(&results)[0];
+    assert_eq!(row["verdict"], "SCREEN-REVERT");
+    assert_eq!(row["prompts"], "code,creative,explanation,reasoning");
+    assert_eq!(row["max_new_tokens"], "32");
+    let rounds: u32 = row["compare_rounds"].parse().unwrap();
+    assert!((1..=3).contains(&rounds), "{row:?}");
     std::fs::remove_dir_all(&results).unwrap();
 }
 
