@@ -146,6 +146,9 @@ pub struct FigureResult {
     pub verdict: Verdict,
     /// The decision interval lies inside the noise band: the same within the threshold.
     pub settled: bool,
+    /// The chance this figure would end SLOWER at the last look, were the comparison to run
+    /// on at its present estimate and spread ([`Paired::chance_slower_at_end`]).
+    pub chance_slower_at_end: Option<f64>,
 }
 
 impl FigureResult {
@@ -161,14 +164,24 @@ impl FigureResult {
             .as_ref()
             .is_some_and(|d| d.not_worse(self.better, noise))
     }
+
+    /// Can no longer block a keep, in all likelihood: shown not SLOWER beyond the noise
+    /// threshold, or with a chance below `stop_chance` of ending SLOWER at the last look.
+    fn cannot_block(&self, noise: f64, stop_chance: f64) -> bool {
+        self.not_worse(noise)
+            || self
+                .chance_slower_at_end
+                .is_some_and(|c| c < stop_chance)
+    }
 }
 
-/// Whether more rounds can no longer change what the keep rule ([`Outcome::decide`]) makes of
-/// the timing: a figure is SLOWER (a revert, whatever comes next), or decode is decided (FASTER,
-/// or SAME inside the noise band) and every guarded figure is decided or shown not SLOWER
-/// beyond the noise threshold. The stopping rule is the keep rule's: a comparison does not go
-/// on to pin down a guarded figure that can no longer block a keep.
-fn measuring_done(figures: &[FigureResult], noise: f64) -> bool {
+/// Whether more rounds would, in all likelihood, no longer change what the keep rule
+/// ([`Outcome::decide`]) makes of the timing: a figure is SLOWER (a revert, whatever comes
+/// next), or decode is decided (FASTER, or SAME inside the noise band) and every guarded figure
+/// is shown not SLOWER beyond the noise threshold or has a chance below `stop_chance` of ending
+/// SLOWER if all the looks were run ([`FigureResult::cannot_block`]). A comparison does not go
+/// on to pin down a guarded figure that cannot block a keep.
+fn measuring_done(figures: &[FigureResult], noise: f64, stop_chance: f64) -> bool {
     if figures.iter().any(|f| f.verdict == Verdict::Slower) {
         return true;
     }
@@ -179,7 +192,45 @@ fn measuring_done(figures: &[FigureResult], noise: f64) -> bool {
         && figures
             .iter()
             .filter(|f| f.guarded)
-            .all(|f| f.not_worse(noise))
+            .all(|f| f.cannot_block(noise, stop_chance))
+}
+
+/// Where a comparison ends if nothing stops it early: the pairs of its last look and the alpha
+/// each figure is tested at there.
+pub struct Horizon<'a> {
+    pub pairs: usize,
+    pub alpha: &'a dyn Fn(Figure) -> f64,
+}
+
+/// One figure's result from its log-ratios, tested at `alpha` by `stats` (the t-test and
+/// bootstrap of [`Paired::of`], or the t-test alone in simulations).
+fn figure_result(
+    figure: Figure,
+    logs: &[f64],
+    alpha: f64,
+    horizon: &Horizon,
+    noise: f64,
+    stats: impl Fn(&[f64], f64) -> Option<Paired>,
+) -> FigureResult {
+    let decision = stats(logs, alpha);
+    let verdict = decision
+        .as_ref()
+        .map(|d| d.verdict(figure.better(), noise))
+        .unwrap_or(Verdict::Noise);
+    FigureResult {
+        figure,
+        better: figure.better(),
+        guarded: figure != Figure::DecodeTokS,
+        a_median: None,
+        b_median: None,
+        settled: decision.as_ref().is_some_and(|d| d.within(noise)),
+        chance_slower_at_end: decision.as_ref().map(|d| {
+            d.chance_slower_at_end(figure.better(), noise, horizon.pairs, (horizon.alpha)(figure))
+        }),
+        at_95: stats(logs, 0.05),
+        decision,
+        verdict,
+    }
 }
 
 /// ln(B/A) of `figure` for every pair, in order: the unit the statistics test. Every pair has
@@ -192,29 +243,25 @@ fn pair_logs(pairs: &[Pair], figure: Figure) -> Vec<f64> {
 }
 
 /// The figures at one look, each tested at the alpha `alpha(figure)` gives it.
-fn look(pairs: &[Pair], alpha: impl Fn(Figure) -> f64, noise: f64, seed: u64) -> Vec<FigureResult> {
+fn look(
+    pairs: &[Pair],
+    alpha: impl Fn(Figure) -> f64,
+    horizon: &Horizon,
+    noise: f64,
+    seed: u64,
+) -> Vec<FigureResult> {
     Figure::ALL
         .iter()
         .map(|&figure| {
-            let alpha = alpha(figure);
             let a: Vec<f64> = pairs.iter().map(|p| figure.of(&p.a)).collect();
             let b: Vec<f64> = pairs.iter().map(|p| figure.of(&p.b)).collect();
             let logs = pair_logs(pairs, figure);
-            let decision = Paired::of(&logs, alpha, seed);
-            let verdict = decision
-                .as_ref()
-                .map(|d| d.verdict(figure.better(), noise))
-                .unwrap_or(Verdict::Noise);
             FigureResult {
-                figure,
-                better: figure.better(),
-                guarded: figure != Figure::DecodeTokS,
                 a_median: Spread::of(&a).map(|s| s.median),
                 b_median: Spread::of(&b).map(|s| s.median),
-                settled: decision.as_ref().is_some_and(|d| d.within(noise)),
-                at_95: Paired::of(&logs, 0.05, seed),
-                decision,
-                verdict,
+                ..figure_result(figure, &logs, alpha(figure), horizon, noise, |l, a| {
+                    Paired::of(l, a, seed)
+                })
             }
         })
         .collect()
@@ -923,13 +970,19 @@ fn measure(
             continue;
         }
         let number = schedule.look_number(round + 1);
+        let alpha_at = |f: Figure, look: u32| {
+            schedule
+                .alpha_at(f.test(), look)
+                .expect("every figure's test is in TESTS, and looks_after keeps the look in range")
+        };
+        let horizon = Horizon {
+            pairs: max_rounds as usize * prompts,
+            alpha: &|f| alpha_at(f, schedule.looks),
+        };
         let figures = look(
             &out.pairs,
-            |f| {
-                schedule.alpha_at(f.test(), number).expect(
-                    "every figure's test is in TESTS, and looks_after keeps the look in range",
-                )
-            },
+            |f| alpha_at(f, number),
+            &horizon,
             rules.noise_threshold,
             setup.protocol.seed ^ round as u64,
         );
@@ -937,7 +990,7 @@ fn measure(
             interval = format!("decode B/A {}", change(d));
         }
         log(look_line(&figures, number, schedule.looks, round + 1));
-        let done = measuring_done(&figures, rules.noise_threshold);
+        let done = measuring_done(&figures, rules.noise_threshold, rules.guard_stop_chance);
         out.looks.push(figures);
         if done || out.seconds >= rules.max_seconds {
             break;
@@ -1058,8 +1111,20 @@ mod tests {
             at_95: None,
             verdict,
             settled,
+            chance_slower_at_end: None,
         }
     }
+
+    /// The alpha of a test comparison's last look.
+    fn end_alpha(_: Figure) -> f64 {
+        0.01
+    }
+
+    /// A test comparison that could run to 60 pairs.
+    const HORIZON: Horizon<'static> = Horizon {
+        pairs: 60,
+        alpha: &end_alpha,
+    };
 
     fn figures(decode: Verdict, guarded: Verdict) -> Vec<FigureResult> {
         vec![
@@ -1198,6 +1263,7 @@ mod tests {
             ci_bootstrap: ci,
             p: if ci.0 > 1.0 || ci.1 < 1.0 { 1e-6 } else { 0.5 },
             alpha: 0.01,
+            sd: 0.1,
         };
         FigureResult {
             verdict: decision.verdict(figure.better(), 0.01),
@@ -1220,7 +1286,7 @@ mod tests {
                 with_interval(Figure::TtftMs, ttft),
                 with_interval(Figure::PeakRssMib, rss),
             ];
-            measuring_done(&figures, 0.01)
+            measuring_done(&figures, 0.01, 0.0)
         };
         // Decode FASTER, prefill shown no worse than 1% slower though not decided (the case
         // that once ran all 12 rounds): stop.
@@ -1238,6 +1304,115 @@ mod tests {
         assert!(case(unknown, same, same, (1.02, 1.04)));
         // A time (lower is better) shown no worse: its upper end inside the band.
         assert!(case(faster, (0.999, 1.2), (0.8, 1.009), same));
+
+        // Curtailment: a guard that is not shown no worse stops the measuring only when its
+        // chance of ending SLOWER is below the stop chance.
+        let with_chance = |chance: f64| {
+            let mut prefill = with_interval(Figure::PrefillTokS, unknown);
+            prefill.chance_slower_at_end = Some(chance);
+            let mut ttft = with_interval(Figure::TtftMs, (0.96, 1.03));
+            ttft.chance_slower_at_end = Some(chance);
+            [
+                with_interval(Figure::DecodeTokS, faster),
+                prefill,
+                ttft,
+                with_interval(Figure::PeakRssMib, same),
+            ]
+        };
+        assert!(measuring_done(&with_chance(0.001), 0.01, 0.01));
+        assert!(!measuring_done(&with_chance(0.02), 0.01, 0.01));
+        assert!(!measuring_done(&with_chance(0.001), 0.01, 0.0), "0 never curtails");
+    }
+
+    /// Spread of one pair's prefill log-ratio (time to first token is its inverse), as measured
+    /// on the 2-vCPU VM: the short prompts' prefill takes half a second and varies much.
+    const PREFILL_SD: f64 = 0.14;
+
+    /// One simulated comparison under the default schedule: 5 independent pairs a round,
+    /// decode log-ratios around ln(`decode`) with the measured 0.104 spread, prefill's around
+    /// ln(`prefill`) with [`PREFILL_SD`], memory identical. It stops by `measuring_done` with
+    /// `stop_chance` and is decided by the keep rule with passing gates. Returns the outcome
+    /// and the rounds measured.
+    fn simulate_comparison(
+        rng: &mut crate::prompts::SplitMix64,
+        schedule: &LookSchedule,
+        (decode, prefill): (f64, f64),
+        stop_chance: f64,
+    ) -> (Outcome, u32) {
+        use crate::significance::gaussian;
+        let end = |f: Figure| schedule.alpha_at(f.test(), 6).unwrap();
+        let horizon = Horizon {
+            pairs: 60,
+            alpha: &end,
+        };
+        let (mut d, mut p) = (Vec::new(), Vec::new());
+        let mut figures = Vec::new();
+        for round in 1..=schedule.max_rounds() {
+            for _ in 0..5 {
+                d.push(decode.ln() + 0.104 * gaussian(rng));
+                p.push(prefill.ln() + PREFILL_SD * gaussian(rng));
+            }
+            if !schedule.looks_after(round) {
+                continue;
+            }
+            let look = schedule.look_number(round);
+            let ttft: Vec<f64> = p.iter().map(|x| -x).collect();
+            let rss = vec![0.0; p.len()];
+            figures = [
+                (Figure::DecodeTokS, &d),
+                (Figure::PrefillTokS, &p),
+                (Figure::TtftMs, &ttft),
+                (Figure::PeakRssMib, &rss),
+            ]
+            .iter()
+            .map(|&(f, logs)| {
+                let alpha = schedule.alpha_at(f.test(), look).unwrap();
+                figure_result(f, logs, alpha, &horizon, 0.01, Paired::t_only)
+            })
+            .collect();
+            if measuring_done(&figures, 0.01, stop_chance) {
+                return (Outcome::decide(&figures, Some(&gates(false)), None).0, round);
+            }
+        }
+        let rounds = schedule.max_rounds();
+        (Outcome::decide(&figures, Some(&gates(false)), None).0, rounds)
+    }
+
+    /// Shares of KEEP and REVERT and the median rounds over `trials` simulated comparisons.
+    fn campaign(decode: f64, prefill: f64, stop_chance: f64, trials: usize) -> (f64, f64, u32) {
+        let mut rng = crate::prompts::SplitMix64::new(17);
+        let schedule = LookSchedule::new(0.05, 6, 2, -1.0, &TESTS);
+        let runs: Vec<(Outcome, u32)> = (0..trials)
+            .map(|_| simulate_comparison(&mut rng, &schedule, (decode, prefill), stop_chance))
+            .collect();
+        let share = |o: Outcome| runs.iter().filter(|r| r.0 == o).count() as f64 / trials as f64;
+        let mut rounds: Vec<u32> = runs.iter().map(|r| r.1).collect();
+        rounds.sort();
+        (share(Outcome::Keep), share(Outcome::Revert), rounds[trials / 2])
+    }
+
+    #[test]
+    fn curtailing_the_guards_stops_decode_only_changes_early_at_a_stated_cost() {
+        // 2,000 simulated comparisons per case, waiting for every guard to be shown no worse
+        // (stop chance 0) or curtailing at 0.01 (the protocol's). Printed for README.
+        let mut cases = Vec::new();
+        for (decode, prefill) in [(1.10, 1.0), (1.10, 0.95), (1.10, 0.90), (1.0, 1.0)] {
+            for chance in [0.0, 0.01] {
+                let (keep, revert, rounds) = campaign(decode, prefill, chance, 2000);
+                eprintln!(
+                    "decode {decode} prefill {prefill} stop chance {chance}: KEEP {keep:.3} \
+                     REVERT {revert:.3} median rounds {rounds}"
+                );
+                cases.push((keep, revert, rounds));
+            }
+        }
+        // A decode-only change: every round strictly, a third of them curtailed, still kept.
+        assert_eq!(cases[0].2, 12);
+        assert!(cases[1].2 <= 4 && cases[1].0 >= 0.99, "{:?}", cases[1]);
+        // A 10% slower prefill is still reverted nearly always.
+        assert!(cases[5].1 >= 0.95, "{:?}", cases[5]);
+        // A variant against itself: almost never kept either way.
+        assert!(cases[6].0 <= 0.01 && cases[7].0 <= 0.01, "{cases:?}");
     }
 
     #[test]
@@ -1294,7 +1469,7 @@ mod tests {
         for (m, e) in logs.iter().zip(expect) {
             assert!((m - e).abs() < 1e-12, "{logs:?}");
         }
-        let figures = look(&pairs, |_| 0.05, 0.01, 1);
+        let figures = look(&pairs, |_| 0.05, &HORIZON, 0.01, 1);
         assert_eq!(figures[0].decision.as_ref().map(|d| d.n), Some(4));
     }
 
@@ -1313,7 +1488,7 @@ mod tests {
                 }
             })
             .collect();
-        let figures = look(&pairs, |_| 0.05 / 15.0, 0.01, 1);
+        let figures = look(&pairs, |_| 0.05 / 15.0, &HORIZON, 0.01, 1);
         let by = |f: Figure| figures.iter().find(|r| r.figure == f).unwrap();
         assert_eq!(by(Figure::DecodeTokS).verdict, Verdict::Faster);
         assert!((by(Figure::DecodeTokS).decision.as_ref().unwrap().ratio - 1.102).abs() < 0.01);

@@ -71,6 +71,9 @@ pub struct CompareRules {
     pub spending_gamma: f64,
     /// Tokens of the short untimed request each fresh worker answers before its timed one.
     pub warmup_new_tokens: u32,
+    /// Measuring stops (once decode is decided) when every guarded figure's chance of ending
+    /// SLOWER at the last look is below this; 0 waits until each is shown no worse.
+    pub guard_stop_chance: f64,
     /// The comparison stops at the first look after this many seconds of measuring.
     pub max_seconds: f64,
 }
@@ -191,6 +194,7 @@ impl CompareRules {
             ("compare.alpha", self.alpha, 1e-6, 0.5),
             ("compare.max_seconds", self.max_seconds, 1.0, 604_800.0),
             ("compare.spending_gamma", self.spending_gamma, -10.0, 10.0),
+            ("compare.guard_stop_chance", self.guard_stop_chance, 0.0, 0.5),
         ] {
             if !(lo..=hi).contains(&value) {
                 return Err(format!("{name} must be between {lo} and {hi}, not {value}"));
@@ -259,7 +263,7 @@ mod tests {
         let good = "max_new_tokens = 8\nrounds = 1\nwarmup_requests = 1\nrequest_timeout_s = 5\ndecoding = \"greedy\"\n\
                     [gates]\ntie_margin = 0.01\nmin_agreement = 0.99\nmax_perplexity_ratio = 1.05\n\
                     max_check_drop = 0.1\nmax_repetition_rise = 0.2\nscored_rounds = 3\n\
-                    [compare]\nnoise_threshold = 0.01\nalpha = 0.05\nlooks = 5\nrounds_per_look = 2\nspending_gamma = -1.0\nwarmup_new_tokens = 8\nmax_seconds = 600\n\
+                    [compare]\nnoise_threshold = 0.01\nalpha = 0.05\nlooks = 5\nrounds_per_look = 2\nspending_gamma = -1.0\nwarmup_new_tokens = 8\nguard_stop_chance = 0.01\nmax_seconds = 600\n\
                     [screen]\nprompts = [\"a\"]\nmax_new_tokens = 16\nlooks = 2\nrounds_per_look = 1\n";
         std::fs::write(&path, good).unwrap();
         Protocol::load(&path).expect("the good file loads");
@@ -304,6 +308,10 @@ mod tests {
                 "compare.warmup_new_tokens",
             ),
             (good.replace("prompts = [\"a\"]", "prompts = []"), "screen.prompts"),
+            (
+                good.replace("guard_stop_chance = 0.01", "guard_stop_chance = 0.9"),
+                "compare.guard_stop_chance",
+            ),
             (
                 good.replace("max_new_tokens = 16", "max_new_tokens = 1"),
                 "screen.max_new_tokens",

@@ -66,12 +66,22 @@ pub struct Paired {
     /// Two-sided p-value of the paired t-test of "no difference".
     pub p: f64,
     pub alpha: f64,
+    /// Standard deviation of the log-ratios (one pair's spread).
+    pub sd: f64,
 }
 
 impl Paired {
     /// Statistics of `log_ratios` (ln(B/A) per pair) at confidence 1 - `alpha`; `None` with
     /// fewer than two pairs or a non-finite ratio. `seed` fixes the bootstrap's resampling.
     pub fn of(log_ratios: &[f64], alpha: f64, seed: u64) -> Option<Paired> {
+        let mut paired = Self::t_only(log_ratios, alpha)?;
+        paired.ci_bootstrap = bootstrap(log_ratios, alpha, seed);
+        Some(paired)
+    }
+
+    /// [`Paired::of`] without the bootstrap (its interval is left at the t interval): for
+    /// simulations that make millions of tests.
+    pub fn t_only(log_ratios: &[f64], alpha: f64) -> Option<Paired> {
         let n = log_ratios.len();
         if n < 2 || log_ratios.iter().any(|x| !x.is_finite()) {
             return None;
@@ -87,7 +97,7 @@ impl Paired {
             )
         } else {
             let t = StudentsT::new(0.0, 1.0, (n - 1) as f64).ok()?;
-            let q = t.inverse_cdf(1.0 - alpha / 2.0);
+            let q = t_quantile(n - 1, 1.0 - alpha / 2.0)?;
             let p = 2.0 * (1.0 - t.cdf((mean / se).abs()));
             (((mean - q * se).exp(), (mean + q * se).exp()), p)
         };
@@ -95,10 +105,44 @@ impl Paired {
             n,
             ratio: mean.exp(),
             ci,
-            ci_bootstrap: bootstrap(log_ratios, alpha, seed),
+            ci_bootstrap: ci,
             p,
             alpha,
+            sd: var.sqrt(),
         })
+    }
+
+    /// The chance that this figure ends SLOWER at the comparison's last look (`end_n` pairs,
+    /// tested at `end_alpha`) if the pairs still to come follow the present estimate and
+    /// spread: stochastic curtailment with the current trend (Lan, Simon and Halperin, 1982).
+    /// The final mean is then normal around today's mean with variance
+    /// sd^2 (end_n - n) / end_n^2, and SLOWER needs the final interval's good end beyond the
+    /// noise band. A figure whose chance is tiny cannot block a keep however long the
+    /// comparison runs, so measuring need not wait for it.
+    pub fn chance_slower_at_end(
+        &self,
+        better: Better,
+        noise: f64,
+        end_n: usize,
+        end_alpha: f64,
+    ) -> f64 {
+        // In "worse is negative" terms.
+        let sign = match better {
+            Better::Higher => 1.0,
+            Better::Lower => -1.0,
+        };
+        let mean = sign * self.ratio.ln();
+        let end_n = end_n.max(self.n);
+        let Some(q) = t_quantile(end_n - 1, 1.0 - end_alpha / 2.0) else {
+            return 1.0;
+        };
+        // SLOWER at the end: final mean + q sd / sqrt(end_n) below -ln(1 + noise).
+        let bound = -(1.0 + noise).ln() - q * self.sd / (end_n as f64).sqrt();
+        let spread = self.sd * ((end_n - self.n) as f64).sqrt() / end_n as f64;
+        if spread == 0.0 || !spread.is_finite() {
+            return if mean < bound { 1.0 } else { 0.0 };
+        }
+        Normal::standard().cdf((bound - mean) / spread)
     }
 
     /// Whether the whole interval lies inside the noise band (1/(1+noise), 1+noise): the figure
@@ -132,6 +176,23 @@ impl Paired {
             _ => Verdict::Noise,
         }
     }
+}
+
+/// The `p` quantile of Student's t with `df` degrees of freedom; `None` for df 0. statrs finds
+/// it by iteration (about a millisecond), and a comparison or a simulation asks for the same few
+/// (df, p) again and again, so answers are remembered per thread.
+fn t_quantile(df: usize, p: f64) -> Option<f64> {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    thread_local! {
+        static KNOWN: RefCell<HashMap<(usize, u64), f64>> = RefCell::new(HashMap::new());
+    }
+    if let Some(q) = KNOWN.with(|k| k.borrow().get(&(df, p.to_bits())).copied()) {
+        return Some(q);
+    }
+    let q = StudentsT::new(0.0, 1.0, df as f64).ok()?.inverse_cdf(p);
+    KNOWN.with(|k| k.borrow_mut().insert((df, p.to_bits()), q));
+    Some(q)
 }
 
 /// The percentile-bootstrap interval of the geometric-mean ratio.
@@ -352,16 +413,17 @@ fn trapezoid(nodes: impl Iterator<Item = (f64, f64)>) -> f64 {
     sum
 }
 
+/// A normal deviate (Box-Muller) from the shared PRNG, for the simulations of the tests.
+#[cfg(test)]
+pub(crate) fn gaussian(rng: &mut SplitMix64) -> f64 {
+    let u = |rng: &mut SplitMix64| (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
+    let (a, b) = (u(rng).max(1e-300), u(rng));
+    (-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A normal deviate (Box-Muller) from the shared PRNG.
-    fn gaussian(rng: &mut SplitMix64) -> f64 {
-        let u = |rng: &mut SplitMix64| (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
-        let (a, b) = (u(rng).max(1e-300), u(rng));
-        (-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()
-    }
 
     /// Runs one sequential comparison under `schedule`, testing its "decode" share, the way
     /// `host compare` does: every pair has its own fresh workers, so each of the
@@ -590,6 +652,34 @@ mod tests {
         let (obf, _, _) = summary(&campaign(13, 1000, 1.10, PAIR_SD, &late), Verdict::Faster);
         let (hsd, _, _) = summary(&campaign(13, 1000, 1.10, PAIR_SD, &s), Verdict::Faster);
         assert!(obf > hsd, "gamma -4: {obf} rounds, gamma -1: {hsd}");
+    }
+
+    #[test]
+    fn the_screens_error_rates() {
+        // `host compare --screen`: 4 pairs a round (the short prompts, 32 tokens), 3 looks of
+        // one round. Spread as measured in 12 A/A screens on the 2-vCPU VM (144 pairs): 0.112
+        // per pair for decode. Printed for program.md.
+        let s = LookSchedule::new(0.05, 3, 1, -1.0, &[("decode", 0.6), ("prefill", 0.2), ("rss", 0.2)]);
+        let mut rng = SplitMix64::new(23);
+        let rate = |rng: &mut SplitMix64, ratio: f64, right: Verdict| {
+            let runs: Vec<(Verdict, u32)> = (0..2000)
+                .map(|_| simulate(rng, f64::ln(ratio), 0.112, 4, &s, Better::Higher))
+                .collect();
+            summary(&runs, right)
+        };
+        let (_, _, false_rate) = rate(&mut rng, 1.0, Verdict::Faster);
+        let (_, _, false_slower) = rate(&mut rng, 1.0, Verdict::Slower);
+        let mut found = Vec::new();
+        for ratio in [1.10, 1.20, 1.30, 0.80] {
+            let right = if ratio > 1.0 { Verdict::Faster } else { Verdict::Slower };
+            let (median, _, power) = rate(&mut rng, ratio, right);
+            eprintln!("screen, B/A {ratio}: found {power:.3}, median rounds {median}");
+            found.push(power);
+        }
+        eprintln!("screen, A/A: false FASTER {false_rate:.4}, false SLOWER {false_slower:.4}");
+        assert!(false_rate + false_slower <= 0.03, "{false_rate} {false_slower}");
+        // A screen finds large changes only.
+        assert!(found[0] < 0.7 && found[2] > 0.95, "{found:?}");
     }
 
     #[test]
