@@ -2,15 +2,16 @@
 //! after a statistical test.
 //!
 //! Order of work: resolve and build both variants ([`Side`]: a directory, or `REV:PATH` built
-//! from git by [`crate::revision`]) and the quality oracle, then start one worker for each and
-//! keep both alive. Each gets its warm-up; then every round draws one instance per prompt and
-//! both variants answer it, in the order A B, B A, A B, ... so that drift in the machine hits
-//! both alike. After every `rounds_per_look` rounds the paired log-ratios of each [`Figure`]
-//! are tested ([`crate::significance`]); measuring stops as soon as the keep rule's outcome
-//! can no longer change ([`measuring_done`]: anything SLOWER, or decode decided and every
-//! guarded figure decided or shown not SLOWER beyond the noise threshold), or when the
-//! schedule or the time budget ends. B's answers then go through the quality gates, and
-//! [`Outcome::decide`] applies the keep rule.
+//! from git by [`crate::revision`]) and the quality oracle. Then every round draws one instance
+//! per prompt, and each instance is a [`Pair`]: two fresh workers, one per variant, each warmed
+//! up by a short request, answer it back to back, in the order A B, B A, A B, ... so that drift
+//! in the machine hits both alike. After every `rounds_per_look` rounds the paired log-ratios
+//! of each [`Figure`] are tested ([`crate::significance`]), one per pair; measuring stops as
+//! soon as the keep rule's outcome would in all likelihood not change ([`measuring_done`]:
+//! anything SLOWER, or decode decided and every guarded figure shown not SLOWER beyond the
+//! noise threshold or unlikely to end SLOWER), or when the schedule or the time budget ends.
+//! B's answers then go through the quality gates, and [`Outcome::decide`] applies the keep
+//! rule. `--screen` runs the same on the protocol's `[screen]` subset and is never kept.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -477,7 +478,7 @@ struct CompareRecord<'a> {
     scored_rounds: &'a [u32],
     oracle: Option<OracleCost>,
     pairs: &'a [Pair],
-    /// The untimed warm-ups of each round's workers (their instances are fresh too).
+    /// The untimed warm-ups of each pair's workers (their instances are fresh too).
     warmups: &'a [Pair],
 }
 
@@ -492,7 +493,7 @@ struct Sides<'a> {
 #[derive(Default)]
 struct Measured {
     pairs: Vec<Pair>,
-    /// The warm-up requests (not counted), each round's, kept for the record.
+    /// The warm-up requests (not counted), each pair's, kept for the record.
     warmups: Vec<Pair>,
     looks: Vec<Vec<FigureResult>>,
     rounds: u32,
@@ -1406,7 +1407,7 @@ mod tests {
                 cases.push((keep, revert, rounds));
             }
         }
-        // A decode-only change: every round strictly, a third of them curtailed, still kept.
+        // A decode-only change: all 12 rounds strictly, a third of them curtailed, still kept.
         assert_eq!(cases[0].2, 12);
         assert!(cases[1].2 <= 4 && cases[1].0 >= 0.99, "{:?}", cases[1]);
         // A 10% slower prefill is still reverted nearly always.

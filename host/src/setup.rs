@@ -84,7 +84,7 @@ impl Planned<'_> {
 
 /// Every request of a run or a comparison, no two with the same instance.
 pub struct Plan<'a> {
-    /// Sets of warm-up requests: one for a run, one per round for a comparison (each round's
+    /// Sets of warm-up requests: one for a run, one per pair for a comparison (each pair's
     /// workers are new).
     pub warmups: Vec<Vec<Planned<'a>>>,
     /// The timed rounds, each one request per prompt.
