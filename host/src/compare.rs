@@ -990,7 +990,13 @@ fn measure(
         if let Some(d) = figures.iter().find(|f| f.figure == Figure::DecodeTokS) {
             interval = format!("decode B/A {}", change(d));
         }
-        log(look_line(&figures, number, schedule.looks, round + 1));
+        log(look_line(
+            &figures,
+            number,
+            schedule.looks,
+            round + 1,
+            rules.noise_threshold,
+        ));
         let done = measuring_done(&figures, rules.noise_threshold, rules.guard_stop_chance);
         out.looks.push(figures);
         if done || out.seconds >= rules.max_seconds {
@@ -1006,18 +1012,34 @@ fn measure(
 
 /// One look in a line: each figure's running B/A, its decision interval (at the look's alpha)
 /// and its verdict so far, so that "almost decided" and "hopeless" read differently.
-fn look_line(figures: &[FigureResult], look: u32, looks: u32, rounds: u32) -> String {
+fn look_line(
+    figures: &[FigureResult],
+    look: u32,
+    looks: u32,
+    rounds: u32,
+    noise: f64,
+) -> String {
     let figures = figures
         .iter()
         .map(|f| match &f.decision {
-            Some(d) => format!(
-                "{} {:.3} [{:.3}, {:.3}] {}",
-                f.figure.name(),
-                d.ratio,
-                d.ci.0,
-                d.ci.1,
-                verdict_word(f)
-            ),
+            Some(d) => {
+                // A guard not shown within the band: how likely it is to end SLOWER, which
+                // is what lets a comparison stop without it (see `measuring_done`).
+                let chance = match f.chance_slower_at_end {
+                    Some(c) if f.guarded && f.verdict == Verdict::Noise && !f.not_worse(noise) => {
+                        format!(" (ends SLOWER: {:.1}%)", c * 100.0)
+                    }
+                    _ => String::new(),
+                };
+                format!(
+                    "{} {:.3} [{:.3}, {:.3}] {}{chance}",
+                    f.figure.name(),
+                    d.ratio,
+                    d.ci.0,
+                    d.ci.1,
+                    verdict_word(f)
+                )
+            }
             None => format!("{} - {}", f.figure.name(), verdict_word(f)),
         })
         .collect::<Vec<_>>()
@@ -1418,20 +1440,23 @@ mod tests {
 
     #[test]
     fn a_look_line_shows_each_figures_running_ratio_and_interval() {
-        let figures = [
-            with_interval(Figure::DecodeTokS, (1.05, 1.10)),
-            with_interval(Figure::PrefillTokS, (0.97, 1.04)),
-        ];
-        let line = look_line(&figures, 2, 6, 4);
+        let mut prefill = with_interval(Figure::PrefillTokS, (0.97, 1.04));
+        prefill.chance_slower_at_end = Some(0.0042);
+        let mut rss = with_interval(Figure::PeakRssMib, (0.995, 1.005));
+        rss.chance_slower_at_end = Some(0.0);
+        let figures = [with_interval(Figure::DecodeTokS, (1.05, 1.10)), prefill, rss];
+        let line = look_line(&figures, 2, 6, 4, 0.01);
         assert!(line.starts_with("look 2/6 after 4 rounds"), "{line}");
         assert!(
             line.contains("decode tok/s 1.075 [1.050, 1.100] FASTER"),
             "{line}"
         );
         assert!(
-            line.contains("prefill tok/s 1.004 [0.970, 1.040] NOISE"),
+            line.contains("prefill tok/s 1.004 [0.970, 1.040] NOISE (ends SLOWER: 0.4%)"),
             "{line}"
         );
+        // A guard shown within the band needs no chance.
+        assert!(line.ends_with("1.000 [0.995, 1.005] SAME"), "{line}");
     }
 
     #[test]
