@@ -169,10 +169,7 @@ impl FigureResult {
     /// Can no longer block a keep, in all likelihood: shown not SLOWER beyond the noise
     /// threshold, or with a chance below `stop_chance` of ending SLOWER at the last look.
     fn cannot_block(&self, noise: f64, stop_chance: f64) -> bool {
-        self.not_worse(noise)
-            || self
-                .chance_slower_at_end
-                .is_some_and(|c| c < stop_chance)
+        self.not_worse(noise) || self.chance_slower_at_end.is_some_and(|c| c < stop_chance)
     }
 }
 
@@ -226,7 +223,12 @@ fn figure_result(
         b_median: None,
         settled: decision.as_ref().is_some_and(|d| d.within(noise)),
         chance_slower_at_end: decision.as_ref().map(|d| {
-            d.chance_slower_at_end(figure.better(), noise, horizon.pairs, (horizon.alpha)(figure))
+            d.chance_slower_at_end(
+                figure.better(),
+                noise,
+                horizon.pairs,
+                (horizon.alpha)(figure),
+            )
         }),
         at_95: stats(logs, 0.05),
         decision,
@@ -775,9 +777,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
             measured.seconds
         );
         if args.screen {
-            println!(
-                "a screen is never kept: run `host compare` on the full protocol to decide"
-            );
+            println!("a screen is never kept: run `host compare` on the full protocol to decide");
         }
     }
     if let Some(cost) = &oracle_cost {
@@ -1012,13 +1012,7 @@ fn measure(
 
 /// One look in a line: each figure's running B/A, its decision interval (at the look's alpha)
 /// and its verdict so far, so that "almost decided" and "hopeless" read differently.
-fn look_line(
-    figures: &[FigureResult],
-    look: u32,
-    looks: u32,
-    rounds: u32,
-    noise: f64,
-) -> String {
+fn look_line(figures: &[FigureResult], look: u32, looks: u32, rounds: u32, noise: f64) -> String {
     let figures = figures
         .iter()
         .map(|f| match &f.decision {
@@ -1344,7 +1338,10 @@ mod tests {
         };
         assert!(measuring_done(&with_chance(0.001), 0.01, 0.01));
         assert!(!measuring_done(&with_chance(0.02), 0.01, 0.01));
-        assert!(!measuring_done(&with_chance(0.001), 0.01, 0.0), "0 never curtails");
+        assert!(
+            !measuring_done(&with_chance(0.001), 0.01, 0.0),
+            "0 never curtails"
+        );
     }
 
     /// Spread of one pair's prefill log-ratio (time to first token is its inverse), as measured
@@ -1394,11 +1391,17 @@ mod tests {
             })
             .collect();
             if measuring_done(&figures, 0.01, stop_chance) {
-                return (Outcome::decide(&figures, Some(&gates(false)), None).0, round);
+                return (
+                    Outcome::decide(&figures, Some(&gates(false)), None).0,
+                    round,
+                );
             }
         }
         let rounds = schedule.max_rounds();
-        (Outcome::decide(&figures, Some(&gates(false)), None).0, rounds)
+        (
+            Outcome::decide(&figures, Some(&gates(false)), None).0,
+            rounds,
+        )
     }
 
     /// Shares of KEEP and REVERT and the median rounds over `trials` simulated comparisons.
@@ -1411,7 +1414,11 @@ mod tests {
         let share = |o: Outcome| runs.iter().filter(|r| r.0 == o).count() as f64 / trials as f64;
         let mut rounds: Vec<u32> = runs.iter().map(|r| r.1).collect();
         rounds.sort();
-        (share(Outcome::Keep), share(Outcome::Revert), rounds[trials / 2])
+        (
+            share(Outcome::Keep),
+            share(Outcome::Revert),
+            rounds[trials / 2],
+        )
     }
 
     #[test]
@@ -1444,7 +1451,11 @@ mod tests {
         prefill.chance_slower_at_end = Some(0.0042);
         let mut rss = with_interval(Figure::PeakRssMib, (0.995, 1.005));
         rss.chance_slower_at_end = Some(0.0);
-        let figures = [with_interval(Figure::DecodeTokS, (1.05, 1.10)), prefill, rss];
+        let figures = [
+            with_interval(Figure::DecodeTokS, (1.05, 1.10)),
+            prefill,
+            rss,
+        ];
         let line = look_line(&figures, 2, 6, 4, 0.01);
         assert!(line.starts_with("look 2/6 after 4 rounds"), "{line}");
         assert!(

@@ -461,7 +461,13 @@ mod tests {
             ),
             ("REVERT", "ok", "pass", ("", ""), "is REVERT"),
             // A screen, even one that would have been a KEEP on its prompts.
-            ("SCREEN-KEEP", "ok", "pass", ("", ""), "a screen is never kept"),
+            (
+                "SCREEN-KEEP",
+                "ok",
+                "pass",
+                ("", ""),
+                "a screen is never kept",
+            ),
             (
                 "KEEP",
                 "rejected",

@@ -194,7 +194,12 @@ impl CompareRules {
             ("compare.alpha", self.alpha, 1e-6, 0.5),
             ("compare.max_seconds", self.max_seconds, 1.0, 604_800.0),
             ("compare.spending_gamma", self.spending_gamma, -10.0, 10.0),
-            ("compare.guard_stop_chance", self.guard_stop_chance, 0.0, 0.5),
+            (
+                "compare.guard_stop_chance",
+                self.guard_stop_chance,
+                0.0,
+                0.5,
+            ),
         ] {
             if !(lo..=hi).contains(&value) {
                 return Err(format!("{name} must be between {lo} and {hi}, not {value}"));
@@ -307,7 +312,10 @@ mod tests {
                 good.replace("warmup_new_tokens = 8", "warmup_new_tokens = 0"),
                 "compare.warmup_new_tokens",
             ),
-            (good.replace("prompts = [\"a\"]", "prompts = []"), "screen.prompts"),
+            (
+                good.replace("prompts = [\"a\"]", "prompts = []"),
+                "screen.prompts",
+            ),
             (
                 good.replace("guard_stop_chance = 0.01", "guard_stop_chance = 0.9"),
                 "compare.guard_stop_chance",

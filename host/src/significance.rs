@@ -455,7 +455,13 @@ mod tests {
     }
 
     /// Verdicts and rounds of `trials` simulated comparisons of a true ratio `ratio`.
-    fn campaign(seed: u64, trials: usize, ratio: f64, sd: f64, s: &LookSchedule) -> Vec<(Verdict, u32)> {
+    fn campaign(
+        seed: u64,
+        trials: usize,
+        ratio: f64,
+        sd: f64,
+        s: &LookSchedule,
+    ) -> Vec<(Verdict, u32)> {
         let mut rng = SplitMix64::new(seed);
         (0..trials)
             .map(|_| simulate(&mut rng, ratio.ln(), sd, 5, s, Better::Higher))
@@ -635,20 +641,37 @@ mod tests {
             (1.05, Verdict::Faster, 12, 0.6),
         ] {
             let (median, p90, power) = summary(&campaign(13, 1000, ratio, PAIR_SD, &s), right);
-            eprintln!("B/A {ratio}: power {power:.3}, rounds to a verdict median {median}, p90 {p90}");
-            assert!(median <= median_at_most, "B/A {ratio}: median {median} rounds");
+            eprintln!(
+                "B/A {ratio}: power {power:.3}, rounds to a verdict median {median}, p90 {p90}"
+            );
+            assert!(
+                median <= median_at_most,
+                "B/A {ratio}: median {median} rounds"
+            );
             assert!(power >= power_at_least, "B/A {ratio}: power {power}");
         }
         // A 2% change is beyond the default budget: the interval must clear the 1% threshold
         // too. About 40 rounds per look (240 rounds, 20 hours of the baseline on this VM)
         // reach 80%.
         let (_, _, small) = summary(&campaign(13, 1000, 1.02, PAIR_SD, &s), Verdict::Faster);
-        let long = LookSchedule::new(0.05, 6, 40, -1.0, &[("decode", 0.6), ("prefill", 0.2), ("rss", 0.2)]);
+        let long = LookSchedule::new(
+            0.05,
+            6,
+            40,
+            -1.0,
+            &[("decode", 0.6), ("prefill", 0.2), ("rss", 0.2)],
+        );
         let (_, _, enough) = summary(&campaign(13, 400, 1.02, PAIR_SD, &long), Verdict::Faster);
         eprintln!("B/A 1.02: power {small:.3} by default, {enough:.3} with 6 looks x 40 rounds");
         assert!(small < 0.2 && enough >= 0.8, "{small} {enough}");
         // O'Brien-Fleming-type spending (gamma -4) needs more rounds for a 10% change.
-        let late = LookSchedule::new(0.05, 6, 2, -4.0, &[("decode", 0.6), ("prefill", 0.2), ("rss", 0.2)]);
+        let late = LookSchedule::new(
+            0.05,
+            6,
+            2,
+            -4.0,
+            &[("decode", 0.6), ("prefill", 0.2), ("rss", 0.2)],
+        );
         let (obf, _, _) = summary(&campaign(13, 1000, 1.10, PAIR_SD, &late), Verdict::Faster);
         let (hsd, _, _) = summary(&campaign(13, 1000, 1.10, PAIR_SD, &s), Verdict::Faster);
         assert!(obf > hsd, "gamma -4: {obf} rounds, gamma -1: {hsd}");
@@ -659,7 +682,13 @@ mod tests {
         // `host compare --screen`: 4 pairs a round (the short prompts, 32 tokens), 3 looks of
         // one round. Spread as measured in 12 A/A screens on the 2-vCPU VM (144 pairs): 0.112
         // per pair for decode. Printed for program.md.
-        let s = LookSchedule::new(0.05, 3, 1, -1.0, &[("decode", 0.6), ("prefill", 0.2), ("rss", 0.2)]);
+        let s = LookSchedule::new(
+            0.05,
+            3,
+            1,
+            -1.0,
+            &[("decode", 0.6), ("prefill", 0.2), ("rss", 0.2)],
+        );
         let mut rng = SplitMix64::new(23);
         let rate = |rng: &mut SplitMix64, ratio: f64, right: Verdict| {
             let runs: Vec<(Verdict, u32)> = (0..2000)
@@ -671,13 +700,20 @@ mod tests {
         let (_, _, false_slower) = rate(&mut rng, 1.0, Verdict::Slower);
         let mut found = Vec::new();
         for ratio in [1.10, 1.20, 1.30, 0.80] {
-            let right = if ratio > 1.0 { Verdict::Faster } else { Verdict::Slower };
+            let right = if ratio > 1.0 {
+                Verdict::Faster
+            } else {
+                Verdict::Slower
+            };
             let (median, _, power) = rate(&mut rng, ratio, right);
             eprintln!("screen, B/A {ratio}: found {power:.3}, median rounds {median}");
             found.push(power);
         }
         eprintln!("screen, A/A: false FASTER {false_rate:.4}, false SLOWER {false_slower:.4}");
-        assert!(false_rate + false_slower <= 0.03, "{false_rate} {false_slower}");
+        assert!(
+            false_rate + false_slower <= 0.03,
+            "{false_rate} {false_slower}"
+        );
         // A screen finds large changes only.
         assert!(found[0] < 0.7 && found[2] > 0.95, "{found:?}");
     }

@@ -242,11 +242,23 @@ fn bad_arguments_are_named_and_leave_no_row() {
             "nope",
         ),
         (
-            vec!["variants/baseline", "variants/current", "--screen", "--prompt", "code"],
+            vec![
+                "variants/baseline",
+                "variants/current",
+                "--screen",
+                "--prompt",
+                "code",
+            ],
             "--screen sets the prompts, tokens and looks",
         ),
         (
-            vec!["variants/baseline", "variants/current", "--screen", "--looks", "2"],
+            vec![
+                "variants/baseline",
+                "variants/current",
+                "--screen",
+                "--looks",
+                "2",
+            ],
             "drop --looks",
         ),
     ] {
@@ -284,10 +296,17 @@ fn a_screen_uses_its_own_prompts_and_is_recorded_as_a_screen() {
         .env("AUTOINFER_FIXTURE_MODE", "sleep")
         .env("CARGO_TARGET_DIR", root().join("target"));
     let (out, stdout, err) = output(&mut cmd);
-    assert_eq!(out.status.code(), Some(4), "a slower B exits 4: {stdout}{err}");
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "a slower B exits 4: {stdout}{err}"
+    );
     assert!(stdout.contains("verdict: SCREEN-REVERT"), "{stdout}");
     assert!(stdout.contains("a screen is never kept"), "{stdout}");
-    assert!(err.contains("screen: prompts code, creative, explanation, reasoning"), "{err}");
+    assert!(
+        err.contains("screen: prompts code, creative, explanation, reasoning"),
+        "{err}"
+    );
     let row = &records(&results)[0];
     assert_eq!(row["verdict"], "SCREEN-REVERT");
     assert_eq!(row["prompts"], "code,creative,explanation,reasoning");

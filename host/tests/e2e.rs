@@ -175,16 +175,16 @@ fn scores_the_current_variant_on_the_real_model() {
 /// The most frequent English words: a reply of real sentences is full of
 /// them, token soup from a broken model is not.
 const COMMON_WORDS: &[&str] = &[
-    "the", "be", "to", "of", "and", "a", "an", "in", "that", "have", "i", "it", "for", "not",
-    "on", "with", "he", "as", "you", "do", "at", "this", "but", "his", "by", "from", "they",
-    "we", "say", "her", "she", "or", "will", "my", "one", "all", "would", "there", "their",
-    "what", "so", "up", "out", "if", "about", "who", "get", "which", "go", "me", "when",
-    "make", "can", "like", "time", "no", "just", "him", "know", "take", "people", "into",
-    "year", "your", "good", "some", "could", "them", "see", "other", "than", "then", "now",
-    "look", "only", "come", "its", "over", "think", "also", "back", "after", "use", "two",
-    "how", "our", "work", "first", "well", "way", "even", "new", "want", "because", "any",
-    "these", "give", "day", "most", "us", "is", "are", "was", "were", "has", "had", "here",
-    "little", "tell", "more", "very", "each", "many", "where", "why", "i'm", "it's", "let's",
+    "the", "be", "to", "of", "and", "a", "an", "in", "that", "have", "i", "it", "for", "not", "on",
+    "with", "he", "as", "you", "do", "at", "this", "but", "his", "by", "from", "they", "we", "say",
+    "her", "she", "or", "will", "my", "one", "all", "would", "there", "their", "what", "so", "up",
+    "out", "if", "about", "who", "get", "which", "go", "me", "when", "make", "can", "like", "time",
+    "no", "just", "him", "know", "take", "people", "into", "year", "your", "good", "some", "could",
+    "them", "see", "other", "than", "then", "now", "look", "only", "come", "its", "over", "think",
+    "also", "back", "after", "use", "two", "how", "our", "work", "first", "well", "way", "even",
+    "new", "want", "because", "any", "these", "give", "day", "most", "us", "is", "are", "was",
+    "were", "has", "had", "here", "little", "tell", "more", "very", "each", "many", "where", "why",
+    "i'm", "it's", "let's",
 ];
 
 /// Whether `text` (lower case) reads as English sentences: at least ten
@@ -199,7 +199,10 @@ fn looks_like_english(text: &str) -> bool {
         .collect();
     let plain = words
         .iter()
-        .filter(|w| w.chars().all(|c| c.is_alphabetic() || c == '\'' || c == '-'))
+        .filter(|w| {
+            w.chars()
+                .all(|c| c.is_alphabetic() || c == '\'' || c == '-')
+        })
         .count();
     let common = words.iter().filter(|w| COMMON_WORDS.contains(w)).count();
     words.len() >= 10 && plain * 10 >= words.len() * 9 && common * 5 >= words.len()
