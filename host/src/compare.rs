@@ -516,12 +516,9 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         ),
         _ => bail!("host compare takes two variants (A B) or none (HEAD:variants/current against the working tree)"),
     };
-    let overrides = screen_overrides(&root, args)?;
-    let mut setup = Setup::open(root.clone(), &overrides)?;
+    let mut setup = Setup::open(root.clone(), &screen_overrides(args)?)?;
     if args.screen {
-        let screen = setup.protocol.screen.clone();
-        setup.protocol.compare.looks = screen.looks;
-        setup.protocol.compare.rounds_per_look = screen.rounds_per_look;
+        let screen = &setup.protocol.screen;
         eprintln!(
             "screen: prompts {}, {} tokens, at most {} looks of {} round(s); its verdict is \
              recorded as SCREEN-... and is never kept",
@@ -804,33 +801,29 @@ fn verdict_label(outcome: Outcome, screen: bool) -> String {
 /// What a screen's recorded verdict starts with.
 pub const SCREEN_PREFIX: &str = "SCREEN-";
 
-/// The overrides of `args`, with a screen's prompts and tokens in place; refuses a screen
-/// combined with flags that would change what a screen is.
-fn screen_overrides(root: &Path, args: &CompareArgs) -> Result<crate::setup::Overrides> {
-    let mut o = args.overrides.clone();
-    if !args.screen {
-        return Ok(o);
-    }
+/// The overrides of `args`, asking for the protocol's screen when `--screen` is given;
+/// refuses a screen combined with flags that would change what a screen is.
+fn screen_overrides(args: &CompareArgs) -> Result<Overrides> {
     let clashes: Vec<&str> = [
-        (!o.prompts.is_empty(), "--prompt"),
-        (o.max_new_tokens.is_some(), "--max-new-tokens"),
+        (!args.overrides.prompts.is_empty(), "--prompt"),
+        (args.overrides.max_new_tokens.is_some(), "--max-new-tokens"),
         (args.looks.is_some(), "--looks"),
         (args.rounds_per_look.is_some(), "--rounds-per-look"),
     ]
     .into_iter()
     .filter_map(|(given, flag)| given.then_some(flag))
     .collect();
-    if !clashes.is_empty() {
+    if args.screen && !clashes.is_empty() {
         bail!(
             "--screen sets the prompts, tokens and looks from prompts/protocol.toml's [screen]; \
              drop {}",
             clashes.join(", ")
         );
     }
-    let protocol = crate::protocol::Protocol::load(&root.join("prompts/protocol.toml"))?;
-    o.prompts = protocol.screen.prompts;
-    o.max_new_tokens = Some(protocol.screen.max_new_tokens);
-    Ok(o)
+    Ok(Overrides {
+        screen: args.screen,
+        ..args.overrides.clone()
+    })
 }
 
 /// `k` of the rounds `0..rounds` (all when there are no more), drawn with `seed`, in order.

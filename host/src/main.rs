@@ -134,6 +134,7 @@ impl MeasureFlags {
             timeout_s: self.timeout,
             prompts: self.prompts.clone(),
             device: Some(self.device),
+            screen: false,
         }
     }
 }

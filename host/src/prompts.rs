@@ -296,7 +296,7 @@ impl PromptSet {
             if !self.prompts.iter().any(|p| &p.name == name) {
                 let known: Vec<&str> = self.prompts.iter().map(|p| p.name.as_str()).collect();
                 return Err(format!(
-                    "--prompt {name:?}: no such prompt (prompts/ has {})",
+                    "{name:?}: no such prompt (prompts/ has {})",
                     known.join(", ")
                 ));
             }

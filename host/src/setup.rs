@@ -48,6 +48,9 @@ pub struct Overrides {
     pub prompts: Vec<String>,
     /// Where the variants compute [default: the CPU].
     pub device: Option<Device>,
+    /// `host compare --screen`: the protocol's `[screen]` prompts, tokens and looks replace
+    /// the full protocol's (the caller refuses flags that would change them).
+    pub screen: bool,
 }
 
 /// The protocol, prompts, model and tokenizer of one invocation.
@@ -168,11 +171,36 @@ pub fn open_model(path: Option<&Path>) -> Result<Model> {
     }
 }
 
+/// `set` narrowed to `chosen` (all when empty). An unknown name is blamed on where it came
+/// from: the `--prompt` flag, or the protocol's `[screen]` when `screen`.
+fn choose_prompts(
+    set: PromptSet,
+    chosen: &[String],
+    screen: bool,
+    prompts_dir: &Path,
+) -> Result<PromptSet> {
+    set.select(chosen).map_err(|e| match screen {
+        true => anyhow::anyhow!(
+            "{}: [screen] prompts: {e}",
+            prompts_dir.join("protocol.toml").display()
+        ),
+        false => anyhow::anyhow!("--prompt {e}"),
+    })
+}
+
 impl Setup {
     /// Reads `root`'s protocol and prompts with `o` applied, then opens the model.
     pub fn open(root: PathBuf, o: &Overrides) -> Result<Setup> {
         let prompts_dir = root.join("prompts");
         let mut protocol = Protocol::load(&prompts_dir.join("protocol.toml"))?;
+        let mut chosen = o.prompts.clone();
+        if o.screen {
+            let screen = &protocol.screen;
+            chosen = screen.prompts.clone();
+            protocol.max_new_tokens = screen.max_new_tokens;
+            protocol.compare.looks = screen.looks;
+            protocol.compare.rounds_per_look = screen.rounds_per_look;
+        }
         if let Some(r) = o.rounds {
             protocol.rounds = r;
         }
@@ -186,9 +214,12 @@ impl Setup {
         protocol
             .check()
             .map_err(|m| anyhow::anyhow!("command-line override: {m}"))?;
-        let prompts = PromptSet::load(&prompts_dir)?
-            .select(&o.prompts)
-            .map_err(anyhow::Error::msg)?;
+        let prompts = choose_prompts(
+            PromptSet::load(&prompts_dir)?,
+            &chosen,
+            o.screen,
+            &prompts_dir,
+        )?;
         let model = open_model(o.model.as_deref())?;
         let codec = TextCodec::from_model(model.view)
             .with_context(|| format!("model {}", model.path.display()))?;
@@ -198,7 +229,7 @@ impl Setup {
             prompts,
             model,
             codec,
-            all_prompts: o.prompts.is_empty(),
+            all_prompts: chosen.is_empty(),
             device: o.device.unwrap_or(Device::Cpu),
         })
     }
@@ -397,4 +428,34 @@ pub fn request_line(sample: &Sample, label: &str) -> String {
         "{label}: {} prompt tokens, prefill {:.1} tok/s, decode {:.2} tok/s",
         sample.timing.prompt_tokens, sample.timing.prefill_tok_s, sample.timing.decode_tok_s
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_prompt_is_blamed_on_the_flag_or_the_screen() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../prompts");
+        let load = || PromptSet::load(&dir).unwrap();
+        let chosen = ["code".to_string(), "poem".to_string()];
+        let flag = choose_prompts(load(), &chosen, false, &dir)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            flag.starts_with("--prompt \"poem\": no such prompt"),
+            "{flag}"
+        );
+        let screen = choose_prompts(load(), &chosen, true, &dir)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            screen.contains("protocol.toml: [screen] prompts: \"poem\": no such prompt"),
+            "{screen}"
+        );
+        // The committed screen's prompts all exist.
+        let protocol = Protocol::load(&dir.join("protocol.toml")).unwrap();
+        let set = choose_prompts(load(), &protocol.screen.prompts, true, &dir).unwrap();
+        assert_eq!(set.prompts.len(), protocol.screen.prompts.len());
+    }
 }

@@ -97,7 +97,7 @@ impl Paired {
             )
         } else {
             let t = StudentsT::new(0.0, 1.0, (n - 1) as f64).ok()?;
-            let q = t_quantile(n - 1, 1.0 - alpha / 2.0)?;
+            let q = t.inverse_cdf(1.0 - alpha / 2.0);
             let p = 2.0 * (1.0 - t.cdf((mean / se).abs()));
             (((mean - q * se).exp(), (mean + q * se).exp()), p)
         };
@@ -178,21 +178,9 @@ impl Paired {
     }
 }
 
-/// The `p` quantile of Student's t with `df` degrees of freedom; `None` for df 0. statrs finds
-/// it by iteration (about a millisecond), and a comparison or a simulation asks for the same few
-/// (df, p) again and again, so answers are remembered per thread.
+/// The `p` quantile of Student's t with `df` degrees of freedom; `None` for df 0.
 fn t_quantile(df: usize, p: f64) -> Option<f64> {
-    use std::cell::RefCell;
-    use std::collections::HashMap;
-    thread_local! {
-        static KNOWN: RefCell<HashMap<(usize, u64), f64>> = RefCell::new(HashMap::new());
-    }
-    if let Some(q) = KNOWN.with(|k| k.borrow().get(&(df, p.to_bits())).copied()) {
-        return Some(q);
-    }
-    let q = StudentsT::new(0.0, 1.0, df as f64).ok()?.inverse_cdf(p);
-    KNOWN.with(|k| k.borrow_mut().insert((df, p.to_bits()), q));
-    Some(q)
+    Some(StudentsT::new(0.0, 1.0, df as f64).ok()?.inverse_cdf(p))
 }
 
 /// The percentile-bootstrap interval of the geometric-mean ratio.
@@ -511,6 +499,30 @@ mod tests {
         let up = Paired::of(&[0.04, 0.05, 0.06], 0.05, 1).unwrap();
         assert!(up.not_worse(Better::Higher, 0.01), "{up:?}");
         assert!(!up.not_worse(Better::Lower, 0.01), "{up:?}");
+    }
+
+    #[test]
+    fn the_chance_of_ending_slower_follows_the_trend() {
+        let figure = |ratio: f64, n: usize| {
+            let logs: Vec<f64> = (0..n)
+                .map(|i| ratio.ln() + if i % 2 == 0 { 0.1 } else { -0.1 })
+                .collect();
+            Paired::t_only(&logs, 0.01).unwrap()
+        };
+        let chance = |p: &Paired, better| p.chance_slower_at_end(better, 0.01, 60, 0.005);
+        // Ahead, or level: almost no chance of ending SLOWER.
+        assert!(chance(&figure(1.05, 20), Better::Higher) < 1e-6);
+        assert!(chance(&figure(1.0, 20), Better::Higher) < 0.01);
+        // Well behind with 40 pairs to go: it would almost surely end SLOWER.
+        assert!(chance(&figure(0.85, 20), Better::Higher) > 0.99);
+        // A time or a memory figure: higher is worse.
+        assert!(chance(&figure(1.15, 20), Better::Lower) > 0.99);
+        assert!(chance(&figure(0.95, 20), Better::Lower) < 1e-6);
+        // Nothing left to run: the chance is the final verdict itself.
+        let done = figure(0.85, 60);
+        assert_eq!(chance(&done, Better::Higher), 1.0);
+        assert_eq!(done.verdict(Better::Higher, 0.01), Verdict::Slower);
+        assert_eq!(chance(&figure(1.0, 60), Better::Higher), 0.0);
     }
 
     #[test]
