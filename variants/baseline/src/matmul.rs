@@ -142,12 +142,48 @@ unsafe fn tile_avx2(
         }
         k += 8;
     }
+    let mut tails = [[0f32; TILE_TOKENS]; TILE_ROWS];
+    for (r, tails) in tails.iter_mut().enumerate() {
+        for (t, tail) in tails.iter_mut().enumerate() {
+            *tail = tail_sum(&w[r][whole..cols], &x[t][whole..cols]);
+        }
+    }
+    // SAFETY: the CPU has AVX2 (this function's contract).
+    unsafe { combine_tile_avx2(&acc, &tails, out) };
+}
+
+/// [`combine`] for a whole tile of 8-lane accumulators (`acc[r * TILE_TOKENS + t]`), four dot
+/// products at once and in its order: the halves' sum gives each product's (a0 + a4, a1 + a5,
+/// a2 + a6, a3 + a7); two horizontal adds then give ((a0 + a4) + (a1 + a5)) + ((a2 + a6) +
+/// (a3 + a7)); the tails are added last.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn combine_tile_avx2(
+    acc: &[std::arch::x86_64::__m256; TILE_ROWS * TILE_TOKENS],
+    tails: &[[f32; TILE_TOKENS]; TILE_ROWS],
+    out: &mut [[f32; TILE_TOKENS]; TILE_ROWS],
+) {
+    use std::arch::x86_64::*;
+    const _: () = assert!(TILE_TOKENS == 4, "one 4-lane vector per weight row");
     for r in 0..TILE_ROWS {
-        for t in 0..TILE_TOKENS {
-            let mut lanes = [0f32; 8];
-            // SAFETY: `lanes` holds 8 floats; storeu needs no alignment.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r * TILE_TOKENS + t]) };
-            out[r][t] = combine(&lanes, tail_sum(&w[r][whole..cols], &x[t][whole..cols]));
+        // (No closures here: they would not inherit this function's AVX2.)
+        let mut halves = [_mm_setzero_ps(); TILE_TOKENS];
+        for (t, half) in halves.iter_mut().enumerate() {
+            let a = acc[r * TILE_TOKENS + t];
+            *half = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+        }
+        let sums = _mm_hadd_ps(
+            _mm_hadd_ps(halves[0], halves[1]),
+            _mm_hadd_ps(halves[2], halves[3]),
+        );
+        // SAFETY: `tails[r]` and `out[r]` hold 4 floats each; loadu/storeu need no alignment.
+        unsafe {
+            let tails = _mm_loadu_ps(tails[r].as_ptr());
+            _mm_storeu_ps(out[r].as_mut_ptr(), _mm_add_ps(sums, tails));
         }
     }
 }
@@ -242,39 +278,94 @@ fn weighted_sums_generic(probs: &[&[f32]], values: &[f32], outs: &mut [&mut [f32
     }
 }
 
-/// [`Kernel::weighted_sums`] with AVX2: eight output elements of every query in registers at
-/// a time, each value vector loaded once for all of them. Each lane sums its own element over
-/// `j` in order, multiply then add, so the bits are those of the portable code.
+/// [`Kernel::weighted_sums`] with AVX2: sixteen output elements of every query in registers at
+/// a time (two 8-lane vectors each), each pair of value vectors loaded once for all of them.
+/// Each lane sums its own element over `j` in order from 0.0, multiply then add, so the bits are
+/// those of the portable code.
 ///
 /// # Safety
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn weighted_sums_avx2(probs: &[&[f32]], values: &[f32], outs: &mut [&mut [f32]]) {
-    use std::arch::x86_64::*;
     let n = probs.len();
     let width = outs.first().map_or(0, |o| o.len());
-    if n > TILE_TOKENS || width % 8 != 0 || outs.len() != n || outs.iter().any(|o| o.len() != width)
+    if n == 0
+        || n > TILE_TOKENS
+        || !width.is_multiple_of(16)
+        || outs.len() != n
+        || outs.iter().any(|o| o.len() != width)
     {
         return weighted_sums_generic(probs, values, outs);
     }
     let longest = probs.iter().map(|p| p.len()).max().unwrap_or(0);
-    // Every load below reads row j < longest of `values`, elements `lane..lane + 8 <= width`.
+    // Every load below reads row j < longest of `values`, elements `lane..lane + 16 <= width`.
     assert!(values.len() >= longest * width);
-    for lane in (0..width).step_by(8) {
-        let mut acc = [_mm256_setzero_ps(); TILE_TOKENS];
-        for j in 0..longest {
-            // SAFETY: j < longest and lane + 8 <= width (asserted above).
-            let v = unsafe { _mm256_loadu_ps(values.as_ptr().add(j * width + lane)) };
-            for (acc, probs) in acc.iter_mut().zip(probs) {
-                if let Some(&p) = probs.get(j) {
-                    *acc = _mm256_add_ps(*acc, _mm256_mul_ps(_mm256_set1_ps(p), v));
+    // SAFETY (all four): the CPU has AVX2 (this function's contract); n is the const N.
+    unsafe {
+        match n {
+            1 => weighted_sums_avx2_n::<1>(probs, values, outs, width, longest),
+            2 => weighted_sums_avx2_n::<2>(probs, values, outs, width, longest),
+            3 => weighted_sums_avx2_n::<3>(probs, values, outs, width, longest),
+            _ => weighted_sums_avx2_n::<4>(probs, values, outs, width, longest),
+        }
+    }
+}
+
+/// [`weighted_sums_avx2`] for exactly `N` queries, so that the `2 N` accumulators live in
+/// registers. Keys every query sees are summed without a per-query test; the few that only the
+/// later queries of a causal tile see follow, query by query, still in order of `j`.
+///
+/// # Safety
+/// The CPU must support AVX2; `probs` and `outs` hold `N` entries, every out is `width` long
+/// (a multiple of 16), and `values` holds at least `longest` rows of `width`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn weighted_sums_avx2_n<const N: usize>(
+    probs: &[&[f32]],
+    values: &[f32],
+    outs: &mut [&mut [f32]],
+    width: usize,
+    longest: usize,
+) {
+    use std::arch::x86_64::*;
+    let probs = &probs[..N];
+    let common = probs.iter().map(|p| p.len()).min().unwrap_or(0);
+    for lane in (0..width).step_by(16) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; N];
+        for j in 0..common {
+            // SAFETY: j < longest and lane + 16 <= width (the caller's contract).
+            let v = unsafe {
+                let row = values.as_ptr().add(j * width + lane);
+                [_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8))]
+            };
+            for t in 0..N {
+                // SAFETY: j < common <= probs[t].len().
+                let p = _mm256_set1_ps(unsafe { *probs[t].get_unchecked(j) });
+                acc[t][0] = _mm256_add_ps(acc[t][0], _mm256_mul_ps(p, v[0]));
+                acc[t][1] = _mm256_add_ps(acc[t][1], _mm256_mul_ps(p, v[1]));
+            }
+        }
+        for j in common..longest {
+            // SAFETY: as above.
+            let v = unsafe {
+                let row = values.as_ptr().add(j * width + lane);
+                [_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8))]
+            };
+            for t in 0..N {
+                if let Some(&p) = probs[t].get(j) {
+                    let p = _mm256_set1_ps(p);
+                    acc[t][0] = _mm256_add_ps(acc[t][0], _mm256_mul_ps(p, v[0]));
+                    acc[t][1] = _mm256_add_ps(acc[t][1], _mm256_mul_ps(p, v[1]));
                 }
             }
         }
-        for (t, out) in outs.iter_mut().enumerate() {
-            // SAFETY: lane + 8 <= width = out.len(); storeu needs no alignment.
-            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(lane), acc[t]) };
+        for (t, out) in outs.iter_mut().enumerate().take(N) {
+            // SAFETY: lane + 16 <= width = out.len(); storeu needs no alignment.
+            unsafe {
+                _mm256_storeu_ps(out.as_mut_ptr().add(lane), acc[t][0]);
+                _mm256_storeu_ps(out.as_mut_ptr().add(lane + 8), acc[t][1]);
+            }
         }
     }
 }
@@ -467,6 +558,45 @@ mod tests {
                 unit * (1 << ((state >> 20) % 12)) as f32
             })
             .collect()
+    }
+
+    #[test]
+    fn every_kernel_gives_the_portable_weighted_sums_bits() {
+        let kernels = [Kernel::Generic, Kernel::detect()];
+        // Widths with 16-wide steps and without; queries seeing the same keys and a causal
+        // tile's (one more key each), and keys that only some queries see.
+        for width in [16, 64, 24] {
+            for (first, extra) in [(1, 1), (7, 1), (40, 1), (5, 0), (3, 9)] {
+                for n in 1..=TILE_TOKENS {
+                    let lens: Vec<usize> = (0..n).map(|t| first + t * extra).collect();
+                    let longest = lens.iter().copied().max().unwrap_or(0);
+                    let values = noise(longest * width, (width * 31 + first) as u64);
+                    let probs: Vec<Vec<f32>> = lens
+                        .iter()
+                        .enumerate()
+                        .map(|(t, &len)| noise(len, (97 + t * 13 + first) as u64))
+                        .collect();
+                    let probs: Vec<&[f32]> = probs.iter().map(|p| p.as_slice()).collect();
+                    let mut want = vec![vec![0f32; width]; n];
+                    let mut want_refs: Vec<&mut [f32]> =
+                        want.iter_mut().map(|o| o.as_mut_slice()).collect();
+                    weighted_sums_generic(&probs, &values, &mut want_refs);
+                    for kernel in kernels {
+                        let mut got = vec![vec![f32::NAN; width]; n];
+                        let mut got_refs: Vec<&mut [f32]> =
+                            got.iter_mut().map(|o| o.as_mut_slice()).collect();
+                        kernel.weighted_sums(&probs, &values, &mut got_refs);
+                        for (t, (got, want)) in got.iter().zip(&want).enumerate() {
+                            let same = got
+                                .iter()
+                                .zip(want)
+                                .all(|(a, b)| a.to_bits() == b.to_bits());
+                            assert!(same, "{kernel:?} width {width} lens {lens:?} query {t}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
