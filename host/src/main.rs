@@ -1,54 +1,43 @@
-//! `host`: the autoinfer harness binary.
+//! `host`: the autoinfer harness binary. Its folders follow its architecture, lowest layer
+//! first (a module imports only from the layers below it):
 //!
-//! The supervisor (`host run`) owns the model ([`model::Model`], a mapped GGUF), the tokenizer
-//! and chat template ([`tokenize::TextCodec`]), the prompts ([`prompts::PromptSet`]) and the
-//! protocol ([`protocol::Protocol`]); it builds the variant ([`cargo_build::VariantCrate`]) and
-//! drives a worker ([`supervisor::Worker`]): this same binary started as `host worker`, which
-//! loads the variant ([`plugin::load`]) and times every token it emits ([`worker`]). The
-//! figures ([`measure::Timing`], [`report::Summary`]) land in `results/` ([`record`]).
-//! After the timed requests, the quality oracle ([`oracle::Oracle`]: the committed
-//! `variants/baseline`, in a worker of its own) scores every one, and [`judge`] decides the
-//! quality gates ([`quality::GateReport`]) against the protocol's thresholds. `run` and
-//! `compare` share their setup ([`setup::Setup`]: protocol, prompts, model, timed requests).
-//!
-//! `host compare` ([`compare`]) runs two workers side by side on paired requests and decides
-//! with [`significance::Paired`] under a [`significance::LookSchedule`]; a variant named by a
-//! git revision is built by [`revision::Committed`]. [`keep`] commits a KEEP, [`diff`]
-//! summarises a change, and [`plot`] draws the history. `host bench` ([`bench`]) runs
-//! llama-bench-style synthetic workloads and sets them beside the roofline ([`physics`]).
+//! - foundations: [`stats`] (order statistics, paired tests, alpha spending, the seeded PRNG),
+//!   [`sandbox`] (Landlock and seccomp), [`hashing`], [`vcs`] (everything read from git),
+//!   [`progress`] (bars and log lines);
+//! - [`gguf`]: the mapped model file ([`gguf::Model`]);
+//! - [`worker`]: the process that loads a variant ([`worker::plugin`]) and streams what it
+//!   emits; [`worker::wire`] is the worker protocol, every message both sides exchange;
+//! - [`harness`]: what a measurement is set up from, all of it locked: the measurement
+//!   protocol ([`harness::protocol`], `prompts/protocol.toml`), the prompts and their checks,
+//!   the tokenizer and chat template, the default model;
+//! - [`quality`]: the quality gates ([`quality::GateReport`]);
+//! - [`measure`]: the clock's figures ([`measure::Timing`], computed from the supervisor's own
+//!   timestamps), the request record ([`measure::sample::Sample`]) and the roofline;
+//! - [`supervisor`]: the host side of a worker ([`supervisor::Worker`]: spawn, freeze, the
+//!   clock), the builds ([`supervisor::cargo_build`], [`supervisor::revision`]) and the quality
+//!   oracle ([`supervisor::oracle`]: the committed `variants/baseline`);
+//! - [`ledger`]: the results row and JSON record ([`ledger::record`]);
+//! - [`commands`]: each subcommand's flow (`run`, `compare`, `keep`, `bench`, ...), with the
+//!   steps they share: [`commands::setup`] (open everything, plan and send timed requests)
+//!   and [`commands::judge`] (the oracle scores the answers, the gates decide).
 
-mod bench;
-mod cargo_build;
-mod compare;
-mod diff;
-mod expr;
-mod fetch;
+mod commands;
+mod gguf;
+mod harness;
 mod hashing;
-mod judge;
-mod keep;
+mod ledger;
 mod measure;
-mod model;
-mod oracle;
-mod physics;
-mod plot;
-mod plugin;
-mod prompts;
-mod protocol;
+mod progress;
 mod quality;
-mod record;
-mod report;
-mod revision;
-mod run;
 mod sandbox;
-mod setup;
-mod significance;
 mod stats;
 mod supervisor;
-mod synth;
-mod tokenize;
 mod vcs;
-mod wire;
 mod worker;
+
+use commands::{bench, compare, diff, keep, plot, run, setup, synth};
+use harness::{fetch, protocol, tokenize};
+use supervisor::oracle;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -484,9 +473,8 @@ fn main() -> ExitCode {
         Command::Model {
             tensors: true,
             model,
-        } => {
-            setup::open_model(model.as_deref()).map(|m| print!("{}", physics::tensor_table(m.view)))
-        }
+        } => setup::open_model(model.as_deref())
+            .map(|m| print!("{}", measure::roofline::tensor_table(m.view))),
         Command::Tokenize { text, chat, model } => tokenize_command(text, chat, model),
         Command::Prompts { round, seed, model } => prompts_command(round, seed, model),
         Command::Synth(args) => synth::run(&args).map(|_| ()),
@@ -524,7 +512,7 @@ fn keep_command(
         allow_unsandboxed,
     };
     let id = keep::keep(&root, &results, message, &rules)?;
-    println!("kept {} as commit {id}", keep::CURRENT);
+    println!("kept {} as commit {id}", harness::CURRENT);
     Ok(())
 }
 
@@ -574,7 +562,7 @@ fn revert_command() -> anyhow::Result<()> {
     let changed = keep::revert(&root)?;
     println!(
         "restored {} from the last commit ({changed} path(s) were different)",
-        keep::CURRENT
+        harness::CURRENT
     );
     Ok(())
 }

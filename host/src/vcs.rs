@@ -5,9 +5,11 @@
 //! edit changes them: a row always identifies the code that actually ran. [`harness`] says
 //! whether the harness that runs is HEAD's: `run` flags it when not, `compare` and `keep` refuse.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::hashing::{hash_files, sha256_hex, HOST_SOURCES};
+use anyhow::{Context, Result};
+
+use crate::hashing::{hash_entries, hash_files, is_skipped_name, sha256_hex, HOST_SOURCES};
 
 /// The commit checked out at `dir`, with `+dirty` when tracked files differ from it.
 pub fn describe_commit(dir: &Path) -> String {
@@ -85,7 +87,7 @@ pub fn harness(root: &Path, oracle_key: &str) -> anyhow::Result<Harness> {
 
 /// [`harness`] for a host binary built from sources whose hash is `built_from`.
 fn harness_built_from(root: &Path, oracle_key: &str, built_from: &str) -> anyhow::Result<Harness> {
-    let committed_hash = committed_harness_hash(root, oracle_key)?;
+    let committed = committed_harness_hash(root, oracle_key)?;
     let mut modified = Vec::new();
     let repo = git2::Repository::discover(root)?;
     let mut opts = git2::StatusOptions::new();
@@ -100,18 +102,18 @@ fn harness_built_from(root: &Path, oracle_key: &str, built_from: &str) -> anyhow
             modified.push(path.to_string());
         }
     }
-    let head_sources = crate::revision::committed_hash(root, "HEAD", &HOST_SOURCES)?;
+    let head_sources = committed_hash(root, "HEAD", &HOST_SOURCES)?;
     if built_from != head_sources {
         modified.push("the running host binary (built from other sources than HEAD's)".into());
     }
     let hash = if modified.is_empty() {
-        committed_hash
+        committed
     } else {
         // Unique to what runs, and never equal to a committed harness's hash.
         let working = hash_files(root, &HARNESS_PATHS.map(|p| root.join(p)));
         format!(
             "modified-{}",
-            sha256_hex(format!("{committed_hash}\n{working}\n{built_from}").as_bytes())
+            sha256_hex(format!("{committed}\n{working}\n{built_from}").as_bytes())
         )
     };
     Ok(Harness { hash, modified })
@@ -120,14 +122,172 @@ fn harness_built_from(root: &Path, oracle_key: &str, built_from: &str) -> anyhow
 /// HEAD's harness hash for the oracle `oracle_key`, as [`harness`] reports it for a checkout
 /// that matches HEAD (what `host keep` compares a comparison's row with).
 pub fn committed_harness_hash(root: &Path, oracle_key: &str) -> anyhow::Result<String> {
-    let committed = crate::revision::committed_hash(root, "HEAD", &HARNESS_PATHS)?;
+    let committed = committed_hash(root, "HEAD", &HARNESS_PATHS)?;
     Ok(sha256_hex(format!("{committed}\n{oracle_key}").as_bytes()))
+}
+
+/// The content hash of `path` as commit `rev` has it (see [`crate::supervisor::revision::Committed::tree`]).
+pub fn tree_hash_at(root: &Path, rev: &str, path: &str) -> Result<String> {
+    let repo = open_repo(root)?;
+    let commit = find_commit(&repo, root, rev)?;
+    let tree = subtree(&repo, &commit, rev, path)?;
+    content_hash(&repo, &tree)
+}
+
+/// The content hash of `paths` (files or directories, relative to the repository's root) as
+/// commit `rev` has them, in the format of [`crate::hashing::hash_files`] over the same paths
+/// of a checkout, so a clean checkout and its HEAD hash alike. Missing paths are skipped.
+pub fn committed_hash(root: &Path, rev: &str, paths: &[&str]) -> Result<String> {
+    let repo = open_repo(root)?;
+    let commit = find_commit(&repo, root, rev)?;
+    let tree = commit.tree()?;
+    let mut entries = Vec::new();
+    for path in paths {
+        let Ok(entry) = tree.get_path(Path::new(path)) else {
+            continue;
+        };
+        match entry.kind() {
+            Some(git2::ObjectType::Blob) => entries.push((
+                PathBuf::from(path),
+                repo.find_blob(entry.id())?.content().to_vec(),
+            )),
+            Some(git2::ObjectType::Tree) => collect_blobs(
+                &repo,
+                &repo.find_tree(entry.id())?,
+                PathBuf::from(path),
+                &mut entries,
+            )?,
+            _ => {}
+        }
+    }
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    entries.dedup_by(|a, b| a.0 == b.0);
+    Ok(hash_entries(entries))
+}
+
+/// The commit `rev` names, with an error that says which revision and repository.
+pub(crate) fn find_commit<'r>(
+    repo: &'r git2::Repository,
+    root: &Path,
+    rev: &str,
+) -> Result<git2::Commit<'r>> {
+    repo.revparse_single(rev)
+        .and_then(|o| o.peel_to_commit())
+        .with_context(|| {
+            if rev == "HEAD" {
+                "HEAD has no commit yet: commit the checkout first".to_string()
+            } else {
+                format!(
+                    "{rev:?} is not a commit of the repository at {}",
+                    root.display()
+                )
+            }
+        })
+}
+
+/// The directory `path` of `commit` (named `rev` in errors).
+pub(crate) fn subtree<'r>(
+    repo: &'r git2::Repository,
+    commit: &git2::Commit,
+    rev: &str,
+    path: &str,
+) -> Result<git2::Tree<'r>> {
+    commit
+        .tree()?
+        .get_path(Path::new(path))
+        .with_context(|| format!("commit {} ({rev}) has no {path}", short(&commit.id())))?
+        .to_object(repo)?
+        .peel_to_tree()
+        .with_context(|| format!("{rev}:{path} is a file, not a variant directory"))
+}
+
+/// The first 12 hex digits of a commit id.
+pub(crate) fn short(oid: &git2::Oid) -> String {
+    oid.to_string()[..12].to_string()
+}
+
+/// The repository holding `root`.
+pub(crate) fn open_repo(root: &Path) -> Result<git2::Repository> {
+    git2::Repository::discover(root).with_context(|| {
+        format!(
+            "{} is not in a git repository (committed variants and the quality oracle are read from git)",
+            root.display()
+        )
+    })
+}
+
+/// The content hash of a committed directory: every blob's path and bytes, in the format and
+/// order of [`crate::hashing::hash_files`], skipping the same names.
+pub(crate) fn content_hash(repo: &git2::Repository, tree: &git2::Tree) -> Result<String> {
+    let mut entries = Vec::new();
+    collect_blobs(repo, tree, PathBuf::new(), &mut entries)?;
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(hash_entries(entries))
+}
+
+/// Every blob under `tree` (skipped names left out), with its path below `prefix`.
+fn collect_blobs(
+    repo: &git2::Repository,
+    tree: &git2::Tree,
+    prefix: PathBuf,
+    out: &mut Vec<(PathBuf, Vec<u8>)>,
+) -> Result<()> {
+    for entry in tree.iter() {
+        let name = entry.name().unwrap_or("_");
+        if is_skipped_name(name) {
+            continue;
+        }
+        let path = prefix.join(name);
+        match entry.kind() {
+            Some(git2::ObjectType::Blob) => {
+                out.push((path, repo.find_blob(entry.id())?.content().to_vec()))
+            }
+            Some(git2::ObjectType::Tree) => {
+                collect_blobs(repo, &repo.find_tree(entry.id())?, path, out)?
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Writes every blob of `tree` under `dir` (executable bits and symlinks are not needed to
+/// build a crate and are written as plain files).
+pub(crate) fn materialise(repo: &git2::Repository, tree: &git2::Tree, dir: &Path) -> Result<()> {
+    let mut failure: Option<anyhow::Error> = None;
+    tree.walk(git2::TreeWalkMode::PreOrder, |parent, entry| {
+        if entry.kind() != Some(git2::ObjectType::Blob) {
+            return git2::TreeWalkResult::Ok;
+        }
+        let path = dir.join(parent).join(entry.name().unwrap_or("_"));
+        let written = repo
+            .find_blob(entry.id())
+            .map_err(anyhow::Error::from)
+            .and_then(|blob| {
+                if let Some(p) = path.parent() {
+                    std::fs::create_dir_all(p)?;
+                }
+                std::fs::write(&path, blob.content())?;
+                Ok(())
+            });
+        match written {
+            Ok(()) => git2::TreeWalkResult::Ok,
+            Err(e) => {
+                failure = Some(e.context(path.display().to_string()));
+                git2::TreeWalkResult::Abort
+            }
+        }
+    })?;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::revision::tests::{commit, repo};
+    use crate::supervisor::revision::tests::{commit, repo};
 
     #[test]
     fn the_harness_is_heads_or_it_is_flagged() {
@@ -141,7 +301,7 @@ mod tests {
                 ("variants/current/src/lib.rs", "// current"),
             ],
         );
-        let built_from = crate::revision::committed_hash(&dir, "HEAD", &HOST_SOURCES).unwrap();
+        let built_from = committed_hash(&dir, "HEAD", &HOST_SOURCES).unwrap();
         let clean = harness_built_from(&dir, "key", &built_from).unwrap();
         assert!(clean.is_committed(), "{clean:?}");
         assert_eq!(clean.hash, committed_harness_hash(&dir, "key").unwrap());

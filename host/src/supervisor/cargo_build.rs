@@ -1,7 +1,7 @@
 //! Building a variant directory into its cdylib with cargo.
 //!
 //! [`VariantCrate::open`] checks the directory is a crate whose `[lib]` is a `cdylib` before any
-//! compiling starts. [`VariantCrate::build`] runs `cargo build --release` (cargo's own output,
+//! compiling starts. [`VariantCrate::build_confined`] runs `cargo build --release` (cargo's own output,
 //! errors included, goes to the user's terminal) and reads the library's path from cargo's JSON
 //! messages; [`VariantCrate::built_library`] finds it without building (`--no-build`). A build
 //! for a device other than the CPU enables the device's cargo feature (`cuda`, `metal`), which

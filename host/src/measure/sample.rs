@@ -8,8 +8,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::harness::prompts::{CheckOutcome, PromptInstance};
 use crate::measure::Timing;
-use crate::prompts::{CheckOutcome, PromptInstance};
 use crate::quality::RequestQuality;
 use crate::stats::{percentile, Spread};
 

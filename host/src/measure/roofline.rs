@@ -50,7 +50,7 @@ pub fn tensor_table(view: &ModelView) -> String {
     for t in view.tensors.iter() {
         // Names come from the file: shown with control characters escaped (no terminal
         // escape sequence from a hostile GGUF reaches the screen).
-        let name = crate::wire::shorten(t.name.as_str(), 200);
+        let name = crate::worker::wire::shorten(t.name.as_str(), 200);
         let kind = match name
             .strip_prefix("blk.")
             .and_then(|rest| rest.split_once('.'))

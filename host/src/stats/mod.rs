@@ -1,5 +1,8 @@
 //! Order statistics over raw samples: medians, percentiles and spreads.
 
+pub mod rng;
+pub mod significance;
+
 use serde::Serialize;
 
 /// Percentile `p` (0..=100) of `values` by linear interpolation; `None` when empty.

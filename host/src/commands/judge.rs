@@ -9,12 +9,12 @@
 
 use anyhow::Result;
 
-use crate::oracle::{Oracle, OracleCost};
-use crate::prompts::PromptSet;
-use crate::protocol::Protocol;
+use crate::harness::prompts::PromptSet;
+use crate::harness::protocol::Protocol;
+use crate::harness::tokenize::TextCodec;
+use crate::measure::sample::Sample;
 use crate::quality::{repeated_ngram_share, GateReport, RequestQuality, TextFigures, REPETITION_N};
-use crate::report::Sample;
-use crate::tokenize::TextCodec;
+use crate::supervisor::oracle::{Oracle, OracleCost};
 
 /// The variant's own text figures, as the timed phase already computed them.
 fn sample_figures(sample: &Sample) -> TextFigures {
@@ -61,7 +61,7 @@ pub fn judge(
     protocol: &Protocol,
     order: &[String],
 ) -> Result<GateReport> {
-    let bar = crate::run::progress_bar(samples.len(), "quality ");
+    let bar = crate::progress::progress_bar(samples.len(), "quality ");
     let mut judged = Vec::with_capacity(samples.len());
     // Progress in tokens, not sequences: one long-context sequence costs the oracle as much as
     // several short ones.
@@ -111,7 +111,7 @@ pub fn judge(
         );
         done_tokens += tokens_of(sample);
         let elapsed = started.elapsed().as_secs_f64();
-        crate::run::log_line(
+        crate::progress::log_line(
             &bar,
             format!(
                 "oracle: {}/{count} sequences scored (prompt {:?} round {}: agreement {:.4}); {}",

@@ -46,13 +46,13 @@ pub struct History {
 impl History {
     /// Reads the comparison rows of `harness` (the newest comparison's when `None`).
     pub fn read(results: &Path, harness: Option<&str>) -> Result<History> {
-        let rows = crate::record::read_rows(results)?;
+        let rows = crate::ledger::record::read_rows(results)?;
         let compared: Vec<_> = rows
             .iter()
             .filter(|r| {
                 let verdict = r.get("verdict").map(String::as_str).unwrap_or("");
                 // A screen is a first look, never an experiment of the loop.
-                !verdict.starts_with(crate::compare::SCREEN_PREFIX)
+                !verdict.starts_with(crate::commands::compare::SCREEN_PREFIX)
                     && ((!verdict.is_empty() && verdict != "-") || is_failed_compare(r))
             })
             .collect();
@@ -298,10 +298,10 @@ mod tests {
 
     fn write_results(dir: &Path, rows: &[[&str; 6]]) {
         // time, harness, decode_tok_s, decode_ratio, verdict, status
-        let header = crate::record::COLUMNS.join("\t");
+        let header = crate::ledger::record::COLUMNS.join("\t");
         let mut text = format!("{header}\n");
         for r in rows {
-            let line: Vec<String> = crate::record::COLUMNS
+            let line: Vec<String> = crate::ledger::record::COLUMNS
                 .iter()
                 .map(|c| match *c {
                     "time" => r[0].into(),

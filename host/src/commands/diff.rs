@@ -205,7 +205,7 @@ impl VariantDiff {
 
 /// Runs `host diff`: `to` against `from`, both resolved from the checkout's root when relative.
 pub fn run(from: &Path, to: &Path, json: bool) -> Result<()> {
-    let root = crate::setup::find_root(&std::env::current_dir()?)?;
+    let root = crate::commands::setup::find_root(&std::env::current_dir()?)?;
     let resolve = |p: &Path| -> PathBuf {
         if p.is_absolute() || p.exists() {
             p.to_path_buf()

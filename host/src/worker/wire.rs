@@ -144,6 +144,30 @@ pub fn shorten(text: &str, max: usize) -> String {
     out
 }
 
+/// What a worker asks its variant at load time: the [`plugin_api::LoadOptions`] it sends.
+/// `None` sends nothing, and the variant chooses (every core; the CPU).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadRequest {
+    /// The `threads` option.
+    pub threads: Option<usize>,
+    /// The `device` option.
+    pub device: Option<plugin_api::Device>,
+}
+
+impl LoadRequest {
+    /// The load options the variant receives.
+    pub fn options(&self) -> plugin_api::LoadOptions {
+        let mut options = plugin_api::LoadOptions::default();
+        if let Some(n) = self.threads {
+            options = options.with(plugin_api::LoadOptions::THREADS, &n.to_string());
+        }
+        if let Some(device) = self.device {
+            options = options.with(plugin_api::LoadOptions::DEVICE, &device.to_string());
+        }
+        options
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

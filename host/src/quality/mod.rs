@@ -4,7 +4,7 @@
 //! Per timed request, [`RequestQuality::judge`] compares the variant's tokens with the oracle's
 //! teacher-forced scores of them ([`Scored`]) and with the baseline's own answer to the same
 //! instance (the reference). [`GateReport::decide`] pools the requests of each prompt and
-//! checks every gate of [`crate::protocol::Gates`]; a failure names the prompt, the figure and
+//! checks every gate of [`crate::harness::protocol::Gates`]; a failure names the prompt, the figure and
 //! the threshold.
 
 use std::collections::HashSet;
@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::Gates;
+use crate::harness::protocol::Gates;
 
 /// The n-gram length used for repetition: long enough that ordinary prose rarely repeats one.
 pub const REPETITION_N: usize = 4;

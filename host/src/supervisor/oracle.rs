@@ -1,7 +1,7 @@
 //! The quality oracle: `variants/baseline` as committed, scoring every timed request.
 //!
 //! [`OracleBuild::prepare`] takes the baseline from git's HEAD, never from the working copy (an
-//! agent may have edited that), and builds it as [`crate::revision`] builds any committed
+//! agent may have edited that), and builds it as [`crate::supervisor::revision`] builds any committed
 //! variant: once per build key, i.e. once per baseline revision.
 //!
 //! [`Oracle`] answers two questions, each with a cache on disk keyed by (model, oracle key,
@@ -18,8 +18,9 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use crate::hashing::sha256_hex;
 use crate::quality::Scored;
-use crate::revision::{target_dir, Committed};
-use crate::supervisor::{LoadRequest, Spawn, Worker};
+use crate::supervisor::revision::{target_dir, Committed};
+use crate::supervisor::{Spawn, Worker};
+use crate::worker::wire::LoadRequest;
 
 /// The baseline variant of HEAD, built.
 #[derive(Debug, Clone)]
@@ -107,7 +108,7 @@ pub struct Oracle {
     timeout: Duration,
     verbose: bool,
     worker: Option<Worker>,
-    /// What its worker must not reach (see [`crate::setup::protected_paths`]).
+    /// What its worker must not reach (see [`crate::commands::setup::protected_paths`]).
     protect: Vec<PathBuf>,
     started: Instant,
     /// Counters for the record.
@@ -307,7 +308,7 @@ mod tests {
 
     #[test]
     fn the_oracle_follows_the_committed_baseline_only() {
-        use crate::revision::tests::{commit, repo, CHECKOUT};
+        use crate::supervisor::revision::tests::{commit, repo, CHECKOUT};
         let dir = repo("oracle-key", CHECKOUT);
         let git = git2::Repository::open(&dir).unwrap();
         let first = OracleBuild::find(&dir).unwrap();

@@ -16,12 +16,13 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::cargo_build::VariantCrate;
+use crate::commands::setup::generate_timed;
+use crate::measure::roofline::{measure_bandwidth, Roofline};
 use crate::measure::Timing;
-use crate::physics::{measure_bandwidth, Roofline};
-use crate::prompts::SplitMix64;
-use crate::setup::generate_timed;
-use crate::supervisor::{LoadRequest, Spawn, Worker};
+use crate::stats::rng::SplitMix64;
+use crate::supervisor::cargo_build::VariantCrate;
+use crate::supervisor::{Spawn, Worker};
+use crate::worker::wire::LoadRequest;
 use plugin_api::{Device, ModelView};
 
 /// What `host bench` was asked to do.
@@ -161,7 +162,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         bail!("-t/--threads must be at least 1");
     }
     let variant = VariantCrate::open(&args.variant)?;
-    let model = crate::setup::open_model(args.model.as_deref())?;
+    let model = crate::commands::setup::open_model(args.model.as_deref())?;
     let view = model.view;
     let vocab = vocabulary(view).with_context(|| format!("model {}", model.path.display()))?;
     if let Some(context) = view.meta_uint("llama.context_length") {
@@ -178,18 +179,26 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
     }
     let synthetic = model.is_synthetic();
     if synthetic {
-        eprintln!("{}", crate::setup::SYNTHETIC_BANNER);
+        eprintln!("{}", crate::commands::setup::SYNTHETIC_BANNER);
     }
-    let root = crate::setup::find_root(&std::env::current_dir()?)
-        .or_else(|_| crate::setup::find_root(&args.variant))
+    let root = crate::commands::setup::find_root(&std::env::current_dir()?)
+        .or_else(|_| crate::commands::setup::find_root(&args.variant))
         .ok();
     let (lib, _) = match &root {
         Some(root) if !args.no_build => {
             // The committed baseline's build is what the variant's confined build starts from.
-            crate::oracle::OracleBuild::prepare(root, args.device)?;
-            variant.library_for(false, args.device, &crate::setup::build_sandbox(root))?
+            crate::supervisor::oracle::OracleBuild::prepare(root, args.device)?;
+            variant.library_for(
+                false,
+                args.device,
+                &crate::commands::setup::build_sandbox(root),
+            )?
         }
-        Some(root) => variant.library_for(true, args.device, &crate::setup::build_sandbox(root))?,
+        Some(root) => variant.library_for(
+            true,
+            args.device,
+            &crate::commands::setup::build_sandbox(root),
+        )?,
         None => anyhow::bail!(
             "host bench builds a variant inside an autoinfer checkout (its build starts from the \
              committed baseline's); run it from the checkout, or use --no-build"
@@ -207,7 +216,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         threads: Some(args.threads),
         device: Some(args.device),
     };
-    let protect = crate::setup::protected_paths(root.as_deref(), None);
+    let protect = crate::commands::setup::protected_paths(root.as_deref(), None);
     let mut worker = Worker::spawn(&Spawn {
         variant: &name,
         lib: &lib,
@@ -218,7 +227,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         protect: &protect,
     })?;
 
-    let bar = crate::run::progress_bar(tests.len() * (args.repetitions + 1), "");
+    let bar = crate::progress::progress_bar(tests.len() * (args.repetitions + 1), "");
     let mut results = Vec::new();
     for (t, &test) in tests.iter().enumerate() {
         let mut rates = Vec::new();
@@ -244,7 +253,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
             if rep > 0 {
                 rates.push(rate);
             }
-            crate::run::log_line(&bar, format!("{label}: {rate:.2} t/s"));
+            crate::progress::log_line(&bar, format!("{label}: {rate:.2} t/s"));
             bar.inc(1);
         }
         let (mean, sd) = mean_sd(&rates);

@@ -15,6 +15,9 @@ use plugin_api::{GgmlType, MetaValue, MetadataEntry, ModelView, TensorInfo};
 
 use crate::hashing::sha256_hex;
 
+/// The metadata key that marks a synthetic model (a bool, true), written by `host synth`.
+pub const SYNTHETIC_KEY: &str = "autoinfer.synthetic";
+
 /// Why a model file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -87,10 +90,7 @@ impl Model {
     /// metadata has `autoinfer.synthetic` set to the bool true. Its output is noise, so runs
     /// on it measure speed only and skip the quality gates.
     pub fn is_synthetic(&self) -> bool {
-        matches!(
-            self.view.meta(crate::synth::SYNTHETIC_KEY),
-            Some(MetaValue::Bool(true))
-        )
+        matches!(self.view.meta(SYNTHETIC_KEY), Some(MetaValue::Bool(true)))
     }
 }
 

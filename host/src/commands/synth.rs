@@ -5,7 +5,7 @@
 //! Q4_1 or Q8_0 from a seeded generator ([`SplitMix64`]), in one of the [`SHAPES`] of real
 //! Llama models (layers, width, heads, KV heads, FFN, vocabulary). The file is marked with the
 //! metadata key [`SYNTHETIC_KEY`] (`autoinfer.synthetic = true`, read back by
-//! [`crate::model::Model::is_synthetic`]), so runs on it can say so and skip the quality gates:
+//! [`crate::gguf::Model::is_synthetic`]), so runs on it can say so and skip the quality gates:
 //! its output is noise by construction.
 //!
 //! The tokenizer is copied from another GGUF (every `tokenizer.*` key; the default model
@@ -32,10 +32,8 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use plugin_api::{MetaValue, ModelView};
 
-use crate::prompts::SplitMix64;
-
-/// The metadata key that marks a synthetic model (a bool, true).
-pub const SYNTHETIC_KEY: &str = "autoinfer.synthetic";
+use crate::gguf::SYNTHETIC_KEY;
+use crate::stats::rng::SplitMix64;
 
 /// Alignment of the tensor data (`general.alignment`).
 const ALIGNMENT: u64 = 32;
@@ -792,7 +790,7 @@ pub struct SynthArgs {
 
 /// Where `host synth` writes by default: `<cache>/synth/<shape>-<type>.gguf`.
 pub fn default_path(shape: &Shape, quant: Quant) -> PathBuf {
-    crate::fetch::cache_dir()
+    crate::harness::fetch::cache_dir()
         .join("synth")
         .join(format!("{}-{}.gguf", shape.name, quant.name()))
 }
@@ -869,7 +867,7 @@ pub fn run(args: &SynthArgs) -> anyhow::Result<PathBuf> {
     if !args.force && out.exists() {
         return Err(SynthError::Exists { path: out }.into());
     }
-    let source = crate::setup::open_model(args.tokenizer_from.as_deref())
+    let source = crate::commands::setup::open_model(args.tokenizer_from.as_deref())
         .context("opening the tokenizer source")?;
     let plan = Plan::new(shape, args.quant, args.seed, source.view)
         .with_context(|| format!("taking the tokenizer from {}", source.path.display()))?;
@@ -879,7 +877,7 @@ pub fn run(args: &SynthArgs) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("writing the synthetic model {}", out.display()))?;
     bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
-    let model = crate::model::Model::open(&out)
+    let model = crate::gguf::Model::open(&out)
         .with_context(|| format!("reading back the synthetic model {}", out.display()))?;
     if !model.is_synthetic() {
         bail!(
@@ -1123,14 +1121,14 @@ mod tests {
     }
 
     /// Writes `plan` into a scratch file and opens it.
-    fn write_and_open(plan: &Plan, name: &str) -> (PathBuf, crate::model::Model) {
+    fn write_and_open(plan: &Plan, name: &str) -> (PathBuf, crate::gguf::Model) {
         let path = scratch(name).join("m.gguf");
         let mut last = 0;
         let n = write_file(plan, &path, false, &mut |n| last = n).unwrap();
         assert_eq!((n, last), (plan.file_size(), plan.file_size()));
         assert_eq!(fs::metadata(&path).unwrap().len(), n);
         assert!(!partial_path(&path).exists());
-        let model = crate::model::Model::open(&path).unwrap();
+        let model = crate::gguf::Model::open(&path).unwrap();
         (path, model)
     }
 
@@ -1222,7 +1220,7 @@ mod tests {
         );
         write_file(&plan, &path, true, &mut |_| {}).unwrap();
         // The host's tokenizer loads it.
-        let codec = crate::tokenize::TextCodec::from_model(view).unwrap();
+        let codec = crate::harness::tokenize::TextCodec::from_model(view).unwrap();
         assert_eq!((codec.vocab_size, codec.eos_id), (300, 2));
     }
 
@@ -1261,7 +1259,7 @@ mod tests {
                 (GGML_Q8_0, &[64u64, 1000][..])
             );
         }
-        let codec = crate::tokenize::TextCodec::from_model(view).unwrap();
+        let codec = crate::harness::tokenize::TextCodec::from_model(view).unwrap();
         assert_eq!(codec.vocab_size, 1000);
         assert_eq!(codec.encode("<|synth_500|>").unwrap(), vec![500]);
     }
@@ -1297,12 +1295,13 @@ mod tests {
     /// The smollm2-135m shape against the real default model, when the cache has it.
     #[test]
     fn the_smollm2_shape_matches_the_default_model() {
-        let path = crate::fetch::cache_dir().join(crate::fetch::DEFAULT_MODEL_FILE);
+        let path =
+            crate::harness::fetch::cache_dir().join(crate::harness::fetch::DEFAULT_MODEL_FILE);
         if !path.is_file() {
             eprintln!("skipped: {} is not cached", path.display());
             return;
         }
-        let real = crate::model::Model::open(&path).unwrap();
+        let real = crate::gguf::Model::open(&path).unwrap();
         assert!(!real.is_synthetic());
         let plan = Plan::new(SMOLLM2_135M, Quant::Q4_1, 1, real.view).unwrap();
         assert_eq!(plan.padding_tokens, 0);

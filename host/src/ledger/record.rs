@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::protocol::Protocol;
+use crate::harness::protocol::Protocol;
+use crate::measure::sample::Summary;
 use crate::quality::GateReport;
-use crate::report::Summary;
 
 /// Which prompts a run covered: a partial run (`--prompt`) says so in its row.
 pub struct Scope<'a> {
@@ -68,7 +68,7 @@ pub struct Compared<'a> {
     pub against_tree: &'a str,
     pub rounds: u32,
     /// The decode rate's paired statistics (B/A), at the decision's alpha.
-    pub decode: Option<&'a crate::significance::Paired>,
+    pub decode: Option<&'a crate::stats::significance::Paired>,
     /// KEEP, REVERT, NOISE (SCREEN-... for a screen), or `-` when the comparison failed.
     pub verdict: &'a str,
 }

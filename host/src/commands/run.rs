@@ -4,22 +4,21 @@
 //! tokenizer, draw and tokenize every request, build the variant, then run one worker through
 //! the warm-up and the timed rounds. Every outcome, a failure included, ends in a results row.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::cargo_build::VariantCrate;
-use crate::judge::judge;
-use crate::oracle::{Oracle, OracleBuild, OracleCost};
-use crate::protocol::Protocol;
+use crate::commands::judge::judge;
+use crate::commands::setup::{find_root, request_line, timed_request, Overrides, Planned, Setup};
+use crate::harness::protocol::Protocol;
+use crate::ledger::record::{self, Provenance};
+use crate::measure::sample::{Sample, Summary};
+use crate::progress::{log_line, progress_bar};
 use crate::quality::GateReport;
-use crate::record::{self, Provenance};
-use crate::report::{Sample, Summary};
-use crate::setup::{find_root, request_line, timed_request, Overrides, Planned, Setup};
+use crate::supervisor::cargo_build::VariantCrate;
+use crate::supervisor::oracle::{Oracle, OracleBuild, OracleCost};
 use crate::supervisor::{Spawn, Worker};
 use plugin_api::Device;
 
@@ -46,7 +45,7 @@ struct RunRecord<'a> {
     error: Option<String>,
     description: &'a str,
     load_ms: f64,
-    roofline: &'a crate::physics::Roofline,
+    roofline: &'a crate::measure::roofline::Roofline,
     /// The prompts run (all of prompts/ unless `--prompt` chose some).
     prompts: &'a [String],
     summary: Option<&'a Summary>,
@@ -86,18 +85,18 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
 
     let synthetic = model.is_synthetic();
     if synthetic {
-        eprintln!("{}", crate::setup::SYNTHETIC_BANNER);
+        eprintln!("{}", crate::commands::setup::SYNTHETIC_BANNER);
     }
     let oracle_device = protocol.gates.oracle_device().map_err(anyhow::Error::msg)?;
     let harness = crate::vcs::harness(&root, &OracleBuild::key_for(&root, oracle_device)?)?;
     if !harness.is_committed() {
-        eprintln!("{}", crate::setup::modified_banner(&harness));
+        eprintln!("{}", crate::commands::setup::modified_banner(&harness));
     }
     // Built before measuring, so a build never runs beside a timed request; the oracle first,
     // since the variant's build starts from its compiled dependencies.
     let oracle_build = OracleBuild::prepare(&root, oracle_device)?;
     let results_dir = args.results.clone().unwrap_or_else(|| root.join("results"));
-    let sandbox = crate::setup::build_sandbox(&root);
+    let sandbox = crate::commands::setup::build_sandbox(&root);
     let (lib, build) = variant.library_for(args.no_build, setup.device, &sandbox)?;
     let sandbox_level = crate::sandbox::Support::probe().worker_level().and(build);
     if !sandbox_level.is_full() {
@@ -115,13 +114,16 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         sandbox_level,
     );
     let stem = format!("{}-{}", provenance.time.replace(':', ""), variant.package);
-    let protect = crate::setup::protected_paths(Some(&root), Some(&results_dir));
+    let protect = crate::commands::setup::protected_paths(Some(&root), Some(&results_dir));
     let order = setup.order();
     let prompts = &setup.prompts;
     let codec = &setup.codec;
     let mut measured = Measured::default();
 
-    let roofline = crate::physics::Roofline::new(model.view, crate::physics::measure_bandwidth());
+    let roofline = crate::measure::roofline::Roofline::new(
+        model.view,
+        crate::measure::roofline::measure_bandwidth(),
+    );
     let outcome = measure(args, &setup, &lib, &plan, &protect, &mut measured);
     let Measured {
         mut samples,
@@ -220,7 +222,7 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         }
     }
     if let Some(cost) = &oracle_cost {
-        eprintln!("{}", crate::judge::describe_cost(cost));
+        eprintln!("{}", crate::commands::judge::describe_cost(cost));
     }
     if setup.device == Device::Cpu {
         eprintln!(
@@ -241,10 +243,10 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         json.display()
     );
     if !harness.is_committed() {
-        eprintln!("{}", crate::setup::modified_banner(&harness));
+        eprintln!("{}", crate::commands::setup::modified_banner(&harness));
     }
     if synthetic {
-        eprintln!("{}", crate::setup::SYNTHETIC_BANNER);
+        eprintln!("{}", crate::commands::setup::SYNTHETIC_BANNER);
         return Ok(summary);
     }
     let gates = gates.expect("a successful run that is not suspect nor synthetic has been gated");
@@ -262,33 +264,6 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         );
     }
     Ok(summary)
-}
-
-/// Prints `line` to stderr above `bar` (a hidden bar would swallow it, so it goes to stderr
-/// directly when stderr is not a terminal).
-pub fn log_line(bar: &ProgressBar, line: String) {
-    if std::io::stderr().is_terminal() {
-        bar.println(line);
-    } else {
-        eprintln!("{line}");
-    }
-}
-
-/// A progress bar on stderr when it is a terminal (hidden otherwise), `prefix` before the bar.
-pub fn progress_bar(len: usize, prefix: &str) -> ProgressBar {
-    let bar = if std::io::stderr().is_terminal() {
-        ProgressBar::new(len as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    let template =
-        format!("{{spinner}} {prefix}[{{bar:30}}] {{pos}}/{{len}} {{msg}} ({{elapsed}})");
-    bar.set_style(
-        ProgressStyle::with_template(&template)
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
-    bar
 }
 
 /// What measuring produced, failed or not.

@@ -12,8 +12,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-/// The variant the loop edits, relative to the checkout's root.
-pub const CURRENT: &str = "variants/current";
+use crate::harness::CURRENT;
 
 /// The workspace's lock file: committed with the variant when the variant's dependencies
 /// changed it (this changes the oracle's build key, so the harness hash, once).
@@ -22,7 +21,7 @@ const LOCK: &str = "Cargo.lock";
 /// The newest row of `results.tsv` (as column → field) for `CURRENT` whose tree hash starts
 /// like `tree`.
 fn latest_row(results: &Path, tree: &str) -> Result<Option<BTreeMap<String, String>>> {
-    Ok(crate::record::read_rows(results)?
+    Ok(crate::ledger::record::read_rows(results)?
         .into_iter()
         .filter(|r| {
             r.get("variant")
@@ -71,7 +70,7 @@ pub fn keep(root: &Path, results: &Path, message: &str, rules: &KeepRules) -> Re
             field("time")
         );
     }
-    if verdict.starts_with(crate::compare::SCREEN_PREFIX) {
+    if verdict.starts_with(crate::commands::compare::SCREEN_PREFIX) {
         bail!(
             "the latest comparison of {CURRENT} ({}) was a screen ({verdict}): a screen is never \
              kept; run `host compare` on the full protocol",
@@ -87,7 +86,7 @@ pub fn keep(root: &Path, results: &Path, message: &str, rules: &KeepRules) -> Re
             &rules.harness[..12.min(rules.harness.len())]
         );
     }
-    let head_tree = crate::revision::tree_hash_at(root, "HEAD", CURRENT)?;
+    let head_tree = crate::vcs::tree_hash_at(root, "HEAD", CURRENT)?;
     if !head_tree.starts_with(field("against_tree")) || field("against_tree").is_empty() {
         bail!(
             "the latest comparison of {CURRENT} ({}) was against {} (tree {}), not the last kept \
@@ -383,9 +382,9 @@ mod tests {
     /// HEAD's, with `verdict` and `status`; `edit` changes one field afterwards.
     fn record_compare(dir: &Path, verdict: &str, status: &str, gates: &str, edit: (&str, &str)) {
         let tree = crate::vcs::tree_hash(&dir.join(CURRENT));
-        let head = crate::revision::tree_hash_at(dir, "HEAD", CURRENT).unwrap();
-        let header = crate::record::COLUMNS.join("\t");
-        let row: Vec<String> = crate::record::COLUMNS
+        let head = crate::vcs::tree_hash_at(dir, "HEAD", CURRENT).unwrap();
+        let header = crate::ledger::record::COLUMNS.join("\t");
+        let row: Vec<String> = crate::ledger::record::COLUMNS
             .iter()
             .map(|c| match *c {
                 c if c == edit.0 => edit.1.to_string(),

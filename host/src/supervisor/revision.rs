@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use plugin_api::Device;
 
-use crate::cargo_build::{BuildSandbox, VariantCrate};
-use crate::hashing::{hash_entries, is_skipped_name, sha256_hex};
+use crate::hashing::sha256_hex;
+use crate::supervisor::cargo_build::{BuildSandbox, VariantCrate};
+use crate::vcs::{content_hash, find_commit, materialise, open_repo, short, subtree};
 
 /// The paths of a commit, besides the variant itself, whose content a variant's build reads.
 const BUILD_INPUTS: [&str; 3] = ["Cargo.toml", "Cargo.lock", "plugin-api"];
@@ -75,7 +76,7 @@ pub fn slots_dir(root: &Path) -> PathBuf {
 
 /// The target directory cargo uses for the checkout at `root`.
 pub fn target_dir(root: &Path) -> PathBuf {
-    crate::cargo_build::target_dir_from_env().unwrap_or_else(|| root.join("target"))
+    crate::supervisor::cargo_build::target_dir_from_env().unwrap_or_else(|| root.join("target"))
 }
 
 /// A variant directory as one commit has it.
@@ -118,7 +119,7 @@ impl Committed {
                 format!("{rev}:{path} is not a variant crate: it has no Cargo.toml")
             })?;
         let manifest_name = PathBuf::from(format!("{rev}:{path}/Cargo.toml"));
-        let package = crate::cargo_build::package_of(
+        let package = crate::supervisor::cargo_build::package_of(
             &String::from_utf8_lossy(manifest.content()),
             &manifest_name,
         )?;
@@ -207,159 +208,8 @@ impl Committed {
     }
 }
 
-/// The content hash of `path` as commit `rev` has it (see [`Committed::tree`]).
-pub fn tree_hash_at(root: &Path, rev: &str, path: &str) -> Result<String> {
-    let repo = open_repo(root)?;
-    let commit = find_commit(&repo, root, rev)?;
-    let tree = subtree(&repo, &commit, rev, path)?;
-    content_hash(&repo, &tree)
-}
-
-/// The content hash of `paths` (files or directories, relative to the repository's root) as
-/// commit `rev` has them, in the format of [`crate::hashing::hash_files`] over the same paths
-/// of a checkout, so a clean checkout and its HEAD hash alike. Missing paths are skipped.
-pub fn committed_hash(root: &Path, rev: &str, paths: &[&str]) -> Result<String> {
-    let repo = open_repo(root)?;
-    let commit = find_commit(&repo, root, rev)?;
-    let tree = commit.tree()?;
-    let mut entries = Vec::new();
-    for path in paths {
-        let Ok(entry) = tree.get_path(Path::new(path)) else {
-            continue;
-        };
-        match entry.kind() {
-            Some(git2::ObjectType::Blob) => entries.push((
-                PathBuf::from(path),
-                repo.find_blob(entry.id())?.content().to_vec(),
-            )),
-            Some(git2::ObjectType::Tree) => collect_blobs(
-                &repo,
-                &repo.find_tree(entry.id())?,
-                PathBuf::from(path),
-                &mut entries,
-            )?,
-            _ => {}
-        }
-    }
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
-    entries.dedup_by(|a, b| a.0 == b.0);
-    Ok(hash_entries(entries))
-}
-
-/// The commit `rev` names, with an error that says which revision and repository.
-fn find_commit<'r>(repo: &'r git2::Repository, root: &Path, rev: &str) -> Result<git2::Commit<'r>> {
-    repo.revparse_single(rev)
-        .and_then(|o| o.peel_to_commit())
-        .with_context(|| {
-            if rev == "HEAD" {
-                "HEAD has no commit yet: commit the checkout first".to_string()
-            } else {
-                format!(
-                    "{rev:?} is not a commit of the repository at {}",
-                    root.display()
-                )
-            }
-        })
-}
-
-/// The directory `path` of `commit` (named `rev` in errors).
-fn subtree<'r>(
-    repo: &'r git2::Repository,
-    commit: &git2::Commit,
-    rev: &str,
-    path: &str,
-) -> Result<git2::Tree<'r>> {
-    commit
-        .tree()?
-        .get_path(Path::new(path))
-        .with_context(|| format!("commit {} ({rev}) has no {path}", short(&commit.id())))?
-        .to_object(repo)?
-        .peel_to_tree()
-        .with_context(|| format!("{rev}:{path} is a file, not a variant directory"))
-}
-
-fn short(oid: &git2::Oid) -> String {
-    oid.to_string()[..12].to_string()
-}
-
 fn short_rev(commit: &str) -> &str {
     &commit[..12.min(commit.len())]
-}
-
-fn open_repo(root: &Path) -> Result<git2::Repository> {
-    git2::Repository::discover(root).with_context(|| {
-        format!(
-            "{} is not in a git repository (committed variants and the quality oracle are read from git)",
-            root.display()
-        )
-    })
-}
-
-/// The content hash of a committed directory: every blob's path and bytes, in the format and
-/// order of [`crate::hashing::hash_files`], skipping the same names.
-fn content_hash(repo: &git2::Repository, tree: &git2::Tree) -> Result<String> {
-    let mut entries = Vec::new();
-    collect_blobs(repo, tree, PathBuf::new(), &mut entries)?;
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(hash_entries(entries))
-}
-
-fn collect_blobs(
-    repo: &git2::Repository,
-    tree: &git2::Tree,
-    prefix: PathBuf,
-    out: &mut Vec<(PathBuf, Vec<u8>)>,
-) -> Result<()> {
-    for entry in tree.iter() {
-        let name = entry.name().unwrap_or("_");
-        if is_skipped_name(name) {
-            continue;
-        }
-        let path = prefix.join(name);
-        match entry.kind() {
-            Some(git2::ObjectType::Blob) => {
-                out.push((path, repo.find_blob(entry.id())?.content().to_vec()))
-            }
-            Some(git2::ObjectType::Tree) => {
-                collect_blobs(repo, &repo.find_tree(entry.id())?, path, out)?
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-/// Writes every blob of `tree` under `dir` (executable bits and symlinks are not needed to
-/// build a crate and are written as plain files).
-fn materialise(repo: &git2::Repository, tree: &git2::Tree, dir: &Path) -> Result<()> {
-    let mut failure: Option<anyhow::Error> = None;
-    tree.walk(git2::TreeWalkMode::PreOrder, |parent, entry| {
-        if entry.kind() != Some(git2::ObjectType::Blob) {
-            return git2::TreeWalkResult::Ok;
-        }
-        let path = dir.join(parent).join(entry.name().unwrap_or("_"));
-        let written = repo
-            .find_blob(entry.id())
-            .map_err(anyhow::Error::from)
-            .and_then(|blob| {
-                if let Some(p) = path.parent() {
-                    std::fs::create_dir_all(p)?;
-                }
-                std::fs::write(&path, blob.content())?;
-                Ok(())
-            });
-        match written {
-            Ok(()) => git2::TreeWalkResult::Ok,
-            Err(e) => {
-                failure = Some(e.context(path.display().to_string()));
-                git2::TreeWalkResult::Abort
-            }
-        }
-    })?;
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
 }
 
 #[cfg(test)]

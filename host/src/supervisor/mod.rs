@@ -4,12 +4,16 @@
 //!
 //! [`Worker::spawn`] starts this same executable as `host worker` with a private scratch
 //! directory, waits for `Ready`, and keeps two reader threads: messages (one JSON line each,
-//! stamped with the supervisor's clock when read: [`crate::wire::LineReader`]) and stderr
+//! stamped with the supervisor's clock when read: [`crate::worker::wire::LineReader`]) and stderr
 //! (echoed when asked, its last lines kept for error messages). [`Worker::generate`] turns a
 //! stream of tokens into a [`Generation`]: the tokens, each one's arrival time, the worker's
 //! CPU time and peak memory, all measured here. Between requests the worker is stopped
 //! (SIGSTOP), so it cannot compute while another worker is measured; the CPU it used while
 //! stopped is checked to be zero. The supervisor never loads a variant itself.
+
+pub mod cargo_build;
+pub mod oracle;
+pub mod revision;
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -21,7 +25,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::wire::{shorten, LineReader, Message, Received, Request};
+use crate::worker::wire::{shorten, LineReader, LoadRequest, Message, Received, Request};
 
 /// How a request (or the start-up) of a worker went wrong.
 #[derive(Debug, thiserror::Error)]
@@ -104,30 +108,6 @@ pub struct Generation {
     pub peak_rss_kib: u64,
     /// CPU time the worker's threads used during the request, in ms.
     pub cpu_ms: f64,
-}
-
-/// What a worker asks its variant at load time: the [`plugin_api::LoadOptions`] it sends.
-/// `None` sends nothing, and the variant chooses (every core; the CPU).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct LoadRequest {
-    /// The `threads` option.
-    pub threads: Option<usize>,
-    /// The `device` option.
-    pub device: Option<plugin_api::Device>,
-}
-
-impl LoadRequest {
-    /// The load options the variant receives.
-    pub fn options(&self) -> plugin_api::LoadOptions {
-        let mut options = plugin_api::LoadOptions::default();
-        if let Some(n) = self.threads {
-            options = options.with(plugin_api::LoadOptions::THREADS, &n.to_string());
-        }
-        if let Some(device) = self.device {
-            options = options.with(plugin_api::LoadOptions::DEVICE, &device.to_string());
-        }
-        options
-    }
 }
 
 /// Everything a worker is started with.
@@ -457,7 +437,7 @@ impl Worker {
                 label,
                 format!(
                     "sent a line longer than {} MiB",
-                    crate::wire::MAX_LINE >> 20
+                    crate::worker::wire::MAX_LINE >> 20
                 ),
             )),
             Ok(Received::Closed) | Err(RecvTimeoutError::Disconnected) => Err(self.crashed(label)),

@@ -1,8 +1,8 @@
 //! What `host run` and `host compare` share before and during measuring.
 //!
 //! [`Setup::open`] reads the protocol (with command-line overrides) and the prompts, opens the
-//! model and its tokenizer: the cheap errors come first. [`Setup::warmups`] and [`Setup::round`]
-//! draw and tokenize the requests ([`Planned`]); [`timed_request`] sends one to a worker and
+//! model and its tokenizer: the cheap errors come first. [`Setup::plan`] draws and tokenizes
+//! every request of a measurement ([`Planned`]); [`timed_request`] sends one to a worker and
 //! turns the reply into a checked [`Sample`].
 
 use std::path::{Path, PathBuf};
@@ -10,15 +10,16 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::cargo_build::BuildSandbox;
+use crate::gguf::Model;
+use crate::harness::prompts::{PromptInstance, PromptSet, PromptSpec};
+use crate::harness::protocol::Protocol;
+use crate::harness::tokenize::TextCodec;
+use crate::ledger::record::{self, Provenance};
+use crate::measure::sample::Sample;
 use crate::measure::Timing;
-use crate::model::Model;
-use crate::prompts::{PromptInstance, PromptSet, PromptSpec};
-use crate::protocol::Protocol;
-use crate::record::{self, Provenance};
-use crate::report::Sample;
-use crate::supervisor::{LoadRequest, Worker};
-use crate::tokenize::TextCodec;
+use crate::supervisor::cargo_build::BuildSandbox;
+use crate::supervisor::Worker;
+use crate::worker::wire::LoadRequest;
 use plugin_api::Device;
 
 /// Printed before and after a run whose harness is not HEAD's.
@@ -129,24 +130,24 @@ pub fn find_root(start: &Path) -> Result<PathBuf> {
 /// binary, the oracle's build and cache, other builds) wherever `CARGO_TARGET_DIR` puts it, the
 /// results, and autoinfer's cache (models, tools).
 pub fn protected_paths(root: Option<&Path>, results: Option<&Path>) -> Vec<PathBuf> {
-    let mut paths = vec![crate::fetch::cache_dir()];
+    let mut paths = vec![crate::harness::fetch::cache_dir()];
     if let Some(root) = root {
         paths.push(root.to_path_buf());
-        paths.push(crate::revision::target_dir(root));
+        paths.push(crate::supervisor::revision::target_dir(root));
     }
-    paths.extend(crate::cargo_build::target_dir_from_env());
+    paths.extend(crate::supervisor::cargo_build::target_dir_from_env());
     paths.extend(results.map(Path::to_path_buf));
     paths
 }
 
 /// How variant builds in the checkout at `root` are confined: they start from the committed
-/// baseline's build ([`crate::revision::seed_dir`]), may read the checkout (its sources; cargo
+/// baseline's build ([`crate::supervisor::revision::seed_dir`]), may read the checkout (its sources; cargo
 /// lists a package's files through the repository, so the whole hierarchy), the toolchain
 /// and the system, and write only their private target directory.
 pub fn build_sandbox(root: &Path) -> BuildSandbox {
     BuildSandbox {
-        seed: Some(crate::revision::seed_dir(root)),
-        slots: crate::revision::slots_dir(root),
+        seed: Some(crate::supervisor::revision::seed_dir(root)),
+        slots: crate::supervisor::revision::slots_dir(root),
         sources: vec![root.to_path_buf()],
     }
 }
@@ -156,14 +157,14 @@ pub fn open_model(path: Option<&Path>) -> Result<Model> {
     match path {
         Some(p) => Ok(Model::open(p)?),
         None => {
-            let p = crate::fetch::default_model()?;
+            let p = crate::harness::fetch::default_model()?;
             let model = Model::open(&p)?;
             let sha = model.sha256();
-            if sha != crate::fetch::DEFAULT_MODEL_SHA256 {
+            if sha != crate::harness::fetch::DEFAULT_MODEL_SHA256 {
                 bail!(
                     "the cached default model {} has SHA-256 {sha}, not {}; delete it and run again to refetch",
                     p.display(),
-                    crate::fetch::DEFAULT_MODEL_SHA256
+                    crate::harness::fetch::DEFAULT_MODEL_SHA256
                 );
             }
             Ok(model)

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::expr::Expr;
+use crate::harness::expr::Expr;
+use crate::stats::rng::SplitMix64;
 
 /// Why the prompts could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -501,7 +502,7 @@ impl PromptSpec {
 
     /// Draws this prompt's parameters for (`seed`, `round`) and fills the template.
     pub fn draw(&self, seed: u64, round: u64) -> PromptInstance {
-        let mut rng = SplitMix64::for_request(seed, round, &self.name);
+        let mut rng = request_rng(seed, round, &self.name);
         let mut values = BTreeMap::new();
         for p in &self.params {
             let value = match p {
@@ -711,38 +712,15 @@ fn substitute(template: &str, values: &BTreeMap<String, DrawnValue>) -> String {
     out
 }
 
-/// A tiny, fully specified PRNG, so a seed draws the same prompts in every build, forever.
-pub(crate) struct SplitMix64(u64);
-
-impl SplitMix64 {
-    /// A generator from a plain seed.
-    pub(crate) fn new(seed: u64) -> Self {
-        SplitMix64(seed)
+/// The generator for one request: independent of the order requests are drawn in.
+fn request_rng(seed: u64, round: u64, prompt: &str) -> SplitMix64 {
+    let mut state = seed ^ round.wrapping_mul(0xA24B_AED4_963E_E407);
+    for b in prompt.bytes() {
+        state = (state ^ b as u64).wrapping_mul(0x100_0000_01B3);
     }
-
-    /// The generator for one request: independent of the order requests are drawn in.
-    fn for_request(seed: u64, round: u64, prompt: &str) -> Self {
-        let mut state = seed ^ round.wrapping_mul(0xA24B_AED4_963E_E407);
-        for b in prompt.bytes() {
-            state = (state ^ b as u64).wrapping_mul(0x100_0000_01B3);
-        }
-        let mut rng = SplitMix64(state);
-        rng.next();
-        rng
-    }
-
-    pub(crate) fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0), without modulo bias worth mentioning for small n.
-    pub(crate) fn below(&mut self, n: u64) -> u64 {
-        ((self.next() as u128 * n as u128) >> 64) as u64
-    }
+    let mut rng = SplitMix64::new(state);
+    rng.next();
+    rng
 }
 
 #[cfg(test)]

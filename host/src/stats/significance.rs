@@ -27,7 +27,7 @@
 use serde::Serialize;
 use statrs::distribution::{Continuous, ContinuousCDF, Normal, StudentsT};
 
-use crate::prompts::SplitMix64;
+use crate::stats::rng::SplitMix64;
 
 /// Which direction of a figure is an improvement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -13,6 +13,9 @@
 //!    `emit` at once as a [`Message::Tokens`] line: the supervisor timestamps it on arrival and
 //!    counts the tokens itself. Nothing here measures anything.
 
+pub mod plugin;
+pub mod wire;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::FromRawFd;
@@ -23,10 +26,10 @@ use abi_stable::std_types::RSlice;
 use anyhow::{Context, Result};
 use plugin_api::{Device, TokenSink, TokenSink_TO};
 
-use crate::model::Model;
+use crate::gguf::Model;
 use crate::sandbox::{self, Policy, Support};
-use crate::supervisor::LoadRequest;
-use crate::wire::{Message, Request};
+use crate::worker::wire::LoadRequest;
+use crate::worker::wire::{Message, Request};
 
 /// What the supervisor starts a worker with (its hidden command line).
 #[derive(Debug, Clone, clap::Args)]
@@ -173,7 +176,7 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         threads: args.threads,
         device: args.device,
     };
-    let mut variant = match crate::plugin::load(&lib, model.view, &load.options()) {
+    let mut variant = match crate::worker::plugin::load(&lib, model.view, &load.options()) {
         Ok(v) => v,
         Err(e) => return fail(&mut out, e.to_string()),
     };

@@ -2,11 +2,11 @@
 //! after a statistical test.
 //!
 //! Order of work: resolve and build both variants ([`Side`]: a directory, or `REV:PATH` built
-//! from git by [`crate::revision`]) and the quality oracle. Then every round draws one instance
+//! from git by [`crate::supervisor::revision`]) and the quality oracle. Then every round draws one instance
 //! per prompt, and each instance is a [`Pair`]: two fresh workers, one per variant, each warmed
 //! up by a short request, answer it back to back, in the order A B, B A, A B, ... so that drift
 //! in the machine hits both alike. After every `rounds_per_look` rounds the paired log-ratios
-//! of each [`Figure`] are tested ([`crate::significance`]), one per pair; measuring stops as
+//! of each [`Figure`] are tested ([`crate::stats::significance`]), one per pair; measuring stops as
 //! soon as the keep rule's outcome would in all likelihood not change ([`measuring_done`]:
 //! anything SLOWER, or decode decided and every guarded figure shown not SLOWER beyond the
 //! noise threshold or unlikely to end SLOWER), or when the schedule or the time budget ends.
@@ -19,17 +19,17 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::cargo_build::{BuildSandbox, VariantCrate};
-use crate::judge::judge;
-use crate::oracle::{Oracle, OracleBuild, OracleCost};
-use crate::protocol::{CompareRules, Protocol};
+use crate::commands::judge::judge;
+use crate::commands::setup::{find_root, request_line, timed_request, Overrides, Setup};
+use crate::harness::protocol::{CompareRules, Protocol};
+use crate::ledger::record::{self, Provenance};
+use crate::measure::sample::{Sample, Summary};
 use crate::quality::GateReport;
-use crate::record::{self, Provenance};
-use crate::report::{Sample, Summary};
-use crate::revision::{Committed, VariantArg};
-use crate::setup::{find_root, request_line, timed_request, Overrides, Setup};
-use crate::significance::{Better, LookSchedule, Paired, Verdict};
+use crate::stats::significance::{Better, LookSchedule, Paired, Verdict};
 use crate::stats::Spread;
+use crate::supervisor::cargo_build::{BuildSandbox, VariantCrate};
+use crate::supervisor::oracle::{Oracle, OracleBuild, OracleCost};
+use crate::supervisor::revision::{Committed, VariantArg};
 use crate::supervisor::{Spawn, Worker};
 use plugin_api::Device;
 
@@ -511,8 +511,8 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     let (a_arg, b_arg) = match (&args.a, &args.b) {
         (Some(a), Some(b)) => (a.clone(), b.clone()),
         (None, None) => (
-            format!("HEAD:{}", crate::keep::CURRENT),
-            crate::keep::CURRENT.to_string(),
+            format!("HEAD:{}", crate::harness::CURRENT),
+            crate::harness::CURRENT.to_string(),
         ),
         _ => bail!("host compare takes two variants (A B) or none (HEAD:variants/current against the working tree)"),
     };
@@ -551,13 +551,13 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     // Builds before any timed request.
     let synthetic = setup.model.is_synthetic();
     if synthetic {
-        eprintln!("{}", crate::setup::SYNTHETIC_BANNER);
+        eprintln!("{}", crate::commands::setup::SYNTHETIC_BANNER);
     }
     let device = setup.device;
     // The oracle first: the variants' builds start from its compiled dependencies.
     let oracle_build = OracleBuild::prepare(&root, oracle_device)?;
     let results_dir = args.results.clone().unwrap_or_else(|| root.join("results"));
-    let sandbox = crate::setup::build_sandbox(&root);
+    let sandbox = crate::commands::setup::build_sandbox(&root);
     let a = Side::resolve(&root, &a_arg, args.no_build, device, &sandbox)
         .with_context(|| format!("variant A ({a_arg})"))?;
     let b = Side::resolve(&root, &b_arg, args.no_build, device, &sandbox)
@@ -588,7 +588,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         sandbox_level,
     );
     let stem = format!("{}-compare-{}", provenance.time.replace(':', ""), b.package);
-    let protect = crate::setup::protected_paths(Some(&root), Some(&results_dir));
+    let protect = crate::commands::setup::protected_paths(Some(&root), Some(&results_dir));
     let order = setup.order();
 
     let mut measured = Measured::default();
@@ -600,8 +600,10 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     let outcome = measure(args, &setup, &schedule, &rules, &sides, &mut measured);
     let figures = measured.looks.last().cloned().unwrap_or_default();
 
-    let roofline =
-        crate::physics::Roofline::new(setup.model.view, crate::physics::measure_bandwidth());
+    let roofline = crate::measure::roofline::Roofline::new(
+        setup.model.view,
+        crate::measure::roofline::measure_bandwidth(),
+    );
     let fastest = |pick: fn(&Pair) -> &Sample| {
         measured
             .pairs
@@ -635,7 +637,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     let scored_rounds = pick_rounds(
         measured.rounds,
         setup.protocol.gates.scored_rounds,
-        crate::setup::fresh_seed(),
+        crate::commands::setup::fresh_seed(),
     );
     let mut judged_samples: Vec<Sample> = b_samples
         .iter()
@@ -778,7 +780,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         }
     }
     if let Some(cost) = &oracle_cost {
-        eprintln!("{}", crate::judge::describe_cost(cost));
+        eprintln!("{}", crate::commands::judge::describe_cost(cost));
     }
     eprintln!(
         "recorded: {} (row appended), {}",
@@ -829,7 +831,7 @@ fn screen_overrides(args: &CompareArgs) -> Result<Overrides> {
 /// `k` of the rounds `0..rounds` (all when there are no more), drawn with `seed`, in order.
 fn pick_rounds(rounds: u32, k: u32, seed: u64) -> Vec<u32> {
     let mut all: Vec<u32> = (0..rounds).collect();
-    let mut rng = crate::prompts::SplitMix64::new(seed);
+    let mut rng = crate::stats::rng::SplitMix64::new(seed);
     for i in 0..k.min(rounds) as usize {
         let j = i + rng.below((all.len() - i) as u64) as usize;
         all.swap(i, j);
@@ -878,8 +880,8 @@ fn measure(
     let plan = setup.plan(max_rounds, max_rounds * prompts as u32)?;
     let warmups_per_pair = setup.protocol.warmup_requests as usize;
     let total = 2 * (warmups_per_pair + 1) * prompts * max_rounds as usize;
-    let bar = crate::run::progress_bar(total, "");
-    let log = |line: String| crate::run::log_line(&bar, line);
+    let bar = crate::progress::progress_bar(total, "");
+    let log = |line: String| crate::progress::log_line(&bar, line);
     let started = Instant::now();
     let mut interval = String::from("no look yet");
     let new_tokens = setup.protocol.max_new_tokens;
@@ -1146,7 +1148,7 @@ mod tests {
     }
 
     fn gates(fail: bool) -> GateReport {
-        let thresholds = crate::protocol::Gates {
+        let thresholds = crate::harness::protocol::Gates {
             tie_margin: 0.001,
             min_agreement: 0.999,
             max_perplexity_ratio: 1.1,
@@ -1237,7 +1239,7 @@ mod tests {
         Sample {
             prompt: "p".into(),
             round: 0,
-            instance: crate::prompts::PromptInstance {
+            instance: crate::harness::prompts::PromptInstance {
                 prompt: "p".into(),
                 user_text: String::new(),
                 values: Default::default(),
@@ -1347,12 +1349,12 @@ mod tests {
     /// `stop_chance` and is decided by the keep rule with passing gates. Returns the outcome
     /// and the rounds measured.
     fn simulate_comparison(
-        rng: &mut crate::prompts::SplitMix64,
+        rng: &mut crate::stats::rng::SplitMix64,
         schedule: &LookSchedule,
         (decode, prefill): (f64, f64),
         stop_chance: f64,
     ) -> (Outcome, u32) {
-        use crate::significance::gaussian;
+        use crate::stats::significance::gaussian;
         let end = |f: Figure| schedule.alpha_at(f.test(), 6).unwrap();
         let horizon = Horizon {
             pairs: 60,
@@ -1399,7 +1401,7 @@ mod tests {
 
     /// Shares of KEEP and REVERT and the median rounds over `trials` simulated comparisons.
     fn campaign(decode: f64, prefill: f64, stop_chance: f64, trials: usize) -> (f64, f64, u32) {
-        let mut rng = crate::prompts::SplitMix64::new(17);
+        let mut rng = crate::stats::rng::SplitMix64::new(17);
         let schedule = LookSchedule::new(0.05, 6, 2, -1.0, &TESTS);
         let runs: Vec<(Outcome, u32)> = (0..trials)
             .map(|_| simulate_comparison(&mut rng, &schedule, (decode, prefill), stop_chance))

@@ -5,6 +5,9 @@
 //! no variant code runs in): time to first token, prefill rate (prompt tokens /
 //! TTFT), decode rate ((n - 1) / (last - first)) and the inter-token gaps.
 
+pub mod roofline;
+pub mod sample;
+
 use serde::Serialize;
 
 /// Figures of one request, all from host timestamps.
