@@ -3,7 +3,8 @@
 //!
 //! Rows are written with a single `write` on a file opened for appending and then synced, and
 //! JSON files are written to a temporary name and renamed, so a crash can lose at most the run
-//! in progress, never an earlier row.
+//! in progress, never an earlier row. Appends hold `results.lock` exclusively ([`lock`]), so two
+//! commands finishing at once in one checkout never interleave rows or both write the header.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -229,6 +230,7 @@ pub fn row(
 /// Appends `fields` as one row of `dir/results.tsv`, writing the header first if the file is new.
 pub fn append_row(dir: &Path, fields: &[String]) -> Result<PathBuf> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let _lock = lock(dir)?;
     let path = dir.join("results.tsv");
     set_aside_old_layout(&path)?;
     let mut file = OpenOptions::new()
@@ -247,6 +249,21 @@ pub fn append_row(dir: &Path, fields: &[String]) -> Result<PathBuf> {
         .with_context(|| format!("cannot append to {}", path.display()))?;
     file.sync_all()?;
     Ok(path)
+}
+
+/// Takes `dir/results.lock` exclusively (waiting while another process holds it); the lock is
+/// released when the returned file is dropped, or when the process ends however it ends.
+pub fn lock(dir: &Path) -> Result<fs::File> {
+    let path = dir.join("results.lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open the ledger's lock {}", path.display()))?;
+    file.lock()
+        .with_context(|| format!("cannot lock the ledger's lock {}", path.display()))?;
+    Ok(file)
 }
 
 /// The rows of `dir/results.tsv`, each as column name → field (none when the file is absent).
@@ -299,6 +316,56 @@ fn set_aside_old_layout(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With `AUTOINFER_LEDGER_CHILD` set, this test is the child of
+    /// `a_second_process_waits_for_the_ledger_lock`: it says it is ready, then appends a row.
+    #[test]
+    fn a_second_process_waits_for_the_ledger_lock() {
+        if let Some(dir) = std::env::var_os("AUTOINFER_LEDGER_CHILD") {
+            println!("ready");
+            let fields: Vec<String> = (0..COLUMNS.len()).map(|i| format!("child{i}")).collect();
+            append_row(Path::new(&dir), &fields).unwrap();
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("autoinfer-lock-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let held = lock(&dir).unwrap();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "ledger::record::tests::a_second_process_waits_for_the_ledger_lock",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("AUTOINFER_LEDGER_CHILD", &dir)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("ready") {
+            line.clear();
+            let n = std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+            assert!(n > 0, "the child ended before it was ready");
+        }
+        // The child is at the lock: while it is held, nothing of its row may appear.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the child did not wait"
+        );
+        assert!(!dir.join("results.tsv").exists());
+        drop(held);
+        assert!(child.wait().unwrap().success());
+        let text = fs::read_to_string(dir.join("results.tsv")).unwrap();
+        assert_eq!(
+            text.lines().count(),
+            2,
+            "one header and the child's row: {text}"
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn appends_rows_under_one_header() {
