@@ -25,6 +25,7 @@ mod commands;
 mod gguf;
 mod harness;
 mod hashing;
+mod interrupt;
 mod ledger;
 mod measure;
 mod progress;
@@ -134,7 +135,8 @@ enum Command {
     /// prompt in prompts/, then the quality gates (the committed variants/baseline scores every
     /// answer). Prints a per-prompt table, a summary and the gates, and appends a row to
     /// results/results.tsv plus a JSON file with every raw sample under results/runs/. Exits
-    /// non-zero when the run fails, is suspect, or fails a quality gate.
+    /// non-zero when the run fails, is suspect, or fails a quality gate; 130 when stopped by
+    /// Ctrl-C or SIGTERM, after recording what was measured (status `interrupted`).
     Run {
         /// The variant's crate directory, e.g. variants/current.
         variant: PathBuf,
@@ -215,7 +217,9 @@ enum Command {
     /// results/runs/. Exit status: 0 KEEP (decode FASTER, no guarded figure SLOWER, B passes
     /// every quality gate), 4 REVERT (anything SLOWER, a gate failed, or B suspect), 3 NOISE
     /// (nothing decided), 1 when the comparison could not be made (a build failed, a variant
-    /// crashed: the message names which), 2 for a command-line usage error.
+    /// crashed: the message names which), 2 for a command-line usage error, 130 when stopped by
+    /// Ctrl-C or SIGTERM (the pairs measured so far are recorded, status `interrupted`; a second
+    /// Ctrl-C ends it at once).
     Compare {
         /// Variant A, the reference: a crate directory or a git revision of one
         /// (REV:PATH, e.g. HEAD:variants/current) [default: HEAD:variants/current].
@@ -360,6 +364,10 @@ fn main() -> ExitCode {
     // SAFETY: called once, before any other thread or git2 call exists.
     let _ = unsafe { git2::opts::set_verify_owner_validation(false) };
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Run { .. } | Command::Compare { .. }) {
+        // A stop asked for during a measurement is recorded as `interrupted`.
+        interrupt::install();
+    }
     let result = match cli.command {
         Command::Run {
             variant,
@@ -483,6 +491,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if interrupt::requested() => {
+            eprintln!("interrupted: {e:#}");
+            ExitCode::from(interrupt::EXIT_CODE)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -687,6 +687,8 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         Ok(()) if synthetic => ("synthetic", None),
         Ok(()) if gates.as_ref().is_some_and(|g| !g.passed()) => ("rejected", None),
         Ok(()) => ("ok", None),
+        // Ctrl-C or SIGTERM: what was measured is recorded, and nothing is judged.
+        Err(e) if crate::interrupt::requested() => ("interrupted", Some(format!("{e:#}"))),
         Err(e) => ("failed", Some(format!("{e:#}"))),
     };
     let reasons = decided.as_ref().map(|d| d.1.clone()).unwrap_or_default();

@@ -162,6 +162,8 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         Ok(()) if synthetic => ("synthetic", None),
         Ok(()) if rejected => ("rejected", None),
         Ok(()) => ("ok", None),
+        // Ctrl-C or SIGTERM: what was measured is recorded, and nothing is judged.
+        Err(e) if crate::interrupt::requested() => ("interrupted", Some(format!("{e:#}"))),
         Err(e) => ("failed", Some(format!("{e:#}"))),
     };
     let record = RunRecord {

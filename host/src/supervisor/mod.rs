@@ -61,6 +61,10 @@ pub enum WorkerError {
         request: String,
         what: String,
     },
+    #[error(
+        "interrupted (Ctrl-C or SIGTERM) during {request} of {variant}: its worker was stopped"
+    )]
+    Interrupted { variant: String, request: String },
     #[error("variant {variant} used {cpu_ms:.0} ms of CPU while it was frozen (before {request}): a worker may compute only during its own requests")]
     RanWhileFrozen {
         variant: String,
@@ -427,8 +431,21 @@ impl Worker {
         deadline: Instant,
         timeout: Duration,
     ) -> Result<(Instant, Message), WorkerError> {
-        let wait = deadline.saturating_duration_since(Instant::now());
-        match self.messages.recv_timeout(wait) {
+        // Waits in short slices, so that a Ctrl-C or SIGTERM stops the request within 100 ms.
+        let received = loop {
+            if crate::interrupt::requested() {
+                return Err(self.interrupted(label));
+            }
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match self
+                .messages
+                .recv_timeout(wait.min(Duration::from_millis(100)))
+            {
+                Err(RecvTimeoutError::Timeout) if !wait.is_zero() => continue,
+                other => break other,
+            }
+        };
+        match received {
             Ok(Received::Message(at, message)) => Ok((at, message)),
             Ok(Received::Garbled(line)) => {
                 Err(self.protocol(label, format!("sent an unreadable line: {line}")))
@@ -440,6 +457,12 @@ impl Worker {
                     crate::worker::wire::MAX_LINE >> 20
                 ),
             )),
+            // A Ctrl-C reaches the whole foreground process group, the worker too.
+            Ok(Received::Closed) | Err(RecvTimeoutError::Disconnected)
+                if crate::interrupt::requested() =>
+            {
+                Err(self.interrupted(label))
+            }
             Ok(Received::Closed) | Err(RecvTimeoutError::Disconnected) => Err(self.crashed(label)),
             Err(RecvTimeoutError::Timeout) => {
                 self.kill();
@@ -506,6 +529,15 @@ impl Worker {
         }
         let _ = self.child.kill();
         self.child.wait().ok()
+    }
+
+    /// Kills the worker because a stop was asked for.
+    fn interrupted(&mut self, label: &str) -> WorkerError {
+        self.kill();
+        WorkerError::Interrupted {
+            variant: self.variant.clone(),
+            request: label.into(),
+        }
     }
 
     fn crashed(&mut self, label: &str) -> WorkerError {
