@@ -23,6 +23,7 @@ use crate::commands::judge::judge;
 use crate::commands::setup::{find_root, request_line, timed_request, Overrides, Setup};
 use crate::harness::protocol::{CompareRules, Protocol};
 use crate::ledger::record::{self, Provenance};
+use crate::ledger::row::{self as ledger_row, Status};
 use crate::measure::sample::{Sample, Summary};
 use crate::quality::GateReport;
 use crate::stats::significance::{Better, LookSchedule, Paired, Verdict};
@@ -373,14 +374,6 @@ impl Outcome {
             Outcome::Revert => 4,
         }
     }
-
-    pub fn word(self) -> &'static str {
-        match self {
-            Outcome::Keep => "KEEP",
-            Outcome::Revert => "REVERT",
-            Outcome::Noise => "NOISE",
-        }
-    }
 }
 
 /// "+5.2% [+3.1%, +7.4%]" for a figure's decision interval.
@@ -683,13 +676,13 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         false => Outcome::decide(&figures, gates.as_ref(), suspect.as_deref()),
     });
     let (status, error) = match &outcome {
-        Ok(()) if suspect.is_some() => ("suspect", None),
-        Ok(()) if synthetic => ("synthetic", None),
-        Ok(()) if gates.as_ref().is_some_and(|g| !g.passed()) => ("rejected", None),
-        Ok(()) => ("ok", None),
+        Ok(()) if suspect.is_some() => (Status::Suspect, None),
+        Ok(()) if synthetic => (Status::Synthetic, None),
+        Ok(()) if gates.as_ref().is_some_and(|g| !g.passed()) => (Status::Rejected, None),
+        Ok(()) => (Status::Ok, None),
         // Ctrl-C or SIGTERM: what was measured is recorded, and nothing is judged.
-        Err(e) if crate::interrupt::requested() => ("interrupted", Some(format!("{e:#}"))),
-        Err(e) => ("failed", Some(format!("{e:#}"))),
+        Err(e) if crate::interrupt::requested() => (Status::Interrupted, Some(format!("{e:#}"))),
+        Err(e) => (Status::Failed, Some(format!("{e:#}"))),
     };
     let reasons = decided.as_ref().map(|d| d.1.clone()).unwrap_or_default();
     let verdict = decided.as_ref().map(|d| d.0);
@@ -701,7 +694,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         candidate: &b,
         protocol: &setup.protocol,
         schedule: &schedule,
-        status,
+        status: status.as_str(),
         error,
         outcome: verdict,
         reasons: &reasons,
@@ -733,13 +726,13 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
             against_tree: &a.tree,
             rounds: measured.rounds,
             decode: decode.and_then(|d| d.decision.as_ref()),
-            verdict: &verdict.map_or("-".to_string(), |v| verdict_label(v, args.screen)),
+            verdict: verdict.map(|v| recorded_verdict(v, args.screen)),
         }),
         status,
         &args.description,
         &json,
     );
-    let tsv = record::append_row(&results_dir, &row)?;
+    let tsv = crate::ledger::row::append_row(&results_dir, &row)?;
     outcome?;
     let (verdict, reasons) = decided.expect("a comparison that measured has an outcome");
 
@@ -771,7 +764,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         }
         println!(
             "verdict: {} — {} ({} pairs over {} rounds, {:.0} s)",
-            verdict_label(verdict, args.screen),
+            recorded_verdict(verdict, args.screen).label(),
             reasons.join("; "),
             measured.pairs.len(),
             measured.rounds,
@@ -792,18 +785,18 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     Ok(verdict)
 }
 
-/// The verdict as recorded and printed: a screen's carries `SCREEN-`, which `host keep`
+/// The verdict as recorded and printed: a screen's is a `SCREEN-` one, which `host keep`
 /// refuses and `host plot` leaves out.
-fn verdict_label(outcome: Outcome, screen: bool) -> String {
-    if screen {
-        format!("{SCREEN_PREFIX}{}", outcome.word())
-    } else {
-        outcome.word().to_string()
+fn recorded_verdict(outcome: Outcome, screen: bool) -> ledger_row::Verdict {
+    match (outcome, screen) {
+        (Outcome::Keep, false) => ledger_row::Verdict::Keep,
+        (Outcome::Revert, false) => ledger_row::Verdict::Revert,
+        (Outcome::Noise, false) => ledger_row::Verdict::Noise,
+        (Outcome::Keep, true) => ledger_row::Verdict::ScreenKeep,
+        (Outcome::Revert, true) => ledger_row::Verdict::ScreenRevert,
+        (Outcome::Noise, true) => ledger_row::Verdict::ScreenNoise,
     }
 }
-
-/// What a screen's recorded verdict starts with.
-pub const SCREEN_PREFIX: &str = "SCREEN-";
 
 /// The overrides of `args`, asking for the protocol's screen when `--screen` is given;
 /// refuses a screen combined with flags that would change what a screen is.

@@ -7,27 +7,25 @@
 //! message carries the comparison's figures. [`revert`] puts `variants/current` back as the last
 //! commit has it, deleting files added since. Both touch nothing outside `variants/current`.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
 use crate::harness::CURRENT;
+use crate::ledger::row::{read_rows, ResultsRow, Status, Verdict};
 
 /// The workspace's lock file: committed with the variant when the variant's dependencies
 /// changed it (this changes the oracle's build key, so the harness hash, once).
 const LOCK: &str = "Cargo.lock";
 
-/// The newest row of `results.tsv` (as column → field) for `CURRENT` whose tree hash starts
-/// like `tree`.
-fn latest_row(results: &Path, tree: &str) -> Result<Option<BTreeMap<String, String>>> {
-    Ok(crate::ledger::record::read_rows(results)?
+/// The newest row of `results.tsv` for `CURRENT` whose tree hash starts like `tree`.
+fn latest_row(results: &Path, tree: &str) -> Result<Option<ResultsRow>> {
+    Ok(read_rows(results)?
         .into_iter()
         .filter(|r| {
-            r.get("variant")
-                .is_some_and(|v| v.trim_end_matches('/').ends_with(CURRENT))
-                && r.get("variant_tree")
-                    .is_some_and(|t| !t.is_empty() && tree.starts_with(t.as_str()))
+            r.variant.trim_end_matches('/').ends_with(CURRENT)
+                && !r.variant_tree.is_empty()
+                && tree.starts_with(r.variant_tree.as_str())
         })
         .next_back())
 }
@@ -61,89 +59,96 @@ pub fn keep(root: &Path, results: &Path, message: &str, rules: &KeepRules) -> Re
             results.join("results.tsv").display()
         )
     })?;
-    let field = |k: &str| row.get(k).map(String::as_str).unwrap_or("-");
-    let verdict = field("verdict");
-    if verdict == "-" {
+    let Some(verdict) = row.verdict else {
+        let what = match row.status {
+            Status::Failed | Status::Interrupted if row.against != "-" => {
+                format!("a comparison that ended {}", row.status.as_str())
+            }
+            _ => "a `host run`".to_string(),
+        };
         bail!(
-            "the latest measurement of {CURRENT} as it is now ({}) is a `host run`, not a comparison: \
-             run `host compare` (it compares the last kept {CURRENT} with the working tree)",
-            field("time")
+            "the latest measurement of {CURRENT} as it is now ({}) is {what}, not a comparison \
+             with a verdict: run `host compare` (it compares the last kept {CURRENT} with the \
+             working tree)",
+            row.time
         );
-    }
-    if verdict.starts_with(crate::commands::compare::SCREEN_PREFIX) {
+    };
+    if verdict.is_screen() {
         bail!(
-            "the latest comparison of {CURRENT} ({}) was a screen ({verdict}): a screen is never \
+            "the latest comparison of {CURRENT} ({}) was a screen ({}): a screen is never \
              kept; run `host compare` on the full protocol",
-            field("time")
+            row.time,
+            verdict.label()
         );
     }
-    if !rules.harness.starts_with(field("harness")) || field("harness").is_empty() {
+    if !rules.harness.starts_with(row.harness.as_str()) || row.harness.is_empty() {
         bail!(
             "the latest comparison of {CURRENT} ({}) was measured under harness {}, and the harness \
              is now {}: results of different harnesses are not compared; run `host compare` again",
-            field("time"),
-            field("harness"),
+            row.time,
+            row.harness,
             &rules.harness[..12.min(rules.harness.len())]
         );
     }
     let head_tree = crate::vcs::tree_hash_at(root, "HEAD", CURRENT)?;
-    if !head_tree.starts_with(field("against_tree")) || field("against_tree").is_empty() {
+    if !head_tree.starts_with(row.against_tree.as_str()) || row.against_tree.is_empty() {
         bail!(
             "the latest comparison of {CURRENT} ({}) was against {} (tree {}), not the last kept \
              {CURRENT} (tree {}): run `host compare` with no arguments",
-            field("time"),
-            field("against"),
-            field("against_tree"),
+            row.time,
+            row.against,
+            row.against_tree,
             &head_tree[..12]
         );
     }
-    if field("prompts") != "all" || field("max_new_tokens") != rules.max_new_tokens.to_string() {
+    if row.prompts != "all" || row.max_new_tokens != rules.max_new_tokens.to_string() {
         bail!(
             "the latest comparison of {CURRENT} ({}) was a quick one (prompts {}, {} tokens per \
              request): only a comparison on every prompt with the protocol's {} tokens is kept on; \
              run `host compare` without --prompt or --max-new-tokens",
-            field("time"),
-            field("prompts"),
-            field("max_new_tokens"),
+            row.time,
+            row.prompts,
+            row.max_new_tokens,
             rules.max_new_tokens
         );
     }
-    if field("status") != "ok" || field("gates") != "pass" {
+    if row.status != Status::Ok || row.gates != "pass" {
         bail!(
             "the latest comparison of {CURRENT} as it is now ({}) has status {:?} and gates {:?}: \
              only a change that passed is kept; revert it with `host revert`",
-            field("time"),
-            field("status"),
-            field("gates")
+            row.time,
+            row.status.as_str(),
+            row.gates
         );
     }
-    if field("sandbox") != "full" && !rules.allow_unsandboxed {
+    if row.sandbox != "full" && !rules.allow_unsandboxed {
         bail!(
             "the latest comparison of {CURRENT} ({}) ran with its variant code confined only in \
              part ({}): a verdict is trusted only when neither side could reach the clock, the \
              results or the other side. Keep it anyway with `host keep --allow-unsandboxed`",
-            field("time"),
-            field("sandbox")
+            row.time,
+            row.sandbox
         );
     }
     check_record(results, &row, &tree, &head_tree, rules.harness)?;
     let (added, removed) = line_changes(&repo)?;
     match verdict {
-        "KEEP" => {}
-        "NOISE" if rules.simpler && removed > added => {}
-        "NOISE" if rules.simpler => bail!(
+        Verdict::Keep => {}
+        Verdict::Noise if rules.simpler && removed > added => {}
+        Verdict::Noise if rules.simpler => bail!(
             "the verdict is NOISE and the change adds {added} line(s) while removing {removed}: \
              only a change with less code is kept at equal speed; revert it with `host revert`"
         ),
-        "NOISE" => bail!(
+        Verdict::Noise => bail!(
             "the verdict is NOISE: not a win. If the change makes the code simpler (it removes \
              more lines than it adds; {removed} removed, {added} added here), keep it with \
              `host keep --simpler`; else revert it with `host revert`"
         ),
         other => bail!(
-            "the verdict of the latest comparison ({}) is {other}: only KEEP is kept; revert it \
+            "the verdict of the latest comparison ({}) is {}: only KEEP is kept; revert it \
              with `host revert`",
-            field("time")
+            row.time,
+            other.label()
         ),
     }
 
@@ -193,28 +198,32 @@ pub fn keep(root: &Path, results: &Path, message: &str, rules: &KeepRules) -> Re
          {CURRENT} tree {}, {added} line(s) added, {removed} removed{}\n\
          compared {} on {}, harness {}",
         message.trim(),
-        if verdict == "NOISE" { " (simpler)" } else { "" },
-        field("against"),
-        field("against_tree"),
-        field("compare_rounds"),
-        field("decode_ratio"),
-        field("decode_tok_s"),
-        field("prefill_tok_s"),
-        field("ttft_ms"),
-        field("peak_rss_mib"),
-        field("agreement"),
-        field("ppl_ratio"),
-        field("checks_passed"),
-        field("checks_baseline"),
-        field("variant_tree"),
+        if verdict == Verdict::Noise {
+            " (simpler)"
+        } else {
+            ""
+        },
+        row.against,
+        row.against_tree,
+        row.compare_rounds,
+        row.decode_ratio,
+        row.decode_tok_s,
+        row.prefill_tok_s,
+        row.ttft_ms,
+        row.peak_rss_mib,
+        row.agreement,
+        row.ppl_ratio,
+        row.checks_passed,
+        row.checks_baseline,
+        row.variant_tree,
         if lock_changed {
             "; Cargo.lock updated with it"
         } else {
             ""
         },
-        field("time"),
-        field("machine"),
-        field("harness"),
+        row.time,
+        row.machine,
+        row.harness,
     );
     let signature = repo
         .signature()
@@ -232,17 +241,16 @@ pub fn keep(root: &Path, results: &Path, message: &str, rules: &KeepRules) -> Re
 /// HEAD's harness hash.
 fn check_record(
     results: &Path,
-    row: &BTreeMap<String, String>,
+    row: &ResultsRow,
     tree: &str,
     head_tree: &str,
     harness: &str,
 ) -> Result<()> {
-    let field = |k: &str| row.get(k).map(String::as_str).unwrap_or("-");
-    let name = field("json");
+    let name = row.json.as_str();
     if name.contains('/') || name.starts_with('.') {
         bail!(
             "the results row of {} names no record of its own ({name:?})",
-            field("time")
+            row.time
         );
     }
     let path = results.join("runs").join(name);
@@ -250,7 +258,7 @@ fn check_record(
         format!(
             "the record of the comparison of {} ({}) cannot be read, so its row cannot be \
              checked; run `host compare` again",
-            field("time"),
+            row.time,
             path.display()
         )
     })?;
@@ -277,19 +285,22 @@ fn check_record(
             "the harness",
             text_of(&record["provenance"]["harness"]) == harness,
         ),
+        ("the seed", text_of(&record["protocol"]["seed"]) == row.seed),
         (
-            "the seed",
-            text_of(&record["protocol"]["seed"]) == field("seed"),
+            "the verdict",
+            outcome == row.verdict.map_or("-", |v| v.label()),
         ),
-        ("the verdict", outcome == field("verdict")),
-        ("the status", text_of(&record["status"]) == field("status")),
-        ("the sandbox", sandbox_full == (field("sandbox") == "full")),
+        (
+            "the status",
+            text_of(&record["status"]) == row.status.as_str(),
+        ),
+        ("the sandbox", sandbox_full == (row.sandbox == "full")),
     ];
     if let Some((what, _)) = checks.iter().find(|(_, agree)| !agree) {
         bail!(
             "the results row of {} and its record {} disagree on {what}: the ledger was changed \
              after the comparison; run `host compare` again",
-            field("time"),
+            row.time,
             path.display()
         );
     }
@@ -383,8 +394,8 @@ mod tests {
     fn record_compare(dir: &Path, verdict: &str, status: &str, gates: &str, edit: (&str, &str)) {
         let tree = crate::vcs::tree_hash(&dir.join(CURRENT));
         let head = crate::vcs::tree_hash_at(dir, "HEAD", CURRENT).unwrap();
-        let header = crate::ledger::record::COLUMNS.join("\t");
-        let row: Vec<String> = crate::ledger::record::COLUMNS
+        let header = crate::ledger::row::COLUMNS.join("\t");
+        let row: Vec<String> = crate::ledger::row::COLUMNS
             .iter()
             .map(|c| match *c {
                 c if c == edit.0 => edit.1.to_string(),
@@ -457,6 +468,13 @@ mod tests {
                 "pass",
                 ("", ""),
                 "is a `host run`, not a comparison",
+            ),
+            (
+                "-",
+                "interrupted",
+                "-",
+                ("", ""),
+                "a comparison that ended interrupted",
             ),
             ("REVERT", "ok", "pass", ("", ""), "is REVERT"),
             // A screen, even one that would have been a KEEP on its prompts.

@@ -7,6 +7,7 @@
 //! decode rate of what was kept. Text needs a TrueType font, found on the system (or named by
 //! `AUTOINFER_FONT`), since plotters draws its own glyphs.
 
+use crate::ledger::row::{ResultsRow, Status, Verdict};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -46,14 +47,13 @@ pub struct History {
 impl History {
     /// Reads the comparison rows of `harness` (the newest comparison's when `None`).
     pub fn read(results: &Path, harness: Option<&str>) -> Result<History> {
-        let rows = crate::ledger::record::read_rows(results)?;
+        let rows = crate::ledger::row::read_rows(results)?;
         let compared: Vec<_> = rows
             .iter()
-            .filter(|r| {
-                let verdict = r.get("verdict").map(String::as_str).unwrap_or("");
+            .filter(|r| match r.verdict {
                 // A screen is a first look, never an experiment of the loop.
-                !verdict.starts_with(crate::commands::compare::SCREEN_PREFIX)
-                    && ((!verdict.is_empty() && verdict != "-") || is_failed_compare(r))
+                Some(v) => !v.is_screen(),
+                None => is_failed_compare(r),
             })
             .collect();
         let Some(newest) = compared.last() else {
@@ -64,13 +64,12 @@ impl History {
         };
         let harness = match harness {
             Some(h) => h.to_string(),
-            None => newest.get("harness").cloned().unwrap_or_default(),
+            None => newest.harness.clone(),
         };
         let mine: Vec<_> = compared
             .iter()
             .filter(|r| {
-                r.get("harness")
-                    .is_some_and(|h| h.starts_with(&harness) || harness.starts_with(h.as_str()))
+                (r.harness.starts_with(&harness) || harness.starts_with(r.harness.as_str()))
                     && !harness.is_empty()
             })
             .collect();
@@ -83,24 +82,24 @@ impl History {
         let experiments = mine
             .iter()
             .map(|r| {
-                let get = |k: &str| r.get(k).map(String::as_str).unwrap_or("-");
-                let decode = get("decode_tok_s").parse::<f64>().ok();
-                let ratio = get("decode_ratio")
+                let decode = r.decode_tok_s.parse::<f64>().ok();
+                let ratio = r
+                    .decode_ratio
                     .split_whitespace()
                     .next()
                     .and_then(|x| x.parse::<f64>().ok());
-                let outcome = match (get("status"), get("verdict")) {
-                    ("failed", _) => Mark::Crashed,
-                    (_, "KEEP") => Mark::Kept,
-                    (_, "NOISE") => Mark::Noise,
+                let outcome = match (r.status, r.verdict) {
+                    (Status::Failed, _) => Mark::Crashed,
+                    (_, Some(Verdict::Keep)) => Mark::Kept,
+                    (_, Some(Verdict::Noise)) => Mark::Noise,
                     _ => Mark::Reverted,
                 };
                 Experiment {
-                    time: get("time").to_string(),
+                    time: r.time.clone(),
                     decode,
                     decode_a: decode.zip(ratio).map(|(d, r)| d / r),
                     outcome,
-                    description: get("description").to_string(),
+                    description: r.description.clone(),
                 }
             })
             .collect();
@@ -131,9 +130,8 @@ impl History {
 }
 
 /// A failed comparison's row has no verdict but does name what it was against.
-fn is_failed_compare(r: &std::collections::BTreeMap<String, String>) -> bool {
-    r.get("status").is_some_and(|s| s == "failed")
-        && r.get("against").is_some_and(|a| !a.is_empty() && a != "-")
+fn is_failed_compare(r: &ResultsRow) -> bool {
+    r.status == Status::Failed && !r.against.is_empty() && r.against != "-"
 }
 
 /// Loads a TrueType font for the plot's text: `AUTOINFER_FONT`, else a common system path.
@@ -298,10 +296,10 @@ mod tests {
 
     fn write_results(dir: &Path, rows: &[[&str; 6]]) {
         // time, harness, decode_tok_s, decode_ratio, verdict, status
-        let header = crate::ledger::record::COLUMNS.join("\t");
+        let header = crate::ledger::row::COLUMNS.join("\t");
         let mut text = format!("{header}\n");
         for r in rows {
-            let line: Vec<String> = crate::ledger::record::COLUMNS
+            let line: Vec<String> = crate::ledger::row::COLUMNS
                 .iter()
                 .map(|c| match *c {
                     "time" => r[0].into(),

@@ -14,6 +14,7 @@ use crate::commands::judge::judge;
 use crate::commands::setup::{find_root, request_line, timed_request, Overrides, Planned, Setup};
 use crate::harness::protocol::Protocol;
 use crate::ledger::record::{self, Provenance};
+use crate::ledger::row::Status;
 use crate::measure::sample::{Sample, Summary};
 use crate::progress::{log_line, progress_bar};
 use crate::quality::GateReport;
@@ -158,19 +159,19 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     }
     let rejected = gates.as_ref().is_some_and(|g| !g.passed());
     let (status, error) = match &outcome {
-        Ok(()) if suspect => ("suspect", None),
-        Ok(()) if synthetic => ("synthetic", None),
-        Ok(()) if rejected => ("rejected", None),
-        Ok(()) => ("ok", None),
+        Ok(()) if suspect => (Status::Suspect, None),
+        Ok(()) if synthetic => (Status::Synthetic, None),
+        Ok(()) if rejected => (Status::Rejected, None),
+        Ok(()) => (Status::Ok, None),
         // Ctrl-C or SIGTERM: what was measured is recorded, and nothing is judged.
-        Err(e) if crate::interrupt::requested() => ("interrupted", Some(format!("{e:#}"))),
-        Err(e) => ("failed", Some(format!("{e:#}"))),
+        Err(e) if crate::interrupt::requested() => (Status::Interrupted, Some(format!("{e:#}"))),
+        Err(e) => (Status::Failed, Some(format!("{e:#}"))),
     };
     let record = RunRecord {
         schema: 1,
         provenance: &provenance,
         protocol,
-        status,
+        status: status.as_str(),
         error,
         description: &args.description,
         load_ms,
@@ -201,7 +202,7 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         &args.description,
         &json,
     );
-    let tsv = record::append_row(&results_dir, &row)?;
+    let tsv = crate::ledger::row::append_row(&results_dir, &row)?;
     outcome?;
     if suspect {
         bail!(

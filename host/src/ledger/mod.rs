@@ -1,4 +1,5 @@
-//! What a measurement leaves behind: the results row appended to `results/results.tsv` and
-//! the JSON of every sample under `results/runs/` ([`record`]).
+//! What a measurement leaves behind: the typed row appended to `results/results.tsv`
+//! ([`row`]), and the JSON record of every sample under `results/runs/` ([`record`]).
 
 pub mod record;
+pub mod row;
