@@ -9,7 +9,8 @@
 
 use plugin_api::ScoredPosition;
 
-use crate::model::{tensor_to_vec, ModelError, Transformer};
+use crate::layers::tensor_to_vec;
+use crate::model::{ModelError, Transformer};
 
 /// Tokens per prefill (and scoring) forward pass.
 pub const PREFILL_CHUNK: usize = 512;

@@ -7,15 +7,20 @@
 //!   device, ties it to the generation loop and is exported with [`plugin_api::export_variant!`].
 //! - [`model::Transformer`]: what generation needs of a model, whichever device it runs on.
 //! - [`model::LlamaModel`]: the CPU model: the weights ([`matmul::Matrix`]es over the GGUF
-//!   blocks), the RoPE tables and the in-place [`model::KvCache`]; `forward` runs a chunk of
+//!   blocks), the RoPE tables and the in-place [`kv_cache::KvCache`]; `forward` runs a chunk of
 //!   tokens. It is also the quality oracle.
 //! - [`tensor_model::TensorLlama`]: the same model in candle tensor operations, for the GPU.
-//! - [`model::LlamaConfig`]: the hyperparameters, read from the `llama.*` metadata.
+//! - [`load::LlamaConfig`]: the hyperparameters, read from the `llama.*` metadata; [`load`] also
+//!   checks and wraps every weight, [`attention`] and [`layers`] hold the per-token kernels.
 //! - [`matmul::Matrix`]: a weight matrix left in the host's mapping, and its f32 matmul.
 //! - [`generate::generate`] and [`generate::score`]: chunked prefill then greedy decoding, and
 //!   teacher-forced scoring.
 
+pub mod attention;
 pub mod generate;
+pub mod kv_cache;
+pub mod layers;
+pub mod load;
 pub mod matmul;
 pub mod model;
 pub mod tensor_model;

@@ -21,10 +21,11 @@ use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{Device, Module, Tensor};
 use plugin_api::ModelView;
 
-use crate::model::{
-    causal_visible, check_chunk, load_vector, matrix_data, qtensor, EmbeddingTable, LlamaConfig,
-    ModelError, RopeTables, Transformer, KV_CACHE_STEP,
-};
+use crate::attention::causal_visible;
+use crate::kv_cache::{check_chunk, KV_CACHE_STEP};
+use crate::layers::RopeTables;
+use crate::load::{load_vector, matrix_data, qtensor, EmbeddingTable, LlamaConfig};
+use crate::model::{ModelError, Transformer};
 
 /// Makes every quantized matmul on CUDA keep its activations in f32: one token goes through
 /// the dequantize-mul-mat-vec kernel, several through a dequantized f32 matmul. Without it
@@ -283,7 +284,8 @@ fn matmul(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{tensor_to_vec, tiny, LlamaModel};
+    use crate::layers::tensor_to_vec;
+    use crate::model::{tiny, LlamaModel};
 
     /// The largest absolute difference between two logit vectors.
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
