@@ -41,9 +41,3 @@ pub fn install() {
 pub fn requested() -> bool {
     REQUESTED.load(Ordering::SeqCst)
 }
-
-/// Asks for a stop, as a signal would (for tests).
-#[cfg(test)]
-pub fn request() {
-    REQUESTED.store(true, Ordering::SeqCst);
-}

@@ -112,6 +112,20 @@ fn record_of(
     serde_json::from_str(&text).expect("the record is JSON")
 }
 
+/// Checks what every interrupted command must leave: exit 130, the word in its message, no
+/// worker alive, and one row with the status `interrupted`; returns that row's JSON record.
+fn assert_interrupted(results: &Path, code: i32, err: &str, workers: &[u32]) -> serde_json::Value {
+    assert_eq!(code, 130, "an interrupted command exits 130: {err}");
+    assert!(err.contains("interrupted"), "{err}");
+    for pid in workers {
+        assert!(!alive(*pid), "worker {pid} outlived the host: {err}");
+    }
+    let rows = records(results);
+    assert_eq!(rows.len(), 1, "one row: {rows:?}");
+    assert_eq!(rows[0]["status"], "interrupted", "{:?}", rows[0]);
+    record_of(results, &rows[0])
+}
+
 #[test]
 fn sigterm_during_a_run_records_what_was_measured_and_stops_the_worker() {
     build_plain();
@@ -127,15 +141,7 @@ fn sigterm_during_a_run_records_what_was_measured_and_stops_the_worker() {
         .env("AUTOINFER_FIXTURE_MODE", "sleep")
         .env("CARGO_TARGET_DIR", root().join("target"));
     let (code, err, workers) = interrupt(cmd, "round 2/50", "TERM", "host");
-    assert_eq!(code, 130, "an interrupted run exits 130: {err}");
-    assert!(err.contains("interrupted"), "{err}");
-    for pid in &workers {
-        assert!(!alive(*pid), "worker {pid} outlived the host: {err}");
-    }
-    let rows = records(&results);
-    assert_eq!(rows.len(), 1, "one row: {rows:?}");
-    assert_eq!(rows[0]["status"], "interrupted", "{:?}", rows[0]);
-    let record = record_of(&results, &rows[0]);
+    let record = assert_interrupted(&results, code, &err, &workers);
     let samples = record["samples"].as_array().expect("samples are recorded");
     assert!(
         samples.len() >= 2,
@@ -171,15 +177,7 @@ fn ctrl_c_during_a_comparison_records_its_pairs_and_stops_both_workers() {
         .env("CARGO_TARGET_DIR", root().join("target"));
     // The second pair's B request: its two workers are up.
     let (code, err, workers) = interrupt(cmd, "B prompt \"code\" round 2", "INT", "group");
-    assert_eq!(code, 130, "an interrupted comparison exits 130: {err}");
-    assert!(err.contains("interrupted"), "{err}");
-    for pid in &workers {
-        assert!(!alive(*pid), "worker {pid} outlived the host: {err}");
-    }
-    let rows = records(&results);
-    assert_eq!(rows.len(), 1, "one row: {rows:?}");
-    assert_eq!(rows[0]["status"], "interrupted", "{:?}", rows[0]);
-    let record = record_of(&results, &rows[0]);
+    let record = assert_interrupted(&results, code, &err, &workers);
     let pairs = record["pairs"].as_array().expect("pairs are recorded");
     assert!(!pairs.is_empty(), "the measured pairs are kept");
 }

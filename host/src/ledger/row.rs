@@ -262,7 +262,7 @@ pub fn append_row(dir: &Path, row: &ResultsRow) -> Result<PathBuf> {
 
 /// Takes `dir/results.lock` exclusively (waiting while another process holds it); the lock is
 /// released when the returned file is dropped, or when the process ends however it ends.
-pub fn lock(dir: &Path) -> Result<fs::File> {
+fn lock(dir: &Path) -> Result<fs::File> {
     let path = dir.join("results.lock");
     let file = OpenOptions::new()
         .create(true)
@@ -440,6 +440,40 @@ mod tests {
             .count();
         assert_eq!(aside, 1);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `label` and `as_str` spell what serde writes, for every variant: the two can not drift.
+    #[test]
+    fn labels_are_the_words_in_the_row() {
+        for verdict in [
+            Verdict::Keep,
+            Verdict::Revert,
+            Verdict::Noise,
+            Verdict::ScreenKeep,
+            Verdict::ScreenRevert,
+            Verdict::ScreenNoise,
+        ] {
+            assert_eq!(word(&verdict), verdict.label());
+            assert_eq!(verdict.is_screen(), verdict.label().starts_with("SCREEN-"));
+        }
+        for status in [
+            Status::Ok,
+            Status::Rejected,
+            Status::Suspect,
+            Status::Synthetic,
+            Status::Failed,
+            Status::Interrupted,
+        ] {
+            assert_eq!(word(&status), status.as_str());
+        }
+    }
+
+    /// What serde writes for a unit variant, as a plain string.
+    fn word<T: Serialize>(v: &T) -> String {
+        serde_json::to_value(v)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default()
     }
 
     #[test]
