@@ -191,7 +191,11 @@ fn the_supervisor_cannot_be_signalled() {
     let results = scratch("attack-kill");
     let (out, _, stderr) = attack("kill-parent", &results, &[]);
     assert!(out.status.success(), "the host must survive: {stderr}");
-    all_denied(&stderr, "kill-parent", 1);
+    all_denied(&stderr, "kill-parent", 3);
+    // Nor can it stop the measurement: a Ctrl-C reaching the host would record it as
+    // `interrupted` rather than as measured.
+    let rows = records(&results);
+    assert_eq!(rows.last().unwrap()["status"], "synthetic", "{rows:?}");
 }
 
 /// `host compare variants/baseline drift` on the tiny model with the drift fixture in `mode`.
