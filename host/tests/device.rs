@@ -45,7 +45,7 @@ fn a_baseline_built_without_cuda_refuses_cuda_naming_the_feature() {
 }
 
 #[test]
-fn a_variant_that_never_reads_its_options_refuses_a_gpu() {
+fn a_cpu_only_variant_refuses_a_gpu() {
     model();
     let results = scratch("device-cpu-only");
     // Built for the CPU first (the fixture declares no `cuda` feature to build with).

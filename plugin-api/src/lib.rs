@@ -1,4 +1,5 @@
 #![allow(non_local_definitions)] // abi_stable 0.11 derive output trips this lint on rustc 1.95
+#![warn(missing_docs)]
 //! The stable ABI between the autoinfer `host` and a *variant* (a `cdylib` it hot-loads).
 //!
 //! Types only, no I/O. The principal pieces:
@@ -6,7 +7,8 @@
 //!   append-only: new fields go after the `last_prefix_field`, never reorder).
 //! - [`ModelView`]: the read-only model the host lends: the whole GGUF file as bytes (zero-copy
 //!   from the host's mmap, which outlives every variant), its metadata and its tensor index.
-//! - [`Variant`] (a `sabi_trait` object, [`VariantBox`]): `generate` and `score`.
+//! - [`Variant`] (a `sabi_trait` object, [`VariantBox`]): `generate`, and `score` from a given
+//!   position on (the oracle scores answers, never the prompt they follow).
 //! - [`TokenSink`]: the host-owned sink a variant streams tokens into; the host timestamps every
 //!   `emit` and may answer "stop".
 //! - [`HostLog`]: the host's log callback (each cdylib has its own `log`/`tracing` globals).
@@ -55,7 +57,9 @@ pub struct VariantMod {
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, PartialEq)]
 pub struct LoadOption {
+    /// The option's name, one of the `LoadOptions` constants.
     pub key: RString,
+    /// Its value, as text.
     pub value: RString,
 }
 
@@ -65,6 +69,7 @@ pub struct LoadOption {
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, Default, PartialEq)]
 pub struct LoadOptions {
+    /// The options in the order they were set, each key once.
     pub entries: RVec<LoadOption>,
 }
 
@@ -118,6 +123,17 @@ impl LoadOptions {
                 .map_err(|e| format!("load option {}={v:?}: {e}", Self::DEVICE)),
         }
     }
+
+    /// `Ok` when the host asked for the CPU; otherwise an error naming `variant` and the device,
+    /// for an engine that computes on the CPU only (it must refuse rather than pretend).
+    pub fn cpu_only(&self, variant: &str) -> Result<(), String> {
+        match self.device()? {
+            Device::Cpu => Ok(()),
+            device => Err(format!(
+                "variant {variant} runs on the CPU only and cannot run on {device}"
+            )),
+        }
+    }
 }
 
 /// A compute device, as `host --device` names it and [`LoadOptions::DEVICE`] carries it.
@@ -129,18 +145,6 @@ pub enum Device {
     Cuda(usize),
     /// An Apple GPU through Metal, by ordinal (`metal` is `metal:0`).
     Metal(usize),
-}
-
-impl Device {
-    /// The cargo feature a variant conventionally builds this device's support under (`None`
-    /// for the CPU, which every variant supports).
-    pub fn cargo_feature(&self) -> Option<&'static str> {
-        match self {
-            Device::Cpu => None,
-            Device::Cuda(_) => Some("cuda"),
-            Device::Metal(_) => Some("metal"),
-        }
-    }
 }
 
 impl std::str::FromStr for Device {
@@ -185,9 +189,15 @@ impl RootModule for VariantModRef {
     const VERSION_STRINGS: VersionStrings = package_version_strings!();
 }
 
-/// What the oracle reports for one position of a teacher-forced sequence.
+/// What the oracle reports for one position of a teacher-forced sequence: the host's one type
+/// for a score, from the variant's answer through the worker protocol to the quality gates.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(deny_unknown_fields)
+)]
 pub struct ScoredPosition {
     /// Natural-log probability of the token that actually comes next.
     pub logprob: f32,
@@ -221,10 +231,17 @@ pub trait Variant: Send {
         sink: SinkRef<'_>,
     ) -> RResult<(), RString>;
 
-    /// Teacher-forced scoring of `tokens`: entry `i` describes the distribution after
-    /// `tokens[..=i]`, evaluated at `tokens[i + 1]`, so there are `tokens.len() - 1` entries.
+    /// Teacher-forced scoring of `tokens` from position `from` on: entry `i` describes the
+    /// distribution after `tokens[..=from + i]`, evaluated at `tokens[from + i + 1]`, so there
+    /// are `tokens.len() - 1 - from` entries (`from < tokens.len() - 1`; [`Engine`]s get this
+    /// checked). Positions before `from` are only context: a variant need not compute their
+    /// output layer.
     #[sabi(last_prefix_field)]
-    fn score(&mut self, tokens: RSlice<'_, u32>) -> RResult<RVec<ScoredPosition>, RString>;
+    fn score(
+        &mut self,
+        tokens: RSlice<'_, u32>,
+        from: u32,
+    ) -> RResult<RVec<ScoredPosition>, RString>;
 }
 
 /// A loaded variant, owned by the host.
@@ -234,9 +251,13 @@ pub type VariantBox = Variant_TO<'static, RBox<()>>;
 #[repr(u8)]
 #[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogLevel {
+    /// Detail for whoever debugs the variant (`--verbose` shows it).
     Debug,
+    /// What the variant did (its configuration, its device).
     Info,
+    /// Something the user should know about.
     Warn,
+    /// A failure the variant reports before returning its error.
     Error,
 }
 
@@ -252,6 +273,10 @@ impl HostLog {
     /// Logs `message` at `level`.
     pub fn log(&self, level: LogLevel, message: &str) {
         (self.write)(level, RStr::from(message));
+    }
+    /// Logs a message for debugging.
+    pub fn debug(&self, message: &str) {
+        self.log(LogLevel::Debug, message);
     }
     /// Logs an informational message.
     pub fn info(&self, message: &str) {
@@ -277,25 +302,12 @@ impl Sink<'_> {
 
 /// What a variant author implements; [`export_variant!`] turns it into the ABI.
 pub trait Engine: Send + Sized + 'static {
-    /// Builds the engine over the host's model (the view lives for the whole process).
-    fn load(model: &'static ModelView, log: HostLog) -> Result<Self, String>;
-    /// Builds the engine with the host's load-time options. The default ignores the thread
-    /// count, refuses any device but the CPU (an engine that never reads its options must not
-    /// pretend to run on a GPU), and calls [`Engine::load`]; an engine that can honour more
-    /// overrides this.
-    fn load_with(
-        model: &'static ModelView,
-        log: HostLog,
-        options: &LoadOptions,
-    ) -> Result<Self, String> {
-        match options.device()? {
-            Device::Cpu => Self::load(model, log),
-            device => Err(format!(
-                "this variant runs on the CPU only and cannot run on {device}: it does not \
-                 implement Engine::load_with to choose a device"
-            )),
-        }
-    }
+    /// Builds the engine over the host's model (the view lives for the whole process) with the
+    /// host's load-time options. An engine must refuse a device it cannot compute on
+    /// ([`LoadOptions::cpu_only`] does that for a CPU-only one) and should honour the thread
+    /// count.
+    fn load(model: &'static ModelView, log: HostLog, options: &LoadOptions)
+        -> Result<Self, String>;
     /// See [`Variant::generate`].
     fn generate(
         &mut self,
@@ -303,8 +315,8 @@ pub trait Engine: Send + Sized + 'static {
         max_new_tokens: usize,
         sink: &mut Sink<'_>,
     ) -> Result<(), String>;
-    /// See [`Variant::score`].
-    fn score(&mut self, tokens: &[u32]) -> Result<Vec<ScoredPosition>, String>;
+    /// See [`Variant::score`]; `from < tokens.len() - 1` is checked before this is called.
+    fn score(&mut self, tokens: &[u32], from: usize) -> Result<Vec<ScoredPosition>, String>;
 }
 
 /// Runs `f`, turning a panic into an error that says where it happened.
@@ -342,8 +354,21 @@ impl<E: Engine> Variant for Guarded<E> {
         })
     }
 
-    fn score(&mut self, tokens: RSlice<'_, u32>) -> RResult<RVec<ScoredPosition>, RString> {
-        guard("score", || self.0.score(tokens.as_slice()).map(RVec::from))
+    fn score(
+        &mut self,
+        tokens: RSlice<'_, u32>,
+        from: u32,
+    ) -> RResult<RVec<ScoredPosition>, RString> {
+        guard("score", || {
+            let from = from as usize;
+            if from + 1 >= tokens.len() {
+                return Err(format!(
+                    "cannot score a {}-token sequence from position {from}: nothing follows it",
+                    tokens.len()
+                ));
+            }
+            self.0.score(tokens.as_slice(), from).map(RVec::from)
+        })
     }
 }
 
@@ -353,7 +378,7 @@ extern "C" fn load_engine<E: Engine>(
     options: &LoadOptions,
 ) -> RResult<VariantBox, RString> {
     guard("load", || {
-        E::load_with(model, log, options)
+        E::load(model, log, options)
             .map(|engine| Variant_TO::from_value(Guarded(engine), TD_Opaque))
     })
 }
@@ -400,8 +425,10 @@ mod tests {
             assert_eq!(device.to_string(), printed);
             assert_eq!(printed.parse::<Device>(), Ok(device), "round trip");
         }
-        assert_eq!(Device::Cuda(3).cargo_feature(), Some("cuda"));
-        assert_eq!(Device::Cpu.cargo_feature(), None);
+        assert_eq!(LoadOptions::default().cpu_only("v"), Ok(()));
+        let gpu = LoadOptions::default().with(LoadOptions::DEVICE, "cuda:1");
+        let err = gpu.cpu_only("v").unwrap_err();
+        assert!(err.contains("variant v") && err.contains("cuda:1"), "{err}");
         for bad in ["gpu", "cuda:x", "cuda:-1", "cpu:0", "CUDA", ""] {
             let err = LoadOptions::default()
                 .with(LoadOptions::DEVICE, bad)

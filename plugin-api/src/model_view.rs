@@ -10,15 +10,25 @@ use abi_stable::{
 #[repr(u8)]
 #[derive(StableAbi, Debug, Clone, PartialEq)]
 pub enum MetaValue {
+    /// An unsigned integer of any width.
     Uint(u64),
+    /// A signed integer of any width.
     Int(i64),
+    /// An `f32` or `f64`.
     Float(f64),
+    /// A boolean.
     Bool(bool),
+    /// A UTF-8 string.
     Str(RString),
+    /// An array of unsigned integers.
     UintArray(RVec<u64>),
+    /// An array of signed integers.
     IntArray(RVec<i64>),
+    /// An array of floats.
     FloatArray(RVec<f64>),
+    /// An array of booleans.
     BoolArray(RVec<bool>),
+    /// An array of strings (the tokenizer's vocabulary, say).
     StrArray(RVec<RString>),
 }
 
@@ -26,7 +36,9 @@ pub enum MetaValue {
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, PartialEq)]
 pub struct MetadataEntry {
+    /// The key, such as `llama.block_count`.
     pub key: RString,
+    /// Its value.
     pub value: MetaValue,
 }
 
@@ -34,6 +46,7 @@ pub struct MetadataEntry {
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, PartialEq)]
 pub struct TensorInfo {
+    /// The tensor's name, such as `blk.0.attn_q.weight`.
     pub name: RString,
     /// The ggml type id as stored in the file (see [`GgmlType`]).
     pub ggml_type: u32,
@@ -51,7 +64,9 @@ pub struct TensorInfo {
 pub struct ModelView {
     /// The whole GGUF file, mapped by the host; it outlives every variant.
     pub bytes: RSlice<'static, u8>,
+    /// The header's key/value pairs, in file order.
     pub metadata: RVec<MetadataEntry>,
+    /// The tensor index, in file order.
     pub tensors: RVec<TensorInfo>,
 }
 
@@ -106,25 +121,45 @@ impl ModelView {
 /// The ggml tensor types a GGUF file may hold, with their block layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgmlType {
+    /// 32-bit float.
     F32,
+    /// IEEE half-precision float.
     F16,
+    /// 4-bit blocks of 32 with an f16 scale.
     Q4_0,
+    /// 4-bit blocks of 32 with an f16 scale and minimum.
     Q4_1,
+    /// 5-bit blocks of 32 with an f16 scale.
     Q5_0,
+    /// 5-bit blocks of 32 with an f16 scale and minimum.
     Q5_1,
+    /// 8-bit blocks of 32 with an f16 scale.
     Q8_0,
+    /// 8-bit blocks of 32 with an f16 scale and sum.
     Q8_1,
+    /// 2-bit k-quant super-blocks of 256.
     Q2K,
+    /// 3-bit k-quant super-blocks of 256.
     Q3K,
+    /// 4-bit k-quant super-blocks of 256.
     Q4K,
+    /// 5-bit k-quant super-blocks of 256.
     Q5K,
+    /// 6-bit k-quant super-blocks of 256.
     Q6K,
+    /// 8-bit k-quant super-blocks of 256.
     Q8K,
+    /// 8-bit integer.
     I8,
+    /// 16-bit integer.
     I16,
+    /// 32-bit integer.
     I32,
+    /// 64-bit integer.
     I64,
+    /// 64-bit float.
     F64,
+    /// bfloat16.
     BF16,
 }
 

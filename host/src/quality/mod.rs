@@ -2,7 +2,7 @@
 //! and the verdict against the protocol's thresholds.
 //!
 //! Per timed request, [`RequestQuality::judge`] compares the variant's tokens with the oracle's
-//! teacher-forced scores of them ([`Scored`]) and with the baseline's own answer to the same
+//! teacher-forced scores of them ([`ScoredPosition`], one per emitted token) and with the baseline's own answer to the same
 //! instance (the reference). [`GateReport::decide`] pools the requests of each prompt and
 //! checks every gate of [`crate::harness::protocol::Gates`]; a failure names the prompt, the figure and
 //! the threshold.
@@ -10,7 +10,8 @@
 use std::collections::HashSet;
 use std::fmt::Write as _;
 
-use serde::{Deserialize, Serialize};
+use plugin_api::ScoredPosition;
+use serde::Serialize;
 
 use crate::harness::protocol::Gates;
 
@@ -28,17 +29,6 @@ pub fn repeated_ngram_share(tokens: &[u32], n: usize) -> f64 {
     let total = windows.len();
     let repeated = windows.filter(|w| !seen.insert(*w)).count();
     repeated as f64 / total as f64
-}
-
-/// The oracle's teacher-forced verdict on one emitted token.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Scored {
-    /// Log-probability of the emitted token.
-    pub logprob: f32,
-    /// The token the oracle would have chosen.
-    pub argmax: u32,
-    /// Its log-probability.
-    pub argmax_logprob: f32,
 }
 
 /// What a text's sanity checks and repetition came to (the variant's or the reference's).
@@ -86,7 +76,7 @@ pub struct RequestQuality {
     pub reference: TextFigures,
 }
 
-fn mean_nll(scores: &[Scored]) -> f64 {
+fn mean_nll(scores: &[ScoredPosition]) -> f64 {
     if scores.is_empty() {
         return 0.0;
     }
@@ -98,9 +88,9 @@ impl RequestQuality {
     /// per token), the reference tokens and their scores, and both texts' figures.
     pub fn judge(
         tokens: &[u32],
-        scores: &[Scored],
+        scores: &[ScoredPosition],
         reference_tokens: &[u32],
-        reference_scores: &[Scored],
+        reference_scores: &[ScoredPosition],
         variant: TextFigures,
         reference: TextFigures,
         tie_margin: f64,
@@ -406,8 +396,8 @@ mod tests {
         }
     }
 
-    fn s(logprob: f32, argmax: u32, argmax_logprob: f32) -> Scored {
-        Scored {
+    fn s(logprob: f32, argmax: u32, argmax_logprob: f32) -> ScoredPosition {
+        ScoredPosition {
             logprob,
             argmax,
             argmax_logprob,

@@ -16,6 +16,16 @@ use plugin_api::Device;
 
 use crate::sandbox::{Level, Support};
 
+/// The cargo feature a variant builds `device`'s support under (`None` for the CPU, which every
+/// variant supports): the host's build rule, which a variant's manifest must follow.
+pub fn device_feature(device: Device) -> Option<&'static str> {
+    match device {
+        Device::Cpu => None,
+        Device::Cuda(_) => Some("cuda"),
+        Device::Metal(_) => Some("metal"),
+    }
+}
+
 /// Why a variant could not be built or found.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -233,7 +243,7 @@ impl VariantCrate {
     /// The cargo feature a build for `device` enables (none for the CPU); an error when the
     /// manifest does not declare it.
     pub fn feature_for(&self, device: Device) -> Result<Option<&'static str>, BuildError> {
-        match device.cargo_feature() {
+        match device_feature(device) {
             Some(feature) if !self.features.iter().any(|f| f == feature) => {
                 Err(BuildError::NoDeviceFeature {
                     dir: self.dir.clone(),

@@ -25,6 +25,8 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use plugin_api::ScoredPosition;
+
 use crate::worker::wire::{shorten, LineReader, LoadRequest, Message, Received, Request};
 
 /// How a request (or the start-up) of a worker went wrong.
@@ -359,28 +361,30 @@ impl Worker {
         })
     }
 
-    /// Teacher-forced scores of `tokens`: (log-prob of the next token, argmax, its log-prob)
-    /// for each position but the last, checked for count.
+    /// Teacher-forced scores of `tokens` for each position from `from` to the last but one
+    /// (`from < tokens.len() - 1`), checked for count.
     pub fn score(
         &mut self,
         tokens: &[u32],
+        from: usize,
         label: &str,
         timeout: Duration,
-    ) -> Result<Vec<(f32, u32, f32)>, WorkerError> {
+    ) -> Result<Vec<ScoredPosition>, WorkerError> {
+        let expected = tokens.len().saturating_sub(from + 1);
         let request = Request::Score {
             tokens: tokens.to_vec(),
+            from: u32::try_from(from).unwrap_or(u32::MAX),
         };
         let (sent, _) = self.send(&request, label)?;
         let reply = self.next_message(label, sent + timeout, timeout)?;
         self.freeze();
         match reply {
-            (_, Message::Scored { positions }) if positions.len() + 1 == tokens.len() => {
-                Ok(positions)
-            }
+            (_, Message::Scored { positions }) if positions.len() == expected => Ok(positions),
             (_, Message::Scored { positions }) => Err(self.protocol(
                 label,
                 format!(
-                    "returned {} scores for a {}-token sequence",
+                    "returned {} scores for a {}-token sequence scored from position {from} \
+                     (expected {expected})",
                     positions.len(),
                     tokens.len()
                 ),

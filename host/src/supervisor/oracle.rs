@@ -13,11 +13,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use plugin_api::Device;
+use plugin_api::{Device, ScoredPosition};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::hashing::sha256_hex;
-use crate::quality::Scored;
 use crate::supervisor::revision::{target_dir, Committed};
 use crate::supervisor::{Spawn, Worker};
 use crate::worker::wire::LoadRequest;
@@ -194,9 +193,14 @@ impl Oracle {
     }
 
     /// The oracle's scores of `emitted` after `prompt`: one per emitted token.
-    pub fn scores(&mut self, prompt: &[u32], emitted: &[u32], label: &str) -> Result<Vec<Scored>> {
+    pub fn scores(
+        &mut self,
+        prompt: &[u32],
+        emitted: &[u32],
+        label: &str,
+    ) -> Result<Vec<ScoredPosition>> {
         let path = self.cache_path("scores", &[prompt, emitted], "");
-        if let Some(hit) = read_cache::<Vec<Scored>, Scored>(&path, emitted.len()) {
+        if let Some(hit) = read_cache::<Vec<ScoredPosition>, ScoredPosition>(&path, emitted.len()) {
             self.cost.cache_hits += 1;
             return Ok(hit);
         }
@@ -206,15 +210,11 @@ impl Oracle {
         }
         let tokens: Vec<u32> = prompt.iter().chain(emitted).copied().collect();
         let timeout = self.timeout;
-        let positions = self.worker()?.score(&tokens, label, timeout)?;
-        let scores: Vec<Scored> = positions[prompt.len() - 1..]
-            .iter()
-            .map(|&(logprob, argmax, argmax_logprob)| Scored {
-                logprob,
-                argmax,
-                argmax_logprob,
-            })
-            .collect();
+        // The prompt is context only: scores start at its last position, which predicts the
+        // first emitted token.
+        let scores = self
+            .worker()?
+            .score(&tokens, prompt.len() - 1, label, timeout)?;
         self.cost.scored += 1;
         write_cache(&path, &scores);
         Ok(scores)
@@ -291,16 +291,25 @@ mod tests {
         let dir =
             std::env::temp_dir().join(format!("autoinfer-oracle-cache-{}", std::process::id()));
         let path = dir.join("scores/x.json");
-        let scores = vec![Scored {
+        let scores = vec![ScoredPosition {
             logprob: -0.5,
             argmax: 7,
             argmax_logprob: -0.25,
         }];
         write_cache(&path, &scores);
-        assert_eq!(read_cache::<Vec<Scored>, Scored>(&path, 1), Some(scores));
-        assert_eq!(read_cache::<Vec<Scored>, Scored>(&path, 2), None);
+        assert_eq!(
+            read_cache::<Vec<ScoredPosition>, ScoredPosition>(&path, 1),
+            Some(scores)
+        );
+        assert_eq!(
+            read_cache::<Vec<ScoredPosition>, ScoredPosition>(&path, 2),
+            None
+        );
         std::fs::write(&path, "{ truncated").unwrap();
-        assert_eq!(read_cache::<Vec<Scored>, Scored>(&path, 1), None);
+        assert_eq!(
+            read_cache::<Vec<ScoredPosition>, ScoredPosition>(&path, 1),
+            None
+        );
         std::fs::remove_dir_all(dir).unwrap();
         // Keys are length-prefixed: a prompt/answer split cannot collide with another.
         assert_ne!(ids_bytes(&[&[1, 2], &[3]]), ids_bytes(&[&[1], &[2, 3]]));

@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use plugin_api::Device;
 
 use crate::hashing::sha256_hex;
-use crate::supervisor::cargo_build::{BuildSandbox, VariantCrate};
+use crate::supervisor::cargo_build::{device_feature, BuildSandbox, VariantCrate};
 use crate::vcs::{content_hash, find_commit, materialise, open_repo, short, subtree};
 
 /// The paths of a commit, besides the variant itself, whose content a variant's build reads.
@@ -136,8 +136,7 @@ impl Committed {
     /// The built library's cache path, for `device` (a build for another device than the CPU
     /// enables its cargo feature, so it is kept apart).
     pub fn library(&self, device: Device) -> PathBuf {
-        let suffix = device
-            .cargo_feature()
+        let suffix = device_feature(device)
             .map(|f| format!("-{f}"))
             .unwrap_or_default();
         // `built/`: libraries from confined builds only (an older harness's unconfined ones

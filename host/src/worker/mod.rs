@@ -208,13 +208,13 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
                     },
                 }
             }
-            Request::Score { tokens } => {
-                match variant.score(RSlice::from_slice(&tokens)).into_result() {
+            Request::Score { tokens, from } => {
+                match variant
+                    .score(RSlice::from_slice(&tokens), from)
+                    .into_result()
+                {
                     Ok(positions) => Message::Scored {
-                        positions: positions
-                            .iter()
-                            .map(|p| (p.logprob, p.argmax, p.argmax_logprob))
-                            .collect(),
+                        positions: positions.into_vec(),
                     },
                     Err(e) => Message::Failed {
                         message: e.into_string(),

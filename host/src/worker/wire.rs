@@ -10,6 +10,7 @@
 use std::io::Read;
 use std::time::Instant;
 
+use plugin_api::ScoredPosition;
 use serde::{Deserialize, Serialize};
 
 /// The longest line a worker may send (a score of a long sequence is the largest message).
@@ -23,8 +24,9 @@ pub enum Request {
         prompt: Vec<u32>,
         max_new_tokens: u32,
     },
-    /// Teacher-forced scoring of `tokens` (the quality oracle).
-    Score { tokens: Vec<u32> },
+    /// Teacher-forced scoring of `tokens` from position `from` on (the quality oracle: the
+    /// prompt's positions before `from` are context only).
+    Score { tokens: Vec<u32>, from: u32 },
 }
 
 /// What a worker sends. Nothing here states a time, a count the supervisor would believe, or
@@ -38,8 +40,8 @@ pub enum Message {
     Tokens { ids: Vec<u32> },
     /// The generation returned.
     Done,
-    /// Teacher-forced scores: (log-prob of the next token, argmax id, argmax log-prob).
-    Scored { positions: Vec<(f32, u32, f32)> },
+    /// Teacher-forced scores, one per position from the request's `from` on.
+    Scored { positions: Vec<ScoredPosition> },
     /// The variant returned an error (a caught panic included), or could not be loaded.
     Failed { message: String },
 }

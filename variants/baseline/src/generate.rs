@@ -4,8 +4,9 @@
 //! [`generate`] prefills the prompt in chunks of [`PREFILL_CHUNK`] tokens, then greedily decodes
 //! exactly `max_new_tokens` tokens (end-of-sequence does not stop it), handing each one to the
 //! caller as soon as it is chosen. [`score`] runs a sequence teacher-forced, in the same chunks,
-//! and reports for every position the log-probability of the actual next token and the argmax
-//! ([`score_row`]); logits are only ever materialised [`SCORE_LOGIT_ROWS`] rows at a time.
+//! and reports for every position from a given one on the log-probability of the actual next
+//! token and the argmax ([`score_row`]); logits are only ever materialised [`SCORE_LOGIT_ROWS`]
+//! rows at a time, and a prefix the KV cache already holds can be skipped.
 
 use plugin_api::ScoredPosition;
 
@@ -24,9 +25,14 @@ pub enum GenerateError {
     /// The prompt has no tokens.
     #[error("the prompt is empty")]
     EmptyPrompt,
-    /// There is nothing to score.
-    #[error("cannot score an empty token sequence")]
-    EmptySequence,
+    /// No position at or after `from` has a successor to score.
+    #[error("cannot score a {len}-token sequence from position {from}: nothing follows it")]
+    NothingToScore {
+        /// The sequence's length.
+        len: usize,
+        /// The first position asked for.
+        from: usize,
+    },
     /// The request does not fit in the context window.
     #[error("{needed} positions ({what}) exceed the context length {context}")]
     ContextOverflow {
@@ -95,14 +101,26 @@ pub fn generate<M: Transformer + ?Sized>(
     }
 }
 
-/// Teacher-forced scoring: entry `i` describes the distribution after `tokens[..=i]`, evaluated
-/// at `tokens[i + 1]`, so there are `tokens.len() - 1` entries. The KV cache is reset first.
+/// Teacher-forced scoring from position `from` on: entry `i` describes the distribution after
+/// `tokens[..=from + i]`, evaluated at `tokens[from + i + 1]`, so there are
+/// `tokens.len() - 1 - from` entries. Positions before `from` only feed the KV cache; their
+/// output layer is never computed.
+///
+/// `cached` positions (at most `from`) are taken from the KV cache as a previous call left it,
+/// which must hold exactly `tokens[..cached]`: a model whose numbers do not depend on how a
+/// sequence is chunked (the CPU one) gives the same bits either way, and shared prefixes (one
+/// document under several questions) are computed once. With `cached == 0` the cache is reset.
 pub fn score<M: Transformer + ?Sized>(
     model: &mut M,
     tokens: &[u32],
+    from: usize,
+    cached: usize,
 ) -> Result<Vec<ScoredPosition>, GenerateError> {
-    if tokens.is_empty() {
-        return Err(GenerateError::EmptySequence);
+    if tokens.len() < from + 2 {
+        return Err(GenerateError::NothingToScore {
+            len: tokens.len(),
+            from,
+        });
     }
     let context = model.config().context_len;
     if tokens.len() > context {
@@ -112,16 +130,20 @@ pub fn score<M: Transformer + ?Sized>(
             context,
         });
     }
-    model.reset();
+    let cached = cached.min(from);
+    if cached == 0 {
+        model.reset();
+    }
     // The last token has no successor to score, so it never needs to be run.
     let inputs = &tokens[..tokens.len() - 1];
     model.reserve(inputs.len())?;
-    let mut scored = Vec::with_capacity(inputs.len());
+    let mut scored = Vec::with_capacity(inputs.len() - from);
     let mut logits = Vec::new();
-    let mut pos = 0;
-    for chunk in inputs.chunks(PREFILL_CHUNK) {
+    let mut pos = cached;
+    for chunk in inputs[cached..].chunks(PREFILL_CHUNK) {
         let hidden = model.forward_hidden(chunk, pos)?;
-        let mut row = 0;
+        // Rows of this chunk at positions before `from` are context only.
+        let mut row = from.saturating_sub(pos).min(chunk.len());
         while row < chunk.len() {
             let rows = SCORE_LOGIT_ROWS.min(chunk.len() - row);
             let part = model.logits(&hidden.narrow(0, row, rows).map_err(ModelError::from)?)?;
@@ -136,6 +158,11 @@ pub fn score<M: Transformer + ?Sized>(
         pos += chunk.len();
     }
     Ok(scored)
+}
+
+/// How many leading tokens `a` and `b` share.
+pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// The index of the largest logit (the first one on ties; NaNs never win).
@@ -232,15 +259,17 @@ mod tests {
             }
         ));
         assert!(generate(&mut model, &[1; 10], 6, |_| true).is_ok());
+        for (len, from) in [(0, 0), (1, 0), (3, 2), (3, 7)] {
+            assert!(matches!(
+                score(&mut model, &vec![1; len], from, 0),
+                Err(GenerateError::NothingToScore { .. })
+            ));
+        }
         assert!(matches!(
-            score(&mut model, &[]),
-            Err(GenerateError::EmptySequence)
-        ));
-        assert!(matches!(
-            score(&mut model, &[1; 17]),
+            score(&mut model, &[1; 17], 0, 0),
             Err(GenerateError::ContextOverflow { .. })
         ));
-        assert!(score(&mut model, &[1]).unwrap().is_empty());
+        assert_eq!(score(&mut model, &[1, 2], 0, 0).unwrap().len(), 1);
     }
 
     #[test]
@@ -258,7 +287,7 @@ mod tests {
         .unwrap();
         let mut seq = prompt.clone();
         seq.extend(&generated);
-        let scored = score(&mut model, &seq).unwrap();
+        let scored = score(&mut model, &seq, 0, 0).unwrap();
         assert_eq!(scored.len(), seq.len() - 1);
         for (j, &tok) in generated.iter().enumerate() {
             let s = scored[prompt.len() - 1 + j];
@@ -269,6 +298,43 @@ mod tests {
         for (i, s) in scored.iter().enumerate() {
             assert!(s.logprob <= s.argmax_logprob, "position {i}: {s:?}");
         }
+    }
+
+    #[test]
+    fn scoring_from_a_position_or_over_a_cached_prefix_gives_the_same_bits() {
+        let mut model = tiny_model(1024);
+        // two sequences sharing a prefix longer than a prefill chunk, as one document under two
+        // questions does
+        let shared: Vec<u32> = (0..PREFILL_CHUNK as u32 + 70)
+            .map(|i| (i * 5 + 3) % 16)
+            .collect();
+        let with_tail = |tail: &[u32]| -> Vec<u32> { shared.iter().chain(tail).copied().collect() };
+        let first = with_tail(&[1, 9, 4, 4, 2, 7, 11, 3]);
+        let second = with_tail(&[6, 6, 0, 13, 2, 8]);
+        let whole_first = score(&mut model, &first, 0, 0).unwrap();
+        let whole_second = score(&mut model, &second, 0, 0).unwrap();
+        let bits = |s: &[ScoredPosition]| -> Vec<(u32, u32, u32)> {
+            s.iter()
+                .map(|p| (p.logprob.to_bits(), p.argmax, p.argmax_logprob.to_bits()))
+                .collect()
+        };
+        for from in [1, 300, shared.len() - 1, first.len() - 2] {
+            let part = score(&mut model, &first, from, 0).unwrap();
+            assert_eq!(bits(&part), bits(&whole_first[from..]), "from {from}");
+        }
+        // the cache now holds `first`'s inputs: reuse the shared prefix for `second`
+        score(&mut model, &first, 0, 0).unwrap();
+        let from = shared.len() - 1;
+        let cached = common_prefix(&first[..first.len() - 1], &second);
+        assert_eq!(cached, shared.len());
+        let reused = score(&mut model, &second, from, cached).unwrap();
+        assert_eq!(bits(&reused), bits(&whole_second[from..]));
+        // `cached` beyond `from` is capped: positions from `from` on are still computed
+        score(&mut model, &second, 0, 0).unwrap();
+        let late = score(&mut model, &second, 100, second.len() - 1).unwrap();
+        assert_eq!(bits(&late), bits(&whole_second[100..]));
+        assert_eq!(common_prefix(&[1, 2, 3], &[1, 2]), 2);
+        assert_eq!(common_prefix(&[], &[1]), 0);
     }
 
     #[test]

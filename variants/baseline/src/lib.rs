@@ -14,7 +14,8 @@
 //!   checks and wraps every weight, [`attention`] and [`layers`] hold the per-token kernels.
 //! - [`matmul::Matrix`]: a weight matrix left in the host's mapping, and its f32 matmul.
 //! - [`generate::generate`] and [`generate::score`]: chunked prefill then greedy decoding, and
-//!   teacher-forced scoring.
+//!   teacher-forced scoring (on the CPU reusing the KV cache of the prefix it shares with the
+//!   previously scored sequence: the oracle scores one long document under several questions).
 
 pub mod attention;
 pub mod generate;
@@ -33,18 +34,19 @@ use crate::model::{LlamaModel, Transformer};
 pub struct Baseline {
     model: Box<dyn Transformer>,
     log: HostLog,
+    /// The tokens whose keys and values the KV cache holds after the last `score`, when they
+    /// may be reused: only on the CPU, whose numbers do not depend on how a sequence is
+    /// chunked (cuBLAS picks its own reduction order for every shape).
+    scored: Vec<u32>,
+    reuse: bool,
 }
 
 impl Engine for Baseline {
-    fn load(model: &'static ModelView, log: HostLog) -> Result<Self, String> {
-        Self::load_with(model, log, &LoadOptions::default())
-    }
-
     /// Honours the `threads` option by sizing rayon's global pool, which the CPU matmuls run
     /// on and whose size attention deals its queries to (a worker process loads one variant,
     /// so the pool is this engine's alone), and the `device` option by choosing the model:
     /// the hand-written [`LlamaModel`] on the CPU, [`tensor_model::TensorLlama`] on CUDA.
-    fn load_with(
+    fn load(
         model: &'static ModelView,
         log: HostLog,
         options: &LoadOptions,
@@ -79,7 +81,12 @@ impl Engine for Baseline {
              vocabulary {}, context {}",
             cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.vocab_size, cfg.context_len
         ));
-        Ok(Self { model, log })
+        Ok(Self {
+            model,
+            log,
+            scored: Vec::new(),
+            reuse: device == Device::Cpu,
+        })
     }
 
     fn generate(
@@ -88,21 +95,31 @@ impl Engine for Baseline {
         max_new_tokens: usize,
         sink: &mut Sink<'_>,
     ) -> Result<(), String> {
+        self.scored.clear();
         let emitted = generate::generate(self.model.as_mut(), prompt, max_new_tokens, |tokens| {
             sink.emit(tokens)
         })
         .map_err(|e| e.to_string())?;
         if emitted < max_new_tokens {
-            self.log.log(
-                plugin_api::LogLevel::Debug,
-                &format!("baseline: host stopped generation after {emitted} tokens"),
-            );
+            self.log.debug(&format!(
+                "baseline: host stopped generation after {emitted} tokens"
+            ));
         }
         Ok(())
     }
 
-    fn score(&mut self, tokens: &[u32]) -> Result<Vec<ScoredPosition>, String> {
-        generate::score(self.model.as_mut(), tokens).map_err(|e| e.to_string())
+    fn score(&mut self, tokens: &[u32], from: usize) -> Result<Vec<ScoredPosition>, String> {
+        let cached = match self.reuse {
+            true => generate::common_prefix(&self.scored, tokens),
+            false => 0,
+        };
+        self.scored.clear();
+        let scores = generate::score(self.model.as_mut(), tokens, from, cached)
+            .map_err(|e| e.to_string())?;
+        if self.reuse {
+            self.scored.extend(&tokens[..tokens.len() - 1]);
+        }
+        Ok(scores)
     }
 }
 

@@ -348,8 +348,8 @@ mod tests {
         let mut hand = LlamaModel::from_gguf(view).unwrap();
         let mut tensor = TensorLlama::from_gguf(view, &Device::Cpu).unwrap();
         let tokens = [1u32, 5, 9, 2, 7, 3, 11, 4];
-        let a = crate::generate::score(&mut hand, &tokens).unwrap();
-        let b = crate::generate::score(&mut tensor, &tokens).unwrap();
+        let a = crate::generate::score(&mut hand, &tokens, 0, 0).unwrap();
+        let b = crate::generate::score(&mut tensor, &tokens, 0, 0).unwrap();
         assert_eq!(a.len(), tokens.len() - 1);
         assert_eq!(a.len(), b.len());
         for (x, y) in a.iter().zip(&b) {

@@ -31,15 +31,11 @@ pub struct Baseline {
 }
 
 impl Engine for Baseline {
-    fn load(model: &'static ModelView, log: HostLog) -> Result<Self, String> {
-        Self::load_with(model, log, &LoadOptions::default())
-    }
-
     /// Honours the `threads` option by sizing rayon's global pool, which the CPU matmuls run
     /// on and whose size attention deals its queries to (a worker process loads one variant,
     /// so the pool is this engine's alone), and the `device` option by choosing the model:
     /// the hand-written [`LlamaModel`] on the CPU, [`tensor_model::TensorLlama`] on CUDA.
-    fn load_with(
+    fn load(
         model: &'static ModelView,
         log: HostLog,
         options: &LoadOptions,
@@ -96,8 +92,10 @@ impl Engine for Baseline {
         Ok(())
     }
 
-    fn score(&mut self, tokens: &[u32]) -> Result<Vec<ScoredPosition>, String> {
-        generate::score(self.model.as_mut(), tokens).map_err(|e| e.to_string())
+    /// Scores every position and returns those from `from` on.
+    fn score(&mut self, tokens: &[u32], from: usize) -> Result<Vec<ScoredPosition>, String> {
+        let mut scores = generate::score(self.model.as_mut(), tokens).map_err(|e| e.to_string())?;
+        Ok(scores.split_off(from.min(scores.len())))
     }
 }
 
