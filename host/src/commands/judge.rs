@@ -1,7 +1,8 @@
 //! The quality phase of a run: after every timed request, the oracle scores each one and the
 //! gates are decided.
 //!
-//! For each timed sample: the oracle scores the prompt plus the emitted tokens (teacher-forced);
+//! For each timed sample, one prompt's samples after another (so that a document shared by
+//! them is computed once): the oracle scores the prompt plus the emitted tokens (teacher-forced);
 //! the baseline's own answer to the same instance is the reference. When every emitted token is
 //! the oracle's argmax, the variant's answer *is* the baseline's greedy answer, so it serves as
 //! the reference at no cost; otherwise the oracle generates the reference and scores it. Both
@@ -63,14 +64,36 @@ pub fn judge(
 ) -> Result<GateReport> {
     let bar = crate::progress::progress_bar(samples.len(), "quality ");
     let mut judged = Vec::with_capacity(samples.len());
-    // Progress in tokens, not sequences: one long-context sequence costs the oracle as much as
-    // several short ones.
-    let tokens_of = |s: &Sample| (s.prompt_ids.len() + s.tokens.len()) as f64;
-    let total_tokens: f64 = samples.iter().map(tokens_of).sum();
+    // One prompt's requests one after another: the oracle reuses the KV cache of the prefix a
+    // sequence shares with the one before (a shared document), so it computes it once.
+    let mut sequence: Vec<usize> = (0..samples.len()).collect();
+    let rank = |name: &str| order.iter().position(|o| o == name).unwrap_or(order.len());
+    sequence.sort_by_key(|&i| (rank(&samples[i].prompt), samples[i].round));
+    // Progress in tokens the oracle must compute, not sequences: one long-context sequence
+    // costs as much as several short ones, and a prefix shared with the previous one is free.
+    let mut costs = Vec::with_capacity(sequence.len());
+    let mut previous: Vec<u32> = Vec::new();
+    for &i in &sequence {
+        let tokens: Vec<u32> = samples[i]
+            .prompt_ids
+            .iter()
+            .chain(&samples[i].tokens)
+            .copied()
+            .collect();
+        let shared = previous
+            .iter()
+            .zip(&tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        costs.push((tokens.len() - shared) as f64);
+        previous = tokens;
+    }
+    let total_tokens: f64 = costs.iter().sum();
     let mut done_tokens = 0.0;
     let started = std::time::Instant::now();
     let count = samples.len();
-    for (i, sample) in samples.iter_mut().enumerate() {
+    for (i, (&index, cost)) in sequence.iter().zip(&costs).enumerate() {
+        let sample = &mut samples[index];
         let label = format!(
             "scoring prompt {:?} round {}",
             sample.prompt,
@@ -109,7 +132,7 @@ pub fn judge(
             reference_figures,
             protocol.gates.tie_margin,
         );
-        done_tokens += tokens_of(sample);
+        done_tokens += cost;
         let elapsed = started.elapsed().as_secs_f64();
         crate::progress::log_line(
             &bar,

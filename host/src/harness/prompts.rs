@@ -213,6 +213,18 @@ impl TryFrom<RawCheck> for Check {
 }
 
 impl Param {
+    /// How many values this parameter can take (an ordered sample of k of n: n!/(n-k)!).
+    fn choices(&self) -> f64 {
+        match self {
+            Param::Int { min, max, step, .. } => ((max - min) / step + 1) as f64,
+            Param::Choice { options, .. } => options.len() as f64,
+            Param::Sample { options, count, .. } => {
+                let n = options.len();
+                (n + 1 - count..=n).map(|k| k as f64).product()
+            }
+        }
+    }
+
     fn name(&self) -> &str {
         match self {
             Param::Int { name, .. } | Param::Choice { name, .. } | Param::Sample { name, .. } => {
@@ -248,6 +260,12 @@ pub struct PromptSpec {
     pub template: String,
     #[serde(default)]
     pub params: Vec<Param>,
+    /// Parameters drawn once per run or comparison (from its seed alone) and the same in all
+    /// of its requests; the others are drawn per request. One long document under several
+    /// questions is still a fresh instance in every request, and the oracle, which scores the
+    /// answers one after another, computes the document once.
+    #[serde(default)]
+    pub shared: Vec<String>,
     #[serde(default)]
     pub checks: Vec<Check>,
 }
@@ -387,6 +405,18 @@ impl PromptSpec {
                 _ => {}
             }
         }
+        for (i, name) in self.shared.iter().enumerate() {
+            if self.param(name).is_none() {
+                return Err(format!("shared[{i}]: {name:?} is not a parameter"));
+            }
+        }
+        if !self.params.is_empty() && self.params.iter().all(|p| self.is_shared(p)) {
+            return Err(
+                "shared: every parameter is shared, so every request of a run would be the \
+                 same instance; leave at least one parameter to be drawn per request"
+                    .into(),
+            );
+        }
         for placeholder in placeholders(&self.template) {
             self.check_placeholder(&placeholder)
                 .map_err(|m| format!("template: {m}"))?;
@@ -460,19 +490,25 @@ impl PromptSpec {
         Ok(())
     }
 
-    /// How many distinct instances this prompt can draw: the product of its parameters'
-    /// choices (an ordered sample of k of n counts n!/(n-k)!). A float: it can be huge.
+    fn is_shared(&self, p: &Param) -> bool {
+        self.shared.iter().any(|s| s == p.name())
+    }
+
+    #[cfg(test)]
+    /// How many distinct instances this prompt can draw over all runs: the product of its
+    /// parameters' choices (an ordered sample of k of n counts n!/(n-k)!). A float: it can be
+    /// huge.
     pub fn space_size(&self) -> f64 {
+        self.params.iter().map(Param::choices).product()
+    }
+
+    /// How many distinct instances one run or comparison can draw: the shared parameters are
+    /// fixed in it, so only the others count.
+    pub fn run_space_size(&self) -> f64 {
         self.params
             .iter()
-            .map(|p| match p {
-                Param::Int { min, max, step, .. } => ((max - min) / step + 1) as f64,
-                Param::Choice { options, .. } => options.len() as f64,
-                Param::Sample { options, count, .. } => {
-                    let n = options.len();
-                    (n + 1 - count..=n).map(|k| k as f64).product()
-                }
-            })
+            .filter(|p| !self.is_shared(p))
+            .map(Param::choices)
             .product()
     }
 
@@ -494,17 +530,23 @@ impl PromptSpec {
         }
         Err(format!(
             "prompt {:?}: 1000 draws in a row repeated earlier instances; its parameters allow \
-             only {} distinct ones",
+             only {} distinct ones in a run",
             self.name,
-            self.space_size()
+            self.run_space_size()
         ))
     }
 
-    /// Draws this prompt's parameters for (`seed`, `round`) and fills the template.
+    /// Draws this prompt's parameters for (`seed`, `round`) and fills the template; the
+    /// shared parameters are drawn for `seed` alone.
     pub fn draw(&self, seed: u64, round: u64) -> PromptInstance {
-        let mut rng = request_rng(seed, round, &self.name);
+        let mut per_request = request_rng(seed, round, &self.name);
+        let mut per_run = request_rng(seed, SHARED_STREAM, &self.name);
         let mut values = BTreeMap::new();
         for p in &self.params {
+            let rng = match self.is_shared(p) {
+                true => &mut per_run,
+                false => &mut per_request,
+            };
             let value = match p {
                 Param::Int { min, max, step, .. } => {
                     let n = rng.below(((max - min) / step + 1) as u64) as i64;
@@ -713,6 +755,10 @@ fn substitute(template: &str, values: &BTreeMap<String, DrawnValue>) -> String {
 }
 
 /// The generator for one request: independent of the order requests are drawn in.
+/// The stream the shared parameters are drawn from: no round's (rounds count up from 0,
+/// warm-ups down from `u64::MAX`).
+const SHARED_STREAM: u64 = 1 << 63;
+
 fn request_rng(seed: u64, round: u64, prompt: &str) -> SplitMix64 {
     let mut state = seed ^ round.wrapping_mul(0xA24B_AED4_963E_E407);
     for b in prompt.bytes() {
@@ -794,20 +840,80 @@ mod tests {
 
     /// The real prompts: each one's space is large enough that even drawing without the
     /// no-repeat rule, the longest comparison (12 rounds, each with a warm-up) would repeat an
-    /// instance with a probability under 0.3% (birthday bound n^2 / 2N for n = 24 draws).
+    /// instance with a probability under 0.3% (birthday bound n^2 / 2N for n = 24 draws). A
+    /// prompt with shared parameters draws its per-request ones without repeats in a run (at
+    /// least 24 of them), and its shared ones from a space too large to know in advance.
     #[test]
     fn the_prompts_have_large_parameter_spaces() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../prompts");
         for p in PromptSet::load(&dir).unwrap().prompts {
             let n = 24.0;
-            let odds = n * n / (2.0 * p.space_size());
-            assert!(
-                odds < 0.003,
-                "prompt {:?}: {} instances; a repeat in {n} draws has odds {odds:.4}",
-                p.name,
-                p.space_size()
-            );
+            if p.shared.is_empty() {
+                let odds = n * n / (2.0 * p.space_size());
+                assert!(
+                    odds < 0.003,
+                    "prompt {:?}: {} instances; a repeat in {n} draws has odds {odds:.4}",
+                    p.name,
+                    p.space_size()
+                );
+            } else {
+                assert!(p.run_space_size() >= n, "prompt {:?}", p.name);
+                let shared = p.space_size() / p.run_space_size();
+                assert!(shared > 1e9, "prompt {:?}: {shared} shared draws", p.name);
+            }
         }
+    }
+
+    #[test]
+    fn shared_parameters_hold_for_a_seed_and_change_with_it() {
+        let text = TRAIN.replace(
+            "template = \"Out at {a} km/h, back at {b} km/h.\"",
+            "template = \"Out at {a} km/h, back at {b} km/h.\"\nshared = [\"a\"]",
+        );
+        let train = spec(&text).unwrap();
+        assert_eq!((train.space_size(), train.run_space_size()), (81.0, 9.0));
+        let a_of = |seed, round| train.draw(seed, round).values["a"].text.clone();
+        let b_of = |seed, round| train.draw(seed, round).values["b"].text.clone();
+        let rounds: std::collections::HashSet<String> = (0..50).map(|r| a_of(11, r)).collect();
+        assert_eq!(
+            rounds.len(),
+            1,
+            "the shared parameter is the same in every round"
+        );
+        let bs: std::collections::HashSet<String> = (0..50).map(|r| b_of(11, r)).collect();
+        assert!(bs.len() > 1, "the other one is drawn per round");
+        let seeds: std::collections::HashSet<String> = (0..50).map(|s| a_of(s, 0)).collect();
+        assert!(
+            seeds.len() > 1,
+            "the shared parameter changes with the seed"
+        );
+        // a run can draw 9 distinct instances, and the error for the tenth says so
+        let mut used = std::collections::HashSet::new();
+        for i in 0..9 {
+            train.draw_unique(11, i, &mut used).unwrap();
+        }
+        let err = train.draw_unique(11, 9, &mut used).unwrap_err();
+        assert!(err.contains("9 distinct ones in a run"), "{err}");
+    }
+
+    #[test]
+    fn shared_names_must_be_parameters_and_not_all_of_them() {
+        let with = |shared: &str| {
+            spec(&TRAIN.replace(
+                "template = \"Out at {a} km/h, back at {b} km/h.\"",
+                &format!(
+                    "template = \"Out at {{a}} km/h, back at {{b}} km/h.\"\nshared = {shared}"
+                ),
+            ))
+        };
+        let err = with("[\"speed\"]").unwrap_err();
+        assert!(
+            err.contains("shared[0]") && err.contains("\"speed\""),
+            "{err}"
+        );
+        let err = with("[\"a\", \"b\"]").unwrap_err();
+        assert!(err.contains("every parameter is shared"), "{err}");
+        assert!(with("[\"b\"]").is_ok());
     }
 
     #[test]
