@@ -124,7 +124,7 @@ impl Support {
 }
 
 /// How fully variant code was confined: what a results row records.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Level {
     /// Every mechanism of this module was in force.

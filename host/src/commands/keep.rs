@@ -10,9 +10,14 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use serde::Deserialize;
 
+use crate::commands::compare::figures::FigureCall;
+use crate::commands::compare::keep_rule::{self, Outcome};
 use crate::harness::CURRENT;
 use crate::ledger::row::{read_rows, ResultsRow, Status, Verdict};
+use crate::quality::GateFailure;
+use crate::sandbox::Level;
 
 /// The workspace's lock file: committed with the variant when the variant's dependencies
 /// changed it (this changes the oracle's build key, so the harness hash, once).
@@ -234,11 +239,47 @@ pub fn keep(root: &Path, results: &Path, message: &str, rules: &KeepRules) -> Re
     Ok(id.to_string())
 }
 
+/// What `host keep` reads of a comparison's JSON record (the rest is ignored).
+#[derive(Deserialize)]
+struct RecordView {
+    kind: String,
+    status: String,
+    outcome: Option<Outcome>,
+    provenance: ProvenanceView,
+    against: TreeView,
+    protocol: SeedView,
+    figures: Vec<FigureCall>,
+    gates: Option<GatesView>,
+}
+
+#[derive(Deserialize)]
+struct ProvenanceView {
+    variant_tree: String,
+    harness: String,
+    sandbox: Level,
+}
+
+#[derive(Deserialize)]
+struct TreeView {
+    tree: String,
+}
+
+#[derive(Deserialize)]
+struct SeedView {
+    seed: u64,
+}
+
+#[derive(Deserialize)]
+struct GatesView {
+    failures: Vec<GateFailure>,
+}
+
 /// Checks `row` against the comparison's JSON record it names: `host keep` trusts a row only
 /// when the record says the same (the variant's and A's trees, the harness, the seed, the
-/// verdict, the status and the sandbox), so a row edited or appended by anything but the host
-/// is refused. `tree` and `head_tree` are the present and HEAD's `variants/current`, `harness`
-/// HEAD's harness hash.
+/// verdict, the status and the sandbox), and when the keep rule ([`keep_rule::decide`]), applied
+/// again to the record's figures and gates, gives the recorded verdict. So a row edited or
+/// appended by anything but the host is refused. `tree` and `head_tree` are the present and
+/// HEAD's `variants/current`, `harness` HEAD's harness hash.
 fn check_record(
     results: &Path,
     row: &ResultsRow,
@@ -262,39 +303,28 @@ fn check_record(
             path.display()
         )
     })?;
-    let record: serde_json::Value = serde_json::from_str(&text)
+    let record: RecordView = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a comparison record", path.display()))?;
-    let text_of = |v: &serde_json::Value| match v {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Number(n) => n.to_string(),
-        other => other.to_string(),
-    };
-    let outcome = text_of(&record["outcome"]).to_uppercase();
-    let sandbox_full = record["provenance"]["sandbox"] == "full";
+    // The rule again, on what the record holds; a suspect B is a REVERT whatever else it shows.
+    let suspect = (record.status == Status::Suspect.as_str()).then_some("B was suspect");
+    let gate_failures = record.gates.as_ref().map(|g| g.failures.as_slice());
+    let (again, _) = keep_rule::decide(&record.figures, gate_failures, suspect);
     let checks = [
-        ("the kind of measurement", record["kind"] == "compare"),
-        (
-            "the variant's tree",
-            text_of(&record["provenance"]["variant_tree"]) == tree,
-        ),
-        (
-            "variant A's tree",
-            text_of(&record["against"]["tree"]) == head_tree,
-        ),
-        (
-            "the harness",
-            text_of(&record["provenance"]["harness"]) == harness,
-        ),
-        ("the seed", text_of(&record["protocol"]["seed"]) == row.seed),
+        ("the kind of measurement", record.kind == "compare"),
+        ("the variant's tree", record.provenance.variant_tree == tree),
+        ("variant A's tree", record.against.tree == head_tree),
+        ("the harness", record.provenance.harness == harness),
+        ("the seed", record.protocol.seed.to_string() == row.seed),
         (
             "the verdict",
-            outcome == row.verdict.map_or("-", |v| v.label()),
+            record.outcome.map(|o| o.recorded(false)) == row.verdict
+                && record.outcome == Some(again),
         ),
+        ("the status", record.status == row.status.as_str()),
         (
-            "the status",
-            text_of(&record["status"]) == row.status.as_str(),
+            "the sandbox",
+            (record.provenance.sandbox == Level::Full) == (row.sandbox == "full"),
         ),
-        ("the sandbox", sandbox_full == (row.sandbox == "full")),
     ];
     if let Some((what, _)) = checks.iter().find(|(_, agree)| !agree) {
         bail!(
@@ -426,13 +456,29 @@ mod tests {
             "REVERT" => "Revert",
             _ => "-",
         };
+        // Figures and gates that make the recorded outcome under the keep rule, unless the
+        // edit says otherwise (`record_decode`: the decode figure's verdict in the record only).
+        let decode = match (edit.0, verdict) {
+            ("record_decode", _) => edit.1,
+            (_, "KEEP") => "Faster",
+            (_, "REVERT") => "Slower",
+            _ => "Noise",
+        };
+        let failures = match gates {
+            "pass" => serde_json::json!([]),
+            _ => serde_json::json!([{ "prompt": "code", "gate": "agreement", "figure": 0.5,
+                                      "threshold": 0.999, "message": "fails" }]),
+        };
         let record = serde_json::json!({
             "kind": "compare",
             "provenance": { "variant_tree": tree, "harness": RULES.harness, "sandbox": "full" },
             "against": { "tree": head },
             "protocol": { "seed": 42 },
-            "outcome": outcome,
+            "outcome": if outcome == "-" { serde_json::Value::Null } else { outcome.into() },
             "status": status,
+            "figures": [{ "figure": "decode_tok_s", "verdict": decode, "settled": false,
+                          "decision": { "ratio": 1.05, "ci": [1.03, 1.07], "p": null } }],
+            "gates": { "failures": failures },
         });
         std::fs::write(results.join("runs/compare.json"), record.to_string()).unwrap();
         std::fs::write(
@@ -515,6 +561,14 @@ mod tests {
             ),
             // A row that its record does not back: edited or appended after the fact.
             ("KEEP", "ok", "pass", ("seed", "43"), "disagree on the seed"),
+            // A record whose figures do not make its verdict under the keep rule.
+            (
+                "KEEP",
+                "ok",
+                "pass",
+                ("record_decode", "Noise"),
+                "disagree on the verdict",
+            ),
             (
                 "KEEP",
                 "ok",

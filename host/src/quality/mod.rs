@@ -211,14 +211,22 @@ impl GateFigures {
 }
 
 /// One failed gate: which prompt, which figure, its value and the threshold it broke.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct GateFailure {
     pub prompt: String,
     pub gate: String,
+    /// The figure (JSON writes a non-finite one as null, read back as NaN).
+    #[serde(deserialize_with = "null_as_nan")]
     pub figure: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub threshold: f64,
     /// The failure as one sentence.
     pub message: String,
+}
+
+/// A float that JSON may hold as null (serde_json writes NaN and infinities so).
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(<Option<f64> as serde::Deserialize>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// Every gate's figures per prompt and overall, and the failures.

@@ -39,7 +39,7 @@ pub enum Better {
 }
 
 /// The call on one figure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub enum Verdict {
     /// B is better than A by more than the noise threshold, significantly.
     Faster,

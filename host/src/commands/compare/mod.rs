@@ -10,7 +10,7 @@
 //! soon as the keep rule's outcome would in all likelihood not change ([`measuring_done`]:
 //! anything SLOWER, or decode decided and every guarded figure shown not SLOWER beyond the
 //! noise threshold or unlikely to end SLOWER), or when the schedule or the time budget ends.
-//! B's answers then go through the quality gates, and [`Outcome::decide`] applies the keep
+//! B's answers then go through the quality gates, and [`keep_rule::decide`] applies the keep
 //! rule. `--screen` runs the same on the protocol's `[screen]` subset and is never kept.
 
 use std::path::{Path, PathBuf};
@@ -19,19 +19,26 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
+pub mod figures;
+pub mod keep_rule;
+
 use crate::commands::judge::judge;
 use crate::commands::setup::{find_root, request_line, timed_request, Overrides, Setup};
 use crate::harness::protocol::{CompareRules, Protocol};
 use crate::ledger::record::{self, Provenance};
-use crate::ledger::row::{self as ledger_row, Status};
+use crate::ledger::row::Status;
 use crate::measure::sample::{Sample, Summary};
 use crate::quality::GateReport;
-use crate::stats::significance::{Better, LookSchedule, Paired, Verdict};
-use crate::stats::Spread;
+use crate::stats::significance::LookSchedule;
 use crate::supervisor::cargo_build::{BuildSandbox, VariantCrate};
 use crate::supervisor::oracle::{Oracle, OracleBuild, OracleCost};
 use crate::supervisor::revision::{Committed, VariantArg};
 use crate::supervisor::{Spawn, Worker};
+use figures::{
+    look, look_line, measuring_done, render, Figure, FigureCall, FigureResult, Horizon, Order,
+    Pair, TESTS,
+};
+pub use keep_rule::Outcome;
 use plugin_api::Device;
 
 /// What `host compare` was asked to do (see the CLI for each flag's meaning).
@@ -52,337 +59,6 @@ pub struct CompareArgs {
     pub description: String,
     pub verbose: bool,
     pub results: Option<PathBuf>,
-}
-
-/// The figures compared, each as one paired log-ratio per request pair.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Figure {
-    DecodeTokS,
-    PrefillTokS,
-    TtftMs,
-    PeakRssMib,
-}
-
-/// The independent tests made at each look and their shares of alpha. Prefill rate and time to
-/// first token are one test (with the same prompt on both sides, one ratio is the other's
-/// inverse). The decode rate, the figure a keep rests on, gets 3/5; each guard 1/5.
-const TESTS: [(&str, f64); 3] = [("decode", 0.6), ("prefill/TTFT", 0.2), ("peak RSS", 0.2)];
-
-impl Figure {
-    pub const ALL: [Figure; 4] = [
-        Figure::DecodeTokS,
-        Figure::PrefillTokS,
-        Figure::TtftMs,
-        Figure::PeakRssMib,
-    ];
-
-    /// The figure's name in tables.
-    pub fn name(self) -> &'static str {
-        match self {
-            Figure::DecodeTokS => "decode tok/s",
-            Figure::PrefillTokS => "prefill tok/s",
-            Figure::TtftMs => "TTFT ms",
-            Figure::PeakRssMib => "peak RSS MiB",
-        }
-    }
-
-    /// The test (in [`TESTS`]) that decides this figure.
-    pub fn test(self) -> &'static str {
-        match self {
-            Figure::DecodeTokS => TESTS[0].0,
-            Figure::PrefillTokS | Figure::TtftMs => TESTS[1].0,
-            Figure::PeakRssMib => TESTS[2].0,
-        }
-    }
-
-    /// Which direction is an improvement.
-    pub fn better(self) -> Better {
-        match self {
-            Figure::DecodeTokS | Figure::PrefillTokS => Better::Higher,
-            Figure::TtftMs | Figure::PeakRssMib => Better::Lower,
-        }
-    }
-
-    /// The figure's value in one sample.
-    pub fn of(self, s: &Sample) -> f64 {
-        match self {
-            Figure::DecodeTokS => s.timing.decode_tok_s,
-            Figure::PrefillTokS => s.timing.prefill_tok_s,
-            Figure::TtftMs => s.timing.ttft_ms,
-            Figure::PeakRssMib => s.peak_rss_kib as f64 / 1024.0,
-        }
-    }
-}
-
-/// Which variant answered first in a pair.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum Order {
-    AB,
-    BA,
-}
-
-/// One prompt instance answered by both variants, back to back.
-#[derive(Debug, Clone, Serialize)]
-pub struct Pair {
-    pub round: u32,
-    pub prompt: String,
-    pub order: Order,
-    pub a: Sample,
-    pub b: Sample,
-}
-
-/// One figure's comparison.
-#[derive(Debug, Clone, Serialize)]
-pub struct FigureResult {
-    pub figure: Figure,
-    pub better: Better,
-    /// Whether a SLOWER here blocks a keep (every figure but the decode rate).
-    pub guarded: bool,
-    pub a_median: Option<f64>,
-    pub b_median: Option<f64>,
-    /// At the look's alpha per test: the interval the verdict rests on.
-    pub decision: Option<Paired>,
-    /// At alpha 0.05, for reading (not for deciding).
-    pub at_95: Option<Paired>,
-    pub verdict: Verdict,
-    /// The decision interval lies inside the noise band: the same within the threshold.
-    pub settled: bool,
-    /// The chance this figure would end SLOWER at the last look, were the comparison to run
-    /// on at its present estimate and spread ([`Paired::chance_slower_at_end`]).
-    pub chance_slower_at_end: Option<f64>,
-}
-
-impl FigureResult {
-    /// FASTER, SLOWER, or SAME (settled inside the noise band).
-    fn decided(&self) -> bool {
-        self.verdict != Verdict::Noise || self.settled
-    }
-
-    /// Shown not SLOWER beyond the noise threshold: the decision interval's bad end lies inside
-    /// the band (true of every FASTER and every SAME figure too).
-    fn not_worse(&self, noise: f64) -> bool {
-        self.decision
-            .as_ref()
-            .is_some_and(|d| d.not_worse(self.better, noise))
-    }
-
-    /// Can no longer block a keep, in all likelihood: shown not SLOWER beyond the noise
-    /// threshold, or with a chance below `stop_chance` of ending SLOWER at the last look.
-    fn cannot_block(&self, noise: f64, stop_chance: f64) -> bool {
-        self.not_worse(noise) || self.chance_slower_at_end.is_some_and(|c| c < stop_chance)
-    }
-}
-
-/// Whether more rounds would, in all likelihood, no longer change what the keep rule
-/// ([`Outcome::decide`]) makes of the timing: a figure is SLOWER (a revert, whatever comes
-/// next), or decode is decided (FASTER, or SAME inside the noise band) and every guarded figure
-/// is shown not SLOWER beyond the noise threshold or has a chance below `stop_chance` of ending
-/// SLOWER if all the looks were run ([`FigureResult::cannot_block`]). A comparison does not go
-/// on to pin down a guarded figure that cannot block a keep.
-fn measuring_done(figures: &[FigureResult], noise: f64, stop_chance: f64) -> bool {
-    if figures.iter().any(|f| f.verdict == Verdict::Slower) {
-        return true;
-    }
-    let decode_decided = figures
-        .iter()
-        .any(|f| f.figure == Figure::DecodeTokS && f.decided());
-    decode_decided
-        && figures
-            .iter()
-            .filter(|f| f.guarded)
-            .all(|f| f.cannot_block(noise, stop_chance))
-}
-
-/// Where a comparison ends if nothing stops it early: the pairs of its last look and the alpha
-/// each figure is tested at there.
-pub struct Horizon<'a> {
-    pub pairs: usize,
-    pub alpha: &'a dyn Fn(Figure) -> f64,
-}
-
-/// One figure's result from its log-ratios, tested at `alpha` by `stats` (the t-test and
-/// bootstrap of [`Paired::of`], or the t-test alone in simulations).
-fn figure_result(
-    figure: Figure,
-    logs: &[f64],
-    alpha: f64,
-    horizon: &Horizon,
-    noise: f64,
-    stats: impl Fn(&[f64], f64) -> Option<Paired>,
-) -> FigureResult {
-    let decision = stats(logs, alpha);
-    let verdict = decision
-        .as_ref()
-        .map(|d| d.verdict(figure.better(), noise))
-        .unwrap_or(Verdict::Noise);
-    FigureResult {
-        figure,
-        better: figure.better(),
-        guarded: figure != Figure::DecodeTokS,
-        a_median: None,
-        b_median: None,
-        settled: decision.as_ref().is_some_and(|d| d.within(noise)),
-        chance_slower_at_end: decision.as_ref().map(|d| {
-            d.chance_slower_at_end(
-                figure.better(),
-                noise,
-                horizon.pairs,
-                (horizon.alpha)(figure),
-            )
-        }),
-        at_95: stats(logs, 0.05),
-        decision,
-        verdict,
-    }
-}
-
-/// ln(B/A) of `figure` for every pair, in order: the unit the statistics test. Every pair has
-/// its own two fresh workers, so pairs are independent of each other.
-fn pair_logs(pairs: &[Pair], figure: Figure) -> Vec<f64> {
-    pairs
-        .iter()
-        .map(|p| (figure.of(&p.b) / figure.of(&p.a)).ln())
-        .collect()
-}
-
-/// The figures at one look, each tested at the alpha `alpha(figure)` gives it.
-fn look(
-    pairs: &[Pair],
-    alpha: impl Fn(Figure) -> f64,
-    horizon: &Horizon,
-    noise: f64,
-    seed: u64,
-) -> Vec<FigureResult> {
-    Figure::ALL
-        .iter()
-        .map(|&figure| {
-            let a: Vec<f64> = pairs.iter().map(|p| figure.of(&p.a)).collect();
-            let b: Vec<f64> = pairs.iter().map(|p| figure.of(&p.b)).collect();
-            let logs = pair_logs(pairs, figure);
-            FigureResult {
-                a_median: Spread::of(&a).map(|s| s.median),
-                b_median: Spread::of(&b).map(|s| s.median),
-                ..figure_result(figure, &logs, alpha(figure), horizon, noise, |l, a| {
-                    Paired::of(l, a, seed)
-                })
-            }
-        })
-        .collect()
-}
-
-/// The comparison's answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum Outcome {
-    /// B is faster at decoding, worse at nothing, and passes every gate: commit it.
-    Keep,
-    /// B is slower somewhere, fails a gate, or is suspect: throw it away.
-    Revert,
-    /// Nothing was decided either way.
-    Noise,
-}
-
-impl Outcome {
-    /// The rule on a synthetic model, whose random weights make the quality gates meaningless:
-    /// REVERT when anything is SLOWER, NOISE otherwise. Never KEEP, since nothing was gated.
-    pub fn decide_synthetic(figures: &[FigureResult]) -> (Outcome, Vec<String>) {
-        let slower: Vec<String> = figures
-            .iter()
-            .filter(|f| f.verdict == Verdict::Slower)
-            .map(|f| format!("{} is SLOWER ({})", f.figure.name(), change(f)))
-            .collect();
-        if !slower.is_empty() {
-            return (Outcome::Revert, slower);
-        }
-        let mut why = vec![
-            "synthetic model (random weights): the quality gates were skipped, so \
-                            nothing can be kept"
-                .to_string(),
-        ];
-        if let Some(d) = figures
-            .iter()
-            .find(|f| f.figure == Figure::DecodeTokS && f.verdict == Verdict::Faster)
-        {
-            why.push(format!("decode is FASTER ({})", change(d)));
-        }
-        (Outcome::Noise, why)
-    }
-
-    /// The keep rule: KEEP only when decode is FASTER, no guarded figure is SLOWER, B passes
-    /// every gate and is not suspect; REVERT when anything is SLOWER, a gate fails or B is
-    /// suspect; NOISE otherwise. Returns the outcome and the reasons, in words.
-    pub fn decide(
-        figures: &[FigureResult],
-        gates: Option<&GateReport>,
-        suspect: Option<&str>,
-    ) -> (Outcome, Vec<String>) {
-        let mut against = Vec::new();
-        if let Some(why) = suspect {
-            against.push(why.to_string());
-        }
-        for f in figures.iter().filter(|f| f.verdict == Verdict::Slower) {
-            against.push(format!("{} is SLOWER ({})", f.figure.name(), change(f)));
-        }
-        match gates {
-            Some(g) if !g.passed() => against.push(format!(
-                "B fails {} quality gate(s): {}",
-                g.failures.len(),
-                g.failures
-                    .iter()
-                    .map(|f| format!("{} {}", f.prompt, f.gate))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )),
-            Some(_) => {}
-            None if suspect.is_none() => against.push("B was not gated".into()),
-            None => {}
-        }
-        if !against.is_empty() {
-            return (Outcome::Revert, against);
-        }
-        let decode = figures.iter().find(|f| f.figure == Figure::DecodeTokS);
-        match decode {
-            Some(d) if d.verdict == Verdict::Faster => (
-                Outcome::Keep,
-                vec![format!(
-                    "decode is FASTER ({}), no guarded figure is SLOWER, every gate passes",
-                    change(d)
-                )],
-            ),
-            Some(d) if d.settled => (
-                Outcome::Noise,
-                vec![format!(
-                    "decode is the same within the noise threshold ({}); nothing is SLOWER",
-                    change(d)
-                )],
-            ),
-            _ => (
-                Outcome::Noise,
-                vec![
-                    "decode rate undecided: no significant difference beyond the noise threshold"
-                        .into(),
-                ],
-            ),
-        }
-    }
-
-    /// The process exit status: 0 KEEP, 3 NOISE, 4 REVERT (1 is an error, 2 a usage error).
-    pub fn exit_code(self) -> u8 {
-        match self {
-            Outcome::Keep => 0,
-            Outcome::Noise => 3,
-            Outcome::Revert => 4,
-        }
-    }
-}
-
-/// "+5.2% [+3.1%, +7.4%]" for a figure's decision interval.
-fn change(f: &FigureResult) -> String {
-    let pct = |r: f64| format!("{:+.1}%", (r - 1.0) * 100.0);
-    match &f.decision {
-        Some(d) => format!("{} [{}, {}]", pct(d.ratio), pct(d.ci.0), pct(d.ci.1)),
-        None => "no pairs".into(),
-    }
 }
 
 /// One side of the comparison, resolved and built.
@@ -671,10 +347,10 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
             Err(e) => outcome = Err(e.context("the quality oracle failed on B's answers")),
         }
     }
-    let decided = outcome.as_ref().ok().map(|()| match synthetic {
-        true => Outcome::decide_synthetic(&figures),
-        false => Outcome::decide(&figures, gates.as_ref(), suspect.as_deref()),
-    });
+    let decided = outcome
+        .as_ref()
+        .ok()
+        .map(|()| outcome_of(&figures, gates.as_ref(), suspect.as_deref(), synthetic));
     let (status, error) = match &outcome {
         Ok(()) if suspect.is_some() => (Status::Suspect, None),
         Ok(()) if synthetic => (Status::Synthetic, None),
@@ -726,7 +402,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
             against_tree: &a.tree,
             rounds: measured.rounds,
             decode: decode.and_then(|d| d.decision.as_ref()),
-            verdict: verdict.map(|v| recorded_verdict(v, args.screen)),
+            verdict: verdict.map(|v| v.recorded(args.screen)),
         }),
         status,
         &args.description,
@@ -764,7 +440,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         }
         println!(
             "verdict: {} — {} ({} pairs over {} rounds, {:.0} s)",
-            recorded_verdict(verdict, args.screen).label(),
+            verdict.recorded(args.screen).label(),
             reasons.join("; "),
             measured.pairs.len(),
             measured.rounds,
@@ -785,16 +461,18 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     Ok(verdict)
 }
 
-/// The verdict as recorded and printed: a screen's is a `SCREEN-` one, which `host keep`
-/// refuses and `host plot` leaves out.
-fn recorded_verdict(outcome: Outcome, screen: bool) -> ledger_row::Verdict {
-    match (outcome, screen) {
-        (Outcome::Keep, false) => ledger_row::Verdict::Keep,
-        (Outcome::Revert, false) => ledger_row::Verdict::Revert,
-        (Outcome::Noise, false) => ledger_row::Verdict::Noise,
-        (Outcome::Keep, true) => ledger_row::Verdict::ScreenKeep,
-        (Outcome::Revert, true) => ledger_row::Verdict::ScreenRevert,
-        (Outcome::Noise, true) => ledger_row::Verdict::ScreenNoise,
+/// The keep rule ([`keep_rule::decide`], or its synthetic-model form) on what this comparison
+/// measured.
+fn outcome_of(
+    figures: &[FigureResult],
+    gates: Option<&GateReport>,
+    suspect: Option<&str>,
+    synthetic: bool,
+) -> (Outcome, Vec<String>) {
+    let calls: Vec<FigureCall> = figures.iter().map(FigureResult::call).collect();
+    match synthetic {
+        true => keep_rule::decide_synthetic(&calls),
+        false => keep_rule::decide(&calls, gates.map(|g| g.failures.as_slice()), suspect),
     }
 }
 
@@ -978,7 +656,7 @@ fn measure(
             setup.protocol.seed ^ round as u64,
         );
         if let Some(d) = figures.iter().find(|f| f.figure == Figure::DecodeTokS) {
-            interval = format!("decode B/A {}", change(d));
+            interval = format!("decode B/A {}", d.call().change());
         }
         log(look_line(
             &figures,
@@ -1000,112 +678,11 @@ fn measure(
     Ok(())
 }
 
-/// One look in a line: each figure's running B/A, its decision interval (at the look's alpha)
-/// and its verdict so far, so that "almost decided" and "hopeless" read differently.
-fn look_line(figures: &[FigureResult], look: u32, looks: u32, rounds: u32, noise: f64) -> String {
-    let figures = figures
-        .iter()
-        .map(|f| match &f.decision {
-            Some(d) => {
-                // A guard not shown within the band: how likely it is to end SLOWER, which
-                // is what lets a comparison stop without it (see `measuring_done`).
-                let chance = match f.chance_slower_at_end {
-                    Some(c) if f.guarded && f.verdict == Verdict::Noise && !f.not_worse(noise) => {
-                        format!(" (ends SLOWER: {:.1}%)", c * 100.0)
-                    }
-                    _ => String::new(),
-                };
-                format!(
-                    "{} {:.3} [{:.3}, {:.3}] {}{chance}",
-                    f.figure.name(),
-                    d.ratio,
-                    d.ci.0,
-                    d.ci.1,
-                    verdict_word(f)
-                )
-            }
-            None => format!("{} - {}", f.figure.name(), verdict_word(f)),
-        })
-        .collect::<Vec<_>>()
-        .join("; ");
-    format!("look {look}/{looks} after {rounds} rounds, B/A [decision interval]: {figures}")
-}
-
-/// "FASTER", "SLOWER", "NOISE" or "SAME" (NOISE, settled inside the noise band).
-fn verdict_word(f: &FigureResult) -> &'static str {
-    match f.verdict {
-        Verdict::Faster => "FASTER",
-        Verdict::Slower => "SLOWER",
-        Verdict::Noise if f.settled => "SAME",
-        Verdict::Noise => "NOISE",
-    }
-}
-
-/// The table of figures.
-fn render(
-    figures: &[FigureResult],
-    a: &str,
-    b: &str,
-    schedule: &LookSchedule,
-    look: u32,
-    noise: f64,
-) -> String {
-    let num = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
-    let ci = |c: (f64, f64)| format!("[{:.3}, {:.3}]", c.0, c.1);
-    let mut out = format!(
-        "A = {a}\nB = {b}\n{:<14} {:>10} {:>10} {:>7} {:>17} {:>17} {:>17} {:>9}  verdict\n",
-        "figure", "A median", "B median", "B/A", "95% CI", "bootstrap 95%", "decision CI", "p"
-    );
-    for f in figures {
-        let (ratio, c95, boot, dec, p) = match (&f.at_95, &f.decision) {
-            (Some(w), Some(d)) => (
-                format!("{:.3}", w.ratio),
-                ci(w.ci),
-                ci(w.ci_bootstrap),
-                ci(d.ci),
-                format!("{:.2e}", w.p),
-            ),
-            _ => ("-".into(), "-".into(), "-".into(), "-".into(), "-".into()),
-        };
-        out.push_str(&format!(
-            "{:<14} {:>10} {:>10} {:>7} {:>17} {:>17} {:>17} {:>9}  {}\n",
-            f.figure.name(),
-            num(f.a_median),
-            num(f.b_median),
-            ratio,
-            c95,
-            boot,
-            dec,
-            p,
-            verdict_word(f)
-        ));
-    }
-    let alphas = schedule
-        .tests
-        .iter()
-        .map(|t| {
-            let at = schedule.alpha_at(t.name, look).unwrap_or(f64::NAN);
-            format!("{} {at:.1e}", t.name)
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
-    out.push_str(&format!(
-        "A verdict needs p below the look's alpha ({alphas} at look {look} of {}) and the whole \
-         decision interval, at that alpha, beyond ±{:.1}%; SAME = the interval lies inside \
-         ±{:.1}%. Alpha {} is split over the tests and spent over the looks \
-         (Hwang-Shih-DeCani, gamma {}), so any false verdict has at most that chance.",
-        schedule.looks,
-        noise * 100.0,
-        noise * 100.0,
-        schedule.alpha,
-        schedule.gamma,
-    ));
-    out
-}
-
 #[cfg(test)]
 mod tests {
+    use super::figures::*;
     use super::*;
+    use crate::stats::significance::{Paired, Verdict};
 
     fn result(figure: Figure, verdict: Verdict, settled: bool) -> FigureResult {
         FigureResult {
@@ -1165,20 +742,58 @@ mod tests {
         report
     }
 
+    /// `host keep` applies the rule to a record read back: the figures as `host compare` writes
+    /// them must read as the same calls, and the rule must say the same of them.
+    #[test]
+    fn recorded_figures_read_back_as_the_calls_the_rule_made() {
+        for (decode, guarded) in [
+            (Verdict::Faster, Verdict::Noise),
+            (Verdict::Noise, Verdict::Slower),
+        ] {
+            let results = figures(decode, guarded);
+            let json = serde_json::to_string(&results).unwrap();
+            let read: Vec<FigureCall> = serde_json::from_str(&json).unwrap();
+            let calls: Vec<FigureCall> = results.iter().map(FigureResult::call).collect();
+            // (serde_json's float parsing may move the last bit of the ratio: words only)
+            let key = |c: &FigureCall| (c.figure, c.verdict, c.settled, c.change());
+            assert_eq!(
+                read.iter().map(key).collect::<Vec<_>>(),
+                calls.iter().map(key).collect::<Vec<_>>()
+            );
+            let report = gates(false);
+            let failures = serde_json::to_string(&report.failures).unwrap();
+            let failures: Vec<crate::quality::GateFailure> =
+                serde_json::from_str(&failures).unwrap();
+            assert_eq!(
+                keep_rule::decide(&read, Some(&failures), None).0,
+                outcome_of(&results, Some(&report), None, false).0
+            );
+        }
+        let nan =
+            r#"[{"prompt": "p", "gate": "g", "figure": null, "threshold": 1.1, "message": "m"}]"#;
+        let read: Vec<crate::quality::GateFailure> = serde_json::from_str(nan).unwrap();
+        assert!(
+            read[0].figure.is_nan(),
+            "a non-finite figure, written as null, reads back"
+        );
+    }
+
     #[test]
     fn the_keep_rule() {
         let gates_pass = gates(false);
-        let keep = Outcome::decide(
+        let keep = outcome_of(
             &figures(Verdict::Faster, Verdict::Noise),
             Some(&gates_pass),
             None,
+            false,
         );
         assert_eq!(keep.0, Outcome::Keep, "{keep:?}");
         // A guarded figure slower: revert, naming it.
-        let (o, why) = Outcome::decide(
+        let (o, why) = outcome_of(
             &figures(Verdict::Faster, Verdict::Slower),
             Some(&gates_pass),
             None,
+            false,
         );
         assert_eq!(o, Outcome::Revert);
         assert!(
@@ -1186,41 +801,45 @@ mod tests {
             "{why:?}"
         );
         // Decode slower: revert.
-        let (o, _) = Outcome::decide(
+        let (o, _) = outcome_of(
             &figures(Verdict::Slower, Verdict::Noise),
             Some(&gates_pass),
             None,
+            false,
         );
         assert_eq!(o, Outcome::Revert);
         // Nothing decided: noise.
-        let (o, _) = Outcome::decide(
+        let (o, _) = outcome_of(
             &figures(Verdict::Noise, Verdict::Noise),
             Some(&gates_pass),
             None,
+            false,
         );
         assert_eq!(o, Outcome::Noise);
         // Faster but suspect, or not gated: revert.
-        let (o, why) = Outcome::decide(
+        let (o, why) = outcome_of(
             &figures(Verdict::Faster, Verdict::Noise),
             None,
             Some("suspect"),
+            false,
         );
         assert_eq!((o, why[0].as_str()), (Outcome::Revert, "suspect"));
-        let (o, _) = Outcome::decide(&figures(Verdict::Faster, Verdict::Noise), None, None);
+        let (o, _) = outcome_of(&figures(Verdict::Faster, Verdict::Noise), None, None, false);
         assert_eq!(o, Outcome::Revert, "an ungated B is never kept");
-        let (o, why) = Outcome::decide_synthetic(&figures(Verdict::Faster, Verdict::Noise));
+        let (o, why) = outcome_of(&figures(Verdict::Faster, Verdict::Noise), None, None, true);
         assert_eq!(o, Outcome::Noise, "a synthetic model never earns a KEEP");
         assert!(why.iter().any(|w| w.contains("FASTER")), "{why:?}");
-        let (o, _) = Outcome::decide_synthetic(&figures(Verdict::Faster, Verdict::Slower));
+        let (o, _) = outcome_of(&figures(Verdict::Faster, Verdict::Slower), None, None, true);
         assert_eq!(o, Outcome::Revert);
-        let (o, _) = Outcome::decide(&figures(Verdict::Faster, Verdict::Noise), None, None);
+        let (o, _) = outcome_of(&figures(Verdict::Faster, Verdict::Noise), None, None, false);
         assert_eq!(o, Outcome::Revert);
         // Faster but a failed gate: revert.
         let failing = gates(true);
-        let (o, why) = Outcome::decide(
+        let (o, why) = outcome_of(
             &figures(Verdict::Faster, Verdict::Noise),
             Some(&failing),
             None,
+            false,
         );
         assert_eq!(o, Outcome::Revert);
         assert!(why.iter().any(|w| w.contains("quality gate")), "{why:?}");
@@ -1382,14 +1001,14 @@ mod tests {
             .collect();
             if measuring_done(&figures, 0.01, stop_chance) {
                 return (
-                    Outcome::decide(&figures, Some(&gates(false)), None).0,
+                    outcome_of(&figures, Some(&gates(false)), None, false).0,
                     round,
                 );
             }
         }
         let rounds = schedule.max_rounds();
         (
-            Outcome::decide(&figures, Some(&gates(false)), None).0,
+            outcome_of(&figures, Some(&gates(false)), None, false).0,
             rounds,
         )
     }

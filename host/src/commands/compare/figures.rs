@@ -1,0 +1,384 @@
+//! What a comparison measures and how each figure is called: the [`Figure`]s, one paired
+//! log-ratio per [`Pair`] each; a look's [`FigureResult`]s ([`look`]); when measuring may stop
+//! ([`measuring_done`]); and how a look and the final table read ([`look_line`], [`render`]).
+
+use serde::{Deserialize, Serialize};
+
+use crate::measure::sample::Sample;
+use crate::stats::significance::{Better, LookSchedule, Paired, Verdict};
+use crate::stats::Spread;
+
+/// The figures compared, each as one paired log-ratio per request pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Figure {
+    DecodeTokS,
+    PrefillTokS,
+    TtftMs,
+    PeakRssMib,
+}
+
+/// The independent tests made at each look and their shares of alpha. Prefill rate and time to
+/// first token are one test (with the same prompt on both sides, one ratio is the other's
+/// inverse). The decode rate, the figure a keep rests on, gets 3/5; each guard 1/5.
+pub(crate) const TESTS: [(&str, f64); 3] =
+    [("decode", 0.6), ("prefill/TTFT", 0.2), ("peak RSS", 0.2)];
+
+impl Figure {
+    pub const ALL: [Figure; 4] = [
+        Figure::DecodeTokS,
+        Figure::PrefillTokS,
+        Figure::TtftMs,
+        Figure::PeakRssMib,
+    ];
+
+    /// The figure's name in tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Figure::DecodeTokS => "decode tok/s",
+            Figure::PrefillTokS => "prefill tok/s",
+            Figure::TtftMs => "TTFT ms",
+            Figure::PeakRssMib => "peak RSS MiB",
+        }
+    }
+
+    /// The test (in [`TESTS`]) that decides this figure.
+    pub fn test(self) -> &'static str {
+        match self {
+            Figure::DecodeTokS => TESTS[0].0,
+            Figure::PrefillTokS | Figure::TtftMs => TESTS[1].0,
+            Figure::PeakRssMib => TESTS[2].0,
+        }
+    }
+
+    /// Which direction is an improvement.
+    pub fn better(self) -> Better {
+        match self {
+            Figure::DecodeTokS | Figure::PrefillTokS => Better::Higher,
+            Figure::TtftMs | Figure::PeakRssMib => Better::Lower,
+        }
+    }
+
+    /// The figure's value in one sample.
+    pub fn of(self, s: &Sample) -> f64 {
+        match self {
+            Figure::DecodeTokS => s.timing.decode_tok_s,
+            Figure::PrefillTokS => s.timing.prefill_tok_s,
+            Figure::TtftMs => s.timing.ttft_ms,
+            Figure::PeakRssMib => s.peak_rss_kib as f64 / 1024.0,
+        }
+    }
+}
+
+/// Which variant answered first in a pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Order {
+    AB,
+    BA,
+}
+
+/// One prompt instance answered by both variants, back to back.
+#[derive(Debug, Clone, Serialize)]
+pub struct Pair {
+    pub round: u32,
+    pub prompt: String,
+    pub order: Order,
+    pub a: Sample,
+    pub b: Sample,
+}
+
+/// One figure's comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct FigureResult {
+    pub figure: Figure,
+    pub better: Better,
+    /// Whether a SLOWER here blocks a keep (every figure but the decode rate).
+    pub guarded: bool,
+    pub a_median: Option<f64>,
+    pub b_median: Option<f64>,
+    /// At the look's alpha per test: the interval the verdict rests on.
+    pub decision: Option<Paired>,
+    /// At alpha 0.05, for reading (not for deciding).
+    pub at_95: Option<Paired>,
+    pub verdict: Verdict,
+    /// The decision interval lies inside the noise band: the same within the threshold.
+    pub settled: bool,
+    /// The chance this figure would end SLOWER at the last look, were the comparison to run
+    /// on at its present estimate and spread ([`Paired::chance_slower_at_end`]).
+    pub chance_slower_at_end: Option<f64>,
+}
+
+impl FigureResult {
+    /// What the keep rule reads of this figure.
+    pub fn call(&self) -> FigureCall {
+        FigureCall {
+            figure: self.figure,
+            verdict: self.verdict,
+            settled: self.settled,
+            decision: self.decision.as_ref().map(|d| Interval {
+                ratio: d.ratio,
+                ci: d.ci,
+            }),
+        }
+    }
+
+    /// FASTER, SLOWER, or SAME (settled inside the noise band).
+    pub(crate) fn decided(&self) -> bool {
+        self.verdict != Verdict::Noise || self.settled
+    }
+
+    /// Shown not SLOWER beyond the noise threshold: the decision interval's bad end lies inside
+    /// the band (true of every FASTER and every SAME figure too).
+    pub(crate) fn not_worse(&self, noise: f64) -> bool {
+        self.decision
+            .as_ref()
+            .is_some_and(|d| d.not_worse(self.better, noise))
+    }
+
+    /// Can no longer block a keep, in all likelihood: shown not SLOWER beyond the noise
+    /// threshold, or with a chance below `stop_chance` of ending SLOWER at the last look.
+    pub(crate) fn cannot_block(&self, noise: f64, stop_chance: f64) -> bool {
+        self.not_worse(noise) || self.chance_slower_at_end.is_some_and(|c| c < stop_chance)
+    }
+}
+
+/// Whether more rounds would, in all likelihood, no longer change what the keep rule
+/// ([`crate::commands::compare::keep_rule::decide`]) makes of the timing: a figure is SLOWER (a revert, whatever comes
+/// next), or decode is decided (FASTER, or SAME inside the noise band) and every guarded figure
+/// is shown not SLOWER beyond the noise threshold or has a chance below `stop_chance` of ending
+/// SLOWER if all the looks were run ([`FigureResult::cannot_block`]). A comparison does not go
+/// on to pin down a guarded figure that cannot block a keep.
+pub(crate) fn measuring_done(figures: &[FigureResult], noise: f64, stop_chance: f64) -> bool {
+    if figures.iter().any(|f| f.verdict == Verdict::Slower) {
+        return true;
+    }
+    let decode_decided = figures
+        .iter()
+        .any(|f| f.figure == Figure::DecodeTokS && f.decided());
+    decode_decided
+        && figures
+            .iter()
+            .filter(|f| f.guarded)
+            .all(|f| f.cannot_block(noise, stop_chance))
+}
+
+/// Where a comparison ends if nothing stops it early: the pairs of its last look and the alpha
+/// each figure is tested at there.
+pub struct Horizon<'a> {
+    pub pairs: usize,
+    pub alpha: &'a dyn Fn(Figure) -> f64,
+}
+
+/// One figure's result from its log-ratios, tested at `alpha` by `stats` (the t-test and
+/// bootstrap of [`Paired::of`], or the t-test alone in simulations).
+pub(crate) fn figure_result(
+    figure: Figure,
+    logs: &[f64],
+    alpha: f64,
+    horizon: &Horizon,
+    noise: f64,
+    stats: impl Fn(&[f64], f64) -> Option<Paired>,
+) -> FigureResult {
+    let decision = stats(logs, alpha);
+    let verdict = decision
+        .as_ref()
+        .map(|d| d.verdict(figure.better(), noise))
+        .unwrap_or(Verdict::Noise);
+    FigureResult {
+        figure,
+        better: figure.better(),
+        guarded: figure != Figure::DecodeTokS,
+        a_median: None,
+        b_median: None,
+        settled: decision.as_ref().is_some_and(|d| d.within(noise)),
+        chance_slower_at_end: decision.as_ref().map(|d| {
+            d.chance_slower_at_end(
+                figure.better(),
+                noise,
+                horizon.pairs,
+                (horizon.alpha)(figure),
+            )
+        }),
+        at_95: stats(logs, 0.05),
+        decision,
+        verdict,
+    }
+}
+
+/// ln(B/A) of `figure` for every pair, in order: the unit the statistics test. Every pair has
+/// its own two fresh workers, so pairs are independent of each other.
+pub(crate) fn pair_logs(pairs: &[Pair], figure: Figure) -> Vec<f64> {
+    pairs
+        .iter()
+        .map(|p| (figure.of(&p.b) / figure.of(&p.a)).ln())
+        .collect()
+}
+
+/// The figures at one look, each tested at the alpha `alpha(figure)` gives it.
+pub(crate) fn look(
+    pairs: &[Pair],
+    alpha: impl Fn(Figure) -> f64,
+    horizon: &Horizon,
+    noise: f64,
+    seed: u64,
+) -> Vec<FigureResult> {
+    Figure::ALL
+        .iter()
+        .map(|&figure| {
+            let a: Vec<f64> = pairs.iter().map(|p| figure.of(&p.a)).collect();
+            let b: Vec<f64> = pairs.iter().map(|p| figure.of(&p.b)).collect();
+            let logs = pair_logs(pairs, figure);
+            FigureResult {
+                a_median: Spread::of(&a).map(|s| s.median),
+                b_median: Spread::of(&b).map(|s| s.median),
+                ..figure_result(figure, &logs, alpha(figure), horizon, noise, |l, a| {
+                    Paired::of(l, a, seed)
+                })
+            }
+        })
+        .collect()
+}
+
+/// What the keep rule reads of one figure: the fields of a [`FigureResult`] of the same names,
+/// so that the figures of a comparison's record deserialize into it and `host keep` can apply
+/// the rule again to what was recorded.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct FigureCall {
+    /// Which figure.
+    pub figure: Figure,
+    /// FASTER, SLOWER or NOISE.
+    pub verdict: Verdict,
+    /// The decision interval lies inside the noise band.
+    pub settled: bool,
+    /// The ratio and interval the verdict rests on, for the reasons in words.
+    pub decision: Option<Interval>,
+}
+
+/// A ratio B/A and its decision interval.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub struct Interval {
+    /// Geometric-mean ratio B/A.
+    pub ratio: f64,
+    /// Its interval at the look's alpha.
+    pub ci: (f64, f64),
+}
+
+impl FigureCall {
+    /// "+5.2% [+3.1%, +7.4%]": the decision interval in words.
+    pub fn change(&self) -> String {
+        let pct = |r: f64| format!("{:+.1}%", (r - 1.0) * 100.0);
+        match &self.decision {
+            Some(d) => format!("{} [{}, {}]", pct(d.ratio), pct(d.ci.0), pct(d.ci.1)),
+            None => "no pairs".into(),
+        }
+    }
+}
+
+/// One look in a line: each figure's running B/A, its decision interval (at the look's alpha)
+/// and its verdict so far, so that "almost decided" and "hopeless" read differently.
+pub(crate) fn look_line(
+    figures: &[FigureResult],
+    look: u32,
+    looks: u32,
+    rounds: u32,
+    noise: f64,
+) -> String {
+    let figures = figures
+        .iter()
+        .map(|f| match &f.decision {
+            Some(d) => {
+                // A guard not shown within the band: how likely it is to end SLOWER, which
+                // is what lets a comparison stop without it (see `measuring_done`).
+                let chance = match f.chance_slower_at_end {
+                    Some(c) if f.guarded && f.verdict == Verdict::Noise && !f.not_worse(noise) => {
+                        format!(" (ends SLOWER: {:.1}%)", c * 100.0)
+                    }
+                    _ => String::new(),
+                };
+                format!(
+                    "{} {:.3} [{:.3}, {:.3}] {}{chance}",
+                    f.figure.name(),
+                    d.ratio,
+                    d.ci.0,
+                    d.ci.1,
+                    verdict_word(f)
+                )
+            }
+            None => format!("{} - {}", f.figure.name(), verdict_word(f)),
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    format!("look {look}/{looks} after {rounds} rounds, B/A [decision interval]: {figures}")
+}
+
+/// "FASTER", "SLOWER", "NOISE" or "SAME" (NOISE, settled inside the noise band).
+pub(crate) fn verdict_word(f: &FigureResult) -> &'static str {
+    match f.verdict {
+        Verdict::Faster => "FASTER",
+        Verdict::Slower => "SLOWER",
+        Verdict::Noise if f.settled => "SAME",
+        Verdict::Noise => "NOISE",
+    }
+}
+
+/// The table of figures.
+pub(crate) fn render(
+    figures: &[FigureResult],
+    a: &str,
+    b: &str,
+    schedule: &LookSchedule,
+    look: u32,
+    noise: f64,
+) -> String {
+    let num = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+    let ci = |c: (f64, f64)| format!("[{:.3}, {:.3}]", c.0, c.1);
+    let mut out = format!(
+        "A = {a}\nB = {b}\n{:<14} {:>10} {:>10} {:>7} {:>17} {:>17} {:>17} {:>9}  verdict\n",
+        "figure", "A median", "B median", "B/A", "95% CI", "bootstrap 95%", "decision CI", "p"
+    );
+    for f in figures {
+        let (ratio, c95, boot, dec, p) = match (&f.at_95, &f.decision) {
+            (Some(w), Some(d)) => (
+                format!("{:.3}", w.ratio),
+                ci(w.ci),
+                ci(w.ci_bootstrap),
+                ci(d.ci),
+                format!("{:.2e}", w.p),
+            ),
+            _ => ("-".into(), "-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        out.push_str(&format!(
+            "{:<14} {:>10} {:>10} {:>7} {:>17} {:>17} {:>17} {:>9}  {}\n",
+            f.figure.name(),
+            num(f.a_median),
+            num(f.b_median),
+            ratio,
+            c95,
+            boot,
+            dec,
+            p,
+            verdict_word(f)
+        ));
+    }
+    let alphas = schedule
+        .tests
+        .iter()
+        .map(|t| {
+            let at = schedule.alpha_at(t.name, look).unwrap_or(f64::NAN);
+            format!("{} {at:.1e}", t.name)
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    out.push_str(&format!(
+        "A verdict needs p below the look's alpha ({alphas} at look {look} of {}) and the whole \
+         decision interval, at that alpha, beyond ±{:.1}%; SAME = the interval lies inside \
+         ±{:.1}%. Alpha {} is split over the tests and spent over the looks \
+         (Hwang-Shih-DeCani, gamma {}), so any false verdict has at most that chance.",
+        schedule.looks,
+        noise * 100.0,
+        noise * 100.0,
+        schedule.alpha,
+        schedule.gamma,
+    ));
+    out
+}
