@@ -1,7 +1,8 @@
 //! The subcommands that are more than a few lines, each file one command's whole flow from its
-//! arguments to its printed report and its results row, and the two steps they share:
-//! [`setup`] (open the protocol, prompts, model and tokenizer; plan and send the timed
-//! requests) and [`judge`] (the oracle scores every timed answer and the gates are decided).
+//! arguments to its printed report and its results row, and the steps `run` and `compare`
+//! share: [`setup`] (open the protocol, prompts, model and tokenizer; plan and send the timed
+//! requests), [`judge`] (the oracle scores every timed answer and the gates are decided) and
+//! [`finish`] (the quality phase, the status and the record every measurement ends with).
 //!
 //! - [`run`]: score one variant (timed rounds, the oracle, the gates, a results row);
 //! - [`compare`]: two variants head to head, paired and sequential, to a KEEP/REVERT/NOISE;
@@ -13,6 +14,7 @@
 pub mod bench;
 pub mod compare;
 pub mod diff;
+pub mod finish;
 pub mod judge;
 pub mod keep;
 pub mod plot;

@@ -5,21 +5,19 @@
 //! the warm-up and the timed rounds. Every outcome, a failure included, ends in a results row.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use crate::commands::judge::judge;
+use crate::commands::finish::{self, quality_phase, Quality, RowFacts};
 use crate::commands::setup::{find_root, request_line, timed_request, Overrides, Planned, Setup};
 use crate::harness::protocol::Protocol;
-use crate::ledger::record::{self, Provenance};
-use crate::ledger::row::Status;
+use crate::ledger::record::Provenance;
 use crate::measure::sample::{Sample, Summary};
 use crate::progress::{log_line, progress_bar};
 use crate::quality::GateReport;
 use crate::supervisor::cargo_build::VariantCrate;
-use crate::supervisor::oracle::{Oracle, OracleBuild, OracleCost};
+use crate::supervisor::oracle::{OracleBuild, OracleCost};
 use crate::supervisor::{Spawn, Worker};
 use plugin_api::Device;
 
@@ -117,8 +115,6 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     let stem = format!("{}-{}", provenance.time.replace(':', ""), variant.package);
     let protect = crate::commands::setup::protected_paths(Some(&root), Some(&results_dir));
     let order = setup.order();
-    let prompts = &setup.prompts;
-    let codec = &setup.codec;
     let mut measured = Measured::default();
 
     let roofline = crate::measure::roofline::Roofline::new(
@@ -139,34 +135,20 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     // The bound is the CPU's: a GPU may beat it honestly.
     let suspect = setup.device == Device::Cpu && roofline.is_suspect(fastest);
     let mut outcome = outcome;
-    let mut gates = None;
-    let mut oracle_cost = None;
-    if outcome.is_ok() && !suspect && !synthetic {
-        let mut oracle = Oracle::new(
-            oracle_build.clone(),
-            &model.path,
-            model.sha256(),
-            Duration::from_secs_f64(protocol.request_timeout_s),
-            args.verbose,
-            protect.clone(),
-        );
-        let judged = judge(&mut oracle, &mut samples, codec, prompts, protocol, &order);
-        oracle_cost = Some(oracle.finish());
-        match judged {
-            Ok(report) => gates = Some(report),
-            Err(e) => outcome = Err(e.context("the quality oracle failed")),
-        }
-    }
-    let rejected = gates.as_ref().is_some_and(|g| !g.passed());
-    let (status, error) = match &outcome {
-        Ok(()) if suspect => (Status::Suspect, None),
-        Ok(()) if synthetic => (Status::Synthetic, None),
-        Ok(()) if rejected => (Status::Rejected, None),
-        Ok(()) => (Status::Ok, None),
-        // Ctrl-C or SIGTERM: what was measured is recorded, and nothing is judged.
-        Err(e) if crate::interrupt::requested() => (Status::Interrupted, Some(format!("{e:#}"))),
-        Err(e) => (Status::Failed, Some(format!("{e:#}"))),
-    };
+    let Quality {
+        gates,
+        oracle: oracle_cost,
+    } = quality_phase(
+        &setup,
+        &oracle_build,
+        &protect,
+        args.verbose,
+        &mut samples,
+        !suspect && !synthetic,
+        "the answers",
+        &mut outcome,
+    );
+    let (status, error) = finish::status(&outcome, suspect, synthetic, gates.as_ref());
     let record = RunRecord {
         schema: 1,
         provenance: &provenance,
@@ -187,22 +169,20 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         samples: &samples,
         warmups: &warmups,
     };
-    let json = record::write_json(&results_dir, &stem, &record)?;
-    let row = record::row(
-        &provenance,
-        protocol,
-        &record::Scope {
-            prompts: &order,
-            all_prompts: setup.all_prompts,
+    let recorded = finish::record(
+        &results_dir,
+        &stem,
+        &record,
+        &setup,
+        &RowFacts {
+            provenance: &provenance,
+            summary: summary.as_ref(),
+            gates: gates.as_ref(),
+            compared: None,
+            status,
+            description: &args.description,
         },
-        summary.as_ref(),
-        gates.as_ref(),
-        None,
-        status,
-        &args.description,
-        &json,
-    );
-    let tsv = crate::ledger::row::append_row(&results_dir, &row)?;
+    )?;
     outcome?;
     if suspect {
         bail!(
@@ -224,9 +204,6 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
             None => println!("quality gates: skipped (synthetic model: random weights)"),
         }
     }
-    if let Some(cost) = &oracle_cost {
-        eprintln!("{}", crate::commands::judge::describe_cost(cost));
-    }
     if setup.device == Device::Cpu {
         eprintln!(
             "decode roofline: {:.0} tok/s ({:.1} MB of weights per token at {:.1} GB/s); fastest request {fastest:.2} tok/s",
@@ -240,11 +217,7 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
             setup.device
         );
     }
-    eprintln!(
-        "recorded: {} (row appended), {}",
-        tsv.display(),
-        json.display()
-    );
+    recorded.report(oracle_cost.as_ref());
     if !harness.is_committed() {
         eprintln!("{}", crate::commands::setup::modified_banner(&harness));
     }

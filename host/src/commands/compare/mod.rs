@@ -22,16 +22,15 @@ use serde::Serialize;
 pub mod figures;
 pub mod keep_rule;
 
-use crate::commands::judge::judge;
+use crate::commands::finish::{self, quality_phase, Quality, RowFacts};
 use crate::commands::setup::{find_root, request_line, timed_request, Overrides, Setup};
 use crate::harness::protocol::{CompareRules, Protocol};
 use crate::ledger::record::{self, Provenance};
-use crate::ledger::row::Status;
 use crate::measure::sample::{Sample, Summary};
 use crate::quality::GateReport;
 use crate::stats::significance::LookSchedule;
 use crate::supervisor::cargo_build::{BuildSandbox, VariantCrate};
-use crate::supervisor::oracle::{Oracle, OracleBuild, OracleCost};
+use crate::supervisor::oracle::{OracleBuild, OracleCost};
 use crate::supervisor::revision::{Committed, VariantArg};
 use crate::supervisor::{Spawn, Worker};
 use figures::{
@@ -297,8 +296,6 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         ));
     }
 
-    let mut gates = None;
-    let mut oracle_cost = None;
     let b_samples: Vec<Sample> = measured.pairs.iter().map(|p| p.b.clone()).collect();
     // The oracle scores B's answers of `scored_rounds` rounds, picked at random now (after
     // measuring, by the supervisor, so a variant cannot know which of its answers count): the
@@ -313,53 +310,33 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         .filter(|s| scored_rounds.contains(&s.round))
         .cloned()
         .collect();
-    if outcome.is_ok() && suspect.is_none() && !synthetic {
-        let mut oracle = Oracle::new(
-            oracle_build.clone(),
-            &setup.model.path,
-            setup.model.sha256(),
-            setup.timeout(),
-            args.verbose,
-            protect.clone(),
-        );
-        let judged = judge(
-            &mut oracle,
-            &mut judged_samples,
-            &setup.codec,
-            &setup.prompts,
-            &setup.protocol,
-            &order,
-        );
-        oracle_cost = Some(oracle.finish());
-        match judged {
-            Ok(report) => {
-                for judged in &judged_samples {
-                    if let Some(pair) = measured
-                        .pairs
-                        .iter_mut()
-                        .find(|p| p.round == judged.round && p.prompt == judged.prompt)
-                    {
-                        pair.b.quality = judged.quality.clone();
-                    }
-                }
-                gates = Some(report)
-            }
-            Err(e) => outcome = Err(e.context("the quality oracle failed on B's answers")),
+    let Quality {
+        gates,
+        oracle: oracle_cost,
+    } = quality_phase(
+        &setup,
+        &oracle_build,
+        &protect,
+        args.verbose,
+        &mut judged_samples,
+        suspect.is_none() && !synthetic,
+        "B's answers",
+        &mut outcome,
+    );
+    for judged in &judged_samples {
+        if let Some(pair) = measured
+            .pairs
+            .iter_mut()
+            .find(|p| p.round == judged.round && p.prompt == judged.prompt)
+        {
+            pair.b.quality = judged.quality.clone();
         }
     }
     let decided = outcome
         .as_ref()
         .ok()
         .map(|()| outcome_of(&figures, gates.as_ref(), suspect.as_deref(), synthetic));
-    let (status, error) = match &outcome {
-        Ok(()) if suspect.is_some() => (Status::Suspect, None),
-        Ok(()) if synthetic => (Status::Synthetic, None),
-        Ok(()) if gates.as_ref().is_some_and(|g| !g.passed()) => (Status::Rejected, None),
-        Ok(()) => (Status::Ok, None),
-        // Ctrl-C or SIGTERM: what was measured is recorded, and nothing is judged.
-        Err(e) if crate::interrupt::requested() => (Status::Interrupted, Some(format!("{e:#}"))),
-        Err(e) => (Status::Failed, Some(format!("{e:#}"))),
-    };
+    let (status, error) = finish::status(&outcome, suspect.is_some(), synthetic, gates.as_ref());
     let reasons = decided.as_ref().map(|d| d.1.clone()).unwrap_or_default();
     let verdict = decided.as_ref().map(|d| d.0);
     let record = CompareRecord {
@@ -385,30 +362,28 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         pairs: &measured.pairs,
         warmups: &measured.warmups,
     };
-    let json = record::write_json(&results_dir, &stem, &record)?;
     let summary = (!b_samples.is_empty()).then(|| Summary::of(&b_samples, &order));
     let decode = figures.iter().find(|f| f.figure == Figure::DecodeTokS);
-    let row = record::row(
-        &provenance,
-        &setup.protocol,
-        &record::Scope {
-            prompts: &order,
-            all_prompts: setup.all_prompts,
+    let recorded = finish::record(
+        &results_dir,
+        &stem,
+        &record,
+        &setup,
+        &RowFacts {
+            provenance: &provenance,
+            summary: summary.as_ref(),
+            gates: gates.as_ref(),
+            compared: Some(&record::Compared {
+                against: &a_arg,
+                against_tree: &a.tree,
+                rounds: measured.rounds,
+                decode: decode.and_then(|d| d.decision.as_ref()),
+                verdict: verdict.map(|v| v.recorded(args.screen)),
+            }),
+            status,
+            description: &args.description,
         },
-        summary.as_ref(),
-        gates.as_ref(),
-        Some(&record::Compared {
-            against: &a_arg,
-            against_tree: &a.tree,
-            rounds: measured.rounds,
-            decode: decode.and_then(|d| d.decision.as_ref()),
-            verdict: verdict.map(|v| v.recorded(args.screen)),
-        }),
-        status,
-        &args.description,
-        &json,
-    );
-    let tsv = crate::ledger::row::append_row(&results_dir, &row)?;
+    )?;
     outcome?;
     let (verdict, reasons) = decided.expect("a comparison that measured has an outcome");
 
@@ -450,14 +425,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
             println!("a screen is never kept: run `host compare` on the full protocol to decide");
         }
     }
-    if let Some(cost) = &oracle_cost {
-        eprintln!("{}", crate::commands::judge::describe_cost(cost));
-    }
-    eprintln!(
-        "recorded: {} (row appended), {}",
-        tsv.display(),
-        json.display()
-    );
+    recorded.report(oracle_cost.as_ref());
     Ok(verdict)
 }
 
