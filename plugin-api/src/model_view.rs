@@ -192,6 +192,33 @@ impl GgmlType {
         })
     }
 
+    /// The ggml type id written in a file (the inverse of [`GgmlType::from_id`]).
+    pub fn id(self) -> u32 {
+        use GgmlType::*;
+        match self {
+            F32 => 0,
+            F16 => 1,
+            Q4_0 => 2,
+            Q4_1 => 3,
+            Q5_0 => 6,
+            Q5_1 => 7,
+            Q8_0 => 8,
+            Q8_1 => 9,
+            Q2K => 10,
+            Q3K => 11,
+            Q4K => 12,
+            Q5K => 13,
+            Q6K => 14,
+            Q8K => 15,
+            I8 => 24,
+            I16 => 25,
+            I32 => 26,
+            I64 => 27,
+            F64 => 28,
+            BF16 => 30,
+        }
+    }
+
     /// `(elements per block, bytes per block)`.
     pub fn block_layout(self) -> (u64, u64) {
         use GgmlType::*;
@@ -219,6 +246,16 @@ impl GgmlType {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn type_ids_round_trip() {
+        for id in 0..64 {
+            if let Some(t) = GgmlType::from_id(id) {
+                assert_eq!(t.id(), id);
+            }
+        }
+        assert_eq!(GgmlType::Q8_0.id(), 8);
+    }
 
     #[test]
     fn block_layouts_match_ggml() {

@@ -30,13 +30,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use plugin_api::{MetaValue, ModelView};
+use plugin_api::{GgmlType, MetaValue, ModelView};
 
+use crate::gguf::format::ALIGNMENT;
+use crate::gguf::write::{aligned, header, TensorEntry, Value};
 use crate::gguf::SYNTHETIC_KEY;
 use crate::stats::rng::SplitMix64;
-
-/// Alignment of the tensor data (`general.alignment`).
-const ALIGNMENT: u64 = 32;
 
 /// Why a synthetic model could not be planned or written.
 #[derive(Debug, thiserror::Error)]
@@ -85,11 +84,11 @@ impl Quant {
         }
     }
 
-    /// The ggml type id of its tensors.
-    pub fn ggml_type(self) -> u32 {
+    /// The ggml type of its tensors.
+    pub fn ggml_type(self) -> GgmlType {
         match self {
-            Quant::Q4_1 => GGML_Q4_1,
-            Quant::Q8_0 => GGML_Q8_0,
+            Quant::Q4_1 => GgmlType::Q4_1,
+            Quant::Q8_0 => GgmlType::Q8_0,
         }
     }
 
@@ -110,9 +109,6 @@ impl Quant {
     }
 }
 
-const GGML_F32: u32 = 0;
-const GGML_Q4_1: u32 = 3;
-const GGML_Q8_0: u32 = 8;
 /// Weights per quantization block (both types).
 const BLOCK: u64 = 32;
 
@@ -348,10 +344,10 @@ impl TensorSpec {
         self.dims.iter().product()
     }
 
-    /// The ggml type id.
-    pub fn ggml_type(&self) -> u32 {
+    /// The ggml type.
+    pub fn ggml_type(&self) -> GgmlType {
         match self.fill {
-            Fill::Ones => GGML_F32,
+            Fill::Ones => GgmlType::F32,
             Fill::Random { quant, .. } => quant.ggml_type(),
         }
     }
@@ -363,128 +359,6 @@ impl TensorSpec {
             Fill::Random { quant, .. } => self.elements() / BLOCK * quant.block_bytes(),
         }
     }
-}
-
-/// A GGUF metadata value, as this writer emits it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Value {
-    /// GGUF type 4.
-    U32(u32),
-    /// GGUF type 10.
-    U64(u64),
-    /// GGUF type 5.
-    I32(i32),
-    /// GGUF type 11.
-    I64(i64),
-    /// GGUF type 6.
-    F32(f32),
-    /// GGUF type 7.
-    Bool(bool),
-    /// GGUF type 8.
-    Str(String),
-    /// An array of u32.
-    U32s(Vec<u32>),
-    /// An array of u64.
-    U64s(Vec<u64>),
-    /// An array of i32.
-    I32s(Vec<i32>),
-    /// An array of i64.
-    I64s(Vec<i64>),
-    /// An array of f32.
-    F32s(Vec<f32>),
-    /// An array of bools.
-    Bools(Vec<bool>),
-    /// An array of strings.
-    Strs(Vec<String>),
-}
-
-impl Value {
-    /// The value of a parsed entry, in the narrowest of the types llama.cpp writes for it
-    /// (integers as 32 bits where they fit, floats as f32): the parser keeps no width.
-    pub fn from_meta(v: &MetaValue) -> Value {
-        let all_u32 = |v: &[u64]| v.iter().all(|&x| u32::try_from(x).is_ok());
-        let all_i32 = |v: &[i64]| v.iter().all(|&x| i32::try_from(x).is_ok());
-        match v {
-            MetaValue::Uint(x) => u32::try_from(*x).map_or(Value::U64(*x), Value::U32),
-            MetaValue::Int(x) => i32::try_from(*x).map_or(Value::I64(*x), Value::I32),
-            MetaValue::Float(x) => Value::F32(*x as f32),
-            MetaValue::Bool(b) => Value::Bool(*b),
-            MetaValue::Str(s) => Value::Str(s.to_string()),
-            MetaValue::UintArray(v) if all_u32(v) => {
-                Value::U32s(v.iter().map(|&x| x as u32).collect())
-            }
-            MetaValue::UintArray(v) => Value::U64s(v.to_vec()),
-            MetaValue::IntArray(v) if all_i32(v) => {
-                Value::I32s(v.iter().map(|&x| x as i32).collect())
-            }
-            MetaValue::IntArray(v) => Value::I64s(v.to_vec()),
-            MetaValue::FloatArray(v) => Value::F32s(v.iter().map(|&x| x as f32).collect()),
-            MetaValue::BoolArray(v) => Value::Bools(v.to_vec()),
-            MetaValue::StrArray(v) => Value::Strs(v.iter().map(|s| s.to_string()).collect()),
-        }
-    }
-
-    /// Appends the GGUF type id and the value.
-    fn write(&self, out: &mut Vec<u8>) {
-        fn array<T>(
-            out: &mut Vec<u8>,
-            ty: u32,
-            items: &[T],
-            mut put: impl FnMut(&mut Vec<u8>, &T),
-        ) {
-            out.extend(TYPE_ARRAY.to_le_bytes());
-            out.extend(ty.to_le_bytes());
-            out.extend((items.len() as u64).to_le_bytes());
-            for item in items {
-                put(out, item);
-            }
-        }
-        match self {
-            Value::U32(x) => {
-                out.extend(4u32.to_le_bytes());
-                out.extend(x.to_le_bytes());
-            }
-            Value::U64(x) => {
-                out.extend(10u32.to_le_bytes());
-                out.extend(x.to_le_bytes());
-            }
-            Value::I32(x) => {
-                out.extend(5u32.to_le_bytes());
-                out.extend(x.to_le_bytes());
-            }
-            Value::I64(x) => {
-                out.extend(11u32.to_le_bytes());
-                out.extend(x.to_le_bytes());
-            }
-            Value::F32(x) => {
-                out.extend(6u32.to_le_bytes());
-                out.extend(x.to_le_bytes());
-            }
-            Value::Bool(b) => {
-                out.extend(7u32.to_le_bytes());
-                out.push(u8::from(*b));
-            }
-            Value::Str(s) => {
-                out.extend(TYPE_STRING.to_le_bytes());
-                put_str(out, s);
-            }
-            Value::U32s(v) => array(out, 4, v, |o, x| o.extend(x.to_le_bytes())),
-            Value::U64s(v) => array(out, 10, v, |o, x| o.extend(x.to_le_bytes())),
-            Value::I32s(v) => array(out, 5, v, |o, x| o.extend(x.to_le_bytes())),
-            Value::I64s(v) => array(out, 11, v, |o, x| o.extend(x.to_le_bytes())),
-            Value::F32s(v) => array(out, 6, v, |o, x| o.extend(x.to_le_bytes())),
-            Value::Bools(v) => array(out, 7, v, |o, b| o.push(u8::from(*b))),
-            Value::Strs(v) => array(out, TYPE_STRING, v, |o, s| put_str(o, s)),
-        }
-    }
-}
-
-const TYPE_STRING: u32 = 8;
-const TYPE_ARRAY: u32 = 9;
-
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend((s.len() as u64).to_le_bytes());
-    out.extend(s.as_bytes());
 }
 
 /// `tokenizer.ggml.token_type` of a padding token: user-defined.
@@ -593,7 +467,7 @@ impl Plan {
             .iter()
             .map(|t| {
                 let offset = at;
-                at = (at + t.bytes()).div_ceil(ALIGNMENT) * ALIGNMENT;
+                at = aligned(at + t.bytes());
                 offset
             })
             .collect();
@@ -602,30 +476,24 @@ impl Plan {
 
     /// Header, metadata and tensor index, without the padding that follows.
     pub fn header(&self) -> Vec<u8> {
-        let mut out = b"GGUF".to_vec();
-        out.extend(3u32.to_le_bytes());
-        out.extend((self.tensors.len() as u64).to_le_bytes());
-        out.extend((self.metadata.len() as u64).to_le_bytes());
-        for (key, value) in &self.metadata {
-            put_str(&mut out, key);
-            value.write(&mut out);
-        }
         let (offsets, _) = self.offsets();
-        for (t, offset) in self.tensors.iter().zip(offsets) {
-            put_str(&mut out, &t.name);
-            out.extend((t.dims.len() as u32).to_le_bytes());
-            for d in &t.dims {
-                out.extend(d.to_le_bytes());
-            }
-            out.extend(t.ggml_type().to_le_bytes());
-            out.extend(offset.to_le_bytes());
-        }
-        out
+        let index: Vec<TensorEntry> = self
+            .tensors
+            .iter()
+            .zip(offsets)
+            .map(|(t, offset)| TensorEntry {
+                name: &t.name,
+                dims: &t.dims,
+                ggml_type: t.ggml_type(),
+                offset,
+            })
+            .collect();
+        header(&self.metadata, &index)
     }
 
     /// The whole file's size in bytes.
     pub fn file_size(&self) -> u64 {
-        let header = (self.header().len() as u64).div_ceil(ALIGNMENT) * ALIGNMENT;
+        let header = aligned(self.header().len() as u64);
         header + self.offsets().1
     }
 
@@ -1168,7 +1036,7 @@ mod tests {
                 .abs()
                 < 1e-10
         );
-        let (q4, f32_) = (GGML_Q4_1, GGML_F32);
+        let (q4, f32_) = (GgmlType::Q4_1, GgmlType::F32);
         let mut want = vec![("token_embd.weight".to_string(), q4, vec![64, 300])];
         for i in 0..2 {
             for (part, ty, dims) in [
@@ -1189,7 +1057,17 @@ mod tests {
         let got: Vec<_> = view
             .tensors
             .iter()
-            .map(|t| (t.name.to_string(), t.ggml_type, t.dims.to_vec()))
+            .map(|t| {
+                (
+                    t.name.to_string(),
+                    GgmlType::from_id(t.ggml_type),
+                    t.dims.to_vec(),
+                )
+            })
+            .collect();
+        let want: Vec<_> = want
+            .into_iter()
+            .map(|(name, ty, dims)| (name, Some(ty), dims))
             .collect();
         assert_eq!(got, want);
         for t in view.tensors.iter() {
@@ -1255,8 +1133,8 @@ mod tests {
         for name in ["token_embd.weight", "output.weight"] {
             let t = view.tensor(name).unwrap();
             assert_eq!(
-                (t.ggml_type, t.dims.as_slice()),
-                (GGML_Q8_0, &[64u64, 1000][..])
+                (GgmlType::from_id(t.ggml_type), t.dims.as_slice()),
+                (Some(GgmlType::Q8_0), &[64u64, 1000][..])
             );
         }
         let codec = crate::harness::tokenize::TextCodec::from_model(view).unwrap();

@@ -15,6 +15,11 @@ use plugin_api::{GgmlType, MetaValue, MetadataEntry, ModelView, TensorInfo};
 
 use crate::hashing::sha256_hex;
 
+pub mod format;
+pub mod write;
+
+use format::{ValueType, MAGIC, VERSIONS};
+
 /// The metadata key that marks a synthetic model (a bool, true), written by `host synth`.
 pub const SYNTHETIC_KEY: &str = "autoinfer.synthetic";
 
@@ -185,42 +190,50 @@ impl<'a> Reader<'a> {
     }
 }
 
-const TYPE_STRING: u32 = 8;
-const TYPE_ARRAY: u32 = 9;
-
-/// Reads one scalar of GGUF value type `ty`.
+/// Reads one scalar of GGUF value type id `ty`.
 fn scalar(r: &mut Reader, ty: u32, what: &str) -> Result<MetaValue, ParseError> {
-    Ok(match ty {
-        0 => MetaValue::Uint(r.array::<1>(what)?[0] as u64),
-        1 => MetaValue::Int(i8::from_le_bytes(r.array(what)?) as i64),
-        2 => MetaValue::Uint(u16::from_le_bytes(r.array(what)?) as u64),
-        3 => MetaValue::Int(i16::from_le_bytes(r.array(what)?) as i64),
-        4 => MetaValue::Uint(r.u32(what)? as u64),
-        5 => MetaValue::Int(i32::from_le_bytes(r.array(what)?) as i64),
-        6 => MetaValue::Float(f32::from_le_bytes(r.array(what)?) as f64),
-        7 => MetaValue::Bool(r.array::<1>(what)?[0] != 0),
-        TYPE_STRING => MetaValue::Str(r.string(what)?.into()),
-        10 => MetaValue::Uint(r.u64(what)?),
-        11 => MetaValue::Int(i64::from_le_bytes(r.array(what)?)),
-        12 => MetaValue::Float(f64::from_le_bytes(r.array(what)?)),
-        other => {
-            return Err(ParseError::Corrupt(format!(
-                "{what} has unknown value type {other}"
-            )))
-        }
+    use ValueType::*;
+    let Some(value_type) = ValueType::from_id(ty).filter(|&t| t != Array) else {
+        return Err(ParseError::Corrupt(format!(
+            "{what} has unknown value type {ty}"
+        )));
+    };
+    Ok(match value_type {
+        U8 => MetaValue::Uint(r.array::<1>(what)?[0] as u64),
+        I8 => MetaValue::Int(i8::from_le_bytes(r.array(what)?) as i64),
+        U16 => MetaValue::Uint(u16::from_le_bytes(r.array(what)?) as u64),
+        I16 => MetaValue::Int(i16::from_le_bytes(r.array(what)?) as i64),
+        U32 => MetaValue::Uint(r.u32(what)? as u64),
+        I32 => MetaValue::Int(i32::from_le_bytes(r.array(what)?) as i64),
+        F32 => MetaValue::Float(f32::from_le_bytes(r.array(what)?) as f64),
+        Bool => MetaValue::Bool(r.array::<1>(what)?[0] != 0),
+        Str => MetaValue::Str(r.string(what)?.into()),
+        U64 => MetaValue::Uint(r.u64(what)?),
+        I64 => MetaValue::Int(i64::from_le_bytes(r.array(what)?)),
+        F64 => MetaValue::Float(f64::from_le_bytes(r.array(what)?)),
+        Array => unreachable!("filtered above"),
     })
 }
 
 /// Reads a GGUF array value (element type, count, elements).
 fn array(r: &mut Reader, what: &str) -> Result<MetaValue, ParseError> {
+    use ValueType::*;
     let ty = r.u32(what)?;
-    let min_size = match ty {
-        0 | 1 | 7 => 1,
-        2 | 3 => 2,
-        4..=6 => 4,
-        _ => 8,
+    let element = match ValueType::from_id(ty) {
+        Some(Array) => {
+            return Err(ParseError::Corrupt(format!(
+                "{what}: nested arrays are not supported"
+            )))
+        }
+        Some(t) => t,
+        None => {
+            return Err(ParseError::Corrupt(format!(
+                "{what} has unknown element type {ty}"
+            )))
+        }
     };
-    let n = r.count(what, min_size)?;
+    // A string is at least its 8-byte length.
+    let n = r.count(what, element.width().unwrap_or(8))?;
     let mut items = Vec::with_capacity(n);
     for _ in 0..n {
         items.push(scalar(r, ty, what)?);
@@ -238,29 +251,20 @@ fn array(r: &mut Reader, what: &str) -> Result<MetaValue, ParseError> {
             )
         };
     }
-    Ok(match ty {
-        0 | 2 | 4 | 10 => collect!(Uint, UintArray),
-        1 | 3 | 5 | 11 => collect!(Int, IntArray),
-        6 | 12 => collect!(Float, FloatArray),
-        7 => collect!(Bool, BoolArray),
-        TYPE_STRING => collect!(Str, StrArray),
-        TYPE_ARRAY => {
-            return Err(ParseError::Corrupt(format!(
-                "{what}: nested arrays are not supported"
-            )))
-        }
-        other => {
-            return Err(ParseError::Corrupt(format!(
-                "{what} has unknown element type {other}"
-            )))
-        }
+    Ok(match element {
+        U8 | U16 | U32 | U64 => collect!(Uint, UintArray),
+        I8 | I16 | I32 | I64 => collect!(Int, IntArray),
+        F32 | F64 => collect!(Float, FloatArray),
+        Bool => collect!(Bool, BoolArray),
+        Str => collect!(Str, StrArray),
+        Array => unreachable!("refused above"),
     })
 }
 
 /// Parses a whole GGUF file held in `bytes`.
 fn parse(bytes: &'static [u8]) -> Result<ModelView, ParseError> {
     let mut r = Reader { bytes, pos: 0 };
-    if bytes.len() < 4 || &bytes[..4] != b"GGUF" {
+    if bytes.len() < 4 || &bytes[..4] != MAGIC {
         let head = &bytes[..bytes.len().min(4)];
         return Err(ParseError::NotGguf(
             String::from_utf8_lossy(head).into_owned(),
@@ -268,7 +272,7 @@ fn parse(bytes: &'static [u8]) -> Result<ModelView, ParseError> {
     }
     r.pos = 4;
     let version = r.u32("the GGUF version")?;
-    if !(2..=3).contains(&version) {
+    if !VERSIONS.contains(&version) {
         return Err(ParseError::Version(version));
     }
     let n_tensors = r.count("the tensor count", 24)?;
@@ -279,7 +283,7 @@ fn parse(bytes: &'static [u8]) -> Result<ModelView, ParseError> {
         let key = r.string(&format!("metadata key #{i}"))?;
         let ty = r.u32(&format!("the type of metadata {key:?}"))?;
         let what = format!("metadata {key:?}");
-        let value = if ty == TYPE_ARRAY {
+        let value = if ty == ValueType::Array.id() {
             array(&mut r, &what)?
         } else {
             scalar(&mut r, ty, &what)?
@@ -312,7 +316,9 @@ fn parse(bytes: &'static [u8]) -> Result<ModelView, ParseError> {
         metadata,
         tensors: RVec::new(),
     };
-    let alignment = view_meta.meta_uint("general.alignment").unwrap_or(32);
+    let alignment = view_meta
+        .meta_uint("general.alignment")
+        .unwrap_or(format::ALIGNMENT);
     if alignment == 0 || !alignment.is_power_of_two() {
         return Err(ParseError::Corrupt(format!(
             "general.alignment is {alignment}, not a power of two"
@@ -368,27 +374,18 @@ pub(crate) mod tests {
 
     /// Writes a minimal GGUF: the given metadata strings and one F32 tensor of `n` elements.
     pub(crate) fn tiny_gguf(meta: &[(&str, &str)], n: u64) -> Vec<u8> {
-        let mut out = b"GGUF".to_vec();
-        out.extend(3u32.to_le_bytes());
-        out.extend(1u64.to_le_bytes());
-        out.extend((meta.len() as u64).to_le_bytes());
-        let put_str = |out: &mut Vec<u8>, s: &str| {
-            out.extend((s.len() as u64).to_le_bytes());
-            out.extend(s.as_bytes());
+        let metadata: Vec<(String, write::Value)> = meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), write::Value::Str(v.to_string())))
+            .collect();
+        let tensor = write::TensorEntry {
+            name: "w",
+            dims: &[n],
+            ggml_type: GgmlType::F32,
+            offset: 0,
         };
-        for (k, v) in meta {
-            put_str(&mut out, k);
-            out.extend(TYPE_STRING.to_le_bytes());
-            put_str(&mut out, v);
-        }
-        put_str(&mut out, "w");
-        out.extend(1u32.to_le_bytes());
-        out.extend(n.to_le_bytes());
-        out.extend(0u32.to_le_bytes()); // F32
-        out.extend(0u64.to_le_bytes());
-        while out.len() % 32 != 0 {
-            out.push(0);
-        }
+        let mut out = write::header(&metadata, &[tensor]);
+        out.resize(write::aligned(out.len() as u64) as usize, 0);
         out.extend(std::iter::repeat_n(0u8, 4 * n as usize));
         out
     }
