@@ -74,6 +74,9 @@ pub struct CompareRules {
     /// Measuring stops (once decode is decided) when every guarded figure's chance of ending
     /// SLOWER at the last look is below this; 0 waits until each is shown no worse.
     pub guard_stop_chance: f64,
+    /// Measuring stops, with nothing SLOWER, when decode's chance of ending FASTER and its
+    /// chance of ending SLOWER are both below this (futility); 0 waits for decode to be decided.
+    pub futility_chance: f64,
     /// The comparison stops at the first look after this many seconds of measuring.
     pub max_seconds: f64,
 }
@@ -200,6 +203,7 @@ impl CompareRules {
                 0.0,
                 0.5,
             ),
+            ("compare.futility_chance", self.futility_chance, 0.0, 0.5),
         ] {
             if !(lo..=hi).contains(&value) {
                 return Err(format!("{name} must be between {lo} and {hi}, not {value}"));
@@ -268,7 +272,7 @@ mod tests {
         let good = "max_new_tokens = 8\nrounds = 1\nwarmup_requests = 1\nrequest_timeout_s = 5\ndecoding = \"greedy\"\n\
                     [gates]\ntie_margin = 0.01\nmin_agreement = 0.99\nmax_perplexity_ratio = 1.05\n\
                     max_check_drop = 0.1\nmax_repetition_rise = 0.2\nscored_rounds = 3\n\
-                    [compare]\nnoise_threshold = 0.01\nalpha = 0.05\nlooks = 5\nrounds_per_look = 2\nspending_gamma = -1.0\nwarmup_new_tokens = 8\nguard_stop_chance = 0.01\nmax_seconds = 600\n\
+                    [compare]\nnoise_threshold = 0.01\nalpha = 0.05\nlooks = 5\nrounds_per_look = 2\nspending_gamma = -1.0\nwarmup_new_tokens = 8\nguard_stop_chance = 0.01\nfutility_chance = 0.01\nmax_seconds = 600\n\
                     [screen]\nprompts = [\"a\"]\nmax_new_tokens = 16\nlooks = 2\nrounds_per_look = 1\n";
         std::fs::write(&path, good).unwrap();
         Protocol::load(&path).expect("the good file loads");

@@ -106,6 +106,9 @@ pub struct FigureResult {
     /// The chance this figure would end SLOWER at the last look, were the comparison to run
     /// on at its present estimate and spread ([`Paired::chance_slower_at_end`]).
     pub chance_slower_at_end: Option<f64>,
+    /// The chance it would end FASTER, on the same assumptions: for the decode rate, whether
+    /// a KEEP is still within reach ([`Paired::chance_faster_at_end`]).
+    pub chance_faster_at_end: Option<f64>,
 }
 
 impl FigureResult {
@@ -140,22 +143,37 @@ impl FigureResult {
     pub(crate) fn cannot_block(&self, noise: f64, stop_chance: f64) -> bool {
         self.not_worse(noise) || self.chance_slower_at_end.is_some_and(|c| c < stop_chance)
     }
+
+    /// Will not end FASTER, in all likelihood: its chance of ending FASTER at the last look is
+    /// below `stop_chance` (futility: a KEEP is out of reach).
+    pub(crate) fn cannot_win(&self, stop_chance: f64) -> bool {
+        self.chance_faster_at_end.is_some_and(|c| c < stop_chance)
+    }
 }
 
 /// Whether more rounds would, in all likelihood, no longer change what the keep rule
-/// ([`crate::commands::compare::keep_rule::decide`]) makes of the timing: a figure is SLOWER (a revert, whatever comes
-/// next), or decode is decided (FASTER, or SAME inside the noise band) and every guarded figure
-/// is shown not SLOWER beyond the noise threshold or has a chance below `stop_chance` of ending
-/// SLOWER if all the looks were run ([`FigureResult::cannot_block`]). A comparison does not go
-/// on to pin down a guarded figure that cannot block a keep.
-pub(crate) fn measuring_done(figures: &[FigureResult], noise: f64, stop_chance: f64) -> bool {
+/// ([`crate::commands::compare::keep_rule::decide`]) makes of the timing: a figure is SLOWER (a
+/// revert, whatever comes next); or decode is settled and every guarded figure is shown not
+/// SLOWER beyond the noise threshold or has a chance below `stop_chance` of ending SLOWER if
+/// all the looks were run ([`FigureResult::cannot_block`]). Decode is settled when it is decided
+/// (FASTER, or SAME inside the noise band), or when `futility` bounds both its chance of ending
+/// FASTER (no KEEP within reach) and of ending SLOWER: then the answer is NOISE with nothing
+/// SLOWER, which the simplicity rule may keep. (`futility` 0 waits for decode to be decided.) A
+/// comparison does not go on to pin down a figure that cannot change the outcome.
+pub(crate) fn measuring_done(
+    figures: &[FigureResult],
+    noise: f64,
+    stop_chance: f64,
+    futility: f64,
+) -> bool {
     if figures.iter().any(|f| f.verdict == Verdict::Slower) {
         return true;
     }
-    let decode_decided = figures
-        .iter()
-        .any(|f| f.figure == Figure::DecodeTokS && f.decided());
-    decode_decided
+    let decode_settled = figures.iter().any(|f| {
+        f.figure == Figure::DecodeTokS
+            && (f.decided() || (f.cannot_win(futility) && f.cannot_block(noise, futility)))
+    });
+    decode_settled
         && figures
             .iter()
             .filter(|f| f.guarded)
@@ -193,6 +211,14 @@ pub(crate) fn figure_result(
         settled: decision.as_ref().is_some_and(|d| d.within(noise)),
         chance_slower_at_end: decision.as_ref().map(|d| {
             d.chance_slower_at_end(
+                figure.better(),
+                noise,
+                horizon.pairs,
+                (horizon.alpha)(figure),
+            )
+        }),
+        chance_faster_at_end: decision.as_ref().map(|d| {
+            d.chance_faster_at_end(
                 figure.better(),
                 noise,
                 horizon.pairs,
@@ -289,9 +315,15 @@ pub(crate) fn look_line(
             Some(d) => {
                 // A guard not shown within the band: how likely it is to end SLOWER, which
                 // is what lets a comparison stop without it (see `measuring_done`).
-                let chance = match f.chance_slower_at_end {
-                    Some(c) if f.guarded && f.verdict == Verdict::Noise && !f.not_worse(noise) => {
+                // Undecided decode: how likely a KEEP still is (futility stops it when unlikely).
+                let chance = match (f.chance_slower_at_end, f.chance_faster_at_end) {
+                    (Some(c), _)
+                        if f.guarded && f.verdict == Verdict::Noise && !f.not_worse(noise) =>
+                    {
                         format!(" (ends SLOWER: {:.1}%)", c * 100.0)
+                    }
+                    (_, Some(c)) if !f.guarded && f.verdict == Verdict::Noise && !f.settled => {
+                        format!(" (ends FASTER: {:.1}%)", c * 100.0)
                     }
                     _ => String::new(),
                 };

@@ -197,6 +197,11 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         );
     }
     apply_rules(&mut setup.protocol.compare, args)?;
+    if args.screen {
+        // A screen's few looks are its whole budget, and its stated error rates were simulated
+        // without futility stopping.
+        setup.protocol.compare.futility_chance = 0.0;
+    }
     let oracle_device = setup
         .protocol
         .gates
@@ -633,7 +638,12 @@ fn measure(
             round + 1,
             rules.noise_threshold,
         ));
-        let done = measuring_done(&figures, rules.noise_threshold, rules.guard_stop_chance);
+        let done = measuring_done(
+            &figures,
+            rules.noise_threshold,
+            rules.guard_stop_chance,
+            rules.futility_chance,
+        );
         out.looks.push(figures);
         if done || out.seconds >= rules.max_seconds {
             break;
@@ -664,6 +674,7 @@ mod tests {
             verdict,
             settled,
             chance_slower_at_end: None,
+            chance_faster_at_end: None,
         }
     }
 
@@ -880,7 +891,7 @@ mod tests {
                 with_interval(Figure::TtftMs, ttft),
                 with_interval(Figure::PeakRssMib, rss),
             ];
-            measuring_done(&figures, 0.01, 0.0)
+            measuring_done(&figures, 0.01, 0.0, 0.0)
         };
         // Decode FASTER, prefill shown no worse than 1% slower though not decided (the case
         // that once ran all 12 rounds): stop.
@@ -913,11 +924,35 @@ mod tests {
                 with_interval(Figure::PeakRssMib, same),
             ]
         };
-        assert!(measuring_done(&with_chance(0.001), 0.01, 0.01));
-        assert!(!measuring_done(&with_chance(0.02), 0.01, 0.01));
+        assert!(measuring_done(&with_chance(0.001), 0.01, 0.01, 0.0));
+        assert!(!measuring_done(&with_chance(0.02), 0.01, 0.01, 0.0));
         assert!(
-            !measuring_done(&with_chance(0.001), 0.01, 0.0),
+            !measuring_done(&with_chance(0.001), 0.01, 0.0, 0.0),
             "0 never curtails"
+        );
+
+        // Futility: undecided decode stops the measuring (as NOISE) only when both its chance
+        // of ending FASTER and of ending SLOWER are below the futility chance.
+        let hopeless = |faster: f64, slower: f64| {
+            let mut decode = with_interval(Figure::DecodeTokS, unknown);
+            decode.chance_faster_at_end = Some(faster);
+            decode.chance_slower_at_end = Some(slower);
+            [
+                decode,
+                with_interval(Figure::PrefillTokS, same),
+                with_interval(Figure::TtftMs, same),
+                with_interval(Figure::PeakRssMib, same),
+            ]
+        };
+        assert!(measuring_done(&hopeless(0.002, 0.0), 0.01, 0.01, 0.01));
+        assert!(!measuring_done(&hopeless(0.05, 0.0), 0.01, 0.01, 0.01));
+        assert!(
+            !measuring_done(&hopeless(0.002, 0.3), 0.01, 0.01, 0.01),
+            "a decode that may still end SLOWER is pinned down"
+        );
+        assert!(
+            !measuring_done(&hopeless(0.0, 0.0), 0.01, 0.01, 0.0),
+            "0 waits for decode to be decided"
         );
     }
 
@@ -934,7 +969,7 @@ mod tests {
         rng: &mut crate::stats::rng::SplitMix64,
         schedule: &LookSchedule,
         (decode, prefill): (f64, f64),
-        stop_chance: f64,
+        (stop_chance, futility): (f64, f64),
     ) -> (Outcome, u32) {
         use crate::stats::significance::gaussian;
         let end = |f: Figure| schedule.alpha_at(f.test(), 6).unwrap();
@@ -967,7 +1002,7 @@ mod tests {
                 figure_result(f, logs, alpha, &horizon, 0.01, Paired::t_only)
             })
             .collect();
-            if measuring_done(&figures, 0.01, stop_chance) {
+            if measuring_done(&figures, 0.01, stop_chance, futility) {
                 return (
                     outcome_of(&figures, Some(&gates(false)), None, false).0,
                     round,
@@ -982,11 +1017,15 @@ mod tests {
     }
 
     /// Shares of KEEP and REVERT and the median rounds over `trials` simulated comparisons.
-    fn campaign(decode: f64, prefill: f64, stop_chance: f64, trials: usize) -> (f64, f64, u32) {
+    fn campaign(
+        (decode, prefill): (f64, f64),
+        chances: (f64, f64),
+        trials: usize,
+    ) -> (f64, f64, u32) {
         let mut rng = crate::stats::rng::SplitMix64::new(17);
         let schedule = LookSchedule::new(0.05, 6, 2, -1.0, &TESTS);
         let runs: Vec<(Outcome, u32)> = (0..trials)
-            .map(|_| simulate_comparison(&mut rng, &schedule, (decode, prefill), stop_chance))
+            .map(|_| simulate_comparison(&mut rng, &schedule, (decode, prefill), chances))
             .collect();
         let share = |o: Outcome| runs.iter().filter(|r| r.0 == o).count() as f64 / trials as f64;
         let mut rounds: Vec<u32> = runs.iter().map(|r| r.1).collect();
@@ -1005,7 +1044,7 @@ mod tests {
         let mut cases = Vec::new();
         for (decode, prefill) in [(1.10, 1.0), (1.10, 0.95), (1.10, 0.90), (1.0, 1.0)] {
             for chance in [0.0, 0.01] {
-                let (keep, revert, rounds) = campaign(decode, prefill, chance, 2000);
+                let (keep, revert, rounds) = campaign((decode, prefill), (chance, 0.0), 2000);
                 eprintln!(
                     "decode {decode} prefill {prefill} stop chance {chance}: KEEP {keep:.3} \
                      REVERT {revert:.3} median rounds {rounds}"
@@ -1022,17 +1061,35 @@ mod tests {
         assert!(cases[6].0 <= 0.01 && cases[7].0 <= 0.01, "{cases:?}");
     }
 
+    /// Decode futility: stop with NOISE once decode can in all likelihood end neither FASTER
+    /// nor SLOWER. Printed for protocol.toml and README; run with `--nocapture`.
+    #[test]
+    fn futility_ends_hopeless_comparisons_early_at_a_stated_cost() {
+        let mut cases = Vec::new();
+        for decode in [1.0, 1.02, 1.05, 1.10, 0.95] {
+            for futility in [0.0, 0.01] {
+                let (keep, revert, rounds) = campaign((decode, 1.0), (0.01, futility), 2000);
+                eprintln!(
+                    "decode {decode} futility {futility}: KEEP {keep:.3} REVERT {revert:.3} \
+                     median rounds {rounds}"
+                );
+                cases.push((keep, revert, rounds));
+            }
+        }
+        // A variant against itself: no longer all 12 rounds, and still almost never kept.
+        assert_eq!(cases[0].2, 12);
+        assert!(cases[1].2 < 12 && cases[1].0 <= 0.01, "{cases:?}");
+    }
+
     #[test]
     fn a_look_line_shows_each_figures_running_ratio_and_interval() {
         let mut prefill = with_interval(Figure::PrefillTokS, (0.97, 1.04));
         prefill.chance_slower_at_end = Some(0.0042);
         let mut rss = with_interval(Figure::PeakRssMib, (0.995, 1.005));
         rss.chance_slower_at_end = Some(0.0);
-        let figures = [
-            with_interval(Figure::DecodeTokS, (1.05, 1.10)),
-            prefill,
-            rss,
-        ];
+        let mut decode = with_interval(Figure::DecodeTokS, (1.05, 1.10));
+        decode.chance_faster_at_end = Some(0.9);
+        let figures = [decode.clone(), prefill, rss];
         let line = look_line(&figures, 2, 6, 4, 0.01);
         assert!(line.starts_with("look 2/6 after 4 rounds"), "{line}");
         assert!(
@@ -1045,6 +1102,11 @@ mod tests {
         );
         // A guard shown within the band needs no chance.
         assert!(line.ends_with("1.000 [0.995, 1.005] SAME"), "{line}");
+        // Undecided decode says how likely it still is to end FASTER.
+        decode.verdict = Verdict::Noise;
+        decode.chance_faster_at_end = Some(0.0031);
+        let line = look_line(&[decode], 1, 6, 2, 0.01);
+        assert!(line.contains("NOISE (ends FASTER: 0.3%)"), "{line}");
     }
 
     #[test]
