@@ -33,7 +33,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use plugin_api::{GgmlType, MetaValue, ModelView};
 
 use crate::gguf::format::ALIGNMENT;
-use crate::gguf::write::{aligned, header, TensorEntry, Value};
+use crate::gguf::write::{aligned, header, TensorEntry};
 use crate::gguf::SYNTHETIC_KEY;
 use crate::stats::rng::SplitMix64;
 
@@ -362,7 +362,7 @@ impl TensorSpec {
 }
 
 /// `tokenizer.ggml.token_type` of a padding token: user-defined.
-const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 /// Everything a synthetic file holds but its tensor data: what [`write_file`] writes.
 #[derive(Debug, Clone)]
@@ -378,7 +378,7 @@ pub struct Plan {
     /// Tokens added to the source's to reach `vocab`.
     pub padding_tokens: u64,
     /// Metadata, in file order.
-    pub metadata: Vec<(String, Value)>,
+    pub metadata: Vec<(String, MetaValue)>,
     /// Tensors, in file order.
     pub tensors: Vec<TensorSpec>,
 }
@@ -405,18 +405,20 @@ impl Plan {
             });
         }
         let padding = vocab - source_vocab;
-        // Integers as u32, as llama.cpp writes them (u64 only if one ever did not fit).
-        let uint = |x: u64| u32::try_from(x).map_or(Value::U64(x), Value::U32);
-        let mut metadata: Vec<(String, Value)> = vec![
-            ("general.architecture".into(), Value::Str("llama".into())),
+        // (The writer puts integers as u32, as llama.cpp does, and floats as f32.)
+        let uint = MetaValue::Uint;
+        let text = |s: &str| MetaValue::Str(s.into());
+        let float = |x: f32| MetaValue::Float(x as f64);
+        let mut metadata: Vec<(String, MetaValue)> = vec![
+            ("general.architecture".into(), text("llama")),
             (
                 "general.name".into(),
-                Value::Str(format!("synthetic {} (random weights)", shape.name)),
+                text(&format!("synthetic {} (random weights)", shape.name)),
             ),
-            (SYNTHETIC_KEY.into(), Value::Bool(true)),
-            ("general.file_type".into(), Value::U32(quant.file_type())),
-            ("general.quantization_version".into(), Value::U32(2)),
-            ("general.alignment".into(), Value::U32(ALIGNMENT as u32)),
+            (SYNTHETIC_KEY.into(), MetaValue::Bool(true)),
+            ("general.file_type".into(), uint(quant.file_type().into())),
+            ("general.quantization_version".into(), uint(2)),
+            ("general.alignment".into(), uint(ALIGNMENT)),
             ("llama.vocab_size".into(), uint(vocab)),
             ("llama.context_length".into(), uint(shape.context)),
             ("llama.embedding_length".into(), uint(shape.width)),
@@ -424,10 +426,10 @@ impl Plan {
             ("llama.feed_forward_length".into(), uint(shape.ffn)),
             ("llama.attention.head_count".into(), uint(shape.heads)),
             ("llama.attention.head_count_kv".into(), uint(shape.kv_heads)),
-            ("llama.rope.freq_base".into(), Value::F32(shape.rope_base)),
+            ("llama.rope.freq_base".into(), float(shape.rope_base)),
             (
                 "llama.attention.layer_norm_rms_epsilon".into(),
-                Value::F32(shape.rms_eps),
+                float(shape.rms_eps),
             ),
             ("llama.rope.dimension_count".into(), uint(shape.head_dim())),
         ];
@@ -436,7 +438,7 @@ impl Plan {
             if !key.starts_with("tokenizer.") {
                 continue;
             }
-            let mut value = Value::from_meta(&entry.value);
+            let mut value = entry.value.clone();
             if padding > 0 {
                 pad_per_token(key, &mut value, source_vocab, vocab);
             }
@@ -546,27 +548,27 @@ const CHUNK_BLOCKS: u64 = 1 << 15;
 
 /// Pads the per-token arrays of the tokenizer (`tokens`, `token_type`, `scores`) from
 /// `source_vocab` to `vocab` entries.
-fn pad_per_token(key: &str, value: &mut Value, source_vocab: u64, vocab: u64) {
+fn pad_per_token(key: &str, value: &mut MetaValue, source_vocab: u64, vocab: u64) {
     let n = vocab as usize;
     let is_per_token = |len: usize| len as u64 == source_vocab;
     match (key, value) {
-        ("tokenizer.ggml.tokens", Value::Strs(tokens)) => {
-            let taken: HashSet<String> = tokens.iter().cloned().collect();
+        ("tokenizer.ggml.tokens", MetaValue::StrArray(tokens)) => {
+            let taken: HashSet<String> = tokens.iter().map(|t| t.to_string()).collect();
             for id in source_vocab..vocab {
                 let mut token = format!("<|synth_{id}|>");
                 while taken.contains(&token) {
                     token.push('_');
                 }
-                tokens.push(token);
+                tokens.push(token.into());
             }
         }
-        ("tokenizer.ggml.token_type", Value::I32s(types)) if is_per_token(types.len()) => {
+        ("tokenizer.ggml.token_type", MetaValue::IntArray(types)) if is_per_token(types.len()) => {
             types.resize(n, TOKEN_TYPE_USER_DEFINED)
         }
-        ("tokenizer.ggml.token_type", Value::U32s(types)) if is_per_token(types.len()) => {
-            types.resize(n, TOKEN_TYPE_USER_DEFINED as u32)
+        ("tokenizer.ggml.token_type", MetaValue::UintArray(types)) if is_per_token(types.len()) => {
+            types.resize(n, TOKEN_TYPE_USER_DEFINED as u64)
         }
-        ("tokenizer.ggml.scores", Value::F32s(scores)) if is_per_token(scores.len()) => {
+        ("tokenizer.ggml.scores", MetaValue::FloatArray(scores)) if is_per_token(scores.len()) => {
             scores.resize(n, 0.0)
         }
         _ => {}
@@ -1199,20 +1201,16 @@ mod tests {
         assert_eq!(got, want);
         for (key, value) in &plan.metadata {
             if key.starts_with("llama.") {
-                let real_value = Value::from_meta(real.view.meta(key).unwrap());
+                let real_value = real.view.meta(key).unwrap();
                 match (value, real_value) {
-                    (Value::F32(a), Value::F32(b)) => {
+                    (MetaValue::Float(a), MetaValue::Float(b)) => {
                         assert!((a - b).abs() <= 1e-6 * b.abs(), "{key}")
                     }
-                    (a, b) => assert_eq!(a, &b, "{key}"),
+                    (a, b) => assert_eq!(a, b, "{key}"),
                 }
             }
             if key.starts_with("tokenizer.") {
-                assert_eq!(
-                    value,
-                    &Value::from_meta(real.view.meta(key).unwrap()),
-                    "{key}"
-                );
+                assert_eq!(Some(value), real.view.meta(key), "{key}");
             }
         }
     }

@@ -374,9 +374,9 @@ pub(crate) mod tests {
 
     /// Writes a minimal GGUF: the given metadata strings and one F32 tensor of `n` elements.
     pub(crate) fn tiny_gguf(meta: &[(&str, &str)], n: u64) -> Vec<u8> {
-        let metadata: Vec<(String, write::Value)> = meta
+        let metadata: Vec<(String, MetaValue)> = meta
             .iter()
-            .map(|(k, v)| (k.to_string(), write::Value::Str(v.to_string())))
+            .map(|(k, v)| (k.to_string(), MetaValue::Str((*v).into())))
             .collect();
         let tensor = write::TensorEntry {
             name: "w",

@@ -1,122 +1,77 @@
-//! Writing GGUF files: metadata [`Value`]s with the width they are written in, and the
-//! [`header`] (magic, version, metadata, tensor index) in the numbers of [`super::format`] that
-//! the reader uses too. `host synth` streams the tensor data after it.
+//! Writing GGUF files: the [`header`] (magic, version, metadata, tensor index) in the numbers of
+//! [`super::format`] that the reader uses too, with metadata as the reader's own [`MetaValue`]s
+//! ([`put_value`] picks the width). `host synth` streams the tensor data after it.
 
 use plugin_api::{GgmlType, MetaValue};
 
 use super::format::{ValueType, ALIGNMENT, MAGIC, VERSIONS};
 
-/// A GGUF metadata value, as the writer emits it (with the width it is written in).
-#[derive(Debug, Clone, PartialEq)]
-pub enum Value {
-    /// GGUF type 4.
-    U32(u32),
-    /// GGUF type 10.
-    U64(u64),
-    /// GGUF type 5.
-    I32(i32),
-    /// GGUF type 11.
-    I64(i64),
-    /// GGUF type 6.
-    F32(f32),
-    /// GGUF type 7.
-    Bool(bool),
-    /// GGUF type 8.
-    Str(String),
-    /// An array of u32.
-    U32s(Vec<u32>),
-    /// An array of u64.
-    U64s(Vec<u64>),
-    /// An array of i32.
-    I32s(Vec<i32>),
-    /// An array of i64.
-    I64s(Vec<i64>),
-    /// An array of f32.
-    F32s(Vec<f32>),
-    /// An array of bools.
-    Bools(Vec<bool>),
-    /// An array of strings.
-    Strs(Vec<String>),
-}
-
-impl Value {
-    /// The value of a parsed entry, in the narrowest of the types llama.cpp writes for it
-    /// (integers as 32 bits where they fit, floats as f32): the parser keeps no width.
-    pub fn from_meta(v: &MetaValue) -> Value {
-        let all_u32 = |v: &[u64]| v.iter().all(|&x| u32::try_from(x).is_ok());
-        let all_i32 = |v: &[i64]| v.iter().all(|&x| i32::try_from(x).is_ok());
-        match v {
-            MetaValue::Uint(x) => u32::try_from(*x).map_or(Value::U64(*x), Value::U32),
-            MetaValue::Int(x) => i32::try_from(*x).map_or(Value::I64(*x), Value::I32),
-            MetaValue::Float(x) => Value::F32(*x as f32),
-            MetaValue::Bool(b) => Value::Bool(*b),
-            MetaValue::Str(s) => Value::Str(s.to_string()),
-            MetaValue::UintArray(v) if all_u32(v) => {
-                Value::U32s(v.iter().map(|&x| x as u32).collect())
-            }
-            MetaValue::UintArray(v) => Value::U64s(v.to_vec()),
-            MetaValue::IntArray(v) if all_i32(v) => {
-                Value::I32s(v.iter().map(|&x| x as i32).collect())
-            }
-            MetaValue::IntArray(v) => Value::I64s(v.to_vec()),
-            MetaValue::FloatArray(v) => Value::F32s(v.iter().map(|&x| x as f32).collect()),
-            MetaValue::BoolArray(v) => Value::Bools(v.to_vec()),
-            MetaValue::StrArray(v) => Value::Strs(v.iter().map(|s| s.to_string()).collect()),
+/// Appends `value` with its GGUF type id, in the narrowest of the types llama.cpp writes for it
+/// (integers as 32 bits where every one fits, floats as f32): [`MetaValue`], the values the
+/// reader gives variants, keeps no width, so the writer chooses.
+pub fn put_value(out: &mut Vec<u8>, value: &MetaValue) {
+    fn array<T>(
+        out: &mut Vec<u8>,
+        ty: ValueType,
+        items: &[T],
+        mut put: impl FnMut(&mut Vec<u8>, &T),
+    ) {
+        out.extend(ValueType::Array.id().to_le_bytes());
+        out.extend(ty.id().to_le_bytes());
+        out.extend((items.len() as u64).to_le_bytes());
+        for item in items {
+            put(out, item);
         }
     }
-
-    /// Appends the GGUF type id and the value.
-    pub fn write(&self, out: &mut Vec<u8>) {
-        fn array<T>(
-            out: &mut Vec<u8>,
-            ty: ValueType,
-            items: &[T],
-            mut put: impl FnMut(&mut Vec<u8>, &T),
-        ) {
-            out.extend(ValueType::Array.id().to_le_bytes());
-            out.extend(ty.id().to_le_bytes());
-            out.extend((items.len() as u64).to_le_bytes());
-            for item in items {
-                put(out, item);
+    let tag = |out: &mut Vec<u8>, ty: ValueType| out.extend(ty.id().to_le_bytes());
+    let all_u32 = |v: &[u64]| v.iter().all(|&x| u32::try_from(x).is_ok());
+    let all_i32 = |v: &[i64]| v.iter().all(|&x| i32::try_from(x).is_ok());
+    match value {
+        MetaValue::Uint(x) => match u32::try_from(*x) {
+            Ok(x) => {
+                tag(out, ValueType::U32);
+                out.extend(x.to_le_bytes());
             }
+            Err(_) => {
+                tag(out, ValueType::U64);
+                out.extend(x.to_le_bytes());
+            }
+        },
+        MetaValue::Int(x) => match i32::try_from(*x) {
+            Ok(x) => {
+                tag(out, ValueType::I32);
+                out.extend(x.to_le_bytes());
+            }
+            Err(_) => {
+                tag(out, ValueType::I64);
+                out.extend(x.to_le_bytes());
+            }
+        },
+        MetaValue::Float(x) => {
+            tag(out, ValueType::F32);
+            out.extend((*x as f32).to_le_bytes());
         }
-        match self {
-            Value::U32(x) => {
-                out.extend(ValueType::U32.id().to_le_bytes());
-                out.extend(x.to_le_bytes());
-            }
-            Value::U64(x) => {
-                out.extend(ValueType::U64.id().to_le_bytes());
-                out.extend(x.to_le_bytes());
-            }
-            Value::I32(x) => {
-                out.extend(ValueType::I32.id().to_le_bytes());
-                out.extend(x.to_le_bytes());
-            }
-            Value::I64(x) => {
-                out.extend(ValueType::I64.id().to_le_bytes());
-                out.extend(x.to_le_bytes());
-            }
-            Value::F32(x) => {
-                out.extend(ValueType::F32.id().to_le_bytes());
-                out.extend(x.to_le_bytes());
-            }
-            Value::Bool(b) => {
-                out.extend(ValueType::Bool.id().to_le_bytes());
-                out.push(u8::from(*b));
-            }
-            Value::Str(s) => {
-                out.extend(ValueType::Str.id().to_le_bytes());
-                put_str(out, s);
-            }
-            Value::U32s(v) => array(out, ValueType::U32, v, |o, x| o.extend(x.to_le_bytes())),
-            Value::U64s(v) => array(out, ValueType::U64, v, |o, x| o.extend(x.to_le_bytes())),
-            Value::I32s(v) => array(out, ValueType::I32, v, |o, x| o.extend(x.to_le_bytes())),
-            Value::I64s(v) => array(out, ValueType::I64, v, |o, x| o.extend(x.to_le_bytes())),
-            Value::F32s(v) => array(out, ValueType::F32, v, |o, x| o.extend(x.to_le_bytes())),
-            Value::Bools(v) => array(out, ValueType::Bool, v, |o, b| o.push(u8::from(*b))),
-            Value::Strs(v) => array(out, ValueType::Str, v, |o, s| put_str(o, s)),
+        MetaValue::Bool(b) => {
+            tag(out, ValueType::Bool);
+            out.push(u8::from(*b));
         }
+        MetaValue::Str(s) => {
+            tag(out, ValueType::Str);
+            put_str(out, s);
+        }
+        MetaValue::UintArray(v) if all_u32(v) => array(out, ValueType::U32, v, |o, &x| {
+            o.extend((x as u32).to_le_bytes())
+        }),
+        MetaValue::UintArray(v) => array(out, ValueType::U64, v, |o, x| o.extend(x.to_le_bytes())),
+        MetaValue::IntArray(v) if all_i32(v) => array(out, ValueType::I32, v, |o, &x| {
+            o.extend((x as i32).to_le_bytes())
+        }),
+        MetaValue::IntArray(v) => array(out, ValueType::I64, v, |o, x| o.extend(x.to_le_bytes())),
+        MetaValue::FloatArray(v) => array(out, ValueType::F32, v, |o, &x| {
+            o.extend((x as f32).to_le_bytes())
+        }),
+        MetaValue::BoolArray(v) => array(out, ValueType::Bool, v, |o, b| o.push(u8::from(*b))),
+        MetaValue::StrArray(v) => array(out, ValueType::Str, v, |o, s| put_str(o, s)),
     }
 }
 
@@ -140,14 +95,14 @@ pub struct TensorEntry<'a> {
 
 /// The header of a GGUF file of the newest version: magic, version, counts, `metadata` in
 /// order and the tensor index; without the padding to [`ALIGNMENT`] that precedes the data.
-pub fn header(metadata: &[(String, Value)], tensors: &[TensorEntry]) -> Vec<u8> {
+pub fn header(metadata: &[(String, MetaValue)], tensors: &[TensorEntry]) -> Vec<u8> {
     let mut out = MAGIC.to_vec();
     out.extend(VERSIONS.end().to_le_bytes());
     out.extend((tensors.len() as u64).to_le_bytes());
     out.extend((metadata.len() as u64).to_le_bytes());
     for (key, value) in metadata {
         put_str(&mut out, key);
-        value.write(&mut out);
+        put_value(&mut out, value);
     }
     for t in tensors {
         put_str(&mut out, t.name);
@@ -164,4 +119,50 @@ pub fn header(metadata: &[(String, Value)], tensors: &[TensorEntry]) -> Vec<u8> 
 /// `n` rounded up to the data alignment.
 pub fn aligned(n: u64) -> u64 {
     n.div_ceil(ALIGNMENT) * ALIGNMENT
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use abi_stable::std_types::RString;
+
+    /// Every value the writer writes, the reader reads back as the same value.
+    #[test]
+    fn metadata_round_trips_through_the_reader() {
+        let values = [
+            MetaValue::Uint(7),
+            MetaValue::Uint(u64::MAX),
+            MetaValue::Int(-7),
+            MetaValue::Int(i64::MIN),
+            MetaValue::Float(0.5),
+            MetaValue::Bool(true),
+            MetaValue::Str("llama".into()),
+            MetaValue::UintArray(vec![1, 2, 3].into()),
+            MetaValue::UintArray(vec![1, u64::MAX].into()),
+            MetaValue::IntArray(vec![-1, 4].into()),
+            MetaValue::IntArray(vec![i64::MAX].into()),
+            MetaValue::FloatArray(vec![0.25, -2.0].into()),
+            MetaValue::BoolArray(vec![true, false].into()),
+            MetaValue::StrArray(vec![RString::from("a"), RString::from("bc")].into()),
+        ];
+        let metadata: Vec<(String, MetaValue)> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("k{i}"), v.clone()))
+            .collect();
+        let tensor = TensorEntry {
+            name: "w",
+            dims: &[4],
+            ggml_type: GgmlType::F32,
+            offset: 0,
+        };
+        let mut bytes = header(&metadata, &[tensor]);
+        bytes.resize(aligned(bytes.len() as u64) as usize, 0);
+        bytes.extend([0u8; 16]);
+        let view = super::super::parse(Box::leak(bytes.into_boxed_slice())).unwrap();
+        for (i, v) in values.iter().enumerate() {
+            assert_eq!(view.meta(&format!("k{i}")), Some(v), "k{i}");
+        }
+        assert_eq!(view.tensors[0].ggml_type, GgmlType::F32.id());
+    }
 }
