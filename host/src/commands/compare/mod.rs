@@ -170,8 +170,27 @@ struct Measured {
     seconds: f64,
 }
 
-/// Runs `host compare`; returns the outcome (the caller turns it into the exit status).
-pub fn compare(args: &CompareArgs) -> Result<Outcome> {
+/// Everything a comparison is set up from, before its first timed request: the protocol, both
+/// variants built, the oracle built, and where the result goes.
+struct Prepared {
+    setup: Setup,
+    rules: CompareRules,
+    schedule: LookSchedule,
+    a_arg: String,
+    b_arg: String,
+    a: Side,
+    b: Side,
+    oracle_build: OracleBuild,
+    provenance: Provenance,
+    results_dir: PathBuf,
+    stem: String,
+    protect: Vec<PathBuf>,
+    synthetic: bool,
+}
+
+/// Checks the arguments and the harness, opens the protocol, prompts and model, and builds the
+/// oracle and both variants (every build before any timed request).
+fn prepare(args: &CompareArgs) -> Result<Prepared> {
     let root = find_root(&std::env::current_dir()?)?;
     if args.overrides.rounds.is_some() {
         bail!("host compare takes no --rounds: it adds rounds until it can decide; bound it with --looks, --rounds-per-look or --max-seconds");
@@ -226,14 +245,13 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     if synthetic {
         eprintln!("{}", crate::commands::setup::SYNTHETIC_BANNER);
     }
-    let device = setup.device;
     // The oracle first: the variants' builds start from its compiled dependencies.
     let oracle_build = OracleBuild::prepare(&root, oracle_device)?;
     let results_dir = args.results.clone().unwrap_or_else(|| root.join("results"));
     let sandbox = crate::commands::setup::build_sandbox(&root);
-    let a = Side::resolve(&root, &a_arg, args.no_build, device, &sandbox)
+    let a = Side::resolve(&root, &a_arg, args.no_build, setup.device, &sandbox)
         .with_context(|| format!("variant A ({a_arg})"))?;
-    let b = Side::resolve(&root, &b_arg, args.no_build, device, &sandbox)
+    let b = Side::resolve(&root, &b_arg, args.no_build, setup.device, &sandbox)
         .with_context(|| format!("variant B ({b_arg})"))?;
     if a.tree == b.tree {
         eprintln!(
@@ -262,52 +280,46 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     );
     let stem = format!("{}-compare-{}", provenance.time.replace(':', ""), b.package);
     let protect = crate::commands::setup::protected_paths(Some(&root), Some(&results_dir));
-    let order = setup.order();
 
+    Ok(Prepared {
+        setup,
+        rules,
+        schedule,
+        a_arg,
+        b_arg,
+        a,
+        b,
+        oracle_build,
+        provenance,
+        results_dir,
+        stem,
+        protect,
+        synthetic,
+    })
+}
+
+/// Runs `host compare`; returns the outcome (the caller turns it into the exit status).
+pub fn compare(args: &CompareArgs) -> Result<Outcome> {
+    let p = prepare(args)?;
+    let order = p.setup.order();
     let mut measured = Measured::default();
     let sides = Sides {
-        a: &a,
-        b: &b,
-        protect: &protect,
+        a: &p.a,
+        b: &p.b,
+        protect: &p.protect,
     };
-    let outcome = measure(args, &setup, &schedule, &rules, &sides, &mut measured);
+    let mut outcome = measure(args, &p.setup, &p.schedule, &p.rules, &sides, &mut measured);
     let figures = measured.looks.last().cloned().unwrap_or_default();
 
-    let roofline = crate::measure::roofline::Roofline::new(
-        setup.model.view,
-        crate::measure::roofline::measure_bandwidth(),
-    );
-    let fastest = |pick: fn(&Pair) -> &Sample| {
-        measured
-            .pairs
-            .iter()
-            .map(|p| pick(p).timing.decode_tok_s)
-            .fold(0.0, f64::max)
-    };
-    let (fastest_a, fastest_b) = (fastest(|p| &p.a), fastest(|p| &p.b));
-    // The bound is the CPU's: a GPU may beat it honestly.
-    let on_cpu = device == Device::Cpu;
-    let suspect = (on_cpu && roofline.is_suspect(fastest_b)).then(|| {
-        format!(
-            "B decoded at {fastest_b:.1} tok/s, above the {:.0} tok/s that memory bandwidth allows (suspect)",
-            roofline.bound_tok_s
-        )
-    });
-    let mut outcome = outcome;
-    if outcome.is_ok() && on_cpu && roofline.is_suspect(fastest_a) {
-        outcome = Err(anyhow::anyhow!(
-            "A ({a_arg}) decoded at {fastest_a:.1} tok/s, above the {:.0} tok/s bound: the reference side is suspect, so nothing can be compared with it",
-            roofline.bound_tok_s
-        ));
-    }
+    let suspect = check_roofline(&p, &measured.pairs, &mut outcome);
 
-    let b_samples: Vec<Sample> = measured.pairs.iter().map(|p| p.b.clone()).collect();
+    let b_samples: Vec<Sample> = measured.pairs.iter().map(|pair| pair.b.clone()).collect();
     // The oracle scores B's answers of `scored_rounds` rounds, picked at random now (after
     // measuring, by the supervisor, so a variant cannot know which of its answers count): the
     // amount of text `host run` judges, at a cost that does not grow with the comparison.
     let scored_rounds = pick_rounds(
         measured.rounds,
-        setup.protocol.gates.scored_rounds,
+        p.setup.protocol.gates.scored_rounds,
         crate::commands::setup::fresh_seed(),
     );
     let mut judged_samples: Vec<Sample> = b_samples
@@ -319,12 +331,12 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         gates,
         oracle: oracle_cost,
     } = quality_phase(
-        &setup,
-        &oracle_build,
-        &protect,
+        &p.setup,
+        &p.oracle_build,
+        &p.protect,
         args.verbose,
         &mut judged_samples,
-        suspect.is_none() && !synthetic,
+        suspect.is_none() && !p.synthetic,
         "B's answers",
         &mut outcome,
     );
@@ -332,7 +344,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         if let Some(pair) = measured
             .pairs
             .iter_mut()
-            .find(|p| p.round == judged.round && p.prompt == judged.prompt)
+            .find(|pair| pair.round == judged.round && pair.prompt == judged.prompt)
         {
             pair.b.quality = judged.quality.clone();
         }
@@ -340,18 +352,18 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     let decided = outcome
         .as_ref()
         .ok()
-        .map(|()| outcome_of(&figures, gates.as_ref(), suspect.as_deref(), synthetic));
-    let (status, error) = finish::status(&outcome, suspect.is_some(), synthetic, gates.as_ref());
+        .map(|()| outcome_of(&figures, gates.as_ref(), suspect.as_deref(), p.synthetic));
+    let (status, error) = finish::status(&outcome, suspect.is_some(), p.synthetic, gates.as_ref());
     let reasons = decided.as_ref().map(|d| d.1.clone()).unwrap_or_default();
     let verdict = decided.as_ref().map(|d| d.0);
     let record = CompareRecord {
         schema: 1,
         kind: "compare",
-        provenance: &provenance,
-        against: &a,
-        candidate: &b,
-        protocol: &setup.protocol,
-        schedule: &schedule,
+        provenance: &p.provenance,
+        against: &p.a,
+        candidate: &p.b,
+        protocol: &p.setup.protocol,
+        schedule: &p.schedule,
         status: status.as_str(),
         error,
         outcome: verdict,
@@ -370,17 +382,17 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     let summary = (!b_samples.is_empty()).then(|| Summary::of(&b_samples, &order));
     let decode = figures.iter().find(|f| f.figure == Figure::DecodeTokS);
     let recorded = finish::record(
-        &results_dir,
-        &stem,
+        &p.results_dir,
+        &p.stem,
         &record,
-        &setup,
+        &p.setup,
         &RowFacts {
-            provenance: &provenance,
+            provenance: &p.provenance,
             summary: summary.as_ref(),
             gates: gates.as_ref(),
             compared: Some(&record::Compared {
-                against: &a_arg,
-                against_tree: &a.tree,
+                against: &p.a_arg,
+                against_tree: &p.a.tree,
                 rounds: measured.rounds,
                 decode: decode.and_then(|d| d.decision.as_ref()),
                 verdict: verdict.map(|v| v.recorded(args.screen)),
@@ -392,6 +404,61 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     outcome?;
     let (verdict, reasons) = decided.expect("a comparison that measured has an outcome");
 
+    print_report(
+        args,
+        &p,
+        &measured,
+        &figures,
+        gates.as_ref(),
+        (verdict, &reasons),
+    )?;
+    recorded.report(oracle_cost.as_ref());
+    Ok(verdict)
+}
+
+/// The roofline check on what was measured: B above the memory-bandwidth bound is suspect (its
+/// reason in words); A above it makes the comparison fail, since nothing can be compared with a
+/// suspect reference. Only on the CPU, whose bound the host measures (a GPU may beat it).
+fn check_roofline(p: &Prepared, pairs: &[Pair], outcome: &mut Result<()>) -> Option<String> {
+    if p.setup.device != Device::Cpu {
+        return None;
+    }
+    let roofline = crate::measure::roofline::Roofline::new(
+        p.setup.model.view,
+        crate::measure::roofline::measure_bandwidth(),
+    );
+    let fastest = |pick: fn(&Pair) -> &Sample| {
+        pairs
+            .iter()
+            .map(|p| pick(p).timing.decode_tok_s)
+            .fold(0.0, f64::max)
+    };
+    let (fastest_a, fastest_b) = (fastest(|p| &p.a), fastest(|p| &p.b));
+    if outcome.is_ok() && roofline.is_suspect(fastest_a) {
+        *outcome = Err(anyhow::anyhow!(
+            "A ({}) decoded at {fastest_a:.1} tok/s, above the {:.0} tok/s bound: the reference side is suspect, so nothing can be compared with it",
+            p.a_arg,
+            roofline.bound_tok_s
+        ));
+    }
+    roofline.is_suspect(fastest_b).then(|| {
+        format!(
+            "B decoded at {fastest_b:.1} tok/s, above the {:.0} tok/s that memory bandwidth allows (suspect)",
+            roofline.bound_tok_s
+        )
+    })
+}
+
+/// The comparison's answer on stdout: the table per figure, the gates and the verdict line (or
+/// the same as JSON with `--json`).
+fn print_report(
+    args: &CompareArgs,
+    p: &Prepared,
+    measured: &Measured,
+    figures: &[FigureResult],
+    gates: Option<&GateReport>,
+    (verdict, reasons): (Outcome, &[String]),
+) -> Result<()> {
     if args.json {
         let out = serde_json::json!({
             "outcome": verdict,
@@ -399,23 +466,23 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
             "rounds": measured.rounds,
             "pairs": measured.pairs.len(),
             "seconds": measured.seconds,
-            "figures": &figures,
-            "gates": &gates,
+            "figures": figures,
+            "gates": gates,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
             "{}",
             render(
-                &figures,
-                &a_arg,
-                &b_arg,
-                &schedule,
+                figures,
+                &p.a_arg,
+                &p.b_arg,
+                &p.schedule,
                 measured.looks.len() as u32,
-                rules.noise_threshold
+                p.rules.noise_threshold
             )
         );
-        if let Some(g) = &gates {
+        if let Some(g) = gates {
             println!("{}", g.render());
         }
         println!(
@@ -430,8 +497,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
             println!("a screen is never kept: run `host compare` on the full protocol to decide");
         }
     }
-    recorded.report(oracle_cost.as_ref());
-    Ok(verdict)
+    Ok(())
 }
 
 /// The keep rule ([`keep_rule::decide`], or its synthetic-model form) on what this comparison
