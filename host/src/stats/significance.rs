@@ -126,26 +126,6 @@ impl Paired {
         end_n: usize,
         end_alpha: f64,
     ) -> f64 {
-        self.chance_worse_at_end(better, noise, end_n, end_alpha)
-    }
-
-    /// The chance that this figure ends FASTER at the last look, on the same assumptions as
-    /// [`Paired::chance_slower_at_end`]: B's better is A's worse.
-    pub fn chance_faster_at_end(
-        &self,
-        better: Better,
-        noise: f64,
-        end_n: usize,
-        end_alpha: f64,
-    ) -> f64 {
-        let flipped = match better {
-            Better::Higher => Better::Lower,
-            Better::Lower => Better::Higher,
-        };
-        self.chance_worse_at_end(flipped, noise, end_n, end_alpha)
-    }
-
-    fn chance_worse_at_end(&self, better: Better, noise: f64, end_n: usize, end_alpha: f64) -> f64 {
         // In "worse is negative" terms.
         let sign = match better {
             Better::Higher => 1.0,
@@ -163,6 +143,22 @@ impl Paired {
             return if mean < bound { 1.0 } else { 0.0 };
         }
         Normal::standard().cdf((bound - mean) / spread)
+    }
+
+    /// The chance that this figure ends FASTER at the last look, on the same assumptions as
+    /// [`Paired::chance_slower_at_end`]: B's better is A's worse.
+    pub fn chance_faster_at_end(
+        &self,
+        better: Better,
+        noise: f64,
+        end_n: usize,
+        end_alpha: f64,
+    ) -> f64 {
+        let flipped = match better {
+            Better::Higher => Better::Lower,
+            Better::Lower => Better::Higher,
+        };
+        self.chance_slower_at_end(flipped, noise, end_n, end_alpha)
     }
 
     /// Whether the whole interval lies inside the noise band (1/(1+noise), 1+noise): the figure

@@ -202,6 +202,18 @@ pub(crate) fn figure_result(
         .as_ref()
         .map(|d| d.verdict(figure.better(), noise))
         .unwrap_or(Verdict::Noise);
+    // A chance of ending one way at the horizon, were the rest to follow today's estimate.
+    let at_end = |chance: fn(&Paired, Better, f64, usize, f64) -> f64| {
+        decision.as_ref().map(|d| {
+            chance(
+                d,
+                figure.better(),
+                noise,
+                horizon.pairs,
+                (horizon.alpha)(figure),
+            )
+        })
+    };
     FigureResult {
         figure,
         better: figure.better(),
@@ -209,22 +221,8 @@ pub(crate) fn figure_result(
         a_median: None,
         b_median: None,
         settled: decision.as_ref().is_some_and(|d| d.within(noise)),
-        chance_slower_at_end: decision.as_ref().map(|d| {
-            d.chance_slower_at_end(
-                figure.better(),
-                noise,
-                horizon.pairs,
-                (horizon.alpha)(figure),
-            )
-        }),
-        chance_faster_at_end: decision.as_ref().map(|d| {
-            d.chance_faster_at_end(
-                figure.better(),
-                noise,
-                horizon.pairs,
-                (horizon.alpha)(figure),
-            )
-        }),
+        chance_slower_at_end: at_end(Paired::chance_slower_at_end),
+        chance_faster_at_end: at_end(Paired::chance_faster_at_end),
         at_95: stats(logs, 0.05),
         decision,
         verdict,
