@@ -736,14 +736,23 @@ mod tests {
         // A child that touches 256 MiB, frees it, then resets its high-water mark as a worker
         // allowed to write its /proc entries could, and waits.
         let script = "import time\nb = bytearray(256 << 20)\ntime.sleep(0.3)\ndel b\n\
-                      open('/proc/self/clear_refs', 'w').write('5')\ntime.sleep(5)\n";
+                      open('/proc/self/clear_refs', 'w').write('5')\ntime.sleep(60)\n";
         let mut child = Command::new("python3")
             .args(["-c", script])
             .spawn()
             .unwrap();
         let pid = child.id() as libc::pid_t;
         let sampler = MemorySampler::start(pid);
-        std::thread::sleep(Duration::from_millis(1500));
+        // Wait for the allocation, then for the reset, however slowly a loaded machine runs
+        // python (no fixed sleep): each wait ends on what it waits for, or after 30 s.
+        let wait_for = |done: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !done() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        wait_for(&|| peak_rss_kib(pid) >= 250 << 10);
+        wait_for(&|| peak_rss_kib(pid) < 128 << 10);
         let after = peak_rss_kib(pid);
         let sampled = sampler.peak_kib.load(Ordering::Relaxed);
         child.kill().unwrap();
