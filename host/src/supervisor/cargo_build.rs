@@ -47,9 +47,15 @@ pub enum BuildError {
     #[error("cargo built variant {dir} but reported no cdylib for package {package}")]
     NoArtifact { dir: PathBuf, package: String },
     #[error(
-        "--no-build: variant {dir} has no built library at {lib}; run without --no-build first"
+        "--no-build: variant {dir} has no built library at {lib}; build it with \
+         `cargo build --release -p {package}` (the host's own builds are confined to private \
+         directories and leave none there), or drop --no-build"
     )]
-    NotBuilt { dir: PathBuf, lib: PathBuf },
+    NotBuilt {
+        dir: PathBuf,
+        lib: PathBuf,
+        package: String,
+    },
     #[error("cannot make a private build directory in {dir}")]
     Slot {
         dir: PathBuf,
@@ -468,14 +474,44 @@ impl VariantCrate {
         let lib = target
             .join("release")
             .join(format!("lib{}.so", self.package.replace('-', "_")));
-        if lib.is_file() {
-            Ok(lib)
-        } else {
-            Err(BuildError::NotBuilt {
+        if !lib.is_file() {
+            return Err(BuildError::NotBuilt {
                 dir: self.dir.clone(),
                 lib,
-            })
+                package: self.package.clone(),
+            });
         }
+        if let Some(newer) = self.newer_source(&lib) {
+            eprintln!(
+                "WARNING: --no-build: {} was changed after {} was built: the library may be \
+                 stale (`cargo build --release -p {}`, or drop --no-build)",
+                newer.display(),
+                lib.display(),
+                self.package
+            );
+        }
+        Ok(lib)
+    }
+
+    /// A file of the crate (its `target/` aside) modified after `lib`, if there is one: a
+    /// `--no-build` library older than the sources it should be built from.
+    fn newer_source(&self, lib: &Path) -> Option<PathBuf> {
+        let built = std::fs::metadata(lib).and_then(|m| m.modified()).ok()?;
+        let mut dirs = vec![self.dir.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).ok()?.flatten() {
+                let path = entry.path();
+                let Ok(meta) = entry.metadata() else { continue };
+                if meta.is_dir() {
+                    if entry.file_name() != "target" {
+                        dirs.push(path);
+                    }
+                } else if meta.modified().is_ok_and(|m| m > built) {
+                    return Some(path);
+                }
+            }
+        }
+        None
     }
 
     /// The target directory cargo builds this crate into (its workspace's).
@@ -575,5 +611,36 @@ mod tests {
         for d in [empty, rlib, broken, good.dir, gpu] {
             std::fs::remove_dir_all(d).unwrap();
         }
+    }
+
+    #[test]
+    fn a_source_newer_than_the_library_is_named() {
+        let dir = scratch(
+            "stale",
+            Some("[package]\nname = \"s\"\n[lib]\ncrate-type = [\"cdylib\"]\n"),
+        );
+        std::fs::create_dir_all(dir.join("src")).unwrap();
+        std::fs::create_dir_all(dir.join("target/release")).unwrap();
+        std::fs::write(dir.join("src/lib.rs"), "// v1\n").unwrap();
+        let lib = dir.join("target/release/libs.so");
+        std::fs::write(&lib, "built").unwrap();
+        let variant = VariantCrate::open(&dir).unwrap();
+        let past = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        for file in ["Cargo.toml", "src/lib.rs"] {
+            let f = std::fs::File::options()
+                .write(true)
+                .open(dir.join(file))
+                .unwrap();
+            f.set_modified(past).unwrap();
+        }
+        assert_eq!(variant.newer_source(&lib), None, "built after every source");
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+        let f = std::fs::File::options()
+            .write(true)
+            .open(dir.join("src/lib.rs"))
+            .unwrap();
+        f.set_modified(later).unwrap();
+        assert_eq!(variant.newer_source(&lib), Some(dir.join("src/lib.rs")));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
