@@ -122,8 +122,13 @@ fn a_variant_against_itself_is_noise() {
         .iter()
         .map(|p| p["order"].as_str().unwrap())
         .collect();
-    assert_eq!(orders, ["AB", "BA", "AB", "BA"]);
-    assert_eq!(record["looks"].as_array().unwrap().len(), 2);
+    let expected = ["AB", "BA", "AB", "BA"];
+    assert!(
+        orders.len() >= 2 && orders == expected[..orders.len()],
+        "{orders:?}"
+    );
+    // A look every 2 pairs (one prompt, 2 rounds a look), wherever it stopped.
+    assert_eq!(record["looks"].as_array().unwrap().len(), orders.len() / 2);
     std::fs::remove_dir_all(&results).unwrap();
 }
 
