@@ -617,7 +617,7 @@ fn prompts_command(round: u64, seed: Option<u64>, model: Option<PathBuf>) -> any
         .filter(|r| *r < 10_000)
         .ok_or_else(|| anyhow::anyhow!("--round {round} is too large (at most 9999)"))?;
     // Drawn as a run with this seed draws them, earlier rounds included (no instance repeats).
-    let plan = setup.plan(round + 1, 0)?;
+    let plan = setup.plan(round + 1, 0, harness::prompts::Sharing::PerRequest)?;
     let mut out = Vec::new();
     for planned in &plan.rounds[round as usize] {
         out.push(serde_json::json!({

@@ -128,6 +128,54 @@ fn memo_files() -> Vec<std::path::PathBuf> {
         .collect()
 }
 
+/// A prefix cache across requests: `host run`'s one worker answers every round, so its
+/// requests must share no long document, or prefill would be timed on the tail alone. (A
+/// comparison's requests may share one: each goes to a fresh worker.)
+#[test]
+fn a_prefix_cache_finds_no_shared_document_to_reuse() {
+    require_landlock();
+    let results = scratch("attack-prefix");
+    let model = tiny_model().to_str().unwrap().to_string();
+    let (out, _, stderr) = run_fixture(
+        "drift",
+        "prefix",
+        &results,
+        &[
+            "--model",
+            &model,
+            "--prompt",
+            "summarization",
+            "--max-new-tokens",
+            "4",
+            "--rounds",
+            "3",
+            "--verbose",
+        ],
+    );
+    assert!(out.status.success(), "{stderr}");
+    let reused: Vec<(usize, usize)> = reports(&stderr, "prefix")
+        .iter()
+        .filter_map(|l| {
+            let rest = l.split("reused ").nth(1)?;
+            let mut words = rest.split(' ');
+            let n = words.next()?.parse().ok()?;
+            let m = words.nth(1)?.parse().ok()?;
+            Some((n, m))
+        })
+        .collect();
+    assert_eq!(reused.len(), 4, "a warm-up and 3 rounds: {stderr}");
+    // Live: each later request reuses the chat template and the instruction's head.
+    assert!(reused[1..].iter().all(|&(n, _)| n > 0), "{reused:?}");
+    // But never the report: at most a quarter of a 1,600-token prompt.
+    for &(n, m) in &reused {
+        assert!(
+            m > 1000 && n * 4 < m,
+            "reused {n} of {m} tokens: {reused:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&results);
+}
+
 #[test]
 fn a_memo_cannot_outlive_its_worker() {
     for stale in memo_files() {

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::commands::finish::{self, quality_phase, Quality, RowFacts};
 use crate::commands::setup::{find_root, request_line, timed_request, Overrides, Planned, Setup};
+use crate::harness::prompts::Sharing;
 use crate::harness::protocol::Protocol;
 use crate::ledger::record::Provenance;
 use crate::measure::sample::{Sample, Summary};
@@ -74,7 +75,8 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     let setup = Setup::open(root.clone(), &args.overrides)?;
     let protocol = &setup.protocol;
     let model = &setup.model;
-    let drawn = setup.plan(protocol.rounds, 1)?;
+    // One worker answers every request: nothing may be shared between them.
+    let drawn = setup.plan(protocol.rounds, 1, Sharing::PerRequest)?;
     let plan: Vec<&Planned> = drawn
         .warmups
         .iter()

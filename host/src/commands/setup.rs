@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::gguf::Model;
-use crate::harness::prompts::{PromptInstance, PromptSet, PromptSpec};
+use crate::harness::prompts::{PromptInstance, PromptSet, PromptSpec, Sharing};
 use crate::harness::protocol::Protocol;
 use crate::harness::tokenize::TextCodec;
 use crate::ledger::record::{self, Provenance};
@@ -256,7 +256,10 @@ impl Setup {
     /// Every request of a run or a comparison, drawn up front from the seed so that no two
     /// share an instance: `rounds` timed rounds (one instance per prompt each), and
     /// `warmup_sets` sets of warm-ups (`warmup_requests` each, over the prompts in turn).
-    pub fn plan(&self, rounds: u32, warmup_sets: u32) -> Result<Plan<'_>> {
+    /// `sharing` says whether the timed requests may share the prompts' `shared` parameters
+    /// (only when each goes to a fresh process); warm-ups never do, since the process that
+    /// answers a warm-up answers a timed request next.
+    pub fn plan(&self, rounds: u32, warmup_sets: u32, sharing: Sharing) -> Result<Plan<'_>> {
         let mut used = std::collections::HashSet::new();
         let specs = &self.prompts.prompts;
         let seed = self.protocol.seed;
@@ -268,7 +271,7 @@ impl Setup {
             let mut round = Vec::new();
             for spec in specs {
                 let instance = spec
-                    .draw_unique(seed, r as u64, &mut used)
+                    .draw_unique(seed, r as u64, sharing, &mut used)
                     .map_err(anyhow::Error::msg)?;
                 round.push(self.tokenized(spec, Some(r), instance)?);
             }
@@ -281,7 +284,12 @@ impl Setup {
             for i in 0..n {
                 let spec = &specs[i as usize % specs.len()];
                 let instance = spec
-                    .draw_unique(seed, u64::MAX - (set * n + i), &mut used)
+                    .draw_unique(
+                        seed,
+                        u64::MAX - (set * n + i),
+                        Sharing::PerRequest,
+                        &mut used,
+                    )
                     .map_err(anyhow::Error::msg)?;
                 warmups.push(self.tokenized(spec, None, instance)?);
             }

@@ -260,10 +260,10 @@ pub struct PromptSpec {
     pub template: String,
     #[serde(default)]
     pub params: Vec<Param>,
-    /// Parameters drawn once per run or comparison (from its seed alone) and the same in all
-    /// of its requests; the others are drawn per request. One long document under several
-    /// questions is still a fresh instance in every request, and the oracle, which scores the
-    /// answers one after another, computes the document once.
+    /// Parameters drawn once per comparison (from its seed alone) and the same in all of its
+    /// requests, where [`Sharing::PerRun`] allows it; the others are drawn per request. One
+    /// long document under several questions is still a fresh instance in every request, and
+    /// the oracle, which scores the answers one after another, computes the document once.
     #[serde(default)]
     pub shared: Vec<String>,
     #[serde(default)]
@@ -494,7 +494,6 @@ impl PromptSpec {
         self.shared.iter().any(|s| s == p.name())
     }
 
-    #[cfg(test)]
     /// How many distinct instances this prompt can draw over all runs: the product of its
     /// parameters' choices (an ordered sample of k of n counts n!/(n-k)!). A float: it can be
     /// huge.
@@ -520,30 +519,35 @@ impl PromptSpec {
         &self,
         seed: u64,
         stream: u64,
+        sharing: Sharing,
         used: &mut std::collections::HashSet<String>,
     ) -> Result<PromptInstance, String> {
         for attempt in 0..1000u64 {
-            let instance = self.draw(seed, stream ^ attempt.wrapping_mul(0xD1B5_4A32_D192_ED03));
+            let redraw = stream ^ attempt.wrapping_mul(0xD1B5_4A32_D192_ED03);
+            let instance = self.draw(seed, redraw, sharing);
             if used.insert(instance.user_text.clone()) {
                 return Ok(instance);
             }
         }
+        let space = match sharing {
+            Sharing::PerRun => self.run_space_size(),
+            Sharing::PerRequest => self.space_size(),
+        };
         Err(format!(
             "prompt {:?}: 1000 draws in a row repeated earlier instances; its parameters allow \
-             only {} distinct ones in a run",
+             only {space} distinct ones in a run",
             self.name,
-            self.run_space_size()
         ))
     }
 
-    /// Draws this prompt's parameters for (`seed`, `round`) and fills the template; the
-    /// shared parameters are drawn for `seed` alone.
-    pub fn draw(&self, seed: u64, round: u64) -> PromptInstance {
+    /// Draws this prompt's parameters for (`seed`, `round`) and fills the template; with
+    /// [`Sharing::PerRun`] the shared parameters are drawn for `seed` alone.
+    pub fn draw(&self, seed: u64, round: u64, sharing: Sharing) -> PromptInstance {
         let mut per_request = request_rng(seed, round, &self.name);
         let mut per_run = request_rng(seed, SHARED_STREAM, &self.name);
         let mut values = BTreeMap::new();
         for p in &self.params {
-            let rng = match self.is_shared(p) {
+            let rng = match sharing == Sharing::PerRun && self.is_shared(p) {
                 true => &mut per_run,
                 false => &mut per_request,
             };
@@ -755,6 +759,19 @@ fn substitute(template: &str, values: &BTreeMap<String, DrawnValue>) -> String {
 }
 
 /// The generator for one request: independent of the order requests are drawn in.
+/// Whether the requests of a run may hold the same values of the prompts' `shared` parameters.
+/// Only requests that each go to a process of their own may: a comparison's timed pairs. A
+/// process that answers several requests (`host run`'s worker; a pair's worker, warm-up first)
+/// could otherwise keep the shared document's KV cache from one request for the next, and
+/// prefill only the rest. The oracle reuses it on purpose, to score cheaply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharing {
+    /// Shared parameters drawn once for the run's seed.
+    PerRun,
+    /// Every parameter drawn for each request.
+    PerRequest,
+}
+
 /// The stream the shared parameters are drawn from: no round's (rounds count up from 0,
 /// warm-ups down from `u64::MAX`).
 const SHARED_STREAM: u64 = 1 << 63;
@@ -826,7 +843,12 @@ mod tests {
         assert_eq!(train.space_size(), 81.0);
         let mut used = std::collections::HashSet::new();
         let texts: Vec<String> = (0..81)
-            .map(|i| train.draw_unique(7, i, &mut used).unwrap().user_text)
+            .map(|i| {
+                train
+                    .draw_unique(7, i, Sharing::PerRun, &mut used)
+                    .unwrap()
+                    .user_text
+            })
             .collect();
         let distinct: std::collections::HashSet<&String> = texts.iter().collect();
         assert_eq!(
@@ -834,7 +856,9 @@ mod tests {
             81,
             "every instance of the space, none twice"
         );
-        let err = train.draw_unique(7, 81, &mut used).unwrap_err();
+        let err = train
+            .draw_unique(7, 81, Sharing::PerRun, &mut used)
+            .unwrap_err();
         assert!(err.contains("reasoning") && err.contains("81"), "{err}");
     }
 
@@ -872,8 +896,16 @@ mod tests {
         );
         let train = spec(&text).unwrap();
         assert_eq!((train.space_size(), train.run_space_size()), (81.0, 9.0));
-        let a_of = |seed, round| train.draw(seed, round).values["a"].text.clone();
-        let b_of = |seed, round| train.draw(seed, round).values["b"].text.clone();
+        let a_of = |seed, round| {
+            train.draw(seed, round, Sharing::PerRun).values["a"]
+                .text
+                .clone()
+        };
+        let b_of = |seed, round| {
+            train.draw(seed, round, Sharing::PerRun).values["b"]
+                .text
+                .clone()
+        };
         let rounds: std::collections::HashSet<String> = (0..50).map(|r| a_of(11, r)).collect();
         assert_eq!(
             rounds.len(),
@@ -887,12 +919,28 @@ mod tests {
             seeds.len() > 1,
             "the shared parameter changes with the seed"
         );
+        // Drawn per request (a process answering several), nothing is shared.
+        let alone: std::collections::HashSet<String> = (0..50)
+            .map(|r| {
+                train.draw(11, r, Sharing::PerRequest).values["a"]
+                    .text
+                    .clone()
+            })
+            .collect();
+        assert!(
+            alone.len() > 1,
+            "per request, the shared parameter varies too"
+        );
         // a run can draw 9 distinct instances, and the error for the tenth says so
         let mut used = std::collections::HashSet::new();
         for i in 0..9 {
-            train.draw_unique(11, i, &mut used).unwrap();
+            train
+                .draw_unique(11, i, Sharing::PerRun, &mut used)
+                .unwrap();
         }
-        let err = train.draw_unique(11, 9, &mut used).unwrap_err();
+        let err = train
+            .draw_unique(11, 9, Sharing::PerRun, &mut used)
+            .unwrap_err();
         assert!(err.contains("9 distinct ones in a run"), "{err}");
     }
 
@@ -919,20 +967,21 @@ mod tests {
     #[test]
     fn draws_are_seeded_per_round_and_in_range() {
         let s = spec(TRAIN).unwrap();
-        let first = s.draw(7, 0);
+        let first = s.draw(7, 0, Sharing::PerRun);
         assert_eq!(
             first.user_text,
-            s.draw(7, 0).user_text,
+            s.draw(7, 0, Sharing::PerRun).user_text,
             "same seed and round, same text"
         );
-        let texts: std::collections::BTreeSet<String> =
-            (0..20).map(|r| s.draw(7, r).user_text).collect();
+        let texts: std::collections::BTreeSet<String> = (0..20)
+            .map(|r| s.draw(7, r, Sharing::PerRun).user_text)
+            .collect();
         assert!(
             texts.len() > 10,
             "rounds must draw different instances: {texts:?}"
         );
         for r in 0..50 {
-            let v = s.draw(1, r).values["a"].number.unwrap();
+            let v = s.draw(1, r, Sharing::PerRun).values["a"].number.unwrap();
             assert!((40..=120).contains(&v) && v % 10 == 0, "{v}");
         }
     }
@@ -940,7 +989,7 @@ mod tests {
     #[test]
     fn number_check_uses_the_drawn_speeds() {
         let s = spec(TRAIN).unwrap();
-        let inst = s.draw(3, 1);
+        let inst = s.draw(3, 1, Sharing::PerRun);
         let (a, b) = (
             inst.values["a"].number.unwrap() as f64,
             inst.values["b"].number.unwrap() as f64,
@@ -975,7 +1024,7 @@ mod tests {
         "#,
         )
         .unwrap();
-        let inst = s.draw(0, 0);
+        let inst = s.draw(0, 0, Sharing::PerRun);
         assert_eq!(inst.user_text, "Write rev: reverse a list");
         let good = s.evaluate(
             &inst,
@@ -1019,7 +1068,7 @@ mod tests {
         )
         .unwrap();
         for r in 0..20 {
-            let text = s.draw(5, r).user_text;
+            let text = s.draw(5, r, Sharing::PerRun).user_text;
             let mut parts: Vec<&str> = text.split('|').collect();
             parts.sort();
             parts.dedup();

@@ -130,7 +130,10 @@ pub fn run_fixture(
     extra: &[&str],
 ) -> (Output, String, String) {
     let mut cmd = host();
-    cmd.args(["run"]).arg(fixture(name)).args(["--rounds", "1"]);
+    cmd.args(["run"]).arg(fixture(name));
+    if !extra.contains(&"--rounds") {
+        cmd.args(["--rounds", "1"]);
+    }
     if PREBUILT_FIXTURES.contains(&name) {
         build_plain();
         if !extra.contains(&"--no-build") {

@@ -24,6 +24,7 @@ pub mod keep_rule;
 
 use crate::commands::finish::{self, quality_phase, Quality, RowFacts};
 use crate::commands::setup::{find_root, request_line, timed_request, Overrides, Setup};
+use crate::harness::prompts::Sharing;
 use crate::harness::protocol::{CompareRules, Protocol};
 use crate::ledger::record::{self, Provenance};
 use crate::measure::sample::{Sample, Summary};
@@ -589,7 +590,9 @@ fn measure(
     let max_rounds = schedule.max_rounds();
     // Every instance of the longest comparison, drawn now: none repeats, the warm-ups of each
     // pair's new workers included.
-    let plan = setup.plan(max_rounds, max_rounds * prompts as u32)?;
+    // Each timed request goes to a fresh worker: they may share a document (the oracle then
+    // computes it once).
+    let plan = setup.plan(max_rounds, max_rounds * prompts as u32, Sharing::PerRun)?;
     let warmups_per_pair = setup.protocol.warmup_requests as usize;
     let total = 2 * (warmups_per_pair + 1) * prompts * max_rounds as usize;
     let bar = crate::progress::progress_bar(total, "");
