@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Repeats `host compare` and counts its verdicts: the A/A false-verdict rate and the power.
 
-  bench/campaign.py aa    --n 40   # variants/baseline against itself: should be NOISE
-  bench/campaign.py slow5 --n 40   # baseline against the drift fixture 5% slower per token
+  bench/campaign.py aa     --n 40   # variants/baseline against itself: should be NOISE
+  bench/campaign.py slow5  --n 40   # baseline against the drift fixture decoding 5% slower
+  bench/campaign.py fast10 --n 40   # the fixture decoding 10% slower against the baseline:
+                                    # B is about 10% faster, a KEEP
 
 Every comparison is a real `host compare` (rows land in --results, default
 results/campaign-<kind>); extra arguments after `--` go to it, e.g. `-- --prompt code`.
 Prints one line per comparison and a summary: outcomes, the decode rate's verdicts, and the
 median rounds and seconds to the end of a comparison. Run from the checkout's root after
-`cargo build --release` (and, for slow5, building the fixture: see README).
+`cargo build --release` (and, for slowN and fastN, building the fixture: see README).
 """
 
 import argparse
@@ -25,7 +27,7 @@ DRIFT = "host/tests/fixtures/variants/drift"
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=["aa", "slow5"])
+    ap.add_argument("kind", help="aa, slowN or fastN (N a percentage)")
     ap.add_argument("--n", type=int, default=40, help="comparisons to run")
     ap.add_argument("--host", default=os.path.join(ROOT, "target/release/host"))
     ap.add_argument("--results", default=None)
@@ -37,11 +39,17 @@ def main():
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     args.extra = extra
 
+    kind, percent = args.kind.rstrip("0123456789"), args.kind.lstrip("afstlow")
+    if kind not in ("aa", "slow", "fast") or (kind == "aa") != (percent == ""):
+        ap.error(f"kind must be aa, slowN or fastN (N a percentage), not {args.kind!r}")
     results = args.results or os.path.join(ROOT, "results", f"campaign-{args.kind}")
-    b = "variants/baseline" if args.kind == "aa" else DRIFT
-    env = dict(os.environ, AUTOINFER_FIXTURE_MODE="none" if args.kind == "aa" else "slow5")
+    # slowN: B decodes N% slower than A; fastN: A does, so B is faster.
+    a, b = {"aa": ("variants/baseline", "variants/baseline"),
+            "slow": ("variants/baseline", DRIFT),
+            "fast": (DRIFT, "variants/baseline")}[kind]
+    env = dict(os.environ, AUTOINFER_FIXTURE_MODE="none" if kind == "aa" else f"slow{percent}")
     env.setdefault("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-    cmd = [args.host, "compare", "variants/baseline", b, "--json", "--results", results]
+    cmd = [args.host, "compare", a, b, "--json", "--results", results]
     if args.no_build:
         cmd.append("--no-build")
     cmd += args.extra
@@ -74,11 +82,14 @@ def main():
     print(f"\n{args.kind}: {n} comparisons, command: {' '.join(cmd)}")
     print("outcomes: " + ", ".join(f"{v} {count(outcomes, v)}" for v in ("Keep", "Revert", "Noise")))
     print("decode verdicts: " + ", ".join(f"{v} {count(decode, v)}" for v in ("Faster", "Slower", "Noise")))
-    if args.kind == "aa":
+    if kind == "aa":
         false = n - count(outcomes, "Noise")
         print(f"A/A false-verdict rate (outcome not NOISE): {false}/{n} = {false / n:.1%}")
-    else:
+        print(f"false KEEP: {count(outcomes, 'Keep')}/{n} = {count(outcomes, 'Keep') / n:.1%}")
+    elif kind == "slow":
         print(f"power (decode SLOWER): {count(decode, 'Slower')}/{n} = {count(decode, 'Slower') / n:.1%}")
+    else:
+        print(f"power (KEEP): {count(outcomes, 'Keep')}/{n} = {count(outcomes, 'Keep') / n:.1%}")
     print(f"median rounds {statistics.median(rounds)}, median measuring time {statistics.median(seconds):.1f} s, "
           f"median wall time {statistics.median(wall):.1f} s per comparison")
 
