@@ -238,6 +238,10 @@ enum Command {
         /// Smallest relative change worth a verdict, 0.01 = 1% [default: compare.noise_threshold].
         #[arg(long)]
         noise_threshold: Option<f64>,
+        /// Length of each turn, in ms, when a pair's two timed requests share the machine; 0
+        /// runs them one after the other [default: compare.turn_ms].
+        #[arg(long)]
+        turn_ms: Option<u32>,
         /// A cheap screen of an idea: prompts/protocol.toml's [screen] prompts, tokens and looks
         /// (the four short prompts, 32 tokens, at most 3 rounds). Its verdict is recorded as
         /// SCREEN-KEEP, SCREEN-REVERT or SCREEN-NOISE (same exit status as a comparison) and
@@ -433,6 +437,7 @@ fn main() -> ExitCode {
             rounds_per_look,
             max_seconds,
             noise_threshold,
+            turn_ms,
             screen,
             no_build,
             rounds,
@@ -446,6 +451,7 @@ fn main() -> ExitCode {
                 rounds_per_look,
                 max_seconds,
                 noise_threshold,
+                turn_ms,
                 screen,
                 no_build,
                 json: common.json,

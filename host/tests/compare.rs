@@ -55,7 +55,8 @@ fn drift() -> String {
 fn a_variant_against_itself_is_noise() {
     let _one_at_a_time = serial();
     let results = scratch("compare-aa");
-    let schedule = ["--looks", "2", "--rounds-per-look", "2"];
+    // Turns of 50 ms: each 8-token request is several turns long.
+    let schedule = ["--looks", "2", "--rounds-per-look", "2", "--turn-ms", "50"];
     let mut noise = 0;
     for _ in 0..4 {
         let (out, stdout, err) = compare(
@@ -127,6 +128,20 @@ fn a_variant_against_itself_is_noise() {
         orders.len() >= 2 && orders == expected[..orders.len()],
         "{orders:?}"
     );
+    // The two requests of a pair took turns: each side was stopped while the other ran, and
+    // for no longer than the other ran (plus the switching), and that time is in no timing.
+    for pair in record["pairs"].as_array().unwrap() {
+        let side = |s: &str, k: &str| pair[s][k].as_f64().unwrap();
+        let total = |s: &str| pair[s]["timing"]["total_ms"].as_f64().unwrap();
+        for (me, other) in [("a", "b"), ("b", "a")] {
+            let paused = side(me, "paused_ms");
+            assert!(
+                paused > 0.0 && paused <= total(other) * 1.05 + 50.0,
+                "{me} paused {paused} ms while {other} ran {} ms: {pair}",
+                total(other)
+            );
+        }
+    }
     // A look every 2 pairs (one prompt, 2 rounds a look), wherever it stopped.
     assert_eq!(record["looks"].as_array().unwrap().len(), orders.len() / 2);
     std::fs::remove_dir_all(&results).unwrap();
@@ -149,6 +164,9 @@ fn a_slower_variant_is_slower_and_reverted() {
             "2",
             "--rounds-per-look",
             "3",
+            // One request after the other, the other way of measuring a pair.
+            "--turn-ms",
+            "0",
         ],
     );
     assert_eq!(out.status.code(), Some(4), "REVERT exits 4: {stdout}{err}");
@@ -166,6 +184,14 @@ fn a_slower_variant_is_slower_and_reverted() {
         (row["verdict"].as_str(), row["status"].as_str()),
         ("REVERT", "ok")
     );
+    let json = results.join("runs").join(&row["json"]);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    assert_eq!(record["protocol"]["compare"]["turn_ms"], 0);
+    for pair in record["pairs"].as_array().unwrap() {
+        assert_eq!(pair["a"]["paused_ms"], 0.0, "never stopped: {pair}");
+        assert_eq!(pair["b"]["paused_ms"], 0.0, "never stopped: {pair}");
+    }
     std::fs::remove_dir_all(&results).unwrap();
 }
 

@@ -18,7 +18,7 @@ use crate::ledger::record::{self, Provenance};
 use crate::measure::sample::Sample;
 use crate::measure::Timing;
 use crate::supervisor::cargo_build::BuildSandbox;
-use crate::supervisor::Worker;
+use crate::supervisor::{Generation, Worker};
 use crate::worker::wire::LoadRequest;
 use plugin_api::Device;
 
@@ -352,6 +352,7 @@ pub struct Generated {
     pub tokens: Vec<u32>,
     pub peak_rss_kib: u64,
     pub cpu_ms: f64,
+    pub paused_ms: f64,
 }
 
 /// Asks `worker` (the variant `name`) for exactly `max_new_tokens` tokens after `prompt` and
@@ -367,8 +368,20 @@ pub fn generate_timed(
     timeout: Duration,
 ) -> Result<Generated> {
     let generation = worker.generate(prompt, max_new_tokens, label, timeout)?;
+    checked(generation, name, prompt.len(), max_new_tokens, vocab, label)
+}
+
+/// What a worker generated, checked (count, vocabulary of `vocab` ids) and timed.
+fn checked(
+    generation: Generation,
+    name: &str,
+    prompt_tokens: usize,
+    max_new_tokens: u32,
+    vocab: u32,
+    label: &str,
+) -> Result<Generated> {
     let timing = Timing::from_arrivals(
-        prompt.len(),
+        prompt_tokens,
         &generation.tokens,
         &generation.arrivals_ns,
         generation.overflow,
@@ -381,6 +394,7 @@ pub fn generate_timed(
         tokens: generation.tokens,
         peak_rss_kib: generation.peak_rss_kib,
         cpu_ms: generation.cpu_ms,
+        paused_ms: generation.paused_ms,
     })
 }
 
@@ -394,21 +408,94 @@ pub fn timed_request(
     label: &str,
     new_tokens: u32,
 ) -> Result<Sample> {
+    let generated = generate_timed(
+        worker,
+        name,
+        &planned.ids,
+        new_tokens,
+        setup.codec.vocab_size,
+        label,
+        setup.timeout(),
+    )?;
+    sample_of(setup, planned, generated)
+}
+
+/// One side of a time-shared pair: a worker and the variant's name.
+pub struct Contender<'w> {
+    pub worker: &'w mut Worker,
+    pub name: &'w str,
+}
+
+/// Sends `planned` to both workers and lets them take turns on the machine, `slice` at a time,
+/// starting with `first` (0 for `a`), until both are done; each is timed by its own turns
+/// only, so that whatever slows the machine for a few seconds slows both alike. The side that
+/// finishes first leaves the other to run alone. Returns the samples of `a` and `b`.
+pub fn timed_pair(
+    setup: &Setup,
+    a: Contender,
+    b: Contender,
+    planned: &Planned,
+    label: &str,
+    new_tokens: u32,
+    first: usize,
+    slice: Duration,
+) -> Result<(Sample, Sample)> {
+    let mut sides = [a, b];
+    let mut running: [Option<crate::supervisor::Generating>; 2] = [None, None];
+    let mut done: [Option<Generation>; 2] = [None, None];
+    let mut turn = first.min(1);
+    while done.iter().any(Option::is_none) {
+        let side = turn;
+        turn = 1 - turn;
+        if done[side].is_some() {
+            continue;
+        }
+        let contender = &mut sides[side];
+        let generating = match &mut running[side] {
+            Some(g) => g,
+            slot => slot.insert(contender.worker.start(
+                &planned.ids,
+                new_tokens,
+                label,
+                setup.timeout(),
+            )?),
+        };
+        // Alone once the other is done: no one left to share with.
+        let until = done[1 - side]
+            .is_none()
+            .then(|| std::time::Instant::now() + slice);
+        done[side] = contender.worker.advance(generating, until)?;
+    }
+    let [gen_a, gen_b] = done.map(|g| g.expect("the loop ends when both are done"));
+    let vocab = setup.codec.vocab_size;
+    let mut samples = [(gen_a, sides[0].name), (gen_b, sides[1].name)]
+        .into_iter()
+        .map(|(generation, name)| {
+            let generated = checked(
+                generation,
+                name,
+                planned.ids.len(),
+                new_tokens,
+                vocab,
+                label,
+            )?;
+            sample_of(setup, planned, generated)
+        });
+    let sample_a = samples.next().expect("two sides")?;
+    let sample_b = samples.next().expect("two sides")?;
+    Ok((sample_a, sample_b))
+}
+
+/// A checked, timed generation for `planned`, decoded and put through the prompt's checks.
+fn sample_of(setup: &Setup, planned: &Planned, generated: Generated) -> Result<Sample> {
     let codec = &setup.codec;
     let Generated {
         timing,
         tokens,
         peak_rss_kib,
         cpu_ms,
-    } = generate_timed(
-        worker,
-        name,
-        &planned.ids,
-        new_tokens,
-        codec.vocab_size,
-        label,
-        setup.timeout(),
-    )?;
+        paused_ms,
+    } = generated;
     let eos_at = tokens.iter().position(|&t| t == codec.eos_id);
     let answer = &tokens[..eos_at.unwrap_or(tokens.len())];
     let text = codec.decode(answer)?;
@@ -423,6 +510,7 @@ pub fn timed_request(
         timing,
         peak_rss_kib,
         cpu_ms,
+        paused_ms,
         tokens,
         eos_at,
         text,

@@ -79,6 +79,9 @@ pub struct CompareRules {
     pub futility_chance: f64,
     /// The comparison stops at the first look after this many seconds of measuring.
     pub max_seconds: f64,
+    /// A pair's two timed requests take turns on the machine, this many ms each, so that a
+    /// slow spell hits both; 0 runs them one after the other.
+    pub turn_ms: u32,
 }
 
 /// Thresholds of the quality gates, each decided per prompt over its timed requests.
@@ -119,6 +122,14 @@ impl Gates {
 }
 
 impl Protocol {
+    /// The protocol this checkout ships (prompts/protocol.toml), for the simulations that
+    /// justify its values.
+    #[cfg(test)]
+    pub fn shipped() -> Protocol {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../prompts/protocol.toml");
+        Protocol::load(&path).expect("prompts/protocol.toml loads")
+    }
+
     /// Loads and checks `path`.
     pub fn load(path: &Path) -> Result<Protocol, ProtocolError> {
         let err = |message: String| ProtocolError {
@@ -221,6 +232,13 @@ impl CompareRules {
                 self.rounds_per_look
             ));
         }
+        if self.turn_ms != 0 && !(10..=60_000).contains(&self.turn_ms) {
+            return Err(format!(
+                "compare.turn_ms must be 0 (one request after the other) or between 10 and \
+                 60000, not {}",
+                self.turn_ms
+            ));
+        }
         if !(1..=4096).contains(&self.warmup_new_tokens) {
             return Err(format!(
                 "compare.warmup_new_tokens must be between 1 and 4096, not {}",
@@ -272,7 +290,7 @@ mod tests {
         let good = "max_new_tokens = 8\nrounds = 1\nwarmup_requests = 1\nrequest_timeout_s = 5\ndecoding = \"greedy\"\n\
                     [gates]\ntie_margin = 0.01\nmin_agreement = 0.99\nmax_perplexity_ratio = 1.05\n\
                     max_check_drop = 0.1\nmax_repetition_rise = 0.2\nscored_rounds = 3\n\
-                    [compare]\nnoise_threshold = 0.01\nalpha = 0.05\nlooks = 5\nrounds_per_look = 2\nspending_gamma = -1.0\nwarmup_new_tokens = 8\nguard_stop_chance = 0.01\nfutility_chance = 0.01\nmax_seconds = 600\n\
+                    [compare]\nnoise_threshold = 0.01\nalpha = 0.05\nlooks = 5\nrounds_per_look = 2\nspending_gamma = -1.0\nwarmup_new_tokens = 8\nguard_stop_chance = 0.01\nfutility_chance = 0.01\nmax_seconds = 600\nturn_ms = 250\n\
                     [screen]\nprompts = [\"a\"]\nmax_new_tokens = 16\nlooks = 2\nrounds_per_look = 1\n";
         std::fs::write(&path, good).unwrap();
         Protocol::load(&path).expect("the good file loads");

@@ -23,6 +23,9 @@ pub struct Sample {
     pub peak_rss_kib: u64,
     /// CPU time the variant's worker used on this request (all its threads), in ms.
     pub cpu_ms: f64,
+    /// Time the worker was kept stopped during this request while the other side of its pair
+    /// took a turn (`host compare`), in ms; no timing counts it.
+    pub paused_ms: f64,
     pub tokens: Vec<u32>,
     /// Index of the first end-of-sequence token, if any.
     pub eos_at: Option<usize>,
@@ -211,6 +214,7 @@ mod tests {
             timing: Timing::from_arrivals(50, &[1, 2, 3, 4], &emits, 0, 4, 10).unwrap(),
             peak_rss_kib: 2048,
             cpu_ms: 0.0,
+            paused_ms: 0.0,
             tokens: vec![1, 2, 3, 4],
             eos_at: None,
             text: String::new(),

@@ -114,6 +114,90 @@ pub struct Generation {
     pub peak_rss_kib: u64,
     /// CPU time the worker's threads used during the request, in ms.
     pub cpu_ms: f64,
+    /// Time the worker was stopped during the request while another took its turn, in ms;
+    /// no timing above counts it.
+    pub paused_ms: f64,
+}
+
+/// A generation sent to a worker and not yet done: what has arrived so far, and the worker's
+/// own clock ([`Worker::start`], [`Worker::advance`]).
+pub struct Generating {
+    label: String,
+    timeout: Duration,
+    max: usize,
+    tokens: Vec<u32>,
+    arrivals_ns: Vec<u64>,
+    overflow: u64,
+    cpu_before: u64,
+    clock: ActiveClock,
+}
+
+/// Time that counts as a worker's: the stretches of the supervisor's clock during which it was
+/// let run, from the request's sending on. Two workers time-sharing the CPU are each timed by
+/// their own stretches, so a slow spell of the machine falls on both alike.
+#[derive(Debug, Clone)]
+struct ActiveClock {
+    /// Each stretch: when it began, when it ended (`None` while running), and the active time
+    /// before it.
+    stretches: Vec<(Instant, Option<Instant>, Duration)>,
+}
+
+impl ActiveClock {
+    fn starting(at: Instant) -> ActiveClock {
+        ActiveClock {
+            stretches: vec![(at, None, Duration::ZERO)],
+        }
+    }
+
+    /// Active time up to the end of the last stretch (or up to `now` while one runs).
+    fn total_at(&self, now: Instant) -> Duration {
+        self.stretches
+            .last()
+            .map(|&(start, end, before)| {
+                before + end.unwrap_or(now).saturating_duration_since(start)
+            })
+            .unwrap_or_default()
+    }
+
+    /// Time between the stretches: how long the worker was kept stopped.
+    fn paused(&self) -> Duration {
+        self.stretches
+            .windows(2)
+            .map(|w| w[1].0.saturating_duration_since(w[0].1.unwrap_or(w[1].0)))
+            .sum()
+    }
+
+    fn pause(&mut self, at: Instant) {
+        if let Some(last) = self.stretches.last_mut() {
+            last.1.get_or_insert(at);
+        }
+    }
+
+    fn resume(&mut self, at: Instant) {
+        let before = self.total_at(at);
+        self.stretches.push((at, None, before));
+    }
+
+    /// The active time at which something the worker wrote was read at `at`: within a
+    /// stretch, the time into it; read after a stretch ended (written before the worker was
+    /// stopped), that stretch's end. In ns.
+    fn active_ns_at(&self, at: Instant) -> u64 {
+        let active = match self.stretches.iter().rev().find(|s| s.0 <= at) {
+            Some(&(start, end, before)) => {
+                before
+                    + end
+                        .map_or(at, |end| at.min(end))
+                        .saturating_duration_since(start)
+            }
+            None => Duration::ZERO,
+        };
+        active.as_nanos() as u64
+    }
+
+    /// When the request times out, if the worker runs from `now` on without a pause.
+    fn deadline(&self, now: Instant, timeout: Duration) -> Instant {
+        now + timeout.saturating_sub(self.total_at(now))
+    }
 }
 
 /// Everything a worker is started with.
@@ -316,33 +400,80 @@ impl Worker {
         label: &str,
         timeout: Duration,
     ) -> Result<Generation, WorkerError> {
+        let mut generating = self.start(prompt, max_new_tokens, label, timeout)?;
+        loop {
+            if let Some(generation) = self.advance(&mut generating, None)? {
+                return Ok(generation);
+            }
+        }
+    }
+
+    /// Sends a generation request and returns at once, the worker running: [`Worker::advance`]
+    /// receives its tokens, in one go or in time slices.
+    pub fn start(
+        &mut self,
+        prompt: &[u32],
+        max_new_tokens: u32,
+        label: &str,
+        timeout: Duration,
+    ) -> Result<Generating, WorkerError> {
         let request = Request::Generate {
             prompt: prompt.to_vec(),
             max_new_tokens,
         };
         let (sent, cpu_before) = self.send(&request, label)?;
-        let deadline = sent + timeout;
         let max = max_new_tokens as usize;
-        let mut tokens = Vec::with_capacity(max.min(1 << 16));
-        let mut arrivals_ns = Vec::with_capacity(max.min(1 << 16));
-        let mut overflow = 0u64;
+        Ok(Generating {
+            label: label.into(),
+            timeout,
+            max,
+            tokens: Vec::with_capacity(max.min(1 << 16)),
+            arrivals_ns: Vec::with_capacity(max.min(1 << 16)),
+            overflow: 0,
+            cpu_before,
+            clock: ActiveClock::starting(sent),
+        })
+    }
+
+    /// Lets the generation run until it is done (`Some`) or until `until` (`None`: the worker
+    /// is frozen again, and the time until the next call does not count as its time). The
+    /// request's timeout counts only the time the worker was let run.
+    pub fn advance(
+        &mut self,
+        g: &mut Generating,
+        until: Option<Instant>,
+    ) -> Result<Option<Generation>, WorkerError> {
+        let label = g.label.clone();
+        if self.frozen_at_ns.is_some() {
+            let resumed = Instant::now();
+            self.thaw(&label)?;
+            g.clock.resume(resumed);
+        }
+        let deadline = g.clock.deadline(Instant::now(), g.timeout);
         loop {
-            match self.next_message(label, deadline, timeout)? {
+            let slice_end = until.filter(|u| *u < deadline);
+            let Some(received) = self.next_message_by(&label, deadline, slice_end, g.timeout)?
+            else {
+                self.freeze();
+                g.clock.pause(Instant::now());
+                return Ok(None);
+            };
+            match received {
                 (at, Message::Tokens { ids }) => {
-                    let ns = at.saturating_duration_since(sent).as_nanos() as u64;
+                    let ns = g.clock.active_ns_at(at);
                     for id in ids {
-                        if tokens.len() < max {
-                            tokens.push(id);
-                            arrivals_ns.push(ns);
+                        if g.tokens.len() < g.max {
+                            g.tokens.push(id);
+                            g.arrivals_ns.push(ns);
                         } else {
-                            overflow += 1;
+                            g.overflow += 1;
                         }
                     }
                 }
                 (_, Message::Done) => break,
-                (_, Message::Failed { message }) => return Err(self.failed(label, message)),
+                (_, Message::Failed { message }) => return Err(self.failed(&label, message)),
                 (_, other) => {
-                    return Err(self.protocol(label, format!("sent {other:?} during a generation")))
+                    return Err(self.protocol(&label, format!("sent {other:?} during a generation")))
                 }
             }
         }
@@ -350,15 +481,16 @@ impl Worker {
         if let Some(sampler) = &self.sampler {
             peak_rss_kib = peak_rss_kib.max(sampler.peak_kib.load(Ordering::Relaxed));
         }
-        let cpu_ms = self.cpu_ns().saturating_sub(cpu_before) as f64 / 1e6;
+        let cpu_ms = self.cpu_ns().saturating_sub(g.cpu_before) as f64 / 1e6;
         self.freeze();
-        Ok(Generation {
-            tokens,
-            arrivals_ns,
-            overflow,
+        Ok(Some(Generation {
+            tokens: std::mem::take(&mut g.tokens),
+            arrivals_ns: std::mem::take(&mut g.arrivals_ns),
+            overflow: g.overflow,
             peak_rss_kib,
             cpu_ms,
-        })
+            paused_ms: g.clock.paused().as_secs_f64() * 1e3,
+        }))
     }
 
     /// Teacher-forced scores of `tokens` for each position from `from` to the last but one
@@ -435,22 +567,46 @@ impl Worker {
         deadline: Instant,
         timeout: Duration,
     ) -> Result<(Instant, Message), WorkerError> {
+        Ok(self
+            .next_message_by(label, deadline, None, timeout)?
+            .expect("without a slice end, only a message or an error ends the wait"))
+    }
+
+    /// As [`Worker::next_message`], but `None` once `slice_end` (before `deadline`) passes
+    /// with no message.
+    fn next_message_by(
+        &mut self,
+        label: &str,
+        deadline: Instant,
+        slice_end: Option<Instant>,
+        timeout: Duration,
+    ) -> Result<Option<(Instant, Message)>, WorkerError> {
         // Waits in short slices, so that a Ctrl-C or SIGTERM stops the request within 100 ms.
         let received = loop {
             if crate::interrupt::requested() {
                 return Err(self.interrupted(label));
             }
-            let wait = deadline.saturating_duration_since(Instant::now());
-            match self
-                .messages
-                .recv_timeout(wait.min(Duration::from_millis(100)))
-            {
+            let now = Instant::now();
+            let wait = deadline.saturating_duration_since(now);
+            let slice_left = slice_end.map(|end| end.saturating_duration_since(now));
+            if slice_left.is_some_and(|left| left.is_zero()) {
+                // What already arrived is taken before the slice ends.
+                match self.messages.try_recv() {
+                    Err(TryRecvError::Empty) => return Ok(None),
+                    Ok(r) => break Ok(r),
+                    Err(TryRecvError::Disconnected) => break Err(RecvTimeoutError::Disconnected),
+                }
+            }
+            let step = wait
+                .min(slice_left.unwrap_or(wait))
+                .min(Duration::from_millis(100));
+            match self.messages.recv_timeout(step) {
                 Err(RecvTimeoutError::Timeout) if !wait.is_zero() => continue,
                 other => break other,
             }
         };
         match received {
-            Ok(Received::Message(at, message)) => Ok((at, message)),
+            Ok(Received::Message(at, message)) => Ok(Some((at, message))),
             Ok(Received::Garbled(line)) => {
                 Err(self.protocol(label, format!("sent an unreadable line: {line}")))
             }
@@ -723,6 +879,29 @@ pub fn peak_rss_kib(pid: libc::pid_t) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_is_timed_by_its_own_turns_only() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut clock = ActiveClock::starting(ms(0));
+        assert_eq!(clock.active_ns_at(ms(60)), 60_000_000);
+        clock.pause(ms(100)); // ran 0..100, then stopped until 350
+        clock.resume(ms(350));
+        // Read during the second turn: 100 ms of the first and 50 of this one.
+        assert_eq!(clock.active_ns_at(ms(400)), 150_000_000);
+        // Written before the pause but read while stopped: counted at the pause.
+        assert_eq!(clock.active_ns_at(ms(200)), 100_000_000);
+        // The timeout counts the turns only: 150 ms used of 1 s at 400.
+        assert_eq!(clock.deadline(ms(400), Duration::from_secs(1)), ms(1250));
+        clock.pause(ms(500));
+        assert_eq!(clock.total_at(ms(900)), Duration::from_millis(250));
+        assert_eq!(clock.paused(), Duration::from_millis(250));
+        // A worker never paused (one request after the other) is timed by the wall clock.
+        let alone = ActiveClock::starting(ms(0));
+        assert_eq!(alone.active_ns_at(ms(900)), 900_000_000);
+        assert_eq!(alone.paused(), Duration::ZERO);
+    }
 
     #[test]
     fn signals_are_named() {

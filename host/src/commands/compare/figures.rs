@@ -59,6 +59,17 @@ impl Figure {
         }
     }
 
+    /// How much one pair's log-ratio of this figure counts, relative to the others: its
+    /// prompt tokens for prefill and time to first token (a prefill of 1,600 tokens is timed
+    /// about ten times as precisely as one of 80), 1 for the rest (every decode is 128
+    /// tokens). Fixed by the prompt instance, never by what a variant measured.
+    pub fn weight(self, pair: &Pair) -> f64 {
+        match self {
+            Figure::PrefillTokS | Figure::TtftMs => pair.a.timing.prompt_tokens as f64,
+            Figure::DecodeTokS | Figure::PeakRssMib => 1.0,
+        }
+    }
+
     /// The figure's value in one sample.
     pub fn of(self, s: &Sample) -> f64 {
         match self {
@@ -187,17 +198,18 @@ pub struct Horizon<'a> {
     pub alpha: &'a dyn Fn(Figure) -> f64,
 }
 
-/// One figure's result from its log-ratios, tested at `alpha` by `stats` (the t-test and
-/// bootstrap of [`Paired::of`], or the t-test alone in simulations).
+/// One figure's result from its log-ratios and their weights ([`Figure::weight`]), tested at
+/// `alpha` by `stats` (the t-test and bootstrap of [`Paired::weighted`], or the t-test alone in
+/// simulations).
 pub(crate) fn figure_result(
     figure: Figure,
-    logs: &[f64],
+    (logs, weights): (&[f64], &[f64]),
     alpha: f64,
     horizon: &Horizon,
     noise: f64,
-    stats: impl Fn(&[f64], f64) -> Option<Paired>,
+    stats: impl Fn(&[f64], &[f64], f64) -> Option<Paired>,
 ) -> FigureResult {
-    let decision = stats(logs, alpha);
+    let decision = stats(logs, weights, alpha);
     let verdict = decision
         .as_ref()
         .map(|d| d.verdict(figure.better(), noise))
@@ -223,7 +235,7 @@ pub(crate) fn figure_result(
         settled: decision.as_ref().is_some_and(|d| d.within(noise)),
         chance_slower_at_end: at_end(Paired::chance_slower_at_end),
         chance_faster_at_end: at_end(Paired::chance_faster_at_end),
-        at_95: stats(logs, 0.05),
+        at_95: stats(logs, weights, 0.05),
         decision,
         verdict,
     }
@@ -252,12 +264,18 @@ pub(crate) fn look(
             let a: Vec<f64> = pairs.iter().map(|p| figure.of(&p.a)).collect();
             let b: Vec<f64> = pairs.iter().map(|p| figure.of(&p.b)).collect();
             let logs = pair_logs(pairs, figure);
+            let weights: Vec<f64> = pairs.iter().map(|p| figure.weight(p)).collect();
             FigureResult {
                 a_median: Spread::of(&a).map(|s| s.median),
                 b_median: Spread::of(&b).map(|s| s.median),
-                ..figure_result(figure, &logs, alpha(figure), horizon, noise, |l, a| {
-                    Paired::of(l, a, seed)
-                })
+                ..figure_result(
+                    figure,
+                    (&logs, &weights),
+                    alpha(figure),
+                    horizon,
+                    noise,
+                    |l, w, a| Paired::weighted(l, w, a, seed),
+                )
             }
         })
         .collect()
