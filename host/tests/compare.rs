@@ -110,6 +110,17 @@ fn a_variant_against_itself_is_noise() {
                 "2" => assert!(futile, "stopped at look 1 without futility: {decode}"),
                 other => panic!("{other} rounds: not a look's end"),
             }
+            // A NOISE may be kept as simpler, so the gates judge 3 rounds of B's answers even
+            // when measuring ended after 2: B answered round 3 untimed, and it was scored.
+            let untimed = record["untimed_answers"].as_array().unwrap();
+            if row["compare_rounds"] == "2" {
+                assert_eq!(record["untimed_rounds"], serde_json::json!([2]));
+                assert_eq!(untimed.len(), 1, "one prompt, one round");
+                assert_eq!(untimed[0]["round"], 2);
+                assert!(untimed[0]["quality"].is_object(), "scored: {}", untimed[0]);
+            } else {
+                assert!(untimed.is_empty());
+            }
         }
         assert!(row["decode_ratio"].contains('['), "{row:?}");
     }

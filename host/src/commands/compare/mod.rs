@@ -31,7 +31,7 @@ use crate::harness::protocol::{CompareRules, Protocol};
 use crate::ledger::record::{self, Provenance};
 use crate::measure::sample::{Sample, Summary};
 use crate::quality::GateReport;
-use crate::stats::significance::LookSchedule;
+use crate::stats::significance::{LookSchedule, Verdict};
 use crate::supervisor::cargo_build::{BuildSandbox, VariantCrate};
 use crate::supervisor::oracle::{OracleBuild, OracleCost};
 use crate::supervisor::revision::{Committed, VariantArg};
@@ -150,6 +150,11 @@ struct CompareRecord<'a> {
     gates: Option<&'a GateReport>,
     /// The rounds whose answers of B the oracle scored.
     scored_rounds: &'a [u32],
+    /// Rounds after the last measured one that B answered untimed for the gates alone (a
+    /// comparison that could be kept but ended before `gates.scored_rounds` rounds).
+    untimed_rounds: &'a [u32],
+    /// Those answers, with their quality.
+    untimed_answers: &'a [Sample],
     oracle: Option<OracleCost>,
     pairs: &'a [Pair],
     /// The untimed warm-ups of each pair's workers (their instances are fresh too).
@@ -331,6 +336,28 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         .filter(|s| scored_rounds.contains(&s.round))
         .cloned()
         .collect();
+    // A comparison that may be kept but ended before the gates' rounds were measured: B answers
+    // the missing rounds untimed, so a keep is always judged on as much text as the gates were
+    // calibrated for.
+    let extra = if outcome.is_ok() && suspect.is_none() && !p.synthetic && keepable(&figures) {
+        untimed_answers(args, &p, measured.rounds)
+    } else {
+        Ok(Vec::new())
+    };
+    let extra_rounds: Vec<u32> = match extra {
+        Ok(answers) => {
+            let rounds = answers
+                .iter()
+                .map(|s| s.round)
+                .collect::<std::collections::BTreeSet<_>>();
+            judged_samples.extend(answers);
+            rounds.into_iter().collect()
+        }
+        Err(e) => {
+            outcome = Err(e);
+            Vec::new()
+        }
+    };
     let Quality {
         gates,
         oracle: oracle_cost,
@@ -344,13 +371,15 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         "B's answers",
         &mut outcome,
     );
-    for judged in &judged_samples {
-        if let Some(pair) = measured
+    let mut untimed = Vec::new();
+    for judged in judged_samples {
+        match measured
             .pairs
             .iter_mut()
             .find(|pair| pair.round == judged.round && pair.prompt == judged.prompt)
         {
-            pair.b.quality = judged.quality.clone();
+            Some(pair) => pair.b.quality = judged.quality.clone(),
+            None => untimed.push(judged),
         }
     }
     let decided = outcome
@@ -379,6 +408,8 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         looks: &measured.looks,
         gates: gates.as_ref(),
         scored_rounds: &scored_rounds,
+        untimed_rounds: &extra_rounds,
+        untimed_answers: &untimed,
         oracle: oracle_cost.clone(),
         pairs: &measured.pairs,
         warmups: &measured.warmups,
@@ -418,6 +449,61 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     )?;
     recorded.report(oracle_cost.as_ref());
     Ok(verdict)
+}
+
+/// Whether the timing leaves a keep possible: nothing SLOWER (a KEEP, or a NOISE that the
+/// simplicity rule may keep).
+fn keepable(figures: &[FigureResult]) -> bool {
+    !figures.is_empty() && figures.iter().all(|f| f.verdict != Verdict::Slower)
+}
+
+/// B's answers, untimed, to the instances of rounds `measured..gates.scored_rounds` (the
+/// plan's, as the comparison would have drawn them), from one fresh worker: what the gates
+/// need when measuring ended early. Their times are never looked at.
+fn untimed_answers(args: &CompareArgs, p: &Prepared, measured: u32) -> Result<Vec<Sample>> {
+    let want = p.setup.protocol.gates.scored_rounds;
+    if measured >= want {
+        return Ok(Vec::new());
+    }
+    let max_rounds = p.schedule.max_rounds();
+    let prompts = p.setup.prompts.prompts.len() as u32;
+    let plan = p
+        .setup
+        .plan(max_rounds, max_rounds * prompts, Sharing::PerRun)?;
+    let rounds = measured..want.min(max_rounds);
+    eprintln!(
+        "measuring ended after {measured} round(s): B answers rounds {}-{} untimed, so that the \
+         gates judge {want} rounds",
+        rounds.start + 1,
+        rounds.end
+    );
+    let name_b = format!("B ({})", p.b.arg);
+    let mut worker = Worker::spawn(&Spawn {
+        variant: &name_b,
+        lib: &p.b.lib,
+        model: &p.setup.model.path,
+        timeout: p.setup.timeout(),
+        echo_log: args.verbose,
+        load: p.setup.load_request(),
+        protect: &p.protect,
+    })?;
+    let mut answers = Vec::new();
+    for round in rounds {
+        for planned in &plan.rounds[round as usize] {
+            let label = format!("{} (untimed, for the gates)", planned.label(max_rounds));
+            let answer = timed_request(
+                &p.setup,
+                &mut worker,
+                &name_b,
+                planned,
+                &label,
+                p.setup.protocol.max_new_tokens,
+            )?;
+            eprintln!("untimed: {label}");
+            answers.push(answer);
+        }
+    }
+    Ok(answers)
 }
 
 /// The roofline check on what was measured: B above the memory-bandwidth bound is suspect (its
@@ -758,7 +844,7 @@ mod tests {
     use super::figures::*;
     use super::*;
     use crate::harness::protocol::CompareRules;
-    use crate::stats::significance::{Paired, Verdict};
+    use crate::stats::significance::Paired;
 
     fn result(figure: Figure, verdict: Verdict, settled: bool) -> FigureResult {
         FigureResult {
