@@ -114,7 +114,6 @@ fn a_variant_against_itself_is_noise() {
             // when measuring ended after 2: B answered round 3 untimed, and it was scored.
             let untimed = record["untimed_answers"].as_array().unwrap();
             if row["compare_rounds"] == "2" {
-                assert_eq!(record["untimed_rounds"], serde_json::json!([2]));
                 assert_eq!(untimed.len(), 1, "one prompt, one round");
                 assert_eq!(untimed[0]["round"], 2);
                 assert!(untimed[0]["quality"].is_object(), "scored: {}", untimed[0]);

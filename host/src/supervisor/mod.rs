@@ -119,6 +119,33 @@ pub struct Generation {
     pub paused_ms: f64,
 }
 
+/// Whether a worker's output may be read now. Closed while the worker is paused between turns
+/// of a pair: whatever it wrote before it was stopped (up to a pipe's worth of messages or log
+/// lines, which the supervisor must parse) then waits in the pipe until its next turn, so that
+/// reading it costs the worker's own turn and never the other side's.
+#[derive(Default)]
+struct ReadGate {
+    closed: Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl ReadGate {
+    /// Waits while the gate is closed.
+    fn pass(&self) {
+        let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
+        while *closed {
+            closed = self.opened.wait(closed).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn set(&self, closed: bool) {
+        *self.closed.lock().unwrap_or_else(|e| e.into_inner()) = closed;
+        if !closed {
+            self.opened.notify_all();
+        }
+    }
+}
+
 /// A generation sent to a worker and not yet done: what has arrived so far, and the worker's
 /// own clock ([`Worker::start`], [`Worker::advance`]).
 pub struct Generating {
@@ -230,6 +257,8 @@ pub struct Worker {
     cpu_clock: Option<libc::clockid_t>,
     /// The worker's CPU time when it was frozen; `None` while it runs.
     frozen_at_ns: Option<u64>,
+    /// Closed while the worker is paused between turns ([`ReadGate`]).
+    gate: Arc<ReadGate>,
     /// For a worker that can reset its peak-memory counter (a CUDA worker may write its
     /// threads' /proc entries): the highest memory seen by sampling it.
     sampler: Option<MemorySampler>,
@@ -258,8 +287,13 @@ fn scratch_dir() -> std::io::Result<PathBuf> {
 }
 
 /// Reads a worker's stderr into `tail`, line by line (lines capped at [`LOG_LINE`]), echoing
-/// each, made safe for a terminal, when `echo` is set.
-fn drain_log(mut stderr: impl Read, tail: Arc<Mutex<VecDeque<String>>>, echo: bool) {
+/// each, made safe for a terminal, when `echo` is set; each read waits for `gate`.
+fn drain_log(
+    mut stderr: impl Read,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    echo: bool,
+    gate: Arc<ReadGate>,
+) {
     let mut line = Vec::new();
     let mut chunk = [0u8; 8192];
     let finish = |line: &mut Vec<u8>| {
@@ -274,10 +308,12 @@ fn drain_log(mut stderr: impl Read, tail: Arc<Mutex<VecDeque<String>>>, echo: bo
         }
         tail.push_back(text);
     };
-    while let Ok(n) = stderr.read(&mut chunk) {
-        if n == 0 {
-            break;
-        }
+    loop {
+        gate.pass();
+        let n = match stderr.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
         for &b in &chunk[..n] {
             if b == b'\n' {
                 finish(&mut line);
@@ -337,9 +373,12 @@ impl Worker {
         };
         let (tx, messages) = mpsc::channel();
         let stdout = child.stdout.take().expect("stdout was piped");
+        let gate = Arc::new(ReadGate::default());
+        let stdout_gate = gate.clone();
         std::thread::spawn(move || {
             let mut reader = LineReader::new(stdout);
             loop {
+                stdout_gate.pass();
                 let batch = reader.next_batch();
                 let last = batch
                     .iter()
@@ -358,7 +397,8 @@ impl Worker {
         let tail = stderr_tail.clone();
         let stderr = child.stderr.take().expect("stderr was piped");
         let echo = spec.echo_log;
-        std::thread::spawn(move || drain_log(stderr, tail, echo));
+        let stderr_gate = gate.clone();
+        std::thread::spawn(move || drain_log(stderr, tail, echo, stderr_gate));
         let pid = child.id() as libc::pid_t;
         let stdin = child.stdin.take();
         let mut worker = Worker {
@@ -370,6 +410,7 @@ impl Worker {
             scratch,
             cpu_clock: cpu_clock(pid),
             frozen_at_ns: None,
+            gate,
             sampler: matches!(spec.load.device, Some(plugin_api::Device::Cuda(_)))
                 .then(|| MemorySampler::start(pid)),
             load_ms: 0.0,
@@ -446,6 +487,8 @@ impl Worker {
         let label = g.label.clone();
         if self.frozen_at_ns.is_some() {
             let resumed = Instant::now();
+            // What it wrote before its pause is read now, in its own turn.
+            self.gate.set(false);
             self.thaw(&label)?;
             g.clock.resume(resumed);
         }
@@ -456,6 +499,7 @@ impl Worker {
             else {
                 self.freeze();
                 g.clock.pause(Instant::now());
+                self.gate.set(true);
                 return Ok(None);
             };
             match received {
@@ -742,6 +786,8 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
+        // Its reader threads drain what is left and end with the pipes.
+        self.gate.set(false);
         // Closing stdin ends a healthy worker (thawed first); a stuck one is killed.
         self.stdin.take();
         // SAFETY: as in `freeze`.
@@ -901,6 +947,34 @@ mod tests {
         let alone = ActiveClock::starting(ms(0));
         assert_eq!(alone.active_ns_at(ms(900)), 900_000_000);
         assert_eq!(alone.paused(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_closed_gate_leaves_the_output_in_the_pipe_until_it_opens() {
+        use std::os::unix::net::UnixStream;
+        let (mut writer, mut reader) = UnixStream::pair().unwrap();
+        let gate = Arc::new(ReadGate::default());
+        gate.set(true);
+        let read = Arc::new(AtomicUsize::new(0));
+        let (g, r) = (gate.clone(), read.clone());
+        let thread = std::thread::spawn(move || {
+            let mut chunk = [0u8; 64];
+            loop {
+                g.pass();
+                match reader.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => r.fetch_add(n, Ordering::SeqCst),
+                };
+            }
+        });
+        writer.write_all(&[b'\n'; 1000]).unwrap();
+        // Closed: nothing is read, however long it waits (a quarter of a second here).
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(read.load(Ordering::SeqCst), 0, "read through a closed gate");
+        gate.set(false);
+        drop(writer);
+        thread.join().unwrap();
+        assert_eq!(read.load(Ordering::SeqCst), 1000, "all read once it opened");
     }
 
     #[test]

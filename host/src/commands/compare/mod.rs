@@ -24,7 +24,7 @@ pub mod keep_rule;
 
 use crate::commands::finish::{self, quality_phase, Quality, RowFacts};
 use crate::commands::setup::{
-    find_root, request_line, timed_pair, timed_request, Contender, Overrides, Setup,
+    find_root, request_line, timed_pair, timed_request, Contender, Overrides, Plan, Setup,
 };
 use crate::harness::prompts::Sharing;
 use crate::harness::protocol::{CompareRules, Protocol};
@@ -150,10 +150,9 @@ struct CompareRecord<'a> {
     gates: Option<&'a GateReport>,
     /// The rounds whose answers of B the oracle scored.
     scored_rounds: &'a [u32],
-    /// Rounds after the last measured one that B answered untimed for the gates alone (a
-    /// comparison that could be kept but ended before `gates.scored_rounds` rounds).
-    untimed_rounds: &'a [u32],
-    /// Those answers, with their quality.
+    /// B's untimed answers to the rounds after the last measured one, for the gates alone (a
+    /// comparison that could be kept but ended before `gates.scored_rounds` rounds), with
+    /// their quality.
     untimed_answers: &'a [Sample],
     oracle: Option<OracleCost>,
     pairs: &'a [Pair],
@@ -317,7 +316,15 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         b: &p.b,
         protect: &p.protect,
     };
-    let mut outcome = measure(args, &p.setup, &p.schedule, &p.rules, &sides, &mut measured);
+    // Every instance of the longest comparison, drawn now: none repeats, the warm-ups of each
+    // pair's new workers included. Each timed request goes to a fresh worker: they may share a
+    // document (the oracle then computes it once).
+    let max_rounds = p.schedule.max_rounds();
+    let prompts = p.setup.prompts.prompts.len() as u32;
+    let plan = p
+        .setup
+        .plan(max_rounds, max_rounds * prompts, Sharing::PerRun)?;
+    let mut outcome = measure(args, &p, &plan, &sides, &mut measured);
     let figures = measured.looks.last().cloned().unwrap_or_default();
 
     let suspect = check_roofline(&p, &measured.pairs, &mut outcome);
@@ -339,25 +346,12 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     // A comparison that may be kept but ended before the gates' rounds were measured: B answers
     // the missing rounds untimed, so a keep is always judged on as much text as the gates were
     // calibrated for.
-    let extra = if outcome.is_ok() && suspect.is_none() && !p.synthetic && keepable(&figures) {
-        untimed_answers(args, &p, measured.rounds)
-    } else {
-        Ok(Vec::new())
-    };
-    let extra_rounds: Vec<u32> = match extra {
-        Ok(answers) => {
-            let rounds = answers
-                .iter()
-                .map(|s| s.round)
-                .collect::<std::collections::BTreeSet<_>>();
-            judged_samples.extend(answers);
-            rounds.into_iter().collect()
+    if outcome.is_ok() && suspect.is_none() && !p.synthetic && keepable(&figures) {
+        match untimed_answers(args, &p, &plan, measured.rounds) {
+            Ok(answers) => judged_samples.extend(answers),
+            Err(e) => outcome = Err(e),
         }
-        Err(e) => {
-            outcome = Err(e);
-            Vec::new()
-        }
-    };
+    }
     let Quality {
         gates,
         oracle: oracle_cost,
@@ -408,7 +402,6 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         looks: &measured.looks,
         gates: gates.as_ref(),
         scored_rounds: &scored_rounds,
-        untimed_rounds: &extra_rounds,
         untimed_answers: &untimed,
         oracle: oracle_cost.clone(),
         pairs: &measured.pairs,
@@ -460,16 +453,17 @@ fn keepable(figures: &[FigureResult]) -> bool {
 /// B's answers, untimed, to the instances of rounds `measured..gates.scored_rounds` (the
 /// plan's, as the comparison would have drawn them), from one fresh worker: what the gates
 /// need when measuring ended early. Their times are never looked at.
-fn untimed_answers(args: &CompareArgs, p: &Prepared, measured: u32) -> Result<Vec<Sample>> {
+fn untimed_answers(
+    args: &CompareArgs,
+    p: &Prepared,
+    plan: &Plan,
+    measured: u32,
+) -> Result<Vec<Sample>> {
     let want = p.setup.protocol.gates.scored_rounds;
     if measured >= want {
         return Ok(Vec::new());
     }
     let max_rounds = p.schedule.max_rounds();
-    let prompts = p.setup.prompts.prompts.len() as u32;
-    let plan = p
-        .setup
-        .plan(max_rounds, max_rounds * prompts, Sharing::PerRun)?;
     let rounds = measured..want.min(max_rounds);
     eprintln!(
         "measuring ended after {measured} round(s): B answers rounds {}-{} untimed, so that the \
@@ -668,23 +662,18 @@ fn apply_rules(rules: &mut CompareRules, args: &CompareArgs) -> Result<()> {
 /// The measured part: both workers, the warm-ups, then rounds until a stop.
 fn measure(
     args: &CompareArgs,
-    setup: &Setup,
-    schedule: &LookSchedule,
-    rules: &CompareRules,
+    p: &Prepared,
+    plan: &Plan,
     sides: &Sides,
     out: &mut Measured,
 ) -> Result<()> {
+    let (setup, schedule, rules) = (&p.setup, &p.schedule, &p.rules);
     let (a, b) = (sides.a, sides.b);
     let name_a = format!("A ({})", a.arg);
     let name_b = format!("B ({})", b.arg);
 
     let prompts = setup.prompts.prompts.len();
     let max_rounds = schedule.max_rounds();
-    // Every instance of the longest comparison, drawn now: none repeats, the warm-ups of each
-    // pair's new workers included.
-    // Each timed request goes to a fresh worker: they may share a document (the oracle then
-    // computes it once).
-    let plan = setup.plan(max_rounds, max_rounds * prompts as u32, Sharing::PerRun)?;
     let warmups_per_pair = setup.protocol.warmup_requests as usize;
     let total = 2 * (warmups_per_pair + 1) * prompts * max_rounds as usize;
     let bar = crate::progress::progress_bar(total, "");
