@@ -12,10 +12,13 @@
 //! - [`tensor_model::TensorLlama`]: the same model in candle tensor operations, for the GPU.
 //! - [`model::LlamaConfig`]: the hyperparameters, read from the `llama.*` metadata.
 //! - [`matmul::Matrix`]: a weight matrix left in the host's mapping, and its f32 matmul.
+//! - [`kernels`]: the Q4_1/Q8_0 row kernels (AVX-512, AVX2, scalar reference), picked at run
+//!   time by [`kernels::Isa::best`].
 //! - [`generate::generate`] and [`generate::score`]: chunked prefill then greedy decoding, and
 //!   teacher-forced scoring.
 
 pub mod generate;
+pub mod kernels;
 pub mod matmul;
 pub mod model;
 pub mod tensor_model;

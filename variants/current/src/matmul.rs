@@ -2,9 +2,9 @@
 //!
 //! [`Matrix`] keeps Q4_1 and Q8_0 weights as the host maps them (zero-copy); any other type is
 //! dequantized to f32 once, at load. [`Matrix::forward`] computes `x · Wᵀ` for a chunk of token
-//! rows: every output element is one weight row dequantized to f32 and dotted with one
-//! activation row by [`dot`], in a fixed order. Two properties follow, and the quality oracle
-//! relies on both:
+//! rows: every output element is one weight row, dequantized to f32, dotted with one activation
+//! row in a fixed order, by the fastest [`crate::kernels`] path this machine runs. Two
+//! properties follow, and the quality oracle relies on both:
 //! - the result does not depend on the chunk size or the thread count, so a prompt run in one
 //!   chunk gives bit for bit what it gives token by token;
 //! - activations stay f32 all the way (candle's and ggml's quantized matmuls round them to 8
@@ -14,19 +14,15 @@
 //!   stands out.
 
 use candle_core::{Device, Tensor};
-use half::f16;
 use rayon::prelude::*;
+
+pub use crate::kernels::{
+    dequantize_q4_1_row, dequantize_q8_0_row, dot, BLOCK, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES,
+};
+use crate::kernels::{matmul_rows, Format, Isa};
 
 /// Weight rows computed per parallel task.
 const ROWS_PER_TASK: usize = 16;
-
-/// Bytes of one Q4_1 block (f16 scale, f16 minimum, 16 bytes of 4-bit values) and of one Q8_0
-/// block (f16 scale, 32 signed bytes); both hold 32 weights.
-pub const Q4_1_BLOCK_BYTES: usize = 20;
-/// See [`Q4_1_BLOCK_BYTES`].
-pub const Q8_0_BLOCK_BYTES: usize = 34;
-/// Weights per Q4_1 or Q8_0 block.
-pub const BLOCK: usize = 32;
 
 /// How a matrix's weights are stored.
 #[derive(Debug)]
@@ -45,53 +41,6 @@ pub struct Matrix {
     rows: usize,
     cols: usize,
     weights: Weights,
-}
-
-/// Dot product with eight independent partial sums (vectorizable, and always in the same order).
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (xs, ys) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = xs
-        .remainder()
-        .iter()
-        .zip(ys.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in xs.zip(ys) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
-}
-
-/// Dequantizes one row of Q4_1 blocks into `out` (32 weights per 20-byte block).
-pub fn dequantize_q4_1_row(row: &[u8], out: &mut [f32]) {
-    for (block, out) in row
-        .chunks_exact(Q4_1_BLOCK_BYTES)
-        .zip(out.chunks_exact_mut(BLOCK))
-    {
-        let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-        let m = f16::from_le_bytes([block[2], block[3]]).to_f32();
-        let (lo, hi) = out.split_at_mut(BLOCK / 2);
-        for ((&q, lo), hi) in block[4..].iter().zip(lo).zip(hi) {
-            *lo = d * (q & 0x0F) as f32 + m;
-            *hi = d * (q >> 4) as f32 + m;
-        }
-    }
-}
-
-/// Dequantizes one row of Q8_0 blocks into `out` (32 weights per 34-byte block).
-pub fn dequantize_q8_0_row(row: &[u8], out: &mut [f32]) {
-    for (block, out) in row
-        .chunks_exact(Q8_0_BLOCK_BYTES)
-        .zip(out.chunks_exact_mut(BLOCK))
-    {
-        let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-        for (o, &q) in out.iter_mut().zip(&block[2..]) {
-            *o = d * (q as i8) as f32;
-        }
-    }
 }
 
 impl Matrix {
@@ -115,18 +64,12 @@ impl Matrix {
         self.cols
     }
 
-    /// Writes weight row `r`, dequantized, into `out` (`cols` long).
-    fn row_into(&self, r: usize, out: &mut [f32]) {
-        match &self.weights {
-            Weights::Q4_1(data) => {
-                let bytes = self.cols / BLOCK * Q4_1_BLOCK_BYTES;
-                dequantize_q4_1_row(&data[r * bytes..(r + 1) * bytes], out);
-            }
-            Weights::Q8_0(data) => {
-                let bytes = self.cols / BLOCK * Q8_0_BLOCK_BYTES;
-                dequantize_q8_0_row(&data[r * bytes..(r + 1) * bytes], out);
-            }
-            Weights::F32(w) => out.copy_from_slice(&w[r * self.cols..(r + 1) * self.cols]),
+    /// The kernel path and bytes of quantized weights (`None` for f32 weights).
+    fn quantized(&self) -> Option<(Isa, Format, &'static [u8])> {
+        match self.weights {
+            Weights::Q4_1(data) => Some((Isa::best(), Format::Q4_1, data)),
+            Weights::Q8_0(data) => Some((Isa::Scalar, Format::Q8_0, data)),
+            Weights::F32(_) => None,
         }
     }
 
@@ -140,21 +83,35 @@ impl Matrix {
             );
         }
         let x: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        // Computed weight row by weight row (each row dequantized once for all t tokens), then
+        // Computed weight row by weight row (each row read once for all t tokens), then
         // transposed to token-major.
         let mut by_row = vec![0f32; self.rows * t];
         by_row
             .par_chunks_mut(ROWS_PER_TASK * t)
             .enumerate()
             .for_each(|(task, out)| {
-                let mut w = vec![0f32; self.cols];
-                for (i, out) in out.chunks_exact_mut(t).enumerate() {
-                    self.row_into(task * ROWS_PER_TASK + i, &mut w);
-                    for (o, x) in out.iter_mut().zip(x.chunks_exact(self.cols)) {
-                        *o = dot(&w, x);
+                let first = task * ROWS_PER_TASK;
+                let n = out.len() / t;
+                match (&self.weights, self.quantized()) {
+                    (_, Some((isa, format, data))) => {
+                        let bytes = format.row_bytes(self.cols);
+                        let w = &data[first * bytes..(first + n) * bytes];
+                        matmul_rows(isa, format, w, self.cols, &x, out);
                     }
+                    (Weights::F32(w), None) => {
+                        let w = &w[first * self.cols..(first + n) * self.cols];
+                        for (row, out) in w.chunks_exact(self.cols).zip(out.chunks_exact_mut(t)) {
+                            for (o, x) in out.iter_mut().zip(x.chunks_exact(self.cols)) {
+                                *o = dot(row, x);
+                            }
+                        }
+                    }
+                    _ => unreachable!("quantized() is None only for f32 weights"),
                 }
             });
+        if t == 1 {
+            return Tensor::from_vec(by_row, (1, self.rows), &Device::Cpu);
+        }
         let mut out = vec![0f32; t * self.rows];
         for (r, values) in by_row.chunks_exact(t).enumerate() {
             for (tok, &v) in values.iter().enumerate() {
@@ -168,24 +125,10 @@ impl Matrix {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::f16;
 
     fn f16_bytes(v: f32) -> [u8; 2] {
         f16::from_f32(v).to_le_bytes()
-    }
-
-    #[test]
-    fn q4_1_blocks_dequantize_as_ggml_defines_them() {
-        // d = 0.5, m = -1: low nibbles are weights 0..16, high nibbles weights 16..32.
-        let mut block = Vec::new();
-        block.extend(f16_bytes(0.5));
-        block.extend(f16_bytes(-1.0));
-        block.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
-        let mut out = [0f32; 32];
-        dequantize_q4_1_row(&block, &mut out);
-        assert_eq!(out[0], -1.0);
-        assert_eq!(out[3], 0.5);
-        assert_eq!(out[16], 6.5, "high nibble of byte 0 is 15");
-        assert_eq!(out[31], -1.0);
     }
 
     #[test]

@@ -1,0 +1,607 @@
+//! Quantized matmul kernels: Q4_1 and Q8_0 weight rows times f32 activations, with SIMD paths
+//! chosen at run time ([`Isa`]) and the scalar reference beside them.
+//!
+//! [`matmul_rows`] computes a run of weight rows against a chunk of token rows. Every path keeps
+//! the two properties [`crate::matmul`] promises:
+//! - activations stay f32; weights are dequantized exactly as the reference does
+//!   ([`dequantize_q4_1_row`], [`dequantize_q8_0_row`]: `d * q + m`, `d * q`, unfused);
+//! - a (row, token) result does not depend on the chunk size: one token (decode) dequantizes
+//!   each block in registers, a chunk (prefill) dequantizes a few rows to a buffer once and
+//!   reuses them for every token, and both accumulate each product in the same lanes in the
+//!   same order, then reduce the lanes the same way.
+//!
+//! Different paths sum in different orders, so their results differ in the last bits (the
+//! tests bound that against the reference); one machine always takes the same path.
+
+use half::f16;
+
+/// Bytes of one Q4_1 block (f16 scale, f16 minimum, 16 bytes of 4-bit values) and of one Q8_0
+/// block (f16 scale, 32 signed bytes); both hold 32 weights.
+pub const Q4_1_BLOCK_BYTES: usize = 20;
+/// See [`Q4_1_BLOCK_BYTES`].
+pub const Q8_0_BLOCK_BYTES: usize = 34;
+/// Weights per Q4_1 or Q8_0 block.
+pub const BLOCK: usize = 32;
+
+/// A quantized block format the kernels read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// ggml Q4_1: weight = d * q + m, q in 0..16; low nibbles are weights 0..16.
+    Q4_1,
+    /// ggml Q8_0: weight = d * q, q in -128..128.
+    Q8_0,
+}
+
+impl Format {
+    /// Bytes per 32-weight block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Format::Q4_1 => Q4_1_BLOCK_BYTES,
+            Format::Q8_0 => Q8_0_BLOCK_BYTES,
+        }
+    }
+
+    /// Bytes of one row of `cols` weights.
+    pub fn row_bytes(self, cols: usize) -> usize {
+        cols / BLOCK * self.block_bytes()
+    }
+
+    /// The reference dequantization of one row.
+    pub fn dequantize_row(self, row: &[u8], out: &mut [f32]) {
+        match self {
+            Format::Q4_1 => dequantize_q4_1_row(row, out),
+            Format::Q8_0 => dequantize_q8_0_row(row, out),
+        }
+    }
+}
+
+/// An instruction set a kernel path needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512F with F16C: 16 lanes.
+    Avx512,
+    /// AVX2, FMA and F16C: 8 lanes.
+    Avx2,
+    /// Plain Rust, the reference.
+    Scalar,
+}
+
+impl Isa {
+    /// Whether this machine can run the path.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
+                    && std::is_x86_feature_detected!("f16c")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// Every path this machine can run, fastest first (the scalar one last).
+    pub fn available() -> Vec<Isa> {
+        [Isa::Avx512, Isa::Avx2, Isa::Scalar]
+            .into_iter()
+            .filter(|isa| isa.supported())
+            .collect()
+    }
+
+    /// The fastest path this machine runs, detected once.
+    pub fn best() -> Isa {
+        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| Isa::available()[0])
+    }
+}
+
+/// Dot product with eight independent partial sums (vectorizable, and always in the same order).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (xs, ys) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = xs
+        .remainder()
+        .iter()
+        .zip(ys.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in xs.zip(ys) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// Dequantizes one row of Q4_1 blocks into `out` (32 weights per 20-byte block).
+pub fn dequantize_q4_1_row(row: &[u8], out: &mut [f32]) {
+    for (block, out) in row
+        .chunks_exact(Q4_1_BLOCK_BYTES)
+        .zip(out.chunks_exact_mut(BLOCK))
+    {
+        let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+        let m = f16::from_le_bytes([block[2], block[3]]).to_f32();
+        let (lo, hi) = out.split_at_mut(BLOCK / 2);
+        for ((&q, lo), hi) in block[4..].iter().zip(lo).zip(hi) {
+            *lo = d * (q & 0x0F) as f32 + m;
+            *hi = d * (q >> 4) as f32 + m;
+        }
+    }
+}
+
+/// Dequantizes one row of Q8_0 blocks into `out` (32 weights per 34-byte block).
+pub fn dequantize_q8_0_row(row: &[u8], out: &mut [f32]) {
+    for (block, out) in row
+        .chunks_exact(Q8_0_BLOCK_BYTES)
+        .zip(out.chunks_exact_mut(BLOCK))
+    {
+        let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+        for (o, &q) in out.iter_mut().zip(&block[2..]) {
+            *o = d * (q as i8) as f32;
+        }
+    }
+}
+
+/// Weight rows `w` (whole rows of `format`, `cols` weights each) times the token rows `x`
+/// (`t` rows of `cols`), written row-major by weight row: `out[r * t + tok]`.
+///
+/// # Panics
+/// When `cols` is not a whole number of blocks or the slices' lengths do not fit together
+/// (the callers size them from the matrix's checked dims).
+pub fn matmul_rows(isa: Isa, format: Format, w: &[u8], cols: usize, x: &[f32], out: &mut [f32]) {
+    assert!(cols.is_multiple_of(BLOCK) && cols > 0, "cols {cols}");
+    let row_bytes = format.row_bytes(cols);
+    assert!(w.len().is_multiple_of(row_bytes), "partial weight row");
+    assert!(x.len().is_multiple_of(cols), "partial token row");
+    let (rows, t) = (w.len() / row_bytes, x.len() / cols);
+    assert_eq!(out.len(), rows * t, "output size");
+    if rows == 0 || t == 0 {
+        return;
+    }
+    match isa {
+        // SAFETY (both arms): the path's instruction set was checked by `supported`, and the
+        // slices' sizes were checked above, which is all the SIMD code relies on.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if isa.supported() => unsafe {
+            x86::matmul_avx512(format, w, cols, x, t, out)
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.supported() => unsafe { x86::matmul_avx2(format, w, cols, x, t, out) },
+        Isa::Scalar => matmul_scalar(format, w, cols, x, t, out),
+        _ => panic!("the {isa:?} kernels cannot run on this machine"),
+    }
+}
+
+/// The reference: each row dequantized once, then dotted with every token by [`dot`].
+fn matmul_scalar(format: Format, w: &[u8], cols: usize, x: &[f32], t: usize, out: &mut [f32]) {
+    let mut row = vec![0f32; cols];
+    for (bytes, out) in w
+        .chunks_exact(format.row_bytes(cols))
+        .zip(out.chunks_exact_mut(t))
+    {
+        format.dequantize_row(bytes, &mut row);
+        for (o, x) in out.iter_mut().zip(x.chunks_exact(cols)) {
+            *o = dot(&row, x);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! The SIMD paths. Each keeps one accumulator vector per (row, token), adds the products
+    //! of a row's weights `k..k + lanes` in order of `k`, and reduces the lanes at the end, the
+    //! same way for one token and for a chunk.
+
+    use super::{Format, BLOCK};
+    use std::arch::x86_64::*;
+    use std::cell::RefCell;
+
+    /// Rows computed together for one token (independent accumulators hide FMA latency).
+    const DECODE_ROWS: usize = 4;
+    /// Rows and tokens of one register tile in a chunk.
+    const TILE_ROWS: usize = 4;
+    const TILE_TOKENS: usize = 4;
+
+    thread_local! {
+        /// Dequantized rows of a chunk's matmul, reused across calls on this thread.
+        static ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// The f16 scale (and for Q4_1 the minimum) of the block at `p`, as f32: `[d, m, _, _]`.
+    #[target_feature(enable = "avx,f16c")]
+    fn block_header(p: &[u8]) -> __m128 {
+        let bits = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
+        _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))
+    }
+
+    /// The 32 weights of block `b` as two 16-lane vectors (weights 0..16, 16..32).
+    #[target_feature(enable = "avx512f,f16c")]
+    fn block16(format: Format, b: &[u8]) -> [__m512; 2] {
+        let h = block_header(b);
+        let d = _mm512_broadcastss_ps(h);
+        match format {
+            Format::Q4_1 => {
+                let m = _mm512_broadcastss_ps(_mm_movehdup_ps(h));
+                // SAFETY: the block holds 16 bytes of nibbles after its 4-byte header.
+                let q = unsafe { _mm_loadu_si128(b[4..20].as_ptr() as *const __m128i) };
+                let nib = _mm_set1_epi8(0x0F);
+                let lo = _mm_and_si128(q, nib);
+                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), nib);
+                let w = |q| _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q)), m);
+                [
+                    w(_mm512_cvtepu8_epi32(lo)),
+                    w(_mm512_cvtepu8_epi32(hi)),
+                ]
+            }
+            Format::Q8_0 => {
+                // SAFETY: the block holds 32 signed bytes after its 2-byte scale.
+                let (q0, q1) = unsafe {
+                    (
+                        _mm_loadu_si128(b[2..18].as_ptr() as *const __m128i),
+                        _mm_loadu_si128(b[18..34].as_ptr() as *const __m128i),
+                    )
+                };
+                let w = |q| _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
+                [w(q0), w(q1)]
+            }
+        }
+    }
+
+    /// 16 floats from `s[at..]`.
+    #[target_feature(enable = "avx512f")]
+    fn load16(s: &[f32], at: usize) -> __m512 {
+        let s = &s[at..at + 16];
+        // SAFETY: `s` holds the 16 floats read.
+        unsafe { _mm512_loadu_ps(s.as_ptr()) }
+    }
+
+    /// See [`super::matmul_rows`]; the caller checked the sizes and AVX-512F with F16C.
+    #[target_feature(enable = "avx512f,f16c")]
+    pub(super) fn matmul_avx512(
+        format: Format,
+        w: &[u8],
+        cols: usize,
+        x: &[f32],
+        t: usize,
+        out: &mut [f32],
+    ) {
+        let row_bytes = format.row_bytes(cols);
+        let bb = format.block_bytes();
+        let rows = out.len() / t;
+        if t == 1 {
+            let mut r = 0;
+            while r < rows {
+                let n = (rows - r).min(DECODE_ROWS);
+                let mut acc = [_mm512_setzero_ps(); DECODE_ROWS];
+                for blk in 0..cols / BLOCK {
+                    let k = blk * BLOCK;
+                    let (x0, x1) = (load16(x, k), load16(x, k + 16));
+                    for (i, acc) in acc.iter_mut().enumerate().take(n) {
+                        let at = (r + i) * row_bytes + blk * bb;
+                        let [w0, w1] = block16(format, &w[at..at + bb]);
+                        *acc = _mm512_fmadd_ps(w1, x1, _mm512_fmadd_ps(w0, x0, *acc));
+                    }
+                }
+                for i in 0..n {
+                    out[r + i] = _mm512_reduce_add_ps(acc[i]);
+                }
+                r += n;
+            }
+            return;
+        }
+        ROWS.with_borrow_mut(|buf| {
+            buf.resize(rows * cols, 0.0);
+            for (bytes, dst) in w.chunks_exact(row_bytes).zip(buf.chunks_exact_mut(cols)) {
+                for (b, dst) in bytes.chunks_exact(bb).zip(dst.chunks_exact_mut(BLOCK)) {
+                    let [w0, w1] = block16(format, b);
+                    // SAFETY: `dst` holds the block's 32 floats.
+                    unsafe {
+                        _mm512_storeu_ps(dst.as_mut_ptr(), w0);
+                        _mm512_storeu_ps(dst.as_mut_ptr().add(16), w1);
+                    }
+                }
+            }
+            let mut tok = 0;
+            while tok < t {
+                let nt = (t - tok).min(TILE_TOKENS);
+                let mut r = 0;
+                while r < rows {
+                    let nr = (rows - r).min(TILE_ROWS);
+                    let mut acc = [[_mm512_setzero_ps(); TILE_TOKENS]; TILE_ROWS];
+                    for k in (0..cols).step_by(16) {
+                        let mut xs = [_mm512_setzero_ps(); TILE_TOKENS];
+                        for (j, xv) in xs.iter_mut().enumerate().take(nt) {
+                            *xv = load16(x, (tok + j) * cols + k);
+                        }
+                        for (i, acc) in acc.iter_mut().enumerate().take(nr) {
+                            let wv = load16(buf, (r + i) * cols + k);
+                            for (j, acc) in acc.iter_mut().enumerate().take(nt) {
+                                *acc = _mm512_fmadd_ps(wv, xs[j], *acc);
+                            }
+                        }
+                    }
+                    for (i, acc) in acc.iter().enumerate().take(nr) {
+                        for (j, acc) in acc.iter().enumerate().take(nt) {
+                            out[(r + i) * t + tok + j] = _mm512_reduce_add_ps(*acc);
+                        }
+                    }
+                    r += nr;
+                }
+                tok += nt;
+            }
+        });
+    }
+
+    /// The 32 weights of block `b` as four 8-lane vectors (weights 0..8, .., 24..32).
+    #[target_feature(enable = "avx2,f16c")]
+    fn block8(format: Format, b: &[u8]) -> [__m256; 4] {
+        let h = block_header(b);
+        let d = _mm256_broadcastss_ps(h);
+        match format {
+            Format::Q4_1 => {
+                let m = _mm256_broadcastss_ps(_mm_movehdup_ps(h));
+                // SAFETY: the block holds 16 bytes of nibbles after its 4-byte header.
+                let q = unsafe { _mm_loadu_si128(b[4..20].as_ptr() as *const __m128i) };
+                let nib = _mm_set1_epi8(0x0F);
+                let lo = _mm_and_si128(q, nib);
+                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), nib);
+                let w = |q| _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(q)), m);
+                [
+                    w(_mm256_cvtepu8_epi32(lo)),
+                    w(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
+                    w(_mm256_cvtepu8_epi32(hi)),
+                    w(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))),
+                ]
+            }
+            Format::Q8_0 => {
+                // SAFETY: the block holds 32 signed bytes after its 2-byte scale.
+                let (q0, q1) = unsafe {
+                    (
+                        _mm_loadu_si128(b[2..18].as_ptr() as *const __m128i),
+                        _mm_loadu_si128(b[18..34].as_ptr() as *const __m128i),
+                    )
+                };
+                let w = |q| _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+                [
+                    w(q0),
+                    w(_mm_srli_si128(q0, 8)),
+                    w(q1),
+                    w(_mm_srli_si128(q1, 8)),
+                ]
+            }
+        }
+    }
+
+    /// 8 floats from `s[at..]`.
+    #[target_feature(enable = "avx")]
+    fn load8(s: &[f32], at: usize) -> __m256 {
+        let s = &s[at..at + 8];
+        // SAFETY: `s` holds the 8 floats read.
+        unsafe { _mm256_loadu_ps(s.as_ptr()) }
+    }
+
+    /// The sum of the 8 lanes, in a fixed order.
+    #[target_feature(enable = "avx")]
+    fn sum8(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// See [`super::matmul_rows`]; the caller checked the sizes and AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn matmul_avx2(
+        format: Format,
+        w: &[u8],
+        cols: usize,
+        x: &[f32],
+        t: usize,
+        out: &mut [f32],
+    ) {
+        let row_bytes = format.row_bytes(cols);
+        let bb = format.block_bytes();
+        let rows = out.len() / t;
+        if t == 1 {
+            let mut r = 0;
+            while r < rows {
+                let n = (rows - r).min(DECODE_ROWS);
+                let mut acc = [_mm256_setzero_ps(); DECODE_ROWS];
+                for blk in 0..cols / BLOCK {
+                    let k = blk * BLOCK;
+                    let xs = [load8(x, k), load8(x, k + 8), load8(x, k + 16), load8(x, k + 24)];
+                    for (i, acc) in acc.iter_mut().enumerate().take(n) {
+                        let at = (r + i) * row_bytes + blk * bb;
+                        let ws = block8(format, &w[at..at + bb]);
+                        for (wv, xv) in ws.iter().zip(&xs) {
+                            *acc = _mm256_fmadd_ps(*wv, *xv, *acc);
+                        }
+                    }
+                }
+                for i in 0..n {
+                    out[r + i] = sum8(acc[i]);
+                }
+                r += n;
+            }
+            return;
+        }
+        ROWS.with_borrow_mut(|buf| {
+            buf.resize(rows * cols, 0.0);
+            for (bytes, dst) in w.chunks_exact(row_bytes).zip(buf.chunks_exact_mut(cols)) {
+                for (b, dst) in bytes.chunks_exact(bb).zip(dst.chunks_exact_mut(BLOCK)) {
+                    for (i, wv) in block8(format, b).iter().enumerate() {
+                        // SAFETY: `dst` holds the block's 32 floats.
+                        unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(8 * i), *wv) };
+                    }
+                }
+            }
+            let mut tok = 0;
+            while tok < t {
+                let nt = (t - tok).min(TILE_TOKENS);
+                let mut r = 0;
+                while r < rows {
+                    let nr = (rows - r).min(TILE_ROWS);
+                    let mut acc = [[_mm256_setzero_ps(); TILE_TOKENS]; TILE_ROWS];
+                    for k in (0..cols).step_by(8) {
+                        let mut xs = [_mm256_setzero_ps(); TILE_TOKENS];
+                        for (j, xv) in xs.iter_mut().enumerate().take(nt) {
+                            *xv = load8(x, (tok + j) * cols + k);
+                        }
+                        for (i, acc) in acc.iter_mut().enumerate().take(nr) {
+                            let wv = load8(buf, (r + i) * cols + k);
+                            for (j, acc) in acc.iter_mut().enumerate().take(nt) {
+                                *acc = _mm256_fmadd_ps(wv, xs[j], *acc);
+                            }
+                        }
+                    }
+                    for (i, acc) in acc.iter().enumerate().take(nr) {
+                        for (j, acc) in acc.iter().enumerate().take(nt) {
+                            out[(r + i) * t + tok + j] = sum8(*acc);
+                        }
+                    }
+                    r += nr;
+                }
+                tok += nt;
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f16_bytes(v: f32) -> [u8; 2] {
+        f16::from_f32(v).to_le_bytes()
+    }
+
+    /// `rows` rows of `cols` weights in `format`, with varied scales and values.
+    fn matrix(format: Format, rows: usize, cols: usize) -> Vec<u8> {
+        let mut data = Vec::new();
+        for r in 0..rows {
+            for b in 0..cols / BLOCK {
+                let d = 0.01 + 0.003 * ((r * 5 + b * 3) % 11) as f32;
+                data.extend(f16_bytes(d));
+                match format {
+                    Format::Q4_1 => {
+                        data.extend(f16_bytes(-8.0 * d + 0.001 * b as f32));
+                        data.extend((0..16).map(|j| ((r * 7 + j * 13 + b) % 256) as u8));
+                    }
+                    Format::Q8_0 => {
+                        data.extend((0..32).map(|j| ((r * 29 + j * 11 + b * 3) % 256) as u8));
+                    }
+                }
+            }
+        }
+        data
+    }
+
+    fn activations(t: usize, cols: usize) -> Vec<f32> {
+        (0..t * cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect()
+    }
+
+    /// Each row times each token in f64, from the reference dequantization.
+    fn exact(format: Format, w: &[u8], cols: usize, x: &[f32]) -> Vec<f64> {
+        let mut row = vec![0f32; cols];
+        let mut out = Vec::new();
+        for bytes in w.chunks_exact(format.row_bytes(cols)) {
+            format.dequantize_row(bytes, &mut row);
+            for x in x.chunks_exact(cols) {
+                out.push(row.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn q4_1_blocks_dequantize_as_ggml_defines_them() {
+        // d = 0.5, m = -1: low nibbles are weights 0..16, high nibbles weights 16..32.
+        let mut block = Vec::new();
+        block.extend(f16_bytes(0.5));
+        block.extend(f16_bytes(-1.0));
+        block.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+        let mut out = [0f32; 32];
+        dequantize_q4_1_row(&block, &mut out);
+        assert_eq!(out[0], -1.0);
+        assert_eq!(out[3], 0.5);
+        assert_eq!(out[16], 6.5, "high nibble of byte 0 is 15");
+        assert_eq!(out[31], -1.0);
+    }
+
+    #[test]
+    fn every_path_this_machine_runs_matches_the_reference() {
+        let available = Isa::available();
+        assert_eq!(available.last(), Some(&Isa::Scalar));
+        for isa in available {
+            for format in [Format::Q4_1, Format::Q8_0] {
+                // 11 rows (tiles of 4 plus a remainder), 3 blocks, 1 to 6 tokens.
+                let (rows, cols) = (11, 96);
+                let w = matrix(format, rows, cols);
+                for t in [1, 2, 5, 6] {
+                    let x = activations(t, cols);
+                    let mut out = vec![0f32; rows * t];
+                    matmul_rows(isa, format, &w, cols, &x, &mut out);
+                    for (i, (got, want)) in out.iter().zip(exact(format, &w, cols, &x)).enumerate()
+                    {
+                        let err = (*got as f64 - want).abs();
+                        assert!(
+                            err <= 1e-5 * want.abs().max(1.0),
+                            "{isa:?} {format:?} t={t} entry {i}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn one_token_and_a_chunk_give_the_same_bits_on_every_path() {
+        for isa in Isa::available() {
+            for format in [Format::Q4_1, Format::Q8_0] {
+                let (rows, cols, t) = (9, 128, 7);
+                let w = matrix(format, rows, cols);
+                let x = activations(t, cols);
+                let mut chunk = vec![0f32; rows * t];
+                matmul_rows(isa, format, &w, cols, &x, &mut chunk);
+                for tok in 0..t {
+                    let mut one = vec![0f32; rows];
+                    matmul_rows(isa, format, &w, cols, &x[tok * cols..][..cols], &mut one);
+                    for r in 0..rows {
+                        assert_eq!(
+                            one[r].to_bits(),
+                            chunk[r * t + tok].to_bits(),
+                            "{isa:?} {format:?} row {r} token {tok}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_scalar_path_is_dequantize_then_dot() {
+        let (rows, cols) = (3, 64);
+        let w = matrix(Format::Q8_0, rows, cols);
+        let x = activations(2, cols);
+        let mut out = vec![0f32; rows * 2];
+        matmul_rows(Isa::Scalar, Format::Q8_0, &w, cols, &x, &mut out);
+        let mut row = vec![0f32; cols];
+        dequantize_q8_0_row(&w[68..136], &mut row);
+        assert_eq!(out[3], dot(&row, &x[cols..]));
+    }
+
+    #[test]
+    #[should_panic(expected = "partial weight row")]
+    fn a_partial_row_is_refused() {
+        let w = matrix(Format::Q4_1, 2, 64);
+        let mut out = vec![0f32; 2];
+        matmul_rows(Isa::Scalar, Format::Q4_1, &w[..50], 64, &[0.0; 64], &mut out);
+    }
+}
