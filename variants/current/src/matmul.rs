@@ -68,7 +68,7 @@ impl Matrix {
     fn quantized(&self) -> Option<(Isa, Format, &'static [u8])> {
         match self.weights {
             Weights::Q4_1(data) => Some((Isa::best(), Format::Q4_1, data)),
-            Weights::Q8_0(data) => Some((Isa::Scalar, Format::Q8_0, data)),
+            Weights::Q8_0(data) => Some((Isa::best(), Format::Q8_0, data)),
             Weights::F32(_) => None,
         }
     }
