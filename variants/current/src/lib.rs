@@ -12,6 +12,7 @@
 //! - [`tensor_model::TensorLlama`]: the same model in candle tensor operations, for the GPU.
 //! - [`model::LlamaConfig`]: the hyperparameters, read from the `llama.*` metadata.
 //! - [`matmul::Matrix`]: a weight matrix left in the host's mapping, and its f32 matmul.
+//! - [`pool::Pool`]: the persistent threads every parallel step runs on.
 //! - [`kernels`]: the Q4_1/Q8_0 row kernels (AVX-512, AVX2, scalar reference), picked at run
 //!   time by [`kernels::Isa::best`].
 //! - [`generate::generate`] and [`generate::score`]: chunked prefill then greedy decoding, and
@@ -21,6 +22,7 @@ pub mod generate;
 pub mod kernels;
 pub mod matmul;
 pub mod model;
+pub mod pool;
 pub mod tensor_model;
 
 use plugin_api::{Device, Engine, HostLog, LoadOptions, ModelView, ScoredPosition, Sink};
@@ -34,9 +36,9 @@ pub struct Baseline {
 }
 
 impl Engine for Baseline {
-    /// Honours the `threads` option by sizing rayon's global pool, which the CPU matmuls run
-    /// on and whose size attention deals its queries to (a worker process loads one variant,
-    /// so the pool is this engine's alone), and the `device` option by choosing the model:
+    /// Honours the `threads` option by sizing the [`pool`], which the CPU matmuls run on and
+    /// whose size attention deals its queries to (a worker process loads one variant, so the
+    /// pool is this engine's alone), and the `device` option by choosing the model:
     /// the hand-written [`LlamaModel`] on the CPU, [`tensor_model::TensorLlama`] on CUDA.
     fn load(
         model: &'static ModelView,
@@ -44,13 +46,10 @@ impl Engine for Baseline {
         options: &LoadOptions,
     ) -> Result<Self, String> {
         if let Some(n) = options.threads()? {
-            let built = rayon::ThreadPoolBuilder::new()
-                .num_threads(n)
-                .build_global();
-            if built.is_err() && rayon::current_num_threads() != n {
+            if !pool::init(n) {
                 return Err(format!(
-                    "cannot compute with {n} threads: rayon's pool already runs {}",
-                    rayon::current_num_threads()
+                    "cannot compute with {n} threads: the pool already runs {}",
+                    pool::global().threads()
                 ));
             }
             log.info(&format!("baseline: computing with {n} threads"));

@@ -14,7 +14,6 @@
 //!   stands out.
 
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 
 pub use crate::kernels::{
     dequantize_q4_1_row, dequantize_q8_0_row, dot, BLOCK, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES,
@@ -86,11 +85,8 @@ impl Matrix {
         // Computed weight row by weight row (each row read once for all t tokens), then
         // transposed to token-major.
         let mut by_row = vec![0f32; self.rows * t];
-        by_row
-            .par_chunks_mut(ROWS_PER_TASK * t)
-            .enumerate()
-            .for_each(|(task, out)| {
-                let first = task * ROWS_PER_TASK;
+        crate::pool::global().for_chunks(&mut by_row, ROWS_PER_TASK * t, |start, out| {
+                let first = start / t;
                 let n = out.len() / t;
                 match (&self.weights, self.quantized()) {
                     (_, Some((isa, format, data))) => {

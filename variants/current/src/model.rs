@@ -765,7 +765,7 @@ fn attention_block(
         1
     } else {
         // The pool this call runs in: the host's thread count when it set one.
-        rayon::current_num_threads()
+        crate::pool::global().threads()
     };
     attention(&q, &cache.k[i], &cache.v[i], shape, pos, threads, &mut y);
     let y = Tensor::from_vec(y, (t, cfg.n_head * hd), &Device::Cpu)?;
