@@ -168,9 +168,7 @@ pub fn matmul_rows(isa: Isa, format: Format, w: &[u8], cols: usize, x: &[f32], o
         // SAFETY (both arms): the path's instruction set was checked by `supported`, and the
         // slices' sizes were checked above, which is all the SIMD code relies on.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if isa.supported() => unsafe {
-            x86::matmul_avx512(format, w, cols, x, t, out)
-        },
+        Isa::Avx512 if isa.supported() => unsafe { x86::matmul_avx512(format, w, cols, x, t, out) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if isa.supported() => unsafe { x86::matmul_avx2(format, w, cols, x, t, out) },
         Isa::Scalar => matmul_scalar(format, w, cols, x, t, out),
@@ -234,10 +232,7 @@ mod x86 {
                 let lo = _mm_and_si128(q, nib);
                 let hi = _mm_and_si128(_mm_srli_epi16(q, 4), nib);
                 let w = |q| _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q)), m);
-                [
-                    w(_mm512_cvtepu8_epi32(lo)),
-                    w(_mm512_cvtepu8_epi32(hi)),
-                ]
+                [w(_mm512_cvtepu8_epi32(lo)), w(_mm512_cvtepu8_epi32(hi))]
             }
             Format::Q8_0 => {
                 // SAFETY: the block holds 32 signed bytes after its 2-byte scale.
@@ -414,7 +409,12 @@ mod x86 {
                 let mut acc = [_mm256_setzero_ps(); DECODE_ROWS];
                 for blk in 0..cols / BLOCK {
                     let k = blk * BLOCK;
-                    let xs = [load8(x, k), load8(x, k + 8), load8(x, k + 16), load8(x, k + 24)];
+                    let xs = [
+                        load8(x, k),
+                        load8(x, k + 8),
+                        load8(x, k + 16),
+                        load8(x, k + 24),
+                    ];
                     for (i, acc) in acc.iter_mut().enumerate().take(n) {
                         let at = (r + i) * row_bytes + blk * bb;
                         let ws = block8(format, &w[at..at + bb]);
@@ -602,6 +602,13 @@ mod tests {
     fn a_partial_row_is_refused() {
         let w = matrix(Format::Q4_1, 2, 64);
         let mut out = vec![0f32; 2];
-        matmul_rows(Isa::Scalar, Format::Q4_1, &w[..50], 64, &[0.0; 64], &mut out);
+        matmul_rows(
+            Isa::Scalar,
+            Format::Q4_1,
+            &w[..50],
+            64,
+            &[0.0; 64],
+            &mut out,
+        );
     }
 }

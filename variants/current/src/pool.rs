@@ -206,8 +206,7 @@ fn helper(shared: &Shared, index: usize) {
             }
             let guard = shared.lock.lock().unwrap_or_else(|e| e.into_inner());
             shared.sleepers.fetch_add(1, Ordering::SeqCst);
-            if shared.epoch.load(Ordering::SeqCst) == seen && !shared.stop.load(Ordering::SeqCst)
-            {
+            if shared.epoch.load(Ordering::SeqCst) == seen && !shared.stop.load(Ordering::SeqCst) {
                 drop(shared.wake.wait(guard).unwrap_or_else(|e| e.into_inner()));
             }
             shared.sleepers.fetch_sub(1, Ordering::SeqCst);
@@ -235,9 +234,7 @@ pub fn init(threads: usize) -> bool {
 
 /// The engine's pool.
 pub fn global() -> &'static Pool {
-    POOL.get_or_init(|| {
-        Pool::new(std::thread::available_parallelism().map_or(1, |n| n.get()))
-    })
+    POOL.get_or_init(|| Pool::new(std::thread::available_parallelism().map_or(1, |n| n.get())))
 }
 
 #[cfg(test)]
