@@ -200,6 +200,17 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
+    /// How far ahead of the rows being read a decode kernel asks for weights.
+    const PREFETCH_AHEAD: usize = 2048;
+
+    /// Asks for the cache line holding `w[at]` (nothing past the end of `w`).
+    #[target_feature(enable = "sse")]
+    fn prefetch(w: &[u8], at: usize) {
+        if let Some(p) = w.get(at) {
+            _mm_prefetch::<_MM_HINT_T0>(p as *const u8 as *const i8);
+        }
+    }
+
     /// Rows computed together for one token (independent accumulators hide FMA latency).
     const DECODE_ROWS: usize = 4;
     /// Rows and tokens of one register tile in a chunk.
@@ -274,9 +285,13 @@ mod x86 {
             while r < rows {
                 let n = (rows - r).min(DECODE_ROWS);
                 let mut acc = [_mm512_setzero_ps(); DECODE_ROWS];
+                // The group's rows are `n * row_bytes` consecutive bytes; sweep the same span
+                // PREFETCH_AHEAD bytes further on, one block's share per step.
+                let group = r * row_bytes;
                 for blk in 0..cols / BLOCK {
                     let k = blk * BLOCK;
                     let (x0, x1) = (load16(x, k), load16(x, k + 16));
+                    prefetch(w, group + PREFETCH_AHEAD + blk * n * bb);
                     for (i, acc) in acc.iter_mut().enumerate().take(n) {
                         let at = (r + i) * row_bytes + blk * bb;
                         let [w0, w1] = block16(format, &w[at..at + bb]);
