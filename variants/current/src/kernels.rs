@@ -176,6 +176,64 @@ pub fn matmul_rows(isa: Isa, format: Format, w: &[u8], cols: usize, x: &[f32], o
     }
 }
 
+/// Attention scores: `out[j] = dot(q, keys[j * hd..(j + 1) * hd]) * scale` for every key `j`
+/// (`hd = q.len()`, `keys` holds `out.len()` of them).
+pub fn scores(isa: Isa, q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+    let hd = q.len();
+    assert_eq!(
+        keys.len(),
+        out.len() * hd,
+        "scores: keys do not match the output"
+    );
+    match isa {
+        // SAFETY (both arms): the instruction set was checked by `supported`; the lengths
+        // were checked above and the width is a whole number of vectors.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if isa.supported() && hd.is_multiple_of(16) => unsafe {
+            x86::scores_avx512(q, keys, scale, out)
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.supported() && hd.is_multiple_of(8) => unsafe {
+            x86::scores_avx2(q, keys, scale, out)
+        },
+        _ => {
+            for (o, k) in out.iter_mut().zip(keys.chunks_exact(hd)) {
+                *o = dot(q, k) * scale;
+            }
+        }
+    }
+}
+
+/// Attention output: `out = Σ_j p[j] * values[j * hd..(j + 1) * hd]` (`hd = out.len()`), summed
+/// in order of `j`.
+pub fn weighted_sum(isa: Isa, p: &[f32], values: &[f32], out: &mut [f32]) {
+    let hd = out.len();
+    assert_eq!(
+        values.len(),
+        p.len() * hd,
+        "weighted_sum: values do not match the weights"
+    );
+    match isa {
+        // SAFETY (both arms): as in `scores`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if isa.supported() && hd.is_multiple_of(16) => unsafe {
+            x86::weighted_sum_avx512(p, values, out)
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.supported() && hd.is_multiple_of(8) => unsafe {
+            x86::weighted_sum_avx2(p, values, out)
+        },
+        _ => {
+            out.fill(0.0);
+            for (&p, v) in p.iter().zip(values.chunks_exact(hd)) {
+                for (o, &v) in out.iter_mut().zip(v) {
+                    *o += p * v;
+                }
+            }
+        }
+    }
+}
+
 /// The reference: each row dequantized once, then dotted with every token by [`dot`].
 fn matmul_scalar(format: Format, w: &[u8], cols: usize, x: &[f32], t: usize, out: &mut [f32]) {
     let mut row = vec![0f32; cols];
@@ -485,6 +543,84 @@ mod x86 {
             }
         });
     }
+    /// Widest head these kernels keep in registers (16 vectors of 16 or 8 lanes).
+    const MAX_VECTORS: usize = 16;
+
+    /// See [`super::scores`]; `q.len()` is a multiple of 16 and AVX-512F is there.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn scores_avx512(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+        let hd = q.len();
+        for (o, k) in out.iter_mut().zip(keys.chunks_exact(hd)) {
+            let mut acc = _mm512_setzero_ps();
+            for i in (0..hd).step_by(16) {
+                acc = _mm512_fmadd_ps(load16(q, i), load16(k, i), acc);
+            }
+            *o = _mm512_reduce_add_ps(acc) * scale;
+        }
+    }
+
+    /// See [`super::weighted_sum`]; `out.len()` is a multiple of 16 and AVX-512F is there.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn weighted_sum_avx512(p: &[f32], values: &[f32], out: &mut [f32]) {
+        let hd = out.len();
+        if hd / 16 > MAX_VECTORS {
+            return weighted_sum_wide(p, values, out);
+        }
+        let mut acc = [_mm512_setzero_ps(); MAX_VECTORS];
+        for (&p, v) in p.iter().zip(values.chunks_exact(hd)) {
+            let p = _mm512_set1_ps(p);
+            for (i, acc) in acc.iter_mut().enumerate().take(hd / 16) {
+                *acc = _mm512_fmadd_ps(p, load16(v, 16 * i), *acc);
+            }
+        }
+        for (i, acc) in acc.iter().enumerate().take(hd / 16) {
+            // SAFETY: `out` holds `hd` floats, a multiple of 16.
+            unsafe { _mm512_storeu_ps(out[16 * i..16 * i + 16].as_mut_ptr(), *acc) };
+        }
+    }
+
+    /// See [`super::scores`]; `q.len()` is a multiple of 8 and AVX2 with FMA is there.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn scores_avx2(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+        let hd = q.len();
+        for (o, k) in out.iter_mut().zip(keys.chunks_exact(hd)) {
+            let mut acc = _mm256_setzero_ps();
+            for i in (0..hd).step_by(8) {
+                acc = _mm256_fmadd_ps(load8(q, i), load8(k, i), acc);
+            }
+            *o = sum8(acc) * scale;
+        }
+    }
+
+    /// See [`super::weighted_sum`]; `out.len()` is a multiple of 8 and AVX2 with FMA is there.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn weighted_sum_avx2(p: &[f32], values: &[f32], out: &mut [f32]) {
+        let hd = out.len();
+        if hd / 8 > MAX_VECTORS {
+            return weighted_sum_wide(p, values, out);
+        }
+        let mut acc = [_mm256_setzero_ps(); MAX_VECTORS];
+        for (&p, v) in p.iter().zip(values.chunks_exact(hd)) {
+            let p = _mm256_set1_ps(p);
+            for (i, acc) in acc.iter_mut().enumerate().take(hd / 8) {
+                *acc = _mm256_fmadd_ps(p, load8(v, 8 * i), *acc);
+            }
+        }
+        for (i, acc) in acc.iter().enumerate().take(hd / 8) {
+            // SAFETY: `out` holds `hd` floats, a multiple of 8.
+            unsafe { _mm256_storeu_ps(out[8 * i..8 * i + 8].as_mut_ptr(), *acc) };
+        }
+    }
+
+    /// Heads wider than the registers hold: accumulate in `out` itself (same order of `j`).
+    fn weighted_sum_wide(p: &[f32], values: &[f32], out: &mut [f32]) {
+        out.fill(0.0);
+        for (&p, v) in p.iter().zip(values.chunks_exact(out.len())) {
+            for (o, &v) in out.iter_mut().zip(v) {
+                *o = p.mul_add(v, *o);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -625,5 +761,34 @@ mod tests {
             &[0.0; 64],
             &mut out,
         );
+    }
+
+    #[test]
+    fn attention_kernels_match_the_reference_on_every_path() {
+        for isa in Isa::available() {
+            for hd in [2, 8, 64] {
+                let n = 37;
+                let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.37).sin()).collect();
+                let keys = activations(n, hd);
+                let mut got = vec![0f32; n];
+                scores(isa, &q, &keys, 0.125, &mut got);
+                for (j, g) in got.iter().enumerate() {
+                    let want: f64 = q
+                        .iter()
+                        .zip(&keys[j * hd..(j + 1) * hd])
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>()
+                        * 0.125;
+                    assert!((*g as f64 - want).abs() < 1e-5, "{isa:?} hd={hd} key {j}");
+                }
+                let p: Vec<f32> = (0..n).map(|j| 1.0 / (j + 1) as f32).collect();
+                let mut out = vec![0f32; hd];
+                weighted_sum(isa, &p, &keys, &mut out);
+                for (i, o) in out.iter().enumerate() {
+                    let want: f64 = (0..n).map(|j| p[j] as f64 * keys[j * hd + i] as f64).sum();
+                    assert!((*o as f64 - want).abs() < 1e-5, "{isa:?} hd={hd} dim {i}");
+                }
+            }
+        }
     }
 }

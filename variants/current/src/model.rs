@@ -23,7 +23,9 @@ use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Storage, Tensor}
 use half::f16;
 use plugin_api::{GgmlType, ModelView, TensorInfo};
 
-use crate::matmul::{dequantize_q8_0_row, dot, Matrix, Weights};
+use crate::kernels::{self, Isa};
+use crate::matmul::{dequantize_q8_0_row, Matrix, Weights};
+use crate::pool::Pool;
 
 /// The KV cache grows in steps of this many positions (and never past the context length).
 pub const KV_CACHE_STEP: usize = 512;
@@ -322,16 +324,16 @@ pub struct AttentionShape {
 /// `q` and `out` are `[token][head][head_dim]`; `keys` and `values` are
 /// `[kv_head][capacity][head_dim]` and must already hold positions `..start_pos + tokens`. Query
 /// `t` attends to positions `..causal_visible(start_pos, t)` with scores scaled by
-/// `1 / sqrt(head_dim)`. Each (token, head) is computed independently, in a fixed order, so the
-/// result does not depend on how a sequence is cut into chunks, nor on `threads`, the number of
-/// threads the queries are dealt out to.
+/// `1 / sqrt(head_dim)`. Each (token, head) is one task for `pool`'s threads, computed alone in
+/// a fixed order, so the result does not depend on how a sequence is cut into chunks, nor on
+/// the number of threads.
 pub fn attention(
     q: &[f32],
     keys: &[f32],
     values: &[f32],
     shape: AttentionShape,
     start_pos: usize,
-    threads: usize,
+    pool: &Pool,
     out: &mut [f32],
 ) {
     let AttentionShape {
@@ -343,50 +345,27 @@ pub fn attention(
     let group = n_head / n_kv_head;
     let row = n_head * hd;
     let scale = 1.0 / (hd as f32).sqrt();
-    let one_token = |t: usize, q: &[f32], out: &mut [f32], scores: &mut Vec<f32>| {
+    let isa = Isa::best();
+    pool.for_chunks(out, hd, |start, out| {
+        let (t, h) = (start / row, start % row / hd);
         let visible = causal_visible(start_pos, t);
-        for (h, (q, out)) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).enumerate() {
-            let base = (h / group) * capacity * hd;
-            let keys = &keys[base..base + visible * hd];
-            let values = &values[base..base + visible * hd];
-            scores.clear();
-            scores.extend(keys.chunks_exact(hd).map(|k| dot(q, k) * scale));
+        let base = (h / group) * capacity * hd;
+        let (keys, values) = (
+            &keys[base..base + visible * hd],
+            &values[base..base + visible * hd],
+        );
+        SCORES.with_borrow_mut(|scores| {
+            scores.resize(visible, 0.0);
+            kernels::scores(isa, &q[start..start + hd], keys, scale, scores);
             softmax_in_place(scores);
-            out.fill(0.0);
-            for (&p, v) in scores.iter().zip(values.chunks_exact(hd)) {
-                for (o, &v) in out.iter_mut().zip(v) {
-                    *o += p * v;
-                }
-            }
-        }
-    };
-    let threads = threads.clamp(1, (q.len() / row).max(1));
-    if threads == 1 {
-        let mut scores = Vec::new();
-        for (t, (q, out)) in q
-            .chunks_exact(row)
-            .zip(out.chunks_exact_mut(row))
-            .enumerate()
-        {
-            one_token(t, q, out, &mut scores);
-        }
-        return;
-    }
-    // Deal tokens round-robin, so the long (late) queries are shared out evenly.
-    let mut shares: Vec<Vec<(usize, &mut [f32])>> = (0..threads).map(|_| Vec::new()).collect();
-    for (t, out) in out.chunks_exact_mut(row).enumerate() {
-        shares[t % threads].push((t, out));
-    }
-    std::thread::scope(|scope| {
-        for share in shares {
-            scope.spawn(|| {
-                let mut scores = Vec::new();
-                for (t, out) in share {
-                    one_token(t, &q[t * row..(t + 1) * row], out, &mut scores);
-                }
-            });
-        }
+            kernels::weighted_sum(isa, scores, values, out);
+        });
     });
+}
+
+thread_local! {
+    /// One query's attention scores, reused across calls on this thread.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The token embedding, left in the host's mapping; rows are dequantized on demand.
@@ -759,15 +738,15 @@ fn attention_block(
         head_dim: hd,
         capacity: cache.capacity,
     };
-    // Multiply-adds in this call; below about a million a thread costs more than it saves.
-    let work = t * (pos + t) * cfg.n_head * hd;
-    let threads = if work < 1 << 20 {
-        1
-    } else {
-        // The pool this call runs in: the host's thread count when it set one.
-        crate::pool::global().threads()
-    };
-    attention(&q, &cache.k[i], &cache.v[i], shape, pos, threads, &mut y);
+    attention(
+        &q,
+        &cache.k[i],
+        &cache.v[i],
+        shape,
+        pos,
+        crate::pool::global(),
+        &mut y,
+    );
     let y = Tensor::from_vec(y, (t, cfg.n_head * hd), &Device::Cpu)?;
     Ok(block.wo.forward(&y)?)
 }
@@ -1105,6 +1084,7 @@ pub(crate) mod tiny {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::matmul::dot;
 
     #[test]
     fn config_comes_from_llama_metadata() {
@@ -1254,7 +1234,15 @@ mod tests {
         let keys = [1.0, 0.0, 0.0, 1.0, -1.0, 0.0, 9.0, 9.0];
         let values = [1.0, 0.0, 0.0, 1.0, 5.0, 5.0, 7.0, 7.0];
         let mut out = vec![0.0; q.len()];
-        attention(q, &keys, &values, shape, start_pos, threads, &mut out);
+        attention(
+            q,
+            &keys,
+            &values,
+            shape,
+            start_pos,
+            &Pool::new(threads),
+            &mut out,
+        );
         out
     }
 
