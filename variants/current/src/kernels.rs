@@ -274,6 +274,8 @@ mod x86 {
     /// Rows and tokens of one register tile in a chunk.
     const TILE_ROWS: usize = 4;
     const TILE_TOKENS: usize = 4;
+    /// Tokens of a tile with 32 vector registers (AVX-512): 4 x 6 accumulators.
+    const TILE_TOKENS_512: usize = 6;
 
     thread_local! {
         /// Dequantized rows of a chunk's matmul, reused across calls on this thread.
@@ -377,33 +379,101 @@ mod x86 {
             }
             let mut tok = 0;
             while tok < t {
-                let nt = (t - tok).min(TILE_TOKENS);
+                let nt = (t - tok).min(TILE_TOKENS_512);
                 let mut r = 0;
                 while r < rows {
-                    let nr = (rows - r).min(TILE_ROWS);
-                    let mut acc = [[_mm512_setzero_ps(); TILE_TOKENS]; TILE_ROWS];
-                    for k in (0..cols).step_by(16) {
-                        let mut xs = [_mm512_setzero_ps(); TILE_TOKENS];
-                        for (j, xv) in xs.iter_mut().enumerate().take(nt) {
-                            *xv = load16(x, (tok + j) * cols + k);
-                        }
-                        for (i, acc) in acc.iter_mut().enumerate().take(nr) {
-                            let wv = load16(buf, (r + i) * cols + k);
-                            for (j, acc) in acc.iter_mut().enumerate().take(nt) {
-                                *acc = _mm512_fmadd_ps(wv, xs[j], *acc);
-                            }
-                        }
-                    }
-                    for (i, acc) in acc.iter().enumerate().take(nr) {
-                        for (j, acc) in acc.iter().enumerate().take(nt) {
-                            out[(r + i) * t + tok + j] = _mm512_reduce_add_ps(*acc);
-                        }
+                    let nr = if rows - r >= TILE_ROWS { TILE_ROWS } else { 1 };
+                    match (nr, nt) {
+                        (TILE_ROWS, 6) => tile16::<TILE_ROWS, 6>(buf, x, cols, r, tok, t, out),
+                        (TILE_ROWS, 5) => tile16::<TILE_ROWS, 5>(buf, x, cols, r, tok, t, out),
+                        (TILE_ROWS, 4) => tile16::<TILE_ROWS, 4>(buf, x, cols, r, tok, t, out),
+                        (TILE_ROWS, 3) => tile16::<TILE_ROWS, 3>(buf, x, cols, r, tok, t, out),
+                        (TILE_ROWS, 2) => tile16::<TILE_ROWS, 2>(buf, x, cols, r, tok, t, out),
+                        (TILE_ROWS, _) => tile16::<TILE_ROWS, 1>(buf, x, cols, r, tok, t, out),
+                        (_, 6) => tile16::<1, 6>(buf, x, cols, r, tok, t, out),
+                        (_, 5) => tile16::<1, 5>(buf, x, cols, r, tok, t, out),
+                        (_, 4) => tile16::<1, 4>(buf, x, cols, r, tok, t, out),
+                        (_, 3) => tile16::<1, 3>(buf, x, cols, r, tok, t, out),
+                        (_, 2) => tile16::<1, 2>(buf, x, cols, r, tok, t, out),
+                        _ => tile16::<1, 1>(buf, x, cols, r, tok, t, out),
                     }
                     r += nr;
                 }
                 tok += nt;
             }
         });
+    }
+
+    /// One register tile of a chunk: rows `r..r + NR` of the dequantized `buf` times tokens
+    /// `tok..tok + NT` of `x`, into `out[row * t + token]`. Each (row, token) has its own
+    /// accumulator, summed over `k` in order and reduced as the one-token kernel does.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    fn tile16<const NR: usize, const NT: usize>(
+        buf: &[f32],
+        x: &[f32],
+        cols: usize,
+        r: usize,
+        tok: usize,
+        t: usize,
+        out: &mut [f32],
+    ) {
+        assert!((r + NR) * cols <= buf.len() && (tok + NT) * cols <= x.len());
+        let (w, x) = (buf[r * cols..].as_ptr(), x[tok * cols..].as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); NT]; NR];
+        for k in (0..cols).step_by(16) {
+            // SAFETY: rows `r..r + NR` of `buf` and tokens `tok..tok + NT` of `x` are in
+            // bounds (asserted above), and `k + 16 <= cols`.
+            let xs: [__m512; NT] =
+                std::array::from_fn(|j| unsafe { _mm512_loadu_ps(x.add(j * cols + k)) });
+            for (i, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: as above.
+                let wv = unsafe { _mm512_loadu_ps(w.add(i * cols + k)) };
+                for (acc, xv) in acc.iter_mut().zip(&xs) {
+                    *acc = _mm512_fmadd_ps(wv, *xv, *acc);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            for (j, acc) in acc.iter().enumerate() {
+                out[(r + i) * t + tok + j] = _mm512_reduce_add_ps(*acc);
+            }
+        }
+    }
+
+    /// [`tile16`] with 8 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    fn tile8<const NR: usize, const NT: usize>(
+        buf: &[f32],
+        x: &[f32],
+        cols: usize,
+        r: usize,
+        tok: usize,
+        t: usize,
+        out: &mut [f32],
+    ) {
+        assert!((r + NR) * cols <= buf.len() && (tok + NT) * cols <= x.len());
+        let (w, x) = (buf[r * cols..].as_ptr(), x[tok * cols..].as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); NT]; NR];
+        for k in (0..cols).step_by(8) {
+            // SAFETY: rows `r..r + NR` of `buf` and tokens `tok..tok + NT` of `x` are in
+            // bounds (asserted above), and `k + 8 <= cols`.
+            let xs: [__m256; NT] =
+                std::array::from_fn(|j| unsafe { _mm256_loadu_ps(x.add(j * cols + k)) });
+            for (i, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: as above.
+                let wv = unsafe { _mm256_loadu_ps(w.add(i * cols + k)) };
+                for (acc, xv) in acc.iter_mut().zip(&xs) {
+                    *acc = _mm256_fmadd_ps(wv, *xv, *acc);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            for (j, acc) in acc.iter().enumerate() {
+                out[(r + i) * t + tok + j] = sum8(*acc);
+            }
+        }
     }
 
     /// The 32 weights of block `b` as four 8-lane vectors (weights 0..8, .., 24..32).
@@ -518,24 +588,16 @@ mod x86 {
                 let nt = (t - tok).min(TILE_TOKENS);
                 let mut r = 0;
                 while r < rows {
-                    let nr = (rows - r).min(TILE_ROWS);
-                    let mut acc = [[_mm256_setzero_ps(); TILE_TOKENS]; TILE_ROWS];
-                    for k in (0..cols).step_by(8) {
-                        let mut xs = [_mm256_setzero_ps(); TILE_TOKENS];
-                        for (j, xv) in xs.iter_mut().enumerate().take(nt) {
-                            *xv = load8(x, (tok + j) * cols + k);
-                        }
-                        for (i, acc) in acc.iter_mut().enumerate().take(nr) {
-                            let wv = load8(buf, (r + i) * cols + k);
-                            for (j, acc) in acc.iter_mut().enumerate().take(nt) {
-                                *acc = _mm256_fmadd_ps(wv, xs[j], *acc);
-                            }
-                        }
-                    }
-                    for (i, acc) in acc.iter().enumerate().take(nr) {
-                        for (j, acc) in acc.iter().enumerate().take(nt) {
-                            out[(r + i) * t + tok + j] = sum8(*acc);
-                        }
+                    let nr = if rows - r >= TILE_ROWS { TILE_ROWS } else { 1 };
+                    match (nr, nt) {
+                        (TILE_ROWS, 4) => tile8::<TILE_ROWS, 4>(buf, x, cols, r, tok, t, out),
+                        (TILE_ROWS, 3) => tile8::<TILE_ROWS, 3>(buf, x, cols, r, tok, t, out),
+                        (TILE_ROWS, 2) => tile8::<TILE_ROWS, 2>(buf, x, cols, r, tok, t, out),
+                        (TILE_ROWS, _) => tile8::<TILE_ROWS, 1>(buf, x, cols, r, tok, t, out),
+                        (_, 4) => tile8::<1, 4>(buf, x, cols, r, tok, t, out),
+                        (_, 3) => tile8::<1, 3>(buf, x, cols, r, tok, t, out),
+                        (_, 2) => tile8::<1, 2>(buf, x, cols, r, tok, t, out),
+                        _ => tile8::<1, 1>(buf, x, cols, r, tok, t, out),
                     }
                     r += nr;
                 }
