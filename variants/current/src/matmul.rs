@@ -88,6 +88,28 @@ impl Matrix {
         }
     }
 
+    /// Weight rows `first..first + out.len() / t` times the `t` token rows of `x`, written row
+    /// by row (`out[r * t + tok]`).
+    fn rows_into(&self, first: usize, x: &[f32], t: usize, out: &mut [f32]) {
+        let n = out.len() / t;
+        match (&self.weights, self.quantized()) {
+            (_, Some((isa, format, data))) => {
+                let bytes = format.row_bytes(self.cols);
+                let w = &data[first * bytes..(first + n) * bytes];
+                matmul_rows(isa, format, w, self.cols, x, out);
+            }
+            (Weights::F32(w), None) => {
+                let w = &w[first * self.cols..(first + n) * self.cols];
+                for (row, out) in w.chunks_exact(self.cols).zip(out.chunks_exact_mut(t)) {
+                    for (o, x) in out.iter_mut().zip(x.chunks_exact(self.cols)) {
+                        *o = dot(row, x);
+                    }
+                }
+            }
+            _ => unreachable!("quantized() is None only for f32 weights"),
+        }
+    }
+
     /// `x · Wᵀ`: `x` is `(t, cols)` f32, the result `(t, rows)`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (t, cols) = x.dims2()?;
@@ -98,41 +120,98 @@ impl Matrix {
             );
         }
         let x: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        // Computed weight row by weight row (each row read once for all t tokens), then
-        // transposed to token-major.
-        let mut by_row = vec![0f32; self.rows * t];
-        let pool = crate::pool::global();
-        let rows = rows_per_task(self.rows, t, pool.threads());
-        pool.for_chunks(&mut by_row, rows * t, |start, out| {
-            let first = start / t;
-            let n = out.len() / t;
-            match (&self.weights, self.quantized()) {
-                (_, Some((isa, format, data))) => {
-                    let bytes = format.row_bytes(self.cols);
-                    let w = &data[first * bytes..(first + n) * bytes];
-                    matmul_rows(isa, format, w, self.cols, &x, out);
-                }
-                (Weights::F32(w), None) => {
-                    let w = &w[first * self.cols..(first + n) * self.cols];
-                    for (row, out) in w.chunks_exact(self.cols).zip(out.chunks_exact_mut(t)) {
-                        for (o, x) in out.iter_mut().zip(x.chunks_exact(self.cols)) {
-                            *o = dot(row, x);
-                        }
+        let mut out = vec![0f32; t * self.rows];
+        matmul_many(&[self], &x, &mut [&mut out]);
+        Tensor::from_vec(out, (t, self.rows), &Device::Cpu)
+    }
+}
+
+/// Several matrices over the same input in one parallel step: `outs[i] = x · mats[i]ᵀ`, with
+/// `x` `t` token rows of the matrices' common `cols` and `outs[i]` `t` rows of `mats[i].rows`,
+/// token-major. Their rows are dealt out to the pool as one list of tasks, so the threads meet
+/// once for all of them (Q, K and V; the MLP's gate and up) instead of once per matrix.
+///
+/// # Panics
+/// When the matrices' `cols` differ or a slice's length does not fit (callers size them).
+pub fn matmul_many(mats: &[&Matrix], x: &[f32], outs: &mut [&mut [f32]]) {
+    let Some(m0) = mats.first() else { return };
+    let cols = m0.cols;
+    let t = x.len() / cols;
+    assert!(
+        x.len() == t * cols && t > 0,
+        "matmul: input is not whole rows of {cols}"
+    );
+    assert_eq!(mats.len(), outs.len(), "matmul_many: one output per matrix");
+    for (m, out) in mats.iter().zip(outs.iter()) {
+        assert_eq!(m.cols, cols, "matmul_many: matrices of different widths");
+        assert_eq!(out.len(), t * m.rows, "matmul: output size");
+    }
+    let targets: Vec<Columns> = outs
+        .iter_mut()
+        .map(|o| Columns(o.as_mut_ptr(), o.len()))
+        .collect();
+    let pool = crate::pool::global();
+    // Rows per task from all the rows together, so that one token's tasks stay one long
+    // run per thread (split where one matrix ends and the next begins).
+    let total: usize = mats.iter().map(|m| m.rows).sum();
+    let per_task = rows_per_task(total, t, pool.threads());
+    let mut tasks: Vec<(usize, usize, usize)> = Vec::new();
+    let (mut i, mut first) = (0, 0);
+    let mut left = total;
+    while left > 0 {
+        let mut want = per_task.min(left);
+        left -= want;
+        while want > 0 {
+            let n = want.min(mats[i].rows - first);
+            tasks.push((i, first, n));
+            (want, first) = (want - n, first + n);
+            if first == mats[i].rows {
+                (i, first) = (i + 1, 0);
+            }
+        }
+    }
+    // Each task computes its rows for every token into a buffer of its thread, weight row by
+    // weight row (each row read once for all t tokens), then writes them to their columns of
+    // the token-major result.
+    pool.for_chunks(&mut tasks, 1, |_, task| {
+        for &mut (i, first, n) in task {
+            let m = mats[i];
+            BY_ROW.with_borrow_mut(|by_row| {
+                by_row.resize(n * t, 0.0);
+                m.rows_into(first, x, t, by_row);
+                for (r, values) in by_row.chunks_exact(t).enumerate() {
+                    for (tok, &v) in values.iter().enumerate() {
+                        // SAFETY: row `first + r` of matrix `i` belongs to this task alone, so
+                        // no other thread writes this element; `write` checks it is inside
+                        // the output, which outlives the pool's run.
+                        unsafe { targets[i].write(tok * m.rows + first + r, v) };
                     }
                 }
-                _ => unreachable!("quantized() is None only for f32 weights"),
-            }
-        });
-        if t == 1 {
-            return Tensor::from_vec(by_row, (1, self.rows), &Device::Cpu);
+            });
         }
-        let mut out = vec![0f32; t * self.rows];
-        for (r, values) in by_row.chunks_exact(t).enumerate() {
-            for (tok, &v) in values.iter().enumerate() {
-                out[tok * self.rows + r] = v;
-            }
-        }
-        Tensor::from_vec(out, (t, self.rows), &Device::Cpu)
+    });
+}
+
+thread_local! {
+    /// One task's results, row by row, reused across calls on this thread.
+    static BY_ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A result the tasks of one matmul share, each writing only its own rows' columns.
+struct Columns(*mut f32, usize);
+
+// SAFETY: threads write disjoint elements (see `Matrix::forward`), and f32 is Send.
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    /// Writes `v` at `at`.
+    ///
+    /// # Safety
+    /// No other thread may access element `at` during the write.
+    unsafe fn write(&self, at: usize, v: f32) {
+        assert!(at < self.1, "matmul: write past the output");
+        // SAFETY: in bounds (checked); exclusive by the caller's promise.
+        unsafe { *self.0.add(at) = v };
     }
 }
 
@@ -178,6 +257,35 @@ mod tests {
             let one = xt.narrow(0, tok, 1).unwrap();
             let row = m.forward(&one).unwrap().to_vec2::<f32>().unwrap();
             assert_eq!(row[0], all[tok]);
+        }
+    }
+
+    #[test]
+    fn several_matrices_in_one_step_give_what_each_gives_alone() {
+        // Q8_0 matrices of 37, 5 and 64 rows over 64 columns, for 1 and for 3 tokens: the
+        // tasks split where one matrix ends and the next begins.
+        let matrix = |rows: usize, seed: usize| {
+            let mut data = Vec::new();
+            for r in 0..rows {
+                for b in 0..2 {
+                    data.extend(f16_bytes(0.125 * (b + 1 + seed) as f32));
+                    data.extend((0..32).map(|j| ((r * 5 + j * seed + b) % 23) as u8 ^ 0x80));
+                }
+            }
+            Matrix::new(Weights::Q8_0(Vec::leak(data)), rows, 64)
+        };
+        let mats = [matrix(37, 1), matrix(5, 2), matrix(64, 3)];
+        for t in [1, 3] {
+            let x: Vec<f32> = (0..t * 64).map(|i| (i % 13) as f32 * 0.07 - 0.4).collect();
+            let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; t * m.rows()]).collect();
+            let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+            matmul_many(&[&mats[0], &mats[1], &mats[2]], &x, &mut views);
+            let xt = Tensor::from_vec(x.clone(), (t, 64), &Device::Cpu).unwrap();
+            for (m, out) in mats.iter().zip(&outs) {
+                let alone = m.forward(&xt).unwrap().flatten_all().unwrap();
+                assert_eq!(out, &alone.to_vec1::<f32>().unwrap(), "t={t}");
+                assert!(out.iter().any(|v| *v != 0.0));
+            }
         }
     }
 }

@@ -24,7 +24,7 @@ use half::f16;
 use plugin_api::{GgmlType, ModelView, TensorInfo};
 
 use crate::kernels::{self, Isa};
-use crate::matmul::{dequantize_q8_0_row, Matrix, Weights};
+use crate::matmul::{dequantize_q8_0_row, matmul_many, Matrix, Weights};
 use crate::pool::Pool;
 
 /// The KV cache grows in steps of this many positions (and never past the context length).
@@ -691,9 +691,7 @@ impl Transformer for LlamaModel {
                 weight: &block.ffn_norm,
                 eps: self.cfg.rms_eps,
             })?;
-            let gate = block.w_gate.forward(&h)?;
-            let up = block.w_up.forward(&h)?;
-            let mlp = block.w_down.forward(&(gate.silu()? * up)?)?;
+            let mlp = block.w_down.forward(&swiglu(block, &h)?)?;
             x = (x + mlp)?;
         }
         self.cache.len = end;
@@ -724,10 +722,18 @@ fn attention_block(
         weight: &block.attn_norm,
         eps: cfg.rms_eps,
     })?;
-    let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
-    tensor_to_vec(&block.wq.forward(&h)?, &mut q)?;
-    tensor_to_vec(&block.wk.forward(&h)?, &mut k)?;
-    tensor_to_vec(&block.wv.forward(&h)?, &mut v)?;
+    let h: Vec<f32> = h.flatten_all()?.to_vec1()?;
+    let (q_dim, kv_dim) = (cfg.n_head * hd, cfg.n_kv_head * hd);
+    let (mut q, mut k, mut v) = (
+        vec![0f32; t * q_dim],
+        vec![0f32; t * kv_dim],
+        vec![0f32; t * kv_dim],
+    );
+    matmul_many(
+        &[&block.wq, &block.wk, &block.wv],
+        &h,
+        &mut [&mut q, &mut k, &mut v],
+    );
     rope.rotate(&mut q, cfg.n_head, hd, pos);
     rope.rotate(&mut k, cfg.n_kv_head, hd, pos);
     cache.store(i, pos, &k, &v);
@@ -749,6 +755,20 @@ fn attention_block(
     );
     let y = Tensor::from_vec(y, (t, cfg.n_head * hd), &Device::Cpu)?;
     Ok(block.wo.forward(&y)?)
+}
+
+/// The MLP's SwiGLU, `silu(h · gateᵀ) * (h · upᵀ)` with `silu(g) = g / (1 + exp(-g))`, for the
+/// normed chunk `h` `(t, n_embd)`; gate and up are one parallel step.
+fn swiglu(block: &Block, h: &Tensor) -> Result<Tensor, ModelError> {
+    let t = h.dim(0)?;
+    let ff = block.w_gate.rows();
+    let h: Vec<f32> = h.flatten_all()?.to_vec1()?;
+    let (mut gate, mut up) = (vec![0f32; t * ff], vec![0f32; t * ff]);
+    matmul_many(&[&block.w_gate, &block.w_up], &h, &mut [&mut gate, &mut up]);
+    for (g, u) in gate.iter_mut().zip(&up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+    Ok(Tensor::from_vec(gate, (t, ff), &Device::Cpu)?)
 }
 
 /// RMSNorm over the last dimension, as a candle op.
