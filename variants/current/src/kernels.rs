@@ -3,8 +3,9 @@
 //!
 //! [`matmul_rows`] computes a run of weight rows against a chunk of token rows. Every path keeps
 //! the two properties [`crate::matmul`] promises:
-//! - activations stay f32; weights are dequantized exactly as the reference does
-//!   ([`dequantize_q4_1_row`], [`dequantize_q8_0_row`]: `d * q + m`, `d * q`, unfused);
+//! - activations stay f32; weights are dequantized as the reference does
+//!   ([`dequantize_q4_1_row`], [`dequantize_q8_0_row`]: `d * q + m`, `d * q`), except that the
+//!   SIMD paths compute Q4_1's `d * q + m` in one fused multiply-add (one rounding, not two);
 //! - a (row, token) result does not depend on the chunk size: one token (decode) dequantizes
 //!   each block in registers, a chunk (prefill) dequantizes a few rows to a buffer once and
 //!   reuses them for every token, and both accumulate each product in the same lanes in the
@@ -302,7 +303,7 @@ mod x86 {
                 let nib = _mm_set1_epi8(0x0F);
                 let lo = _mm_and_si128(q, nib);
                 let hi = _mm_and_si128(_mm_srli_epi16(q, 4), nib);
-                let w = |q| _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q)), m);
+                let w = |q| _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(q), m);
                 [w(_mm512_cvtepu8_epi32(lo)), w(_mm512_cvtepu8_epi32(hi))]
             }
             Format::Q8_0 => {
@@ -477,7 +478,7 @@ mod x86 {
     }
 
     /// The 32 weights of block `b` as four 8-lane vectors (weights 0..8, .., 24..32).
-    #[target_feature(enable = "avx2,f16c")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn block8(format: Format, b: &[u8]) -> [__m256; 4] {
         let h = block_header(b);
         let d = _mm256_broadcastss_ps(h);
@@ -489,7 +490,7 @@ mod x86 {
                 let nib = _mm_set1_epi8(0x0F);
                 let lo = _mm_and_si128(q, nib);
                 let hi = _mm_and_si128(_mm_srli_epi16(q, 4), nib);
-                let w = |q| _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(q)), m);
+                let w = |q| _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q), m);
                 [
                     w(_mm256_cvtepu8_epi32(lo)),
                     w(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
