@@ -343,16 +343,14 @@ pub(crate) fn look_line(
             Some(d) => {
                 // A guard not shown within the band: how likely it is to end SLOWER, which
                 // is what lets a comparison stop without it (see `measuring_done`).
-                // Undecided decode or prefill, either of which can win a KEEP: how likely that
-                // still is (futility stops the comparison when unlikely for both).
-                let can_win = matches!(f.figure, Figure::DecodeTokS | Figure::PrefillTokS);
+                // Undecided decode: how likely a KEEP still is (futility stops it when unlikely).
                 let chance = match (f.chance_slower_at_end, f.chance_faster_at_end) {
                     (Some(c), _)
                         if f.guarded && f.verdict == Verdict::Noise && !f.not_worse(noise) =>
                     {
                         format!(" (ends SLOWER: {:.1}%)", c * 100.0)
                     }
-                    (_, Some(c)) if can_win && f.verdict == Verdict::Noise && !f.settled => {
+                    (_, Some(c)) if !f.guarded && f.verdict == Verdict::Noise && !f.settled => {
                         format!(" (ends FASTER: {:.1}%)", c * 100.0)
                     }
                     _ => String::new(),

@@ -1350,16 +1350,6 @@ mod tests {
         decode.chance_faster_at_end = Some(0.0031);
         let line = look_line(&[decode], 1, 6, 2, 0.01);
         assert!(line.contains("NOISE (ends FASTER: 0.3%)"), "{line}");
-        // So does an undecided prefill shown no worse (it can win a KEEP on its own); one not
-        // shown no worse says its chance of ending SLOWER instead.
-        let mut prefill = with_interval(Figure::PrefillTokS, (0.993, 1.077));
-        prefill.chance_faster_at_end = Some(0.25);
-        prefill.chance_slower_at_end = Some(0.0);
-        let line = look_line(&[prefill.clone()], 3, 6, 3, 0.01);
-        assert!(line.contains("NOISE (ends FASTER: 25.0%)"), "{line}");
-        prefill.decision = with_interval(Figure::PrefillTokS, (0.97, 1.04)).decision;
-        let line = look_line(&[prefill], 3, 6, 3, 0.01);
-        assert!(line.contains("NOISE (ends SLOWER: 0.0%)"), "{line}");
     }
 
     #[test]
