@@ -164,11 +164,9 @@ impl FigureResult {
 
 /// Whether more rounds would, in all likelihood, no longer change what the keep rule
 /// ([`crate::commands::compare::keep_rule::decide`]) makes of the timing: a figure is SLOWER (a
-/// revert, whatever comes next); or decode is settled, the prefill rate too unless decode is
-/// FASTER (prefill alone can win a KEEP: it is settled when decided, or when its chance of
-/// ending FASTER is below `futility`), and every guarded figure is shown not SLOWER beyond the
-/// noise threshold or has a chance below `stop_chance` of ending SLOWER if all the looks were
-/// run ([`FigureResult::cannot_block`]). Decode is settled when it is decided
+/// revert, whatever comes next); or decode is settled and every guarded figure is shown not
+/// SLOWER beyond the noise threshold or has a chance below `stop_chance` of ending SLOWER if
+/// all the looks were run ([`FigureResult::cannot_block`]). Decode is settled when it is decided
 /// (FASTER, or SAME inside the noise band), or when `futility` bounds both its chance of ending
 /// FASTER (no KEEP within reach) and of ending SLOWER: then the answer is NOISE with nothing
 /// SLOWER, which the simplicity rule may keep. (`futility` 0 waits for decode to be decided.) A
@@ -186,17 +184,7 @@ pub(crate) fn measuring_done(
         f.figure == Figure::DecodeTokS
             && (f.decided() || (f.cannot_win(futility) && f.cannot_block(noise, futility)))
     });
-    // A decode that is not FASTER leaves the prefill rate to win a KEEP: wait until it is
-    // decided, or cannot win either.
-    let decode_won = figures
-        .iter()
-        .any(|f| f.figure == Figure::DecodeTokS && f.verdict == Verdict::Faster);
-    let prefill_settled = figures
-        .iter()
-        .filter(|f| f.figure == Figure::PrefillTokS)
-        .all(|f| f.decided() || f.cannot_win(futility));
     decode_settled
-        && (decode_won || prefill_settled)
         && figures
             .iter()
             .filter(|f| f.guarded)

@@ -12,7 +12,7 @@ use crate::stats::significance::Verdict;
 /// The comparison's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
-    /// B is faster at decoding or at prefill, worse at nothing, and passes every gate: commit it.
+    /// B is faster at decoding, worse at nothing, and passes every gate: commit it.
     Keep,
     /// B is slower somewhere, fails a gate, or is suspect: throw it away.
     Revert,
@@ -45,15 +45,10 @@ pub fn decide_synthetic(figures: &[FigureCall]) -> (Outcome, Vec<String>) {
     (Outcome::Noise, why)
 }
 
-/// The keep rule: KEEP only when a speed figure is FASTER (the decode rate, or the prefill
-/// rate), nothing is SLOWER, B passes every gate (`gate_failures` is `Some` and empty) and is
-/// not `suspect`; REVERT when anything is SLOWER, a gate fails, B was not gated or B is
-/// suspect; NOISE otherwise. Returns the outcome and the reasons, in words.
-///
-/// A prefill win counts on its own: a blocked GEMM can make prompts twice as fast and leave
-/// decode as it was, and such a change must be keepable. It costs little certainty: prefill is
-/// tested at its own share of alpha, so a change that does nothing is kept by a false FASTER
-/// of either figure with at most the sum of their shares (0.03 + 0.01 of the default 0.05).
+/// The keep rule: KEEP only when decode is FASTER, no guarded figure is SLOWER, B passes every
+/// gate (`gate_failures` is `Some` and empty) and is not `suspect`; REVERT when anything is
+/// SLOWER, a gate fails, B was not gated or B is suspect; NOISE otherwise. Returns the outcome
+/// and the reasons, in words.
 pub fn decide(
     figures: &[FigureCall],
     gate_failures: Option<&[GateFailure]>,
@@ -84,27 +79,15 @@ pub fn decide(
         return (Outcome::Revert, against);
     }
     let decode = figures.iter().find(|f| f.figure == Figure::DecodeTokS);
-    let prefill = figures
-        .iter()
-        .find(|f| f.figure == Figure::PrefillTokS && f.verdict == Verdict::Faster);
-    match (decode, prefill) {
-        (Some(d), _) if d.verdict == Verdict::Faster => (
+    match decode {
+        Some(d) if d.verdict == Verdict::Faster => (
             Outcome::Keep,
             vec![format!(
                 "decode is FASTER ({}), no guarded figure is SLOWER, every gate passes",
                 d.change()
             )],
         ),
-        (Some(d), Some(p)) => (
-            Outcome::Keep,
-            vec![format!(
-                "prefill is FASTER ({}), decode is not SLOWER ({}), no guarded figure is \
-                 SLOWER, every gate passes",
-                p.change(),
-                d.change()
-            )],
-        ),
-        (Some(d), None) if d.settled => (
+        Some(d) if d.settled => (
             Outcome::Noise,
             vec![format!(
                 "decode is the same within the noise threshold ({}); nothing is SLOWER",
@@ -114,8 +97,7 @@ pub fn decide(
         _ => (
             Outcome::Noise,
             vec![
-                "decode and prefill rates undecided: no significant difference beyond the \
-                 noise threshold"
+                "decode rate undecided: no significant difference beyond the noise threshold"
                     .into(),
             ],
         ),

@@ -968,17 +968,6 @@ mod tests {
             false,
         );
         assert_eq!(o, Outcome::Noise);
-        // Prefill FASTER with decode not SLOWER: a keep of its own, saying so; with decode
-        // SLOWER, a revert.
-        let prefill_won = |decode| {
-            let mut f = figures(decode, Verdict::Noise);
-            f[1] = result(Figure::PrefillTokS, Verdict::Faster, false);
-            outcome_of(&f, Some(&gates_pass), None, false)
-        };
-        let (o, why) = prefill_won(Verdict::Noise);
-        assert_eq!(o, Outcome::Keep);
-        assert!(why[0].starts_with("prefill is FASTER"), "{why:?}");
-        assert_eq!(prefill_won(Verdict::Slower).0, Outcome::Revert);
         // Faster but suspect, or not gated: revert.
         let (o, why) = outcome_of(
             &figures(Verdict::Faster, Verdict::Noise),
@@ -1139,30 +1128,6 @@ mod tests {
             !measuring_done(&hopeless(0.0, 0.0), 0.01, 0.01, 0.0),
             "0 waits for decode to be decided"
         );
-
-        // Decode settled but not FASTER: prefill can still win a KEEP, so measuring goes on
-        // while it is undecided and has a chance of ending FASTER above the futility chance.
-        let prefill_open = |faster: f64| {
-            let mut prefill = with_interval(Figure::PrefillTokS, (0.998, 1.08));
-            prefill.chance_faster_at_end = Some(faster);
-            prefill.chance_slower_at_end = Some(0.0);
-            [
-                with_interval(Figure::DecodeTokS, same),
-                prefill,
-                with_interval(Figure::TtftMs, same),
-                with_interval(Figure::PeakRssMib, same),
-            ]
-        };
-        assert!(!measuring_done(&prefill_open(0.4), 0.01, 0.01, 0.01));
-        assert!(measuring_done(&prefill_open(0.004), 0.01, 0.01, 0.01));
-        assert!(
-            case(same, faster, (0.90, 0.95), same),
-            "prefill FASTER: a keep"
-        );
-        assert!(
-            case(faster, (0.998, 1.08), same, same),
-            "with decode FASTER, prefill is only a guard"
-        );
     }
 
     /// Spreads of one pair's log-ratios as measured on the 2-vCPU VM with the pair's requests
@@ -1317,11 +1282,6 @@ mod tests {
         // 2%: within the default budget of 12 rounds, most of the time.
         let small = case(1.02, 1.0);
         assert!(small.0 >= 0.8, "{small:?}");
-        // A prefill gain that leaves decode alone: kept on its own.
-        let prefill = case(1.0, 1.10);
-        assert!(prefill.0 >= 0.95 && prefill.2 <= 2, "{prefill:?}");
-        let prefill_small = case(1.0, 1.05);
-        assert!(prefill_small.0 >= 0.9, "{prefill_small:?}");
     }
 
     #[test]
