@@ -236,6 +236,46 @@ fn a_variant_that_buffers_its_tokens_is_never_kept() {
     std::fs::remove_dir_all(&results).unwrap();
 }
 
+/// The drift fixture's `prefix` attack in a comparison: B keeps the KV cache of the prompt its
+/// worker's warm-up request started with (the chat template and the instruction's head, which
+/// every prompt shares) and prefills its timed request from there, so part of its prefill is
+/// done before the clock starts. Its prefill may look faster; it must never be kept: the keep
+/// rule asks for decode FASTER, which no such cache moves. (A rule that let a prefill win keep
+/// on its own, d040bff, turned this into a KEEP and was withdrawn.)
+#[test]
+fn a_prefix_cached_from_the_warm_up_is_never_kept() {
+    let _one_at_a_time = serial();
+    let results = scratch("compare-prefix");
+    let (out, stdout, err) = compare(
+        "variants/baseline",
+        &drift(),
+        "prefix",
+        &results,
+        &["--looks", "1", "--rounds-per-look", "8", "--verbose"],
+    );
+    assert!(
+        matches!(out.status.code(), Some(3 | 4)),
+        "the comparison runs and is not kept: {stdout}{err}"
+    );
+    // It works as an attack: 8 pairs find prefill FASTER (about 1.5x on this prompt), which the
+    // withdrawn rule would have kept.
+    let prefill = stdout
+        .lines()
+        .find(|l| l.starts_with("prefill tok/s"))
+        .unwrap_or_default();
+    assert!(prefill.ends_with("FASTER"), "{stdout}");
+    // The attack was live: B's timed requests started from a cached prefix.
+    let reused: Vec<usize> = err
+        .lines()
+        .filter_map(|l| l.split("attack prefix: reused ").nth(1))
+        .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(reused.iter().any(|&n| n > 0), "no reuse reported: {err}");
+    let row = &records(&results)[0];
+    assert_ne!(row["verdict"], "KEEP", "{stdout}");
+    std::fs::remove_dir_all(&results).unwrap();
+}
+
 #[test]
 fn no_arguments_compare_the_committed_current_and_build_it_once() {
     let _one_at_a_time = serial();
