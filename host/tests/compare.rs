@@ -426,3 +426,36 @@ fn a_crash_of_b_is_named_and_recorded() {
     );
     std::fs::remove_dir_all(&results).unwrap();
 }
+
+/// The drift fixture's `pairs` mode: correct answers at the same decode rate, but every second
+/// token is held back and leaves with the next, so every other gap between tokens is doubled.
+/// The decode rate averages that away; the ITL p99 guard must not, and reverts it.
+#[test]
+fn a_variant_that_stalls_every_other_token_is_reverted_by_the_itl_guard() {
+    let _one_at_a_time = serial();
+    let results = scratch("compare-pairs");
+    let (out, stdout, err) = compare(
+        "variants/baseline",
+        &drift(),
+        "pairs",
+        &results,
+        &["--looks", "1", "--rounds-per-look", "6"],
+    );
+    assert_eq!(out.status.code(), Some(4), "a REVERT: {stdout}{err}");
+    let line = |figure: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(figure))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(line("ITL p99 ms").ends_with("SLOWER"), "{stdout}");
+    assert!(
+        !line("decode tok/s").ends_with("SLOWER"),
+        "the stall alone decides it, not the decode rate: {stdout}"
+    );
+    assert!(stdout.contains("ITL p99 ms is SLOWER"), "{stdout}");
+    let row = &records(&results)[0];
+    assert_eq!(row["verdict"], "REVERT", "{stdout}");
+    std::fs::remove_dir_all(&results).unwrap();
+}

@@ -868,6 +868,7 @@ mod tests {
             result(Figure::PrefillTokS, Verdict::Noise, true),
             result(Figure::TtftMs, guarded, false),
             result(Figure::PeakRssMib, Verdict::Noise, true),
+            result(Figure::ItlP99Ms, Verdict::Noise, true),
         ]
     }
 
@@ -952,6 +953,15 @@ mod tests {
             why.iter().any(|w| w.contains("TTFT ms is SLOWER")),
             "{why:?}"
         );
+        // Faster on average but with a longer tail between tokens: revert, naming it.
+        let mut stalls = figures(Verdict::Faster, Verdict::Noise);
+        stalls[4] = result(Figure::ItlP99Ms, Verdict::Slower, false);
+        let (o, why) = outcome_of(&stalls, Some(&gates_pass), None, false);
+        assert_eq!(o, Outcome::Revert);
+        assert!(
+            why.iter().any(|w| w.contains("ITL p99 ms is SLOWER")),
+            "{why:?}"
+        );
         // Decode slower: revert.
         let (o, _) = outcome_of(
             &figures(Verdict::Slower, Verdict::Noise),
@@ -1017,7 +1027,7 @@ mod tests {
                 prefill_tok_s: 100.0 / (ttft / 1e3),
                 decode_tok_s: decode,
                 total_ms: ttft + 7.0 * 1e3 / decode,
-                itl_ms: vec![],
+                itl_ms: vec![1e3 / decode; 7],
             },
             peak_rss_kib: rss,
             cpu_ms: 0.0,
@@ -1083,6 +1093,19 @@ mod tests {
         assert!(case(unknown, same, same, (1.02, 1.04)));
         // A time (lower is better) shown no worse: its upper end inside the band.
         assert!(case(faster, (0.999, 1.2), (0.8, 1.009), same));
+        // The tail between tokens is a guard like the others.
+        let tail = |itl| {
+            [
+                with_interval(Figure::DecodeTokS, faster),
+                with_interval(Figure::PrefillTokS, same),
+                with_interval(Figure::TtftMs, same),
+                with_interval(Figure::PeakRssMib, same),
+                with_interval(Figure::ItlP99Ms, itl),
+            ]
+        };
+        assert!(!measuring_done(&tail((0.95, 1.10)), 0.01, 0.0, 0.0));
+        assert!(measuring_done(&tail((1.02, 1.10)), 0.01, 0.0, 0.0));
+        assert!(measuring_done(&tail((0.90, 1.005)), 0.01, 0.0, 0.0));
 
         // Curtailment: a guard that is not shown no worse stops the measuring only when its
         // chance of ending SLOWER is below the stop chance.
@@ -1136,6 +1159,9 @@ mod tests {
     const DECODE_SD: f64 = 0.016;
     const PREFILL_SD_SHORT: f64 = 0.128;
     const PREFILL_SD_LONG: f64 = 0.011;
+    /// The spread of one pair's ITL p99 log-ratio: 0.32 over 20 A/A pairs of variants/current
+    /// with turns on the 2-vCPU VM, 2026-12-02 (heavy-tailed: two pairs at +0.79 and -0.84).
+    const ITL_P99_SD: f64 = 0.32;
 
     /// The protocol's own `[compare]` rules, which the simulations follow.
     fn default_rules() -> CompareRules {
@@ -1156,7 +1182,8 @@ mod tests {
     /// One simulated comparison under `rules`: a round is 4 short prompts (80 tokens) and the
     /// long one (1,680), each one independent pair; decode log-ratios around ln(`decode`) with
     /// [`DECODE_SD`], prefill's around ln(`prefill`) with the short and long spreads (weighted
-    /// by prompt tokens, as `host compare` does), memory identical. It stops by
+    /// by prompt tokens, as `host compare` does), the ITL tail's around -ln(`decode`) (the gaps
+    /// shrink as decode speeds up) with [`ITL_P99_SD`], memory identical. It stops by
     /// `measuring_done` and is decided by the keep rule with passing gates. Returns the outcome
     /// and the rounds measured.
     fn simulate_comparison(
@@ -1170,7 +1197,7 @@ mod tests {
             pairs: schedule.max_rounds() as usize * 5,
             alpha: &end,
         };
-        let (mut d, mut p, mut w) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut d, mut p, mut w, mut itl) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut figures = Vec::new();
         for round in 1..=schedule.max_rounds() {
             for (tokens, sd) in [
@@ -1183,6 +1210,7 @@ mod tests {
                 d.push(decode.ln() + DECODE_SD * gaussian(rng));
                 p.push(prefill.ln() + sd * gaussian(rng));
                 w.push(tokens);
+                itl.push(-decode.ln() + ITL_P99_SD * gaussian(rng));
             }
             if !schedule.looks_after(round) {
                 continue;
@@ -1196,6 +1224,7 @@ mod tests {
                 (Figure::PrefillTokS, &p, &w),
                 (Figure::TtftMs, &ttft, &w),
                 (Figure::PeakRssMib, &rss, &ones),
+                (Figure::ItlP99Ms, &itl, &ones),
             ]
             .iter()
             .map(|&(f, logs, weights)| {
@@ -1342,14 +1371,48 @@ mod tests {
             b: sample(b, 500.0, 200_000),
         };
         let pairs = [pair(0, 22.0), pair(0, 24.0), pair(1, 20.0), pair(1, 22.0)];
-        let logs = pair_logs(&pairs, Figure::DecodeTokS);
+        let (logs, weights) = pair_logs(&pairs, Figure::DecodeTokS);
         let expect = [1.1f64.ln(), 1.2f64.ln(), 0.0, 1.1f64.ln()];
-        assert_eq!(logs.len(), 4);
+        assert_eq!((logs.len(), weights), (4, vec![1.0; 4]));
         for (m, e) in logs.iter().zip(expect) {
             assert!((m - e).abs() < 1e-12, "{logs:?}");
         }
         let figures = look(&pairs, |_| 0.05, &HORIZON, 0.01, 1);
         assert_eq!(figures[0].decision.as_ref().map(|d| d.n), Some(4));
+        // ITL p99 is the inverse of the decode rate here (every gap alike): B's is lower.
+        let (itl, _) = pair_logs(&pairs, Figure::ItlP99Ms);
+        for (m, e) in itl.iter().zip(expect) {
+            assert!((m + e).abs() < 1e-12, "{itl:?}");
+        }
+    }
+
+    #[test]
+    fn a_pair_without_gaps_says_nothing_of_the_itl() {
+        // A one-token answer has no gap between tokens, so no ITL percentile: that pair is
+        // left out of the ITL test (and only of it) rather than poisoning it with NaN.
+        let mut lone = sample(20.0, 500.0, 200_000);
+        lone.timing.itl_ms.clear();
+        let pair = |a: Sample, b: f64| Pair {
+            round: 0,
+            prompt: "p".into(),
+            order: Order::AB,
+            a,
+            b: sample(b, 500.0, 200_000),
+        };
+        let pairs = [
+            pair(sample(20.0, 500.0, 200_000), 22.0),
+            pair(lone, 22.0),
+            pair(sample(20.0, 500.0, 200_000), 21.0),
+        ];
+        assert_eq!(pair_logs(&pairs, Figure::ItlP99Ms).0.len(), 2);
+        assert_eq!(pair_logs(&pairs, Figure::DecodeTokS).0.len(), 3);
+        let figures = look(&pairs, |_| 0.05, &HORIZON, 0.01, 1);
+        let itl = figures
+            .iter()
+            .find(|f| f.figure == Figure::ItlP99Ms)
+            .unwrap();
+        assert_eq!(itl.decision.as_ref().map(|d| d.n), Some(2));
+        assert!(itl.decision.as_ref().is_some_and(|d| d.ratio.is_finite()));
     }
 
     #[test]
@@ -1375,7 +1438,15 @@ mod tests {
             assert_eq!(by(f).verdict, Verdict::Noise);
             assert!(by(f).settled, "{f:?} is identical on both sides");
         }
-        assert!(figures.iter().all(FigureResult::decided));
+        // Every gap is 1/decode here, so B's tail is 9% shorter: not beyond the tail's ±10%
+        // band, so no verdict (where decode's 1% band gives one).
+        let tail = by(Figure::ItlP99Ms);
+        assert!((tail.decision.as_ref().unwrap().ratio - 1.0 / 1.102).abs() < 0.01);
+        assert!(tail.verdict == Verdict::Noise && tail.guarded);
+        assert!(figures
+            .iter()
+            .filter(|f| f.figure != Figure::ItlP99Ms)
+            .all(FigureResult::decided));
         let table = render(
             &figures,
             "a",
