@@ -111,6 +111,12 @@ struct MeasureFlags {
     /// gates.oracle_device.
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// Compute with this many threads: each worker is pinned to that many CPUs (and may not
+    /// change its affinity), and its variant gets the `threads` load option. For a change that
+    /// matters at one thread: `--threads 1`. Recorded in the device column
+    /// [default: every core, as many threads as the variant starts].
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 impl MeasureFlags {
@@ -124,6 +130,7 @@ impl MeasureFlags {
             timeout_s: self.timeout,
             prompts: self.prompts.clone(),
             device: Some(self.device),
+            threads: self.threads,
             screen: false,
         }
     }
@@ -178,7 +185,8 @@ enum Command {
         /// Timed repetitions of each test (after one warm-up).
         #[arg(short = 'r', long, default_value_t = 5)]
         repetitions: usize,
-        /// Threads the variant computes with (the `threads` load option) [default: every
+        /// Threads the variant computes with (the `threads` load option; its worker is pinned
+        /// to that many CPUs, as under `run --threads`) [default: every
         /// core this process may use].
         #[arg(short = 't', long)]
         threads: Option<usize>,

@@ -12,6 +12,8 @@
 //!   processes, signals only to itself (a worker), no new processes or programs (a worker), no
 //!   network sockets, no kernel stores that outlive a process (SysV IPC, message queues, key
 //!   rings), no clock changes, no io_uring (which seccomp cannot see into).
+//! - **a CPU budget** ([`pin_to_cpus`]): a worker asked to compute with N threads runs on N
+//!   CPUs, and seccomp takes away `sched_setaffinity`, so no thread it starts can leave them.
 //! - **no capabilities** ([`drop_capabilities`]) and `no_new_privs`, so a worker started as
 //!   root has no more power than its user.
 //!
@@ -529,7 +531,10 @@ fn own_process_only(pid: Option<u32>) -> Result<Vec<(i64, Vec<SeccompRule>)>, Sa
 /// listened there (the CUDA driver makes a unix socket and tries the MPS daemon's address at
 /// start-up; told there is none, it carries on). `clone3` answers ENOSYS, so that the C library falls
 /// back to `clone`, whose flags a filter can read.
-pub fn worker_filters(pid: u32) -> Result<Vec<BpfProgram>, SandboxError> {
+///
+/// A worker `pinned` to a CPU budget ([`pin_to_cpus`]) may not change any thread's affinity
+/// at all, its own included: every thread it starts inherits the budget and keeps it.
+pub fn worker_filters(pid: u32, pinned: bool) -> Result<Vec<BpfProgram>, SandboxError> {
     let mut deny: Vec<(i64, Vec<SeccompRule>)> =
         always_denied().into_iter().map(|nr| (nr, vec![])).collect();
     deny.extend(own_process_only(Some(pid))?);
@@ -582,11 +587,71 @@ pub fn worker_filters(pid: u32) -> Result<Vec<BpfProgram>, SandboxError> {
         (libc::SYS_sendmsg, vec![]),
         (libc::SYS_sendmmsg, vec![]),
     ];
-    Ok(vec![
+    let mut filters = vec![
         deny_filter(deny, libc::EPERM)?,
         deny_filter(vec![(libc::SYS_clone3, vec![])], libc::ENOSYS)?,
         deny_filter(refused, libc::ENOENT)?,
-    ])
+    ];
+    if pinned {
+        filters.push(deny_filter(
+            vec![(libc::SYS_sched_setaffinity, vec![])],
+            libc::EPERM,
+        )?);
+    }
+    Ok(filters)
+}
+
+/// The CPUs this process may run on, in order.
+pub fn allowed_cpus() -> Result<Vec<usize>, SandboxError> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size into it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: `set` is a valid, writable cpu_set_t of `size` bytes; pid 0 is this thread.
+    if unsafe { libc::sched_getaffinity(0, size, &mut set) } != 0 {
+        return Err(SandboxError::Setup(format!(
+            "cannot read this process's CPU affinity: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok((0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `cpu` is below CPU_SETSIZE, inside the set.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect())
+}
+
+/// Restricts this process's one thread, and every thread it starts from now on, to the first
+/// `n` of the CPUs it may run on; returns them. This is how a worker is held to a thread
+/// count: with seccomp's ban on `sched_setaffinity` ([`worker_filters`] with `pinned`), a
+/// variant that starts more threads than it was asked for only shares the same `n` CPUs.
+/// Call it while the process has one thread (affinity is per thread, inherited at creation).
+pub fn pin_to_cpus(n: usize) -> Result<Vec<usize>, SandboxError> {
+    let allowed = allowed_cpus()?;
+    if n == 0 || n > allowed.len() {
+        return Err(SandboxError::Setup(format!(
+            "cannot compute with {n} thread(s): this process may run on {} CPU(s) ({allowed:?})",
+            allowed.len()
+        )));
+    }
+    if thread_count() != 1 {
+        return Err(SandboxError::Setup(format!(
+            "the worker has {} threads before pinning; it must have one",
+            thread_count()
+        )));
+    }
+    let chosen = allowed[..n].to_vec();
+    // SAFETY: as in `allowed_cpus`; CPU_SET is given CPUs below CPU_SETSIZE.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in &chosen {
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: `set` is a valid cpu_set_t of the size given; pid 0 is this (only) thread.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        return Err(SandboxError::Setup(format!(
+            "cannot pin the worker to CPUs {chosen:?}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(chosen)
 }
 
 /// The seccomp filter of a build: [`always_denied`], other processes' scheduling, and leaving
@@ -644,14 +709,18 @@ pub fn thread_count() -> usize {
 /// Confines a worker about to open a variant's library: capabilities, Landlock with `policy`,
 /// then the worker's seccomp filters. Fails (and the worker must not open the library) when
 /// the kernel supports a mechanism and applying it fails.
-pub fn confine_worker(policy: &Policy, support: Support) -> Result<(), SandboxError> {
+///
+/// `pinned`: the worker was held to a CPU budget ([`pin_to_cpus`]), which it may not leave.
+pub fn confine_worker(policy: &Policy, support: Support, pinned: bool) -> Result<(), SandboxError> {
     if thread_count() != 1 {
         return Err(SandboxError::Setup(format!(
             "the worker has {} threads before confinement; it must have one",
             thread_count()
         )));
     }
-    confine(policy, support, || worker_filters(std::process::id()))
+    confine(policy, support, || {
+        worker_filters(std::process::id(), pinned)
+    })
 }
 
 /// Confines a build helper before it runs cargo: no capabilities, Landlock with `policy` and
@@ -810,8 +879,21 @@ mod tests {
     }
 
     #[test]
+    fn a_budget_larger_than_the_machine_is_named() {
+        let cpus = allowed_cpus().unwrap();
+        assert!(!cpus.is_empty());
+        let err = pin_to_cpus(cpus.len() + 1).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("cannot compute with {} thread(s)", cpus.len() + 1)),
+            "{err}"
+        );
+        assert!(pin_to_cpus(0).is_err());
+    }
+
+    #[test]
     fn filters_compile_for_this_machine() {
-        assert_eq!(worker_filters(1234).unwrap().len(), 3);
+        assert_eq!(worker_filters(1234, false).unwrap().len(), 3);
+        assert_eq!(worker_filters(1234, true).unwrap().len(), 4);
         assert_eq!(build_filters().unwrap().len(), 1);
     }
 }

@@ -452,3 +452,82 @@ fn only_the_committed_harness_measures() {
     assert!(row["harness"].starts_with("modified-"), "{row:?}");
     std::fs::remove_dir_all(&clone).unwrap();
 }
+
+/// The CPU time and wall time of every timed request of the newest run in `results`, in ms.
+fn cpu_and_wall(results: &Path) -> Vec<(f64, f64)> {
+    let row = records(results).pop().unwrap();
+    let json = results.join("runs").join(&row["json"]);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    record["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["cpu_ms"].as_f64().unwrap(),
+                s["timing"]["total_ms"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The CPU lists the `widen` attack's helper threads report they may run on.
+fn widen_cpus(stderr: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter_map(|l| l.split("attack widen-cpus: ").nth(1))
+        .map(|list| list.trim().to_string())
+        .collect()
+}
+
+/// `--threads 1` is a budget of one CPU, not a request: the `widen` attack asks for every CPU
+/// back and burns CPU on two extra threads while it generates (`sleep` paces it at 20 ms a
+/// token), yet its threads may run on one CPU only and its requests use no more CPU time than
+/// wall time. Without the budget the same attack's threads may run on every CPU.
+#[test]
+fn a_variant_held_to_one_thread_computes_on_one_cpu() {
+    let results = scratch("attack-widen");
+    let (out, _, stderr) = attack("sleep,widen", &results, &["--threads", "1"]);
+    assert!(out.status.success(), "{stderr}");
+    all_denied(&stderr, "widen", 1);
+    let lists = widen_cpus(&stderr);
+    assert!(!lists.is_empty(), "the helpers reported no CPUs: {stderr}");
+    for list in &lists {
+        assert!(
+            list.parse::<usize>().is_ok(),
+            "a helper thread may run on CPUs {list}, not one CPU"
+        );
+    }
+    assert_eq!(records(&results).last().unwrap()["device"], "cpu, 1 thread");
+    // Two helpers burning through every 20 ms sleep would show about twice the wall time.
+    for (cpu, wall) in cpu_and_wall(&results) {
+        assert!(
+            cpu <= wall * 1.05 + 10.0,
+            "held to one CPU, a request used {cpu:.0} ms of CPU in {wall:.0} ms"
+        );
+    }
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+        let free = scratch("attack-widen-free");
+        let (out, _, stderr) = attack("sleep,widen", &free, &[]);
+        assert!(out.status.success(), "{stderr}");
+        assert!(reports(&stderr, "widen")[0].contains("DONE"), "{stderr}");
+        let lists = widen_cpus(&stderr);
+        assert!(
+            !lists.is_empty() && lists.iter().all(|l| l.parse::<usize>().is_err()),
+            "unbudgeted, the helpers may run on every CPU: {lists:?}"
+        );
+        std::fs::remove_dir_all(&free).unwrap();
+    }
+    std::fs::remove_dir_all(&results).unwrap();
+}
+
+/// A budget larger than the machine is refused up front, naming the flag.
+#[test]
+fn a_thread_budget_beyond_the_machine_is_named() {
+    let results = scratch("threads-too-many");
+    let (out, _, stderr) = attack("", &results, &["--threads", "100000"]);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--threads 100000"), "{stderr}");
+    assert!(records(&results).is_empty(), "no row for a refused run");
+}

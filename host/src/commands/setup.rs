@@ -49,6 +49,8 @@ pub struct Overrides {
     pub prompts: Vec<String>,
     /// Where the variants compute [default: the CPU].
     pub device: Option<Device>,
+    /// The thread count every measured worker is held to [default: every core].
+    pub threads: Option<usize>,
     /// `host compare --screen`: the protocol's `[screen]` prompts, tokens and looks replace
     /// the full protocol's (the caller refuses flags that would change them).
     pub screen: bool,
@@ -66,6 +68,9 @@ pub struct Setup {
     pub all_prompts: bool,
     /// Where the variants compute (`--device`).
     pub device: Device,
+    /// The threads each measured worker computes with and the CPUs it is pinned to
+    /// (`--threads`); `None`: every core, the variant's choice of threads.
+    pub threads: Option<usize>,
 }
 
 /// One request to send: which prompt, which round (`None` for a warm-up), its text and ids.
@@ -172,6 +177,20 @@ pub fn open_model(path: Option<&Path>) -> Result<Model> {
     }
 }
 
+/// `--threads N` checked against the CPUs this process may run on: at least 1, at most that
+/// many (a worker is pinned to N of them, so more could never be granted).
+pub fn checked_threads(threads: Option<usize>) -> Result<Option<usize>> {
+    let Some(n) = threads else { return Ok(None) };
+    let cpus = crate::sandbox::allowed_cpus()?.len();
+    if n == 0 || n > cpus {
+        bail!(
+            "--threads {n}: a worker can be given 1 to {cpus} CPU(s) here (the CPUs this process \
+             may run on)"
+        );
+    }
+    Ok(Some(n))
+}
+
 /// `set` narrowed to `chosen` (all when empty). An unknown name is blamed on where it came
 /// from: the `--prompt` flag, or the protocol's `[screen]` when `screen`.
 fn choose_prompts(
@@ -232,15 +251,26 @@ impl Setup {
             codec,
             all_prompts: chosen.is_empty(),
             device: o.device.unwrap_or(Device::Cpu),
+            threads: checked_threads(o.threads)?,
         })
     }
 
-    /// What every measured worker asks its variant at load time: the device, and no thread
-    /// count (the variant uses every core this process may use).
+    /// What every measured worker asks its variant at load time: the device, and the thread
+    /// count of `--threads` (the worker is pinned to that many CPUs), or none (the variant uses
+    /// every core this process may use).
     pub fn load_request(&self) -> LoadRequest {
         LoadRequest {
-            threads: None,
+            threads: self.threads,
             device: Some(self.device),
+        }
+    }
+
+    /// The device as results record it: `cpu`, or `cpu, 1 thread` under `--threads 1`.
+    pub fn device_label(&self) -> String {
+        match self.threads {
+            None => self.device.to_string(),
+            Some(1) => format!("{}, 1 thread", self.device),
+            Some(n) => format!("{}, {n} threads", self.device),
         }
     }
 
@@ -335,7 +365,7 @@ impl Setup {
             model_path: self.model.path.display().to_string(),
             model_sha256: self.model.sha256().to_string(),
             machine: record::machine(),
-            device: self.device.to_string(),
+            device: self.device_label(),
             sandbox,
         }
     }

@@ -7,8 +7,9 @@
 //!    that prints cannot garble them;
 //! 2. it dies with the supervisor (`PR_SET_PDEATHSIG`), maps the model and copies the library
 //!    into its scratch directory;
-//! 3. it confines itself ([`crate::sandbox::confine_worker`]): from then on it can read only
-//!    system files and write only its scratch directory;
+//! 3. given a thread count, it pins itself to that many CPUs ([`crate::sandbox::pin_to_cpus`]);
+//!    it confines itself ([`crate::sandbox::confine_worker`]): from then on it can read only
+//!    system files, write only its scratch directory and, when pinned, not change affinity;
 //! 4. it opens the library and answers requests. Its sink ([`StreamSink`]) forwards every
 //!    `emit` at once as a [`Message::Tokens`] line: the supervisor timestamps it on arrival and
 //!    counts the tokens itself. Nothing here measures anything.
@@ -46,7 +47,7 @@ pub struct WorkerArgs {
     /// Paths that stay out of reach even inside a readable system directory.
     #[arg(long = "protect")]
     pub protect: Vec<PathBuf>,
-    /// The variant's `threads` load option.
+    /// The variant's `threads` load option, and the number of CPUs the worker is pinned to.
     #[arg(long)]
     pub threads: Option<usize>,
     /// The variant's `device` load option.
@@ -166,7 +167,17 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         Ok(lib) => lib,
         Err(e) => return fail(&mut out, format!("{e:#}")),
     };
-    if let Err(e) = sandbox::confine_worker(&policy(args), Support::probe()) {
+    // A thread count is a CPU budget: the worker runs on that many CPUs and cannot leave them.
+    if let Some(n) = args.threads {
+        if let Err(e) = sandbox::pin_to_cpus(n) {
+            return fail(
+                &mut out,
+                format!("the worker could not be held to {n} CPU(s): {e}"),
+            );
+        }
+    }
+    if let Err(e) = sandbox::confine_worker(&policy(args), Support::probe(), args.threads.is_some())
+    {
         return fail(
             &mut out,
             format!("the worker could not confine itself, so the variant was not opened: {e}"),
