@@ -284,34 +284,53 @@ mod x86 {
     }
 
     /// The f16 scale (and for Q4_1 the minimum) of the block at `p`, as f32: `[d, m, _, _]`.
+    ///
+    /// # Safety
+    /// `p` points at a whole block of the format (at least its 4 header bytes).
     #[target_feature(enable = "avx,f16c")]
-    fn block_header(p: &[u8]) -> __m128 {
-        let bits = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
+    unsafe fn block_header(p: *const u8) -> __m128 {
+        // SAFETY: the caller's block holds these 4 bytes; an unaligned read is allowed.
+        let bits = unsafe { std::ptr::read_unaligned(p as *const u32) };
         _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))
     }
 
     /// The 32 weights of block `b` as two 16-lane vectors (weights 0..16, 16..32).
     #[target_feature(enable = "avx512f,f16c")]
     fn block16(format: Format, b: &[u8]) -> [__m512; 2] {
-        let h = block_header(b);
+        assert!(b.len() >= format.block_bytes(), "a whole block");
+        // SAFETY: `b` holds a whole block, checked above.
+        unsafe { block16_at(format, b.as_ptr()) }
+    }
+
+    /// [`block16`] of the block at `p`, without a bounds check (the decode loop's sizes are
+    /// checked once by [`super::matmul_rows`]).
+    ///
+    /// # Safety
+    /// `p` points at a whole block of `format`.
+    #[target_feature(enable = "avx512f,f16c")]
+    unsafe fn block16_at(format: Format, p: *const u8) -> [__m512; 2] {
+        // SAFETY: the caller's block starts with its header.
+        let h = unsafe { block_header(p) };
         let d = _mm512_broadcastss_ps(h);
         match format {
             Format::Q4_1 => {
                 let m = _mm512_broadcastss_ps(_mm_movehdup_ps(h));
                 // SAFETY: the block holds 16 bytes of nibbles after its 4-byte header.
-                let q = unsafe { _mm_loadu_si128(b[4..20].as_ptr() as *const __m128i) };
-                let nib = _mm_set1_epi8(0x0F);
-                let lo = _mm_and_si128(q, nib);
-                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), nib);
+                let q = unsafe { _mm_loadu_si128(p.add(4) as *const __m128i) };
+                // One widening of the 16 bytes; lane j's low nibble is weight j, its high
+                // nibble weight j + 16 (the byte is below 256, so the shift needs no mask).
+                let bytes = _mm512_cvtepu8_epi32(q);
+                let lo = _mm512_and_si512(bytes, _mm512_set1_epi32(0x0F));
+                let hi = _mm512_srli_epi32::<4>(bytes);
                 let w = |q| _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(q), m);
-                [w(_mm512_cvtepu8_epi32(lo)), w(_mm512_cvtepu8_epi32(hi))]
+                [w(lo), w(hi)]
             }
             Format::Q8_0 => {
                 // SAFETY: the block holds 32 signed bytes after its 2-byte scale.
                 let (q0, q1) = unsafe {
                     (
-                        _mm_loadu_si128(b[2..18].as_ptr() as *const __m128i),
-                        _mm_loadu_si128(b[18..34].as_ptr() as *const __m128i),
+                        _mm_loadu_si128(p.add(2) as *const __m128i),
+                        _mm_loadu_si128(p.add(18) as *const __m128i),
                     )
                 };
                 let w = |q| _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
@@ -355,7 +374,9 @@ mod x86 {
                     prefetch(w, group + PREFETCH_AHEAD + blk * n * bb);
                     for (i, acc) in acc.iter_mut().enumerate().take(n) {
                         let at = (r + i) * row_bytes + blk * bb;
-                        let [w0, w1] = block16(format, &w[at..at + bb]);
+                        // SAFETY: row r + i < rows and blk < cols / BLOCK, so the block lies
+                        // inside `w`, whose size `matmul_rows` checked against rows x cols.
+                        let [w0, w1] = unsafe { block16_at(format, w.as_ptr().add(at)) };
                         *acc = _mm512_fmadd_ps(w1, x1, _mm512_fmadd_ps(w0, x0, *acc));
                     }
                 }
@@ -480,7 +501,9 @@ mod x86 {
     /// The 32 weights of block `b` as four 8-lane vectors (weights 0..8, .., 24..32).
     #[target_feature(enable = "avx2,fma,f16c")]
     fn block8(format: Format, b: &[u8]) -> [__m256; 4] {
-        let h = block_header(b);
+        assert!(b.len() >= format.block_bytes(), "a whole block");
+        // SAFETY: `b` holds a whole block, checked above.
+        let h = unsafe { block_header(b.as_ptr()) };
         let d = _mm256_broadcastss_ps(h);
         match format {
             Format::Q4_1 => {
