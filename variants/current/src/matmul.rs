@@ -4,9 +4,11 @@
 //! dequantized to f32 once, at load. [`Matrix::forward`] computes `x · Wᵀ` for a chunk of token
 //! rows: every output element is one weight row, dequantized to f32, dotted with one activation
 //! row in a fixed order, by the fastest [`crate::kernels`] path this machine runs. Two
-//! properties follow, and the quality oracle relies on both:
-//! - the result does not depend on the chunk size or the thread count, so a prompt run in one
-//!   chunk gives bit for bit what it gives token by token;
+//! properties follow:
+//! - the result does not depend on the chunk size or the thread count, except that the AVX-512
+//!   one-token kernel takes each block's scale out of its sum, which rounds as a reordered sum
+//!   does (about 1e-7 relative): a prompt run in one chunk gives what it gives token by token to
+//!   that rounding (the oracle, variants/baseline, keeps the bit-for-bit version);
 //! - activations stay f32 all the way (candle's and ggml's quantized matmuls round them to 8
 //!   bits first). A rounding step is a cliff: with it, reordering a single f32 sum upstream flips
 //!   some roundings and moves logits by hundredths of a nat, as much as f16 activations do.
@@ -252,11 +254,14 @@ mod tests {
                 assert!((all[tok][r] as f64 - expect).abs() < 1e-3, "row {r}");
             }
         }
-        // Token by token gives the same bits.
+        // Token by token gives the same values, up to the rounding of a reordered sum (the
+        // one-token kernel may take each block's scale out of its sum).
         for tok in 0..3 {
             let one = xt.narrow(0, tok, 1).unwrap();
             let row = m.forward(&one).unwrap().to_vec2::<f32>().unwrap();
-            assert_eq!(row[0], all[tok]);
+            for (a, b) in row[0].iter().zip(&all[tok]) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} against {b}");
+            }
         }
     }
 

@@ -14,8 +14,8 @@
 //!
 //! Every step computes each token's row the same way whatever the chunk size (the matmuls work
 //! weight row by weight row, and attention is a plain loop per query rather than a blocked
-//! matmul), so a prompt run in one chunk gives bit-for-bit the logits it gives token by token:
-//! scoring a generated sequence reproduces its greedy choices exactly. Activations are never
+//! matmul), so a prompt run in one chunk gives the logits it gives token by token, up to the
+//! rounding of the AVX-512 one-token kernel (see [`crate::matmul`]). Activations are never
 //! rounded below f32 (see [`crate::matmul`] for why that matters to the quality gates).
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
@@ -1128,15 +1128,26 @@ mod tests {
     }
 
     #[test]
-    fn chunked_and_token_by_token_forward_agree_bit_for_bit() {
+    fn chunked_and_token_by_token_forward_agree() {
         let mut model = LlamaModel::from_gguf(tiny::view("llama", 64)).unwrap();
         let tokens = [3u32, 1, 4, 1, 5, 9, 2, 6, 5, 3];
         let hidden = model.forward_hidden(&tokens, 0).unwrap();
         let chunked = model.logits(&hidden).unwrap().to_vec2::<f32>().unwrap();
         model.reset();
+        // One token at a time may round as a reordered sum does (the AVX-512 one-token kernel
+        // takes each block's scale out of its sum): the same logits to about 1e-5.
+        let close = |one: &[f32], chunk: &[f32], i: usize| {
+            let scale = chunk.iter().fold(1f32, |m, v| m.max(v.abs()));
+            for (a, b) in one.iter().zip(chunk) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * scale,
+                    "position {i}: {a} against {b}"
+                );
+            }
+        };
         for (i, &tok) in tokens.iter().enumerate() {
             let one = model.forward(&[tok], i).unwrap().to_vec1::<f32>().unwrap();
-            assert_eq!(one, chunked[i], "position {i}");
+            close(&one, &chunked[i], i);
         }
         assert_eq!(model.cache().len(), tokens.len());
         // rewinding to an earlier position recomputes the same logits
@@ -1145,7 +1156,7 @@ mod tests {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        assert_eq!(again, chunked[5]);
+        close(&again, &chunked[5], 5);
     }
 
     #[test]
