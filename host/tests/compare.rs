@@ -257,13 +257,21 @@ fn a_prefix_cached_from_the_warm_up_is_never_kept() {
         matches!(out.status.code(), Some(3 | 4)),
         "the comparison runs and is not kept: {stdout}{err}"
     );
-    // It works as an attack: 8 pairs find prefill FASTER (about 1.5x on this prompt), which the
-    // withdrawn rule would have kept.
-    let prefill = stdout
-        .lines()
-        .find(|l| l.starts_with("prefill tok/s"))
-        .unwrap_or_default();
-    assert!(prefill.ends_with("FASTER"), "{stdout}");
+    // It works as an attack: over these 8 pairs B's prefill comes out about 1.5x A's, which the
+    // withdrawn rule would have kept once significant. The estimate is asserted, not the
+    // verdict: at prefill's share of alpha, 8 short pairs do not always reach significance (a CI
+    // run read B/A 1.65 at p = 0.012, NOISE).
+    let json = results.join("runs").join(&records(&results)[0]["json"]);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    let prefill = record["figures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["figure"] == "prefill_tok_s")
+        .unwrap();
+    let ratio = prefill["at_95"]["ratio"].as_f64().unwrap();
+    assert!(ratio > 1.2, "prefill B/A {ratio}:\n{stdout}");
     // The attack was live: B's timed requests started from a cached prefix.
     let reused: Vec<usize> = err
         .lines()
