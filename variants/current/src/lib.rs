@@ -1,6 +1,6 @@
-//! The reference ("baseline") autoinfer variant: Llama-architecture GGUF inference on the CPU,
-//! with candle tensors, f32 activations and the GGUF's quantized weights dequantized row by row;
-//! with the `cuda` cargo feature, the same model on an NVIDIA GPU through candle's CUDA backend.
+//! The working autoinfer variant: Llama-architecture GGUF inference on the CPU, with f32
+//! activations and SIMD kernels over the GGUF's quantized weights; with the `cuda` cargo
+//! feature, the same model on an NVIDIA GPU in hand-written CUDA kernels.
 //!
 //! Principal types:
 //! - [`Baseline`]: the [`plugin_api::Engine`] the host loads; it picks the model for the asked
@@ -9,7 +9,8 @@
 //! - [`model::LlamaModel`]: the CPU model: the weights ([`matmul::Matrix`]es over the GGUF
 //!   blocks), the RoPE tables and the in-place [`model::KvCache`]; `forward` runs a chunk of
 //!   tokens. It is also the quality oracle.
-//! - [`tensor_model::TensorLlama`]: the same model in candle tensor operations, for the GPU.
+//! - `cuda::CudaLlama` (with the `cuda` feature): the same model on an NVIDIA GPU, every tensor
+//!   on the device, in the kernels of `src/cuda/kernels.cu` (compiled at load by NVRTC).
 //! - [`model::LlamaConfig`]: the hyperparameters, read from the `llama.*` metadata.
 //! - [`matmul::Matrix`]: a weight matrix left in the host's mapping, and its f32 matmul.
 //! - [`pool::Pool`]: the persistent threads every parallel step runs on.
@@ -18,12 +19,13 @@
 //! - [`generate::generate`] and [`generate::score`]: chunked prefill then greedy decoding, and
 //!   teacher-forced scoring.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod generate;
 pub mod kernels;
 pub mod matmul;
 pub mod model;
 pub mod pool;
-pub mod tensor_model;
 
 use plugin_api::{Device, Engine, HostLog, LoadOptions, ModelView, ScoredPosition, Sink};
 
@@ -39,7 +41,7 @@ impl Engine for Baseline {
     /// Honours the `threads` option by sizing the [`pool`], which the CPU matmuls run on and
     /// whose size attention deals its queries to (a worker process loads one variant, so the
     /// pool is this engine's alone), and the `device` option by choosing the model:
-    /// the hand-written [`LlamaModel`] on the CPU, [`tensor_model::TensorLlama`] on CUDA.
+    /// the hand-written [`LlamaModel`] on the CPU, `cuda::CudaLlama` on CUDA.
     fn load(
         model: &'static ModelView,
         log: HostLog,
@@ -104,9 +106,7 @@ impl Engine for Baseline {
 /// The model on CUDA device `ordinal`.
 #[cfg(feature = "cuda")]
 fn cuda_model(view: &'static ModelView, ordinal: usize) -> Result<Box<dyn Transformer>, String> {
-    let device = candle_core::Device::new_cuda(ordinal)
-        .map_err(|e| format!("cannot open CUDA device {ordinal}: {e}"))?;
-    let model = tensor_model::TensorLlama::from_gguf(view, &device).map_err(|e| e.to_string())?;
+    let model = cuda::CudaLlama::from_gguf(view, ordinal).map_err(|e| e.to_string())?;
     Ok(Box::new(model))
 }
 
@@ -116,7 +116,7 @@ fn cuda_model(_: &'static ModelView, ordinal: usize) -> Result<Box<dyn Transform
     Err(format!(
         "this build of variant {} cannot run on cuda:{ordinal}: it was built without \
          CUDA support. Rebuild it with the `cuda` cargo feature (`cargo build --release \
-         --features cuda`, or tools/cuda-build.sh where there is no CUDA toolkit)",
+         --features cuda`; no CUDA toolkit is needed to build it)",
         env!("CARGO_PKG_NAME")
     ))
 }

@@ -81,6 +81,11 @@ impl Matrix {
         self.cols
     }
 
+    /// The weights as stored (the GPU path uploads them).
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+
     /// The kernel path and bytes of quantized weights (`None` for f32 weights).
     fn quantized(&self) -> Option<(Isa, Format, &'static [u8])> {
         match self.weights {

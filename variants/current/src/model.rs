@@ -85,6 +85,9 @@ pub enum ModelError {
     /// candle reported an error.
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
+    /// The GPU path failed: the driver, the kernels' compilation, or a shape it cannot run.
+    #[error("GPU: {0}")]
+    Gpu(String),
 }
 
 /// Hyperparameters of a Llama-architecture model, read from the `llama.*` GGUF metadata.
@@ -636,7 +639,7 @@ pub fn check_chunk(
 }
 
 /// What generation and scoring need of a model, whichever way it computes: the hand-written
-/// CPU [`LlamaModel`] or the candle-ops [`TensorLlama`](crate::tensor_model::TensorLlama).
+/// CPU [`LlamaModel`] or the GPU's `cuda::CudaLlama`.
 pub trait Transformer: Send {
     /// The hyperparameters.
     fn config(&self) -> &LlamaConfig;
@@ -916,7 +919,7 @@ impl<'a> AlignedBytes<'a> {
 
 /// A quantized (or float) matrix `(rows, cols)` (GGUF dims `[cols, rows]`) as a [`Matrix`]:
 /// Q4_1 and Q8_0 borrowed from the mapping, F32 read, anything else dequantized by candle.
-fn load_matrix(
+pub(crate) fn load_matrix(
     view: &'static ModelView,
     name: &str,
     rows: usize,

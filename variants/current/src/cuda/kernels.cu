@@ -1,0 +1,542 @@
+// The GPU forward pass of variants/current: every kernel one decode (or prefill) step runs.
+// Compiled at load by NVRTC (src/cuda/mod.rs), so a build needs no CUDA toolkit.
+//
+// Activations are f32 and every sum accumulates in f32 (the RMSNorm's sum of squares in f64,
+// as on the CPU), so the result differs from the CPU oracle only as reordered f32 sums do.
+// The source is compiled with --fmad=false: every fused multiply-add below is an explicit
+// fmaf, and nothing else is contracted behind our back.
+//
+// Weight matrices are (rows, cols), row-major, in one of three device formats (FMT_*), each a
+// byte buffer `w` plus a scale buffer `s` (unused for f32), repacked at load from the GGUF's
+// blocks of 32 weights so that quants are 16-byte aligned:
+//   FMT_F32:  w = rows * cols floats.
+//   FMT_Q4_1: w = 16 bytes of nibbles per block (byte j: weight j in its low nibble, weight
+//             j + 16 in its high one); s = per block the f16 pair (d, m): weight = d * q + m.
+//   FMT_Q8_0: w = 32 signed bytes per block; s = per block the f16 scale d: weight = d * q.
+// Blocks run along a row: block b of row r is block r * (cols / 32) + b.
+
+#define FMT_F32 0
+#define FMT_Q4_1 1
+#define FMT_Q8_0 2
+
+// Token rows one warp of `matmul` carries at once (its accumulators stay in registers).
+#define TOKEN_TILE 8
+// Warps (one weight row each) per block of `matmul`.
+#define ROW_WARPS 8
+
+// Attention: queries per block (8 threads each), keys per shared-memory tile, and the widest
+// head the tiles hold.
+#define AQ 16
+#define AK 32
+#define ATT_HD_MAX 128
+
+// The tiled matmul for chunks of tokens: a block computes TILE_ROWS weight rows for TILE_TOKENS
+// tokens, stepping through the columns one 32-weight block at a time; each of its 256 threads
+// holds a 4 x 4 tile of the result.
+#define TILE_ROWS 64
+#define TILE_TOKENS 64
+
+// Minus infinity, spelled without math.h (NVRTC compiles without the host headers).
+#define NEG_INF __int_as_float(0xff800000)
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// The 32 weights of block `blk` (counted over the whole matrix), dequantized to f32.
+template <int FMT>
+__device__ __forceinline__ void load_block(const u8* w, const u8* s, long blk, float out[32]) {
+    if (FMT == FMT_F32) {
+        const float4* p = reinterpret_cast<const float4*>(w) + blk * 8;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            float4 v = p[i];
+            out[4 * i] = v.x;
+            out[4 * i + 1] = v.y;
+            out[4 * i + 2] = v.z;
+            out[4 * i + 3] = v.w;
+        }
+    } else if (FMT == FMT_Q4_1) {
+        const uint4 q = reinterpret_cast<const uint4*>(w)[blk];
+        const u32 dm = reinterpret_cast<const u32*>(s)[blk];
+        const float d = f16_to_f32((u16)(dm & 0xffff)), m = f16_to_f32((u16)(dm >> 16));
+        const u32 words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+#pragma unroll
+            for (int b = 0; b < 4; b++) {
+                const u32 byte = (words[i] >> (8 * b)) & 0xff;
+                out[4 * i + b] = fmaf(d, (float)(byte & 15), m);
+                out[4 * i + b + 16] = fmaf(d, (float)(byte >> 4), m);
+            }
+        }
+    } else {
+        const uint4* p = reinterpret_cast<const uint4*>(w) + blk * 2;
+        const float d = f16_to_f32(reinterpret_cast<const u16*>(s)[blk]);
+        const uint4 lo = p[0], hi = p[1];
+        const u32 words[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+#pragma unroll
+            for (int b = 0; b < 4; b++) {
+                const signed char q = (signed char)((words[i] >> (8 * b)) & 0xff);
+                out[4 * i + b] = d * (float)q;
+            }
+        }
+    }
+}
+
+// The dot product of 32 dequantized weights with 32 activations (16-byte aligned).
+__device__ __forceinline__ float dot32(const float wv[32], const float* x, float acc) {
+    const float4* p = reinterpret_cast<const float4*>(x);
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const float4 v = p[i];
+        acc = fmaf(wv[4 * i], v.x, acc);
+        acc = fmaf(wv[4 * i + 1], v.y, acc);
+        acc = fmaf(wv[4 * i + 2], v.z, acc);
+        acc = fmaf(wv[4 * i + 3], v.w, acc);
+    }
+    return acc;
+}
+
+// y (t, rows) = x (t, cols) times W^T, or y += that when `accumulate` (the residual add).
+// One warp per weight row, lanes striding over its blocks; a block of the grid covers ROW_WARPS
+// rows and TOKEN_TILE tokens (blockIdx.y), so each weight block is read once per token tile.
+template <int FMT>
+__device__ void matmul_body(const u8* w, const u8* s, const float* x, float* y, int rows,
+                            int cols, int t, int accumulate) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int row = blockIdx.x * ROW_WARPS + warp;
+    const int tok0 = blockIdx.y * TOKEN_TILE;
+    if (row >= rows) return;
+    const int nb = cols / 32, nt = min(TOKEN_TILE, t - tok0);
+    float acc[TOKEN_TILE];
+#pragma unroll
+    for (int k = 0; k < TOKEN_TILE; k++) acc[k] = 0.0f;
+    for (int b = lane; b < nb; b += 32) {
+        float wv[32];
+        load_block<FMT>(w, s, (long)row * nb + b, wv);
+#pragma unroll
+        for (int k = 0; k < TOKEN_TILE; k++)
+            if (k < nt) acc[k] = dot32(wv, x + (long)(tok0 + k) * cols + b * 32, acc[k]);
+    }
+#pragma unroll
+    for (int k = 0; k < TOKEN_TILE; k++) {
+        if (k < nt) {
+            const float sum = warp_sum(acc[k]);
+            if (lane == 0) {
+                float* out = y + (long)(tok0 + k) * rows + row;
+                *out = accumulate ? *out + sum : sum;
+            }
+        }
+    }
+}
+
+extern "C" __global__ void matmul_f32(const u8* w, const u8* s, const float* x, float* y,
+                                      int rows, int cols, int t, int accumulate) {
+    matmul_body<FMT_F32>(w, s, x, y, rows, cols, t, accumulate);
+}
+extern "C" __global__ void matmul_q4_1(const u8* w, const u8* s, const float* x, float* y,
+                                       int rows, int cols, int t, int accumulate) {
+    matmul_body<FMT_Q4_1>(w, s, x, y, rows, cols, t, accumulate);
+}
+extern "C" __global__ void matmul_q8_0(const u8* w, const u8* s, const float* x, float* y,
+                                       int rows, int cols, int t, int accumulate) {
+    matmul_body<FMT_Q8_0>(w, s, x, y, rows, cols, t, accumulate);
+}
+
+// The MLP's first half: y (t, rows) = silu(x W_gate^T) * (x W_up^T), both matrices read by
+// the same warp, so the gate and up activations never reach memory.
+template <int FMT>
+__device__ void swiglu_body(const u8* wg, const u8* sg, const u8* wu, const u8* su,
+                            const float* x, float* y, int rows, int cols, int t) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int row = blockIdx.x * ROW_WARPS + warp;
+    const int tok0 = blockIdx.y * TOKEN_TILE;
+    if (row >= rows) return;
+    const int nb = cols / 32, nt = min(TOKEN_TILE, t - tok0);
+    float g[TOKEN_TILE], u[TOKEN_TILE];
+#pragma unroll
+    for (int k = 0; k < TOKEN_TILE; k++) g[k] = u[k] = 0.0f;
+    for (int b = lane; b < nb; b += 32) {
+        float wv[32];
+        load_block<FMT>(wg, sg, (long)row * nb + b, wv);
+#pragma unroll
+        for (int k = 0; k < TOKEN_TILE; k++)
+            if (k < nt) g[k] = dot32(wv, x + (long)(tok0 + k) * cols + b * 32, g[k]);
+        load_block<FMT>(wu, su, (long)row * nb + b, wv);
+#pragma unroll
+        for (int k = 0; k < TOKEN_TILE; k++)
+            if (k < nt) u[k] = dot32(wv, x + (long)(tok0 + k) * cols + b * 32, u[k]);
+    }
+#pragma unroll
+    for (int k = 0; k < TOKEN_TILE; k++) {
+        if (k < nt) {
+            const float gate = warp_sum(g[k]), up = warp_sum(u[k]);
+            if (lane == 0) {
+                const float silu = gate / (1.0f + expf(-gate));
+                y[(long)(tok0 + k) * rows + row] = silu * up;
+            }
+        }
+    }
+}
+
+extern "C" __global__ void swiglu_f32(const u8* wg, const u8* sg, const u8* wu, const u8* su,
+                                      const float* x, float* y, int rows, int cols, int t) {
+    swiglu_body<FMT_F32>(wg, sg, wu, su, x, y, rows, cols, t);
+}
+extern "C" __global__ void swiglu_q4_1(const u8* wg, const u8* sg, const u8* wu, const u8* su,
+                                       const float* x, float* y, int rows, int cols, int t) {
+    swiglu_body<FMT_Q4_1>(wg, sg, wu, su, x, y, rows, cols, t);
+}
+extern "C" __global__ void swiglu_q8_0(const u8* wg, const u8* sg, const u8* wu, const u8* su,
+                                       const float* x, float* y, int rows, int cols, int t) {
+    swiglu_body<FMT_Q8_0>(wg, sg, wu, su, x, y, rows, cols, t);
+}
+
+// Eight consecutive weights, elements 8 * part .. 8 * part + 7 of block `blk`, dequantized.
+template <int FMT>
+__device__ __forceinline__ void load_eighth(const u8* w, const u8* s, long blk, int part,
+                                            float out[8]) {
+    if (FMT == FMT_F32) {
+        const float4* p = reinterpret_cast<const float4*>(w) + blk * 8 + part * 2;
+        const float4 a = p[0], b = p[1];
+        out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+        out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+    } else if (FMT == FMT_Q4_1) {
+        // Elements 0..15 are the low nibbles of bytes 0..15, elements 16..31 the high ones.
+        const uint2 q = reinterpret_cast<const uint2*>(w)[blk * 2 + (part % 2)];
+        const u32 dm = reinterpret_cast<const u32*>(s)[blk];
+        const float d = f16_to_f32((u16)(dm & 0xffff)), m = f16_to_f32((u16)(dm >> 16));
+        const int shift = part < 2 ? 0 : 4;
+#pragma unroll
+        for (int b = 0; b < 8; b++) {
+            const u32 byte = ((b < 4 ? q.x : q.y) >> (8 * (b % 4))) & 0xff;
+            out[b] = fmaf(d, (float)((byte >> shift) & 15), m);
+        }
+    } else {
+        const uint2 q = reinterpret_cast<const uint2*>(w)[blk * 4 + part];
+        const float d = f16_to_f32(reinterpret_cast<const u16*>(s)[blk]);
+#pragma unroll
+        for (int b = 0; b < 8; b++) {
+            const signed char v = (signed char)(((b < 4 ? q.x : q.y) >> (8 * (b % 4))) & 0xff);
+            out[b] = d * (float)v;
+        }
+    }
+}
+
+// y (t, rows) = x (t, cols) W^T for a chunk of tokens (or += with `accumulate`; with GATED,
+// y = silu(x Wg^T) * (x Wu^T), the second matrix in w2/s2). Block (row tile, token tile): each
+// column step dequantizes TILE_ROWS x 32 weights and stages TILE_TOKENS x 32 activations in
+// shared memory, and thread (tr, tc) accumulates rows tr + 16 i and tokens tc + 16 j.
+template <int FMT, bool GATED>
+__device__ void tiled_body(const u8* w, const u8* s, const u8* w2, const u8* s2, const float* x,
+                           float* y, int rows, int cols, int t, int accumulate) {
+    __shared__ float ws[32][TILE_ROWS + 1];
+    __shared__ float ws2[GATED ? 32 : 1][TILE_ROWS + 1];
+    __shared__ float xs[32][TILE_TOKENS + 1];
+    const int tid = threadIdx.x, tr = tid % 16, tc = tid / 16;
+    const int row0 = blockIdx.x * TILE_ROWS, tok0 = blockIdx.y * TILE_TOKENS;
+    const int nb = cols / 32;
+    // What this thread stages: row (or token) tid / 4, eighth tid % 4 of the 32 columns.
+    const int lr = tid / 4, part = tid % 4;
+    float acc[4][4], acc2[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[i][j] = acc2[i][j] = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        float v[8];
+        const bool row_in = row0 + lr < rows;
+        if (row_in) {
+            load_eighth<FMT>(w, s, (long)(row0 + lr) * nb + b, part, v);
+        }
+#pragma unroll
+        for (int e = 0; e < 8; e++) ws[part * 8 + e][lr] = row_in ? v[e] : 0.0f;
+        if (GATED) {
+            if (row_in) load_eighth<FMT>(w2, s2, (long)(row0 + lr) * nb + b, part, v);
+#pragma unroll
+            for (int e = 0; e < 8; e++) ws2[part * 8 + e][lr] = row_in ? v[e] : 0.0f;
+        }
+        const bool tok_in = tok0 + lr < t;
+        const float4* xp =
+            reinterpret_cast<const float4*>(x + (long)(tok0 + lr) * cols + b * 32 + part * 8);
+        const float4 x0 = tok_in ? xp[0] : make_float4(0.f, 0.f, 0.f, 0.f);
+        const float4 x1 = tok_in ? xp[1] : make_float4(0.f, 0.f, 0.f, 0.f);
+        xs[part * 8 + 0][lr] = x0.x; xs[part * 8 + 1][lr] = x0.y;
+        xs[part * 8 + 2][lr] = x0.z; xs[part * 8 + 3][lr] = x0.w;
+        xs[part * 8 + 4][lr] = x1.x; xs[part * 8 + 5][lr] = x1.y;
+        xs[part * 8 + 6][lr] = x1.z; xs[part * 8 + 7][lr] = x1.w;
+        __syncthreads();
+#pragma unroll 8
+        for (int k = 0; k < 32; k++) {
+            float a[4], a2[4], bx[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                a[i] = ws[k][tr + 16 * i];
+                if (GATED) a2[i] = ws2[k][tr + 16 * i];
+            }
+#pragma unroll
+            for (int j = 0; j < 4; j++) bx[j] = xs[k][tc + 16 * j];
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    acc[i][j] = fmaf(a[i], bx[j], acc[i][j]);
+                    if (GATED) acc2[i][j] = fmaf(a2[i], bx[j], acc2[i][j]);
+                }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const int tok = tok0 + tc + 16 * j;
+        if (tok >= t) continue;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int row = row0 + tr + 16 * i;
+            if (row >= rows) continue;
+            float* out = y + (long)tok * rows + row;
+            if (GATED) {
+                const float gate = acc[i][j];
+                *out = gate / (1.0f + expf(-gate)) * acc2[i][j];
+            } else {
+                *out = accumulate ? *out + acc[i][j] : acc[i][j];
+            }
+        }
+    }
+}
+
+extern "C" __global__ void tiled_f32(const u8* w, const u8* s, const float* x, float* y,
+                                     int rows, int cols, int t, int accumulate) {
+    tiled_body<FMT_F32, false>(w, s, w, s, x, y, rows, cols, t, accumulate);
+}
+extern "C" __global__ void tiled_q4_1(const u8* w, const u8* s, const float* x, float* y,
+                                      int rows, int cols, int t, int accumulate) {
+    tiled_body<FMT_Q4_1, false>(w, s, w, s, x, y, rows, cols, t, accumulate);
+}
+extern "C" __global__ void tiled_q8_0(const u8* w, const u8* s, const float* x, float* y,
+                                      int rows, int cols, int t, int accumulate) {
+    tiled_body<FMT_Q8_0, false>(w, s, w, s, x, y, rows, cols, t, accumulate);
+}
+extern "C" __global__ void tiled_swiglu_f32(const u8* wg, const u8* sg, const u8* wu,
+                                            const u8* su, const float* x, float* y, int rows,
+                                            int cols, int t) {
+    tiled_body<FMT_F32, true>(wg, sg, wu, su, x, y, rows, cols, t, 0);
+}
+extern "C" __global__ void tiled_swiglu_q4_1(const u8* wg, const u8* sg, const u8* wu,
+                                             const u8* su, const float* x, float* y, int rows,
+                                             int cols, int t) {
+    tiled_body<FMT_Q4_1, true>(wg, sg, wu, su, x, y, rows, cols, t, 0);
+}
+extern "C" __global__ void tiled_swiglu_q8_0(const u8* wg, const u8* sg, const u8* wu,
+                                             const u8* su, const float* x, float* y, int rows,
+                                             int cols, int t) {
+    tiled_body<FMT_Q8_0, true>(wg, sg, wu, su, x, y, rows, cols, t, 0);
+}
+
+// One weight of row `row`, column `col`, of a matrix in format `fmt`.
+__device__ __forceinline__ float weight_at(int fmt, const u8* w, const u8* s, long row, int col,
+                                           int cols) {
+    const long blk = row * (cols / 32) + col / 32;
+    const int j = col % 32;
+    if (fmt == FMT_F32) return reinterpret_cast<const float*>(w)[row * cols + col];
+    if (fmt == FMT_Q4_1) {
+        const u32 dm = reinterpret_cast<const u32*>(s)[blk];
+        const u8 byte = w[blk * 16 + (j % 16)];
+        const float q = (float)(j < 16 ? (byte & 15) : (byte >> 4));
+        return fmaf(f16_to_f32((u16)(dm & 0xffff)), q, f16_to_f32((u16)(dm >> 16)));
+    }
+    const float d = f16_to_f32(reinterpret_cast<const u16*>(s)[blk]);
+    return d * (float)(signed char)w[blk * 32 + j];
+}
+
+// x (t, cols) = the embedding rows of `tokens` (checked against the vocabulary by the host).
+extern "C" __global__ void embed(int fmt, const u8* w, const u8* s, const u32* tokens, float* x,
+                                 int cols) {
+    const int tok = blockIdx.x;
+    const long row = tokens[tok];
+    for (int c = threadIdx.x; c < cols; c += blockDim.x)
+        x[(long)tok * cols + c] = weight_at(fmt, w, s, row, c, cols);
+}
+
+// out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight, for rows r of width n; one block per row.
+// The sum of squares is taken in f64 and the scale rounded once, as the CPU model does.
+extern "C" __global__ void rmsnorm(const float* x, const float* weight, float* out, int n,
+                                   double eps) {
+    __shared__ double partial[32];
+    const float* xr = x + (long)blockIdx.x * n;
+    double sum = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) sum += (double)xr[i] * (double)xr[i];
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
+    __syncthreads();
+    double total = 0.0;
+    for (int i = 0; i < (int)(blockDim.x / 32); i++) total += partial[i];
+    const float scale = (float)(1.0 / sqrt(total / (double)n + eps));
+    float* o = out + (long)blockIdx.x * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = xr[i] * scale * weight[i];
+}
+
+// Interleaved RoPE and the cache write, for token blockIdx.x of a chunk starting at `pos0`.
+// `qkv` rows are [q: n_head heads | k: n_kv | v: n_kv] of width hd; q is rotated in place, k
+// rotated into the key cache and v copied into the value cache, both laid out
+// [position][kv head][hd]. Pairs (2i, 2i + 1) with i < rope_half rotate by the table's angle.
+extern "C" __global__ void rope_kv(float* qkv, const float* cos_t, const float* sin_t,
+                                   float* k_cache, float* v_cache, int pos0, int n_head,
+                                   int n_kv, int hd, int rope_half) {
+    const int tok = blockIdx.x, pos = pos0 + tok, half_hd = hd / 2;
+    float* q = qkv + (long)tok * (n_head + 2 * n_kv) * hd;
+    const float* k = q + n_head * hd;
+    const float* v = k + n_kv * hd;
+    const float* c = cos_t + (long)pos * rope_half;
+    const float* sn = sin_t + (long)pos * rope_half;
+    float* kc = k_cache + (long)pos * n_kv * hd;
+    float* vc = v_cache + (long)pos * n_kv * hd;
+    for (int i = threadIdx.x; i < (n_head + n_kv) * half_hd; i += blockDim.x) {
+        const int head = i / half_hd, p = i % half_hd;
+        const bool is_q = head < n_head;
+        const float* src = is_q ? q + head * hd : k + (head - n_head) * hd;
+        float* dst = is_q ? q + head * hd : kc + (head - n_head) * hd;
+        const float x0 = src[2 * p], x1 = src[2 * p + 1];
+        if (p < rope_half) {
+            const float cs = c[p], sv = sn[p];
+            dst[2 * p] = x0 * cs - x1 * sv;
+            dst[2 * p + 1] = x0 * sv + x1 * cs;
+        } else {
+            dst[2 * p] = x0;
+            dst[2 * p + 1] = x1;
+        }
+    }
+    for (int i = threadIdx.x; i < n_kv * hd; i += blockDim.x) vc[i] = v[i];
+}
+
+// Causal grouped-query attention, flash-decoding style, in two kernels.
+//
+// attention_split: block (head, query tile, split) takes AQ queries of one head (tokens of a
+// chunk starting at `pos0`) against the keys of one split, `split` keys from split * split_len,
+// and writes per query the split's running max m, sum l and unnormalised output acc[hd] to
+// `partial` ([token][head][split] records of hd + 2 floats). Keys and values come from the cache
+// in place, AK at a time through shared memory; 8 threads serve one query, thread r owning the
+// dimensions r, r + 8, ... of the head, and the softmax is online (per key tile). Query `tok`
+// sees positions 0..=pos0 + tok. Needs hd a multiple of 8 and at most ATT_HD_MAX (checked at
+// load).
+//
+// attention_combine: block (head, token) merges its splits into out (t, n_head * hd).
+extern "C" __global__ void attention_split(const float* qkv, const float* k_cache,
+                                           const float* v_cache, float* partial, int pos0,
+                                           int t, int n_head, int n_kv, int hd, int split_len,
+                                           int n_split, float scale) {
+    __shared__ __align__(16) float ks[AK][ATT_HD_MAX];
+    __shared__ __align__(16) float vs[AK][ATT_HD_MAX];
+    const int h = blockIdx.x, split = blockIdx.z;
+    const int tid = threadIdx.x, r = tid % 8;
+    const int tok = blockIdx.y * AQ + tid / 8;
+    const bool active = tok < t;
+    const int last_tok = min(t, (int)(blockIdx.y + 1) * AQ) - 1;
+    const int kvh = h / (n_head / n_kv), dpt = hd / 8;
+    const long stride = (long)n_kv * hd;
+    const int k_begin = split * split_len;
+    // Keys this tile of queries can see at all: up to the last query's own position.
+    const int k_end = min(k_begin + split_len, pos0 + last_tok + 1);
+    const int my_last = pos0 + tok;  // the last key this thread's query sees
+
+    float q[ATT_HD_MAX / 8], acc[ATT_HD_MAX / 8];
+    const float* qrow = qkv + (long)min(tok, t - 1) * (n_head + 2 * n_kv) * hd + h * hd;
+#pragma unroll
+    for (int i = 0; i < ATT_HD_MAX / 8; i++) {
+        q[i] = (i < dpt) ? qrow[r + 8 * i] : 0.0f;
+        acc[i] = 0.0f;
+    }
+    float m = NEG_INF, l = 0.0f;
+    for (int k0 = k_begin; k0 < k_end; k0 += AK) {
+        const int n = min(AK, k_end - k0);
+        __syncthreads();  // the previous tile is no longer read
+        for (int i = tid; i < AK * hd; i += blockDim.x) {
+            const int j = i / hd, d = i % hd;
+            const bool in = j < n;
+            ks[j][d] = in ? k_cache[(long)(k0 + j) * stride + kvh * hd + d] : 0.0f;
+            vs[j][d] = in ? v_cache[(long)(k0 + j) * stride + kvh * hd + d] : 0.0f;
+        }
+        __syncthreads();
+        float sc[AK];
+        float tile_max = NEG_INF;
+#pragma unroll
+        for (int j = 0; j < AK; j++) {
+            float part = 0.0f;
+#pragma unroll
+            for (int i = 0; i < ATT_HD_MAX / 8; i++)
+                if (i < dpt) part = fmaf(q[i], ks[j][r + 8 * i], part);
+            part += __shfl_xor_sync(0xffffffffu, part, 1);
+            part += __shfl_xor_sync(0xffffffffu, part, 2);
+            part += __shfl_xor_sync(0xffffffffu, part, 4);
+            const bool visible = j < n && k0 + j <= my_last;
+            sc[j] = visible ? part * scale : NEG_INF;
+            tile_max = fmaxf(tile_max, sc[j]);
+        }
+        const float m_new = fmaxf(m, tile_max);
+        if (m_new == NEG_INF) continue;  // nothing visible yet to this query
+        const float correction = expf(m - m_new);
+        l *= correction;
+#pragma unroll
+        for (int i = 0; i < ATT_HD_MAX / 8; i++) acc[i] *= correction;
+#pragma unroll
+        for (int j = 0; j < AK; j++) {
+            const float p = (sc[j] == NEG_INF) ? 0.0f : expf(sc[j] - m_new);
+            l += p;
+#pragma unroll
+            for (int i = 0; i < ATT_HD_MAX / 8; i++)
+                if (i < dpt) acc[i] = fmaf(p, vs[j][r + 8 * i], acc[i]);
+        }
+        m = m_new;
+    }
+    if (!active) return;
+    float* rec = partial + (((long)tok * n_head + h) * n_split + split) * (hd + 2);
+    if (r == 0) {
+        rec[0] = m;
+        rec[1] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < ATT_HD_MAX / 8; i++)
+        if (i < dpt) rec[2 + r + 8 * i] = acc[i];
+}
+
+extern "C" __global__ void attention_combine(const float* partial, float* out, int pos0,
+                                             int n_head, int hd, int split_len, int n_split) {
+    const int h = blockIdx.x, tok = blockIdx.y;
+    // Splits past this query's position were never filled for it.
+    const int used = min(n_split, (pos0 + tok) / split_len + 1);
+    const float* recs = partial + ((long)tok * n_head + h) * n_split * (hd + 2);
+    float m = NEG_INF;
+    for (int s = 0; s < used; s++) m = fmaxf(m, recs[s * (hd + 2)]);
+    float l = 0.0f;
+    for (int s = 0; s < used; s++) {
+        const float ms = recs[s * (hd + 2)];
+        if (ms != NEG_INF) l += expf(ms - m) * recs[s * (hd + 2) + 1];
+    }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float sum = 0.0f;
+        for (int s = 0; s < used; s++) {
+            const float ms = recs[s * (hd + 2)];
+            if (ms != NEG_INF) sum += expf(ms - m) * recs[s * (hd + 2) + 2 + d];
+        }
+        out[(long)tok * n_head * hd + h * hd + d] = sum / l;
+    }
+}

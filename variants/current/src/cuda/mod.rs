@@ -1,0 +1,836 @@
+//! The Llama model on an NVIDIA GPU, in hand-written CUDA kernels (`kernels.cu`, compiled at
+//! load by NVRTC through cudarc, so building this needs no CUDA toolkit; running it needs the
+//! driver and `libnvrtc`).
+//!
+//! [`CudaLlama`] computes what [`LlamaModel`](crate::model::LlamaModel) computes, with every
+//! tensor on the device from load to logits: the weights are uploaded once (quantized blocks
+//! stay quantized, repacked so their quants are 16-byte aligned; Q, K and V concatenated into
+//! one matrix), the token embedding is looked up on the device, and the KV cache is written and
+//! read in place. One forward pass is nine kernel launches per block ([`CudaLlama::block`]);
+//! only the token ids go up and the logits come back. Activations stay f32 and sums accumulate
+//! in f32, so the quality gates see reordered sums, not rounding.
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError,
+    LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use plugin_api::ModelView;
+
+use crate::kernels::{BLOCK, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES};
+use crate::matmul::Weights;
+use crate::model::{
+    check_chunk, load_matrix, load_vector, LlamaConfig, ModelError, RopeTables, Transformer,
+    KV_CACHE_STEP,
+};
+
+/// The kernels' source, compiled for the device's architecture at load.
+const SOURCE: &str = include_str!("kernels.cu");
+
+/// Token rows one `matmul`/`swiglu` block carries (`TOKEN_TILE` in kernels.cu).
+const TOKEN_TILE: u32 = 8;
+/// Weight rows per `matmul`/`swiglu` block, one warp each (`ROW_WARPS` in kernels.cu).
+const ROW_WARPS: u32 = 8;
+/// Chunks of more tokens than this go through the tiled matmul; fewer through the one-warp-per-
+/// row kernel, which reads each weight once per [`TOKEN_TILE`] tokens straight from memory.
+const TILED_ABOVE: usize = TOKEN_TILE as usize;
+/// Weight rows and tokens of a tiled-matmul block (`TILE_ROWS`, `TILE_TOKENS` in kernels.cu).
+const TILE_ROWS: u32 = 64;
+const TILE_TOKENS: u32 = 64;
+/// Queries per `attention_split` block, 8 threads each (`AQ` in kernels.cu).
+const ATT_QUERIES: u32 = 16;
+/// The widest head `attention_split` holds (`ATT_HD_MAX` in kernels.cu).
+const ATT_HD_MAX: usize = 128;
+/// Keys per attention split: short for one token, so that a long cache is spread over many
+/// blocks; longer for a chunk, whose queries already fill the GPU.
+const SPLIT_DECODE: usize = 64;
+const SPLIT_PREFILL: usize = 256;
+/// Threads of the element-wise kernels (embedding, RMSNorm, RoPE).
+const ROW_THREADS: u32 = 256;
+
+impl From<DriverError> for ModelError {
+    fn from(e: DriverError) -> Self {
+        ModelError::Gpu(format!("CUDA driver: {e}"))
+    }
+}
+
+/// A weight matrix's format on the device (`FMT_*` in kernels.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    F32 = 0,
+    Q4_1 = 1,
+    Q8_0 = 2,
+}
+
+/// A `(rows, cols)` weight matrix in device memory: `quants` and `scales` as kernels.cu's
+/// header describes them per format.
+struct DeviceMatrix {
+    format: Format,
+    rows: usize,
+    cols: usize,
+    quants: CudaSlice<u8>,
+    scales: CudaSlice<u8>,
+}
+
+impl DeviceMatrix {
+    /// Uploads the rows of `parts` (all with the same number of columns, a multiple of 32)
+    /// stacked into one matrix: in their own format when they share Q4_1 or Q8_0, else as f32.
+    fn upload(stream: &Arc<CudaStream>, parts: &[(&Weights, usize)]) -> Result<Self, ModelError> {
+        let rows: usize = parts.iter().map(|(_, rows)| rows).sum();
+        let format = match parts.iter().map(|(w, _)| kind(w)).collect::<Vec<_>>().as_slice() {
+            [first, rest @ ..] if rest.iter().all(|f| f == first) => *first,
+            _ => Format::F32,
+        };
+        let (mut quants, mut scales) = (Vec::new(), Vec::new());
+        let mut cols = None;
+        for &(weights, n) in parts {
+            match (format, weights) {
+                (Format::Q4_1, Weights::Q4_1(data)) => {
+                    for block in data.chunks_exact(Q4_1_BLOCK_BYTES) {
+                        scales.extend_from_slice(&block[..4]);
+                        quants.extend_from_slice(&block[4..]);
+                    }
+                }
+                (Format::Q8_0, Weights::Q8_0(data)) => {
+                    for block in data.chunks_exact(Q8_0_BLOCK_BYTES) {
+                        scales.extend_from_slice(&block[..2]);
+                        quants.extend_from_slice(&block[2..]);
+                    }
+                }
+                _ => {
+                    let floats = dequantized(weights);
+                    quants.extend(floats.iter().flat_map(|v| v.to_le_bytes()));
+                }
+            }
+            let c = weight_count(weights) / n;
+            if *cols.get_or_insert(c) != c {
+                return Err(ModelError::Gpu(format!(
+                    "matrices stacked for the GPU have {c} and {} columns",
+                    cols.unwrap_or(0)
+                )));
+            }
+        }
+        let cols = cols.unwrap_or(0);
+        if cols == 0 || !cols.is_multiple_of(BLOCK) {
+            return Err(ModelError::Gpu(format!(
+                "the GPU kernels need rows of whole 32-weight blocks; these have {cols} weights"
+            )));
+        }
+        // An empty scale buffer still needs a valid allocation to pass as a pointer.
+        scales.resize(scales.len().max(4), 0);
+        Ok(Self {
+            format,
+            rows,
+            cols,
+            quants: stream.clone_htod(&quants)?,
+            scales: stream.clone_htod(&scales)?,
+        })
+    }
+}
+
+/// The device format a host matrix keeps.
+fn kind(weights: &Weights) -> Format {
+    match weights {
+        Weights::Q4_1(_) => Format::Q4_1,
+        Weights::Q8_0(_) => Format::Q8_0,
+        Weights::F32(_) => Format::F32,
+    }
+}
+
+/// How many weights a host matrix holds.
+fn weight_count(weights: &Weights) -> usize {
+    match weights {
+        Weights::Q4_1(data) => data.len() / Q4_1_BLOCK_BYTES * BLOCK,
+        Weights::Q8_0(data) => data.len() / Q8_0_BLOCK_BYTES * BLOCK,
+        Weights::F32(data) => data.len(),
+    }
+}
+
+/// A host matrix's weights as f32, row-major.
+fn dequantized(weights: &Weights) -> Vec<f32> {
+    let mut out = vec![0f32; weight_count(weights)];
+    match weights {
+        Weights::Q4_1(data) => {
+            for (block, dst) in data
+                .chunks_exact(Q4_1_BLOCK_BYTES)
+                .zip(out.chunks_exact_mut(BLOCK))
+            {
+                crate::matmul::dequantize_q4_1_row(block, dst);
+            }
+        }
+        Weights::Q8_0(data) => {
+            for (block, dst) in data
+                .chunks_exact(Q8_0_BLOCK_BYTES)
+                .zip(out.chunks_exact_mut(BLOCK))
+            {
+                crate::matmul::dequantize_q8_0_row(block, dst);
+            }
+        }
+        Weights::F32(data) => out.copy_from_slice(data),
+    }
+    out
+}
+
+/// One transformer block's weights on the device.
+struct DeviceBlock {
+    attn_norm: CudaSlice<f32>,
+    /// Q, K and V stacked: `(q_dim + 2 kv_dim, n_embd)`.
+    qkv: DeviceMatrix,
+    wo: DeviceMatrix,
+    ffn_norm: CudaSlice<f32>,
+    gate: DeviceMatrix,
+    up: DeviceMatrix,
+    down: DeviceMatrix,
+}
+
+/// The compiled kernels.
+struct Kernels {
+    /// `matmul_*` per [`Format`], indexed by its value.
+    matmul: [CudaFunction; 3],
+    /// `swiglu_*` per [`Format`].
+    swiglu: [CudaFunction; 3],
+    /// `tiled_*` and `tiled_swiglu_*` per [`Format`]: the same for chunks of tokens.
+    tiled: [CudaFunction; 3],
+    tiled_swiglu: [CudaFunction; 3],
+    embed: CudaFunction,
+    rmsnorm: CudaFunction,
+    rope_kv: CudaFunction,
+    attention_split: CudaFunction,
+    attention_combine: CudaFunction,
+    /// Keeps the module loaded while its functions are used.
+    _module: Arc<CudaModule>,
+}
+
+impl Kernels {
+    /// Compiles kernels.cu for `ctx`'s device with NVRTC and loads it.
+    fn compile(ctx: &Arc<CudaContext>) -> Result<Self, ModelError> {
+        let (major, minor) = ctx.compute_capability()?;
+        // NVRTC wants a 'static architecture name; one per device generation is leaked once.
+        let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+        let options = CompileOptions {
+            arch: Some(arch),
+            fmad: Some(false),
+            name: Some("kernels.cu".into()),
+            ..Default::default()
+        };
+        let ptx = compile_ptx_with_opts(SOURCE, options)
+            .map_err(|e| ModelError::Gpu(format!("NVRTC cannot compile kernels.cu: {e}")))?;
+        let module = ctx.load_module(ptx)?;
+        let f = |name: &str| module.load_function(name);
+        Ok(Self {
+            matmul: [f("matmul_f32")?, f("matmul_q4_1")?, f("matmul_q8_0")?],
+            swiglu: [f("swiglu_f32")?, f("swiglu_q4_1")?, f("swiglu_q8_0")?],
+            tiled: [f("tiled_f32")?, f("tiled_q4_1")?, f("tiled_q8_0")?],
+            tiled_swiglu: [
+                f("tiled_swiglu_f32")?,
+                f("tiled_swiglu_q4_1")?,
+                f("tiled_swiglu_q8_0")?,
+            ],
+            embed: f("embed")?,
+            rmsnorm: f("rmsnorm")?,
+            rope_kv: f("rope_kv")?,
+            attention_split: f("attention_split")?,
+            attention_combine: f("attention_combine")?,
+            _module: module,
+        })
+    }
+}
+
+/// Device buffers for the activations of a chunk of up to `tokens` tokens.
+struct Scratch {
+    tokens: usize,
+    ids: CudaSlice<u32>,
+    /// The residual stream, `(t, n_embd)`.
+    x: CudaSlice<f32>,
+    /// A normed copy of it.
+    xn: CudaSlice<f32>,
+    /// `(t, q_dim + 2 kv_dim)`.
+    qkv: CudaSlice<f32>,
+    /// Attention output, `(t, q_dim)`.
+    att: CudaSlice<f32>,
+    /// SwiGLU output, `(t, n_ff)`.
+    ff: CudaSlice<f32>,
+    /// `(rows, vocab)` logits.
+    logits: CudaSlice<f32>,
+    /// Attention's per-split records ([`attention`]), grown to the longest sequence seen.
+    partial: CudaSlice<f32>,
+}
+
+/// A Llama-architecture model on one CUDA device, with its KV cache.
+pub struct CudaLlama {
+    cfg: LlamaConfig,
+    stream: Arc<CudaStream>,
+    kernels: Kernels,
+    /// The token embedding, when it is not the output matrix (tied models share one copy).
+    embedding: Option<DeviceMatrix>,
+    blocks: Vec<DeviceBlock>,
+    output_norm: CudaSlice<f32>,
+    output: DeviceMatrix,
+    /// `(context, rope_dim / 2)` tables, the CPU model's values.
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+    /// Per block, `[position][kv head][head_dim]` for `capacity` positions.
+    keys: Vec<CudaSlice<f32>>,
+    values: Vec<CudaSlice<f32>>,
+    capacity: usize,
+    len: usize,
+    scratch: Option<Scratch>,
+}
+
+impl CudaLlama {
+    /// Opens CUDA device `ordinal`, compiles the kernels and uploads the model's weights.
+    pub fn from_gguf(view: &'static ModelView, ordinal: usize) -> Result<Self, ModelError> {
+        let cfg = LlamaConfig::from_view(view)?;
+        if cfg.head_dim > ATT_HD_MAX || !cfg.head_dim.is_multiple_of(8) {
+            return Err(ModelError::Gpu(format!(
+                "the attention kernel needs a head width that is a multiple of 8 and at most \
+                 {ATT_HD_MAX}; this model's is {}",
+                cfg.head_dim
+            )));
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| ModelError::Gpu(format!("cannot open CUDA device {ordinal}: {e}")))?;
+        // One stream, in order: cudarc's per-buffer events would only add work to each launch.
+        // SAFETY: every buffer of this model is used on `stream` alone.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let kernels = Kernels::compile(&ctx)?;
+
+        let (d, ff) = (cfg.n_embd, cfg.n_ff);
+        let (q_dim, kv_dim) = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim);
+        let vector = |name: &str| -> Result<CudaSlice<f32>, ModelError> {
+            Ok(stream.clone_htod(&load_vector(view, name, d)?)?)
+        };
+        let matrix = |name: &str, rows, cols| -> Result<DeviceMatrix, ModelError> {
+            let m = load_matrix(view, name, rows, cols)?;
+            DeviceMatrix::upload(&stream, &[(m.weights(), rows)])
+        };
+        let blocks = (0..cfg.n_layer)
+            .map(|i| {
+                let name = |part: &str| format!("blk.{i}.{part}.weight");
+                let wq = load_matrix(view, &name("attn_q"), q_dim, d)?;
+                let wk = load_matrix(view, &name("attn_k"), kv_dim, d)?;
+                let wv = load_matrix(view, &name("attn_v"), kv_dim, d)?;
+                let qkv = DeviceMatrix::upload(
+                    &stream,
+                    &[
+                        (wq.weights(), q_dim),
+                        (wk.weights(), kv_dim),
+                        (wv.weights(), kv_dim),
+                    ],
+                )?;
+                Ok(DeviceBlock {
+                    attn_norm: vector(&name("attn_norm"))?,
+                    qkv,
+                    wo: matrix(&name("attn_output"), d, q_dim)?,
+                    ffn_norm: vector(&name("ffn_norm"))?,
+                    gate: matrix(&name("ffn_gate"), ff, d)?,
+                    up: matrix(&name("ffn_up"), ff, d)?,
+                    down: matrix(&name("ffn_down"), d, ff)?,
+                })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        for b in &blocks {
+            if b.gate.format != b.up.format {
+                return Err(ModelError::Gpu(
+                    "ffn_gate and ffn_up differ in type; the fused SwiGLU kernel needs one".into(),
+                ));
+            }
+        }
+        let tied = view.tensor("output.weight").is_none();
+        let output = matrix(
+            if tied {
+                "token_embd.weight"
+            } else {
+                "output.weight"
+            },
+            cfg.vocab_size,
+            d,
+        )?;
+        let embedding = if tied {
+            None
+        } else {
+            Some(matrix("token_embd.weight", cfg.vocab_size, d)?)
+        };
+        let rope = RopeTables::new(cfg.rope_dim, cfg.rope_base, cfg.context_len);
+        let (cos, sin) = rope.tables();
+        Ok(Self {
+            cos: stream.clone_htod(cos)?,
+            sin: stream.clone_htod(sin)?,
+            output_norm: vector("output_norm.weight")?,
+            output,
+            embedding,
+            blocks,
+            keys: Vec::new(),
+            values: Vec::new(),
+            capacity: 0,
+            len: 0,
+            scratch: None,
+            kernels,
+            stream,
+            cfg,
+        })
+    }
+
+    /// Makes room in the KV cache for `n` positions, keeping the cached ones.
+    fn grow_cache(&mut self, n: usize) -> Result<(), ModelError> {
+        if n <= self.capacity && !self.keys.is_empty() {
+            return Ok(());
+        }
+        let capacity = n
+            .div_ceil(KV_CACHE_STEP)
+            .saturating_mul(KV_CACHE_STEP)
+            .min(self.cfg.context_len)
+            .max(n);
+        let row = self.cfg.n_kv_head * self.cfg.head_dim;
+        let keep = self.len.min(self.capacity) * row;
+        let stream = &self.stream;
+        let grow = |old: Option<&CudaSlice<f32>>| -> Result<CudaSlice<f32>, ModelError> {
+            let mut new = stream.alloc_zeros::<f32>(capacity * row)?;
+            if let Some(old) = old.filter(|_| keep > 0) {
+                stream.memcpy_dtod(&old.slice(..keep), &mut new.slice_mut(..keep))?;
+            }
+            Ok(new)
+        };
+        let n_layer = self.cfg.n_layer;
+        let keys = (0..n_layer)
+            .map(|i| grow(self.keys.get(i)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let values = (0..n_layer)
+            .map(|i| grow(self.values.get(i)))
+            .collect::<Result<Vec<_>, _>>()?;
+        (self.keys, self.values, self.capacity) = (keys, values, capacity);
+        Ok(())
+    }
+
+    /// Activation buffers for `t` tokens (and `t` rows of logits), grown when needed.
+    fn scratch(&mut self, t: usize) -> Result<(), ModelError> {
+        if self.scratch.as_ref().is_some_and(|s| s.tokens >= t) {
+            return Ok(());
+        }
+        let cfg = &self.cfg;
+        let qkv = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim;
+        let s = &self.stream;
+        self.scratch = Some(Scratch {
+            tokens: t,
+            ids: s.alloc_zeros(t)?,
+            x: s.alloc_zeros(t * cfg.n_embd)?,
+            xn: s.alloc_zeros(t * cfg.n_embd)?,
+            qkv: s.alloc_zeros(t * qkv)?,
+            att: s.alloc_zeros(t * cfg.n_head * cfg.head_dim)?,
+            ff: s.alloc_zeros(t * cfg.n_ff)?,
+            logits: s.alloc_zeros(t * cfg.vocab_size)?,
+            partial: s.alloc_zeros(1)?,
+        });
+        Ok(())
+    }
+
+    /// Runs `tokens` at positions `pos..` through every block, leaving the residual stream in
+    /// the scratch `x`; returns the number of tokens.
+    fn run_blocks(&mut self, tokens: &[u32], pos: usize) -> Result<usize, ModelError> {
+        let end = check_chunk(&self.cfg, self.len, tokens.len(), pos)?;
+        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::TokenOutOfRange {
+                token,
+                vocab: self.cfg.vocab_size,
+            });
+        }
+        self.len = pos;
+        self.grow_cache(end)?;
+        let t = tokens.len();
+        self.scratch(t)?;
+        let Some(s) = self.scratch.as_mut() else {
+            unreachable!("scratch() leaves buffers")
+        };
+        self.stream.memcpy_htod(tokens, &mut s.ids.slice_mut(..t))?;
+        let table = self.embedding.as_ref().unwrap_or(&self.output);
+        let (fmt, cols) = (table.format as i32, table.cols as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.embed);
+        launch
+            .arg(&fmt)
+            .arg(&table.quants)
+            .arg(&table.scales)
+            .arg(&s.ids)
+            .arg(&mut s.x)
+            .arg(&cols);
+        // SAFETY: `ids` holds t in-vocabulary ids (checked above), `x` has room for t rows of
+        // `cols`, and the table holds vocab rows in `fmt`.
+        unsafe { launch.launch(rows_config(t as u32)) }?;
+        for i in 0..self.blocks.len() {
+            self.block(i, t, pos)?;
+        }
+        self.len = end;
+        Ok(t)
+    }
+
+    /// Block `i` for the `t` tokens in the scratch `x` at positions `pos..`: nine launches.
+    fn block(&mut self, i: usize, t: usize, pos: usize) -> Result<(), ModelError> {
+        let cfg = &self.cfg;
+        let k = &self.kernels;
+        let b = &self.blocks[i];
+        let st = &self.stream;
+        let Some(s) = self.scratch.as_mut() else {
+            unreachable!("run_blocks() allocates scratch")
+        };
+        rmsnorm(st, k, &s.x, &b.attn_norm, &mut s.xn, t, cfg)?;
+        matmul(st, k, &b.qkv, &s.xn, &mut s.qkv, t, false)?;
+
+        let (pos0, n_head, n_kv) = (pos as i32, cfg.n_head as i32, cfg.n_kv_head as i32);
+        let (hd, rope_half) = (cfg.head_dim as i32, (cfg.rope_dim / 2) as i32);
+        let mut launch = st.launch_builder(&k.rope_kv);
+        launch
+            .arg(&mut s.qkv)
+            .arg(&self.cos)
+            .arg(&self.sin)
+            .arg(&mut self.keys[i])
+            .arg(&mut self.values[i])
+            .arg(&pos0)
+            .arg(&n_head)
+            .arg(&n_kv)
+            .arg(&hd)
+            .arg(&rope_half);
+        // SAFETY: `qkv` holds t rows of (n_head + 2 n_kv) heads, the tables cover pos + t <=
+        // context positions, and the caches hold capacity >= pos + t positions (grow_cache).
+        unsafe { launch.launch(rows_config(t as u32)) }?;
+
+        attention(
+            st,
+            k,
+            cfg,
+            &s.qkv,
+            &self.keys[i],
+            &self.values[i],
+            &mut s.partial,
+            &mut s.att,
+            pos,
+            t,
+        )?;
+        matmul(st, k, &b.wo, &s.att, &mut s.x, t, true)?;
+
+        rmsnorm(st, k, &s.x, &b.ffn_norm, &mut s.xn, t, cfg)?;
+        let (rows, cols, tt) = (b.gate.rows as i32, b.gate.cols as i32, t as i32);
+        let (kernel, config) = if t > TILED_ABOVE {
+            let kernel = &k.tiled_swiglu[b.gate.format as usize];
+            (kernel, tiled_config(b.gate.rows, t))
+        } else {
+            (&k.swiglu[b.gate.format as usize], matmul_config(b.gate.rows, t))
+        };
+        let mut launch = st.launch_builder(kernel);
+        launch
+            .arg(&b.gate.quants)
+            .arg(&b.gate.scales)
+            .arg(&b.up.quants)
+            .arg(&b.up.scales)
+            .arg(&s.xn)
+            .arg(&mut s.ff)
+            .arg(&rows)
+            .arg(&cols)
+            .arg(&tt);
+        // SAFETY: gate and up are (n_ff, n_embd) in one format (checked at load), `xn` holds t
+        // rows of n_embd and `ff` room for t rows of n_ff.
+        unsafe { launch.launch(config) }?;
+        matmul(st, k, &b.down, &s.ff, &mut s.x, t, true)
+    }
+
+    /// The logits `(rows, vocab)` of the final-normed rows `xn[first..first + rows]`, copied to
+    /// the host.
+    fn logits_of(&mut self, first: usize, rows: usize) -> Result<Vec<f32>, ModelError> {
+        let Some(s) = self.scratch.as_mut() else {
+            unreachable!("callers allocate scratch")
+        };
+        let d = self.cfg.n_embd;
+        let xn = s.xn.slice(first * d..(first + rows) * d);
+        matmul_view(
+            &self.stream,
+            &self.kernels,
+            &self.output,
+            &xn,
+            &mut s.logits,
+            rows,
+        )?;
+        let n = rows * self.cfg.vocab_size;
+        Ok(self.stream.clone_dtoh(&s.logits.slice(..n))?)
+    }
+
+    /// Final RMSNorm of rows `first..first + rows` of the scratch `x` into `xn`.
+    fn final_norm(&mut self, first: usize, rows: usize) -> Result<(), ModelError> {
+        let d = self.cfg.n_embd;
+        let Some(s) = self.scratch.as_mut() else {
+            unreachable!("callers allocate scratch")
+        };
+        let x = s.x.slice(first * d..(first + rows) * d);
+        let mut xn = s.xn.slice_mut(first * d..(first + rows) * d);
+        let (n, eps) = (d as i32, self.cfg.rms_eps);
+        let mut launch = self.stream.launch_builder(&self.kernels.rmsnorm);
+        launch
+            .arg(&x)
+            .arg(&self.output_norm)
+            .arg(&mut xn)
+            .arg(&n)
+            .arg(&eps);
+        // SAFETY: both views hold `rows` rows of n_embd, the norm weight n_embd floats.
+        unsafe { launch.launch(rows_config(rows as u32)) }?;
+        Ok(())
+    }
+}
+
+/// One block of [`ROW_THREADS`] per row.
+fn rows_config(rows: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows, 1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The grid of `matmul`/`swiglu` for `rows` weight rows and `t` tokens.
+fn matmul_config(rows: usize, t: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            (rows as u32).div_ceil(ROW_WARPS),
+            (t as u32).div_ceil(TOKEN_TILE),
+            1,
+        ),
+        block_dim: (ROW_WARPS * 32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The grid of the tiled `matmul`/`swiglu` for `rows` weight rows and `t` tokens.
+fn tiled_config(rows: usize, t: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            (rows as u32).div_ceil(TILE_ROWS),
+            (t as u32).div_ceil(TILE_TOKENS),
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Causal attention of the `t` queries in `qkv` (a chunk at positions `pos..`) over the cache
+/// of one block, into `out` (t, n_head * head_dim): `attention_split` over splits of the keys,
+/// then `attention_combine`. Grows `partial` when the sequence needs more records.
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    stream: &Arc<CudaStream>,
+    k: &Kernels,
+    cfg: &LlamaConfig,
+    qkv: &CudaSlice<f32>,
+    keys: &CudaSlice<f32>,
+    values: &CudaSlice<f32>,
+    partial: &mut CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+    pos: usize,
+    t: usize,
+) -> Result<(), ModelError> {
+    let split_len = if t == 1 { SPLIT_DECODE } else { SPLIT_PREFILL };
+    let n_split = (pos + t).div_ceil(split_len);
+    let need = t * cfg.n_head * n_split * (cfg.head_dim + 2);
+    if partial.len() < need {
+        *partial = stream.alloc_zeros(need)?;
+    }
+    let (pos0, tt, n_head, n_kv) = (
+        pos as i32,
+        t as i32,
+        cfg.n_head as i32,
+        cfg.n_kv_head as i32,
+    );
+    let (hd, split, splits) = (cfg.head_dim as i32, split_len as i32, n_split as i32);
+    let scale = 1.0f32 / (cfg.head_dim as f32).sqrt();
+    let mut launch = stream.launch_builder(&k.attention_split);
+    launch
+        .arg(qkv)
+        .arg(keys)
+        .arg(values)
+        .arg(&mut *partial)
+        .arg(&pos0)
+        .arg(&tt)
+        .arg(&n_head)
+        .arg(&n_kv)
+        .arg(&hd)
+        .arg(&split)
+        .arg(&splits)
+        .arg(&scale);
+    let config = LaunchConfig {
+        grid_dim: (
+            cfg.n_head as u32,
+            (t as u32).div_ceil(ATT_QUERIES),
+            n_split as u32,
+        ),
+        block_dim: (ATT_QUERIES * 8, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the caches hold positions ..pos + t (rope_kv wrote them before, in stream
+    // order), `qkv` holds t rows of (n_head + 2 n_kv) heads, `partial` the records of t
+    // queries x n_head x n_split (grown above), and the head width is a multiple of 8 of at
+    // most ATT_HD_MAX (checked at load).
+    unsafe { launch.launch(config) }?;
+    let mut launch = stream.launch_builder(&k.attention_combine);
+    launch
+        .arg(&*partial)
+        .arg(out)
+        .arg(&pos0)
+        .arg(&n_head)
+        .arg(&hd)
+        .arg(&split)
+        .arg(&splits);
+    let config = LaunchConfig {
+        grid_dim: (cfg.n_head as u32, t as u32, 1),
+        block_dim: (64, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: `partial` holds the records just written, `out` room for t rows of n_head heads.
+    unsafe { launch.launch(config) }?;
+    Ok(())
+}
+
+/// `out = rmsnorm(x) * weight` for `t` rows of n_embd.
+fn rmsnorm(
+    stream: &CudaStream,
+    k: &Kernels,
+    x: &CudaSlice<f32>,
+    weight: &CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+    t: usize,
+    cfg: &LlamaConfig,
+) -> Result<(), ModelError> {
+    let (n, eps) = (cfg.n_embd as i32, cfg.rms_eps);
+    let mut launch = stream.launch_builder(&k.rmsnorm);
+    launch.arg(x).arg(weight).arg(out).arg(&n).arg(&eps);
+    // SAFETY: `x` and `out` hold at least t rows of n_embd (scratch), `weight` n_embd floats.
+    unsafe { launch.launch(rows_config(t as u32)) }?;
+    Ok(())
+}
+
+/// `y = x · Wᵀ` (or `y += x · Wᵀ` when `accumulate`) for `t` token rows.
+fn matmul(
+    stream: &CudaStream,
+    k: &Kernels,
+    w: &DeviceMatrix,
+    x: &CudaSlice<f32>,
+    y: &mut CudaSlice<f32>,
+    t: usize,
+    accumulate: bool,
+) -> Result<(), ModelError> {
+    let (rows, cols, tt, acc) = (w.rows as i32, w.cols as i32, t as i32, accumulate as i32);
+    let (kernel, config) = if t > TILED_ABOVE {
+        (&k.tiled[w.format as usize], tiled_config(w.rows, t))
+    } else {
+        (&k.matmul[w.format as usize], matmul_config(w.rows, t))
+    };
+    let mut launch = stream.launch_builder(kernel);
+    launch
+        .arg(&w.quants)
+        .arg(&w.scales)
+        .arg(x)
+        .arg(y)
+        .arg(&rows)
+        .arg(&cols)
+        .arg(&tt)
+        .arg(&acc);
+    // SAFETY: `x` holds t rows of w.cols and `y` t rows of w.rows (the scratch is sized for
+    // every matrix of the model), and w's buffers hold rows x cols weights in its format.
+    unsafe { launch.launch(config) }?;
+    Ok(())
+}
+
+/// [`matmul`] of a view of rows (the output layer over some rows of `xn`), not accumulating.
+fn matmul_view(
+    stream: &CudaStream,
+    k: &Kernels,
+    w: &DeviceMatrix,
+    x: &cudarc::driver::CudaView<'_, f32>,
+    y: &mut CudaSlice<f32>,
+    t: usize,
+) -> Result<(), ModelError> {
+    let (rows, cols, tt, acc) = (w.rows as i32, w.cols as i32, t as i32, 0i32);
+    let (kernel, config) = if t > TILED_ABOVE {
+        (&k.tiled[w.format as usize], tiled_config(w.rows, t))
+    } else {
+        (&k.matmul[w.format as usize], matmul_config(w.rows, t))
+    };
+    let mut launch = stream.launch_builder(kernel);
+    launch
+        .arg(&w.quants)
+        .arg(&w.scales)
+        .arg(x)
+        .arg(y)
+        .arg(&rows)
+        .arg(&cols)
+        .arg(&tt)
+        .arg(&acc);
+    // SAFETY: as for `matmul`: `x` views t rows of w.cols, `y` holds t rows of w.rows.
+    unsafe { launch.launch(config) }?;
+    Ok(())
+}
+
+impl Transformer for CudaLlama {
+    fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    fn reset(&mut self) {
+        self.len = 0;
+    }
+
+    fn reserve(&mut self, n: usize) -> Result<(), ModelError> {
+        self.grow_cache(n.min(self.cfg.context_len))
+    }
+
+    fn forward_hidden(&mut self, tokens: &[u32], pos: usize) -> Result<Tensor, ModelError> {
+        let t = self.run_blocks(tokens, pos)?;
+        self.final_norm(0, t)?;
+        let Some(s) = self.scratch.as_ref() else {
+            unreachable!("run_blocks() allocates scratch")
+        };
+        let d = self.cfg.n_embd;
+        let hidden = self.stream.clone_dtoh(&s.xn.slice(..t * d))?;
+        Ok(Tensor::from_vec(hidden, (t, d), &Device::Cpu)?)
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
+        let (rows, d) = hidden.dims2()?;
+        let rows_in: Vec<f32> = hidden.flatten_all()?.to_vec1()?;
+        if d != self.cfg.n_embd {
+            return Err(ModelError::Gpu(format!(
+                "logits of rows of {d} values; the model's width is {}",
+                self.cfg.n_embd
+            )));
+        }
+        // Its own buffers: `logits` takes `&self`, and scoring asks for a few rows at a time.
+        let x = self.stream.clone_htod(&rows_in)?;
+        let mut y = self.stream.alloc_zeros::<f32>(rows * self.cfg.vocab_size)?;
+        matmul(
+            &self.stream,
+            &self.kernels,
+            &self.output,
+            &x,
+            &mut y,
+            rows,
+            false,
+        )?;
+        let out = self.stream.clone_dtoh(&y)?;
+        Ok(Tensor::from_vec(
+            out,
+            (rows, self.cfg.vocab_size),
+            &Device::Cpu,
+        )?)
+    }
+
+    /// Only the last token is normed and multiplied by the output layer; its logits are the
+    /// one copy back to the host.
+    fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Tensor, ModelError> {
+        let t = self.run_blocks(tokens, pos)?;
+        self.final_norm(t - 1, 1)?;
+        let logits = self.logits_of(t - 1, 1)?;
+        Ok(Tensor::from_vec(logits, self.cfg.vocab_size, &Device::Cpu)?)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,326 @@
+//! The GPU path against the CPU model and the scalar reference. Every test needs a CUDA GPU, so
+//! each is `#[ignore]`d: CI compiles them (`--features cuda`), the GPU machine runs them with
+//! `cargo test --features cuda -- --ignored cuda` (or the prebuilt test binary, `--ignored`).
+
+use super::*;
+use crate::matmul::Matrix;
+use crate::model::{self, tensor_to_vec, tiny, AttentionShape, LlamaModel};
+
+/// The largest difference between two vectors, relative to the largest magnitude in `a`.
+fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = a.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+        / scale
+}
+
+/// A deterministic generator of pseudo-random bits.
+fn rng(seed: u64) -> impl FnMut() -> u64 {
+    let mut s = seed;
+    move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    }
+}
+
+/// `rows * cols` random weights in `format`, as the GGUF stores them.
+fn random_weights(format: Format, rows: usize, cols: usize, seed: u64) -> Weights {
+    let mut next = rng(seed);
+    let blocks = rows * cols / BLOCK;
+    let mut unit = move || (next() % 2001) as f32 / 1000.0 - 1.0;
+    let f16 = |v: f32| half::f16::from_f32(v).to_le_bytes();
+    match format {
+        Format::Q4_1 => Weights::Q4_1(Box::leak(
+            (0..blocks)
+                .flat_map(|_| {
+                    let mut b = Vec::with_capacity(Q4_1_BLOCK_BYTES);
+                    b.extend(f16(0.01 + unit().abs() * 0.05));
+                    b.extend(f16(unit() * 0.3));
+                    b.extend((0..16).map(|_| ((unit() + 1.0) * 127.0) as u8));
+                    b
+                })
+                .collect::<Vec<u8>>()
+                .into_boxed_slice(),
+        )),
+        Format::Q8_0 => Weights::Q8_0(Box::leak(
+            (0..blocks)
+                .flat_map(|_| {
+                    let mut b = Vec::with_capacity(Q8_0_BLOCK_BYTES);
+                    b.extend(f16(0.001 + unit().abs() * 0.01));
+                    b.extend((0..32).map(|_| (unit() * 127.0) as i8 as u8));
+                    b
+                })
+                .collect::<Vec<u8>>()
+                .into_boxed_slice(),
+        )),
+        Format::F32 => Weights::F32((0..rows * cols).map(|_| unit()).collect()),
+    }
+}
+
+/// A CUDA context's stream and the compiled kernels.
+fn gpu() -> (Arc<CudaStream>, Kernels) {
+    let ctx = CudaContext::new(0).expect("a CUDA device (these tests need a GPU)");
+    unsafe { ctx.disable_event_tracking() };
+    let kernels = Kernels::compile(&ctx).expect("kernels.cu compiles");
+    (ctx.default_stream(), kernels)
+}
+
+fn random_activations(n: usize, seed: u64) -> Vec<f32> {
+    let mut next = rng(seed);
+    (0..n)
+        .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
+        .collect()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_matmul_of_each_format_matches_the_cpu_for_any_token_count() {
+    let (stream, k) = gpu();
+    let (rows, cols) = (130, 96);
+    for (n, format) in [Format::Q4_1, Format::Q8_0, Format::F32].into_iter().enumerate() {
+        let weights = random_weights(format, rows, cols, 7 + n as u64);
+        let device = DeviceMatrix::upload(&stream, &[(&weights, rows)]).unwrap();
+        assert_eq!(device.format, format);
+        let cpu = Matrix::new(weights, rows, cols);
+        // Up to 8 tokens the one-warp-per-row kernel, above it the tiled one.
+        for t in [1, 3, 8, 9, 20, 64, 70, 200] {
+            let x = random_activations(t * cols, t as u64);
+            let want: Vec<f32> = cpu
+                .forward(&Tensor::from_vec(x.clone(), (t, cols), &Device::Cpu).unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let xd = stream.clone_htod(&x).unwrap();
+            let mut y = stream.alloc_zeros::<f32>(t * rows).unwrap();
+            matmul(&stream, &k, &device, &xd, &mut y, t, false).unwrap();
+            let got = stream.clone_dtoh(&y).unwrap();
+            let diff = rel_diff(&want, &got);
+            assert!(diff < 1e-5, "{format:?} t={t}: relative difference {diff}");
+            // Accumulating adds the same product again.
+            matmul(&stream, &k, &device, &xd, &mut y, t, true).unwrap();
+            let twice: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
+            let diff = rel_diff(&twice, &stream.clone_dtoh(&y).unwrap());
+            assert!(diff < 1e-5, "{format:?} t={t} accumulated: {diff}");
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_matrices_of_mixed_formats_are_stacked_as_f32() {
+    let (stream, _) = gpu();
+    let a = random_weights(Format::Q4_1, 8, 64, 1);
+    let b = random_weights(Format::Q8_0, 4, 64, 2);
+    let m = DeviceMatrix::upload(&stream, &[(&a, 8), (&b, 4)]).unwrap();
+    assert_eq!((m.format, m.rows, m.cols), (Format::F32, 12, 64));
+    let mut want = dequantized(&a);
+    want.extend(dequantized(&b));
+    let got: Vec<f32> = stream
+        .clone_dtoh(&m.quants)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    assert_eq!(want, got);
+    let odd = Weights::F32(vec![0.5; 3 * 20]);
+    let err = DeviceMatrix::upload(&stream, &[(&odd, 3)]).err().unwrap();
+    assert!(err.to_string().contains("whole 32-weight blocks"), "{err}");
+}
+
+/// GPU attention of `t` random queries at `pos0..` over `pos0 + t` random cached positions,
+/// against the CPU model's attention; returns the relative difference.
+fn attention_difference(stream: &Arc<CudaStream>, k: &Kernels, pos0: usize, t: usize) -> f32 {
+    let (n_head, n_kv, hd) = (6usize, 2usize, 64usize);
+    let cfg = LlamaConfig {
+        n_layer: 1,
+        n_embd: n_head * hd,
+        n_ff: 32,
+        n_head,
+        n_kv_head: n_kv,
+        head_dim: hd,
+        rope_dim: hd,
+        rope_base: 10_000.0,
+        rms_eps: 1e-5,
+        context_len: pos0 + t,
+        vocab_size: 16,
+    };
+    let end = pos0 + t;
+    let qkv_row = (n_head + 2 * n_kv) * hd;
+    let qkv = random_activations(t * qkv_row, 3 + t as u64);
+    // Keys and values as the GPU lays them out, [position][kv head][hd] ...
+    let keys = random_activations(end * n_kv * hd, 4);
+    let values = random_activations(end * n_kv * hd, 5);
+    // ... and as the CPU does, [kv head][position][hd].
+    let per_head = |buf: &[f32]| -> Vec<f32> {
+        (0..n_kv)
+            .flat_map(|h| (0..end).flat_map(move |p| (0..hd).map(move |e| (h, p, e))))
+            .map(|(h, p, e)| buf[(p * n_kv + h) * hd + e])
+            .collect()
+    };
+    let q: Vec<f32> = (0..t)
+        .flat_map(|tok| qkv[tok * qkv_row..tok * qkv_row + n_head * hd].to_vec())
+        .collect();
+    let mut want = vec![0f32; t * n_head * hd];
+    let shape = AttentionShape {
+        n_head,
+        n_kv_head: n_kv,
+        head_dim: hd,
+        capacity: end,
+    };
+    model::attention(
+        &q,
+        &per_head(&keys),
+        &per_head(&values),
+        shape,
+        pos0,
+        crate::pool::global(),
+        &mut want,
+    );
+    let (qkv_d, keys_d, values_d) = (
+        stream.clone_htod(&qkv).unwrap(),
+        stream.clone_htod(&keys).unwrap(),
+        stream.clone_htod(&values).unwrap(),
+    );
+    let mut partial = stream.alloc_zeros::<f32>(1).unwrap();
+    let mut out = stream.alloc_zeros::<f32>(t * n_head * hd).unwrap();
+    attention(
+        stream,
+        k,
+        &cfg,
+        &qkv_d,
+        &keys_d,
+        &values_d,
+        &mut partial,
+        &mut out,
+        pos0,
+        t,
+    )
+    .unwrap();
+    rel_diff(&want, &stream.clone_dtoh(&out).unwrap())
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_attention_matches_the_cpu_in_every_split_and_tile_shape() {
+    let (stream, k) = gpu();
+    // One token over many decode splits; chunks over one and several prefill splits, with
+    // query tiles cut short and queries whose keys end inside a split.
+    for (pos0, t) in [(0, 1), (1500, 1), (63, 1), (64, 1), (0, 37), (0, 300), (700, 45)] {
+        let diff = attention_difference(&stream, &k, pos0, t);
+        assert!(diff < 1e-5, "pos0 {pos0}, {t} tokens: relative difference {diff}");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_model_matches_the_cpu_model_in_prefill_decode_and_rewind() {
+    let view = tiny::view("llama", 64);
+    let mut cpu = LlamaModel::from_gguf(view).unwrap();
+    let mut gpu = CudaLlama::from_gguf(view, 0).unwrap();
+    let prompt = [1u32, 5, 9, 2, 7, 3, 11, 4, 8, 13];
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    tensor_to_vec(&Transformer::forward(&mut cpu, &prompt, 0).unwrap(), &mut a).unwrap();
+    tensor_to_vec(&gpu.forward(&prompt, 0).unwrap(), &mut b).unwrap();
+    assert!(rel_diff(&a, &b) < 1e-4, "prefill: {}", rel_diff(&a, &b));
+    for (k, token) in [4u32, 8, 15].into_iter().enumerate() {
+        let pos = prompt.len() + k;
+        tensor_to_vec(&Transformer::forward(&mut cpu, &[token], pos).unwrap(), &mut a).unwrap();
+        tensor_to_vec(&gpu.forward(&[token], pos).unwrap(), &mut b).unwrap();
+        assert!(rel_diff(&a, &b) < 1e-4, "decode {k}: {}", rel_diff(&a, &b));
+    }
+    // Rewinding reuses the cache from an earlier position, as scoring after generation does.
+    tensor_to_vec(&Transformer::forward(&mut cpu, &prompt[..3], 0).unwrap(), &mut a).unwrap();
+    tensor_to_vec(&gpu.forward(&prompt[..3], 0).unwrap(), &mut b).unwrap();
+    assert!(rel_diff(&a, &b) < 1e-4, "rewind: {}", rel_diff(&a, &b));
+    // Hidden states and the logits of several rows, as scoring takes them.
+    let ha = cpu.forward_hidden(&prompt, 0).unwrap();
+    let hb = gpu.forward_hidden(&prompt, 0).unwrap();
+    tensor_to_vec(&ha, &mut a).unwrap();
+    tensor_to_vec(&hb, &mut b).unwrap();
+    assert!(rel_diff(&a, &b) < 1e-4, "hidden: {}", rel_diff(&a, &b));
+    tensor_to_vec(&cpu.logits(&ha).unwrap(), &mut a).unwrap();
+    tensor_to_vec(&gpu.logits(&hb).unwrap(), &mut b).unwrap();
+    assert_eq!(a.len(), prompt.len() * tiny::VOCAB);
+    assert!(rel_diff(&a, &b) < 1e-4, "logits: {}", rel_diff(&a, &b));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_scoring_and_generation_match_the_cpu_model() {
+    let view = tiny::view("llama", 64);
+    let mut cpu = LlamaModel::from_gguf(view).unwrap();
+    let mut gpu = CudaLlama::from_gguf(view, 0).unwrap();
+    let tokens = [1u32, 5, 9, 2, 7, 3, 11, 4];
+    let a = crate::generate::score(&mut cpu, &tokens).unwrap();
+    let b = crate::generate::score(&mut gpu, &tokens).unwrap();
+    assert_eq!(a.len(), tokens.len() - 1);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.argmax, y.argmax);
+        assert!((x.logprob - y.logprob).abs() < 1e-4, "{x:?} {y:?}");
+    }
+    let (mut out_a, mut out_b) = (Vec::new(), Vec::new());
+    crate::generate::generate(&mut cpu, &tokens[..3], 6, |t| {
+        out_a.extend_from_slice(t);
+        true
+    })
+    .unwrap();
+    crate::generate::generate(&mut gpu, &tokens[..3], 6, |t| {
+        out_b.extend_from_slice(t);
+        true
+    })
+    .unwrap();
+    assert_eq!(out_a.len(), 6);
+    assert_eq!(out_a, out_b);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_cache_grows_past_a_step_and_keeps_its_contents() {
+    let view = tiny::view("llama", 2 * KV_CACHE_STEP as u64);
+    let mut grown = CudaLlama::from_gguf(view, 0).unwrap();
+    let mut reserved = CudaLlama::from_gguf(view, 0).unwrap();
+    reserved.reserve(2 * KV_CACHE_STEP).unwrap();
+    let prompt: Vec<u32> = (0..KV_CACHE_STEP as u32 - 1)
+        .map(|i| (i * 7 + 3) % 16)
+        .collect();
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    tensor_to_vec(&grown.forward(&prompt, 0).unwrap(), &mut a).unwrap();
+    tensor_to_vec(&reserved.forward(&prompt, 0).unwrap(), &mut b).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(grown.capacity, KV_CACHE_STEP);
+    for (k, token) in [3u32, 12].into_iter().enumerate() {
+        let pos = prompt.len() + k;
+        tensor_to_vec(&grown.forward(&[token], pos).unwrap(), &mut a).unwrap();
+        tensor_to_vec(&reserved.forward(&[token], pos).unwrap(), &mut b).unwrap();
+        assert_eq!(a, b, "token {k}");
+    }
+    assert_eq!(grown.capacity, 2 * KV_CACHE_STEP);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_bad_positions_and_tokens_are_errors() {
+    let mut gpu = CudaLlama::from_gguf(tiny::view("llama", 8), 0).unwrap();
+    assert!(matches!(gpu.forward(&[], 0), Err(ModelError::EmptyChunk)));
+    assert!(matches!(
+        gpu.forward(&[1], 3),
+        Err(ModelError::PositionGap { .. })
+    ));
+    assert!(matches!(
+        gpu.forward(&[1; 9], 0),
+        Err(ModelError::ContextOverflow { .. })
+    ));
+    assert!(matches!(
+        gpu.forward(&[99], 0),
+        Err(ModelError::TokenOutOfRange { .. })
+    ));
+    // A bad request leaves the model usable.
+    assert!(gpu.forward(&[1, 2], 0).is_ok());
+}
