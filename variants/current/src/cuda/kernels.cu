@@ -395,14 +395,15 @@ extern "C" __global__ void rmsnorm(const float* x, const float* weight, float* o
     for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = xr[i] * scale * weight[i];
 }
 
-// Interleaved RoPE and the cache write, for token blockIdx.x of a chunk starting at `pos0`.
+// Interleaved RoPE and the cache write, for token blockIdx.x of a chunk starting at position
+// *pos_at (read from device memory, so a captured decode step serves every position).
 // `qkv` rows are [q: n_head heads | k: n_kv | v: n_kv] of width hd; q is rotated in place, k
 // rotated into the key cache and v copied into the value cache, both laid out
 // [position][kv head][hd]. Pairs (2i, 2i + 1) with i < rope_half rotate by the table's angle.
 extern "C" __global__ void rope_kv(float* qkv, const float* cos_t, const float* sin_t,
-                                   float* k_cache, float* v_cache, int pos0, int n_head,
-                                   int n_kv, int hd, int rope_half) {
-    const int tok = blockIdx.x, pos = pos0 + tok, half_hd = hd / 2;
+                                   float* k_cache, float* v_cache, const int* pos_at,
+                                   int n_head, int n_kv, int hd, int rope_half) {
+    const int tok = blockIdx.x, pos = *pos_at + tok, half_hd = hd / 2;
     float* q = qkv + (long)tok * (n_head + 2 * n_kv) * hd;
     const float* k = q + n_head * hd;
     const float* v = k + n_kv * hd;
@@ -431,7 +432,7 @@ extern "C" __global__ void rope_kv(float* qkv, const float* cos_t, const float* 
 // Causal grouped-query attention, flash-decoding style, in two kernels.
 //
 // attention_split: block (head, query tile, split) takes AQ queries of one head (tokens of a
-// chunk starting at `pos0`) against the keys of one split, `split` keys from split * split_len,
+// chunk starting at position pos0 = *pos_at, read from device memory) against the keys of one split, `split` keys from split * split_len,
 // and writes per query the split's running max m, sum l and unnormalised output acc[hd] to
 // `partial` ([token][head][split] records of hd + 2 floats). Keys and values come from the cache
 // in place, AK at a time through shared memory; 8 threads serve one query, thread r owning the
@@ -441,9 +442,10 @@ extern "C" __global__ void rope_kv(float* qkv, const float* cos_t, const float* 
 //
 // attention_combine: block (head, token) merges its splits into out (t, n_head * hd).
 extern "C" __global__ void attention_split(const float* qkv, const float* k_cache,
-                                           const float* v_cache, float* partial, int pos0,
-                                           int t, int n_head, int n_kv, int hd, int split_len,
-                                           int n_split, float scale) {
+                                           const float* v_cache, float* partial,
+                                           const int* pos_at, int t, int n_head, int n_kv,
+                                           int hd, int split_len, int n_split, float scale) {
+    const int pos0 = *pos_at;
     __shared__ __align__(16) float ks[AK][ATT_HD_MAX];
     __shared__ __align__(16) float vs[AK][ATT_HD_MAX];
     const int h = blockIdx.x, split = blockIdx.z;
@@ -454,6 +456,8 @@ extern "C" __global__ void attention_split(const float* qkv, const float* k_cach
     const int kvh = h / (n_head / n_kv), dpt = hd / 8;
     const long stride = (long)n_kv * hd;
     const int k_begin = split * split_len;
+    // Splits past the keys a query sees write empty records (m = -inf), so one grid, sized for the
+    // whole cache, serves every position of a captured decode step.
     // Keys this tile of queries can see at all: up to the last query's own position.
     const int k_end = min(k_begin + split_len, pos0 + last_tok + 1);
     const int my_last = pos0 + tok;  // the last key this thread's query sees
@@ -518,8 +522,10 @@ extern "C" __global__ void attention_split(const float* qkv, const float* k_cach
         if (i < dpt) rec[2 + r + 8 * i] = acc[i];
 }
 
-extern "C" __global__ void attention_combine(const float* partial, float* out, int pos0,
-                                             int n_head, int hd, int split_len, int n_split) {
+extern "C" __global__ void attention_combine(const float* partial, float* out,
+                                             const int* pos_at, int n_head, int hd,
+                                             int split_len, int n_split) {
+    const int pos0 = *pos_at;
     const int h = blockIdx.x, tok = blockIdx.y;
     // Splits past this query's position were never filled for it.
     const int used = min(n_split, (pos0 + tok) / split_len + 1);

@@ -7,14 +7,18 @@
 //! stay quantized, repacked so their quants are 16-byte aligned; Q, K and V concatenated into
 //! one matrix), the token embedding is looked up on the device, and the KV cache is written and
 //! read in place. One forward pass is nine kernel launches per block ([`CudaLlama::block`]);
-//! only the token ids go up and the logits come back. Activations stay f32 and sums accumulate
+//! only the token id and position go up and the logits come back. A one-token step is captured
+//! once as a CUDA graph and replayed ([`CudaLlama::decode_graph`]): the kernels read the position
+//! from device memory and attention's grid covers the whole cache, so the same graph serves
+//! every position until a buffer is reallocated. Activations stay f32 and sums accumulate
 //! in f32, so the quality gates see reordered sums, not rounding.
 
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError,
+    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DriverError,
     LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
@@ -259,6 +263,17 @@ struct Scratch {
     partial: CudaSlice<f32>,
 }
 
+/// The captured one-token step and the buffer generation it was captured against.
+struct DecodeGraph {
+    graph: CudaGraph,
+    generation: u64,
+}
+
+// SAFETY: a CUDA graph must not be used by two threads at once. The model owns it and touches it
+// only through `&mut self`, so one thread at a time; the worker may move the model between
+// threads, which the driver allows.
+unsafe impl Send for DecodeGraph {}
+
 /// A Llama-architecture model on one CUDA device, with its KV cache.
 pub struct CudaLlama {
     cfg: LlamaConfig,
@@ -278,6 +293,12 @@ pub struct CudaLlama {
     capacity: usize,
     len: usize,
     scratch: Option<Scratch>,
+    /// The first position of the chunk being run, on the device (the kernels read it there).
+    pos_at: CudaSlice<i32>,
+    /// Counts reallocations of the cache and scratch buffers: a graph captured under an older
+    /// generation points at freed memory and is captured again.
+    generation: u64,
+    graph: Option<DecodeGraph>,
 }
 
 impl CudaLlama {
@@ -296,7 +317,8 @@ impl CudaLlama {
         // One stream, in order: cudarc's per-buffer events would only add work to each launch.
         // SAFETY: every buffer of this model is used on `stream` alone.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A stream of its own: the legacy default stream cannot be captured into a graph.
+        let stream = ctx.new_stream()?;
         let kernels = Kernels::compile(&ctx)?;
 
         let (d, ff) = (cfg.n_embd, cfg.n_ff);
@@ -369,6 +391,9 @@ impl CudaLlama {
             capacity: 0,
             len: 0,
             scratch: None,
+            pos_at: stream.alloc_zeros(1)?,
+            generation: 0,
+            graph: None,
             kernels,
             stream,
             cfg,
@@ -403,6 +428,7 @@ impl CudaLlama {
             .map(|i| grow(self.values.get(i)))
             .collect::<Result<Vec<_>, _>>()?;
         (self.keys, self.values, self.capacity) = (keys, values, capacity);
+        self.generation += 1;
         Ok(())
     }
 
@@ -425,12 +451,14 @@ impl CudaLlama {
             logits: s.alloc_zeros(t * cfg.vocab_size)?,
             partial: s.alloc_zeros(1)?,
         });
+        self.generation += 1;
         Ok(())
     }
 
-    /// Runs `tokens` at positions `pos..` through every block, leaving the residual stream in
-    /// the scratch `x`; returns the number of tokens.
-    fn run_blocks(&mut self, tokens: &[u32], pos: usize) -> Result<usize, ModelError> {
+    /// Checks a chunk of `tokens` at positions `pos..`, rewinds the cache to `pos`, makes room
+    /// for it in every buffer and uploads the token ids and the position. Returns the chunk's
+    /// length and its end position.
+    fn prepare(&mut self, tokens: &[u32], pos: usize) -> Result<(usize, usize), ModelError> {
         let end = check_chunk(&self.cfg, self.len, tokens.len(), pos)?;
         if let Some(&token) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
             return Err(ModelError::TokenOutOfRange {
@@ -442,10 +470,27 @@ impl CudaLlama {
         self.grow_cache(end)?;
         let t = tokens.len();
         self.scratch(t)?;
+        let (_, n_split) = split_shape(t, pos, self.capacity);
+        let need = t * self.cfg.n_head * n_split * (self.cfg.head_dim + 2);
         let Some(s) = self.scratch.as_mut() else {
             unreachable!("scratch() leaves buffers")
         };
+        if s.partial.len() < need {
+            s.partial = self.stream.alloc_zeros(need)?;
+            self.generation += 1;
+        }
         self.stream.memcpy_htod(tokens, &mut s.ids.slice_mut(..t))?;
+        let start = [i32::try_from(pos).map_err(|_| ModelError::Gpu(format!("position {pos}")))?];
+        self.stream.memcpy_htod(&start, &mut self.pos_at)?;
+        Ok((t, end))
+    }
+
+    /// Launches the embedding lookup and every block for the `t` prepared tokens at `pos..`,
+    /// leaving the residual stream in the scratch `x`.
+    fn launch_blocks(&mut self, t: usize, pos: usize) -> Result<(), ModelError> {
+        let Some(s) = self.scratch.as_mut() else {
+            unreachable!("prepare() allocates scratch")
+        };
         let table = self.embedding.as_ref().unwrap_or(&self.output);
         let (fmt, cols) = (table.format as i32, table.cols as i32);
         let mut launch = self.stream.launch_builder(&self.kernels.embed);
@@ -456,14 +501,47 @@ impl CudaLlama {
             .arg(&s.ids)
             .arg(&mut s.x)
             .arg(&cols);
-        // SAFETY: `ids` holds t in-vocabulary ids (checked above), `x` has room for t rows of
-        // `cols`, and the table holds vocab rows in `fmt`.
+        // SAFETY: `ids` holds t in-vocabulary ids (checked by prepare), `x` has room for t rows
+        // of `cols`, and the table holds vocab rows in `fmt`.
         unsafe { launch.launch(rows_config(t as u32)) }?;
         for i in 0..self.blocks.len() {
             self.block(i, t, pos)?;
         }
-        self.len = end;
-        Ok(t)
+        Ok(())
+    }
+
+    /// The graph of one decode step (embedding, every block, final norm, output layer into the
+    /// scratch logits), captured now if the buffers changed since the last capture.
+    fn decode_graph(&mut self) -> Result<&CudaGraph, ModelError> {
+        if self
+            .graph
+            .as_ref()
+            .is_none_or(|g| g.generation != self.generation)
+        {
+            self.graph = None;
+            self.stream
+                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+            // The position of a captured step is read from `pos_at`; the host-side `pos` only
+            // shapes prefill, which is never captured.
+            let launched = self
+                .launch_blocks(1, 0)
+                .and_then(|()| self.final_norm(0, 1))
+                .and_then(|()| self.output_rows(0, 1));
+            // Capture always ends, so the stream is usable again whatever failed.
+            let captured = self.stream.end_capture(CUgraphInstantiate_flags(0));
+            launched?;
+            let graph = captured?.ok_or_else(|| {
+                ModelError::Gpu("capturing the decode step produced no graph".into())
+            })?;
+            self.graph = Some(DecodeGraph {
+                graph,
+                generation: self.generation,
+            });
+        }
+        match &self.graph {
+            Some(g) => Ok(&g.graph),
+            None => unreachable!("captured above"),
+        }
     }
 
     /// Block `i` for the `t` tokens in the scratch `x` at positions `pos..`: nine launches.
@@ -473,12 +551,12 @@ impl CudaLlama {
         let b = &self.blocks[i];
         let st = &self.stream;
         let Some(s) = self.scratch.as_mut() else {
-            unreachable!("run_blocks() allocates scratch")
+            unreachable!("prepare() allocates scratch")
         };
         rmsnorm(st, k, &s.x, &b.attn_norm, &mut s.xn, t, cfg)?;
         matmul(st, k, &b.qkv, &s.xn, &mut s.qkv, t, false)?;
 
-        let (pos0, n_head, n_kv) = (pos as i32, cfg.n_head as i32, cfg.n_kv_head as i32);
+        let (n_head, n_kv) = (cfg.n_head as i32, cfg.n_kv_head as i32);
         let (hd, rope_half) = (cfg.head_dim as i32, (cfg.rope_dim / 2) as i32);
         let mut launch = st.launch_builder(&k.rope_kv);
         launch
@@ -487,7 +565,7 @@ impl CudaLlama {
             .arg(&self.sin)
             .arg(&mut self.keys[i])
             .arg(&mut self.values[i])
-            .arg(&pos0)
+            .arg(&self.pos_at)
             .arg(&n_head)
             .arg(&n_kv)
             .arg(&hd)
@@ -505,8 +583,10 @@ impl CudaLlama {
             &self.values[i],
             &mut s.partial,
             &mut s.att,
+            &self.pos_at,
             pos,
             t,
+            self.capacity,
         )?;
         matmul(st, k, &b.wo, &s.att, &mut s.x, t, true)?;
 
@@ -535,9 +615,9 @@ impl CudaLlama {
         matmul(st, k, &b.down, &s.ff, &mut s.x, t, true)
     }
 
-    /// The logits `(rows, vocab)` of the final-normed rows `xn[first..first + rows]`, copied to
-    /// the host.
-    fn logits_of(&mut self, first: usize, rows: usize) -> Result<Vec<f32>, ModelError> {
+    /// Launches the output layer over the final-normed rows `xn[first..first + rows]`, into
+    /// the first `rows` rows of the scratch logits.
+    fn output_rows(&mut self, first: usize, rows: usize) -> Result<(), ModelError> {
         let Some(s) = self.scratch.as_mut() else {
             unreachable!("callers allocate scratch")
         };
@@ -550,9 +630,7 @@ impl CudaLlama {
             &xn,
             &mut s.logits,
             rows,
-        )?;
-        let n = rows * self.cfg.vocab_size;
-        Ok(self.stream.clone_dtoh(&s.logits.slice(..n))?)
+        )
     }
 
     /// Final RMSNorm of rows `first..first + rows` of the scratch `x` into `xn`.
@@ -612,9 +690,23 @@ fn tiled_config(rows: usize, t: usize) -> LaunchConfig {
     }
 }
 
-/// Causal attention of the `t` queries in `qkv` (a chunk at positions `pos..`) over the cache
-/// of one block, into `out` (t, n_head * head_dim): `attention_split` over splits of the keys,
-/// then `attention_combine`. Grows `partial` when the sequence needs more records.
+/// Keys per split and splits of attention for `t` queries at `pos..` over a cache of
+/// `capacity` positions. One token (decode) gets short splits over the whole cache, so its grid
+/// does not depend on the position (a captured step serves them all) and a long cache is
+/// spread over many blocks; a chunk gets longer splits up to its own end, its queries already
+/// filling the GPU.
+fn split_shape(t: usize, pos: usize, capacity: usize) -> (usize, usize) {
+    if t == 1 {
+        (SPLIT_DECODE, capacity.max(pos + 1).div_ceil(SPLIT_DECODE))
+    } else {
+        (SPLIT_PREFILL, (pos + t).div_ceil(SPLIT_PREFILL))
+    }
+}
+
+/// Causal attention of the `t` queries in `qkv` (a chunk at positions `pos..`, which `pos_at`
+/// holds on the device) over the cache of one block (`capacity` positions), into `out`
+/// (t, n_head * head_dim): `attention_split` over splits of the keys, then
+/// `attention_combine`. Grows `partial` when the sequence needs more records.
 #[allow(clippy::too_many_arguments)]
 fn attention(
     stream: &Arc<CudaStream>,
@@ -625,21 +717,17 @@ fn attention(
     values: &CudaSlice<f32>,
     partial: &mut CudaSlice<f32>,
     out: &mut CudaSlice<f32>,
+    pos_at: &CudaSlice<i32>,
     pos: usize,
     t: usize,
+    capacity: usize,
 ) -> Result<(), ModelError> {
-    let split_len = if t == 1 { SPLIT_DECODE } else { SPLIT_PREFILL };
-    let n_split = (pos + t).div_ceil(split_len);
+    let (split_len, n_split) = split_shape(t, pos, capacity);
     let need = t * cfg.n_head * n_split * (cfg.head_dim + 2);
     if partial.len() < need {
         *partial = stream.alloc_zeros(need)?;
     }
-    let (pos0, tt, n_head, n_kv) = (
-        pos as i32,
-        t as i32,
-        cfg.n_head as i32,
-        cfg.n_kv_head as i32,
-    );
+    let (tt, n_head, n_kv) = (t as i32, cfg.n_head as i32, cfg.n_kv_head as i32);
     let (hd, split, splits) = (cfg.head_dim as i32, split_len as i32, n_split as i32);
     let scale = 1.0f32 / (cfg.head_dim as f32).sqrt();
     let mut launch = stream.launch_builder(&k.attention_split);
@@ -648,7 +736,7 @@ fn attention(
         .arg(keys)
         .arg(values)
         .arg(&mut *partial)
-        .arg(&pos0)
+        .arg(pos_at)
         .arg(&tt)
         .arg(&n_head)
         .arg(&n_kv)
@@ -674,7 +762,7 @@ fn attention(
     launch
         .arg(&*partial)
         .arg(out)
-        .arg(&pos0)
+        .arg(pos_at)
         .arg(&n_head)
         .arg(&hd)
         .arg(&split)
@@ -783,10 +871,12 @@ impl Transformer for CudaLlama {
     }
 
     fn forward_hidden(&mut self, tokens: &[u32], pos: usize) -> Result<Tensor, ModelError> {
-        let t = self.run_blocks(tokens, pos)?;
+        let (t, end) = self.prepare(tokens, pos)?;
+        self.launch_blocks(t, pos)?;
         self.final_norm(0, t)?;
+        self.len = end;
         let Some(s) = self.scratch.as_ref() else {
-            unreachable!("run_blocks() allocates scratch")
+            unreachable!("prepare() allocates scratch")
         };
         let d = self.cfg.n_embd;
         let hidden = self.stream.clone_dtoh(&s.xn.slice(..t * d))?;
@@ -823,11 +913,21 @@ impl Transformer for CudaLlama {
     }
 
     /// Only the last token is normed and multiplied by the output layer; its logits are the
-    /// one copy back to the host.
+    /// one copy back to the host. One token replays the captured decode step.
     fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Tensor, ModelError> {
-        let t = self.run_blocks(tokens, pos)?;
-        self.final_norm(t - 1, 1)?;
-        let logits = self.logits_of(t - 1, 1)?;
+        let (t, end) = self.prepare(tokens, pos)?;
+        if t == 1 {
+            self.decode_graph()?.launch()?;
+        } else {
+            self.launch_blocks(t, pos)?;
+            self.final_norm(t - 1, 1)?;
+            self.output_rows(t - 1, 1)?;
+        }
+        self.len = end;
+        let Some(s) = self.scratch.as_ref() else {
+            unreachable!("prepare() allocates scratch")
+        };
+        let logits = self.stream.clone_dtoh(&s.logits.slice(..self.cfg.vocab_size))?;
         Ok(Tensor::from_vec(logits, self.cfg.vocab_size, &Device::Cpu)?)
     }
 }

@@ -190,6 +190,7 @@ fn attention_difference(stream: &Arc<CudaStream>, k: &Kernels, pos0: usize, t: u
     );
     let mut partial = stream.alloc_zeros::<f32>(1).unwrap();
     let mut out = stream.alloc_zeros::<f32>(t * n_head * hd).unwrap();
+    let pos_at = stream.clone_htod(&[pos0 as i32]).unwrap();
     attention(
         stream,
         k,
@@ -199,8 +200,10 @@ fn attention_difference(stream: &Arc<CudaStream>, k: &Kernels, pos0: usize, t: u
         &values_d,
         &mut partial,
         &mut out,
+        &pos_at,
         pos0,
         t,
+        end,
     )
     .unwrap();
     rel_diff(&want, &stream.clone_dtoh(&out).unwrap())
