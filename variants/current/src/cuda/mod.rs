@@ -84,7 +84,12 @@ impl DeviceMatrix {
     /// stacked into one matrix: in their own format when they share Q4_1 or Q8_0, else as f32.
     fn upload(stream: &Arc<CudaStream>, parts: &[(&Weights, usize)]) -> Result<Self, ModelError> {
         let rows: usize = parts.iter().map(|(_, rows)| rows).sum();
-        let format = match parts.iter().map(|(w, _)| kind(w)).collect::<Vec<_>>().as_slice() {
+        let format = match parts
+            .iter()
+            .map(|(w, _)| kind(w))
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
             [first, rest @ ..] if rest.iter().all(|f| f == first) => *first,
             _ => Format::F32,
         };
@@ -596,7 +601,10 @@ impl CudaLlama {
             let kernel = &k.tiled_swiglu[b.gate.format as usize];
             (kernel, tiled_config(b.gate.rows, t))
         } else {
-            (&k.swiglu[b.gate.format as usize], matmul_config(b.gate.rows, t))
+            (
+                &k.swiglu[b.gate.format as usize],
+                matmul_config(b.gate.rows, t),
+            )
         };
         let mut launch = st.launch_builder(kernel);
         launch
@@ -927,7 +935,9 @@ impl Transformer for CudaLlama {
         let Some(s) = self.scratch.as_ref() else {
             unreachable!("prepare() allocates scratch")
         };
-        let logits = self.stream.clone_dtoh(&s.logits.slice(..self.cfg.vocab_size))?;
+        let logits = self
+            .stream
+            .clone_dtoh(&s.logits.slice(..self.cfg.vocab_size))?;
         Ok(Tensor::from_vec(logits, self.cfg.vocab_size, &Device::Cpu)?)
     }
 }

@@ -82,7 +82,10 @@ fn random_activations(n: usize, seed: u64) -> Vec<f32> {
 fn cuda_matmul_of_each_format_matches_the_cpu_for_any_token_count() {
     let (stream, k) = gpu();
     let (rows, cols) = (130, 96);
-    for (n, format) in [Format::Q4_1, Format::Q8_0, Format::F32].into_iter().enumerate() {
+    for (n, format) in [Format::Q4_1, Format::Q8_0, Format::F32]
+        .into_iter()
+        .enumerate()
+    {
         let weights = random_weights(format, rows, cols, 7 + n as u64);
         let device = DeviceMatrix::upload(&stream, &[(&weights, rows)]).unwrap();
         assert_eq!(device.format, format);
@@ -215,9 +218,20 @@ fn cuda_attention_matches_the_cpu_in_every_split_and_tile_shape() {
     let (stream, k) = gpu();
     // One token over many decode splits; chunks over one and several prefill splits, with
     // query tiles cut short and queries whose keys end inside a split.
-    for (pos0, t) in [(0, 1), (1500, 1), (63, 1), (64, 1), (0, 37), (0, 300), (700, 45)] {
+    for (pos0, t) in [
+        (0, 1),
+        (1500, 1),
+        (63, 1),
+        (64, 1),
+        (0, 37),
+        (0, 300),
+        (700, 45),
+    ] {
         let diff = attention_difference(&stream, &k, pos0, t);
-        assert!(diff < 1e-5, "pos0 {pos0}, {t} tokens: relative difference {diff}");
+        assert!(
+            diff < 1e-5,
+            "pos0 {pos0}, {t} tokens: relative difference {diff}"
+        );
     }
 }
 
@@ -234,12 +248,20 @@ fn cuda_model_matches_the_cpu_model_in_prefill_decode_and_rewind() {
     assert!(rel_diff(&a, &b) < 1e-4, "prefill: {}", rel_diff(&a, &b));
     for (k, token) in [4u32, 8, 15].into_iter().enumerate() {
         let pos = prompt.len() + k;
-        tensor_to_vec(&Transformer::forward(&mut cpu, &[token], pos).unwrap(), &mut a).unwrap();
+        tensor_to_vec(
+            &Transformer::forward(&mut cpu, &[token], pos).unwrap(),
+            &mut a,
+        )
+        .unwrap();
         tensor_to_vec(&gpu.forward(&[token], pos).unwrap(), &mut b).unwrap();
         assert!(rel_diff(&a, &b) < 1e-4, "decode {k}: {}", rel_diff(&a, &b));
     }
     // Rewinding reuses the cache from an earlier position, as scoring after generation does.
-    tensor_to_vec(&Transformer::forward(&mut cpu, &prompt[..3], 0).unwrap(), &mut a).unwrap();
+    tensor_to_vec(
+        &Transformer::forward(&mut cpu, &prompt[..3], 0).unwrap(),
+        &mut a,
+    )
+    .unwrap();
     tensor_to_vec(&gpu.forward(&prompt[..3], 0).unwrap(), &mut b).unwrap();
     assert!(rel_diff(&a, &b) < 1e-4, "rewind: {}", rel_diff(&a, &b));
     // Hidden states and the logits of several rows, as scoring takes them.
