@@ -54,11 +54,6 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
 // The 32 weights of block `blk` (counted over the whole matrix), dequantized to f32.
 template <int FMT>
 __device__ __forceinline__ void load_block(const u8* w, const u8* s, long blk, float out[32]) {
@@ -116,34 +111,47 @@ __device__ __forceinline__ float dot32(const float wv[32], const float* x, float
     return acc;
 }
 
-// y (t, rows) = x (t, cols) times W^T, or y += that when `accumulate` (the residual add).
-// One warp per weight row, lanes striding over its blocks; a block of the grid covers ROW_WARPS
-// rows and TOKEN_TILE tokens (blockIdx.y), so each weight block is read once per token tile.
-template <int FMT>
-__device__ void matmul_body(const u8* w, const u8* s, const float* x, float* y, int rows,
-                            int cols, int t, int accumulate) {
+// y (t, rows) = x (t, cols) W^T, or y += that when `accumulate` (the residual add); with
+// GATED, y = silu(x Wg^T) * (x Wu^T), the up matrix in w2/s2 read by the same warp, so the gate
+// and up activations never reach memory. One warp per weight row, lanes striding over its
+// blocks; a block of the grid covers ROW_WARPS rows and TOKEN_TILE tokens (blockIdx.y), so each
+// weight block is read once per token tile.
+template <int FMT, bool GATED>
+__device__ void matmul_body(const u8* w, const u8* s, const u8* w2, const u8* s2, const float* x,
+                            float* y, int rows, int cols, int t, int accumulate) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int row = blockIdx.x * ROW_WARPS + warp;
     const int tok0 = blockIdx.y * TOKEN_TILE;
     if (row >= rows) return;
     const int nb = cols / 32, nt = min(TOKEN_TILE, t - tok0);
-    float acc[TOKEN_TILE];
+    float acc[TOKEN_TILE], acc2[TOKEN_TILE];
 #pragma unroll
-    for (int k = 0; k < TOKEN_TILE; k++) acc[k] = 0.0f;
+    for (int k = 0; k < TOKEN_TILE; k++) acc[k] = acc2[k] = 0.0f;
     for (int b = lane; b < nb; b += 32) {
         float wv[32];
         load_block<FMT>(w, s, (long)row * nb + b, wv);
 #pragma unroll
         for (int k = 0; k < TOKEN_TILE; k++)
             if (k < nt) acc[k] = dot32(wv, x + (long)(tok0 + k) * cols + b * 32, acc[k]);
+        if (GATED) {
+            load_block<FMT>(w2, s2, (long)row * nb + b, wv);
+#pragma unroll
+            for (int k = 0; k < TOKEN_TILE; k++)
+                if (k < nt) acc2[k] = dot32(wv, x + (long)(tok0 + k) * cols + b * 32, acc2[k]);
+        }
     }
 #pragma unroll
     for (int k = 0; k < TOKEN_TILE; k++) {
         if (k < nt) {
             const float sum = warp_sum(acc[k]);
+            const float up = GATED ? warp_sum(acc2[k]) : 0.0f;
             if (lane == 0) {
                 float* out = y + (long)(tok0 + k) * rows + row;
-                *out = accumulate ? *out + sum : sum;
+                if (GATED) {
+                    *out = sum / (1.0f + expf(-sum)) * up;
+                } else {
+                    *out = accumulate ? *out + sum : sum;
+                }
             }
         }
     }
@@ -151,64 +159,27 @@ __device__ void matmul_body(const u8* w, const u8* s, const float* x, float* y, 
 
 extern "C" __global__ void matmul_f32(const u8* w, const u8* s, const float* x, float* y,
                                       int rows, int cols, int t, int accumulate) {
-    matmul_body<FMT_F32>(w, s, x, y, rows, cols, t, accumulate);
+    matmul_body<FMT_F32, false>(w, s, w, s, x, y, rows, cols, t, accumulate);
 }
 extern "C" __global__ void matmul_q4_1(const u8* w, const u8* s, const float* x, float* y,
                                        int rows, int cols, int t, int accumulate) {
-    matmul_body<FMT_Q4_1>(w, s, x, y, rows, cols, t, accumulate);
+    matmul_body<FMT_Q4_1, false>(w, s, w, s, x, y, rows, cols, t, accumulate);
 }
 extern "C" __global__ void matmul_q8_0(const u8* w, const u8* s, const float* x, float* y,
                                        int rows, int cols, int t, int accumulate) {
-    matmul_body<FMT_Q8_0>(w, s, x, y, rows, cols, t, accumulate);
+    matmul_body<FMT_Q8_0, false>(w, s, w, s, x, y, rows, cols, t, accumulate);
 }
-
-// The MLP's first half: y (t, rows) = silu(x W_gate^T) * (x W_up^T), both matrices read by
-// the same warp, so the gate and up activations never reach memory.
-template <int FMT>
-__device__ void swiglu_body(const u8* wg, const u8* sg, const u8* wu, const u8* su,
-                            const float* x, float* y, int rows, int cols, int t) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int row = blockIdx.x * ROW_WARPS + warp;
-    const int tok0 = blockIdx.y * TOKEN_TILE;
-    if (row >= rows) return;
-    const int nb = cols / 32, nt = min(TOKEN_TILE, t - tok0);
-    float g[TOKEN_TILE], u[TOKEN_TILE];
-#pragma unroll
-    for (int k = 0; k < TOKEN_TILE; k++) g[k] = u[k] = 0.0f;
-    for (int b = lane; b < nb; b += 32) {
-        float wv[32];
-        load_block<FMT>(wg, sg, (long)row * nb + b, wv);
-#pragma unroll
-        for (int k = 0; k < TOKEN_TILE; k++)
-            if (k < nt) g[k] = dot32(wv, x + (long)(tok0 + k) * cols + b * 32, g[k]);
-        load_block<FMT>(wu, su, (long)row * nb + b, wv);
-#pragma unroll
-        for (int k = 0; k < TOKEN_TILE; k++)
-            if (k < nt) u[k] = dot32(wv, x + (long)(tok0 + k) * cols + b * 32, u[k]);
-    }
-#pragma unroll
-    for (int k = 0; k < TOKEN_TILE; k++) {
-        if (k < nt) {
-            const float gate = warp_sum(g[k]), up = warp_sum(u[k]);
-            if (lane == 0) {
-                const float silu = gate / (1.0f + expf(-gate));
-                y[(long)(tok0 + k) * rows + row] = silu * up;
-            }
-        }
-    }
-}
-
 extern "C" __global__ void swiglu_f32(const u8* wg, const u8* sg, const u8* wu, const u8* su,
                                       const float* x, float* y, int rows, int cols, int t) {
-    swiglu_body<FMT_F32>(wg, sg, wu, su, x, y, rows, cols, t);
+    matmul_body<FMT_F32, true>(wg, sg, wu, su, x, y, rows, cols, t, 0);
 }
 extern "C" __global__ void swiglu_q4_1(const u8* wg, const u8* sg, const u8* wu, const u8* su,
                                        const float* x, float* y, int rows, int cols, int t) {
-    swiglu_body<FMT_Q4_1>(wg, sg, wu, su, x, y, rows, cols, t);
+    matmul_body<FMT_Q4_1, true>(wg, sg, wu, su, x, y, rows, cols, t, 0);
 }
 extern "C" __global__ void swiglu_q8_0(const u8* wg, const u8* sg, const u8* wu, const u8* su,
                                        const float* x, float* y, int rows, int cols, int t) {
-    swiglu_body<FMT_Q8_0>(wg, sg, wu, su, x, y, rows, cols, t);
+    matmul_body<FMT_Q8_0, true>(wg, sg, wu, su, x, y, rows, cols, t, 0);
 }
 
 // Eight consecutive weights, elements 8 * part .. 8 * part + 7 of block `blk`, dequantized.

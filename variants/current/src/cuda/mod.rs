@@ -18,7 +18,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DriverError,
+    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, CudaView, DriverError,
     LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
@@ -82,7 +82,12 @@ struct DeviceMatrix {
 impl DeviceMatrix {
     /// Uploads the rows of `parts` (all with the same number of columns, a multiple of 32)
     /// stacked into one matrix: in their own format when they share Q4_1 or Q8_0, else as f32.
-    fn upload(stream: &Arc<CudaStream>, parts: &[(&Weights, usize)]) -> Result<Self, ModelError> {
+    /// `name` says which tensors they are, for errors.
+    fn upload(
+        stream: &Arc<CudaStream>,
+        name: &str,
+        parts: &[(&Weights, usize)],
+    ) -> Result<Self, ModelError> {
         let rows: usize = parts.iter().map(|(_, rows)| rows).sum();
         let format = match parts
             .iter()
@@ -117,7 +122,7 @@ impl DeviceMatrix {
             let c = weight_count(weights) / n;
             if *cols.get_or_insert(c) != c {
                 return Err(ModelError::Gpu(format!(
-                    "matrices stacked for the GPU have {c} and {} columns",
+                    "{name}: matrices stacked for the GPU have {c} and {} columns",
                     cols.unwrap_or(0)
                 )));
             }
@@ -125,7 +130,8 @@ impl DeviceMatrix {
         let cols = cols.unwrap_or(0);
         if cols == 0 || !cols.is_multiple_of(BLOCK) {
             return Err(ModelError::Gpu(format!(
-                "the GPU kernels need rows of whole 32-weight blocks; these have {cols} weights"
+                "{name}: the GPU kernels need rows of whole 32-weight blocks; these have {cols} \
+                 weights"
             )));
         }
         // An empty scale buffer still needs a valid allocation to pass as a pointer.
@@ -333,7 +339,7 @@ impl CudaLlama {
         };
         let matrix = |name: &str, rows, cols| -> Result<DeviceMatrix, ModelError> {
             let m = load_matrix(view, name, rows, cols)?;
-            DeviceMatrix::upload(&stream, &[(m.weights(), rows)])
+            DeviceMatrix::upload(&stream, name, &[(m.weights(), rows)])
         };
         let blocks = (0..cfg.n_layer)
             .map(|i| {
@@ -343,6 +349,7 @@ impl CudaLlama {
                 let wv = load_matrix(view, &name("attn_v"), kv_dim, d)?;
                 let qkv = DeviceMatrix::upload(
                     &stream,
+                    &format!("blk.{i}.attn_q/k/v.weight"),
                     &[
                         (wq.weights(), q_dim),
                         (wk.weights(), kv_dim),
@@ -360,11 +367,12 @@ impl CudaLlama {
                 })
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
-        for b in &blocks {
+        for (i, b) in blocks.iter().enumerate() {
             if b.gate.format != b.up.format {
-                return Err(ModelError::Gpu(
-                    "ffn_gate and ffn_up differ in type; the fused SwiGLU kernel needs one".into(),
-                ));
+                return Err(ModelError::Gpu(format!(
+                    "blk.{i}.ffn_gate.weight and blk.{i}.ffn_up.weight differ in type; the fused \
+                     SwiGLU kernel needs one"
+                )));
             }
         }
         let tied = view.tensor("output.weight").is_none();
@@ -485,7 +493,11 @@ impl CudaLlama {
             self.generation += 1;
         }
         self.stream.memcpy_htod(tokens, &mut s.ids.slice_mut(..t))?;
-        let start = [i32::try_from(pos).map_err(|_| ModelError::Gpu(format!("position {pos}")))?];
+        let start = [i32::try_from(pos).map_err(|_| {
+            ModelError::Gpu(format!(
+                "position {pos} does not fit the kernels' 32-bit positions"
+            ))
+        })?];
         self.stream.memcpy_htod(&start, &mut self.pos_at)?;
         Ok((t, end))
     }
@@ -559,7 +571,7 @@ impl CudaLlama {
             unreachable!("prepare() allocates scratch")
         };
         rmsnorm(st, k, &s.x, &b.attn_norm, &mut s.xn, t, cfg)?;
-        matmul(st, k, &b.qkv, &s.xn, &mut s.qkv, t, false)?;
+        matmul(st, k, &b.qkv, &s.xn.as_view(), &mut s.qkv, t, false)?;
 
         let (n_head, n_kv) = (cfg.n_head as i32, cfg.n_kv_head as i32);
         let (hd, rope_half) = (cfg.head_dim as i32, (cfg.rope_dim / 2) as i32);
@@ -593,7 +605,7 @@ impl CudaLlama {
             t,
             self.capacity,
         )?;
-        matmul(st, k, &b.wo, &s.att, &mut s.x, t, true)?;
+        matmul(st, k, &b.wo, &s.att.as_view(), &mut s.x, t, true)?;
 
         rmsnorm(st, k, &s.x, &b.ffn_norm, &mut s.xn, t, cfg)?;
         let (rows, cols, tt) = (b.gate.rows as i32, b.gate.cols as i32, t as i32);
@@ -620,7 +632,7 @@ impl CudaLlama {
         // SAFETY: gate and up are (n_ff, n_embd) in one format (checked at load), `xn` holds t
         // rows of n_embd and `ff` room for t rows of n_ff.
         unsafe { launch.launch(config) }?;
-        matmul(st, k, &b.down, &s.ff, &mut s.x, t, true)
+        matmul(st, k, &b.down, &s.ff.as_view(), &mut s.x, t, true)
     }
 
     /// Launches the output layer over the final-normed rows `xn[first..first + rows]`, into
@@ -631,13 +643,14 @@ impl CudaLlama {
         };
         let d = self.cfg.n_embd;
         let xn = s.xn.slice(first * d..(first + rows) * d);
-        matmul_view(
+        matmul(
             &self.stream,
             &self.kernels,
             &self.output,
             &xn,
             &mut s.logits,
             rows,
+            false,
         )
     }
 
@@ -803,12 +816,12 @@ fn rmsnorm(
     Ok(())
 }
 
-/// `y = x · Wᵀ` (or `y += x · Wᵀ` when `accumulate`) for `t` token rows.
+/// `y = x · Wᵀ` (or `y += x · Wᵀ` when `accumulate`) for the `t` token rows `x` views.
 fn matmul(
     stream: &CudaStream,
     k: &Kernels,
     w: &DeviceMatrix,
-    x: &CudaSlice<f32>,
+    x: &CudaView<'_, f32>,
     y: &mut CudaSlice<f32>,
     t: usize,
     accumulate: bool,
@@ -831,36 +844,6 @@ fn matmul(
         .arg(&acc);
     // SAFETY: `x` holds t rows of w.cols and `y` t rows of w.rows (the scratch is sized for
     // every matrix of the model), and w's buffers hold rows x cols weights in its format.
-    unsafe { launch.launch(config) }?;
-    Ok(())
-}
-
-/// [`matmul`] of a view of rows (the output layer over some rows of `xn`), not accumulating.
-fn matmul_view(
-    stream: &CudaStream,
-    k: &Kernels,
-    w: &DeviceMatrix,
-    x: &cudarc::driver::CudaView<'_, f32>,
-    y: &mut CudaSlice<f32>,
-    t: usize,
-) -> Result<(), ModelError> {
-    let (rows, cols, tt, acc) = (w.rows as i32, w.cols as i32, t as i32, 0i32);
-    let (kernel, config) = if t > TILED_ABOVE {
-        (&k.tiled[w.format as usize], tiled_config(w.rows, t))
-    } else {
-        (&k.matmul[w.format as usize], matmul_config(w.rows, t))
-    };
-    let mut launch = stream.launch_builder(kernel);
-    launch
-        .arg(&w.quants)
-        .arg(&w.scales)
-        .arg(x)
-        .arg(y)
-        .arg(&rows)
-        .arg(&cols)
-        .arg(&tt)
-        .arg(&acc);
-    // SAFETY: as for `matmul`: `x` views t rows of w.cols, `y` holds t rows of w.rows.
     unsafe { launch.launch(config) }?;
     Ok(())
 }
@@ -907,7 +890,7 @@ impl Transformer for CudaLlama {
             &self.stream,
             &self.kernels,
             &self.output,
-            &x,
+            &x.as_view(),
             &mut y,
             rows,
             false,

@@ -87,7 +87,7 @@ fn cuda_matmul_of_each_format_matches_the_cpu_for_any_token_count() {
         .enumerate()
     {
         let weights = random_weights(format, rows, cols, 7 + n as u64);
-        let device = DeviceMatrix::upload(&stream, &[(&weights, rows)]).unwrap();
+        let device = DeviceMatrix::upload(&stream, "test", &[(&weights, rows)]).unwrap();
         assert_eq!(device.format, format);
         let cpu = Matrix::new(weights, rows, cols);
         // Up to 8 tokens the one-warp-per-row kernel, above it the tiled one.
@@ -102,12 +102,12 @@ fn cuda_matmul_of_each_format_matches_the_cpu_for_any_token_count() {
                 .unwrap();
             let xd = stream.clone_htod(&x).unwrap();
             let mut y = stream.alloc_zeros::<f32>(t * rows).unwrap();
-            matmul(&stream, &k, &device, &xd, &mut y, t, false).unwrap();
+            matmul(&stream, &k, &device, &xd.as_view(), &mut y, t, false).unwrap();
             let got = stream.clone_dtoh(&y).unwrap();
             let diff = rel_diff(&want, &got);
             assert!(diff < 1e-5, "{format:?} t={t}: relative difference {diff}");
             // Accumulating adds the same product again.
-            matmul(&stream, &k, &device, &xd, &mut y, t, true).unwrap();
+            matmul(&stream, &k, &device, &xd.as_view(), &mut y, t, true).unwrap();
             let twice: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
             let diff = rel_diff(&twice, &stream.clone_dtoh(&y).unwrap());
             assert!(diff < 1e-5, "{format:?} t={t} accumulated: {diff}");
@@ -121,7 +121,7 @@ fn cuda_matrices_of_mixed_formats_are_stacked_as_f32() {
     let (stream, _) = gpu();
     let a = random_weights(Format::Q4_1, 8, 64, 1);
     let b = random_weights(Format::Q8_0, 4, 64, 2);
-    let m = DeviceMatrix::upload(&stream, &[(&a, 8), (&b, 4)]).unwrap();
+    let m = DeviceMatrix::upload(&stream, "test", &[(&a, 8), (&b, 4)]).unwrap();
     assert_eq!((m.format, m.rows, m.cols), (Format::F32, 12, 64));
     let mut want = dequantized(&a);
     want.extend(dequantized(&b));
@@ -133,8 +133,14 @@ fn cuda_matrices_of_mixed_formats_are_stacked_as_f32() {
         .collect();
     assert_eq!(want, got);
     let odd = Weights::F32(vec![0.5; 3 * 20]);
-    let err = DeviceMatrix::upload(&stream, &[(&odd, 3)]).err().unwrap();
-    assert!(err.to_string().contains("whole 32-weight blocks"), "{err}");
+    let err = DeviceMatrix::upload(&stream, "odd.weight", &[(&odd, 3)])
+        .err()
+        .unwrap();
+    let err = err.to_string();
+    assert!(
+        err.contains("odd.weight") && err.contains("whole 32-weight blocks"),
+        "{err}"
+    );
 }
 
 /// GPU attention of `t` random queries at `pos0..` over `pos0 + t` random cached positions,
