@@ -182,6 +182,159 @@ extern "C" __global__ void swiglu_q8_0(const u8* wg, const u8* sg, const u8* wu,
     matmul_body<FMT_Q8_0, true>(wg, sg, wu, su, x, y, rows, cols, t, 0);
 }
 
+// The one-token matvec of decode (t = 1), for the quantized formats. Here the weights are read
+// once per token, so the kernel has to stream them at memory speed and spend few instructions
+// on each: lanes of a warp take consecutive 4-byte (Q4_1) or 16-byte (Q8_0) pieces of a row,
+// so both the weights and the activations a warp reads are contiguous, and a quant becomes an
+// f32 by the exponent trick (below) instead of an integer conversion.
+
+// Warps per block of the one-token kernels.
+#define VEC_WARPS 4
+// Rows each warp of the one-token Q8_0 kernel carries (one for Q4_1, two matrices when GATED).
+#define Q8_ROWS 2
+
+// Nibble P/4 of `word` (bits P..P+3, P at most 12) as an exact float: OR-ed under the exponent
+// of 2^(23 - P), the nibble lands in the mantissa's units, and subtracting 2^(23 - P) leaves it.
+template <int P>
+__device__ __forceinline__ float nibble(u32 word) {
+    const u32 magic = (u32)(150 - P) << 23;
+    return __int_as_float((word & (0xfu << P)) | magic) - (float)(1u << (23 - P));
+}
+
+// Signed byte K of `biased` (every byte of the quant word XOR 0x80, so q + 128) as an exact
+// float, by the same trick: the byte becomes the mantissa's low bits under 2^23.
+template <int K>
+__device__ __forceinline__ float signed_byte(u32 biased) {
+    return __int_as_float(__byte_perm(biased, 0x4b000000u, 0x7440 | K)) - 8388736.0f;
+}
+
+// sum over the 8 weights of Q4_1 quant word `word` of (d q + m) x, into `acc`. Word i of a
+// block holds bytes 4i..4i+3: weights 4i..4i+3 in the low nibbles (activations xl) and
+// 16 + 4i.. in the high ones (xh).
+__device__ __forceinline__ float q4_1_word(u32 word, u32 dm, float4 xl, float4 xh, float acc) {
+    const float d = f16_to_f32((u16)(dm & 0xffff)), m = f16_to_f32((u16)(dm >> 16));
+    const u32 hi = word >> 16;
+    acc = fmaf(fmaf(d, nibble<0>(word), m), xl.x, acc);
+    acc = fmaf(fmaf(d, nibble<4>(word), m), xh.x, acc);
+    acc = fmaf(fmaf(d, nibble<8>(word), m), xl.y, acc);
+    acc = fmaf(fmaf(d, nibble<12>(word), m), xh.y, acc);
+    acc = fmaf(fmaf(d, nibble<0>(hi), m), xl.z, acc);
+    acc = fmaf(fmaf(d, nibble<4>(hi), m), xh.z, acc);
+    acc = fmaf(fmaf(d, nibble<8>(hi), m), xl.w, acc);
+    acc = fmaf(fmaf(d, nibble<12>(hi), m), xh.w, acc);
+    return acc;
+}
+
+// d * (sum over the 16 weights of Q8_0 quants `q` of q x) + acc; x holds their activations.
+__device__ __forceinline__ float q8_0_half(uint4 q, u16 dh, const float4* x, float acc) {
+    const u32 words[4] = {q.x, q.y, q.z, q.w};
+    float a = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const u32 b = words[k] ^ 0x80808080u;
+        const float4 v = x[k];
+        a = fmaf(signed_byte<0>(b), v.x, a);
+        a = fmaf(signed_byte<1>(b), v.y, a);
+        a = fmaf(signed_byte<2>(b), v.z, a);
+        a = fmaf(signed_byte<3>(b), v.w, a);
+    }
+    return fmaf(f16_to_f32(dh), a, acc);
+}
+
+// y = x W^T for one token (or y += that with `accumulate`; with GATED, y = silu(x Wg^T) *
+// (x Wu^T), the up matrix in w2/s2). Q4_1: a warp per row (with GATED, the same row of both
+// matrices), lane l taking quant words l, l + 32, ... Q8_0: a warp per Q8_ROWS rows, lane l
+// taking 16-byte halves of blocks (half l, l + 32, ...) The loads of every row a warp carries are
+// issued before any arithmetic, so they are in flight together.
+template <int FMT, bool GATED>
+__device__ void matvec_body(const u8* w, const u8* s, const u8* w2, const u8* s2, const float* x,
+                            float* y, int rows, int cols, int accumulate) {
+    constexpr int R = FMT == FMT_Q4_1 ? 1 : Q8_ROWS;  // rows per matrix
+    constexpr int M = GATED ? 2 : 1;                  // matrices
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int row0 = (blockIdx.x * VEC_WARPS + warp) * R;
+    if (row0 >= rows) return;
+    const int nb = cols / 32;
+    const int pieces = FMT == FMT_Q4_1 ? nb * 4 : nb * 2;  // per row
+    const u8* ws[2] = {w, w2};
+    const u8* ss[2] = {s, s2};
+    float acc[M][R];
+#pragma unroll
+    for (int mi = 0; mi < M; mi++)
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[mi][r] = 0.0f;
+    for (int c = lane; c < pieces; c += 32) {
+        if (FMT == FMT_Q4_1) {
+            u32 q[M][R], dm[M][R];
+#pragma unroll
+            for (int mi = 0; mi < M; mi++)
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    const long row = min(row0 + r, rows - 1);
+                    q[mi][r] = reinterpret_cast<const u32*>(ws[mi])[row * pieces + c];
+                    dm[mi][r] = reinterpret_cast<const u32*>(ss[mi])[row * nb + c / 4];
+                }
+            const float* xb = x + (c / 4) * 32 + 4 * (c % 4);
+            const float4 xl = *reinterpret_cast<const float4*>(xb);
+            const float4 xh = *reinterpret_cast<const float4*>(xb + 16);
+#pragma unroll
+            for (int mi = 0; mi < M; mi++)
+#pragma unroll
+                for (int r = 0; r < R; r++)
+                    acc[mi][r] = q4_1_word(q[mi][r], dm[mi][r], xl, xh, acc[mi][r]);
+        } else {
+            uint4 q[M][R];
+            u16 d[M][R];
+#pragma unroll
+            for (int mi = 0; mi < M; mi++)
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    const long row = min(row0 + r, rows - 1);
+                    q[mi][r] = reinterpret_cast<const uint4*>(ws[mi])[row * pieces + c];
+                    d[mi][r] = reinterpret_cast<const u16*>(ss[mi])[row * nb + c / 2];
+                }
+            const float4* xb = reinterpret_cast<const float4*>(x + 16 * c);
+#pragma unroll
+            for (int mi = 0; mi < M; mi++)
+#pragma unroll
+                for (int r = 0; r < R; r++)
+                    acc[mi][r] = q8_0_half(q[mi][r], d[mi][r], xb, acc[mi][r]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const float sum = warp_sum(acc[0][r]);
+        const float up = GATED ? warp_sum(acc[M - 1][r]) : 0.0f;
+        if (lane == 0 && row0 + r < rows) {
+            float* out = y + row0 + r;
+            if (GATED) {
+                *out = sum / (1.0f + expf(-sum)) * up;
+            } else {
+                *out = accumulate ? *out + sum : sum;
+            }
+        }
+    }
+}
+
+extern "C" __global__ void matvec_q4_1(const u8* w, const u8* s, const float* x, float* y,
+                                       int rows, int cols, int t, int accumulate) {
+    matvec_body<FMT_Q4_1, false>(w, s, w, s, x, y, rows, cols, accumulate);
+}
+extern "C" __global__ void matvec_q8_0(const u8* w, const u8* s, const float* x, float* y,
+                                       int rows, int cols, int t, int accumulate) {
+    matvec_body<FMT_Q8_0, false>(w, s, w, s, x, y, rows, cols, accumulate);
+}
+extern "C" __global__ void swiglu_vec_q4_1(const u8* wg, const u8* sg, const u8* wu,
+                                           const u8* su, const float* x, float* y, int rows,
+                                           int cols, int t) {
+    matvec_body<FMT_Q4_1, true>(wg, sg, wu, su, x, y, rows, cols, 0);
+}
+extern "C" __global__ void swiglu_vec_q8_0(const u8* wg, const u8* sg, const u8* wu,
+                                           const u8* su, const float* x, float* y, int rows,
+                                           int cols, int t) {
+    matvec_body<FMT_Q8_0, true>(wg, sg, wu, su, x, y, rows, cols, 0);
+}
+
 // Eight consecutive weights, elements 8 * part .. 8 * part + 7 of block `blk`, dequantized.
 template <int FMT>
 __device__ __forceinline__ void load_eighth(const u8* w, const u8* s, long blk, int part,

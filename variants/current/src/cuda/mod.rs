@@ -44,6 +44,10 @@ const TILED_ABOVE: usize = TOKEN_TILE as usize;
 /// Weight rows and tokens of a tiled-matmul block (`TILE_ROWS`, `TILE_TOKENS` in kernels.cu).
 const TILE_ROWS: u32 = 64;
 const TILE_TOKENS: u32 = 64;
+/// Warps per block of the one-token kernels (`VEC_WARPS` in kernels.cu).
+const VEC_WARPS: u32 = 4;
+/// Rows per warp of the one-token Q8_0 kernel (`Q8_ROWS` in kernels.cu); Q4_1 takes one.
+const Q8_ROWS: u32 = 2;
 /// Queries per `attention_split` block, 8 threads each (`AQ` in kernels.cu).
 const ATT_QUERIES: u32 = 16;
 /// The widest head `attention_split` holds (`ATT_HD_MAX` in kernels.cu).
@@ -210,6 +214,10 @@ struct Kernels {
     /// `tiled_*` and `tiled_swiglu_*` per [`Format`]: the same for chunks of tokens.
     tiled: [CudaFunction; 3],
     tiled_swiglu: [CudaFunction; 3],
+    /// `matvec_*` and `swiglu_vec_*` per [`Format`]: the one-token kernels of a decode step,
+    /// for the quantized formats (f32 matrices take the warp kernel).
+    matvec: [Option<CudaFunction>; 3],
+    swiglu_vec: [Option<CudaFunction>; 3],
     embed: CudaFunction,
     rmsnorm: CudaFunction,
     rope_kv: CudaFunction,
@@ -244,6 +252,12 @@ impl Kernels {
                 f("tiled_swiglu_q4_1")?,
                 f("tiled_swiglu_q8_0")?,
             ],
+            matvec: [None, Some(f("matvec_q4_1")?), Some(f("matvec_q8_0")?)],
+            swiglu_vec: [
+                None,
+                Some(f("swiglu_vec_q4_1")?),
+                Some(f("swiglu_vec_q8_0")?),
+            ],
             embed: f("embed")?,
             rmsnorm: f("rmsnorm")?,
             rope_kv: f("rope_kv")?,
@@ -251,6 +265,39 @@ impl Kernels {
             attention_combine: f("attention_combine")?,
             _module: module,
         })
+    }
+
+    /// The kernel and grid for `t` tokens through a `(rows, _)` matrix in `format` (gate and
+    /// up together when `gated`): the tiled kernel for a chunk of more than [`TILED_ABOVE`]
+    /// tokens, the one-token kernel for a quantized decode step, else the warp kernel.
+    fn pick(
+        &self,
+        format: Format,
+        rows: usize,
+        t: usize,
+        gated: bool,
+    ) -> (&CudaFunction, LaunchConfig) {
+        let f = format as usize;
+        if t > TILED_ABOVE {
+            let table = if gated {
+                &self.tiled_swiglu
+            } else {
+                &self.tiled
+            };
+            return (&table[f], tiled_config(rows, t));
+        }
+        let vec = if gated {
+            &self.swiglu_vec
+        } else {
+            &self.matvec
+        };
+        match &vec[f] {
+            Some(kernel) if t == 1 => (kernel, vec_config(rows, format)),
+            _ => {
+                let table = if gated { &self.swiglu } else { &self.matmul };
+                (&table[f], matmul_config(rows, t))
+            }
+        }
     }
 }
 
@@ -608,30 +655,7 @@ impl CudaLlama {
         matmul(st, k, &b.wo, &s.att.as_view(), &mut s.x, t, true)?;
 
         rmsnorm(st, k, &s.x, &b.ffn_norm, &mut s.xn, t, cfg)?;
-        let (rows, cols, tt) = (b.gate.rows as i32, b.gate.cols as i32, t as i32);
-        let (kernel, config) = if t > TILED_ABOVE {
-            let kernel = &k.tiled_swiglu[b.gate.format as usize];
-            (kernel, tiled_config(b.gate.rows, t))
-        } else {
-            (
-                &k.swiglu[b.gate.format as usize],
-                matmul_config(b.gate.rows, t),
-            )
-        };
-        let mut launch = st.launch_builder(kernel);
-        launch
-            .arg(&b.gate.quants)
-            .arg(&b.gate.scales)
-            .arg(&b.up.quants)
-            .arg(&b.up.scales)
-            .arg(&s.xn)
-            .arg(&mut s.ff)
-            .arg(&rows)
-            .arg(&cols)
-            .arg(&tt);
-        // SAFETY: gate and up are (n_ff, n_embd) in one format (checked at load), `xn` holds t
-        // rows of n_embd and `ff` room for t rows of n_ff.
-        unsafe { launch.launch(config) }?;
+        swiglu(st, k, &b.gate, &b.up, &s.xn, &mut s.ff, t)?;
         matmul(st, k, &b.down, &s.ff.as_view(), &mut s.x, t, true)
     }
 
@@ -694,6 +718,16 @@ fn matmul_config(rows: usize, t: usize) -> LaunchConfig {
             1,
         ),
         block_dim: (ROW_WARPS * 32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The grid of the one-token `matvec`/`swiglu_vec` for `rows` weight rows in `format`.
+fn vec_config(rows: usize, format: Format) -> LaunchConfig {
+    let rows_per_warp = if format == Format::Q8_0 { Q8_ROWS } else { 1 };
+    LaunchConfig {
+        grid_dim: ((rows as u32).div_ceil(VEC_WARPS * rows_per_warp), 1, 1),
+        block_dim: (VEC_WARPS * 32, 1, 1),
         shared_mem_bytes: 0,
     }
 }
@@ -816,6 +850,35 @@ fn rmsnorm(
     Ok(())
 }
 
+/// `y = silu(x · gateᵀ) * (x · upᵀ)` for the `t` token rows of `x`, gate and up in one kernel.
+fn swiglu(
+    stream: &CudaStream,
+    k: &Kernels,
+    gate: &DeviceMatrix,
+    up: &DeviceMatrix,
+    x: &CudaSlice<f32>,
+    y: &mut CudaSlice<f32>,
+    t: usize,
+) -> Result<(), ModelError> {
+    let (rows, cols, tt) = (gate.rows as i32, gate.cols as i32, t as i32);
+    let (kernel, config) = k.pick(gate.format, gate.rows, t, true);
+    let mut launch = stream.launch_builder(kernel);
+    launch
+        .arg(&gate.quants)
+        .arg(&gate.scales)
+        .arg(&up.quants)
+        .arg(&up.scales)
+        .arg(x)
+        .arg(y)
+        .arg(&rows)
+        .arg(&cols)
+        .arg(&tt);
+    // SAFETY: gate and up are (rows, cols) in one format (checked at load), `x` holds t rows of
+    // cols and `y` room for t rows of `rows`.
+    unsafe { launch.launch(config) }?;
+    Ok(())
+}
+
 /// `y = x · Wᵀ` (or `y += x · Wᵀ` when `accumulate`) for the `t` token rows `x` views.
 fn matmul(
     stream: &CudaStream,
@@ -827,11 +890,7 @@ fn matmul(
     accumulate: bool,
 ) -> Result<(), ModelError> {
     let (rows, cols, tt, acc) = (w.rows as i32, w.cols as i32, t as i32, accumulate as i32);
-    let (kernel, config) = if t > TILED_ABOVE {
-        (&k.tiled[w.format as usize], tiled_config(w.rows, t))
-    } else {
-        (&k.matmul[w.format as usize], matmul_config(w.rows, t))
-    };
+    let (kernel, config) = k.pick(w.format, w.rows, t, false);
     let mut launch = stream.launch_builder(kernel);
     launch
         .arg(&w.quants)

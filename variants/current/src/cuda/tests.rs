@@ -81,36 +81,99 @@ fn random_activations(n: usize, seed: u64) -> Vec<f32> {
 #[ignore = "needs a CUDA GPU"]
 fn cuda_matmul_of_each_format_matches_the_cpu_for_any_token_count() {
     let (stream, k) = gpu();
-    let (rows, cols) = (130, 96);
+    // Rows that fill no whole block of the grid; rows shorter than a warp's lanes and rows
+    // that take the lanes several rounds (the one-token kernel's loop).
+    for (rows, cols, t_max) in [(130, 96, 200), (131, 1088, 20)] {
+        for (n, format) in [Format::Q4_1, Format::Q8_0, Format::F32]
+            .into_iter()
+            .enumerate()
+        {
+            let weights = random_weights(format, rows, cols, 7 + n as u64);
+            let device = DeviceMatrix::upload(&stream, "test", &[(&weights, rows)]).unwrap();
+            assert_eq!(device.format, format);
+            let cpu = Matrix::new(weights, rows, cols);
+            // One token the one-token kernel, up to 8 the one-warp-per-row kernel, above it
+            // the tiled one.
+            for t in [1, 3, 8, 9, 20, 64, 70, 200]
+                .into_iter()
+                .filter(|&t| t <= t_max)
+            {
+                check_matmul(&stream, &k, &device, &cpu, t);
+            }
+        }
+    }
+}
+
+/// The GPU's `x · Wᵀ` (and `y += x · Wᵀ`) for `t` random token rows against the CPU's.
+fn check_matmul(
+    stream: &Arc<CudaStream>,
+    k: &Kernels,
+    device: &DeviceMatrix,
+    cpu: &Matrix,
+    t: usize,
+) {
+    let (rows, cols, format) = (device.rows, device.cols, device.format);
+    let x = random_activations(t * cols, t as u64);
+    let want = cpu_product(cpu, &x, t, cols);
+    let xd = stream.clone_htod(&x).unwrap();
+    let mut y = stream.alloc_zeros::<f32>(t * rows).unwrap();
+    matmul(stream, k, device, &xd.as_view(), &mut y, t, false).unwrap();
+    let got = stream.clone_dtoh(&y).unwrap();
+    let diff = rel_diff(&want, &got);
+    assert!(
+        diff < 1e-5,
+        "{format:?} {rows}x{cols} t={t}: relative difference {diff}"
+    );
+    // Accumulating adds the same product again.
+    matmul(stream, k, device, &xd.as_view(), &mut y, t, true).unwrap();
+    let twice: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
+    let diff = rel_diff(&twice, &stream.clone_dtoh(&y).unwrap());
+    assert!(
+        diff < 1e-5,
+        "{format:?} {rows}x{cols} t={t} accumulated: {diff}"
+    );
+}
+
+/// The CPU's `x · Wᵀ` for `t` token rows of `cols`, flattened.
+fn cpu_product(cpu: &Matrix, x: &[f32], t: usize, cols: usize) -> Vec<f32> {
+    cpu.forward(&Tensor::from_vec(x.to_vec(), (t, cols), &Device::Cpu).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_swiglu_of_each_format_matches_the_cpu_for_any_token_count() {
+    let (stream, k) = gpu();
+    let (rows, cols) = (67, 1088);
     for (n, format) in [Format::Q4_1, Format::Q8_0, Format::F32]
         .into_iter()
         .enumerate()
     {
-        let weights = random_weights(format, rows, cols, 7 + n as u64);
-        let device = DeviceMatrix::upload(&stream, "test", &[(&weights, rows)]).unwrap();
-        assert_eq!(device.format, format);
-        let cpu = Matrix::new(weights, rows, cols);
-        // Up to 8 tokens the one-warp-per-row kernel, above it the tiled one.
-        for t in [1, 3, 8, 9, 20, 64, 70, 200] {
-            let x = random_activations(t * cols, t as u64);
-            let want: Vec<f32> = cpu
-                .forward(&Tensor::from_vec(x.clone(), (t, cols), &Device::Cpu).unwrap())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+        let gate = random_weights(format, rows, cols, 30 + n as u64);
+        let up = random_weights(format, rows, cols, 40 + n as u64);
+        let gate_d = DeviceMatrix::upload(&stream, "gate", &[(&gate, rows)]).unwrap();
+        let up_d = DeviceMatrix::upload(&stream, "up", &[(&up, rows)]).unwrap();
+        let (gate, up) = (Matrix::new(gate, rows, cols), Matrix::new(up, rows, cols));
+        for t in [1, 3, 9, 70] {
+            let x = random_activations(t * cols, 50 + t as u64);
+            let (g, u) = (
+                cpu_product(&gate, &x, t, cols),
+                cpu_product(&up, &x, t, cols),
+            );
+            let want: Vec<f32> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
             let xd = stream.clone_htod(&x).unwrap();
             let mut y = stream.alloc_zeros::<f32>(t * rows).unwrap();
-            matmul(&stream, &k, &device, &xd.as_view(), &mut y, t, false).unwrap();
-            let got = stream.clone_dtoh(&y).unwrap();
-            let diff = rel_diff(&want, &got);
+            swiglu(&stream, &k, &gate_d, &up_d, &xd, &mut y, t).unwrap();
+            let diff = rel_diff(&want, &stream.clone_dtoh(&y).unwrap());
             assert!(diff < 1e-5, "{format:?} t={t}: relative difference {diff}");
-            // Accumulating adds the same product again.
-            matmul(&stream, &k, &device, &xd.as_view(), &mut y, t, true).unwrap();
-            let twice: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
-            let diff = rel_diff(&twice, &stream.clone_dtoh(&y).unwrap());
-            assert!(diff < 1e-5, "{format:?} t={t} accumulated: {diff}");
         }
     }
 }
