@@ -73,24 +73,23 @@ pub fn generate<M: Transformer + ?Sized>(
 
     let mut logits = Vec::new();
     let mut pos = 0;
+    let mut token = 0;
     for chunk in prompt.chunks(PREFILL_CHUNK) {
         if pos + chunk.len() < prompt.len() {
             model.forward_hidden(chunk, pos)?;
         } else {
-            tensor_to_vec(&model.forward(chunk, pos)?, &mut logits)?;
+            token = model.forward_greedy(chunk, pos, &mut logits)?;
         }
         pos += chunk.len();
     }
     let mut emitted = 0;
     loop {
-        let token = argmax(&logits);
         emitted += 1;
         if !emit(&[token]) || emitted == max_new_tokens {
             return Ok(emitted);
         }
-        let out = model.forward(&[token], pos)?;
+        token = model.forward_greedy(&[token], pos, &mut logits)?;
         pos += 1;
-        tensor_to_vec(&out, &mut logits)?;
     }
 }
 

@@ -23,6 +23,7 @@ use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Storage, Tensor}
 use half::f16;
 use plugin_api::{GgmlType, ModelView, TensorInfo};
 
+use crate::generate::argmax;
 use crate::kernels::{self, Isa};
 use crate::matmul::{dequantize_q8_0_row, matmul_many, Matrix, Weights};
 use crate::pool::Pool;
@@ -663,6 +664,19 @@ pub trait Transformer: Send {
         let hidden = self.forward_hidden(tokens, pos)?;
         let last = hidden.narrow(0, tokens.len() - 1, 1)?;
         Ok(self.logits(&last)?.squeeze(0)?)
+    }
+
+    /// Runs `tokens` (at positions `pos..`) and returns the greedy choice after the last one:
+    /// the argmax of [`Transformer::forward`]'s logits ([`argmax`]'s ties and NaNs). `scratch`
+    /// is room for the logits that an implementation may reuse from call to call.
+    fn forward_greedy(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        scratch: &mut Vec<f32>,
+    ) -> Result<u32, ModelError> {
+        tensor_to_vec(&self.forward(tokens, pos)?, scratch)?;
+        Ok(argmax(scratch))
     }
 }
 

@@ -670,3 +670,44 @@ extern "C" __global__ void attention_combine(const float* partial, float* out,
         out[(long)tok * n_head * hd + h * hd + d] = sum / l;
     }
 }
+
+// *best = the index of the largest of the n values (the first of equal ones; NaNs never win,
+// and with nothing above minus infinity it is 0), as the CPU's greedy choice. One block: each
+// thread keeps its best (value, index), and the block reduces them.
+#define ARGMAX_THREADS 1024
+extern "C" __global__ void argmax(const float* v, int n, u32* best) {
+    __shared__ float values[ARGMAX_THREADS / 32];
+    __shared__ int indices[ARGMAX_THREADS / 32];
+    float bv = NEG_INF;
+    int bi = n;  // none yet
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        if (v[i] > bv) {
+            bv = v[i];
+            bi = i;
+        }
+    }
+    // (value, index) pairs: the larger value wins, then the smaller index.
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) {
+        values[warp] = bv;
+        indices[warp] = bi;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x / 32); w++) {
+            if (values[w] > bv || (values[w] == bv && indices[w] < bi)) {
+                bv = values[w];
+                bi = indices[w];
+            }
+        }
+        *best = bi < n ? (u32)bi : 0u;
+    }
+}

@@ -56,6 +56,8 @@ const ATT_HD_MAX: usize = 128;
 /// blocks; longer for a chunk, whose queries already fill the GPU.
 const SPLIT_DECODE: usize = 64;
 const SPLIT_PREFILL: usize = 256;
+/// Threads of the one block of `argmax` (`ARGMAX_THREADS` in kernels.cu).
+const ARGMAX_THREADS: u32 = 1024;
 /// Threads of the element-wise kernels (embedding, RMSNorm, RoPE).
 const ROW_THREADS: u32 = 256;
 
@@ -223,6 +225,7 @@ struct Kernels {
     rope_kv: CudaFunction,
     attention_split: CudaFunction,
     attention_combine: CudaFunction,
+    argmax: CudaFunction,
     /// Keeps the module loaded while its functions are used.
     _module: Arc<CudaModule>,
 }
@@ -263,6 +266,7 @@ impl Kernels {
             rope_kv: f("rope_kv")?,
             attention_split: f("attention_split")?,
             attention_combine: f("attention_combine")?,
+            argmax: f("argmax")?,
             _module: module,
         })
     }
@@ -353,6 +357,8 @@ pub struct CudaLlama {
     scratch: Option<Scratch>,
     /// The first position of the chunk being run, on the device (the kernels read it there).
     pos_at: CudaSlice<i32>,
+    /// The greedy choice of the last decode step, on the device.
+    best: CudaSlice<u32>,
     /// Counts reallocations of the cache and scratch buffers: a graph captured under an older
     /// generation points at freed memory and is captured again.
     generation: u64,
@@ -452,6 +458,7 @@ impl CudaLlama {
             len: 0,
             scratch: None,
             pos_at: stream.alloc_zeros(1)?,
+            best: stream.alloc_zeros(1)?,
             generation: 0,
             graph: None,
             kernels,
@@ -575,7 +582,8 @@ impl CudaLlama {
     }
 
     /// The graph of one decode step (embedding, every block, final norm, output layer into the
-    /// scratch logits), captured now if the buffers changed since the last capture.
+    /// scratch logits, their argmax into `best`), captured now if the buffers changed since the
+    /// last capture.
     fn decode_graph(&mut self) -> Result<&CudaGraph, ModelError> {
         if self
             .graph
@@ -590,7 +598,8 @@ impl CudaLlama {
             let launched = self
                 .launch_blocks(1, 0)
                 .and_then(|()| self.final_norm(0, 1))
-                .and_then(|()| self.output_rows(0, 1));
+                .and_then(|()| self.output_rows(0, 1))
+                .and_then(|()| self.greedy());
             // Capture always ends, so the stream is usable again whatever failed.
             let captured = self.stream.end_capture(CUgraphInstantiate_flags(0));
             launched?;
@@ -676,6 +685,25 @@ impl CudaLlama {
             rows,
             false,
         )
+    }
+
+    /// The argmax of the first row of the scratch logits into `best`.
+    fn greedy(&mut self) -> Result<(), ModelError> {
+        let Some(s) = self.scratch.as_ref() else {
+            unreachable!("callers allocate scratch")
+        };
+        let n = self.cfg.vocab_size as i32;
+        let mut launch = self.stream.launch_builder(&self.kernels.argmax);
+        launch.arg(&s.logits).arg(&n).arg(&mut self.best);
+        // SAFETY: the scratch logits hold at least one row of vocab_size floats.
+        unsafe {
+            launch.launch(LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (ARGMAX_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }?;
+        Ok(())
     }
 
     /// Final RMSNorm of rows `first..first + rows` of the scratch `x` into `xn`.
@@ -907,6 +935,24 @@ fn matmul(
     Ok(())
 }
 
+impl CudaLlama {
+    /// Runs `tokens` at `pos..` through to the logits of the last one (the scratch logits'
+    /// first row); one token replays the captured decode step, which also leaves its argmax in
+    /// `best`. Returns the number of tokens.
+    fn step(&mut self, tokens: &[u32], pos: usize) -> Result<usize, ModelError> {
+        let (t, end) = self.prepare(tokens, pos)?;
+        if t == 1 {
+            self.decode_graph()?.launch()?;
+        } else {
+            self.launch_blocks(t, pos)?;
+            self.final_norm(t - 1, 1)?;
+            self.output_rows(t - 1, 1)?;
+        }
+        self.len = end;
+        Ok(t)
+    }
+}
+
 impl Transformer for CudaLlama {
     fn config(&self) -> &LlamaConfig {
         &self.cfg
@@ -965,15 +1011,7 @@ impl Transformer for CudaLlama {
     /// Only the last token is normed and multiplied by the output layer; its logits are the
     /// one copy back to the host. One token replays the captured decode step.
     fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Tensor, ModelError> {
-        let (t, end) = self.prepare(tokens, pos)?;
-        if t == 1 {
-            self.decode_graph()?.launch()?;
-        } else {
-            self.launch_blocks(t, pos)?;
-            self.final_norm(t - 1, 1)?;
-            self.output_rows(t - 1, 1)?;
-        }
-        self.len = end;
+        self.step(tokens, pos)?;
         let Some(s) = self.scratch.as_ref() else {
             unreachable!("prepare() allocates scratch")
         };
@@ -981,6 +1019,22 @@ impl Transformer for CudaLlama {
             .stream
             .clone_dtoh(&s.logits.slice(..self.cfg.vocab_size))?;
         Ok(Tensor::from_vec(logits, self.cfg.vocab_size, &Device::Cpu)?)
+    }
+
+    /// The argmax is taken on the device (in the decode graph), so four bytes come back
+    /// instead of the logits.
+    fn forward_greedy(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        _scratch: &mut Vec<f32>,
+    ) -> Result<u32, ModelError> {
+        if self.step(tokens, pos)? > 1 {
+            self.greedy()?;
+        }
+        let mut best = [0u32];
+        self.stream.memcpy_dtoh(&self.best, &mut best)?;
+        Ok(best[0])
     }
 }
 

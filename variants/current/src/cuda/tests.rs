@@ -418,3 +418,36 @@ fn cuda_bad_positions_and_tokens_are_errors() {
     // A bad request leaves the model usable.
     assert!(gpu.forward(&[1, 2], 0).is_ok());
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_argmax_takes_the_first_maximum_and_never_a_nan() {
+    let (stream, k) = gpu();
+    let run = |v: &[f32]| -> u32 {
+        let d = stream.clone_htod(v).unwrap();
+        let mut best = stream.alloc_zeros::<u32>(1).unwrap();
+        let n = v.len() as i32;
+        let mut launch = stream.launch_builder(&k.argmax);
+        launch.arg(&d).arg(&n).arg(&mut best);
+        let config = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (ARGMAX_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { launch.launch(config) }.unwrap();
+        stream.clone_dtoh(&best).unwrap()[0]
+    };
+    let mut v = random_activations(50_000, 9);
+    let want = crate::generate::argmax(&v);
+    assert_eq!(run(&v), want);
+    // Ties go to the first; NaNs are skipped wherever they are.
+    v[40_000] = 5.0;
+    v[1_234] = 5.0;
+    v[0] = f32::NAN;
+    v[49_999] = f32::NAN;
+    assert_eq!(run(&v), 1_234);
+    assert_eq!(crate::generate::argmax(&v), 1_234);
+    // Nothing above minus infinity: 0, as on the CPU.
+    assert_eq!(run(&[f32::NAN, f32::NEG_INFINITY, f32::NAN]), 0);
+    assert_eq!(run(&[-1.0]), 0);
+}
