@@ -1070,10 +1070,15 @@ pub(crate) mod tiny {
             }
             data
         };
-        let ones = |n: u64| -> Vec<u8> { (0..n).flat_map(|_| 1f32.to_le_bytes()).collect() };
+        // Norm weights around 1 but not all 1, so that a kernel which skips them shows.
+        let norm = |n: u64| -> Vec<u8> {
+            (0..n)
+                .flat_map(|i| (0.75 + (i % 5) as f32 / 8.0).to_le_bytes())
+                .collect()
+        };
         let embd = q8_0(d, VOCAB as u64);
         add("token_embd.weight".into(), 8, vec![d, VOCAB as u64], embd);
-        add("output_norm.weight".into(), 0, vec![d], ones(d));
+        add("output_norm.weight".into(), 0, vec![d], norm(d));
         for i in 0..n_layer {
             let mut m = |part: &str, cols: u64, rows: u64| {
                 let data = q8_0(cols, rows);
@@ -1086,8 +1091,8 @@ pub(crate) mod tiny {
             m("ffn_gate", d, ff);
             m("ffn_up", d, ff);
             m("ffn_down", ff, d);
-            add(format!("blk.{i}.attn_norm.weight"), 0, vec![d], ones(d));
-            add(format!("blk.{i}.ffn_norm.weight"), 0, vec![d], ones(d));
+            add(format!("blk.{i}.attn_norm.weight"), 0, vec![d], norm(d));
+            add(format!("blk.{i}.ffn_norm.weight"), 0, vec![d], norm(d));
         }
         let meta = |key: &str, value: MetaValue| MetadataEntry {
             key: key.into(),

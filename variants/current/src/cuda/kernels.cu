@@ -246,14 +246,26 @@ __device__ __forceinline__ float q8_0_half(uint4 q, u16 dh, const float4* x, flo
 // matrices), lane l taking quant words l, l + 32, ... Q8_0: a warp per Q8_ROWS rows, lane l
 // taking 16-byte halves of blocks (half l, l + 32, ...) The loads of every row a warp carries are
 // issued before any arithmetic, so they are in flight together.
+//
+// The RMSNorms of a decode step are fused into these kernels (null pointers: no fusion):
+// - norm_in: x holds x ⊙ g (g the norm's weight) and *norm_in the sum of squares of x's
+//   `cols` values, so each result is scaled by 1 / sqrt(*norm_in / cols + eps) at the end:
+//   the normed product, its multiplications reassociated.
+// - next_g: after the residual add, row r of the new x times next_g[r] (the next norm's
+//   weight) goes to xg[r], and the squares of the new x are added into *norm_out (one f64
+//   atomic add per block), for the next kernel's norm_in.
 template <int FMT, bool GATED>
 __device__ void matvec_body(const u8* w, const u8* s, const u8* w2, const u8* s2, const float* x,
-                            float* y, int rows, int cols, int accumulate) {
+                            float* y, int rows, int cols, int accumulate, const double* norm_in,
+                            double eps, const float* next_g, float* xg, double* norm_out) {
     constexpr int R = FMT == FMT_Q4_1 ? 1 : Q8_ROWS;  // rows per matrix
     constexpr int M = GATED ? 2 : 1;                  // matrices
+    __shared__ double squares[VEC_WARPS];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int row0 = (blockIdx.x * VEC_WARPS + warp) * R;
-    if (row0 >= rows) return;
+    // A warp past the last row computes nothing but still takes part in the block's sum of
+    // squares.
+    const bool live = row0 < rows;
     const int nb = cols / 32;
     const int pieces = FMT == FMT_Q4_1 ? nb * 4 : nb * 2;  // per row
     const u8* ws[2] = {w, w2};
@@ -263,7 +275,7 @@ __device__ void matvec_body(const u8* w, const u8* s, const u8* w2, const u8* s2
     for (int mi = 0; mi < M; mi++)
 #pragma unroll
         for (int r = 0; r < R; r++) acc[mi][r] = 0.0f;
-    for (int c = lane; c < pieces; c += 32) {
+    for (int c = lane; live && c < pieces; c += 32) {
         if (FMT == FMT_Q4_1) {
             u32 q[M][R], dm[M][R];
 #pragma unroll
@@ -301,38 +313,63 @@ __device__ void matvec_body(const u8* w, const u8* s, const u8* w2, const u8* s2
                     acc[mi][r] = q8_0_half(q[mi][r], d[mi][r], xb, acc[mi][r]);
         }
     }
+    const float scale = norm_in ? (float)(1.0 / sqrt(*norm_in / (double)cols + eps)) : 1.0f;
+    double sq = 0.0;
 #pragma unroll
     for (int r = 0; r < R; r++) {
-        const float sum = warp_sum(acc[0][r]);
-        const float up = GATED ? warp_sum(acc[M - 1][r]) : 0.0f;
+        const float sum = warp_sum(acc[0][r]) * scale;
+        const float up = GATED ? warp_sum(acc[M - 1][r]) * scale : 0.0f;
         if (lane == 0 && row0 + r < rows) {
             float* out = y + row0 + r;
             if (GATED) {
                 *out = sum / (1.0f + expf(-sum)) * up;
             } else {
-                *out = accumulate ? *out + sum : sum;
+                const float v = accumulate ? *out + sum : sum;
+                *out = v;
+                if (next_g) {
+                    xg[row0 + r] = v * next_g[row0 + r];
+                    sq += (double)v * (double)v;
+                }
             }
+        }
+    }
+    if (next_g) {  // the same for every thread of the launch
+        if (lane == 0) squares[warp] = sq;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            double total = 0.0;
+            for (int i = 0; i < VEC_WARPS; i++) total += squares[i];
+            atomicAdd(norm_out, total);
         }
     }
 }
 
+// The one-token kernels take the matmul's arguments, then the fusion's (matvec_body).
 extern "C" __global__ void matvec_q4_1(const u8* w, const u8* s, const float* x, float* y,
-                                       int rows, int cols, int t, int accumulate) {
-    matvec_body<FMT_Q4_1, false>(w, s, w, s, x, y, rows, cols, accumulate);
+                                       int rows, int cols, int t, int accumulate,
+                                       const double* norm_in, double eps, const float* next_g,
+                                       float* xg, double* norm_out) {
+    matvec_body<FMT_Q4_1, false>(w, s, w, s, x, y, rows, cols, accumulate, norm_in, eps, next_g,
+                                 xg, norm_out);
 }
 extern "C" __global__ void matvec_q8_0(const u8* w, const u8* s, const float* x, float* y,
-                                       int rows, int cols, int t, int accumulate) {
-    matvec_body<FMT_Q8_0, false>(w, s, w, s, x, y, rows, cols, accumulate);
+                                       int rows, int cols, int t, int accumulate,
+                                       const double* norm_in, double eps, const float* next_g,
+                                       float* xg, double* norm_out) {
+    matvec_body<FMT_Q8_0, false>(w, s, w, s, x, y, rows, cols, accumulate, norm_in, eps, next_g,
+                                 xg, norm_out);
 }
 extern "C" __global__ void swiglu_vec_q4_1(const u8* wg, const u8* sg, const u8* wu,
                                            const u8* su, const float* x, float* y, int rows,
-                                           int cols, int t) {
-    matvec_body<FMT_Q4_1, true>(wg, sg, wu, su, x, y, rows, cols, 0);
+                                           int cols, int t, const double* norm_in, double eps) {
+    matvec_body<FMT_Q4_1, true>(wg, sg, wu, su, x, y, rows, cols, 0, norm_in, eps, nullptr,
+                                nullptr, nullptr);
 }
 extern "C" __global__ void swiglu_vec_q8_0(const u8* wg, const u8* sg, const u8* wu,
                                            const u8* su, const float* x, float* y, int rows,
-                                           int cols, int t) {
-    matvec_body<FMT_Q8_0, true>(wg, sg, wu, su, x, y, rows, cols, 0);
+                                           int cols, int t, const double* norm_in, double eps) {
+    matvec_body<FMT_Q8_0, true>(wg, sg, wu, su, x, y, rows, cols, 0, norm_in, eps, nullptr,
+                                nullptr, nullptr);
 }
 
 // Eight consecutive weights, elements 8 * part .. 8 * part + 7 of block `blk`, dequantized.
@@ -499,6 +536,32 @@ extern "C" __global__ void embed(int fmt, const u8* w, const u8* s, const u32* t
     const long row = tokens[tok];
     for (int c = threadIdx.x; c < cols; c += blockDim.x)
         x[(long)tok * cols + c] = weight_at(fmt, w, s, row, c, cols);
+}
+
+// The embedding row of one token (a decode step) into x, with the first RMSNorm's half done
+// (matvec_body's fusion): xg = x ⊙ g and norms[0] = the sum of squares of x; norms[1..n_norms]
+// are zeroed for the step's later norms to add into. One block.
+extern "C" __global__ void embed_norm(int fmt, const u8* w, const u8* s, const u32* tokens,
+                                      float* x, int cols, const float* g, float* xg,
+                                      double* norms, int n_norms) {
+    __shared__ double partial[32];
+    const long row = tokens[0];
+    double sq = 0.0;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        const float v = weight_at(fmt, w, s, row, c, cols);
+        x[c] = v;
+        xg[c] = v * g[c];
+        sq += (double)v * (double)v;
+    }
+    for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sq;
+    for (int i = threadIdx.x + 1; i < n_norms; i += blockDim.x) norms[i] = 0.0;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double total = 0.0;
+        for (int i = 0; i < (int)(blockDim.x / 32); i++) total += partial[i];
+        norms[0] = total;
+    }
 }
 
 // out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight, for rows r of width n; one block per row.

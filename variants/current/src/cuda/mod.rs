@@ -18,8 +18,8 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, CudaView, DriverError,
-    LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, CudaView, DevicePtr,
+    DriverError, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use plugin_api::ModelView;
@@ -221,6 +221,7 @@ struct Kernels {
     matvec: [Option<CudaFunction>; 3],
     swiglu_vec: [Option<CudaFunction>; 3],
     embed: CudaFunction,
+    embed_norm: CudaFunction,
     rmsnorm: CudaFunction,
     rope_kv: CudaFunction,
     attention_split: CudaFunction,
@@ -262,6 +263,7 @@ impl Kernels {
                 Some(f("swiglu_vec_q8_0")?),
             ],
             embed: f("embed")?,
+            embed_norm: f("embed_norm")?,
             rmsnorm: f("rmsnorm")?,
             rope_kv: f("rope_kv")?,
             attention_split: f("attention_split")?,
@@ -273,14 +275,15 @@ impl Kernels {
 
     /// The kernel and grid for `t` tokens through a `(rows, _)` matrix in `format` (gate and
     /// up together when `gated`): the tiled kernel for a chunk of more than [`TILED_ABOVE`]
-    /// tokens, the one-token kernel for a quantized decode step, else the warp kernel.
+    /// tokens, the one-token kernel for a quantized decode step, else the warp kernel. The
+    /// flag says whether it is the one-token kernel, the one that takes a [`Fusion`].
     fn pick(
         &self,
         format: Format,
         rows: usize,
         t: usize,
         gated: bool,
-    ) -> (&CudaFunction, LaunchConfig) {
+    ) -> (&CudaFunction, LaunchConfig, bool) {
         let f = format as usize;
         if t > TILED_ABOVE {
             let table = if gated {
@@ -288,7 +291,7 @@ impl Kernels {
             } else {
                 &self.tiled
             };
-            return (&table[f], tiled_config(rows, t));
+            return (&table[f], tiled_config(rows, t), false);
         }
         let vec = if gated {
             &self.swiglu_vec
@@ -296,10 +299,10 @@ impl Kernels {
             &self.matvec
         };
         match &vec[f] {
-            Some(kernel) if t == 1 => (kernel, vec_config(rows, format)),
+            Some(kernel) if t == 1 => (kernel, vec_config(rows, format), true),
             _ => {
                 let table = if gated { &self.swiglu } else { &self.matmul };
-                (&table[f], matmul_config(rows, t))
+                (&table[f], matmul_config(rows, t), false)
             }
         }
     }
@@ -359,6 +362,13 @@ pub struct CudaLlama {
     pos_at: CudaSlice<i32>,
     /// The greedy choice of the last decode step, on the device.
     best: CudaSlice<u32>,
+    /// Whether decode steps fuse their RMSNorms into the one-token matvecs ([`Fusion`]): only
+    /// when every matrix has a one-token kernel (none was stacked as f32).
+    fuse_norms: bool,
+    /// For the fused norms of a decode step: the sums of squares, per block its attention and
+    /// FFN norm and then the output norm (`2 n_layer + 1`), and the pending norm's `x ⊙ g`.
+    norm_sums: CudaSlice<f64>,
+    xg: CudaSlice<f32>,
     /// Counts reallocations of the cache and scratch buffers: a graph captured under an older
     /// generation points at freed memory and is captured again.
     generation: u64,
@@ -443,6 +453,13 @@ impl CudaLlama {
         } else {
             Some(matrix("token_embd.weight", cfg.vocab_size, d)?)
         };
+        let fuse_norms = std::iter::once(&output)
+            .chain(
+                blocks
+                    .iter()
+                    .flat_map(|b| [&b.qkv, &b.wo, &b.gate, &b.down]),
+            )
+            .all(|m| m.format != Format::F32);
         let rope = RopeTables::new(cfg.rope_dim, cfg.rope_base, cfg.context_len);
         let (cos, sin) = rope.tables();
         Ok(Self {
@@ -459,6 +476,9 @@ impl CudaLlama {
             scratch: None,
             pos_at: stream.alloc_zeros(1)?,
             best: stream.alloc_zeros(1)?,
+            fuse_norms,
+            norm_sums: stream.alloc_zeros(2 * cfg.n_layer + 1)?,
+            xg: stream.alloc_zeros(d)?,
             generation: 0,
             graph: None,
             kernels,
@@ -559,22 +579,43 @@ impl CudaLlama {
     /// Launches the embedding lookup and every block for the `t` prepared tokens at `pos..`,
     /// leaving the residual stream in the scratch `x`.
     fn launch_blocks(&mut self, t: usize, pos: usize) -> Result<(), ModelError> {
+        let fused = self.fused(t);
         let Some(s) = self.scratch.as_mut() else {
             unreachable!("prepare() allocates scratch")
         };
         let table = self.embedding.as_ref().unwrap_or(&self.output);
         let (fmt, cols) = (table.format as i32, table.cols as i32);
-        let mut launch = self.stream.launch_builder(&self.kernels.embed);
-        launch
-            .arg(&fmt)
-            .arg(&table.quants)
-            .arg(&table.scales)
-            .arg(&s.ids)
-            .arg(&mut s.x)
-            .arg(&cols);
-        // SAFETY: `ids` holds t in-vocabulary ids (checked by prepare), `x` has room for t rows
-        // of `cols`, and the table holds vocab rows in `fmt`.
-        unsafe { launch.launch(rows_config(t as u32)) }?;
+        if fused {
+            // The first block's attention norm, half done (Fusion), and the step's sums zeroed.
+            let n_norms = self.norm_sums.len() as i32;
+            let mut launch = self.stream.launch_builder(&self.kernels.embed_norm);
+            launch
+                .arg(&fmt)
+                .arg(&table.quants)
+                .arg(&table.scales)
+                .arg(&s.ids)
+                .arg(&mut s.x)
+                .arg(&cols)
+                .arg(&self.blocks[0].attn_norm)
+                .arg(&mut self.xg)
+                .arg(&mut self.norm_sums)
+                .arg(&n_norms);
+            // SAFETY: as below for one token; the norm weight and `xg` hold n_embd floats and
+            // `norm_sums` n_norms doubles.
+            unsafe { launch.launch(rows_config(1)) }?;
+        } else {
+            let mut launch = self.stream.launch_builder(&self.kernels.embed);
+            launch
+                .arg(&fmt)
+                .arg(&table.quants)
+                .arg(&table.scales)
+                .arg(&s.ids)
+                .arg(&mut s.x)
+                .arg(&cols);
+            // SAFETY: `ids` holds t in-vocabulary ids (checked by prepare), `x` has room for t
+            // rows of `cols`, and the table holds vocab rows in `fmt`.
+            unsafe { launch.launch(rows_config(t as u32)) }?;
+        }
         for i in 0..self.blocks.len() {
             self.block(i, t, pos)?;
         }
@@ -597,8 +638,7 @@ impl CudaLlama {
             // shapes prefill, which is never captured.
             let launched = self
                 .launch_blocks(1, 0)
-                .and_then(|()| self.final_norm(0, 1))
-                .and_then(|()| self.output_rows(0, 1))
+                .and_then(|()| self.decode_output())
                 .and_then(|()| self.greedy());
             // Capture always ends, so the stream is usable again whatever failed.
             let captured = self.stream.end_capture(CUgraphInstantiate_flags(0));
@@ -623,11 +663,41 @@ impl CudaLlama {
         let k = &self.kernels;
         let b = &self.blocks[i];
         let st = &self.stream;
+        let fused = self.fused(t);
         let Some(s) = self.scratch.as_mut() else {
             unreachable!("prepare() allocates scratch")
         };
-        rmsnorm(st, k, &s.x, &b.attn_norm, &mut s.xn, t, cfg)?;
-        matmul(st, k, &b.qkv, &s.xn.as_view(), &mut s.qkv, t, false)?;
+        // With fused norms, the sums of squares of this block's attention and FFN norms and of
+        // the next norm (the next block's, or the output's) are entries 2i, 2i + 1 and 2i + 2.
+        let sum = |j: usize| address(st, &self.norm_sums, j);
+        let eps = cfg.rms_eps;
+        let reading = |j: usize| Fusion {
+            norm_in: sum(j),
+            eps,
+            ..Fusion::NONE
+        };
+        let writing = |j: usize, g: &CudaSlice<f32>| Fusion {
+            next_g: address(st, g, 0),
+            xg: address(st, &self.xg, 0),
+            norm_out: sum(j),
+            ..Fusion::NONE
+        };
+        if fused {
+            let xg = self.xg.as_view();
+            matmul(st, k, &b.qkv, &xg, &mut s.qkv, t, false, &reading(2 * i))?;
+        } else {
+            rmsnorm(st, k, &s.x, &b.attn_norm, &mut s.xn, t, cfg)?;
+            matmul(
+                st,
+                k,
+                &b.qkv,
+                &s.xn.as_view(),
+                &mut s.qkv,
+                t,
+                false,
+                &Fusion::NONE,
+            )?;
+        }
 
         let (n_head, n_kv) = (cfg.n_head as i32, cfg.n_kv_head as i32);
         let (hd, rope_half) = (cfg.head_dim as i32, (cfg.rope_dim / 2) as i32);
@@ -661,11 +731,59 @@ impl CudaLlama {
             t,
             self.capacity,
         )?;
-        matmul(st, k, &b.wo, &s.att.as_view(), &mut s.x, t, true)?;
+        if fused {
+            let after = writing(2 * i + 1, &b.ffn_norm);
+            matmul(st, k, &b.wo, &s.att.as_view(), &mut s.x, t, true, &after)?;
+            swiglu(
+                st,
+                k,
+                &b.gate,
+                &b.up,
+                &self.xg,
+                &mut s.ff,
+                t,
+                &reading(2 * i + 1),
+            )?;
+            let next_norm = match self.blocks.get(i + 1) {
+                Some(next) => &next.attn_norm,
+                None => &self.output_norm,
+            };
+            let after = writing(2 * i + 2, next_norm);
+            matmul(st, k, &b.down, &s.ff.as_view(), &mut s.x, t, true, &after)
+        } else {
+            let none = &Fusion::NONE;
+            matmul(st, k, &b.wo, &s.att.as_view(), &mut s.x, t, true, none)?;
+            rmsnorm(st, k, &s.x, &b.ffn_norm, &mut s.xn, t, cfg)?;
+            swiglu(st, k, &b.gate, &b.up, &s.xn, &mut s.ff, t, none)?;
+            matmul(st, k, &b.down, &s.ff.as_view(), &mut s.x, t, true, none)
+        }
+    }
 
-        rmsnorm(st, k, &s.x, &b.ffn_norm, &mut s.xn, t, cfg)?;
-        swiglu(st, k, &b.gate, &b.up, &s.xn, &mut s.ff, t)?;
-        matmul(st, k, &b.down, &s.ff.as_view(), &mut s.x, t, true)
+    /// Whether a step of `t` tokens fuses its RMSNorms ([`Fusion`]): one token of a model whose
+    /// matrices all have one-token kernels.
+    fn fused(&self, t: usize) -> bool {
+        t == 1 && self.fuse_norms
+    }
+
+    /// The logits of a decode step (the one token in the scratch `x`) into the scratch logits:
+    /// the output layer reading the last block's half-done norm when norms are fused, else the
+    /// final norm and then the output layer.
+    fn decode_output(&mut self) -> Result<(), ModelError> {
+        if !self.fused(1) {
+            self.final_norm(0, 1)?;
+            return self.output_rows(0, 1);
+        }
+        let Some(s) = self.scratch.as_mut() else {
+            unreachable!("callers allocate scratch")
+        };
+        let fusion = Fusion {
+            norm_in: address(&self.stream, &self.norm_sums, 2 * self.blocks.len()),
+            eps: self.cfg.rms_eps,
+            ..Fusion::NONE
+        };
+        let xg = self.xg.as_view();
+        let (st, k) = (&self.stream, &self.kernels);
+        matmul(st, k, &self.output, &xg, &mut s.logits, 1, false, &fusion)
     }
 
     /// Launches the output layer over the final-normed rows `xn[first..first + rows]`, into
@@ -684,6 +802,7 @@ impl CudaLlama {
             &mut s.logits,
             rows,
             false,
+            &Fusion::NONE,
         )
     }
 
@@ -878,7 +997,52 @@ fn rmsnorm(
     Ok(())
 }
 
+/// What a one-token matvec fuses of a decode step's RMSNorms (`matvec_body` in kernels.cu):
+/// device addresses, 0 for none. The norm `x / rms(x) ⊙ g` is split in two halves: the kernel
+/// that writes x (the residual add, or the embedding) also writes `x ⊙ g` and adds the squares
+/// of x into a sum; the kernel that reads the normed x takes `x ⊙ g` and scales its products by
+/// `1 / rms` at the end. Two launches and a round trip of x per norm are saved.
+#[derive(Clone, Copy, Default)]
+struct Fusion {
+    /// The input holds `x ⊙ g`; here is the sum of squares of x.
+    norm_in: u64,
+    /// The RMSNorm's epsilon, with `norm_in`.
+    eps: f64,
+    /// The next norm's weight `g`: after the residual add, `x ⊙ g` goes to `xg` and the squares
+    /// of x are added into `norm_out`.
+    next_g: u64,
+    xg: u64,
+    norm_out: u64,
+}
+
+impl Fusion {
+    /// No fusion: the kernel reads its input as it is and writes only its output.
+    const NONE: Fusion = Fusion {
+        norm_in: 0,
+        eps: 0.0,
+        next_g: 0,
+        xg: 0,
+        norm_out: 0,
+    };
+
+    fn is_none(&self) -> bool {
+        self.norm_in == 0 && self.next_g == 0
+    }
+
+    /// The error for a fusion asked of a kernel that has none (a model check failed).
+    fn unsupported() -> ModelError {
+        ModelError::Gpu("a fused RMSNorm needs the one-token kernel of a quantized matrix".into())
+    }
+}
+
+/// The device address of `slice`'s element `i` (for a [`Fusion`]).
+fn address<T>(stream: &CudaStream, slice: &CudaSlice<T>, i: usize) -> u64 {
+    // Event tracking is off (one stream), so the guard that comes with the pointer does nothing.
+    slice.device_ptr(stream).0 + (i * std::mem::size_of::<T>()) as u64
+}
+
 /// `y = silu(x · gateᵀ) * (x · upᵀ)` for the `t` token rows of `x`, gate and up in one kernel.
+#[allow(clippy::too_many_arguments)] // the launch's own arguments, named
 fn swiglu(
     stream: &CudaStream,
     k: &Kernels,
@@ -887,9 +1051,10 @@ fn swiglu(
     x: &CudaSlice<f32>,
     y: &mut CudaSlice<f32>,
     t: usize,
+    fusion: &Fusion,
 ) -> Result<(), ModelError> {
     let (rows, cols, tt) = (gate.rows as i32, gate.cols as i32, t as i32);
-    let (kernel, config) = k.pick(gate.format, gate.rows, t, true);
+    let (kernel, config, one_token) = k.pick(gate.format, gate.rows, t, true);
     let mut launch = stream.launch_builder(kernel);
     launch
         .arg(&gate.quants)
@@ -901,13 +1066,20 @@ fn swiglu(
         .arg(&rows)
         .arg(&cols)
         .arg(&tt);
+    if one_token {
+        launch.arg(&fusion.norm_in).arg(&fusion.eps);
+    } else if !fusion.is_none() {
+        return Err(Fusion::unsupported());
+    }
     // SAFETY: gate and up are (rows, cols) in one format (checked at load), `x` holds t rows of
-    // cols and `y` room for t rows of `rows`.
+    // cols and `y` room for t rows of `rows`; a fusion's addresses are live buffers of the
+    // model (one f64 sum, or n_embd floats).
     unsafe { launch.launch(config) }?;
     Ok(())
 }
 
 /// `y = x · Wᵀ` (or `y += x · Wᵀ` when `accumulate`) for the `t` token rows `x` views.
+#[allow(clippy::too_many_arguments)] // the launch's own arguments, named
 fn matmul(
     stream: &CudaStream,
     k: &Kernels,
@@ -916,9 +1088,10 @@ fn matmul(
     y: &mut CudaSlice<f32>,
     t: usize,
     accumulate: bool,
+    fusion: &Fusion,
 ) -> Result<(), ModelError> {
     let (rows, cols, tt, acc) = (w.rows as i32, w.cols as i32, t as i32, accumulate as i32);
-    let (kernel, config) = k.pick(w.format, w.rows, t, false);
+    let (kernel, config, one_token) = k.pick(w.format, w.rows, t, false);
     let mut launch = stream.launch_builder(kernel);
     launch
         .arg(&w.quants)
@@ -929,8 +1102,19 @@ fn matmul(
         .arg(&cols)
         .arg(&tt)
         .arg(&acc);
+    if one_token {
+        launch
+            .arg(&fusion.norm_in)
+            .arg(&fusion.eps)
+            .arg(&fusion.next_g)
+            .arg(&fusion.xg)
+            .arg(&fusion.norm_out);
+    } else if !fusion.is_none() {
+        return Err(Fusion::unsupported());
+    }
     // SAFETY: `x` holds t rows of w.cols and `y` t rows of w.rows (the scratch is sized for
-    // every matrix of the model), and w's buffers hold rows x cols weights in its format.
+    // every matrix of the model), and w's buffers hold rows x cols weights in its format; a
+    // fusion's addresses are live buffers of the model (one f64 sum, or w.rows floats).
     unsafe { launch.launch(config) }?;
     Ok(())
 }
@@ -999,6 +1183,7 @@ impl Transformer for CudaLlama {
             &mut y,
             rows,
             false,
+            &Fusion::NONE,
         )?;
         let out = self.stream.clone_dtoh(&y)?;
         Ok(Tensor::from_vec(

@@ -117,7 +117,17 @@ fn check_matmul(
     let want = cpu_product(cpu, &x, t, cols);
     let xd = stream.clone_htod(&x).unwrap();
     let mut y = stream.alloc_zeros::<f32>(t * rows).unwrap();
-    matmul(stream, k, device, &xd.as_view(), &mut y, t, false).unwrap();
+    matmul(
+        stream,
+        k,
+        device,
+        &xd.as_view(),
+        &mut y,
+        t,
+        false,
+        &Fusion::NONE,
+    )
+    .unwrap();
     let got = stream.clone_dtoh(&y).unwrap();
     let diff = rel_diff(&want, &got);
     assert!(
@@ -125,7 +135,17 @@ fn check_matmul(
         "{format:?} {rows}x{cols} t={t}: relative difference {diff}"
     );
     // Accumulating adds the same product again.
-    matmul(stream, k, device, &xd.as_view(), &mut y, t, true).unwrap();
+    matmul(
+        stream,
+        k,
+        device,
+        &xd.as_view(),
+        &mut y,
+        t,
+        true,
+        &Fusion::NONE,
+    )
+    .unwrap();
     let twice: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
     let diff = rel_diff(&twice, &stream.clone_dtoh(&y).unwrap());
     assert!(
@@ -171,7 +191,7 @@ fn cuda_swiglu_of_each_format_matches_the_cpu_for_any_token_count() {
                 .collect();
             let xd = stream.clone_htod(&x).unwrap();
             let mut y = stream.alloc_zeros::<f32>(t * rows).unwrap();
-            swiglu(&stream, &k, &gate_d, &up_d, &xd, &mut y, t).unwrap();
+            swiglu(&stream, &k, &gate_d, &up_d, &xd, &mut y, t, &Fusion::NONE).unwrap();
             let diff = rel_diff(&want, &stream.clone_dtoh(&y).unwrap());
             assert!(diff < 1e-5, "{format:?} t={t}: relative difference {diff}");
         }
@@ -450,4 +470,114 @@ fn cuda_argmax_takes_the_first_maximum_and_never_a_nan() {
     // Nothing above minus infinity: 0, as on the CPU.
     assert_eq!(run(&[f32::NAN, f32::NEG_INFINITY, f32::NAN]), 0);
     assert_eq!(run(&[-1.0]), 0);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_fused_rmsnorm_matches_a_norm_then_a_matmul() {
+    let (stream, k) = gpu();
+    let (d, inner, rows, eps) = (160, 96, 131, 1e-5);
+    for (n, format) in [Format::Q4_1, Format::Q8_0].into_iter().enumerate() {
+        let seed = 60 + 10 * n as u64;
+        // The writer: x += W1 a (a residual add), leaving x ⊙ g and the sum of squares of x.
+        let w1 = random_weights(format, d, inner, seed);
+        let w1_d = DeviceMatrix::upload(&stream, "w1", &[(&w1, d)]).unwrap();
+        let w1 = Matrix::new(w1, d, inner);
+        let a = random_activations(inner, seed + 1);
+        let x0 = random_activations(d, seed + 2);
+        let g: Vec<f32> = (0..d).map(|i| 0.5 + (i % 7) as f32 / 6.0).collect();
+        let mut x_new = cpu_product(&w1, &a, 1, inner);
+        x_new.iter_mut().zip(&x0).for_each(|(v, x)| *v += x);
+        let mut normed = vec![0f32; d];
+        model::rms_norm_row(&x_new, &g, eps, &mut normed);
+
+        let (a_d, g_d) = (
+            stream.clone_htod(&a).unwrap(),
+            stream.clone_htod(&g).unwrap(),
+        );
+        let mut x_d = stream.clone_htod(&x0).unwrap();
+        let xg = stream.alloc_zeros::<f32>(d).unwrap();
+        let sums = stream.alloc_zeros::<f64>(1).unwrap();
+        let writing = Fusion {
+            next_g: address(&stream, &g_d, 0),
+            xg: address(&stream, &xg, 0),
+            norm_out: address(&stream, &sums, 0),
+            ..Fusion::NONE
+        };
+        matmul(
+            &stream,
+            &k,
+            &w1_d,
+            &a_d.as_view(),
+            &mut x_d,
+            1,
+            true,
+            &writing,
+        )
+        .unwrap();
+        let x_gpu = stream.clone_dtoh(&x_d).unwrap();
+        let diff = rel_diff(&x_new, &x_gpu);
+        assert!(diff < 1e-5, "{format:?} residual add: {diff}");
+        // The sum of the squares of the x it wrote (f64 sums of f32 squares: exact but for order).
+        let squares: f64 = x_gpu.iter().map(|&v| v as f64 * v as f64).sum();
+        let got = stream.clone_dtoh(&sums).unwrap()[0];
+        assert!(
+            (got - squares).abs() <= 1e-9 * squares,
+            "{format:?}: {got} vs {squares}"
+        );
+
+        // The readers: W2 (x / rms(x) ⊙ g) and the SwiGLU of it, from x ⊙ g and the sum.
+        let reading = Fusion {
+            norm_in: address(&stream, &sums, 0),
+            eps,
+            ..Fusion::NONE
+        };
+        let w2 = random_weights(format, rows, d, seed + 3);
+        let w2_d = DeviceMatrix::upload(&stream, "w2", &[(&w2, rows)]).unwrap();
+        let want = cpu_product(&Matrix::new(w2, rows, d), &normed, 1, d);
+        let mut y = stream.alloc_zeros::<f32>(rows).unwrap();
+        matmul(
+            &stream,
+            &k,
+            &w2_d,
+            &xg.as_view(),
+            &mut y,
+            1,
+            false,
+            &reading,
+        )
+        .unwrap();
+        let diff = rel_diff(&want, &stream.clone_dtoh(&y).unwrap());
+        assert!(diff < 1e-5, "{format:?} normed matmul: {diff}");
+
+        let (gate, up) = (
+            random_weights(format, rows, d, seed + 4),
+            random_weights(format, rows, d, seed + 5),
+        );
+        let gate_d = DeviceMatrix::upload(&stream, "gate", &[(&gate, rows)]).unwrap();
+        let up_d = DeviceMatrix::upload(&stream, "up", &[(&up, rows)]).unwrap();
+        let gv = cpu_product(&Matrix::new(gate, rows, d), &normed, 1, d);
+        let uv = cpu_product(&Matrix::new(up, rows, d), &normed, 1, d);
+        let want: Vec<f32> = gv
+            .iter()
+            .zip(&uv)
+            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+            .collect();
+        swiglu(&stream, &k, &gate_d, &up_d, &xg, &mut y, 1, &reading).unwrap();
+        let diff = rel_diff(&want, &stream.clone_dtoh(&y).unwrap());
+        assert!(diff < 1e-5, "{format:?} normed SwiGLU: {diff}");
+
+        // A kernel without a one-token form refuses a fusion instead of ignoring it.
+        let err = matmul(
+            &stream,
+            &k,
+            &w2_d,
+            &xg.as_view(),
+            &mut y,
+            2,
+            false,
+            &reading,
+        );
+        assert!(err.is_err());
+    }
 }
