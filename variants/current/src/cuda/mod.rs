@@ -6,12 +6,14 @@
 //! tensor on the device from load to logits: the weights are uploaded once (quantized blocks
 //! stay quantized, repacked so their quants are 16-byte aligned; Q, K and V concatenated into
 //! one matrix), the token embedding is looked up on the device, and the KV cache is written and
-//! read in place. One forward pass is nine kernel launches per block ([`CudaLlama::block`]);
-//! only the token id and position go up and the logits come back. A one-token step is captured
-//! once as a CUDA graph and replayed ([`CudaLlama::decode_graph`]): the kernels read the position
-//! from device memory and attention's grid covers the whole cache, so the same graph serves
-//! every position until a buffer is reallocated. Activations stay f32 and sums accumulate
-//! in f32, so the quality gates see reordered sums, not rounding.
+//! read in place. One forward pass is nine kernel launches per block ([`CudaLlama::block`]),
+//! seven for one token, whose RMSNorms are fused into the matvecs around them ([`Fusion`]);
+//! only the token id and position go up, and the logits come back (for a greedy decode step,
+//! only their argmax). A one-token step is captured once as a CUDA graph and replayed
+//! ([`CudaLlama::decode_graph`]): the kernels read the position from device memory and
+//! attention's grid covers the whole cache, so the same graph serves every position until a
+//! buffer is reallocated. Activations stay f32 and sums accumulate in f32, so the quality gates
+//! see reordered sums, not rounding.
 
 use std::sync::Arc;
 
@@ -21,7 +23,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, CudaView, DevicePtr,
     DriverError, LaunchConfig, PushKernelArg,
 };
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 use plugin_api::ModelView;
 
 use crate::kernels::{BLOCK, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES};
@@ -237,15 +239,7 @@ impl Kernels {
         let (major, minor) = ctx.compute_capability()?;
         // NVRTC wants a 'static architecture name; one per device generation is leaked once.
         let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
-        let options = CompileOptions {
-            arch: Some(arch),
-            fmad: Some(false),
-            name: Some("kernels.cu".into()),
-            ..Default::default()
-        };
-        let ptx = compile_ptx_with_opts(SOURCE, options)
-            .map_err(|e| ModelError::Gpu(format!("NVRTC cannot compile kernels.cu: {e}")))?;
-        let module = ctx.load_module(ptx)?;
+        let module = ctx.load_module(Self::ptx(arch)?)?;
         let f = |name: &str| module.load_function(name);
         Ok(Self {
             matmul: [f("matmul_f32")?, f("matmul_q4_1")?, f("matmul_q8_0")?],
@@ -271,6 +265,19 @@ impl Kernels {
             argmax: f("argmax")?,
             _module: module,
         })
+    }
+
+    /// kernels.cu compiled by NVRTC for `arch` (`sm_90` on the H200). Needs `libnvrtc`, not a
+    /// GPU.
+    fn ptx(arch: &'static str) -> Result<Ptx, ModelError> {
+        let options = CompileOptions {
+            arch: Some(arch),
+            fmad: Some(false),
+            name: Some("kernels.cu".into()),
+            ..Default::default()
+        };
+        compile_ptx_with_opts(SOURCE, options)
+            .map_err(|e| ModelError::Gpu(format!("NVRTC cannot compile kernels.cu: {e}")))
     }
 
     /// The kernel and grid for `t` tokens through a `(rows, _)` matrix in `format` (gate and
@@ -657,7 +664,8 @@ impl CudaLlama {
         }
     }
 
-    /// Block `i` for the `t` tokens in the scratch `x` at positions `pos..`: nine launches.
+    /// Block `i` for the `t` tokens in the scratch `x` at positions `pos..`: nine launches, or
+    /// seven with fused norms.
     fn block(&mut self, i: usize, t: usize, pos: usize) -> Result<(), ModelError> {
         let cfg = &self.cfg;
         let k = &self.kernels;

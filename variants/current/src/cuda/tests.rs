@@ -581,3 +581,23 @@ fn cuda_fused_rmsnorm_matches_a_norm_then_a_matmul() {
         assert!(err.is_err());
     }
 }
+
+/// What CI can check without a GPU: kernels.cu compiles with NVRTC for the H200's architecture,
+/// and every kernel it declares is in the PTX. `.ci/run` fetches libnvrtc from PyPI for this.
+#[test]
+#[ignore = "needs libnvrtc (CI fetches it from PyPI; a GPU machine has it)"]
+fn nvrtc_compiles_every_kernel_of_kernels_cu() {
+    let ptx = Kernels::ptx("sm_90").unwrap().to_src();
+    let declared: Vec<&str> = SOURCE
+        .split("extern \"C\" __global__ void ")
+        .skip(1)
+        .filter_map(|rest| rest.split('(').next())
+        .collect();
+    assert!(declared.len() >= 20, "kernels found: {declared:?}");
+    for name in declared {
+        assert!(
+            ptx.contains(&format!(".entry {name}(")),
+            "{name} is missing from the PTX"
+        );
+    }
+}
