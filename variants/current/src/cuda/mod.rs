@@ -592,37 +592,32 @@ impl CudaLlama {
         };
         let table = self.embedding.as_ref().unwrap_or(&self.output);
         let (fmt, cols) = (table.format as i32, table.cols as i32);
+        let kernel = if fused {
+            &self.kernels.embed_norm
+        } else {
+            &self.kernels.embed
+        };
+        let mut launch = self.stream.launch_builder(kernel);
+        launch
+            .arg(&fmt)
+            .arg(&table.quants)
+            .arg(&table.scales)
+            .arg(&s.ids)
+            .arg(&mut s.x)
+            .arg(&cols);
+        let n_norms = self.norm_sums.len() as i32;
         if fused {
             // The first block's attention norm, half done (Fusion), and the step's sums zeroed.
-            let n_norms = self.norm_sums.len() as i32;
-            let mut launch = self.stream.launch_builder(&self.kernels.embed_norm);
             launch
-                .arg(&fmt)
-                .arg(&table.quants)
-                .arg(&table.scales)
-                .arg(&s.ids)
-                .arg(&mut s.x)
-                .arg(&cols)
                 .arg(&self.blocks[0].attn_norm)
                 .arg(&mut self.xg)
                 .arg(&mut self.norm_sums)
                 .arg(&n_norms);
-            // SAFETY: as below for one token; the norm weight and `xg` hold n_embd floats and
-            // `norm_sums` n_norms doubles.
-            unsafe { launch.launch(rows_config(1)) }?;
-        } else {
-            let mut launch = self.stream.launch_builder(&self.kernels.embed);
-            launch
-                .arg(&fmt)
-                .arg(&table.quants)
-                .arg(&table.scales)
-                .arg(&s.ids)
-                .arg(&mut s.x)
-                .arg(&cols);
-            // SAFETY: `ids` holds t in-vocabulary ids (checked by prepare), `x` has room for t
-            // rows of `cols`, and the table holds vocab rows in `fmt`.
-            unsafe { launch.launch(rows_config(t as u32)) }?;
         }
+        // SAFETY: `ids` holds t in-vocabulary ids (checked by prepare), `x` has room for t rows
+        // of `cols`, and the table holds vocab rows in `fmt`; fused (t = 1), the norm weight
+        // and `xg` hold n_embd floats and `norm_sums` n_norms doubles.
+        unsafe { launch.launch(rows_config(t as u32)) }?;
         for i in 0..self.blocks.len() {
             self.block(i, t, pos)?;
         }
