@@ -536,17 +536,8 @@ fn cuda_fused_rmsnorm_matches_a_norm_then_a_matmul() {
         let w2_d = DeviceMatrix::upload(&stream, "w2", &[(&w2, rows)]).unwrap();
         let want = cpu_product(&Matrix::new(w2, rows, d), &normed, 1, d);
         let mut y = stream.alloc_zeros::<f32>(rows).unwrap();
-        matmul(
-            &stream,
-            &k,
-            &w2_d,
-            &xg.as_view(),
-            &mut y,
-            1,
-            false,
-            &reading,
-        )
-        .unwrap();
+        let (st, x) = (&stream, xg.as_view());
+        matmul(st, &k, &w2_d, &x, &mut y, 1, false, &reading).unwrap();
         let diff = rel_diff(&want, &stream.clone_dtoh(&y).unwrap());
         assert!(diff < 1e-5, "{format:?} normed matmul: {diff}");
 
@@ -568,17 +559,7 @@ fn cuda_fused_rmsnorm_matches_a_norm_then_a_matmul() {
         assert!(diff < 1e-5, "{format:?} normed SwiGLU: {diff}");
 
         // A kernel without a one-token form refuses a fusion instead of ignoring it.
-        let err = matmul(
-            &stream,
-            &k,
-            &w2_d,
-            &xg.as_view(),
-            &mut y,
-            2,
-            false,
-            &reading,
-        );
-        assert!(err.is_err());
+        assert!(matmul(st, &k, &w2_d, &x, &mut y, 2, false, &reading).is_err());
     }
 }
 
