@@ -31,6 +31,15 @@ use crate::pool::Pool;
 /// The KV cache grows in steps of this many positions (and never past the context length).
 pub const KV_CACHE_STEP: usize = 512;
 
+/// The capacity a KV cache takes to hold `n` positions: `n` rounded up to a multiple of
+/// [`KV_CACHE_STEP`], but not past `max_len` (the context length) unless `n` itself is.
+pub fn cache_capacity(n: usize, max_len: usize) -> usize {
+    n.div_ceil(KV_CACHE_STEP)
+        .saturating_mul(KV_CACHE_STEP)
+        .min(max_len)
+        .max(n)
+}
+
 /// Why the model could not be built or run.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -500,11 +509,7 @@ impl KvCache {
         if n <= self.capacity && self.k.len() == n_layer {
             return;
         }
-        let capacity = n
-            .div_ceil(KV_CACHE_STEP)
-            .saturating_mul(KV_CACHE_STEP)
-            .min(self.max_len)
-            .max(n);
+        let capacity = cache_capacity(n, self.max_len);
         let len = if self.k.len() == n_layer { self.len } else { 0 };
         let (hd, old_cap) = (self.head_dim, self.capacity);
         let grow = |old: Option<&Vec<f32>>| {
