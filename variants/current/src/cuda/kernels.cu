@@ -529,30 +529,26 @@ __device__ __forceinline__ float weight_at(int fmt, const u8* w, const u8* s, lo
     return d * (float)(signed char)w[blk * 32 + j];
 }
 
-// x (t, cols) = the embedding rows of `tokens` (checked against the vocabulary by the host).
+// x (t, cols) = the embedding rows of `tokens` (checked against the vocabulary by the host),
+// one block per token. With `g` (a decode step: one token, one block), also the first
+// RMSNorm's half (matvec_body's fusion): xg = x ⊙ g and norms[0] = the sum of squares of x,
+// and norms[1..n_norms] zeroed for the step's later norms to add into.
 extern "C" __global__ void embed(int fmt, const u8* w, const u8* s, const u32* tokens, float* x,
-                                 int cols) {
+                                 int cols, const float* g, float* xg, double* norms,
+                                 int n_norms) {
+    __shared__ double partial[32];
     const int tok = blockIdx.x;
     const long row = tokens[tok];
-    for (int c = threadIdx.x; c < cols; c += blockDim.x)
-        x[(long)tok * cols + c] = weight_at(fmt, w, s, row, c, cols);
-}
-
-// The embedding row of one token (a decode step) into x, with the first RMSNorm's half done
-// (matvec_body's fusion): xg = x ⊙ g and norms[0] = the sum of squares of x; norms[1..n_norms]
-// are zeroed for the step's later norms to add into. One block.
-extern "C" __global__ void embed_norm(int fmt, const u8* w, const u8* s, const u32* tokens,
-                                      float* x, int cols, const float* g, float* xg,
-                                      double* norms, int n_norms) {
-    __shared__ double partial[32];
-    const long row = tokens[0];
     double sq = 0.0;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         const float v = weight_at(fmt, w, s, row, c, cols);
-        x[c] = v;
-        xg[c] = v * g[c];
-        sq += (double)v * (double)v;
+        x[(long)tok * cols + c] = v;
+        if (g) {
+            xg[c] = v * g[c];
+            sq += (double)v * (double)v;
+        }
     }
+    if (!g) return;  // the same for every thread of the launch
     for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
     if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sq;
     for (int i = threadIdx.x + 1; i < n_norms; i += blockDim.x) norms[i] = 0.0;

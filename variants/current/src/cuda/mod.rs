@@ -29,8 +29,8 @@ use plugin_api::ModelView;
 use crate::kernels::{BLOCK, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES};
 use crate::matmul::Weights;
 use crate::model::{
-    check_chunk, load_matrix, load_vector, LlamaConfig, ModelError, RopeTables, Transformer,
-    KV_CACHE_STEP,
+    cache_capacity, check_chunk, load_matrix, load_vector, LlamaConfig, ModelError, RopeTables,
+    Transformer,
 };
 
 /// The kernels' source, compiled for the device's architecture at load.
@@ -223,7 +223,6 @@ struct Kernels {
     matvec: [Option<CudaFunction>; 3],
     swiglu_vec: [Option<CudaFunction>; 3],
     embed: CudaFunction,
-    embed_norm: CudaFunction,
     rmsnorm: CudaFunction,
     rope_kv: CudaFunction,
     attention_split: CudaFunction,
@@ -237,8 +236,7 @@ impl Kernels {
     /// Compiles kernels.cu for `ctx`'s device with NVRTC and loads it.
     fn compile(ctx: &Arc<CudaContext>) -> Result<Self, ModelError> {
         let (major, minor) = ctx.compute_capability()?;
-        // NVRTC wants a 'static architecture name; one per device generation is leaked once.
-        let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+        let arch = arch_name(major, minor);
         let module = ctx.load_module(Self::ptx(arch)?)?;
         let f = |name: &str| module.load_function(name);
         Ok(Self {
@@ -257,7 +255,6 @@ impl Kernels {
                 Some(f("swiglu_vec_q8_0")?),
             ],
             embed: f("embed")?,
-            embed_norm: f("embed_norm")?,
             rmsnorm: f("rmsnorm")?,
             rope_kv: f("rope_kv")?,
             attention_split: f("attention_split")?,
@@ -313,6 +310,22 @@ impl Kernels {
             }
         }
     }
+}
+
+/// `sm_<major><minor>` as NVRTC wants it, `'static`: each name is leaked once per process and
+/// reused by every later load on a device of that generation.
+fn arch_name(major: i32, minor: i32) -> &'static str {
+    static NAMES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let name = format!("sm_{major}{minor}");
+    let mut names = NAMES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(known) = names.iter().find(|n| **n == name) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(name.into_boxed_str());
+    names.push(leaked);
+    leaked
 }
 
 /// Device buffers for the activations of a chunk of up to `tokens` tokens.
@@ -499,11 +512,7 @@ impl CudaLlama {
         if n <= self.capacity && !self.keys.is_empty() {
             return Ok(());
         }
-        let capacity = n
-            .div_ceil(KV_CACHE_STEP)
-            .saturating_mul(KV_CACHE_STEP)
-            .min(self.cfg.context_len)
-            .max(n);
+        let capacity = cache_capacity(n, self.cfg.context_len);
         let row = self.cfg.n_kv_head * self.cfg.head_dim;
         let keep = self.len.min(self.capacity) * row;
         let stream = &self.stream;
@@ -564,8 +573,7 @@ impl CudaLlama {
         self.grow_cache(end)?;
         let t = tokens.len();
         self.scratch(t)?;
-        let (_, n_split) = split_shape(t, pos, self.capacity);
-        let need = t * self.cfg.n_head * n_split * (self.cfg.head_dim + 2);
+        let need = partial_len(&self.cfg, t, pos, self.capacity);
         let Some(s) = self.scratch.as_mut() else {
             unreachable!("scratch() leaves buffers")
         };
@@ -592,31 +600,34 @@ impl CudaLlama {
         };
         let table = self.embedding.as_ref().unwrap_or(&self.output);
         let (fmt, cols) = (table.format as i32, table.cols as i32);
-        let kernel = if fused {
-            &self.kernels.embed_norm
+        // Fused (one token), the first block's attention norm is half done here (Fusion) and
+        // the step's sums zeroed; otherwise the norm's pointers are null.
+        let st = &self.stream;
+        let (g, xg, sums, n_norms) = if fused {
+            (
+                address(st, &self.blocks[0].attn_norm, 0),
+                address(st, &self.xg, 0),
+                address(st, &self.norm_sums, 0),
+                self.norm_sums.len() as i32,
+            )
         } else {
-            &self.kernels.embed
+            (0, 0, 0, 0)
         };
-        let mut launch = self.stream.launch_builder(kernel);
+        let mut launch = st.launch_builder(&self.kernels.embed);
         launch
             .arg(&fmt)
             .arg(&table.quants)
             .arg(&table.scales)
             .arg(&s.ids)
             .arg(&mut s.x)
-            .arg(&cols);
-        let n_norms = self.norm_sums.len() as i32;
-        if fused {
-            // The first block's attention norm, half done (Fusion), and the step's sums zeroed.
-            launch
-                .arg(&self.blocks[0].attn_norm)
-                .arg(&mut self.xg)
-                .arg(&mut self.norm_sums)
-                .arg(&n_norms);
-        }
+            .arg(&cols)
+            .arg(&g)
+            .arg(&xg)
+            .arg(&sums)
+            .arg(&n_norms);
         // SAFETY: `ids` holds t in-vocabulary ids (checked by prepare), `x` has room for t rows
         // of `cols`, and the table holds vocab rows in `fmt`; fused (t = 1), the norm weight
-        // and `xg` hold n_embd floats and `norm_sums` n_norms doubles.
+        // and `xg` hold n_embd floats and `norm_sums` n_norms doubles, all buffers of the model.
         unsafe { launch.launch(rows_config(t as u32)) }?;
         for i in 0..self.blocks.len() {
             self.block(i, t, pos)?;
@@ -861,36 +872,30 @@ fn rows_config(rows: u32) -> LaunchConfig {
 
 /// The grid of `matmul`/`swiglu` for `rows` weight rows and `t` tokens.
 fn matmul_config(rows: usize, t: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (
-            (rows as u32).div_ceil(ROW_WARPS),
-            (t as u32).div_ceil(TOKEN_TILE),
-            1,
-        ),
-        block_dim: (ROW_WARPS * 32, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    tiles(rows, ROW_WARPS, t, TOKEN_TILE, ROW_WARPS * 32)
 }
 
 /// The grid of the one-token `matvec`/`swiglu_vec` for `rows` weight rows in `format`.
 fn vec_config(rows: usize, format: Format) -> LaunchConfig {
     let rows_per_warp = if format == Format::Q8_0 { Q8_ROWS } else { 1 };
-    LaunchConfig {
-        grid_dim: ((rows as u32).div_ceil(VEC_WARPS * rows_per_warp), 1, 1),
-        block_dim: (VEC_WARPS * 32, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    tiles(rows, VEC_WARPS * rows_per_warp, 1, 1, VEC_WARPS * 32)
 }
 
 /// The grid of the tiled `matmul`/`swiglu` for `rows` weight rows and `t` tokens.
 fn tiled_config(rows: usize, t: usize) -> LaunchConfig {
+    tiles(rows, TILE_ROWS, t, TILE_TOKENS, 256)
+}
+
+/// A grid of blocks of `threads` covering `rows` weight rows `row_tile` at a time and `t`
+/// tokens `token_tile` at a time.
+fn tiles(rows: usize, row_tile: u32, t: usize, token_tile: u32, threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (
-            (rows as u32).div_ceil(TILE_ROWS),
-            (t as u32).div_ceil(TILE_TOKENS),
+            (rows as u32).div_ceil(row_tile),
+            (t as u32).div_ceil(token_tile),
             1,
         ),
-        block_dim: (256, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     }
 }
@@ -908,10 +913,18 @@ fn split_shape(t: usize, pos: usize, capacity: usize) -> (usize, usize) {
     }
 }
 
+/// Floats of attention's split records for `t` queries at `pos..` over a cache of `capacity`
+/// positions: per query, head and split, the running max, the sum and `head_dim` outputs.
+fn partial_len(cfg: &LlamaConfig, t: usize, pos: usize, capacity: usize) -> usize {
+    let (_, n_split) = split_shape(t, pos, capacity);
+    t * cfg.n_head * n_split * (cfg.head_dim + 2)
+}
+
 /// Causal attention of the `t` queries in `qkv` (a chunk at positions `pos..`, which `pos_at`
 /// holds on the device) over the cache of one block (`capacity` positions), into `out`
 /// (t, n_head * head_dim): `attention_split` over splits of the keys, then
-/// `attention_combine`. Grows `partial` when the sequence needs more records.
+/// `attention_combine`. `partial` must hold [`partial_len`] floats (`prepare` grows it: a
+/// captured step cannot allocate).
 #[allow(clippy::too_many_arguments)]
 fn attention(
     stream: &Arc<CudaStream>,
@@ -928,9 +941,12 @@ fn attention(
     capacity: usize,
 ) -> Result<(), ModelError> {
     let (split_len, n_split) = split_shape(t, pos, capacity);
-    let need = t * cfg.n_head * n_split * (cfg.head_dim + 2);
+    let need = partial_len(cfg, t, pos, capacity);
     if partial.len() < need {
-        *partial = stream.alloc_zeros(need)?;
+        return Err(ModelError::Gpu(format!(
+            "attention of {t} queries at position {pos} needs {need} floats of split records;              the buffer holds {}",
+            partial.len()
+        )));
     }
     let (tt, n_head, n_kv) = (t as i32, cfg.n_head as i32, cfg.n_kv_head as i32);
     let (hd, split, splits) = (cfg.head_dim as i32, split_len as i32, n_split as i32);
@@ -1032,13 +1048,17 @@ impl Fusion {
         self.norm_in == 0 && self.next_g == 0
     }
 
-    /// The error for a fusion asked of a kernel that has none (a model check failed).
-    fn unsupported() -> ModelError {
-        ModelError::Gpu("a fused RMSNorm needs the one-token kernel of a quantized matrix".into())
+    /// The error for a fusion asked of a kernel that has none (`t` tokens through a matrix in
+    /// `format`): a check of the model at load failed.
+    fn unsupported(format: Format, t: usize) -> ModelError {
+        ModelError::Gpu(format!(
+            "a fused RMSNorm needs the one-token kernel of a quantized matrix; {t} token(s) \
+             through a {format:?} matrix have none"
+        ))
     }
 }
 
-/// The device address of `slice`'s element `i` (for a [`Fusion`]).
+/// The device address of `slice`'s element `i` (for the fused norms' optional pointers).
 fn address<T>(stream: &CudaStream, slice: &CudaSlice<T>, i: usize) -> u64 {
     // Event tracking is off (one stream), so the guard that comes with the pointer does nothing.
     slice.device_ptr(stream).0 + (i * std::mem::size_of::<T>()) as u64
@@ -1072,7 +1092,7 @@ fn swiglu(
     if one_token {
         launch.arg(&fusion.norm_in).arg(&fusion.eps);
     } else if !fusion.is_none() {
-        return Err(Fusion::unsupported());
+        return Err(Fusion::unsupported(gate.format, t));
     }
     // SAFETY: gate and up are (rows, cols) in one format (checked at load), `x` holds t rows of
     // cols and `y` room for t rows of `rows`; a fusion's addresses are live buffers of the
@@ -1113,7 +1133,7 @@ fn matmul(
             .arg(&fusion.xg)
             .arg(&fusion.norm_out);
     } else if !fusion.is_none() {
-        return Err(Fusion::unsupported());
+        return Err(Fusion::unsupported(w.format, t));
     }
     // SAFETY: `x` holds t rows of w.cols and `y` t rows of w.rows (the scratch is sized for
     // every matrix of the model), and w's buffers hold rows x cols weights in its format; a
