@@ -944,7 +944,8 @@ fn attention(
     let need = partial_len(cfg, t, pos, capacity);
     if partial.len() < need {
         return Err(ModelError::Gpu(format!(
-            "attention of {t} queries at position {pos} needs {need} floats of split records;              the buffer holds {}",
+            "attention of {t} queries at position {pos} needs {need} floats of split records; \
+             the buffer holds {}",
             partial.len()
         )));
     }
