@@ -457,11 +457,19 @@ fn a_variant_that_stalls_every_other_token_is_reverted_by_the_itl_guard() {
             .unwrap_or_default()
             .to_string()
     };
-    assert!(line("ITL p99 ms").ends_with("SLOWER"), "{stdout}");
-    assert!(
-        !line("decode tok/s").ends_with("SLOWER"),
-        "the stall alone decides it, not the decode rate: {stdout}"
-    );
+    // The ITL guard names the stall: the gaps' tail about doubled. Whether the decode rate also
+    // reads SLOWER is left to chance here (the stall leaves it as it was, as the unit test
+    // `measure::tests::a_stall_every_other_token_keeps_the_rate_and_doubles_the_gaps` shows
+    // exactly, but six noisy pairs may still call it at the decode test's alpha; CI once did,
+    // at 0.912), so the test asserts what the guard must do, not what noise must not.
+    let itl = line("ITL p99 ms");
+    assert!(itl.ends_with("SLOWER"), "{stdout}");
+    let ratio: f64 = itl
+        .split_whitespace()
+        .nth(5)
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_default();
+    assert!(ratio > 1.5, "ITL p99 B/A {ratio}, a doubled gap: {stdout}");
     assert!(stdout.contains("ITL p99 ms is SLOWER"), "{stdout}");
     let row = &records(&results)[0];
     assert_eq!(row["verdict"], "REVERT", "{stdout}");

@@ -104,6 +104,23 @@ mod tests {
         assert_eq!(t.itl_ms, vec![10.0; 4]);
     }
 
+    /// What the drift fixture's `pairs` mode does to the figures, exactly: every second token
+    /// held back and sent with the next leaves the decode rate as it was and doubles every
+    /// other gap, so only the ITL tail can see it (the end-to-end test in `tests/compare.rs`
+    /// checks that `host compare` then reverts on ITL p99).
+    #[test]
+    fn a_stall_every_other_token_keeps_the_rate_and_doubles_the_gaps() {
+        let steady: Vec<u64> = (0..7).map(|i| 50_000_000 + i * 10_000_000).collect();
+        // Tokens 2 and 3 arrive with 3, 4 and 5 with 5, ...: arrival i is steady's odd one.
+        let paired: Vec<u64> = (0..7).map(|i| steady[i + (i % 2)]).collect();
+        let a = Timing::from_arrivals(100, &[1; 7], &steady, 0, 7, 10).unwrap();
+        let b = Timing::from_arrivals(100, &[1; 7], &paired, 0, 7, 10).unwrap();
+        assert_eq!(a.decode_tok_s, b.decode_tok_s);
+        assert_eq!(a.ttft_ms, b.ttft_ms);
+        assert_eq!(a.itl_ms, vec![10.0; 6]);
+        assert_eq!(b.itl_ms, vec![20.0, 0.0, 20.0, 0.0, 20.0, 0.0]);
+    }
+
     #[test]
     fn refuses_wrong_work() {
         let e = |n: usize| (0..n as u64).map(|i| (i + 1) * 1000).collect::<Vec<_>>();
