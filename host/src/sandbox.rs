@@ -523,6 +523,30 @@ fn own_process_only(pid: Option<u32>) -> Result<Vec<(i64, Vec<SeccompRule>)>, Sa
     Ok(out)
 }
 
+/// What a worker's filters hold it to beyond the defaults ([`worker_filters`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WorkerLimits {
+    /// Held to the CPUs it was pinned to ([`pin_to_cpus`]).
+    pub pinned: bool,
+    /// Its peak memory is read from its resident high-water mark (a CPU worker), so it may not
+    /// drop resident pages.
+    pub keep_resident: bool,
+}
+
+/// `madvise` advice that takes pages out of a process's resident set while their contents stay
+/// in memory (a file mapping's pages stay in the page cache, and the next read maps them back,
+/// a whole large folio at a time). The model is the host's read-only mapping: a variant that
+/// released its pages behind every matmul would read 90 MB of weights a token and show a
+/// fraction of them in its peak memory, and could spend the difference on memory of its own
+/// without the peak-memory guard seeing it (the drift fixture's `release` mode). Denied, the
+/// model's pages count for every variant that reads them. Freeing memory never lowers a
+/// high-water mark, so honest code loses nothing (the C library ignores a refused trim).
+pub const RESIDENCY_DROPPING_ADVICE: [i32; 3] = [
+    libc::MADV_DONTNEED,
+    21, /* MADV_PAGEOUT */
+    24, /* MADV_DONTNEED_LOCKED */
+];
+
 /// The seccomp filters of a worker, for the process `pid`: [`always_denied`], other
 /// processes' scheduling ([`own_process_only`]), signals to anything but itself, new
 /// processes and programs (threads only: a frozen worker must have no process that keeps
@@ -532,12 +556,21 @@ fn own_process_only(pid: Option<u32>) -> Result<Vec<(i64, Vec<SeccompRule>)>, Sa
 /// start-up; told there is none, it carries on). `clone3` answers ENOSYS, so that the C library falls
 /// back to `clone`, whose flags a filter can read.
 ///
-/// A worker `pinned` to a CPU budget ([`pin_to_cpus`]) may not change any thread's affinity
-/// at all, its own included: every thread it starts inherits the budget and keeps it.
-pub fn worker_filters(pid: u32, pinned: bool) -> Result<Vec<BpfProgram>, SandboxError> {
+/// With [`WorkerLimits`]: a worker `pinned` to a CPU budget ([`pin_to_cpus`]) may not change
+/// any thread's affinity at all, its own included: every thread it starts inherits the budget
+/// and keeps it. A worker that must `keep_resident` may not drop resident pages with `madvise`
+/// ([`RESIDENCY_DROPPING_ADVICE`]).
+pub fn worker_filters(pid: u32, limits: WorkerLimits) -> Result<Vec<BpfProgram>, SandboxError> {
     let mut deny: Vec<(i64, Vec<SeccompRule>)> =
         always_denied().into_iter().map(|nr| (nr, vec![])).collect();
     deny.extend(own_process_only(Some(pid))?);
+    if limits.keep_resident {
+        let advice = RESIDENCY_DROPPING_ADVICE
+            .iter()
+            .map(|&a| rule(vec![cond(2, SeccompCmpOp::Eq, a as u64)?]))
+            .collect::<Result<Vec<_>, _>>()?;
+        deny.push((libc::SYS_madvise, advice));
+    }
     for nr in [
         libc::SYS_kill,
         libc::SYS_tgkill,
@@ -592,7 +625,7 @@ pub fn worker_filters(pid: u32, pinned: bool) -> Result<Vec<BpfProgram>, Sandbox
         deny_filter(vec![(libc::SYS_clone3, vec![])], libc::ENOSYS)?,
         deny_filter(refused, libc::ENOENT)?,
     ];
-    if pinned {
+    if limits.pinned {
         filters.push(deny_filter(
             vec![(libc::SYS_sched_setaffinity, vec![])],
             libc::EPERM,
@@ -711,7 +744,11 @@ pub fn thread_count() -> usize {
 /// the kernel supports a mechanism and applying it fails.
 ///
 /// `pinned`: the worker was held to a CPU budget ([`pin_to_cpus`]), which it may not leave.
-pub fn confine_worker(policy: &Policy, support: Support, pinned: bool) -> Result<(), SandboxError> {
+pub fn confine_worker(
+    policy: &Policy,
+    support: Support,
+    limits: WorkerLimits,
+) -> Result<(), SandboxError> {
     if thread_count() != 1 {
         return Err(SandboxError::Setup(format!(
             "the worker has {} threads before confinement; it must have one",
@@ -719,7 +756,7 @@ pub fn confine_worker(policy: &Policy, support: Support, pinned: bool) -> Result
         )));
     }
     confine(policy, support, || {
-        worker_filters(std::process::id(), pinned)
+        worker_filters(std::process::id(), limits)
     })
 }
 
@@ -892,8 +929,13 @@ mod tests {
 
     #[test]
     fn filters_compile_for_this_machine() {
-        assert_eq!(worker_filters(1234, false).unwrap().len(), 3);
-        assert_eq!(worker_filters(1234, true).unwrap().len(), 4);
+        let limits = |pinned, keep_resident| WorkerLimits {
+            pinned,
+            keep_resident,
+        };
+        assert_eq!(worker_filters(1234, limits(false, false)).unwrap().len(), 3);
+        assert_eq!(worker_filters(1234, limits(false, true)).unwrap().len(), 3);
+        assert_eq!(worker_filters(1234, limits(true, true)).unwrap().len(), 4);
         assert_eq!(build_filters().unwrap().len(), 1);
     }
 }

@@ -214,6 +214,23 @@ fn a_memo_cannot_outlive_its_worker() {
     assert_eq!(rows[1]["seed"], "11");
 }
 
+/// Peak memory is read from the worker's resident high-water mark, so the model's pages must
+/// count while the variant reads them: releasing them behind every token (they would come back
+/// from the page cache on the next read) is refused by the kernel, every time.
+#[test]
+fn the_model_mapping_cannot_be_released_from_the_resident_set() {
+    let results = scratch("attack-release");
+    let (out, _, stderr) = attack("release", &results, &[]);
+    assert!(out.status.success(), "{stderr}");
+    all_denied(&stderr, "release", 2);
+    assert!(
+        reports(&stderr, "release")
+            .iter()
+            .all(|l| l.contains("Operation not permitted")),
+        "refused by the worker's filter, not by chance:\n{stderr}"
+    );
+}
+
 #[test]
 fn the_results_the_oracle_and_the_host_are_out_of_reach() {
     let results = scratch("attack-escape");

@@ -176,8 +176,13 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
             );
         }
     }
-    if let Err(e) = sandbox::confine_worker(&policy(args), Support::probe(), args.threads.is_some())
-    {
+    let limits = sandbox::WorkerLimits {
+        pinned: args.threads.is_some(),
+        // A GPU worker's memory is sampled ([`crate::supervisor`]), and the CUDA driver's own
+        // use of madvise is not ours to refuse.
+        keep_resident: !matches!(args.device, Some(Device::Cuda(_))),
+    };
+    if let Err(e) = sandbox::confine_worker(&policy(args), Support::probe(), limits) {
         return fail(
             &mut out,
             format!("the worker could not confine itself, so the variant was not opened: {e}"),
