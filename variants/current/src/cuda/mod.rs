@@ -696,21 +696,14 @@ impl CudaLlama {
             norm_out: sum(j),
             ..Fusion::NONE
         };
+        let none = &Fusion::NONE;
         if fused {
             let xg = self.xg.as_view();
             matmul(st, k, &b.qkv, &xg, &mut s.qkv, t, false, &reading(2 * i))?;
         } else {
             rmsnorm(st, k, &s.x, &b.attn_norm, &mut s.xn, t, cfg)?;
-            matmul(
-                st,
-                k,
-                &b.qkv,
-                &s.xn.as_view(),
-                &mut s.qkv,
-                t,
-                false,
-                &Fusion::NONE,
-            )?;
+            let xn = s.xn.as_view();
+            matmul(st, k, &b.qkv, &xn, &mut s.qkv, t, false, none)?;
         }
 
         let (n_head, n_kv) = (cfg.n_head as i32, cfg.n_kv_head as i32);
@@ -765,7 +758,6 @@ impl CudaLlama {
             let after = writing(2 * i + 2, next_norm);
             matmul(st, k, &b.down, &s.ff.as_view(), &mut s.x, t, true, &after)
         } else {
-            let none = &Fusion::NONE;
             matmul(st, k, &b.wo, &s.att.as_view(), &mut s.x, t, true, none)?;
             rmsnorm(st, k, &s.x, &b.ffn_norm, &mut s.xn, t, cfg)?;
             swiglu(st, k, &b.gate, &b.up, &s.xn, &mut s.ff, t, none)?;
@@ -1022,7 +1014,7 @@ fn rmsnorm(
 /// that writes x (the residual add, or the embedding) also writes `x ⊙ g` and adds the squares
 /// of x into a sum; the kernel that reads the normed x takes `x ⊙ g` and scales its products by
 /// `1 / rms` at the end. Two launches and a round trip of x per norm are saved.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Fusion {
     /// The input holds `x ⊙ g`; here is the sum of squares of x.
     norm_in: u64,

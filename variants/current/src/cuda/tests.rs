@@ -117,17 +117,11 @@ fn check_matmul(
     let want = cpu_product(cpu, &x, t, cols);
     let xd = stream.clone_htod(&x).unwrap();
     let mut y = stream.alloc_zeros::<f32>(t * rows).unwrap();
-    matmul(
-        stream,
-        k,
-        device,
-        &xd.as_view(),
-        &mut y,
-        t,
-        false,
-        &Fusion::NONE,
-    )
-    .unwrap();
+    let product = |y: &mut CudaSlice<f32>, accumulate: bool| {
+        let x = xd.as_view();
+        matmul(stream, k, device, &x, y, t, accumulate, &Fusion::NONE).unwrap();
+    };
+    product(&mut y, false);
     let got = stream.clone_dtoh(&y).unwrap();
     let diff = rel_diff(&want, &got);
     assert!(
@@ -135,17 +129,7 @@ fn check_matmul(
         "{format:?} {rows}x{cols} t={t}: relative difference {diff}"
     );
     // Accumulating adds the same product again.
-    matmul(
-        stream,
-        k,
-        device,
-        &xd.as_view(),
-        &mut y,
-        t,
-        true,
-        &Fusion::NONE,
-    )
-    .unwrap();
+    product(&mut y, true);
     let twice: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
     let diff = rel_diff(&twice, &stream.clone_dtoh(&y).unwrap());
     assert!(
