@@ -215,8 +215,9 @@ fn a_memo_cannot_outlive_its_worker() {
 }
 
 /// Peak memory is read from the worker's resident high-water mark, so the model's pages must
-/// count while the variant reads them: releasing them behind every token (they would come back
-/// from the page cache on the next read) is refused by the kernel, every time.
+/// count while the variant reads them: dropping them before every block (the block's reads
+/// would map its own back from the page cache) is refused by the worker's seccomp filter, in
+/// every request.
 #[test]
 fn the_model_mapping_cannot_be_released_from_the_resident_set() {
     let results = scratch("attack-release");
