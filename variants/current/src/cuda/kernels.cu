@@ -730,6 +730,145 @@ extern "C" __global__ void attention_combine(const float* partial, float* out,
     }
 }
 
+// Keys per split of attention_decode, its threads per block, and the most query heads one KV
+// head may serve there.
+#define DK 32
+#define DEC_THREADS 128
+#define GROUP_MAX 8
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Attention of one token (a decode step, at position *pos_at) over the cache, flash-decoding
+// style with every thread busy. Block (kv head, split) takes the DK keys of its split once, for
+// all `group` query heads that share the KV head: it stages the keys, values and queries in
+// shared memory (each thread issuing all its loads before it stores any), scores each (head, key)
+// pair on its own thread (a warp per head, a lane per key), takes each head's softmax over the
+// split in its warp, and writes per head the split's max m, sum l and unnormalised output to
+// `partial` ([head][split] records of hd + 2 floats, as attention_split's for one query). A
+// split wholly past the position writes nothing. The last block of a KV head to finish (counted
+// in counters[kv head], which it sets back to 0) merges the used splits of its heads into out
+// (n_head * hd). Needs hd a multiple of 4 of at most ATT_HD_MAX and n_head / n_kv at most
+// GROUP_MAX (the host checks).
+extern "C" __global__ void attention_decode(const float* qkv, const float* k_cache,
+                                            const float* v_cache, float* partial, float* out,
+                                            int* counters, const int* pos_at, int n_head,
+                                            int n_kv, int hd, int n_split, float scale) {
+    __shared__ float ks[DK][ATT_HD_MAX + 1];  // padded: lane j reads row j, no bank conflicts
+    __shared__ __align__(16) float vs[DK][ATT_HD_MAX];
+    __shared__ float qs[GROUP_MAX][ATT_HD_MAX];
+    __shared__ float ps[GROUP_MAX][DK];
+    __shared__ bool last;
+    const int pos = *pos_at;
+    const int kvh = blockIdx.x, split = blockIdx.y, group = n_head / n_kv;
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int k0 = split * DK;
+    const int n = min(DK, pos + 1 - k0);  // keys of this split the token sees
+    const int row4 = hd / 4;              // float4s per key row
+    if (n > 0) {
+        const long stride = (long)n_kv * hd;
+        constexpr int U = DK * ATT_HD_MAX / 4 / DEC_THREADS;  // float4s per thread, at most
+        float4 kr[U], vr[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int i = tid + DEC_THREADS * u, j = i / row4, c = i % row4;
+            kr[u] = vr[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (i < DK * row4 && j < n) {
+                const long at = (long)(k0 + j) * stride + (long)kvh * hd;
+                kr[u] = reinterpret_cast<const float4*>(k_cache + at)[c];
+                vr[u] = reinterpret_cast<const float4*>(v_cache + at)[c];
+            }
+        }
+        const float* q = qkv + (long)kvh * group * hd;  // heads kvh * group .. of this KV head
+        for (int i = tid; i < group * hd; i += DEC_THREADS) qs[i / hd][i % hd] = q[i];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int i = tid + DEC_THREADS * u, j = i / row4, c = i % row4;
+            if (i < DK * row4) {
+                ks[j][4 * c] = kr[u].x;
+                ks[j][4 * c + 1] = kr[u].y;
+                ks[j][4 * c + 2] = kr[u].z;
+                ks[j][4 * c + 3] = kr[u].w;
+                reinterpret_cast<float4*>(&vs[j][0])[c] = vr[u];
+            }
+        }
+        __syncthreads();
+        for (int g = warp; g < group; g += DEC_THREADS / 32) {
+            float sc = NEG_INF;
+            if (lane < n) {
+                float a = 0.0f;
+                for (int d = 0; d < hd; d++) a = fmaf(qs[g][d], ks[lane][d], a);
+                sc = a * scale;
+            }
+            const float m = warp_max(sc);
+            const float p = lane < n ? expf(sc - m) : 0.0f;
+            const float l = warp_sum(p);
+            ps[g][lane] = p;
+            if (lane == 0) {
+                float* rec = partial + ((long)(kvh * group + g) * n_split + split) * (hd + 2);
+                rec[0] = m;
+                rec[1] = l;
+            }
+        }
+        __syncthreads();
+        for (int i = tid; i < group * hd; i += DEC_THREADS) {
+            const int g = i / hd, d = i % hd;
+            float a = 0.0f;
+#pragma unroll 8
+            for (int j = 0; j < DK; j++) a = fmaf(ps[g][j], vs[j][d], a);
+            partial[((long)(kvh * group + g) * n_split + split) * (hd + 2) + 2 + d] = a;
+        }
+    }
+    // The records are visible device-wide before this block counts itself done.
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        last = atomicAdd(counters + kvh, 1) == n_split - 1;
+        if (last) counters[kvh] = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    // The merge, a warp per head: splits 0..used hold records (read past L1: other blocks wrote
+    // them). The lanes find the max M and the sum L over the splits together; then, 32 splits at
+    // a time, lane k's weight exp(m_k - M) is passed round and every lane adds its dimensions.
+    const int used = min(n_split, pos / DK + 1);
+    for (int g = warp; g < group; g += DEC_THREADS / 32) {
+        const int h = kvh * group + g;
+        const float* recs = partial + (long)h * n_split * (hd + 2);
+        float mx = NEG_INF;
+        for (int sp = lane; sp < used; sp += 32) mx = fmaxf(mx, __ldcg(recs + (long)sp * (hd + 2)));
+        mx = warp_max(mx);
+        float l = 0.0f;
+        for (int sp = lane; sp < used; sp += 32) {
+            const float* r = recs + (long)sp * (hd + 2);
+            l += expf(__ldcg(r) - mx) * __ldcg(r + 1);
+        }
+        l = warp_sum(l);
+        float acc[ATT_HD_MAX / 32];
+#pragma unroll
+        for (int e = 0; e < ATT_HD_MAX / 32; e++) acc[e] = 0.0f;
+        for (int s0 = 0; s0 < used; s0 += 32) {
+            const int sp = s0 + lane;
+            const float w = sp < used ? expf(__ldcg(recs + (long)sp * (hd + 2)) - mx) : 0.0f;
+            const int count = min(32, used - s0);
+#pragma unroll 4
+            for (int k = 0; k < count; k++) {
+                const float wk = __shfl_sync(0xffffffffu, w, k);
+                const float* r = recs + (long)(s0 + k) * (hd + 2) + 2;
+#pragma unroll
+                for (int e = 0; e < ATT_HD_MAX / 32; e++)
+                    if (lane + 32 * e < hd) acc[e] = fmaf(wk, __ldcg(r + lane + 32 * e), acc[e]);
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < ATT_HD_MAX / 32; e++)
+            if (lane + 32 * e < hd) out[(long)h * hd + lane + 32 * e] = acc[e] / l;
+    }
+}
+
 // *best = the index of the largest of the n values (the first of equal ones; NaNs never win,
 // and with nothing above minus infinity it is 0), as the CPU's greedy choice. One block: each
 // thread keeps its best (value, index), and the block reduces them.

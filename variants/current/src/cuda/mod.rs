@@ -7,7 +7,7 @@
 //! stay quantized, repacked so their quants are 16-byte aligned; Q, K and V concatenated into
 //! one matrix), the token embedding is looked up on the device, and the KV cache is written and
 //! read in place. One forward pass is nine kernel launches per block ([`CudaLlama::block`]),
-//! seven for one token, whose RMSNorms are fused into the matvecs around them ([`Fusion`]);
+//! six for one token, whose RMSNorms are fused into the matvecs around them ([`Fusion`]);
 //! only the token id and position go up, and the logits come back (for a greedy decode step,
 //! only their argmax). A one-token step is captured once as a CUDA graph and replayed
 //! ([`CudaLlama::decode_graph`]): the kernels read the position from device memory and
@@ -52,11 +52,16 @@ const VEC_WARPS: u32 = 4;
 const Q8_ROWS: u32 = 2;
 /// Queries per `attention_split` block, 8 threads each (`AQ` in kernels.cu).
 const ATT_QUERIES: u32 = 16;
+/// Threads per `attention_decode` block (`DEC_THREADS` in kernels.cu), and the most query heads
+/// per KV head it serves (`GROUP_MAX`); a model with more decodes through `attention_split`.
+const DECODE_THREADS: u32 = 128;
+const DECODE_GROUP_MAX: usize = 8;
 /// The widest head `attention_split` holds (`ATT_HD_MAX` in kernels.cu).
 const ATT_HD_MAX: usize = 128;
 /// Keys per attention split: short for one token, so that a long cache is spread over many
-/// blocks; longer for a chunk, whose queries already fill the GPU.
-const SPLIT_DECODE: usize = 64;
+/// blocks (`DK` in kernels.cu, `attention_decode`'s split); longer for a chunk, whose queries
+/// already fill the GPU.
+const SPLIT_DECODE: usize = 32;
 const SPLIT_PREFILL: usize = 256;
 /// Threads of the one block of `argmax` (`ARGMAX_THREADS` in kernels.cu).
 const ARGMAX_THREADS: u32 = 1024;
@@ -227,6 +232,7 @@ struct Kernels {
     rope_kv: CudaFunction,
     attention_split: CudaFunction,
     attention_combine: CudaFunction,
+    attention_decode: CudaFunction,
     argmax: CudaFunction,
     /// Keeps the module loaded while its functions are used.
     _module: Arc<CudaModule>,
@@ -259,6 +265,7 @@ impl Kernels {
             rope_kv: f("rope_kv")?,
             attention_split: f("attention_split")?,
             attention_combine: f("attention_combine")?,
+            attention_decode: f("attention_decode")?,
             argmax: f("argmax")?,
             _module: module,
         })
@@ -346,6 +353,9 @@ struct Scratch {
     logits: CudaSlice<f32>,
     /// Attention's per-split records ([`attention`]), grown to the longest sequence seen.
     partial: CudaSlice<f32>,
+    /// One-token attention's count of finished splits per KV head ([`attention`]), 0 between
+    /// launches.
+    done: CudaSlice<i32>,
 }
 
 /// The captured one-token step and the buffer generation it was captured against.
@@ -553,6 +563,7 @@ impl CudaLlama {
             ff: s.alloc_zeros(t * cfg.n_ff)?,
             logits: s.alloc_zeros(t * cfg.vocab_size)?,
             partial: s.alloc_zeros(1)?,
+            done: s.alloc_zeros(cfg.n_kv_head)?,
         });
         self.generation += 1;
         Ok(())
@@ -671,7 +682,7 @@ impl CudaLlama {
     }
 
     /// Block `i` for the `t` tokens in the scratch `x` at positions `pos..`: nine launches, or
-    /// seven with fused norms.
+    /// six for a fused decode step.
     fn block(&mut self, i: usize, t: usize, pos: usize) -> Result<(), ModelError> {
         let cfg = &self.cfg;
         let k = &self.kernels;
@@ -732,6 +743,7 @@ impl CudaLlama {
             &self.keys[i],
             &self.values[i],
             &mut s.partial,
+            &mut s.done,
             &mut s.att,
             &self.pos_at,
             pos,
@@ -915,8 +927,10 @@ fn partial_len(cfg: &LlamaConfig, t: usize, pos: usize, capacity: usize) -> usiz
 /// Causal attention of the `t` queries in `qkv` (a chunk at positions `pos..`, which `pos_at`
 /// holds on the device) over the cache of one block (`capacity` positions), into `out`
 /// (t, n_head * head_dim): `attention_split` over splits of the keys, then
-/// `attention_combine`. `partial` must hold [`partial_len`] floats (`prepare` grows it: a
-/// captured step cannot allocate).
+/// `attention_combine`; one token goes through `attention_decode` instead, a block per KV head
+/// and split, all its threads busy, whose last block per KV head merges the splits (counted in
+/// `done`). `partial` must hold [`partial_len`] floats (`prepare` grows it: a captured step
+/// cannot allocate).
 #[allow(clippy::too_many_arguments)]
 fn attention(
     stream: &Arc<CudaStream>,
@@ -926,6 +940,7 @@ fn attention(
     keys: &CudaSlice<f32>,
     values: &CudaSlice<f32>,
     partial: &mut CudaSlice<f32>,
+    done: &mut CudaSlice<i32>,
     out: &mut CudaSlice<f32>,
     pos_at: &CudaSlice<i32>,
     pos: usize,
@@ -944,6 +959,34 @@ fn attention(
     let (tt, n_head, n_kv) = (t as i32, cfg.n_head as i32, cfg.n_kv_head as i32);
     let (hd, split, splits) = (cfg.head_dim as i32, split_len as i32, n_split as i32);
     let scale = 1.0f32 / (cfg.head_dim as f32).sqrt();
+    if t == 1 && cfg.n_head / cfg.n_kv_head <= DECODE_GROUP_MAX {
+        let mut launch = stream.launch_builder(&k.attention_decode);
+        launch
+            .arg(qkv)
+            .arg(keys)
+            .arg(values)
+            .arg(&mut *partial)
+            .arg(&mut *out)
+            .arg(done)
+            .arg(pos_at)
+            .arg(&n_head)
+            .arg(&n_kv)
+            .arg(&hd)
+            .arg(&splits)
+            .arg(&scale);
+        let config = LaunchConfig {
+            grid_dim: (cfg.n_kv_head as u32, n_split as u32, 1),
+            block_dim: (DECODE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as below for one query: the caches hold positions ..=pos, `qkv` one row,
+        // `partial` the records of n_head x n_split, `done` n_kv zeroed counters, `out`
+        // one row of n_head heads; the group of query heads per KV head is at most
+        // DECODE_GROUP_MAX (checked above) and the head width a multiple of 8 of at most
+        // ATT_HD_MAX (checked at load).
+        unsafe { launch.launch(config) }?;
+        return Ok(());
+    }
     let mut launch = stream.launch_builder(&k.attention_split);
     launch
         .arg(qkv)

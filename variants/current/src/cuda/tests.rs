@@ -212,7 +212,16 @@ fn cuda_matrices_of_mixed_formats_are_stacked_as_f32() {
 
 /// GPU attention of `t` random queries at `pos0..` over `pos0 + t` random cached positions,
 /// against the CPU model's attention; returns the relative difference.
-fn attention_difference(stream: &Arc<CudaStream>, k: &Kernels, pos0: usize, t: usize) -> f32 {
+/// The largest relative difference between the GPU's attention of `t` queries at `pos0..` and
+/// the CPU's, over a cache of `spare` positions more than the queries reach (a decode step's
+/// grid covers the whole cache).
+fn attention_difference(
+    stream: &Arc<CudaStream>,
+    k: &Kernels,
+    pos0: usize,
+    t: usize,
+    spare: usize,
+) -> f32 {
     let (n_head, n_kv, hd) = (6usize, 2usize, 64usize);
     let cfg = LlamaConfig {
         n_layer: 1,
@@ -224,10 +233,10 @@ fn attention_difference(stream: &Arc<CudaStream>, k: &Kernels, pos0: usize, t: u
         rope_dim: hd,
         rope_base: 10_000.0,
         rms_eps: 1e-5,
-        context_len: pos0 + t,
+        context_len: pos0 + t + spare,
         vocab_size: 16,
     };
-    let end = pos0 + t;
+    let end = pos0 + t + spare;
     let qkv_row = (n_head + 2 * n_kv) * hd;
     let qkv = random_activations(t * qkv_row, 3 + t as u64);
     // Keys and values as the GPU lays them out, [position][kv head][hd] ...
@@ -240,6 +249,7 @@ fn attention_difference(stream: &Arc<CudaStream>, k: &Kernels, pos0: usize, t: u
             .map(|(h, p, e)| buf[(p * n_kv + h) * hd + e])
             .collect()
     };
+    // Positions past the queries' hold values no query may see.
     let q: Vec<f32> = (0..t)
         .flat_map(|tok| qkv[tok * qkv_row..tok * qkv_row + n_head * hd].to_vec())
         .collect();
@@ -267,24 +277,34 @@ fn attention_difference(stream: &Arc<CudaStream>, k: &Kernels, pos0: usize, t: u
     let mut partial = stream
         .alloc_zeros::<f32>(partial_len(&cfg, t, pos0, end))
         .unwrap();
+    let mut done = stream.alloc_zeros::<i32>(n_kv).unwrap();
     let mut out = stream.alloc_zeros::<f32>(t * n_head * hd).unwrap();
     let pos_at = stream.clone_htod(&[pos0 as i32]).unwrap();
-    attention(
-        stream,
-        k,
-        &cfg,
-        &qkv_d,
-        &keys_d,
-        &values_d,
-        &mut partial,
-        &mut out,
-        &pos_at,
-        pos0,
-        t,
-        end,
-    )
-    .unwrap();
-    rel_diff(&want, &stream.clone_dtoh(&out).unwrap())
+    // Twice, the output cleared between: the split counters must be back at 0 for the second
+    // launch to merge its splits again.
+    let mut worst = 0f32;
+    for _ in 0..2 {
+        stream.memset_zeros(&mut out).unwrap();
+        attention(
+            stream,
+            k,
+            &cfg,
+            &qkv_d,
+            &keys_d,
+            &values_d,
+            &mut partial,
+            &mut done,
+            &mut out,
+            &pos_at,
+            pos0,
+            t,
+            end,
+        )
+        .unwrap();
+        worst = worst.max(rel_diff(&want, &stream.clone_dtoh(&out).unwrap()));
+    }
+    assert_eq!(stream.clone_dtoh(&done).unwrap(), vec![0; done.len()]);
+    worst
 }
 
 #[test]
@@ -301,11 +321,24 @@ fn cuda_attention_matches_the_cpu_in_every_split_and_tile_shape() {
         (0, 37),
         (0, 300),
         (700, 45),
+        (31, 1),
+        (32, 1),
+        (1023, 1),
+        (1024, 1),
     ] {
-        let diff = attention_difference(&stream, &k, pos0, t);
+        let diff = attention_difference(&stream, &k, pos0, t, 0);
         assert!(
             diff < 1e-5,
             "pos0 {pos0}, {t} tokens: relative difference {diff}"
+        );
+    }
+    // One token early in a long cache: splits past its position must stay out of the merge.
+    for (pos0, spare) in [(40, 500), (0, 100), (1100, 37)] {
+        let diff = attention_difference(&stream, &k, pos0, 1, spare);
+        assert!(
+            diff < 1e-5,
+            "pos0 {pos0} in a cache of {}: relative difference {diff}",
+            pos0 + 1 + spare
         );
     }
 }
