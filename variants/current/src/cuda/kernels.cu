@@ -241,6 +241,44 @@ __device__ __forceinline__ float q8_0_half(uint4 q, u16 dh, const float4* x, flo
     return fmaf(f16_to_f32(dh), a, acc);
 }
 
+// Where the QKV matvec of a decode step puts its rows (matvec_body with ROPE), instead of
+// leaving them for rope_kv: q rotated into y, k rotated into the key cache and v copied into the
+// value cache, at position *pos_at, as rope_kv would (the same arithmetic, in the same order).
+// Mirrored by `RopeArgs` in mod.rs.
+struct Rope {
+    const float* cos_t;
+    const float* sin_t;
+    float* k_cache;
+    float* v_cache;
+    const int* pos_at;
+    int n_head, n_kv, hd, half;
+};
+
+// Stores row `row` of a QKV product: `vals` holds the block's rows, this one at `local`. Rows
+// come in rotation pairs (2p, 2p + 1) within a head, and a block starts at an even row, so the
+// partner of `local` is `local ^ 1`.
+__device__ __forceinline__ void rope_store(const Rope& rp, float* q_out, int row,
+                                           const float* vals, int local) {
+    const int head = row / rp.hd, d = row % rp.hd, p = d / 2;
+    const int pos = *rp.pos_at;
+    const long at = (long)pos * rp.n_kv * rp.hd;
+    if (head >= rp.n_head + rp.n_kv) {
+        rp.v_cache[at + (long)(head - rp.n_head - rp.n_kv) * rp.hd + d] = vals[local];
+        return;
+    }
+    float v = vals[local];
+    if (p < rp.half) {
+        const float x0 = vals[local & ~1], x1 = vals[local | 1];
+        const float cs = rp.cos_t[(long)pos * rp.half + p], sn = rp.sin_t[(long)pos * rp.half + p];
+        v = d % 2 == 0 ? x0 * cs - x1 * sn : x0 * sn + x1 * cs;
+    }
+    if (head < rp.n_head) {
+        q_out[row] = v;
+    } else {
+        rp.k_cache[at + (long)(head - rp.n_head) * rp.hd + d] = v;
+    }
+}
+
 // y = x W^T for one token (or y += that with `accumulate`; with GATED, y = silu(x Wg^T) *
 // (x Wu^T), the up matrix in w2/s2). Q4_1: a warp per row (with GATED, the same row of both
 // matrices), lane l taking quant words l, l + 32, ... Q8_0: a warp per Q8_ROWS rows, lane l
@@ -254,10 +292,12 @@ __device__ __forceinline__ float q8_0_half(uint4 q, u16 dh, const float4* x, flo
 // - next_g: after the residual add, row r of the new x times next_g[r] (the next norm's
 //   weight) goes to xg[r], and the squares of the new x are added into *norm_out (one f64
 //   atomic add per block), for the next kernel's norm_in.
-template <int FMT, bool GATED>
+// With ROPE (the QKV matrix), the rows go where `rope` says (rope_store) instead of all to y.
+template <int FMT, bool GATED, bool ROPE = false>
 __device__ void matvec_body(const u8* w, const u8* s, const u8* w2, const u8* s2, const float* x,
                             float* y, int rows, int cols, int accumulate, const double* norm_in,
-                            double eps, const float* next_g, float* xg, double* norm_out) {
+                            double eps, const float* next_g, float* xg, double* norm_out,
+                            Rope rope = Rope{}) {
     constexpr int R = FMT == FMT_Q4_1 ? 1 : Q8_ROWS;  // rows per matrix
     constexpr int M = GATED ? 2 : 1;                  // matrices
     __shared__ double squares[VEC_WARPS];
@@ -314,6 +354,21 @@ __device__ void matvec_body(const u8* w, const u8* s, const u8* w2, const u8* s2
         }
     }
     const float scale = norm_in ? (float)(1.0 / sqrt(*norm_in / (double)cols + eps)) : 1.0f;
+    if (ROPE) {  // the same for every thread of the launch
+        __shared__ float vals[VEC_WARPS * R];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const float sum = warp_sum(acc[0][r]) * scale;
+            if (lane == 0) vals[warp * R + r] = sum;
+        }
+        __syncthreads();
+        if (lane == 0) {
+#pragma unroll
+            for (int r = 0; r < R; r++)
+                if (row0 + r < rows) rope_store(rope, y, row0 + r, vals, warp * R + r);
+        }
+        return;
+    }
     double sq = 0.0;
 #pragma unroll
     for (int r = 0; r < R; r++) {
@@ -358,6 +413,20 @@ extern "C" __global__ void matvec_q8_0(const u8* w, const u8* s, const float* x,
                                        float* xg, double* norm_out) {
     matvec_body<FMT_Q8_0, false>(w, s, w, s, x, y, rows, cols, accumulate, norm_in, eps, next_g,
                                  xg, norm_out);
+}
+// The QKV matvec of a decode step with RoPE and the cache write fused (matvec_body's ROPE): the
+// rows are (n_head + 2 n_kv) heads of `rope.hd`, and x holds the attention norm's x ⊙ g.
+extern "C" __global__ void qkv_vec_q4_1(const u8* w, const u8* s, const float* x, float* y,
+                                        int rows, int cols, const double* norm_in, double eps,
+                                        Rope rope) {
+    matvec_body<FMT_Q4_1, false, true>(w, s, w, s, x, y, rows, cols, 0, norm_in, eps, nullptr,
+                                       nullptr, nullptr, rope);
+}
+extern "C" __global__ void qkv_vec_q8_0(const u8* w, const u8* s, const float* x, float* y,
+                                        int rows, int cols, const double* norm_in, double eps,
+                                        Rope rope) {
+    matvec_body<FMT_Q8_0, false, true>(w, s, w, s, x, y, rows, cols, 0, norm_in, eps, nullptr,
+                                       nullptr, nullptr, rope);
 }
 extern "C" __global__ void swiglu_vec_q4_1(const u8* wg, const u8* sg, const u8* wu,
                                            const u8* su, const float* x, float* y, int rows,

@@ -7,7 +7,8 @@
 //! stay quantized, repacked so their quants are 16-byte aligned; Q, K and V concatenated into
 //! one matrix), the token embedding is looked up on the device, and the KV cache is written and
 //! read in place. One forward pass is nine kernel launches per block ([`CudaLlama::block`]),
-//! six for one token, whose RMSNorms are fused into the matvecs around them ([`Fusion`]);
+//! five for one token, whose RMSNorms are fused into the matvecs around them ([`Fusion`]) and
+//! whose RoPE and cache write are the QKV matvec's epilogue ([`qkv_rope`]);
 //! only the token id and position go up, and the logits come back (for a greedy decode step,
 //! only their argmax). A one-token step is captured once as a CUDA graph and replayed
 //! ([`CudaLlama::decode_graph`]): the kernels read the position from device memory and
@@ -21,7 +22,7 @@ use candle_core::{Device, Tensor};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, CudaView, DevicePtr,
-    DriverError, LaunchConfig, PushKernelArg,
+    DeviceRepr, DriverError, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 use plugin_api::ModelView;
@@ -227,6 +228,8 @@ struct Kernels {
     /// for the quantized formats (f32 matrices take the warp kernel).
     matvec: [Option<CudaFunction>; 3],
     swiglu_vec: [Option<CudaFunction>; 3],
+    /// `qkv_vec_*` per [`Format`]: the one-token QKV matvec with RoPE and the cache write.
+    qkv_vec: [Option<CudaFunction>; 3],
     embed: CudaFunction,
     rmsnorm: CudaFunction,
     rope_kv: CudaFunction,
@@ -260,6 +263,7 @@ impl Kernels {
                 Some(f("swiglu_vec_q4_1")?),
                 Some(f("swiglu_vec_q8_0")?),
             ],
+            qkv_vec: [None, Some(f("qkv_vec_q4_1")?), Some(f("qkv_vec_q8_0")?)],
             embed: f("embed")?,
             rmsnorm: f("rmsnorm")?,
             rope_kv: f("rope_kv")?,
@@ -682,7 +686,7 @@ impl CudaLlama {
     }
 
     /// Block `i` for the `t` tokens in the scratch `x` at positions `pos..`: nine launches, or
-    /// six for a fused decode step.
+    /// five for a fused decode step.
     fn block(&mut self, i: usize, t: usize, pos: usize) -> Result<(), ModelError> {
         let cfg = &self.cfg;
         let k = &self.kernels;
@@ -708,32 +712,25 @@ impl CudaLlama {
             ..Fusion::NONE
         };
         let none = &Fusion::NONE;
+        let rope = RopeArgs {
+            cos: address(st, &self.cos, 0),
+            sin: address(st, &self.sin, 0),
+            keys: address(st, &self.keys[i], 0),
+            values: address(st, &self.values[i], 0),
+            pos_at: address(st, &self.pos_at, 0),
+            n_head: cfg.n_head as i32,
+            n_kv: cfg.n_kv_head as i32,
+            head_dim: cfg.head_dim as i32,
+            rope_half: (cfg.rope_dim / 2) as i32,
+        };
         if fused {
-            let xg = self.xg.as_view();
-            matmul(st, k, &b.qkv, &xg, &mut s.qkv, t, false, &reading(2 * i))?;
+            qkv_rope(st, k, &b.qkv, &self.xg, &mut s.qkv, &reading(2 * i), &rope)?;
         } else {
             rmsnorm(st, k, &s.x, &b.attn_norm, &mut s.xn, t, cfg)?;
             let xn = s.xn.as_view();
             matmul(st, k, &b.qkv, &xn, &mut s.qkv, t, false, none)?;
+            rope_kv(st, k, &mut s.qkv, &rope, t)?;
         }
-
-        let (n_head, n_kv) = (cfg.n_head as i32, cfg.n_kv_head as i32);
-        let (hd, rope_half) = (cfg.head_dim as i32, (cfg.rope_dim / 2) as i32);
-        let mut launch = st.launch_builder(&k.rope_kv);
-        launch
-            .arg(&mut s.qkv)
-            .arg(&self.cos)
-            .arg(&self.sin)
-            .arg(&mut self.keys[i])
-            .arg(&mut self.values[i])
-            .arg(&self.pos_at)
-            .arg(&n_head)
-            .arg(&n_kv)
-            .arg(&hd)
-            .arg(&rope_half);
-        // SAFETY: `qkv` holds t rows of (n_head + 2 n_kv) heads, the tables cover pos + t <=
-        // context positions, and the caches hold capacity >= pos + t positions (grow_cache).
-        unsafe { launch.launch(rows_config(t as u32)) }?;
 
         attention(
             st,
@@ -1092,6 +1089,92 @@ impl Fusion {
              through a {format:?} matrix have none"
         ))
     }
+}
+
+/// Where the QKV matvec of a decode step puts its rows ([`qkv_rope`]): `struct Rope` in
+/// kernels.cu, field for field (device addresses, then the shapes).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RopeArgs {
+    /// The `(context, rope_half)` cos and sin tables.
+    cos: u64,
+    sin: u64,
+    /// This block's key and value caches, `[position][kv head][head_dim]`.
+    keys: u64,
+    values: u64,
+    /// The position of the token, on the device.
+    pos_at: u64,
+    n_head: i32,
+    n_kv: i32,
+    head_dim: i32,
+    /// Rotated pairs per head.
+    rope_half: i32,
+}
+
+// SAFETY: a `repr(C)` struct of integers, laid out as kernels.cu's `struct Rope` (five 8-byte
+// addresses, then four 4-byte ints: no padding on either side).
+unsafe impl DeviceRepr for RopeArgs {}
+
+/// RoPE and the cache write for the `t` token rows of `qkv` (at the position `rope.pos_at`
+/// holds and after): q rotated in place, k rotated into the key cache, v copied into the value
+/// cache.
+fn rope_kv(
+    stream: &CudaStream,
+    k: &Kernels,
+    qkv: &mut CudaSlice<f32>,
+    rope: &RopeArgs,
+    t: usize,
+) -> Result<(), ModelError> {
+    let mut launch = stream.launch_builder(&k.rope_kv);
+    launch
+        .arg(qkv)
+        .arg(&rope.cos)
+        .arg(&rope.sin)
+        .arg(&rope.keys)
+        .arg(&rope.values)
+        .arg(&rope.pos_at)
+        .arg(&rope.n_head)
+        .arg(&rope.n_kv)
+        .arg(&rope.head_dim)
+        .arg(&rope.rope_half);
+    // SAFETY: `qkv` holds t rows of (n_head + 2 n_kv) heads, the tables cover pos + t <= context
+    // positions, and the caches hold capacity >= pos + t positions (grow_cache).
+    unsafe { launch.launch(rows_config(t as u32)) }?;
+    Ok(())
+}
+
+/// The QKV matvec of a fused decode step (one token, `x` holding the attention norm's `x ⊙ g`)
+/// with RoPE and the cache write in its epilogue: q rotated into `qkv`, k rotated and v copied
+/// into the caches at the token's position. One launch instead of the matvec and `rope_kv`.
+fn qkv_rope(
+    stream: &CudaStream,
+    k: &Kernels,
+    w: &DeviceMatrix,
+    x: &CudaSlice<f32>,
+    qkv: &mut CudaSlice<f32>,
+    fusion: &Fusion,
+    rope: &RopeArgs,
+) -> Result<(), ModelError> {
+    let Some(kernel) = &k.qkv_vec[w.format as usize] else {
+        return Err(Fusion::unsupported(w.format, 1));
+    };
+    let (rows, cols) = (w.rows as i32, w.cols as i32);
+    let mut launch = stream.launch_builder(kernel);
+    launch
+        .arg(&w.quants)
+        .arg(&w.scales)
+        .arg(x)
+        .arg(qkv)
+        .arg(&rows)
+        .arg(&cols)
+        .arg(&fusion.norm_in)
+        .arg(&fusion.eps)
+        .arg(rope);
+    // SAFETY: `x` holds w.cols floats, `qkv` w.rows = (n_head + 2 n_kv) head_dim, the norm sum
+    // is a live f64 of the model, and `rope` addresses the model's tables (covering the
+    // position) and this block's caches (holding capacity > the position, grow_cache).
+    unsafe { launch.launch(vec_config(w.rows, w.format)) }?;
+    Ok(())
 }
 
 /// The device address of `slice`'s element `i` (for the fused norms' optional pointers).

@@ -609,3 +609,78 @@ fn nvrtc_compiles_every_kernel_of_kernels_cu() {
         );
     }
 }
+
+/// The decode step's QKV matvec with RoPE and the cache write in its epilogue stores exactly
+/// what the matvec followed by `rope_kv` stores: the rotated q, and k and v in the caches at the
+/// token's position, for a full and a partial rotation.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_qkv_rope_epilogue_matches_the_matvec_then_rope_kv() {
+    let (stream, k) = gpu();
+    let (n_head, n_kv, hd, d, positions, pos) = (4usize, 2usize, 16usize, 96usize, 8usize, 5usize);
+    let rows = (n_head + 2 * n_kv) * hd;
+    for (n, (format, rope_half)) in [(Format::Q4_1, hd / 2), (Format::Q8_0, hd / 2 - 2)]
+        .into_iter()
+        .enumerate()
+    {
+        let seed = 90 + 10 * n as u64;
+        let w = random_weights(format, rows, d, seed);
+        let w_d = DeviceMatrix::upload(&stream, "qkv", &[(&w, rows)]).unwrap();
+        let xg = stream.clone_htod(&random_activations(d, seed + 1)).unwrap();
+        let sums = stream.clone_htod(&[37.5f64]).unwrap();
+        let cos = stream
+            .clone_htod(&random_activations(positions * rope_half, seed + 2))
+            .unwrap();
+        let sin = stream
+            .clone_htod(&random_activations(positions * rope_half, seed + 3))
+            .unwrap();
+        let pos_at = stream.clone_htod(&[pos as i32]).unwrap();
+        let reading = Fusion {
+            norm_in: address(&stream, &sums, 0),
+            eps: 1e-5,
+            ..Fusion::NONE
+        };
+        let cache = || stream.alloc_zeros::<f32>(positions * n_kv * hd).unwrap();
+        let run = |fused: bool| {
+            let (keys, values) = (cache(), cache());
+            let mut qkv = stream.alloc_zeros::<f32>(rows).unwrap();
+            let rope = RopeArgs {
+                cos: address(&stream, &cos, 0),
+                sin: address(&stream, &sin, 0),
+                keys: address(&stream, &keys, 0),
+                values: address(&stream, &values, 0),
+                pos_at: address(&stream, &pos_at, 0),
+                n_head: n_head as i32,
+                n_kv: n_kv as i32,
+                head_dim: hd as i32,
+                rope_half: rope_half as i32,
+            };
+            if fused {
+                qkv_rope(&stream, &k, &w_d, &xg, &mut qkv, &reading, &rope).unwrap();
+            } else {
+                let x = xg.as_view();
+                matmul(&stream, &k, &w_d, &x, &mut qkv, 1, false, &reading).unwrap();
+                rope_kv(&stream, &k, &mut qkv, &rope, 1).unwrap();
+            }
+            let mut q = stream.clone_dtoh(&qkv).unwrap();
+            q.truncate(n_head * hd);
+            (
+                q,
+                stream.clone_dtoh(&keys).unwrap(),
+                stream.clone_dtoh(&values).unwrap(),
+            )
+        };
+        let (want, got) = (run(false), run(true));
+        assert!(
+            want.1.iter().any(|&v| v != 0.0),
+            "{format:?}: no key written"
+        );
+        assert!(
+            want.2.iter().any(|&v| v != 0.0),
+            "{format:?}: no value written"
+        );
+        assert_eq!(want.0, got.0, "{format:?}: rotated q");
+        assert_eq!(want.1, got.1, "{format:?}: key cache");
+        assert_eq!(want.2, got.2, "{format:?}: value cache");
+    }
+}
