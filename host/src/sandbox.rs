@@ -743,7 +743,7 @@ pub fn thread_count() -> usize {
 /// then the worker's seccomp filters. Fails (and the worker must not open the library) when
 /// the kernel supports a mechanism and applying it fails.
 ///
-/// `pinned`: the worker was held to a CPU budget ([`pin_to_cpus`]), which it may not leave.
+/// `limits`: what the filters hold it to beyond the defaults ([`WorkerLimits`]).
 pub fn confine_worker(
     policy: &Policy,
     support: Support,
