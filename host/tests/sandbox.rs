@@ -232,6 +232,18 @@ fn the_model_mapping_cannot_be_released_from_the_resident_set() {
     );
 }
 
+/// Peak memory is the worker's resident high-water mark, read after each request; a CPU
+/// worker that could write its `clear_refs` would reset it before it is read (a GPU worker is
+/// sampled instead). Landlock keeps every path to it read-only, in every request.
+#[test]
+fn the_peak_memory_mark_cannot_be_reset() {
+    let results = scratch("attack-hwm");
+    let (out, _, stderr) = attack("hwm", &results, &[]);
+    assert!(out.status.success(), "{stderr}");
+    // Three paths a request, two requests at least (the run's and the quality pass's).
+    all_denied(&stderr, "hwm", 6);
+}
+
 #[test]
 fn the_results_the_oracle_and_the_host_are_out_of_reach() {
     let results = scratch("attack-escape");
