@@ -197,6 +197,11 @@ fn looks_like_english(text: &str) -> bool {
         .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric() && c != '\''))
         .filter(|w| !w.is_empty())
         .collect();
+    // Numbers (a numbered list's "1.") are neither words nor noise, up to a few of them.
+    let numbers = words
+        .iter()
+        .filter(|w| w.chars().all(|c| c.is_ascii_digit()))
+        .count();
     let plain = words
         .iter()
         .filter(|w| {
@@ -205,7 +210,10 @@ fn looks_like_english(text: &str) -> bool {
         })
         .count();
     let common = words.iter().filter(|w| COMMON_WORDS.contains(w)).count();
-    words.len() >= 10 && plain * 10 >= words.len() * 9 && common * 5 >= words.len()
+    words.len() >= 10
+        && numbers * 10 <= words.len() * 3
+        && plain * 10 >= (words.len() - numbers) * 9
+        && common * 5 >= words.len()
 }
 
 #[test]
@@ -213,6 +221,8 @@ fn the_english_check_tells_sentences_from_noise() {
     for good in [
         "hello, my dear grandmother, i'm glad you're here. i'll tell you a little bit about my home,",
         "a rainbow forms when sunlight is bent by drops of water in the air, and the light splits",
+        // A numbered list, as SmolLM2 answered the explanation prompt in one CI run.
+        "the seasons:\n1. spring: the earth's tilt causes the seasons to change.\n2. summer: the",
     ] {
         assert!(looks_like_english(good), "{good:?}");
     }
@@ -220,6 +230,7 @@ fn the_english_check_tells_sentences_from_noise() {
         "qx zzv ptrk lmno vvb ghjk wqrt plok xxyz mnbv",
         "the the",
         "<|im_end|> ##4 0x1f 9913 ]] {{ the of and a is to",
+        "12 7 9913 44 1 2 3 the of 8",
     ] {
         assert!(!looks_like_english(bad), "{bad:?}");
     }
