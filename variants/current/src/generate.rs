@@ -82,15 +82,11 @@ pub fn generate<M: Transformer + ?Sized>(
         }
         pos += chunk.len();
     }
-    let mut emitted = 0;
-    loop {
-        emitted += 1;
-        if !emit(&[token]) || emitted == max_new_tokens {
-            return Ok(emitted);
-        }
-        token = model.forward_greedy(&[token], pos, &mut logits)?;
-        pos += 1;
+    if !emit(&[token]) || max_new_tokens == 1 {
+        return Ok(1);
     }
+    let rest = model.decode(token, pos, max_new_tokens - 1, &mut |t| emit(&[t]))?;
+    Ok(1 + rest)
 }
 
 /// Teacher-forced scoring: entry `i` describes the distribution after `tokens[..=i]`, evaluated

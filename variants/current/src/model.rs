@@ -683,6 +683,29 @@ pub trait Transformer: Send {
         tensor_to_vec(&self.forward(tokens, pos)?, scratch)?;
         Ok(argmax(scratch))
     }
+
+    /// Greedy-decodes up to `n` tokens after `token` (which goes in at position `pos`), each
+    /// chosen token the next one's input, passing each to `emit` as soon as it is chosen; stops
+    /// early when `emit` returns `false`. Returns how many were emitted. The same tokens as
+    /// [`Transformer::forward_greedy`] one at a time, which is what this default does; an
+    /// implementation may start the next step before `emit` has seen the last one.
+    fn decode(
+        &mut self,
+        mut token: u32,
+        mut pos: usize,
+        n: usize,
+        emit: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<usize, ModelError> {
+        let mut scratch = Vec::new();
+        for emitted in 0..n {
+            token = self.forward_greedy(&[token], pos, &mut scratch)?;
+            pos += 1;
+            if !emit(token) {
+                return Ok(emitted + 1);
+            }
+        }
+        Ok(n)
+    }
 }
 
 impl Transformer for LlamaModel {

@@ -940,9 +940,11 @@ extern "C" __global__ void attention_decode(const float* qkv, const float* k_cac
 
 // *best = the index of the largest of the n values (the first of equal ones; NaNs never win,
 // and with nothing above minus infinity it is 0), as the CPU's greedy choice. One block: each
-// thread keeps its best (value, index), and the block reduces them.
+// thread keeps its best (value, index), and the block reduces them. With `next_id` (the end of
+// a decode step), the choice is also the next step's input and *pos_at moves on by one, so
+// steps follow each other with nothing from the host.
 #define ARGMAX_THREADS 1024
-extern "C" __global__ void argmax(const float* v, int n, u32* best) {
+extern "C" __global__ void argmax(const float* v, int n, u32* best, u32* next_id, int* pos_at) {
     __shared__ float values[ARGMAX_THREADS / 32];
     __shared__ int indices[ARGMAX_THREADS / 32];
     float bv = NEG_INF;
@@ -975,6 +977,11 @@ extern "C" __global__ void argmax(const float* v, int n, u32* best) {
                 bi = indices[w];
             }
         }
-        *best = bi < n ? (u32)bi : 0u;
+        const u32 choice = bi < n ? (u32)bi : 0u;
+        *best = choice;
+        if (next_id) {
+            *next_id = choice;
+            *pos_at += 1;
+        }
     }
 }

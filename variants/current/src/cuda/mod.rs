@@ -21,8 +21,8 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, CudaView, DevicePtr,
-    DeviceRepr, DriverError, LaunchConfig, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, CudaView,
+    DevicePtr, DeviceRepr, DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 use plugin_api::ModelView;
@@ -396,6 +396,11 @@ pub struct CudaLlama {
     pos_at: CudaSlice<i32>,
     /// The greedy choice of the last decode step, on the device.
     best: CudaSlice<u32>,
+    /// Two page-locked slots the choices of consecutive steps of [`Transformer::decode`] come
+    /// back in, step i's while step i + 1 runs, and the events recorded after each copy (the
+    /// slots' own events are never recorded: event tracking is off).
+    back: [PinnedHostSlice<u32>; 2],
+    back_copied: [CudaEvent; 2],
     /// Whether decode steps fuse their RMSNorms into the one-token matvecs ([`Fusion`]): only
     /// when every matrix has a one-token kernel (none was stacked as f32).
     fuse_norms: bool,
@@ -510,6 +515,8 @@ impl CudaLlama {
             scratch: None,
             pos_at: stream.alloc_zeros(1)?,
             best: stream.alloc_zeros(1)?,
+            back: [pinned_slot(&ctx)?, pinned_slot(&ctx)?],
+            back_copied: [ctx.new_event(None)?, ctx.new_event(None)?],
             fuse_norms,
             norm_sums: stream.alloc_zeros(2 * cfg.n_layer + 1)?,
             xg: stream.alloc_zeros(d)?,
@@ -667,7 +674,7 @@ impl CudaLlama {
             let launched = self
                 .launch_blocks(1, 0)
                 .and_then(|()| self.decode_output())
-                .and_then(|()| self.greedy());
+                .and_then(|()| self.greedy(true));
             // Capture always ends, so the stream is usable again whatever failed.
             let captured = self.stream.end_capture(CUgraphInstantiate_flags(0));
             launched?;
@@ -821,15 +828,29 @@ impl CudaLlama {
         )
     }
 
-    /// The argmax of the first row of the scratch logits into `best`.
-    fn greedy(&mut self) -> Result<(), ModelError> {
+    /// The argmax of the first row of the scratch logits into `best`; with `chain` (the end
+    /// of the decode graph) also into the scratch ids as the next step's token, and `pos_at`
+    /// moved on by one.
+    fn greedy(&mut self, chain: bool) -> Result<(), ModelError> {
         let Some(s) = self.scratch.as_ref() else {
             unreachable!("callers allocate scratch")
         };
         let n = self.cfg.vocab_size as i32;
+        let st = &self.stream;
+        let (next_id, pos_at) = if chain {
+            (address(st, &s.ids, 0), address(st, &self.pos_at, 0))
+        } else {
+            (0, 0)
+        };
         let mut launch = self.stream.launch_builder(&self.kernels.argmax);
-        launch.arg(&s.logits).arg(&n).arg(&mut self.best);
-        // SAFETY: the scratch logits hold at least one row of vocab_size floats.
+        launch
+            .arg(&s.logits)
+            .arg(&n)
+            .arg(&mut self.best)
+            .arg(&next_id)
+            .arg(&pos_at);
+        // SAFETY: the scratch logits hold at least one row of vocab_size floats; chained, the
+        // ids hold at least one token and `pos_at` one position, both buffers of the model.
         unsafe {
             launch.launch(LaunchConfig {
                 grid_dim: (1, 1, 1),
@@ -1178,6 +1199,13 @@ fn qkv_rope(
 }
 
 /// The device address of `slice`'s element `i` (for the fused norms' optional pointers).
+/// One page-locked `u32` for a decode step's choice to come back in (ordinary cached memory:
+/// the host reads it).
+fn pinned_slot(ctx: &Arc<CudaContext>) -> Result<PinnedHostSlice<u32>, ModelError> {
+    // SAFETY: any bit pattern is a u32, and the slot is read only after a copy into it.
+    Ok(unsafe { ctx.alloc_pinned_with_flags::<u32>(1, 0) }?)
+}
+
 fn address<T>(stream: &CudaStream, slice: &CudaSlice<T>, i: usize) -> u64 {
     // Event tracking is off (one stream), so the guard that comes with the pointer does nothing.
     slice.device_ptr(stream).0 + (i * std::mem::size_of::<T>()) as u64
@@ -1357,11 +1385,63 @@ impl Transformer for CudaLlama {
         _scratch: &mut Vec<f32>,
     ) -> Result<u32, ModelError> {
         if self.step(tokens, pos)? > 1 {
-            self.greedy()?;
+            self.greedy(false)?;
         }
         let mut best = [0u32];
         self.stream.memcpy_dtoh(&self.best, &mut best)?;
         Ok(best[0])
+    }
+
+    /// Runs one step ahead of `emit`: the decode graph leaves its choice in the ids and moves
+    /// `pos_at` on (`greedy`'s chain), so step i + 1 is queued behind step i before the host has
+    /// seen step i's token, and the GPU never waits for the host between steps. Step i's
+    /// choice comes back through page-locked slot i % 2, copied in stream order right after
+    /// its step; the slot is read (its event waited on) before step i + 2 is queued. At most
+    /// one step past the last emitted token runs; the cache keeps it.
+    fn decode(
+        &mut self,
+        token: u32,
+        pos: usize,
+        n: usize,
+        emit: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<usize, ModelError> {
+        if n == 0 {
+            return Ok(0);
+        }
+        // Checks the first step, uploads its token and position, and makes room for all n.
+        self.prepare(&[token], pos)?;
+        check_chunk(&self.cfg, pos, n, pos)?;
+        self.grow_cache(pos + n)?;
+        self.decode_graph()?;
+        let Some(graph) = self.graph.as_ref() else {
+            unreachable!("decode_graph() captured it")
+        };
+        // Queues step `i`: the graph, then its choice's copy into slot i % 2 and that slot's
+        // event.
+        let queue = |i: usize, back: &mut PinnedHostSlice<u32>| -> Result<(), ModelError> {
+            graph.graph.launch()?;
+            self.stream.memcpy_dtoh(&self.best, back)?;
+            self.back_copied[i % 2].record(&self.stream)?;
+            Ok(())
+        };
+        queue(0, &mut self.back[0])?;
+        let mut launched = 1;
+        let mut emitted = 0;
+        while emitted < n {
+            if launched < n {
+                queue(launched, &mut self.back[launched % 2])?;
+                launched += 1;
+            }
+            self.back_copied[emitted % 2].synchronize()?;
+            let choice = self.back[emitted % 2].as_slice()?[0];
+            emitted += 1;
+            if !emit(choice) {
+                break;
+            }
+        }
+        self.stream.synchronize()?;
+        self.len = pos + launched;
+        Ok(emitted)
     }
 }
 

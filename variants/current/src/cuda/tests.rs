@@ -466,14 +466,10 @@ fn cuda_argmax_takes_the_first_maximum_and_never_a_nan() {
         let d = stream.clone_htod(v).unwrap();
         let mut best = stream.alloc_zeros::<u32>(1).unwrap();
         let n = v.len() as i32;
+        let none = 0u64;
         let mut launch = stream.launch_builder(&k.argmax);
-        launch.arg(&d).arg(&n).arg(&mut best);
-        let config = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (ARGMAX_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        unsafe { launch.launch(config) }.unwrap();
+        launch.arg(&d).arg(&n).arg(&mut best).arg(&none).arg(&none);
+        unsafe { launch.launch(argmax_config()) }.unwrap();
         stream.clone_dtoh(&best).unwrap()[0]
     };
     let mut v = random_activations(50_000, 9);
@@ -489,6 +485,96 @@ fn cuda_argmax_takes_the_first_maximum_and_never_a_nan() {
     // Nothing above minus infinity: 0, as on the CPU.
     assert_eq!(run(&[f32::NAN, f32::NEG_INFINITY, f32::NAN]), 0);
     assert_eq!(run(&[-1.0]), 0);
+    // Chained (a decode step's end): the choice is also the next input, the position moves on.
+    let d = stream.clone_htod(&v).unwrap();
+    let mut best = stream.alloc_zeros::<u32>(1).unwrap();
+    let ids = stream.clone_htod(&[7u32, 9]).unwrap();
+    let pos_at = stream.clone_htod(&[41i32]).unwrap();
+    let n = v.len() as i32;
+    let (next_id, at) = (address(&stream, &ids, 0), address(&stream, &pos_at, 0));
+    let mut launch = stream.launch_builder(&k.argmax);
+    launch.arg(&d).arg(&n).arg(&mut best).arg(&next_id).arg(&at);
+    unsafe { launch.launch(argmax_config()) }.unwrap();
+    assert_eq!(stream.clone_dtoh(&best).unwrap(), [1_234]);
+    assert_eq!(stream.clone_dtoh(&ids).unwrap(), [1_234, 9]);
+    assert_eq!(stream.clone_dtoh(&pos_at).unwrap(), [42]);
+}
+
+fn argmax_config() -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (ARGMAX_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `decode` queues each step before the host has read the last one's token, yet chooses what
+/// `forward_greedy` chooses step by step (and the CPU model); stopped early, it says how many it
+/// emitted and leaves a cache the next request can rewind.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_decode_runs_ahead_yet_chooses_as_step_by_step_greedy() {
+    let view = tiny::view("llama", 64);
+    let mut cpu = LlamaModel::from_gguf(view).unwrap();
+    let mut gpu = CudaLlama::from_gguf(view, 0).unwrap();
+    let prompt = [1u32, 5, 9, 2, 7];
+    let n = 40;
+    let mut scratch = Vec::new();
+    let first = gpu.forward_greedy(&prompt, 0, &mut scratch).unwrap();
+    let mut stepwise = Vec::new();
+    let (mut token, mut pos) = (first, prompt.len());
+    for _ in 0..n {
+        token = gpu.forward_greedy(&[token], pos, &mut scratch).unwrap();
+        stepwise.push(token);
+        pos += 1;
+    }
+    let mut ahead = Vec::new();
+    assert_eq!(gpu.forward_greedy(&prompt, 0, &mut scratch).unwrap(), first);
+    let emitted = gpu
+        .decode(first, prompt.len(), n, &mut |t| {
+            ahead.push(t);
+            true
+        })
+        .unwrap();
+    assert_eq!(emitted, n);
+    assert_eq!(ahead, stepwise);
+    let mut on_cpu = Vec::new();
+    assert_eq!(cpu.forward_greedy(&prompt, 0, &mut scratch).unwrap(), first);
+    cpu.decode(first, prompt.len(), n, &mut |t| {
+        on_cpu.push(t);
+        true
+    })
+    .unwrap();
+    assert_eq!(on_cpu, stepwise);
+    // Stopped after three tokens: three emitted, and the model serves the next request.
+    let mut seen = Vec::new();
+    assert_eq!(gpu.forward_greedy(&prompt, 0, &mut scratch).unwrap(), first);
+    let emitted = gpu
+        .decode(first, prompt.len(), n, &mut |t| {
+            seen.push(t);
+            seen.len() < 3
+        })
+        .unwrap();
+    assert_eq!(emitted, 3);
+    assert_eq!(seen, stepwise[..3]);
+    let again = gpu.forward_greedy(&prompt[..2], 0, &mut scratch).unwrap();
+    assert_eq!(
+        again,
+        cpu.forward_greedy(&prompt[..2], 0, &mut scratch).unwrap()
+    );
+    // Past the context (64): an error before anything runs, and the model still serves.
+    let long: Vec<u32> = (0..60).map(|i| (i * 5 + 1) % tiny::VOCAB as u32).collect();
+    let next = gpu.forward_greedy(&long, 0, &mut scratch).unwrap();
+    let mut none = Vec::new();
+    assert!(matches!(
+        gpu.decode(next, 60, 5, &mut |t| {
+            none.push(t);
+            true
+        }),
+        Err(ModelError::ContextOverflow { end: 65, .. })
+    ));
+    assert!(none.is_empty());
+    assert_eq!(gpu.forward_greedy(&prompt, 0, &mut scratch).unwrap(), first);
 }
 
 #[test]
