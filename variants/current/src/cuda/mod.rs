@@ -13,7 +13,9 @@
 //! only their argmax). A one-token step is captured once as a CUDA graph and replayed
 //! ([`CudaLlama::decode_graph`]): the kernels read the position from device memory and
 //! attention's grid covers the whole cache, so the same graph serves every position until a
-//! buffer is reallocated. Activations stay f32 and sums accumulate in f32, so the quality gates
+//! buffer is reallocated. Its argmax also feeds the next step (the token and the position move
+//! on on the device), so [`Transformer::decode`] queues each step before the host has read the
+//! last one's token. Activations stay f32 and sums accumulate in f32, so the quality gates
 //! see reordered sums, not rounding.
 
 use std::sync::Arc;
@@ -1198,7 +1200,6 @@ fn qkv_rope(
     Ok(())
 }
 
-/// The device address of `slice`'s element `i` (for the fused norms' optional pointers).
 /// One page-locked `u32` for a decode step's choice to come back in (ordinary cached memory:
 /// the host reads it).
 fn pinned_slot(ctx: &Arc<CudaContext>) -> Result<PinnedHostSlice<u32>, ModelError> {
@@ -1206,6 +1207,7 @@ fn pinned_slot(ctx: &Arc<CudaContext>) -> Result<PinnedHostSlice<u32>, ModelErro
     Ok(unsafe { ctx.alloc_pinned_with_flags::<u32>(1, 0) }?)
 }
 
+/// The device address of `slice`'s element `i` (for the fused norms' optional pointers).
 fn address<T>(stream: &CudaStream, slice: &CudaSlice<T>, i: usize) -> u64 {
     // Event tracking is off (one stream), so the guard that comes with the pointer does nothing.
     slice.device_ptr(stream).0 + (i * std::mem::size_of::<T>()) as u64
