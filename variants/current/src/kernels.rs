@@ -177,32 +177,109 @@ pub fn matmul_rows(isa: Isa, format: Format, w: &[u8], cols: usize, x: &[f32], o
     }
 }
 
-/// Attention scores: `out[j] = dot(q, keys[j * hd..(j + 1) * hd]) * scale` for every key `j`
-/// (`hd = q.len()`, `keys` holds `out.len()` of them).
-pub fn scores(isa: Isa, q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
-    let hd = q.len();
+/// Positions in one tile of keys: a tile is `[head_dim][KEY_TILE]`, the keys of
+/// `KEY_TILE` consecutive positions side by side (see [`tile_scores`]).
+pub const KEY_TILE: usize = 64;
+
+/// Attention scores of one tile of keys (`tile[d * KEY_TILE + j]` is key `j`'s element `d`):
+/// `out[j] = (Σ_d q[d] · tile[d * KEY_TILE + j]) · scale` for the tile's `KEY_TILE` keys, each
+/// sum a chain of fused multiply-adds in order of `d`. Every path computes the same bits:
+/// a vector lane is one key, so no sum crosses lanes.
+pub fn tile_scores(isa: Isa, q: &[f32], tile: &[f32], scale: f32, out: &mut [f32]) {
     assert_eq!(
-        keys.len(),
-        out.len() * hd,
-        "scores: keys do not match the output"
+        tile.len(),
+        q.len() * KEY_TILE,
+        "tile_scores: the tile does not match the query"
+    );
+    assert_eq!(
+        out.len(),
+        KEY_TILE,
+        "tile_scores: one score per key of the tile"
     );
     match isa {
         // SAFETY (both arms): the instruction set was checked by `supported`; the lengths
-        // were checked above and the width is a whole number of vectors.
+        // were checked above, and a tile's row is a whole number of vectors.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if isa.supported() && hd.is_multiple_of(16) => unsafe {
-            x86::scores_avx512(q, keys, scale, out)
-        },
+        Isa::Avx512 if isa.supported() => unsafe { x86::tile_scores_avx512(q, tile, scale, out) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if isa.supported() && hd.is_multiple_of(8) => unsafe {
-            x86::scores_avx2(q, keys, scale, out)
-        },
+        Isa::Avx2 if isa.supported() => unsafe { x86::tile_scores_avx2(q, tile, scale, out) },
         _ => {
-            for (o, k) in out.iter_mut().zip(keys.chunks_exact(hd)) {
-                *o = dot(q, k) * scale;
+            out.fill(0.0);
+            for (&qd, row) in q.iter().zip(tile.chunks_exact(KEY_TILE)) {
+                for (o, &k) in out.iter_mut().zip(row) {
+                    *o = qd.mul_add(k, *o);
+                }
+            }
+            for o in out.iter_mut() {
+                *o *= scale;
             }
         }
     }
+}
+
+/// Arguments at or below this give `e^LOWEST_EXP_ARG`, about 1.2e-38 (the smallest normal
+/// f32): weights that small are lost in any sum with the largest weight, `e^0`.
+const LOWEST_EXP_ARG: f32 = -87.336_54;
+/// ln 2 in two parts, the first exact in few bits, for the argument's reduction.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// The polynomial for `e^r - 1 - r` over `r²`, `|r| <= ln 2 / 2` (Cephes' `expf`).
+const EXP_POLY: [f32; 6] = [
+    1.987_569_2e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
+/// `e^x` as every path of [`exp_shifted`] computes it: `x = n ln 2 + r`, then `e^r` by a
+/// degree-7 polynomial and `2^n` exactly; within about 2 ulp of the true value (the unit test
+/// measures it against f64).
+pub fn exp_reference(x: f32) -> f32 {
+    let x = x.max(LOWEST_EXP_ARG);
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
+    let y = EXP_POLY[1..]
+        .iter()
+        .fold(EXP_POLY[0], |y, &p| y.mul_add(r, p));
+    let y = y.mul_add(r * r, r) + 1.0;
+    // `n` is an integer in -126..=0 here, so `2^n` is a normal f32.
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `x[j] = e^(x[j] - shift)` for every `j` ([`exp_reference`], in vector lanes where the
+/// machine has them: the same operations, so the same bits on every path). Attention's softmax
+/// calls it with `shift` the largest `x[j]`, so every argument is at most 0.
+pub fn exp_shifted(isa: Isa, x: &mut [f32], shift: f32) {
+    let done = match isa {
+        // SAFETY (both arms): the instruction set was checked by `supported`; the kernels
+        // touch only whole vectors inside `x` and return how many floats they did.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if isa.supported() => unsafe { x86::exp_shifted_avx512(x, shift) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.supported() => unsafe { x86::exp_shifted_avx2(x, shift) },
+        _ => 0,
+    };
+    for v in &mut x[done..] {
+        *v = exp_reference(*v - shift);
+    }
+}
+
+/// Asks for the cache lines of `data` to be brought into the L2 cache ahead of their use (a
+/// hint: nothing happens where the machine has no such instruction).
+pub fn prefetch_l2(data: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in data.chunks(16) {
+        // SAFETY: a prefetch only hints at an address inside `data`; it reads nothing.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                line.as_ptr() as *const i8
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
 }
 
 /// Attention output: `out = Σ_j p[j] * values[j * hd..(j + 1) * hd]` (`hd = out.len()`), summed
@@ -256,7 +333,7 @@ mod x86 {
     //! same way for one token and for a chunk; except that the AVX-512 one-token kernel
     //! ([`decode_avx512`]) takes each block's scale and minimum out of the block's sum.
 
-    use super::{Format, BLOCK};
+    use super::{Format, BLOCK, EXP_POLY, KEY_TILE, LN2_HI, LN2_LO, LOWEST_EXP_ARG};
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
@@ -670,16 +747,59 @@ mod x86 {
     /// Widest head these kernels keep in registers (16 vectors of 16 or 8 lanes).
     const MAX_VECTORS: usize = 16;
 
-    /// See [`super::scores`]; `q.len()` is a multiple of 16 and AVX-512F is there.
+    /// See [`super::exp_shifted`]: whole vectors of 16 from the start of `x`; returns how
+    /// many floats it did. The same operations as [`super::exp_reference`], lane by lane.
     #[target_feature(enable = "avx512f")]
-    pub(super) fn scores_avx512(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
-        let hd = q.len();
-        for (o, k) in out.iter_mut().zip(keys.chunks_exact(hd)) {
-            let mut acc = _mm512_setzero_ps();
-            for i in (0..hd).step_by(16) {
-                acc = _mm512_fmadd_ps(load16(q, i), load16(k, i), acc);
+    pub(super) fn exp_shifted_avx512(x: &mut [f32], shift: f32) -> usize {
+        let (shift, lowest) = (_mm512_set1_ps(shift), _mm512_set1_ps(LOWEST_EXP_ARG));
+        let (log2e, hi, lo) = (
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+            _mm512_set1_ps(LN2_HI),
+            _mm512_set1_ps(LN2_LO),
+        );
+        let whole = x.len() / 16 * 16;
+        for v in x[..whole].chunks_exact_mut(16) {
+            // SAFETY: `v` holds 16 floats.
+            let a = unsafe { _mm512_loadu_ps(v.as_ptr()) };
+            let a = _mm512_max_ps(_mm512_sub_ps(a, shift), lowest);
+            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm512_mul_ps(a, log2e),
+            );
+            let r = _mm512_fnmadd_ps(n, lo, _mm512_fnmadd_ps(n, hi, a));
+            let mut y = _mm512_set1_ps(EXP_POLY[0]);
+            for &p in &EXP_POLY[1..] {
+                y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(p));
             }
-            *o = _mm512_reduce_add_ps(acc) * scale;
+            let y = _mm512_add_ps(
+                _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r),
+                _mm512_set1_ps(1.0),
+            );
+            let two_n = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+                _mm512_cvtps_epi32(n),
+                _mm512_set1_epi32(127),
+            ));
+            let e = _mm512_mul_ps(y, _mm512_castsi512_ps(two_n));
+            // SAFETY: as the load.
+            unsafe { _mm512_storeu_ps(v.as_mut_ptr(), e) };
+        }
+        whole
+    }
+
+    /// See [`super::tile_scores`]; the caller checked the sizes and AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn tile_scores_avx512(q: &[f32], tile: &[f32], scale: f32, out: &mut [f32]) {
+        const LANES: usize = 16;
+        let mut acc = [_mm512_setzero_ps(); KEY_TILE / LANES];
+        for (&qd, row) in q.iter().zip(tile.chunks_exact(KEY_TILE)) {
+            let qd = _mm512_set1_ps(qd);
+            for (i, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_fmadd_ps(qd, load16(row, LANES * i), *acc);
+            }
+        }
+        let scale = _mm512_set1_ps(scale);
+        for (acc, out) in acc.iter().zip(out.chunks_exact_mut(LANES)) {
+            // SAFETY: `out` holds KEY_TILE floats, in chunks of LANES.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), _mm512_mul_ps(*acc, scale)) };
         }
     }
 
@@ -703,16 +823,58 @@ mod x86 {
         }
     }
 
-    /// See [`super::scores`]; `q.len()` is a multiple of 8 and AVX2 with FMA is there.
+    /// See [`super::exp_shifted`]: whole vectors of 8 from the start of `x`; returns how many
+    /// floats it did. The same operations as [`super::exp_reference`], lane by lane.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn scores_avx2(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
-        let hd = q.len();
-        for (o, k) in out.iter_mut().zip(keys.chunks_exact(hd)) {
-            let mut acc = _mm256_setzero_ps();
-            for i in (0..hd).step_by(8) {
-                acc = _mm256_fmadd_ps(load8(q, i), load8(k, i), acc);
+    pub(super) fn exp_shifted_avx2(x: &mut [f32], shift: f32) -> usize {
+        let (shift, lowest) = (_mm256_set1_ps(shift), _mm256_set1_ps(LOWEST_EXP_ARG));
+        let (log2e, hi, lo) = (
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+            _mm256_set1_ps(LN2_HI),
+            _mm256_set1_ps(LN2_LO),
+        );
+        let whole = x.len() / 8 * 8;
+        for v in x[..whole].chunks_exact_mut(8) {
+            let a = load8(v, 0);
+            let a = _mm256_max_ps(_mm256_sub_ps(a, shift), lowest);
+            let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm256_mul_ps(a, log2e),
+            );
+            let r = _mm256_fnmadd_ps(n, lo, _mm256_fnmadd_ps(n, hi, a));
+            let mut y = _mm256_set1_ps(EXP_POLY[0]);
+            for &p in &EXP_POLY[1..] {
+                y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(p));
             }
-            *o = sum8(acc) * scale;
+            let y = _mm256_add_ps(
+                _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r),
+                _mm256_set1_ps(1.0),
+            );
+            let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+                _mm256_cvtps_epi32(n),
+                _mm256_set1_epi32(127),
+            ));
+            let e = _mm256_mul_ps(y, _mm256_castsi256_ps(two_n));
+            // SAFETY: `v` holds 8 floats.
+            unsafe { _mm256_storeu_ps(v.as_mut_ptr(), e) };
+        }
+        whole
+    }
+
+    /// See [`super::tile_scores`]; the caller checked the sizes and AVX2 with FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn tile_scores_avx2(q: &[f32], tile: &[f32], scale: f32, out: &mut [f32]) {
+        const LANES: usize = 8;
+        let mut acc = [_mm256_setzero_ps(); KEY_TILE / LANES];
+        for (&qd, row) in q.iter().zip(tile.chunks_exact(KEY_TILE)) {
+            let qd = _mm256_set1_ps(qd);
+            for (i, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(qd, load8(row, LANES * i), *acc);
+            }
+        }
+        let scale = _mm256_set1_ps(scale);
+        for (acc, out) in acc.iter().zip(out.chunks_exact_mut(LANES)) {
+            // SAFETY: `out` holds KEY_TILE floats, in chunks of LANES.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_mul_ps(*acc, scale)) };
         }
     }
 
@@ -896,30 +1058,71 @@ mod tests {
 
     #[test]
     fn attention_kernels_match_the_reference_on_every_path() {
-        for isa in Isa::available() {
-            for hd in [2, 8, 64] {
-                let n = 37;
-                let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.37).sin()).collect();
-                let keys = activations(n, hd);
-                let mut got = vec![0f32; n];
-                scores(isa, &q, &keys, 0.125, &mut got);
+        for hd in [2, 8, 64] {
+            let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.37).sin()).collect();
+            let tile = activations(hd, KEY_TILE);
+            let mut scalar = vec![0f32; KEY_TILE];
+            tile_scores(Isa::Scalar, &q, &tile, 0.125, &mut scalar);
+            for isa in Isa::available() {
+                let mut got = vec![0f32; KEY_TILE];
+                tile_scores(isa, &q, &tile, 0.125, &mut got);
+                assert_eq!(got, scalar, "{isa:?} hd={hd}: every path the same bits");
                 for (j, g) in got.iter().enumerate() {
-                    let want: f64 = q
-                        .iter()
-                        .zip(&keys[j * hd..(j + 1) * hd])
-                        .map(|(a, b)| *a as f64 * *b as f64)
+                    let want: f64 = (0..hd)
+                        .map(|d| q[d] as f64 * tile[d * KEY_TILE + j] as f64)
                         .sum::<f64>()
                         * 0.125;
                     assert!((*g as f64 - want).abs() < 1e-5, "{isa:?} hd={hd} key {j}");
                 }
+                let n = 37;
+                let values = activations(n, hd);
                 let p: Vec<f32> = (0..n).map(|j| 1.0 / (j + 1) as f32).collect();
                 let mut out = vec![0f32; hd];
-                weighted_sum(isa, &p, &keys, &mut out);
+                weighted_sum(isa, &p, &values, &mut out);
                 for (i, o) in out.iter().enumerate() {
-                    let want: f64 = (0..n).map(|j| p[j] as f64 * keys[j * hd + i] as f64).sum();
+                    let want: f64 = (0..n)
+                        .map(|j| p[j] as f64 * values[j * hd + i] as f64)
+                        .sum();
                     assert!((*o as f64 - want).abs() < 1e-5, "{isa:?} hd={hd} dim {i}");
                 }
             }
         }
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_and_the_same_bits_on_every_path() {
+        // Every argument a softmax can give, 0 down past the clamp, on a fine grid.
+        let xs: Vec<f32> = (0..=100_000).map(|i| -(i as f32) * 0.001).collect();
+        let mut worst = 0f64;
+        for &x in &xs {
+            let (got, want) = (exp_reference(x) as f64, (x as f64).exp());
+            if want > f32::MIN_POSITIVE as f64 * 4.0 {
+                let ulp = (want as f32).next_up() as f64 - want as f32 as f64;
+                worst = worst.max((got - want).abs() / ulp);
+            }
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulp");
+        assert_eq!(exp_reference(0.0), 1.0);
+        assert!(exp_reference(-1000.0) > 0.0 && exp_reference(-1000.0) < 1.2e-38);
+        for isa in Isa::available() {
+            // An odd length: whole vectors, then the scalar tail.
+            let input: Vec<f32> = xs[..1003].iter().map(|x| x + 0.5).collect();
+            let want: Vec<f32> = input.iter().map(|&v| exp_reference(v - 0.5)).collect();
+            let mut got = input.clone();
+            exp_shifted(isa, &mut got, 0.5);
+            assert_eq!(got, want, "{isa:?}");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "the tile does not match the query")]
+    fn a_tile_of_the_wrong_size_is_refused() {
+        tile_scores(
+            Isa::Scalar,
+            &[0.0; 8],
+            &[0.0; 8 * KEY_TILE - 1],
+            1.0,
+            &mut [0.0; KEY_TILE],
+        );
     }
 }

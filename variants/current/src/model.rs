@@ -13,8 +13,8 @@
 //! place, the output projection and residual, then RMSNorm and the SwiGLU MLP with its residual.
 //!
 //! Every step computes each token's row the same way whatever the chunk size (the matmuls work
-//! weight row by weight row, and attention is a plain loop per query rather than a blocked
-//! matmul), so a prompt run in one chunk gives the logits it gives token by token, up to the
+//! weight row by weight row, and attention works query by query over fixed blocks of keys
+//! rather than as a blocked matmul), so a prompt run in one chunk gives the logits it gives token by token, up to the
 //! rounding of the AVX-512 one-token kernel (see [`crate::matmul`]). Activations are never
 //! rounded below f32 (see [`crate::matmul`] for why that matters to the quality gates).
 
@@ -24,7 +24,7 @@ use half::f16;
 use plugin_api::{GgmlType, ModelView, TensorInfo};
 
 use crate::generate::argmax;
-use crate::kernels::{self, Isa};
+use crate::kernels::{self, Isa, KEY_TILE};
 use crate::matmul::{dequantize_q8_0_row, matmul_many, Matrix, Weights};
 use crate::pool::Pool;
 
@@ -32,12 +32,14 @@ use crate::pool::Pool;
 pub const KV_CACHE_STEP: usize = 512;
 
 /// The capacity a KV cache takes to hold `n` positions: `n` rounded up to a multiple of
-/// [`KV_CACHE_STEP`], but not past `max_len` (the context length) unless `n` itself is.
+/// [`KV_CACHE_STEP`], but not past `max_len` (the context length) unless `n` itself is, and
+/// then up to whole tiles of [`KEY_BLOCK`] keys.
 pub fn cache_capacity(n: usize, max_len: usize) -> usize {
     n.div_ceil(KV_CACHE_STEP)
         .saturating_mul(KV_CACHE_STEP)
         .min(max_len)
         .max(n)
+        .next_multiple_of(KEY_BLOCK)
 }
 
 /// Why the model could not be built or run.
@@ -304,20 +306,6 @@ pub fn causal_visible(start_pos: usize, t: usize) -> usize {
     start_pos + t + 1
 }
 
-/// Softmax of `x` in place.
-pub fn softmax_in_place(x: &mut [f32]) {
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0f32;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
-}
-
 /// Head layout of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionShape {
@@ -327,19 +315,50 @@ pub struct AttentionShape {
     pub n_kv_head: usize,
     /// Width of one head.
     pub head_dim: usize,
-    /// Positions per KV head in the key/value buffers.
+    /// Positions per KV head in the key/value buffers (a multiple of [`KEY_BLOCK`]).
     pub capacity: usize,
+}
+
+/// Keys per block of [`attention`]: a block's keys and values (16 KiB each at a head width of
+/// 64) stay in the L1 cache while every query head of its group reads them. Keys are stored
+/// in tiles of this many positions, transposed ([`key_tiles`]).
+pub const KEY_BLOCK: usize = KEY_TILE;
+
+/// Keys as [`attention`] reads them, from rows laid out `[kv_head][capacity][head_dim]`
+/// (`capacity` a multiple of [`KEY_BLOCK`]): each run of [`KEY_BLOCK`] positions becomes one
+/// tile `[head_dim][KEY_BLOCK]`, in the same place, so that a block's scores are whole vectors
+/// of keys ([`kernels::tile_scores`]) with no sum across lanes.
+pub fn key_tiles(rows: &[f32], head_dim: usize) -> Vec<f32> {
+    let mut tiles = vec![0f32; rows.len()];
+    for (tile, rows) in tiles
+        .chunks_exact_mut(KEY_BLOCK * head_dim)
+        .zip(rows.chunks_exact(KEY_BLOCK * head_dim))
+    {
+        for (j, key) in rows.chunks_exact(head_dim).enumerate() {
+            for (d, &k) in key.iter().enumerate() {
+                tile[d * KEY_BLOCK + j] = k;
+            }
+        }
+    }
+    tiles
 }
 
 /// Causal grouped-query attention for a chunk of `q.len() / (n_head * head_dim)` queries whose
 /// first token sits at `start_pos`.
 ///
-/// `q` and `out` are `[token][head][head_dim]`; `keys` and `values` are
-/// `[kv_head][capacity][head_dim]` and must already hold positions `..start_pos + tokens`. Query
-/// `t` attends to positions `..causal_visible(start_pos, t)` with scores scaled by
-/// `1 / sqrt(head_dim)`. Each (token, head) is one task for `pool`'s threads, computed alone in
-/// a fixed order, so the result does not depend on how a sequence is cut into chunks, nor on
-/// the number of threads.
+/// `q` and `out` are `[token][head][head_dim]`; `values` are `[kv_head][capacity][head_dim]`,
+/// `keys` the same in tiles of [`KEY_BLOCK`] positions ([`key_tiles`]), and both must already
+/// hold positions `..start_pos + tokens`. Query `t` attends to positions
+/// `..causal_visible(start_pos, t)` with scores scaled by `1 / sqrt(head_dim)`.
+///
+/// The keys are cut into blocks of [`KEY_BLOCK`] positions, counted from position 0. For each
+/// block, the query heads that share a KV head (a group) take their turn on it while it is in
+/// cache: scores, their maximum `m`, `e = exp(score - m)`, `l = Σ e` and `o = Σ e · value` in
+/// key order ([`block_partial`]); then each head's blocks are merged in block order
+/// ([`merge_blocks`]). One token (decode) spreads its (KV head, block) pairs over `pool`'s
+/// threads and merges on the caller; a chunk (prefill) gives each (token, KV head) to one
+/// thread. Either way every query's arithmetic is the same, in the same order, so the result
+/// does not depend on how a sequence is cut into chunks, nor on the number of threads.
 pub fn attention(
     q: &[f32],
     keys: &[f32],
@@ -355,30 +374,153 @@ pub fn attention(
         head_dim: hd,
         capacity,
     } = shape;
+    assert!(capacity.is_multiple_of(KEY_BLOCK), "capacity {capacity}");
     let group = n_head / n_kv_head;
     let row = n_head * hd;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let isa = Isa::best();
-    pool.for_chunks(out, hd, |start, out| {
-        let (t, h) = (start / row, start % row / hd);
-        let visible = causal_visible(start_pos, t);
-        let base = (h / group) * capacity * hd;
-        let (keys, values) = (
-            &keys[base..base + visible * hd],
-            &values[base..base + visible * hd],
-        );
-        SCORES.with_borrow_mut(|scores| {
-            scores.resize(visible, 0.0);
-            kernels::scores(isa, &q[start..start + hd], keys, scale, scores);
-            softmax_in_place(scores);
-            kernels::weighted_sum(isa, scores, values, out);
+    let part = group * (hd + 2);
+    let cache = Cache {
+        keys,
+        values,
+        hd,
+        capacity,
+        scale: 1.0 / (hd as f32).sqrt(),
+        isa: Isa::best(),
+    };
+    if q.len() == row {
+        // One token: each KV head's blocks are cut into runs, about two runs a thread, and
+        // every run is a task, so a long cache keeps every thread busy on consecutive blocks;
+        // the caller merges the blocks of each head. A head's partials are padded to whole
+        // runs (`slots` blocks), the padding unused.
+        let visible = causal_visible(start_pos, 0);
+        let blocks = visible.div_ceil(KEY_BLOCK);
+        let runs = (2 * pool.threads()).div_ceil(n_kv_head).clamp(1, blocks);
+        let run = blocks.div_ceil(runs);
+        let slots = runs * run;
+        let mut partials = PARTIALS.take();
+        partials.resize(n_kv_head * slots * part, 0.0);
+        pool.for_chunks(&mut partials, run * part, |start, run| {
+            let (kv, first_block) = (start / part / slots, start / part % slots);
+            let q = &q[kv * group * hd..(kv + 1) * group * hd];
+            for (block, slot) in (first_block..blocks).zip(run.chunks_exact_mut(part)) {
+                let first = block * KEY_BLOCK;
+                cache.block_partial(q, kv, first, KEY_BLOCK.min(visible - first), slot);
+            }
         });
+        for (h, out) in out.chunks_exact_mut(hd).enumerate() {
+            let (kv, i) = (h / group, h % group);
+            let head = |b: usize| {
+                let slot = (kv * slots + b) * part + i * (hd + 2);
+                &partials[slot..slot + hd + 2]
+            };
+            merge_blocks((0..blocks).map(head), out);
+        }
+        PARTIALS.set(partials);
+        return;
+    }
+    pool.for_chunks(out, group * hd, |start, out| {
+        let (t, kv) = (start / row, start % row / (group * hd));
+        let visible = causal_visible(start_pos, t);
+        let blocks = visible.div_ceil(KEY_BLOCK);
+        let q = &q[start..start + group * hd];
+        let mut partials = PARTIALS.take();
+        partials.resize(blocks * part, 0.0);
+        for (block, slot) in partials.chunks_exact_mut(part).enumerate() {
+            let first = block * KEY_BLOCK;
+            cache.block_partial(q, kv, first, KEY_BLOCK.min(visible - first), slot);
+        }
+        for (i, out) in out.chunks_exact_mut(hd).enumerate() {
+            let head = |b: usize| {
+                let slot = b * part + i * (hd + 2);
+                &partials[slot..slot + hd + 2]
+            };
+            merge_blocks((0..blocks).map(head), out);
+        }
+        PARTIALS.set(partials);
     });
 }
 
+/// The key/value cache of one layer as [`attention`] reads it.
+struct Cache<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    hd: usize,
+    capacity: usize,
+    scale: f32,
+    isa: Isa,
+}
+
+impl Cache<'_> {
+    /// The group of query heads `q` (`group * hd` floats) against the `n` keys of KV head `kv`
+    /// from position `first`: for each head, `[o (hd floats), m, l]` into `slot`, where `m` is
+    /// the largest scaled score, `l = Σ exp(score - m)` and `o` those weights times the values,
+    /// summed in key order. Meanwhile the next block's keys and values are asked into L2, a
+    /// share with each head: a run of blocks streams from memory while it computes.
+    fn block_partial(&self, q: &[f32], kv: usize, first: usize, n: usize, slot: &mut [f32]) {
+        let hd = self.hd;
+        let base = (kv * self.capacity + first) * hd;
+        let (tile, values) = (
+            &self.keys[base..base + KEY_BLOCK * hd],
+            &self.values[base..base + n * hd],
+        );
+        let next = base + KEY_BLOCK * hd;
+        let ahead = if first + KEY_BLOCK < self.capacity {
+            next..next + KEY_BLOCK * hd
+        } else {
+            next..next
+        };
+        let group = q.len() / hd;
+        let share = (KEY_BLOCK * hd).div_ceil(group).next_multiple_of(16);
+        SCORES.with_borrow_mut(|scores| {
+            for (i, (q, slot)) in q
+                .chunks_exact(hd)
+                .zip(slot.chunks_exact_mut(hd + 2))
+                .enumerate()
+            {
+                let mine = (ahead.start + i * share).min(ahead.end)
+                    ..(ahead.start + (i + 1) * share).min(ahead.end);
+                kernels::prefetch_l2(&self.keys[mine.clone()]);
+                kernels::prefetch_l2(&self.values[mine]);
+                scores.resize(KEY_BLOCK, 0.0);
+                kernels::tile_scores(self.isa, q, tile, self.scale, scores);
+                scores.truncate(n);
+                let m = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                kernels::exp_shifted(self.isa, scores, m);
+                let l: f32 = scores.iter().sum();
+                let (o, ml) = slot.split_at_mut(hd);
+                kernels::weighted_sum(self.isa, scores, values, o);
+                ml.copy_from_slice(&[m, l]);
+            }
+        });
+    }
+}
+
+/// One head's attention output from its blocks' `[o, m, l]` ([`Cache::block_partial`]), in
+/// block order: `Σ_b exp(m_b - M) o_b / Σ_b exp(m_b - M) l_b`, `M` the largest `m_b`.
+pub fn merge_blocks<'a>(blocks: impl Iterator<Item = &'a [f32]> + Clone, out: &mut [f32]) {
+    let hd = out.len();
+    let top = blocks
+        .clone()
+        .fold(f32::NEG_INFINITY, |top, b| top.max(b[hd]));
+    out.fill(0.0);
+    let mut sum = 0f32;
+    for b in blocks {
+        let w = (b[hd] - top).exp();
+        sum += w * b[hd + 1];
+        for (o, &v) in out.iter_mut().zip(&b[..hd]) {
+            *o += w * v;
+        }
+    }
+    let inv = 1.0 / sum;
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
+}
+
 thread_local! {
-    /// One query's attention scores, reused across calls on this thread.
+    /// One query's attention scores for a block, reused across calls on this thread.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Blocks' partial results of [`attention`], reused across calls on this thread.
+    static PARTIALS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// The token embedding, left in the host's mapping; rows are dequantized on demand.
@@ -503,8 +645,8 @@ impl KvCache {
         self.len = 0;
     }
 
-    /// Makes room for `n` positions in each of `n_layer` blocks, rounding the capacity up to a
-    /// multiple of [`KV_CACHE_STEP`] (at most the context length); cached positions are kept.
+    /// Makes room for `n` positions in each of `n_layer` blocks, rounding the capacity up as
+    /// [`cache_capacity`] does; cached positions are kept.
     pub fn reserve(&mut self, n_layer: usize, n: usize) {
         if n <= self.capacity && self.k.len() == n_layer {
             return;
@@ -512,12 +654,14 @@ impl KvCache {
         let capacity = cache_capacity(n, self.max_len);
         let len = if self.k.len() == n_layer { self.len } else { 0 };
         let (hd, old_cap) = (self.head_dim, self.capacity);
+        // Whole key tiles move (a tile is in the same place in either layout).
+        let kept = len.next_multiple_of(KEY_BLOCK).min(old_cap);
         let grow = |old: Option<&Vec<f32>>| {
             let mut buf = vec![0f32; self.n_kv_head * capacity * hd];
             if let Some(old) = old {
                 for g in 0..self.n_kv_head {
-                    buf[g * capacity * hd..(g * capacity + len) * hd]
-                        .copy_from_slice(&old[g * old_cap * hd..(g * old_cap + len) * hd]);
+                    buf[g * capacity * hd..(g * capacity + kept) * hd]
+                        .copy_from_slice(&old[g * old_cap * hd..(g * old_cap + kept) * hd]);
                 }
             }
             buf
@@ -534,15 +678,23 @@ impl KvCache {
     }
 
     /// Writes the keys and values (`[token][kv_head][head_dim]`) of a chunk starting at `pos`
-    /// into block `layer`. The caller has reserved room.
+    /// into block `layer`, the keys into their tiles ([`key_tiles`]). The caller has reserved
+    /// room.
     fn store(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let (hd, cap) = (self.head_dim, self.capacity);
         let row = self.n_kv_head * hd;
-        for (dst, src) in [(&mut self.k[layer], k), (&mut self.v[layer], v)] {
-            for (t, token) in src.chunks_exact(row).enumerate() {
-                for (g, head) in token.chunks_exact(hd).enumerate() {
-                    let at = (g * cap + pos + t) * hd;
-                    dst[at..at + hd].copy_from_slice(head);
+        for (t, (keys, values)) in k.chunks_exact(row).zip(v.chunks_exact(row)).enumerate() {
+            let p = pos + t;
+            for (g, (key, value)) in keys
+                .chunks_exact(hd)
+                .zip(values.chunks_exact(hd))
+                .enumerate()
+            {
+                let at = (g * cap + p) * hd;
+                self.v[layer][at..at + hd].copy_from_slice(value);
+                let tile = (g * cap + p - p % KEY_BLOCK) * hd + p % KEY_BLOCK;
+                for (d, &k) in key.iter().enumerate() {
+                    self.k[layer][tile + d * KEY_BLOCK] = k;
                 }
             }
         }
@@ -1283,12 +1435,125 @@ mod tests {
     }
 
     #[test]
-    fn softmax_normalizes_and_survives_large_values() {
-        let mut x = [0.0, 2f32.ln(), 1000.0, 1000.0];
-        softmax_in_place(&mut x[..2]);
-        assert!((x[0] - 1.0 / 3.0).abs() < 1e-6 && (x[1] - 2.0 / 3.0).abs() < 1e-6);
-        softmax_in_place(&mut x[2..]);
-        assert_eq!(&x[2..], &[0.5, 0.5]);
+    fn merged_blocks_normalize_and_survive_large_scores() {
+        // Two blocks of one-wide values: scores {0, ln 2} and {1000, 1000}.
+        let hd = 1;
+        let pool = Pool::new(1);
+        let (keys, values) = padded(&[0.0, 2f32.ln()], &[1.0, 4.0], hd);
+        let shape = AttentionShape {
+            n_head: 1,
+            n_kv_head: 1,
+            head_dim: hd,
+            capacity: KEY_BLOCK,
+        };
+        let mut out = [0f32];
+        // Query 1 at position 1 sees {0, ln 2}: weights 1/3 and 2/3.
+        attention(
+            &[1.0],
+            &key_tiles(&keys, hd),
+            &values,
+            shape,
+            1,
+            &pool,
+            &mut out,
+        );
+        assert!((out[0] - 3.0).abs() < 1e-6, "{out:?}");
+        // Across blocks (KEY_BLOCK keys apart), scores of 1000 neither overflow nor swamp.
+        let n = KEY_BLOCK + 2;
+        let (mut keys, mut values) = padded(&vec![0f32; n], &vec![0f32; n], hd);
+        (keys[0], keys[n - 1], values[0], values[n - 1]) = (1000.0, 1000.0, 2.0, 6.0);
+        let shape = AttentionShape {
+            capacity: keys.len(),
+            ..shape
+        };
+        let keys = key_tiles(&keys, hd);
+        attention(&[1.0], &keys, &values, shape, n - 1, &pool, &mut out);
+        assert!((out[0] - 4.0).abs() < 1e-6, "{out:?}");
+    }
+
+    /// Random queries, keys and values: `heads` query heads over `kv` KV heads of width `hd`.
+    fn random_attention(heads: usize, kv: usize, hd: usize, len: usize) -> [Vec<f32>; 3] {
+        let mut seed = 0x2545_f491_u32;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            (seed as f32 / u32::MAX as f32) * 4.0 - 2.0
+        };
+        [
+            (0..len * heads * hd).map(|_| next()).collect(),
+            (0..kv * len * hd).map(|_| next()).collect(),
+            (0..kv * len * hd).map(|_| next()).collect(),
+        ]
+    }
+
+    #[test]
+    fn blocked_attention_matches_a_plain_softmax_and_any_cut_or_thread_count() {
+        // Three heads a KV head, over 150 positions: three blocks, the last partial.
+        let (heads, kv, hd, len) = (6, 2, 16, 2 * KEY_BLOCK + 22);
+        let capacity = 3 * KEY_BLOCK;
+        let [q, keys, values] = random_attention(heads, kv, hd, capacity);
+        let shape = AttentionShape {
+            n_head: heads,
+            n_kv_head: kv,
+            head_dim: hd,
+            capacity,
+        };
+        let tiles = key_tiles(&keys, hd);
+        let row = heads * hd;
+        // All positions as one chunk, on two threads.
+        let mut whole = vec![0f32; len * row];
+        let q = &q[..len * row];
+        attention(q, &tiles, &values, shape, 0, &Pool::new(2), &mut whole);
+        // The reference: softmax in f64, query by query.
+        for t in 0..len {
+            for h in 0..heads {
+                let qh = &q[t * row + h * hd..][..hd];
+                let cache = (h / (heads / kv)) * capacity * hd;
+                let scores: Vec<f64> = (0..=t)
+                    .map(|j| {
+                        let k = &keys[cache + j * hd..][..hd];
+                        qh.iter()
+                            .zip(k)
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let top = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - top).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for d in 0..hd {
+                    let want: f64 = e
+                        .iter()
+                        .enumerate()
+                        .map(|(j, e)| e / sum * values[cache + j * hd + d] as f64)
+                        .sum();
+                    let got = whole[t * row + h * hd + d] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "t {t} h {h} d {d}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+        // Token by token (the decode path) and in uneven chunks, on one and two threads: the
+        // same bits.
+        for threads in [1, 2] {
+            let pool = Pool::new(threads);
+            let mut cut = vec![0f32; len * row];
+            let mut t = 0;
+            for n in [1, 1, 63, 1, 2, 64, 1].iter().cycle() {
+                let n = (*n).min(len - t);
+                let (q, out) = (&q[t * row..(t + n) * row], &mut cut[t * row..(t + n) * row]);
+                attention(q, &tiles, &values, shape, t, &pool, out);
+                t += n;
+                if t == len {
+                    break;
+                }
+            }
+            assert_eq!(cut, whole, "{threads} threads");
+        }
     }
 
     #[test]
@@ -1303,17 +1568,31 @@ mod tests {
         );
     }
 
-    /// Two query heads sharing one KV head of width 2, capacity 4, three cached positions.
+    /// One KV head's key and value rows, padded with zeros to a whole tile of positions.
+    fn padded(keys: &[f32], values: &[f32], hd: usize) -> (Vec<f32>, Vec<f32>) {
+        let pad = |rows: &[f32]| {
+            let mut rows = rows.to_vec();
+            rows.resize(rows.len().next_multiple_of(KEY_BLOCK * hd), 0.0);
+            rows
+        };
+        (pad(keys), pad(values))
+    }
+
+    /// Two query heads sharing one KV head of width 2, three cached positions.
     fn tiny_attention(q: &[f32], start_pos: usize, threads: usize) -> Vec<f32> {
         let shape = AttentionShape {
             n_head: 2,
             n_kv_head: 1,
             head_dim: 2,
-            capacity: 4,
+            capacity: KEY_BLOCK,
         };
         // keys: position 0 along x, 1 along y, 2 along -x; values: one-hot-ish markers
-        let keys = [1.0, 0.0, 0.0, 1.0, -1.0, 0.0, 9.0, 9.0];
-        let values = [1.0, 0.0, 0.0, 1.0, 5.0, 5.0, 7.0, 7.0];
+        let (keys, values) = padded(
+            &[1.0, 0.0, 0.0, 1.0, -1.0, 0.0, 9.0, 9.0],
+            &[1.0, 0.0, 0.0, 1.0, 5.0, 5.0, 7.0, 7.0],
+            2,
+        );
+        let keys = key_tiles(&keys, 2);
         let mut out = vec![0.0; q.len()];
         attention(
             q,
@@ -1396,17 +1675,28 @@ mod tests {
         cache.store(1, 2, &k, &v);
         cache.len = 3;
         let at = |c: &KvCache, g: usize, p: usize| (g * c.capacity() + p) * 4;
-        assert_eq!(&cache.k[1][at(&cache, 1, 2)..][..4], &[5.0, 6.0, 7.0, 8.0]);
+        // A key's element d sits KEY_BLOCK floats after its element d - 1 (a tile).
+        let key = |c: &KvCache, g: usize, p: usize| -> Vec<f32> {
+            let tile = (g * c.capacity() + p - p % KEY_BLOCK) * 4 + p % KEY_BLOCK;
+            (0..4).map(|d| c.k[1][tile + d * KEY_BLOCK]).collect()
+        };
+        assert_eq!(key(&cache, 1, 2), [5.0, 6.0, 7.0, 8.0]);
+        assert_eq!(key(&cache, 0, 2), [1.0, 2.0, 3.0, 4.0]);
         cache.reserve(2, KV_CACHE_STEP + 1);
         assert_eq!(cache.capacity(), 2 * KV_CACHE_STEP);
         assert_eq!(cache.len(), 3);
-        assert_eq!(&cache.k[1][at(&cache, 1, 2)..][..4], &[5.0, 6.0, 7.0, 8.0]);
+        assert_eq!(key(&cache, 1, 2), [5.0, 6.0, 7.0, 8.0]);
         assert_eq!(
             &cache.v[1][at(&cache, 0, 2)..][..4],
             &[-1.0, -2.0, -3.0, -4.0]
         );
         cache.reserve(2, 1999);
-        assert_eq!(cache.capacity(), 2000, "capped at the context length");
+        assert_eq!(
+            cache.capacity(),
+            2000_usize.next_multiple_of(KEY_BLOCK),
+            "capped at the context length, in whole tiles"
+        );
+        assert_eq!(key(&cache, 1, 2), [5.0, 6.0, 7.0, 8.0]);
         cache.clear();
         assert!(cache.is_empty());
     }

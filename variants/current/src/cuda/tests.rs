@@ -242,11 +242,19 @@ fn attention_difference(
     // Keys and values as the GPU lays them out, [position][kv head][hd] ...
     let keys = random_activations(end * n_kv * hd, 4);
     let values = random_activations(end * n_kv * hd, 5);
-    // ... and as the CPU does, [kv head][position][hd].
+    // ... and as the CPU does, [kv head][position][hd], in whole tiles of positions (the keys
+    // then transposed in each tile by `key_tiles`).
+    let capacity = end.next_multiple_of(model::KEY_BLOCK);
     let per_head = |buf: &[f32]| -> Vec<f32> {
         (0..n_kv)
-            .flat_map(|h| (0..end).flat_map(move |p| (0..hd).map(move |e| (h, p, e))))
-            .map(|(h, p, e)| buf[(p * n_kv + h) * hd + e])
+            .flat_map(|h| (0..capacity).flat_map(move |p| (0..hd).map(move |e| (h, p, e))))
+            .map(|(h, p, e)| {
+                if p < end {
+                    buf[(p * n_kv + h) * hd + e]
+                } else {
+                    0.0
+                }
+            })
             .collect()
     };
     // Positions past the queries' hold values no query may see.
@@ -258,11 +266,11 @@ fn attention_difference(
         n_head,
         n_kv_head: n_kv,
         head_dim: hd,
-        capacity: end,
+        capacity,
     };
     model::attention(
         &q,
-        &per_head(&keys),
+        &model::key_tiles(&per_head(&keys), hd),
         &per_head(&values),
         shape,
         pos0,
