@@ -14,8 +14,9 @@
 //! - [`model::LlamaConfig`]: the hyperparameters, read from the `llama.*` metadata.
 //! - [`matmul::Matrix`]: a weight matrix left in the host's mapping, and its f32 matmul.
 //! - [`pool::Pool`]: the persistent threads every parallel step runs on.
-//! - [`kernels`]: the Q4_1/Q8_0 row kernels (AVX-512, AVX2, scalar reference), picked at run
-//!   time by [`kernels::Isa::best`].
+//! - [`kernels`]: the Q4_1/Q8_0 row kernels and attention's (scores from tiles of keys, the
+//!   softmax's `exp`, the weighted sum of values), for AVX-512, AVX2 and a scalar reference,
+//!   picked at run time by [`kernels::Isa::best`].
 //! - [`generate::generate`] and [`generate::score`]: chunked prefill then greedy decoding, and
 //!   teacher-forced scoring.
 

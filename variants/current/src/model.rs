@@ -354,10 +354,11 @@ pub fn key_tiles(rows: &[f32], head_dim: usize) -> Vec<f32> {
 /// The keys are cut into blocks of [`KEY_BLOCK`] positions, counted from position 0. For each
 /// block, the query heads that share a KV head (a group) take their turn on it while it is in
 /// cache: scores, their maximum `m`, `e = exp(score - m)`, `l = Σ e` and `o = Σ e · value` in
-/// key order ([`block_partial`]); then each head's blocks are merged in block order
-/// ([`merge_blocks`]). One token (decode) spreads its (KV head, block) pairs over `pool`'s
-/// threads and merges on the caller; a chunk (prefill) gives each (token, KV head) to one
-/// thread. Either way every query's arithmetic is the same, in the same order, so the result
+/// key order (`Cache::block_partial`, the scores from the key tiles, `exp` by
+/// [`kernels::exp_shifted`]); then each head's blocks are merged in block order
+/// ([`merge_blocks`]). One token (decode) cuts each KV head's blocks into runs of consecutive
+/// blocks, about two runs a thread, spreads the runs over `pool`'s threads and merges on the
+/// caller; a chunk (prefill) gives each (token, KV head) to one thread. Either way every query's arithmetic is the same, in the same order, so the result
 /// does not depend on how a sequence is cut into chunks, nor on the number of threads.
 pub fn attention(
     q: &[f32],
@@ -494,7 +495,7 @@ impl Cache<'_> {
     }
 }
 
-/// One head's attention output from its blocks' `[o, m, l]` ([`Cache::block_partial`]), in
+/// One head's attention output from its blocks' `[o, m, l]` (`Cache::block_partial`), in
 /// block order: `Σ_b exp(m_b - M) o_b / Σ_b exp(m_b - M) l_b`, `M` the largest `m_b`.
 pub fn merge_blocks<'a>(blocks: impl Iterator<Item = &'a [f32]> + Clone, out: &mut [f32]) {
     let hd = out.len();
