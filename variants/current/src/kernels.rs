@@ -292,7 +292,8 @@ pub fn weighted_sum(isa: Isa, p: &[f32], values: &[f32], out: &mut [f32]) {
         "weighted_sum: values do not match the weights"
     );
     match isa {
-        // SAFETY (both arms): as in `scores`.
+        // SAFETY (both arms): the instruction set was checked by `supported`; the lengths were
+        // checked above and the width is a whole number of vectors.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 if isa.supported() && hd.is_multiple_of(16) => unsafe {
             x86::weighted_sum_avx512(p, values, out)
