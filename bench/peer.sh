@@ -54,9 +54,11 @@ for list in "$PROMPTS" "$GENS" "$THREADS"; do
 done
 [[ "$REPS" =~ ^[1-9][0-9]*$ ]] || { echo "peer.sh: -r wants a positive number, not '$REPS'" >&2; exit 2; }
 [[ "$DEVICE" =~ ^(cpu|cuda(:[0-9]+)?)$ ]] || { echo "peer.sh: --device wants cpu, cuda or cuda:N, not '$DEVICE'" >&2; exit 2; }
-for tool in cmake python3; do
-  command -v "$tool" > /dev/null || { echo "peer.sh: $tool is needed and not on PATH" >&2; exit 1; }
-done
+command -v python3 > /dev/null || { echo "peer.sh: python3 is needed and not on PATH" >&2; exit 1; }
+command -v cmake > /dev/null || {
+  echo "peer.sh: cmake is needed and not on PATH (PyPI has it: python3 -m pip install cmake)" >&2
+  exit 1
+}
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="${AUTOINFER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/autoinfer}/peer"
