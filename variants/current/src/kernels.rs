@@ -244,13 +244,15 @@ pub fn exp_reference(x: f32) -> f32 {
         .iter()
         .fold(EXP_POLY[0], |y, &p| y.mul_add(r, p));
     let y = y.mul_add(r * r, r) + 1.0;
-    // `n` is an integer in -126..=0 here, so `2^n` is a normal f32.
+    // For `x <= 0`, what every caller passes, `n` is an integer in -126..=0, so `2^n` is a
+    // normal f32. Above about 88.7 it would not be, and the bits would not be e^x.
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 /// `x[j] = e^(x[j] - shift)` for every `j` ([`exp_reference`], in vector lanes where the
-/// machine has them: the same operations, so the same bits on every path). Attention's softmax
-/// calls it with `shift` the largest `x[j]`, so every argument is at most 0.
+/// machine has them: the same operations, so the same bits on every path). Every `x[j] - shift`
+/// must be at most 0 (arguments past about 88.7 give wrong bits); attention's softmax calls it
+/// with `shift` the largest `x[j]`.
 pub fn exp_shifted(isa: Isa, x: &mut [f32], shift: f32) {
     let done = match isa {
         // SAFETY (both arms): the instruction set was checked by `supported`; the kernels

@@ -14,9 +14,10 @@
 //!
 //! Every step computes each token's row the same way whatever the chunk size (the matmuls work
 //! weight row by weight row, and attention works query by query over fixed blocks of keys
-//! rather than as a blocked matmul), so a prompt run in one chunk gives the logits it gives token by token, up to the
-//! rounding of the AVX-512 one-token kernel (see [`crate::matmul`]). Activations are never
-//! rounded below f32 (see [`crate::matmul`] for why that matters to the quality gates).
+//! rather than as a blocked matmul), so a prompt run in one chunk gives the logits it gives
+//! token by token, up to the rounding of the AVX-512 one-token kernel (see [`crate::matmul`]).
+//! Activations are never rounded below f32 (see [`crate::matmul`] for why that matters to the
+//! quality gates).
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Storage, Tensor};
@@ -358,8 +359,9 @@ pub fn key_tiles(rows: &[f32], head_dim: usize) -> Vec<f32> {
 /// [`kernels::exp_shifted`]); then each head's blocks are merged in block order
 /// ([`merge_blocks`]). One token (decode) cuts each KV head's blocks into runs of consecutive
 /// blocks, about two runs a thread, spreads the runs over `pool`'s threads and merges on the
-/// caller; a chunk (prefill) gives each (token, KV head) to one thread. Either way every query's arithmetic is the same, in the same order, so the result
-/// does not depend on how a sequence is cut into chunks, nor on the number of threads.
+/// caller; a chunk (prefill) gives each (token, KV head) to one thread. Either way every
+/// query's arithmetic is the same, in the same order, so the result does not depend on how a
+/// sequence is cut into chunks, nor on the number of threads.
 pub fn attention(
     q: &[f32],
     keys: &[f32],
