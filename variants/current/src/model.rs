@@ -322,23 +322,23 @@ pub struct AttentionShape {
 
 /// Keys per block of [`attention`]: a block's keys and values (16 KiB each at a head width of
 /// 64) stay in the L1 cache while every query head of its group reads them. Keys are stored
-/// in tiles of this many positions, transposed ([`key_tiles`]).
+/// in tiles of this many positions, transposed ([`key_offset`]).
 pub const KEY_BLOCK: usize = KEY_TILE;
 
-/// Keys as [`attention`] reads them, from rows laid out `[kv_head][capacity][head_dim]`
-/// (`capacity` a multiple of [`KEY_BLOCK`]): each run of [`KEY_BLOCK`] positions becomes one
-/// tile `[head_dim][KEY_BLOCK]`, in the same place, so that a block's scores are whole vectors
-/// of keys ([`kernels::tile_scores`]) with no sum across lanes.
+/// Where element `d` of key `p` (KV head `g`'s position `i` is `p = g * capacity + i`) lies in
+/// a key buffer: tiles `[head_dim][KEY_BLOCK]` take the place of their positions' rows, so a
+/// block's scores are whole vectors of keys ([`kernels::tile_scores`]), no sum across lanes.
+pub fn key_offset(p: usize, d: usize, head_dim: usize) -> usize {
+    (p - p % KEY_BLOCK) * head_dim + d * KEY_BLOCK + p % KEY_BLOCK
+}
+
+/// Key rows `[kv_head][capacity][head_dim]` in the tiled layout of [`key_offset`] (tests).
+#[cfg(test)]
 pub fn key_tiles(rows: &[f32], head_dim: usize) -> Vec<f32> {
     let mut tiles = vec![0f32; rows.len()];
-    for (tile, rows) in tiles
-        .chunks_exact_mut(KEY_BLOCK * head_dim)
-        .zip(rows.chunks_exact(KEY_BLOCK * head_dim))
-    {
-        for (j, key) in rows.chunks_exact(head_dim).enumerate() {
-            for (d, &k) in key.iter().enumerate() {
-                tile[d * KEY_BLOCK + j] = k;
-            }
+    for (p, key) in rows.chunks_exact(head_dim).enumerate() {
+        for (d, &k) in key.iter().enumerate() {
+            tiles[key_offset(p, d, head_dim)] = k;
         }
     }
     tiles
@@ -348,7 +348,7 @@ pub fn key_tiles(rows: &[f32], head_dim: usize) -> Vec<f32> {
 /// first token sits at `start_pos`.
 ///
 /// `q` and `out` are `[token][head][head_dim]`; `values` are `[kv_head][capacity][head_dim]`,
-/// `keys` the same in tiles of [`KEY_BLOCK`] positions ([`key_tiles`]), and both must already
+/// `keys` the same in tiles of [`KEY_BLOCK`] positions ([`key_offset`]), and both must already
 /// hold positions `..start_pos + tokens`. Query `t` attends to positions
 /// `..causal_visible(start_pos, t)` with scores scaled by `1 / sqrt(head_dim)`.
 ///
@@ -357,7 +357,7 @@ pub fn key_tiles(rows: &[f32], head_dim: usize) -> Vec<f32> {
 /// cache: scores, their maximum `m`, `e = exp(score - m)`, `l = Σ e` and `o = Σ e · value` in
 /// key order (`Cache::block_partial`, the scores from the key tiles, `exp` by
 /// [`kernels::exp_shifted`]); then each head's blocks are merged in block order
-/// ([`merge_blocks`]). One token (decode) cuts each KV head's blocks into runs of consecutive
+/// (`merge_blocks`). One token (decode) cuts each KV head's blocks into runs of consecutive
 /// blocks, about two runs a thread, spreads the runs over `pool`'s threads and merges on the
 /// caller; a chunk (prefill) gives each (token, KV head) to one thread. Either way every
 /// query's arithmetic is the same, in the same order, so the result does not depend on how a
@@ -499,7 +499,7 @@ impl Cache<'_> {
 
 /// One head's attention output from its blocks' `[o, m, l]` (`Cache::block_partial`), in
 /// block order: `Σ_b exp(m_b - M) o_b / Σ_b exp(m_b - M) l_b`, `M` the largest `m_b`.
-pub fn merge_blocks<'a>(blocks: impl Iterator<Item = &'a [f32]> + Clone, out: &mut [f32]) {
+fn merge_blocks<'a>(blocks: impl Iterator<Item = &'a [f32]> + Clone, out: &mut [f32]) {
     let hd = out.len();
     let top = blocks
         .clone()
@@ -681,7 +681,7 @@ impl KvCache {
     }
 
     /// Writes the keys and values (`[token][kv_head][head_dim]`) of a chunk starting at `pos`
-    /// into block `layer`, the keys into their tiles ([`key_tiles`]). The caller has reserved
+    /// into block `layer`, the keys into their tiles ([`key_offset`]). The caller has reserved
     /// room.
     fn store(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let (hd, cap) = (self.head_dim, self.capacity);
@@ -695,9 +695,8 @@ impl KvCache {
             {
                 let at = (g * cap + p) * hd;
                 self.v[layer][at..at + hd].copy_from_slice(value);
-                let tile = (g * cap + p - p % KEY_BLOCK) * hd + p % KEY_BLOCK;
                 for (d, &k) in key.iter().enumerate() {
-                    self.k[layer][tile + d * KEY_BLOCK] = k;
+                    self.k[layer][key_offset(g * cap + p, d, hd)] = k;
                 }
             }
         }
@@ -1680,8 +1679,8 @@ mod tests {
         let at = |c: &KvCache, g: usize, p: usize| (g * c.capacity() + p) * 4;
         // A key's element d sits KEY_BLOCK floats after its element d - 1 (a tile).
         let key = |c: &KvCache, g: usize, p: usize| -> Vec<f32> {
-            let tile = (g * c.capacity() + p - p % KEY_BLOCK) * 4 + p % KEY_BLOCK;
-            (0..4).map(|d| c.k[1][tile + d * KEY_BLOCK]).collect()
+            let p = g * c.capacity() + p;
+            (0..4).map(|d| c.k[1][key_offset(p, d, 4)]).collect()
         };
         assert_eq!(key(&cache, 1, 2), [5.0, 6.0, 7.0, 8.0]);
         assert_eq!(key(&cache, 0, 2), [1.0, 2.0, 3.0, 4.0]);
