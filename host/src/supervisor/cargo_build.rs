@@ -56,6 +56,18 @@ pub enum BuildError {
         lib: PathBuf,
         package: String,
     },
+    #[error(
+        "--no-build: {lib} was last built from the crate at {built_from}, not from variant \
+         {dir} (so says cargo's record of that build, {dep_info}); build this crate \
+         (`cargo build --release --manifest-path {dir}/Cargo.toml`), or name the directory \
+         the library was built from"
+    )]
+    BuiltFromElsewhere {
+        dir: PathBuf,
+        lib: PathBuf,
+        dep_info: PathBuf,
+        built_from: String,
+    },
     #[error("cannot make a private build directory in {dir}")]
     Slot {
         dir: PathBuf,
@@ -481,6 +493,13 @@ impl VariantCrate {
                 package: self.package.clone(),
             });
         }
+        if !built_from(&lib, &self.dir)? {
+            eprintln!(
+                "WARNING: --no-build: {} has no dep-info file beside it (cargo writes one with \
+                 every build), so which crate it was built from cannot be checked",
+                lib.display()
+            );
+        }
         if let Some(newer) = self.newer_source(&lib) {
             eprintln!(
                 "WARNING: --no-build: {} was changed after {} was built: the library may be \
@@ -546,9 +565,119 @@ impl VariantCrate {
     }
 }
 
+/// Whether `lib` (a `--no-build` library) was built from the crate in `dir`, by the dep-info
+/// file cargo writes beside it (`lib<name>.d`: the library, then every source file its last
+/// build read). Libraries of one package name share a path in the target directory, so a build
+/// of another copy of the crate (a candidate kept in `variants/other`) leaves its library where
+/// this one's is looked for; without this check a comparison would measure it under this
+/// directory's tree hash. `Ok(false)` when there is no dep-info to read; an error when it names
+/// no source inside `dir`.
+///
+/// Sources are matched by `dir`'s path inside its git checkout (`/variants/current/`), not by
+/// the absolute path, so a library built in another checkout of the same repository (built on
+/// this machine, run on the GPU machine) passes.
+fn built_from(lib: &Path, dir: &Path) -> Result<bool, BuildError> {
+    let dep_info = lib.with_extension("d");
+    let Ok(text) = std::fs::read_to_string(&dep_info) else {
+        return Ok(false);
+    };
+    let sources = dep_info_sources(&text);
+    let marker = checkout_marker(dir);
+    if sources.iter().any(|s| s.contains(&marker)) {
+        return Ok(true);
+    }
+    // The crate it was built from: its root file's directory, plugin-api's aside.
+    let root = sources
+        .iter()
+        .filter(|s| s.ends_with("/src/lib.rs") && !s.contains("/plugin-api/"))
+        .chain(sources.first())
+        .next()
+        .map(|s| s.trim_end_matches("/src/lib.rs").to_string())
+        .unwrap_or_else(|| "(no sources listed)".into());
+    Err(BuildError::BuiltFromElsewhere {
+        dir: dir.to_path_buf(),
+        lib: lib.to_path_buf(),
+        dep_info,
+        built_from: root,
+    })
+}
+
+/// The source files a dep-info file (`target: source source ...`, spaces in paths escaped
+/// as `\ `) lists for its first target.
+fn dep_info_sources(text: &str) -> Vec<String> {
+    let Some(line) = text.lines().next() else {
+        return Vec::new();
+    };
+    let Some((_, deps)) = line.split_once(": ") else {
+        return Vec::new();
+    };
+    deps.replace("\\ ", "\0")
+        .split_whitespace()
+        .map(|s| s.replace('\0', " "))
+        .collect()
+}
+
+/// `/<dir relative to its git checkout's root>/`, or `<dir's absolute path>/` when it is in no
+/// checkout: the part of a source path that says it lies in `dir` on any machine.
+fn checkout_marker(dir: &Path) -> String {
+    let abs = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let inside = abs
+        .ancestors()
+        .skip(1)
+        .find(|a| a.join(".git").exists())
+        .and_then(|root| abs.strip_prefix(root).ok());
+    match inside {
+        Some(rel) => format!("/{}/", rel.display()),
+        None => format!("{}/", abs.display()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `--no-build` library is accepted from the crate cargo last built it from, whichever
+    /// checkout that was, and refused when that was another directory of the same package.
+    #[test]
+    fn a_no_build_library_must_come_from_the_named_crate() {
+        let root = scratch("dep-info", None);
+        std::fs::create_dir_all(root.join(".git")).unwrap();
+        for v in ["current", "other"] {
+            std::fs::create_dir_all(root.join("variants").join(v).join("src")).unwrap();
+        }
+        let lib = root.join("libcurrent.so");
+        std::fs::write(&lib, b"").unwrap();
+        let (current, other) = (root.join("variants/current"), root.join("variants/other"));
+        // No dep-info: nothing to check.
+        assert!(!built_from(&lib, &current).unwrap());
+        // Built in another checkout (the path of a build machine, a space in it) of this crate.
+        std::fs::write(
+            root.join("libcurrent.d"),
+            "/build/my\\ repo/target/release/libcurrent.so: /build/my\\ repo/plugin-api/src/lib.rs \
+             /build/my\\ repo/variants/current/src/lib.rs /build/my\\ repo/variants/current/src/model.rs\n",
+        )
+        .unwrap();
+        assert!(built_from(&lib, &current).unwrap());
+        match built_from(&lib, &other) {
+            Err(e @ BuildError::BuiltFromElsewhere { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("/build/my repo/variants/current"), "{msg}");
+                assert!(msg.contains("variants/other"), "{msg}");
+            }
+            other => panic!("expected BuiltFromElsewhere, got {other:?}"),
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn dep_info_lists_the_first_targets_sources() {
+        assert_eq!(
+            dep_info_sources("/t/lib.so: /a/b.rs /a/c\\ d.rs\n\n/a/b.rs:\n"),
+            ["/a/b.rs", "/a/c d.rs"]
+        );
+        assert!(dep_info_sources("").is_empty());
+        assert!(dep_info_sources("no colon here").is_empty());
+    }
 
     fn scratch(name: &str, manifest: Option<&str>) -> PathBuf {
         let dir =
