@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Stages `host compare --device cuda --no-build` of the working tree's variants/current (B)
+# against HEAD:variants/current (A) for a GPU machine that has no cargo, such as the lent H200.
+# Each call there takes at most 64 MiB of the working tree, and the model alone is 94 MiB, so
+# the files go in two folders, one per call, which the checkout ignores:
+#
+#   tools/gpu-stage.sh "what the change is"
+#     gpu-stage/1/  the host, A's and B's libraries (B's with cargo's dep-info), the quality
+#                   oracle (variants/baseline at HEAD, for the CPU), a bundle of HEAD, the GPU
+#                   test binary of B, and the model's first part (A is built in a worktree of
+#                   HEAD, into target/gpu-stage-a: the first time, that compiles its crates)
+#     gpu-stage/2/  the model's second part and go.sh, which does the rest there
+#
+# Then, on the GPU machine, three kinds of call, each within 30 s of the last (a machine left
+# idle longer is given back, and what was staged there with it):
+#   1. carry gpu-stage/1, run `gpu-stage/1/cuda-tests --ignored` (or `true`)
+#   2. carry gpu-stage/2, run `bash gpu-stage/2/go.sh`: joins the model, puts every file where
+#      the host looks for it, moves the machine's HEAD to this one's (its .git is the checkout as
+#      the session started), prints `git status --short` (only B's files may differ), starts
+#      the comparison under setsid (so it outlives the call) and follows it for up to 540 s
+#   3. carry nothing, run `bash gpu-stage/2/go.sh wait`: follows it for 540 s more; again
+#      until it ends. The last call leaves results/ (row and record) in $OUT/results.tgz: unpack
+#      it here, append the row to results/results.tsv, copy the record into results/runs/, and
+#      `host keep --allow-unsandboxed` on KEEP.
+# Needs: cargo, git, strip, the model in the cache (any `host run` fetches it).
+set -euo pipefail
+
+case "${1:-}" in
+  ""|-h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+esac
+DESCRIPTION="$1"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+STAGE=gpu-stage
+MODEL="${AUTOINFER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/autoinfer}/SmolLM2-135M-Instruct.Q4_1.gguf"
+LIMIT=$((64 * 1024 * 1024 - 512 * 1024))  # a call's tree, less some room
+for tool in cargo git strip; do
+  command -v "$tool" > /dev/null || { echo "gpu-stage.sh: $tool is needed and not on PATH" >&2; exit 1; }
+done
+[ -f "$MODEL" ] || { echo "gpu-stage.sh: no model at $MODEL: run \`host run variants/current\` once to fetch it" >&2; exit 1; }
+mkdir -p "$STAGE" && git check-ignore -q "$STAGE/" || { echo "gpu-stage.sh: $STAGE/ is not ignored by .gitignore" >&2; exit 1; }
+if git diff --quiet HEAD -- variants/current && [ -z "$(git ls-files --others --exclude-standard variants/current)" ]; then
+  echo "gpu-stage.sh: variants/current has no changes against HEAD: nothing to compare" >&2; exit 2
+fi
+other="$(git status --porcelain --untracked-files=all | grep -v ' variants/current/' || true)"
+if [ -n "$other" ]; then
+  echo "gpu-stage.sh: files besides variants/current differ from HEAD; the comparison would run on them too:" >&2
+  echo "$other" >&2; exit 2
+fi
+
+# The build key the host names a committed variant's library by (revision.rs: the object ids
+# of the workspace manifest, the lock file, plugin-api and the variant at that commit).
+key() {
+  for p in Cargo.toml Cargo.lock plugin-api "$1"; do echo "$p:$(git rev-parse "HEAD:$p")"; done |
+    sha256sum | cut -c1-16
+}
+A_LIB="current-$(key variants/current)-cuda.so"
+ORACLE="baseline-$(key variants/baseline).so"
+HEAD_SHA="$(git rev-parse HEAD)"
+
+rm -rf "$STAGE"
+mkdir -p "$STAGE/1" "$STAGE/2"
+started=$SECONDS
+
+# A: HEAD's variants/current, and the oracle, built in a worktree of HEAD into a target
+# directory of their own. (Not the main one: a cdylib's file in target/release/deps has no hash
+# in its name, so A's build there would overwrite B's while cargo still counted B's as fresh.)
+worktree="$(mktemp -d)"
+trap 'git worktree remove --force "$worktree" 2> /dev/null || rm -rf "$worktree"' EXIT
+git worktree add -q --detach "$worktree" HEAD
+A_TARGET="$ROOT/target/gpu-stage-a"
+echo "gpu-stage.sh: building A (HEAD:variants/current, cuda) and the oracle (HEAD:variants/baseline) in $A_TARGET"
+(cd "$worktree" && CARGO_TARGET_DIR="$A_TARGET" cargo build --release --quiet -p current --features cuda)
+strip --strip-debug -o "$STAGE/1/$A_LIB" "$A_TARGET/release/libcurrent.so"
+if [ -f "target/autoinfer-git/built/$ORACLE" ]; then  # the host's own build of it
+  strip --strip-debug -o "$STAGE/1/$ORACLE" "target/autoinfer-git/built/$ORACLE"
+else
+  (cd "$worktree" && CARGO_TARGET_DIR="$A_TARGET" cargo build --release --quiet -p baseline)
+  strip --strip-debug -o "$STAGE/1/$ORACLE" "$A_TARGET/release/libbaseline.so"
+fi
+echo "gpu-stage.sh: building B (the working tree's variants/current, cuda), its GPU tests and the host"
+cargo build --release --quiet -p host
+cargo build --release --quiet -p current --features cuda
+strip --strip-debug -o "$STAGE/1/libcurrent.so" target/release/libcurrent.so
+cp target/release/libcurrent.d "$STAGE/1/libcurrent.d"
+strip --strip-debug -o "$STAGE/1/host" target/release/host
+tests="$(cargo test --release -p current --features cuda --no-run --message-format=json 2> /dev/null |
+  grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)"
+strip --strip-debug -o "$STAGE/1/cuda-tests" "$tests"
+git bundle create -q "$STAGE/1/head.bundle" HEAD
+
+# The model split so that each call's tree stays under the limit.
+tree=$(git ls-files -z | xargs -0 cat | wc -c)
+staged=$(cat "$STAGE"/1/* | wc -c)
+first=$((LIMIT - tree - staged))
+size=$(stat -c %s "$MODEL")
+[ "$first" -gt 0 ] && [ $((size - first + tree + 65536)) -le "$LIMIT" ] || {
+  echo "gpu-stage.sh: the binaries ($staged bytes) leave too little room to split the model ($size bytes) over two calls" >&2; exit 1; }
+head -c "$first" "$MODEL" > "$STAGE/1/model.part1"
+tail -c +"$((first + 1))" "$MODEL" > "$STAGE/2/model.part2"
+MODEL_SHA="$(sha256sum < "$MODEL" | cut -d' ' -f1)"
+
+cat > "$STAGE/2/go.sh" <<EOF
+#!/usr/bin/env bash
+# Written by tools/gpu-stage.sh: see there. \`go.sh\` sets up and starts; \`go.sh wait\` follows.
+set -uo pipefail
+S=$STAGE
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:\${LD_LIBRARY_PATH:-} CARGO_TARGET_DIR=target
+if [ "\${1:-}" != wait ]; then
+  set -e
+  M=\$HOME/.cache/autoinfer/$(basename "$MODEL")
+  mkdir -p "\$(dirname "\$M")" target/release target/autoinfer-git/built
+  cat \$S/1/model.part1 \$S/2/model.part2 > "\$M"
+  [ "\$(sha256sum < "\$M" | cut -d' ' -f1)" = $MODEL_SHA ] || { echo "the joined model is not the staged one"; exit 1; }
+  cp \$S/1/host \$S/1/libcurrent.so \$S/1/libcurrent.d target/release/
+  cp \$S/1/$A_LIB \$S/1/$ORACLE target/autoinfer-git/built/
+  if [ "\$(git rev-parse HEAD)" != $HEAD_SHA ]; then
+    git fetch -q \$S/1/head.bundle HEAD:refs/gpu-stage/head
+    git reset -q --soft $HEAD_SHA && git reset -q
+  fi
+  echo "HEAD \$(git rev-parse --short HEAD); what differs from it (only variants/current may):"
+  git status --short
+  set +e
+  setsid nohup ./target/release/host compare --device cuda --no-build \\
+    --description "$(printf '%s' "$DESCRIPTION" | sed 's/["$`\\]/\\&/g')" > \$S/compare.log 2>&1 < /dev/null &
+  echo \$! > \$S/compare.pid
+fi
+pid=\$(cat \$S/compare.pid)
+for _ in \$(seq 108); do kill -0 "\$pid" 2> /dev/null || break; sleep 5; done
+grep -v '^[AB] prompt\|^oracle: [0-9]' \$S/compare.log | tail -40
+if kill -0 "\$pid" 2> /dev/null; then echo "STILL RUNNING: call \\\`bash \$S/2/go.sh wait\\\` within 30 s"; fi
+tar czf "\${OUT:-/tmp}/results.tgz" results 2> /dev/null || true
+EOF
+chmod +x "$STAGE/2/go.sh"
+echo "gpu-stage.sh: staged in $((SECONDS - started)) s:"
+du -sh "$STAGE/1" "$STAGE/2"
