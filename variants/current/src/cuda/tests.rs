@@ -778,3 +778,120 @@ fn cuda_qkv_rope_epilogue_matches_the_matvec_then_rope_kv() {
         assert_eq!(want.2, got.2, "{format:?}: value cache");
     }
 }
+
+/// A microbenchmark, not a check of the model: the one-token Q4_1 matvec of kernels.cu beside
+/// the candidates of `matvec_candidates.cu`, on SmolLM2's and the 8B shape's matrices, each
+/// read from memory (copies in turn, more than the L2 cache holds). Prints microseconds and
+/// GB/s a matrix; asserts only that every candidate computes what kernels.cu does. Run it on
+/// the GPU machine with `--ignored bench_matvec --nocapture`.
+#[test]
+#[ignore = "needs a CUDA GPU; a microbenchmark (--nocapture shows its table)"]
+fn bench_matvec_candidates() {
+    let (stream, k) = gpu();
+    let ctx = stream.context();
+    let (major, minor) = ctx.compute_capability().unwrap();
+    let module = ctx
+        .load_module(candidates_ptx(arch_name(major, minor)))
+        .unwrap();
+    // (kernel, rows a block: four warps, R rows each)
+    let candidates: Vec<(&str, CudaFunction, u32)> = [
+        ("mv16_u1", 4),
+        ("mv16_u2", 4),
+        ("mv16_u4", 4),
+        ("mv16_u2_r2", 8),
+    ]
+    .into_iter()
+    .map(|(name, rows)| (name, module.load_function(name).unwrap(), rows))
+    .collect();
+    let shapes = [
+        ("SmolLM2 QKV", 960, 576),
+        ("SmolLM2 wo", 576, 576),
+        ("SmolLM2 gate+up", 3072, 576),
+        ("SmolLM2 down", 576, 1536),
+        ("SmolLM2 output", 49_152, 576),
+        ("8B wo", 4096, 4096),
+        ("8B QKV", 6144, 4096),
+        ("8B gate+up", 28_672, 4096),
+        ("8B down", 4096, 14_336),
+        ("8B output", 128_256, 4096),
+    ];
+    let reps = 40;
+    eprintln!("matrix (rows x cols): kernels.cu, then each candidate: us a matvec (GB/s)");
+    for (name, rows, cols) in shapes {
+        let w = random_weights(Format::Q4_1, rows, cols, 7);
+        let bytes = rows * cols / BLOCK * Q4_1_BLOCK_BYTES;
+        let copies = (256 << 20) / bytes + 1;
+        let mats: Vec<DeviceMatrix> = (0..copies)
+            .map(|_| DeviceMatrix::upload(&stream, name, &[(&w, rows)]).unwrap())
+            .collect();
+        let x = stream.clone_htod(&random_activations(cols, 3)).unwrap();
+        let mut y = stream.alloc_zeros::<f32>(rows).unwrap();
+        let mut time = |run: &mut dyn FnMut(&DeviceMatrix, &mut CudaSlice<f32>)| {
+            run(&mats[0], &mut y);
+            stream.synchronize().unwrap();
+            let start = std::time::Instant::now();
+            for i in 0..reps {
+                run(&mats[i % copies], &mut y);
+            }
+            stream.synchronize().unwrap();
+            let us = start.elapsed().as_secs_f64() * 1e6 / reps as f64;
+            (us, stream.clone_dtoh(&y).unwrap())
+        };
+        let (base_us, want) = time(&mut |m, y| {
+            matmul(&stream, &k, m, &x.slice(..), y, 1, false, &Fusion::NONE).unwrap()
+        });
+        let gbs = |us: f64| bytes as f64 / us / 1e3;
+        let mut line = format!(
+            "{name} ({rows} x {cols}): {base_us:.1} ({:.0})",
+            gbs(base_us)
+        );
+        for (cand, f, per_block) in &candidates {
+            let (us, got) = time(&mut |m, y| {
+                let (r, c) = (rows as i32, cols as i32);
+                let mut launch = stream.launch_builder(f);
+                launch
+                    .arg(&m.quants)
+                    .arg(&m.scales)
+                    .arg(&x)
+                    .arg(y)
+                    .arg(&r)
+                    .arg(&c);
+                let config = LaunchConfig {
+                    grid_dim: ((rows as u32).div_ceil(*per_block), 1, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: the matrix holds rows x cols Q4_1 weights, x cols floats, y rows.
+                unsafe { launch.launch(config) }.unwrap();
+            });
+            assert!(rel_diff(&want, &got) < 1e-4, "{cand} on {name}");
+            line += &format!(", {cand} {us:.1} ({:.0})", gbs(us));
+        }
+        eprintln!("{line}");
+    }
+}
+
+/// `matvec_candidates.cu` compiled by NVRTC as kernels.cu is.
+fn candidates_ptx(arch: &'static str) -> Ptx {
+    let options = CompileOptions {
+        arch: Some(arch),
+        fmad: Some(false),
+        name: Some("matvec_candidates.cu".into()),
+        ..Default::default()
+    };
+    compile_ptx_with_opts(include_str!("matvec_candidates.cu"), options).unwrap()
+}
+
+/// The microbenchmark's candidates compile (CI runs this with libnvrtc from PyPI), so a GPU
+/// call is never spent on a typo.
+#[test]
+#[ignore = "needs libnvrtc (CI fetches it from PyPI; a GPU machine has it)"]
+fn nvrtc_compiles_the_matvec_candidates() {
+    let ptx = candidates_ptx(arch_name(9, 0)).to_src();
+    for name in ["mv16_u1", "mv16_u2", "mv16_u4", "mv16_u2_r2"] {
+        assert!(
+            ptx.contains(&format!(".entry {name}(")),
+            "{name} is missing"
+        );
+    }
+}
