@@ -8,28 +8,9 @@
 // and reads the H200's memory at 1.3-2.0 TB/s on the 8B shape's matrices. Do 16-byte pieces
 // (a lane per quant block), more loads in flight, two rows a warp, or the block's activation
 // sum factored out (d Σ q x + m Σ x: three instructions a weight instead of four) move more?
-
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-
-__device__ __forceinline__ float f16_to_f32(u16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-// Nibble P/4 of `word` as an exact float (kernels.cu's `nibble`).
-template <int P>
-__device__ __forceinline__ float nibble(u32 word) {
-    const u32 magic = (u32)(150 - P) << 23;
-    return __int_as_float((word & (0xfu << P)) | magic) - (float)(1u << (23 - P));
-}
+//
+// It is compiled after kernels.cu, in one source (`candidates_ptx` in tests.rs), so it uses
+// kernels.cu's types and helpers (`f16_to_f32`, `warp_sum`, `nibble`).
 
 // Σ q x over one block's 32 weights (`q` its 16 bytes, `x` its 32 activations), and Σ x into
 // `xs`: byte j holds weight j in its low nibble and weight j + 16 in its high one.

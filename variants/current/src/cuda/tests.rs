@@ -871,7 +871,8 @@ fn bench_matvec_candidates() {
     }
 }
 
-/// `matvec_candidates.cu` compiled by NVRTC as kernels.cu is.
+/// `matvec_candidates.cu` compiled by NVRTC as kernels.cu is, after kernels.cu (whose helpers
+/// it uses).
 fn candidates_ptx(arch: &'static str) -> Ptx {
     let options = CompileOptions {
         arch: Some(arch),
@@ -879,7 +880,8 @@ fn candidates_ptx(arch: &'static str) -> Ptx {
         name: Some("matvec_candidates.cu".into()),
         ..Default::default()
     };
-    compile_ptx_with_opts(include_str!("matvec_candidates.cu"), options).unwrap()
+    let source = format!("{SOURCE}\n{}", include_str!("matvec_candidates.cu"));
+    compile_ptx_with_opts(source, options).unwrap()
 }
 
 /// The microbenchmark's candidates compile (CI runs this with libnvrtc from PyPI), so a GPU
