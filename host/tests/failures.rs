@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{fixture, host, model, output, records, rows, run_fixture, scratch};
+use common::{build_plain, fixture, host, model, output, records, rows, run_fixture, scratch};
 
 /// `host run variants/current --no-build` with `args`, expecting failure; returns stderr.
 fn run_fails(args: &[&str], model_path: &Path) -> String {
@@ -295,4 +295,44 @@ fn variant_faster_than_memory_bandwidth_is_suspect() {
         "a suspect run is not gated: {:?}",
         all[0]
     );
+}
+
+/// `--no-build` runs the library a build of the package last left in the target directory.
+/// A copy of a crate (same package name) elsewhere is refused, naming where that library was
+/// built from, instead of being measured under the copy's tree hash.
+#[test]
+fn no_build_refuses_a_library_built_from_another_directory() {
+    build_plain();
+    let copy = scratch("no-build-copy").join("drift");
+    let copied = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(fixture("drift"))
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let results = scratch("no-build-copy-results");
+    let (out, _, err) = output(
+        host()
+            .args([
+                "run",
+                "--no-build",
+                "--rounds",
+                "1",
+                "--max-new-tokens",
+                "2",
+            ])
+            .arg(&copy)
+            .arg("--results")
+            .arg(&results)
+            .env("CARGO_TARGET_DIR", common::root().join("target")),
+    );
+    assert!(!out.status.success(), "a copy's run must be refused: {err}");
+    assert!(
+        err.contains("was last built from the crate at")
+            && err.contains("fixtures/variants/drift")
+            && err.contains(copy.to_str().unwrap()),
+        "{err}"
+    );
+    assert!(records(&results).is_empty(), "nothing measured, no row");
 }
