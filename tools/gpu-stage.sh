@@ -49,7 +49,8 @@ if [ -n "$other" ]; then
 fi
 
 # The build key the host names a committed variant's library by (revision.rs: the object ids
-# of the workspace manifest, the lock file, plugin-api and the variant at that commit).
+# of the workspace manifest, the lock file, plugin-api and the variant at that commit; a host
+# unit test checks that this function hashes the same inputs as BUILD_INPUTS there).
 key() {
   for p in Cargo.toml Cargo.lock plugin-api "$1"; do echo "$p:$(git rev-parse "HEAD:$p")"; done |
     sha256sum | cut -c1-16
@@ -86,6 +87,8 @@ cp target/release/libcurrent.d "$STAGE/1/libcurrent.d"
 strip --strip-debug -o "$STAGE/1/host" target/release/host
 tests="$(cargo test --release -p current --features cuda --no-run --message-format=json 2> /dev/null |
   grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)"
+[ -n "$tests" ] && [ -f "$tests" ] || {
+  echo "gpu-stage.sh: cargo named no test binary for variants/current (--features cuda)" >&2; exit 1; }
 strip --strip-debug -o "$STAGE/1/cuda-tests" "$tests"
 git bundle create -q "$STAGE/1/head.bundle" HEAD
 

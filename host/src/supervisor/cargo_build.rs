@@ -578,9 +578,18 @@ impl VariantCrate {
 /// this machine, run on the GPU machine) passes.
 fn built_from(lib: &Path, dir: &Path) -> Result<bool, BuildError> {
     let dep_info = lib.with_extension("d");
-    let Ok(text) = std::fs::read_to_string(&dep_info) else {
+    // A plain file only, and its first MiB (a crate's dep-info is a few KiB): what a build
+    // left there must not hang the host (a FIFO, /dev/zero) or fill its memory.
+    if !std::fs::metadata(&dep_info).is_ok_and(|m| m.is_file()) {
+        return Ok(false);
+    }
+    let Ok(file) = std::fs::File::open(&dep_info) else {
         return Ok(false);
     };
+    let mut text = String::new();
+    if std::io::Read::read_to_string(&mut std::io::Read::take(file, 1 << 20), &mut text).is_err() {
+        return Ok(false);
+    }
     let sources = dep_info_sources(&text);
     let marker = checkout_marker(dir);
     if sources.iter().any(|s| s.contains(&marker)) {
@@ -618,17 +627,16 @@ fn dep_info_sources(text: &str) -> Vec<String> {
 }
 
 /// `/<dir relative to its git checkout's root>/`, or `<dir's absolute path>/` when it is in no
-/// checkout: the part of a source path that says it lies in `dir` on any machine.
+/// checkout (or is the checkout's root): the part of a source path that says it lies in `dir`
+/// on any machine.
 fn checkout_marker(dir: &Path) -> String {
     let abs = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    let inside = abs
-        .ancestors()
-        .skip(1)
-        .find(|a| a.join(".git").exists())
-        .and_then(|root| abs.strip_prefix(root).ok());
-    match inside {
-        Some(rel) => format!("/{}/", rel.display()),
-        None => format!("{}/", abs.display()),
+    let workdir = git2::Repository::discover(&abs)
+        .ok()
+        .and_then(|repo| repo.workdir().and_then(|w| w.canonicalize().ok()));
+    match workdir.as_deref().and_then(|w| abs.strip_prefix(w).ok()) {
+        Some(rel) if !rel.as_os_str().is_empty() => format!("/{}/", rel.display()),
+        _ => format!("{}/", abs.display()),
     }
 }
 
@@ -641,15 +649,31 @@ mod tests {
     #[test]
     fn a_no_build_library_must_come_from_the_named_crate() {
         let root = scratch("dep-info", None);
-        std::fs::create_dir_all(root.join(".git")).unwrap();
+        git2::Repository::init(&root).unwrap();
         for v in ["current", "other"] {
             std::fs::create_dir_all(root.join("variants").join(v).join("src")).unwrap();
         }
         let lib = root.join("libcurrent.so");
         std::fs::write(&lib, b"").unwrap();
         let (current, other) = (root.join("variants/current"), root.join("variants/other"));
-        // No dep-info: nothing to check.
+        // No dep-info, or none that is a plain file: nothing to check.
         assert!(!built_from(&lib, &current).unwrap());
+        std::fs::create_dir(root.join("libcurrent.d")).unwrap();
+        assert!(!built_from(&lib, &current).unwrap());
+        std::fs::remove_dir(root.join("libcurrent.d")).unwrap();
+        let fifo = std::ffi::CString::new(
+            root.join("libcurrent.d")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates the node.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        assert!(
+            !built_from(&lib, &current).unwrap(),
+            "a FIFO is not read (it would block)"
+        );
+        std::fs::remove_file(root.join("libcurrent.d")).unwrap();
         // Built in another checkout (the path of a build machine, a space in it) of this crate.
         std::fs::write(
             root.join("libcurrent.d"),

@@ -215,6 +215,25 @@ fn short_rev(commit: &str) -> &str {
 pub(crate) mod tests {
     use super::*;
 
+    /// tools/gpu-stage.sh names A's library by this build key without the host (the GPU
+    /// machine has no cargo to build it): its `key()` must hash the same inputs, in the same
+    /// order and format (`input:object id` lines, the first 16 hex digits of their SHA-256).
+    #[test]
+    fn gpu_stage_computes_the_build_key_from_the_same_inputs() {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/gpu-stage.sh");
+        let text = std::fs::read_to_string(&script).unwrap();
+        let line = format!(
+            "for p in {} \"$1\"; do echo \"$p:$(git rev-parse \"HEAD:$p\")\"; done |",
+            BUILD_INPUTS.join(" ")
+        );
+        assert!(text.contains(&line), "{} lacks `{line}`", script.display());
+        assert!(
+            text.contains("sha256sum | cut -c1-16"),
+            "{}",
+            script.display()
+        );
+    }
+
     /// A scratch git repository holding `files` in one commit (none when `files` is empty).
     pub fn repo(name: &str, files: &[(&str, &str)]) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("autoinfer-rev-{name}-{}", std::process::id()));
