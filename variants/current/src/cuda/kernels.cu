@@ -901,17 +901,25 @@ extern "C" __global__ void attention_decode(const float* qkv, const float* k_cac
     if (!last) return;
     __threadfence();
     // The merge, a warp per head: splits 0..used hold records (read past L1: other blocks wrote
-    // them). The lanes find the max M and the sum L over the splits together; then, 32 splits at
-    // a time, lane k's weight exp(m_k - M) is passed round and every lane adds its dimensions.
+    // them). Lane k reads split k's max and sum at once and keeps them (the first 32 splits, all
+    // of them up to 1,024 positions), so the lanes find the max M, then the sum L, with one trip
+    // to L2 between them. Then, 32 splits at a time, lane k's weight exp(m_k - M) is passed
+    // round and every lane adds its dimensions, the loads of 16 splits in flight together.
     const int used = min(n_split, pos / DK + 1);
     for (int g = warp; g < group; g += DEC_THREADS / 32) {
         const int h = kvh * group + g;
         const float* recs = partial + (long)h * n_split * (hd + 2);
-        float mx = NEG_INF;
-        for (int sp = lane; sp < used; sp += 32) mx = fmaxf(mx, __ldcg(recs + (long)sp * (hd + 2)));
+        float m0 = NEG_INF, l0 = 0.0f;
+        if (lane < used) {
+            m0 = __ldcg(recs + (long)lane * (hd + 2));
+            l0 = __ldcg(recs + (long)lane * (hd + 2) + 1);
+        }
+        float mx = m0;
+        for (int sp = lane + 32; sp < used; sp += 32) mx = fmaxf(mx, __ldcg(recs + (long)sp * (hd + 2)));
         mx = warp_max(mx);
-        float l = 0.0f;
-        for (int sp = lane; sp < used; sp += 32) {
+        const float w0 = lane < used ? expf(m0 - mx) : 0.0f;
+        float l = w0 * l0;
+        for (int sp = lane + 32; sp < used; sp += 32) {
             const float* r = recs + (long)sp * (hd + 2);
             l += expf(__ldcg(r) - mx) * __ldcg(r + 1);
         }
@@ -921,9 +929,9 @@ extern "C" __global__ void attention_decode(const float* qkv, const float* k_cac
         for (int e = 0; e < ATT_HD_MAX / 32; e++) acc[e] = 0.0f;
         for (int s0 = 0; s0 < used; s0 += 32) {
             const int sp = s0 + lane;
-            const float w = sp < used ? expf(__ldcg(recs + (long)sp * (hd + 2)) - mx) : 0.0f;
+            const float w = s0 == 0 ? w0 : sp < used ? expf(__ldcg(recs + (long)sp * (hd + 2)) - mx) : 0.0f;
             const int count = min(32, used - s0);
-#pragma unroll 4
+#pragma unroll 16
             for (int k = 0; k < count; k++) {
                 const float wk = __shfl_sync(0xffffffffu, w, k);
                 const float* r = recs + (long)(s0 + k) * (hd + 2) + 2;
@@ -943,13 +951,41 @@ extern "C" __global__ void attention_decode(const float* qkv, const float* k_cac
 // thread keeps its best (value, index), and the block reduces them. With `next_id` (the end of
 // a decode step), the choice is also the next step's input and *pos_at moves on by one, so
 // steps follow each other with nothing from the host.
+//
+// A thread reads float4s t, t + blockDim, ..., ARGMAX_UNROLL of them loaded before any is
+// compared, so that many loads are in flight at once rather than one (a vocabulary of 49,152
+// is 12 float4s a thread). Its indices still come in increasing order, so `>` keeps the first
+// of equal values; the last n % 4 values (or all, were v not 16-byte aligned) go one by one.
 #define ARGMAX_THREADS 1024
+#define ARGMAX_UNROLL 8
 extern "C" __global__ void argmax(const float* v, int n, u32* best, u32* next_id, int* pos_at) {
     __shared__ float values[ARGMAX_THREADS / 32];
     __shared__ int indices[ARGMAX_THREADS / 32];
     float bv = NEG_INF;
     int bi = n;  // none yet
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int n4 = (reinterpret_cast<size_t>(v) & 15) == 0 ? n / 4 : 0;
+    const float4* v4 = reinterpret_cast<const float4*>(v);
+    for (int base = threadIdx.x; base < n4; base += ARGMAX_UNROLL * blockDim.x) {
+        float4 c[ARGMAX_UNROLL];
+#pragma unroll
+        for (int u = 0; u < ARGMAX_UNROLL; u++) {
+            const int i = base + u * blockDim.x;
+            c[u] = i < n4 ? v4[i] : make_float4(NEG_INF, NEG_INF, NEG_INF, NEG_INF);
+        }
+#pragma unroll
+        for (int u = 0; u < ARGMAX_UNROLL; u++) {
+            const int i = 4 * (base + u * blockDim.x);
+            const float e[4] = {c[u].x, c[u].y, c[u].z, c[u].w};
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                if (e[k] > bv) {
+                    bv = e[k];
+                    bi = i + k;
+                }
+            }
+        }
+    }
+    for (int i = 4 * n4 + threadIdx.x; i < n; i += blockDim.x) {
         if (v[i] > bv) {
             bv = v[i];
             bi = i;

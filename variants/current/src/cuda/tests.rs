@@ -490,6 +490,28 @@ fn cuda_argmax_takes_the_first_maximum_and_never_a_nan() {
     v[49_999] = f32::NAN;
     assert_eq!(run(&v), 1_234);
     assert_eq!(crate::generate::argmax(&v), 1_234);
+    // Ties inside one float4, and inside the last n % 4 values (read one by one).
+    v[1_235] = 6.0;
+    v[1_234] = 6.0;
+    assert_eq!(run(&v), 1_234);
+    let mut tail = random_activations(50_003, 10);
+    tail[50_001] = 8.0;
+    tail[50_002] = 8.0;
+    assert_eq!(run(&tail), 50_001);
+    // Not 16-byte aligned (a view from the second value): every value is read one by one.
+    let d = stream.clone_htod(&tail).unwrap();
+    let view = d.slice(1..);
+    let mut best = stream.alloc_zeros::<u32>(1).unwrap();
+    let (n, none) = (tail.len() as i32 - 1, 0u64);
+    let mut launch = stream.launch_builder(&k.argmax);
+    launch
+        .arg(&view)
+        .arg(&n)
+        .arg(&mut best)
+        .arg(&none)
+        .arg(&none);
+    unsafe { launch.launch(argmax_config()) }.unwrap();
+    assert_eq!(stream.clone_dtoh(&best).unwrap(), [50_000]);
     // Nothing above minus infinity: 0, as on the CPU.
     assert_eq!(run(&[f32::NAN, f32::NEG_INFINITY, f32::NAN]), 0);
     assert_eq!(run(&[-1.0]), 0);
