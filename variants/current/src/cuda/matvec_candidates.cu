@@ -5,94 +5,101 @@
 // matrices and check it gives the same y up to the order of the sums.
 //
 // The question they answer: kernels.cu's kernel gives each lane 4 bytes of a row at a time
-// and reads the H200's memory at 1.3-2.0 TB/s on the 8B shape's matrices. Do 16-byte pieces
-// (a lane per quant block), more loads in flight, two rows a warp, or the block's activation
-// sum factored out (d Σ q x + m Σ x: three instructions a weight instead of four) move more?
+// and reads the H200's memory at 0.9-2.0 TB/s on the 8B shape's matrices. A 4-byte word of
+// nibbles pairs with 8 activations (32 bytes), so a warp reads 8 bytes of x from L1 for every
+// byte of weights, and spends four instructions a weight. The first candidates (mv16: a lane
+// per 16-byte block) read x eight times over per lane and were slower everywhere (README, GPU
+// session 7). The second (mvw) keep kernels.cu's word a lane and ask: does sharing each x load
+// over R rows, splitting a row's words over KW warps (more warps for 4,096-row matrices), or
+// the block's activation sum factored out (d Σ q x + m Σ x: three instructions a weight) move
+// more?
 //
 // It is compiled after kernels.cu, in one source (`candidates_ptx` in tests.rs), so it uses
-// kernels.cu's types and helpers (`f16_to_f32`, `warp_sum`, `nibble`).
+// kernels.cu's types and helpers (`f16_to_f32`, `warp_sum`, `nibble`, `q4_1_word`).
 
-// Σ q x over one block's 32 weights (`q` its 16 bytes, `x` its 32 activations), and Σ x into
-// `xs`: byte j holds weight j in its low nibble and weight j + 16 in its high one.
-__device__ __forceinline__ float block_qx(uint4 q, const float* x, float& xs) {
-    const u32 words[4] = {q.x, q.y, q.z, q.w};
-    float a = 0.0f, s = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const float4 xl = *reinterpret_cast<const float4*>(x + 4 * i);
-        const float4 xh = *reinterpret_cast<const float4*>(x + 16 + 4 * i);
-        const u32 w = words[i], hi = w >> 16;
-        a = fmaf(nibble<0>(w), xl.x, a);
-        a = fmaf(nibble<4>(w), xh.x, a);
-        a = fmaf(nibble<8>(w), xl.y, a);
-        a = fmaf(nibble<12>(w), xh.y, a);
-        a = fmaf(nibble<0>(hi), xl.z, a);
-        a = fmaf(nibble<4>(hi), xh.z, a);
-        a = fmaf(nibble<8>(hi), xl.w, a);
-        a = fmaf(nibble<12>(hi), xh.w, a);
-        s += (xl.x + xl.y) + (xl.z + xl.w) + (xh.x + xh.y) + (xh.z + xh.w);
-    }
-    xs = s;
-    return a;
+// Σ q x over the 8 weights of Q4_1 quant word `word` (as in q4_1_word, without d and m).
+__device__ __forceinline__ float word_qx(u32 word, float4 xl, float4 xh) {
+    const u32 hi = word >> 16;
+    float a = nibble<0>(word) * xl.x;
+    a = fmaf(nibble<4>(word), xh.x, a);
+    a = fmaf(nibble<8>(word), xl.y, a);
+    a = fmaf(nibble<12>(word), xh.y, a);
+    a = fmaf(nibble<0>(hi), xl.z, a);
+    a = fmaf(nibble<4>(hi), xh.z, a);
+    a = fmaf(nibble<8>(hi), xl.w, a);
+    return fmaf(nibble<12>(hi), xh.w, a);
 }
 
-// A lane per quant block: lane l takes blocks l, l + 32, ... of R rows a warp, U blocks of
-// each row loaded before any is used. Per block, d Σ q x + m Σ x (Σ x shared by the R rows).
-template <int U, int R>
-__device__ void mv16(const u8* w, const u8* s, const float* x, float* y, int rows, int cols) {
+// A block of four warps in 4 / KW groups; a group takes R rows, its KW warps split each row's
+// words (warp k of the group, lane l: words l + 32 k, l + 32 (k + KW), ...), and each x load
+// serves the R rows. FACTOR: d Σ q x + m Σ x per word (Σ x shared by the R rows); otherwise
+// kernels.cu's q4_1_word. A group's warps add their sums in shared memory.
+template <int R, int KW, bool FACTOR>
+__device__ void mvw(const u8* w, const u8* s, const float* x, float* y, int rows, int cols) {
+    __shared__ float part[4][R];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int row0 = (blockIdx.x * (blockDim.x / 32) + warp) * R;
-    if (row0 >= rows) return;
-    const int nb = cols / 32;
+    const int group = warp / KW, wk = warp % KW;
+    const int row0 = (blockIdx.x * (4 / KW) + group) * R;
+    const int nb = cols / 32, pieces = nb * 4;
+    const u32* w32 = reinterpret_cast<const u32*>(w);
+    const u32* s32 = reinterpret_cast<const u32*>(s);
+    long base[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) base[r] = (long)min(row0 + r, rows - 1);
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = 0.0f;
-    for (int b0 = lane; b0 < nb; b0 += 32 * U) {
-        uint4 q[U][R];
-        u32 dm[U][R];
+    for (int c = lane + 32 * wk; row0 < rows && c < pieces; c += 32 * KW) {
+        u32 q[R], dm[R];
 #pragma unroll
-        for (int u = 0; u < U; u++)
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                const int b = min(b0 + 32 * u, nb - 1);
-                const long row = min(row0 + r, rows - 1);
-                q[u][r] = reinterpret_cast<const uint4*>(w)[row * nb + b];
-                dm[u][r] = reinterpret_cast<const u32*>(s)[row * nb + b];
-            }
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int b = b0 + 32 * u;
-            if (b >= nb) break;
+        for (int r = 0; r < R; r++) {
+            q[r] = w32[base[r] * pieces + c];
+            dm[r] = s32[base[r] * nb + c / 4];
+        }
+        const float* xb = x + (c / 4) * 32 + 4 * (c % 4);
+        const float4 xl = *reinterpret_cast<const float4*>(xb);
+        const float4 xh = *reinterpret_cast<const float4*>(xb + 16);
+        if (FACTOR) {
+            const float xs = ((xl.x + xl.y) + (xl.z + xl.w)) + ((xh.x + xh.y) + (xh.z + xh.w));
 #pragma unroll
             for (int r = 0; r < R; r++) {
-                float xs;
-                const float qx = block_qx(q[u][r], x + 32 * b, xs);
-                const float d = f16_to_f32((u16)(dm[u][r] & 0xffff));
-                const float m = f16_to_f32((u16)(dm[u][r] >> 16));
-                acc[r] = fmaf(d, qx, fmaf(m, xs, acc[r]));
+                const float d = f16_to_f32((u16)(dm[r] & 0xffff));
+                const float m = f16_to_f32((u16)(dm[r] >> 16));
+                acc[r] = fmaf(d, word_qx(q[r], xl, xh), fmaf(m, xs, acc[r]));
             }
+        } else {
+#pragma unroll
+            for (int r = 0; r < R; r++) acc[r] = q4_1_word(q[r], dm[r], xl, xh, acc[r]);
         }
     }
 #pragma unroll
     for (int r = 0; r < R; r++) {
         const float sum = warp_sum(acc[r]);
-        if (lane == 0 && row0 + r < rows) y[row0 + r] = sum;
+        if (KW == 1) {
+            if (lane == 0 && row0 + r < rows) y[row0 + r] = sum;
+        } else if (lane == 0) {
+            part[warp][r] = sum;
+        }
+    }
+    if (KW == 1) return;
+    __syncthreads();
+    if (wk == 0 && lane < R && row0 + lane < rows) {
+        float sum = 0.0f;
+        for (int k = 0; k < KW; k++) sum += part[group * KW + k][lane];
+        y[row0 + lane] = sum;
     }
 }
 
-extern "C" __global__ void mv16_u1(const u8* w, const u8* s, const float* x, float* y, int rows,
-                                   int cols) {
-    mv16<1, 1>(w, s, x, y, rows, cols);
-}
-extern "C" __global__ void mv16_u2(const u8* w, const u8* s, const float* x, float* y, int rows,
-                                   int cols) {
-    mv16<2, 1>(w, s, x, y, rows, cols);
-}
-extern "C" __global__ void mv16_u4(const u8* w, const u8* s, const float* x, float* y, int rows,
-                                   int cols) {
-    mv16<4, 1>(w, s, x, y, rows, cols);
-}
-extern "C" __global__ void mv16_u2_r2(const u8* w, const u8* s, const float* x, float* y,
-                                      int rows, int cols) {
-    mv16<2, 2>(w, s, x, y, rows, cols);
-}
+// (name, R, KW, FACTOR): the bench's list in tests.rs names these, with 4 / KW * R rows a
+// block of 128 threads.
+#define MVW(name, R, KW, F)                                                                      \
+    extern "C" __global__ void name(const u8* w, const u8* s, const float* x, float* y,           \
+                                    int rows, int cols) {                                        \
+        mvw<R, KW, F>(w, s, x, y, rows, cols);                                                    \
+    }
+MVW(mvw_r1_f, 1, 1, true)
+MVW(mvw_r2, 2, 1, false)
+MVW(mvw_r2_f, 2, 1, true)
+MVW(mvw_r4_f, 4, 1, true)
+MVW(mvw_r2_k2_f, 2, 2, true)
+MVW(mvw_r4_k4_f, 4, 4, true)

@@ -815,16 +815,10 @@ fn bench_matvec_candidates() {
     let module = ctx
         .load_module(candidates_ptx(arch_name(major, minor)))
         .unwrap();
-    // (kernel, rows a block: four warps, R rows each)
-    let candidates: Vec<(&str, CudaFunction, u32)> = [
-        ("mv16_u1", 4),
-        ("mv16_u2", 4),
-        ("mv16_u4", 4),
-        ("mv16_u2_r2", 8),
-    ]
-    .into_iter()
-    .map(|(name, rows)| (name, module.load_function(name).unwrap(), rows))
-    .collect();
+    let candidates: Vec<(&str, CudaFunction, u32)> = MATVEC_CANDIDATES
+        .into_iter()
+        .map(|(name, rows)| (name, module.load_function(name).unwrap(), rows))
+        .collect();
     let shapes = [
         ("SmolLM2 QKV", 960, 576),
         ("SmolLM2 wo", 576, 576),
@@ -893,6 +887,17 @@ fn bench_matvec_candidates() {
     }
 }
 
+/// The kernels of `matvec_candidates.cu` and the rows a block of each covers (four warps:
+/// 4 / KW groups of R rows).
+const MATVEC_CANDIDATES: [(&str, u32); 6] = [
+    ("mvw_r1_f", 4),
+    ("mvw_r2", 8),
+    ("mvw_r2_f", 8),
+    ("mvw_r4_f", 16),
+    ("mvw_r2_k2_f", 4),
+    ("mvw_r4_k4_f", 4),
+];
+
 /// `matvec_candidates.cu` compiled by NVRTC as kernels.cu is, after kernels.cu (whose helpers
 /// it uses).
 fn candidates_ptx(arch: &'static str) -> Ptx {
@@ -912,7 +917,7 @@ fn candidates_ptx(arch: &'static str) -> Ptx {
 #[ignore = "needs libnvrtc (CI fetches it from PyPI; a GPU machine has it)"]
 fn nvrtc_compiles_the_matvec_candidates() {
     let ptx = candidates_ptx(arch_name(9, 0)).to_src();
-    for name in ["mv16_u1", "mv16_u2", "mv16_u4", "mv16_u2_r2"] {
+    for (name, _) in MATVEC_CANDIDATES {
         assert!(
             ptx.contains(&format!(".entry {name}(")),
             "{name} is missing"
