@@ -336,3 +336,22 @@ fn no_build_refuses_a_library_built_from_another_directory() {
     );
     assert!(records(&results).is_empty(), "nothing measured, no row");
 }
+
+/// `--no-build` where cargo cannot run (a GPU machine with no toolchain) and CARGO_TARGET_DIR
+/// is unset: the error says to set CARGO_TARGET_DIR, not only that cargo is missing.
+#[test]
+fn no_build_without_cargo_names_cargo_target_dir() {
+    let (out, _, err) = output(
+        host()
+            .args(["bench", "--no-build", "-p", "0", "-n", "1", "-r", "1"])
+            .arg(fixture("drift"))
+            .env("CARGO", "/nonexistent/cargo")
+            .env_remove("CARGO_TARGET_DIR"),
+    );
+    assert!(!out.status.success(), "no library can be found: {err}");
+    assert!(
+        err.contains("cannot run cargo (/nonexistent/cargo)")
+            && err.contains("set CARGO_TARGET_DIR"),
+        "{err}"
+    );
+}

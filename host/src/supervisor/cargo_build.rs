@@ -37,6 +37,14 @@ pub enum BuildError {
     BadManifest { path: PathBuf, message: String },
     #[error("{path}: a variant must be a cdylib crate; add `[lib] crate-type = [\"cdylib\"]`")]
     NotCdylib { path: PathBuf },
+    #[error(
+        "--no-build: cannot run cargo ({cargo}) to ask where the target directory is; where no \
+         toolchain is installed, set CARGO_TARGET_DIR to it (e.g. CARGO_TARGET_DIR=target)"
+    )]
+    NoCargoForTarget {
+        cargo: String,
+        source: std::io::Error,
+    },
     #[error("cannot run cargo ({cargo})")]
     Cargo {
         cargo: String,
@@ -481,7 +489,12 @@ impl VariantCrate {
     pub fn built_library(&self) -> Result<PathBuf, BuildError> {
         let target = match target_dir_from_env() {
             Some(dir) => dir,
-            None => self.target_directory()?,
+            None => self.target_directory().map_err(|e| match e {
+                BuildError::Cargo { cargo, source } => {
+                    BuildError::NoCargoForTarget { cargo, source }
+                }
+                other => other,
+            })?,
         };
         let lib = target
             .join("release")
