@@ -91,7 +91,8 @@ __device__ void mvw(const u8* w, const u8* s, const float* x, float* y, int rows
 }
 
 // (name, R, KW, FACTOR): the bench's list in tests.rs names these, with 4 / KW * R rows a
-// block of 128 threads.
+// block of 128 threads. (mvw_r2_f, mvw_r4_f and mvw_r2_k2_f were benched once and dropped:
+// README, the seventh GPU session.)
 #define MVW(name, R, KW, F)                                                                      \
     extern "C" __global__ void name(const u8* w, const u8* s, const float* x, float* y,           \
                                     int rows, int cols) {                                        \
@@ -99,7 +100,68 @@ __device__ void mvw(const u8* w, const u8* s, const float* x, float* y, int rows
     }
 MVW(mvw_r1_f, 1, 1, true)
 MVW(mvw_r2, 2, 1, false)
-MVW(mvw_r2_f, 2, 1, true)
-MVW(mvw_r4_f, 4, 1, true)
-MVW(mvw_r2_k2_f, 2, 2, true)
 MVW(mvw_r4_k4_f, 4, 4, true)
+
+// Third set (mvs): a lane per quant block, as mv16, so each weight load is 16 bytes, but the
+// activations come from shared memory: the block stages x once, MVS_CHUNK columns at a time,
+// each quant block's 32 values padded to 36 floats, so the 8 lanes of a quarter-warp reading
+// their blocks' float4s land in different banks. Each read of x serves the warp's R rows.
+#define MVS_CHUNK 4096
+template <int R>
+__device__ void mvs(const u8* w, const u8* s, const float* x, float* y, int rows, int cols) {
+    __shared__ __align__(16) float xs[MVS_CHUNK / 32 * 36];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int row0 = (blockIdx.x * (blockDim.x / 32) + warp) * R;
+    const int nb = cols / 32;
+    const uint4* w16 = reinterpret_cast<const uint4*>(w);
+    const u32* s32 = reinterpret_cast<const u32*>(s);
+    float4* xs4 = reinterpret_cast<float4*>(xs);
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0.0f;
+    for (int cb0 = 0; cb0 < nb; cb0 += MVS_CHUNK / 32) {
+        const int cbn = min(MVS_CHUNK / 32, nb - cb0);
+        __syncthreads();  // the last chunk's readers are done
+        for (int i = threadIdx.x; i < cbn * 8; i += blockDim.x)
+            xs4[(i / 8) * 9 + i % 8] = reinterpret_cast<const float4*>(x)[cb0 * 8 + i];
+        __syncthreads();
+        for (int b = lane; row0 < rows && b < cbn; b += 32) {
+            uint4 q[R];
+            u32 dm[R];
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const long at = (long)min(row0 + r, rows - 1) * nb + cb0 + b;
+                q[r] = w16[at];
+                dm[r] = s32[at];
+            }
+            const float4* xv = xs4 + b * 9;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const float4 xl = xv[i], xh = xv[4 + i];
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    const u32 word = i == 0 ? q[r].x : i == 1 ? q[r].y : i == 2 ? q[r].z : q[r].w;
+                    acc[r] = q4_1_word(word, dm[r], xl, xh, acc[r]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const float sum = warp_sum(acc[r]);
+        if (lane == 0 && row0 + r < rows) y[row0 + r] = sum;
+    }
+}
+
+extern "C" __global__ void mvs_r1(const u8* w, const u8* s, const float* x, float* y, int rows,
+                                  int cols) {
+    mvs<1>(w, s, x, y, rows, cols);
+}
+extern "C" __global__ void mvs_r2(const u8* w, const u8* s, const float* x, float* y, int rows,
+                                  int cols) {
+    mvs<2>(w, s, x, y, rows, cols);
+}
+extern "C" __global__ void mvs_r4(const u8* w, const u8* s, const float* x, float* y, int rows,
+                                  int cols) {
+    mvs<4>(w, s, x, y, rows, cols);
+}

@@ -887,15 +887,16 @@ fn bench_matvec_candidates() {
     }
 }
 
-/// The kernels of `matvec_candidates.cu` and the rows a block of each covers (four warps:
-/// 4 / KW groups of R rows).
+/// The kernels of `matvec_candidates.cu` the bench times (the second set's best three, and
+/// the third set) and the rows a block of each covers (four warps of R rows; mvw: 4 / KW
+/// groups of R rows).
 const MATVEC_CANDIDATES: [(&str, u32); 6] = [
     ("mvw_r1_f", 4),
     ("mvw_r2", 8),
-    ("mvw_r2_f", 8),
-    ("mvw_r4_f", 16),
-    ("mvw_r2_k2_f", 4),
     ("mvw_r4_k4_f", 4),
+    ("mvs_r1", 4),
+    ("mvs_r2", 8),
+    ("mvs_r4", 16),
 ];
 
 /// `matvec_candidates.cu` compiled by NVRTC as kernels.cu is, after kernels.cu (whose helpers
@@ -923,4 +924,194 @@ fn nvrtc_compiles_the_matvec_candidates() {
             "{name} is missing"
         );
     }
+}
+
+/// `boundary_probe.cu` compiled by NVRTC, as kernels.cu is.
+fn probe_ptx(arch: &'static str) -> Ptx {
+    let options = CompileOptions {
+        arch: Some(arch),
+        name: Some("boundary_probe.cu".into()),
+        ..Default::default()
+    };
+    compile_ptx_with_opts(include_str!("boundary_probe.cu"), options).unwrap()
+}
+
+/// The probe's kernels compile (CI runs this with libnvrtc from PyPI).
+#[test]
+#[ignore = "needs libnvrtc (CI fetches it from PyPI; a GPU machine has it)"]
+fn nvrtc_compiles_the_boundary_probe() {
+    let ptx = probe_ptx(arch_name(9, 0)).to_src();
+    for name in ["probe_phase", "probe_persistent"] {
+        assert!(
+            ptx.contains(&format!(".entry {name}(")),
+            "{name} is missing"
+        );
+    }
+}
+
+/// What a boundary between two dependent phases costs on this GPU, in microseconds: a kernel
+/// boundary in a replayed CUDA graph (kernels of one block, and of a block an SM), the same
+/// kernels launched one by one, and a grid-wide barrier inside one persistent kernel of a
+/// block an SM. Checks every phase ran (each value counts them) and prints the costs.
+#[test]
+#[ignore = "needs a CUDA GPU; a microbenchmark, run by hand with --nocapture"]
+fn bench_phase_boundaries() {
+    let ctx = CudaContext::new(0).unwrap();
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx.new_stream().unwrap();
+    let (major, minor) = ctx.compute_capability().unwrap();
+    let module = ctx.load_module(probe_ptx(arch_name(major, minor))).unwrap();
+    let phase = module.load_function("probe_phase").unwrap();
+    let persistent = module.load_function("probe_persistent").unwrap();
+    let sms = ctx
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
+        .unwrap() as u32;
+    let (phases, reps, threads) = (150usize, 20usize, 128u32);
+    let mut buf = stream.alloc_zeros::<f32>((sms * threads) as usize).unwrap();
+    let config = |blocks: u32| LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // Microseconds a phase over `reps` runs of `run` (one run first, untimed).
+    let time = |run: &mut dyn FnMut()| {
+        run();
+        stream.synchronize().unwrap();
+        let start = std::time::Instant::now();
+        for _ in 0..reps {
+            run();
+        }
+        stream.synchronize().unwrap();
+        start.elapsed().as_secs_f64() * 1e6 / (reps * phases) as f64
+    };
+    let mut line = format!("{sms} SMs, {phases} phases: us a phase boundary:");
+    for blocks in [1, sms] {
+        let launch_all = |buf: &mut CudaSlice<f32>| {
+            for _ in 0..phases {
+                let mut launch = stream.launch_builder(&phase);
+                launch.arg(&mut *buf);
+                // SAFETY: buf holds a value for every thread of the launch.
+                unsafe { launch.launch(config(blocks)) }.unwrap();
+            }
+        };
+        let eager = time(&mut || launch_all(&mut buf));
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .unwrap();
+        launch_all(&mut buf);
+        let graph = stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .unwrap()
+            .unwrap();
+        let graphed = time(&mut || graph.launch().unwrap());
+        line +=
+            &format!(" {blocks} block(s) a kernel: {eager:.2} launched, {graphed:.2} in a graph;");
+    }
+    let mut bar = stream.alloc_zeros::<u32>(1).unwrap();
+    let n = phases as i32;
+    let barrier = time(&mut || {
+        stream.memset_zeros(&mut bar).unwrap();
+        let mut launch = stream.launch_builder(&persistent);
+        launch.arg(&mut buf).arg(&mut bar).arg(&n);
+        // SAFETY: buf holds a value for every thread; one 128-thread block an SM, so every
+        // block is resident and the barrier cannot deadlock; bar was just zeroed.
+        unsafe { launch.launch(config(sms)) }.unwrap();
+    });
+    line += &format!(" a grid barrier in one kernel: {barrier:.2}");
+    eprintln!("{line}");
+    // Every value saw every phase: 2 x (1 + reps) graph or eager runs of each kernel kind,
+    // (1 + reps) persistent runs; block 0's values also ran in the one-block kernels.
+    let runs = (1 + reps) * phases;
+    let got = stream.clone_dtoh(&buf).unwrap();
+    assert_eq!(got[0] as usize, 2 * 2 * runs + runs, "block 0");
+    assert_eq!(
+        got[got.len() - 1] as usize,
+        2 * runs + runs,
+        "the last block"
+    );
+}
+
+/// This process's resident high-water mark (VmHWM) and resident size (VmRSS), in kB.
+fn memory_kb() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let field = |name: &str| -> u64 {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// How far the high-water mark rose above the resident size while `step` ran, in MB (the mark
+/// is reset to the resident size first, as `clear_refs` does).
+fn peak_rise_mb<T>(step: impl FnOnce() -> T) -> (T, f64) {
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    let (_, before) = memory_kb();
+    let out = step();
+    let (peak, _) = memory_kb();
+    (out, (peak.saturating_sub(before)) as f64 / 1e3)
+}
+
+/// kernels.cu compiled by NVRTC straight to the GPU's machine code (a cubin) with the
+/// options `Kernels::ptx` uses, so the driver loads it without compiling PTX itself.
+fn kernels_cubin(arch: &str) -> Vec<u8> {
+    use cudarc::nvrtc::{result, sys};
+    let src = std::ffi::CString::new(SOURCE).unwrap();
+    let prog = result::create_program(&src, Some(c"kernels.cu")).unwrap();
+    let options = [
+        format!("--gpu-architecture={arch}"),
+        "--fmad=false".to_string(),
+    ];
+    // SAFETY: prog is a live program; the buffer is sized by NVRTC's own count.
+    unsafe {
+        result::compile_program(prog, &options).unwrap();
+        let mut size = 0usize;
+        sys::nvrtcGetCUBINSize(prog, &mut size).result().unwrap();
+        let mut cubin = vec![0u8; size];
+        sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast())
+            .result()
+            .unwrap();
+        result::destroy_program(prog).unwrap();
+        cubin
+    }
+}
+
+/// Where a worker's peak memory at load comes from, the way the model loads kernels.cu today
+/// (NVRTC to PTX, then the driver compiles the PTX): each step's rise of the high-water mark.
+/// Run alone (`--exact`), so that nothing else in the process moves the mark.
+#[test]
+#[ignore = "needs a CUDA GPU; a probe, run by hand with --exact --nocapture"]
+fn probe_load_memory_ptx() {
+    let ctx = CudaContext::new(0).unwrap();
+    let (major, minor) = ctx.compute_capability().unwrap();
+    let arch = arch_name(major, minor);
+    let (ptx, nvrtc) = peak_rise_mb(|| Kernels::ptx(arch).unwrap());
+    let (module, jit) = peak_rise_mb(|| ctx.load_module(ptx).unwrap());
+    assert!(module.load_function("argmax").is_ok());
+    let (_, rss) = memory_kb();
+    eprintln!(
+        "PTX path: NVRTC to PTX raised the peak {nvrtc:.1} MB, the driver's PTX compile {jit:.1} \
+         MB; resident after: {:.1} MB",
+        rss as f64 / 1e3
+    );
+}
+
+/// The same with NVRTC compiling to a cubin, which the driver loads as it is.
+#[test]
+#[ignore = "needs a CUDA GPU; a probe, run by hand with --exact --nocapture"]
+fn probe_load_memory_cubin() {
+    let ctx = CudaContext::new(0).unwrap();
+    let (major, minor) = ctx.compute_capability().unwrap();
+    let arch = arch_name(major, minor);
+    let (cubin, nvrtc) = peak_rise_mb(|| kernels_cubin(arch));
+    let bytes = cubin.len();
+    let (module, load) = peak_rise_mb(|| ctx.load_module(Ptx::from_binary(cubin)).unwrap());
+    assert!(module.load_function("argmax").is_ok());
+    let (_, rss) = memory_kb();
+    eprintln!(
+        "cubin path: NVRTC to a cubin ({bytes} bytes) raised the peak {nvrtc:.1} MB, loading it \
+         {load:.1} MB; resident after: {:.1} MB",
+        rss as f64 / 1e3
+    );
 }
