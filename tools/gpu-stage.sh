@@ -4,7 +4,9 @@
 # Each call there takes at most 64 MiB of the working tree, and the model alone is 94 MiB, so
 # the files go in two folders, one per call, which the checkout ignores:
 #
-#   tools/gpu-stage.sh "what the change is"
+#   tools/gpu-stage.sh "what the change is" [HOST-COMPARE-OPTION...]
+#     (options go to `host compare` on the device as they are, e.g. `--max-seconds 60` to stop
+#     measuring early when little device time is left)
 #     gpu-stage/1/  the host, A's and B's libraries (B's with cargo's dep-info), the quality
 #                   oracle (variants/baseline at HEAD, for the CPU), a bundle of HEAD, the GPU
 #                   test binary of B, and the model's first part (A is built in a worktree of
@@ -26,9 +28,12 @@
 set -euo pipefail
 
 case "${1:-}" in
-  ""|-h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  ""|-h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
 DESCRIPTION="$1"
+shift
+EXTRA=""  # the options for host compare, each quoted for the shell that runs go.sh
+for option in "$@"; do EXTRA+=" $(printf '%q' "$option")"; done
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 STAGE=gpu-stage
@@ -124,7 +129,7 @@ if [ "\${1:-}" != wait ]; then
   echo "HEAD \$(git rev-parse --short HEAD); what differs from it (only variants/current may):"
   git status --short
   set +e
-  setsid nohup ./target/release/host compare --device cuda --no-build \\
+  setsid nohup ./target/release/host compare --device cuda --no-build$EXTRA \\
     --description "$(printf '%s' "$DESCRIPTION" | sed 's/["$`\\]/\\&/g')" > \$S/compare.log 2>&1 < /dev/null &
   echo \$! > \$S/compare.pid
 fi
