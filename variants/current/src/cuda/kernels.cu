@@ -49,6 +49,22 @@ __device__ __forceinline__ float f16_to_f32(u16 h) {
     return f;
 }
 
+// Programmatic dependent launch (sm_90). In the decode step's graph, consecutive kernels are
+// joined by programmatic edges (step_graph.rs), so a kernel's blocks may start while its
+// predecessor is still running. So every kernel calls this before it reads or writes any
+// memory another kernel uses: it waits until the predecessor has finished and its writes are
+// visible, then lets this kernel's own successor be scheduled. Launched the plain way (a
+// chunk), both instructions do nothing.
+__device__ __forceinline__ void after_predecessor() {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+// Asks for the 128-byte line at `p` in L2 (no value comes back; it may be dropped).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -159,26 +175,32 @@ __device__ void matmul_body(const u8* w, const u8* s, const u8* w2, const u8* s2
 
 extern "C" __global__ void matmul_f32(const u8* w, const u8* s, const float* x, float* y,
                                       int rows, int cols, int t, int accumulate) {
+    after_predecessor();
     matmul_body<FMT_F32, false>(w, s, w, s, x, y, rows, cols, t, accumulate);
 }
 extern "C" __global__ void matmul_q4_1(const u8* w, const u8* s, const float* x, float* y,
                                        int rows, int cols, int t, int accumulate) {
+    after_predecessor();
     matmul_body<FMT_Q4_1, false>(w, s, w, s, x, y, rows, cols, t, accumulate);
 }
 extern "C" __global__ void matmul_q8_0(const u8* w, const u8* s, const float* x, float* y,
                                        int rows, int cols, int t, int accumulate) {
+    after_predecessor();
     matmul_body<FMT_Q8_0, false>(w, s, w, s, x, y, rows, cols, t, accumulate);
 }
 extern "C" __global__ void swiglu_f32(const u8* wg, const u8* sg, const u8* wu, const u8* su,
                                       const float* x, float* y, int rows, int cols, int t) {
+    after_predecessor();
     matmul_body<FMT_F32, true>(wg, sg, wu, su, x, y, rows, cols, t, 0);
 }
 extern "C" __global__ void swiglu_q4_1(const u8* wg, const u8* sg, const u8* wu, const u8* su,
                                        const float* x, float* y, int rows, int cols, int t) {
+    after_predecessor();
     matmul_body<FMT_Q4_1, true>(wg, sg, wu, su, x, y, rows, cols, t, 0);
 }
 extern "C" __global__ void swiglu_q8_0(const u8* wg, const u8* sg, const u8* wu, const u8* su,
                                        const float* x, float* y, int rows, int cols, int t) {
+    after_predecessor();
     matmul_body<FMT_Q8_0, true>(wg, sg, wu, su, x, y, rows, cols, t, 0);
 }
 
@@ -310,6 +332,23 @@ __device__ void matvec_body(const u8* w, const u8* s, const u8* w2, const u8* s2
     const int pieces = FMT == FMT_Q4_1 ? nb * 4 : nb * 2;  // per row
     const u8* ws[2] = {w, w2};
     const u8* ss[2] = {s, s2};
+    // The weights and scales of this warp's rows, which no kernel writes, asked into L2 before
+    // the wait, so their fetch overlaps the predecessor's tail.
+    if (live) {
+        const long row_bytes = FMT == FMT_Q4_1 ? (long)pieces * 4 : (long)pieces * 16;
+        const long scale_bytes = FMT == FMT_Q4_1 ? (long)nb * 4 : (long)nb * 2;
+#pragma unroll
+        for (int mi = 0; mi < M; mi++)
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const long row = min(row0 + r, rows - 1);
+                for (long at = 128 * lane; at < row_bytes; at += 32 * 128)
+                    prefetch_l2(ws[mi] + row * row_bytes + at);
+                for (long at = 128 * lane; at < scale_bytes; at += 32 * 128)
+                    prefetch_l2(ss[mi] + row * scale_bytes + at);
+            }
+    }
+    after_predecessor();
     float acc[M][R];
 #pragma unroll
     for (int mi = 0; mi < M; mi++)
@@ -556,29 +595,35 @@ __device__ void tiled_body(const u8* w, const u8* s, const u8* w2, const u8* s2,
 
 extern "C" __global__ void tiled_f32(const u8* w, const u8* s, const float* x, float* y,
                                      int rows, int cols, int t, int accumulate) {
+    after_predecessor();
     tiled_body<FMT_F32, false>(w, s, w, s, x, y, rows, cols, t, accumulate);
 }
 extern "C" __global__ void tiled_q4_1(const u8* w, const u8* s, const float* x, float* y,
                                       int rows, int cols, int t, int accumulate) {
+    after_predecessor();
     tiled_body<FMT_Q4_1, false>(w, s, w, s, x, y, rows, cols, t, accumulate);
 }
 extern "C" __global__ void tiled_q8_0(const u8* w, const u8* s, const float* x, float* y,
                                       int rows, int cols, int t, int accumulate) {
+    after_predecessor();
     tiled_body<FMT_Q8_0, false>(w, s, w, s, x, y, rows, cols, t, accumulate);
 }
 extern "C" __global__ void tiled_swiglu_f32(const u8* wg, const u8* sg, const u8* wu,
                                             const u8* su, const float* x, float* y, int rows,
                                             int cols, int t) {
+    after_predecessor();
     tiled_body<FMT_F32, true>(wg, sg, wu, su, x, y, rows, cols, t, 0);
 }
 extern "C" __global__ void tiled_swiglu_q4_1(const u8* wg, const u8* sg, const u8* wu,
                                              const u8* su, const float* x, float* y, int rows,
                                              int cols, int t) {
+    after_predecessor();
     tiled_body<FMT_Q4_1, true>(wg, sg, wu, su, x, y, rows, cols, t, 0);
 }
 extern "C" __global__ void tiled_swiglu_q8_0(const u8* wg, const u8* sg, const u8* wu,
                                              const u8* su, const float* x, float* y, int rows,
                                              int cols, int t) {
+    after_predecessor();
     tiled_body<FMT_Q8_0, true>(wg, sg, wu, su, x, y, rows, cols, t, 0);
 }
 
@@ -605,6 +650,7 @@ __device__ __forceinline__ float weight_at(int fmt, const u8* w, const u8* s, lo
 extern "C" __global__ void embed(int fmt, const u8* w, const u8* s, const u32* tokens, float* x,
                                  int cols, const float* g, float* xg, double* norms,
                                  int n_norms) {
+    after_predecessor();
     __shared__ double partial[32];
     const int tok = blockIdx.x;
     const long row = tokens[tok];
@@ -633,6 +679,7 @@ extern "C" __global__ void embed(int fmt, const u8* w, const u8* s, const u32* t
 // The sum of squares is taken in f64 and the scale rounded once, as the CPU model does.
 extern "C" __global__ void rmsnorm(const float* x, const float* weight, float* out, int n,
                                    double eps) {
+    after_predecessor();
     __shared__ double partial[32];
     const float* xr = x + (long)blockIdx.x * n;
     double sum = 0.0;
@@ -655,6 +702,7 @@ extern "C" __global__ void rmsnorm(const float* x, const float* weight, float* o
 extern "C" __global__ void rope_kv(float* qkv, const float* cos_t, const float* sin_t,
                                    float* k_cache, float* v_cache, const int* pos_at,
                                    int n_head, int n_kv, int hd, int rope_half) {
+    after_predecessor();
     const int tok = blockIdx.x, pos = *pos_at + tok, half_hd = hd / 2;
     float* q = qkv + (long)tok * (n_head + 2 * n_kv) * hd;
     const float* k = q + n_head * hd;
@@ -697,6 +745,7 @@ extern "C" __global__ void attention_split(const float* qkv, const float* k_cach
                                            const float* v_cache, float* partial,
                                            const int* pos_at, int t, int n_head, int n_kv,
                                            int hd, int split_len, int n_split, float scale) {
+    after_predecessor();
     const int pos0 = *pos_at;
     __shared__ __align__(16) float ks[AK][ATT_HD_MAX];
     __shared__ __align__(16) float vs[AK][ATT_HD_MAX];
@@ -777,6 +826,7 @@ extern "C" __global__ void attention_split(const float* qkv, const float* k_cach
 extern "C" __global__ void attention_combine(const float* partial, float* out,
                                              const int* pos_at, int n_head, int hd,
                                              int split_len, int n_split) {
+    after_predecessor();
     const int pos0 = *pos_at;
     const int h = blockIdx.x, tok = blockIdx.y;
     // Splits past this query's position were never filled for it.
@@ -825,6 +875,7 @@ extern "C" __global__ void attention_decode(const float* qkv, const float* k_cac
                                             const float* v_cache, float* partial, float* out,
                                             int* counters, const int* pos_at, int n_head,
                                             int n_kv, int hd, int n_split, float scale) {
+    after_predecessor();
     __shared__ float ks[DK][ATT_HD_MAX + 1];  // padded: lane j reads row j, no bank conflicts
     __shared__ __align__(16) float vs[DK][ATT_HD_MAX];
     __shared__ float qs[GROUP_MAX][ATT_HD_MAX];
@@ -959,6 +1010,7 @@ extern "C" __global__ void attention_decode(const float* qkv, const float* k_cac
 #define ARGMAX_THREADS 1024
 #define ARGMAX_UNROLL 8
 extern "C" __global__ void argmax(const float* v, int n, u32* best, u32* next_id, int* pos_at) {
+    after_predecessor();
     __shared__ float values[ARGMAX_THREADS / 32];
     __shared__ int indices[ARGMAX_THREADS / 32];
     float bv = NEG_INF;

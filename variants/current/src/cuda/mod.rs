@@ -21,13 +21,13 @@
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, CudaView,
-    DevicePtr, DeviceRepr, DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DevicePtr,
+    DeviceRepr, DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+use cudarc::nvrtc::Ptx;
 use plugin_api::ModelView;
+use step_graph::StepGraph;
 
 use crate::kernels::{BLOCK, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES};
 use crate::matmul::Weights;
@@ -248,7 +248,7 @@ impl Kernels {
     fn compile(ctx: &Arc<CudaContext>) -> Result<Self, ModelError> {
         let (major, minor) = ctx.compute_capability()?;
         let arch = arch_name(major, minor);
-        let module = ctx.load_module(Self::ptx(arch)?)?;
+        let module = ctx.load_module(Ptx::from_binary(Self::cubin(arch)?))?;
         let f = |name: &str| module.load_function(name);
         Ok(Self {
             matmul: [f("matmul_f32")?, f("matmul_q4_1")?, f("matmul_q8_0")?],
@@ -277,17 +277,51 @@ impl Kernels {
         })
     }
 
-    /// kernels.cu compiled by NVRTC for `arch` (`sm_90` on the H200). Needs `libnvrtc`, not a
-    /// GPU.
-    fn ptx(arch: &'static str) -> Result<Ptx, ModelError> {
-        let options = CompileOptions {
-            arch: Some(arch),
-            fmad: Some(false),
-            name: Some("kernels.cu".into()),
-            ..Default::default()
+    /// kernels.cu compiled by NVRTC to the machine code of `arch` (`sm_90` on the H200): a
+    /// cubin, which the driver loads as it is. PTX would be compiled a second time by the
+    /// driver at load, which on the H200 took 42 MB more peak memory and 1.5-3 s when no cache
+    /// is kept (`probe_load_memory_*` in tests.rs). Needs `libnvrtc`, not a GPU.
+    fn cubin(arch: &'static str) -> Result<Vec<u8>, ModelError> {
+        use cudarc::nvrtc::{result, sys};
+        let fail =
+            |what: String| ModelError::Gpu(format!("NVRTC cannot compile kernels.cu: {what}"));
+        let src = std::ffi::CString::new(SOURCE).map_err(|e| fail(e.to_string()))?;
+        let prog =
+            result::create_program(&src, Some(c"kernels.cu")).map_err(|e| fail(e.to_string()))?;
+        let options = [
+            format!("--gpu-architecture={arch}"),
+            "--fmad=false".to_string(),
+        ];
+        // SAFETY: `prog` is live until it is destroyed below, and the cubin's buffer has the
+        // size NVRTC reports for it.
+        let built = unsafe {
+            match result::compile_program(prog, &options) {
+                Ok(()) => {
+                    let mut size = 0usize;
+                    sys::nvrtcGetCUBINSize(prog, &mut size)
+                        .result()
+                        .and_then(|()| {
+                            let mut cubin = vec![0u8; size];
+                            sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast())
+                                .result()
+                                .map(|()| cubin)
+                        })
+                        .map_err(|e| fail(e.to_string()))
+                }
+                Err(e) => {
+                    let log = result::get_program_log(prog).unwrap_or_default();
+                    let log: Vec<u8> = log
+                        .iter()
+                        .take_while(|&&c| c != 0)
+                        .map(|&c| c as u8)
+                        .collect();
+                    Err(fail(format!("{e}\n{}", String::from_utf8_lossy(&log))))
+                }
+            }
         };
-        compile_ptx_with_opts(SOURCE, options)
-            .map_err(|e| ModelError::Gpu(format!("NVRTC cannot compile kernels.cu: {e}")))
+        // SAFETY: `prog` was created above and is not used after this.
+        unsafe { result::destroy_program(prog) }.map_err(|e| fail(e.to_string()))?;
+        built
     }
 
     /// The kernel and grid for `t` tokens through a `(rows, _)` matrix in `format` (gate and
@@ -366,7 +400,7 @@ struct Scratch {
 
 /// The captured one-token step and the buffer generation it was captured against.
 struct DecodeGraph {
-    graph: CudaGraph,
+    graph: StepGraph,
     generation: u64,
 }
 
@@ -662,27 +696,22 @@ impl CudaLlama {
     /// The graph of one decode step (embedding, every block, final norm, output layer into the
     /// scratch logits, their argmax into `best`), captured now if the buffers changed since the
     /// last capture.
-    fn decode_graph(&mut self) -> Result<&CudaGraph, ModelError> {
+    fn decode_graph(&mut self) -> Result<&StepGraph, ModelError> {
         if self
             .graph
             .as_ref()
             .is_none_or(|g| g.generation != self.generation)
         {
             self.graph = None;
-            self.stream
-                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
             // The position of a captured step is read from `pos_at`; the host-side `pos` only
             // shapes prefill, which is never captured.
-            let launched = self
-                .launch_blocks(1, 0)
-                .and_then(|()| self.decode_output())
-                .and_then(|()| self.greedy(true));
-            // Capture always ends, so the stream is usable again whatever failed.
-            let captured = self.stream.end_capture(CUgraphInstantiate_flags(0));
-            launched?;
-            let graph = captured?.ok_or_else(|| {
-                ModelError::Gpu("capturing the decode step produced no graph".into())
-            })?;
+            let stream = self.stream.clone();
+            let graph = StepGraph::capture(&stream, || {
+                self.launch_blocks(1, 0)
+                    .and_then(|()| self.decode_output())
+                    .and_then(|()| self.greedy(true))
+            })?
+            .ok_or_else(|| ModelError::Gpu("capturing the decode step produced no graph".into()))?;
             self.graph = Some(DecodeGraph {
                 graph,
                 generation: self.generation,
@@ -1447,5 +1476,6 @@ impl Transformer for CudaLlama {
     }
 }
 
+mod step_graph;
 #[cfg(test)]
 mod tests;

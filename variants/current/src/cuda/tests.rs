@@ -5,6 +5,8 @@
 use super::*;
 use crate::matmul::Matrix;
 use crate::model::{self, tensor_to_vec, tiny, AttentionShape, LlamaModel, KV_CACHE_STEP};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
 /// The largest difference between two vectors, relative to the largest magnitude in `a`.
 fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -711,7 +713,12 @@ fn nvrtc_compiles_every_kernel_of_kernels_cu() {
     assert_eq!(arch, "sm_90");
     // A second load on the same generation reuses the name instead of leaking another.
     assert!(std::ptr::eq(arch, arch_name(9, 0)));
-    let ptx = Kernels::ptx(arch).unwrap().to_src();
+    let cubin = Kernels::cubin(arch).unwrap();
+    assert_eq!(
+        cubin.get(..4),
+        Some(&b"\x7fELF"[..]),
+        "a cubin is an ELF file"
+    );
     let declared: Vec<&str> = SOURCE
         .split("extern \"C\" __global__ void ")
         .skip(1)
@@ -719,9 +726,11 @@ fn nvrtc_compiles_every_kernel_of_kernels_cu() {
         .collect();
     assert!(declared.len() >= 20, "kernels found: {declared:?}");
     for name in declared {
+        // The kernel's symbol, its name between two NULs in the string table.
+        let symbol = format!("\0{name}\0");
         assert!(
-            ptx.contains(&format!(".entry {name}(")),
-            "{name} is missing from the PTX"
+            cubin.windows(symbol.len()).any(|w| w == symbol.as_bytes()),
+            "{name} is missing from the cubin"
         );
     }
 }
@@ -1053,32 +1062,8 @@ fn peak_rise_mb<T>(step: impl FnOnce() -> T) -> (T, f64) {
     (out, (peak.saturating_sub(before)) as f64 / 1e3)
 }
 
-/// kernels.cu compiled by NVRTC straight to the GPU's machine code (a cubin) with the
-/// options `Kernels::ptx` uses, so the driver loads it without compiling PTX itself.
-fn kernels_cubin(arch: &str) -> Vec<u8> {
-    use cudarc::nvrtc::{result, sys};
-    let src = std::ffi::CString::new(SOURCE).unwrap();
-    let prog = result::create_program(&src, Some(c"kernels.cu")).unwrap();
-    let options = [
-        format!("--gpu-architecture={arch}"),
-        "--fmad=false".to_string(),
-    ];
-    // SAFETY: prog is a live program; the buffer is sized by NVRTC's own count.
-    unsafe {
-        result::compile_program(prog, &options).unwrap();
-        let mut size = 0usize;
-        sys::nvrtcGetCUBINSize(prog, &mut size).result().unwrap();
-        let mut cubin = vec![0u8; size];
-        sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast())
-            .result()
-            .unwrap();
-        result::destroy_program(prog).unwrap();
-        cubin
-    }
-}
-
-/// Where a worker's peak memory at load comes from, the way the model loads kernels.cu today
-/// (NVRTC to PTX, then the driver compiles the PTX): each step's rise of the high-water mark.
+/// Where a worker's peak memory at load came from before the model loaded a cubin (NVRTC to
+/// PTX, then the driver compiles the PTX): each step's rise of the high-water mark.
 /// Run alone (`--exact`), so that nothing else in the process moves the mark.
 #[test]
 #[ignore = "needs a CUDA GPU; a probe, run by hand with --exact --nocapture"]
@@ -1086,7 +1071,13 @@ fn probe_load_memory_ptx() {
     let ctx = CudaContext::new(0).unwrap();
     let (major, minor) = ctx.compute_capability().unwrap();
     let arch = arch_name(major, minor);
-    let (ptx, nvrtc) = peak_rise_mb(|| Kernels::ptx(arch).unwrap());
+    let options = CompileOptions {
+        arch: Some(arch),
+        fmad: Some(false),
+        name: Some("kernels.cu".into()),
+        ..Default::default()
+    };
+    let (ptx, nvrtc) = peak_rise_mb(|| compile_ptx_with_opts(SOURCE, options).unwrap());
     let (module, jit) = peak_rise_mb(|| ctx.load_module(ptx).unwrap());
     assert!(module.load_function("argmax").is_ok());
     let (_, rss) = memory_kb();
@@ -1097,14 +1088,15 @@ fn probe_load_memory_ptx() {
     );
 }
 
-/// The same with NVRTC compiling to a cubin, which the driver loads as it is.
+/// The same the way the model loads kernels.cu (`Kernels::cubin`): NVRTC compiles to a cubin,
+/// which the driver loads as it is.
 #[test]
 #[ignore = "needs a CUDA GPU; a probe, run by hand with --exact --nocapture"]
 fn probe_load_memory_cubin() {
     let ctx = CudaContext::new(0).unwrap();
     let (major, minor) = ctx.compute_capability().unwrap();
     let arch = arch_name(major, minor);
-    let (cubin, nvrtc) = peak_rise_mb(|| kernels_cubin(arch));
+    let (cubin, nvrtc) = peak_rise_mb(|| Kernels::cubin(arch).unwrap());
     let bytes = cubin.len();
     let (module, load) = peak_rise_mb(|| ctx.load_module(Ptx::from_binary(cubin)).unwrap());
     assert!(module.load_function("argmax").is_ok());
@@ -1114,4 +1106,41 @@ fn probe_load_memory_cubin() {
          {load:.1} MB; resident after: {:.1} MB",
         rss as f64 / 1e3
     );
+}
+
+/// The decode step's kind of graph (`StepGraph`) joins consecutive kernels by programmatic
+/// edges, and kernels that each read and rewrite what the last one wrote still run in order:
+/// 64 chained argmax launches, replayed twice, move the position on 128 times.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_step_graph_is_programmatic_and_keeps_kernels_in_order() {
+    let (default, k) = gpu();
+    // The legacy default stream cannot be captured.
+    let stream = default.context().new_stream().unwrap();
+    let v = random_activations(50_000, 11);
+    let want = crate::generate::argmax(&v);
+    let d = stream.clone_htod(&v).unwrap();
+    let mut best = stream.alloc_zeros::<u32>(1).unwrap();
+    let ids = stream.clone_htod(&[7u32, 9]).unwrap();
+    let pos_at = stream.clone_htod(&[0i32]).unwrap();
+    let (next_id, at) = (address(&stream, &ids, 0), address(&stream, &pos_at, 0));
+    let n = v.len() as i32;
+    let graph = StepGraph::capture(&stream, || {
+        for _ in 0..64 {
+            let mut launch = stream.launch_builder(&k.argmax);
+            launch.arg(&d).arg(&n).arg(&mut best).arg(&next_id).arg(&at);
+            // SAFETY: d holds n floats, best one u32; next_id and at address live buffers.
+            unsafe { launch.launch(argmax_config()) }?;
+        }
+        Ok::<(), DriverError>(())
+    })
+    .unwrap()
+    .expect("a graph");
+    assert_eq!(graph.programmatic_edges().unwrap(), 63);
+    graph.launch().unwrap();
+    graph.launch().unwrap();
+    stream.synchronize().unwrap();
+    assert_eq!(stream.clone_dtoh(&pos_at).unwrap(), [128]);
+    assert_eq!(stream.clone_dtoh(&ids).unwrap(), [want, 9]);
+    assert_eq!(stream.clone_dtoh(&best).unwrap(), [want]);
 }
