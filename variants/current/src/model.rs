@@ -1219,15 +1219,57 @@ pub(crate) mod tiny {
     /// Vocabulary size of the tiny model.
     pub const VOCAB: usize = 16;
 
+    /// The shape of a random test model: width, FFN width, blocks, query and KV heads,
+    /// vocabulary, context, and whether the projections are Q4_1 (else Q8_0, as the embedding).
+    #[derive(Clone, Copy, Debug)]
+    pub struct Shape {
+        pub d: u64,
+        pub ff: u64,
+        pub n_layer: u64,
+        pub n_head: u64,
+        pub n_kv: u64,
+        pub vocab: u64,
+        pub context: u64,
+        pub q4_1: bool,
+    }
+
     /// A leaked view of a 2-block model: width 32, 2 query heads sharing 1 KV head, FFN 64.
     pub fn view(architecture: &str, context: u64) -> &'static ModelView {
-        let (d, ff, n_layer) = (32u64, 64u64, 2);
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
+        let shape = Shape {
+            d: 32,
+            ff: 64,
+            n_layer: 2,
+            n_head: 2,
+            n_kv: 1,
+            vocab: VOCAB as u64,
+            context,
+            q4_1: false,
+        };
+        shaped(architecture, shape)
+    }
+
+    /// A leaked view of a random model of `shape` (RoPE over the whole head), so that a GPU
+    /// probe can time a real model's shapes without the file.
+    pub fn shaped(architecture: &str, shape: Shape) -> &'static ModelView {
+        let Shape {
+            d,
+            ff,
+            n_layer,
+            n_head,
+            n_kv,
+            vocab,
+            context,
+            q4_1,
+        } = shape;
+        let head_dim = d / n_head;
+        let seed = std::cell::Cell::new(0x2545_f491_4f6c_dd1du64);
+        let next = || {
+            let mut s = seed.get();
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            seed.set(s);
+            s
         };
         let mut bytes = Vec::new();
         let mut tensors = Vec::new();
@@ -1244,11 +1286,22 @@ pub(crate) mod tiny {
             });
             bytes.extend(data);
         };
-        let mut q8_0 = |cols: u64, rows: u64| -> Vec<u8> {
+        let q8_0 = |cols: u64, rows: u64| -> Vec<u8> {
             let mut data = Vec::new();
             for _ in 0..cols * rows / 32 {
                 data.extend(half::f16::from_f32(0.02).to_le_bytes());
                 data.extend((0..32).map(|_| (next() % 255) as u8 ^ 0x80));
+            }
+            data
+        };
+        // Q4_1 blocks: the f16 pair (d, m), then 16 bytes of nibbles, 8 random bytes at a time.
+        let q4_1_blocks = |cols: u64, rows: u64| -> Vec<u8> {
+            let mut data = Vec::with_capacity((cols * rows / 32 * 20) as usize);
+            for _ in 0..cols * rows / 32 {
+                data.extend(half::f16::from_f32(0.01).to_le_bytes());
+                data.extend(half::f16::from_f32(-0.075).to_le_bytes());
+                data.extend(next().to_le_bytes());
+                data.extend(next().to_le_bytes());
             }
             data
         };
@@ -1258,17 +1311,22 @@ pub(crate) mod tiny {
                 .flat_map(|i| (0.75 + (i % 5) as f32 / 8.0).to_le_bytes())
                 .collect()
         };
-        let embd = q8_0(d, VOCAB as u64);
-        add("token_embd.weight".into(), 8, vec![d, VOCAB as u64], embd);
+        let embd = q8_0(d, vocab);
+        add("token_embd.weight".into(), 8, vec![d, vocab], embd);
         add("output_norm.weight".into(), 0, vec![d], norm(d));
         for i in 0..n_layer {
             let mut m = |part: &str, cols: u64, rows: u64| {
-                let data = q8_0(cols, rows);
-                add(format!("blk.{i}.{part}.weight"), 8, vec![cols, rows], data);
+                if q4_1 {
+                    let data = q4_1_blocks(cols, rows);
+                    add(format!("blk.{i}.{part}.weight"), 3, vec![cols, rows], data);
+                } else {
+                    let data = q8_0(cols, rows);
+                    add(format!("blk.{i}.{part}.weight"), 8, vec![cols, rows], data);
+                }
             };
             m("attn_q", d, d);
-            m("attn_k", d, d / 2);
-            m("attn_v", d, d / 2);
+            m("attn_k", d, n_kv * head_dim);
+            m("attn_v", d, n_kv * head_dim);
             m("attn_output", d, d);
             m("ffn_gate", d, ff);
             m("ffn_up", d, ff);
@@ -1285,9 +1343,9 @@ pub(crate) mod tiny {
             meta("llama.block_count", MetaValue::Uint(n_layer)),
             meta("llama.embedding_length", MetaValue::Uint(d)),
             meta("llama.feed_forward_length", MetaValue::Uint(ff)),
-            meta("llama.attention.head_count", MetaValue::Uint(2)),
-            meta("llama.attention.head_count_kv", MetaValue::Uint(1)),
-            meta("llama.rope.dimension_count", MetaValue::Uint(16)),
+            meta("llama.attention.head_count", MetaValue::Uint(n_head)),
+            meta("llama.attention.head_count_kv", MetaValue::Uint(n_kv)),
+            meta("llama.rope.dimension_count", MetaValue::Uint(head_dim)),
             meta("llama.rope.freq_base", MetaValue::Float(10_000.0)),
             meta(
                 "llama.attention.layer_norm_rms_epsilon",

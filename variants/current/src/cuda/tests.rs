@@ -1144,3 +1144,58 @@ fn cuda_step_graph_is_programmatic_and_keeps_kernels_in_order() {
     assert_eq!(stream.clone_dtoh(&ids).unwrap(), [want, 9]);
     assert_eq!(stream.clone_dtoh(&best).unwrap(), [want]);
 }
+
+/// The shapes `probe_decode_steps` can build: SmolLM2-135M's and the synthetic Llama-3.2-1B
+/// and Llama-3.1-8B ones of `host synth` (Q4_1 projections, a Q8_0 embedding as the output).
+fn probe_shape(name: &str) -> tiny::Shape {
+    let (d, ff, n_layer, n_head, n_kv, vocab) = match name {
+        "smollm2" => (576, 1536, 30, 9, 3, 49_152),
+        "1b" => (2048, 8192, 16, 32, 8, 128_256),
+        "8b" => (4096, 14_336, 32, 32, 8, 128_256),
+        other => panic!("AUTOINFER_PROBE_SHAPES: unknown shape '{other}' (smollm2, 1b, 8b)"),
+    };
+    tiny::Shape {
+        d,
+        ff,
+        n_layer,
+        n_head,
+        n_kv,
+        vocab,
+        context: 8192,
+        q4_1: true,
+    }
+}
+
+/// How long a decode step takes at real shapes (random weights): for each shape in
+/// `AUTOINFER_PROBE_SHAPES` (default `smollm2,1b`), a 32-token prompt, 64 steps to warm up,
+/// then 256 steps of `decode` timed on the wall clock. Under Nsight Compute
+/// (`ncu --graph-profiling node --metrics gpu__time_duration.sum --launch-skip N
+/// --launch-count M`) it also gives each kernel's own time, with N past the warm-up's start.
+#[test]
+#[ignore = "needs a CUDA GPU; a probe, run by hand with --exact --nocapture"]
+fn probe_decode_steps() {
+    let shapes = std::env::var("AUTOINFER_PROBE_SHAPES").unwrap_or("smollm2,1b".into());
+    for name in shapes.split(',') {
+        let shape = probe_shape(name);
+        let view = tiny::shaped("llama", shape);
+        let mut gpu = CudaLlama::from_gguf(view, 0).unwrap();
+        let prompt: Vec<u32> = (0..32)
+            .map(|i| (i * 7919 + 1) % shape.vocab as u32)
+            .collect();
+        let mut scratch = Vec::new();
+        let first = gpu.forward_greedy(&prompt, 0, &mut scratch).unwrap();
+        let warm = gpu.decode(first, prompt.len(), 64, &mut |_| true).unwrap();
+        assert_eq!(warm, 64);
+        let n = 256;
+        let started = std::time::Instant::now();
+        let emitted = gpu.decode(first, prompt.len(), n, &mut |_| true).unwrap();
+        let seconds = started.elapsed().as_secs_f64();
+        assert_eq!(emitted, n);
+        println!(
+            "{name}: {:.1} us a step, {:.1} tok/s over {n} steps from position {}",
+            seconds * 1e6 / n as f64,
+            n as f64 / seconds,
+            prompt.len()
+        );
+    }
+}
