@@ -276,13 +276,32 @@ struct Rope {
     int n_head, n_kv, hd, half;
 };
 
-// Stores row `row` of a QKV product: `vals` holds the block's rows, this one at `local`. Rows
-// come in rotation pairs (2p, 2p + 1) within a head, and a block starts at an even row, so the
-// partner of `local` is `local ^ 1`.
-__device__ __forceinline__ void rope_store(const Rope& rp, float* q_out, int row,
-                                           const float* vals, int local) {
+// Where row `row` of a QKV product goes: the position, and the cosine and sine of its rotation
+// (zero where it is not rotated). Nothing a decode step writes before its QKV matvec is read
+// here (*pos_at moves at the end of a step), so a kernel reads it before it waits.
+struct RopeAt {
+    int pos;
+    float cs, sn;
+};
+__device__ __forceinline__ RopeAt rope_at(const Rope& rp, int row) {
+    RopeAt a;
+    a.pos = *rp.pos_at;
+    a.cs = a.sn = 0.0f;
+    const int p = row % rp.hd / 2;
+    if (p < rp.half && row / rp.hd < rp.n_head + rp.n_kv) {
+        a.cs = rp.cos_t[(long)a.pos * rp.half + p];
+        a.sn = rp.sin_t[(long)a.pos * rp.half + p];
+    }
+    return a;
+}
+
+// Stores row `row` of a QKV product, placed by `ra`: `vals` holds the block's rows, this one at
+// `local`. Rows come in rotation pairs (2p, 2p + 1) within a head, and a block starts at an even
+// row, so the partner of `local` is `local ^ 1`.
+__device__ __forceinline__ void rope_store(const Rope& rp, const RopeAt& ra, float* q_out,
+                                           int row, const float* vals, int local) {
     const int head = row / rp.hd, d = row % rp.hd, p = d / 2;
-    const int pos = *rp.pos_at;
+    const int pos = ra.pos;
     const long at = (long)pos * rp.n_kv * rp.hd;
     if (head >= rp.n_head + rp.n_kv) {
         rp.v_cache[at + (long)(head - rp.n_head - rp.n_kv) * rp.hd + d] = vals[local];
@@ -291,8 +310,7 @@ __device__ __forceinline__ void rope_store(const Rope& rp, float* q_out, int row
     float v = vals[local];
     if (p < rp.half) {
         const float x0 = vals[local & ~1], x1 = vals[local | 1];
-        const float cs = rp.cos_t[(long)pos * rp.half + p], sn = rp.sin_t[(long)pos * rp.half + p];
-        v = d % 2 == 0 ? x0 * cs - x1 * sn : x0 * sn + x1 * cs;
+        v = d % 2 == 0 ? x0 * ra.cs - x1 * ra.sn : x0 * ra.sn + x1 * ra.cs;
     }
     if (head < rp.n_head) {
         q_out[row] = v;
@@ -315,6 +333,12 @@ __device__ __forceinline__ void rope_store(const Rope& rp, float* q_out, int row
 //   weight) goes to xg[r], and the squares of the new x are added into *norm_out (one f64
 //   atomic add per block), for the next kernel's norm_in.
 // With ROPE (the QKV matrix), the rows go where `rope` says (rope_store) instead of all to y.
+//
+// Before it waits for its predecessor (after_predecessor), a warp reads what no kernel since
+// the one before its predecessor has written: its rope placement, and with `accumulate` the
+// residual rows it adds to and the next norm's weights (a decode step never accumulates into
+// its predecessor's output). That the one before the predecessor has finished is what PDL
+// guarantees: the predecessor's blocks waited for it before letting this kernel start.
 template <int FMT, bool GATED, bool ROPE = false>
 __device__ void matvec_body(const u8* w, const u8* s, const u8* w2, const u8* s2, const float* x,
                             float* y, int rows, int cols, int accumulate, const double* norm_in,
@@ -348,7 +372,19 @@ __device__ void matvec_body(const u8* w, const u8* s, const u8* w2, const u8* s2
                     prefetch_l2(ss[mi] + row * scale_bytes + at);
             }
     }
+    RopeAt placed[R];
+    float resid[R], gain[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        resid[r] = gain[r] = 0.0f;
+        if (lane == 0 && row0 + r < rows) {
+            if (ROPE) placed[r] = rope_at(rope, row0 + r);
+            if (!GATED && !ROPE && accumulate) resid[r] = y[row0 + r];
+            if (!GATED && !ROPE && next_g) gain[r] = next_g[row0 + r];
+        }
+    }
     after_predecessor();
+    const double sum_sq = norm_in ? *norm_in : 0.0;  // its load in flight with the weights'
     float acc[M][R];
 #pragma unroll
     for (int mi = 0; mi < M; mi++)
@@ -392,7 +428,7 @@ __device__ void matvec_body(const u8* w, const u8* s, const u8* w2, const u8* s2
                     acc[mi][r] = q8_0_half(q[mi][r], d[mi][r], xb, acc[mi][r]);
         }
     }
-    const float scale = norm_in ? (float)(1.0 / sqrt(*norm_in / (double)cols + eps)) : 1.0f;
+    const float scale = norm_in ? (float)(1.0 / sqrt(sum_sq / (double)cols + eps)) : 1.0f;
     if (ROPE) {  // the same for every thread of the launch
         __shared__ float vals[VEC_WARPS * R];
 #pragma unroll
@@ -404,7 +440,7 @@ __device__ void matvec_body(const u8* w, const u8* s, const u8* w2, const u8* s2
         if (lane == 0) {
 #pragma unroll
             for (int r = 0; r < R; r++)
-                if (row0 + r < rows) rope_store(rope, y, row0 + r, vals, warp * R + r);
+                if (row0 + r < rows) rope_store(rope, placed[r], y, row0 + r, vals, warp * R + r);
         }
         return;
     }
@@ -418,10 +454,10 @@ __device__ void matvec_body(const u8* w, const u8* s, const u8* w2, const u8* s2
             if (GATED) {
                 *out = sum / (1.0f + expf(-sum)) * up;
             } else {
-                const float v = accumulate ? *out + sum : sum;
+                const float v = accumulate ? resid[r] + sum : sum;
                 *out = v;
                 if (next_g) {
-                    xg[row0 + r] = v * next_g[row0 + r];
+                    xg[row0 + r] = v * gain[r];
                     sq += (double)v * (double)v;
                 }
             }
@@ -875,28 +911,40 @@ extern "C" __global__ void attention_decode(const float* qkv, const float* k_cac
                                             const float* v_cache, float* partial, float* out,
                                             int* counters, const int* pos_at, int n_head,
                                             int n_kv, int hd, int n_split, float scale) {
-    after_predecessor();
     __shared__ float ks[DK][ATT_HD_MAX + 1];  // padded: lane j reads row j, no bank conflicts
     __shared__ __align__(16) float vs[DK][ATT_HD_MAX];
     __shared__ float qs[GROUP_MAX][ATT_HD_MAX];
     __shared__ float ps[GROUP_MAX][DK];
     __shared__ bool last;
+    // Read before the wait: the position (moved at the end of the last step) and the keys and
+    // values of the positions before it (written by earlier steps); only the QKV matvec just
+    // before this kernel writes the current position's, loaded after the wait.
     const int pos = *pos_at;
     const int kvh = blockIdx.x, split = blockIdx.y, group = n_head / n_kv;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int k0 = split * DK;
     const int n = min(DK, pos + 1 - k0);  // keys of this split the token sees
     const int row4 = hd / 4;              // float4s per key row
+    const long stride = (long)n_kv * hd;
+    constexpr int U = DK * ATT_HD_MAX / 4 / DEC_THREADS;  // float4s per thread, at most
+    float4 kr[U], vr[U];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int i = tid + DEC_THREADS * u, j = i / row4, c = i % row4;
+        kr[u] = vr[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (i < DK * row4 && j < n && k0 + j != pos) {
+            const long at = (long)(k0 + j) * stride + (long)kvh * hd;
+            kr[u] = reinterpret_cast<const float4*>(k_cache + at)[c];
+            vr[u] = reinterpret_cast<const float4*>(v_cache + at)[c];
+        }
+    }
+    after_predecessor();
     if (n > 0) {
-        const long stride = (long)n_kv * hd;
-        constexpr int U = DK * ATT_HD_MAX / 4 / DEC_THREADS;  // float4s per thread, at most
-        float4 kr[U], vr[U];
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int i = tid + DEC_THREADS * u, j = i / row4, c = i % row4;
-            kr[u] = vr[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (i < DK * row4 && j < n) {
-                const long at = (long)(k0 + j) * stride + (long)kvh * hd;
+            if (i < DK * row4 && k0 + j == pos) {
+                const long at = (long)pos * stride + (long)kvh * hd;
                 kr[u] = reinterpret_cast<const float4*>(k_cache + at)[c];
                 vr[u] = reinterpret_cast<const float4*>(v_cache + at)[c];
             }
