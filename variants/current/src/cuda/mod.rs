@@ -448,6 +448,23 @@ pub struct CudaLlama {
     /// generation points at freed memory and is captured again.
     generation: u64,
     graph: Option<DecodeGraph>,
+    /// Test-only: the kernels a probe leaves out of the decode step (`Step` names), to time
+    /// what each costs there (the results are then wrong).
+    #[cfg(test)]
+    omit: Vec<Step>,
+}
+
+/// The kernels of a fused decode step, by role (for [`CudaLlama::launches`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Step {
+    Embed,
+    Qkv,
+    Attention,
+    Wo,
+    Swiglu,
+    Down,
+    Output,
+    Argmax,
 }
 
 impl CudaLlama {
@@ -558,6 +575,8 @@ impl CudaLlama {
             xg: stream.alloc_zeros(d)?,
             generation: 0,
             graph: None,
+            #[cfg(test)]
+            omit: Vec::new(),
             kernels,
             stream,
             cfg,
@@ -653,6 +672,7 @@ impl CudaLlama {
     /// leaving the residual stream in the scratch `x`.
     fn launch_blocks(&mut self, t: usize, pos: usize) -> Result<(), ModelError> {
         let fused = self.fused(t);
+        let embed = self.launches(Step::Embed);
         let Some(s) = self.scratch.as_mut() else {
             unreachable!("prepare() allocates scratch")
         };
@@ -686,7 +706,9 @@ impl CudaLlama {
         // SAFETY: `ids` holds t in-vocabulary ids (checked by prepare), `x` has room for t rows
         // of `cols`, and the table holds vocab rows in `fmt`; fused (t = 1), the norm weight
         // and `xg` hold n_embd floats and `norm_sums` n_norms doubles, all buffers of the model.
-        unsafe { launch.launch(rows_config(t as u32)) }?;
+        if embed {
+            unsafe { launch.launch(rows_config(t as u32)) }?;
+        }
         for i in 0..self.blocks.len() {
             self.block(i, t, pos)?;
         }
@@ -731,6 +753,14 @@ impl CudaLlama {
         let b = &self.blocks[i];
         let st = &self.stream;
         let fused = self.fused(t);
+        let [qkv, att, wo, ffn, down] = [
+            Step::Qkv,
+            Step::Attention,
+            Step::Wo,
+            Step::Swiglu,
+            Step::Down,
+        ]
+        .map(|step| self.launches(step));
         let Some(s) = self.scratch.as_mut() else {
             unreachable!("prepare() allocates scratch")
         };
@@ -762,7 +792,9 @@ impl CudaLlama {
             rope_half: (cfg.rope_dim / 2) as i32,
         };
         if fused {
-            qkv_rope(st, k, &b.qkv, &self.xg, &mut s.qkv, &reading(2 * i), &rope)?;
+            if qkv {
+                qkv_rope(st, k, &b.qkv, &self.xg, &mut s.qkv, &reading(2 * i), &rope)?;
+            }
         } else {
             rmsnorm(st, k, &s.x, &b.attn_norm, &mut s.xn, t, cfg)?;
             let xn = s.xn.as_view();
@@ -770,45 +802,65 @@ impl CudaLlama {
             rope_kv(st, k, &mut s.qkv, &rope, t)?;
         }
 
-        attention(
-            st,
-            k,
-            cfg,
-            &s.qkv,
-            &self.keys[i],
-            &self.values[i],
-            &mut s.partial,
-            &mut s.done,
-            &mut s.att,
-            &self.pos_at,
-            pos,
-            t,
-            self.capacity,
-        )?;
-        if fused {
-            let after = writing(2 * i + 1, &b.ffn_norm);
-            matmul(st, k, &b.wo, &s.att.as_view(), &mut s.x, t, true, &after)?;
-            swiglu(
+        if att {
+            attention(
                 st,
                 k,
-                &b.gate,
-                &b.up,
-                &self.xg,
-                &mut s.ff,
+                cfg,
+                &s.qkv,
+                &self.keys[i],
+                &self.values[i],
+                &mut s.partial,
+                &mut s.done,
+                &mut s.att,
+                &self.pos_at,
+                pos,
                 t,
-                &reading(2 * i + 1),
+                self.capacity,
             )?;
+        }
+        if fused {
+            let after = writing(2 * i + 1, &b.ffn_norm);
+            if wo {
+                matmul(st, k, &b.wo, &s.att.as_view(), &mut s.x, t, true, &after)?;
+            }
+            if ffn {
+                swiglu(
+                    st,
+                    k,
+                    &b.gate,
+                    &b.up,
+                    &self.xg,
+                    &mut s.ff,
+                    t,
+                    &reading(2 * i + 1),
+                )?;
+            }
             let next_norm = match self.blocks.get(i + 1) {
                 Some(next) => &next.attn_norm,
                 None => &self.output_norm,
             };
             let after = writing(2 * i + 2, next_norm);
+            if !down {
+                return Ok(());
+            }
             matmul(st, k, &b.down, &s.ff.as_view(), &mut s.x, t, true, &after)
         } else {
             matmul(st, k, &b.wo, &s.att.as_view(), &mut s.x, t, true, none)?;
             rmsnorm(st, k, &s.x, &b.ffn_norm, &mut s.xn, t, cfg)?;
             swiglu(st, k, &b.gate, &b.up, &s.xn, &mut s.ff, t, none)?;
             matmul(st, k, &b.down, &s.ff.as_view(), &mut s.x, t, true, none)
+        }
+    }
+
+    /// Whether the decode step launches `step`: always, but a probe may leave kernels out.
+    fn launches(&self, step: Step) -> bool {
+        #[cfg(test)]
+        return !self.omit.contains(&step);
+        #[cfg(not(test))]
+        {
+            let _ = step;
+            true
         }
     }
 
@@ -822,6 +874,9 @@ impl CudaLlama {
     /// the output layer reading the last block's half-done norm when norms are fused, else the
     /// final norm and then the output layer.
     fn decode_output(&mut self) -> Result<(), ModelError> {
+        if !self.launches(Step::Output) {
+            return Ok(());
+        }
         if !self.fused(1) {
             self.final_norm(0, 1)?;
             return self.output_rows(0, 1);
@@ -863,6 +918,9 @@ impl CudaLlama {
     /// of the decode graph) also into the scratch ids as the next step's token, and `pos_at`
     /// moved on by one.
     fn greedy(&mut self, chain: bool) -> Result<(), ModelError> {
+        if !self.launches(Step::Argmax) {
+            return Ok(());
+        }
         let Some(s) = self.scratch.as_ref() else {
             unreachable!("callers allocate scratch")
         };

@@ -1166,6 +1166,71 @@ fn probe_shape(name: &str) -> tiny::Shape {
     }
 }
 
+/// Microseconds a decode step of `gpu` takes from `first` at `pos`: 32 steps to warm up
+/// (and capture), then `n` timed on the wall clock.
+fn step_us(gpu: &mut CudaLlama, first: u32, pos: usize, n: usize) -> f64 {
+    let warm = gpu.decode(first, pos, 32, &mut |_| true).unwrap();
+    assert_eq!(warm, 32);
+    let started = std::time::Instant::now();
+    let emitted = gpu.decode(first, pos, n, &mut |_| true).unwrap();
+    assert_eq!(emitted, n);
+    started.elapsed().as_secs_f64() * 1e6 / n as f64
+}
+
+/// What each kernel of the decode step costs inside the step's graph: the step timed whole,
+/// then with each kind of kernel left out (its results then wrong, but the rest of the chain
+/// the same), for each shape in `AUTOINFER_PROBE_SHAPES` (default `smollm2,1b`). A kernel's
+/// cost is what the step loses without it; the sum of those against the whole step says how
+/// much of it is the chain's own overhead.
+#[test]
+#[ignore = "needs a CUDA GPU; a probe, run by hand with --exact --nocapture"]
+fn probe_decode_ablation() {
+    let shapes = std::env::var("AUTOINFER_PROBE_SHAPES").unwrap_or("smollm2,1b".into());
+    for name in shapes.split(',') {
+        let shape = probe_shape(name);
+        let view = tiny::shaped("llama", shape);
+        let mut gpu = CudaLlama::from_gguf(view, 0).unwrap();
+        let prompt: Vec<u32> = (0..32)
+            .map(|i| (i * 7919 + 1) % shape.vocab as u32)
+            .collect();
+        let mut scratch = Vec::new();
+        let first = gpu.forward_greedy(&prompt, 0, &mut scratch).unwrap();
+        let whole = step_us(&mut gpu, first, prompt.len(), 256);
+        println!("{name}: whole step {whole:.1} us");
+        let mut saved = 0.0;
+        for step in [
+            Step::Embed,
+            Step::Qkv,
+            Step::Attention,
+            Step::Wo,
+            Step::Swiglu,
+            Step::Down,
+            Step::Output,
+            Step::Argmax,
+        ] {
+            gpu.omit = vec![step];
+            gpu.graph = None;
+            let without = step_us(&mut gpu, first, prompt.len(), 256);
+            let per = match step {
+                Step::Embed | Step::Output | Step::Argmax => 1.0,
+                _ => shape.n_layer as f64,
+            };
+            println!(
+                "{name}: without {step:?}: {without:.1} us, so {:.1} us a step, {:.2} us a launch",
+                whole - without,
+                (whole - without) / per
+            );
+            saved += whole - without;
+        }
+        gpu.omit.clear();
+        gpu.graph = None;
+        println!(
+            "{name}: the kernels' costs add up to {saved:.1} us of {whole:.1}; {:.1} us is the chain's",
+            whole - saved
+        );
+    }
+}
+
 /// How long a decode step takes at real shapes (random weights): for each shape in
 /// `AUTOINFER_PROBE_SHAPES` (default `smollm2,1b`), a 32-token prompt, 64 steps to warm up,
 /// then 256 steps of `decode` timed on the wall clock. Under Nsight Compute
