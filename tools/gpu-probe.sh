@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# A quick A/B screen of a change to variants/current's CUDA path, before `host compare`: the
+# GPU test binaries of HEAD (A) and of the working tree (B), and a script that times decode
+# with each, alternating, on random models of SmolLM2's, the synthetic 1B's and the 8B's shapes
+# (the test `probe_decode_steps`: 64 steps to warm up, 256 timed, from position 32).
+#
+#   tools/gpu-probe.sh            # writes gpu-probe/ (two test binaries and ab.sh, ~7 MB)
+#
+# Then on the GPU machine, in one call: carry gpu-probe, run `bash gpu-probe/ab.sh`
+# (environment: SHAPES, default smollm2,1b,8b; ROUNDS, default 2). Three shapes and two rounds
+# take about 70 s there; on the H200 the same binary's step time repeats within 0.3%. Add
+# `gpu-probe/b --ignored --skip bench_ --skip probe_` to run B's GPU tests in the same call.
+#
+# A screen is not a verdict: only `host compare` on the real model keeps a change. It says
+# which ideas are worth a comparison, and what a change does at the shapes the comparison
+# never sees (a compare on a synthetic model can never KEEP).
+# Needs: cargo, git, strip.
+set -euo pipefail
+
+case "${1:-}" in
+  -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  "") ;;
+  *) echo "gpu-probe.sh: no arguments expected, got '$1' (see --help)" >&2; exit 2 ;;
+esac
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+OUT=gpu-probe
+for tool in cargo git strip; do
+  command -v "$tool" > /dev/null || { echo "gpu-probe.sh: $tool is needed and not on PATH" >&2; exit 1; }
+done
+mkdir -p "$OUT" && git check-ignore -q "$OUT/" || { echo "gpu-probe.sh: $OUT/ is not ignored by .gitignore" >&2; exit 1; }
+
+# The test binary cargo builds in directory $1 into target directory $2.
+test_binary() {
+  (cd "$1" && CARGO_TARGET_DIR="$2" cargo test --release -p current --features cuda --no-run \
+    --message-format=json 2> /dev/null) | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4
+}
+
+rm -rf "$OUT"
+mkdir -p "$OUT"
+# A in a worktree of HEAD, into the target directory gpu-stage.sh also builds A in.
+worktree="$(mktemp -d)"
+trap 'git worktree remove --force "$worktree" 2> /dev/null || rm -rf "$worktree"' EXIT
+git worktree add -q --detach "$worktree" HEAD
+echo "gpu-probe.sh: building A's GPU tests (HEAD) in target/gpu-stage-a"
+a="$(test_binary "$worktree" "$ROOT/target/gpu-stage-a")"
+[ -n "$a" ] && [ -f "$a" ] || { echo "gpu-probe.sh: cargo named no test binary for A" >&2; exit 1; }
+strip --strip-debug -o "$OUT/a" "$a"
+echo "gpu-probe.sh: building B's GPU tests (the working tree)"
+b="$(test_binary "$ROOT" "$ROOT/target")"
+[ -n "$b" ] && [ -f "$b" ] || { echo "gpu-probe.sh: cargo named no test binary for B" >&2; exit 1; }
+strip --strip-debug -o "$OUT/b" "$b"
+
+cat > "$OUT/ab.sh" <<'EOF'
+#!/usr/bin/env bash
+# Written by tools/gpu-probe.sh: decode step times of A (HEAD) and B (the working tree).
+set -uo pipefail
+dir="$(dirname "$0")"
+for round in $(seq "${ROUNDS:-2}"); do
+  for v in a b; do
+    AUTOINFER_PROBE_SHAPES="${SHAPES:-smollm2,1b,8b}" "$dir/$v" --ignored --exact \
+      cuda::tests::probe_decode_steps --nocapture 2>&1 |
+      grep -E "us a step|panicked" | sed "s/^/$v $round /"
+  done
+done
+EOF
+chmod +x "$OUT/ab.sh"
+du -sh "$OUT"
