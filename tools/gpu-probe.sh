@@ -4,7 +4,8 @@
 # with each, alternating, on random models of SmolLM2's, the synthetic 1B's and the 8B's shapes
 # (the test `probe_decode_steps`: 64 steps to warm up, 256 timed, from position 32).
 #
-#   tools/gpu-probe.sh            # writes gpu-probe/ (two test binaries and ab.sh, ~7 MB)
+#   tools/gpu-probe.sh [DIR]      # writes DIR (default gpu-probe/; two test binaries and
+#                                 # ab.sh, ~7 MB); tools/gpu-stage.sh puts one in gpu-stage/1
 #
 # Then on the GPU machine, in one call: carry gpu-probe, run `bash gpu-probe/ab.sh`
 # (environment: SHAPES, default smollm2,1b,8b; ROUNDS, default 2). Three shapes and two rounds
@@ -18,17 +19,19 @@
 set -euo pipefail
 
 case "${1:-}" in
-  -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-  "") ;;
-  *) echo "gpu-probe.sh: no arguments expected, got '$1' (see --help)" >&2; exit 2 ;;
+  -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -*) echo "gpu-probe.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
 esac
+[ $# -le 1 ] || { echo "gpu-probe.sh: one directory at most, got $# arguments (see --help)" >&2; exit 2; }
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
-OUT=gpu-probe
+OUT="${1:-gpu-probe}"
+OUT="${OUT%/}"
 for tool in cargo git strip; do
   command -v "$tool" > /dev/null || { echo "gpu-probe.sh: $tool is needed and not on PATH" >&2; exit 1; }
 done
-mkdir -p "$OUT" && git check-ignore -q "$OUT/" || { echo "gpu-probe.sh: $OUT/ is not ignored by .gitignore" >&2; exit 1; }
+mkdir -p "$OUT" && git check-ignore -q "$OUT/" ||
+  { echo "gpu-probe.sh: $OUT/ is not ignored by .gitignore (it is removed and written anew)" >&2; exit 1; }
 
 # The test binary cargo builds in directory $1 into target directory $2.
 test_binary() {

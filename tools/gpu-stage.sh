@@ -9,13 +9,16 @@
 #     measuring early when little device time is left)
 #     gpu-stage/1/  the host, A's and B's libraries (B's with cargo's dep-info), the quality
 #                   oracle (variants/baseline at HEAD, for the CPU), a bundle of HEAD, the GPU
-#                   test binary of B, and the model's first part (A is built in a worktree of
-#                   HEAD, into target/gpu-stage-a: the first time, that compiles its crates)
+#                   test binaries of A and B with the screen that times them (probe/, written
+#                   by tools/gpu-probe.sh), and the model's first part (A is built in a worktree
+#                   of HEAD, into target/gpu-stage-a: the first time, that compiles its crates)
 #     gpu-stage/2/  the model's second part and go.sh, which does the rest there
 #
 # Then, on the GPU machine, three kinds of call, each within 30 s of the last (a machine left
 # idle longer is given back, and what was staged there with it):
-#   1. carry gpu-stage/1, run `gpu-stage/1/cuda-tests --ignored` (or `true`)
+#   1. carry gpu-stage/1, run B's GPU tests and the screen (or `true`):
+#      `gpu-stage/1/probe/b --ignored --skip bench_ --skip probe_; bash gpu-stage/1/probe/ab.sh`
+#      and make the next call at once: a slower screen is a reason to stop here, not to think
 #   2. carry gpu-stage/2, run `bash gpu-stage/2/go.sh`: joins the model, puts every file where
 #      the host looks for it, moves the machine's HEAD to this one's (its .git is the checkout as
 #      the session started), prints `git status --short` (only B's files may differ), starts
@@ -28,7 +31,7 @@
 set -euo pipefail
 
 case "${1:-}" in
-  ""|-h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  ""|-h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
 DESCRIPTION="$1"
 shift
@@ -90,16 +93,12 @@ cargo build --release --quiet -p current --features cuda
 strip --strip-debug -o "$STAGE/1/libcurrent.so" target/release/libcurrent.so
 cp target/release/libcurrent.d "$STAGE/1/libcurrent.d"
 strip --strip-debug -o "$STAGE/1/host" target/release/host
-tests="$(cargo test --release -p current --features cuda --no-run --message-format=json 2> /dev/null |
-  grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)"
-[ -n "$tests" ] && [ -f "$tests" ] || {
-  echo "gpu-stage.sh: cargo named no test binary for variants/current (--features cuda)" >&2; exit 1; }
-strip --strip-debug -o "$STAGE/1/cuda-tests" "$tests"
+tools/gpu-probe.sh "$STAGE/1/probe" > /dev/null
 git bundle create -q "$STAGE/1/head.bundle" HEAD
 
 # The model split so that each call's tree stays under the limit.
 tree=$(git ls-files -z | xargs -0 cat | wc -c)
-staged=$(cat "$STAGE"/1/* | wc -c)
+staged=$(find "$STAGE/1" -type f -exec cat {} + | wc -c)
 first=$((LIMIT - tree - staged))
 size=$(stat -c %s "$MODEL")
 [ "$first" -gt 0 ] && [ $((size - first + tree + 65536)) -le "$LIMIT" ] || {
