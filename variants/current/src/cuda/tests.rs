@@ -1166,16 +1166,36 @@ fn probe_shape(name: &str) -> tiny::Shape {
     }
 }
 
-/// Microseconds a decode step of `gpu` takes from `first` at `pos`: 32 steps to warm up
+/// Microseconds a decode step of `gpu` takes from `first` at `pos`: 64 steps to warm up
 /// (and capture), then `n` timed on the wall clock.
 fn step_us(gpu: &mut CudaLlama, first: u32, pos: usize, n: usize) -> f64 {
-    let warm = gpu.decode(first, pos, 32, &mut |_| true).unwrap();
-    assert_eq!(warm, 32);
+    let warm = gpu.decode(first, pos, 64, &mut |_| true).unwrap();
+    assert_eq!(warm, 64);
     let started = std::time::Instant::now();
     let emitted = gpu.decode(first, pos, n, &mut |_| true).unwrap();
     assert_eq!(emitted, n);
     started.elapsed().as_secs_f64() * 1e6 / n as f64
 }
+
+/// The probes' models: for each shape named in `AUTOINFER_PROBE_SHAPES` (default
+/// `smollm2,1b`), its name, its shape, a random model of it on the GPU that has run a 32-token
+/// prompt, and the greedy token after the prompt (at position 32).
+fn probe_models() -> impl Iterator<Item = (String, tiny::Shape, CudaLlama, u32)> {
+    let shapes = std::env::var("AUTOINFER_PROBE_SHAPES").unwrap_or("smollm2,1b".into());
+    let names: Vec<String> = shapes.split(',').map(str::to_string).collect();
+    names.into_iter().map(|name| {
+        let shape = probe_shape(&name);
+        let mut gpu = CudaLlama::from_gguf(tiny::shaped("llama", shape), 0).unwrap();
+        let prompt: Vec<u32> = (0..PROBE_PROMPT as u32)
+            .map(|i| (i * 7919 + 1) % shape.vocab as u32)
+            .collect();
+        let first = gpu.forward_greedy(&prompt, 0, &mut Vec::new()).unwrap();
+        (name, shape, gpu, first)
+    })
+}
+
+/// The probes' prompt length, the position their decode starts from.
+const PROBE_PROMPT: usize = 32;
 
 /// What each kernel of the decode step costs inside the step's graph: the step timed whole,
 /// then with each kind of kernel left out (its results then wrong, but the rest of the chain
@@ -1185,17 +1205,8 @@ fn step_us(gpu: &mut CudaLlama, first: u32, pos: usize, n: usize) -> f64 {
 #[test]
 #[ignore = "needs a CUDA GPU; a probe, run by hand with --exact --nocapture"]
 fn probe_decode_ablation() {
-    let shapes = std::env::var("AUTOINFER_PROBE_SHAPES").unwrap_or("smollm2,1b".into());
-    for name in shapes.split(',') {
-        let shape = probe_shape(name);
-        let view = tiny::shaped("llama", shape);
-        let mut gpu = CudaLlama::from_gguf(view, 0).unwrap();
-        let prompt: Vec<u32> = (0..32)
-            .map(|i| (i * 7919 + 1) % shape.vocab as u32)
-            .collect();
-        let mut scratch = Vec::new();
-        let first = gpu.forward_greedy(&prompt, 0, &mut scratch).unwrap();
-        let whole = step_us(&mut gpu, first, prompt.len(), 256);
+    for (name, shape, mut gpu, first) in probe_models() {
+        let whole = step_us(&mut gpu, first, PROBE_PROMPT, 256);
         println!("{name}: whole step {whole:.1} us");
         let mut saved = 0.0;
         for step in [
@@ -1210,7 +1221,7 @@ fn probe_decode_ablation() {
         ] {
             gpu.omit = vec![step];
             gpu.graph = None;
-            let without = step_us(&mut gpu, first, prompt.len(), 256);
+            let without = step_us(&mut gpu, first, PROBE_PROMPT, 256);
             let per = match step {
                 Step::Embed | Step::Output | Step::Argmax => 1.0,
                 _ => shape.n_layer as f64,
@@ -1233,34 +1244,18 @@ fn probe_decode_ablation() {
 
 /// How long a decode step takes at real shapes (random weights): for each shape in
 /// `AUTOINFER_PROBE_SHAPES` (default `smollm2,1b`), a 32-token prompt, 64 steps to warm up,
-/// then 256 steps of `decode` timed on the wall clock. Under Nsight Compute
-/// (`ncu --graph-profiling node --metrics gpu__time_duration.sum --launch-skip N
-/// --launch-count M`) it also gives each kernel's own time, with N past the warm-up's start.
+/// then 256 steps of `decode` timed on the wall clock (`tools/gpu-probe.sh` runs it). Under
+/// Nsight Compute (`ncu --graph-profiling node --metrics gpu__time_duration.sum --launch-skip
+/// N --launch-count M`) it also gives each kernel's own time, with N past the warm-up's start.
 #[test]
 #[ignore = "needs a CUDA GPU; a probe, run by hand with --exact --nocapture"]
 fn probe_decode_steps() {
-    let shapes = std::env::var("AUTOINFER_PROBE_SHAPES").unwrap_or("smollm2,1b".into());
-    for name in shapes.split(',') {
-        let shape = probe_shape(name);
-        let view = tiny::shaped("llama", shape);
-        let mut gpu = CudaLlama::from_gguf(view, 0).unwrap();
-        let prompt: Vec<u32> = (0..32)
-            .map(|i| (i * 7919 + 1) % shape.vocab as u32)
-            .collect();
-        let mut scratch = Vec::new();
-        let first = gpu.forward_greedy(&prompt, 0, &mut scratch).unwrap();
-        let warm = gpu.decode(first, prompt.len(), 64, &mut |_| true).unwrap();
-        assert_eq!(warm, 64);
+    for (name, _, mut gpu, first) in probe_models() {
         let n = 256;
-        let started = std::time::Instant::now();
-        let emitted = gpu.decode(first, prompt.len(), n, &mut |_| true).unwrap();
-        let seconds = started.elapsed().as_secs_f64();
-        assert_eq!(emitted, n);
+        let us = step_us(&mut gpu, first, PROBE_PROMPT, n);
         println!(
-            "{name}: {:.1} us a step, {:.1} tok/s over {n} steps from position {}",
-            seconds * 1e6 / n as f64,
-            n as f64 / seconds,
-            prompt.len()
+            "{name}: {us:.1} us a step, {:.1} tok/s over {n} steps from position {PROBE_PROMPT}",
+            1e6 / us
         );
     }
 }
