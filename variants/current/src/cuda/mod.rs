@@ -320,8 +320,11 @@ impl Kernels {
             }
         };
         // SAFETY: `prog` was created above and is not used after this.
-        unsafe { result::destroy_program(prog) }.map_err(|e| fail(e.to_string()))?;
-        built
+        let destroyed = unsafe { result::destroy_program(prog) };
+        // A compile error is the cause; the program's release failing after it is not.
+        let cubin = built?;
+        destroyed.map_err(|e| fail(e.to_string()))?;
+        Ok(cubin)
     }
 
     /// The kernel and grid for `t` tokens through a `(rows, _)` matrix in `format` (gate and
@@ -454,7 +457,8 @@ pub struct CudaLlama {
     omit: Vec<Step>,
 }
 
-/// The kernels of a fused decode step, by role (for [`CudaLlama::launches`]).
+/// The kinds of kernel a forward pass launches, by role (for [`CudaLlama::launches`], which
+/// every launch site of these consults, prefill's too).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Step {
     Embed,
@@ -703,10 +707,11 @@ impl CudaLlama {
             .arg(&xg)
             .arg(&sums)
             .arg(&n_norms);
-        // SAFETY: `ids` holds t in-vocabulary ids (checked by prepare), `x` has room for t rows
-        // of `cols`, and the table holds vocab rows in `fmt`; fused (t = 1), the norm weight
-        // and `xg` hold n_embd floats and `norm_sums` n_norms doubles, all buffers of the model.
         if embed {
+            // SAFETY: `ids` holds t in-vocabulary ids (checked by prepare), `x` has room for t
+            // rows of `cols`, and the table holds vocab rows in `fmt`; fused (t = 1), the norm
+            // weight and `xg` hold n_embd floats and `norm_sums` n_norms doubles, all buffers
+            // of the model.
             unsafe { launch.launch(rows_config(t as u32)) }?;
         }
         for i in 0..self.blocks.len() {

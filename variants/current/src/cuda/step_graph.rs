@@ -33,16 +33,24 @@ impl StepGraph {
         stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
         let launched = launches();
         // SAFETY: the stream is live and capturing (begun above, on this thread).
-        let graph = unsafe { result::stream::end_capture(stream.cu_stream()) };
+        let ended = unsafe { result::stream::end_capture(stream.cu_stream()) };
+        // Owned at once, so that a graph captured around a failed launch is destroyed, not
+        // leaked; the launch's error, the cause, comes first.
+        let step = match ended {
+            Ok(graph) if !graph.is_null() => Some(Self {
+                graph,
+                exec: std::ptr::null_mut(),
+                stream: stream.clone(),
+            }),
+            Ok(_) => None,
+            Err(e) => {
+                launched?;
+                return Err(e.into());
+            }
+        };
         launched?;
-        let graph = graph?;
-        if graph.is_null() {
+        let Some(mut step) = step else {
             return Ok(None);
-        }
-        let mut step = Self {
-            graph,
-            exec: std::ptr::null_mut(),
-            stream: stream.clone(),
         };
         // SAFETY: `graph` is the live graph just captured, owned by `step` (which destroys it).
         unsafe {
