@@ -33,10 +33,12 @@ done
 mkdir -p "$OUT" && git check-ignore -q "$OUT/" ||
   { echo "gpu-probe.sh: $OUT/ is not ignored by .gitignore (it is removed and written anew)" >&2; exit 1; }
 
-# The test binary cargo builds in directory $1 into target directory $2.
+# The test binary cargo builds in directory $1 into target directory $2 (a compile error is
+# printed, rendered, on stderr).
 test_binary() {
-  (cd "$1" && CARGO_TARGET_DIR="$2" cargo test --release -p current --features cuda --no-run \
-    --message-format=json 2> /dev/null) | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4
+  (cd "$1" && CARGO_TARGET_DIR="$2" cargo test --release --quiet -p current --features cuda \
+    --no-run --message-format=json-render-diagnostics) |
+    { grep -o '"executable":"[^"]*"' || true; } | tail -1 | cut -d'"' -f4
 }
 
 rm -rf "$OUT"
@@ -46,11 +48,11 @@ worktree="$(mktemp -d)"
 trap 'git worktree remove --force "$worktree" 2> /dev/null || rm -rf "$worktree"' EXIT
 git worktree add -q --detach "$worktree" HEAD
 echo "gpu-probe.sh: building A's GPU tests (HEAD) in target/gpu-stage-a"
-a="$(test_binary "$worktree" "$ROOT/target/gpu-stage-a")"
+a="$(test_binary "$worktree" "$ROOT/target/gpu-stage-a")" || a=""
 [ -n "$a" ] && [ -f "$a" ] || { echo "gpu-probe.sh: cargo named no test binary for A" >&2; exit 1; }
 strip --strip-debug -o "$OUT/a" "$a"
 echo "gpu-probe.sh: building B's GPU tests (the working tree)"
-b="$(test_binary "$ROOT" "$ROOT/target")"
+b="$(test_binary "$ROOT" "$ROOT/target")" || b=""
 [ -n "$b" ] && [ -f "$b" ] || { echo "gpu-probe.sh: cargo named no test binary for B" >&2; exit 1; }
 strip --strip-debug -o "$OUT/b" "$b"
 

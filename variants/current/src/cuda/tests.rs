@@ -1145,8 +1145,12 @@ fn cuda_step_graph_is_programmatic_and_keeps_kernels_in_order() {
     assert_eq!(stream.clone_dtoh(&best).unwrap(), [want]);
 }
 
-/// The shapes `probe_decode_steps` can build: SmolLM2-135M's and the synthetic Llama-3.2-1B
-/// and Llama-3.1-8B ones of `host synth` (Q4_1 projections, a Q8_0 embedding as the output).
+/// The shapes the probes build: SmolLM2-135M's, Llama-3.2-1B's and Llama-3.1-8B's, as `host
+/// synth` has them (layers, width, heads, KV heads, FFN, vocabulary; the variant cannot read
+/// the host's table). The projections are Q4_1 as there, but the embedding is Q8_0 and serves
+/// as the output layer, as in SmolLM2's real file; `host synth` writes it Q4_1 (and the 8B's
+/// output untied), so at 1B and 8B the probes' output layer reads 1.7 times the bytes `host
+/// bench`'s does.
 fn probe_shape(name: &str) -> tiny::Shape {
     let (d, ff, n_layer, n_head, n_kv, vocab) = match name {
         "smollm2" => (576, 1536, 30, 9, 3, 49_152),
