@@ -885,99 +885,163 @@ extern "C" __global__ void attention_combine(const float* partial, float* out,
     }
 }
 
-// Keys per split of attention_decode, its threads per block, and the most query heads one KV
-// head may serve there.
+// Keys per tile of attention_decode, its threads per block, the most query heads one KV head
+// may serve there, and the blocks of a cluster (one cluster per KV head; 16 is above the
+// portable 8, so the host allows it on the function before the first launch).
 #define DK 32
 #define DEC_THREADS 128
 #define GROUP_MAX 8
+#define DEC_CLUSTER 16
 
 __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
 
-// Attention of one token (a decode step, at position *pos_at) over the cache, flash-decoding
-// style with every thread busy. Block (kv head, split) takes the DK keys of its split once, for
-// all `group` query heads that share the KV head: it stages the keys, values and queries in
-// shared memory (each thread issuing all its loads before it stores any), scores each (head, key)
-// pair on its own thread (a warp per head, a lane per key), takes each head's softmax over the
-// split in its warp, and writes per head the split's max m, sum l and unnormalised output to
-// `partial` ([head][split] records of hd + 2 floats, as attention_split's for one query). A
-// split wholly past the position writes nothing. The last block of a KV head to finish (counted
-// in counters[kv head], which it sets back to 0) merges the used splits of its heads into out
-// (n_head * hd). Needs hd a multiple of 4 of at most ATT_HD_MAX and n_head / n_kv at most
-// GROUP_MAX (the host checks).
-extern "C" __global__ void attention_decode(const float* qkv, const float* k_cache,
-                                            const float* v_cache, float* partial, float* out,
-                                            int* counters, const int* pos_at, int n_head,
-                                            int n_kv, int hd, int n_split, float scale) {
-    __shared__ float ks[DK][ATT_HD_MAX + 1];  // padded: lane j reads row j, no bank conflicts
-    __shared__ __align__(16) float vs[DK][ATT_HD_MAX];
-    __shared__ float qs[GROUP_MAX][ATT_HD_MAX];
-    __shared__ float ps[GROUP_MAX][DK];
-    __shared__ bool last;
-    // Read before the wait: the position (moved at the end of the last step) and the keys and
-    // values of the positions before it (written by earlier steps); only the QKV matvec just
-    // before this kernel writes the current position's, loaded after the wait.
-    const int pos = *pos_at;
-    const int kvh = blockIdx.x, split = blockIdx.y, group = n_head / n_kv;
-    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-    const int k0 = split * DK;
-    const int n = min(DK, pos + 1 - k0);  // keys of this split the token sees
-    const int row4 = hd / 4;              // float4s per key row
-    const long stride = (long)n_kv * hd;
-    constexpr int U = DK * ATT_HD_MAX / 4 / DEC_THREADS;  // float4s per thread, at most
-    float4 kr[U], vr[U];
+// Thread-block clusters (sm_90): this block's rank in its cluster and the cluster's index.
+__device__ __forceinline__ u32 cluster_rank() {
+    u32 r;
+    asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ u32 cluster_index() {
+    u32 r;
+    asm("mov.u32 %0, %%clusterid.x;" : "=r"(r));
+    return r;
+}
+// Every thread of the cluster arrives, and waits for all: shared-memory writes before it are
+// visible to every block of the cluster after it.
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\t"
+                 "barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// The float at `p` (in this block's shared memory) as block `rank` of the cluster holds it.
+__device__ __forceinline__ float peer_load(const float* p, u32 rank) {
+    unsigned long long generic = reinterpret_cast<unsigned long long>(p), local;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(local) : "l"(generic));
+    u32 remote;
+    asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"((u32)local), "r"(rank));
+    float v;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+}
+
+// The keys and values of positions k0.. (those of the n the token sees; zeros past them) of
+// KV head `kvh`, a thread's share of the tile: float4 i = tid + DEC_THREADS u is column i % row4
+// of key i / row4. With `skip`, position `skip` is left out (the QKV matvec writes it).
+template <int U>
+__device__ __forceinline__ void attention_tile(float4 (&kr)[U], float4 (&vr)[U],
+                                               const float* k_cache, const float* v_cache,
+                                               int k0, int n, int row4, long stride, long head,
+                                               int skip) {
 #pragma unroll
     for (int u = 0; u < U; u++) {
-        const int i = tid + DEC_THREADS * u, j = i / row4, c = i % row4;
+        const int i = threadIdx.x + DEC_THREADS * u, j = i / row4, c = i % row4;
         kr[u] = vr[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (i < DK * row4 && j < n && k0 + j != pos) {
-            const long at = (long)(k0 + j) * stride + (long)kvh * hd;
+        if (i < DK * row4 && j < n && k0 + j != skip) {
+            const long at = (long)(k0 + j) * stride + head;
             kr[u] = reinterpret_cast<const float4*>(k_cache + at)[c];
             vr[u] = reinterpret_cast<const float4*>(v_cache + at)[c];
         }
     }
+}
+
+// Attention of one token (a decode step, at position *pos_at) over the cache, flash-decoding
+// style, merged in a thread-block cluster. The cluster of KV head h (DEC_CLUSTER blocks) serves
+// the `group` query heads that share it: block r takes the tiles of DK keys r, r + DEC_CLUSTER,
+// ... up to the position, each tile staged in shared memory (the next one's loads in flight
+// while this one is computed), scored on a thread per (head, key) (a warp per head, a lane per
+// key), and folded into the block's running softmax per head (max m, sum l, unnormalised output
+// o). Then every block's (m, l, o) is read by the cluster in distributed shared memory: block r
+// merges elements r * DEC_THREADS + tid, ... of the group's heads into out (n_head * hd). No
+// global records, fence or counter. Needs hd a multiple of 4 of at most ATT_HD_MAX and n_head /
+// n_kv at most GROUP_MAX (the host checks); the grid is n_kv clusters.
+extern "C" __global__ void __cluster_dims__(DEC_CLUSTER, 1, 1) __launch_bounds__(DEC_THREADS)
+    attention_decode(const float* qkv, const float* k_cache, const float* v_cache, float* out,
+                     const int* pos_at, int n_head, int n_kv, int hd, float scale) {
+    // Keys row-major, rows padded to 132 floats: lane j reads row j a float4 at a time, and
+    // a quarter-warp's eight rows fall in different banks.
+    __shared__ __align__(16) float ks[DK][ATT_HD_MAX + 4];
+    __shared__ __align__(16) float vs[DK][ATT_HD_MAX];
+    __shared__ __align__(16) float qs[GROUP_MAX][ATT_HD_MAX];
+    __shared__ float ps[GROUP_MAX][DK];
+    __shared__ float run_m[GROUP_MAX], run_l[GROUP_MAX], corr[GROUP_MAX];
+    __shared__ float run_o[GROUP_MAX * ATT_HD_MAX];
+    // Read before the wait: the position (moved at the end of the last step) and the keys and
+    // values of the positions before it (written by earlier steps); only the QKV matvec just
+    // before this kernel writes the current position's, loaded after the wait.
+    const int pos = *pos_at;
+    const int rank = (int)cluster_rank(), kvh = (int)cluster_index(), group = n_head / n_kv;
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int row4 = hd / 4;  // float4s per key row
+    const long stride = (long)n_kv * hd, head = (long)kvh * hd;
+    const int last = pos / DK;  // the last tile the token sees
+    constexpr int U = DK * ATT_HD_MAX / 4 / DEC_THREADS;  // float4s per thread, at most
+    float4 kr[U], vr[U];
+    int tile = rank;
+    attention_tile(kr, vr, k_cache, v_cache, tile * DK, min(DK, pos + 1 - tile * DK), row4,
+                   stride, head, pos);
     after_predecessor();
-    if (n > 0) {
+    if (tile <= last) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int i = tid + DEC_THREADS * u, j = i / row4, c = i % row4;
-            if (i < DK * row4 && k0 + j == pos) {
-                const long at = (long)pos * stride + (long)kvh * hd;
+            if (i < DK * row4 && tile * DK + j == pos) {
+                const long at = (long)pos * stride + head;
                 kr[u] = reinterpret_cast<const float4*>(k_cache + at)[c];
                 vr[u] = reinterpret_cast<const float4*>(v_cache + at)[c];
             }
         }
-        const float* q = qkv + (long)kvh * group * hd;  // heads kvh * group .. of this KV head
-        for (int i = tid; i < group * hd; i += DEC_THREADS) qs[i / hd][i % hd] = q[i];
+    }
+    const float* q = qkv + (long)kvh * group * hd;  // heads kvh * group .. of this KV head
+    for (int i = tid; i < group * hd; i += DEC_THREADS) {
+        qs[i / hd][i % hd] = q[i];
+        run_o[i] = 0.0f;
+    }
+    if (tid < group) {
+        run_m[tid] = NEG_INF;
+        run_l[tid] = 0.0f;
+    }
+    for (; tile <= last; tile += DEC_CLUSTER) {
+        const int k0 = tile * DK, n = min(DK, pos + 1 - k0);
+        __syncthreads();  // the last tile's readers are done with ks, vs and ps
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int i = tid + DEC_THREADS * u, j = i / row4, c = i % row4;
             if (i < DK * row4) {
-                ks[j][4 * c] = kr[u].x;
-                ks[j][4 * c + 1] = kr[u].y;
-                ks[j][4 * c + 2] = kr[u].z;
-                ks[j][4 * c + 3] = kr[u].w;
+                reinterpret_cast<float4*>(&ks[j][0])[c] = kr[u];
                 reinterpret_cast<float4*>(&vs[j][0])[c] = vr[u];
             }
         }
+        const int next = tile + DEC_CLUSTER;
+        if (next <= last)
+            attention_tile(kr, vr, k_cache, v_cache, next * DK, min(DK, pos + 1 - next * DK),
+                           row4, stride, head, -1);
         __syncthreads();
         for (int g = warp; g < group; g += DEC_THREADS / 32) {
             float sc = NEG_INF;
             if (lane < n) {
                 float a = 0.0f;
-                for (int d = 0; d < hd; d++) a = fmaf(qs[g][d], ks[lane][d], a);
+                for (int c = 0; c < row4; c++) {
+                    const float4 kv = reinterpret_cast<const float4*>(&ks[lane][0])[c];
+                    const float4 qv = reinterpret_cast<const float4*>(&qs[g][0])[c];
+                    a = fmaf(qv.x, kv.x, a);
+                    a = fmaf(qv.y, kv.y, a);
+                    a = fmaf(qv.z, kv.z, a);
+                    a = fmaf(qv.w, kv.w, a);
+                }
                 sc = a * scale;
             }
-            const float m = warp_max(sc);
+            const float old = run_m[g];
+            const float m = fmaxf(old, warp_max(sc));
             const float p = lane < n ? expf(sc - m) : 0.0f;
-            const float l = warp_sum(p);
+            const float l = warp_sum(p);  // every lane has read run_m[g] by now
             ps[g][lane] = p;
             if (lane == 0) {
-                float* rec = partial + ((long)(kvh * group + g) * n_split + split) * (hd + 2);
-                rec[0] = m;
-                rec[1] = l;
+                const float c = old == NEG_INF ? 0.0f : expf(old - m);
+                corr[g] = c;
+                run_l[g] = fmaf(run_l[g], c, l);
+                run_m[g] = m;
             }
         }
         __syncthreads();
@@ -986,63 +1050,30 @@ extern "C" __global__ void attention_decode(const float* qkv, const float* k_cac
             float a = 0.0f;
 #pragma unroll 8
             for (int j = 0; j < DK; j++) a = fmaf(ps[g][j], vs[j][d], a);
-            partial[((long)(kvh * group + g) * n_split + split) * (hd + 2) + 2 + d] = a;
+            run_o[i] = fmaf(run_o[i], corr[g], a);
         }
     }
-    // The records are visible device-wide before this block counts itself done.
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) {
-        last = atomicAdd(counters + kvh, 1) == n_split - 1;
-        if (last) counters[kvh] = 0;
+    cluster_sync();  // every block's (m, l, o) final, and visible to the cluster
+    for (int i = rank * DEC_THREADS + tid; i < group * hd; i += DEC_CLUSTER * DEC_THREADS) {
+        const int g = i / hd;
+        float ms[DEC_CLUSTER];
+        float mx = NEG_INF;
+#pragma unroll
+        for (int b = 0; b < DEC_CLUSTER; b++) {
+            ms[b] = peer_load(&run_m[g], b);
+            mx = fmaxf(mx, ms[b]);
+        }
+        float l = 0.0f, o = 0.0f;
+#pragma unroll
+        for (int b = 0; b < DEC_CLUSTER; b++) {
+            if (ms[b] == NEG_INF) continue;  // a block past the position: no keys
+            const float w = expf(ms[b] - mx);
+            l = fmaf(w, peer_load(&run_l[g], b), l);
+            o = fmaf(w, peer_load(&run_o[i], b), o);
+        }
+        out[(long)kvh * group * hd + i] = o / l;
     }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    // The merge, a warp per head: splits 0..used hold records (read past L1: other blocks wrote
-    // them). Lane k reads split k's max and sum at once and keeps them (the first 32 splits, all
-    // of them up to 1,024 positions), so the lanes find the max M, then the sum L, with one trip
-    // to L2 between them. Then, 32 splits at a time, lane k's weight exp(m_k - M) is passed
-    // round and every lane adds its dimensions, the loads of 16 splits in flight together.
-    const int used = min(n_split, pos / DK + 1);
-    for (int g = warp; g < group; g += DEC_THREADS / 32) {
-        const int h = kvh * group + g;
-        const float* recs = partial + (long)h * n_split * (hd + 2);
-        float m0 = NEG_INF, l0 = 0.0f;
-        if (lane < used) {
-            m0 = __ldcg(recs + (long)lane * (hd + 2));
-            l0 = __ldcg(recs + (long)lane * (hd + 2) + 1);
-        }
-        float mx = m0;
-        for (int sp = lane + 32; sp < used; sp += 32) mx = fmaxf(mx, __ldcg(recs + (long)sp * (hd + 2)));
-        mx = warp_max(mx);
-        const float w0 = lane < used ? expf(m0 - mx) : 0.0f;
-        float l = w0 * l0;
-        for (int sp = lane + 32; sp < used; sp += 32) {
-            const float* r = recs + (long)sp * (hd + 2);
-            l += expf(__ldcg(r) - mx) * __ldcg(r + 1);
-        }
-        l = warp_sum(l);
-        float acc[ATT_HD_MAX / 32];
-#pragma unroll
-        for (int e = 0; e < ATT_HD_MAX / 32; e++) acc[e] = 0.0f;
-        for (int s0 = 0; s0 < used; s0 += 32) {
-            const int sp = s0 + lane;
-            const float w = s0 == 0 ? w0 : sp < used ? expf(__ldcg(recs + (long)sp * (hd + 2)) - mx) : 0.0f;
-            const int count = min(32, used - s0);
-#pragma unroll 16
-            for (int k = 0; k < count; k++) {
-                const float wk = __shfl_sync(0xffffffffu, w, k);
-                const float* r = recs + (long)(s0 + k) * (hd + 2) + 2;
-#pragma unroll
-                for (int e = 0; e < ATT_HD_MAX / 32; e++)
-                    if (lane + 32 * e < hd) acc[e] = fmaf(wk, __ldcg(r + lane + 32 * e), acc[e]);
-            }
-        }
-#pragma unroll
-        for (int e = 0; e < ATT_HD_MAX / 32; e++)
-            if (lane + 32 * e < hd) out[(long)h * hd + lane + 32 * e] = acc[e] / l;
-    }
+    cluster_sync();  // no block leaves while another may still read its shared memory
 }
 
 // *best = the index of the largest of the n values (the first of equal ones; NaNs never win,

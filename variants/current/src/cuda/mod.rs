@@ -55,15 +55,17 @@ const VEC_WARPS: u32 = 4;
 const Q8_ROWS: u32 = 2;
 /// Queries per `attention_split` block, 8 threads each (`AQ` in kernels.cu).
 const ATT_QUERIES: u32 = 16;
-/// Threads per `attention_decode` block (`DEC_THREADS` in kernels.cu), and the most query heads
-/// per KV head it serves (`GROUP_MAX`); a model with more decodes through `attention_split`.
+/// Threads per `attention_decode` block (`DEC_THREADS` in kernels.cu), the most query heads
+/// per KV head it serves (`GROUP_MAX`; a model with more decodes through `attention_split`),
+/// and its blocks per cluster, a cluster per KV head (`DEC_CLUSTER`).
 const DECODE_THREADS: u32 = 128;
 const DECODE_GROUP_MAX: usize = 8;
+const DECODE_CLUSTER: u32 = 16;
 /// The widest head `attention_split` holds (`ATT_HD_MAX` in kernels.cu).
 const ATT_HD_MAX: usize = 128;
-/// Keys per attention split: short for one token, so that a long cache is spread over many
-/// blocks (`DK` in kernels.cu, `attention_decode`'s split); longer for a chunk, whose queries
-/// already fill the GPU.
+/// Keys per attention split: short for one token (when it goes through `attention_split`: a
+/// group of query heads wider than `attention_decode` serves), so that a long cache is spread
+/// over many blocks; longer for a chunk, whose queries already fill the GPU.
 const SPLIT_DECODE: usize = 32;
 const SPLIT_PREFILL: usize = 256;
 /// Threads of the one block of `argmax` (`ARGMAX_THREADS` in kernels.cu).
@@ -271,7 +273,16 @@ impl Kernels {
             rope_kv: f("rope_kv")?,
             attention_split: f("attention_split")?,
             attention_combine: f("attention_combine")?,
-            attention_decode: f("attention_decode")?,
+            attention_decode: {
+                // Its clusters of 16 blocks are above the portable size (8); the H100 and H200
+                // run them once the function allows them.
+                let decode = f("attention_decode")?;
+                decode.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                    1,
+                )?;
+                decode
+            },
             argmax: f("argmax")?,
             _module: module,
         })
@@ -396,9 +407,6 @@ struct Scratch {
     logits: CudaSlice<f32>,
     /// Attention's per-split records ([`attention`]), grown to the longest sequence seen.
     partial: CudaSlice<f32>,
-    /// One-token attention's count of finished splits per KV head ([`attention`]), 0 between
-    /// launches.
-    done: CudaSlice<i32>,
 }
 
 /// The captured one-token step and the buffer generation it was captured against.
@@ -633,7 +641,6 @@ impl CudaLlama {
             ff: s.alloc_zeros(t * cfg.n_ff)?,
             logits: s.alloc_zeros(t * cfg.vocab_size)?,
             partial: s.alloc_zeros(1)?,
-            done: s.alloc_zeros(cfg.n_kv_head)?,
         });
         self.generation += 1;
         Ok(())
@@ -816,7 +823,6 @@ impl CudaLlama {
                 &self.keys[i],
                 &self.values[i],
                 &mut s.partial,
-                &mut s.done,
                 &mut s.att,
                 &self.pos_at,
                 pos,
@@ -1030,19 +1036,28 @@ fn split_shape(t: usize, pos: usize, capacity: usize) -> (usize, usize) {
 }
 
 /// Floats of attention's split records for `t` queries at `pos..` over a cache of `capacity`
-/// positions: per query, head and split, the running max, the sum and `head_dim` outputs.
+/// positions: per query, head and split, the running max, the sum and `head_dim` outputs
+/// (none where `attention_decode` serves the token: its cluster merges in shared memory).
 fn partial_len(cfg: &LlamaConfig, t: usize, pos: usize, capacity: usize) -> usize {
+    if decodes_in_cluster(cfg, t) {
+        return 0;
+    }
     let (_, n_split) = split_shape(t, pos, capacity);
     t * cfg.n_head * n_split * (cfg.head_dim + 2)
+}
+
+/// Whether `t` queries go through `attention_decode`: one token, whose group of query heads a
+/// KV head serves is at most [`DECODE_GROUP_MAX`].
+fn decodes_in_cluster(cfg: &LlamaConfig, t: usize) -> bool {
+    t == 1 && cfg.n_head / cfg.n_kv_head <= DECODE_GROUP_MAX
 }
 
 /// Causal attention of the `t` queries in `qkv` (a chunk at positions `pos..`, which `pos_at`
 /// holds on the device) over the cache of one block (`capacity` positions), into `out`
 /// (t, n_head * head_dim): `attention_split` over splits of the keys, then
-/// `attention_combine`; one token goes through `attention_decode` instead, a block per KV head
-/// and split, all its threads busy, whose last block per KV head merges the splits (counted in
-/// `done`). `partial` must hold [`partial_len`] floats (`prepare` grows it: a captured step
-/// cannot allocate).
+/// `attention_combine`; one token goes through `attention_decode` instead, a cluster of blocks
+/// per KV head, all their threads busy, merged in the cluster's shared memory. `partial` must
+/// hold [`partial_len`] floats (`prepare` grows it: a captured step cannot allocate).
 #[allow(clippy::too_many_arguments)]
 fn attention(
     stream: &Arc<CudaStream>,
@@ -1052,7 +1067,6 @@ fn attention(
     keys: &CudaSlice<f32>,
     values: &CudaSlice<f32>,
     partial: &mut CudaSlice<f32>,
-    done: &mut CudaSlice<i32>,
     out: &mut CudaSlice<f32>,
     pos_at: &CudaSlice<i32>,
     pos: usize,
@@ -1071,30 +1085,27 @@ fn attention(
     let (tt, n_head, n_kv) = (t as i32, cfg.n_head as i32, cfg.n_kv_head as i32);
     let (hd, split, splits) = (cfg.head_dim as i32, split_len as i32, n_split as i32);
     let scale = 1.0f32 / (cfg.head_dim as f32).sqrt();
-    if t == 1 && cfg.n_head / cfg.n_kv_head <= DECODE_GROUP_MAX {
+    if decodes_in_cluster(cfg, t) {
         let mut launch = stream.launch_builder(&k.attention_decode);
         launch
             .arg(qkv)
             .arg(keys)
             .arg(values)
-            .arg(&mut *partial)
             .arg(&mut *out)
-            .arg(done)
             .arg(pos_at)
             .arg(&n_head)
             .arg(&n_kv)
             .arg(&hd)
-            .arg(&splits)
             .arg(&scale);
         let config = LaunchConfig {
-            grid_dim: (cfg.n_kv_head as u32, n_split as u32, 1),
+            grid_dim: (cfg.n_kv_head as u32 * DECODE_CLUSTER, 1, 1),
             block_dim: (DECODE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: as below for one query: the caches hold positions ..=pos, `qkv` one row,
-        // `partial` the records of n_head x n_split, `done` n_kv zeroed counters, `out`
-        // one row of n_head heads; the group of query heads per KV head is at most
-        // DECODE_GROUP_MAX (checked above) and the head width a multiple of 8 of at most
+        // `out` one row of n_head heads; the grid is whole clusters, one a KV head (the
+        // kernel's cluster size is compiled in); the group of query heads per KV head is at
+        // most DECODE_GROUP_MAX (checked above) and the head width a multiple of 8 of at most
         // ATT_HD_MAX (checked at load).
         unsafe { launch.launch(config) }?;
         return Ok(());
