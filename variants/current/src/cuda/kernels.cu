@@ -263,6 +263,54 @@ __device__ __forceinline__ float q8_0_half(uint4 q, u16 dh, const float4* x, flo
     return fmaf(f16_to_f32(dh), a, acc);
 }
 
+// What a lane of a one-token kernel reads at a time: Q is a piece of a row (Q4_1: a 4-byte
+// quant word, an eighth of a block; Q8_0: 16 bytes, half a block), S its block's scale (Q4_1: the
+// f16 pair (d, m); Q8_0: d), PER the pieces a block has.
+template <int FMT>
+struct Piece;
+template <>
+struct Piece<FMT_Q4_1> {
+    typedef u32 Q;
+    typedef u32 S;
+    static constexpr int PER = 4;
+};
+template <>
+struct Piece<FMT_Q8_0> {
+    typedef uint4 Q;
+    typedef u16 S;
+    static constexpr int PER = 2;
+};
+
+// acc[mi][r] += piece c of row r of matrix mi (in q, its scale in sc) times its activations in
+// x: the activations loaded once for every row.
+template <int FMT, int M, int R>
+__device__ __forceinline__ void piece_dot(const typename Piece<FMT>::Q (&q)[M][R],
+                                          const typename Piece<FMT>::S (&sc)[M][R],
+                                          const float* x, int c, float (&acc)[M][R]) {
+    if constexpr (FMT == FMT_Q4_1) {
+        const float* xb = x + (c / 4) * 32 + 4 * (c % 4);
+        const float4 xl = *reinterpret_cast<const float4*>(xb);
+        const float4 xh = *reinterpret_cast<const float4*>(xb + 16);
+#pragma unroll
+        for (int mi = 0; mi < M; mi++)
+#pragma unroll
+            for (int r = 0; r < R; r++)
+                acc[mi][r] = q4_1_word(q[mi][r], sc[mi][r], xl, xh, acc[mi][r]);
+    } else {
+        const float4* xb = reinterpret_cast<const float4*>(x + 16 * c);
+#pragma unroll
+        for (int mi = 0; mi < M; mi++)
+#pragma unroll
+            for (int r = 0; r < R; r++)
+                acc[mi][r] = q8_0_half(q[mi][r], sc[mi][r], xb, acc[mi][r]);
+    }
+}
+
+// Pieces of each row a lane loads before the wait (below): all of its share of a row of up to
+// 32 * PRE pieces (SmolLM2's rows but its down matrix's), the first PRE of a longer one.
+#define PRE_Q4_1 4
+#define PRE_Q8_0 2
+
 // Where the QKV matvec of a decode step puts its rows (matvec_body with ROPE), instead of
 // leaving them for rope_kv: q rotated into y, k rotated into the key cache and v copied into the
 // value cache, at position *pos_at, as rope_kv would (the same arithmetic, in the same order).
@@ -335,9 +383,10 @@ __device__ __forceinline__ void rope_store(const Rope& rp, const RopeAt& ra, flo
 // With ROPE (the QKV matrix), the rows go where `rope` says (rope_store) instead of all to y.
 //
 // Before it waits for its predecessor (after_predecessor), a warp reads what no kernel since
-// the one before its predecessor has written: its rope placement, and with `accumulate` the
-// residual rows it adds to and the next norm's weights (a decode step never accumulates into
-// its predecessor's output). That the one before the predecessor has finished is what PDL
+// the one before its predecessor has written: the first PRE_* pieces of each of its rows and
+// their scales (no kernel writes weights; the rest of the rows is asked into L2), its rope
+// placement, and with `accumulate` the residual rows it adds to and the next norm's weights (a
+// decode step never accumulates into its predecessor's output). That the one before the predecessor has finished is what PDL
 // guarantees: the predecessor's blocks waited for it before letting this kernel start.
 template <int FMT, bool GATED, bool ROPE = false>
 __device__ void matvec_body(const u8* w, const u8* s, const u8* w2, const u8* s2, const float* x,
@@ -356,19 +405,44 @@ __device__ void matvec_body(const u8* w, const u8* s, const u8* w2, const u8* s2
     const int pieces = FMT == FMT_Q4_1 ? nb * 4 : nb * 2;  // per row
     const u8* ws[2] = {w, w2};
     const u8* ss[2] = {s, s2};
-    // The weights and scales of this warp's rows, which no kernel writes, asked into L2 before
-    // the wait, so their fetch overlaps the predecessor's tail.
+    typedef typename Piece<FMT>::Q Q;
+    typedef typename Piece<FMT>::S S;
+    constexpr int PRE = FMT == FMT_Q4_1 ? PRE_Q4_1 : PRE_Q8_0;
+    // Piece c = lane + 32 k of row r of matrix mi, and its scale, for k < PRE.
+    Q qp[PRE][M][R];
+    S sp[PRE][M][R];
+#pragma unroll
+    for (int k = 0; k < PRE; k++) {
+        const int c = lane + 32 * k;
+#pragma unroll
+        for (int mi = 0; mi < M; mi++)
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                qp[k][mi][r] = Q{};
+                sp[k][mi][r] = S{};
+                if (live && c < pieces) {
+                    const long row = min(row0 + r, rows - 1);
+                    qp[k][mi][r] = reinterpret_cast<const Q*>(ws[mi])[row * pieces + c];
+                    sp[k][mi][r] = reinterpret_cast<const S*>(ss[mi])[row * nb + c / Piece<FMT>::PER];
+                }
+            }
+    }
+    // The rest of this warp's rows and their scales asked into L2 before the wait, so their
+    // fetch too overlaps the predecessor's tail.
     if (live) {
         const long row_bytes = FMT == FMT_Q4_1 ? (long)pieces * 4 : (long)pieces * 16;
         const long scale_bytes = FMT == FMT_Q4_1 ? (long)nb * 4 : (long)nb * 2;
+        // What the loads above cover: the first 32 * PRE pieces, and their blocks' scales.
+        const long pre_bytes = (long)32 * PRE * sizeof(Q);
+        const long pre_scale_bytes = (long)32 * PRE / Piece<FMT>::PER * sizeof(S);
 #pragma unroll
         for (int mi = 0; mi < M; mi++)
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 const long row = min(row0 + r, rows - 1);
-                for (long at = 128 * lane; at < row_bytes; at += 32 * 128)
+                for (long at = pre_bytes + 128 * lane; at < row_bytes; at += 32 * 128)
                     prefetch_l2(ws[mi] + row * row_bytes + at);
-                for (long at = 128 * lane; at < scale_bytes; at += 32 * 128)
+                for (long at = pre_scale_bytes + 128 * lane; at < scale_bytes; at += 32 * 128)
                     prefetch_l2(ss[mi] + row * scale_bytes + at);
             }
     }
@@ -390,43 +464,24 @@ __device__ void matvec_body(const u8* w, const u8* s, const u8* w2, const u8* s2
     for (int mi = 0; mi < M; mi++)
 #pragma unroll
         for (int r = 0; r < R; r++) acc[mi][r] = 0.0f;
-    for (int c = lane; live && c < pieces; c += 32) {
-        if (FMT == FMT_Q4_1) {
-            u32 q[M][R], dm[M][R];
+    // The pieces in hand first, then the rest of the row, in the same order (the same sums).
 #pragma unroll
-            for (int mi = 0; mi < M; mi++)
+    for (int k = 0; k < PRE; k++) {
+        const int c = lane + 32 * k;
+        if (live && c < pieces) piece_dot<FMT, M, R>(qp[k], sp[k], x, c, acc);
+    }
+    for (int c = lane + 32 * PRE; live && c < pieces; c += 32) {
+        Q q[M][R];
+        S sc[M][R];
 #pragma unroll
-                for (int r = 0; r < R; r++) {
-                    const long row = min(row0 + r, rows - 1);
-                    q[mi][r] = reinterpret_cast<const u32*>(ws[mi])[row * pieces + c];
-                    dm[mi][r] = reinterpret_cast<const u32*>(ss[mi])[row * nb + c / 4];
-                }
-            const float* xb = x + (c / 4) * 32 + 4 * (c % 4);
-            const float4 xl = *reinterpret_cast<const float4*>(xb);
-            const float4 xh = *reinterpret_cast<const float4*>(xb + 16);
+        for (int mi = 0; mi < M; mi++)
 #pragma unroll
-            for (int mi = 0; mi < M; mi++)
-#pragma unroll
-                for (int r = 0; r < R; r++)
-                    acc[mi][r] = q4_1_word(q[mi][r], dm[mi][r], xl, xh, acc[mi][r]);
-        } else {
-            uint4 q[M][R];
-            u16 d[M][R];
-#pragma unroll
-            for (int mi = 0; mi < M; mi++)
-#pragma unroll
-                for (int r = 0; r < R; r++) {
-                    const long row = min(row0 + r, rows - 1);
-                    q[mi][r] = reinterpret_cast<const uint4*>(ws[mi])[row * pieces + c];
-                    d[mi][r] = reinterpret_cast<const u16*>(ss[mi])[row * nb + c / 2];
-                }
-            const float4* xb = reinterpret_cast<const float4*>(x + 16 * c);
-#pragma unroll
-            for (int mi = 0; mi < M; mi++)
-#pragma unroll
-                for (int r = 0; r < R; r++)
-                    acc[mi][r] = q8_0_half(q[mi][r], d[mi][r], xb, acc[mi][r]);
-        }
+            for (int r = 0; r < R; r++) {
+                const long row = min(row0 + r, rows - 1);
+                q[mi][r] = reinterpret_cast<const Q*>(ws[mi])[row * pieces + c];
+                sc[mi][r] = reinterpret_cast<const S*>(ss[mi])[row * nb + c / Piece<FMT>::PER];
+            }
+        piece_dot<FMT, M, R>(q, sc, x, c, acc);
     }
     const float scale = norm_in ? (float)(1.0 / sqrt(sum_sq / (double)cols + eps)) : 1.0f;
     if (ROPE) {  // the same for every thread of the launch
