@@ -2,13 +2,14 @@
 # A quick A/B screen of a change to variants/current's CUDA path, before `host compare`: the
 # GPU test binaries of HEAD (A) and of the working tree (B), and a script that times decode
 # with each, alternating, on random models of SmolLM2's, the synthetic 1B's and the 8B's shapes
-# (the test `probe_decode_steps`: 64 steps to warm up, 256 timed, from position 32).
+# (the test `probe_decode_steps`: 64 steps to warm up, 256 timed, from position 32 or PROMPT).
 #
 #   tools/gpu-probe.sh [DIR]      # writes DIR (default gpu-probe/; two test binaries and
 #                                 # ab.sh, ~7 MB); tools/gpu-stage.sh puts one in gpu-stage/1
 #
 # Then on the GPU machine, in one call: carry gpu-probe, run `bash gpu-probe/ab.sh`
-# (environment: SHAPES, default smollm2,1b,8b; ROUNDS, default 2). Three shapes and two rounds
+# (environment: SHAPES, default smollm2,1b,8b; ROUNDS, default 2; PROMPT, the position decode
+# starts from, default 32, 1680 for the protocol's long prompt). Three shapes and two rounds
 # take about 70 s there; on the H200 the same binary's step time repeats within 0.3%. Add
 # `gpu-probe/b --ignored --skip bench_ --skip probe_` to run B's GPU tests in the same call.
 #
@@ -19,7 +20,7 @@
 set -euo pipefail
 
 case "${1:-}" in
-  -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   -*) echo "gpu-probe.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
 esac
 [ $# -le 1 ] || { echo "gpu-probe.sh: one directory at most, got $# arguments (see --help)" >&2; exit 2; }
@@ -63,7 +64,8 @@ set -uo pipefail
 dir="$(dirname "$0")"
 for round in $(seq "${ROUNDS:-2}"); do
   for v in a b; do
-    AUTOINFER_PROBE_SHAPES="${SHAPES:-smollm2,1b,8b}" "$dir/$v" --ignored --exact \
+    AUTOINFER_PROBE_SHAPES="${SHAPES:-smollm2,1b,8b}" AUTOINFER_PROBE_PROMPT="${PROMPT:-32}" \
+      "$dir/$v" --ignored --exact \
       cuda::tests::probe_decode_steps --nocapture 2>&1 |
       grep -E "us a step|panicked" | sed "s/^/$v $round /"
   done

@@ -1195,15 +1195,15 @@ fn step_us(gpu: &mut CudaLlama, first: u32, pos: usize, n: usize) -> f64 {
 }
 
 /// The probes' models: for each shape named in `AUTOINFER_PROBE_SHAPES` (default
-/// `smollm2,1b`), its name, its shape, a random model of it on the GPU that has run a 32-token
-/// prompt, and the greedy token after the prompt (at position 32).
+/// `smollm2,1b`), its name, its shape, a random model of it on the GPU that has run a prompt of
+/// [`probe_prompt`] tokens, and the greedy token after the prompt (at that position).
 fn probe_models() -> impl Iterator<Item = (String, tiny::Shape, CudaLlama, u32)> {
     let shapes = std::env::var("AUTOINFER_PROBE_SHAPES").unwrap_or("smollm2,1b".into());
     let names: Vec<String> = shapes.split(',').map(str::to_string).collect();
     names.into_iter().map(|name| {
         let shape = probe_shape(&name);
         let mut gpu = CudaLlama::from_gguf(tiny::shaped("llama", shape), 0).unwrap();
-        let prompt: Vec<u32> = (0..PROBE_PROMPT as u32)
+        let prompt: Vec<u32> = (0..probe_prompt() as u32)
             .map(|i| (i * 7919 + 1) % shape.vocab as u32)
             .collect();
         let first = gpu.forward_greedy(&prompt, 0, &mut Vec::new()).unwrap();
@@ -1211,8 +1211,16 @@ fn probe_models() -> impl Iterator<Item = (String, tiny::Shape, CudaLlama, u32)>
     })
 }
 
-/// The probes' prompt length, the position their decode starts from.
-const PROBE_PROMPT: usize = 32;
+/// The probes' prompt length, the position their decode starts from: 32, or
+/// `AUTOINFER_PROBE_PROMPT` (1680 is the real protocol's long prompt).
+fn probe_prompt() -> usize {
+    match std::env::var("AUTOINFER_PROBE_PROMPT") {
+        Err(_) => 32,
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("AUTOINFER_PROBE_PROMPT: '{v}' is not a number of tokens")),
+    }
+}
 
 /// What each kernel of the decode step costs inside the step's graph: the step timed whole,
 /// then with each kind of kernel left out (its results then wrong, but the rest of the chain
@@ -1223,7 +1231,7 @@ const PROBE_PROMPT: usize = 32;
 #[ignore = "needs a CUDA GPU; a probe, run by hand with --exact --nocapture"]
 fn probe_decode_ablation() {
     for (name, shape, mut gpu, first) in probe_models() {
-        let whole = step_us(&mut gpu, first, PROBE_PROMPT, 256);
+        let whole = step_us(&mut gpu, first, probe_prompt(), 256);
         println!("{name}: whole step {whole:.1} us");
         let mut saved = 0.0;
         for step in [
@@ -1238,7 +1246,7 @@ fn probe_decode_ablation() {
         ] {
             gpu.omit = vec![step];
             gpu.graph = None;
-            let without = step_us(&mut gpu, first, PROBE_PROMPT, 256);
+            let without = step_us(&mut gpu, first, probe_prompt(), 256);
             let per = match step {
                 Step::Embed | Step::Output | Step::Argmax => 1.0,
                 _ => shape.n_layer as f64,
@@ -1260,7 +1268,7 @@ fn probe_decode_ablation() {
 }
 
 /// How long a decode step takes at real shapes (random weights): for each shape in
-/// `AUTOINFER_PROBE_SHAPES` (default `smollm2,1b`), a 32-token prompt, 64 steps to warm up,
+/// `AUTOINFER_PROBE_SHAPES` (default `smollm2,1b`), a [`probe_prompt`]-token prompt, 64 steps to warm up,
 /// then 256 steps of `decode` timed on the wall clock (`tools/gpu-probe.sh` runs it). Under
 /// Nsight Compute (`ncu --graph-profiling node --metrics gpu__time_duration.sum --launch-skip
 /// N --launch-count M`) it also gives each kernel's own time, with N past the warm-up's start.
@@ -1269,10 +1277,11 @@ fn probe_decode_ablation() {
 fn probe_decode_steps() {
     for (name, _, mut gpu, first) in probe_models() {
         let n = 256;
-        let us = step_us(&mut gpu, first, PROBE_PROMPT, n);
+        let us = step_us(&mut gpu, first, probe_prompt(), n);
         println!(
-            "{name}: {us:.1} us a step, {:.1} tok/s over {n} steps from position {PROBE_PROMPT}",
-            1e6 / us
+            "{name}: {us:.1} us a step, {:.1} tok/s over {n} steps from position {}",
+            1e6 / us,
+            probe_prompt()
         );
     }
 }
