@@ -185,6 +185,23 @@ fn a_slower_variant_is_slower_and_reverted() {
         .find(|l| l.starts_with("decode tok/s"))
         .unwrap();
     assert!(decode.ends_with("SLOWER"), "{stdout}");
+    // Each prompt's own ratio follows the table ("name ratio (pairs)", comma-separated): every
+    // prompt here is slower.
+    let ratios: Vec<f64> = stdout
+        .lines()
+        .find(|l| l.starts_with("by prompt: decode tok/s B/A"))
+        .and_then(|l| l.split("all): ").nth(1))
+        .unwrap_or_default()
+        .split(", ")
+        .map(|each| {
+            let ratio = each.split_whitespace().nth(1);
+            ratio.and_then(|r| r.parse().ok()).unwrap_or(f64::NAN)
+        })
+        .collect();
+    assert!(
+        !ratios.is_empty() && ratios.iter().all(|r| *r < 1.0),
+        "{ratios:?}: {stdout}"
+    );
     assert!(
         stdout.contains("verdict: REVERT") && stdout.contains("decode tok/s is SLOWER"),
         "{stdout}"

@@ -1,6 +1,7 @@
 //! What a comparison measures and how each figure is called: the [`Figure`]s, one paired
 //! log-ratio per [`Pair`] each; a look's [`FigureResult`]s ([`look`]); when measuring may stop
-//! ([`measuring_done`]); and how a look and the final table read ([`look_line`], [`render`]).
+//! ([`measuring_done`]); how a look and the final table read ([`look_line`], [`render`]); and
+//! each prompt's own ratio ([`by_prompt`]), which the test pools.
 
 use serde::{Deserialize, Serialize};
 
@@ -286,6 +287,54 @@ pub(crate) fn pair_logs(pairs: &[Pair], figure: Figure) -> (Vec<f64>, Vec<f64>) 
             (usable(a) && usable(b)).then(|| ((b / a).ln(), figure.weight(p)))
         })
         .unzip()
+}
+
+/// One prompt's share of a figure: the geometric mean of B/A over its pairs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PromptRatio {
+    pub prompt: String,
+    pub ratio: f64,
+    pub pairs: usize,
+}
+
+/// `figure`'s B/A for each prompt (the geometric mean of its pairs' ratios, the pairs
+/// [`pair_logs`] would use), the prompts in the order they first appear. The test pools every
+/// pair alike, so a change that moves one prompt alone (the long-context one, say) counts a
+/// fifth of its size there; here it shows at its own.
+pub(crate) fn by_prompt(pairs: &[Pair], figure: Figure) -> Vec<PromptRatio> {
+    let mut rows: Vec<(String, f64, usize)> = Vec::new();
+    for p in pairs {
+        let (logs, _) = pair_logs(std::slice::from_ref(p), figure);
+        let Some(log) = logs.first() else { continue };
+        match rows.iter_mut().find(|(name, _, _)| *name == p.prompt) {
+            Some(row) => {
+                row.1 += log;
+                row.2 += 1;
+            }
+            None => rows.push((p.prompt.clone(), *log, 1)),
+        }
+    }
+    rows.into_iter()
+        .map(|(prompt, sum, n)| PromptRatio {
+            prompt,
+            ratio: (sum / n as f64).exp(),
+            pairs: n,
+        })
+        .collect()
+}
+
+/// The line that follows the table: `figure`'s B/A prompt by prompt.
+pub(crate) fn render_by_prompt(figure: Figure, rows: &[PromptRatio]) -> String {
+    let each = rows
+        .iter()
+        .map(|r| format!("{} {:.3} ({})", r.prompt, r.ratio, r.pairs))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "by prompt: {} B/A (the geometric mean of each prompt's pairs; the test pools them \
+         all): {each}",
+        figure.name()
+    )
 }
 
 /// The figures at one look, each tested at the alpha `alpha(figure)` gives it.

@@ -37,8 +37,8 @@ use crate::supervisor::oracle::{OracleBuild, OracleCost};
 use crate::supervisor::revision::{Committed, VariantArg};
 use crate::supervisor::{Spawn, Worker};
 use figures::{
-    look, look_line, measuring_done, render, Figure, FigureCall, FigureResult, Horizon, Order,
-    Pair, TESTS,
+    by_prompt, look, look_line, measuring_done, render, render_by_prompt, Figure, FigureCall,
+    FigureResult, Horizon, Order, Pair, TESTS,
 };
 pub use keep_rule::Outcome;
 use plugin_api::Device;
@@ -551,6 +551,7 @@ fn print_report(
             "pairs": measured.pairs.len(),
             "seconds": measured.seconds,
             "figures": figures,
+            "decode_by_prompt": by_prompt(&measured.pairs, Figure::DecodeTokS),
             "gates": gates,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -564,6 +565,13 @@ fn print_report(
                 &p.schedule,
                 measured.looks.len() as u32,
                 p.rules.noise_threshold
+            )
+        );
+        println!(
+            "{}",
+            render_by_prompt(
+                Figure::DecodeTokS,
+                &by_prompt(&measured.pairs, Figure::DecodeTokS)
             )
         );
         if let Some(g) = gates {
@@ -1460,5 +1468,41 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("at look 3 of 6"), "{table}");
+    }
+
+    #[test]
+    fn each_prompt_shows_its_own_ratio_while_the_test_pools_them() {
+        // Two prompts: "short" 4% faster in both of its pairs, "long" 20% slower in one and 10%
+        // in the other; a pair whose figure is not positive on one side says nothing.
+        let pair = |round: u32, prompt: &str, a: f64, b: f64| Pair {
+            round,
+            prompt: prompt.into(),
+            order: Order::AB,
+            a: sample(a, 500.0, 200_000),
+            b: sample(b, 500.0, 200_000),
+        };
+        let pairs = vec![
+            pair(0, "short", 100.0, 104.0),
+            pair(0, "long", 50.0, 40.0),
+            pair(1, "long", 50.0, 45.0),
+            pair(1, "short", 100.0, 104.0),
+            pair(2, "long", 0.0, 45.0),
+        ];
+        let rows = by_prompt(&pairs, Figure::DecodeTokS);
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0].prompt.as_str(), rows[0].pairs), ("short", 2));
+        assert!((rows[0].ratio - 1.04).abs() < 1e-9, "{rows:?}");
+        assert_eq!((rows[1].prompt.as_str(), rows[1].pairs), ("long", 2));
+        assert!(
+            (rows[1].ratio - (0.8f64 * 0.9).sqrt()).abs() < 1e-9,
+            "{rows:?}"
+        );
+        let line = render_by_prompt(Figure::DecodeTokS, &rows);
+        assert!(
+            line.starts_with("by prompt: decode tok/s B/A")
+                && line.contains("short 1.040 (2), long 0.849 (2)"),
+            "{line}"
+        );
+        assert!(by_prompt(&[], Figure::DecodeTokS).is_empty());
     }
 }
