@@ -415,6 +415,7 @@ impl VariantCrate {
                 source,
             })?;
         let mut library = None;
+        let mut compiled = Vec::new();
         let stdout = child.stdout.take().expect("stdout was piped");
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
@@ -422,6 +423,11 @@ impl VariantCrate {
             };
             if msg["reason"] != "compiler-artifact" {
                 continue;
+            }
+            if let Some(name) = compiled_dependency(&msg, &self.package) {
+                if !compiled.contains(&name) {
+                    compiled.push(name);
+                }
             }
             let is_ours = msg["target"]["name"].as_str().map(|n| n.replace('-', "_"))
                 == Some(self.package.replace('-', "_"));
@@ -452,6 +458,17 @@ impl VariantCrate {
                 dir: self.dir.clone(),
                 status: status.to_string(),
             });
+        }
+        if confined && !compiled.is_empty() {
+            eprintln!(
+                "note: the confined build of {} also compiled {} of its dependencies ({}): the \
+                 oracle's build, which a confined build starts from, does not have them with \
+                 these features, so every new tree compiles them again (program.md, \"Where \
+                 your code runs\")",
+                self.package,
+                compiled.len(),
+                compiled.join(", ")
+            );
         }
         let library = library.ok_or_else(|| BuildError::NoArtifact {
             dir: self.dir.clone(),
@@ -653,6 +670,18 @@ fn checkout_marker(dir: &Path) -> String {
     }
 }
 
+/// The dependency a cargo `compiler-artifact` message says was compiled now rather than found
+/// fresh: its target's name, for a library of another package than `package` (a build script's
+/// compile is counted with its crate's library).
+fn compiled_dependency(msg: &serde_json::Value, package: &str) -> Option<String> {
+    let name = msg["target"]["name"].as_str()?;
+    let build_script = msg["target"]["kind"]
+        .as_array()
+        .is_some_and(|k| k.iter().any(|k| k == "custom-build"));
+    let ours = name.replace('-', "_") == package.replace('-', "_");
+    (msg["fresh"] == false && !build_script && !ours).then(|| name.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -704,6 +733,37 @@ mod tests {
             other => panic!("expected BuiltFromElsewhere, got {other:?}"),
         }
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn only_dependencies_compiled_now_are_named() {
+        let artifact = |name: &str, kind: &str, fresh: bool| {
+            serde_json::json!({
+                "reason": "compiler-artifact",
+                "target": {"name": name, "kind": [kind]},
+                "fresh": fresh,
+            })
+        };
+        let named = |msg| compiled_dependency(&msg, "current");
+        assert_eq!(
+            named(artifact("candle_core", "lib", false)),
+            Some("candle_core".to_string())
+        );
+        assert_eq!(named(artifact("candle_core", "lib", true)), None, "fresh");
+        assert_eq!(
+            named(artifact("current", "cdylib", false)),
+            None,
+            "the variant"
+        );
+        assert_eq!(
+            named(artifact("build-script-build", "custom-build", false)),
+            None,
+            "a build script"
+        );
+        assert_eq!(
+            named(serde_json::json!({"reason": "compiler-artifact"})),
+            None
+        );
     }
 
     #[test]
