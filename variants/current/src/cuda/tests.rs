@@ -711,6 +711,40 @@ fn cuda_fused_rmsnorm_matches_a_norm_then_a_matmul() {
     }
 }
 
+/// The launch sites size grids and blocks with constants that kernels.cu `#define`s again for
+/// its kernels: each pair must agree, or a kernel indexes past what its launch covers (a
+/// cluster size that differs, say, makes `attention_decode` take KV heads that do not exist).
+/// Needs neither a GPU nor libnvrtc; CI runs it with the NVRTC tests.
+#[test]
+fn kernels_cu_defines_match_the_launch_constants() {
+    let define = |name: &str| -> usize {
+        let line = SOURCE
+            .lines()
+            .find(|l| l.split_whitespace().take(2).eq(["#define", name]))
+            .unwrap_or_else(|| panic!("kernels.cu has no #define {name}"));
+        let value = line.split_whitespace().nth(2).unwrap_or_default();
+        value
+            .parse()
+            .unwrap_or_else(|_| panic!("kernels.cu: #define {name} is not a number: {line}"))
+    };
+    for (name, value) in [
+        ("TOKEN_TILE", TOKEN_TILE as usize),
+        ("ROW_WARPS", ROW_WARPS as usize),
+        ("TILE_ROWS", TILE_ROWS as usize),
+        ("TILE_TOKENS", TILE_TOKENS as usize),
+        ("VEC_WARPS", VEC_WARPS as usize),
+        ("Q8_ROWS", Q8_ROWS as usize),
+        ("AQ", ATT_QUERIES as usize),
+        ("ATT_HD_MAX", ATT_HD_MAX),
+        ("DEC_THREADS", DECODE_THREADS as usize),
+        ("GROUP_MAX", DECODE_GROUP_MAX),
+        ("DEC_CLUSTER", DECODE_CLUSTER as usize),
+        ("ARGMAX_THREADS", ARGMAX_THREADS as usize),
+    ] {
+        assert_eq!(define(name), value, "kernels.cu's {name} against the launch side's");
+    }
+}
+
 /// What CI can check without a GPU: kernels.cu compiles with NVRTC for the H200's architecture,
 /// and every kernel it declares is in the PTX. `.ci/run` fetches libnvrtc from PyPI for this.
 #[test]
