@@ -429,8 +429,7 @@ impl VariantCrate {
                     compiled.push(name);
                 }
             }
-            let is_ours = msg["target"]["name"].as_str().map(|n| n.replace('-', "_"))
-                == Some(self.package.replace('-', "_"));
+            let is_ours = is_target_of(&msg, &self.package);
             let is_cdylib = msg["target"]["kind"]
                 .as_array()
                 .is_some_and(|k| k.iter().any(|k| k == "cdylib"));
@@ -462,9 +461,9 @@ impl VariantCrate {
         if confined && !compiled.is_empty() {
             eprintln!(
                 "note: the confined build of {} also compiled {} of its dependencies ({}): the \
-                 oracle's build, which a confined build starts from, does not have them with \
-                 these features, so every new tree compiles them again (program.md, \"Where \
-                 your code runs\")",
+                 oracle's build, which a confined build starts from, does not have them in these \
+                 versions or with these features, so every new tree compiles them again \
+                 (program.md, \"Where your code runs\")",
                 self.package,
                 compiled.len(),
                 compiled.join(", ")
@@ -678,8 +677,14 @@ fn compiled_dependency(msg: &serde_json::Value, package: &str) -> Option<String>
     let build_script = msg["target"]["kind"]
         .as_array()
         .is_some_and(|k| k.iter().any(|k| k == "custom-build"));
-    let ours = name.replace('-', "_") == package.replace('-', "_");
-    (msg["fresh"] == false && !build_script && !ours).then(|| name.to_string())
+    let fresh_or_ours = msg["fresh"] != false || is_target_of(msg, package);
+    (!fresh_or_ours && !build_script).then(|| name.to_string())
+}
+
+/// Whether a cargo `compiler-artifact` message is of `package`'s own target (cargo names a
+/// crate's target with `_` where the package has `-`).
+fn is_target_of(msg: &serde_json::Value, package: &str) -> bool {
+    msg["target"]["name"].as_str().map(|n| n.replace('-', "_")) == Some(package.replace('-', "_"))
 }
 
 #[cfg(test)]
