@@ -386,8 +386,9 @@ __device__ __forceinline__ void rope_store(const Rope& rp, const RopeAt& ra, flo
 // the one before its predecessor has written: the first PRE_* pieces of each of its rows and
 // their scales (no kernel writes weights; the rest of the rows is asked into L2), its rope
 // placement, and with `accumulate` the residual rows it adds to and the next norm's weights (a
-// decode step never accumulates into its predecessor's output). That the one before the predecessor has finished is what PDL
-// guarantees: the predecessor's blocks waited for it before letting this kernel start.
+// decode step never accumulates into its predecessor's output). That the one before the
+// predecessor has finished is what PDL guarantees: the predecessor's blocks waited for it
+// before letting this kernel start.
 template <int FMT, bool GATED, bool ROPE = false>
 __device__ void matvec_body(const u8* w, const u8* s, const u8* w2, const u8* s2, const float* x,
                             float* y, int rows, int cols, int accumulate, const double* norm_in,

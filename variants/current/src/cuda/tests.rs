@@ -741,7 +741,11 @@ fn kernels_cu_defines_match_the_launch_constants() {
         ("DEC_CLUSTER", DECODE_CLUSTER as usize),
         ("ARGMAX_THREADS", ARGMAX_THREADS as usize),
     ] {
-        assert_eq!(define(name), value, "kernels.cu's {name} against the launch side's");
+        assert_eq!(
+            define(name),
+            value,
+            "kernels.cu's {name} against the launch side's"
+        );
     }
 }
 
