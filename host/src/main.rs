@@ -247,7 +247,8 @@ enum Command {
         #[arg(long)]
         noise_threshold: Option<f64>,
         /// Length of each turn, in ms, when a pair's two timed requests share the machine; 0
-        /// runs them one after the other [default: compare.turn_ms].
+        /// runs them one after the other, each side's worker ended before the other's starts
+        /// (always so on a GPU, where this flag is refused) [default: compare.turn_ms].
         #[arg(long)]
         turn_ms: Option<u32>,
         /// A cheap screen of an idea: prompts/protocol.toml's [screen] prompts, tokens and looks

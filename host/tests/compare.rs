@@ -47,6 +47,32 @@ fn compare(
     output(&mut cmd)
 }
 
+/// Each pair's two worker lives from a comparison's record, in the order they started: (side,
+/// started, ended), in seconds from the start of measuring.
+fn worker_lives(record: &serde_json::Value) -> Vec<[(char, f64, f64); 2]> {
+    let workers = record["workers"].as_array().expect("workers in the record");
+    let life = |w: &serde_json::Value| {
+        let side = w["side"].as_str().and_then(|s| s.chars().next()).unwrap();
+        (
+            side,
+            w["started_s"].as_f64().unwrap(),
+            w["ended_s"].as_f64().unwrap(),
+        )
+    };
+    let mut lives: Vec<[(char, f64, f64); 2]> = Vec::new();
+    for (i, pair) in workers.chunks(2).enumerate() {
+        assert_eq!(pair.len(), 2, "two workers a pair: {workers:?}");
+        assert!(pair.iter().all(|w| w["pair"] == i), "pair {i}: {pair:?}");
+        let (mut x, mut y) = (life(&pair[0]), life(&pair[1]));
+        if y.1 < x.1 {
+            std::mem::swap(&mut x, &mut y);
+        }
+        assert_ne!(x.0, y.0, "one worker per side: {pair:?}");
+        lives.push([x, y]);
+    }
+    lives
+}
+
 fn drift() -> String {
     fixture("drift").display().to_string()
 }
@@ -152,6 +178,10 @@ fn a_variant_against_itself_is_noise() {
             );
         }
     }
+    // Taking turns, a pair's two workers lived at the same time.
+    for (pair, [first, second]) in worker_lives(&record).iter().enumerate() {
+        assert!(second.1 < first.2, "pair {pair}: {first:?} {second:?}");
+    }
     // A look every 2 pairs (one prompt, 2 rounds a look), wherever it stopped.
     assert_eq!(record["looks"].as_array().unwrap().len(), orders.len() / 2);
     std::fs::remove_dir_all(&results).unwrap();
@@ -215,6 +245,18 @@ fn a_slower_variant_is_slower_and_reverted() {
     let record: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
     assert_eq!(record["protocol"]["compare"]["turn_ms"], 0);
+    // One request after the other, one worker at a time (as on a GPU): each pair's second
+    // worker started only after the first had ended, the first being the one its order names.
+    let lives = worker_lives(&record);
+    assert_eq!(lives.len(), record["pairs"].as_array().unwrap().len());
+    for (pair, [first, second]) in lives.iter().enumerate() {
+        assert!(
+            first.2 <= second.1,
+            "pair {pair} overlapped: {first:?} {second:?}"
+        );
+        let order = record["pairs"][pair]["order"].as_str().unwrap();
+        assert_eq!(order.chars().next(), Some(first.0), "pair {pair}");
+    }
     for pair in record["pairs"].as_array().unwrap() {
         assert_eq!(pair["a"]["paused_ms"], 0.0, "never stopped: {pair}");
         assert_eq!(pair["b"]["paused_ms"], 0.0, "never stopped: {pair}");

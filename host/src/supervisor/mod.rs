@@ -428,6 +428,13 @@ impl Worker {
         }
     }
 
+    /// Ends the worker and returns once its process is reaped: every thread gone, its files
+    /// (a GPU context's device files among them) closed. A healthy worker ends when its stdin
+    /// closes; one that has not ended after half a second is killed.
+    pub fn end(self) {
+        drop(self);
+    }
+
     fn pid(&self) -> libc::pid_t {
         self.child.id() as libc::pid_t
     }

@@ -4,8 +4,9 @@
 //! Order of work: resolve and build both variants ([`Side`]: a directory, or `REV:PATH` built
 //! from git by [`crate::supervisor::revision`]) and the quality oracle. Then every round draws one instance
 //! per prompt, and each instance is a [`Pair`]: two fresh workers, one per variant, each warmed
-//! up by a short request, answer it back to back, in the order A B, B A, A B, ... so that drift
-//! in the machine hits both alike. After every `rounds_per_look` rounds the paired log-ratios
+//! up by a short request, answer it, in the order A B, B A, A B, ... so that drift in the
+//! machine hits both alike: on the CPU at once, taking turns (`PairCtx::in_turns`); on a GPU
+//! one after the other, never two alive at once (`PairCtx::one_at_a_time`). After every `rounds_per_look` rounds the paired log-ratios
 //! of each [`Figure`] are tested ([`crate::stats::significance`]), one per pair; measuring stops as
 //! soon as the keep rule's outcome would in all likelihood not change ([`measuring_done`]:
 //! anything SLOWER, or decode decided and every guarded figure shown not SLOWER beyond the
@@ -24,7 +25,7 @@ pub mod keep_rule;
 
 use crate::commands::finish::{self, quality_phase, Quality, RowFacts};
 use crate::commands::setup::{
-    find_root, request_line, timed_pair, timed_request, Contender, Overrides, Plan, Setup,
+    find_root, request_line, timed_pair, timed_request, Contender, Overrides, Plan, Planned, Setup,
 };
 use crate::harness::prompts::Sharing;
 use crate::harness::protocol::{CompareRules, Protocol};
@@ -158,6 +159,20 @@ struct CompareRecord<'a> {
     pairs: &'a [Pair],
     /// The untimed warm-ups of each pair's workers (their instances are fresh too).
     warmups: &'a [Pair],
+    /// When each pair's two workers lived: on a GPU (or with `turn_ms` 0) one after the other.
+    workers: &'a [WorkerLife],
+}
+
+/// When one worker of a comparison lived, in seconds from the start of measuring: from just
+/// before it was started until it had ended and been reaped.
+#[derive(Debug, Clone, Serialize)]
+struct WorkerLife {
+    /// The pair it answered, counting from 0.
+    pair: usize,
+    /// `A` or `B`.
+    side: char,
+    started_s: f64,
+    ended_s: f64,
 }
 
 /// The two variants of a comparison and what their workers must not reach.
@@ -173,6 +188,7 @@ struct Measured {
     pairs: Vec<Pair>,
     /// The warm-up requests (not counted), each pair's, kept for the record.
     warmups: Vec<Pair>,
+    workers: Vec<WorkerLife>,
     looks: Vec<Vec<FigureResult>>,
     rounds: u32,
     seconds: f64,
@@ -223,7 +239,7 @@ fn prepare(args: &CompareArgs) -> Result<Prepared> {
             screen.rounds_per_look
         );
     }
-    apply_rules(&mut setup.protocol.compare, args)?;
+    apply_rules(&mut setup.protocol.compare, args, setup.device)?;
     if args.screen {
         // A screen's few looks are its whole budget, and its stated error rates were simulated
         // without futility stopping.
@@ -406,6 +422,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         oracle: oracle_cost.clone(),
         pairs: &measured.pairs,
         warmups: &measured.warmups,
+        workers: &measured.workers,
     };
     let summary = (!b_samples.is_empty()).then(|| Summary::of(&b_samples, &order));
     let decode = figures.iter().find(|f| f.figure == Figure::DecodeTokS);
@@ -645,8 +662,10 @@ fn pick_rounds(rounds: u32, k: u32, seed: u64) -> Vec<u32> {
     all
 }
 
-/// Applies the command-line overrides of `[compare]` and checks the result.
-fn apply_rules(rules: &mut CompareRules, args: &CompareArgs) -> Result<()> {
+/// Applies the command-line overrides of `[compare]` and checks the result. On a GPU there
+/// are no turns (see [`PairCtx::one_at_a_time`]): `turn_ms` becomes 0, and `--turn-ms` above 0
+/// is refused.
+fn apply_rules(rules: &mut CompareRules, args: &CompareArgs, device: Device) -> Result<()> {
     if let Some(v) = args.looks {
         rules.looks = v;
     }
@@ -661,6 +680,16 @@ fn apply_rules(rules: &mut CompareRules, args: &CompareArgs) -> Result<()> {
     }
     if let Some(v) = args.turn_ms {
         rules.turn_ms = v;
+    }
+    if device != Device::Cpu {
+        if args.turn_ms.is_some_and(|v| v > 0) {
+            bail!(
+                "--turn-ms: on a GPU the two sides of a pair never run at once (work a stopped \
+                 worker queued on the GPU would run on during the other's turn), so there are no \
+                 turns; drop --turn-ms"
+            );
+        }
+        rules.turn_ms = 0;
     }
     rules
         .check()
@@ -691,89 +720,42 @@ fn measure(
     let new_tokens = setup.protocol.max_new_tokens;
     for round in 0..max_rounds {
         for planned in &plan.rounds[round as usize] {
-            // Fresh workers for every pair. A process keeps its own speed for its whole life
-            // (heap layout, huge pages, where its threads land): workers shared by several
-            // pairs would put one offset into all of them, and the pairs would not be
-            // independent. With new processes per pair the offset is part of each pair's own
-            // noise, which the test sees, and every pair is one observation (see `look`).
-            // Each worker is frozen as soon as it is loaded and whenever it is not answering,
-            // so neither can compute while the other is measured.
-            let spawn = |variant: &str, lib: &Path| {
-                Worker::spawn(&Spawn {
-                    variant,
-                    lib,
-                    model: &setup.model.path,
-                    timeout: setup.timeout(),
-                    echo_log: args.verbose,
-                    load: setup.load_request(),
-                    protect: sides.protect,
-                })
-            };
-            let mut worker_a = spawn(&name_a, &a.lib)?;
-            let mut worker_b = spawn(&name_b, &b.lib)?;
             let label = planned.label(max_rounds);
-            // A short untimed request first: each new process faults in the weights and
-            // starts its threads outside the timed one.
-            for warm in &plan.warmups[out.pairs.len()] {
-                let wlabel = format!("warm-up for {label}");
-                bar.set_message(format!("{wlabel}; {interval}"));
-                let warm_tokens = rules.warmup_new_tokens;
-                let a = timed_request(setup, &mut worker_a, &name_a, warm, &wlabel, warm_tokens)?;
-                bar.inc(1);
-                let b = timed_request(setup, &mut worker_b, &name_b, warm, &wlabel, warm_tokens)?;
-                bar.inc(1);
-                out.warmups.push(Pair {
-                    round,
-                    prompt: warm.instance.prompt.clone(),
-                    order: Order::AB,
-                    a,
-                    b,
-                });
-            }
             let order = if out.pairs.len() % 2 == 0 {
                 Order::AB
             } else {
                 Order::BA
             };
-            bar.set_message(format!("{label}; {interval}"));
-            let (sa, sb) = if rules.turn_ms > 0 {
-                // Both at once, taking turns: B first in a BA pair.
-                let first = usize::from(order == Order::BA);
-                timed_pair(
-                    setup,
-                    Contender {
-                        worker: &mut worker_a,
-                        name: &name_a,
-                    },
-                    Contender {
-                        worker: &mut worker_b,
-                        name: &name_b,
-                    },
-                    planned,
-                    &label,
-                    new_tokens,
-                    first,
-                    Duration::from_millis(rules.turn_ms.into()),
-                )?
-            } else {
-                let mut run = |which: char| -> Result<Sample> {
-                    if which == 'A' {
-                        timed_request(setup, &mut worker_a, &name_a, planned, &label, new_tokens)
-                    } else {
-                        timed_request(setup, &mut worker_b, &name_b, planned, &label, new_tokens)
-                    }
-                };
-                match order {
-                    Order::AB => {
-                        let sa = run('A')?;
-                        (sa, run('B')?)
-                    }
-                    Order::BA => {
-                        let sb = run('B')?;
-                        (run('A')?, sb)
-                    }
-                }
+            let ctx = PairCtx {
+                pair: out.pairs.len(),
+                clock: started,
+                args,
+                setup,
+                sides,
+                names: [&name_a, &name_b],
+                bar: &bar,
+                interval: &interval,
+                label: &label,
+                warmups: &plan.warmups[out.pairs.len()],
+                warmup_tokens: rules.warmup_new_tokens,
             };
+            // `apply_rules` has made `turn_ms` 0 on a GPU.
+            let measured = if rules.turn_ms > 0 {
+                ctx.in_turns(planned, order, new_tokens, rules.turn_ms)?
+            } else {
+                ctx.one_at_a_time(planned, order, new_tokens)?
+            };
+            out.workers.extend(measured.lives);
+            for (prompt, a, b) in measured.warmups {
+                out.warmups.push(Pair {
+                    round,
+                    prompt,
+                    order: Order::AB,
+                    a,
+                    b,
+                });
+            }
+            let (sa, sb) = (measured.a, measured.b);
             for (which, s) in [('A', &sa), ('B', &sb)] {
                 log(format!("{which} {}", request_line(s, &label)));
                 bar.inc(1);
@@ -834,6 +816,183 @@ fn measure(
         bail!("the comparison ended before its first look");
     }
     Ok(())
+}
+
+/// What one pair of workers measured: the warm-ups (prompt, A, B) and the timed samples.
+struct PairSamples {
+    warmups: Vec<(String, Sample, Sample)>,
+    a: Sample,
+    b: Sample,
+    /// When its two workers lived.
+    lives: Vec<WorkerLife>,
+}
+
+/// What measuring one pair needs besides the request itself.
+struct PairCtx<'a> {
+    /// The pair's number in the comparison, from 0.
+    pair: usize,
+    /// When measuring started.
+    clock: Instant,
+    args: &'a CompareArgs,
+    setup: &'a Setup,
+    sides: &'a Sides<'a>,
+    /// How A and B are named in messages.
+    names: [&'a str; 2],
+    bar: &'a indicatif::ProgressBar,
+    /// The last look's decode interval, for the progress bar.
+    interval: &'a str,
+    label: &'a str,
+    warmups: &'a [Planned<'a>],
+    warmup_tokens: u32,
+}
+
+impl PairCtx<'_> {
+    /// Seconds since measuring started.
+    fn now(&self) -> f64 {
+        self.clock.elapsed().as_secs_f64()
+    }
+
+    /// Ends `worker` (side `which`, started at `started_s`) and says when it lived.
+    fn end(&self, worker: Worker, which: usize, started_s: f64) -> WorkerLife {
+        worker.end();
+        WorkerLife {
+            pair: self.pair,
+            side: ['A', 'B'][which],
+            started_s,
+            ended_s: self.now(),
+        }
+    }
+
+    /// A fresh, loaded worker for side `which` (0 = A), and when it was started.
+    fn spawn(&self, which: usize) -> Result<(Worker, f64)> {
+        let lib = [&self.sides.a.lib, &self.sides.b.lib][which];
+        let started_s = self.now();
+        let worker = Worker::spawn(&Spawn {
+            variant: self.names[which],
+            lib,
+            model: &self.setup.model.path,
+            timeout: self.setup.timeout(),
+            echo_log: self.args.verbose,
+            load: self.setup.load_request(),
+            protect: self.sides.protect,
+        })?;
+        Ok((worker, started_s))
+    }
+
+    /// `worker`'s untimed warm-up requests (side `which`): each new process faults in the
+    /// weights and starts its threads outside the timed request.
+    fn warm_up(&self, worker: &mut Worker, which: usize) -> Result<Vec<Sample>> {
+        let wlabel = format!("warm-up for {}", self.label);
+        self.bar.set_message(format!("{wlabel}; {}", self.interval));
+        let mut samples = Vec::new();
+        for warm in self.warmups {
+            let name = self.names[which];
+            let tokens = self.warmup_tokens;
+            samples.push(timed_request(
+                self.setup, worker, name, warm, &wlabel, tokens,
+            )?);
+            self.bar.inc(1);
+        }
+        Ok(samples)
+    }
+
+    /// Pairs the two sides' warm-up samples with their prompts.
+    fn warmup_pairs(&self, a: Vec<Sample>, b: Vec<Sample>) -> Vec<(String, Sample, Sample)> {
+        let prompts = self.warmups.iter().map(|w| w.instance.prompt.clone());
+        prompts.zip(a).zip(b).map(|((p, a), b)| (p, a, b)).collect()
+    }
+
+    /// On the CPU: both workers alive, both warmed up, then the two timed requests at once,
+    /// taking turns of `turn_ms`, the first as `order` says.
+    ///
+    /// Fresh workers for every pair. A process keeps its own speed for its whole life (heap
+    /// layout, huge pages, where its threads land): workers shared by several pairs would put
+    /// one offset into all of them, and the pairs would not be independent. With new
+    /// processes per pair the offset is part of each pair's own noise, which the test sees,
+    /// and every pair is one observation (see `look`). Each worker is frozen as soon as it is
+    /// loaded and whenever it is not answering, so neither can compute while the other is
+    /// measured.
+    fn in_turns(
+        &self,
+        planned: &Planned,
+        order: Order,
+        new_tokens: u32,
+        turn_ms: u32,
+    ) -> Result<PairSamples> {
+        let (mut worker_a, started_a) = self.spawn(0)?;
+        let (mut worker_b, started_b) = self.spawn(1)?;
+        let warm_a = self.warm_up(&mut worker_a, 0)?;
+        let warm_b = self.warm_up(&mut worker_b, 1)?;
+        self.bar
+            .set_message(format!("{}; {}", self.label, self.interval));
+        let (a, b) = timed_pair(
+            self.setup,
+            Contender {
+                worker: &mut worker_a,
+                name: self.names[0],
+            },
+            Contender {
+                worker: &mut worker_b,
+                name: self.names[1],
+            },
+            planned,
+            self.label,
+            new_tokens,
+            usize::from(order == Order::BA), // B first in a BA pair
+            Duration::from_millis(turn_ms.into()),
+        )?;
+        let lives = vec![
+            self.end(worker_a, 0, started_a),
+            self.end(worker_b, 1, started_b),
+        ];
+        Ok(PairSamples {
+            warmups: self.warmup_pairs(warm_a, warm_b),
+            a,
+            b,
+            lives,
+        })
+    }
+
+    /// On a GPU (and on the CPU with `turn_ms` 0): never two workers alive at once. The freeze
+    /// stops a worker's CPU threads, not the work it queued on the GPU, and without MPS the GPU
+    /// time-slices the contexts of two processes: a variant that left a long kernel queued
+    /// before each stop would run it during the other side's timed request. So each side
+    /// starts, warms up, answers and is ended (reaped, its context and every queued kernel gone
+    /// with the process) before the other side starts, in the order `order` says.
+    fn one_at_a_time(
+        &self,
+        planned: &Planned,
+        order: Order,
+        new_tokens: u32,
+    ) -> Result<PairSamples> {
+        let alone = |which: usize| -> Result<(Vec<Sample>, Sample, WorkerLife)> {
+            let (mut worker, started_s) = self.spawn(which)?;
+            let warm = self.warm_up(&mut worker, which)?;
+            self.bar
+                .set_message(format!("{}; {}", self.label, self.interval));
+            let (setup, name, label) = (self.setup, self.names[which], self.label);
+            let timed = timed_request(setup, &mut worker, name, planned, label, new_tokens)?;
+            Ok((warm, timed, self.end(worker, which, started_s)))
+        };
+        let ((warm_a, a, life_a), (warm_b, b, life_b)) = match order {
+            Order::AB => {
+                let a = alone(0)?;
+                (a, alone(1)?)
+            }
+            Order::BA => {
+                let b = alone(1)?;
+                (alone(0)?, b)
+            }
+        };
+        let mut lives = vec![life_a, life_b];
+        lives.sort_by(|x, y| x.started_s.total_cmp(&y.started_s));
+        Ok(PairSamples {
+            warmups: self.warmup_pairs(warm_a, warm_b),
+            a,
+            b,
+            lives,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -1504,5 +1663,40 @@ mod tests {
             "{line}"
         );
         assert!(by_prompt(&[], Figure::DecodeTokS).is_empty());
+    }
+
+    /// A GPU comparison has no turns: the protocol's turn_ms becomes 0 (its pairs run one
+    /// worker at a time) and an explicit `--turn-ms` above 0 is refused; the CPU keeps both.
+    #[test]
+    fn a_gpu_comparison_runs_one_worker_at_a_time() {
+        let shipped = default_rules().turn_ms;
+        assert!(shipped > 0, "the shipped protocol takes turns on the CPU");
+        let plain = CompareArgs::default();
+        let mut rules = default_rules();
+        apply_rules(&mut rules, &plain, Device::Cpu).unwrap();
+        assert_eq!(rules.turn_ms, shipped);
+        for gpu in [Device::Cuda(0), Device::Metal(0)] {
+            let mut rules = default_rules();
+            apply_rules(&mut rules, &plain, gpu).unwrap();
+            assert_eq!(rules.turn_ms, 0, "{gpu:?}");
+            let zero = CompareArgs {
+                turn_ms: Some(0),
+                ..CompareArgs::default()
+            };
+            apply_rules(&mut default_rules(), &zero, gpu).unwrap();
+            let turns = CompareArgs {
+                turn_ms: Some(100),
+                ..CompareArgs::default()
+            };
+            let err = apply_rules(&mut default_rules(), &turns, gpu).unwrap_err();
+            assert!(err.to_string().contains("drop --turn-ms"), "{err}");
+        }
+        let turns = CompareArgs {
+            turn_ms: Some(100),
+            ..CompareArgs::default()
+        };
+        let mut rules = default_rules();
+        apply_rules(&mut rules, &turns, Device::Cpu).unwrap();
+        assert_eq!(rules.turn_ms, 100);
     }
 }
