@@ -61,6 +61,14 @@ const ATT_QUERIES: u32 = 16;
 const DECODE_THREADS: u32 = 128;
 const DECODE_GROUP_MAX: usize = 8;
 const DECODE_CLUSTER: u32 = 16;
+/// Blocks per cluster of `attention_decode_short` (`DEC_CLUSTER_SHORT`), which decode steps
+/// before position [`DECODE_LONG_FROM`] take: smaller clusters start sooner, larger ones spread
+/// a long cache over more blocks (H200: 4% less a SmolLM2 step from position 32, 7% more from
+/// position 1,680).
+const DECODE_CLUSTER_SHORT: u32 = 8;
+/// The first position whose decode step takes `attention_decode` (clusters of 16), where the
+/// 8-block kernel would give each block more than one pass of 64-key tiles.
+const DECODE_LONG_FROM: usize = 512;
 /// The widest head `attention_split` holds (`ATT_HD_MAX` in kernels.cu).
 const ATT_HD_MAX: usize = 128;
 /// Keys per attention split: short for one token (when it goes through `attention_split`: a
@@ -240,6 +248,7 @@ struct Kernels {
     attention_split: CudaFunction,
     attention_combine: CudaFunction,
     attention_decode: CudaFunction,
+    attention_decode_short: CudaFunction,
     argmax: CudaFunction,
     /// Keeps the module loaded while its functions are used.
     _module: Arc<CudaModule>,
@@ -283,6 +292,7 @@ impl Kernels {
                 )?;
                 decode
             },
+            attention_decode_short: f("attention_decode_short")?,
             argmax: f("argmax")?,
             _module: module,
         })
@@ -458,7 +468,11 @@ pub struct CudaLlama {
     /// Counts reallocations of the cache and scratch buffers: a graph captured under an older
     /// generation points at freed memory and is captured again.
     generation: u64,
-    graph: Option<DecodeGraph>,
+    /// The decode step's graphs: before [`DECODE_LONG_FROM`] and from it (their attention
+    /// kernels differ), each captured when first needed.
+    graphs: [Option<DecodeGraph>; 2],
+    /// Which of the two a capture records (read by [`CudaLlama::block`]).
+    capturing_long: bool,
     /// Test-only: the kernels a probe leaves out of the decode step (`Step` names), to time
     /// what each costs there (the results are then wrong).
     #[cfg(test)]
@@ -479,6 +493,22 @@ pub(super) enum Step {
     Argmax,
 }
 
+/// Makes the C library serve every allocation of 128 KiB or more with a mapping of its own,
+/// returned to the system when freed. By default glibc raises that threshold (up to 32 MiB)
+/// each time it frees a larger mapped block, after which big buffers come from the heap and
+/// may stay resident when freed: the load (NVRTC's compile, the weights' upload) then peaks
+/// higher in some processes than in others.
+fn fixed_mmap_threshold() {
+    unsafe extern "C" {
+        fn mallopt(param: i32, value: i32) -> i32;
+    }
+    /// glibc's `M_MMAP_THRESHOLD`.
+    const M_MMAP_THRESHOLD: i32 = -3;
+    // SAFETY: mallopt only sets an allocator parameter; a C library without it is not glibc,
+    // which this variant links against (a failure returns 0 and changes nothing).
+    unsafe { mallopt(M_MMAP_THRESHOLD, 128 * 1024) };
+}
+
 impl CudaLlama {
     /// Opens CUDA device `ordinal`, compiles the kernels and uploads the model's weights.
     pub fn from_gguf(view: &'static ModelView, ordinal: usize) -> Result<Self, ModelError> {
@@ -490,6 +520,7 @@ impl CudaLlama {
                 cfg.head_dim
             )));
         }
+        fixed_mmap_threshold();
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| ModelError::Gpu(format!("cannot open CUDA device {ordinal}: {e}")))?;
         // One stream, in order: cudarc's per-buffer events would only add work to each launch.
@@ -586,7 +617,8 @@ impl CudaLlama {
             norm_sums: stream.alloc_zeros(2 * cfg.n_layer + 1)?,
             xg: stream.alloc_zeros(d)?,
             generation: 0,
-            graph: None,
+            graphs: [None, None],
+            capturing_long: false,
             #[cfg(test)]
             omit: Vec::new(),
             kernels,
@@ -728,17 +760,18 @@ impl CudaLlama {
     }
 
     /// The graph of one decode step (embedding, every block, final norm, output layer into the
-    /// scratch logits, their argmax into `best`), captured now if the buffers changed since the
-    /// last capture.
-    fn decode_graph(&mut self) -> Result<&StepGraph, ModelError> {
-        if self
-            .graph
+    /// scratch logits, their argmax into `best`) for positions from [`DECODE_LONG_FROM`] when
+    /// `long`, before it otherwise; captured now if the buffers changed since its capture.
+    fn decode_graph(&mut self, long: bool) -> Result<&StepGraph, ModelError> {
+        let slot = usize::from(long);
+        if self.graphs[slot]
             .as_ref()
             .is_none_or(|g| g.generation != self.generation)
         {
-            self.graph = None;
+            self.graphs[slot] = None;
             // The position of a captured step is read from `pos_at`; the host-side `pos` only
             // shapes prefill, which is never captured.
+            self.capturing_long = long;
             let stream = self.stream.clone();
             let graph = StepGraph::capture(&stream, || {
                 self.launch_blocks(1, 0)
@@ -746,12 +779,12 @@ impl CudaLlama {
                     .and_then(|()| self.greedy(true))
             })?
             .ok_or_else(|| ModelError::Gpu("capturing the decode step produced no graph".into()))?;
-            self.graph = Some(DecodeGraph {
+            self.graphs[slot] = Some(DecodeGraph {
                 graph,
                 generation: self.generation,
             });
         }
-        match &self.graph {
+        match &self.graphs[slot] {
             Some(g) => Ok(&g.graph),
             None => unreachable!("captured above"),
         }
@@ -828,6 +861,7 @@ impl CudaLlama {
                 pos,
                 t,
                 self.capacity,
+                self.capturing_long,
             )?;
         }
         if fused {
@@ -1056,7 +1090,8 @@ fn decodes_in_cluster(cfg: &LlamaConfig, t: usize) -> bool {
 /// holds on the device) over the cache of one block (`capacity` positions), into `out`
 /// (t, n_head * head_dim): `attention_split` over splits of the keys, then
 /// `attention_combine`; one token goes through `attention_decode` instead, a cluster of blocks
-/// per KV head, all their threads busy, merged in the cluster's shared memory. `partial` must
+/// per KV head, all their threads busy, merged in the cluster's shared memory (clusters of 16
+/// blocks when `long`, for positions from [`DECODE_LONG_FROM`], else of 8). `partial` must
 /// hold [`partial_len`] floats (`prepare` grows it: a captured step cannot allocate).
 #[allow(clippy::too_many_arguments)]
 fn attention(
@@ -1072,6 +1107,7 @@ fn attention(
     pos: usize,
     t: usize,
     capacity: usize,
+    long: bool,
 ) -> Result<(), ModelError> {
     let (split_len, n_split) = split_shape(t, pos, capacity);
     let need = partial_len(cfg, t, pos, capacity);
@@ -1086,7 +1122,11 @@ fn attention(
     let (hd, split, splits) = (cfg.head_dim as i32, split_len as i32, n_split as i32);
     let scale = 1.0f32 / (cfg.head_dim as f32).sqrt();
     if decodes_in_cluster(cfg, t) {
-        let mut launch = stream.launch_builder(&k.attention_decode);
+        let (kernel, cluster) = match long {
+            true => (&k.attention_decode, DECODE_CLUSTER),
+            false => (&k.attention_decode_short, DECODE_CLUSTER_SHORT),
+        };
+        let mut launch = stream.launch_builder(kernel);
         launch
             .arg(qkv)
             .arg(keys)
@@ -1098,7 +1138,7 @@ fn attention(
             .arg(&hd)
             .arg(&scale);
         let config = LaunchConfig {
-            grid_dim: (cfg.n_kv_head as u32 * DECODE_CLUSTER, 1, 1),
+            grid_dim: (cfg.n_kv_head as u32 * cluster, 1, 1),
             block_dim: (DECODE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -1401,7 +1441,7 @@ impl CudaLlama {
     fn step(&mut self, tokens: &[u32], pos: usize) -> Result<usize, ModelError> {
         let (t, end) = self.prepare(tokens, pos)?;
         if t == 1 {
-            self.decode_graph()?.launch()?;
+            self.decode_graph(pos >= DECODE_LONG_FROM)?.launch()?;
         } else {
             self.launch_blocks(t, pos)?;
             self.final_norm(t - 1, 1)?;
@@ -1517,13 +1557,21 @@ impl Transformer for CudaLlama {
         self.prepare(&[token], pos)?;
         check_chunk(&self.cfg, pos, n, pos)?;
         self.grow_cache(pos + n)?;
-        self.decode_graph()?;
-        let Some(graph) = self.graph.as_ref() else {
-            unreachable!("decode_graph() captured it")
-        };
-        // Queues step `i`: the graph, then its choice's copy into slot i % 2 and that slot's
+        // Step i runs at position pos + i: the graphs of the positions before DECODE_LONG_FROM
+        // and from it, as the steps need them.
+        if pos < DECODE_LONG_FROM {
+            self.decode_graph(false)?;
+        }
+        if pos + n > DECODE_LONG_FROM {
+            self.decode_graph(true)?;
+        }
+        let graphs = &self.graphs;
+        // Queues step `i`: its graph, then its choice's copy into slot i % 2 and that slot's
         // event.
         let queue = |i: usize, back: &mut PinnedHostSlice<u32>| -> Result<(), ModelError> {
+            let Some(graph) = &graphs[usize::from(pos + i >= DECODE_LONG_FROM)] else {
+                unreachable!("captured above for every step's position")
+            };
             graph.graph.launch()?;
             self.stream.memcpy_dtoh(&self.best, back)?;
             self.back_copied[i % 2].record(&self.stream)?;

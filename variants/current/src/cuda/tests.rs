@@ -289,9 +289,10 @@ fn attention_difference(
     let mut out = stream.alloc_zeros::<f32>(t * n_head * hd).unwrap();
     let pos_at = stream.clone_htod(&[pos0 as i32]).unwrap();
     // Twice, the output cleared between: a launch must leave nothing behind that the next
-    // one depends on.
+    // one depends on. One token goes through both decode kernels (clusters of 8 and of 16), each
+    // correct at any position.
     let mut worst = 0f32;
-    for _ in 0..2 {
+    for long in [false, true] {
         stream.memset_zeros(&mut out).unwrap();
         attention(
             stream,
@@ -306,6 +307,7 @@ fn attention_difference(
             pos0,
             t,
             end,
+            long,
         )
         .unwrap();
         worst = worst.max(rel_diff(&want, &stream.clone_dtoh(&out).unwrap()));
@@ -317,11 +319,20 @@ fn attention_difference(
 #[ignore = "needs a CUDA GPU"]
 fn cuda_attention_matches_the_cpu_in_every_split_and_tile_shape() {
     let (stream, k) = gpu();
-    // SmolLM2's group of three heads of 64, the 1B's and 8B's four of 128, the widest group
-    // `attention_decode` serves (8), and one past it, which decodes through `attention_split`.
-    let shapes = [(6, 2, 64), (8, 2, 128), (16, 2, 128), (18, 2, 64)];
-    // One token in the first tile, in the first pass of a cluster (512 keys), at and across
-    // its edges, and over several passes; chunks over one and several prefill splits, with
+    // SmolLM2's group of three heads of 64 (tiles of 64 keys past 512 positions), the 1B's and
+    // 8B's four of 128 (tiles of 32), the widest group `attention_decode` serves (8) with
+    // either tile, narrow heads, and a group past the widest, which decodes through
+    // `attention_split`.
+    let shapes = [
+        (6, 2, 64),
+        (8, 2, 128),
+        (16, 2, 128),
+        (16, 2, 64),
+        (8, 4, 32),
+        (18, 2, 64),
+    ];
+    // One token in the first tile, in the first pass of a cluster (512 or 1,024 keys), at and
+    // across its edges, and over several passes; chunks over one and several prefill splits, with
     // query tiles cut short and queries whose keys end inside a split.
     for (pos0, t) in [
         (0, 1),
@@ -616,6 +627,38 @@ fn cuda_decode_runs_ahead_yet_chooses_as_step_by_step_greedy() {
     assert_eq!(gpu.forward_greedy(&prompt, 0, &mut scratch).unwrap(), first);
 }
 
+/// A request whose steps cross `DECODE_LONG_FROM` switches graphs (attention in clusters of 8,
+/// then of 16) between two queued steps, and chooses what the CPU model chooses throughout.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_decode_across_the_long_context_switch_matches_the_cpu() {
+    let view = tiny::view("llama", DECODE_LONG_FROM as u64 + 64);
+    let mut cpu = LlamaModel::from_gguf(view).unwrap();
+    let mut gpu = CudaLlama::from_gguf(view, 0).unwrap();
+    let start = DECODE_LONG_FROM - 20;
+    let prompt: Vec<u32> = (0..start as u32)
+        .map(|i| (i * 31 + 3) % tiny::VOCAB as u32)
+        .collect();
+    let mut scratch = Vec::new();
+    let first = gpu.forward_greedy(&prompt, 0, &mut scratch).unwrap();
+    assert_eq!(cpu.forward_greedy(&prompt, 0, &mut scratch).unwrap(), first);
+    let (mut on_gpu, mut on_cpu) = (Vec::new(), Vec::new());
+    let n = 40;
+    gpu.decode(first, start, n, &mut |t| {
+        on_gpu.push(t);
+        true
+    })
+    .unwrap();
+    cpu.decode(first, start, n, &mut |t| {
+        on_cpu.push(t);
+        true
+    })
+    .unwrap();
+    assert_eq!(on_gpu.len(), n);
+    assert_eq!(on_gpu, on_cpu);
+    assert!(gpu.graphs.iter().all(Option::is_some), "both graphs taken");
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn cuda_fused_rmsnorm_matches_a_norm_then_a_matmul() {
@@ -739,6 +782,7 @@ fn kernels_cu_defines_match_the_launch_constants() {
         ("DEC_THREADS", DECODE_THREADS as usize),
         ("GROUP_MAX", DECODE_GROUP_MAX),
         ("DEC_CLUSTER", DECODE_CLUSTER as usize),
+        ("DEC_CLUSTER_SHORT", DECODE_CLUSTER_SHORT as usize),
         ("ARGMAX_THREADS", ARGMAX_THREADS as usize),
     ] {
         assert_eq!(
@@ -1283,7 +1327,7 @@ fn probe_decode_ablation() {
             Step::Argmax,
         ] {
             gpu.omit = vec![step];
-            gpu.graph = None;
+            gpu.graphs = [None, None];
             let without = step_us(&mut gpu, first, probe_prompt(), 256);
             let per = match step {
                 Step::Embed | Step::Output | Step::Argmax => 1.0,
@@ -1297,7 +1341,7 @@ fn probe_decode_ablation() {
             saved += whole - without;
         }
         gpu.omit.clear();
-        gpu.graph = None;
+        gpu.graphs = [None, None];
         println!(
             "{name}: the kernels' costs add up to {saved:.1} us of {whole:.1}; {:.1} us is the chain's",
             whole - saved
