@@ -23,6 +23,9 @@
 #      the host looks for it, moves the machine's HEAD to this one's (its .git is the checkout as
 #      the session started), prints `git status --short` (only B's files may differ), starts
 #      the comparison under setsid (so it outlives the call) and follows it for up to 540 s
+#      (`bash gpu-stage/2/go.sh setup` does the same without starting the comparison, for a
+#      command of your own first, say a diagnostic comparison of a few pairs; then call
+#      `bash gpu-stage/2/go.sh` within 30 s)
 #   3. carry nothing, run `bash gpu-stage/2/go.sh wait`: follows it for 540 s more; again
 #      until it ends. The last call leaves results/ (row and record) in $OUT/results.tgz: unpack
 #      it here, append the row to results/results.tsv, copy the record into results/runs/, and
@@ -109,7 +112,8 @@ MODEL_SHA="$(sha256sum < "$MODEL" | cut -d' ' -f1)"
 
 cat > "$STAGE/2/go.sh" <<EOF
 #!/usr/bin/env bash
-# Written by tools/gpu-stage.sh: see there. \`go.sh\` sets up and starts; \`go.sh wait\` follows.
+# Written by tools/gpu-stage.sh: see there. \`go.sh\` sets up and starts; \`go.sh setup\` only
+# sets up; \`go.sh wait\` follows.
 set -uo pipefail
 S=$STAGE
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:\${LD_LIBRARY_PATH:-} CARGO_TARGET_DIR=target
@@ -127,6 +131,7 @@ if [ "\${1:-}" != wait ]; then
   fi
   echo "HEAD \$(git rev-parse --short HEAD); what differs from it (only variants/current may):"
   git status --short
+  if [ "\${1:-}" = setup ]; then exit 0; fi
   set +e
   setsid nohup ./target/release/host compare --device cuda --no-build$EXTRA \\
     --description "$(printf '%s' "$DESCRIPTION" | sed 's/["$`\\]/\\&/g')" > \$S/compare.log 2>&1 < /dev/null &
