@@ -5,9 +5,9 @@
 //! from git by [`crate::supervisor::revision`]) and the quality oracle. Then every round draws one instance
 //! per prompt, and each instance is a [`Pair`]: two fresh workers, one per variant, each warmed
 //! up by a short request, answer it, in the order A B, B A, A B, ... so that drift in the
-//! machine hits both alike: on the CPU at once, taking turns (`PairCtx::in_turns`); on a GPU
-//! one after the other, never two alive at once (`PairCtx::one_at_a_time`). After every `rounds_per_look` rounds the paired log-ratios
-//! of each [`Figure`] are tested ([`crate::stats::significance`]), one per pair; measuring stops as
+//! machine hits both alike: on the CPU at once, taking turns; on a GPU one after the other,
+//! never two alive at once ([`pair`]). After every `rounds_per_look` rounds the paired
+//! log-ratios of each [`Figure`] are tested ([`crate::stats::significance`]), one per pair; measuring stops as
 //! soon as the keep rule's outcome would in all likelihood not change ([`measuring_done`]:
 //! anything SLOWER, or decode decided and every guarded figure shown not SLOWER beyond the
 //! noise threshold or unlikely to end SLOWER), or when the schedule or the time budget ends.
@@ -15,18 +15,17 @@
 //! rule. `--screen` runs the same on the protocol's `[screen]` subset and is never kept.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 pub mod figures;
 pub mod keep_rule;
+mod pair;
 
 use crate::commands::finish::{self, quality_phase, Quality, RowFacts};
-use crate::commands::setup::{
-    find_root, request_line, timed_pair, timed_request, Contender, Overrides, Plan, Planned, Setup,
-};
+use crate::commands::setup::{find_root, request_line, timed_request, Overrides, Plan, Setup};
 use crate::harness::prompts::Sharing;
 use crate::harness::protocol::{CompareRules, Protocol};
 use crate::ledger::record::{self, Provenance};
@@ -42,6 +41,7 @@ use figures::{
     FigureResult, Horizon, Order, Pair, TESTS,
 };
 pub use keep_rule::Outcome;
+use pair::{PairCtx, WorkerLife};
 use plugin_api::Device;
 
 /// What `host compare` was asked to do (see the CLI for each flag's meaning).
@@ -161,18 +161,6 @@ struct CompareRecord<'a> {
     warmups: &'a [Pair],
     /// When each pair's two workers lived: on a GPU (or with `turn_ms` 0) one after the other.
     workers: &'a [WorkerLife],
-}
-
-/// When one worker of a comparison lived, in seconds from the start of measuring: from just
-/// before it was started until it had ended and been reaped.
-#[derive(Debug, Clone, Serialize)]
-struct WorkerLife {
-    /// The pair it answered, counting from 0.
-    pair: usize,
-    /// `A` or `B`.
-    side: char,
-    started_s: f64,
-    ended_s: f64,
 }
 
 /// The two variants of a comparison and what their workers must not reach.
@@ -816,183 +804,6 @@ fn measure(
         bail!("the comparison ended before its first look");
     }
     Ok(())
-}
-
-/// What one pair of workers measured: the warm-ups (prompt, A, B) and the timed samples.
-struct PairSamples {
-    warmups: Vec<(String, Sample, Sample)>,
-    a: Sample,
-    b: Sample,
-    /// When its two workers lived.
-    lives: Vec<WorkerLife>,
-}
-
-/// What measuring one pair needs besides the request itself.
-struct PairCtx<'a> {
-    /// The pair's number in the comparison, from 0.
-    pair: usize,
-    /// When measuring started.
-    clock: Instant,
-    args: &'a CompareArgs,
-    setup: &'a Setup,
-    sides: &'a Sides<'a>,
-    /// How A and B are named in messages.
-    names: [&'a str; 2],
-    bar: &'a indicatif::ProgressBar,
-    /// The last look's decode interval, for the progress bar.
-    interval: &'a str,
-    label: &'a str,
-    warmups: &'a [Planned<'a>],
-    warmup_tokens: u32,
-}
-
-impl PairCtx<'_> {
-    /// Seconds since measuring started.
-    fn now(&self) -> f64 {
-        self.clock.elapsed().as_secs_f64()
-    }
-
-    /// Ends `worker` (side `which`, started at `started_s`) and says when it lived.
-    fn end(&self, worker: Worker, which: usize, started_s: f64) -> WorkerLife {
-        worker.end();
-        WorkerLife {
-            pair: self.pair,
-            side: ['A', 'B'][which],
-            started_s,
-            ended_s: self.now(),
-        }
-    }
-
-    /// A fresh, loaded worker for side `which` (0 = A), and when it was started.
-    fn spawn(&self, which: usize) -> Result<(Worker, f64)> {
-        let lib = [&self.sides.a.lib, &self.sides.b.lib][which];
-        let started_s = self.now();
-        let worker = Worker::spawn(&Spawn {
-            variant: self.names[which],
-            lib,
-            model: &self.setup.model.path,
-            timeout: self.setup.timeout(),
-            echo_log: self.args.verbose,
-            load: self.setup.load_request(),
-            protect: self.sides.protect,
-        })?;
-        Ok((worker, started_s))
-    }
-
-    /// `worker`'s untimed warm-up requests (side `which`): each new process faults in the
-    /// weights and starts its threads outside the timed request.
-    fn warm_up(&self, worker: &mut Worker, which: usize) -> Result<Vec<Sample>> {
-        let wlabel = format!("warm-up for {}", self.label);
-        self.bar.set_message(format!("{wlabel}; {}", self.interval));
-        let mut samples = Vec::new();
-        for warm in self.warmups {
-            let name = self.names[which];
-            let tokens = self.warmup_tokens;
-            samples.push(timed_request(
-                self.setup, worker, name, warm, &wlabel, tokens,
-            )?);
-            self.bar.inc(1);
-        }
-        Ok(samples)
-    }
-
-    /// Pairs the two sides' warm-up samples with their prompts.
-    fn warmup_pairs(&self, a: Vec<Sample>, b: Vec<Sample>) -> Vec<(String, Sample, Sample)> {
-        let prompts = self.warmups.iter().map(|w| w.instance.prompt.clone());
-        prompts.zip(a).zip(b).map(|((p, a), b)| (p, a, b)).collect()
-    }
-
-    /// On the CPU: both workers alive, both warmed up, then the two timed requests at once,
-    /// taking turns of `turn_ms`, the first as `order` says.
-    ///
-    /// Fresh workers for every pair. A process keeps its own speed for its whole life (heap
-    /// layout, huge pages, where its threads land): workers shared by several pairs would put
-    /// one offset into all of them, and the pairs would not be independent. With new
-    /// processes per pair the offset is part of each pair's own noise, which the test sees,
-    /// and every pair is one observation (see `look`). Each worker is frozen as soon as it is
-    /// loaded and whenever it is not answering, so neither can compute while the other is
-    /// measured.
-    fn in_turns(
-        &self,
-        planned: &Planned,
-        order: Order,
-        new_tokens: u32,
-        turn_ms: u32,
-    ) -> Result<PairSamples> {
-        let (mut worker_a, started_a) = self.spawn(0)?;
-        let (mut worker_b, started_b) = self.spawn(1)?;
-        let warm_a = self.warm_up(&mut worker_a, 0)?;
-        let warm_b = self.warm_up(&mut worker_b, 1)?;
-        self.bar
-            .set_message(format!("{}; {}", self.label, self.interval));
-        let (a, b) = timed_pair(
-            self.setup,
-            Contender {
-                worker: &mut worker_a,
-                name: self.names[0],
-            },
-            Contender {
-                worker: &mut worker_b,
-                name: self.names[1],
-            },
-            planned,
-            self.label,
-            new_tokens,
-            usize::from(order == Order::BA), // B first in a BA pair
-            Duration::from_millis(turn_ms.into()),
-        )?;
-        let lives = vec![
-            self.end(worker_a, 0, started_a),
-            self.end(worker_b, 1, started_b),
-        ];
-        Ok(PairSamples {
-            warmups: self.warmup_pairs(warm_a, warm_b),
-            a,
-            b,
-            lives,
-        })
-    }
-
-    /// On a GPU (and on the CPU with `turn_ms` 0): never two workers alive at once. The freeze
-    /// stops a worker's CPU threads, not the work it queued on the GPU, and without MPS the GPU
-    /// time-slices the contexts of two processes: a variant that left a long kernel queued
-    /// before each stop would run it during the other side's timed request. So each side
-    /// starts, warms up, answers and is ended (reaped, its context and every queued kernel gone
-    /// with the process) before the other side starts, in the order `order` says.
-    fn one_at_a_time(
-        &self,
-        planned: &Planned,
-        order: Order,
-        new_tokens: u32,
-    ) -> Result<PairSamples> {
-        let alone = |which: usize| -> Result<(Vec<Sample>, Sample, WorkerLife)> {
-            let (mut worker, started_s) = self.spawn(which)?;
-            let warm = self.warm_up(&mut worker, which)?;
-            self.bar
-                .set_message(format!("{}; {}", self.label, self.interval));
-            let (setup, name, label) = (self.setup, self.names[which], self.label);
-            let timed = timed_request(setup, &mut worker, name, planned, label, new_tokens)?;
-            Ok((warm, timed, self.end(worker, which, started_s)))
-        };
-        let ((warm_a, a, life_a), (warm_b, b, life_b)) = match order {
-            Order::AB => {
-                let a = alone(0)?;
-                (a, alone(1)?)
-            }
-            Order::BA => {
-                let b = alone(1)?;
-                (alone(0)?, b)
-            }
-        };
-        let mut lives = vec![life_a, life_b];
-        lives.sort_by(|x, y| x.started_s.total_cmp(&y.started_s));
-        Ok(PairSamples {
-            warmups: self.warmup_pairs(warm_a, warm_b),
-            a,
-            b,
-            lives,
-        })
-    }
 }
 
 #[cfg(test)]
