@@ -96,6 +96,7 @@ fn a_variant_against_itself_is_noise() {
             matches!(out.status.code(), Some(0 | 3 | 4)),
             "the comparison must run: {err}"
         );
+        assert!(!err.contains("pairs: one worker at a time"), "{err}");
         // A false KEEP (decode FASTER by chance) is one of the false verdicts bounded below;
         // one in four can happen (about 1.5% a comparison), so it is counted, not forbidden.
         if out.status.code() != Some(3) {
@@ -245,6 +246,10 @@ fn a_slower_variant_is_slower_and_reverted() {
     let record: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
     assert_eq!(record["protocol"]["compare"]["turn_ms"], 0);
+    assert!(
+        err.contains("pairs: one worker at a time, each ended before the other side's starts"),
+        "{err}"
+    );
     // One request after the other, one worker at a time (as on a GPU): each pair's second
     // worker started only after the first had ended, the first being the one its order names.
     let lives = worker_lives(&record);

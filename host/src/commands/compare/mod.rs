@@ -228,6 +228,13 @@ fn prepare(args: &CompareArgs) -> Result<Prepared> {
         );
     }
     apply_rules(&mut setup.protocol.compare, args, setup.device)?;
+    if setup.protocol.compare.turn_ms == 0 {
+        let why = match setup.device {
+            Device::Cpu => "--turn-ms 0",
+            _ => "on a GPU, where a stopped worker's queued kernels would run on",
+        };
+        eprintln!("pairs: one worker at a time, each ended before the other side's starts ({why})");
+    }
     if args.screen {
         // A screen's few looks are its whole budget, and its stated error rates were simulated
         // without futility stopping.
