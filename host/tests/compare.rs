@@ -179,7 +179,10 @@ fn a_variant_against_itself_is_noise() {
             );
         }
     }
-    // Taking turns, a pair's two workers lived at the same time.
+    // Taking turns, both workers warm up first, A before B, and then live at the same time.
+    for warm in record["warmups"].as_array().unwrap() {
+        assert_eq!(warm["order"], "AB", "{warm}");
+    }
     for (pair, [first, second]) in worker_lives(&record).iter().enumerate() {
         assert!(second.1 < first.2, "pair {pair}: {first:?} {second:?}");
     }
@@ -254,6 +257,11 @@ fn a_slower_variant_is_slower_and_reverted() {
     // worker started only after the first had ended, the first being the one its order names.
     let lives = worker_lives(&record);
     assert_eq!(lives.len(), record["pairs"].as_array().unwrap().len());
+    assert_eq!(
+        lives.len(),
+        record["warmups"].as_array().unwrap().len(),
+        "a warm-up a pair"
+    );
     for (pair, [first, second]) in lives.iter().enumerate() {
         assert!(
             first.2 <= second.1,
@@ -261,6 +269,8 @@ fn a_slower_variant_is_slower_and_reverted() {
         );
         let order = record["pairs"][pair]["order"].as_str().unwrap();
         assert_eq!(order.chars().next(), Some(first.0), "pair {pair}");
+        // Its warm-ups ran in the same order, each just before its side's timed request.
+        assert_eq!(record["warmups"][pair]["order"], order, "pair {pair}");
     }
     for pair in record["pairs"].as_array().unwrap() {
         assert_eq!(pair["a"]["paused_ms"], 0.0, "never stopped: {pair}");

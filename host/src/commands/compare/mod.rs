@@ -2,17 +2,18 @@
 //! after a statistical test.
 //!
 //! Order of work: resolve and build both variants ([`Side`]: a directory, or `REV:PATH` built
-//! from git by [`crate::supervisor::revision`]) and the quality oracle. Then every round draws one instance
-//! per prompt, and each instance is a [`Pair`]: two fresh workers, one per variant, each warmed
-//! up by a short request, answer it, in the order A B, B A, A B, ... so that drift in the
-//! machine hits both alike: on the CPU at once, taking turns; on a GPU one after the other,
-//! never two alive at once ([`pair`]). After every `rounds_per_look` rounds the paired
-//! log-ratios of each [`Figure`] are tested ([`crate::stats::significance`]), one per pair; measuring stops as
-//! soon as the keep rule's outcome would in all likelihood not change ([`measuring_done`]:
-//! anything SLOWER, or decode decided and every guarded figure shown not SLOWER beyond the
-//! noise threshold or unlikely to end SLOWER), or when the schedule or the time budget ends.
-//! B's answers then go through the quality gates, and [`keep_rule::decide`] applies the keep
-//! rule. `--screen` runs the same on the protocol's `[screen]` subset and is never kept.
+//! from git by [`crate::supervisor::revision`]) and the quality oracle. Then every round draws
+//! one instance per prompt, and each instance is a [`Pair`]: two fresh workers, one per
+//! variant, each warmed up by a short request, answer it, in the order A B, B A, A B, ... so
+//! that drift in the machine hits both alike: on the CPU at once, taking turns; on a GPU one
+//! after the other, never two alive at once ([`pair`]). After every `rounds_per_look` rounds
+//! the paired log-ratios of each [`Figure`] are tested ([`crate::stats::significance`]), one
+//! per pair; measuring stops as soon as the keep rule's outcome would in all likelihood not
+//! change ([`measuring_done`]: anything SLOWER, or decode decided and every guarded figure
+//! shown not SLOWER beyond the noise threshold or unlikely to end SLOWER), or when the
+//! schedule or the time budget ends. B's answers then go through the quality gates, and
+//! [`keep_rule::decide`] applies the keep rule. `--screen` runs the same on the protocol's
+//! `[screen]` subset and is never kept.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -741,13 +742,13 @@ fn measure(
                 ctx.one_at_a_time(planned, order, new_tokens)?
             };
             out.workers.extend(measured.lives);
-            for (prompt, a, b) in measured.warmups {
+            for (prompt, warm_a, warm_b) in measured.warmups {
                 out.warmups.push(Pair {
                     round,
                     prompt,
-                    order: Order::AB,
-                    a,
-                    b,
+                    order: measured.warmup_order,
+                    a: warm_a,
+                    b: warm_b,
                 });
             }
             let (sa, sb) = (measured.a, measured.b);

@@ -27,9 +27,11 @@ pub(super) struct WorkerLife {
     ended_s: f64,
 }
 
-/// What one pair of workers measured: the warm-ups (prompt, A, B) and the timed samples.
+/// What one pair of workers measured: the warm-ups (prompt, A, B) and the order they ran in,
+/// and the timed samples.
 pub(super) struct PairSamples {
     pub(super) warmups: Vec<(String, Sample, Sample)>,
+    pub(super) warmup_order: Order,
     pub(super) a: Sample,
     pub(super) b: Sample,
     /// When its two workers lived.
@@ -156,6 +158,7 @@ impl PairCtx<'_> {
         ];
         Ok(PairSamples {
             warmups: self.warmup_pairs(warm_a, warm_b),
+            warmup_order: Order::AB,
             a,
             b,
             lives,
@@ -197,6 +200,7 @@ impl PairCtx<'_> {
         lives.sort_by(|x, y| x.started_s.total_cmp(&y.started_s));
         Ok(PairSamples {
             warmups: self.warmup_pairs(warm_a, warm_b),
+            warmup_order: order,
             a,
             b,
             lives,
