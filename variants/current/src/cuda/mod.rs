@@ -15,8 +15,8 @@
 //! attention's grid (a cluster of blocks per KV head) walks the cache up to it, so the same
 //! graph serves every position until a buffer is reallocated. Its argmax also feeds the next
 //! step (the token and the position move on on the device), so [`Transformer::decode`] queues
-//! each step before the host has read the last one's token. Activations stay f32 and sums accumulate in f32, so the quality gates
-//! see reordered sums, not rounding.
+//! each step before the host has read the last one's token. Activations stay f32 and sums
+//! accumulate in f32, so the quality gates see reordered sums, not rounding.
 
 use std::sync::Arc;
 

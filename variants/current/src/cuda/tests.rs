@@ -1350,8 +1350,9 @@ fn probe_decode_ablation() {
 }
 
 /// How long a decode step takes at real shapes (random weights): for each shape in
-/// `AUTOINFER_PROBE_SHAPES` (default `smollm2,1b`), a [`probe_prompt`]-token prompt, 64 steps to warm up,
-/// then 256 steps of `decode` timed on the wall clock (`tools/gpu-probe.sh` runs it). Under
+/// `AUTOINFER_PROBE_SHAPES` (default `smollm2,1b`), a [`probe_prompt`]-token prompt, 64 steps
+/// to warm up, then 256 steps of `decode` timed on the wall clock (`tools/gpu-probe.sh` runs
+/// it). Under
 /// Nsight Compute (`ncu --graph-profiling node --metrics gpu__time_duration.sum --launch-skip
 /// N --launch-count M`) it also gives each kernel's own time, with N past the warm-up's start.
 #[test]
