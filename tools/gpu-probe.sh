@@ -9,8 +9,9 @@
 #
 # Then on the GPU machine, in one call: carry gpu-probe, run `bash gpu-probe/ab.sh`
 # (environment: SHAPES, default smollm2,1b,8b; ROUNDS, default 2; PROMPT, the position decode
-# starts from, default 32, 1680 for the protocol's long prompt). Three shapes and two rounds
-# take about 70 s there; on the H200 the same binary's step time repeats within 0.3%. Add
+# starts from, default 32, 1680 for the protocol's long prompt; PROBE=prefill times a prefill
+# of PROMPT tokens instead, `probe_prefill`). Three shapes and two rounds take about 70 s
+# there; on the H200 the same binary's step time repeats within 0.3%. Add
 # `gpu-probe/b --ignored --skip bench_ --skip probe_` to run B's GPU tests in the same call.
 #
 # A screen is not a verdict: only `host compare` on the real model keeps a change. It says
@@ -20,7 +21,7 @@
 set -euo pipefail
 
 case "${1:-}" in
-  -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   -*) echo "gpu-probe.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
 esac
 [ $# -le 1 ] || { echo "gpu-probe.sh: one directory at most, got $# arguments (see --help)" >&2; exit 2; }
@@ -59,15 +60,16 @@ strip --strip-debug -o "$OUT/b" "$b"
 
 cat > "$OUT/ab.sh" <<'EOF'
 #!/usr/bin/env bash
-# Written by tools/gpu-probe.sh: decode step times of A (HEAD) and B (the working tree).
+# Written by tools/gpu-probe.sh: decode step (or, with PROBE=prefill, prefill) times of A
+# (HEAD) and B (the working tree).
 set -uo pipefail
 dir="$(dirname "$0")"
 for round in $(seq "${ROUNDS:-2}"); do
   for v in a b; do
     AUTOINFER_PROBE_SHAPES="${SHAPES:-smollm2,1b,8b}" AUTOINFER_PROBE_PROMPT="${PROMPT:-32}" \
       "$dir/$v" --ignored --exact \
-      cuda::tests::probe_decode_steps --nocapture 2>&1 |
-      grep -E "us a step|panicked" | sed "s/^/$v $round /"
+      "cuda::tests::probe_${PROBE:-decode_steps}" --nocapture 2>&1 |
+      grep -E "us a step|us a prefill|panicked" | sed "s/^/$v $round /"
   done
 done
 EOF

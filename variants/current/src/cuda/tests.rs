@@ -1285,12 +1285,18 @@ fn probe_models() -> impl Iterator<Item = (String, tiny::Shape, CudaLlama, u32)>
     names.into_iter().map(|name| {
         let shape = probe_shape(&name);
         let mut gpu = CudaLlama::from_gguf(tiny::shaped("llama", shape), 0).unwrap();
-        let prompt: Vec<u32> = (0..probe_prompt() as u32)
-            .map(|i| (i * 7919 + 1) % shape.vocab as u32)
-            .collect();
-        let first = gpu.forward_greedy(&prompt, 0, &mut Vec::new()).unwrap();
+        let first = gpu
+            .forward_greedy(&probe_tokens(&shape), 0, &mut Vec::new())
+            .unwrap();
         (name, shape, gpu, first)
     })
+}
+
+/// The probes' prompt: [`probe_prompt`] token ids spread over `shape`'s vocabulary.
+fn probe_tokens(shape: &tiny::Shape) -> Vec<u32> {
+    (0..probe_prompt() as u32)
+        .map(|i| (i * 7919 + 1) % shape.vocab as u32)
+        .collect()
 }
 
 /// The probes' prompt length, the position their decode starts from: 32, or
@@ -1365,6 +1371,31 @@ fn probe_decode_steps() {
             "{name}: {us:.1} us a step, {:.1} tok/s over {n} steps from position {}",
             1e6 / us,
             probe_prompt()
+        );
+    }
+}
+
+/// How long a prefill takes at real shapes (random weights): for each shape in
+/// `AUTOINFER_PROBE_SHAPES` (default `smollm2,1b`), the [`probe_prompt`]-token prompt from
+/// position 0, once to warm up (in [`probe_models`]), then 8 times timed on the wall clock, each
+/// to its greedy token (`tools/gpu-probe.sh` runs it with `PROBE=prefill`).
+#[test]
+#[ignore = "needs a CUDA GPU; a probe, run by hand with --exact --nocapture"]
+fn probe_prefill() {
+    for (name, shape, mut gpu, first) in probe_models() {
+        let (prompt, n) = (probe_tokens(&shape), 8);
+        let started = std::time::Instant::now();
+        for _ in 0..n {
+            assert_eq!(
+                gpu.forward_greedy(&prompt, 0, &mut Vec::new()).unwrap(),
+                first
+            );
+        }
+        let us = started.elapsed().as_secs_f64() * 1e6 / n as f64;
+        println!(
+            "{name}: {us:.1} us a prefill of {} tokens, {:.0} tok/s",
+            prompt.len(),
+            prompt.len() as f64 * 1e6 / us
         );
     }
 }
