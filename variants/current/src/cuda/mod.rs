@@ -66,8 +66,8 @@ const DECODE_CLUSTER: u32 = 16;
 /// a long cache over more blocks (H200: 4% less a SmolLM2 step from position 32, 7% more from
 /// position 1,680).
 const DECODE_CLUSTER_SHORT: u32 = 8;
-/// The first position whose decode step takes `attention_decode` (clusters of 16), where the
-/// 8-block kernel would give each block more than one pass of 64-key tiles.
+/// The first position whose decode step takes `attention_decode` (clusters of 16): where its
+/// blocks take 64-key tiles (`DEC_CLUSTER * DK` in kernels.cu, which a test checks).
 const DECODE_LONG_FROM: usize = 512;
 /// The widest head `attention_split` holds (`ATT_HD_MAX` in kernels.cu).
 const ATT_HD_MAX: usize = 128;
@@ -471,8 +471,6 @@ pub struct CudaLlama {
     /// The decode step's graphs: before [`DECODE_LONG_FROM`] and from it (their attention
     /// kernels differ), each captured when first needed.
     graphs: [Option<DecodeGraph>; 2],
-    /// Which of the two a capture records (read by [`CudaLlama::block`]).
-    capturing_long: bool,
     /// Test-only: the kernels a probe leaves out of the decode step (`Step` names), to time
     /// what each costs there (the results are then wrong).
     #[cfg(test)]
@@ -618,7 +616,6 @@ impl CudaLlama {
             xg: stream.alloc_zeros(d)?,
             generation: 0,
             graphs: [None, None],
-            capturing_long: false,
             #[cfg(test)]
             omit: Vec::new(),
             kernels,
@@ -712,8 +709,9 @@ impl CudaLlama {
     }
 
     /// Launches the embedding lookup and every block for the `t` prepared tokens at `pos..`,
-    /// leaving the residual stream in the scratch `x`.
-    fn launch_blocks(&mut self, t: usize, pos: usize) -> Result<(), ModelError> {
+    /// leaving the residual stream in the scratch `x`; decode attention in clusters of 16 when
+    /// `long` (from [`DECODE_LONG_FROM`]: a captured step reads its position on the device).
+    fn launch_blocks(&mut self, t: usize, pos: usize, long: bool) -> Result<(), ModelError> {
         let fused = self.fused(t);
         let embed = self.launches(Step::Embed);
         let Some(s) = self.scratch.as_mut() else {
@@ -754,7 +752,7 @@ impl CudaLlama {
             unsafe { launch.launch(rows_config(t as u32)) }?;
         }
         for i in 0..self.blocks.len() {
-            self.block(i, t, pos)?;
+            self.block(i, t, pos, long)?;
         }
         Ok(())
     }
@@ -771,10 +769,9 @@ impl CudaLlama {
             self.graphs[slot] = None;
             // The position of a captured step is read from `pos_at`; the host-side `pos` only
             // shapes prefill, which is never captured.
-            self.capturing_long = long;
             let stream = self.stream.clone();
             let graph = StepGraph::capture(&stream, || {
-                self.launch_blocks(1, 0)
+                self.launch_blocks(1, 0, long)
                     .and_then(|()| self.decode_output())
                     .and_then(|()| self.greedy(true))
             })?
@@ -792,7 +789,7 @@ impl CudaLlama {
 
     /// Block `i` for the `t` tokens in the scratch `x` at positions `pos..`: nine launches, or
     /// five for a fused decode step.
-    fn block(&mut self, i: usize, t: usize, pos: usize) -> Result<(), ModelError> {
+    fn block(&mut self, i: usize, t: usize, pos: usize, long: bool) -> Result<(), ModelError> {
         let cfg = &self.cfg;
         let k = &self.kernels;
         let b = &self.blocks[i];
@@ -861,7 +858,7 @@ impl CudaLlama {
                 pos,
                 t,
                 self.capacity,
-                self.capturing_long,
+                long,
             )?;
         }
         if fused {
@@ -1443,7 +1440,7 @@ impl CudaLlama {
         if t == 1 {
             self.decode_graph(pos >= DECODE_LONG_FROM)?.launch()?;
         } else {
-            self.launch_blocks(t, pos)?;
+            self.launch_blocks(t, pos, pos >= DECODE_LONG_FROM)?;
             self.final_norm(t - 1, 1)?;
             self.output_rows(t - 1, 1)?;
         }
@@ -1467,7 +1464,7 @@ impl Transformer for CudaLlama {
 
     fn forward_hidden(&mut self, tokens: &[u32], pos: usize) -> Result<Tensor, ModelError> {
         let (t, end) = self.prepare(tokens, pos)?;
-        self.launch_blocks(t, pos)?;
+        self.launch_blocks(t, pos, pos >= DECODE_LONG_FROM)?;
         self.final_norm(0, t)?;
         self.len = end;
         let Some(s) = self.scratch.as_ref() else {

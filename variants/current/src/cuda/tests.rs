@@ -791,6 +791,8 @@ fn kernels_cu_defines_match_the_launch_constants() {
             "kernels.cu's {name} against the launch side's"
         );
     }
+    // attention_decode takes 64-key tiles from DEC_CLUSTER * DK on, where decode switches to it.
+    assert_eq!(define("DEC_CLUSTER") * define("DK"), DECODE_LONG_FROM);
 }
 
 /// What CI can check without a GPU: kernels.cu compiles with NVRTC for the H200's architecture,
