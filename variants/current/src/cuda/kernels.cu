@@ -1134,20 +1134,25 @@ __device__ __forceinline__ void attention_decode_body(const float* qkv, const fl
     cluster_sync();  // every block's (m, l, o) final, and visible to the cluster
     for (int i = rank * DEC_THREADS + tid; i < group * hd; i += C * DEC_THREADS) {
         const int g = i / hd;
-        float ms[C];
-        float mx = NEG_INF;
+        // Every block's (m, l, o) asked for before any is used: one trip across the cluster,
+        // not one a block (a load's result used at once holds back the next load).
+        float ms[C], ls[C], os[C];
 #pragma unroll
         for (int b = 0; b < C; b++) {
             ms[b] = peer_load(&sh.run_m[g], b);
-            mx = fmaxf(mx, ms[b]);
+            ls[b] = peer_load(&sh.run_l[g], b);
+            os[b] = peer_load(&sh.run_o[i], b);
         }
+        float mx = NEG_INF;
+#pragma unroll
+        for (int b = 0; b < C; b++) mx = fmaxf(mx, ms[b]);
         float l = 0.0f, o = 0.0f;
 #pragma unroll
         for (int b = 0; b < C; b++) {
             if (ms[b] == NEG_INF) continue;  // a block past the position: no keys
             const float w = expf(ms[b] - mx);
-            l = fmaf(w, peer_load(&sh.run_l[g], b), l);
-            o = fmaf(w, peer_load(&sh.run_o[i], b), o);
+            l = fmaf(w, ls[b], l);
+            o = fmaf(w, os[b], o);
         }
         out[(long)kvh * group * hd + i] = o / l;
     }
