@@ -75,6 +75,12 @@ impl PairCtx<'_> {
     }
 
     /// A fresh, loaded worker for side `which` (0 = A), and when it was started.
+    ///
+    /// Fresh workers for every pair. A process keeps its own speed for its whole life (heap
+    /// layout, huge pages, where its threads land): workers shared by several pairs would put
+    /// one offset into all of them, and the pairs would not be independent. With new
+    /// processes per pair the offset is part of each pair's own noise, which the test sees,
+    /// and every pair is one observation (see `look`).
     fn spawn(&self, which: usize) -> Result<(Worker, f64)> {
         let lib = [&self.sides.a.lib, &self.sides.b.lib][which];
         let started_s = self.now();
@@ -95,10 +101,9 @@ impl PairCtx<'_> {
     fn warm_up(&self, worker: &mut Worker, which: usize) -> Result<Vec<Sample>> {
         let wlabel = format!("warm-up for {}", self.label);
         self.bar.set_message(format!("{wlabel}; {}", self.interval));
+        let (name, tokens) = (self.names[which], self.warmup_tokens);
         let mut samples = Vec::new();
         for warm in self.warmups {
-            let name = self.names[which];
-            let tokens = self.warmup_tokens;
             samples.push(timed_request(
                 self.setup, worker, name, warm, &wlabel, tokens,
             )?);
@@ -114,15 +119,9 @@ impl PairCtx<'_> {
     }
 
     /// On the CPU: both workers alive, both warmed up, then the two timed requests at once,
-    /// taking turns of `turn_ms`, the first as `order` says.
-    ///
-    /// Fresh workers for every pair. A process keeps its own speed for its whole life (heap
-    /// layout, huge pages, where its threads land): workers shared by several pairs would put
-    /// one offset into all of them, and the pairs would not be independent. With new
-    /// processes per pair the offset is part of each pair's own noise, which the test sees,
-    /// and every pair is one observation (see `look`). Each worker is frozen as soon as it is
-    /// loaded and whenever it is not answering, so neither can compute while the other is
-    /// measured.
+    /// taking turns of `turn_ms`, the first as `order` says. Each worker is frozen as soon as
+    /// it is loaded and whenever it is not answering, so neither can compute while the other
+    /// is measured.
     pub(super) fn in_turns(
         &self,
         planned: &Planned,
