@@ -311,11 +311,13 @@ fn a_variant_that_buffers_its_tokens_is_never_kept() {
 }
 
 /// The drift fixture's `prefix` attack in a comparison: B keeps the KV cache of the prompt its
-/// worker's warm-up request started with (the chat template and the instruction's head, which
-/// every prompt shares) and prefills its timed request from there, so part of its prefill is
-/// done before the clock starts. Its prefill may look faster; it must never be kept: the keep
-/// rule asks for decode FASTER, which no such cache moves. (A rule that let a prefill win keep
-/// on its own, d040bff, turned this into a KEEP and was withdrawn.)
+/// worker's warm-up request started with and prefills its timed request from the part the two
+/// share, so that part of its prefill is done before the clock starts. Before every system
+/// message began with a nonce, the two shared the chat template, its default system message
+/// and the instruction's head (a quarter of a short prompt; B's prefill read about 1.5x A's),
+/// and a rule that kept a prefill win on its own (d040bff) would have kept it. Now they share
+/// the template's head alone (`<|im_start|>system\n`), so the rule that counts prefill again
+/// has nothing to keep: B is not faster, and not kept.
 #[test]
 fn a_prefix_cached_from_the_warm_up_is_never_kept() {
     let _one_at_a_time = serial();
@@ -331,10 +333,19 @@ fn a_prefix_cached_from_the_warm_up_is_never_kept() {
         matches!(out.status.code(), Some(3 | 4)),
         "the comparison runs and is not kept: {stdout}{err}"
     );
-    // It works as an attack: over these 8 pairs B's prefill comes out about 1.5x A's, which the
-    // withdrawn rule would have kept once significant. The estimate is asserted, not the
-    // verdict: at prefill's share of alpha, 8 short pairs do not always reach significance (a CI
-    // run read B/A 1.65 at p = 0.012, NOISE).
+    // The attack is live, and finds only the template's head to reuse.
+    let reused: Vec<usize> = err
+        .lines()
+        .filter_map(|l| l.split("attack prefix: reused ").nth(1))
+        .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(reused.iter().any(|&n| n > 0), "no reuse reported: {err}");
+    assert!(
+        reused.iter().all(|&n| n <= 4),
+        "more than the template's head reused: {reused:?}"
+    );
+    // So B's prefill is A's, within the noise of 8 short pairs (it read 1.5x with the shared
+    // system message).
     let json = results.join("runs").join(&records(&results)[0]["json"]);
     let record: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
@@ -345,14 +356,11 @@ fn a_prefix_cached_from_the_warm_up_is_never_kept() {
         .find(|f| f["figure"] == "prefill_tok_s")
         .unwrap();
     let ratio = prefill["at_95"]["ratio"].as_f64().unwrap();
-    assert!(ratio > 1.2, "prefill B/A {ratio}:\n{stdout}");
-    // The attack was live: B's timed requests started from a cached prefix.
-    let reused: Vec<usize> = err
-        .lines()
-        .filter_map(|l| l.split("attack prefix: reused ").nth(1))
-        .filter_map(|rest| rest.split(' ').next()?.parse().ok())
-        .collect();
-    assert!(reused.iter().any(|&n| n > 0), "no reuse reported: {err}");
+    assert!(ratio < 1.15, "prefill B/A {ratio}:\n{stdout}");
+    assert_eq!(
+        prefill["keeps"], true,
+        "the default model's prompts let prefill keep"
+    );
     let row = &records(&results)[0];
     assert_ne!(row["verdict"], "KEEP", "{stdout}");
     std::fs::remove_dir_all(&results).unwrap();

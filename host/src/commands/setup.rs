@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::gguf::Model;
-use crate::harness::prompts::{PromptInstance, PromptSet, PromptSpec, Sharing};
+use crate::harness::prompts::{system_message, PromptInstance, PromptSet, PromptSpec, Sharing};
 use crate::harness::protocol::Protocol;
 use crate::harness::tokenize::TextCodec;
 use crate::ledger::record::{self, Provenance};
@@ -98,6 +98,25 @@ pub struct Plan<'a> {
     pub warmups: Vec<Vec<Planned<'a>>>,
     /// The timed rounds, each one request per prompt.
     pub rounds: Vec<Vec<Planned<'a>>>,
+    /// How many tokens every request of the plan starts with alike (the longest common prefix
+    /// of their ids): the chat template's head before the system message's nonce, 3 tokens
+    /// with the default model. A variant can compute that much untimed, so the keep rule
+    /// counts a prefill win only where it is short ([`crate::commands::compare::keep_rule::MAX_SHARED_HEAD`]).
+    pub shared_head: usize,
+}
+
+/// The length of the longest prefix that every one of `sequences` starts with (0 for none).
+pub fn common_prefix<'s>(mut sequences: impl Iterator<Item = &'s [u32]>) -> usize {
+    let Some(first) = sequences.next() else {
+        return 0;
+    };
+    sequences.fold(first.len(), |n, ids| {
+        first[..n]
+            .iter()
+            .zip(ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+    })
 }
 
 /// A seed no one can know in advance, from the kernel's random source.
@@ -296,6 +315,7 @@ impl Setup {
         let mut plan = Plan {
             warmups: Vec::new(),
             rounds: Vec::new(),
+            shared_head: 0,
         };
         for r in 0..rounds {
             let mut round = Vec::new();
@@ -325,6 +345,13 @@ impl Setup {
             }
             plan.warmups.push(warmups);
         }
+        plan.shared_head = common_prefix(
+            plan.rounds
+                .iter()
+                .chain(&plan.warmups)
+                .flatten()
+                .map(|p| p.ids.as_slice()),
+        );
         Ok(plan)
     }
 
@@ -334,9 +361,11 @@ impl Setup {
         round: Option<u32>,
         instance: PromptInstance,
     ) -> Result<Planned<'a>> {
-        let ids = self
-            .codec
-            .encode(&self.codec.render_chat(&instance.user_text)?)?;
+        let ids = self.codec.encode(
+            &self
+                .codec
+                .render_chat(Some(&system_message(&instance.nonce)), &instance.user_text)?,
+        )?;
         Ok(Planned {
             spec,
             round,
@@ -584,5 +613,42 @@ mod tests {
         let protocol = Protocol::load(&dir.join("protocol.toml")).unwrap();
         let set = choose_prompts(load(), &protocol.screen.prompts, true, &dir).unwrap();
         assert_eq!(set.prompts.len(), protocol.screen.prompts.len());
+    }
+
+    #[test]
+    fn common_prefix_is_what_every_sequence_starts_with() {
+        let of = |seqs: &[&[u32]]| common_prefix(seqs.iter().copied());
+        assert_eq!(of(&[]), 0);
+        assert_eq!(of(&[&[1, 2, 3]]), 3);
+        assert_eq!(of(&[&[1, 2, 3], &[1, 2, 4], &[1, 2]]), 2);
+        assert_eq!(of(&[&[1, 2, 3], &[1, 2, 3, 4], &[9]]), 0);
+        assert_eq!(of(&[&[1, 2], &[1, 2, 3]]), 2);
+    }
+
+    /// The requests of a comparison (the default model, its ChatML template) share only the
+    /// template's head, `<|im_start|>system\n`: each system message starts with its own nonce,
+    /// and every prompt's text differs from the next one's right after it.
+    #[test]
+    fn the_requests_of_a_plan_share_only_the_templates_head() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let overrides = Overrides {
+            seed: Some(9),
+            ..Overrides::default()
+        };
+        let setup = Setup::open(root, &overrides).unwrap();
+        let plan = setup.plan(3, 15, Sharing::PerRun).unwrap();
+        assert_eq!(plan.shared_head, 3);
+        let head = setup.codec.encode("<|im_start|>system\n").unwrap();
+        assert_eq!(head.len(), 3);
+        let all: Vec<&Planned> = plan.rounds.iter().chain(&plan.warmups).flatten().collect();
+        assert_eq!(all.len(), 3 * 5 + 15);
+        for p in &all {
+            assert_eq!(p.ids[..3], head[..], "{}", p.instance.prompt);
+        }
+        // Nonces are drawn per request even where the parameters are shared: the long
+        // prompt's report is the same in all three rounds, its system message never.
+        let nonces: std::collections::HashSet<&str> =
+            all.iter().map(|p| p.instance.nonce.as_str()).collect();
+        assert_eq!(nonces.len(), all.len());
     }
 }

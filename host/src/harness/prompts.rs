@@ -287,8 +287,28 @@ pub struct DrawnValue {
 pub struct PromptInstance {
     pub prompt: String,
     pub user_text: String,
+    /// Drawn for every request, shared parameters or not: the system message begins with it
+    /// ([`system_message`]), so no two requests share more than the chat template's head.
+    pub nonce: String,
     pub values: BTreeMap<String, DrawnValue>,
 }
+
+/// The system message of a request: its nonce first, then a plain instruction.
+///
+/// Every request's prompt starts with the chat template, and a variant could compute the KV
+/// cache of any text that every prompt starts with while it is not timed (at load, or in its
+/// warm-up request) and answer that part of each timed prefill from it. With the nonce at the
+/// very start of the system message, what all prompts share is only the template's head before
+/// it (`<|im_start|>system\n`, 3 tokens in the ChatML template), because the cache of a
+/// position depends on every token before it. [`crate::commands::setup::Plan::fixed_head`]
+/// measures that head; the keep rule counts a prefill win only where it is short.
+pub fn system_message(nonce: &str) -> String {
+    format!("{nonce}\n{SYSTEM_INSTRUCTION}")
+}
+
+/// What follows the nonce in every system message: the gist of SmolLM2's own default, without
+/// a model's name, so the text fits any model.
+pub const SYSTEM_INSTRUCTION: &str = "You are a helpful AI assistant.";
 
 /// The outcome of one check on one output.
 #[derive(Debug, Clone, Serialize)]
@@ -601,9 +621,13 @@ impl PromptSpec {
             values.insert(p.name().to_string(), value);
         }
         let user_text = substitute(&self.template, &values);
+        // Drawn last, so the parameters are what they were before nonces existed; 8 hex digits
+        // (4.3e9 values) whose first one already differs between two requests 15 times in 16.
+        let nonce = format!("{:08x}", per_request.next() >> 32);
         PromptInstance {
             prompt: self.name.clone(),
             user_text,
+            nonce,
             values,
         }
     }
@@ -984,6 +1008,33 @@ mod tests {
             let v = s.draw(1, r, Sharing::PerRun).values["a"].number.unwrap();
             assert!((40..=120).contains(&v) && v % 10 == 0, "{v}");
         }
+    }
+
+    #[test]
+    fn every_request_draws_its_own_nonce_and_the_system_message_starts_with_it() {
+        let s = spec(TRAIN).unwrap();
+        let a = s.draw(7, 0, Sharing::PerRun);
+        assert_eq!(
+            a.nonce,
+            s.draw(7, 0, Sharing::PerRun).nonce,
+            "same seed and round"
+        );
+        assert_eq!(a.nonce.len(), 8);
+        assert!(
+            a.nonce.chars().all(|c| c.is_ascii_hexdigit()),
+            "{}",
+            a.nonce
+        );
+        let nonces: std::collections::BTreeSet<String> = (0..64)
+            .map(|r| s.draw(7, r, Sharing::PerRun).nonce)
+            .collect();
+        assert_eq!(nonces.len(), 64);
+        // Their first digits vary: two requests rarely share even that.
+        let firsts: std::collections::BTreeSet<char> =
+            nonces.iter().filter_map(|n| n.chars().next()).collect();
+        assert!(firsts.len() >= 12, "{firsts:?}");
+        let system = system_message(&a.nonce);
+        assert!(system.starts_with(&a.nonce) && system.ends_with(SYSTEM_INSTRUCTION));
     }
 
     #[test]

@@ -209,6 +209,7 @@ mod tests {
             instance: PromptInstance {
                 prompt: prompt.into(),
                 user_text: String::new(),
+                nonce: String::new(),
                 values: Default::default(),
             },
             timing: Timing::from_arrivals(50, &[1, 2, 3, 4], &emits, 0, 4, 10).unwrap(),

@@ -785,6 +785,7 @@ fn measure(
             &horizon,
             rules.noise_threshold,
             setup.protocol.seed ^ round as u64,
+            plan.shared_head <= keep_rule::MAX_SHARED_HEAD,
         );
         if let Some(d) = figures.iter().find(|f| f.figure == Figure::DecodeTokS) {
             interval = format!("decode B/A {}", d.call().change());
@@ -826,6 +827,7 @@ mod tests {
             figure,
             better: figure.better(),
             guarded: figure != Figure::DecodeTokS,
+            keeps: matches!(figure, Figure::DecodeTokS | Figure::PrefillTokS),
             a_median: Some(1.0),
             b_median: Some(1.0),
             decision: Paired::of(&[0.05, 0.06, 0.04], 0.01, 1),
@@ -964,6 +966,30 @@ mod tests {
             false,
         );
         assert_eq!(o, Outcome::Noise);
+        // Prefill FASTER with decode not SLOWER: a keep of its own, saying so; with decode
+        // SLOWER, a revert.
+        let prefill_won = |decode| {
+            let mut f = figures(decode, Verdict::Noise);
+            f[1] = result(Figure::PrefillTokS, Verdict::Faster, false);
+            outcome_of(&f, Some(&gates_pass), None, false)
+        };
+        let (o, why) = prefill_won(Verdict::Noise);
+        assert_eq!(o, Outcome::Keep);
+        assert!(why[0].starts_with("prefill is FASTER"), "{why:?}");
+        assert_eq!(prefill_won(Verdict::Slower).0, Outcome::Revert);
+        // Where the prompts share a longer head than MAX_SHARED_HEAD, prefill only guards:
+        // the same figures are NOISE, and the reasons say why.
+        let mut held = figures(Verdict::Noise, Verdict::Noise);
+        held[1] = FigureResult {
+            keeps: false,
+            ..result(Figure::PrefillTokS, Verdict::Faster, false)
+        };
+        let (o, why) = outcome_of(&held, Some(&gates_pass), None, false);
+        assert_eq!(o, Outcome::Noise);
+        assert!(
+            why.iter().any(|w| w.contains("prefill is only a guard")),
+            "{why:?}"
+        );
         // Faster but suspect, or not gated: revert.
         let (o, why) = outcome_of(
             &figures(Verdict::Faster, Verdict::Noise),
@@ -1004,6 +1030,7 @@ mod tests {
             instance: crate::harness::prompts::PromptInstance {
                 prompt: "p".into(),
                 user_text: String::new(),
+                nonce: String::new(),
                 values: Default::default(),
             },
             timing: crate::measure::Timing {
@@ -1137,6 +1164,30 @@ mod tests {
             !measuring_done(&hopeless(0.0, 0.0), 0.01, 0.01, 0.0),
             "0 waits for decode to be decided"
         );
+
+        // Decode settled but not FASTER: prefill can still win a KEEP, so measuring goes on
+        // while it is undecided and has a chance of ending FASTER above the futility chance.
+        let prefill_open = |faster: f64| {
+            let mut prefill = with_interval(Figure::PrefillTokS, (0.998, 1.08));
+            prefill.chance_faster_at_end = Some(faster);
+            prefill.chance_slower_at_end = Some(0.0);
+            [
+                with_interval(Figure::DecodeTokS, same),
+                prefill,
+                with_interval(Figure::TtftMs, same),
+                with_interval(Figure::PeakRssMib, same),
+            ]
+        };
+        assert!(!measuring_done(&prefill_open(0.4), 0.01, 0.01, 0.01));
+        assert!(measuring_done(&prefill_open(0.004), 0.01, 0.01, 0.01));
+        assert!(
+            case(same, faster, (0.90, 0.95), same),
+            "prefill FASTER: a keep"
+        );
+        assert!(
+            case(faster, (0.998, 1.08), same, same),
+            "with decode FASTER, prefill is only a guard"
+        );
     }
 
     /// Spreads of one pair's log-ratios as measured on the 2-vCPU VM with the pair's requests
@@ -1215,14 +1266,18 @@ mod tests {
             .iter()
             .map(|&(f, logs, weights)| {
                 let alpha = schedule.alpha_at(f.test(), look).unwrap();
-                figure_result(
-                    f,
-                    (logs, weights),
-                    alpha,
-                    &horizon,
-                    rules.noise_threshold,
-                    Paired::weighted_t_only,
-                )
+                FigureResult {
+                    // The default model's prompts share 3 tokens: prefill keeps.
+                    keeps: matches!(f, Figure::DecodeTokS | Figure::PrefillTokS),
+                    ..figure_result(
+                        f,
+                        (logs, weights),
+                        alpha,
+                        &horizon,
+                        rules.noise_threshold,
+                        Paired::weighted_t_only,
+                    )
+                }
             })
             .collect();
             if measuring_done(
@@ -1297,6 +1352,11 @@ mod tests {
         // 2%: within the default budget of 12 rounds, most of the time.
         let small = case(1.02, 1.0);
         assert!(small.0 >= 0.8, "{small:?}");
+        // A prefill gain that leaves decode alone: kept on its own.
+        let prefill = case(1.0, 1.10);
+        assert!(prefill.0 >= 0.95 && prefill.2 <= 3, "{prefill:?}");
+        let prefill_small = case(1.0, 1.05);
+        assert!(prefill_small.0 >= 0.9, "{prefill_small:?}");
     }
 
     #[test]
@@ -1363,7 +1423,7 @@ mod tests {
         for (m, e) in logs.iter().zip(expect) {
             assert!((m - e).abs() < 1e-12, "{logs:?}");
         }
-        let figures = look(&pairs, |_| 0.05, &HORIZON, 0.01, 1);
+        let figures = look(&pairs, |_| 0.05, &HORIZON, 0.01, 1, true);
         assert_eq!(figures[0].decision.as_ref().map(|d| d.n), Some(4));
         // ITL p99 is the inverse of the decode rate here (every gap alike): B's is lower.
         let (itl, _) = pair_logs(&pairs, Figure::ItlP99Ms);
@@ -1392,7 +1452,7 @@ mod tests {
         ];
         assert_eq!(pair_logs(&pairs, Figure::ItlP99Ms).0.len(), 2);
         assert_eq!(pair_logs(&pairs, Figure::DecodeTokS).0.len(), 3);
-        let figures = look(&pairs, |_| 0.05, &HORIZON, 0.01, 1);
+        let figures = look(&pairs, |_| 0.05, &HORIZON, 0.01, 1, true);
         let itl = figures
             .iter()
             .find(|f| f.figure == Figure::ItlP99Ms)
@@ -1416,7 +1476,7 @@ mod tests {
                 }
             })
             .collect();
-        let figures = look(&pairs, |_| 0.05 / 15.0, &HORIZON, 0.01, 1);
+        let figures = look(&pairs, |_| 0.05 / 15.0, &HORIZON, 0.01, 1, true);
         let by = |f: Figure| figures.iter().find(|r| r.figure == f).unwrap();
         assert_eq!(by(Figure::DecodeTokS).verdict, Verdict::Faster);
         assert!((by(Figure::DecodeTokS).decision.as_ref().unwrap().ratio - 1.102).abs() < 0.01);
