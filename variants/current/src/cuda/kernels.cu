@@ -30,9 +30,9 @@
 #define AK 32
 #define ATT_HD_MAX 128
 
-// The tiled matmul for chunks of tokens: a block computes TILE_ROWS weight rows for TILE_TOKENS
-// tokens, stepping through the columns one 32-weight block at a time; each of its 256 threads
-// holds a 4 x 4 tile of the result.
+// The tiled matmul for chunks of tokens through an f32 matrix: a block computes TILE_ROWS
+// weight rows for TILE_TOKENS tokens, stepping through the columns one 32-weight block at a
+// time; each of its 256 threads holds a 4 x 4 tile of the result.
 #define TILE_ROWS 64
 #define TILE_TOKENS 64
 
@@ -572,44 +572,22 @@ extern "C" __global__ void swiglu_vec_q8_0(const u8* wg, const u8* sg, const u8*
                                 nullptr, nullptr);
 }
 
-// Eight consecutive weights, elements 8 * part .. 8 * part + 7 of block `blk`, dequantized.
-template <int FMT>
-__device__ __forceinline__ void load_eighth(const u8* w, const u8* s, long blk, int part,
-                                            float out[8]) {
-    if (FMT == FMT_F32) {
-        const float4* p = reinterpret_cast<const float4*>(w) + blk * 8 + part * 2;
-        const float4 a = p[0], b = p[1];
-        out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
-        out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
-    } else if (FMT == FMT_Q4_1) {
-        // Elements 0..15 are the low nibbles of bytes 0..15, elements 16..31 the high ones.
-        const uint2 q = reinterpret_cast<const uint2*>(w)[blk * 2 + (part % 2)];
-        const u32 dm = reinterpret_cast<const u32*>(s)[blk];
-        const float d = f16_to_f32((u16)(dm & 0xffff)), m = f16_to_f32((u16)(dm >> 16));
-        const int shift = part < 2 ? 0 : 4;
-#pragma unroll
-        for (int b = 0; b < 8; b++) {
-            const u32 byte = ((b < 4 ? q.x : q.y) >> (8 * (b % 4))) & 0xff;
-            out[b] = fmaf(d, (float)((byte >> shift) & 15), m);
-        }
-    } else {
-        const uint2 q = reinterpret_cast<const uint2*>(w)[blk * 4 + part];
-        const float d = f16_to_f32(reinterpret_cast<const u16*>(s)[blk]);
-#pragma unroll
-        for (int b = 0; b < 8; b++) {
-            const signed char v = (signed char)(((b < 4 ? q.x : q.y) >> (8 * (b % 4))) & 0xff);
-            out[b] = d * (float)v;
-        }
-    }
+// Eight consecutive weights of an f32 matrix, elements 8 * part .. 8 * part + 7 of block `blk`.
+__device__ __forceinline__ void load_eighth(const u8* w, long blk, int part, float out[8]) {
+    const float4* p = reinterpret_cast<const float4*>(w) + blk * 8 + part * 2;
+    const float4 a = p[0], b = p[1];
+    out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+    out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
 }
 
-// y (t, rows) = x (t, cols) W^T for a chunk of tokens (or += with `accumulate`; with GATED,
-// y = silu(x Wg^T) * (x Wu^T), the second matrix in w2/s2). Block (row tile, token tile): each
-// column step dequantizes TILE_ROWS x 32 weights and stages TILE_TOKENS x 32 activations in
-// shared memory, and thread (tr, tc) accumulates rows tr + 16 i and tokens tc + 16 j.
-template <int FMT, bool GATED>
-__device__ void tiled_body(const u8* w, const u8* s, const u8* w2, const u8* s2, const float* x,
-                           float* y, int rows, int cols, int t, int accumulate) {
+// y (t, rows) = x (t, cols) W^T for a chunk of tokens through an f32 matrix (or += with
+// `accumulate`; with GATED, y = silu(x Wg^T) * (x Wu^T), the second matrix in w2). Block (row
+// tile, token tile): each column step stages TILE_ROWS x 32 weights and TILE_TOKENS x 32
+// activations in shared memory, and thread (tr, tc) accumulates rows tr + 16 i and tokens
+// tc + 16 j. (Quantized matrices take the tensor-core `mma_body` below.)
+template <bool GATED>
+__device__ void tiled_body(const u8* w, const u8* w2, const float* x, float* y, int rows,
+                           int cols, int t, int accumulate) {
     __shared__ float ws[32][TILE_ROWS + 1];
     __shared__ float ws2[GATED ? 32 : 1][TILE_ROWS + 1];
     __shared__ float xs[32][TILE_TOKENS + 1];
@@ -627,12 +605,12 @@ __device__ void tiled_body(const u8* w, const u8* s, const u8* w2, const u8* s2,
         float v[8];
         const bool row_in = row0 + lr < rows;
         if (row_in) {
-            load_eighth<FMT>(w, s, (long)(row0 + lr) * nb + b, part, v);
+            load_eighth(w, (long)(row0 + lr) * nb + b, part, v);
         }
 #pragma unroll
         for (int e = 0; e < 8; e++) ws[part * 8 + e][lr] = row_in ? v[e] : 0.0f;
         if (GATED) {
-            if (row_in) load_eighth<FMT>(w2, s2, (long)(row0 + lr) * nb + b, part, v);
+            if (row_in) load_eighth(w2, (long)(row0 + lr) * nb + b, part, v);
 #pragma unroll
             for (int e = 0; e < 8; e++) ws2[part * 8 + e][lr] = row_in ? v[e] : 0.0f;
         }
@@ -688,35 +666,277 @@ __device__ void tiled_body(const u8* w, const u8* s, const u8* w2, const u8* s2,
 extern "C" __global__ void tiled_f32(const u8* w, const u8* s, const float* x, float* y,
                                      int rows, int cols, int t, int accumulate) {
     after_predecessor();
-    tiled_body<FMT_F32, false>(w, s, w, s, x, y, rows, cols, t, accumulate);
-}
-extern "C" __global__ void tiled_q4_1(const u8* w, const u8* s, const float* x, float* y,
-                                      int rows, int cols, int t, int accumulate) {
-    after_predecessor();
-    tiled_body<FMT_Q4_1, false>(w, s, w, s, x, y, rows, cols, t, accumulate);
-}
-extern "C" __global__ void tiled_q8_0(const u8* w, const u8* s, const float* x, float* y,
-                                      int rows, int cols, int t, int accumulate) {
-    after_predecessor();
-    tiled_body<FMT_Q8_0, false>(w, s, w, s, x, y, rows, cols, t, accumulate);
+    tiled_body<false>(w, w, x, y, rows, cols, t, accumulate);
 }
 extern "C" __global__ void tiled_swiglu_f32(const u8* wg, const u8* sg, const u8* wu,
                                             const u8* su, const float* x, float* y, int rows,
                                             int cols, int t) {
     after_predecessor();
-    tiled_body<FMT_F32, true>(wg, sg, wu, su, x, y, rows, cols, t, 0);
+    tiled_body<true>(wg, wu, x, y, rows, cols, t, 0);
 }
-extern "C" __global__ void tiled_swiglu_q4_1(const u8* wg, const u8* sg, const u8* wu,
-                                             const u8* su, const float* x, float* y, int rows,
-                                             int cols, int t) {
-    after_predecessor();
-    tiled_body<FMT_Q4_1, true>(wg, sg, wu, su, x, y, rows, cols, t, 0);
+
+// The tensor-core matmul for chunks of tokens in a quantized format (Q4_1, Q8_0); f32 matrices
+// keep `tiled_*`. Activations stay f32 without rounding: each is split into three bf16 parts
+// whose sum is exactly the activation (x1 its top 8 significant bits, x2 the next 8, x3 the
+// rest: truncation leaves at most 8 bits a part), and a quant q (Q4_1: 0..15, Q8_0: -128..127)
+// is exact in bf16, so every product q * x_i is exact and the tensor cores add them in f32.
+// The scales come after a 32-weight block's sums: y += d * sum(q x) (+ m * sum(x) for Q4_1),
+// which is sum((d q + m) x) summed in another order.
+//
+// Block: MMA_ROWS weight rows x MMA_TOKENS tokens, 8 warps; warp w computes rows
+// 32 (w % 4) .. + 32 and tokens 32 (w / 4) .. + 32 as 2 x 4 tiles of mma.m16n8k16. Each
+// 32-column step stages the block's quants as bf16 and its activations' three parts in shared
+// memory; the next step's global loads are issued before this step's products.
+#define MMA_ROWS 128
+#define MMA_TOKENS 64
+#define MMA_THREADS 256
+// bf16 elements a staged row takes: 32, and 8 of padding so that the fragment loads of a warp
+// fall in distinct banks.
+#define MMA_STRIDE 40
+
+// x with its low 16 bits cleared: its top 8 significant bits, exact in bf16.
+__device__ __forceinline__ float bf16_top(float x) {
+    return __uint_as_float(__float_as_uint(x) & 0xffff0000u);
 }
-extern "C" __global__ void tiled_swiglu_q8_0(const u8* wg, const u8* sg, const u8* wu,
-                                             const u8* su, const float* x, float* y, int rows,
-                                             int cols, int t) {
+
+// Two bf16 values (their f32 bit patterns' top halves) in one register, `lo` the lower k.
+__device__ __forceinline__ u32 bf16_pair(float lo, float hi) {
+    return (__float_as_uint(lo) >> 16) | (__float_as_uint(hi) & 0xffff0000u);
+}
+
+// c += a b for one m16n8k16 tile: a 16 x 16 bf16 (row-major fragments), b 16 x 8 bf16, c f32.
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The global data of one 32-column step a thread stages: 16 quants of one row (Q4_1: all 16
+// bytes of the block, of which it takes one nibble each; Q8_0: half the block's bytes) with
+// the row's scales, for each matrix, and 8 activations of one token.
+template <bool GATED>
+struct MmaLoads {
+    uint4 q[GATED ? 2 : 1];
+    u32 s[GATED ? 2 : 1];
+    float4 x0, x1;
+};
+
+template <int FMT, bool GATED>
+__device__ __forceinline__ void mma_fetch(MmaLoads<GATED>& l, const u8* w, const u8* s,
+                                          const u8* w2, const u8* s2, const float* x, int b,
+                                          int nb, int row, bool row_in, int half, int tok,
+                                          bool tok_in, int cols, int qtr) {
+#pragma unroll
+    for (int m = 0; m < (GATED ? 2 : 1); m++) {
+        const u8* wm = m == 0 ? w : w2;
+        const u8* sm = m == 0 ? s : s2;
+        const long blk = (long)row * nb + b;
+        if (!row_in) {
+            l.q[m] = make_uint4(0u, 0u, 0u, 0u);
+            l.s[m] = 0u;
+        } else if (FMT == FMT_Q4_1) {
+            l.q[m] = reinterpret_cast<const uint4*>(wm)[blk];
+            l.s[m] = reinterpret_cast<const u32*>(sm)[blk];
+        } else {
+            l.q[m] = reinterpret_cast<const uint4*>(wm)[blk * 2 + half];
+            l.s[m] = reinterpret_cast<const u16*>(sm)[blk];
+        }
+    }
+    if (tok_in) {
+        const float4* xp =
+            reinterpret_cast<const float4*>(x + (long)tok * cols + b * 32 + qtr * 8);
+        l.x0 = xp[0];
+        l.x1 = xp[1];
+    } else {
+        l.x0 = l.x1 = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+}
+
+template <int FMT, bool GATED>
+__device__ void mma_body(const u8* w, const u8* s, const u8* w2, const u8* s2, const float* x,
+                         float* y, int rows, int cols, int t, int accumulate) {
+    __shared__ __align__(16) u16 wsh[GATED ? 2 : 1][MMA_ROWS][MMA_STRIDE];
+    __shared__ __align__(16) u16 xsh[3][MMA_TOKENS][MMA_STRIDE];
+    __shared__ float dsh[GATED ? 2 : 1][MMA_ROWS], msh[GATED ? 2 : 1][MMA_ROWS];
+    __shared__ float xsum[MMA_TOKENS];
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, tig = lane % 4;
+    const int wm = warp % 4, wn = warp / 4;
+    const int row0 = blockIdx.x * MMA_ROWS, tok0 = blockIdx.y * MMA_TOKENS;
+    const int nb = cols / 32;
+    // What this thread stages: quants 16 half .. 16 half + 15 of row lr, and activations
+    // 8 qtr .. 8 qtr + 7 of token lt.
+    const int lr = tid / 2, half = tid % 2, lt = tid / 4, qtr = tid % 4;
+    const bool row_in = row0 + lr < rows, tok_in = tok0 + lt < t;
+    float acc[GATED ? 2 : 1][2][4][4], part[GATED ? 2 : 1][2][4][4];
+#pragma unroll
+    for (int m = 0; m < (GATED ? 2 : 1); m++)
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) acc[m][i][j][e] = part[m][i][j][e] = 0.0f;
+    MmaLoads<GATED> next;
+    mma_fetch<FMT, GATED>(next, w, s, w2, s2, x, 0, nb, row0 + lr, row_in, half, tok0 + lt,
+                          tok_in, cols, qtr);
+    for (int b = 0; b < nb; b++) {
+        const MmaLoads<GATED> cur = next;
+        // Stage the quants as bf16 pairs, and the scales.
+#pragma unroll
+        for (int m = 0; m < (GATED ? 2 : 1); m++) {
+            const u32 words[4] = {cur.q[m].x, cur.q[m].y, cur.q[m].z, cur.q[m].w};
+            u32* dst = reinterpret_cast<u32*>(&wsh[m][lr][16 * half]);
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                float lo, hi;
+                if (FMT == FMT_Q4_1) {
+                    // Weight 16 half + 2j (and + 1): byte 2j (2j + 1), nibble `half`.
+                    const u32 word = words[j / 2] >> (16 * (j % 2) + 4 * half);
+                    lo = (float)(word & 15);
+                    hi = (float)((word >> 8) & 15);
+                } else {
+                    const u32 word = words[j / 2] >> (16 * (j % 2));
+                    lo = (float)(signed char)(word & 0xff);
+                    hi = (float)(signed char)((word >> 8) & 0xff);
+                }
+                dst[j] = bf16_pair(lo, hi);
+            }
+            if (half == 0) {
+                if (FMT == FMT_Q4_1) {
+                    dsh[m][lr] = f16_to_f32((u16)(cur.s[m] & 0xffff));
+                    msh[m][lr] = f16_to_f32((u16)(cur.s[m] >> 16));
+                } else {
+                    dsh[m][lr] = f16_to_f32((u16)cur.s[m]);
+                }
+            }
+        }
+        // Stage the activations' three parts, and their sum over the block (for Q4_1's m).
+        {
+            const float v[8] = {cur.x0.x, cur.x0.y, cur.x0.z, cur.x0.w,
+                                cur.x1.x, cur.x1.y, cur.x1.z, cur.x1.w};
+            float p1[8], p2[8], p3[8];
+            float sum = 0.0f;
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                p1[e] = bf16_top(v[e]);
+                const float r = v[e] - p1[e];
+                p2[e] = bf16_top(r);
+                p3[e] = r - p2[e];
+                sum += v[e];
+            }
+#pragma unroll
+            for (int e = 0; e < 8; e += 2) {
+                u32* const dst = reinterpret_cast<u32*>(&xsh[0][lt][8 * qtr]) + e / 2;
+                dst[0] = bf16_pair(p1[e], p1[e + 1]);
+                dst[MMA_TOKENS * MMA_STRIDE / 2] = bf16_pair(p2[e], p2[e + 1]);
+                dst[MMA_TOKENS * MMA_STRIDE] = bf16_pair(p3[e], p3[e + 1]);
+            }
+            if (FMT == FMT_Q4_1) {
+                sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+                sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+                if (qtr == 0) xsum[lt] = sum;
+            }
+        }
+        __syncthreads();
+        if (b + 1 < nb) {
+            mma_fetch<FMT, GATED>(next, w, s, w2, s2, x, b + 1, nb, row0 + lr, row_in, half,
+                                  tok0 + lt, tok_in, cols, qtr);
+        }
+#pragma unroll
+        for (int k0 = 0; k0 < 32; k0 += 16) {
+            u32 a[GATED ? 2 : 1][2][4];
+#pragma unroll
+            for (int m = 0; m < (GATED ? 2 : 1); m++)
+#pragma unroll
+                for (int i = 0; i < 2; i++) {
+                    const int r = 32 * wm + 16 * i + g;
+                    a[m][i][0] = *reinterpret_cast<const u32*>(&wsh[m][r][k0 + 2 * tig]);
+                    a[m][i][1] = *reinterpret_cast<const u32*>(&wsh[m][r + 8][k0 + 2 * tig]);
+                    a[m][i][2] = *reinterpret_cast<const u32*>(&wsh[m][r][k0 + 8 + 2 * tig]);
+                    a[m][i][3] =
+                        *reinterpret_cast<const u32*>(&wsh[m][r + 8][k0 + 8 + 2 * tig]);
+                }
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int n = 32 * wn + 8 * j + g;
+                // The smallest part first, so that it is not lost below the larger ones' sum.
+#pragma unroll
+                for (int p = 2; p >= 0; p--) {
+                    const u32 b0 = *reinterpret_cast<const u32*>(&xsh[p][n][k0 + 2 * tig]);
+                    const u32 b1 = *reinterpret_cast<const u32*>(&xsh[p][n][k0 + 8 + 2 * tig]);
+#pragma unroll
+                    for (int m = 0; m < (GATED ? 2 : 1); m++)
+#pragma unroll
+                        for (int i = 0; i < 2; i++) mma_bf16(part[m][i][j], a[m][i], b0, b1);
+                }
+            }
+        }
+        // Scale the block's sums into the result: element e of tile (i, j) is row
+        // 32 wm + 16 i + g (+ 8 for e >= 2), token 32 wn + 8 j + 2 tig + e % 2.
+#pragma unroll
+        for (int m = 0; m < (GATED ? 2 : 1); m++)
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int r = 32 * wm + 16 * i + g + (e >= 2 ? 8 : 0);
+                    const float d = dsh[m][r];
+                    const float mn = FMT == FMT_Q4_1 ? msh[m][r] : 0.0f;
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        float v = fmaf(d, part[m][i][j][e], acc[m][i][j][e]);
+                        if (FMT == FMT_Q4_1)
+                            v = fmaf(mn, xsum[32 * wn + 8 * j + 2 * tig + e % 2], v);
+                        acc[m][i][j][e] = v;
+                        part[m][i][j][e] = 0.0f;
+                    }
+                }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int row = row0 + 32 * wm + 16 * i + g + (e >= 2 ? 8 : 0);
+                const int tok = tok0 + 32 * wn + 8 * j + 2 * tig + e % 2;
+                if (row >= rows || tok >= t) continue;
+                float* out = y + (long)tok * rows + row;
+                if (GATED) {
+                    const float gate = acc[0][i][j][e];
+                    *out = gate / (1.0f + expf(-gate)) * acc[GATED ? 1 : 0][i][j][e];
+                } else {
+                    *out = accumulate ? *out + acc[0][i][j][e] : acc[0][i][j][e];
+                }
+            }
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS) mma_q4_1(const u8* w, const u8* s,
+                                                           const float* x, float* y, int rows,
+                                                           int cols, int t, int accumulate) {
     after_predecessor();
-    tiled_body<FMT_Q8_0, true>(wg, sg, wu, su, x, y, rows, cols, t, 0);
+    mma_body<FMT_Q4_1, false>(w, s, w, s, x, y, rows, cols, t, accumulate);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS) mma_q8_0(const u8* w, const u8* s,
+                                                           const float* x, float* y, int rows,
+                                                           int cols, int t, int accumulate) {
+    after_predecessor();
+    mma_body<FMT_Q8_0, false>(w, s, w, s, x, y, rows, cols, t, accumulate);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+    mma_swiglu_q4_1(const u8* wg, const u8* sg, const u8* wu, const u8* su, const float* x,
+                    float* y, int rows, int cols, int t) {
+    after_predecessor();
+    mma_body<FMT_Q4_1, true>(wg, sg, wu, su, x, y, rows, cols, t, 0);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+    mma_swiglu_q8_0(const u8* wg, const u8* sg, const u8* wu, const u8* su, const float* x,
+                    float* y, int rows, int cols, int t) {
+    after_predecessor();
+    mma_body<FMT_Q8_0, true>(wg, sg, wu, su, x, y, rows, cols, t, 0);
 }
 
 // One weight of row `row`, column `col`, of a matrix in format `fmt`.

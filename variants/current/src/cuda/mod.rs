@@ -49,6 +49,11 @@ const TILED_ABOVE: usize = TOKEN_TILE as usize;
 /// Weight rows and tokens of a tiled-matmul block (`TILE_ROWS`, `TILE_TOKENS` in kernels.cu).
 const TILE_ROWS: u32 = 64;
 const TILE_TOKENS: u32 = 64;
+/// Weight rows and tokens of a tensor-core matmul block (`MMA_ROWS`, `MMA_TOKENS`), and its
+/// threads (eight warps).
+const MMA_ROWS: u32 = 128;
+const MMA_TOKENS: u32 = 64;
+const MMA_THREADS: u32 = 256;
 /// Warps per block of the one-token kernels (`VEC_WARPS` in kernels.cu).
 const VEC_WARPS: u32 = 4;
 /// Rows per warp of the one-token Q8_0 kernel (`Q8_ROWS` in kernels.cu); Q4_1 takes one.
@@ -233,7 +238,8 @@ struct Kernels {
     matmul: [CudaFunction; 3],
     /// `swiglu_*` per [`Format`].
     swiglu: [CudaFunction; 3],
-    /// `tiled_*` and `tiled_swiglu_*` per [`Format`]: the same for chunks of tokens.
+    /// The same for chunks of tokens, per [`Format`]: `tiled_f32` and `tiled_swiglu_f32`
+    /// for f32 matrices, the tensor-core `mma_*` and `mma_swiglu_*` for the quantized ones.
     tiled: [CudaFunction; 3],
     tiled_swiglu: [CudaFunction; 3],
     /// `matvec_*` and `swiglu_vec_*` per [`Format`]: the one-token kernels of a decode step,
@@ -264,11 +270,11 @@ impl Kernels {
         Ok(Self {
             matmul: [f("matmul_f32")?, f("matmul_q4_1")?, f("matmul_q8_0")?],
             swiglu: [f("swiglu_f32")?, f("swiglu_q4_1")?, f("swiglu_q8_0")?],
-            tiled: [f("tiled_f32")?, f("tiled_q4_1")?, f("tiled_q8_0")?],
+            tiled: [f("tiled_f32")?, f("mma_q4_1")?, f("mma_q8_0")?],
             tiled_swiglu: [
                 f("tiled_swiglu_f32")?,
-                f("tiled_swiglu_q4_1")?,
-                f("tiled_swiglu_q8_0")?,
+                f("mma_swiglu_q4_1")?,
+                f("mma_swiglu_q8_0")?,
             ],
             matvec: [None, Some(f("matvec_q4_1")?), Some(f("matvec_q8_0")?)],
             swiglu_vec: [
@@ -366,7 +372,7 @@ impl Kernels {
             } else {
                 &self.tiled
             };
-            return (&table[f], tiled_config(rows, t), false);
+            return (&table[f], tiled_config(rows, t, format), false);
         }
         let vec = if gated {
             &self.swiglu_vec
@@ -1034,9 +1040,14 @@ fn vec_config(rows: usize, format: Format) -> LaunchConfig {
     tiles(rows, VEC_WARPS * rows_per_warp, 1, 1, VEC_WARPS * 32)
 }
 
-/// The grid of the tiled `matmul`/`swiglu` for `rows` weight rows and `t` tokens.
-fn tiled_config(rows: usize, t: usize) -> LaunchConfig {
-    tiles(rows, TILE_ROWS, t, TILE_TOKENS, 256)
+/// The grid of the chunk kernel for `rows` weight rows in `format` and `t` tokens: the
+/// f32 tiled matmul, or the tensor-core one for a quantized format.
+fn tiled_config(rows: usize, t: usize, format: Format) -> LaunchConfig {
+    if format == Format::F32 {
+        tiles(rows, TILE_ROWS, t, TILE_TOKENS, 256)
+    } else {
+        tiles(rows, MMA_ROWS, t, MMA_TOKENS, MMA_THREADS)
+    }
 }
 
 /// A grid of blocks of `threads` covering `rows` weight rows `row_tile` at a time and `t`
