@@ -24,10 +24,11 @@
 // Warps (one weight row each) per block of `matmul`.
 #define ROW_WARPS 8
 
-// Attention: queries per block (8 threads each), keys per shared-memory tile, and the widest
-// head the tiles hold.
-#define AQ 16
-#define AK 32
+// attention_split: keys per shared-memory tile, head dimensions per lane (a head takes 1, 2 or
+// 4 lanes), the most threads a block has, and the widest head it holds.
+#define PK 32
+#define PD 32
+#define ATT_THREADS 256
 #define ATT_HD_MAX 128
 
 // The tiled matmul for chunks of tokens through an f32 matrix: a block computes TILE_ROWS
@@ -1043,67 +1044,85 @@ extern "C" __global__ void rope_kv(float* qkv, const float* cos_t, const float* 
 
 // Causal grouped-query attention, flash-decoding style, in two kernels.
 //
-// attention_split: block (head, query tile, split) takes AQ queries of one head (tokens of a
-// chunk starting at position pos0 = *pos_at, read from device memory) against the keys of one split, `split` keys from split * split_len,
-// and writes per query the split's running max m, sum l and unnormalised output acc[hd] to
-// `partial` ([token][head][split] records of hd + 2 floats). Keys and values come from the cache
-// in place, AK at a time through shared memory; 8 threads serve one query, thread r owning the
-// dimensions r, r + 8, ... of the head, and the softmax is online (per key tile). Query `tok`
-// sees positions 0..=pos0 + tok. Needs hd a multiple of 8 and at most ATT_HD_MAX (checked at
-// load).
+// attention_split: block (KV head, query tile, split) takes the tile's queries (tokens of a
+// chunk starting at position pos0 = *pos_at, read from device memory) for every query head the
+// KV head serves, against the keys of one split, `split_len` keys from split * split_len, and
+// writes per query and head the split's running max m, sum l and unnormalised output acc[hd] to
+// `partial` ([token][head][split] records of hd + 2 floats). Keys and values come from the
+// cache in place, PK at a time through shared memory, where every query and head of the block
+// reads them. D lanes serve one (query, head), lane s owning the dimensions s * PD .. s * PD +
+// PD of the head (D = 1, 2 or 4: head widths up to 32, 64, 128), so a score takes a
+// shuffle-sum over D lanes, and a lane holds its query's part and its output's in registers.
+// The softmax is online, per key tile. Query `tok` sees positions 0..=pos0 + tok. The block has
+// blockDim.x / (group * D) queries (the host picks it); hd is a multiple of 8 and at most
+// ATT_HD_MAX (checked at load).
 //
 // attention_combine: block (head, token) merges its splits into out (t, n_head * hd).
-extern "C" __global__ void attention_split(const float* qkv, const float* k_cache,
-                                           const float* v_cache, float* partial,
-                                           const int* pos_at, int t, int n_head, int n_kv,
-                                           int hd, int split_len, int n_split, float scale) {
-    after_predecessor();
-    const int pos0 = *pos_at;
-    __shared__ __align__(16) float ks[AK][ATT_HD_MAX];
-    __shared__ __align__(16) float vs[AK][ATT_HD_MAX];
-    const int h = blockIdx.x, split = blockIdx.z;
-    const int tid = threadIdx.x, r = tid % 8;
-    const int tok = blockIdx.y * AQ + tid / 8;
+template <int D>
+__device__ __forceinline__ void attention_split_body(const float* qkv, const float* k_cache,
+                                                     const float* v_cache, float* partial,
+                                                     int pos0, int t, int n_head, int n_kv,
+                                                     int hd, int split_len, int n_split,
+                                                     float scale, float* ks, float* vs) {
+    // A key's row in shared memory: D slices of PD dimensions, each padded by 4 floats so that
+    // the D lanes of a (query, head), which read the same key at once, hit different banks.
+    constexpr int SLICE = PD + 4, ROW = D * SLICE, ROW4 = D * PD / 4;
+    const int group = n_head / n_kv, kvh = blockIdx.x, split = blockIdx.z;
+    const int per_block = blockDim.x / (group * D);
+    const int tid = threadIdx.x, s = tid % D, pair = tid / D;
+    const int h = kvh * group + pair % group;
+    const int tok = blockIdx.y * per_block + pair / group;
     const bool active = tok < t;
-    const int last_tok = min(t, (int)(blockIdx.y + 1) * AQ) - 1;
-    const int kvh = h / (n_head / n_kv), dpt = hd / 8;
+    const int last_tok = min(t, (int)(blockIdx.y + 1) * per_block) - 1;
     const long stride = (long)n_kv * hd;
     const int k_begin = split * split_len;
-    // Splits past the keys a query sees write empty records (m = -inf), so one grid, sized for the
-    // whole cache, serves every position of a captured decode step.
+    // Splits past the keys a query sees write empty records (m = -inf), so one grid, sized for
+    // the whole cache, serves every position of a captured step.
     // Keys this tile of queries can see at all: up to the last query's own position.
     const int k_end = min(k_begin + split_len, pos0 + last_tok + 1);
     const int my_last = pos0 + tok;  // the last key this thread's query sees
+    const int d0 = s * PD;           // this lane's first dimension
 
-    float q[ATT_HD_MAX / 8], acc[ATT_HD_MAX / 8];
+    float q[PD], acc[PD];
     const float* qrow = qkv + (long)min(tok, t - 1) * (n_head + 2 * n_kv) * hd + h * hd;
 #pragma unroll
-    for (int i = 0; i < ATT_HD_MAX / 8; i++) {
-        q[i] = (i < dpt) ? qrow[r + 8 * i] : 0.0f;
+    for (int i = 0; i < PD; i++) {
+        q[i] = (d0 + i < hd) ? qrow[d0 + i] : 0.0f;
         acc[i] = 0.0f;
     }
     float m = NEG_INF, l = 0.0f;
-    for (int k0 = k_begin; k0 < k_end; k0 += AK) {
-        const int n = min(AK, k_end - k0);
+    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int k0 = k_begin; k0 < k_end; k0 += PK) {
+        const int n = min(PK, k_end - k0);
         __syncthreads();  // the previous tile is no longer read
-        for (int i = tid; i < AK * hd; i += blockDim.x) {
-            const int j = i / hd, d = i % hd;
-            const bool in = j < n;
-            ks[j][d] = in ? k_cache[(long)(k0 + j) * stride + kvh * hd + d] : 0.0f;
-            vs[j][d] = in ? v_cache[(long)(k0 + j) * stride + kvh * hd + d] : 0.0f;
+        // Dimensions past hd (and keys past the split) are zeros: never garbage times zero.
+        for (int i = tid; i < PK * ROW4; i += blockDim.x) {
+            const int j = i / ROW4, c = (i % ROW4) * 4;
+            const bool in = j < n && c < hd;
+            const long at = (long)(k0 + j) * stride + kvh * hd + c;
+            const int to = j * ROW + (c / PD) * SLICE + c % PD;
+            *reinterpret_cast<float4*>(ks + to) =
+                in ? *reinterpret_cast<const float4*>(k_cache + at) : zero;
+            *reinterpret_cast<float4*>(vs + to) =
+                in ? *reinterpret_cast<const float4*>(v_cache + at) : zero;
         }
         __syncthreads();
-        float sc[AK];
+        float sc[PK];
         float tile_max = NEG_INF;
 #pragma unroll
-        for (int j = 0; j < AK; j++) {
+        for (int j = 0; j < PK; j++) {
+            const float* kr = ks + j * ROW + s * SLICE;
             float part = 0.0f;
 #pragma unroll
-            for (int i = 0; i < ATT_HD_MAX / 8; i++)
-                if (i < dpt) part = fmaf(q[i], ks[j][r + 8 * i], part);
-            part += __shfl_xor_sync(0xffffffffu, part, 1);
-            part += __shfl_xor_sync(0xffffffffu, part, 2);
-            part += __shfl_xor_sync(0xffffffffu, part, 4);
+            for (int i = 0; i < PD; i += 4) {
+                const float4 k4 = *reinterpret_cast<const float4*>(kr + i);
+                part = fmaf(q[i], k4.x, part);
+                part = fmaf(q[i + 1], k4.y, part);
+                part = fmaf(q[i + 2], k4.z, part);
+                part = fmaf(q[i + 3], k4.w, part);
+            }
+#pragma unroll
+            for (int o = 1; o < D; o <<= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
             const bool visible = j < n && k0 + j <= my_last;
             sc[j] = visible ? part * scale : NEG_INF;
             tile_max = fmaxf(tile_max, sc[j]);
@@ -1113,26 +1132,51 @@ extern "C" __global__ void attention_split(const float* qkv, const float* k_cach
         const float correction = expf(m - m_new);
         l *= correction;
 #pragma unroll
-        for (int i = 0; i < ATT_HD_MAX / 8; i++) acc[i] *= correction;
+        for (int i = 0; i < PD; i++) acc[i] *= correction;
 #pragma unroll
-        for (int j = 0; j < AK; j++) {
+        for (int j = 0; j < PK; j++) {
             const float p = (sc[j] == NEG_INF) ? 0.0f : expf(sc[j] - m_new);
             l += p;
+            const float* vr = vs + j * ROW + s * SLICE;
 #pragma unroll
-            for (int i = 0; i < ATT_HD_MAX / 8; i++)
-                if (i < dpt) acc[i] = fmaf(p, vs[j][r + 8 * i], acc[i]);
+            for (int i = 0; i < PD; i += 4) {
+                const float4 v4 = *reinterpret_cast<const float4*>(vr + i);
+                acc[i] = fmaf(p, v4.x, acc[i]);
+                acc[i + 1] = fmaf(p, v4.y, acc[i + 1]);
+                acc[i + 2] = fmaf(p, v4.z, acc[i + 2]);
+                acc[i + 3] = fmaf(p, v4.w, acc[i + 3]);
+            }
         }
         m = m_new;
     }
     if (!active) return;
     float* rec = partial + (((long)tok * n_head + h) * n_split + split) * (hd + 2);
-    if (r == 0) {
+    if (s == 0) {
         rec[0] = m;
         rec[1] = l;
     }
 #pragma unroll
-    for (int i = 0; i < ATT_HD_MAX / 8; i++)
-        if (i < dpt) rec[2 + r + 8 * i] = acc[i];
+    for (int i = 0; i < PD; i++)
+        if (d0 + i < hd) rec[2 + d0 + i] = acc[i];
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_THREADS)
+    attention_split(const float* qkv, const float* k_cache, const float* v_cache,
+                    float* partial, const int* pos_at, int t, int n_head, int n_kv, int hd,
+                    int split_len, int n_split, float scale) {
+    after_predecessor();
+    const int pos0 = *pos_at;
+    __shared__ __align__(16) float ks[PK * 4 * (PD + 4)];
+    __shared__ __align__(16) float vs[PK * 4 * (PD + 4)];
+    if (hd <= PD)
+        attention_split_body<1>(qkv, k_cache, v_cache, partial, pos0, t, n_head, n_kv, hd,
+                                split_len, n_split, scale, ks, vs);
+    else if (hd <= 2 * PD)
+        attention_split_body<2>(qkv, k_cache, v_cache, partial, pos0, t, n_head, n_kv, hd,
+                                split_len, n_split, scale, ks, vs);
+    else
+        attention_split_body<4>(qkv, k_cache, v_cache, partial, pos0, t, n_head, n_kv, hd,
+                                split_len, n_split, scale, ks, vs);
 }
 
 extern "C" __global__ void attention_combine(const float* partial, float* out,

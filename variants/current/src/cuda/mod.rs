@@ -58,8 +58,10 @@ const MMA_THREADS: u32 = 256;
 const VEC_WARPS: u32 = 4;
 /// Rows per warp of the one-token Q8_0 kernel (`Q8_ROWS` in kernels.cu); Q4_1 takes one.
 const Q8_ROWS: u32 = 2;
-/// Queries per `attention_split` block, 8 threads each (`AQ` in kernels.cu).
-const ATT_QUERIES: u32 = 16;
+/// The most threads of an `attention_split` block (`ATT_THREADS` in kernels.cu), and the head
+/// dimensions each lane holds (`PD`): a (query, head) takes [`att_lanes`] lanes.
+const ATT_THREADS: u32 = 256;
+const ATT_LANE_DIMS: usize = 32;
 /// Threads per `attention_decode` block (`DEC_THREADS` in kernels.cu), the most query heads
 /// per KV head it serves (`GROUP_MAX`; a model with more decodes through `attention_split`),
 /// and its blocks per cluster, a cluster per KV head (`DEC_CLUSTER`).
@@ -522,6 +524,15 @@ impl CudaLlama {
                 "the attention kernel needs a head width that is a multiple of 8 and at most \
                  {ATT_HD_MAX}; this model's is {}",
                 cfg.head_dim
+            )));
+        }
+        let group = cfg.n_head / cfg.n_kv_head;
+        if group as u32 * att_lanes(cfg.head_dim) > ATT_THREADS {
+            return Err(ModelError::Gpu(format!(
+                "the attention kernel serves at most {ATT_THREADS} lanes per KV head; this \
+                 model's {group} query heads per KV head of width {} need {}",
+                cfg.head_dim,
+                group as u32 * att_lanes(cfg.head_dim)
             )));
         }
         fixed_mmap_threshold();
@@ -1172,19 +1183,23 @@ fn attention(
         .arg(&split)
         .arg(&splits)
         .arg(&scale);
+    // A block: every query head of one KV head, for as many queries as ATT_THREADS allows.
+    let lanes = (cfg.n_head / cfg.n_kv_head) as u32 * att_lanes(cfg.head_dim);
+    let queries = (ATT_THREADS / lanes).max(1);
     let config = LaunchConfig {
         grid_dim: (
-            cfg.n_head as u32,
-            (t as u32).div_ceil(ATT_QUERIES),
+            cfg.n_kv_head as u32,
+            (t as u32).div_ceil(queries),
             n_split as u32,
         ),
-        block_dim: (ATT_QUERIES * 8, 1, 1),
+        block_dim: (queries * lanes, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: the caches hold positions ..pos + t (rope_kv wrote them before, in stream
     // order), `qkv` holds t rows of (n_head + 2 n_kv) heads, `partial` the records of t
-    // queries x n_head x n_split (grown above), and the head width is a multiple of 8 of at
-    // most ATT_HD_MAX (checked at load).
+    // queries x n_head x n_split (grown above), the head width is a multiple of 8 of at most
+    // ATT_HD_MAX and a KV head's lanes at most ATT_THREADS (both checked at load), so the
+    // block has whole (query, head) lane groups and at most ATT_THREADS threads.
     unsafe { launch.launch(config) }?;
     let mut launch = stream.launch_builder(&k.attention_combine);
     launch
@@ -1203,6 +1218,12 @@ fn attention(
     // SAFETY: `partial` holds the records just written, `out` room for t rows of n_head heads.
     unsafe { launch.launch(config) }?;
     Ok(())
+}
+
+/// Lanes of `attention_split` per (query, head): 1, 2 or 4, for heads up to 32, 64 or 128 wide
+/// (`D` in kernels.cu, which picks the same by the head width).
+fn att_lanes(head_dim: usize) -> u32 {
+    head_dim.div_ceil(ATT_LANE_DIMS).next_power_of_two() as u32
 }
 
 /// `out = rmsnorm(x) * weight` for `t` rows of n_embd.

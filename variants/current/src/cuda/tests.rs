@@ -780,7 +780,8 @@ fn kernels_cu_defines_match_the_launch_constants() {
         ("MMA_THREADS", MMA_THREADS as usize),
         ("VEC_WARPS", VEC_WARPS as usize),
         ("Q8_ROWS", Q8_ROWS as usize),
-        ("AQ", ATT_QUERIES as usize),
+        ("ATT_THREADS", ATT_THREADS as usize),
+        ("PD", ATT_LANE_DIMS),
         ("ATT_HD_MAX", ATT_HD_MAX),
         ("DEC_THREADS", DECODE_THREADS as usize),
         ("GROUP_MAX", DECODE_GROUP_MAX),
@@ -793,6 +794,11 @@ fn kernels_cu_defines_match_the_launch_constants() {
             value,
             "kernels.cu's {name} against the launch side's"
         );
+    }
+    // attention_split's lanes a (query, head): what the launch side computes is the D the
+    // kernel picks by the head width (hd <= PD: 1, <= 2 PD: 2, else 4).
+    for (hd, lanes) in [(8, 1), (32, 1), (40, 2), (64, 2), (72, 4), (128, 4)] {
+        assert_eq!(att_lanes(hd), lanes, "head width {hd}");
     }
     // attention_decode takes 64-key tiles from DEC_CLUSTER * DK on, where decode switches to it.
     assert_eq!(define("DEC_CLUSTER") * define("DK"), DECODE_LONG_FROM);
