@@ -26,9 +26,9 @@
 
 // attention_split: keys per shared-memory tile, head dimensions per lane (a head takes 1, 2 or
 // 4 lanes), the most threads a block has, and the widest head it holds.
-#define PK 32
+#define PK 16
 #define PD 32
-#define ATT_THREADS 256
+#define ATT_THREADS 128
 #define ATT_HD_MAX 128
 
 // The tiled matmul for chunks of tokens through an f32 matrix: a block computes TILE_ROWS

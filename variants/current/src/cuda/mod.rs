@@ -60,7 +60,7 @@ const VEC_WARPS: u32 = 4;
 const Q8_ROWS: u32 = 2;
 /// The most threads of an `attention_split` block (`ATT_THREADS` in kernels.cu), and the head
 /// dimensions each lane holds (`PD`): a (query, head) takes [`att_lanes`] lanes.
-const ATT_THREADS: u32 = 256;
+const ATT_THREADS: u32 = 128;
 const ATT_LANE_DIMS: usize = 32;
 /// Threads per `attention_decode` block (`DEC_THREADS` in kernels.cu), the most query heads
 /// per KV head it serves (`GROUP_MAX`; a model with more decodes through `attention_split`),
