@@ -304,7 +304,8 @@ enum Command {
     /// Nothing outside variants/current is touched.
     Revert,
     /// Draw the experiment history: every `host compare` in results/results.tsv (of one
-    /// harness: the newest comparison's unless --harness names another), B's decode rate per
+    /// harness and one device: the newest comparison's unless --harness or --device names
+    /// another), B's decode rate per
     /// experiment marked kept / reverted / noise / crashed, and the running best of what was
     /// kept. Writes PNG and SVG.
     Plot {
@@ -317,6 +318,10 @@ enum Command {
         /// Plot the rows of this harness hash (or a prefix of it).
         #[arg(long)]
         harness: Option<String>,
+        /// Plot the rows of this device, as the results' device column writes it ("cpu",
+        /// "cpu, 1 thread", "cuda:0").
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Print the path of the default model, fetching it into the cache first if needed. With
     /// --tensors, list the model's weights instead: each kind of tensor (the layers' copies
@@ -489,7 +494,8 @@ fn main() -> ExitCode {
             results,
             out,
             harness,
-        } => plot_command(results, out, harness),
+            device,
+        } => plot_command(results, out, harness, device),
         Command::Model { tensors: false, .. } => {
             fetch::default_model().map(|p| println!("{}", p.display()))
         }
@@ -547,12 +553,13 @@ fn plot_command(
     results: Option<PathBuf>,
     out: Option<PathBuf>,
     harness: Option<String>,
+    device: Option<String>,
 ) -> anyhow::Result<()> {
     let results = match results {
         Some(r) => r,
         None => setup::find_root(&std::env::current_dir()?)?.join("results"),
     };
-    let history = plot::History::read(&results, harness.as_deref())?;
+    let history = plot::History::read(&results, harness.as_deref(), device.as_deref())?;
     let stem = out.unwrap_or_else(|| results.join("progress"));
     let (svg, png) = plot::draw(&history, &stem)?;
     let count = |m: plot::Mark| {
@@ -563,21 +570,22 @@ fn plot_command(
             .count()
     };
     println!(
-        "{} experiments of harness {} ({} kept, {} reverted, {} noise, {} crashed){}: {} and {}",
+        "{} experiments of harness {} on {} ({} kept, {} reverted, {} noise, {} crashed){}: {} and {}",
         history.experiments.len(),
         &history.harness,
+        &history.device,
         count(plot::Mark::Kept),
         count(plot::Mark::Reverted),
         count(plot::Mark::Noise),
         count(plot::Mark::Crashed),
-        if history.other_harness_rows > 0 {
-            format!(
-                "; {} comparison(s) of other harnesses left out",
-                history.other_harness_rows
-            )
-        } else {
-            String::new()
-        },
+        [
+            (history.other_harness_rows, "of other harnesses"),
+            (history.other_device_rows, "of this harness on other devices"),
+        ]
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("; {n} comparison(s) {what} left out"))
+        .collect::<String>(),
         svg.display(),
         png.display()
     );

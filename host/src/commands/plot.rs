@@ -1,8 +1,9 @@
 //! `host plot`: the experiment history from `results/results.tsv`, drawn as SVG and PNG.
 //!
 //! [`History::read`] takes the comparison rows (those with a verdict; `host run` rows are
-//! single measurements, not experiments) of one harness, the newest row's unless asked
-//! otherwise: rows of different harnesses are never put on one scale. [`draw`] plots B's decode
+//! single measurements, not experiments) of one harness and one device, the newest row's unless
+//! asked otherwise: rows of different harnesses, or of a CPU and a GPU (or of 1 and 2 threads),
+//! are never put on one scale. [`draw`] plots B's decode
 //! rate per experiment, marked by outcome (kept, reverted, noise, crashed), and the running best
 //! decode rate of what was kept. Text needs a TrueType font, found on the system (or named by
 //! `AUTOINFER_FONT`), since plotters draws its own glyphs.
@@ -35,18 +36,23 @@ pub enum Mark {
     Crashed,
 }
 
-/// The experiments of one harness, in order, and what was left out.
+/// The experiments of one harness on one device, in order, and what was left out.
 #[derive(Debug)]
 pub struct History {
     pub harness: String,
+    /// The rows' device column (`cpu`, `cpu, 1 thread`, `cuda:0`).
+    pub device: String,
     pub experiments: Vec<Experiment>,
     /// Comparison rows of other harnesses, not drawn.
     pub other_harness_rows: usize,
+    /// Comparison rows of this harness on other devices, not drawn.
+    pub other_device_rows: usize,
 }
 
 impl History {
-    /// Reads the comparison rows of `harness` (the newest comparison's when `None`).
-    pub fn read(results: &Path, harness: Option<&str>) -> Result<History> {
+    /// Reads the comparison rows of `harness` (the newest comparison's when `None`) on `device`
+    /// (its newest row's when `None`).
+    pub fn read(results: &Path, harness: Option<&str>, device: Option<&str>) -> Result<History> {
         let rows = crate::ledger::row::read_rows(results)?;
         let compared: Vec<_> = rows
             .iter()
@@ -66,17 +72,30 @@ impl History {
             Some(h) => h.to_string(),
             None => newest.harness.clone(),
         };
-        let mine: Vec<_> = compared
+        let of_harness: Vec<_> = compared
             .iter()
             .filter(|r| {
                 (r.harness.starts_with(&harness) || harness.starts_with(r.harness.as_str()))
                     && !harness.is_empty()
             })
             .collect();
-        if mine.is_empty() {
+        let Some(last) = of_harness.last() else {
             bail!(
                 "no `host compare` rows of harness {harness} in {}",
                 results.join("results.tsv").display()
+            );
+        };
+        let device = device.map_or_else(|| last.device.clone(), str::to_string);
+        let mine: Vec<_> = of_harness.iter().filter(|r| r.device == device).collect();
+        if mine.is_empty() {
+            let mut devices: Vec<&str> = of_harness.iter().map(|r| r.device.as_str()).collect();
+            devices.sort();
+            devices.dedup();
+            bail!(
+                "no `host compare` rows of harness {harness} on device {device:?} in {}; its \
+                 rows are on {}",
+                results.join("results.tsv").display(),
+                devices.join(", ")
             );
         }
         let experiments = mine
@@ -104,8 +123,10 @@ impl History {
             })
             .collect();
         Ok(History {
-            other_harness_rows: compared.len() - mine.len(),
+            other_harness_rows: compared.len() - of_harness.len(),
+            other_device_rows: of_harness.len() - mine.len(),
             harness,
+            device,
             experiments,
         })
     }
@@ -227,8 +248,9 @@ where
     let mut chart = ChartBuilder::on(area)
         .caption(
             format!(
-                "autoinfer: {n} experiment(s), harness {}",
-                &history.harness[..12.min(history.harness.len())]
+                "autoinfer: {n} experiment(s), harness {}, {}",
+                &history.harness[..12.min(history.harness.len())],
+                history.device
             ),
             ("sans-serif", 22),
         )
@@ -312,7 +334,15 @@ mod tests {
     use super::*;
 
     fn write_results(dir: &Path, rows: &[[&str; 6]]) {
-        // time, harness, decode_tok_s, decode_ratio, verdict, status
+        let on_cpu: Vec<[&str; 7]> = rows
+            .iter()
+            .map(|r| [r[0], r[1], r[2], r[3], r[4], r[5], "cpu"])
+            .collect();
+        write_results_on(dir, &on_cpu);
+    }
+
+    fn write_results_on(dir: &Path, rows: &[[&str; 7]]) {
+        // time, harness, decode_tok_s, decode_ratio, verdict, status, device
         let header = crate::ledger::row::COLUMNS.join("\t");
         let mut text = format!("{header}\n");
         for r in rows {
@@ -325,6 +355,7 @@ mod tests {
                     "decode_ratio" => r[3].into(),
                     "verdict" => r[4].into(),
                     "status" => r[5].into(),
+                    "device" => r[6].into(),
                     "against" => "HEAD:variants/current".into(),
                     _ => "x".into(),
                 })
@@ -393,7 +424,7 @@ mod tests {
                 ],
             ],
         );
-        let h = History::read(&dir, None).unwrap();
+        let h = History::read(&dir, None, None).unwrap();
         assert_eq!(h.other_harness_rows, 1, "the old harness's row is left out");
         assert_eq!(h.experiments.len(), 5, "the screen is not an experiment");
         let marks: Vec<Mark> = h.experiments.iter().map(|e| e.outcome).collect();
@@ -423,8 +454,52 @@ mod tests {
         let empty =
             std::env::temp_dir().join(format!("autoinfer-plot-empty-{}", std::process::id()));
         write_results(&empty, &[]);
-        let err = History::read(&empty, None).unwrap_err().to_string();
+        let err = History::read(&empty, None, None).unwrap_err().to_string();
         assert!(err.contains("no `host compare` rows"), "{err}");
         std::fs::remove_dir_all(&empty).unwrap();
+    }
+
+    /// A CPU comparison of 73 tok/s and GPU ones of 2,200 under one harness: drawn apart, the
+    /// newest row's device first, and the other device's rows counted as left out.
+    #[test]
+    fn history_keeps_one_device() {
+        let dir = std::env::temp_dir().join(format!("autoinfer-plot-dev-{}", std::process::id()));
+        let row = |t, d, dev| {
+            [
+                t,
+                "aaaaaaaaaaaa",
+                d,
+                "1.0500 [1.03, 1.07]",
+                "KEEP",
+                "ok",
+                dev,
+            ]
+        };
+        write_results_on(
+            &dir,
+            &[
+                row("t1", "2200.0", "cuda:0"),
+                row("t2", "73.0", "cpu"),
+                row("t3", "75.0", "cpu, 1 thread"),
+                row("t4", "2260.0", "cuda:0"),
+            ],
+        );
+        let h = History::read(&dir, None, None).unwrap();
+        assert_eq!(h.device, "cuda:0");
+        let decode: Vec<f64> = h.experiments.iter().filter_map(|e| e.decode).collect();
+        assert_eq!(decode, [2200.0, 2260.0]);
+        assert_eq!((h.other_device_rows, h.other_harness_rows), (2, 0));
+        let one = History::read(&dir, None, Some("cpu, 1 thread")).unwrap();
+        assert_eq!(one.experiments.len(), 1);
+        let err = History::read(&dir, None, Some("cuda:1"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("on device \"cuda:1\"") && err.contains("cpu, cpu, 1 thread, cuda:0"),
+            "{err}"
+        );
+        let (svg, _) = draw(&h, &dir.join("progress")).unwrap();
+        assert!(std::fs::read_to_string(&svg).unwrap().contains("cuda:0"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
