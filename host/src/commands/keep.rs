@@ -457,9 +457,12 @@ mod tests {
             _ => "-",
         };
         // Figures and gates that make the recorded outcome under the keep rule, unless the
-        // edit says otherwise (`record_decode`: the decode figure's verdict in the record only).
+        // edit says otherwise (`record_decode`: the decode figure's verdict in the record only;
+        // `record_prefill`: decode NOISE and prefill FASTER, a prefill that keeps for `keeps`,
+        // one recorded before prefill could keep for anything else).
         let decode = match (edit.0, verdict) {
             ("record_decode", _) => edit.1,
+            ("record_prefill", _) => "Noise",
             (_, "KEEP") => "Faster",
             (_, "REVERT") => "Slower",
             _ => "Noise",
@@ -469,6 +472,19 @@ mod tests {
             _ => serde_json::json!([{ "prompt": "code", "gate": "agreement", "figure": 0.5,
                                       "threshold": 0.999, "message": "fails" }]),
         };
+        let decision = serde_json::json!({ "ratio": 1.05, "ci": [1.03, 1.07], "p": null });
+        let mut figures = vec![
+            serde_json::json!({ "figure": "decode_tok_s", "verdict": decode,
+                                                   "settled": false, "decision": decision }),
+        ];
+        if edit.0 == "record_prefill" {
+            let mut prefill = serde_json::json!({ "figure": "prefill_tok_s", "verdict": "Faster",
+                                                  "settled": false, "decision": decision });
+            if edit.1 == "keeps" {
+                prefill["keeps"] = true.into();
+            }
+            figures.push(prefill);
+        }
         let record = serde_json::json!({
             "kind": "compare",
             "provenance": { "variant_tree": tree, "harness": RULES.harness, "sandbox": "full" },
@@ -476,8 +492,7 @@ mod tests {
             "protocol": { "seed": 42 },
             "outcome": if outcome == "-" { serde_json::Value::Null } else { outcome.into() },
             "status": status,
-            "figures": [{ "figure": "decode_tok_s", "verdict": decode, "settled": false,
-                          "decision": { "ratio": 1.05, "ci": [1.03, 1.07], "p": null } }],
+            "figures": figures,
             "gates": { "failures": failures },
         });
         std::fs::write(results.join("runs/compare.json"), record.to_string()).unwrap();
@@ -569,6 +584,15 @@ mod tests {
                 ("record_decode", "Noise"),
                 "disagree on the verdict",
             ),
+            // A prefill KEEP whose record's prefill could not keep (no `keeps`: recorded before
+            // prefill could, or where the prompts shared too long a head).
+            (
+                "KEEP",
+                "ok",
+                "pass",
+                ("record_prefill", "held"),
+                "disagree on the verdict",
+            ),
             (
                 "KEEP",
                 "ok",
@@ -609,6 +633,17 @@ mod tests {
             ..RULES
         });
         assert!(err.contains("disagree on the sandbox"), "{err}");
+
+        // A prefill KEEP whose record says prefill could keep: backed by its record.
+        record_compare(&dir, "KEEP", "ok", "pass", ("record_prefill", "keeps"));
+        let row = crate::ledger::row::read_rows(&results)
+            .unwrap()
+            .pop()
+            .unwrap();
+        let tree = crate::vcs::tree_hash(&dir.join(CURRENT));
+        let head = crate::vcs::tree_hash_at(&dir, "HEAD", CURRENT).unwrap();
+        check_record(&results, &row, &tree, &head, RULES.harness)
+            .expect("a prefill KEEP that could keep is backed by its record");
 
         record_compare(&dir, "KEEP", "ok", "pass", ("", ""));
         assert!(
