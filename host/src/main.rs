@@ -619,7 +619,7 @@ fn tokenize_command(
     let model = setup::open_model(model.as_deref())?;
     let codec = tokenize::TextCodec::from_model(model.view)?;
     let text = if chat {
-        codec.render_chat(None, &text)?
+        codec.render_chat(&text)?
     } else {
         text
     };
@@ -646,7 +646,7 @@ fn prompts_command(round: u64, seed: Option<u64>, model: Option<PathBuf>) -> any
         out.push(serde_json::json!({
             "prompt": planned.instance.prompt,
             "about": planned.spec.about,
-            "system_text": harness::prompts::system_message(&planned.instance.nonce),
+            "nonce": planned.instance.nonce,
             "user_text": planned.instance.user_text,
             "prompt_tokens": planned.ids.len(),
         }));

@@ -312,12 +312,11 @@ fn a_variant_that_buffers_its_tokens_is_never_kept() {
 
 /// The drift fixture's `prefix` attack in a comparison: B keeps the KV cache of the prompt its
 /// worker's warm-up request started with and prefills its timed request from the part the two
-/// share, so that part of its prefill is done before the clock starts. Before every system
-/// message began with a nonce, the two shared the chat template, its default system message
-/// and the instruction's head (a quarter of a short prompt; B's prefill read about 1.5x A's),
-/// and a rule that kept a prefill win on its own (d040bff) would have kept it. Now they share
-/// the template's head alone (`<|im_start|>system\n`), so the rule that counts prefill again
-/// has nothing to keep: B is not faster, and not kept.
+/// share, so that part of its prefill is done before the clock starts. Before every prompt
+/// began with a nonce, the two shared the chat template, its default system message and the
+/// instruction's head (a quarter of a short prompt; B's prefill read about 1.5x A's), and a rule
+/// that kept a prefill win on its own (d040bff) would have kept it. Now they share at most the
+/// first digits of their nonces, so the rule that counts prefill again has nothing to keep.
 #[test]
 fn a_prefix_cached_from_the_warm_up_is_never_kept() {
     let _one_at_a_time = serial();
@@ -333,16 +332,18 @@ fn a_prefix_cached_from_the_warm_up_is_never_kept() {
         matches!(out.status.code(), Some(3 | 4)),
         "the comparison runs and is not kept: {stdout}{err}"
     );
-    // The attack is live, and finds only the template's head to reuse.
+    // The attack is live (each request reports), and finds at most the first digits of a
+    // nonce to reuse (two nonces start alike one time in 16; three tokens alike, one in
+    // thousands). With the nonce after the template's head, every timed request reused its 3.
     let reused: Vec<usize> = err
         .lines()
         .filter_map(|l| l.split("attack prefix: reused ").nth(1))
         .filter_map(|rest| rest.split(' ').next()?.parse().ok())
         .collect();
-    assert!(reused.iter().any(|&n| n > 0), "no reuse reported: {err}");
+    assert!(reused.len() >= 16, "a report per request: {err}");
     assert!(
-        reused.iter().all(|&n| n <= 4),
-        "more than the template's head reused: {reused:?}"
+        reused.iter().all(|&n| n <= 2),
+        "more than a nonce's first digits reused: {reused:?}"
     );
     // So B's prefill is A's, within the noise of 8 short pairs (it read 1.5x with the shared
     // system message).
@@ -357,10 +358,6 @@ fn a_prefix_cached_from_the_warm_up_is_never_kept() {
         .unwrap();
     let ratio = prefill["at_95"]["ratio"].as_f64().unwrap();
     assert!(ratio < 1.15, "prefill B/A {ratio}:\n{stdout}");
-    assert_eq!(
-        prefill["keeps"], true,
-        "the default model's prompts let prefill keep"
-    );
     let row = &records(&results)[0];
     assert_ne!(row["verdict"], "KEEP", "{stdout}");
     std::fs::remove_dir_all(&results).unwrap();

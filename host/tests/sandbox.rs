@@ -164,12 +164,10 @@ fn a_prefix_cache_finds_no_shared_document_to_reuse() {
         })
         .collect();
     assert_eq!(reused.len(), 4, "a warm-up and 3 rounds: {stderr}");
-    // Live, and it finds only the chat template's head (`<|im_start|>system\n`, 3 tokens):
-    // every system message begins with its own nonce.
-    assert!(
-        reused[1..].iter().all(|&(n, _)| (1..=4).contains(&n)),
-        "{reused:?}"
-    );
+    // Live (every request reports), and it finds at most the first digits of a nonce: every
+    // prompt begins with its own, before the chat template (after the template's 3-token
+    // head, every later request reused those 3).
+    assert!(reused.iter().all(|&(n, _)| n <= 2), "{reused:?}");
     // But never the report: at most a quarter of a 1,600-token prompt.
     for &(n, m) in &reused {
         assert!(

@@ -458,8 +458,7 @@ mod tests {
         };
         // Figures and gates that make the recorded outcome under the keep rule, unless the
         // edit says otherwise (`record_decode`: the decode figure's verdict in the record only;
-        // `record_prefill`: decode NOISE and prefill FASTER, a prefill that keeps for `keeps`,
-        // one recorded before prefill could keep for anything else).
+        // `record_prefill`: decode NOISE and prefill FASTER, which the rule keeps).
         let decode = match (edit.0, verdict) {
             ("record_decode", _) => edit.1,
             ("record_prefill", _) => "Noise",
@@ -478,12 +477,10 @@ mod tests {
                                                    "settled": false, "decision": decision }),
         ];
         if edit.0 == "record_prefill" {
-            let mut prefill = serde_json::json!({ "figure": "prefill_tok_s", "verdict": "Faster",
-                                                  "settled": false, "decision": decision });
-            if edit.1 == "keeps" {
-                prefill["keeps"] = true.into();
-            }
-            figures.push(prefill);
+            figures.push(
+                serde_json::json!({ "figure": "prefill_tok_s", "verdict": "Faster",
+                                             "settled": false, "decision": decision }),
+            );
         }
         let record = serde_json::json!({
             "kind": "compare",
@@ -584,13 +581,12 @@ mod tests {
                 ("record_decode", "Noise"),
                 "disagree on the verdict",
             ),
-            // A prefill KEEP whose record's prefill could not keep (no `keeps`: recorded before
-            // prefill could, or where the prompts shared too long a head).
+            // A row that says NOISE where its record's prefill FASTER makes a KEEP.
             (
-                "KEEP",
+                "NOISE",
                 "ok",
                 "pass",
-                ("record_prefill", "held"),
+                ("record_prefill", ""),
                 "disagree on the verdict",
             ),
             (
@@ -634,8 +630,8 @@ mod tests {
         });
         assert!(err.contains("disagree on the sandbox"), "{err}");
 
-        // A prefill KEEP whose record says prefill could keep: backed by its record.
-        record_compare(&dir, "KEEP", "ok", "pass", ("record_prefill", "keeps"));
+        // A prefill KEEP (decode NOISE, prefill FASTER): backed by its record.
+        record_compare(&dir, "KEEP", "ok", "pass", ("record_prefill", ""));
         let row = crate::ledger::row::read_rows(&results)
             .unwrap()
             .pop()
@@ -643,7 +639,7 @@ mod tests {
         let tree = crate::vcs::tree_hash(&dir.join(CURRENT));
         let head = crate::vcs::tree_hash_at(&dir, "HEAD", CURRENT).unwrap();
         check_record(&results, &row, &tree, &head, RULES.harness)
-            .expect("a prefill KEEP that could keep is backed by its record");
+            .expect("a prefill KEEP is backed by its record");
 
         record_compare(&dir, "KEEP", "ok", "pass", ("", ""));
         assert!(

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::gguf::Model;
-use crate::harness::prompts::{system_message, PromptInstance, PromptSet, PromptSpec, Sharing};
+use crate::harness::prompts::{with_nonce, PromptInstance, PromptSet, PromptSpec, Sharing};
 use crate::harness::protocol::Protocol;
 use crate::harness::tokenize::TextCodec;
 use crate::ledger::record::{self, Provenance};
@@ -98,25 +98,6 @@ pub struct Plan<'a> {
     pub warmups: Vec<Vec<Planned<'a>>>,
     /// The timed rounds, each one request per prompt.
     pub rounds: Vec<Vec<Planned<'a>>>,
-    /// How many tokens every request of the plan starts with alike (the longest common prefix
-    /// of their ids): the chat template's head before the system message's nonce, 3 tokens
-    /// with the default model. A variant can compute that much untimed, so the keep rule
-    /// counts a prefill win only where it is short ([`crate::commands::compare::keep_rule::MAX_SHARED_HEAD`]).
-    pub shared_head: usize,
-}
-
-/// The length of the longest prefix that every one of `sequences` starts with (0 for none).
-pub fn common_prefix<'s>(mut sequences: impl Iterator<Item = &'s [u32]>) -> usize {
-    let Some(first) = sequences.next() else {
-        return 0;
-    };
-    sequences.fold(first.len(), |n, ids| {
-        first[..n]
-            .iter()
-            .zip(ids)
-            .take_while(|(a, b)| a == b)
-            .count()
-    })
 }
 
 /// A seed no one can know in advance, from the kernel's random source.
@@ -315,7 +296,6 @@ impl Setup {
         let mut plan = Plan {
             warmups: Vec::new(),
             rounds: Vec::new(),
-            shared_head: 0,
         };
         for r in 0..rounds {
             let mut round = Vec::new();
@@ -345,13 +325,6 @@ impl Setup {
             }
             plan.warmups.push(warmups);
         }
-        plan.shared_head = common_prefix(
-            plan.rounds
-                .iter()
-                .chain(&plan.warmups)
-                .flatten()
-                .map(|p| p.ids.as_slice()),
-        );
         Ok(plan)
     }
 
@@ -361,11 +334,8 @@ impl Setup {
         round: Option<u32>,
         instance: PromptInstance,
     ) -> Result<Planned<'a>> {
-        let ids = self.codec.encode(
-            &self
-                .codec
-                .render_chat(Some(&system_message(&instance.nonce)), &instance.user_text)?,
-        )?;
+        let chat = self.codec.render_chat(&instance.user_text)?;
+        let ids = self.codec.encode(&with_nonce(&instance.nonce, &chat))?;
         Ok(Planned {
             spec,
             round,
@@ -615,21 +585,10 @@ mod tests {
         assert_eq!(set.prompts.len(), protocol.screen.prompts.len());
     }
 
+    /// The requests of a comparison share no opening: each starts with its own nonce, the chat
+    /// template after it, so not even the template's first tokens are alike everywhere.
     #[test]
-    fn common_prefix_is_what_every_sequence_starts_with() {
-        let of = |seqs: &[&[u32]]| common_prefix(seqs.iter().copied());
-        assert_eq!(of(&[]), 0);
-        assert_eq!(of(&[&[1, 2, 3]]), 3);
-        assert_eq!(of(&[&[1, 2, 3], &[1, 2, 4], &[1, 2]]), 2);
-        assert_eq!(of(&[&[1, 2, 3], &[1, 2, 3, 4], &[9]]), 0);
-        assert_eq!(of(&[&[1, 2], &[1, 2, 3]]), 2);
-    }
-
-    /// The requests of a comparison (the default model, its ChatML template) share only the
-    /// template's head, `<|im_start|>system\n`: each system message starts with its own nonce,
-    /// and every prompt's text differs from the next one's right after it.
-    #[test]
-    fn the_requests_of_a_plan_share_only_the_templates_head() {
+    fn the_requests_of_a_plan_share_no_opening() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let overrides = Overrides {
             seed: Some(9),
@@ -637,16 +596,17 @@ mod tests {
         };
         let setup = Setup::open(root, &overrides).unwrap();
         let plan = setup.plan(3, 15, Sharing::PerRun).unwrap();
-        assert_eq!(plan.shared_head, 3);
-        let head = setup.codec.encode("<|im_start|>system\n").unwrap();
-        assert_eq!(head.len(), 3);
         let all: Vec<&Planned> = plan.rounds.iter().chain(&plan.warmups).flatten().collect();
         assert_eq!(all.len(), 3 * 5 + 15);
-        for p in &all {
-            assert_eq!(p.ids[..3], head[..], "{}", p.instance.prompt);
-        }
+        let template = setup.codec.encode("<|im_start|>").unwrap();
+        let firsts: std::collections::HashSet<u32> = all.iter().map(|p| p.ids[0]).collect();
+        assert!(firsts.len() >= 8, "first tokens {firsts:?}");
+        assert!(
+            !firsts.contains(&template[0]),
+            "the template comes after the nonce"
+        );
         // Nonces are drawn per request even where the parameters are shared: the long
-        // prompt's report is the same in all three rounds, its system message never.
+        // prompt's report is the same in all three rounds, its opening never.
         let nonces: std::collections::HashSet<&str> =
             all.iter().map(|p| p.instance.nonce.as_str()).collect();
         assert_eq!(nonces.len(), all.len());

@@ -287,28 +287,24 @@ pub struct DrawnValue {
 pub struct PromptInstance {
     pub prompt: String,
     pub user_text: String,
-    /// Drawn for every request, shared parameters or not: the system message begins with it
-    /// ([`system_message`]), so no two requests share more than the chat template's head.
+    /// Drawn for every request, shared parameters or not: the prompt begins with it
+    /// ([`with_nonce`]), so no two requests share an opening.
     pub nonce: String,
     pub values: BTreeMap<String, DrawnValue>,
 }
 
-/// The system message of a request: its nonce first, then a plain instruction.
+/// A request's prompt text: its nonce on a line of its own, then the rendered chat.
 ///
-/// Every request's prompt starts with the chat template, and a variant could compute the KV
-/// cache of any text that every prompt starts with while it is not timed (at load, or in its
-/// warm-up request) and answer that part of each timed prefill from it. With the nonce at the
-/// very start of the system message, what all prompts share is only the template's head before
-/// it (`<|im_start|>system\n`, 3 tokens in the ChatML template), because the cache of a
-/// position depends on every token before it. [`crate::commands::setup::Plan::fixed_head`]
-/// measures that head; the keep rule counts a prefill win only where it is short.
-pub fn system_message(nonce: &str) -> String {
-    format!("{nonce}\n{SYSTEM_INSTRUCTION}")
+/// A variant could compute the KV cache of any text that every prompt starts with while it is
+/// not timed (at load, or in its warm-up request) and answer that part of each timed prefill
+/// from it; a chat template starts every prompt alike (`<|im_start|>system\n...`). The cache of
+/// a position depends on every token before it, so with the nonce first no two requests share
+/// an opening that could be cached, the template's included. What is left: a variant may
+/// precompute the first token for each of the few values a nonce starts with, one token of a
+/// prompt, about 0.25% of a round's prompt tokens, under the 1% noise threshold.
+pub fn with_nonce(nonce: &str, chat: &str) -> String {
+    format!("{nonce}\n{chat}")
 }
-
-/// What follows the nonce in every system message: the gist of SmolLM2's own default, without
-/// a model's name, so the text fits any model.
-pub const SYSTEM_INSTRUCTION: &str = "You are a helpful AI assistant.";
 
 /// The outcome of one check on one output.
 #[derive(Debug, Clone, Serialize)]
@@ -1011,7 +1007,7 @@ mod tests {
     }
 
     #[test]
-    fn every_request_draws_its_own_nonce_and_the_system_message_starts_with_it() {
+    fn every_request_draws_its_own_nonce_and_its_prompt_starts_with_it() {
         let s = spec(TRAIN).unwrap();
         let a = s.draw(7, 0, Sharing::PerRun);
         assert_eq!(
@@ -1033,8 +1029,10 @@ mod tests {
         let firsts: std::collections::BTreeSet<char> =
             nonces.iter().filter_map(|n| n.chars().next()).collect();
         assert!(firsts.len() >= 12, "{firsts:?}");
-        let system = system_message(&a.nonce);
-        assert!(system.starts_with(&a.nonce) && system.ends_with(SYSTEM_INSTRUCTION));
+        assert_eq!(
+            with_nonce(&a.nonce, "<|im_start|>"),
+            format!("{}\n<|im_start|>", a.nonce)
+        );
     }
 
     #[test]

@@ -164,18 +164,9 @@ impl TextCodec {
             .map_err(|e| TokenizeError::Encode(e.to_string()))
     }
 
-    /// Renders a one-turn chat (a system message if given, else the template's own default;
-    /// the user's message; then the assistant's turn begins).
-    pub fn render_chat(
-        &self,
-        system: Option<&str>,
-        user_message: &str,
-    ) -> Result<String, TokenizeError> {
-        let user = HashMap::from([("role", "user"), ("content", user_message)]);
-        let messages: Vec<HashMap<&str, &str>> = match system {
-            Some(text) => vec![HashMap::from([("role", "system"), ("content", text)]), user],
-            None => vec![user],
-        };
+    /// Renders a one-turn chat (the user's message, then the assistant's turn begins).
+    pub fn render_chat(&self, user_message: &str) -> Result<String, TokenizeError> {
+        let messages = [HashMap::from([("role", "user"), ("content", user_message)])];
         let text = self
             .templates
             .get_template(CHAT)?

@@ -137,9 +137,6 @@ pub struct FigureResult {
     pub better: Better,
     /// Whether a SLOWER here blocks a keep (every figure but the decode rate).
     pub guarded: bool,
-    /// Whether a FASTER here keeps B on its own: the decode rate always, the prefill rate when
-    /// the prompts share a short enough head ([`crate::commands::compare::keep_rule::MAX_SHARED_HEAD`]).
-    pub keeps: bool,
     pub a_median: Option<f64>,
     pub b_median: Option<f64>,
     /// At the look's alpha per test: the interval the verdict rests on.
@@ -164,7 +161,6 @@ impl FigureResult {
             figure: self.figure,
             verdict: self.verdict,
             settled: self.settled,
-            keeps: self.keeps,
             decision: self.decision.as_ref().map(|d| Interval {
                 ratio: d.ratio,
                 ci: d.ci,
@@ -201,7 +197,7 @@ impl FigureResult {
 /// Whether more rounds would, in all likelihood, no longer change what the keep rule
 /// ([`crate::commands::compare::keep_rule::decide`]) makes of the timing: a figure is SLOWER (a
 /// revert, whatever comes next); or decode is settled, the prefill rate too unless decode is
-/// FASTER or prefill cannot keep (where it can, prefill alone wins a KEEP: it is settled when decided, or when its chance of
+/// FASTER (prefill alone can win a KEEP: it is settled when decided, or when its chance of
 /// ending FASTER is below `futility`), and every guarded figure is shown not SLOWER beyond the
 /// noise threshold or has a chance below `stop_chance` of ending SLOWER if all the looks were
 /// run ([`FigureResult::cannot_block`]). Decode is settled when it is decided
@@ -222,14 +218,14 @@ pub(crate) fn measuring_done(
         f.figure == Figure::DecodeTokS
             && (f.decided() || (f.cannot_win(futility) && f.cannot_block(noise, futility)))
     });
-    // A decode that is not FASTER leaves a prefill rate that keeps to win a KEEP: wait until
-    // it is decided, or cannot win either.
+    // A decode that is not FASTER leaves the prefill rate to win a KEEP: wait until it is
+    // decided, or cannot win either.
     let decode_won = figures
         .iter()
         .any(|f| f.figure == Figure::DecodeTokS && f.verdict == Verdict::Faster);
     let prefill_settled = figures
         .iter()
-        .filter(|f| f.figure == Figure::PrefillTokS && f.keeps)
+        .filter(|f| f.figure == Figure::PrefillTokS)
         .all(|f| f.decided() || f.cannot_win(futility));
     decode_settled
         && (decode_won || prefill_settled)
@@ -279,7 +275,6 @@ pub(crate) fn figure_result(
         figure,
         better: figure.better(),
         guarded: figure != Figure::DecodeTokS,
-        keeps: figure == Figure::DecodeTokS,
         a_median: None,
         b_median: None,
         settled: decision.as_ref().is_some_and(|d| d.within(noise)),
@@ -354,15 +349,13 @@ pub(crate) fn render_by_prompt(figure: Figure, rows: &[PromptRatio]) -> String {
     )
 }
 
-/// The figures at one look, each tested at the alpha `alpha(figure)` gives it; with
-/// `prefill_keeps`, a FASTER prefill rate keeps B on its own ([`FigureResult::keeps`]).
+/// The figures at one look, each tested at the alpha `alpha(figure)` gives it.
 pub(crate) fn look(
     pairs: &[Pair],
     alpha: impl Fn(Figure) -> f64,
     horizon: &Horizon,
     noise: f64,
     seed: u64,
-    prefill_keeps: bool,
 ) -> Vec<FigureResult> {
     Figure::ALL
         .iter()
@@ -373,8 +366,6 @@ pub(crate) fn look(
             FigureResult {
                 a_median: Spread::of(&a).map(|s| s.median),
                 b_median: Spread::of(&b).map(|s| s.median),
-                keeps: figure == Figure::DecodeTokS
-                    || (figure == Figure::PrefillTokS && prefill_keeps),
                 ..figure_result(
                     figure,
                     (&logs, &weights),
@@ -399,10 +390,6 @@ pub struct FigureCall {
     pub verdict: Verdict,
     /// The decision interval lies inside the noise band.
     pub settled: bool,
-    /// A FASTER here keeps B on its own ([`FigureResult::keeps`]; records written before it
-    /// existed read `false`, the rule they were decided by).
-    #[serde(default)]
-    pub keeps: bool,
     /// The ratio and interval the verdict rests on, for the reasons in words.
     pub decision: Option<Interval>,
 }

@@ -45,25 +45,15 @@ pub fn decide_synthetic(figures: &[FigureCall]) -> (Outcome, Vec<String>) {
     (Outcome::Noise, why)
 }
 
-/// The most tokens that every prompt of a comparison may share at its start for a prefill win
-/// to keep B on its own.
-///
-/// What every prompt starts with, a variant can compute while it is not timed (at load, or in
-/// its warm-up request) and answer that part of each timed prefill from its cache. Each
-/// request's system message starts with a nonce ([`crate::harness::prompts::system_message`]),
-/// so the prompts share only the chat template's head before it: 3 tokens in the ChatML
-/// template of the default model, under 1% of a round's prompt tokens, which is the noise
-/// threshold. A template with a longer head (a fixed date line, say) leaves prefill a guard.
-pub const MAX_SHARED_HEAD: usize = 4;
-
-/// The keep rule: KEEP only when a speed figure that keeps is FASTER (the decode rate, or the
-/// prefill rate where [`FigureCall::keeps`]), nothing is SLOWER, B passes every gate
-/// (`gate_failures` is `Some` and empty) and is not `suspect`; REVERT when anything is SLOWER,
-/// a gate fails, B was not gated or B is suspect; NOISE otherwise. Returns the outcome and the
-/// reasons, in words.
+/// The keep rule: KEEP only when a speed figure is FASTER (the decode rate, or the prefill
+/// rate), nothing is SLOWER, B passes every gate (`gate_failures` is `Some` and empty) and is
+/// not `suspect`; REVERT when anything is SLOWER, a gate fails, B was not gated or B is
+/// suspect; NOISE otherwise. Returns the outcome and the reasons, in words.
 ///
 /// A prefill win counts on its own: a blocked GEMM can make prompts twice as fast and leave
-/// decode as it was, and such a change must be keepable. It costs little certainty: prefill is
+/// decode as it was, and such a change must be keepable. It can be trusted because no two
+/// requests share an opening a variant could compute untimed: each prompt starts with its own
+/// nonce ([`crate::harness::prompts::with_nonce`]). It costs little certainty: prefill is
 /// tested at its own share of alpha, so a change that does nothing is kept by a false FASTER
 /// of either figure with at most the sum of their shares (0.03 + 0.01 of the default 0.05).
 pub fn decide(
@@ -98,20 +88,8 @@ pub fn decide(
     let decode = figures.iter().find(|f| f.figure == Figure::DecodeTokS);
     let prefill = figures
         .iter()
-        .find(|f| f.figure == Figure::PrefillTokS && f.keeps && f.verdict == Verdict::Faster);
-    // A prefill win that cannot keep (the prompts share too long a head) is said, not kept.
-    let held_back = figures
-        .iter()
-        .find(|f| f.figure == Figure::PrefillTokS && !f.keeps && f.verdict == Verdict::Faster)
-        .map(|p| {
-            format!(
-                "prefill is FASTER ({}), but the prompts share more than {MAX_SHARED_HEAD} \
-                 tokens at their start, which a variant could compute untimed: prefill is only \
-                 a guard",
-                p.change()
-            )
-        });
-    let (outcome, mut why) = match (decode, prefill) {
+        .find(|f| f.figure == Figure::PrefillTokS && f.verdict == Verdict::Faster);
+    match (decode, prefill) {
         (Some(d), _) if d.verdict == Verdict::Faster => (
             Outcome::Keep,
             vec![format!(
@@ -143,11 +121,7 @@ pub fn decide(
                     .into(),
             ],
         ),
-    };
-    if outcome == Outcome::Noise {
-        why.extend(held_back);
     }
-    (outcome, why)
 }
 
 impl Outcome {

@@ -785,7 +785,6 @@ fn measure(
             &horizon,
             rules.noise_threshold,
             setup.protocol.seed ^ round as u64,
-            plan.shared_head <= keep_rule::MAX_SHARED_HEAD,
         );
         if let Some(d) = figures.iter().find(|f| f.figure == Figure::DecodeTokS) {
             interval = format!("decode B/A {}", d.call().change());
@@ -827,7 +826,6 @@ mod tests {
             figure,
             better: figure.better(),
             guarded: figure != Figure::DecodeTokS,
-            keeps: matches!(figure, Figure::DecodeTokS | Figure::PrefillTokS),
             a_median: Some(1.0),
             b_median: Some(1.0),
             decision: Paired::of(&[0.05, 0.06, 0.04], 0.01, 1),
@@ -977,19 +975,6 @@ mod tests {
         assert_eq!(o, Outcome::Keep);
         assert!(why[0].starts_with("prefill is FASTER"), "{why:?}");
         assert_eq!(prefill_won(Verdict::Slower).0, Outcome::Revert);
-        // Where the prompts share a longer head than MAX_SHARED_HEAD, prefill only guards:
-        // the same figures are NOISE, and the reasons say why.
-        let mut held = figures(Verdict::Noise, Verdict::Noise);
-        held[1] = FigureResult {
-            keeps: false,
-            ..result(Figure::PrefillTokS, Verdict::Faster, false)
-        };
-        let (o, why) = outcome_of(&held, Some(&gates_pass), None, false);
-        assert_eq!(o, Outcome::Noise);
-        assert!(
-            why.iter().any(|w| w.contains("prefill is only a guard")),
-            "{why:?}"
-        );
         // Faster but suspect, or not gated: revert.
         let (o, why) = outcome_of(
             &figures(Verdict::Faster, Verdict::Noise),
@@ -1266,18 +1251,14 @@ mod tests {
             .iter()
             .map(|&(f, logs, weights)| {
                 let alpha = schedule.alpha_at(f.test(), look).unwrap();
-                FigureResult {
-                    // The default model's prompts share 3 tokens: prefill keeps.
-                    keeps: matches!(f, Figure::DecodeTokS | Figure::PrefillTokS),
-                    ..figure_result(
-                        f,
-                        (logs, weights),
-                        alpha,
-                        &horizon,
-                        rules.noise_threshold,
-                        Paired::weighted_t_only,
-                    )
-                }
+                figure_result(
+                    f,
+                    (logs, weights),
+                    alpha,
+                    &horizon,
+                    rules.noise_threshold,
+                    Paired::weighted_t_only,
+                )
             })
             .collect();
             if measuring_done(
@@ -1423,7 +1404,7 @@ mod tests {
         for (m, e) in logs.iter().zip(expect) {
             assert!((m - e).abs() < 1e-12, "{logs:?}");
         }
-        let figures = look(&pairs, |_| 0.05, &HORIZON, 0.01, 1, true);
+        let figures = look(&pairs, |_| 0.05, &HORIZON, 0.01, 1);
         assert_eq!(figures[0].decision.as_ref().map(|d| d.n), Some(4));
         // ITL p99 is the inverse of the decode rate here (every gap alike): B's is lower.
         let (itl, _) = pair_logs(&pairs, Figure::ItlP99Ms);
@@ -1452,7 +1433,7 @@ mod tests {
         ];
         assert_eq!(pair_logs(&pairs, Figure::ItlP99Ms).0.len(), 2);
         assert_eq!(pair_logs(&pairs, Figure::DecodeTokS).0.len(), 3);
-        let figures = look(&pairs, |_| 0.05, &HORIZON, 0.01, 1, true);
+        let figures = look(&pairs, |_| 0.05, &HORIZON, 0.01, 1);
         let itl = figures
             .iter()
             .find(|f| f.figure == Figure::ItlP99Ms)
@@ -1476,7 +1457,7 @@ mod tests {
                 }
             })
             .collect();
-        let figures = look(&pairs, |_| 0.05 / 15.0, &HORIZON, 0.01, 1, true);
+        let figures = look(&pairs, |_| 0.05 / 15.0, &HORIZON, 0.01, 1);
         let by = |f: Figure| figures.iter().find(|r| r.figure == f).unwrap();
         assert_eq!(by(Figure::DecodeTokS).verdict, Verdict::Faster);
         assert!((by(Figure::DecodeTokS).decision.as_ref().unwrap().ratio - 1.102).abs() < 0.01);
