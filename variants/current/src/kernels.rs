@@ -692,6 +692,7 @@ mod x86 {
             while r < rows {
                 let n = (rows - r).min(DECODE_ROWS);
                 let mut acc = [_mm256_setzero_ps(); DECODE_ROWS];
+                let group = r * row_bytes;
                 for blk in 0..cols / BLOCK {
                     let k = blk * BLOCK;
                     let xs = [
@@ -700,6 +701,8 @@ mod x86 {
                         load8(x, k + 16),
                         load8(x, k + 24),
                     ];
+                    // The group's span, read as the AVX-512 kernel reads it.
+                    prefetch(w, group + PREFETCH_AHEAD + blk * n * bb);
                     for (i, acc) in acc.iter_mut().enumerate().take(n) {
                         let at = (r + i) * row_bytes + blk * bb;
                         let ws = block8(format, &w[at..at + bb]);
