@@ -620,23 +620,43 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     fn block8(format: Format, b: &[u8]) -> [__m256; 4] {
         assert!(b.len() >= format.block_bytes(), "a whole block");
-        // SAFETY: `b` holds a whole block, checked above.
-        let h = unsafe { block_header(b.as_ptr()) };
-        let d = _mm256_broadcastss_ps(h);
+        // SAFETY: `b` holds a whole block, checked above, so its first 4 bytes (Q4_1's scale and
+        // minimum; Q8_0's scale and first two quants) can be read, unaligned.
+        let bits = unsafe { std::ptr::read_unaligned(b.as_ptr() as *const u32) };
+        // The header in every 32-bit lane, widened to `[d, m, d, m, ..]` (for Q8_0 the odd lanes
+        // are its first quants read as f16, and are not used).
+        let dm = _mm256_cvtph_ps(_mm_set1_epi32(bits as i32));
+        let d = _mm256_moveldup_ps(dm);
         match format {
             Format::Q4_1 => {
-                let m = _mm256_broadcastss_ps(_mm_movehdup_ps(h));
-                // SAFETY: the block holds 16 bytes of nibbles after its 4-byte header.
-                let q = unsafe { _mm_loadu_si128(b[4..20].as_ptr() as *const __m128i) };
-                let nib = _mm_set1_epi8(0x0F);
-                let lo = _mm_and_si128(q, nib);
-                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), nib);
+                let m = _mm256_movehdup_ps(dm);
+                // SAFETY: the block holds 16 bytes of nibbles after its 4-byte header; the
+                // same 16 bytes go to both halves of the vector.
+                let q = unsafe {
+                    _mm256_broadcastsi128_si256(
+                        _mm_loadu_si128(b[4..20].as_ptr() as *const __m128i),
+                    )
+                };
+                let nib = _mm256_set1_epi8(0x0F);
+                let lo = _mm256_and_si256(q, nib);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), nib);
+                // Byte i of each half to the low byte of lane i: the first half takes bytes
+                // 0..4 (8..12), the second 4..8 (12..16), so eight lanes are eight bytes in order.
+                let z = -1i8;
+                let first = _mm256_setr_epi8(
+                    0, z, z, z, 1, z, z, z, 2, z, z, z, 3, z, z, z, 4, z, z, z, 5, z, z, z, 6, z,
+                    z, z, 7, z, z, z,
+                );
+                let second = _mm256_setr_epi8(
+                    8, z, z, z, 9, z, z, z, 10, z, z, z, 11, z, z, z, 12, z, z, z, 13, z, z, z, 14,
+                    z, z, z, 15, z, z, z,
+                );
                 let w = |q| _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q), m);
                 [
-                    w(_mm256_cvtepu8_epi32(lo)),
-                    w(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
-                    w(_mm256_cvtepu8_epi32(hi)),
-                    w(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))),
+                    w(_mm256_shuffle_epi8(lo, first)),
+                    w(_mm256_shuffle_epi8(lo, second)),
+                    w(_mm256_shuffle_epi8(hi, first)),
+                    w(_mm256_shuffle_epi8(hi, second)),
                 ]
             }
             Format::Q8_0 => {
