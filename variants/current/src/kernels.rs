@@ -721,8 +721,14 @@ mod x86 {
                         load8(x, k + 16),
                         load8(x, k + 24),
                     ];
-                    // The group's span, read as the AVX-512 kernel reads it.
-                    prefetch(w, group + PREFETCH_AHEAD + blk * n * bb);
+                    // The group's span, read as the AVX-512 kernel reads it: every line of
+                    // what this step reads, ahead.
+                    let ahead = group + PREFETCH_AHEAD + blk * n * bb;
+                    let mut line = 0;
+                    while line < n * bb {
+                        prefetch(w, ahead + line);
+                        line += 64;
+                    }
                     for (i, acc) in acc.iter_mut().enumerate().take(n) {
                         let at = (r + i) * row_bytes + blk * bb;
                         let ws = block8(format, &w[at..at + bb]);
