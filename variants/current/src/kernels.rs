@@ -623,9 +623,19 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     fn block8(format: Format, b: &[u8]) -> [__m256; 4] {
         assert!(b.len() >= format.block_bytes(), "a whole block");
-        // SAFETY: `b` holds a whole block, checked above, so its first 4 bytes (Q4_1's scale and
-        // minimum; Q8_0's scale and first two quants) can be read, unaligned.
-        let bits = unsafe { std::ptr::read_unaligned(b.as_ptr() as *const u32) };
+        // SAFETY: `b` holds a whole block, checked above.
+        unsafe { block8_at(format, b.as_ptr()) }
+    }
+
+    /// [`block8`] of the block at `b`.
+    ///
+    /// # Safety
+    /// `b` points at a whole block of `format`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block8_at(format: Format, b: *const u8) -> [__m256; 4] {
+        // SAFETY: the block's first 4 bytes (Q4_1's scale and minimum; Q8_0's scale and first
+        // two quants) can be read, unaligned.
+        let bits = unsafe { std::ptr::read_unaligned(b as *const u32) };
         // The header in every 32-bit lane, widened to `[d, m, d, m, ..]` (for Q8_0 the odd lanes
         // are its first quants read as f16, and are not used).
         let dm = _mm256_cvtph_ps(_mm_set1_epi32(bits as i32));
@@ -636,9 +646,7 @@ mod x86 {
                 // SAFETY: the block holds 16 bytes of nibbles after its 4-byte header; the
                 // same 16 bytes go to both halves of the vector.
                 let q = unsafe {
-                    _mm256_broadcastsi128_si256(
-                        _mm_loadu_si128(b[4..20].as_ptr() as *const __m128i),
-                    )
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(b.add(4) as *const __m128i))
                 };
                 let nib = _mm256_set1_epi8(0x0F);
                 let lo = _mm256_and_si256(q, nib);
@@ -666,8 +674,8 @@ mod x86 {
                 // SAFETY: the block holds 32 signed bytes after its 2-byte scale.
                 let (q0, q1) = unsafe {
                     (
-                        _mm_loadu_si128(b[2..18].as_ptr() as *const __m128i),
-                        _mm_loadu_si128(b[18..34].as_ptr() as *const __m128i),
+                        _mm_loadu_si128(b.add(2) as *const __m128i),
+                        _mm_loadu_si128(b.add(18) as *const __m128i),
                     )
                 };
                 let w = |q| _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
@@ -713,35 +721,20 @@ mod x86 {
         if t == 1 {
             let mut r = 0;
             while r < rows {
-                let n = (rows - r).min(DECODE_ROWS);
-                let mut acc = [_mm256_setzero_ps(); DECODE_ROWS];
-                let group = r * row_bytes;
-                for blk in 0..cols / BLOCK {
-                    let k = blk * BLOCK;
-                    let xs = [
-                        load8(x, k),
-                        load8(x, k + 8),
-                        load8(x, k + 16),
-                        load8(x, k + 24),
-                    ];
-                    // The group's span, read as the AVX-512 kernel reads it: every line of
-                    // what this step reads, ahead.
-                    let ahead = group + PREFETCH_AHEAD + blk * n * bb;
-                    let mut line = 0;
-                    while line < n * bb {
-                        prefetch(w, ahead + line);
-                        line += 64;
+                let n = if rows - r >= DECODE_ROWS {
+                    DECODE_ROWS
+                } else {
+                    1
+                };
+                match (format, n) {
+                    (Format::Q4_1, DECODE_ROWS) => {
+                        decode_rows8::<DECODE_ROWS, true>(w, cols, r, x, out)
                     }
-                    for (i, acc) in acc.iter_mut().enumerate().take(n) {
-                        let at = (r + i) * row_bytes + blk * bb;
-                        let ws = block8(format, &w[at..at + bb]);
-                        for (wv, xv) in ws.iter().zip(&xs) {
-                            *acc = _mm256_fmadd_ps(*wv, *xv, *acc);
-                        }
+                    (Format::Q4_1, _) => decode_rows8::<1, true>(w, cols, r, x, out),
+                    (Format::Q8_0, DECODE_ROWS) => {
+                        decode_rows8::<DECODE_ROWS, false>(w, cols, r, x, out)
                     }
-                }
-                for i in 0..n {
-                    out[r + i] = sum8(acc[i]);
+                    (Format::Q8_0, _) => decode_rows8::<1, false>(w, cols, r, x, out),
                 }
                 r += n;
             }
@@ -777,6 +770,53 @@ mod x86 {
             }
         });
     }
+    /// One token, rows `r..r + N` of `w`: `out[r + i] = Σ_k w[r + i][k] x[k]`, each block
+    /// dequantized by [`block8`] and its products added in order of `k`, as a chunk's tile
+    /// does. `N` is a compile-time count, so the accumulators stay in registers; every line of
+    /// the group's span is prefetched [`PREFETCH_AHEAD`] bytes ahead.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn decode_rows8<const N: usize, const Q4_1: bool>(
+        w: &[u8],
+        cols: usize,
+        r: usize,
+        x: &[f32],
+        out: &mut [f32],
+    ) {
+        let format = if Q4_1 { Format::Q4_1 } else { Format::Q8_0 };
+        let row_bytes = format.row_bytes(cols);
+        let bb = format.block_bytes();
+        let group = r * row_bytes;
+        assert!((r + N) * row_bytes <= w.len() && cols <= x.len());
+        let mut acc = [_mm256_setzero_ps(); N];
+        for blk in 0..cols / BLOCK {
+            let k = blk * BLOCK;
+            let xs = [
+                load8(x, k),
+                load8(x, k + 8),
+                load8(x, k + 16),
+                load8(x, k + 24),
+            ];
+            let ahead = group + PREFETCH_AHEAD + blk * N * bb;
+            let mut line = 0;
+            while line < N * bb {
+                prefetch(w, ahead + line);
+                line += 64;
+            }
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let at = (r + i) * row_bytes + blk * bb;
+                // SAFETY: row r + i < r + N and blk < cols / BLOCK, so the block lies inside
+                // `w` (asserted above).
+                let ws = unsafe { block8_at(format, w.as_ptr().add(at)) };
+                for (wv, xv) in ws.iter().zip(&xs) {
+                    *acc = _mm256_fmadd_ps(*wv, *xv, *acc);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            out[r + i] = sum8(*acc);
+        }
+    }
+
     /// Widest head these kernels keep in registers (16 vectors of 16 or 8 lanes).
     const MAX_VECTORS: usize = 16;
 
