@@ -778,7 +778,6 @@ fn substitute(template: &str, values: &BTreeMap<String, DrawnValue>) -> String {
     out
 }
 
-/// The generator for one request: independent of the order requests are drawn in.
 /// Whether the requests of a run may hold the same values of the prompts' `shared` parameters.
 /// Only requests that each go to a process of their own may: a comparison's timed pairs. A
 /// process that answers several requests (`host run`'s worker; a pair's worker, warm-up first)
@@ -796,14 +795,24 @@ pub enum Sharing {
 /// warm-ups down from `u64::MAX`).
 const SHARED_STREAM: u64 = 1 << 63;
 
+/// The stream one request of `prompt` draws from (`round`; or [`SHARED_STREAM`]): SplitMix64
+/// started at the first 8 bytes of SHA-256 over the seed, the round and the prompt's name.
+///
+/// A request shows the variant 32 bits of one of its stream's outputs (the nonce), and SplitMix64
+/// gives its state away to 2^32 tries at the rest. Through SHA-256 that state says nothing about
+/// the seed, so nothing about any other request: a variant cannot know a prompt, nonce
+/// included, before it arrives, and so cannot prefill it untimed.
 fn request_rng(seed: u64, round: u64, prompt: &str) -> SplitMix64 {
-    let mut state = seed ^ round.wrapping_mul(0xA24B_AED4_963E_E407);
-    for b in prompt.bytes() {
-        state = (state ^ b as u64).wrapping_mul(0x100_0000_01B3);
-    }
-    let mut rng = SplitMix64::new(state);
-    rng.next();
-    rng
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"autoinfer request stream\0")
+        .chain_update(seed.to_le_bytes())
+        .chain_update(round.to_le_bytes())
+        .chain_update(prompt.as_bytes())
+        .finalize();
+    let mut state = [0u8; 8];
+    state.copy_from_slice(&digest[..8]);
+    SplitMix64::new(u64::from_le_bytes(state))
 }
 
 #[cfg(test)]
@@ -1004,6 +1013,58 @@ mod tests {
             let v = s.draw(1, r, Sharing::PerRun).values["a"].number.unwrap();
             assert!((40..=120).contains(&v) && v % 10 == 0, "{v}");
         }
+    }
+
+    /// The `predict` attack. A variant sees its request's nonce, the top 32 bits of one output
+    /// of that request's stream, and can find the other 32 (checking each guess against the
+    /// values the prompt shows) in 2^32 tries: a minute of CPU in an untimed warm-up. Were a
+    /// stream's state an invertible function of (seed, round, prompt), as it was until
+    /// 2026-12-05 (xor and multiply), that state would give the seed, and with it every later
+    /// request's prompt, nonce included, to prefill before it arrives: a prefill KEEP for
+    /// nothing. Here the attacker is handed a stream's state (the 2^32 tries done) and undoes
+    /// that mixing; it must learn nothing about the next round.
+    #[test]
+    fn one_requests_stream_reveals_no_other_requests_prompt() {
+        const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+        const FNV_PRIME: u64 = 0x100_0000_01B3;
+        // The inverse of the FNV prime modulo 2^64 (Newton's iteration).
+        let mut inverse = FNV_PRIME;
+        for _ in 0..6 {
+            inverse = inverse.wrapping_mul(2u64.wrapping_sub(FNV_PRIME.wrapping_mul(inverse)));
+        }
+        assert_eq!(FNV_PRIME.wrapping_mul(inverse), 1);
+        let attack = |state: u64, round: u64, prompt: &str| {
+            // The state after the first step, back to the seed the old mixing started from.
+            let mut s = state.wrapping_sub(GOLDEN);
+            for b in prompt.bytes().rev() {
+                s = s.wrapping_mul(inverse) ^ b as u64;
+            }
+            s ^ round.wrapping_mul(0xA24B_AED4_963E_E407)
+        };
+        // The attacker is right about the old mixing (so the check below can fail) ...
+        let old = |seed: u64, round: u64, prompt: &str| {
+            let mut state = seed ^ round.wrapping_mul(0xA24B_AED4_963E_E407);
+            for b in prompt.bytes() {
+                state = (state ^ b as u64).wrapping_mul(FNV_PRIME);
+            }
+            state.wrapping_add(GOLDEN)
+        };
+        let (seed, round) = (0x1234_5678_9ABC_DEF0u64, 3);
+        assert_eq!(
+            attack(old(seed, round, "reasoning"), round, "reasoning"),
+            seed
+        );
+        // ... and learns nothing from the harness's streams: not the seed, not the next round.
+        let s = spec(TRAIN).unwrap();
+        let state = request_rng(seed, round, &s.name).state();
+        let guess = attack(state, round, &s.name);
+        assert_ne!(guess, seed);
+        let next = |seed| s.draw(seed, round + 1, Sharing::PerRequest).nonce;
+        assert_ne!(
+            next(guess),
+            next(seed),
+            "the next request's nonce was predicted"
+        );
     }
 
     #[test]

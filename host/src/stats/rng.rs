@@ -19,6 +19,12 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
+    /// The generator's state (tests play an attacker who has found it).
+    #[cfg(test)]
+    pub(crate) fn state(&self) -> u64 {
+        self.0
+    }
+
     /// Uniform in `0..n` (n > 0), without modulo bias worth mentioning for small n.
     pub(crate) fn below(&mut self, n: u64) -> u64 {
         ((self.next() as u128 * n as u128) >> 64) as u64
