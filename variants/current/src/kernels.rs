@@ -6,10 +6,11 @@
 //! - activations stay f32; weights are dequantized as the reference does
 //!   ([`dequantize_q4_1_row`], [`dequantize_q8_0_row`]: `d * q + m`, `d * q`), except that the
 //!   SIMD paths compute Q4_1's `d * q + m` in one fused multiply-add (one rounding, not two);
-//! - a (row, token) result does not depend on the chunk size: one token (decode) dequantizes
-//!   each block in registers, a chunk (prefill) dequantizes a few rows to a buffer once and
-//!   reuses them for every token, and both accumulate each product in the same lanes in the
-//!   same order, then reduce the lanes the same way.
+//! - a (row, token) result does not depend on the chunk size, up to a reordered sum's rounding:
+//!   a chunk (prefill) dequantizes a few rows to a buffer once and reuses them for every token;
+//!   one token (decode) takes each block's scale and minimum out of the block's sum (the SIMD
+//!   paths; about 1e-7 relative), or on the scalar path dequantizes as a chunk does and gives
+//!   its bits.
 //!
 //! Different paths sum in different orders, so their results differ in the last bits (the
 //! tests bound that against the reference); one machine always takes the same path.
@@ -333,8 +334,9 @@ fn matmul_scalar(format: Format, w: &[u8], cols: usize, x: &[f32], t: usize, out
 mod x86 {
     //! The SIMD paths. Each keeps one accumulator vector per (row, token), adds the products
     //! of a row's weights `k..k + lanes` in order of `k`, and reduces the lanes at the end, the
-    //! same way for one token and for a chunk; except that the AVX-512 one-token kernel
-    //! ([`decode_avx512`]) takes each block's scale and minimum out of the block's sum.
+    //! same way for one token and for a chunk; except that the one-token kernels
+    //! ([`decode_avx512`], [`decode_rows8`]) take each block's scale and minimum out of the
+    //! block's sum.
 
     use super::{Format, BLOCK, EXP_POLY, KEY_TILE, LN2_HI, LN2_LO, LOWEST_EXP_ARG};
     use std::arch::x86_64::*;
@@ -367,6 +369,9 @@ mod x86 {
         static ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
         /// The block sums of one token's activations (decode), reused across calls.
         static XSUMS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        /// The same sums for [`decode_rows8`], each in lane 1 of an otherwise zero vector
+        /// (where a widened Q4_1 header holds the minimum), reused across calls.
+        static XSUMS8: RefCell<Vec<[f32; 8]>> = const { RefCell::new(Vec::new()) };
     }
 
     /// The f16 scale (and for Q4_1 the minimum) of the block at `p`, as f32: `[d, m, _, _]`.
@@ -633,16 +638,39 @@ mod x86 {
     /// `b` points at a whole block of `format`.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn block8_at(format: Format, b: *const u8) -> [__m256; 4] {
-        // SAFETY: the block's first 4 bytes (Q4_1's scale and minimum; Q8_0's scale and first
-        // two quants) can be read, unaligned.
-        let bits = unsafe { std::ptr::read_unaligned(b as *const u32) };
-        // The header in every 32-bit lane, widened to `[d, m, d, m, ..]` (for Q8_0 the odd lanes
-        // are its first quants read as f16, and are not used).
-        let dm = _mm256_cvtph_ps(_mm_set1_epi32(bits as i32));
+        // SAFETY: the caller's `b` is a whole block.
+        let (dm, q) = unsafe { (header8_at(b), quants8_at(format, b)) };
         let d = _mm256_moveldup_ps(dm);
         match format {
             Format::Q4_1 => {
                 let m = _mm256_movehdup_ps(dm);
+                q.map(|q| _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q), m))
+            }
+            Format::Q8_0 => q.map(|q| _mm256_mul_ps(d, _mm256_cvtepi32_ps(q))),
+        }
+    }
+
+    /// The header of the block at `b` in every pair of lanes, widened to `[d, m, d, m, ..]`
+    /// (for Q8_0 the odd lanes are its first two quants read as f16, and are not used).
+    ///
+    /// # Safety
+    /// `b` points at a whole block (at least 4 bytes).
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn header8_at(b: *const u8) -> __m256 {
+        // SAFETY: the block's first 4 bytes can be read, unaligned.
+        let bits = unsafe { std::ptr::read_unaligned(b as *const u32) };
+        _mm256_cvtph_ps(_mm_set1_epi32(bits as i32))
+    }
+
+    /// The 32 quants of the block at `b` as 32-bit integers (Q4_1: 0..16, Q8_0: -128..128),
+    /// weights 0..8, .., 24..32, without the block's scale or minimum.
+    ///
+    /// # Safety
+    /// `b` points at a whole block of `format`.
+    #[target_feature(enable = "avx2")]
+    unsafe fn quants8_at(format: Format, b: *const u8) -> [__m256i; 4] {
+        match format {
+            Format::Q4_1 => {
                 // SAFETY: the block holds 16 bytes of nibbles after its 4-byte header; the
                 // same 16 bytes go to both halves of the vector.
                 let q = unsafe {
@@ -662,29 +690,20 @@ mod x86 {
                     8, z, z, z, 9, z, z, z, 10, z, z, z, 11, z, z, z, 12, z, z, z, 13, z, z, z, 14,
                     z, z, z, 15, z, z, z,
                 );
-                let w = |q| _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q), m);
                 [
-                    w(_mm256_shuffle_epi8(lo, first)),
-                    w(_mm256_shuffle_epi8(lo, second)),
-                    w(_mm256_shuffle_epi8(hi, first)),
-                    w(_mm256_shuffle_epi8(hi, second)),
+                    _mm256_shuffle_epi8(lo, first),
+                    _mm256_shuffle_epi8(lo, second),
+                    _mm256_shuffle_epi8(hi, first),
+                    _mm256_shuffle_epi8(hi, second),
                 ]
             }
             Format::Q8_0 => {
-                // SAFETY: the block holds 32 signed bytes after its 2-byte scale.
-                let (q0, q1) = unsafe {
-                    (
-                        _mm_loadu_si128(b.add(2) as *const __m128i),
-                        _mm_loadu_si128(b.add(18) as *const __m128i),
-                    )
+                // SAFETY: the block holds 32 signed bytes after its 2-byte scale, 8 read at
+                // a time.
+                let q = |at: usize| unsafe {
+                    _mm256_cvtepi8_epi32(_mm_loadl_epi64(b.add(2 + at) as *const __m128i))
                 };
-                let w = |q| _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
-                [
-                    w(q0),
-                    w(_mm_srli_si128(q0, 8)),
-                    w(q1),
-                    w(_mm_srli_si128(q1, 8)),
-                ]
+                [q(0), q(8), q(16), q(24)]
             }
         }
     }
@@ -719,25 +738,35 @@ mod x86 {
         let bb = format.block_bytes();
         let rows = out.len() / t;
         if t == 1 {
-            let mut r = 0;
-            while r < rows {
-                let n = if rows - r >= DECODE_ROWS {
-                    DECODE_ROWS
-                } else {
-                    1
-                };
-                match (format, n) {
-                    (Format::Q4_1, DECODE_ROWS) => {
-                        decode_rows8::<DECODE_ROWS, true>(w, cols, r, x, out)
+            XSUMS8.with_borrow_mut(|sums| {
+                sums.clear();
+                sums.extend(x.chunks_exact(BLOCK).map(|b| {
+                    let s = _mm256_add_ps(
+                        _mm256_add_ps(load8(b, 0), load8(b, 8)),
+                        _mm256_add_ps(load8(b, 16), load8(b, 24)),
+                    );
+                    [0.0, sum8(s), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+                }));
+                let mut r = 0;
+                while r < rows {
+                    let n = if rows - r >= DECODE_ROWS {
+                        DECODE_ROWS
+                    } else {
+                        1
+                    };
+                    match (format, n) {
+                        (Format::Q4_1, DECODE_ROWS) => {
+                            decode_rows8::<DECODE_ROWS, true>(w, cols, r, x, sums, out)
+                        }
+                        (Format::Q4_1, _) => decode_rows8::<1, true>(w, cols, r, x, sums, out),
+                        (Format::Q8_0, DECODE_ROWS) => {
+                            decode_rows8::<DECODE_ROWS, false>(w, cols, r, x, sums, out)
+                        }
+                        (Format::Q8_0, _) => decode_rows8::<1, false>(w, cols, r, x, sums, out),
                     }
-                    (Format::Q4_1, _) => decode_rows8::<1, true>(w, cols, r, x, out),
-                    (Format::Q8_0, DECODE_ROWS) => {
-                        decode_rows8::<DECODE_ROWS, false>(w, cols, r, x, out)
-                    }
-                    (Format::Q8_0, _) => decode_rows8::<1, false>(w, cols, r, x, out),
+                    r += n;
                 }
-                r += n;
-            }
+            });
             return;
         }
         ROWS.with_borrow_mut(|buf| {
@@ -770,25 +799,31 @@ mod x86 {
             }
         });
     }
-    /// One token, rows `r..r + N` of `w`: `out[r + i] = Σ_k w[r + i][k] x[k]`, each block
-    /// dequantized by [`block8`] and its products added in order of `k`, as a chunk's tile
-    /// does. `N` is a compile-time count, so the accumulators stay in registers; every line of
-    /// the group's span is prefetched [`PREFETCH_AHEAD`] bytes ahead.
+    /// One token, rows `r..r + N` of `w`: `out[r + i] = Σ_k w[r + i][k] x[k]`, with each
+    /// block's scale and minimum taken out of its sum, `Σ_k (d q_k + m) x_k = d Σ_k q_k x_k +
+    /// m Σ_k x_k`: the block's quants times `x` in a fresh vector, then one multiply-add by
+    /// `d` into the row's accumulator, and for Q4_1 one by the widened header `[d, m, ..]`
+    /// against the block's entry of `xsums` (`[0, Σ x, 0, ..]`), which adds `m Σ x` to lane 1.
+    /// That is two vector operations a block fewer than dequantizing first, and one thread is
+    /// bound by those operations, not by memory. The rounding differs from a chunk's as a
+    /// reordered sum does. `N` is a compile-time count, so the accumulators stay in registers;
+    /// every line of the group's span is prefetched [`PREFETCH_AHEAD`] bytes ahead.
     #[target_feature(enable = "avx2,fma,f16c")]
     fn decode_rows8<const N: usize, const Q4_1: bool>(
         w: &[u8],
         cols: usize,
         r: usize,
         x: &[f32],
+        xsums: &[[f32; 8]],
         out: &mut [f32],
     ) {
         let format = if Q4_1 { Format::Q4_1 } else { Format::Q8_0 };
         let row_bytes = format.row_bytes(cols);
         let bb = format.block_bytes();
         let group = r * row_bytes;
-        assert!((r + N) * row_bytes <= w.len() && cols <= x.len());
+        assert!((r + N) * row_bytes <= w.len() && cols <= x.len() && xsums.len() == cols / BLOCK);
         let mut acc = [_mm256_setzero_ps(); N];
-        for blk in 0..cols / BLOCK {
+        for (blk, xsum) in xsums.iter().enumerate() {
             let k = blk * BLOCK;
             let xs = [
                 load8(x, k),
@@ -803,12 +838,21 @@ mod x86 {
                 line += 64;
             }
             for (i, acc) in acc.iter_mut().enumerate() {
-                let at = (r + i) * row_bytes + blk * bb;
                 // SAFETY: row r + i < r + N and blk < cols / BLOCK, so the block lies inside
                 // `w` (asserted above).
-                let ws = unsafe { block8_at(format, w.as_ptr().add(at)) };
-                for (wv, xv) in ws.iter().zip(&xs) {
-                    *acc = _mm256_fmadd_ps(*wv, *xv, *acc);
+                let b = unsafe { w.as_ptr().add((r + i) * row_bytes + blk * bb) };
+                // SAFETY: `b` is a whole block of `format`.
+                let (dm, q) = unsafe { (header8_at(b), quants8_at(format, b)) };
+                let q = q.map(|q| _mm256_cvtepi32_ps(q));
+                let part = _mm256_mul_ps(q[0], xs[0]);
+                let part = _mm256_fmadd_ps(q[1], xs[1], part);
+                let part = _mm256_fmadd_ps(q[2], xs[2], part);
+                let part = _mm256_fmadd_ps(q[3], xs[3], part);
+                *acc = _mm256_fmadd_ps(_mm256_moveldup_ps(dm), part, *acc);
+                if Q4_1 {
+                    // SAFETY: `xsum` holds the 8 floats read.
+                    let xsum = unsafe { _mm256_loadu_ps(xsum.as_ptr()) };
+                    *acc = _mm256_fmadd_ps(dm, xsum, *acc);
                 }
             }
         }
@@ -1073,8 +1117,8 @@ mod tests {
 
     #[test]
     fn one_token_and_a_chunk_agree_on_every_path() {
-        // The AVX-512 one-token kernel takes each block's scale and minimum out of its sum, so
-        // it rounds as a reordered sum would; every other path gives the chunk's bits.
+        // The SIMD one-token kernels take each block's scale and minimum out of its sum, so
+        // they round as a reordered sum would; the scalar path gives the chunk's bits.
         for isa in Isa::available() {
             for format in [Format::Q4_1, Format::Q8_0] {
                 let (rows, cols, t) = (9, 128, 7);
@@ -1088,7 +1132,7 @@ mod tests {
                     let exact = exact(format, &w, cols, &x[tok * cols..][..cols]);
                     for r in 0..rows {
                         let (a, b) = (one[r], chunk[r * t + tok]);
-                        if isa == Isa::Avx512 {
+                        if isa != Isa::Scalar {
                             assert!(
                                 (a - b).abs() as f64 <= 1e-5 * (1.0 + exact[r].abs()),
                                 "{isa:?} {format:?} row {r} token {tok}: {a} against {b}"

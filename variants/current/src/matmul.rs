@@ -5,8 +5,8 @@
 //! rows: every output element is one weight row, dequantized to f32, dotted with one activation
 //! row in a fixed order, by the fastest [`crate::kernels`] path this machine runs. Two
 //! properties follow:
-//! - the result does not depend on the chunk size or the thread count, except that the AVX-512
-//!   one-token kernel takes each block's scale out of its sum, which rounds as a reordered sum
+//! - the result does not depend on the chunk size or the thread count, except that the SIMD
+//!   one-token kernels take each block's scale out of its sum, which rounds as a reordered sum
 //!   does (about 1e-7 relative): a prompt run in one chunk gives what it gives token by token to
 //!   that rounding (the oracle, variants/baseline, keeps the bit-for-bit version);
 //! - activations stay f32 all the way (candle's and ggml's quantized matmuls round them to 8

@@ -15,7 +15,7 @@
 //! Every step computes each token's row the same way whatever the chunk size (the matmuls work
 //! weight row by weight row, and attention works query by query over fixed blocks of keys
 //! rather than as a blocked matmul), so a prompt run in one chunk gives the logits it gives
-//! token by token, up to the rounding of the AVX-512 one-token kernel (see [`crate::matmul`]).
+//! token by token, up to the rounding of the SIMD one-token kernels (see [`crate::matmul`]).
 //! Activations are never rounded below f32 (see [`crate::matmul`] for why that matters to the
 //! quality gates).
 
@@ -1396,8 +1396,8 @@ mod tests {
         let hidden = model.forward_hidden(&tokens, 0).unwrap();
         let chunked = model.logits(&hidden).unwrap().to_vec2::<f32>().unwrap();
         model.reset();
-        // One token at a time may round as a reordered sum does (the AVX-512 one-token kernel
-        // takes each block's scale out of its sum): the same logits to about 1e-5.
+        // One token at a time may round as a reordered sum does (the SIMD one-token kernels
+        // take each block's scale out of its sum): the same logits to about 1e-5.
         let close = |one: &[f32], chunk: &[f32], i: usize| {
             let scale = chunk.iter().fold(1f32, |m, v| m.max(v.abs()));
             for (a, b) in one.iter().zip(chunk) {
