@@ -671,30 +671,21 @@ mod x86 {
     unsafe fn quants8_at(format: Format, b: *const u8) -> [__m256i; 4] {
         match format {
             Format::Q4_1 => {
-                // SAFETY: the block holds 16 bytes of nibbles after its 4-byte header; the
-                // same 16 bytes go to both halves of the vector.
-                let q = unsafe {
-                    _mm256_broadcastsi128_si256(_mm_loadu_si128(b.add(4) as *const __m128i))
+                // Bytes 0..8 and 8..16 widened to eight 32-bit lanes each: their low nibbles
+                // are weights 0..8 and 8..16, their high nibbles weights 16..24 and 24..32.
+                // SAFETY: the block holds 16 bytes of nibbles after its 4-byte header.
+                let (q0, q1) = unsafe {
+                    (
+                        _mm256_cvtepu8_epi32(_mm_loadl_epi64(b.add(4) as *const __m128i)),
+                        _mm256_cvtepu8_epi32(_mm_loadl_epi64(b.add(12) as *const __m128i)),
+                    )
                 };
-                let nib = _mm256_set1_epi8(0x0F);
-                let lo = _mm256_and_si256(q, nib);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), nib);
-                // Byte i of each half to the low byte of lane i: the first half takes bytes
-                // 0..4 (8..12), the second 4..8 (12..16), so eight lanes are eight bytes in order.
-                let z = -1i8;
-                let first = _mm256_setr_epi8(
-                    0, z, z, z, 1, z, z, z, 2, z, z, z, 3, z, z, z, 4, z, z, z, 5, z, z, z, 6, z,
-                    z, z, 7, z, z, z,
-                );
-                let second = _mm256_setr_epi8(
-                    8, z, z, z, 9, z, z, z, 10, z, z, z, 11, z, z, z, 12, z, z, z, 13, z, z, z, 14,
-                    z, z, z, 15, z, z, z,
-                );
+                let nib = _mm256_set1_epi32(0x0F);
                 [
-                    _mm256_shuffle_epi8(lo, first),
-                    _mm256_shuffle_epi8(lo, second),
-                    _mm256_shuffle_epi8(hi, first),
-                    _mm256_shuffle_epi8(hi, second),
+                    _mm256_and_si256(q0, nib),
+                    _mm256_and_si256(q1, nib),
+                    _mm256_srli_epi32::<4>(q0),
+                    _mm256_srli_epi32::<4>(q1),
                 ]
             }
             Format::Q8_0 => {
