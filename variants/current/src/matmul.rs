@@ -179,10 +179,18 @@ pub fn matmul_many(mats: &[&Matrix], x: &[f32], outs: &mut [&mut [f32]]) {
     }
     // Each task computes its rows for every token into a buffer of its thread, weight row by
     // weight row (each row read once for all t tokens), then writes them to their columns of
-    // the token-major result.
+    // the token-major result. For one token those columns are the rows themselves, one run
+    // of the result, so the task computes straight into it.
     pool.for_chunks(&mut tasks, 1, |_, task| {
         for &mut (i, first, n) in task {
             let m = mats[i];
+            if t == 1 {
+                // SAFETY: rows `first..first + n` of matrix `i` belong to this task alone, so
+                // no other thread touches these elements while the slice lives.
+                let out = unsafe { targets[i].run_mut(first, n) };
+                m.rows_into(first, x, 1, out);
+                continue;
+            }
             BY_ROW.with_borrow_mut(|by_row| {
                 by_row.resize(n * t, 0.0);
                 m.rows_into(first, x, t, by_row);
@@ -211,6 +219,17 @@ struct Columns(*mut f32, usize);
 unsafe impl Sync for Columns {}
 
 impl Columns {
+    /// Elements `at..at + n` as a slice.
+    ///
+    /// # Safety
+    /// No other thread may access those elements while the slice lives.
+    #[allow(clippy::mut_from_ref)] // the tasks share `Columns` and own disjoint runs of it
+    unsafe fn run_mut(&self, at: usize, n: usize) -> &mut [f32] {
+        assert!(at + n <= self.1, "matmul: rows past the output");
+        // SAFETY: in bounds (checked); exclusive by the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(at), n) }
+    }
+
     /// Writes `v` at `at`.
     ///
     /// # Safety
