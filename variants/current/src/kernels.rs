@@ -269,22 +269,6 @@ pub fn exp_shifted(isa: Isa, x: &mut [f32], shift: f32) {
     }
 }
 
-/// Asks for the cache lines of `data` to be brought into the L2 cache ahead of their use (a
-/// hint: nothing happens where the machine has no such instruction).
-pub fn prefetch_l2(data: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in data.chunks(16) {
-        // SAFETY: a prefetch only hints at an address inside `data`; it reads nothing.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
-                line.as_ptr() as *const i8
-            )
-        };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = data;
-}
-
 /// Attention output: `out = Σ_j p[j] * values[j * hd..(j + 1) * hd]` (`hd = out.len()`), summed
 /// in order of `j`.
 pub fn weighted_sum(isa: Isa, p: &[f32], values: &[f32], out: &mut [f32]) {

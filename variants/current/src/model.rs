@@ -456,8 +456,8 @@ impl Cache<'_> {
     /// The group of query heads `q` (`group * hd` floats) against the `n` keys of KV head `kv`
     /// from position `first`: for each head, `[o (hd floats), m, l]` into `slot`, where `m` is
     /// the largest scaled score, `l = Σ exp(score - m)` and `o` those weights times the values,
-    /// summed in key order. Meanwhile the next block's keys and values are asked into L2, a
-    /// share with each head: a run of blocks streams from memory while it computes.
+    /// summed in key order. A run of consecutive blocks is one stream through memory, which
+    /// the hardware prefetcher follows.
     fn block_partial(&self, q: &[f32], kv: usize, first: usize, n: usize, slot: &mut [f32]) {
         let hd = self.hd;
         let base = (kv * self.capacity + first) * hd;
@@ -465,24 +465,8 @@ impl Cache<'_> {
             &self.keys[base..base + KEY_BLOCK * hd],
             &self.values[base..base + n * hd],
         );
-        let next = base + KEY_BLOCK * hd;
-        let ahead = if first + KEY_BLOCK < self.capacity {
-            next..next + KEY_BLOCK * hd
-        } else {
-            next..next
-        };
-        let group = q.len() / hd;
-        let share = (KEY_BLOCK * hd).div_ceil(group).next_multiple_of(16);
         SCORES.with_borrow_mut(|scores| {
-            for (i, (q, slot)) in q
-                .chunks_exact(hd)
-                .zip(slot.chunks_exact_mut(hd + 2))
-                .enumerate()
-            {
-                let mine = (ahead.start + i * share).min(ahead.end)
-                    ..(ahead.start + (i + 1) * share).min(ahead.end);
-                kernels::prefetch_l2(&self.keys[mine.clone()]);
-                kernels::prefetch_l2(&self.values[mine]);
+            for (q, slot) in q.chunks_exact(hd).zip(slot.chunks_exact_mut(hd + 2)) {
                 scores.resize(KEY_BLOCK, 0.0);
                 kernels::tile_scores(self.isa, q, tile, self.scale, scores);
                 scores.truncate(n);
