@@ -170,6 +170,9 @@ for report in ours:
         if test["n_gen"]:
             p = [p for p in peer if p["n_threads"] == report["threads"] and p["n_gen"] == test["n_gen"] and p["n_prompt"] == 0]
             peer_share = f", llama.cpp {p[0]['avg_ts'] / rl['bound_tok_s']:.1%}" if p else ""
-            print(f"{test['test']} at {report['threads']} thread(s): {variant} reaches {test['roofline_share']:.1%} of it{peer_share}.")
+            # Both shares against the one bound printed above (each `host bench` run measures
+            # the bandwidth anew, and its own `roofline_share` is against that run's figure).
+            share = test['mean_tok_s'] / rl['bound_tok_s']
+            print(f"{test['test']} at {report['threads']} thread(s): {variant} reaches {share:.1%} of it{peer_share}.")
 print(f"\n(whole script: {took} s)")
 EOF
