@@ -20,7 +20,7 @@
 //! quality gates).
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Storage, Tensor};
+use candle_core::{Device, Layout, Storage, Tensor};
 use half::f16;
 use plugin_api::{GgmlType, ModelView, TensorInfo};
 
@@ -542,9 +542,9 @@ impl EmbeddingTable {
         })
     }
 
-    /// The rows for `tokens`, as a `(tokens.len(), n_embd)` f32 tensor.
-    pub fn lookup(&self, tokens: &[u32]) -> Result<Tensor, ModelError> {
-        let mut out = vec![0f32; tokens.len() * self.n_embd];
+    /// The rows for `tokens` into `out` (`tokens.len() * n_embd` floats, row by row).
+    pub fn lookup_into(&self, tokens: &[u32], out: &mut Vec<f32>) -> Result<(), ModelError> {
+        out.resize(tokens.len() * self.n_embd, 0.0);
         for (&tok, dst) in tokens.iter().zip(out.chunks_exact_mut(self.n_embd)) {
             let id = tok as usize;
             if id >= self.vocab {
@@ -576,11 +576,7 @@ impl EmbeddingTable {
                 }
             }
         }
-        Ok(Tensor::from_vec(
-            out,
-            (tokens.len(), self.n_embd),
-            &Device::Cpu,
-        )?)
+        Ok(())
     }
 }
 
@@ -711,6 +707,26 @@ pub struct LlamaModel {
     output: Matrix,
     rope: RopeTables,
     cache: KvCache,
+    scratch: Scratch,
+}
+
+/// The activations of one forward pass, kept from one decode step to the next so that a step
+/// allocates nothing (a chunk of several tokens gives them back when it is done, so that a
+/// long prompt's buffers do not outlive its prefill). Each is resized to the chunk, and every
+/// element is written before it is read.
+#[derive(Debug, Default)]
+struct Scratch {
+    /// The residual stream, `(t, n_embd)`.
+    x: Vec<f32>,
+    /// A normed copy of `x`, the input of the next projections; then attention's output, and
+    /// the down projection's.
+    h: Vec<f32>,
+    /// The queries; then the output projection's result.
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
 }
 
 impl LlamaModel {
@@ -746,6 +762,7 @@ impl LlamaModel {
             output: load_matrix(view, output_name, cfg.vocab_size, d)?,
             rope: RopeTables::new(cfg.rope_dim, cfg.rope_base, cfg.context_len),
             cache: KvCache::new(&cfg),
+            scratch: Scratch::default(),
             blocks,
             cfg,
         })
@@ -862,65 +879,92 @@ impl Transformer for LlamaModel {
     }
 
     fn forward_hidden(&mut self, tokens: &[u32], pos: usize) -> Result<Tensor, ModelError> {
-        let end = check_chunk(&self.cfg, self.cache.len(), tokens.len(), pos)?;
-        self.cache.len = pos;
-        self.cache.reserve(self.cfg.n_layer, end);
-
-        let mut x = self.embedding.lookup(tokens)?;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let attn = attention_block(&self.cfg, &self.rope, &mut self.cache, block, i, &x, pos)?;
-            x = (x + attn)?;
-            let h = x.apply_op1_no_bwd(&RmsNorm {
-                weight: &block.ffn_norm,
-                eps: self.cfg.rms_eps,
-            })?;
-            let mlp = block.w_down.forward(&swiglu(block, &h)?)?;
-            x = (x + mlp)?;
-        }
-        self.cache.len = end;
-        Ok(x.apply_op1_no_bwd(&RmsNorm {
-            weight: &self.output_norm,
-            eps: self.cfg.rms_eps,
-        })?)
+        self.hidden_rows(tokens, pos)?;
+        let h = Tensor::from_slice(
+            &self.scratch.h,
+            (tokens.len(), self.cfg.n_embd),
+            &Device::Cpu,
+        );
+        self.release_chunk_buffers(tokens.len());
+        Ok(h?)
     }
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
         Ok(self.output.forward(hidden)?)
     }
+
+    /// [`Transformer::forward`]'s logits computed straight into `scratch` from the last hidden
+    /// row (the same matmul, so the same bits), with no tensor between.
+    fn forward_greedy(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        scratch: &mut Vec<f32>,
+    ) -> Result<u32, ModelError> {
+        self.hidden_rows(tokens, pos)?;
+        let d = self.cfg.n_embd;
+        let last = &self.scratch.h[(tokens.len() - 1) * d..tokens.len() * d];
+        scratch.resize(self.output.rows(), 0.0);
+        matmul_many(&[&self.output], last, &mut [scratch.as_mut_slice()]);
+        self.release_chunk_buffers(tokens.len());
+        Ok(argmax(scratch))
+    }
 }
 
-/// The attention half of block `i` for the chunk `x` `(t, n_embd)` at `pos`: norm, Q/K/V,
-/// RoPE, cache update, attention and output projection. Returns the residual update.
+impl LlamaModel {
+    /// [`Transformer::forward_hidden`] into the scratch buffers: the final-normed rows of
+    /// `tokens` are left in `self.scratch.h`.
+    fn hidden_rows(&mut self, tokens: &[u32], pos: usize) -> Result<(), ModelError> {
+        let end = check_chunk(&self.cfg, self.cache.len(), tokens.len(), pos)?;
+        self.cache.len = pos;
+        self.cache.reserve(self.cfg.n_layer, end);
+        let s = &mut self.scratch;
+        self.embedding.lookup_into(tokens, &mut s.x)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            attention_block(&self.cfg, &self.rope, &mut self.cache, block, i, pos, s);
+            mlp_block(block, self.cfg.rms_eps, s);
+        }
+        self.cache.len = end;
+        rms_norm_rows(&s.x, &self.output_norm, self.cfg.rms_eps, &mut s.h);
+        Ok(())
+    }
+
+    /// Gives the scratch buffers back after a chunk of several tokens (see [`Scratch`]).
+    fn release_chunk_buffers(&mut self, tokens: usize) {
+        if tokens > 1 {
+            self.scratch = Scratch::default();
+        }
+    }
+}
+
+/// The attention half of block `i` for the chunk in `s.x` `(t, n_embd)` at `pos`: norm,
+/// Q/K/V, RoPE, cache update, attention and output projection, added to `s.x`.
 fn attention_block(
     cfg: &LlamaConfig,
     rope: &RopeTables,
     cache: &mut KvCache,
     block: &Block,
     i: usize,
-    x: &Tensor,
     pos: usize,
-) -> Result<Tensor, ModelError> {
-    let (t, hd) = (x.dim(0)?, cfg.head_dim);
-    let h = x.apply_op1_no_bwd(&RmsNorm {
-        weight: &block.attn_norm,
-        eps: cfg.rms_eps,
-    })?;
-    let h: Vec<f32> = h.flatten_all()?.to_vec1()?;
+    s: &mut Scratch,
+) {
+    let hd = cfg.head_dim;
+    let t = s.x.len() / cfg.n_embd;
+    rms_norm_rows(&s.x, &block.attn_norm, cfg.rms_eps, &mut s.h);
     let (q_dim, kv_dim) = (cfg.n_head * hd, cfg.n_kv_head * hd);
-    let (mut q, mut k, mut v) = (
-        vec![0f32; t * q_dim],
-        vec![0f32; t * kv_dim],
-        vec![0f32; t * kv_dim],
-    );
+    s.q.resize(t * q_dim, 0.0);
+    s.k.resize(t * kv_dim, 0.0);
+    s.v.resize(t * kv_dim, 0.0);
     matmul_many(
         &[&block.wq, &block.wk, &block.wv],
-        &h,
-        &mut [&mut q, &mut k, &mut v],
+        &s.h,
+        &mut [&mut s.q, &mut s.k, &mut s.v],
     );
-    rope.rotate(&mut q, cfg.n_head, hd, pos);
-    rope.rotate(&mut k, cfg.n_kv_head, hd, pos);
-    cache.store(i, pos, &k, &v);
-    let mut y = vec![0f32; t * cfg.n_head * hd];
+    rope.rotate(&mut s.q, cfg.n_head, hd, pos);
+    rope.rotate(&mut s.k, cfg.n_kv_head, hd, pos);
+    cache.store(i, pos, &s.k, &s.v);
+    let y = &mut s.h;
+    y.resize(t * q_dim, 0.0);
     let shape = AttentionShape {
         n_head: cfg.n_head,
         n_kv_head: cfg.n_kv_head,
@@ -928,58 +972,54 @@ fn attention_block(
         capacity: cache.capacity,
     };
     attention(
-        &q,
+        &s.q,
         &cache.k[i],
         &cache.v[i],
         shape,
         pos,
         crate::pool::global(),
-        &mut y,
+        y,
     );
-    let y = Tensor::from_vec(y, (t, cfg.n_head * hd), &Device::Cpu)?;
-    Ok(block.wo.forward(&y)?)
+    s.q.resize(t * cfg.n_embd, 0.0);
+    matmul_many(&[&block.wo], &s.h, &mut [&mut s.q]);
+    add_into(&mut s.x, &s.q);
 }
 
-/// The MLP's SwiGLU, `silu(h · gateᵀ) * (h · upᵀ)` with `silu(g) = g / (1 + exp(-g))`, for the
-/// normed chunk `h` `(t, n_embd)`; gate and up are one parallel step.
-fn swiglu(block: &Block, h: &Tensor) -> Result<Tensor, ModelError> {
-    let t = h.dim(0)?;
+/// The MLP half of a block for the chunk in `s.x`: norm, then the SwiGLU, `silu(h · gateᵀ) *
+/// (h · upᵀ)` with `silu(g) = g / (1 + exp(-g))` (gate and up one parallel step), then the
+/// down projection, added to `s.x`.
+fn mlp_block(block: &Block, eps: f64, s: &mut Scratch) {
+    let t = s.x.len() / block.w_down.rows();
     let ff = block.w_gate.rows();
-    let h: Vec<f32> = h.flatten_all()?.to_vec1()?;
-    let (mut gate, mut up) = (vec![0f32; t * ff], vec![0f32; t * ff]);
-    matmul_many(&[&block.w_gate, &block.w_up], &h, &mut [&mut gate, &mut up]);
-    for (g, u) in gate.iter_mut().zip(&up) {
+    rms_norm_rows(&s.x, &block.ffn_norm, eps, &mut s.h);
+    s.gate.resize(t * ff, 0.0);
+    s.up.resize(t * ff, 0.0);
+    matmul_many(
+        &[&block.w_gate, &block.w_up],
+        &s.h,
+        &mut [&mut s.gate, &mut s.up],
+    );
+    for (g, u) in s.gate.iter_mut().zip(&s.up) {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }
-    Ok(Tensor::from_vec(gate, (t, ff), &Device::Cpu)?)
+    s.h.resize(s.x.len(), 0.0);
+    matmul_many(&[&block.w_down], &s.gate, &mut [&mut s.h]);
+    add_into(&mut s.x, &s.h);
 }
 
-/// RMSNorm over the last dimension, as a candle op.
-struct RmsNorm<'a> {
-    weight: &'a [f32],
-    eps: f64,
-}
-
-impl CustomOp1 for RmsNorm<'_> {
-    fn name(&self) -> &'static str {
-        "rms-norm"
+/// `x += update`, element by element (the residual connection).
+fn add_into(x: &mut [f32], update: &[f32]) {
+    for (x, u) in x.iter_mut().zip(update) {
+        *x += u;
     }
+}
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(storage.as_slice::<f32>()?, layout, "rms-norm")?;
-        let d = self.weight.len();
-        if layout.dims().last() != Some(&d) {
-            candle_core::bail!("rms-norm: input {:?} does not end in {d}", layout.dims())
-        }
-        let mut out = vec![0f32; x.len()];
-        for (row, dst) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-            rms_norm_row(row, self.weight, self.eps, dst);
-        }
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
+/// RMSNorm of each row of `x` (rows of `weight.len()`) into `out`, resized to fit.
+fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f64, out: &mut Vec<f32>) {
+    let d = weight.len();
+    out.resize(x.len(), 0.0);
+    for (row, dst) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        rms_norm_row(row, weight, eps, dst);
     }
 }
 
