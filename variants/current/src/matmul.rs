@@ -194,12 +194,14 @@ pub fn matmul_many(mats: &[&Matrix], x: &[f32], outs: &mut [&mut [f32]]) {
             BY_ROW.with_borrow_mut(|by_row| {
                 by_row.resize(n * t, 0.0);
                 m.rows_into(first, x, t, by_row);
-                for (r, values) in by_row.chunks_exact(t).enumerate() {
-                    for (tok, &v) in values.iter().enumerate() {
-                        // SAFETY: row `first + r` of matrix `i` belongs to this task alone, so
-                        // no other thread writes this element; `write` checks it is inside
-                        // the output, which outlives the pool's run.
-                        unsafe { targets[i].write(tok * m.rows + first + r, v) };
+                // Token by token, so that each write is one run of `n` neighbours (the task's
+                // few rows are read at a stride, and stay in L1 from one token to the next).
+                for tok in 0..t {
+                    // SAFETY: rows `first..first + n` of matrix `i` belong to this task alone,
+                    // so no other thread touches these elements while the slice lives.
+                    let dst = unsafe { targets[i].run_mut(tok * m.rows + first, n) };
+                    for (r, d) in dst.iter_mut().enumerate() {
+                        *d = by_row[r * t + tok];
                     }
                 }
             });
@@ -228,16 +230,6 @@ impl Columns {
         assert!(at + n <= self.1, "matmul: rows past the output");
         // SAFETY: in bounds (checked); exclusive by the caller's promise.
         unsafe { std::slice::from_raw_parts_mut(self.0.add(at), n) }
-    }
-
-    /// Writes `v` at `at`.
-    ///
-    /// # Safety
-    /// No other thread may access element `at` during the write.
-    unsafe fn write(&self, at: usize, v: f32) {
-        assert!(at < self.1, "matmul: write past the output");
-        // SAFETY: in bounds (checked); exclusive by the caller's promise.
-        unsafe { *self.0.add(at) = v };
     }
 }
 
