@@ -986,8 +986,8 @@ fn attention_block(
 }
 
 /// The MLP half of a block for the chunk in `s.x`: norm, then the SwiGLU, `silu(h · gateᵀ) *
-/// (h · upᵀ)` with `silu(g) = g / (1 + exp(-g))` (gate and up one parallel step), then the
-/// down projection, added to `s.x`.
+/// (h · upᵀ)` with `silu(g) = g / (1 + exp(-g))` (gate and up one parallel step; the `exp` in
+/// vector lanes, [`kernels::exp_shifted`]), then the down projection, added to `s.x`.
 fn mlp_block(block: &Block, eps: f64, s: &mut Scratch) {
     let t = s.x.len() / block.w_down.rows();
     let ff = block.w_gate.rows();
@@ -999,8 +999,20 @@ fn mlp_block(block: &Block, eps: f64, s: &mut Scratch) {
         &s.h,
         &mut [&mut s.gate, &mut s.up],
     );
-    for (g, u) in s.gate.iter_mut().zip(&s.up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+    // silu(g) = g / (1 + e^-g), or g e^g / (1 + e^g) below 0: one `e = e^-|g|` serves both
+    // and never overflows, so it can take the vector exp (`h` is free until the down
+    // projection).
+    let e = &mut s.h;
+    e.clear();
+    e.extend(s.gate.iter().map(|g| -g.abs()));
+    kernels::exp_shifted(Isa::best(), e, 0.0);
+    for ((g, u), e) in s.gate.iter_mut().zip(&s.up).zip(e.iter()) {
+        let silu = if *g >= 0.0 {
+            *g / (1.0 + e)
+        } else {
+            *g * e / (1.0 + e)
+        };
+        *g = silu * u;
     }
     s.h.resize(s.x.len(), 0.0);
     matmul_many(&[&block.w_down], &s.gate, &mut [&mut s.h]);
