@@ -108,3 +108,67 @@ fn the_peer_script_refuses_bad_arguments_before_fetching_anything() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn the_peer_table_puts_both_engines_against_the_one_bound_it_prints() {
+    // Two `host bench` reports whose bandwidth probes disagree (280.9 and 231.0 t/s allowed),
+    // the second with its own share of its own bound (57.0%): the table must state one bound
+    // and measure both engines against it, 131.7 / 280.9 = 46.9% at 2 threads, not 57.0%.
+    let dir = common::scratch("peer-table");
+    let report = |threads: u32, bound: f64, tg: f64| {
+        format!(
+            r#"{{"device": "cpu", "threads": {threads}, "synthetic": false,
+                "model": {{"description": "llama 135M Q4_1", "path": "/m/SmolLM2.gguf"}},
+                "roofline": {{"bytes_per_token": 96573440, "bandwidth_gb_s": {gb}, "bound_tok_s": {bound}}},
+                "tests": [{{"test": "tg128", "n_prompt": 0, "n_gen": 128, "mean_tok_s": {tg},
+                            "sd_tok_s": 1.0, "roofline_share": {share}}}]}}"#,
+            gb = bound * 96573440.0 / 1e9,
+            share = tg / bound,
+        )
+    };
+    let peer = r#"[{"n_threads": 1, "n_prompt": 0, "n_gen": 128, "avg_ts": 67.12, "stddev_ts": 0.42},
+                   {"n_threads": 2, "n_prompt": 0, "n_gen": 128, "avg_ts": 116.10, "stddev_ts": 1.0},
+                   {"n_threads": 16, "n_prompt": 0, "n_gen": 128, "avg_ts": 200.0, "stddev_ts": 1.0}]"#;
+    std::fs::write(dir.join("peer.json"), peer).unwrap();
+    std::fs::write(dir.join("ours-1.json"), report(1, 280.9, 78.12)).unwrap();
+    std::fs::write(dir.join("ours-2.json"), report(2, 231.0, 131.7)).unwrap();
+    std::fs::write(dir.join("ours-16.json"), report(16, 300.0, 150.0)).unwrap();
+    let out = std::process::Command::new("python3")
+        .arg(common::root().join("bench/peer_table.py"))
+        .args([dir.to_str().unwrap(), "variants/current", "0.3.36", "70"])
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The bound is the lowest thread count's probe, and every share is against it.
+    assert!(stdout.contains("allows 280.9 t/s"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "tg128 at 2 thread(s): variants/current reaches 46.9% of it, llama.cpp 41.3%."
+        ),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("57.0%"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "tg128 at 1 thread(s): variants/current reaches 27.8% of it, llama.cpp 23.9%."
+        ),
+        "{stdout}"
+    );
+    // Rows in thread order (1, 2, 16), not the files' name order (1, 16, 2).
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| tg128 |"))
+        .collect();
+    assert_eq!(rows.len(), 3, "{stdout}");
+    assert!(
+        rows[0].starts_with("| tg128 | 1 |") && rows[1].starts_with("| tg128 | 2 |"),
+        "{rows:?}"
+    );
+    assert!(rows[1].ends_with("| 1.134 |"), "{rows:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
