@@ -687,12 +687,19 @@ extern "C" __global__ void tiled_swiglu_f32(const u8* wg, const u8* sg, const u8
 // Block: MMA_ROWS weight rows x MMA_TOKENS tokens, 8 warps; warp w computes rows
 // 32 (w % 4) .. + 32 and tokens 32 (w / 4) .. + 32 as 2 x 4 tiles of mma.m16n8k16. Each
 // 32-column step stages the block's quants as bf16 and its activations' three parts in shared
-// memory; the next step's global loads are issued before this step's products.
+// memory; the next step's global loads are issued before this step's products, and the warps
+// take their fragments with ldmatrix.
+//
+// A step's 32 columns are staged in a fixed order that is not the weights' own: within each
+// group of four, columns 4a, 4a + 1, 4a + 2, 4a + 3 hold weights 4a, 4a + 2, 4a + 1, 4a + 3.
+// Quants and activations are staged in the same order, so every product pairs the same weight
+// and activation as before; only the order the tensor cores add them in differs. It lets two
+// Q4_1 nibbles two bytes apart become a bf16 pair in one operation (mma_q4_1_pair).
 #define MMA_ROWS 128
 #define MMA_TOKENS 64
 #define MMA_THREADS 256
-// bf16 elements a staged row takes: 32, and 8 of padding so that the fragment loads of a warp
-// fall in distinct banks.
+// bf16 elements a staged row takes: 32, and 8 of padding so that the 8 rows an ldmatrix reads
+// (80 bytes apart) fall in distinct banks.
 #define MMA_STRIDE 40
 
 // x with its low 16 bits cleared: its top 8 significant bits, exact in bf16.
@@ -705,12 +712,46 @@ __device__ __forceinline__ u32 bf16_pair(float lo, float hi) {
     return (__float_as_uint(lo) >> 16) | (__float_as_uint(hi) & 0xffff0000u);
 }
 
+// The nibbles in bits 0-3 and 16-19 of `w` as a bf16 pair, exactly: 0x4300 | q is the bf16
+// 128 + q (seven mantissa bits hold q), and 128 + q - 128 = q is exact.
+__device__ __forceinline__ u32 mma_q4_1_pair(u32 w) {
+    const u32 biased = (w & 0x000f000fu) | 0x43004300u;
+    u32 q;
+    // 1.0 * biased - 128 in both halves (0x3f80 is bf16 1.0, 0xc300 is -128.0).
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(q) : "r"(biased), "r"(0x3f803f80u), "r"(0xc300c300u));
+    return q;
+}
+
+// The shared-memory address of `p`, as ldmatrix takes it.
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    return (u32)__cvta_generic_to_shared(p);
+}
+
+// Four 8 x 8 bf16 matrices from shared memory: lane l gives the address of row l % 8 of matrix
+// l / 8, and receives in register j the pair at row l / 4, columns 2 (l % 4) .. + 1 of matrix j:
+// exactly the mma fragments' layout.
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
 // c += a b for one m16n8k16 tile: a 16 x 16 bf16 (row-major fragments), b 16 x 8 bf16, c f32.
 __device__ __forceinline__ void mma_bf16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// c = a b for one m16n8k16 tile (a fresh sum: c's old contents are not read).
+__device__ __forceinline__ void mma_bf16_first(float (&c)[4], const u32 (&a)[4], u32 b0,
+                                               u32 b1) {
+    const float z = 0.0f;
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%10,%10,%10,%10};"
+        : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(z));
 }
 
 // The global data of one 32-column step a thread stages: 16 quants of one row (Q4_1: all 16
@@ -757,10 +798,11 @@ __device__ __forceinline__ void mma_fetch(MmaLoads<GATED>& l, const u8* w, const
 template <int FMT, bool GATED>
 __device__ void mma_body(const u8* w, const u8* s, const u8* w2, const u8* s2, const float* x,
                          float* y, int rows, int cols, int t, int accumulate) {
-    __shared__ __align__(16) u16 wsh[GATED ? 2 : 1][MMA_ROWS][MMA_STRIDE];
+    constexpr int NM = GATED ? 2 : 1;
+    __shared__ __align__(16) u16 wsh[NM][MMA_ROWS][MMA_STRIDE];
     __shared__ __align__(16) u16 xsh[3][MMA_TOKENS][MMA_STRIDE];
-    __shared__ float dsh[GATED ? 2 : 1][MMA_ROWS], msh[GATED ? 2 : 1][MMA_ROWS];
-    __shared__ float xsum[MMA_TOKENS];
+    __shared__ __align__(8) float2 dmsh[NM][MMA_ROWS];  // a row's (d, m) this step
+    __shared__ __align__(8) float xsum[MMA_TOKENS];
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, tig = lane % 4;
     const int wm = warp % 4, wn = warp / 4;
@@ -770,53 +812,63 @@ __device__ void mma_body(const u8* w, const u8* s, const u8* w2, const u8* s2, c
     // 8 qtr .. 8 qtr + 7 of token lt.
     const int lr = tid / 2, half = tid % 2, lt = tid / 4, qtr = tid % 4;
     const bool row_in = row0 + lr < rows, tok_in = tok0 + lt < t;
-    float acc[GATED ? 2 : 1][2][4][4], part[GATED ? 2 : 1][2][4][4];
+    // The shared-memory rows this lane points ldmatrix at: for A (16 rows x 16 columns),
+    // row l % 8 + 8 ((l / 8) % 2) at column 8 (l / 16); for B (two 8-token tiles x 16
+    // columns), token l % 8 + 8 (l / 16) at column 8 ((l / 8) % 2).
+    const int a_row = 32 * wm + lane % 8 + 8 * ((lane / 8) % 2), a_col = 8 * (lane / 16);
+    const int b_tok = 32 * wn + lane % 8 + 8 * (lane / 16), b_col = 8 * ((lane / 8) % 2);
+    float acc[NM][2][4][4], part[NM][2][4][4];
 #pragma unroll
-    for (int m = 0; m < (GATED ? 2 : 1); m++)
+    for (int m = 0; m < NM; m++)
 #pragma unroll
         for (int i = 0; i < 2; i++)
 #pragma unroll
             for (int j = 0; j < 4; j++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) acc[m][i][j][e] = part[m][i][j][e] = 0.0f;
+                for (int e = 0; e < 4; e++) acc[m][i][j][e] = 0.0f;
     MmaLoads<GATED> next;
     mma_fetch<FMT, GATED>(next, w, s, w2, s2, x, 0, nb, row0 + lr, row_in, half, tok0 + lt,
                           tok_in, cols, qtr);
     for (int b = 0; b < nb; b++) {
         const MmaLoads<GATED> cur = next;
-        // Stage the quants as bf16 pairs, and the scales.
+        // Stage the quants as bf16 pairs in the staged column order, and the scales.
 #pragma unroll
-        for (int m = 0; m < (GATED ? 2 : 1); m++) {
+        for (int m = 0; m < NM; m++) {
             const u32 words[4] = {cur.q[m].x, cur.q[m].y, cur.q[m].z, cur.q[m].w};
-            u32* dst = reinterpret_cast<u32*>(&wsh[m][lr][16 * half]);
+            u32 pairs[8];
 #pragma unroll
-            for (int j = 0; j < 8; j++) {
-                float lo, hi;
+            for (int c = 0; c < 4; c++) {
                 if (FMT == FMT_Q4_1) {
-                    // Weight 16 half + 2j (and + 1): byte 2j (2j + 1), nibble `half`.
-                    const u32 word = words[j / 2] >> (16 * (j % 2) + 4 * half);
-                    lo = (float)(word & 15);
-                    hi = (float)((word >> 8) & 15);
+                    // Bytes 4c .. 4c + 3, nibble `half`: weights 16 half + 4c + (0, 2) and
+                    // (1, 3).
+                    const u32 word = words[c] >> (4 * half);
+                    pairs[2 * c] = mma_q4_1_pair(word);
+                    pairs[2 * c + 1] = mma_q4_1_pair(word >> 8);
                 } else {
-                    const u32 word = words[j / 2] >> (16 * (j % 2));
-                    lo = (float)(signed char)(word & 0xff);
-                    hi = (float)(signed char)((word >> 8) & 0xff);
+                    const u32 word = words[c];
+                    pairs[2 * c] = bf16_pair((float)(signed char)(word & 0xff),
+                                             (float)(signed char)((word >> 16) & 0xff));
+                    pairs[2 * c + 1] = bf16_pair((float)(signed char)((word >> 8) & 0xff),
+                                                 (float)(signed char)(word >> 24));
                 }
-                dst[j] = bf16_pair(lo, hi);
             }
+            uint4* dst = reinterpret_cast<uint4*>(&wsh[m][lr][16 * half]);
+            dst[0] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
+            dst[1] = make_uint4(pairs[4], pairs[5], pairs[6], pairs[7]);
             if (half == 0) {
                 if (FMT == FMT_Q4_1) {
-                    dsh[m][lr] = f16_to_f32((u16)(cur.s[m] & 0xffff));
-                    msh[m][lr] = f16_to_f32((u16)(cur.s[m] >> 16));
+                    dmsh[m][lr] = make_float2(f16_to_f32((u16)(cur.s[m] & 0xffff)),
+                                              f16_to_f32((u16)(cur.s[m] >> 16)));
                 } else {
-                    dsh[m][lr] = f16_to_f32((u16)cur.s[m]);
+                    dmsh[m][lr] = make_float2(f16_to_f32((u16)cur.s[m]), 0.0f);
                 }
             }
         }
-        // Stage the activations' three parts, and their sum over the block (for Q4_1's m).
+        // Stage the activations' three parts in the same column order, and their sum over
+        // the block (for Q4_1's m).
         {
-            const float v[8] = {cur.x0.x, cur.x0.y, cur.x0.z, cur.x0.w,
-                                cur.x1.x, cur.x1.y, cur.x1.z, cur.x1.w};
+            const float v[8] = {cur.x0.x, cur.x0.z, cur.x0.y, cur.x0.w,
+                                cur.x1.x, cur.x1.z, cur.x1.y, cur.x1.w};
             float p1[8], p2[8], p3[8];
             float sum = 0.0f;
 #pragma unroll
@@ -825,15 +877,21 @@ __device__ void mma_body(const u8* w, const u8* s, const u8* w2, const u8* s2, c
                 const float r = v[e] - p1[e];
                 p2[e] = bf16_top(r);
                 p3[e] = r - p2[e];
-                sum += v[e];
             }
-#pragma unroll
-            for (int e = 0; e < 8; e += 2) {
-                u32* const dst = reinterpret_cast<u32*>(&xsh[0][lt][8 * qtr]) + e / 2;
-                dst[0] = bf16_pair(p1[e], p1[e + 1]);
-                dst[MMA_TOKENS * MMA_STRIDE / 2] = bf16_pair(p2[e], p2[e + 1]);
-                dst[MMA_TOKENS * MMA_STRIDE] = bf16_pair(p3[e], p3[e + 1]);
+            if (FMT == FMT_Q4_1) {
+                // The block's sum, for the m term.
+                sum = ((cur.x0.x + cur.x0.y) + (cur.x0.z + cur.x0.w)) +
+                      ((cur.x1.x + cur.x1.y) + (cur.x1.z + cur.x1.w));
             }
+            uint4* const dst = reinterpret_cast<uint4*>(&xsh[0][lt][8 * qtr]);
+            dst[0] = make_uint4(bf16_pair(p1[0], p1[1]), bf16_pair(p1[2], p1[3]),
+                                bf16_pair(p1[4], p1[5]), bf16_pair(p1[6], p1[7]));
+            dst[MMA_TOKENS * MMA_STRIDE / 8] =
+                make_uint4(bf16_pair(p2[0], p2[1]), bf16_pair(p2[2], p2[3]),
+                           bf16_pair(p2[4], p2[5]), bf16_pair(p2[6], p2[7]));
+            dst[MMA_TOKENS * MMA_STRIDE / 4] =
+                make_uint4(bf16_pair(p3[0], p3[1]), bf16_pair(p3[2], p3[3]),
+                           bf16_pair(p3[4], p3[5]), bf16_pair(p3[6], p3[7]));
             if (FMT == FMT_Q4_1) {
                 sum += __shfl_xor_sync(0xffffffffu, sum, 1);
                 sum += __shfl_xor_sync(0xffffffffu, sum, 2);
@@ -847,52 +905,58 @@ __device__ void mma_body(const u8* w, const u8* s, const u8* w2, const u8* s2, c
         }
 #pragma unroll
         for (int k0 = 0; k0 < 32; k0 += 16) {
-            u32 a[GATED ? 2 : 1][2][4];
+            u32 a[NM][2][4];
 #pragma unroll
-            for (int m = 0; m < (GATED ? 2 : 1); m++)
+            for (int m = 0; m < NM; m++)
 #pragma unroll
-                for (int i = 0; i < 2; i++) {
-                    const int r = 32 * wm + 16 * i + g;
-                    a[m][i][0] = *reinterpret_cast<const u32*>(&wsh[m][r][k0 + 2 * tig]);
-                    a[m][i][1] = *reinterpret_cast<const u32*>(&wsh[m][r + 8][k0 + 2 * tig]);
-                    a[m][i][2] = *reinterpret_cast<const u32*>(&wsh[m][r][k0 + 8 + 2 * tig]);
-                    a[m][i][3] =
-                        *reinterpret_cast<const u32*>(&wsh[m][r + 8][k0 + 8 + 2 * tig]);
+                for (int i = 0; i < 2; i++)
+                    ldmatrix_x4(a[m][i], smem_addr(&wsh[m][a_row + 16 * i][k0 + a_col]));
+            // The smallest part first, so that it is not lost below the larger ones' sum.
+#pragma unroll
+            for (int p = 2; p >= 0; p--)
+#pragma unroll
+                for (int jj = 0; jj < 4; jj += 2) {
+                    // bf[0], bf[1]: tile jj's two halves of k; bf[2], bf[3]: tile jj + 1's.
+                    u32 bf[4];
+                    ldmatrix_x4(bf, smem_addr(&xsh[p][b_tok + 8 * jj][k0 + b_col]));
+#pragma unroll
+                    for (int h = 0; h < 2; h++)
+#pragma unroll
+                        for (int m = 0; m < NM; m++)
+#pragma unroll
+                            for (int i = 0; i < 2; i++) {
+                                if (k0 == 0 && p == 2) {
+                                    mma_bf16_first(part[m][i][jj + h], a[m][i], bf[2 * h],
+                                                   bf[2 * h + 1]);
+                                } else {
+                                    mma_bf16(part[m][i][jj + h], a[m][i], bf[2 * h],
+                                             bf[2 * h + 1]);
+                                }
+                            }
                 }
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int n = 32 * wn + 8 * j + g;
-                // The smallest part first, so that it is not lost below the larger ones' sum.
-#pragma unroll
-                for (int p = 2; p >= 0; p--) {
-                    const u32 b0 = *reinterpret_cast<const u32*>(&xsh[p][n][k0 + 2 * tig]);
-                    const u32 b1 = *reinterpret_cast<const u32*>(&xsh[p][n][k0 + 8 + 2 * tig]);
-#pragma unroll
-                    for (int m = 0; m < (GATED ? 2 : 1); m++)
-#pragma unroll
-                        for (int i = 0; i < 2; i++) mma_bf16(part[m][i][j], a[m][i], b0, b1);
-                }
-            }
         }
         // Scale the block's sums into the result: element e of tile (i, j) is row
         // 32 wm + 16 i + g (+ 8 for e >= 2), token 32 wn + 8 j + 2 tig + e % 2.
+        float2 xs[4];
 #pragma unroll
-        for (int m = 0; m < (GATED ? 2 : 1); m++)
+        for (int j = 0; j < 4; j++)
+            xs[j] = *reinterpret_cast<const float2*>(&xsum[32 * wn + 8 * j + 2 * tig]);
+#pragma unroll
+        for (int m = 0; m < NM; m++)
 #pragma unroll
             for (int i = 0; i < 2; i++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int r = 32 * wm + 16 * i + g + (e >= 2 ? 8 : 0);
-                    const float d = dsh[m][r];
-                    const float mn = FMT == FMT_Q4_1 ? msh[m][r] : 0.0f;
+                for (int hr = 0; hr < 2; hr++) {
+                    const float2 dm = dmsh[m][32 * wm + 16 * i + g + 8 * hr];
 #pragma unroll
-                    for (int j = 0; j < 4; j++) {
-                        float v = fmaf(d, part[m][i][j][e], acc[m][i][j][e]);
-                        if (FMT == FMT_Q4_1)
-                            v = fmaf(mn, xsum[32 * wn + 8 * j + 2 * tig + e % 2], v);
-                        acc[m][i][j][e] = v;
-                        part[m][i][j][e] = 0.0f;
-                    }
+                    for (int j = 0; j < 4; j++)
+#pragma unroll
+                        for (int ec = 0; ec < 2; ec++) {
+                            const int e = 2 * hr + ec;
+                            float v = fmaf(dm.x, part[m][i][j][e], acc[m][i][j][e]);
+                            if (FMT == FMT_Q4_1) v = fmaf(dm.y, ec ? xs[j].y : xs[j].x, v);
+                            acc[m][i][j][e] = v;
+                        }
                 }
         __syncthreads();
     }
@@ -908,7 +972,7 @@ __device__ void mma_body(const u8* w, const u8* s, const u8* w2, const u8* s2, c
                 float* out = y + (long)tok * rows + row;
                 if (GATED) {
                     const float gate = acc[0][i][j][e];
-                    *out = gate / (1.0f + expf(-gate)) * acc[GATED ? 1 : 0][i][j][e];
+                    *out = gate / (1.0f + expf(-gate)) * acc[NM - 1][i][j][e];
                 } else {
                     *out = accumulate ? *out + acc[0][i][j][e] : acc[0][i][j][e];
                 }
