@@ -685,8 +685,10 @@ extern "C" __global__ void tiled_swiglu_f32(const u8* wg, const u8* sg, const u8
 // which is sum((d q + m) x) summed in another order.
 //
 // Block: MMA_ROWS weight rows x MMA_TOKENS tokens, 8 warps; warp w computes rows
-// 32 (w % 4) .. + 32 and tokens 32 (w / 4) .. + 32 as 2 x 4 tiles of mma.m16n8k16. Each
-// 32-column step stages the block's quants as bf16 and its activations' three parts in shared
+// 32 (w % 4) .. + 32 and tokens 32 (w / 4) .. + 32 as 2 x 4 tiles of mma.m16n8k16. The gated
+// kernel's block is MMA_ROWS_GATED rows of both matrices, warp w rows 16 (w % 4) .. + 16 of
+// each: the same 128 staged rows and the same accumulators a thread, so that two blocks fit an
+// SM either way. Each 32-column step stages the block's quants as bf16 and its activations' three parts in shared
 // memory; the next step's global loads are issued before this step's products, and the warps
 // take their fragments with ldmatrix.
 //
@@ -696,6 +698,7 @@ extern "C" __global__ void tiled_swiglu_f32(const u8* wg, const u8* sg, const u8
 // and activation as before; only the order the tensor cores add them in differs. It lets two
 // Q4_1 nibbles two bytes apart become a bf16 pair in one operation (mma_q4_1_pair).
 #define MMA_ROWS 128
+#define MMA_ROWS_GATED 64
 #define MMA_TOKENS 64
 #define MMA_THREADS 256
 // bf16 elements a staged row takes: 32, and 8 of padding so that the 8 rows an ldmatrix reads
@@ -727,6 +730,23 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
     return (u32)__cvta_generic_to_shared(p);
 }
 
+// 16 bytes from global to shared memory without passing through registers (sm_80 cp.async,
+// in the group the next cp_async_commit closes); zeros instead where `in` is false (src is
+// then not read, but must still be an address).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool in) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(in ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
 // Four 8 x 8 bf16 matrices from shared memory: lane l gives the address of row l % 8 of matrix
 // l / 8, and receives in register j the pair at row l / 4, columns 2 (l % 4) .. + 1 of matrix j:
 // exactly the mma fragments' layout.
@@ -754,36 +774,29 @@ __device__ __forceinline__ void mma_bf16_first(float (&c)[4], const u32 (&a)[4],
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(z));
 }
 
-// The global data of one 32-column step a thread stages: 16 quants of one row (Q4_1: all 16
-// bytes of the block, of which it takes one nibble each; Q8_0: half the block's bytes) with
-// the row's scales, for each matrix, and 8 activations of one token.
-template <bool GATED>
+// The global data of one 32-column step a thread stages: 16 quants of one row of one matrix
+// (Q4_1: all 16 bytes of the block, of which it takes one nibble each; Q8_0: half the block's
+// bytes) with the row's scales, and 8 activations of one token.
 struct MmaLoads {
-    uint4 q[GATED ? 2 : 1];
-    u32 s[GATED ? 2 : 1];
+    uint4 q;
+    u32 s;
     float4 x0, x1;
 };
 
-template <int FMT, bool GATED>
-__device__ __forceinline__ void mma_fetch(MmaLoads<GATED>& l, const u8* w, const u8* s,
-                                          const u8* w2, const u8* s2, const float* x, int b,
-                                          int nb, int row, bool row_in, int half, int tok,
+template <int FMT>
+__device__ __forceinline__ void mma_fetch(MmaLoads& l, const u8* w, const u8* s, const float* x,
+                                          int b, int nb, int row, bool row_in, int half, int tok,
                                           bool tok_in, int cols, int qtr) {
-#pragma unroll
-    for (int m = 0; m < (GATED ? 2 : 1); m++) {
-        const u8* wm = m == 0 ? w : w2;
-        const u8* sm = m == 0 ? s : s2;
-        const long blk = (long)row * nb + b;
-        if (!row_in) {
-            l.q[m] = make_uint4(0u, 0u, 0u, 0u);
-            l.s[m] = 0u;
-        } else if (FMT == FMT_Q4_1) {
-            l.q[m] = reinterpret_cast<const uint4*>(wm)[blk];
-            l.s[m] = reinterpret_cast<const u32*>(sm)[blk];
-        } else {
-            l.q[m] = reinterpret_cast<const uint4*>(wm)[blk * 2 + half];
-            l.s[m] = reinterpret_cast<const u16*>(sm)[blk];
-        }
+    const long blk = (long)row * nb + b;
+    if (!row_in) {
+        l.q = make_uint4(0u, 0u, 0u, 0u);
+        l.s = 0u;
+    } else if (FMT == FMT_Q4_1) {
+        l.q = reinterpret_cast<const uint4*>(w)[blk];
+        l.s = reinterpret_cast<const u32*>(s)[blk];
+    } else {
+        l.q = reinterpret_cast<const uint4*>(w)[blk * 2 + half];
+        l.s = reinterpret_cast<const u16*>(s)[blk];
     }
     if (tok_in) {
         const float4* xp =
@@ -798,43 +811,45 @@ __device__ __forceinline__ void mma_fetch(MmaLoads<GATED>& l, const u8* w, const
 template <int FMT, bool GATED>
 __device__ void mma_body(const u8* w, const u8* s, const u8* w2, const u8* s2, const float* x,
                          float* y, int rows, int cols, int t, int accumulate) {
-    constexpr int NM = GATED ? 2 : 1;
-    __shared__ __align__(16) u16 wsh[NM][MMA_ROWS][MMA_STRIDE];
+    // Matrices, 16-row tiles a warp, and rows a block.
+    constexpr int NM = GATED ? 2 : 1, IT = GATED ? 1 : 2, BR = GATED ? MMA_ROWS_GATED : MMA_ROWS;
+    __shared__ __align__(16) u16 wsh[NM][BR][MMA_STRIDE];
     __shared__ __align__(16) u16 xsh[3][MMA_TOKENS][MMA_STRIDE];
-    __shared__ __align__(8) float2 dmsh[NM][MMA_ROWS];  // a row's (d, m) this step
+    __shared__ __align__(8) float2 dmsh[NM][BR];  // a row's (d, m) this step
     __shared__ __align__(8) float xsum[MMA_TOKENS];
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, tig = lane % 4;
     const int wm = warp % 4, wn = warp / 4;
-    const int row0 = blockIdx.x * MMA_ROWS, tok0 = blockIdx.y * MMA_TOKENS;
+    const int row0 = blockIdx.x * BR, tok0 = blockIdx.y * MMA_TOKENS;
     const int nb = cols / 32;
-    // What this thread stages: quants 16 half .. 16 half + 15 of row lr, and activations
-    // 8 qtr .. 8 qtr + 7 of token lt.
-    const int lr = tid / 2, half = tid % 2, lt = tid / 4, qtr = tid % 4;
+    // What this thread stages: quants 16 half .. 16 half + 15 of row lr of matrix ms, and
+    // activations 8 qtr .. 8 qtr + 7 of token lt.
+    const int ms = (tid / 2) / BR, lr = (tid / 2) % BR, half = tid % 2, lt = tid / 4, qtr = tid % 4;
     const bool row_in = row0 + lr < rows, tok_in = tok0 + lt < t;
+    const u8* const wms = ms == 0 ? w : w2;
+    const u8* const sms = ms == 0 ? s : s2;
     // The shared-memory rows this lane points ldmatrix at: for A (16 rows x 16 columns),
     // row l % 8 + 8 ((l / 8) % 2) at column 8 (l / 16); for B (two 8-token tiles x 16
     // columns), token l % 8 + 8 (l / 16) at column 8 ((l / 8) % 2).
-    const int a_row = 32 * wm + lane % 8 + 8 * ((lane / 8) % 2), a_col = 8 * (lane / 16);
+    const int a_row = 16 * IT * wm + lane % 8 + 8 * ((lane / 8) % 2), a_col = 8 * (lane / 16);
     const int b_tok = 32 * wn + lane % 8 + 8 * (lane / 16), b_col = 8 * ((lane / 8) % 2);
-    float acc[NM][2][4][4], part[NM][2][4][4];
+    float acc[NM][IT][4][4], part[NM][IT][4][4];
 #pragma unroll
     for (int m = 0; m < NM; m++)
 #pragma unroll
-        for (int i = 0; i < 2; i++)
+        for (int i = 0; i < IT; i++)
 #pragma unroll
             for (int j = 0; j < 4; j++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) acc[m][i][j][e] = 0.0f;
-    MmaLoads<GATED> next;
-    mma_fetch<FMT, GATED>(next, w, s, w2, s2, x, 0, nb, row0 + lr, row_in, half, tok0 + lt,
-                          tok_in, cols, qtr);
+    MmaLoads next;
+    mma_fetch<FMT>(next, wms, sms, x, 0, nb, row0 + lr, row_in, half, tok0 + lt, tok_in, cols,
+                   qtr);
     for (int b = 0; b < nb; b++) {
-        const MmaLoads<GATED> cur = next;
+        const MmaLoads cur = next;
         // Stage the quants as bf16 pairs in the staged column order, and the scales.
-#pragma unroll
-        for (int m = 0; m < NM; m++) {
-            const u32 words[4] = {cur.q[m].x, cur.q[m].y, cur.q[m].z, cur.q[m].w};
+        {
+            const u32 words[4] = {cur.q.x, cur.q.y, cur.q.z, cur.q.w};
             u32 pairs[8];
 #pragma unroll
             for (int c = 0; c < 4; c++) {
@@ -852,15 +867,15 @@ __device__ void mma_body(const u8* w, const u8* s, const u8* w2, const u8* s2, c
                                                  (float)(signed char)(word >> 24));
                 }
             }
-            uint4* dst = reinterpret_cast<uint4*>(&wsh[m][lr][16 * half]);
+            uint4* dst = reinterpret_cast<uint4*>(&wsh[ms][lr][16 * half]);
             dst[0] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
             dst[1] = make_uint4(pairs[4], pairs[5], pairs[6], pairs[7]);
             if (half == 0) {
                 if (FMT == FMT_Q4_1) {
-                    dmsh[m][lr] = make_float2(f16_to_f32((u16)(cur.s[m] & 0xffff)),
-                                              f16_to_f32((u16)(cur.s[m] >> 16)));
+                    dmsh[ms][lr] = make_float2(f16_to_f32((u16)(cur.s & 0xffff)),
+                                               f16_to_f32((u16)(cur.s >> 16)));
                 } else {
-                    dmsh[m][lr] = make_float2(f16_to_f32((u16)cur.s[m]), 0.0f);
+                    dmsh[ms][lr] = make_float2(f16_to_f32((u16)cur.s), 0.0f);
                 }
             }
         }
@@ -900,16 +915,16 @@ __device__ void mma_body(const u8* w, const u8* s, const u8* w2, const u8* s2, c
         }
         __syncthreads();
         if (b + 1 < nb) {
-            mma_fetch<FMT, GATED>(next, w, s, w2, s2, x, b + 1, nb, row0 + lr, row_in, half,
-                                  tok0 + lt, tok_in, cols, qtr);
+            mma_fetch<FMT>(next, wms, sms, x, b + 1, nb, row0 + lr, row_in, half, tok0 + lt,
+                           tok_in, cols, qtr);
         }
 #pragma unroll
         for (int k0 = 0; k0 < 32; k0 += 16) {
-            u32 a[NM][2][4];
+            u32 a[NM][IT][4];
 #pragma unroll
             for (int m = 0; m < NM; m++)
 #pragma unroll
-                for (int i = 0; i < 2; i++)
+                for (int i = 0; i < IT; i++)
                     ldmatrix_x4(a[m][i], smem_addr(&wsh[m][a_row + 16 * i][k0 + a_col]));
             // The smallest part first, so that it is not lost below the larger ones' sum.
 #pragma unroll
@@ -924,7 +939,7 @@ __device__ void mma_body(const u8* w, const u8* s, const u8* w2, const u8* s2, c
 #pragma unroll
                         for (int m = 0; m < NM; m++)
 #pragma unroll
-                            for (int i = 0; i < 2; i++) {
+                            for (int i = 0; i < IT; i++) {
                                 if (k0 == 0 && p == 2) {
                                     mma_bf16_first(part[m][i][jj + h], a[m][i], bf[2 * h],
                                                    bf[2 * h + 1]);
@@ -936,7 +951,7 @@ __device__ void mma_body(const u8* w, const u8* s, const u8* w2, const u8* s2, c
                 }
         }
         // Scale the block's sums into the result: element e of tile (i, j) is row
-        // 32 wm + 16 i + g (+ 8 for e >= 2), token 32 wn + 8 j + 2 tig + e % 2.
+        // 16 IT wm + 16 i + g (+ 8 for e >= 2), token 32 wn + 8 j + 2 tig + e % 2.
         float2 xs[4];
 #pragma unroll
         for (int j = 0; j < 4; j++)
@@ -944,10 +959,10 @@ __device__ void mma_body(const u8* w, const u8* s, const u8* w2, const u8* s2, c
 #pragma unroll
         for (int m = 0; m < NM; m++)
 #pragma unroll
-            for (int i = 0; i < 2; i++)
+            for (int i = 0; i < IT; i++)
 #pragma unroll
                 for (int hr = 0; hr < 2; hr++) {
-                    const float2 dm = dmsh[m][32 * wm + 16 * i + g + 8 * hr];
+                    const float2 dm = dmsh[m][16 * IT * wm + 16 * i + g + 8 * hr];
 #pragma unroll
                     for (int j = 0; j < 4; j++)
 #pragma unroll
@@ -961,12 +976,12 @@ __device__ void mma_body(const u8* w, const u8* s, const u8* w2, const u8* s2, c
         __syncthreads();
     }
 #pragma unroll
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < IT; i++)
 #pragma unroll
         for (int j = 0; j < 4; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                const int row = row0 + 32 * wm + 16 * i + g + (e >= 2 ? 8 : 0);
+                const int row = row0 + 16 * IT * wm + 16 * i + g + (e >= 2 ? 8 : 0);
                 const int tok = tok0 + 32 * wn + 8 * j + 2 * tig + e % 2;
                 if (row >= rows || tok >= t) continue;
                 float* out = y + (long)tok * rows + row;
@@ -1155,27 +1170,42 @@ __device__ __forceinline__ void attention_split_body(const float* qkv, const flo
         acc[i] = 0.0f;
     }
     float m = NEG_INF, l = 0.0f;
-    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (int k0 = k_begin; k0 < k_end; k0 += PK) {
+    // Key tiles go through two buffers: tile k0 + PK is copied in (cp.async) while tile k0 is
+    // computed, so a block does not stall on global memory at every tile.
+    // Dimensions past hd (and keys past the split) are zeros: never garbage times zero.
+    auto stage = [&](int k0, int buf) {
         const int n = min(PK, k_end - k0);
-        __syncthreads();  // the previous tile is no longer read
-        // Dimensions past hd (and keys past the split) are zeros: never garbage times zero.
+        float* const kd = ks + buf * PK * ROW;
+        float* const vd = vs + buf * PK * ROW;
         for (int i = tid; i < PK * ROW4; i += blockDim.x) {
             const int j = i / ROW4, c = (i % ROW4) * 4;
             const bool in = j < n && c < hd;
-            const long at = (long)(k0 + j) * stride + kvh * hd + c;
+            const long at = in ? (long)(k0 + j) * stride + kvh * hd + c : 0;
             const int to = j * ROW + (c / PD) * SLICE + c % PD;
-            *reinterpret_cast<float4*>(ks + to) =
-                in ? *reinterpret_cast<const float4*>(k_cache + at) : zero;
-            *reinterpret_cast<float4*>(vs + to) =
-                in ? *reinterpret_cast<const float4*>(v_cache + at) : zero;
+            cp_async16(kd + to, k_cache + at, in);
+            cp_async16(vd + to, v_cache + at, in);
         }
-        __syncthreads();
+        cp_async_commit();
+    };
+    if (k_begin < k_end) stage(k_begin, 0);
+    int buf = 0;
+    for (int k0 = k_begin; k0 < k_end; k0 += PK, buf ^= 1) {
+        const int n = min(PK, k_end - k0);
+        // The other buffer was last read before the previous tile's closing barrier.
+        if (k0 + PK < k_end) {
+            stage(k0 + PK, buf ^ 1);
+            cp_async_wait<1>();  // every copy but the newest group has landed
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // this tile's copies, by every thread, are in shared memory
+        const float* const kt = ks + buf * PK * ROW;
+        const float* const vt = vs + buf * PK * ROW;
         float sc[PK];
         float tile_max = NEG_INF;
 #pragma unroll
         for (int j = 0; j < PK; j++) {
-            const float* kr = ks + j * ROW + s * SLICE;
+            const float* kr = kt + j * ROW + s * SLICE;
             float part = 0.0f;
 #pragma unroll
             for (int i = 0; i < PD; i += 4) {
@@ -1192,26 +1222,28 @@ __device__ __forceinline__ void attention_split_body(const float* qkv, const flo
             tile_max = fmaxf(tile_max, sc[j]);
         }
         const float m_new = fmaxf(m, tile_max);
-        if (m_new == NEG_INF) continue;  // nothing visible yet to this query
-        const float correction = expf(m - m_new);
-        l *= correction;
+        if (m_new != NEG_INF) {  // else nothing is visible yet to this query
+            const float correction = expf(m - m_new);
+            l *= correction;
 #pragma unroll
-        for (int i = 0; i < PD; i++) acc[i] *= correction;
+            for (int i = 0; i < PD; i++) acc[i] *= correction;
 #pragma unroll
-        for (int j = 0; j < PK; j++) {
-            const float p = (sc[j] == NEG_INF) ? 0.0f : expf(sc[j] - m_new);
-            l += p;
-            const float* vr = vs + j * ROW + s * SLICE;
+            for (int j = 0; j < PK; j++) {
+                const float p = (sc[j] == NEG_INF) ? 0.0f : expf(sc[j] - m_new);
+                l += p;
+                const float* vr = vt + j * ROW + s * SLICE;
 #pragma unroll
-            for (int i = 0; i < PD; i += 4) {
-                const float4 v4 = *reinterpret_cast<const float4*>(vr + i);
-                acc[i] = fmaf(p, v4.x, acc[i]);
-                acc[i + 1] = fmaf(p, v4.y, acc[i + 1]);
-                acc[i + 2] = fmaf(p, v4.z, acc[i + 2]);
-                acc[i + 3] = fmaf(p, v4.w, acc[i + 3]);
+                for (int i = 0; i < PD; i += 4) {
+                    const float4 v4 = *reinterpret_cast<const float4*>(vr + i);
+                    acc[i] = fmaf(p, v4.x, acc[i]);
+                    acc[i + 1] = fmaf(p, v4.y, acc[i + 1]);
+                    acc[i + 2] = fmaf(p, v4.z, acc[i + 2]);
+                    acc[i + 3] = fmaf(p, v4.w, acc[i + 3]);
+                }
             }
+            m = m_new;
         }
-        m = m_new;
+        __syncthreads();  // this buffer is read by no one before the next tile refills it
     }
     if (!active) return;
     float* rec = partial + (((long)tok * n_head + h) * n_split + split) * (hd + 2);
@@ -1230,8 +1262,8 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
                     int split_len, int n_split, float scale) {
     after_predecessor();
     const int pos0 = *pos_at;
-    __shared__ __align__(16) float ks[PK * 4 * (PD + 4)];
-    __shared__ __align__(16) float vs[PK * 4 * (PD + 4)];
+    __shared__ __align__(16) float ks[2 * PK * 4 * (PD + 4)];  // two buffers
+    __shared__ __align__(16) float vs[2 * PK * 4 * (PD + 4)];
     if (hd <= PD)
         attention_split_body<1>(qkv, k_cache, v_cache, partial, pos0, t, n_head, n_kv, hd,
                                 split_len, n_split, scale, ks, vs);

@@ -50,8 +50,9 @@ const TILED_ABOVE: usize = TOKEN_TILE as usize;
 const TILE_ROWS: u32 = 64;
 const TILE_TOKENS: u32 = 64;
 /// Weight rows and tokens of a tensor-core matmul block (`MMA_ROWS`, `MMA_TOKENS`), and its
-/// threads (eight warps).
+/// threads (eight warps). The gated kernel's block takes `MMA_ROWS_GATED` rows of each matrix.
 const MMA_ROWS: u32 = 128;
+const MMA_ROWS_GATED: u32 = 64;
 const MMA_TOKENS: u32 = 64;
 const MMA_THREADS: u32 = 256;
 /// Warps per block of the one-token kernels (`VEC_WARPS` in kernels.cu).
@@ -374,7 +375,7 @@ impl Kernels {
             } else {
                 &self.tiled
             };
-            return (&table[f], tiled_config(rows, t, format), false);
+            return (&table[f], tiled_config(rows, t, format, gated), false);
         }
         let vec = if gated {
             &self.swiglu_vec
@@ -1051,13 +1052,14 @@ fn vec_config(rows: usize, format: Format) -> LaunchConfig {
     tiles(rows, VEC_WARPS * rows_per_warp, 1, 1, VEC_WARPS * 32)
 }
 
-/// The grid of the chunk kernel for `rows` weight rows in `format` and `t` tokens: the
-/// f32 tiled matmul, or the tensor-core one for a quantized format.
-fn tiled_config(rows: usize, t: usize, format: Format) -> LaunchConfig {
+/// The grid of the chunk kernel for `rows` weight rows in `format` and `t` tokens (of both
+/// matrices when `gated`): the f32 tiled matmul, or the tensor-core one for a quantized format.
+fn tiled_config(rows: usize, t: usize, format: Format, gated: bool) -> LaunchConfig {
     if format == Format::F32 {
         tiles(rows, TILE_ROWS, t, TILE_TOKENS, 256)
     } else {
-        tiles(rows, MMA_ROWS, t, MMA_TOKENS, MMA_THREADS)
+        let row_tile = if gated { MMA_ROWS_GATED } else { MMA_ROWS };
+        tiles(rows, row_tile, t, MMA_TOKENS, MMA_THREADS)
     }
 }
 

@@ -776,6 +776,7 @@ fn kernels_cu_defines_match_the_launch_constants() {
         ("TILE_ROWS", TILE_ROWS as usize),
         ("TILE_TOKENS", TILE_TOKENS as usize),
         ("MMA_ROWS", MMA_ROWS as usize),
+        ("MMA_ROWS_GATED", MMA_ROWS_GATED as usize),
         ("MMA_TOKENS", MMA_TOKENS as usize),
         ("MMA_THREADS", MMA_THREADS as usize),
         ("VEC_WARPS", VEC_WARPS as usize),
