@@ -165,3 +165,205 @@ extern "C" __global__ void mvs_r4(const u8* w, const u8* s, const float* x, floa
                                   int cols) {
     mvs<4>(w, s, x, y, rows, cols);
 }
+
+// Fourth set (mvk): what the second and third sets point at. The activations are 8 times the
+// weights' bytes (an f32 for each 4-bit quant), so a kernel whose loads of x serve one row reads
+// 8 bytes from L1 for every byte of weights, near L1's 128 bytes a cycle at the weights' 13
+// bytes a cycle an SM that 70% of the H200's bandwidth needs. Here each load of x serves the R
+// rows of a block, and a block's KW = blockDim.x / 32 warps split the columns instead of
+// taking rows, so a 4,096-row matrix still fills the card (1,024 blocks at R = 4): warp k,
+// lane l takes quant blocks b = 32 k + l, + 32 KW, ... of every row of the block: 16 bytes of
+// quants, the 4-byte (d, m), and the block's 32 activations straight from global memory (x is
+// at most 56 KB and every block of an SM reads it, so it stays in L1). d Σ q x + m Σ x, the
+// warps' sums added in shared memory in a fixed order. On the H200 (README, the thirteenth GPU
+// session) it read no faster than mvs: 1.1-1.4 TB/s at the 4,096-row matrices, 2.3 at the
+// output layer, so the traffic in x was not the limit.
+
+// a + Σ q x over the 8 weights of Q4_1 quant word `word` (word_qx into an accumulator).
+__device__ __forceinline__ float word_qx_into(u32 word, float4 xl, float4 xh, float a) {
+    const u32 hi = word >> 16;
+    a = fmaf(nibble<0>(word), xl.x, a);
+    a = fmaf(nibble<4>(word), xh.x, a);
+    a = fmaf(nibble<8>(word), xl.y, a);
+    a = fmaf(nibble<12>(word), xh.y, a);
+    a = fmaf(nibble<0>(hi), xl.z, a);
+    a = fmaf(nibble<4>(hi), xh.z, a);
+    a = fmaf(nibble<8>(hi), xl.w, a);
+    return fmaf(nibble<12>(hi), xh.w, a);
+}
+
+template <int R>
+__device__ void mvk(const u8* w, const u8* s, const float* x, float* y, int rows, int cols) {
+    __shared__ float part[32][R];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, kw = blockDim.x / 32;
+    const int row0 = blockIdx.x * R;
+    const int nb = cols / 32;
+    const uint4* w16 = reinterpret_cast<const uint4*>(w);
+    const u32* s32 = reinterpret_cast<const u32*>(s);
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    long base[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) base[r] = (long)min(row0 + r, rows - 1) * nb;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0.0f;
+    for (int b = warp * 32 + lane; b < nb; b += 32 * kw) {
+        uint4 q[R];
+        u32 dm[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            q[r] = w16[base[r] + b];
+            dm[r] = s32[base[r] + b];
+        }
+        float4 xv[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) xv[i] = x4[(long)b * 8 + i];
+        float xs = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) xs += (xv[i].x + xv[i].y) + (xv[i].z + xv[i].w);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            float a = word_qx_into(q[r].x, xv[0], xv[4], 0.0f);
+            a = word_qx_into(q[r].y, xv[1], xv[5], a);
+            a = word_qx_into(q[r].z, xv[2], xv[6], a);
+            a = word_qx_into(q[r].w, xv[3], xv[7], a);
+            const float d = f16_to_f32((u16)(dm[r] & 0xffff));
+            const float m = f16_to_f32((u16)(dm[r] >> 16));
+            acc[r] = fmaf(d, a, fmaf(m, xs, acc[r]));
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const float sum = warp_sum(acc[r]);
+        if (lane == 0) part[warp][r] = sum;
+    }
+    __syncthreads();
+    if (threadIdx.x < R && row0 + (int)threadIdx.x < rows) {
+        float sum = 0.0f;
+        for (int k = 0; k < kw; k++) sum += part[k][threadIdx.x];
+        y[row0 + threadIdx.x] = sum;
+    }
+}
+
+// (name, R): the bench launches a block of R rows with as many warps as it names (see
+// MATVEC_CANDIDATES in tests.rs).
+#define MVK(name, R)                                                                             \
+    extern "C" __global__ void name(const u8* w, const u8* s, const float* x, float* y,           \
+                                    int rows, int cols) {                                        \
+        mvk<R>(w, s, x, y, rows, cols);                                                           \
+    }
+MVK(mvk_r2, 2)
+MVK(mvk_r4, 4)
+MVK(mvk_r8, 8)
+
+// Fifth set (mvp): mvk shared each x load over R rows and split columns over warps, and read
+// no faster than mvs (README, the thirteenth GPU session), so L1's traffic in x is not what
+// holds these kernels at 1-2.4 TB/s. What they share: a lane's weights arrive in its
+// registers, so the bytes an SM has in flight are bounded by its registers and by the loads a
+// lane issues before it needs their values. Here the weights go to shared memory by cp.async
+// (no registers), STAGES chunks ahead: a block of 128 threads takes R = 8 rows, in chunks of
+// CH = 32 quant blocks (1,024 columns: 4 KB of quants and 1 KB of (d, m) a chunk, the scales
+// copied 4 bytes at a time since a row's start need not be 16-byte aligned there), and while
+// it computes chunk c the copies of chunks c + 1 .. c + STAGES - 1 are in flight. Warp w
+// computes rows 2w and 2w + 1, lane l quant block l of the chunk (its 32 activations from
+// global memory, serving both rows). d Σ q x + m Σ x. On the H200 it was the slowest of all
+// (0.7-1.0 TB/s at every 8B matrix, whatever STAGES): two barriers a chunk and a round trip
+// through shared memory cost more than the copies in flight bought.
+#define MVP_R 8
+#define MVP_CH 32
+
+__device__ __forceinline__ void mvp_copy16(void* dst, const void* src, bool in) {
+    const unsigned to = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(to), "l"(src),
+                 "r"(in ? 16 : 0)
+                 : "memory");
+}
+
+__device__ __forceinline__ void mvp_copy4(void* dst, const void* src, bool in) {
+    const unsigned to = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(to), "l"(src),
+                 "r"(in ? 4 : 0)
+                 : "memory");
+}
+
+template <int STAGES>
+__device__ void mvp(const u8* w, const u8* s, const float* x, float* y, int rows, int cols) {
+    __shared__ __align__(16) uint4 qs[STAGES][MVP_R][MVP_CH];
+    __shared__ __align__(16) u32 ds[STAGES][MVP_R][MVP_CH];
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int row0 = blockIdx.x * MVP_R;
+    const int nb = cols / 32, chunks = (nb + MVP_CH - 1) / MVP_CH;
+    const uint4* w16 = reinterpret_cast<const uint4*>(w);
+    const u32* s32 = reinterpret_cast<const u32*>(s);
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    // Chunk c into buffer c % STAGES: 256 copies of 16 quant bytes and 256 of one (d, m) pair
+    // (two of each a thread); past the row's end, or past the last row, zeros.
+    auto issue = [&](int c) {
+        const int buf = c % STAGES, cb0 = c * MVP_CH;
+#pragma unroll
+        for (int i = tid; i < MVP_R * MVP_CH; i += 128) {
+            const int r = i / MVP_CH, b = i % MVP_CH;
+            const bool in = row0 + r < rows && cb0 + b < nb;
+            mvp_copy16(&qs[buf][r][b], in ? w16 + (long)(row0 + r) * nb + cb0 + b : w16, in);
+        }
+#pragma unroll
+        for (int i = tid; i < MVP_R * MVP_CH; i += 128) {
+            const int r = i / MVP_CH, b = i % MVP_CH;
+            const bool in = row0 + r < rows && cb0 + b < nb;
+            mvp_copy4(&ds[buf][r][b], in ? s32 + (long)(row0 + r) * nb + cb0 + b : s32, in);
+        }
+    };
+#pragma unroll
+    for (int c = 0; c < STAGES - 1; c++) {
+        if (c < chunks) issue(c);
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    }
+    float acc[2] = {0.0f, 0.0f};
+    for (int c = 0; c < chunks; c++) {
+        if (c + STAGES - 1 < chunks) issue(c + STAGES - 1);
+        asm volatile("cp.async.commit_group;" ::: "memory");
+        asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 1) : "memory");
+        __syncthreads();  // chunk c, copied by every thread, is in shared memory
+        const int buf = c % STAGES, b = c * MVP_CH + lane;
+        if (b < nb) {
+            float4 xv[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) xv[i] = x4[(long)b * 8 + i];
+            float xs = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 8; i++) xs += (xv[i].x + xv[i].y) + (xv[i].z + xv[i].w);
+#pragma unroll
+            for (int k = 0; k < 2; k++) {
+                const int r = 2 * warp + k;
+                const uint4 q = qs[buf][r][lane];
+                const u32 dm = ds[buf][r][lane];
+                float a = word_qx_into(q.x, xv[0], xv[4], 0.0f);
+                a = word_qx_into(q.y, xv[1], xv[5], a);
+                a = word_qx_into(q.z, xv[2], xv[6], a);
+                a = word_qx_into(q.w, xv[3], xv[7], a);
+                const float d = f16_to_f32((u16)(dm & 0xffff));
+                const float m = f16_to_f32((u16)(dm >> 16));
+                acc[k] = fmaf(d, a, fmaf(m, xs, acc[k]));
+            }
+        }
+        __syncthreads();  // nobody reads buffer c % STAGES before chunk c + STAGES refills it
+    }
+#pragma unroll
+    for (int k = 0; k < 2; k++) {
+        const float sum = warp_sum(acc[k]);
+        if (lane == 0 && row0 + 2 * warp + k < rows) y[row0 + 2 * warp + k] = sum;
+    }
+}
+
+extern "C" __global__ void mvp_s2(const u8* w, const u8* s, const float* x, float* y, int rows,
+                                  int cols) {
+    mvp<2>(w, s, x, y, rows, cols);
+}
+extern "C" __global__ void mvp_s4(const u8* w, const u8* s, const float* x, float* y, int rows,
+                                  int cols) {
+    mvp<4>(w, s, x, y, rows, cols);
+}
+extern "C" __global__ void mvp_s6(const u8* w, const u8* s, const float* x, float* y, int rows,
+                                  int cols) {
+    mvp<6>(w, s, x, y, rows, cols);
+}

@@ -931,9 +931,9 @@ fn bench_matvec_candidates() {
     let module = ctx
         .load_module(candidates_ptx(arch_name(major, minor)))
         .unwrap();
-    let candidates: Vec<(&str, CudaFunction, u32)> = MATVEC_CANDIDATES
+    let candidates: Vec<(&str, CudaFunction, u32, u32)> = MATVEC_CANDIDATES
         .into_iter()
-        .map(|(name, rows)| (name, module.load_function(name).unwrap(), rows))
+        .map(|(name, rows, per_lane)| (name, module.load_function(name).unwrap(), rows, per_lane))
         .collect();
     let shapes = [
         ("SmolLM2 QKV", 960, 576),
@@ -977,7 +977,12 @@ fn bench_matvec_candidates() {
             "{name} ({rows} x {cols}): {base_us:.1} ({:.0})",
             gbs(base_us)
         );
-        for (cand, f, per_block) in &candidates {
+        for (cand, f, per_block, per_lane) in &candidates {
+            // mvk: a warp for every 32 * per_lane quant blocks of a row (at most 32 warps).
+            let threads = match per_lane {
+                0 => 128,
+                k => 32 * ((cols / BLOCK) as u32).div_ceil(32 * k).clamp(1, 32),
+            };
             let (us, got) = time(&mut |m, y| {
                 let (r, c) = (rows as i32, cols as i32);
                 let mut launch = stream.launch_builder(f);
@@ -990,29 +995,42 @@ fn bench_matvec_candidates() {
                     .arg(&c);
                 let config = LaunchConfig {
                     grid_dim: ((rows as u32).div_ceil(*per_block), 1, 1),
-                    block_dim: (128, 1, 1),
+                    block_dim: (threads, 1, 1),
                     shared_mem_bytes: 0,
                 };
                 // SAFETY: the matrix holds rows x cols Q4_1 weights, x cols floats, y rows.
                 unsafe { launch.launch(config) }.unwrap();
             });
             assert!(rel_diff(&want, &got) < 1e-4, "{cand} on {name}");
-            line += &format!(", {cand} {us:.1} ({:.0})", gbs(us));
+            let label = match per_lane {
+                0 => cand.to_string(),
+                k => format!("{cand}/{k}"),
+            };
+            line += &format!(", {label} {us:.1} ({:.0})", gbs(us));
         }
         eprintln!("{line}");
     }
 }
 
-/// The kernels of `matvec_candidates.cu` the bench times (the second set's best three, and
-/// the third set) and the rows a block of each covers (four warps of R rows; mvw: 4 / KW
-/// groups of R rows).
-const MATVEC_CANDIDATES: [(&str, u32); 6] = [
-    ("mvw_r1_f", 4),
-    ("mvw_r2", 8),
-    ("mvw_r4_k4_f", 4),
-    ("mvs_r1", 4),
-    ("mvs_r2", 8),
-    ("mvs_r4", 16),
+/// The kernels of `matvec_candidates.cu` the bench times (the second set's best three, the
+/// third set and the fourth), the rows a block of each covers (mvw, mvs: four warps of R rows;
+/// mvw: 4 / KW groups of R rows; mvk: R) and, for mvk, the quant blocks of a row a lane takes
+/// (the block has a warp for each 32 of them; 0: a block of four warps).
+const MATVEC_CANDIDATES: [(&str, u32, u32); 14] = [
+    ("mvw_r1_f", 4, 0),
+    ("mvw_r2", 8, 0),
+    ("mvw_r4_k4_f", 4, 0),
+    ("mvs_r1", 4, 0),
+    ("mvs_r2", 8, 0),
+    ("mvs_r4", 16, 0),
+    ("mvk_r2", 2, 1),
+    ("mvk_r4", 4, 1),
+    ("mvk_r4", 4, 2),
+    ("mvk_r8", 8, 1),
+    ("mvk_r8", 8, 2),
+    ("mvp_s2", 8, 0),
+    ("mvp_s4", 8, 0),
+    ("mvp_s6", 8, 0),
 ];
 
 /// `matvec_candidates.cu` compiled by NVRTC as kernels.cu is, after kernels.cu (whose helpers
@@ -1034,7 +1052,7 @@ fn candidates_ptx(arch: &'static str) -> Ptx {
 #[ignore = "needs libnvrtc (CI fetches it from PyPI; a GPU machine has it)"]
 fn nvrtc_compiles_the_matvec_candidates() {
     let ptx = candidates_ptx(arch_name(9, 0)).to_src();
-    for (name, _) in MATVEC_CANDIDATES {
+    for (name, ..) in MATVEC_CANDIDATES {
         assert!(
             ptx.contains(&format!(".entry {name}(")),
             "{name} is missing"
