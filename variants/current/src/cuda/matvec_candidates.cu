@@ -192,6 +192,29 @@ __device__ __forceinline__ float word_qx_into(u32 word, float4 xl, float4 xh, fl
     return fmaf(nibble<12>(hi), xh.w, a);
 }
 
+// Quant block b's 32 activations (x4 indexes x as float4s) and their sum.
+__device__ __forceinline__ float block_x(const float4* x4, int b, float4 (&xv)[8]) {
+#pragma unroll
+    for (int i = 0; i < 8; i++) xv[i] = x4[(long)b * 8 + i];
+    float xs = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) xs += (xv[i].x + xv[i].y) + (xv[i].z + xv[i].w);
+    return xs;
+}
+
+// acc + d Σ q x + m Σ x over a Q4_1 block: its quants q, its (d, m) pair dm, its activations xv
+// and their sum xs (from block_x).
+__device__ __forceinline__ float block_dot(uint4 q, u32 dm, const float4 (&xv)[8], float xs,
+                                           float acc) {
+    float a = word_qx_into(q.x, xv[0], xv[4], 0.0f);
+    a = word_qx_into(q.y, xv[1], xv[5], a);
+    a = word_qx_into(q.z, xv[2], xv[6], a);
+    a = word_qx_into(q.w, xv[3], xv[7], a);
+    const float d = f16_to_f32((u16)(dm & 0xffff));
+    const float m = f16_to_f32((u16)(dm >> 16));
+    return fmaf(d, a, fmaf(m, xs, acc));
+}
+
 template <int R>
 __device__ void mvk(const u8* w, const u8* s, const float* x, float* y, int rows, int cols) {
     __shared__ float part[32][R];
@@ -216,21 +239,9 @@ __device__ void mvk(const u8* w, const u8* s, const float* x, float* y, int rows
             dm[r] = s32[base[r] + b];
         }
         float4 xv[8];
+        const float xs = block_x(x4, b, xv);
 #pragma unroll
-        for (int i = 0; i < 8; i++) xv[i] = x4[(long)b * 8 + i];
-        float xs = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 8; i++) xs += (xv[i].x + xv[i].y) + (xv[i].z + xv[i].w);
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            float a = word_qx_into(q[r].x, xv[0], xv[4], 0.0f);
-            a = word_qx_into(q[r].y, xv[1], xv[5], a);
-            a = word_qx_into(q[r].z, xv[2], xv[6], a);
-            a = word_qx_into(q[r].w, xv[3], xv[7], a);
-            const float d = f16_to_f32((u16)(dm[r] & 0xffff));
-            const float m = f16_to_f32((u16)(dm[r] >> 16));
-            acc[r] = fmaf(d, a, fmaf(m, xs, acc[r]));
-        }
+        for (int r = 0; r < R; r++) acc[r] = block_dot(q[r], dm[r], xv, xs, acc[r]);
     }
 #pragma unroll
     for (int r = 0; r < R; r++) {
@@ -327,23 +338,11 @@ __device__ void mvp(const u8* w, const u8* s, const float* x, float* y, int rows
         const int buf = c % STAGES, b = c * MVP_CH + lane;
         if (b < nb) {
             float4 xv[8];
-#pragma unroll
-            for (int i = 0; i < 8; i++) xv[i] = x4[(long)b * 8 + i];
-            float xs = 0.0f;
-#pragma unroll
-            for (int i = 0; i < 8; i++) xs += (xv[i].x + xv[i].y) + (xv[i].z + xv[i].w);
+            const float xs = block_x(x4, b, xv);
 #pragma unroll
             for (int k = 0; k < 2; k++) {
                 const int r = 2 * warp + k;
-                const uint4 q = qs[buf][r][lane];
-                const u32 dm = ds[buf][r][lane];
-                float a = word_qx_into(q.x, xv[0], xv[4], 0.0f);
-                a = word_qx_into(q.y, xv[1], xv[5], a);
-                a = word_qx_into(q.z, xv[2], xv[6], a);
-                a = word_qx_into(q.w, xv[3], xv[7], a);
-                const float d = f16_to_f32((u16)(dm & 0xffff));
-                const float m = f16_to_f32((u16)(dm >> 16));
-                acc[k] = fmaf(d, a, fmaf(m, xs, acc[k]));
+                acc[k] = block_dot(qs[buf][r][lane], ds[buf][r][lane], xv, xs, acc[k]);
             }
         }
         __syncthreads();  // nobody reads buffer c % STAGES before chunk c + STAGES refills it
@@ -355,15 +354,11 @@ __device__ void mvp(const u8* w, const u8* s, const float* x, float* y, int rows
     }
 }
 
-extern "C" __global__ void mvp_s2(const u8* w, const u8* s, const float* x, float* y, int rows,
-                                  int cols) {
-    mvp<2>(w, s, x, y, rows, cols);
-}
-extern "C" __global__ void mvp_s4(const u8* w, const u8* s, const float* x, float* y, int rows,
-                                  int cols) {
-    mvp<4>(w, s, x, y, rows, cols);
-}
-extern "C" __global__ void mvp_s6(const u8* w, const u8* s, const float* x, float* y, int rows,
-                                  int cols) {
-    mvp<6>(w, s, x, y, rows, cols);
-}
+#define MVP(name, STAGES)                                                                        \
+    extern "C" __global__ void name(const u8* w, const u8* s, const float* x, float* y,           \
+                                    int rows, int cols) {                                        \
+        mvp<STAGES>(w, s, x, y, rows, cols);                                                      \
+    }
+MVP(mvp_s2, 2)
+MVP(mvp_s4, 4)
+MVP(mvp_s6, 6)
