@@ -1012,10 +1012,10 @@ fn bench_matvec_candidates() {
     }
 }
 
-/// The kernels of `matvec_candidates.cu` the bench times (the second set's best three, the
-/// third set and the fourth), the rows a block of each covers (mvw, mvs: four warps of R rows;
-/// mvw: 4 / KW groups of R rows; mvk: R) and, for mvk, the quant blocks of a row a lane takes
-/// (the block has a warp for each 32 of them; 0: a block of four warps).
+/// The kernels of `matvec_candidates.cu` the bench times (the second set's best three, and
+/// the third, fourth and fifth sets), the rows a block of each covers (mvs: four warps of R
+/// rows; mvw: 4 / KW groups of R rows; mvk: R; mvp: 8) and, for mvk, the quant blocks of a row
+/// a lane takes (the block has a warp for each 32 of them; 0: a block of four warps).
 const MATVEC_CANDIDATES: [(&str, u32, u32); 14] = [
     ("mvw_r1_f", 4, 0),
     ("mvw_r2", 8, 0),
