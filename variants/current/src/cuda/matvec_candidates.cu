@@ -362,3 +362,130 @@ __device__ void mvp(const u8* w, const u8* s, const float* x, float* y, int rows
 MVP(mvp_s2, 2)
 MVP(mvp_s4, 4)
 MVP(mvp_s6, 6)
+
+// Sixth set (mvt): the one-token matvec on the tensor cores. The SASS of kernels.cu's
+// matvec_q4_1 spends 61 instructions on each 4-byte word of quants (with its share of the
+// scales, 5 bytes): 12 a byte, so at the H200's 132 SMs x 4 schedulers the issue rate alone
+// caps it near 2.7 TB/s; every design above is an f32 multiply-add and a conversion a weight.
+// Here a warp's m16n8k16 product takes 16 rows x 16 weights, with the activations as B: column
+// n of B is part n of x (n < 3: the three bf16 parts whose sum is exactly x, as in the prefill
+// kernels; the other five columns zero), so one product gives Σ q x for each part, each
+// product exact, summed in f32. A quant becomes bf16 by mma_q4_1_pair (two instructions a
+// pair: mvt_pair), and the scales come after each 32-weight block: y += d Σ q x + m Σ x, the parts'
+// sums added at the end.
+//
+// Lane (g, t) of a warp (g = lane / 4, t = lane % 4) loads quant word t of its tile's rows g and
+// g + 8 in each block: bytes 4t .. 4t + 3, weights 4t .. 4t + 3 in their low nibbles and
+// 16 + 4t .. in their high ones. The product's k order is a fixed permutation of the block's
+// (A and B use the same): the low nibbles' step pairs k = 2t, 2t + 1 with weights 4t, 4t + 2
+// and k = 2t + 8, 2t + 9 with 4t + 1, 4t + 3; the high nibbles' step the same, 16 on. A thread
+// block takes RT tiles of 16 rows, and its four warps split their quant blocks (warp w: blocks
+// w, w + 4, ...), so that a matrix of 4,096 rows still has 256 / RT blocks of four warps; the
+// warps' sums are added in shared memory in a fixed order. Each lane adds its 8 activations'
+// share of the minimum's term (m times their sum) to its own sums, so the loop has no shuffle;
+// a row's four lanes are added at the end. A tile past the last row computes the last row again
+// and stores nothing.
+
+// Part `part` (0, 1, 2: x's top 8 significant bits, the next 8, the rest; 3 and on: zero) of a
+// and of b as a bf16 pair (a low).
+__device__ __forceinline__ u32 x_part_pair(float a, float b, int part) {
+    const float a1 = bf16_top(a), ar = a - a1, a2 = bf16_top(ar), a3 = ar - a2;
+    const float b1 = bf16_top(b), br = b - b1, b2 = bf16_top(br), b3 = br - b2;
+    const float pa = part == 0 ? a1 : part == 1 ? a2 : part == 2 ? a3 : 0.0f;
+    const float pb = part == 0 ? b1 : part == 1 ? b2 : part == 2 ? b3 : 0.0f;
+    return bf16_pair(pa, pb);
+}
+
+// mma_q4_1_pair with its and and its or in one instruction: NVRTC emits two when both constants
+// are immediates (an operation takes one), so here they come in registers.
+__device__ __forceinline__ u32 mvt_pair(u32 w, u32 mask, u32 magic) {
+    u32 biased, q;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(biased) : "r"(w), "r"(mask), "r"(magic));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(q) : "r"(biased), "r"(0x3f803f80u), "r"(0xc300c300u));
+    return q;
+}
+
+#define MVT_WARPS 4
+template <int RT>
+__device__ void mvt(const u8* w, const u8* s, const float* x, float* y, int rows, int cols) {
+    __shared__ float part[MVT_WARPS][RT * 16];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int row0 = blockIdx.x * 16 * RT;
+    const int nb = cols / 32;
+    const u32* w32 = reinterpret_cast<const u32*>(w);
+    const u32* s32 = reinterpret_cast<const u32*>(s);
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    // In registers, for mvt_pair (an asm operand NVRTC cannot fold back into an immediate).
+    u32 mask = 0x000f000fu, magic = 0x43004300u;
+    asm volatile("" : "+r"(mask), "+r"(magic));
+    long rg[RT], rh[RT];  // the blocks' index of rows g and g + 8 of each tile, block 0
+#pragma unroll
+    for (int i = 0; i < RT; i++) {
+        rg[i] = (long)min(row0 + 16 * i + g, rows - 1) * nb;
+        rh[i] = (long)min(row0 + 16 * i + g + 8, rows - 1) * nb;
+    }
+    // Per tile: d-scaled sums of columns 2t and 2t + 1 for rows g (0, 1) and g + 8 (2, 3).
+    float acc[RT][4];
+#pragma unroll
+    for (int i = 0; i < RT; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[i][e] = 0.0f;
+    for (int b = warp; b < nb; b += MVT_WARPS) {
+        const float4 xl = x4[(long)b * 8 + t], xh = x4[(long)b * 8 + 4 + t];
+        // This lane's 8 activations' sum, its share of the block's Σ x.
+        const float xs = ((xl.x + xl.y) + (xl.z + xl.w)) + ((xh.x + xh.y) + (xh.z + xh.w));
+        // B for the low nibbles' step (b0, b1) and the high ones' (b2, b3): column g.
+        const u32 b0 = x_part_pair(xl.x, xl.z, g), b1 = x_part_pair(xl.y, xl.w, g);
+        const u32 b2 = x_part_pair(xh.x, xh.z, g), b3 = x_part_pair(xh.y, xh.w, g);
+#pragma unroll
+        for (int i = 0; i < RT; i++) {
+            const u32 qg = w32[(rg[i] + b) * 4 + t], qh = w32[(rh[i] + b) * 4 + t];
+            const u32 sg = s32[rg[i] + b], sh = s32[rh[i] + b];
+            float c[4];
+            const u32 lo[4] = {mvt_pair(qg, mask, magic), mvt_pair(qh, mask, magic),
+                               mvt_pair(qg >> 8, mask, magic), mvt_pair(qh >> 8, mask, magic)};
+            mma_bf16_first(c, lo, b0, b1);
+            const u32 hi[4] = {mvt_pair(qg >> 4, mask, magic), mvt_pair(qh >> 4, mask, magic),
+                               mvt_pair(qg >> 12, mask, magic), mvt_pair(qh >> 12, mask, magic)};
+            mma_bf16(c, hi, b2, b3);
+            const float dg = f16_to_f32((u16)(sg & 0xffff)), dh = f16_to_f32((u16)(sh & 0xffff));
+            acc[i][0] = fmaf(dg, c[0], fmaf(f16_to_f32((u16)(sg >> 16)), xs, acc[i][0]));
+            acc[i][1] = fmaf(dg, c[1], acc[i][1]);
+            acc[i][2] = fmaf(dh, c[2], fmaf(f16_to_f32((u16)(sh >> 16)), xs, acc[i][2]));
+            acc[i][3] = fmaf(dh, c[3], acc[i][3]);
+        }
+    }
+    // A row's sum is spread over its four lanes: columns 0 and 1 (the top and middle parts)
+    // in lane t = 0, column 2 (the rest) in t = 1, and every lane's share of the minimum's
+    // term. Then the warps' sums, warp by warp.
+#pragma unroll
+    for (int i = 0; i < RT; i++) {
+        float sg = acc[i][0] + acc[i][1], sh = acc[i][2] + acc[i][3];
+        sg += __shfl_xor_sync(0xffffffffu, sg, 1);
+        sh += __shfl_xor_sync(0xffffffffu, sh, 1);
+        sg += __shfl_xor_sync(0xffffffffu, sg, 2);
+        sh += __shfl_xor_sync(0xffffffffu, sh, 2);
+        if (t == 0) {
+            part[warp][16 * i + g] = sg;
+            part[warp][16 * i + g + 8] = sh;
+        }
+    }
+    __syncthreads();
+    const int r = threadIdx.x;
+    if (r < 16 * RT && row0 + r < rows) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int k = 0; k < MVT_WARPS; k++) sum += part[k][r];
+        y[row0 + r] = sum;
+    }
+}
+
+// (name, RT): the bench launches a block of MVT_WARPS warps for 16 RT rows.
+#define MVT(name, RT)                                                                            \
+    extern "C" __global__ void name(const u8* w, const u8* s, const float* x, float* y,           \
+                                    int rows, int cols) {                                        \
+        mvt<RT>(w, s, x, y, rows, cols);                                                          \
+    }
+MVT(mvt_r1, 1)
+MVT(mvt_r2, 2)
+MVT(mvt_r4, 4)
