@@ -17,6 +17,15 @@
 // It is compiled after kernels.cu, in one source (`candidates_ptx` in tests.rs), so it uses
 // kernels.cu's types and helpers (`f16_to_f32`, `warp_sum`, `nibble`, `q4_1_word`).
 
+// Every candidate is a kernel of the bench's signature around a device function:
+// CANDIDATE(name, function) defines `name`, calling `function` (a template instance, commas and
+// all) with the kernel's arguments.
+#define CANDIDATE(name, ...)                                                                     \
+    extern "C" __global__ void name(const u8* w, const u8* s, const float* x, float* y,           \
+                                    int rows, int cols) {                                        \
+        __VA_ARGS__(w, s, x, y, rows, cols);                                                      \
+    }
+
 // Σ q x over the 8 weights of Q4_1 quant word `word` (as in q4_1_word, without d and m).
 __device__ __forceinline__ float word_qx(u32 word, float4 xl, float4 xh) {
     const u32 hi = word >> 16;
@@ -90,17 +99,12 @@ __device__ void mvw(const u8* w, const u8* s, const float* x, float* y, int rows
     }
 }
 
-// (name, R, KW, FACTOR): the bench's list in tests.rs names these, with 4 / KW * R rows a
-// block of 128 threads. (mvw_r2_f, mvw_r4_f and mvw_r2_k2_f were benched once and dropped:
-// README, the seventh GPU session.)
-#define MVW(name, R, KW, F)                                                                      \
-    extern "C" __global__ void name(const u8* w, const u8* s, const float* x, float* y,           \
-                                    int rows, int cols) {                                        \
-        mvw<R, KW, F>(w, s, x, y, rows, cols);                                                    \
-    }
-MVW(mvw_r1_f, 1, 1, true)
-MVW(mvw_r2, 2, 1, false)
-MVW(mvw_r4_k4_f, 4, 4, true)
+// (R, KW, FACTOR): the bench's list in tests.rs names these, with 4 / KW * R rows a block of 128
+// threads. (mvw_r2_f, mvw_r4_f and mvw_r2_k2_f were benched once and dropped: README, the
+// seventh GPU session.)
+CANDIDATE(mvw_r1_f, mvw<1, 1, true>)
+CANDIDATE(mvw_r2, mvw<2, 1, false>)
+CANDIDATE(mvw_r4_k4_f, mvw<4, 4, true>)
 
 // Third set (mvs): a lane per quant block, as mv16, so each weight load is 16 bytes, but the
 // activations come from shared memory: the block stages x once, MVS_CHUNK columns at a time,
@@ -153,18 +157,9 @@ __device__ void mvs(const u8* w, const u8* s, const float* x, float* y, int rows
     }
 }
 
-extern "C" __global__ void mvs_r1(const u8* w, const u8* s, const float* x, float* y, int rows,
-                                  int cols) {
-    mvs<1>(w, s, x, y, rows, cols);
-}
-extern "C" __global__ void mvs_r2(const u8* w, const u8* s, const float* x, float* y, int rows,
-                                  int cols) {
-    mvs<2>(w, s, x, y, rows, cols);
-}
-extern "C" __global__ void mvs_r4(const u8* w, const u8* s, const float* x, float* y, int rows,
-                                  int cols) {
-    mvs<4>(w, s, x, y, rows, cols);
-}
+CANDIDATE(mvs_r1, mvs<1>)
+CANDIDATE(mvs_r2, mvs<2>)
+CANDIDATE(mvs_r4, mvs<4>)
 
 // Fourth set (mvk): what the second and third sets point at. The activations are 8 times the
 // weights' bytes (an f32 for each 4-bit quant), so a kernel whose loads of x serve one row reads
@@ -256,16 +251,11 @@ __device__ void mvk(const u8* w, const u8* s, const float* x, float* y, int rows
     }
 }
 
-// (name, R): the bench launches a block of R rows with as many warps as it names (see
-// MATVEC_CANDIDATES in tests.rs).
-#define MVK(name, R)                                                                             \
-    extern "C" __global__ void name(const u8* w, const u8* s, const float* x, float* y,           \
-                                    int rows, int cols) {                                        \
-        mvk<R>(w, s, x, y, rows, cols);                                                           \
-    }
-MVK(mvk_r2, 2)
-MVK(mvk_r4, 4)
-MVK(mvk_r8, 8)
+// The bench launches a block of R rows with as many warps as it names (see MATVEC_CANDIDATES
+// in tests.rs).
+CANDIDATE(mvk_r2, mvk<2>)
+CANDIDATE(mvk_r4, mvk<4>)
+CANDIDATE(mvk_r8, mvk<8>)
 
 // Fifth set (mvp): mvk shared each x load over R rows and split columns over warps, and read
 // no faster than mvs (README, the thirteenth GPU session), so L1's traffic in x is not what
@@ -354,14 +344,9 @@ __device__ void mvp(const u8* w, const u8* s, const float* x, float* y, int rows
     }
 }
 
-#define MVP(name, STAGES)                                                                        \
-    extern "C" __global__ void name(const u8* w, const u8* s, const float* x, float* y,           \
-                                    int rows, int cols) {                                        \
-        mvp<STAGES>(w, s, x, y, rows, cols);                                                      \
-    }
-MVP(mvp_s2, 2)
-MVP(mvp_s4, 4)
-MVP(mvp_s6, 6)
+CANDIDATE(mvp_s2, mvp<2>)
+CANDIDATE(mvp_s4, mvp<4>)
+CANDIDATE(mvp_s6, mvp<6>)
 
 // Sixth set (mvt): the one-token matvec on the tensor cores. The SASS of kernels.cu's
 // matvec_q4_1 spends 61 instructions on each 4-byte word of quants (with its share of the
@@ -406,37 +391,34 @@ __device__ __forceinline__ u32 mvt_pair(u32 w, u32 mask, u32 magic) {
 }
 
 #define MVT_WARPS 4
+
+// A warp's RT tiles of 16 rows in mvt and mvts: the quant blocks' index of rows g and g + 8 of
+// each (block 0; a tile past the last row reads the last row again), and per tile the d-scaled
+// sums of B's columns 2t and 2t + 1 for rows g (0, 1) and g + 8 (2, 3).
 template <int RT>
-__device__ void mvt(const u8* w, const u8* s, const float* x, float* y, int rows, int cols) {
-    __shared__ float part[MVT_WARPS][RT * 16];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int row0 = blockIdx.x * 16 * RT;
-    const int nb = cols / 32;
-    const u32* w32 = reinterpret_cast<const u32*>(w);
-    const u32* s32 = reinterpret_cast<const u32*>(s);
-    const float4* x4 = reinterpret_cast<const float4*>(x);
-    // In registers, for mvt_pair (an asm operand NVRTC cannot fold back into an immediate).
-    u32 mask = 0x000f000fu, magic = 0x43004300u;
-    asm volatile("" : "+r"(mask), "+r"(magic));
-    long rg[RT], rh[RT];  // the blocks' index of rows g and g + 8 of each tile, block 0
-#pragma unroll
-    for (int i = 0; i < RT; i++) {
-        rg[i] = (long)min(row0 + 16 * i + g, rows - 1) * nb;
-        rh[i] = (long)min(row0 + 16 * i + g + 8, rows - 1) * nb;
-    }
-    // Per tile: d-scaled sums of columns 2t and 2t + 1 for rows g (0, 1) and g + 8 (2, 3).
+struct MvtTiles {
+    long rg[RT], rh[RT];
     float acc[RT][4];
+    u32 mask, magic;  // in registers, for mvt_pair (NVRTC would fold them back into immediates)
+
+    __device__ __forceinline__ MvtTiles(int row0, int g, int rows, int nb) {
 #pragma unroll
-    for (int i = 0; i < RT; i++)
+        for (int i = 0; i < RT; i++) {
+            rg[i] = (long)min(row0 + 16 * i + g, rows - 1) * nb;
+            rh[i] = (long)min(row0 + 16 * i + g + 8, rows - 1) * nb;
 #pragma unroll
-        for (int e = 0; e < 4; e++) acc[i][e] = 0.0f;
-    for (int b = warp; b < nb; b += MVT_WARPS) {
-        const float4 xl = x4[(long)b * 8 + t], xh = x4[(long)b * 8 + 4 + t];
-        // This lane's 8 activations' sum, its share of the block's Σ x.
-        const float xs = ((xl.x + xl.y) + (xl.z + xl.w)) + ((xh.x + xh.y) + (xh.z + xh.w));
-        // B for the low nibbles' step (b0, b1) and the high ones' (b2, b3): column g.
-        const u32 b0 = x_part_pair(xl.x, xl.z, g), b1 = x_part_pair(xl.y, xl.w, g);
-        const u32 b2 = x_part_pair(xh.x, xh.z, g), b3 = x_part_pair(xh.y, xh.w, g);
+            for (int e = 0; e < 4; e++) acc[i][e] = 0.0f;
+        }
+        mask = 0x000f000fu;
+        magic = 0x43004300u;
+        asm volatile("" : "+r"(mask), "+r"(magic));
+    }
+
+    // Quant block b of every tile times B (bf.x, bf.y: the low nibbles' step; bf.z, bf.w: the
+    // high ones'), scaled by the rows' d, with m times xs (this lane's share of the block's
+    // Σ x) added to columns 2t of both rows.
+    __device__ __forceinline__ void add(const u32* w32, const u32* s32, long b, int t, uint4 bf,
+                                        float xs) {
 #pragma unroll
         for (int i = 0; i < RT; i++) {
             const u32 qg = w32[(rg[i] + b) * 4 + t], qh = w32[(rh[i] + b) * 4 + t];
@@ -444,10 +426,10 @@ __device__ void mvt(const u8* w, const u8* s, const float* x, float* y, int rows
             float c[4];
             const u32 lo[4] = {mvt_pair(qg, mask, magic), mvt_pair(qh, mask, magic),
                                mvt_pair(qg >> 8, mask, magic), mvt_pair(qh >> 8, mask, magic)};
-            mma_bf16_first(c, lo, b0, b1);
+            mma_bf16_first(c, lo, bf.x, bf.y);
             const u32 hi[4] = {mvt_pair(qg >> 4, mask, magic), mvt_pair(qh >> 4, mask, magic),
                                mvt_pair(qg >> 12, mask, magic), mvt_pair(qh >> 12, mask, magic)};
-            mma_bf16(c, hi, b2, b3);
+            mma_bf16(c, hi, bf.z, bf.w);
             const float dg = f16_to_f32((u16)(sg & 0xffff)), dh = f16_to_f32((u16)(sh & 0xffff));
             acc[i][0] = fmaf(dg, c[0], fmaf(f16_to_f32((u16)(sg >> 16)), xs, acc[i][0]));
             acc[i][1] = fmaf(dg, c[1], acc[i][1]);
@@ -455,37 +437,120 @@ __device__ void mvt(const u8* w, const u8* s, const float* x, float* y, int rows
             acc[i][3] = fmaf(dh, c[3], acc[i][3]);
         }
     }
-    // A row's sum is spread over its four lanes: columns 0 and 1 (the top and middle parts)
-    // in lane t = 0, column 2 (the rest) in t = 1, and every lane's share of the minimum's
-    // term. Then the warps' sums, warp by warp.
+
+    // y for the block's rows: a row's sum is spread over its four lanes (columns 0 and 1, the
+    // top and middle parts, in lane t = 0, column 2, the rest, in t = 1, and every lane's share
+    // of the minimum's term), then over the block's warps, added warp by warp. Every thread
+    // of the block calls it (a barrier).
+    __device__ __forceinline__ void store(float (&part)[MVT_WARPS][RT * 16], int row0, int rows,
+                                          float* y) {
+        const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
-    for (int i = 0; i < RT; i++) {
-        float sg = acc[i][0] + acc[i][1], sh = acc[i][2] + acc[i][3];
-        sg += __shfl_xor_sync(0xffffffffu, sg, 1);
-        sh += __shfl_xor_sync(0xffffffffu, sh, 1);
-        sg += __shfl_xor_sync(0xffffffffu, sg, 2);
-        sh += __shfl_xor_sync(0xffffffffu, sh, 2);
-        if (t == 0) {
-            part[warp][16 * i + g] = sg;
-            part[warp][16 * i + g + 8] = sh;
+        for (int i = 0; i < RT; i++) {
+            float sg = acc[i][0] + acc[i][1], sh = acc[i][2] + acc[i][3];
+            sg += __shfl_xor_sync(0xffffffffu, sg, 1);
+            sh += __shfl_xor_sync(0xffffffffu, sh, 1);
+            sg += __shfl_xor_sync(0xffffffffu, sg, 2);
+            sh += __shfl_xor_sync(0xffffffffu, sh, 2);
+            if (t == 0) {
+                part[warp][16 * i + g] = sg;
+                part[warp][16 * i + g + 8] = sh;
+            }
+        }
+        __syncthreads();
+        const int r = threadIdx.x;
+        if (r < 16 * RT && row0 + r < rows) {
+            float sum = 0.0f;
+#pragma unroll
+            for (int k = 0; k < MVT_WARPS; k++) sum += part[k][r];
+            y[row0 + r] = sum;
         }
     }
-    __syncthreads();
-    const int r = threadIdx.x;
-    if (r < 16 * RT && row0 + r < rows) {
-        float sum = 0.0f;
-#pragma unroll
-        for (int k = 0; k < MVT_WARPS; k++) sum += part[k][r];
-        y[row0 + r] = sum;
+};
+
+template <int RT>
+__device__ void mvt(const u8* w, const u8* s, const float* x, float* y, int rows, int cols) {
+    __shared__ float part[MVT_WARPS][RT * 16];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int row0 = blockIdx.x * 16 * RT, nb = cols / 32;
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    MvtTiles<RT> tiles(row0, g, rows, nb);
+    for (int b = warp; b < nb; b += MVT_WARPS) {
+        const float4 xl = x4[(long)b * 8 + t], xh = x4[(long)b * 8 + 4 + t];
+        // This lane's 8 activations' sum, its share of the block's Σ x.
+        const float xs = ((xl.x + xl.y) + (xl.z + xl.w)) + ((xh.x + xh.y) + (xh.z + xh.w));
+        // B, column g: for the low nibbles' step, then the high ones'.
+        const uint4 bf = make_uint4(x_part_pair(xl.x, xl.z, g), x_part_pair(xl.y, xl.w, g),
+                                    x_part_pair(xh.x, xh.z, g), x_part_pair(xh.y, xh.w, g));
+        tiles.add(reinterpret_cast<const u32*>(w), reinterpret_cast<const u32*>(s), b, t, bf, xs);
     }
+    tiles.store(part, row0, rows, y);
 }
 
-// (name, RT): the bench launches a block of MVT_WARPS warps for 16 RT rows.
-#define MVT(name, RT)                                                                            \
-    extern "C" __global__ void name(const u8* w, const u8* s, const float* x, float* y,           \
-                                    int rows, int cols) {                                        \
-        mvt<RT>(w, s, x, y, rows, cols);                                                          \
+// The bench launches a block of MVT_WARPS warps for 16 RT rows.
+CANDIDATE(mvt_r1, mvt<1>)
+CANDIDATE(mvt_r2, mvt<2>)
+CANDIDATE(mvt_r4, mvt<4>)
+
+// mvt with the activations' parts split once a thread block rather than once a warp and block
+// (mvts, "staged"): each chunk of MVTS_CHUNK quant blocks, the block's 128 threads split the
+// chunk's activations into their three bf16 parts in B's fragment order in shared memory (one
+// (block, t) pair a thread: 16 words for lanes (g < 3, t), and t's share of the block's Σ x),
+// then every warp takes its B with one 16-byte load a block. In the SASS the split is about 2.7
+// instructions a byte at RT = 1, against about 7 for mvt_r1's, so one tile a warp (and a
+// 4,096-row matrix's 1,024 warps) can pay for it.
+#define MVTS_CHUNK 32
+
+// x_part_pair for parts 0, 1 and 2 at once.
+__device__ __forceinline__ void x_parts3(float a, float b, u32 (&p)[3]) {
+    const float a1 = bf16_top(a), ar = a - a1, a2 = bf16_top(ar), a3 = ar - a2;
+    const float b1 = bf16_top(b), br = b - b1, b2 = bf16_top(br), b3 = br - b2;
+    p[0] = bf16_pair(a1, b1);
+    p[1] = bf16_pair(a2, b2);
+    p[2] = bf16_pair(a3, b3);
+}
+
+template <int RT>
+__device__ void mvts(const u8* w, const u8* s, const float* x, float* y, int rows, int cols) {
+    __shared__ __align__(16) u32 bs[MVTS_CHUNK][12][4];  // B of lane (g, t), g < 3, at g * 4 + t
+    __shared__ float xsp[MVTS_CHUNK][4];                  // t's share of the block's Σ x
+    __shared__ float part[MVT_WARPS][RT * 16];
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const int row0 = blockIdx.x * 16 * RT, nb = cols / 32;
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    MvtTiles<RT> tiles(row0, g, rows, nb);
+    for (int c0 = 0; c0 < nb; c0 += MVTS_CHUNK) {
+        __syncthreads();  // the last chunk's B is read by no one
+        {
+            const int b = tid / 4, st = tid % 4;  // MVTS_CHUNK * 4 = 128 = blockDim.x
+            float4 xl = make_float4(0.f, 0.f, 0.f, 0.f), xh = xl;
+            if (c0 + b < nb) {
+                xl = x4[(long)(c0 + b) * 8 + st];
+                xh = x4[(long)(c0 + b) * 8 + 4 + st];
+            }
+            u32 p0[3], p1[3], p2[3], p3[3];
+            x_parts3(xl.x, xl.z, p0);
+            x_parts3(xl.y, xl.w, p1);
+            x_parts3(xh.x, xh.z, p2);
+            x_parts3(xh.y, xh.w, p3);
+#pragma unroll
+            for (int pg = 0; pg < 3; pg++)
+                *reinterpret_cast<uint4*>(bs[b][pg * 4 + st]) =
+                    make_uint4(p0[pg], p1[pg], p2[pg], p3[pg]);
+            xsp[b][st] = ((xl.x + xl.y) + (xl.z + xl.w)) + ((xh.x + xh.y) + (xh.z + xh.w));
+        }
+        __syncthreads();
+        const int n = min(MVTS_CHUNK, nb - c0);
+        for (int b = warp; b < n; b += MVT_WARPS) {
+            const uint4 bf = g < 3 ? *reinterpret_cast<const uint4*>(bs[b][g * 4 + t])
+                                   : make_uint4(0u, 0u, 0u, 0u);
+            tiles.add(reinterpret_cast<const u32*>(w), reinterpret_cast<const u32*>(s), c0 + b, t,
+                      bf, xsp[b][t]);
+        }
     }
-MVT(mvt_r1, 1)
-MVT(mvt_r2, 2)
-MVT(mvt_r4, 4)
+    tiles.store(part, row0, rows, y);
+}
+
+// A block of MVT_WARPS warps (128 threads: mvts stages with exactly that many) for 16 RT rows.
+CANDIDATE(mvts_r1, mvts<1>)
+CANDIDATE(mvts_r2, mvts<2>)

@@ -1025,9 +1025,9 @@ fn bench_matvec_candidates() {
 
 /// The kernels of `matvec_candidates.cu` the bench times (the second set's best three, and
 /// the third to sixth sets), the rows a block of each covers (mvs: four warps of R rows; mvw:
-/// 4 / KW groups of R rows; mvk: R; mvp: 8; mvt: RT tiles of 16) and, for mvk, the quant blocks
+/// 4 / KW groups of R rows; mvk: R; mvp: 8; mvt, mvts: RT tiles of 16) and, for mvk, the quant blocks
 /// of a row a lane takes (the block has a warp for each 32 of them; 0: a block of four warps).
-const MATVEC_CANDIDATES: [(&str, u32, u32); 17] = [
+const MATVEC_CANDIDATES: [(&str, u32, u32); 19] = [
     ("mvw_r1_f", 4, 0),
     ("mvw_r2", 8, 0),
     ("mvw_r4_k4_f", 4, 0),
@@ -1045,6 +1045,8 @@ const MATVEC_CANDIDATES: [(&str, u32, u32); 17] = [
     ("mvt_r1", 16, 0),
     ("mvt_r2", 32, 0),
     ("mvt_r4", 64, 0),
+    ("mvts_r1", 16, 0),
+    ("mvts_r2", 32, 0),
 ];
 
 /// `matvec_candidates.cu` compiled by NVRTC as kernels.cu is, after kernels.cu (whose helpers
