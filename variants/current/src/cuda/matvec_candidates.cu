@@ -554,3 +554,34 @@ __device__ void mvts(const u8* w, const u8* s, const float* x, float* y, int row
 // A block of MVT_WARPS warps (128 threads: mvts stages with exactly that many) for 16 RT rows.
 CANDIDATE(mvts_r1, mvts<1>)
 CANDIDATE(mvts_r2, mvts<2>)
+
+// Not a matvec: the bound the bench's loop allows (bound_r4). It reads every quant and scale
+// as mvs_r4 does (a lane per quant block, 16-byte loads, four rows a warp, four warps a block,
+// the same grid) and does nothing with them but fold them into one word a row, so its time is
+// what reading each matrix costs in this loop, launches included. Its y is not the product;
+// the bench does not check it.
+__device__ void bound_read(const u8* w, const u8* s, const float* x, float* y, int rows,
+                           int cols) {
+    constexpr int R = 4;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int row0 = (blockIdx.x * (blockDim.x / 32) + warp) * R, nb = cols / 32;
+    const uint4* w16 = reinterpret_cast<const uint4*>(w);
+    const u32* s32 = reinterpret_cast<const u32*>(s);
+    u32 fold[R] = {};
+    for (int b = lane; row0 < rows && b < nb; b += 32) {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const long at = (long)min(row0 + r, rows - 1) * nb + b;
+            const uint4 q = w16[at];
+            fold[r] ^= q.x ^ q.y ^ q.z ^ q.w ^ s32[at];
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        u32 v = fold[r];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v ^= __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0 && row0 + r < rows) y[row0 + r] = (float)(v & 1u) + x[0] * 0.0f;
+    }
+}
+CANDIDATE(bound_r4, bound_read)
