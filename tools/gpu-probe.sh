@@ -17,7 +17,7 @@
 # A screen is not a verdict: only `host compare` on the real model keeps a change. It says
 # which ideas are worth a comparison, and what a change does at the shapes the comparison
 # never sees (a compare on a synthetic model can never KEEP).
-# Needs: cargo, git, strip.
+# Needs: cargo, git, strip, a kernel with Landlock (both sides build confined).
 set -euo pipefail
 
 case "${1:-}" in
@@ -35,16 +35,17 @@ done
 mkdir -p "$OUT" && git check-ignore -q "$OUT/" ||
   { echo "gpu-probe.sh: $OUT/ is not ignored by .gitignore (it is removed and written anew)" >&2; exit 1; }
 
-# The test binary cargo builds in directory $1 into target directory $2 (a compile error is
-# printed, rendered, on stderr).
+# The test binary cargo builds in directory $1 into target directory $2, confined as the host
+# builds variant code (tools/confined-cargo.sh; a compile error is printed, rendered, on stderr).
 test_binary() {
-  (cd "$1" && CARGO_TARGET_DIR="$2" cargo test --release --quiet -p current --features cuda \
-    --no-run --message-format=json-render-diagnostics) |
+  (cd "$1" && "$ROOT/tools/confined-cargo.sh" "$2" test --release --quiet -p current \
+    --features cuda --no-run --message-format=json-render-diagnostics) |
     { grep -o '"executable":"[^"]*"' || true; } | tail -1 | cut -d'"' -f4
 }
 
 rm -rf "$OUT"
 mkdir -p "$OUT"
+cargo build --release --quiet -p host  # the harness's own code, which confines the builds below
 # A in a worktree of HEAD, into the target directory gpu-stage.sh also builds A in.
 worktree="$(mktemp -d)"
 trap 'git worktree remove --force "$worktree" 2> /dev/null || rm -rf "$worktree"' EXIT
@@ -53,8 +54,8 @@ echo "gpu-probe.sh: building A's GPU tests (HEAD) in target/gpu-stage-a"
 a="$(test_binary "$worktree" "$ROOT/target/gpu-stage-a")" || a=""
 [ -n "$a" ] && [ -f "$a" ] || { echo "gpu-probe.sh: cargo named no test binary for A" >&2; exit 1; }
 strip --strip-debug -o "$OUT/a" "$a"
-echo "gpu-probe.sh: building B's GPU tests (the working tree)"
-b="$(test_binary "$ROOT" "$ROOT/target")" || b=""
+echo "gpu-probe.sh: building B's GPU tests (the working tree) in target/gpu-stage-b"
+b="$(test_binary "$ROOT" "$ROOT/target/gpu-stage-b")" || b=""
 [ -n "$b" ] && [ -f "$b" ] || { echo "gpu-probe.sh: cargo named no test binary for B" >&2; exit 1; }
 strip --strip-debug -o "$OUT/b" "$b"
 

@@ -11,7 +11,8 @@
 #                   oracle (variants/baseline at HEAD, for the CPU), a bundle of HEAD, the GPU
 #                   test binaries of A and B with the screen that times them (probe/, written
 #                   by tools/gpu-probe.sh), and the model's first part (A is built in a worktree
-#                   of HEAD, into target/gpu-stage-a: the first time, that compiles its crates)
+#                   of HEAD, into target/gpu-stage-a, B into target/gpu-stage-b, each confined
+#                   by tools/confined-cargo.sh: the first time, that compiles their crates)
 #     gpu-stage/2/  the model's second part and go.sh, which does the rest there
 #
 # Then, on the GPU machine, three kinds of call, each within 30 s of the last (a machine left
@@ -30,7 +31,8 @@
 #      until it ends. The last call leaves results/ (row and record) in $OUT/results.tgz: unpack
 #      it here, append the row to results/results.tsv, copy the record into results/runs/, and
 #      `host keep --allow-unsandboxed` on KEEP.
-# Needs: cargo, git, strip, the model in the cache (any `host run` fetches it).
+# Needs: cargo, git, strip, a kernel with Landlock, the model in the cache (any `host run`
+# fetches it).
 set -euo pipefail
 
 case "${1:-}" in
@@ -74,27 +76,35 @@ rm -rf "$STAGE"
 mkdir -p "$STAGE/1" "$STAGE/2"
 started=$SECONDS
 
-# A: HEAD's variants/current, and the oracle, built in a worktree of HEAD into a target
-# directory of their own. (Not the main one: a cdylib's file in target/release/deps has no hash
-# in its name, so A's build there would overwrite B's while cargo still counted B's as fresh.)
+# The harness's own code first, unconfined, where no variant build may write: the host (in
+# target/), and the oracle (HEAD:variants/baseline, in a worktree of HEAD, into a target
+# directory of its own, unless the host has built it already).
 worktree="$(mktemp -d)"
 trap 'git worktree remove --force "$worktree" 2> /dev/null || rm -rf "$worktree"' EXIT
 git worktree add -q --detach "$worktree" HEAD
-A_TARGET="$ROOT/target/gpu-stage-a"
-echo "gpu-stage.sh: building A (HEAD:variants/current, cuda) and the oracle (HEAD:variants/baseline) in $A_TARGET"
-(cd "$worktree" && CARGO_TARGET_DIR="$A_TARGET" cargo build --release --quiet -p current --features cuda)
-strip --strip-debug -o "$STAGE/1/$A_LIB" "$A_TARGET/release/libcurrent.so"
+echo "gpu-stage.sh: building the host and the oracle (HEAD:variants/baseline)"
+cargo build --release --quiet -p host
 if [ -f "target/autoinfer-git/built/$ORACLE" ]; then  # the host's own build of it
   strip --strip-debug -o "$STAGE/1/$ORACLE" "target/autoinfer-git/built/$ORACLE"
 else
-  (cd "$worktree" && CARGO_TARGET_DIR="$A_TARGET" cargo build --release --quiet -p baseline)
-  strip --strip-debug -o "$STAGE/1/$ORACLE" "$A_TARGET/release/libbaseline.so"
+  (cd "$worktree" && CARGO_TARGET_DIR="$ROOT/target/gpu-stage-oracle" cargo build --release --quiet -p baseline)
+  strip --strip-debug -o "$STAGE/1/$ORACLE" "$ROOT/target/gpu-stage-oracle/release/libbaseline.so"
 fi
-echo "gpu-stage.sh: building B (the working tree's variants/current, cuda), its GPU tests and the host"
-cargo build --release --quiet -p host
-cargo build --release --quiet -p current --features cuda
-strip --strip-debug -o "$STAGE/1/libcurrent.so" target/release/libcurrent.so
-cp target/release/libcurrent.d "$STAGE/1/libcurrent.d"
+# Then variant code, each side confined (tools/confined-cargo.sh) to a target directory of its
+# own: A is HEAD's variants/current, B the working tree's. A build script or proc macro of
+# either can write nothing but its own side's build, so neither can reach the host, the oracle,
+# the staged files or the other side. (One target directory for both would not do anyway: a
+# cdylib's file in release/deps has no hash in its name, so A's build would overwrite B's while
+# cargo still counted B's as fresh.)
+A_TARGET="$ROOT/target/gpu-stage-a"
+B_TARGET="$ROOT/target/gpu-stage-b"
+echo "gpu-stage.sh: building A (HEAD:variants/current, cuda) in $A_TARGET, confined"
+(cd "$worktree" && "$ROOT/tools/confined-cargo.sh" "$A_TARGET" build --release --quiet -p current --features cuda)
+strip --strip-debug -o "$STAGE/1/$A_LIB" "$A_TARGET/release/libcurrent.so"
+echo "gpu-stage.sh: building B (the working tree's variants/current, cuda) in $B_TARGET, confined, and both sides' GPU tests"
+tools/confined-cargo.sh "$B_TARGET" build --release --quiet -p current --features cuda
+strip --strip-debug -o "$STAGE/1/libcurrent.so" "$B_TARGET/release/libcurrent.so"
+cp "$B_TARGET/release/libcurrent.d" "$STAGE/1/libcurrent.d"
 # The host goes compressed: since its rarely-run dependencies are built without optimisation
 # (Cargo.toml) it is 24 MB stripped, 7 MB gzipped, and the model's first part needs the room.
 strip --strip-debug -o "$STAGE/1/host" target/release/host

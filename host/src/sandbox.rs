@@ -797,6 +797,29 @@ pub fn this_program() -> std::io::Result<PathBuf> {
     }
 }
 
+/// What cargo needs to read to build: cargo's and rustup's homes (`CARGO_HOME`, `RUSTUP_HOME`,
+/// or their defaults under `HOME`), and the toolchain the cargo binary on `PATH` (or `CARGO`)
+/// really lives in (its lib/ holds rustc's libraries).
+pub fn toolchain_paths() -> Vec<PathBuf> {
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let mut paths = Vec::new();
+    for (var, default) in [("CARGO_HOME", ".cargo"), ("RUSTUP_HOME", ".rustup")] {
+        match std::env::var_os(var) {
+            Some(dir) => paths.push(PathBuf::from(dir)),
+            None => paths.extend(home.as_ref().map(|h| h.join(default))),
+        }
+    }
+    let cargo_bin = std::env::var_os("CARGO").map(PathBuf::from).or_else(|| {
+        std::env::split_paths(&std::env::var_os("PATH")?)
+            .map(|dir| dir.join("cargo"))
+            .find(|p| p.is_file())
+    });
+    if let Some(real) = cargo_bin.and_then(|p| p.canonicalize().ok()) {
+        paths.extend(real.parent().and_then(Path::parent).map(Path::to_path_buf));
+    }
+    paths
+}
+
 /// The hidden `host confine` command line: a [`Policy`] and the program to run under it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConfineArgs {
@@ -809,6 +832,11 @@ pub struct ConfineArgs {
     /// A device file to open for reading and writing.
     #[arg(long)]
     pub device: Vec<PathBuf>,
+    /// A variant's build run from a script (tools/confined-cargo.sh): also read the Rust
+    /// toolchain ([`toolchain_paths`]), as the host's own confined builds do, and refuse to run
+    /// at all where the kernel cannot confine files (no Landlock, or an ABI before 3).
+    #[arg(long)]
+    pub variant_build: bool,
     /// The program and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<std::ffi::OsString>,
@@ -822,7 +850,18 @@ pub fn confine_and_exec(args: &ConfineArgs) -> anyhow::Result<()> {
     policy.read.extend(args.read.iter().cloned());
     policy.write.extend(args.write.iter().cloned());
     policy.devices.extend(args.device.iter().cloned());
-    confine_build(&policy, Support::probe())?;
+    let support = Support::probe();
+    if args.variant_build {
+        if support.landlock_abi < FILES_ABI {
+            anyhow::bail!(
+                "host confine --variant-build: this kernel's Landlock ABI is {} (3 or later is \
+                 needed to confine a build's files), so variant code is not built here",
+                support.landlock_abi
+            );
+        }
+        policy.read.extend(toolchain_paths());
+    }
+    confine_build(&policy, support)?;
     let (program, rest) = args
         .command
         .split_first()

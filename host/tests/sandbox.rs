@@ -402,11 +402,18 @@ fn a_build_script_writes_only_its_own_build_output() {
         .arg(&results)
         .env("AUTOINFER_FIXTURE_MODE", "build-escape");
     let (_, _, stderr) = output(&mut cmd);
+    escaped_nothing(&stderr, 16);
+}
+
+/// Asserts the build-escape fixture's build script ran (`attempts` reported: 16 with a results
+/// directory to find, 15 without) and wrote nothing but its own build output, and that the
+/// process it left running ended with the build.
+fn escaped_nothing(stderr: &str, attempts: usize) {
     let lines: Vec<&str> = stderr
         .lines()
         .filter(|l| l.contains("build-escape: "))
         .collect();
-    assert!(lines.len() >= 14, "the build script ran: {stderr}");
+    assert_eq!(lines.len(), attempts, "the build script ran: {stderr}");
     for line in &lines {
         let allowed = line.contains("its own build output") || line.contains("leave a process");
         assert_eq!(
@@ -415,12 +422,60 @@ fn a_build_script_writes_only_its_own_build_output() {
             "{line}\n(only its own build output may be written)"
         );
     }
-    // The process it left running was ended with the build.
     assert_eq!(
         lingering(),
         Vec::<String>::new(),
         "a build script's process outlived it"
     );
+}
+
+/// tools/gpu-stage.sh and tools/gpu-probe.sh build variant code (A, B, their GPU tests) on this
+/// machine for the GPU machine, which has no cargo: through tools/confined-cargo.sh, confined as
+/// the host's own builds are. The build-escape fixture built that way writes nothing but its
+/// own build output and leaves no process; and no line of either script runs cargo on
+/// variants/current any other way.
+#[test]
+fn the_gpu_staging_tools_build_variant_code_confined() {
+    require_landlock();
+    let target = scratch("confined-cargo");
+    let (out, _, stderr) = output(
+        std::process::Command::new(root().join("tools/confined-cargo.sh"))
+            .arg(&target)
+            .args(["build", "--release"])
+            .current_dir(fixture("build-escape"))
+            .env("AUTOINFER_HOST", env!("CARGO_BIN_EXE_host"))
+            .env("AUTOINFER_FIXTURE_MODE", "build-escape"),
+    );
+    assert!(out.status.success(), "{stderr}");
+    escaped_nothing(&stderr, 15);
+    // A target directory the harness builds in is refused.
+    let (out, _, stderr) = output(
+        std::process::Command::new(root().join("tools/confined-cargo.sh"))
+            .arg(root().join("target"))
+            .args(["build", "--release"])
+            .current_dir(fixture("build-escape")),
+    );
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("holds the harness's own builds"),
+        "{stderr}"
+    );
+    for script in ["tools/gpu-stage.sh", "tools/gpu-probe.sh"] {
+        let text = std::fs::read_to_string(root().join(script)).unwrap();
+        let plain: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                let code = l.split('#').next().unwrap_or("");
+                code.contains("-p current") && !code.contains("confined-cargo.sh")
+            })
+            .collect();
+        assert!(
+            plain.is_empty(),
+            "{script} builds variant code unconfined: {plain:?}"
+        );
+        assert!(text.contains("confined-cargo.sh"), "{script}");
+    }
+    let _ = std::fs::remove_dir_all(&target);
 }
 
 #[test]

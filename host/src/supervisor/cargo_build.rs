@@ -111,23 +111,8 @@ impl BuildSandbox {
     /// What a confined build may read: its sources, the Rust toolchain (rustup's and cargo's
     /// homes, and wherever the cargo binary really lives).
     fn read_paths(&self) -> Vec<PathBuf> {
-        let home = std::env::var_os("HOME").map(PathBuf::from);
         let mut paths = self.sources.clone();
-        for (var, default) in [("CARGO_HOME", ".cargo"), ("RUSTUP_HOME", ".rustup")] {
-            match std::env::var_os(var) {
-                Some(dir) => paths.push(PathBuf::from(dir)),
-                None => paths.extend(home.as_ref().map(|h| h.join(default))),
-            }
-        }
-        // A toolchain's bin/cargo: grant the toolchain (its lib/ holds rustc's libraries).
-        let cargo_bin = std::env::var_os("CARGO").map(PathBuf::from).or_else(|| {
-            std::env::split_paths(&std::env::var_os("PATH")?)
-                .map(|dir| dir.join("cargo"))
-                .find(|p| p.is_file())
-        });
-        if let Some(real) = cargo_bin.and_then(|p| p.canonicalize().ok()) {
-            paths.extend(real.parent().and_then(Path::parent).map(Path::to_path_buf));
-        }
+        paths.extend(crate::sandbox::toolchain_paths());
         paths
     }
 
