@@ -688,9 +688,9 @@ extern "C" __global__ void tiled_swiglu_f32(const u8* wg, const u8* sg, const u8
 // 32 (w % 4) .. + 32 and tokens 32 (w / 4) .. + 32 as 2 x 4 tiles of mma.m16n8k16. The gated
 // kernel's block is MMA_ROWS_GATED rows of both matrices, warp w rows 16 (w % 4) .. + 16 of
 // each: the same 128 staged rows and the same accumulators a thread, so that two blocks fit an
-// SM either way. Each 32-column step stages the block's quants as bf16 and its activations' three parts in shared
-// memory; the next step's global loads are issued before this step's products, and the warps
-// take their fragments with ldmatrix.
+// SM either way. Each 32-column step stages the block's quants as bf16 and its activations'
+// three parts in shared memory; the next step's global loads are issued before this step's
+// products, and the warps take their fragments with ldmatrix.
 //
 // A step's 32 columns are staged in a fixed order that is not the weights' own: within each
 // group of four, columns 4a, 4a + 1, 4a + 2, 4a + 3 hold weights 4a, 4a + 2, 4a + 1, 4a + 3.

@@ -26,10 +26,10 @@
         __VA_ARGS__(w, s, x, y, rows, cols);                                                      \
     }
 
-// Σ q x over the 8 weights of Q4_1 quant word `word` (as in q4_1_word, without d and m).
-__device__ __forceinline__ float word_qx(u32 word, float4 xl, float4 xh) {
+// a + Σ q x over the 8 weights of Q4_1 quant word `word` (as in q4_1_word, without d and m).
+__device__ __forceinline__ float word_qx(u32 word, float4 xl, float4 xh, float a = 0.0f) {
     const u32 hi = word >> 16;
-    float a = nibble<0>(word) * xl.x;
+    a = fmaf(nibble<0>(word), xl.x, a);
     a = fmaf(nibble<4>(word), xh.x, a);
     a = fmaf(nibble<8>(word), xl.y, a);
     a = fmaf(nibble<12>(word), xh.y, a);
@@ -174,19 +174,6 @@ CANDIDATE(mvs_r4, mvs<4>)
 // session) it read no faster than mvs: 1.1-1.4 TB/s at the 4,096-row matrices, 2.3 at the
 // output layer, so the traffic in x was not the limit.
 
-// a + Σ q x over the 8 weights of Q4_1 quant word `word` (word_qx into an accumulator).
-__device__ __forceinline__ float word_qx_into(u32 word, float4 xl, float4 xh, float a) {
-    const u32 hi = word >> 16;
-    a = fmaf(nibble<0>(word), xl.x, a);
-    a = fmaf(nibble<4>(word), xh.x, a);
-    a = fmaf(nibble<8>(word), xl.y, a);
-    a = fmaf(nibble<12>(word), xh.y, a);
-    a = fmaf(nibble<0>(hi), xl.z, a);
-    a = fmaf(nibble<4>(hi), xh.z, a);
-    a = fmaf(nibble<8>(hi), xl.w, a);
-    return fmaf(nibble<12>(hi), xh.w, a);
-}
-
 // Quant block b's 32 activations (x4 indexes x as float4s) and their sum.
 __device__ __forceinline__ float block_x(const float4* x4, int b, float4 (&xv)[8]) {
 #pragma unroll
@@ -201,10 +188,10 @@ __device__ __forceinline__ float block_x(const float4* x4, int b, float4 (&xv)[8
 // and their sum xs (from block_x).
 __device__ __forceinline__ float block_dot(uint4 q, u32 dm, const float4 (&xv)[8], float xs,
                                            float acc) {
-    float a = word_qx_into(q.x, xv[0], xv[4], 0.0f);
-    a = word_qx_into(q.y, xv[1], xv[5], a);
-    a = word_qx_into(q.z, xv[2], xv[6], a);
-    a = word_qx_into(q.w, xv[3], xv[7], a);
+    float a = word_qx(q.x, xv[0], xv[4], 0.0f);
+    a = word_qx(q.y, xv[1], xv[5], a);
+    a = word_qx(q.z, xv[2], xv[6], a);
+    a = word_qx(q.w, xv[3], xv[7], a);
     const float d = f16_to_f32((u16)(dm & 0xffff));
     const float m = f16_to_f32((u16)(dm >> 16));
     return fmaf(d, a, fmaf(m, xs, acc));
