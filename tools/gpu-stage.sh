@@ -122,6 +122,9 @@ size=$(stat -c %s "$MODEL")
 head -c "$first" "$MODEL" > "$STAGE/1/model.part1"
 tail -c +"$((first + 1))" "$MODEL" > "$STAGE/2/model.part2"
 MODEL_SHA="$(sha256sum < "$MODEL" | cut -d' ' -f1)"
+# What the second call checks before it uses the first call's files: the first call may have run
+# B's test binaries (variant code, unconfined there) on the same machine.
+STAGED_SUMS="$(cd "$STAGE/1" && sha256sum host.gz libcurrent.so libcurrent.d "$A_LIB" "$ORACLE" head.bundle)"
 
 cat > "$STAGE/2/go.sh" <<EOF
 #!/usr/bin/env bash
@@ -134,6 +137,9 @@ if [ "\${1:-}" != wait ]; then
   set -e
   M=\$HOME/.cache/autoinfer/$(basename "$MODEL")
   mkdir -p "\$(dirname "\$M")" target/release target/autoinfer-git/built
+  (cd \$S/1 && sha256sum --quiet -c -) <<'SUMS' || { echo "gpu-stage/1 is not what was staged: not comparing"; exit 1; }
+$STAGED_SUMS
+SUMS
   cat \$S/1/model.part1 \$S/2/model.part2 > "\$M"
   [ "\$(sha256sum < "\$M" | cut -d' ' -f1)" = $MODEL_SHA ] || { echo "the joined model is not the staged one"; exit 1; }
   gunzip -c \$S/1/host.gz > target/release/host && chmod +x target/release/host
