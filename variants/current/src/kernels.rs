@@ -351,8 +351,9 @@ mod x86 {
     thread_local! {
         /// Dequantized rows of a chunk's matmul, reused across calls on this thread.
         static ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-        /// The block sums of one token's activations (decode), reused across calls.
-        static XSUMS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        /// The block sums of one token's activations (decode, AVX-512), each in lane 1 of an
+        /// otherwise zero vector (where a Q4_1 header holds the minimum), reused across calls.
+        static XSUMS4: RefCell<Vec<[f32; 4]>> = const { RefCell::new(Vec::new()) };
         /// The same sums for [`decode_rows8`], each in lane 1 of an otherwise zero vector
         /// (where a widened Q4_1 header holds the minimum), reused across calls.
         static XSUMS8: RefCell<Vec<[f32; 8]>> = const { RefCell::new(Vec::new()) };
@@ -452,31 +453,33 @@ mod x86 {
     /// One token: `out[r] = Σ_k w[r][k] x[k]`, with each block's scale and minimum taken out of
     /// its sum: `Σ_k (d q_k + m) x_k = d Σ_k q_k x_k + m Σ_k x_k`. That saves two of the six
     /// vector floating-point operations per block and row (one thread is bound by them, not
-    /// by memory); the `m` terms are scalar, against the block sums of `x` computed once. The
-    /// rounding differs from dequantize-then-dot as a reordered sum does. Rows go in groups
-    /// of [`DECODE_ROWS`] (independent accumulators hide the FMA latency), one group's span
-    /// prefetched [`PREFETCH_AHEAD`] bytes ahead.
+    /// by memory). The `m` term is one multiply-add of the header `[d, m, 0, ..]` by the
+    /// block's entry of `XSUMS4` (`[0, Σ x, 0, ..]`, the block sums of `x` computed once) into
+    /// the row's accumulator, where it adds `m Σ x` to lane 1. The rounding differs from
+    /// dequantize-then-dot as a reordered sum does. Rows go in groups of [`DECODE_ROWS`]
+    /// (independent accumulators hide the FMA latency), one group's span prefetched
+    /// [`PREFETCH_AHEAD`] bytes ahead.
     #[target_feature(enable = "avx512f,f16c,fma")]
     fn decode_avx512(format: Format, w: &[u8], cols: usize, x: &[f32], out: &mut [f32]) {
         let row_bytes = format.row_bytes(cols);
         let bb = format.block_bytes();
         let rows = out.len();
         let blocks = cols / BLOCK;
-        XSUMS.with_borrow_mut(|sums| {
+        XSUMS4.with_borrow_mut(|sums| {
             sums.clear();
             sums.extend((0..blocks).map(|b| {
-                _mm512_reduce_add_ps(_mm512_add_ps(
+                let sum = _mm512_reduce_add_ps(_mm512_add_ps(
                     load16(x, b * BLOCK),
                     load16(x, b * BLOCK + 16),
-                ))
+                ));
+                [0.0, sum, 0.0, 0.0]
             }));
             let mut r = 0;
             while r < rows {
                 let n = (rows - r).min(DECODE_ROWS);
                 let mut acc = [_mm512_setzero_ps(); DECODE_ROWS];
-                let mut mins = [0f32; DECODE_ROWS];
                 let group = r * row_bytes;
-                for (blk, &sum) in sums.iter().enumerate() {
+                for (blk, sum) in sums.iter().enumerate() {
                     let k = blk * BLOCK;
                     let (x0, x1) = (load16(x, k), load16(x, k + 16));
                     prefetch(w, group + PREFETCH_AHEAD + blk * n * bb);
@@ -492,12 +495,18 @@ mod x86 {
                         let part = _mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q0, x0));
                         acc[i] = _mm512_fmadd_ps(_mm512_broadcastss_ps(h), part, acc[i]);
                         if format == Format::Q4_1 {
-                            mins[i] = _mm_cvtss_f32(_mm_movehdup_ps(h)).mul_add(sum, mins[i]);
+                            // SAFETY: `sum` holds the 4 floats read.
+                            let sum = unsafe { _mm_loadu_ps(sum.as_ptr()) };
+                            acc[i] = _mm512_fmadd_ps(
+                                _mm512_zextps128_ps512(h),
+                                _mm512_zextps128_ps512(sum),
+                                acc[i],
+                            );
                         }
                     }
                 }
                 for i in 0..n {
-                    out[r + i] = _mm512_reduce_add_ps(acc[i]) + mins[i];
+                    out[r + i] = _mm512_reduce_add_ps(acc[i]);
                 }
                 r += n;
             }
