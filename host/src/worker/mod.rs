@@ -133,15 +133,15 @@ fn policy(args: &WorkerArgs) -> Policy {
     policy
 }
 
-/// Copies the library into the scratch directory: glibc caches a loaded library by path and
-/// inode, so only a fresh copy loads rebuilt code, and the confined worker reads nothing
-/// outside its scratch directory and the system's files.
+/// The library in the scratch directory, copied there unless the supervisor did (as
+/// [`crate::supervisor::WORKER_LIBRARY`]): glibc caches a loaded library by path and inode, so
+/// only a fresh copy loads rebuilt code, and the confined worker reads nothing outside its
+/// scratch directory and the system's files.
 fn private_copy(lib: &Path, scratch: &Path) -> Result<PathBuf> {
-    let name = lib
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "variant.so".into());
-    let copy = scratch.join(format!("loaded-{name}"));
+    let copy = scratch.join(crate::supervisor::WORKER_LIBRARY);
+    if lib == copy {
+        return Ok(copy);
+    }
     std::fs::copy(lib, &copy)
         .with_context(|| format!("cannot copy {} to {}", lib.display(), copy.display()))?;
     Ok(copy)
