@@ -10,9 +10,11 @@
 //! 3. given a thread count, it pins itself to that many CPUs ([`crate::sandbox::pin_to_cpus`]);
 //!    it confines itself ([`crate::sandbox::confine_worker`]): from then on it can read only
 //!    system files, write only its scratch directory and, when pinned, not change affinity;
-//! 4. it opens the library and answers requests. Its sink ([`StreamSink`]) forwards every
-//!    `emit` at once as a [`Message::Tokens`] line: the supervisor timestamps it on arrival and
-//!    counts the tokens itself. Nothing here measures anything.
+//! 4. it leaves a random number of bytes allocated ([`shift_heap`]), so that the variant's
+//!    buffers land at offsets drawn afresh in every worker, then opens the library and
+//!    answers requests. Its sink ([`StreamSink`]) forwards every `emit` at once as a
+//!    [`Message::Tokens`] line: the supervisor timestamps it on arrival and counts the tokens
+//!    itself. Nothing here measures anything.
 
 pub mod plugin;
 pub mod wire;
@@ -147,9 +149,33 @@ fn private_copy(lib: &Path, scratch: &Path) -> Result<PathBuf> {
     Ok(copy)
 }
 
+/// The most bytes [`shift_heap`] leaves allocated.
+const HEAP_SHIFT_MAX: usize = 4096;
+
+/// Leaves `16 * (draw mod 256)` bytes allocated on the heap for good, and returns how many.
+///
+/// Called with a random draw before the variant is opened, so that where the variant's
+/// buffers land on the heap (their offset in a cache line and in a page) is drawn afresh in
+/// every worker. Without it the layout is a function of what the process allocated before,
+/// the same in every worker of one variant and different between two: a comparison's two
+/// sides whose library paths differed in length read prefill 7.5% apart with the same machine
+/// code, and a change that only moves an allocation could be kept (or reverted) for where its
+/// buffers happen to fall. Drawn per worker, that offset becomes part of each pair's noise,
+/// which the test sees, instead of a bias it cannot.
+fn shift_heap(draw: u64) -> usize {
+    let bytes = (draw % (HEAP_SHIFT_MAX as u64 / 16)) as usize * 16;
+    std::mem::forget(Vec::<u8>::with_capacity(bytes));
+    bytes
+}
+
 /// Runs the worker: confine, load the variant, then answer requests until stdin closes.
 pub fn run(args: &WorkerArgs) -> Result<()> {
     sandbox::close_inherited_descriptors(&[])?;
+    // Drawn now, before confinement: std's hasher keys come from the system's random source.
+    let heap_draw = std::hash::BuildHasher::hash_one(
+        &std::collections::hash_map::RandomState::new(),
+        std::process::id(),
+    );
     let mut out = private_stdout()?;
     // SAFETY: asks the kernel to kill this process when its parent, the supervisor, dies; a
     // worker frozen by the supervisor must not outlive it.
@@ -192,6 +218,7 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         threads: args.threads,
         device: args.device,
     };
+    shift_heap(heap_draw);
     let mut variant = match crate::worker::plugin::load(&lib, model.view, &load.options()) {
         Ok(v) => v,
         Err(e) => return fail(&mut out, e.to_string()),
@@ -255,5 +282,17 @@ mod tests {
             let ids = tokens.to_vec();
             assert_eq!(line, Message::Tokens { ids }.line());
         }
+    }
+
+    #[test]
+    fn the_heap_shift_takes_every_16_byte_step_below_its_bound() {
+        let mut seen = std::collections::BTreeSet::new();
+        for draw in [0, 1, 255, 256, 257, u64::MAX].into_iter().chain(1000..2000) {
+            let bytes = shift_heap(draw);
+            assert!(bytes % 16 == 0 && bytes < HEAP_SHIFT_MAX, "{draw}: {bytes}");
+            seen.insert(bytes);
+        }
+        assert_eq!(seen.len(), HEAP_SHIFT_MAX / 16);
+        assert_eq!((shift_heap(0), shift_heap(1), shift_heap(257)), (0, 16, 16));
     }
 }
