@@ -457,60 +457,84 @@ mod x86 {
     /// block's entry of `XSUMS4` (`[0, Σ x, 0, ..]`, the block sums of `x` computed once) into
     /// the row's accumulator, where it adds `m Σ x` to lane 1. The rounding differs from
     /// dequantize-then-dot as a reordered sum does. Rows go in groups of [`DECODE_ROWS`]
-    /// (independent accumulators hide the FMA latency), one group's span prefetched
-    /// [`PREFETCH_AHEAD`] bytes ahead.
+    /// (independent accumulators hide the FMA latency) through [`decode_rows16`], the last
+    /// few one at a time.
     #[target_feature(enable = "avx512f,f16c,fma")]
     fn decode_avx512(format: Format, w: &[u8], cols: usize, x: &[f32], out: &mut [f32]) {
-        let row_bytes = format.row_bytes(cols);
-        let bb = format.block_bytes();
         let rows = out.len();
-        let blocks = cols / BLOCK;
         XSUMS4.with_borrow_mut(|sums| {
             sums.clear();
-            sums.extend((0..blocks).map(|b| {
-                let sum = _mm512_reduce_add_ps(_mm512_add_ps(
-                    load16(x, b * BLOCK),
-                    load16(x, b * BLOCK + 16),
-                ));
+            sums.extend(x.chunks_exact(BLOCK).map(|b| {
+                let sum = _mm512_reduce_add_ps(_mm512_add_ps(load16(b, 0), load16(b, 16)));
                 [0.0, sum, 0.0, 0.0]
             }));
             let mut r = 0;
             while r < rows {
-                let n = (rows - r).min(DECODE_ROWS);
-                let mut acc = [_mm512_setzero_ps(); DECODE_ROWS];
-                let group = r * row_bytes;
-                for (blk, sum) in sums.iter().enumerate() {
-                    let k = blk * BLOCK;
-                    let (x0, x1) = (load16(x, k), load16(x, k + 16));
-                    prefetch(w, group + PREFETCH_AHEAD + blk * n * bb);
-                    for i in 0..n {
-                        let at = (r + i) * row_bytes + blk * bb;
-                        // SAFETY: row r + i < rows and blk < cols / BLOCK, so the block lies
-                        // inside `w`, whose size `matmul_rows` checked against rows x cols.
-                        let p = unsafe { w.as_ptr().add(at) };
-                        // SAFETY: `p` is a whole block of `format`.
-                        let h = unsafe { block_header(p) };
-                        // SAFETY: as above.
-                        let [q0, q1] = unsafe { quants16_at(format, p) };
-                        let part = _mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q0, x0));
-                        acc[i] = _mm512_fmadd_ps(_mm512_broadcastss_ps(h), part, acc[i]);
-                        if format == Format::Q4_1 {
-                            // SAFETY: `sum` holds the 4 floats read.
-                            let sum = unsafe { _mm_loadu_ps(sum.as_ptr()) };
-                            acc[i] = _mm512_fmadd_ps(
-                                _mm512_zextps128_ps512(h),
-                                _mm512_zextps128_ps512(sum),
-                                acc[i],
-                            );
-                        }
+                let n = if rows - r >= DECODE_ROWS {
+                    DECODE_ROWS
+                } else {
+                    1
+                };
+                match (format, n) {
+                    (Format::Q4_1, DECODE_ROWS) => {
+                        decode_rows16::<DECODE_ROWS, true>(w, cols, r, x, sums, out)
                     }
-                }
-                for i in 0..n {
-                    out[r + i] = _mm512_reduce_add_ps(acc[i]);
+                    (Format::Q4_1, _) => decode_rows16::<1, true>(w, cols, r, x, sums, out),
+                    (Format::Q8_0, DECODE_ROWS) => {
+                        decode_rows16::<DECODE_ROWS, false>(w, cols, r, x, sums, out)
+                    }
+                    (Format::Q8_0, _) => decode_rows16::<1, false>(w, cols, r, x, sums, out),
                 }
                 r += n;
             }
         });
+    }
+
+    /// Rows `r..r + N` of one token's matmul (see [`decode_avx512`]), the row count and the
+    /// format fixed at compile time so that the accumulators stay in registers and the loop
+    /// holds no branch on either; the group's span is prefetched [`PREFETCH_AHEAD`] bytes
+    /// ahead, one address a block.
+    #[target_feature(enable = "avx512f,f16c,fma")]
+    fn decode_rows16<const N: usize, const Q4_1: bool>(
+        w: &[u8],
+        cols: usize,
+        r: usize,
+        x: &[f32],
+        xsums: &[[f32; 4]],
+        out: &mut [f32],
+    ) {
+        let format = if Q4_1 { Format::Q4_1 } else { Format::Q8_0 };
+        let row_bytes = format.row_bytes(cols);
+        let bb = format.block_bytes();
+        let group = r * row_bytes;
+        assert!((r + N) * row_bytes <= w.len() && cols <= x.len() && xsums.len() == cols / BLOCK);
+        let mut acc = [_mm512_setzero_ps(); N];
+        for (blk, xsum) in xsums.iter().enumerate() {
+            let k = blk * BLOCK;
+            let (x0, x1) = (load16(x, k), load16(x, k + 16));
+            prefetch(w, group + PREFETCH_AHEAD + blk * N * bb);
+            for (i, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: row r + i < r + N and blk < cols / BLOCK, so the block lies inside
+                // `w` (asserted above).
+                let p = unsafe { w.as_ptr().add((r + i) * row_bytes + blk * bb) };
+                // SAFETY: `p` is a whole block of `format`.
+                let (h, [q0, q1]) = unsafe { (block_header(p), quants16_at(format, p)) };
+                let part = _mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q0, x0));
+                *acc = _mm512_fmadd_ps(_mm512_broadcastss_ps(h), part, *acc);
+                if Q4_1 {
+                    // SAFETY: `xsum` holds the 4 floats read.
+                    let xsum = unsafe { _mm_loadu_ps(xsum.as_ptr()) };
+                    *acc = _mm512_fmadd_ps(
+                        _mm512_zextps128_ps512(h),
+                        _mm512_zextps128_ps512(xsum),
+                        *acc,
+                    );
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            out[r + i] = _mm512_reduce_add_ps(*acc);
+        }
     }
 
     /// The 32 quants of the block at `p` as f32 (Q4_1: 0..16, Q8_0: -128..128), in two 16-lane
