@@ -17,12 +17,14 @@
 //! - [`kernels`]: the Q4_1/Q8_0 row kernels and attention's (scores from tiles of keys, the
 //!   softmax's `exp`, the weighted sum of values), for AVX-512, AVX2 and a scalar reference,
 //!   picked at run time by [`kernels::Isa::best`].
+//! - [`heap::CacheLineAlloc`]: the global allocator, which puts buffers on cache lines.
 //! - [`generate::generate`] and [`generate::score`]: chunked prefill then greedy decoding, and
 //!   teacher-forced scoring.
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod generate;
+pub mod heap;
 pub mod kernels;
 pub mod matmul;
 pub mod model;
@@ -31,6 +33,10 @@ pub mod pool;
 use plugin_api::{Device, Engine, HostLog, LoadOptions, ModelView, ScoredPosition, Sink};
 
 use crate::model::{LlamaModel, Transformer};
+
+/// Every buffer of the variant starts on a cache line ([`heap`]).
+#[global_allocator]
+static ALLOC: heap::CacheLineAlloc = heap::CacheLineAlloc;
 
 /// The baseline engine: the model for the asked device plus the host's log.
 pub struct Baseline {
