@@ -300,6 +300,92 @@ pub fn weighted_sum(isa: Isa, p: &[f32], values: &[f32], out: &mut [f32]) {
     }
 }
 
+/// [`tile_scores`] for a group of query heads that share the tile's keys: `qs` holds
+/// `out.len() / KEY_TILE` queries of `tile.len() / KEY_TILE` floats, and head `h`'s scores go
+/// to `out[h * KEY_TILE..]`. The same bits as one [`tile_scores`] a head; the AVX-512 path
+/// loads each row of keys once for the whole group (up to 4 heads) instead of once a head.
+pub fn tile_scores_group(isa: Isa, qs: &[f32], tile: &[f32], scale: f32, out: &mut [f32]) {
+    let hd = tile.len() / KEY_TILE;
+    let heads = out.len() / KEY_TILE;
+    assert!(
+        hd > 0 && tile.len() == hd * KEY_TILE && out.len() == heads * KEY_TILE,
+        "tile_scores_group: the tile or the output is not whole tiles"
+    );
+    assert_eq!(qs.len(), heads * hd, "tile_scores_group: the queries do not match");
+    // SAFETY (every arm): AVX-512F was checked by `supported`; the lengths were checked above.
+    #[cfg(target_arch = "x86_64")]
+    match (isa, heads) {
+        (Isa::Avx512, 2) if isa.supported() => {
+            return unsafe { x86::tile_scores_group_avx512::<2>(qs, tile, scale, out) }
+        }
+        (Isa::Avx512, 3) if isa.supported() => {
+            return unsafe { x86::tile_scores_group_avx512::<3>(qs, tile, scale, out) }
+        }
+        (Isa::Avx512, 4) if isa.supported() => {
+            return unsafe { x86::tile_scores_group_avx512::<4>(qs, tile, scale, out) }
+        }
+        _ => {}
+    }
+    for (q, out) in qs.chunks_exact(hd).zip(out.chunks_exact_mut(KEY_TILE)) {
+        tile_scores(isa, q, tile, scale, out);
+    }
+}
+
+/// [`weighted_sum`] for a group of heads over the same `values` (`n = values.len() / hd`
+/// rows): head `h`'s weights are `p[h * p_stride..][..n]` and its output
+/// `out[h * out_stride..][..hd]`, for `p.len() / p_stride` heads. The same bits as one
+/// [`weighted_sum`] a head; the AVX-512 path loads each value row once for the whole group.
+pub fn weighted_sum_group(
+    isa: Isa,
+    p: &[f32],
+    p_stride: usize,
+    values: &[f32],
+    hd: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    assert!(hd > 0 && p_stride > 0 && out_stride >= hd, "weighted_sum_group: strides");
+    let (n, heads) = (values.len() / hd, p.len() / p_stride);
+    assert!(
+        values.len() == n * hd && n <= p_stride && p.len() == heads * p_stride,
+        "weighted_sum_group: values or weights not whole rows"
+    );
+    assert!(
+        heads == 0 || out.len() >= (heads - 1) * out_stride + hd,
+        "weighted_sum_group: the output is too short"
+    );
+    // SAFETY (every arm): AVX-512F was checked by `supported`; the lengths were checked above,
+    // and the head width is the arm's whole number of vectors.
+    #[cfg(target_arch = "x86_64")]
+    match (isa, heads, hd) {
+        (Isa::Avx512, 2, 64) if isa.supported() => {
+            return unsafe {
+                x86::weighted_sum_group_avx512::<2, 4>(p, p_stride, values, out, out_stride)
+            }
+        }
+        (Isa::Avx512, 3, 64) if isa.supported() => {
+            return unsafe {
+                x86::weighted_sum_group_avx512::<3, 4>(p, p_stride, values, out, out_stride)
+            }
+        }
+        (Isa::Avx512, 4, 64) if isa.supported() => {
+            return unsafe {
+                x86::weighted_sum_group_avx512::<4, 4>(p, p_stride, values, out, out_stride)
+            }
+        }
+        (Isa::Avx512, 2, 128) if isa.supported() => {
+            return unsafe {
+                x86::weighted_sum_group_avx512::<2, 8>(p, p_stride, values, out, out_stride)
+            }
+        }
+        _ => {}
+    }
+    for h in 0..heads {
+        let out = &mut out[h * out_stride..h * out_stride + hd];
+        weighted_sum(isa, &p[h * p_stride..h * p_stride + n], values, out);
+    }
+}
+
 /// The reference: each row dequantized once, then dotted with every token by [`dot`].
 fn matmul_scalar(format: Format, w: &[u8], cols: usize, x: &[f32], t: usize, out: &mut [f32]) {
     let mut row = vec![0f32; cols];
@@ -1098,6 +1184,70 @@ mod x86 {
         }
     }
 
+    /// See [`super::tile_scores_group`]: `G` heads, each key row loaded once for all of them;
+    /// each head's sums are the chains [`tile_scores_avx512`] computes.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn tile_scores_group_avx512<const G: usize>(
+        qs: &[f32],
+        tile: &[f32],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        const LANES: usize = 16;
+        let hd = tile.len() / KEY_TILE;
+        assert!(qs.len() == G * hd && out.len() == G * KEY_TILE);
+        let mut acc = [[_mm512_setzero_ps(); KEY_TILE / LANES]; G];
+        for (d, row) in tile.chunks_exact(KEY_TILE).enumerate() {
+            let keys: [__m512; KEY_TILE / LANES] = std::array::from_fn(|i| load16(row, LANES * i));
+            for (h, acc) in acc.iter_mut().enumerate() {
+                let qd = _mm512_set1_ps(qs[h * hd + d]);
+                for (acc, k) in acc.iter_mut().zip(&keys) {
+                    *acc = _mm512_fmadd_ps(qd, *k, *acc);
+                }
+            }
+        }
+        let scale = _mm512_set1_ps(scale);
+        for (acc, out) in acc.iter().zip(out.chunks_exact_mut(KEY_TILE)) {
+            for (acc, out) in acc.iter().zip(out.chunks_exact_mut(LANES)) {
+                // SAFETY: `out` holds LANES floats.
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr(), _mm512_mul_ps(*acc, scale)) };
+            }
+        }
+    }
+
+    /// See [`super::weighted_sum_group`]: `G` heads of `V` vectors each, each value row loaded
+    /// once for all of them; each head's sums are the chains [`weighted_sum_avx512`] computes.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn weighted_sum_group_avx512<const G: usize, const V: usize>(
+        p: &[f32],
+        p_stride: usize,
+        values: &[f32],
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        let hd = 16 * V;
+        let n = values.len() / hd;
+        assert!(n <= p_stride && p.len() >= (G - 1) * p_stride + n);
+        assert!(out.len() >= (G - 1) * out_stride + hd);
+        let mut acc = [[_mm512_setzero_ps(); V]; G];
+        for (j, v) in values.chunks_exact(hd).enumerate() {
+            let v: [__m512; V] = std::array::from_fn(|i| load16(v, 16 * i));
+            for (h, acc) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(p[h * p_stride + j]);
+                for (acc, v) in acc.iter_mut().zip(&v) {
+                    *acc = _mm512_fmadd_ps(w, *v, *acc);
+                }
+            }
+        }
+        for (h, acc) in acc.iter().enumerate() {
+            let out = &mut out[h * out_stride..h * out_stride + hd];
+            for (acc, out) in acc.iter().zip(out.chunks_exact_mut(16)) {
+                // SAFETY: `out` holds 16 floats.
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr(), *acc) };
+            }
+        }
+    }
+
     /// Heads wider than the registers hold: accumulate in `out` itself (same order of `j`).
     fn weighted_sum_wide(p: &[f32], values: &[f32], out: &mut [f32]) {
         out.fill(0.0);
@@ -1305,6 +1455,33 @@ mod tests {
                         .map(|j| p[j] as f64 * values[j * hd + i] as f64)
                         .sum();
                     assert!((*o as f64 - want).abs() < 1e-5, "{isa:?} hd={hd} dim {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_group_of_heads_gets_the_bits_of_one_call_a_head() {
+        for (heads, hd) in [(1, 64), (2, 64), (3, 64), (4, 64), (2, 128), (3, 8), (5, 64)] {
+            let qs: Vec<f32> = (0..heads * hd).map(|i| (i as f32 * 0.37).sin()).collect();
+            let tile = activations(hd, KEY_TILE);
+            let n = 45;
+            let values = activations(n, hd);
+            let p: Vec<f32> = (0..heads * KEY_TILE).map(|j| 1.0 / (j + 1) as f32).collect();
+            for isa in Isa::available() {
+                let mut group = vec![0f32; heads * KEY_TILE];
+                tile_scores_group(isa, &qs, &tile, 0.125, &mut group);
+                let stride = hd + 2;
+                let mut sums = vec![-1f32; heads * stride];
+                weighted_sum_group(isa, &p, KEY_TILE, &values, hd, &mut sums, stride);
+                for h in 0..heads {
+                    let mut one = vec![0f32; KEY_TILE];
+                    tile_scores(isa, &qs[h * hd..][..hd], &tile, 0.125, &mut one);
+                    assert_eq!(group[h * KEY_TILE..][..KEY_TILE], one, "{isa:?} {heads}x{hd}");
+                    let mut o = vec![0f32; hd];
+                    weighted_sum(isa, &p[h * KEY_TILE..][..n], &values, &mut o);
+                    assert_eq!(sums[h * stride..][..hd], o, "{isa:?} {heads}x{hd} head {h}");
+                    assert_eq!(sums[h * stride + hd..][..2], [-1.0, -1.0], "stride kept");
                 }
             }
         }

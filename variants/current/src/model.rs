@@ -456,7 +456,8 @@ impl Cache<'_> {
     /// The group of query heads `q` (`group * hd` floats) against the `n` keys of KV head `kv`
     /// from position `first`: for each head, `[o (hd floats), m, l]` into `slot`, where `m` is
     /// the largest scaled score, `l = Σ exp(score - m)` and `o` those weights times the values,
-    /// summed in key order. A run of consecutive blocks is one stream through memory, which
+    /// summed in key order. The group's scores and sums each take one pass over the block's
+    /// keys and values ([`kernels::tile_scores_group`], [`kernels::weighted_sum_group`]). A run of consecutive blocks is one stream through memory, which
     /// the hardware prefetcher follows.
     fn block_partial(&self, q: &[f32], kv: usize, first: usize, n: usize, slot: &mut [f32]) {
         let hd = self.hd;
@@ -466,17 +467,19 @@ impl Cache<'_> {
             &self.values[base..base + n * hd],
         );
         SCORES.with_borrow_mut(|scores| {
-            for (q, slot) in q.chunks_exact(hd).zip(slot.chunks_exact_mut(hd + 2)) {
-                scores.resize(KEY_BLOCK, 0.0);
-                kernels::tile_scores(self.isa, q, tile, self.scale, scores);
-                scores.truncate(n);
+            scores.resize(q.len() / hd * KEY_BLOCK, 0.0);
+            kernels::tile_scores_group(self.isa, q, tile, self.scale, scores);
+            for (scores, slot) in scores
+                .chunks_exact_mut(KEY_BLOCK)
+                .zip(slot.chunks_exact_mut(hd + 2))
+            {
+                let scores = &mut scores[..n];
                 let m = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
                 kernels::exp_shifted(self.isa, scores, m);
                 let l: f32 = scores.iter().sum();
-                let (o, ml) = slot.split_at_mut(hd);
-                kernels::weighted_sum(self.isa, scores, values, o);
-                ml.copy_from_slice(&[m, l]);
+                slot[hd..].copy_from_slice(&[m, l]);
             }
+            kernels::weighted_sum_group(self.isa, scores, KEY_BLOCK, values, hd, slot, hd + 2);
         });
     }
 }
