@@ -576,8 +576,8 @@ mod x86 {
 
     /// Rows `r..r + N` of one token's matmul (see [`decode_avx512`]), the row count and the
     /// format fixed at compile time so that the accumulators stay in registers and the loop
-    /// holds no branch on either; the group's span is prefetched [`PREFETCH_AHEAD`] bytes
-    /// ahead, one address a block.
+    /// holds no branch on either; every line of the group's span is prefetched
+    /// [`PREFETCH_AHEAD`] bytes ahead.
     #[target_feature(enable = "avx512f,f16c,fma")]
     fn decode_rows16<const N: usize, const Q4_1: bool>(
         w: &[u8],
@@ -596,7 +596,12 @@ mod x86 {
         for (blk, xsum) in xsums.iter().enumerate() {
             let k = blk * BLOCK;
             let (x0, x1) = (load16(x, k), load16(x, k + 16));
-            prefetch(w, group + PREFETCH_AHEAD + blk * N * bb);
+            let ahead = group + PREFETCH_AHEAD + blk * N * bb;
+            let mut line = 0;
+            while line < N * bb {
+                prefetch(w, ahead + line);
+                line += 64;
+            }
             for (i, acc) in acc.iter_mut().enumerate() {
                 // SAFETY: row r + i < r + N and blk < cols / BLOCK, so the block lies inside
                 // `w` (asserted above).
