@@ -412,8 +412,10 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
-    /// How far ahead of the rows being read a decode kernel asks for weights.
+    /// How far ahead of the rows being read the AVX2 decode kernel asks for weights.
     const PREFETCH_AHEAD: usize = 2048;
+    /// The same for the AVX-512 one.
+    const PREFETCH_AHEAD_512: usize = 4096;
 
     /// Asks for the cache line holding `w[at]` (nothing past the end of `w`).
     #[target_feature(enable = "sse")]
@@ -577,7 +579,7 @@ mod x86 {
     /// Rows `r..r + N` of one token's matmul (see [`decode_avx512`]), the row count and the
     /// format fixed at compile time so that the accumulators stay in registers and the loop
     /// holds no branch on either; every line of the group's span is prefetched
-    /// [`PREFETCH_AHEAD`] bytes ahead.
+    /// [`PREFETCH_AHEAD_512`] bytes ahead.
     #[target_feature(enable = "avx512f,f16c,fma")]
     fn decode_rows16<const N: usize, const Q4_1: bool>(
         w: &[u8],
@@ -596,7 +598,7 @@ mod x86 {
         for (blk, xsum) in xsums.iter().enumerate() {
             let k = blk * BLOCK;
             let (x0, x1) = (load16(x, k), load16(x, k + 16));
-            let ahead = group + PREFETCH_AHEAD + blk * N * bb;
+            let ahead = group + PREFETCH_AHEAD_512 + blk * N * bb;
             let mut line = 0;
             while line < N * bb {
                 prefetch(w, ahead + line);
