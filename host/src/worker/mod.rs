@@ -287,7 +287,10 @@ mod tests {
     #[test]
     fn the_heap_shift_takes_every_16_byte_step_below_its_bound() {
         let mut seen = std::collections::BTreeSet::new();
-        for draw in [0, 1, 255, 256, 257, u64::MAX].into_iter().chain(1000..2000) {
+        for draw in [0, 1, 255, 256, 257, u64::MAX]
+            .into_iter()
+            .chain(1000..2000)
+        {
             let bytes = shift_heap(draw);
             assert!(bytes % 16 == 0 && bytes < HEAP_SHIFT_MAX, "{draw}: {bytes}");
             seen.insert(bytes);
