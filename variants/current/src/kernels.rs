@@ -311,7 +311,11 @@ pub fn tile_scores_group(isa: Isa, qs: &[f32], tile: &[f32], scale: f32, out: &m
         hd > 0 && tile.len() == hd * KEY_TILE && out.len() == heads * KEY_TILE,
         "tile_scores_group: the tile or the output is not whole tiles"
     );
-    assert_eq!(qs.len(), heads * hd, "tile_scores_group: the queries do not match");
+    assert_eq!(
+        qs.len(),
+        heads * hd,
+        "tile_scores_group: the queries do not match"
+    );
     // SAFETY (every arm): AVX-512F was checked by `supported`; the lengths were checked above.
     #[cfg(target_arch = "x86_64")]
     match (isa, heads) {
@@ -344,7 +348,10 @@ pub fn weighted_sum_group(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    assert!(hd > 0 && p_stride > 0 && out_stride >= hd, "weighted_sum_group: strides");
+    assert!(
+        hd > 0 && p_stride > 0 && out_stride >= hd,
+        "weighted_sum_group: strides"
+    );
     let (n, heads) = (values.len() / hd, p.len() / p_stride);
     assert!(
         values.len() == n * hd && n <= p_stride && p.len() == heads * p_stride,
@@ -1469,12 +1476,22 @@ mod tests {
 
     #[test]
     fn a_group_of_heads_gets_the_bits_of_one_call_a_head() {
-        for (heads, hd) in [(1, 64), (2, 64), (3, 64), (4, 64), (2, 128), (3, 8), (5, 64)] {
+        for (heads, hd) in [
+            (1, 64),
+            (2, 64),
+            (3, 64),
+            (4, 64),
+            (2, 128),
+            (3, 8),
+            (5, 64),
+        ] {
             let qs: Vec<f32> = (0..heads * hd).map(|i| (i as f32 * 0.37).sin()).collect();
             let tile = activations(hd, KEY_TILE);
             let n = 45;
             let values = activations(n, hd);
-            let p: Vec<f32> = (0..heads * KEY_TILE).map(|j| 1.0 / (j + 1) as f32).collect();
+            let p: Vec<f32> = (0..heads * KEY_TILE)
+                .map(|j| 1.0 / (j + 1) as f32)
+                .collect();
             for isa in Isa::available() {
                 let mut group = vec![0f32; heads * KEY_TILE];
                 tile_scores_group(isa, &qs, &tile, 0.125, &mut group);
@@ -1484,7 +1501,11 @@ mod tests {
                 for h in 0..heads {
                     let mut one = vec![0f32; KEY_TILE];
                     tile_scores(isa, &qs[h * hd..][..hd], &tile, 0.125, &mut one);
-                    assert_eq!(group[h * KEY_TILE..][..KEY_TILE], one, "{isa:?} {heads}x{hd}");
+                    assert_eq!(
+                        group[h * KEY_TILE..][..KEY_TILE],
+                        one,
+                        "{isa:?} {heads}x{hd}"
+                    );
                     let mut o = vec![0f32; hd];
                     weighted_sum(isa, &p[h * KEY_TILE..][..n], &values, &mut o);
                     assert_eq!(sums[h * stride..][..hd], o, "{isa:?} {heads}x{hd} head {h}");
