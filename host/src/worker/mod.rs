@@ -292,7 +292,10 @@ mod tests {
             .chain(1000..2000)
         {
             let bytes = shift_heap(draw);
-            assert!(bytes % 16 == 0 && bytes < HEAP_SHIFT_MAX, "{draw}: {bytes}");
+            assert!(
+                bytes.is_multiple_of(16) && bytes < HEAP_SHIFT_MAX,
+                "{draw}: {bytes}"
+            );
             seen.insert(bytes);
         }
         assert_eq!(seen.len(), HEAP_SHIFT_MAX / 16);
