@@ -185,7 +185,7 @@ mod tests {
         v.shrink_to_fit();
         assert_eq!(v, [0, 1, 2]);
         let mut z = vec![0u8; 300];
-        assert!(z.iter().all(|&b| b == 0) && z.as_ptr() as usize % LINE == 0);
+        assert!(z.iter().all(|&b| b == 0) && (z.as_ptr() as usize).is_multiple_of(LINE));
         z.resize(1 << 20, 7);
         assert_eq!(z.as_ptr() as usize % LINE, 0);
         assert!(z[..300].iter().all(|&b| b == 0) && z[300..].iter().all(|&b| b == 7));
