@@ -63,41 +63,37 @@ unsafe fn raw_of(ptr: *mut u8) -> *mut u8 {
     unsafe { (ptr as *mut *mut u8).sub(1).read() }
 }
 
+/// A block of `layout` from `system` (the system's `alloc` or `alloc_zeroed`): the caller's
+/// layout as it is, or placed on a line inside a block of [`outer`].
+///
+/// # Safety
+/// `layout` is valid with a non-zero size, and `system` allocates as `GlobalAlloc` does.
+unsafe fn allocate(layout: Layout, system: impl FnOnce(Layout) -> *mut u8) -> *mut u8 {
+    if !placed(layout) {
+        return system(layout);
+    }
+    let raw = system(outer(layout.size()));
+    if raw.is_null() {
+        raw
+    } else {
+        // SAFETY: `raw` is a live block of `outer`, 16-aligned (the system's alignment).
+        unsafe { inner(raw) }
+    }
+}
+
 // SAFETY: a block that is not placed is the system's, with the caller's layout. A placed
 // block is the system's block of `outer(size)`, of which the caller gets `size` bytes starting
 // on a line (see `inner`); it is released and resized through the pointer recorded before it,
 // and `placed` depends only on the size and alignment that the caller passes again.
 unsafe impl GlobalAlloc for CacheLineAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if !placed(layout) {
-            // SAFETY: the caller's valid, non-zero layout.
-            return unsafe { System.alloc(layout) };
-        }
-        // SAFETY: a valid non-zero layout; `inner` gets the live block or nothing.
-        unsafe {
-            let raw = System.alloc(outer(layout.size()));
-            if raw.is_null() {
-                raw
-            } else {
-                inner(raw)
-            }
-        }
+        // SAFETY: the caller's valid, non-zero layout, passed on.
+        unsafe { allocate(layout, |l| System.alloc(l)) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if !placed(layout) {
-            // SAFETY: as `alloc`.
-            return unsafe { System.alloc_zeroed(layout) };
-        }
-        // SAFETY: as `alloc`; `inner` writes only into the 56 bytes before the caller's part.
-        unsafe {
-            let raw = System.alloc_zeroed(outer(layout.size()));
-            if raw.is_null() {
-                raw
-            } else {
-                inner(raw)
-            }
-        }
+        // SAFETY: as `alloc`; `inner` writes only into the bytes before the caller's part.
+        unsafe { allocate(layout, |l| System.alloc_zeroed(l)) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
