@@ -179,12 +179,13 @@ fn a_variant_against_itself_is_noise() {
             );
         }
     }
-    // Taking turns, both workers warm up first, A before B, and then live at the same time.
-    for warm in record["warmups"].as_array().unwrap() {
-        assert_eq!(warm["order"], "AB", "{warm}");
-    }
+    // Taking turns, both workers start and warm up first, in the pair's order (so that which
+    // one started first says nothing of its side), and then live at the same time.
     for (pair, [first, second]) in worker_lives(&record).iter().enumerate() {
         assert!(second.1 < first.2, "pair {pair}: {first:?} {second:?}");
+        let order = record["pairs"][pair]["order"].as_str().unwrap();
+        assert_eq!(order.chars().next(), Some(first.0), "pair {pair}");
+        assert_eq!(record["warmups"][pair]["order"], order, "pair {pair}");
     }
     // A look every 2 pairs (one prompt, 2 rounds a look), wherever it stopped.
     assert_eq!(record["looks"].as_array().unwrap().len(), orders.len() / 2);

@@ -283,20 +283,29 @@ const LOG_LINE: usize = 4096;
 /// CPU a frozen worker may show: none is possible, this allows for clock granularity.
 const FROZEN_CPU_TOLERANCE_NS: u64 = 10_000_000;
 
-/// A fresh private directory for one worker, under the system's temporary directory. Its name
-/// has the same length for every worker of a supervisor (the counter is zero-padded): see
-/// [`WORKER_LIBRARY`].
+/// A fresh private directory for one worker, under the system's temporary directory, named
+/// by the supervisor's pid and 16 random hex digits: one length for every worker (see
+/// [`WORKER_LIBRARY`]), and nothing in it tells a worker which side of a comparison it is or
+/// how many workers came before it (a counter did: A, started first in every pair, always
+/// had an even one).
 fn scratch_dir() -> std::io::Result<PathBuf> {
-    static N: AtomicUsize = AtomicUsize::new(0);
+    use std::hash::BuildHasher;
     use std::os::unix::fs::DirBuilderExt;
-    let dir = std::env::temp_dir().join(format!(
-        "autoinfer-worker-{}-{:06}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    Ok(dir)
+    static N: AtomicUsize = AtomicUsize::new(0);
+    loop {
+        // std's hasher keys are random per process and per call; the counter only makes the
+        // input differ.
+        let draw = std::collections::hash_map::RandomState::new()
+            .hash_one(N.fetch_add(1, Ordering::Relaxed));
+        let dir = std::env::temp_dir().join(format!(
+            "autoinfer-worker-{}-{draw:016x}",
+            std::process::id()
+        ));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            made => return made.map(|()| dir),
+        }
+    }
 }
 
 /// Reads a worker's stderr into `tail`, line by line (lines capped at [`LOG_LINE`]), echoing

@@ -129,10 +129,28 @@ impl PairCtx<'_> {
         new_tokens: u32,
         turn_ms: u32,
     ) -> Result<PairSamples> {
-        let (mut worker_a, started_a) = self.spawn(0)?;
-        let (mut worker_b, started_b) = self.spawn(1)?;
-        let warm_a = self.warm_up(&mut worker_a, 0)?;
-        let warm_b = self.warm_up(&mut worker_b, 1)?;
+        // Started and warmed up in the pair's order too, so that whatever a worker can see of
+        // it (its pid against its sibling's, which warm-up ran first) says nothing of its side:
+        // with A always first, a variant could tell when it was the reference and slow it.
+        let first = usize::from(order == Order::BA);
+        let (mut spawned, mut warm) = ([None, None], [None, None]);
+        for which in [first, 1 - first] {
+            spawned[which] = Some(self.spawn(which)?);
+        }
+        let [Some((mut worker_a, started_a)), Some((mut worker_b, started_b))] = spawned else {
+            unreachable!("both sides were spawned above");
+        };
+        for which in [first, 1 - first] {
+            let worker = if which == 0 {
+                &mut worker_a
+            } else {
+                &mut worker_b
+            };
+            warm[which] = Some(self.warm_up(worker, which)?);
+        }
+        let [Some(warm_a), Some(warm_b)] = warm else {
+            unreachable!("both sides were warmed up above");
+        };
         self.bar
             .set_message(format!("{}; {}", self.label, self.interval));
         let (a, b) = timed_pair(
@@ -157,7 +175,7 @@ impl PairCtx<'_> {
         ];
         Ok(PairSamples {
             warmups: self.warmup_pairs(warm_a, warm_b),
-            warmup_order: Order::AB,
+            warmup_order: order,
             a,
             b,
             lives,
