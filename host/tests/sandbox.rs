@@ -320,6 +320,52 @@ fn the_other_side_of_a_comparison_is_out_of_reach() {
 }
 
 #[test]
+fn a_variant_cannot_tell_which_side_it_is_by_starting_first() {
+    // Both sides carry the `side` attack: whichever worker of a pair started first slows
+    // itself. With A started first in every pair that was the reference every time (B
+    // FASTER, a KEEP of nothing); started in each pair's order it is A and B alike.
+    require_landlock();
+    build_plain();
+    let results = scratch("attack-side");
+    let drift = fixture("drift");
+    let mut cmd = host();
+    cmd.arg("compare")
+        .args([&drift, &drift])
+        .args(["--no-build", "--model"])
+        .arg(tiny_model())
+        .args(["--prompt", "code", "--max-new-tokens", "8"])
+        .args([
+            "--looks",
+            "2",
+            "--rounds-per-look",
+            "2",
+            "--verbose",
+            "--results",
+        ])
+        .arg(&results)
+        .env("AUTOINFER_FIXTURE_MODE", "side")
+        .env("CARGO_TARGET_DIR", root().join("target"));
+    let (out, stdout, stderr) = output(&mut cmd);
+    assert!(matches!(out.status.code(), Some(0 | 3 | 4)), "{stderr}");
+    let lines = reports(&stderr, "side");
+    assert!(
+        lines.iter().any(|l| l.contains("started first: yes"))
+            && lines.iter().any(|l| l.contains("started first: no")),
+        "the attack saw its sibling and acted: {stderr}"
+    );
+    assert_ne!(out.status.code(), Some(0), "no KEEP: {stdout}");
+    let decode = stdout
+        .lines()
+        .find(|l| l.starts_with("decode tok/s"))
+        .unwrap_or_else(|| panic!("a decode row: {stdout}"));
+    assert!(
+        !decode.contains("FASTER") && !decode.contains("SLOWER"),
+        "whichever side starts first is A as often as B: {decode}"
+    );
+    std::fs::remove_dir_all(&results).unwrap();
+}
+
+#[test]
 fn a_variant_burns_no_cpu_while_the_other_side_is_measured() {
     let results = scratch("attack-spin");
     let (out, stdout, stderr) = compare_against("spin", &results, "64");
