@@ -5,8 +5,8 @@
 //! 1. it keeps only descriptors 0-2 (whatever started the host may have left others open),
 //!    takes a private copy of stdout for its messages and points fd 1 at stderr, so a variant
 //!    that prints cannot garble them;
-//! 2. it dies with the supervisor (`PR_SET_PDEATHSIG`), maps the model and copies the library
-//!    into its scratch directory;
+//! 2. it dies with the supervisor (`PR_SET_PDEATHSIG`), maps the model and checks that its
+//!    library is the copy the supervisor made in its scratch directory;
 //! 3. given a thread count, it pins itself to that many CPUs ([`crate::sandbox::pin_to_cpus`]);
 //!    it confines itself ([`crate::sandbox::confine_worker`]): from then on it can read only
 //!    system files, write only its scratch directory and, when pinned, not change affinity;
@@ -37,7 +37,8 @@ use crate::worker::wire::{Message, Request};
 /// What the supervisor starts a worker with (its hidden command line).
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkerArgs {
-    /// The variant's library.
+    /// The variant's library: the supervisor's copy in `scratch`, named
+    /// [`crate::supervisor::WORKER_LIBRARY`].
     #[arg(long)]
     pub lib: PathBuf,
     /// The GGUF model.
@@ -135,17 +136,19 @@ fn policy(args: &WorkerArgs) -> Policy {
     policy
 }
 
-/// The library in the scratch directory, copied there unless the supervisor did (as
-/// [`crate::supervisor::WORKER_LIBRARY`]): glibc caches a loaded library by path and inode, so
-/// only a fresh copy loads rebuilt code, and the confined worker reads nothing outside its
-/// scratch directory and the system's files.
-fn private_copy(lib: &Path, scratch: &Path) -> Result<PathBuf> {
+/// The library to open: it must be the fresh copy the supervisor made in this worker's scratch
+/// directory ([`crate::supervisor::WORKER_LIBRARY`]). glibc caches a loaded library by path
+/// and inode, so only a fresh copy loads rebuilt code; the confined worker reads nothing
+/// outside its scratch directory and the system's files; and every worker loads the same
+/// path, whatever the library's own name.
+fn scratch_library(lib: &Path, scratch: &Path) -> Result<PathBuf> {
     let copy = scratch.join(crate::supervisor::WORKER_LIBRARY);
-    if lib == copy {
-        return Ok(copy);
-    }
-    std::fs::copy(lib, &copy)
-        .with_context(|| format!("cannot copy {} to {}", lib.display(), copy.display()))?;
+    anyhow::ensure!(
+        lib == copy,
+        "the worker loads only {} (its scratch directory's copy), not {}",
+        copy.display(),
+        lib.display()
+    );
     Ok(copy)
 }
 
@@ -189,7 +192,7 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         Ok(m) => m,
         Err(e) => return fail(&mut out, e.to_string()),
     };
-    let lib = match private_copy(&args.lib, &args.scratch) {
+    let lib = match scratch_library(&args.lib, &args.scratch) {
         Ok(lib) => lib,
         Err(e) => return fail(&mut out, format!("{e:#}")),
     };
@@ -282,6 +285,19 @@ mod tests {
             let ids = tokens.to_vec();
             assert_eq!(line, Message::Tokens { ids }.line());
         }
+    }
+
+    #[test]
+    fn only_the_scratch_directorys_copy_of_the_library_is_loaded() {
+        let scratch = Path::new("/tmp/autoinfer-worker-1-00");
+        let copy = scratch.join(crate::supervisor::WORKER_LIBRARY);
+        assert_eq!(scratch_library(&copy, scratch).unwrap(), copy);
+        let elsewhere = Path::new("/work/target/release/libcurrent.so");
+        let err = scratch_library(elsewhere, scratch).unwrap_err().to_string();
+        assert!(
+            err.contains(&copy.display().to_string()) && err.contains("libcurrent.so"),
+            "{err}"
+        );
     }
 
     #[test]
