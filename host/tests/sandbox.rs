@@ -284,10 +284,22 @@ fn compare_against(
     results: &Path,
     tokens: &str,
 ) -> (std::process::Output, String, String) {
+    compare_sides(Path::new("variants/baseline"), mode, results, tokens)
+}
+
+/// `host compare A drift` on the tiny model with the drift fixture in `mode` (both sides in
+/// it when `a` is the fixture too).
+fn compare_sides(
+    a: &Path,
+    mode: &str,
+    results: &Path,
+    tokens: &str,
+) -> (std::process::Output, String, String) {
     require_landlock();
     build_plain();
     let mut cmd = host();
-    cmd.args(["compare", "variants/baseline"])
+    cmd.arg("compare")
+        .arg(a)
         .arg(fixture("drift"))
         .args(["--no-build", "--model"])
         .arg(tiny_model())
@@ -324,28 +336,8 @@ fn a_variant_cannot_tell_which_side_it_is_by_starting_first() {
     // Both sides carry the `side` attack: whichever worker of a pair started first slows
     // itself. With A started first in every pair that was the reference every time (B
     // FASTER, a KEEP of nothing); started in each pair's order it is A and B alike.
-    require_landlock();
-    build_plain();
     let results = scratch("attack-side");
-    let drift = fixture("drift");
-    let mut cmd = host();
-    cmd.arg("compare")
-        .args([&drift, &drift])
-        .args(["--no-build", "--model"])
-        .arg(tiny_model())
-        .args(["--prompt", "code", "--max-new-tokens", "8"])
-        .args([
-            "--looks",
-            "2",
-            "--rounds-per-look",
-            "2",
-            "--verbose",
-            "--results",
-        ])
-        .arg(&results)
-        .env("AUTOINFER_FIXTURE_MODE", "side")
-        .env("CARGO_TARGET_DIR", root().join("target"));
-    let (out, stdout, stderr) = output(&mut cmd);
+    let (out, stdout, stderr) = compare_sides(&fixture("drift"), "side", &results, "8");
     assert!(matches!(out.status.code(), Some(0 | 3 | 4)), "{stderr}");
     let lines = reports(&stderr, "side");
     assert!(
