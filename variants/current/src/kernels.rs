@@ -432,6 +432,17 @@ mod x86 {
         }
     }
 
+    /// Asks for every cache line of `w[at..at + len]` (nothing past the end of `w`): the one-token
+    /// kernels' span of a block for their group of rows, some distance ahead.
+    #[target_feature(enable = "sse")]
+    fn prefetch_lines(w: &[u8], at: usize, len: usize) {
+        let mut line = 0;
+        while line < len {
+            prefetch(w, at + line);
+            line += 64;
+        }
+    }
+
     /// Rows computed together for one token (independent accumulators hide FMA latency).
     const DECODE_ROWS: usize = 4;
     /// Rows of one register tile in a chunk (both paths).
@@ -605,12 +616,7 @@ mod x86 {
         for (blk, xsum) in xsums.iter().enumerate() {
             let k = blk * BLOCK;
             let (x0, x1) = (load16(x, k), load16(x, k + 16));
-            let ahead = group + PREFETCH_AHEAD_512 + blk * N * bb;
-            let mut line = 0;
-            while line < N * bb {
-                prefetch(w, ahead + line);
-                line += 64;
-            }
+            prefetch_lines(w, group + PREFETCH_AHEAD_512 + blk * N * bb, N * bb);
             for (i, acc) in acc.iter_mut().enumerate() {
                 // SAFETY: row r + i < r + N and blk < cols / BLOCK, so the block lies inside
                 // `w` (asserted above).
@@ -1014,12 +1020,7 @@ mod x86 {
                 load8(x, k + 16),
                 load8(x, k + 24),
             ];
-            let ahead = group + PREFETCH_AHEAD + blk * N * bb;
-            let mut line = 0;
-            while line < N * bb {
-                prefetch(w, ahead + line);
-                line += 64;
-            }
+            prefetch_lines(w, group + PREFETCH_AHEAD + blk * N * bb, N * bb);
             for (i, acc) in acc.iter_mut().enumerate() {
                 // SAFETY: row r + i < r + N and blk < cols / BLOCK, so the block lies inside
                 // `w` (asserted above).
