@@ -303,7 +303,13 @@ fn scratch_dir() -> std::io::Result<PathBuf> {
         ));
         match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            made => return made.map(|()| dir),
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot make its scratch directory {}: {e}", dir.display()),
+                ))
+            }
+            Ok(()) => return Ok(dir),
         }
     }
 }
