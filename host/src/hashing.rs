@@ -51,18 +51,24 @@ fn collect(path: &Path, out: &mut Vec<PathBuf>) {
 /// Hex SHA-256 over the paths (relative to `root`) and contents of every file in `paths`, each
 /// a file or a directory walked recursively. The order of `paths` does not matter.
 pub fn hash_files(root: &Path, paths: &[PathBuf]) -> String {
+    hash_entries(list_files(paths).into_iter().map(|file| {
+        (
+            file.strip_prefix(root).unwrap_or(&file).to_path_buf(),
+            std::fs::read(&file).unwrap_or_default(),
+        )
+    }))
+}
+
+/// Every file in `paths` (each a file or a directory walked recursively, skipped names left
+/// out), sorted: the set [`hash_files`] hashes.
+pub fn list_files(paths: &[PathBuf]) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for path in paths {
         collect(path, &mut files);
     }
     files.sort();
     files.dedup();
-    hash_entries(files.iter().map(|file| {
-        (
-            file.strip_prefix(root).unwrap_or(file).to_path_buf(),
-            std::fs::read(file).unwrap_or_default(),
-        )
-    }))
+    files
 }
 
 /// Whether a file or directory name is left out of content hashes: build outputs and

@@ -141,6 +141,18 @@ pub fn committed_hash(root: &Path, rev: &str, paths: &[&str]) -> Result<String> 
     let repo = open_repo(root)?;
     let commit = find_commit(&repo, root, rev)?;
     let tree = commit.tree()?;
+    let files = committed_files(&repo, &tree, paths)?;
+    Ok(hash_entries(files))
+}
+
+/// Every file of `paths` (files or directories, relative to the repository's root) in `tree`,
+/// skipped names left out, sorted by path: the set [`crate::hashing::list_files`] finds in a
+/// checkout. Missing paths are skipped.
+pub(crate) fn committed_files(
+    repo: &git2::Repository,
+    tree: &git2::Tree,
+    paths: &[&str],
+) -> Result<Vec<(PathBuf, Vec<u8>)>> {
     let mut entries = Vec::new();
     for path in paths {
         let Ok(entry) = tree.get_path(Path::new(path)) else {
@@ -152,7 +164,7 @@ pub fn committed_hash(root: &Path, rev: &str, paths: &[&str]) -> Result<String> 
                 repo.find_blob(entry.id())?.content().to_vec(),
             )),
             Some(git2::ObjectType::Tree) => collect_blobs(
-                &repo,
+                repo,
                 &repo.find_tree(entry.id())?,
                 PathBuf::from(path),
                 &mut entries,
@@ -162,7 +174,55 @@ pub fn committed_hash(root: &Path, rev: &str, paths: &[&str]) -> Result<String> 
     }
     entries.sort_by(|a, b| a.0.cmp(&b.0));
     entries.dedup_by(|a, b| a.0 == b.0);
-    Ok(hash_entries(entries))
+    Ok(entries)
+}
+
+/// Every file of `tree` (skipped names left out), sorted by path: the set
+/// [`checkout_files`] finds in a clean checkout of it.
+pub(crate) fn all_committed_files(
+    repo: &git2::Repository,
+    tree: &git2::Tree,
+) -> Result<Vec<(PathBuf, Vec<u8>)>> {
+    let mut entries = Vec::new();
+    collect_blobs(repo, tree, PathBuf::new(), &mut entries)?;
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(entries)
+}
+
+/// Every file of the working tree of `repo` that a commit of everything would hold (tracked,
+/// or untracked and not ignored; a tracked file deleted from the tree is not), skipped names
+/// left out at any depth, relative to the working tree and sorted.
+pub(crate) fn checkout_files(repo: &git2::Repository) -> Result<Vec<PathBuf>> {
+    let workdir = repo
+        .workdir()
+        .context("the repository has no working tree")?;
+    let mut files = std::collections::BTreeSet::new();
+    for entry in repo.index()?.iter() {
+        files.insert(PathBuf::from(
+            String::from_utf8_lossy(&entry.path).into_owned(),
+        ));
+    }
+    let mut options = git2::StatusOptions::new();
+    options
+        .include_untracked(true)
+        .recurse_untracked_dirs(true)
+        .include_ignored(false);
+    for status in repo.statuses(Some(&mut options))?.iter() {
+        if status.status().contains(git2::Status::WT_NEW) {
+            if let Some(path) = status.path() {
+                files.insert(PathBuf::from(path));
+            }
+        }
+    }
+    Ok(files
+        .into_iter()
+        .filter(|path| {
+            !path
+                .components()
+                .any(|c| is_skipped_name(&c.as_os_str().to_string_lossy()))
+                && workdir.join(path).is_file()
+        })
+        .collect())
 }
 
 /// The commit `rev` names, with an error that says which revision and repository.

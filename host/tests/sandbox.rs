@@ -288,34 +288,49 @@ fn compare_against(
 }
 
 /// `host compare A drift` on the tiny model with the drift fixture in `mode` (both sides in
-/// it when `a` is the fixture too).
+/// it when `a` is the fixture too), the libraries from a plain cargo build (`--no-build`).
 fn compare_sides(
     a: &Path,
     mode: &str,
     results: &Path,
     tokens: &str,
 ) -> (std::process::Output, String, String) {
-    require_landlock();
     build_plain();
-    let mut cmd = host();
-    cmd.arg("compare")
-        .arg(a)
-        .arg(fixture("drift"))
-        .args(["--no-build", "--model"])
-        .arg(tiny_model())
-        .args(["--prompt", "code", "--max-new-tokens", tokens])
-        .args([
-            "--looks",
-            "2",
-            "--rounds-per-look",
-            "2",
-            "--verbose",
-            "--results",
-        ])
-        .arg(results)
-        .env("AUTOINFER_FIXTURE_MODE", mode)
+    let mut cmd = drift_compare(
+        a.as_os_str(),
+        fixture("drift").as_os_str(),
+        mode,
+        results,
+        tokens,
+    );
+    cmd.arg("--no-build")
         .env("CARGO_TARGET_DIR", root().join("target"));
     output(&mut cmd)
+}
+
+/// The command of `host compare A B` on the tiny model, in `mode`, looks of 2 rounds, every
+/// worker's stderr shown.
+fn drift_compare(
+    a: &std::ffi::OsStr,
+    b: &std::ffi::OsStr,
+    mode: &str,
+    results: &Path,
+    tokens: &str,
+) -> std::process::Command {
+    require_landlock();
+    let mut cmd = host();
+    cmd.current_dir(root())
+        .arg("compare")
+        .arg(a)
+        .arg(b)
+        .arg("--model")
+        .arg(tiny_model())
+        .args(["--prompt", "code", "--max-new-tokens", tokens])
+        .args(["--looks", "2", "--rounds-per-look", "2", "--verbose"])
+        .arg("--results")
+        .arg(results)
+        .env("AUTOINFER_FIXTURE_MODE", mode);
+    cmd
 }
 
 #[test]
@@ -329,6 +344,20 @@ fn the_other_side_of_a_comparison_is_out_of_reach() {
         "the other worker was found and attacked: {stderr}"
     );
     all_denied(&stderr, "others", 5);
+}
+
+/// Asserts a comparison whose both sides carry one attack was not kept and read decode
+/// neither FASTER nor SLOWER (`why` says why it must not).
+fn neither_side_favoured(out: &std::process::Output, stdout: &str, why: &str) {
+    assert_ne!(out.status.code(), Some(0), "no KEEP: {stdout}");
+    let decode = stdout
+        .lines()
+        .find(|l| l.starts_with("decode tok/s"))
+        .unwrap_or_else(|| panic!("a decode row: {stdout}"));
+    assert!(
+        !decode.contains("FASTER") && !decode.contains("SLOWER"),
+        "{why}: {decode}"
+    );
 }
 
 #[test]
@@ -345,16 +374,69 @@ fn a_variant_cannot_tell_which_side_it_is_by_starting_first() {
             && lines.iter().any(|l| l.contains("started first: no")),
         "the attack saw its sibling and acted: {stderr}"
     );
-    assert_ne!(out.status.code(), Some(0), "no KEEP: {stdout}");
-    let decode = stdout
-        .lines()
-        .find(|l| l.starts_with("decode tok/s"))
-        .unwrap_or_else(|| panic!("a decode row: {stdout}"));
-    assert!(
-        !decode.contains("FASTER") && !decode.contains("SLOWER"),
-        "whichever side starts first is A as often as B: {decode}"
+    neither_side_favoured(
+        &out,
+        &stdout,
+        "whichever side starts first is A as often as B",
     );
     std::fs::remove_dir_all(&results).unwrap();
+}
+
+#[test]
+fn a_variant_cannot_tell_which_side_it_is_from_its_build() {
+    // Both sides carry the `built` attack and are built by the host (no --no-build): A from
+    // HEAD's commit, B from the checkout. Each worker logs what its build saw; it must be the
+    // same for both, and the attack's slowdown (for a library built where the reference used
+    // to be) must hit both or neither.
+    let results = scratch("attack-built");
+    let drift = "host/tests/fixtures/variants/drift";
+    let mut cmd = drift_compare(
+        format!("HEAD:{drift}").as_ref(),
+        drift.as_ref(),
+        "built",
+        &results,
+        "8",
+    );
+    let (out, stdout, stderr) = output(&mut cmd);
+    assert!(matches!(out.status.code(), Some(0 | 3 | 4)), "{stderr}");
+    let mut seen: Vec<&str> = reports(&stderr, "built")
+        .iter()
+        .map(|l| l.split("attack built: ").nth(1).unwrap_or(l))
+        .collect();
+    assert!(seen.len() >= 4, "both sides' workers reported: {stderr}");
+    seen.sort();
+    seen.dedup();
+    assert_eq!(
+        seen.len(),
+        1,
+        "A's and B's builds saw the same place: {seen:#?}"
+    );
+    assert!(
+        seen[0].contains("git readable: false"),
+        "a build reads no git directory: {}",
+        seen[0]
+    );
+    neither_side_favoured(&out, &stdout, "whatever a build saw, A saw it as B did");
+    std::fs::remove_dir_all(&results).unwrap();
+}
+
+/// The fixtures' workspace builds with the root's release profile (for the packages it has),
+/// so a fixture built confined starts from the oracle's compiled dependencies: the test above
+/// builds the drift fixture twice, which otherwise compiles 144 crates each time.
+#[test]
+fn the_fixtures_build_with_the_root_release_profile() {
+    let read = |path: &Path| -> toml::Table {
+        toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let release =
+        |manifest: &toml::Table| manifest["profile"]["release"].as_table().unwrap().clone();
+    let fixtures = root().join("host/tests/fixtures/variants");
+    let lock = std::fs::read_to_string(fixtures.join("Cargo.lock")).unwrap();
+    let mut ours = release(&read(&root().join("Cargo.toml")));
+    if let Some(toml::Value::Table(packages)) = ours.get_mut("package") {
+        packages.retain(|name, _| name == "*" || lock.contains(&format!("name = \"{name}\"")));
+    }
+    assert_eq!(release(&read(&fixtures.join("Cargo.toml"))), ours);
 }
 
 #[test]
@@ -438,13 +520,14 @@ fn a_build_script_writes_only_its_own_build_output() {
             "--results",
         ])
         .arg(&results)
-        .env("AUTOINFER_FIXTURE_MODE", "build-escape");
+        .env("AUTOINFER_FIXTURE_MODE", "build-escape")
+        .env("AUTOINFER_FIXTURE_CHECKOUT", root());
     let (_, _, stderr) = output(&mut cmd);
-    escaped_nothing(&stderr, 16);
+    escaped_nothing(&stderr, 17);
 }
 
-/// Asserts the build-escape fixture's build script ran (`attempts` reported: 16 with a results
-/// directory to find, 15 without) and wrote nothing but its own build output, and that the
+/// Asserts the build-escape fixture's build script ran (`attempts` reported: 17 with a results
+/// directory to find, 16 without) and wrote nothing but its own build output, and that the
 /// process it left running ended with the build.
 fn escaped_nothing(stderr: &str, attempts: usize) {
     let lines: Vec<&str> = stderr
@@ -482,10 +565,11 @@ fn the_gpu_staging_tools_build_variant_code_confined() {
             .args(["build", "--release"])
             .current_dir(fixture("build-escape"))
             .env("AUTOINFER_HOST", env!("CARGO_BIN_EXE_host"))
-            .env("AUTOINFER_FIXTURE_MODE", "build-escape"),
+            .env("AUTOINFER_FIXTURE_MODE", "build-escape")
+            .env("AUTOINFER_FIXTURE_CHECKOUT", root()),
     );
     assert!(out.status.success(), "{stderr}");
-    escaped_nothing(&stderr, 15);
+    escaped_nothing(&stderr, 16);
     // A target directory the harness builds in is refused.
     let (out, _, stderr) = output(
         std::process::Command::new(root().join("tools/confined-cargo.sh"))

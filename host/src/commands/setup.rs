@@ -17,7 +17,7 @@ use crate::harness::tokenize::TextCodec;
 use crate::ledger::record::{self, Provenance};
 use crate::measure::sample::Sample;
 use crate::measure::Timing;
-use crate::supervisor::cargo_build::BuildSandbox;
+use crate::supervisor::build_place::BuildSandbox;
 use crate::supervisor::{Generation, Worker};
 use crate::worker::wire::LoadRequest;
 use plugin_api::Device;
@@ -145,15 +145,16 @@ pub fn protected_paths(root: Option<&Path>, results: Option<&Path>) -> Vec<PathB
     paths
 }
 
-/// How variant builds in the checkout at `root` are confined: they start from the committed
-/// baseline's build ([`crate::supervisor::revision::seed_dir`]), may read the checkout (its sources; cargo
-/// lists a package's files through the repository, so the whole hierarchy), the toolchain
-/// and the system, and write only their private target directory.
+/// How variant builds in the checkout at `root` are confined: in the one place every variant
+/// is built ([`crate::supervisor::revision::place_dir`]), from a copy of the files they need,
+/// starting from the committed baseline's build ([`crate::supervisor::revision::seed_dir`]);
+/// they may read that copy, the toolchain and the system, and write only the place's target
+/// directory.
 pub fn build_sandbox(root: &Path) -> BuildSandbox {
     BuildSandbox {
         seed: Some(crate::supervisor::revision::seed_dir(root)),
-        slots: crate::supervisor::revision::slots_dir(root),
-        sources: vec![root.to_path_buf()],
+        dir: crate::supervisor::revision::place_dir(root),
+        checkout: root.to_path_buf(),
     }
 }
 

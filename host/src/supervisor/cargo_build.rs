@@ -1,11 +1,12 @@
 //! Building a variant directory into its cdylib with cargo.
 //!
 //! [`VariantCrate::open`] checks the directory is a crate whose `[lib]` is a `cdylib` before any
-//! compiling starts. [`VariantCrate::build_confined`] runs `cargo build --release` (cargo's own output,
-//! errors included, goes to the user's terminal) and reads the library's path from cargo's JSON
-//! messages; [`VariantCrate::built_library`] finds it without building (`--no-build`). A build
-//! for a device other than the CPU enables the device's cargo feature (`cuda`, `metal`), which
-//! the manifest must declare.
+//! compiling starts. [`VariantCrate::build_confined`] runs `cargo build --release` confined
+//! (cargo's own output, errors included, goes to the user's terminal) and reads the library's
+//! path from cargo's JSON messages; where it builds, and from which copy of the sources, is
+//! [`crate::supervisor::build_place`]'s business. [`VariantCrate::built_library`] finds a library
+//! without building (`--no-build`). A build for a device other than the CPU enables the
+//! device's cargo feature (`cuda`, `metal`), which the manifest must declare.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
@@ -15,6 +16,7 @@ use std::process::{Command, Stdio};
 use plugin_api::Device;
 
 use crate::sandbox::{Level, Support};
+use crate::supervisor::build_place::{BuildSandbox, Sources};
 
 /// The cargo feature a variant builds `device`'s support under (`None` for the CPU, which every
 /// variant supports): the host's build rule, which a variant's manifest must follow.
@@ -76,7 +78,24 @@ pub enum BuildError {
         dep_info: PathBuf,
         built_from: String,
     },
-    #[error("cannot make a private build directory in {dir}")]
+    #[error(
+        "variant {dir} lies outside the checkout {root}: variants are built from inside the \
+         checkout (with its workspace manifest and plugin-api)"
+    )]
+    OutsideCheckout { dir: PathBuf, root: PathBuf },
+    #[error("cannot list the files of the checkout {root} for a variant's build: {message}")]
+    NoCheckout { root: PathBuf, message: String },
+    #[error(
+        "variant {dir} has no file a commit would hold (git ignores it?): a variant is built \
+         from the files git would commit, tracked or not; see .gitignore"
+    )]
+    NothingToBuild { dir: PathBuf },
+    #[error("cannot read {path}, a file of the variant's build")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot prepare the build place {dir}")]
     Slot {
         dir: PathBuf,
         source: std::io::Error,
@@ -95,82 +114,28 @@ pub enum BuildError {
     },
 }
 
-/// Where and how a variant's build is confined (see [`VariantCrate::build_confined`]).
-#[derive(Debug, Clone)]
-pub struct BuildSandbox {
-    /// A target directory whose compiled dependencies each build starts from (the committed
-    /// baseline's, built by the harness), when it exists.
-    pub seed: Option<PathBuf>,
-    /// Where private target directories are made (and removed after each build).
-    pub slots: PathBuf,
-    /// The sources the build may read, besides the system and the toolchain.
-    pub sources: Vec<PathBuf>,
-}
-
-impl BuildSandbox {
-    /// What a confined build may read: its sources, the Rust toolchain (rustup's and cargo's
-    /// homes, and wherever the cargo binary really lives).
-    fn read_paths(&self) -> Vec<PathBuf> {
-        let mut paths = self.sources.clone();
-        paths.extend(crate::sandbox::toolchain_paths());
-        paths
-    }
-
-    /// Removes what builds of processes that are gone left in the slots directory (each entry
-    /// is named after the process that made it).
-    fn sweep(&self) {
-        for entry in std::fs::read_dir(&self.slots)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
-                continue;
-            };
-            // SAFETY: signal 0 only asks whether the process exists.
-            let alive = unsafe { libc::kill(pid, 0) } == 0
-                || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-            if !alive {
-                let path = entry.path();
-                let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
-            }
+impl BuildError {
+    /// The same error naming the variant as its user gave it (`shown`) where it named the
+    /// copy a build read ([`BuildSandbox::build`] builds a copy in its place).
+    pub(crate) fn naming(self, shown: &Path) -> BuildError {
+        match self {
+            BuildError::Failed { status, .. } => BuildError::Failed {
+                dir: shown.into(),
+                status,
+            },
+            BuildError::NoArtifact { package, .. } => BuildError::NoArtifact {
+                dir: shown.into(),
+                package,
+            },
+            BuildError::NoDeviceFeature {
+                device, feature, ..
+            } => BuildError::NoDeviceFeature {
+                dir: shown.into(),
+                device,
+                feature,
+            },
+            other => other,
         }
-    }
-
-    /// A fresh private target directory: a copy of the seed (file times kept, so cargo sees
-    /// its dependencies as built), or empty.
-    fn new_slot(&self) -> std::io::Result<PathBuf> {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let slot = self.slots.join(format!(
-            "{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&slot);
-        std::fs::create_dir_all(&self.slots)?;
-        self.sweep();
-        match &self.seed {
-            Some(seed) if seed.is_dir() => {
-                let status = Command::new("cp")
-                    .arg("-a")
-                    .arg("--reflink=auto")
-                    .arg(seed)
-                    .arg(&slot)
-                    .status()?;
-                if !status.success() {
-                    return Err(std::io::Error::other(format!(
-                        "cp -a {} {} failed ({status})",
-                        seed.display(),
-                        slot.display()
-                    )));
-                }
-            }
-            _ => std::fs::create_dir_all(&slot)?,
-        }
-        std::fs::create_dir_all(slot.join("tmp"))?;
-        Ok(slot)
     }
 }
 
@@ -274,68 +239,52 @@ impl VariantCrate {
         self.run_cargo(command, device, target_dir, false)
     }
 
-    /// Builds the crate for `device` as variant code: in a fresh private target directory (a
-    /// copy of `sandbox.seed`, so compiled dependencies are not compiled again), with cargo and
-    /// everything it runs (build scripts, proc macros) confined to reading the sources and the
-    /// toolchain and writing only that directory ([`crate::sandbox`]). Nothing a build leaves
-    /// can reach another build, the harness or the results. The library is copied to `out`, or
-    /// beside the private directory (named like it) when `out` is `None`.
-    pub fn build_confined(
+    /// Builds the crate for `device` as variant code into `target_dir` (a fresh copy of the
+    /// seed, made by [`BuildSandbox::build`]), with cargo and everything it runs (build scripts,
+    /// proc macros) confined to reading `reads` (its sources and the toolchain) and writing only
+    /// `target_dir` ([`crate::sandbox`]), and copies the library to `out`.
+    pub(crate) fn build_confined(
         &self,
         device: Device,
-        sandbox: &BuildSandbox,
-        out: Option<&Path>,
+        reads: &[PathBuf],
+        target_dir: &Path,
+        out: &Path,
     ) -> Result<PathBuf, BuildError> {
         self.feature_for(device)?;
         self.fetch()?;
-        let slot = sandbox.new_slot().map_err(|e| BuildError::Slot {
-            dir: sandbox.slots.clone(),
-            source: e,
+        let exe = crate::sandbox::this_program().map_err(|source| BuildError::Cargo {
+            cargo: "host confine".into(),
+            source,
         })?;
-        // Without a place of its own, the library goes beside the slot, under the slot's
-        // unique name (two variants of one package name never share it).
-        let beside = slot.with_extension("so");
-        let out = out.unwrap_or(&beside);
-        let built = (|| {
-            let exe = crate::sandbox::this_program().map_err(|source| BuildError::Cargo {
-                cargo: "host confine".into(),
-                source,
-            })?;
-            let mut command = Command::new(exe);
-            command.arg("confine");
-            for path in sandbox.read_paths() {
-                command.arg("--read").arg(path);
-            }
-            command
-                .arg("--write")
-                .arg(&slot)
-                .arg("--")
-                .arg(cargo())
-                .env("CARGO_TARGET_DIR", &slot)
-                .env("TMPDIR", slot.join("tmp"))
-                // Its own process group, so that whatever a build script leaves running is
-                // killed with it (the sandbox keeps it from leaving the group).
-                .process_group(0);
-            let lib = self.run_cargo(command, device, &slot, true)?;
-            if let Some(dir) = out.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| BuildError::Copy {
-                    from: lib.clone(),
-                    to: out.into(),
-                    source: e,
-                })?;
-            }
-            let tmp = out.with_extension(format!("so.tmp-{}", std::process::id()));
-            std::fs::copy(&lib, &tmp)
-                .and_then(|_| std::fs::rename(&tmp, out))
-                .map_err(|e| BuildError::Copy {
-                    from: lib.clone(),
-                    to: out.into(),
-                    source: e,
-                })?;
-            Ok(out.to_path_buf())
-        })();
-        let _ = std::fs::remove_dir_all(&slot);
-        built
+        let mut command = Command::new(exe);
+        command.arg("confine");
+        for path in reads {
+            command.arg("--read").arg(path);
+        }
+        command
+            .arg("--write")
+            .arg(target_dir)
+            .arg("--")
+            .arg(cargo())
+            .env("CARGO_TARGET_DIR", target_dir)
+            .env("TMPDIR", target_dir.join("tmp"))
+            // Its own process group, so that whatever a build script leaves running is
+            // killed with it (the sandbox keeps it from leaving the group).
+            .process_group(0);
+        let lib = self.run_cargo(command, device, target_dir, true)?;
+        let copy_error = |source| BuildError::Copy {
+            from: lib.clone(),
+            to: out.into(),
+            source,
+        };
+        if let Some(dir) = out.parent() {
+            std::fs::create_dir_all(dir).map_err(copy_error)?;
+        }
+        let tmp = out.with_extension(format!("so.tmp-{}", std::process::id()));
+        std::fs::copy(&lib, &tmp)
+            .and_then(|_| std::fs::rename(&tmp, out))
+            .map_err(copy_error)?;
+        Ok(out.to_path_buf())
     }
 
     /// Lets cargo resolve the crate's dependencies and download what is missing (and update
@@ -469,9 +418,9 @@ impl VariantCrate {
     }
 
     /// The library to load: with `no_build` (`--no-build`), the one the last plain cargo build
-    /// left (built by whoever ran cargo, not confined by the host); else the crate built now,
-    /// confined ([`VariantCrate::build_confined`]), its library kept beside `sandbox`'s private
-    /// build directories for as long as this process lives.
+    /// left (built by whoever ran cargo, not confined by the host); else the working tree's
+    /// crate built now in `sandbox`'s place ([`BuildSandbox::build`]), its library kept there
+    /// for as long as this process lives.
     pub fn library_for(
         &self,
         no_build: bool,
@@ -481,7 +430,9 @@ impl VariantCrate {
         if no_build {
             return Ok((self.built_library()?, Level::not_built_by_host()));
         }
-        let lib = self.build_confined(device, sandbox, None)?;
+        self.feature_for(device)?;
+        let sources = Sources::from_checkout(&sandbox.checkout, &self.dir)?;
+        let lib = sandbox.build(&sources, device, None)?;
         Ok((lib, Support::probe().build_level()))
     }
 

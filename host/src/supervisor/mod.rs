@@ -11,6 +11,7 @@
 //! (SIGSTOP), so it cannot compute while another worker is measured; the CPU it used while
 //! stopped is checked to be zero. The supervisor never loads a variant itself.
 
+pub mod build_place;
 pub mod cargo_build;
 pub mod oracle;
 pub mod revision;

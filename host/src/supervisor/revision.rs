@@ -6,10 +6,12 @@
 //! hashes without writing anything: the *build key*, over the object ids of everything the
 //! build reads (root manifest, lock file, `plugin-api/`, the variant), and the variant's *content
 //! hash*, in the same format as [`crate::vcs::tree_hash`] of a checkout, so a revision and a
-//! directory holding the same files get the same hash. [`Committed::build`] writes the commit's
-//! tree to a scratch directory, builds it with cargo in one shared target directory
-//! (`<target>/autoinfer-git/target`), and keeps the library under its build key: the same tree
-//! is never built twice.
+//! directory holding the same files get the same hash. [`Committed::build`] builds the harness's
+//! own code (the oracle) from the whole commit written to a scratch directory, in one shared
+//! target directory (`<target>/autoinfer-git/target`), once per build key; variant code it
+//! builds afresh every time in the one place every variant is built
+//! ([`crate::supervisor::build_place`]), keeping the library under its build key for
+//! `--no-build` ([`Committed::cached`]).
 
 use std::path::{Path, PathBuf};
 
@@ -17,10 +19,12 @@ use anyhow::{Context, Result};
 use plugin_api::Device;
 
 use crate::hashing::sha256_hex;
-use crate::supervisor::cargo_build::{device_feature, BuildSandbox, VariantCrate};
+use crate::supervisor::build_place::{BuildSandbox, Sources};
+use crate::supervisor::cargo_build::{device_feature, VariantCrate};
 use crate::vcs::{content_hash, find_commit, materialise, open_repo, short, subtree};
 
-/// The paths of a commit, besides the variant itself, whose content a variant's build reads.
+/// The paths of a commit, besides the variant itself, whose content decides a variant's build:
+/// what its build key hashes.
 const BUILD_INPUTS: [&str; 3] = ["Cargo.toml", "Cargo.lock", "plugin-api"];
 
 /// A variant argument: a directory, or a path inside a git revision.
@@ -69,9 +73,9 @@ pub fn seed_dir(root: &Path) -> PathBuf {
     builds_home(root).join("target")
 }
 
-/// Where confined builds make their private target directories.
-pub fn slots_dir(root: &Path) -> PathBuf {
-    builds_home(root).join("slots")
+/// The one place every variant is built ([`crate::supervisor::build_place`]).
+pub fn place_dir(root: &Path) -> PathBuf {
+    builds_home(root).join("place")
 }
 
 /// The target directory cargo uses for the checkout at `root`.
@@ -148,54 +152,29 @@ impl Committed {
         ))
     }
 
-    /// The built library for `device`: from the cache, or written out and built now (cargo's
-    /// output goes to the terminal). `sandbox` says how: `None` for the harness's own code
-    /// (the committed baseline, the quality oracle), built in place in the seed directory
-    /// ([`seed_dir`]) so later builds start from its compiled dependencies; `Some` for variant
-    /// code, built confined in a private copy of it.
+    /// The built library for `device`. `sandbox` says how: `None` for the harness's own code
+    /// (the committed baseline, the quality oracle): from the cache, or written out and built
+    /// now in place in the seed directory ([`seed_dir`]), so later builds start from its
+    /// compiled dependencies. `Some` for variant code: built now, confined, in the sandbox's
+    /// one place ([`BuildSandbox::build`]) as a checkout's variant is, never taken from the
+    /// cache (a library kept from an earlier build would tell the reference from a candidate
+    /// built a moment ago); the cache keeps it for `--no-build` ([`Committed::cached`]).
+    /// Cargo's output goes to the terminal.
     pub fn build(&self, device: Device, sandbox: Option<&BuildSandbox>) -> Result<PathBuf> {
         let lib = self.library(device);
-        if lib.is_file() {
-            return Ok(lib);
-        }
-        let home = builds_home(&self.root);
-        let short_key = &self.key[..16];
-        let src = home.join(format!("src-{short_key}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&src);
         let repo = open_repo(&self.root)?;
         let tree = repo
             .find_commit(git2::Oid::from_str(&self.commit)?)?
             .tree()?;
-        materialise(&repo, &tree, &src).with_context(|| {
-            format!(
-                "cannot write commit {} to {}",
-                &self.commit[..12],
-                src.display()
-            )
-        })?;
-        let built = VariantCrate::open(&src.join(&self.path))
-            .map_err(anyhow::Error::from)
-            .and_then(|c| match sandbox {
-                Some(sandbox) => {
-                    let sandbox = BuildSandbox {
-                        sources: vec![src.clone()],
-                        ..sandbox.clone()
-                    };
-                    Ok(c.build_confined(device, &sandbox, Some(&lib))?)
-                }
-                None => {
-                    let built = c.build_trusted(&seed_dir(&self.root), device)?;
-                    std::fs::create_dir_all(lib.parent().expect("lib/ has a parent"))?;
-                    let tmp = lib.with_extension(format!("so.tmp-{}", std::process::id()));
-                    std::fs::copy(&built, &tmp).with_context(|| {
-                        format!("cannot copy {} to {}", built.display(), tmp.display())
-                    })?;
-                    std::fs::rename(&tmp, &lib)?;
-                    Ok(lib.clone())
-                }
-            });
-        // The written-out tree is only needed by cargo; the library is kept by key.
-        let _ = std::fs::remove_dir_all(&src);
+        let built = match sandbox {
+            Some(sandbox) => {
+                let shown = format!("{}:{}", short_rev(&self.commit), self.path);
+                Sources::from_commit(&repo, &tree, &self.path, &shown)
+                    .and_then(|sources| Ok(sandbox.build(&sources, device, Some(&lib))?))
+            }
+            None if lib.is_file() => return Ok(lib),
+            None => self.build_trusted(&repo, &tree, device, &lib),
+        };
         built.with_context(|| {
             format!(
                 "cannot build {}:{} (commit {})",
@@ -204,6 +183,56 @@ impl Committed {
                 &self.commit[..12]
             )
         })
+    }
+
+    /// The library of an earlier build for `device` (`--no-build`, where no toolchain may be
+    /// installed): an error naming where it was looked for when there is none.
+    pub fn cached(&self, device: Device) -> Result<PathBuf> {
+        let lib = self.library(device);
+        anyhow::ensure!(
+            lib.is_file(),
+            "--no-build: {}:{} (commit {}) has no built library at {}; drop --no-build to \
+             build it",
+            short_rev(&self.commit),
+            self.path,
+            &self.commit[..12],
+            lib.display()
+        );
+        Ok(lib)
+    }
+
+    /// Writes the whole commit out and builds the variant unconfined in the seed directory:
+    /// harness code only.
+    fn build_trusted(
+        &self,
+        repo: &git2::Repository,
+        tree: &git2::Tree,
+        device: Device,
+        lib: &Path,
+    ) -> Result<PathBuf> {
+        let home = builds_home(&self.root);
+        let src = home.join(format!("src-{}-{}", &self.key[..16], std::process::id()));
+        let _ = std::fs::remove_dir_all(&src);
+        materialise(repo, tree, &src).with_context(|| {
+            format!(
+                "cannot write commit {} to {}",
+                &self.commit[..12],
+                src.display()
+            )
+        })?;
+        let built = (|| -> Result<PathBuf> {
+            let built = VariantCrate::open(&src.join(&self.path))?
+                .build_trusted(&seed_dir(&self.root), device)?;
+            std::fs::create_dir_all(lib.parent().expect("lib/ has a parent"))?;
+            let tmp = lib.with_extension(format!("so.tmp-{}", std::process::id()));
+            std::fs::copy(&built, &tmp)
+                .with_context(|| format!("cannot copy {} to {}", built.display(), tmp.display()))?;
+            std::fs::rename(&tmp, lib)?;
+            Ok(lib.to_path_buf())
+        })();
+        // The written-out tree is only needed by cargo; the library is kept by key.
+        let _ = std::fs::remove_dir_all(&src);
+        built
     }
 }
 

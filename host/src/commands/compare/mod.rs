@@ -33,7 +33,8 @@ use crate::ledger::record::{self, Provenance};
 use crate::measure::sample::{Sample, Summary};
 use crate::quality::GateReport;
 use crate::stats::significance::{LookSchedule, Verdict};
-use crate::supervisor::cargo_build::{BuildSandbox, VariantCrate};
+use crate::supervisor::build_place::BuildSandbox;
+use crate::supervisor::cargo_build::VariantCrate;
 use crate::supervisor::oracle::{OracleBuild, OracleCost};
 use crate::supervisor::revision::{Committed, VariantArg};
 use crate::supervisor::{Spawn, Worker};
@@ -82,19 +83,38 @@ pub struct Side {
     pub lib: PathBuf,
 }
 
-impl Side {
-    fn resolve(
-        root: &Path,
+/// A side as given, checked, before its build.
+enum Planned {
+    Dir(PathBuf, VariantCrate),
+    Revision(Committed),
+}
+
+impl Planned {
+    /// Reads `arg` (a directory or `REV:PATH`) and checks it names a variant crate.
+    fn new(root: &Path, arg: &str) -> Result<Planned> {
+        Ok(match VariantArg::parse(arg) {
+            VariantArg::Dir(dir) => {
+                let variant = VariantCrate::open(&dir).map_err(|e| {
+                    anyhow::anyhow!("{e} (a variant is a directory or a revision REV:PATH, e.g. HEAD:variants/current)")
+                })?;
+                Planned::Dir(dir, variant)
+            }
+            VariantArg::Revision { rev, path } => Planned::Revision(
+                Committed::find(root, &rev, &path).with_context(|| format!("variant {arg}"))?,
+            ),
+        })
+    }
+
+    /// Builds it (or, with `no_build`, finds its earlier build).
+    fn build(
+        self,
         arg: &str,
         no_build: bool,
         device: Device,
         sandbox: &BuildSandbox,
     ) -> Result<Side> {
-        match VariantArg::parse(arg) {
-            VariantArg::Dir(dir) => {
-                let variant = VariantCrate::open(&dir).map_err(|e| {
-                    anyhow::anyhow!("{e} (a variant is a directory or a revision REV:PATH, e.g. HEAD:variants/current)")
-                })?;
+        match self {
+            Planned::Dir(dir, variant) => {
                 let (lib, build) = variant.library_for(no_build, device, sandbox)?;
                 Ok(Side {
                     arg: arg.to_string(),
@@ -105,16 +125,13 @@ impl Side {
                     lib,
                 })
             }
-            VariantArg::Revision { rev, path } => {
-                let committed =
-                    Committed::find(root, &rev, &path).with_context(|| format!("variant {arg}"))?;
-                if !committed.library(device).is_file() {
-                    eprintln!(
-                        "building {arg} (commit {}; cached by its build key afterwards)",
-                        &committed.commit[..12]
-                    );
-                }
-                let lib = committed.build(device, Some(sandbox))?;
+            Planned::Revision(committed) => {
+                let lib = if no_build {
+                    committed.cached(device)?
+                } else {
+                    eprintln!("building {arg} (commit {})", &committed.commit[..12]);
+                    committed.build(device, Some(sandbox))?
+                };
                 Ok(Side {
                     arg: arg.to_string(),
                     package: committed.package,
@@ -126,6 +143,47 @@ impl Side {
             }
         }
     }
+}
+
+/// Both sides, checked first and then built in an order drawn at random: together with
+/// building both the same way in one place ([`crate::supervisor::build_place`]), nothing a
+/// build can see (its paths, whether it came first, its age) tells the reference from the
+/// candidate.
+fn build_sides(
+    root: &Path,
+    (a_arg, b_arg): (&str, &str),
+    no_build: bool,
+    device: Device,
+    sandbox: &BuildSandbox,
+) -> Result<(Side, Side)> {
+    let a = Planned::new(root, a_arg).with_context(|| format!("variant A ({a_arg})"))?;
+    let b = Planned::new(root, b_arg).with_context(|| format!("variant B ({b_arg})"))?;
+    let build_a = |a: Planned| {
+        a.build(a_arg, no_build, device, sandbox)
+            .with_context(|| format!("variant A ({a_arg})"))
+    };
+    let build_b = |b: Planned| {
+        b.build(b_arg, no_build, device, sandbox)
+            .with_context(|| format!("variant B ({b_arg})"))
+    };
+    let a_first = std::hash::BuildHasher::hash_one(
+        &std::collections::hash_map::RandomState::new(),
+        std::process::id(),
+    ) & 1
+        == 0;
+    if !no_build {
+        eprintln!(
+            "building both sides in the one build place, in an order drawn at random: {}",
+            if a_first { "A, then B" } else { "B, then A" }
+        );
+    }
+    Ok(if a_first {
+        let a = build_a(a)?;
+        (a, build_b(b)?)
+    } else {
+        let b = build_b(b)?;
+        (build_a(a)?, b)
+    })
 }
 
 /// Everything a comparison's JSON file holds.
@@ -269,10 +327,13 @@ fn prepare(args: &CompareArgs) -> Result<Prepared> {
     let oracle_build = OracleBuild::prepare(&root, oracle_device)?;
     let results_dir = args.results.clone().unwrap_or_else(|| root.join("results"));
     let sandbox = crate::commands::setup::build_sandbox(&root);
-    let a = Side::resolve(&root, &a_arg, args.no_build, setup.device, &sandbox)
-        .with_context(|| format!("variant A ({a_arg})"))?;
-    let b = Side::resolve(&root, &b_arg, args.no_build, setup.device, &sandbox)
-        .with_context(|| format!("variant B ({b_arg})"))?;
+    let (a, b) = build_sides(
+        &root,
+        (&a_arg, &b_arg),
+        args.no_build,
+        setup.device,
+        &sandbox,
+    )?;
     if a.tree == b.tree {
         eprintln!(
             "A and B hold the same files (tree {}): an A/A comparison",
