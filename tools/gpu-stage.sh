@@ -7,12 +7,14 @@
 #   tools/gpu-stage.sh "what the change is" [HOST-COMPARE-OPTION...]
 #     (options go to `host compare` on the device as they are, e.g. `--max-seconds 60` to stop
 #     measuring early when little device time is left)
-#     gpu-stage/1/  the host, A's and B's libraries (B's with cargo's dep-info), the quality
-#                   oracle (variants/baseline at HEAD, for the CPU), a bundle of HEAD, the GPU
-#                   test binaries of A and B with the screen that times them (probe/, written
-#                   by tools/gpu-probe.sh), and the model's first part (A is built in a worktree
-#                   of HEAD, into target/gpu-stage-a, B into target/gpu-stage-b, each confined
-#                   by tools/confined-cargo.sh: the first time, that compiles their crates)
+#     gpu-stage/1/  the host, A's and B's libraries (built/), the quality oracle
+#                   (variants/baseline at HEAD, for the CPU), a bundle of HEAD and of B (the
+#                   working tree's variants/current as a commit object, refs/gpu-stage/b),
+#                   the GPU test binaries of A and B with the screen that times them (probe/,
+#                   written by tools/gpu-probe.sh), and the model's first part. A and B are
+#                   built by `host stage`, as `host compare` builds its two sides: fresh,
+#                   confined, from one source path into one target path, in a random order
+#                   (about 2 min: each compiles its GPU crates)
 #     gpu-stage/2/  the model's second part and go.sh, which does the rest there
 #
 # Then, on the GPU machine, three kinds of call, each within 30 s of the last (a machine left
@@ -23,14 +25,15 @@
 #   2. carry gpu-stage/2, run `bash gpu-stage/2/go.sh`: joins the model, puts every file where
 #      the host looks for it, moves the machine's HEAD to this one's (its .git is the checkout as
 #      the session started), prints `git status --short` (only B's files may differ), starts
-#      the comparison under setsid (so it outlives the call) and follows it for up to 540 s
+#      the comparison of HEAD:variants/current against B's commit under setsid (so it
+#      outlives the call) and follows it for up to 540 s
 #      (`bash gpu-stage/2/go.sh setup` does the same without starting the comparison, for a
 #      command of your own first, say a diagnostic comparison of a few pairs; then call
 #      `bash gpu-stage/2/go.sh` within 30 s)
 #   3. carry nothing, run `bash gpu-stage/2/go.sh wait`: follows it for 540 s more; again
 #      until it ends. The last call leaves results/ (row and record) in $OUT/results.tgz: unpack
 #      it here, append the row to results/results.tsv, copy the record into results/runs/, and
-#      `host keep --allow-unsandboxed` on KEEP.
+#      `host keep` on KEEP (`--allow-unsandboxed` if the row's sandbox is not `full`).
 # Needs: cargo, git, strip, a kernel with Landlock, the model in the cache (any `host run`
 # fetches it).
 set -euo pipefail
@@ -61,14 +64,12 @@ if [ -n "$other" ]; then
   echo "$other" >&2; exit 2
 fi
 
-# The build key the host names a committed variant's library by (revision.rs: the object ids
-# of the workspace manifest, the lock file, plugin-api and the variant at that commit; a host
-# unit test checks that this function hashes the same inputs as BUILD_INPUTS there).
+# The oracle's library as the host names it: by its build key (revision.rs: the object ids of
+# the workspace manifest, the lock file, plugin-api and the variant at that commit).
 key() {
   for p in Cargo.toml Cargo.lock plugin-api "$1"; do echo "$p:$(git rev-parse "HEAD:$p")"; done |
     sha256sum | cut -c1-16
 }
-A_LIB="current-$(key variants/current)-cuda.so"
 ORACLE="baseline-$(key variants/baseline).so"
 HEAD_SHA="$(git rev-parse HEAD)"
 
@@ -90,27 +91,29 @@ else
   (cd "$worktree" && CARGO_TARGET_DIR="$ROOT/target/gpu-stage-oracle" cargo build --release --quiet -p baseline)
   strip --strip-debug -o "$STAGE/1/$ORACLE" "$ROOT/target/gpu-stage-oracle/release/libbaseline.so"
 fi
-# Then variant code, each side confined (tools/confined-cargo.sh) to a target directory of its
-# own: A is HEAD's variants/current, B the working tree's. A build script or proc macro of
-# either can write nothing but its own side's build, so neither can reach the host, the oracle,
-# the staged files or the other side. (One target directory for both would not do anyway: a
-# cdylib's file in release/deps has no hash in its name, so A's build would overwrite B's while
-# cargo still counted B's as fresh.)
-A_TARGET="$ROOT/target/gpu-stage-a"
-B_TARGET="$ROOT/target/gpu-stage-b"
-echo "gpu-stage.sh: building A (HEAD:variants/current, cuda) in $A_TARGET, confined"
-(cd "$worktree" && "$ROOT/tools/confined-cargo.sh" "$A_TARGET" build --release --quiet -p current --features cuda)
-strip --strip-debug -o "$STAGE/1/$A_LIB" "$A_TARGET/release/libcurrent.so"
-echo "gpu-stage.sh: building B (the working tree's variants/current, cuda) in $B_TARGET, confined, and both sides' GPU tests"
-tools/confined-cargo.sh "$B_TARGET" build --release --quiet -p current --features cuda
-strip --strip-debug -o "$STAGE/1/libcurrent.so" "$B_TARGET/release/libcurrent.so"
-cp "$B_TARGET/release/libcurrent.d" "$STAGE/1/libcurrent.d"
+# Then variant code. B, the working tree's variants/current, becomes a commit object (HEAD's
+# tree with that directory replaced, kept by refs/gpu-stage/b for the bundle), so that on the GPU
+# machine both sides are revisions. `host stage` builds both as `host compare` builds its sides:
+# fresh, confined (a build script can write only its own build's output), from one source path
+# into one target path, in an order drawn at random, so that neither build can tell which side
+# it is (README, "What remains out of reach").
+index="$(mktemp -u)"
+GIT_INDEX_FILE="$index" git read-tree HEAD
+GIT_INDEX_FILE="$index" git add -A variants/current
+B_COMMIT="$(git commit-tree "$(GIT_INDEX_FILE="$index" git write-tree)" -p HEAD \
+  -m "gpu-stage.sh: the working tree's variants/current")"
+rm -f "$index"
+git update-ref refs/gpu-stage/b "$B_COMMIT"
+echo "gpu-stage.sh: building A (HEAD:variants/current) and B (${B_COMMIT:0:12}:variants/current, the working tree's) for cuda, confined, and both sides' GPU tests"
+target/release/host stage HEAD:variants/current "$B_COMMIT:variants/current" --device cuda \
+  --out "$STAGE/1/built"
+for lib in "$STAGE/1/built/"*.so; do strip --strip-debug "$lib"; done
 # The host goes compressed: since its rarely-run dependencies are built without optimisation
 # (Cargo.toml) it is 24 MB stripped, 7 MB gzipped, and the model's first part needs the room.
 strip --strip-debug -o "$STAGE/1/host" target/release/host
 gzip -f "$STAGE/1/host"
 tools/gpu-probe.sh "$STAGE/1/probe" > /dev/null
-git bundle create -q "$STAGE/1/head.bundle" HEAD
+git bundle create -q "$STAGE/1/head.bundle" HEAD refs/gpu-stage/b
 
 # The model split so that each call's tree stays under the limit.
 tree=$(git ls-files -z | xargs -0 cat | wc -c)
@@ -124,7 +127,7 @@ tail -c +"$((first + 1))" "$MODEL" > "$STAGE/2/model.part2"
 MODEL_SHA="$(sha256sum < "$MODEL" | cut -d' ' -f1)"
 # What the second call checks before it uses the first call's files: the first call may have run
 # B's test binaries (variant code, unconfined there) on the same machine.
-STAGED_SUMS="$(cd "$STAGE/1" && sha256sum host.gz libcurrent.so libcurrent.d "$A_LIB" "$ORACLE" head.bundle)"
+STAGED_SUMS="$(cd "$STAGE/1" && sha256sum host.gz built/*.so "$ORACLE" head.bundle)"
 
 cat > "$STAGE/2/go.sh" <<EOF
 #!/usr/bin/env bash
@@ -143,17 +146,17 @@ SUMS
   cat \$S/1/model.part1 \$S/2/model.part2 > "\$M"
   [ "\$(sha256sum < "\$M" | cut -d' ' -f1)" = $MODEL_SHA ] || { echo "the joined model is not the staged one"; exit 1; }
   gunzip -c \$S/1/host.gz > target/release/host && chmod +x target/release/host
-  cp \$S/1/libcurrent.so \$S/1/libcurrent.d target/release/
-  cp \$S/1/$A_LIB \$S/1/$ORACLE target/autoinfer-git/built/
+  cp \$S/1/built/*.so \$S/1/$ORACLE target/autoinfer-git/built/
+  git fetch -q \$S/1/head.bundle +HEAD:refs/gpu-stage/head +refs/gpu-stage/b:refs/gpu-stage/b
   if [ "\$(git rev-parse HEAD)" != $HEAD_SHA ]; then
-    git fetch -q \$S/1/head.bundle HEAD:refs/gpu-stage/head
     git reset -q --soft $HEAD_SHA && git reset -q
   fi
   echo "HEAD \$(git rev-parse --short HEAD); what differs from it (only variants/current may):"
   git status --short
   if [ "\${1:-}" = setup ]; then exit 0; fi
   set +e
-  setsid nohup ./target/release/host compare --device cuda --no-build$EXTRA \\
+  setsid nohup ./target/release/host compare HEAD:variants/current $B_COMMIT:variants/current \\
+    --device cuda --no-build$EXTRA \\
     --description "$(printf '%s' "$DESCRIPTION" | sed 's/["$`\\]/\\&/g')" > \$S/compare.log 2>&1 < /dev/null &
   echo \$! > \$S/compare.pid
 fi

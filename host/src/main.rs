@@ -267,6 +267,23 @@ enum Command {
         #[command(flatten)]
         common: MeasureFlags,
     },
+    /// Build two revisions of a variant as `host compare` builds them (fresh, confined, in one
+    /// build place, in an order drawn at random) and copy both libraries into a directory, named
+    /// as `host compare --no-build` looks for them under target/autoinfer-git/built/: for a
+    /// machine with no cargo (tools/gpu-stage.sh uses it for the GPU machine). Measures nothing.
+    Stage {
+        /// Variant A, a revision (REV:PATH, e.g. HEAD:variants/current).
+        a: String,
+        /// Variant B, a revision (a commit of the working tree, say).
+        b: String,
+        /// Build for this device (cpu, cuda, cuda:N, metal): a GPU build enables the variant's
+        /// cargo feature of that name.
+        #[arg(long, default_value = "cpu")]
+        device: Device,
+        /// Where the two libraries go (made if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Summarise what a variant changed against another: files added, removed and changed,
     /// lines added and removed, Rust functions added and removed (working tree, uncommitted
     /// edits included).
@@ -483,6 +500,7 @@ fn main() -> ExitCode {
             against,
             json,
         } => diff::run(&against, &variant, json),
+        Command::Stage { a, b, device, out } => compare::stage(&a, &b, device, &out),
         Command::Keep {
             message,
             simpler,

@@ -564,3 +564,56 @@ fn a_variant_that_sends_its_tokens_in_bursts_is_reverted_by_the_itl_guard() {
     assert_eq!(row["verdict"], "REVERT", "{stdout}");
     std::fs::remove_dir_all(&results).unwrap();
 }
+
+/// `host stage` builds two revisions as a comparison builds its sides and leaves their
+/// libraries under the names `host compare --no-build` looks for; a side that is not a revision
+/// is refused by name.
+#[test]
+fn stage_builds_two_revisions_for_a_machine_without_cargo() {
+    let _one_at_a_time = serial();
+    let out = scratch("stage");
+    let (status, _, stderr) = output(host().current_dir(root()).args([
+        "stage",
+        "HEAD:variants/current",
+        "HEAD:variants/baseline",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(status.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("building both sides in the one build place"),
+        "{stderr}"
+    );
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(
+        names[0].starts_with("baseline-") && names[1].starts_with("current-"),
+        "{names:?}"
+    );
+    for name in &names {
+        assert!(
+            root()
+                .join("target/autoinfer-git/built")
+                .join(name)
+                .is_file(),
+            "{name} is where --no-build looks"
+        );
+    }
+    let (status, _, stderr) = output(host().current_dir(root()).args([
+        "stage",
+        "variants/current",
+        "HEAD:variants/current",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(!status.status.success());
+    assert!(
+        stderr.contains("variant A (variants/current) is not a revision"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+}

@@ -405,6 +405,16 @@ pub(crate) mod tests {
             cuda,
             "one build serves every ordinal"
         );
+        // `--no-build` takes a revision's earlier build, and names where it looked.
+        let message = format!("{:#}", edited.cached(Device::Cpu).unwrap_err());
+        assert!(
+            message.contains("--no-build") && message.contains(&cpu.display().to_string()),
+            "{message}"
+        );
+        std::fs::create_dir_all(cpu.parent().unwrap()).unwrap();
+        std::fs::write(&cpu, "a library").unwrap();
+        assert_eq!(edited.cached(Device::Cpu).unwrap(), cpu);
+        std::fs::remove_file(&cpu).unwrap();
 
         // The commit's tree is what gets written out, not the working copy.
         std::fs::write(dir.join("variants/current/src/lib.rs"), "// not committed").unwrap();

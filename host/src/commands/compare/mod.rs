@@ -186,6 +186,43 @@ fn build_sides(
     })
 }
 
+/// `host stage`: builds the revisions `a_arg` and `b_arg` for `device` as a comparison builds
+/// its two sides ([`build_sides`]) and copies both libraries into `out` under the names
+/// `--no-build` finds them by ([`Committed::cached`]), for a machine with no cargo.
+pub fn stage(a_arg: &str, b_arg: &str, device: Device, out: &Path) -> Result<()> {
+    let root = find_root(&std::env::current_dir()?)?;
+    for (side, arg) in [("A", a_arg), ("B", b_arg)] {
+        if !matches!(VariantArg::parse(arg), VariantArg::Revision { .. }) {
+            bail!(
+                "host stage: variant {side} ({arg}) is not a revision: stage two revisions \
+                 (REV:PATH), e.g. HEAD:variants/current and a commit of the working tree"
+            );
+        }
+    }
+    // The oracle's build is what the variants' builds start from.
+    OracleBuild::prepare(&root, Device::Cpu)?;
+    let sandbox = crate::commands::setup::build_sandbox(&root);
+    let (a, b) = build_sides(&root, (a_arg, b_arg), false, device, &sandbox)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot make {}", out.display()))?;
+    for side in [&a, &b] {
+        let name = side
+            .lib
+            .file_name()
+            .context("a built library has a file name")?;
+        let to = out.join(name);
+        std::fs::copy(&side.lib, &to)
+            .with_context(|| format!("cannot copy {} to {}", side.lib.display(), to.display()))?;
+        eprintln!("staged {} as {}", side.arg, to.display());
+    }
+    if a.lib.file_name() == b.lib.file_name() {
+        eprintln!(
+            "A and B have one build key (the same variant, plugin-api, manifest and lock file): \
+             one library serves both"
+        );
+    }
+    Ok(())
+}
+
 /// Everything a comparison's JSON file holds.
 #[derive(Serialize)]
 struct CompareRecord<'a> {
