@@ -257,8 +257,9 @@ enum Command {
         /// is never kept; its error rates are in program.md.
         #[arg(long)]
         screen: bool,
-        /// For directory variants, use the library the last build left (revisions are cached
-        /// by their build key anyway).
+        /// Build nothing: a directory variant runs the library the last plain cargo build left,
+        /// a revision the library the host last built of it (an earlier comparison, or `host
+        /// stage`), found by its build key. Without it both sides are built afresh.
         #[arg(long)]
         no_build: bool,
         /// Rounds are not fixed in a comparison (refused with an explanation).
