@@ -385,11 +385,22 @@ fn a_variant_cannot_tell_which_side_it_is_by_starting_first() {
 #[test]
 fn a_variant_cannot_tell_which_side_it_is_from_its_build() {
     // Both sides carry the `built` attack and are built by the host (no --no-build): A from
-    // HEAD's commit, B from the checkout. Each worker logs what its build saw; it must be the
-    // same for both, and the attack's slowdown (for a library built where the reference used
-    // to be) must hit both or neither.
+    // HEAD's commit, B from the checkout, where an untracked file lies at the root. Each
+    // worker logs what its build saw; it must be the same for both, and the attack's slowdown
+    // (for a library built where the reference used to be, or without that file) must hit
+    // both or neither.
     let results = scratch("attack-built");
     let drift = "host/tests/fixtures/variants/drift";
+    // An untracked file at the checkout's root, which a build of the working tree would see and
+    // a build of HEAD would not (removed when the test ends, pass or fail).
+    struct Untracked(std::path::PathBuf);
+    impl Drop for Untracked {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let marker = Untracked(root().join("autoinfer-fixture-untracked"));
+    std::fs::write(&marker.0, "only in the working tree").unwrap();
     let mut cmd = drift_compare(
         format!("HEAD:{drift}").as_ref(),
         drift.as_ref(),
@@ -412,8 +423,8 @@ fn a_variant_cannot_tell_which_side_it_is_from_its_build() {
         "A's and B's builds saw the same place: {seen:#?}"
     );
     assert!(
-        seen[0].contains("git readable: false"),
-        "a build reads no git directory: {}",
+        seen[0].contains("git readable: false") && seen[0].contains("untracked file seen: false"),
+        "a build reads no git directory, and no file of the working tree outside the variant: {}",
         seen[0]
     );
     neither_side_favoured(&out, &stdout, "whatever a build saw, A saw it as B did");

@@ -14,14 +14,10 @@ use serde::Deserialize;
 
 use crate::commands::compare::figures::FigureCall;
 use crate::commands::compare::keep_rule::{self, Outcome};
-use crate::harness::CURRENT;
+use crate::harness::{CURRENT, LOCK};
 use crate::ledger::row::{read_rows, ResultsRow, Status, Verdict};
 use crate::quality::GateFailure;
 use crate::sandbox::Level;
-
-/// The workspace's lock file: committed with the variant when the variant's dependencies
-/// changed it (this changes the oracle's build key, so the harness hash, once).
-const LOCK: &str = "Cargo.lock";
 
 /// The newest row of `results.tsv` for `CURRENT` whose tree hash starts like `tree`.
 fn latest_row(results: &Path, tree: &str) -> Result<Option<ResultsRow>> {

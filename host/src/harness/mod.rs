@@ -11,3 +11,7 @@ pub mod tokenize;
 
 /// The variant the loop edits, relative to the checkout's root.
 pub const CURRENT: &str = "variants/current";
+
+/// The workspace's lock file: a variant's dependencies change it, so `host keep` commits it
+/// with the variant and a variant's build takes it from the working tree.
+pub const LOCK: &str = "Cargo.lock";

@@ -36,9 +36,13 @@ pub struct Sources {
 }
 
 impl Sources {
-    /// The variant directory `dir` of the checkout holding `root`, as the working tree has it:
-    /// every file a commit of everything would hold (tracked, or untracked and not ignored),
-    /// the variant's untracked files included.
+    /// The variant directory `dir` of the checkout holding `root`: HEAD's files, except the
+    /// variant's directory, the lock file and the harness ([`crate::vcs::HARNESS_PATHS`]),
+    /// which are taken as the working tree has them (what a commit of them would hold: tracked
+    /// and untracked files, not ignored ones). So the sources differ from HEAD's only where
+    /// `host keep` would commit (or where the harness differs, which `host compare` refuses):
+    /// an untracked file elsewhere in the checkout (a profile, notes) reaches neither side's
+    /// build, and cannot tell the working tree's build from a commit's.
     pub fn from_checkout(root: &Path, dir: &Path) -> Result<Sources, BuildError> {
         let dir_abs = dir
             .canonicalize()
@@ -59,13 +63,33 @@ impl Sources {
                 root: workdir.clone(),
             })?
             .to_path_buf();
-        let mut files = Vec::new();
+        let from_tree = |path: &Path| {
+            path.starts_with(&variant)
+                || path == Path::new(crate::harness::LOCK)
+                || crate::vcs::HARNESS_PATHS
+                    .iter()
+                    .any(|h| path.starts_with(h))
+        };
+        // HEAD's files first (none in a repository without a commit), then the working tree's.
+        let mut files: Vec<(PathBuf, Vec<u8>)> = match repo.head().and_then(|h| h.peel_to_tree()) {
+            Ok(head) => crate::vcs::all_committed_files(&repo, &head)
+                .map_err(unreadable)?
+                .into_iter()
+                .filter(|(path, _)| !from_tree(path))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let has_head = !files.is_empty();
         for relative in crate::vcs::checkout_files(&repo).map_err(unreadable)? {
+            if has_head && !from_tree(&relative) {
+                continue;
+            }
             let path = workdir.join(&relative);
             let content =
                 std::fs::read(&path).map_err(|source| BuildError::Read { path, source })?;
             files.push((relative, content));
         }
+        files.sort_by(|a, b| a.0.cmp(&b.0));
         if !files.iter().any(|(path, _)| path.starts_with(&variant)) {
             return Err(BuildError::NothingToBuild {
                 dir: dir.to_path_buf(),
@@ -303,7 +327,30 @@ mod tests {
         );
         assert!(!paths.iter().any(|p| p.contains("ignored")), "{paths:?}");
         std::fs::remove_file(dir.join("variants/current/src/new.rs")).unwrap();
-        // An edit reaches the checkout's sources only.
+        // Outside the variant, the lock file and the harness, the files are HEAD's: an
+        // untracked file or an edit there reaches no build, so the sources of a checkout with
+        // nothing changed but elsewhere are still the commit's.
+        std::fs::write(dir.join("notes.txt"), "untracked").unwrap();
+        std::fs::write(dir.join("README.md"), "readme, edited").unwrap();
+        let elsewhere = Sources::from_checkout(&dir, &dir.join("variants/current")).unwrap();
+        assert_eq!(elsewhere.files, committed.files);
+        // The lock file and the harness come from the working tree (a harness developer's
+        // edit of plugin-api builds; `host compare` refuses a harness that differs).
+        std::fs::write(dir.join("Cargo.lock"), "# lock, edited").unwrap();
+        std::fs::write(dir.join("plugin-api/src/lib.rs"), "// api, edited").unwrap();
+        let inputs = Sources::from_checkout(&dir, &dir.join("variants/current")).unwrap();
+        for (path, text) in [
+            ("Cargo.lock", "# lock, edited"),
+            ("plugin-api/src/lib.rs", "// api, edited"),
+        ] {
+            let found = inputs.files.iter().find(|(p, _)| p == Path::new(path));
+            assert_eq!(
+                found.map(|(_, c)| c.as_slice()),
+                Some(text.as_bytes()),
+                "{path}"
+            );
+        }
+        // An edit of the variant reaches the checkout's sources.
         std::fs::write(dir.join("variants/current/src/lib.rs"), "// current v2").unwrap();
         let edited = Sources::from_checkout(&dir, &dir.join("variants/current")).unwrap();
         assert_ne!(edited.files, committed.files);
