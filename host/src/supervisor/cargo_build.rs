@@ -90,6 +90,11 @@ pub enum BuildError {
          from the files git would commit, tracked or not; see .gitignore"
     )]
     NothingToBuild { dir: PathBuf },
+    #[error(
+        "the library a confined build left, {lib}, is not a plain file (a link?): the host \
+         copies only a file the build wrote itself"
+    )]
+    NotAFile { lib: PathBuf },
     #[error("cannot read {path}, a file of the variant's build")]
     Read {
         path: PathBuf,
@@ -272,6 +277,7 @@ impl VariantCrate {
             // killed with it (the sandbox keeps it from leaving the group).
             .process_group(0);
         let lib = self.run_cargo(command, device, target_dir, true)?;
+        plain_file(&lib)?;
         let copy_error = |source| BuildError::Copy {
             from: lib.clone(),
             to: out.into(),
@@ -576,6 +582,16 @@ fn built_from(lib: &Path, dir: &Path) -> Result<bool, BuildError> {
     })
 }
 
+/// Checks that `lib`, the library a confined build reported, is a plain file. The host copies
+/// it with its own rights, so a link the build left there (to a file outside what the build
+/// may read) must not be followed.
+fn plain_file(lib: &Path) -> Result<(), BuildError> {
+    match std::fs::symlink_metadata(lib) {
+        Ok(meta) if meta.file_type().is_file() => Ok(()),
+        _ => Err(BuildError::NotAFile { lib: lib.into() }),
+    }
+}
+
 /// The source files a dep-info file (`target: source source ...`, spaces in paths escaped
 /// as `\ `) lists for its first target.
 fn dep_info_sources(text: &str) -> Vec<String> {
@@ -626,6 +642,24 @@ fn is_target_of(msg: &serde_json::Value, package: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_built_library_that_is_a_link_is_refused() {
+        let dir = std::env::temp_dir().join(format!("autoinfer-plain-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("libcurrent.so");
+        std::fs::write(&file, "a library").unwrap();
+        plain_file(&file).unwrap();
+        let link = dir.join("liblink.so");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        let message = plain_file(&link).unwrap_err().to_string();
+        assert!(
+            message.contains("liblink.so") && message.contains("not a plain file"),
+            "{message}"
+        );
+        assert!(plain_file(&dir.join("missing.so")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// A `--no-build` library is accepted from the crate cargo last built it from, whichever
     /// checkout that was, and refused when that was another directory of the same package.
