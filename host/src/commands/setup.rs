@@ -100,22 +100,6 @@ pub struct Plan<'a> {
     pub rounds: Vec<Vec<Planned<'a>>>,
 }
 
-/// A seed no one can know in advance, from the kernel's random source.
-pub fn fresh_seed() -> u64 {
-    let mut bytes = [0u8; 8];
-    // SAFETY: getrandom fills at most `bytes.len()` bytes of the buffer.
-    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if n == bytes.len() as isize {
-        u64::from_le_bytes(bytes)
-    } else {
-        // No getrandom (very old kernels): the clock's nanoseconds and the process id.
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        now.as_nanos() as u64 ^ ((std::process::id() as u64) << 32)
-    }
-}
-
 /// The checkout's root: the nearest ancestor of `start` with `prompts/protocol.toml`.
 pub fn find_root(start: &Path) -> Result<PathBuf> {
     let start = start
@@ -228,7 +212,7 @@ impl Setup {
         if let Some(n) = o.max_new_tokens {
             protocol.max_new_tokens = n;
         }
-        protocol.seed = o.seed.unwrap_or_else(fresh_seed);
+        protocol.seed = o.seed.unwrap_or_else(crate::stats::rng::fresh_seed);
         if let Some(t) = o.timeout_s {
             protocol.request_timeout_s = t;
         }

@@ -1,5 +1,23 @@
 //! A tiny, fully specified PRNG ([`SplitMix64`]), so that a seed draws the same prompts and the
-//! same simulations in every build, forever.
+//! same simulations in every build, forever; and [`fresh_seed`], the one unpredictable source.
+
+/// 64 bits no one can know in advance, from the kernel's random source: seeds, and every draw
+/// the harness makes that a variant must not predict (scratch directory names, the worker's heap
+/// shift, the order of a comparison's builds).
+pub fn fresh_seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom fills at most `bytes.len()` bytes of the buffer.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n == bytes.len() as isize {
+        u64::from_le_bytes(bytes)
+    } else {
+        // No getrandom (very old kernels): the clock's nanoseconds and the process id.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        now.as_nanos() as u64 ^ ((std::process::id() as u64) << 32)
+    }
+}
 
 /// Sebastiano Vigna's SplitMix64: one 64-bit state, one output per step.
 pub(crate) struct SplitMix64(u64);

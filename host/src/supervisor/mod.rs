@@ -21,7 +21,7 @@ use std::io::{Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -290,14 +290,9 @@ const FROZEN_CPU_TOLERANCE_NS: u64 = 10_000_000;
 /// how many workers came before it (a counter did: A, started first in every pair, always
 /// had an even one).
 fn scratch_dir() -> std::io::Result<PathBuf> {
-    use std::hash::BuildHasher;
     use std::os::unix::fs::DirBuilderExt;
-    static N: AtomicUsize = AtomicUsize::new(0);
     loop {
-        // std's hasher keys are random per process and per call; the counter only makes the
-        // input differ.
-        let draw = std::collections::hash_map::RandomState::new()
-            .hash_one(N.fetch_add(1, Ordering::Relaxed));
+        let draw = crate::stats::rng::fresh_seed();
         let dir = std::env::temp_dir().join(format!(
             "autoinfer-worker-{}-{draw:016x}",
             std::process::id()
@@ -976,6 +971,7 @@ pub fn peak_rss_kib(pid: libc::pid_t) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
 
     #[test]
     fn every_worker_gets_a_scratch_directory_name_of_one_length() {

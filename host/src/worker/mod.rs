@@ -174,11 +174,8 @@ fn shift_heap(draw: u64) -> usize {
 /// Runs the worker: confine, load the variant, then answer requests until stdin closes.
 pub fn run(args: &WorkerArgs) -> Result<()> {
     sandbox::close_inherited_descriptors(&[])?;
-    // Drawn now, before confinement: std's hasher keys come from the system's random source.
-    let heap_draw = std::hash::BuildHasher::hash_one(
-        &std::collections::hash_map::RandomState::new(),
-        std::process::id(),
-    );
+    // Drawn now, before confinement, from the kernel's random source.
+    let heap_draw = crate::stats::rng::fresh_seed();
     let mut out = private_stdout()?;
     // SAFETY: asks the kernel to kill this process when its parent, the supervisor, dies; a
     // worker frozen by the supervisor must not outlive it.

@@ -166,11 +166,7 @@ fn build_sides(
         b.build(b_arg, no_build, device, sandbox)
             .with_context(|| format!("variant B ({b_arg})"))
     };
-    let a_first = std::hash::BuildHasher::hash_one(
-        &std::collections::hash_map::RandomState::new(),
-        std::process::id(),
-    ) & 1
-        == 0;
+    let a_first = crate::stats::rng::fresh_seed() & 1 == 0;
     if !no_build {
         eprintln!(
             "building both sides in the one build place, in an order drawn at random: {}",
@@ -446,7 +442,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     let scored_rounds = pick_rounds(
         measured.rounds,
         p.setup.protocol.gates.scored_rounds,
-        crate::commands::setup::fresh_seed(),
+        crate::stats::rng::fresh_seed(),
     );
     let mut judged_samples: Vec<Sample> = b_samples
         .iter()
