@@ -132,24 +132,25 @@ impl PairCtx<'_> {
         // Started and warmed up in the pair's order too, so that whatever a worker can see of
         // it (its pid against its sibling's, which warm-up ran first) says nothing of its side:
         // with A always first, a variant could tell when it was the reference and slow it.
-        let first = usize::from(order == Order::BA);
-        let (mut spawned, mut warm) = ([None, None], [None, None]);
-        for which in [first, 1 - first] {
-            spawned[which] = Some(self.spawn(which)?);
-        }
-        let [Some((mut worker_a, started_a)), Some((mut worker_b, started_b))] = spawned else {
-            unreachable!("both sides were spawned above");
+        let ((mut worker_a, started_a), (mut worker_b, started_b)) = match order {
+            Order::AB => {
+                let a = self.spawn(0)?;
+                (a, self.spawn(1)?)
+            }
+            Order::BA => {
+                let b = self.spawn(1)?;
+                (self.spawn(0)?, b)
+            }
         };
-        for which in [first, 1 - first] {
-            let worker = if which == 0 {
-                &mut worker_a
-            } else {
-                &mut worker_b
-            };
-            warm[which] = Some(self.warm_up(worker, which)?);
-        }
-        let [Some(warm_a), Some(warm_b)] = warm else {
-            unreachable!("both sides were warmed up above");
+        let (warm_a, warm_b) = match order {
+            Order::AB => {
+                let a = self.warm_up(&mut worker_a, 0)?;
+                (a, self.warm_up(&mut worker_b, 1)?)
+            }
+            Order::BA => {
+                let b = self.warm_up(&mut worker_b, 1)?;
+                (self.warm_up(&mut worker_a, 0)?, b)
+            }
         };
         self.bar
             .set_message(format!("{}; {}", self.label, self.interval));
