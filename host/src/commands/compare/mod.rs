@@ -195,8 +195,13 @@ pub fn stage(a_arg: &str, b_arg: &str, device: Device, out: &Path) -> Result<()>
             );
         }
     }
-    // The oracle's build is what the variants' builds start from.
-    OracleBuild::prepare(&root, Device::Cpu)?;
+    // The oracle's build, for the device the protocol gives it, is what the variants' builds
+    // start from, as in a comparison.
+    let protocol = Protocol::load(&root.join("prompts/protocol.toml"))?;
+    OracleBuild::prepare(
+        &root,
+        protocol.gates.oracle_device().map_err(anyhow::Error::msg)?,
+    )?;
     let sandbox = crate::commands::setup::build_sandbox(&root);
     let (a, b) = build_sides(&root, (a_arg, b_arg), false, device, &sandbox)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot make {}", out.display()))?;
