@@ -361,32 +361,26 @@ pub fn weighted_sum_group(
         heads == 0 || out.len() >= (heads - 1) * out_stride + hd,
         "weighted_sum_group: the output is too short"
     );
+    // The AVX-512 kernel for each (heads, head width) it is compiled for, the width in vectors.
     // SAFETY (every arm): AVX-512F was checked by `supported`; the lengths were checked above,
     // and the head width is the arm's whole number of vectors.
     #[cfg(target_arch = "x86_64")]
-    match (isa, heads, hd) {
-        (Isa::Avx512, 2, 64) if isa.supported() => {
-            return unsafe {
-                x86::weighted_sum_group_avx512::<2, 4>(p, p_stride, values, out, out_stride)
+    macro_rules! group_kernels {
+        ($(($heads:literal, $hd:literal, $vectors:literal)),*) => {
+            match (isa, heads, hd) {
+                $((Isa::Avx512, $heads, $hd) if isa.supported() => {
+                    return unsafe {
+                        x86::weighted_sum_group_avx512::<$heads, $vectors>(
+                            p, p_stride, values, out, out_stride,
+                        )
+                    };
+                })*
+                _ => {}
             }
-        }
-        (Isa::Avx512, 3, 64) if isa.supported() => {
-            return unsafe {
-                x86::weighted_sum_group_avx512::<3, 4>(p, p_stride, values, out, out_stride)
-            }
-        }
-        (Isa::Avx512, 4, 64) if isa.supported() => {
-            return unsafe {
-                x86::weighted_sum_group_avx512::<4, 4>(p, p_stride, values, out, out_stride)
-            }
-        }
-        (Isa::Avx512, 2, 128) if isa.supported() => {
-            return unsafe {
-                x86::weighted_sum_group_avx512::<2, 8>(p, p_stride, values, out, out_stride)
-            }
-        }
-        _ => {}
+        };
     }
+    #[cfg(target_arch = "x86_64")]
+    group_kernels!((2, 64, 4), (3, 64, 4), (4, 64, 4), (2, 128, 8));
     for h in 0..heads {
         let out = &mut out[h * out_stride..h * out_stride + hd];
         weighted_sum(isa, &p[h * p_stride..h * p_stride + n], values, out);
