@@ -28,10 +28,22 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
-/// Every file under `path` (or `path` itself), skipping `target/` and dot-entries.
+/// A file's content as git commits it: a symbolic link's is the path it holds (git stores the
+/// link, never what it points at), any other file's its bytes. So a checkout and its commit
+/// hash alike, and reading a checkout never reaches through a link to a file outside it.
+pub fn git_content(path: &Path) -> std::io::Result<Vec<u8>> {
+    if std::fs::symlink_metadata(path)?.file_type().is_symlink() {
+        use std::os::unix::ffi::OsStrExt;
+        return Ok(std::fs::read_link(path)?.as_os_str().as_bytes().to_vec());
+    }
+    std::fs::read(path)
+}
+
+/// Every file under `path` (or `path` itself), skipping `target/` and dot-entries. A symbolic
+/// link inside is one file ([`git_content`]), never followed.
 fn collect(path: &Path, out: &mut Vec<PathBuf>) {
     if !path.is_dir() {
-        if path.is_file() {
+        if path.is_file() || path.is_symlink() {
             out.push(path.to_path_buf());
         }
         return;
@@ -42,8 +54,13 @@ fn collect(path: &Path, out: &mut Vec<PathBuf>) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if !is_skipped_name(&name) {
-            collect(&entry.path(), out);
+        if is_skipped_name(&name) {
+            continue;
+        }
+        match entry.file_type() {
+            Ok(kind) if kind.is_dir() => collect(&entry.path(), out),
+            Ok(kind) if kind.is_file() || kind.is_symlink() => out.push(entry.path()),
+            _ => {}
         }
     }
 }
@@ -54,7 +71,7 @@ pub fn hash_files(root: &Path, paths: &[PathBuf]) -> String {
     hash_entries(list_files(paths).into_iter().map(|file| {
         (
             file.strip_prefix(root).unwrap_or(&file).to_path_buf(),
-            std::fs::read(&file).unwrap_or_default(),
+            git_content(&file).unwrap_or_default(),
         )
     }))
 }

@@ -220,9 +220,26 @@ pub(crate) fn checkout_files(repo: &git2::Repository) -> Result<Vec<PathBuf>> {
             !path
                 .components()
                 .any(|c| is_skipped_name(&c.as_os_str().to_string_lossy()))
-                && workdir.join(path).is_file()
+                && std::fs::symlink_metadata(workdir.join(path))
+                    .is_ok_and(|m| m.is_file() || m.file_type().is_symlink())
         })
         .collect())
+}
+
+/// The content of `relative` in the working tree `workdir` (canonical) as a commit of it would
+/// hold it ([`crate::hashing::git_content`]: a symbolic link as the path it holds, not the file
+/// it points at), refused when a directory on its way is a link: git commits no file through
+/// one, and reading through it would reach outside the checkout.
+pub(crate) fn worktree_content(workdir: &Path, relative: &Path) -> std::io::Result<Vec<u8>> {
+    let path = workdir.join(relative);
+    let parent = path.parent().unwrap_or(workdir);
+    if parent.canonicalize()? != parent {
+        return Err(std::io::Error::other(format!(
+            "{} is reached through a symbolic link; git commits no file through one",
+            parent.display()
+        )));
+    }
+    crate::hashing::git_content(&path)
 }
 
 /// The commit `rev` names, with an error that says which revision and repository.

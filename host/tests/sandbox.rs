@@ -385,7 +385,8 @@ fn a_variant_cannot_tell_which_side_it_is_by_starting_first() {
 #[test]
 fn a_variant_cannot_tell_which_side_it_is_from_its_build() {
     // Both sides carry the `built` attack and are built by the host (no --no-build): A from
-    // HEAD's commit, B from the checkout, where an untracked file lies at the root. Each
+    // HEAD's commit, B from the checkout, where an untracked file lies at the root and the
+    // fixture's committed symbolic link `side-link` could be read through. Each
     // worker logs what its build saw; it must be the same for both, and the attack's slowdown
     // (for a library built where the reference used to be, or without that file) must hit
     // both or neither.
@@ -423,8 +424,11 @@ fn a_variant_cannot_tell_which_side_it_is_from_its_build() {
         "A's and B's builds saw the same place: {seen:#?}"
     );
     assert!(
-        seen[0].contains("git readable: false") && seen[0].contains("untracked file seen: false"),
-        "a build reads no git directory, and no file of the working tree outside the variant: {}",
+        seen[0].contains("git readable: false")
+            && seen[0].contains("untracked file seen: false")
+            && seen[0].contains("link followed: false"),
+        "a build reads no git directory, no file of the working tree outside the variant, and a \
+         symbolic link as a commit holds it: {}",
         seen[0]
     );
     neither_side_favoured(&out, &stdout, "whatever a build saw, A saw it as B did");

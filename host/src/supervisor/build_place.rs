@@ -3,8 +3,9 @@
 //!
 //! [`Sources`] is what a build reads: the repository's files, taken from a checkout's working
 //! tree ([`Sources::from_checkout`]) or from a commit ([`Sources::from_commit`]) by one rule
-//! (what a commit would hold, dot-entries and `target/` left out at any depth, every file
-//! written as a plain file), so that a clean checkout and its HEAD give the same tree. [`BuildSandbox::build`] takes the lock, writes them to
+//! (what a commit would hold, dot-entries and `target/` left out at any depth, a symbolic link
+//! as the path it holds, every file written as a plain file), so that a clean checkout and its
+//! HEAD give the same tree. [`BuildSandbox::build`] takes the lock, writes them to
 //! `src/`, builds them confined into `target/` (a fresh copy of the seed), copies the library
 //! out and clears both.
 //!
@@ -84,9 +85,12 @@ impl Sources {
             if has_head && !from_tree(&relative) {
                 continue;
             }
-            let path = workdir.join(&relative);
-            let content =
-                std::fs::read(&path).map_err(|source| BuildError::Read { path, source })?;
+            let content = crate::vcs::worktree_content(&workdir, &relative).map_err(|source| {
+                BuildError::Read {
+                    path: workdir.join(&relative),
+                    source,
+                }
+            })?;
             files.push((relative, content));
         }
         files.sort_by(|a, b| a.0.cmp(&b.0));
@@ -350,6 +354,37 @@ mod tests {
                 "{path}"
             );
         }
+        // A symbolic link is what a commit of it holds, the path it points at, never that
+        // file's content (which would tell a working tree's build from a commit's, and let a
+        // build read any file the host can); a file reached through a linked directory is
+        // refused by name.
+        let link = dir.join("variants/current/src/link.rs");
+        std::os::unix::fs::symlink("../../../Cargo.toml", &link).unwrap();
+        let linked = Sources::from_checkout(&dir, &dir.join("variants/current")).unwrap();
+        let found = linked
+            .files
+            .iter()
+            .find(|(p, _)| p == Path::new("variants/current/src/link.rs"));
+        assert_eq!(
+            found.map(|(_, c)| c.as_slice()),
+            Some(b"../../../Cargo.toml".as_slice())
+        );
+        std::fs::remove_file(&link).unwrap();
+        let src = dir.join("variants/current/src");
+        std::fs::rename(&src, dir.join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink("../../elsewhere", &src).unwrap();
+        let message = format!(
+            "{:#}",
+            anyhow::Error::from(
+                Sources::from_checkout(&dir, &dir.join("variants/current")).unwrap_err()
+            )
+        );
+        assert!(
+            message.contains("variants/current/src") && message.contains("symbolic link"),
+            "{message}"
+        );
+        std::fs::remove_file(&src).unwrap();
+        std::fs::rename(dir.join("elsewhere"), &src).unwrap();
         // An edit of the variant reaches the checkout's sources.
         std::fs::write(dir.join("variants/current/src/lib.rs"), "// current v2").unwrap();
         let edited = Sources::from_checkout(&dir, &dir.join("variants/current")).unwrap();
