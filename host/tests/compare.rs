@@ -572,13 +572,14 @@ fn a_variant_that_sends_its_tokens_in_bursts_is_reverted_by_the_itl_guard() {
 fn stage_builds_two_revisions_for_a_machine_without_cargo() {
     let _one_at_a_time = serial();
     let out = scratch("stage");
-    let (status, _, stderr) = output(host().current_dir(root()).args([
-        "stage",
-        "HEAD:variants/current",
-        "HEAD:variants/baseline",
-        "--out",
-        out.to_str().unwrap(),
-    ]));
+    let stage = |a: &str, b: &str| {
+        output(
+            host()
+                .current_dir(root())
+                .args(["stage", a, b, "--out", out.to_str().unwrap()]),
+        )
+    };
+    let (status, _, stderr) = stage("HEAD:variants/current", "HEAD:variants/baseline");
     assert!(status.status.success(), "{stderr}");
     assert!(
         stderr.contains("building both sides in the one build place"),
@@ -603,13 +604,7 @@ fn stage_builds_two_revisions_for_a_machine_without_cargo() {
             "{name} is where --no-build looks"
         );
     }
-    let (status, _, stderr) = output(host().current_dir(root()).args([
-        "stage",
-        "variants/current",
-        "HEAD:variants/current",
-        "--out",
-        out.to_str().unwrap(),
-    ]));
+    let (status, _, stderr) = stage("variants/current", "HEAD:variants/current");
     assert!(!status.status.success());
     assert!(
         stderr.contains("variant A (variants/current) is not a revision"),
