@@ -150,7 +150,8 @@ fn a_variant_against_itself_is_noise() {
         }
         assert!(row["decode_ratio"].contains('['), "{row:?}");
     }
-    // The JSON holds every pair, both sides, in ABBA order.
+    // The JSON holds every pair, both sides, each two pairs one A B and one B A (which first
+    // is drawn).
     let json = results.join("runs").join(&rows[0]["json"]);
     let record: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
@@ -160,11 +161,13 @@ fn a_variant_against_itself_is_noise() {
         .iter()
         .map(|p| p["order"].as_str().unwrap())
         .collect();
-    let expected = ["AB", "BA", "AB", "BA"];
-    assert!(
-        orders.len() >= 2 && orders == expected[..orders.len()],
-        "{orders:?}"
-    );
+    assert!(orders.len() >= 2, "{orders:?}");
+    for block in orders.chunks(2) {
+        assert!(
+            matches!(block, ["AB", "BA"] | ["BA", "AB"] | ["AB"] | ["BA"]),
+            "{orders:?}"
+        );
+    }
     // The two requests of a pair took turns: each side was stopped while the other ran, and
     // for no longer than the other ran (plus the switching), and that time is in no timing.
     for pair in record["pairs"].as_array().unwrap() {

@@ -3,7 +3,7 @@
 
 /// 64 bits no one can know in advance, from the kernel's random source: seeds, and every draw
 /// the harness makes that a variant must not predict (scratch directory names, the worker's heap
-/// shift, the order of a comparison's builds).
+/// shift, the order of a comparison's builds and of its pairs).
 pub fn fresh_seed() -> u64 {
     let mut bytes = [0u8; 8];
     // SAFETY: getrandom fills at most `bytes.len()` bytes of the buffer.

@@ -120,6 +120,58 @@ pub enum Order {
     BA,
 }
 
+impl Order {
+    /// The other order.
+    pub fn flipped(self) -> Order {
+        match self {
+            Order::AB => Order::BA,
+            Order::BA => Order::AB,
+        }
+    }
+}
+
+/// The orders of a comparison's pairs: in blocks of two consecutive pairs, one A B and one B A,
+/// which of them comes first drawn afresh for every block. Balanced, so that drift in the
+/// machine hits both sides alike, and unpredictable. With A first in every even pair (as
+/// before 2026-12-05), a worker that knows whether it started first in its pair (its
+/// sibling's pid in /proc) and the parity of its pair's index (its prompt's place in the
+/// round's fixed order, and the round from how much CPU the supervisor's finished children
+/// used) knew which side it was, and could slow itself as the reference.
+pub struct PairOrders<F> {
+    draw: F,
+    first_of_block: Vec<Order>,
+}
+
+impl<F: FnMut() -> u64> PairOrders<F> {
+    /// Orders whose blocks take one bit of `draw` each (the host passes
+    /// [`crate::stats::rng::fresh_seed`]).
+    pub fn new(draw: F) -> Self {
+        PairOrders {
+            draw,
+            first_of_block: Vec::new(),
+        }
+    }
+
+    /// The order of pair `pair` (pairs are asked for in any order; each block is drawn once).
+    pub fn of(&mut self, pair: usize) -> Order {
+        let block = pair / 2;
+        while self.first_of_block.len() <= block {
+            let first = if (self.draw)() & 1 == 0 {
+                Order::AB
+            } else {
+                Order::BA
+            };
+            self.first_of_block.push(first);
+        }
+        let first = self.first_of_block[block];
+        if pair.is_multiple_of(2) {
+            first
+        } else {
+            first.flipped()
+        }
+    }
+}
+
 /// One prompt instance answered by both variants, back to back.
 #[derive(Debug, Clone, Serialize)]
 pub struct Pair {
@@ -529,4 +581,58 @@ pub(crate) fn render(
         schedule.gamma,
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plays the strongest worker there is: it knows its pair's index exactly and whether it
+    /// started first, and guesses its side by the old rule (A first in every even pair). Each
+    /// block of two pairs is one A B and one B A, whatever the draw; the guess is right about
+    /// as often as a coin's over a thousand blocks, where the old order made it always right.
+    #[test]
+    fn a_worker_that_knows_its_pair_cannot_tell_its_side() {
+        let guess_is_a =
+            |pair: usize, started_first: bool| started_first == (pair.is_multiple_of(2));
+        let right = |order: Order, pair: usize| {
+            // The worker that started first: A in an A B pair.
+            let a_first = order == Order::AB;
+            usize::from(guess_is_a(pair, a_first))
+        };
+        let pairs = 2000;
+        let old: usize = (0..pairs)
+            .map(|p: usize| {
+                let order = if p.is_multiple_of(2) {
+                    Order::AB
+                } else {
+                    Order::BA
+                };
+                right(order, p)
+            })
+            .sum();
+        assert_eq!(old, pairs, "the old order gave every worker its side");
+        let mut orders = PairOrders::new(crate::stats::rng::fresh_seed);
+        let drawn: Vec<Order> = (0..pairs).map(|p| orders.of(p)).collect();
+        for block in drawn.chunks(2) {
+            assert_eq!(block[1], block[0].flipped(), "each block is balanced");
+        }
+        let now: usize = drawn.iter().enumerate().map(|(p, &o)| right(o, p)).sum();
+        assert!(
+            (800..=1200).contains(&now),
+            "the old rule guessed {now} of {pairs} sides right"
+        );
+    }
+
+    /// A block is drawn once, whichever of its pairs is asked for first, and takes one draw.
+    #[test]
+    fn each_block_is_drawn_once() {
+        let mut draws = [1u64, 0, 1].into_iter();
+        let mut orders = PairOrders::new(|| draws.next().expect("one draw a block"));
+        assert_eq!(orders.of(5), Order::AB, "block 2: draw 1, an odd pair");
+        assert_eq!(orders.of(0), Order::BA, "block 0: draw 1");
+        assert_eq!(orders.of(3), Order::BA, "block 1: draw 0, an odd pair");
+        assert_eq!(orders.of(4), Order::BA);
+        assert_eq!(orders.of(1), Order::AB);
+    }
 }

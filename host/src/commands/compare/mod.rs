@@ -4,9 +4,10 @@
 //! Order of work: resolve and build both variants ([`Side`]: a directory, or `REV:PATH` built
 //! from git by [`crate::supervisor::revision`]) and the quality oracle. Then every round draws
 //! one instance per prompt, and each instance is a [`Pair`]: two fresh workers, one per
-//! variant, each warmed up by a short request, answer it, in the order A B, B A, A B, ... so
-//! that drift in the machine hits both alike: on the CPU at once, taking turns; on a GPU one
-//! after the other, never two alive at once ([`pair`]). After every `rounds_per_look` rounds
+//! variant, each warmed up by a short request, answer it, one pair of every two A first and the
+//! other B first, which one drawn at random ([`figures::PairOrders`]), so that drift in the
+//! machine hits both alike and no worker can work out its side from its pair's place: on the
+//! CPU at once, taking turns; on a GPU one after the other, never two alive at once ([`pair`]). After every `rounds_per_look` rounds
 //! the paired log-ratios of each [`Figure`] are tested ([`crate::stats::significance`]), one
 //! per pair; measuring stops as soon as the keep rule's outcome would in all likelihood not
 //! change ([`measuring_done`]: anything SLOWER, or decode decided and every guarded figure
@@ -40,7 +41,7 @@ use crate::supervisor::revision::{Committed, VariantArg};
 use crate::supervisor::{Spawn, Worker};
 use figures::{
     by_prompt, look, look_line, measuring_done, render, render_by_prompt, Figure, FigureCall,
-    FigureResult, Horizon, Order, Pair, TESTS,
+    FigureResult, Horizon, Pair, PairOrders, TESTS,
 };
 pub use keep_rule::Outcome;
 use pair::{PairCtx, WorkerLife};
@@ -811,16 +812,13 @@ fn measure(
     let bar = crate::progress::progress_bar(total, "");
     let log = |line: String| crate::progress::log_line(&bar, line);
     let started = Instant::now();
+    let mut orders = PairOrders::new(crate::stats::rng::fresh_seed);
     let mut interval = String::from("no look yet");
     let new_tokens = setup.protocol.max_new_tokens;
     for round in 0..max_rounds {
         for planned in &plan.rounds[round as usize] {
             let label = planned.label(max_rounds);
-            let order = if out.pairs.len() % 2 == 0 {
-                Order::AB
-            } else {
-                Order::BA
-            };
+            let order = orders.of(out.pairs.len());
             let ctx = PairCtx {
                 pair: out.pairs.len(),
                 clock: started,
