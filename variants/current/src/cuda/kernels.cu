@@ -690,7 +690,10 @@ extern "C" __global__ void tiled_swiglu_f32(const u8* wg, const u8* sg, const u8
 // each: the same 128 staged rows and the same accumulators a thread, so that two blocks fit an
 // SM either way. Each 32-column step stages the block's quants as bf16 and its activations'
 // three parts in shared memory; the next step's global loads are issued before this step's
-// products, and the warps take their fragments with ldmatrix.
+// products, and the warps take their fragments with ldmatrix. When the tiles would leave SMs
+// idle (a short chunk: few token tiles), the host splits the columns over gridDim.z blocks, each
+// adding its partial sums into y atomically: the same products, summed in another order, and a
+// block's chain of 32-column steps (a global load's latency each) a fraction as long.
 //
 // A step's 32 columns are staged in a fixed order that is not the weights' own: within each
 // group of four, columns 4a, 4a + 1, 4a + 2, 4a + 3 hold weights 4a, 4a + 2, 4a + 1, 4a + 3.
@@ -822,6 +825,12 @@ __device__ void mma_body(const u8* w, const u8* s, const u8* w2, const u8* s2, c
     const int wm = warp % 4, wn = warp / 4;
     const int row0 = blockIdx.x * BR, tok0 = blockIdx.y * MMA_TOKENS;
     const int nb = cols / 32;
+    // Split over the columns when the host launches gridDim.z > 1 (never for GATED, whose
+    // SwiGLU needs whole sums): block z takes quant blocks b_begin .. b_end and adds its
+    // partial sums into y atomically (y zeroed first unless accumulating).
+    const int splits = gridDim.z;
+    const int b_begin = (int)((long)blockIdx.z * nb / splits);
+    const int b_end = (int)((long)(blockIdx.z + 1) * nb / splits);
     // What this thread stages: quants 16 half .. 16 half + 15 of row lr of matrix ms, and
     // activations 8 qtr .. 8 qtr + 7 of token lt.
     const int ms = (tid / 2) / BR, lr = (tid / 2) % BR, half = tid % 2, lt = tid / 4, qtr = tid % 4;
@@ -843,9 +852,9 @@ __device__ void mma_body(const u8* w, const u8* s, const u8* w2, const u8* s2, c
 #pragma unroll
                 for (int e = 0; e < 4; e++) acc[m][i][j][e] = 0.0f;
     MmaLoads next;
-    mma_fetch<FMT>(next, wms, sms, x, 0, nb, row0 + lr, row_in, half, tok0 + lt, tok_in, cols,
-                   qtr);
-    for (int b = 0; b < nb; b++) {
+    mma_fetch<FMT>(next, wms, sms, x, b_begin, nb, row0 + lr, row_in, half, tok0 + lt, tok_in,
+                   cols, qtr);
+    for (int b = b_begin; b < b_end; b++) {
         const MmaLoads cur = next;
         // Stage the quants as bf16 pairs in the staged column order, and the scales.
         {
@@ -914,7 +923,7 @@ __device__ void mma_body(const u8* w, const u8* s, const u8* w2, const u8* s2, c
             }
         }
         __syncthreads();
-        if (b + 1 < nb) {
+        if (b + 1 < b_end) {
             mma_fetch<FMT>(next, wms, sms, x, b + 1, nb, row0 + lr, row_in, half, tok0 + lt,
                            tok_in, cols, qtr);
         }
@@ -988,6 +997,8 @@ __device__ void mma_body(const u8* w, const u8* s, const u8* w2, const u8* s2, c
                 if (GATED) {
                     const float gate = acc[0][i][j][e];
                     *out = gate / (1.0f + expf(-gate)) * acc[NM - 1][i][j][e];
+                } else if (splits > 1) {
+                    atomicAdd(out, acc[0][i][j][e]);
                 } else {
                     *out = accumulate ? *out + acc[0][i][j][e] : acc[0][i][j][e];
                 }

@@ -84,8 +84,9 @@ fn random_activations(n: usize, seed: u64) -> Vec<f32> {
 fn cuda_matmul_of_each_format_matches_the_cpu_for_any_token_count() {
     let (stream, k) = gpu();
     // Rows that fill no whole block of the grid; rows shorter than a warp's lanes and rows
-    // that take the lanes several rounds (the one-token kernel's loop).
-    for (rows, cols, t_max) in [(130, 96, 200), (131, 1088, 20)] {
+    // that take the lanes several rounds (the one-token kernel's loop); chunks whose few tiles
+    // split the columns (`column_splits`), into splits of equal and of unequal lengths.
+    for (rows, cols, t_max) in [(130, 96, 200), (131, 1088, 20), (300, 1600, 70)] {
         for (n, format) in [Format::Q4_1, Format::Q8_0, Format::F32]
             .into_iter()
             .enumerate()
@@ -118,7 +119,8 @@ fn check_matmul(
     let x = random_activations(t * cols, t as u64);
     let want = cpu_product(cpu, &x, t, cols);
     let xd = stream.clone_htod(&x).unwrap();
-    let mut y = stream.alloc_zeros::<f32>(t * rows).unwrap();
+    // Not zeros: a product that does not accumulate must not read what y held.
+    let mut y = stream.clone_htod(&vec![f32::NAN; t * rows]).unwrap();
     let product = |y: &mut CudaSlice<f32>, accumulate: bool| {
         let x = xd.as_view();
         matmul(stream, k, device, &x, y, t, accumulate, &Fusion::NONE).unwrap();
@@ -758,6 +760,31 @@ fn cuda_fused_rmsnorm_matches_a_norm_then_a_matmul() {
 /// its kernels: each pair must agree, or a kernel indexes past what its launch covers (a
 /// cluster size that differs, say, makes `attention_decode` take KV heads that do not exist).
 /// Needs neither a GPU nor libnvrtc; CI runs it with the NVRTC tests.
+#[test]
+fn kernels_cu_matmul_splits_its_columns_only_where_tiles_leave_sms_idle() {
+    // SmolLM2 (576 wide, FFN 1,536) on 132 SMs: 88 tokens are 2 token tiles, so wo has 10
+    // tiles of 18 column blocks, down 10 of 48, QKV 16 of 18.
+    assert_eq!(column_splits(10, 18, 132), 9);
+    assert_eq!(column_splits(10, 48, 132), 14);
+    assert_eq!(column_splits(16, 18, 132), 9);
+    // The 1B's wo at 512 tokens: 128 tiles, two splits; SmolLM2's long prompt fills the SMs.
+    assert_eq!(column_splits(128, 64, 132), 2);
+    assert_eq!(column_splits(135, 18, 132), 1);
+    // Too few columns for two splits of SPLIT_MIN_BLOCKS.
+    assert_eq!(column_splits(1, 3, 132), 1);
+    for tiles in 0..300u32 {
+        for col_blocks in 1..100usize {
+            let splits = column_splits(tiles, col_blocks, 132);
+            assert!(splits >= 1);
+            if splits > 1 {
+                assert!(splits as usize * SPLIT_MIN_BLOCKS <= col_blocks);
+                // Covers the SMs at most once over: no split that would only queue.
+                assert!(tiles * (splits - 1) < 132, "{tiles} tiles, {splits} splits");
+            }
+        }
+    }
+}
+
 #[test]
 fn kernels_cu_defines_match_the_launch_constants() {
     let define = |name: &str| -> usize {
