@@ -10,7 +10,8 @@
 # Then on the GPU machine, in one call: carry gpu-probe, run `bash gpu-probe/ab.sh`
 # (environment: SHAPES, default smollm2,1b,8b; ROUNDS, default 2; PROMPT, the position decode
 # starts from, default 32, 1680 for the protocol's long prompt; PROBE=prefill times a prefill
-# of PROMPT tokens instead, `probe_prefill`). Three shapes and two rounds take about 70 s
+# of PROMPT tokens instead, `probe_prefill`, the variant's test: check that it prefills in the
+# chunks a request uses). Three shapes and two rounds take about 70 s
 # there; on the H200 the same binary's step time repeats within 0.3%. Add
 # `gpu-probe/b --ignored --skip bench_ --skip probe_` to run B's GPU tests in the same call.
 #
