@@ -34,12 +34,14 @@
 #      until it ends. The last call leaves results/ (row and record) in $OUT/results.tgz: unpack
 #      it here, append the row to results/results.tsv, copy the record into results/runs/, and
 #      `host keep` on KEEP (`--allow-unsandboxed` if the row's sandbox is not `full`).
+#   4. optionally, carry nothing, run `bash gpu-stage/2/go.sh bench`: `host bench` of A, then
+#      of B, on the model and the synthetic 1B and 8B shapes (SHAPES, BENCH: see go.sh)
 # Needs: cargo, git, strip, a kernel with Landlock, the model in the cache (any `host run`
 # fetches it).
 set -euo pipefail
 
 case "${1:-}" in
-  ""|-h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  ""|-h|--help) sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
 DESCRIPTION="$1"
 shift
@@ -106,7 +108,12 @@ rm -f "$index"
 git update-ref refs/gpu-stage/b "$B_COMMIT"
 echo "gpu-stage.sh: building A (HEAD:variants/current) and B (${B_COMMIT:0:12}:variants/current, the working tree's) for cuda, confined, and both sides' GPU tests"
 target/release/host stage HEAD:variants/current "$B_COMMIT:variants/current" --device cuda \
-  --out "$STAGE/1/built"
+  --out "$STAGE/1/built" | tee "$STAGE/stage.log"
+# Which library is which side, for `go.sh bench` (host stage prints "staged REV as PATH").
+side_lib() { sed -n "s|^staged $1:variants/current as .*/||p" "$STAGE/stage.log"; }
+A_LIB="$(side_lib HEAD)"
+B_LIB="$(side_lib "$B_COMMIT")"
+[ -n "$A_LIB" ] && [ -n "$B_LIB" ] || { echo "gpu-stage.sh: host stage named no library for A or B" >&2; exit 1; }
 for lib in "$STAGE/1/built/"*.so; do strip --strip-debug "$lib"; done
 # The host goes compressed: since its rarely-run dependencies are built without optimisation
 # (Cargo.toml) it is 24 MB stripped, 7 MB gzipped, and the model's first part needs the room.
@@ -132,10 +139,16 @@ STAGED_SUMS="$(cd "$STAGE/1" && sha256sum host.gz built/*.so "$ORACLE" head.bund
 cat > "$STAGE/2/go.sh" <<EOF
 #!/usr/bin/env bash
 # Written by tools/gpu-stage.sh: see there. \`go.sh\` sets up and starts; \`go.sh setup\` only
-# sets up; \`go.sh wait\` follows.
+# sets up; \`go.sh wait\` follows; \`go.sh bench\` (after the comparison) sets up and runs
+# \`host bench\` of A ($A_LIB) and then B ($B_LIB) on the default model and
+# the synthetic shapes in \$SHAPES (default llama-3.2-1b llama-3.1-8b, written there by
+# \`host synth\`), with the options in \$BENCH (default -p 512 -n 128 -r 3).
 set -uo pipefail
 S=$STAGE
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:\${LD_LIBRARY_PATH:-} CARGO_TARGET_DIR=target
+if [ "\${1:-}" = bench ] && [ -f \$S/compare.pid ] && kill -0 "\$(cat \$S/compare.pid)" 2> /dev/null; then
+  echo "the comparison is still running: \\\`go.sh wait\\\` until it ends, then bench"; exit 1
+fi
 if [ "\${1:-}" != wait ]; then
   set -e
   M=\$HOME/.cache/autoinfer/$(basename "$MODEL")
@@ -154,6 +167,26 @@ SUMS
   echo "HEAD \$(git rev-parse --short HEAD); what differs from it (only variants/current may):"
   git status --short
   if [ "\${1:-}" = setup ]; then exit 0; fi
+  if [ "\${1:-}" = bench ]; then
+    set +e
+    H=./target/release/host
+    models=("")
+    for shape in \${SHAPES:-llama-3.2-1b llama-3.1-8b}; do
+      m="\$(\$H synth --shape "\$shape" 2> /dev/null | tail -1)"
+      [ -f "\$m" ] || m="\$HOME/.cache/autoinfer/synth/\$shape-q4_1.gguf"
+      [ -f "\$m" ] && models+=("--model=\$m") || echo "no synthetic \$shape: host synth failed"
+    done
+    for side in "A $A_LIB" "B $B_LIB"; do
+      set -- \$side
+      echo "\$1: \$2"
+      cp "target/autoinfer-git/built/\$2" target/release/libcurrent.so
+      for model in "\${models[@]}"; do
+        \$H bench variants/current --device cuda --no-build \${BENCH:--p 512 -n 128 -r 3} \$model 2>&1 |
+          grep -E '^\\| |rror'
+      done
+    done
+    exit 0
+  fi
   set +e
   setsid nohup ./target/release/host compare HEAD:variants/current $B_COMMIT:variants/current \\
     --device cuda --no-build$EXTRA \\
