@@ -108,8 +108,9 @@ rm -f "$index"
 git update-ref refs/gpu-stage/b "$B_COMMIT"
 echo "gpu-stage.sh: building A (HEAD:variants/current) and B (${B_COMMIT:0:12}:variants/current, the working tree's) for cuda, confined, and both sides' GPU tests"
 target/release/host stage HEAD:variants/current "$B_COMMIT:variants/current" --device cuda \
-  --out "$STAGE/1/built" | tee "$STAGE/stage.log"
-# Which library is which side, for `go.sh bench` (host stage prints "staged REV as PATH").
+  --out "$STAGE/1/built" 2>&1 | tee "$STAGE/stage.log"
+# Which library is which side, for `go.sh bench` (host stage prints "staged REV as PATH" on
+# stderr).
 side_lib() { sed -n "s|^staged $1:variants/current as .*/||p" "$STAGE/stage.log"; }
 A_LIB="$(side_lib HEAD)"
 B_LIB="$(side_lib "$B_COMMIT")"
