@@ -141,9 +141,9 @@ cat > "$STAGE/2/go.sh" <<EOF
 #!/usr/bin/env bash
 # Written by tools/gpu-stage.sh: see there. \`go.sh\` sets up and starts; \`go.sh setup\` only
 # sets up; \`go.sh wait\` follows; \`go.sh bench\` (after the comparison) sets up and runs
-# \`host bench\` of A ($A_LIB) and then B ($B_LIB) on the default model and
-# the synthetic shapes in \$SHAPES (default llama-3.2-1b llama-3.1-8b, written there by
-# \`host synth\`), with the options in \$BENCH (default -p 512 -n 128 -r 3).
+# \`host bench\` of A and then of B on the default model and the synthetic shapes in \$SHAPES
+# (default llama-3.2-1b llama-3.1-8b, written there by \`host synth\`), with the options in
+# \$BENCH (default -p 512 -n 128 -r 3). A is $A_LIB, B $B_LIB.
 set -uo pipefail
 S=$STAGE
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:\${LD_LIBRARY_PATH:-} CARGO_TARGET_DIR=target
