@@ -119,10 +119,7 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     let order = setup.order();
     let mut measured = Measured::default();
 
-    let roofline = crate::measure::roofline::Roofline::new(
-        model.view,
-        crate::measure::roofline::measure_bandwidth(),
-    );
+    let roofline = crate::measure::roofline::Roofline::for_model(model.view);
     let outcome = measure(args, &setup, &lib, &plan, &protect, &mut measured);
     let Measured {
         mut samples,
@@ -188,9 +185,11 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     outcome?;
     if suspect {
         bail!(
-            "variant {} decoded at {fastest:.1} tok/s, above the {:.0} tok/s that memory bandwidth allows: \
-             the run is recorded as suspect, not as a result",
+            "variant {} decoded at {fastest:.1} tok/s, above {:.0} tok/s, {} times what memory bandwidth allows \
+             ({:.0} tok/s): the run is recorded as suspect, not as a result",
             args.variant.display(),
+            roofline.suspect_above(),
+            crate::measure::roofline::SUSPECT_SLACK,
             roofline.bound_tok_s
         );
     }
@@ -208,10 +207,11 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     }
     if setup.device == Device::Cpu {
         eprintln!(
-            "decode roofline: {:.0} tok/s ({:.1} MB of weights per token at {:.1} GB/s); fastest request {fastest:.2} tok/s",
+            "decode roofline: {:.0} tok/s ({:.1} MB of weights per token at {:.1} GB/s; suspect above {:.0}); fastest request {fastest:.2} tok/s",
             roofline.bound_tok_s,
             roofline.bytes_per_token as f64 / 1e6,
             roofline.bandwidth_gb_s,
+            roofline.suspect_above(),
         );
     } else {
         eprintln!(

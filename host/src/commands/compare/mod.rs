@@ -613,17 +613,14 @@ fn untimed_answers(
     Ok(answers)
 }
 
-/// The roofline check on what was measured: B above the memory-bandwidth bound is suspect (its
-/// reason in words); A above it makes the comparison fail, since nothing can be compared with a
-/// suspect reference. Only on the CPU, whose bound the host measures (a GPU may beat it).
+/// The roofline check on what was measured: B well above the memory-bandwidth bound
+/// ([`crate::measure::roofline::SUSPECT_SLACK`] times) is suspect (its reason in words); A
+/// above it makes the comparison fail, since nothing can be compared with a suspect reference. Only on the CPU, whose bound the host measures (a GPU may beat it).
 fn check_roofline(p: &Prepared, pairs: &[Pair], outcome: &mut Result<()>) -> Option<String> {
     if p.setup.device != Device::Cpu {
         return None;
     }
-    let roofline = crate::measure::roofline::Roofline::new(
-        p.setup.model.view,
-        crate::measure::roofline::measure_bandwidth(),
-    );
+    let roofline = crate::measure::roofline::Roofline::for_model(p.setup.model.view);
     let fastest = |pick: fn(&Pair) -> &Sample| {
         pairs
             .iter()
@@ -633,14 +630,18 @@ fn check_roofline(p: &Prepared, pairs: &[Pair], outcome: &mut Result<()>) -> Opt
     let (fastest_a, fastest_b) = (fastest(|p| &p.a), fastest(|p| &p.b));
     if outcome.is_ok() && roofline.is_suspect(fastest_a) {
         *outcome = Err(anyhow::anyhow!(
-            "A ({}) decoded at {fastest_a:.1} tok/s, above the {:.0} tok/s bound: the reference side is suspect, so nothing can be compared with it",
+            "A ({}) decoded at {fastest_a:.1} tok/s, above {:.0} tok/s, {} times the {:.0} tok/s bound: the reference side is suspect, so nothing can be compared with it",
             p.a_arg,
+            roofline.suspect_above(),
+            crate::measure::roofline::SUSPECT_SLACK,
             roofline.bound_tok_s
         ));
     }
     roofline.is_suspect(fastest_b).then(|| {
         format!(
-            "B decoded at {fastest_b:.1} tok/s, above the {:.0} tok/s that memory bandwidth allows (suspect)",
+            "B decoded at {fastest_b:.1} tok/s, above {:.0} tok/s, {} times what memory bandwidth allows ({:.0} tok/s) (suspect)",
+            roofline.suspect_above(),
+            crate::measure::roofline::SUSPECT_SLACK,
             roofline.bound_tok_s
         )
     })
