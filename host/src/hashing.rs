@@ -42,11 +42,14 @@ pub fn git_content(path: &Path) -> std::io::Result<Vec<u8>> {
 /// Every file under `path` (or `path` itself), skipping `target/` and dot-entries. A symbolic
 /// link inside is one file ([`git_content`]), never followed.
 fn collect(path: &Path, out: &mut Vec<PathBuf>) {
-    if !path.is_dir() {
-        if path.is_file() || path.is_symlink() {
+    // `symlink_metadata`, not `is_dir`: a link to a directory is one file too, never walked.
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(meta) if meta.is_file() || meta.file_type().is_symlink() => {
             out.push(path.to_path_buf());
+            return;
         }
-        return;
+        _ => return,
     }
     let Ok(entries) = std::fs::read_dir(path) else {
         return;
@@ -137,6 +140,14 @@ mod tests {
         );
         std::fs::write(dir.join("src/lib.rs"), "b").unwrap();
         assert_ne!(h1, all(), "an edit must change the hash");
+        // A link, inside the tree or named itself, is one file holding its target's path (as
+        // git commits it), never walked: a link to a directory lists no file through it.
+        let link = dir.join("linked-src");
+        std::os::unix::fs::symlink("src", &link).unwrap();
+        assert_eq!(list_files(&[link.clone()]), vec![link.clone()]);
+        assert_eq!(git_content(&link).unwrap(), b"src");
+        assert!(list_files(&[dir.clone()]).contains(&link));
+        assert!(!list_files(&[dir.clone()]).contains(&link.join("lib.rs")));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
