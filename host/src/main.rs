@@ -218,8 +218,9 @@ enum Command {
         verbose: bool,
     },
     /// Head-to-head: is B faster than A? Both variants run at once in two workers, in every two
-    /// pairs one A B and one B A (which first drawn at random), on the same prompt instances; after every few rounds the paired
-    /// ratios are tested, and rounds are added until each figure is decided or the budget ends.
+    /// pairs one A B and one B A (which first drawn at random), on the same prompt instances;
+    /// after every few rounds the paired ratios are tested, and rounds are added until each
+    /// figure is decided or the budget ends.
     /// Prints a table (A and B medians, ratio B/A, intervals, p, verdict per figure) and a
     /// verdict line, appends a row to results/results.tsv and writes every pair to
     /// results/runs/. Exit status: 0 KEEP (decode FASTER, no guarded figure SLOWER, B passes

@@ -185,12 +185,9 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     outcome?;
     if suspect {
         bail!(
-            "variant {} decoded at {fastest:.1} tok/s, above {:.0} tok/s, {} times what memory bandwidth allows \
-             ({:.0} tok/s): the run is recorded as suspect, not as a result",
+            "variant {} {}: the run is recorded as suspect, not as a result",
             args.variant.display(),
-            roofline.suspect_above(),
-            crate::measure::roofline::SUSPECT_SLACK,
-            roofline.bound_tok_s
+            roofline.excess(fastest)
         );
     }
     let summary = summary.expect("a successful run has a summary");

@@ -142,7 +142,8 @@ pub fn measure_bandwidth_over(bytes: u64) -> f64 {
             acc.wrapping_add(black_box(part).iter().fold(0u64, |a, &x| a.wrapping_add(x)))
         })
     };
-    read(&buffer); // once to bring it into whatever cache holds it
+    // One pass first, to bring the buffer into whatever cache holds it.
+    black_box(buffer.iter().fold(0u64, |a, &x| a.wrapping_add(x)));
     let mut best = 0.0f64;
     for _ in 0..5 {
         let start = Instant::now();
@@ -182,6 +183,17 @@ impl Roofline {
     /// Whether a measured decode rate is well beyond what physics allows.
     pub fn is_suspect(&self, decode_tok_s: f64) -> bool {
         decode_tok_s > self.suspect_above()
+    }
+
+    /// A suspect rate in words, for the error that reports it: "decoded at R tok/s, above S
+    /// tok/s, 1.5 times what memory bandwidth allows (B tok/s)".
+    pub fn excess(&self, decode_tok_s: f64) -> String {
+        format!(
+            "decoded at {decode_tok_s:.1} tok/s, above {:.0} tok/s, {SUSPECT_SLACK} times what \
+             memory bandwidth allows ({:.0} tok/s)",
+            self.suspect_above(),
+            self.bound_tok_s
+        )
     }
 }
 
@@ -253,6 +265,11 @@ mod tests {
         assert!(!r.is_suspect(375.0));
         assert!(r.is_suspect(376.0));
         assert!(r.is_suspect(1_000.0));
+        assert_eq!(
+            r.excess(1_000.0),
+            "decoded at 1000.0 tok/s, above 375 tok/s, 1.5 times what memory bandwidth allows \
+             (250 tok/s)"
+        );
     }
 
     #[test]

@@ -7,9 +7,9 @@
 //! variant, each warmed up by a short request, answer it, one pair of every two A first and the
 //! other B first, which one drawn at random ([`figures::PairOrders`]), so that drift in the
 //! machine hits both alike and no worker can work out its side from its pair's place: on the
-//! CPU at once, taking turns; on a GPU one after the other, never two alive at once ([`pair`]). After every `rounds_per_look` rounds
-//! the paired log-ratios of each [`Figure`] are tested ([`crate::stats::significance`]), one
-//! per pair; measuring stops as soon as the keep rule's outcome would in all likelihood not
+//! CPU at once, taking turns; on a GPU one after the other, never two alive at once ([`pair`]).
+//! After every `rounds_per_look` rounds the paired log-ratios of each [`Figure`] are tested
+//! ([`crate::stats::significance`]), one per pair; measuring stops as soon as the keep rule's outcome would in all likelihood not
 //! change ([`measuring_done`]: anything SLOWER, or decode decided and every guarded figure
 //! shown not SLOWER beyond the noise threshold or unlikely to end SLOWER), or when the
 //! schedule or the time budget ends. B's answers then go through the quality gates, and
@@ -615,7 +615,8 @@ fn untimed_answers(
 
 /// The roofline check on what was measured: B well above the memory-bandwidth bound
 /// ([`crate::measure::roofline::SUSPECT_SLACK`] times) is suspect (its reason in words); A
-/// above it makes the comparison fail, since nothing can be compared with a suspect reference. Only on the CPU, whose bound the host measures (a GPU may beat it).
+/// above it makes the comparison fail, since nothing can be compared with a suspect reference.
+/// Only on the CPU, whose bound the host measures (a GPU may beat it).
 fn check_roofline(p: &Prepared, pairs: &[Pair], outcome: &mut Result<()>) -> Option<String> {
     if p.setup.device != Device::Cpu {
         return None;
@@ -630,21 +631,14 @@ fn check_roofline(p: &Prepared, pairs: &[Pair], outcome: &mut Result<()>) -> Opt
     let (fastest_a, fastest_b) = (fastest(|p| &p.a), fastest(|p| &p.b));
     if outcome.is_ok() && roofline.is_suspect(fastest_a) {
         *outcome = Err(anyhow::anyhow!(
-            "A ({}) decoded at {fastest_a:.1} tok/s, above {:.0} tok/s, {} times the {:.0} tok/s bound: the reference side is suspect, so nothing can be compared with it",
+            "A ({}) {}: the reference side is suspect, so nothing can be compared with it",
             p.a_arg,
-            roofline.suspect_above(),
-            crate::measure::roofline::SUSPECT_SLACK,
-            roofline.bound_tok_s
+            roofline.excess(fastest_a)
         ));
     }
-    roofline.is_suspect(fastest_b).then(|| {
-        format!(
-            "B decoded at {fastest_b:.1} tok/s, above {:.0} tok/s, {} times what memory bandwidth allows ({:.0} tok/s) (suspect)",
-            roofline.suspect_above(),
-            crate::measure::roofline::SUSPECT_SLACK,
-            roofline.bound_tok_s
-        )
-    })
+    roofline
+        .is_suspect(fastest_b)
+        .then(|| format!("B {} (suspect)", roofline.excess(fastest_b)))
 }
 
 /// The comparison's answer on stdout: the table per figure, the gates and the verdict line (or
