@@ -173,9 +173,11 @@ SUMS
     H=./target/release/host
     models=("")
     for shape in \${SHAPES:-llama-3.2-1b llama-3.1-8b}; do
-      m="\$(\$H synth --shape "\$shape" 2> /dev/null | tail -1)"
+      # Written now, or there from an earlier call (then synth refuses to overwrite it).
+      m="\$(\$H synth --shape "\$shape" 2> \$S/synth.err | tail -1)"
       [ -f "\$m" ] || m="\$HOME/.cache/autoinfer/synth/\$shape-q4_1.gguf"
-      [ -f "\$m" ] && models+=("--model=\$m") || echo "no synthetic \$shape: host synth failed"
+      if [ -f "\$m" ]; then models+=("--model=\$m")
+      else echo "no synthetic \$shape, skipped: \$(tail -1 \$S/synth.err)"; fi
     done
     for side in "A $A_LIB" "B $B_LIB"; do
       set -- \$side
