@@ -144,10 +144,10 @@ mod tests {
         // git commits it), never walked: a link to a directory lists no file through it.
         let link = dir.join("linked-src");
         std::os::unix::fs::symlink("src", &link).unwrap();
-        assert_eq!(list_files(&[link.clone()]), vec![link.clone()]);
+        assert_eq!(list_files(std::slice::from_ref(&link)), vec![link.clone()]);
         assert_eq!(git_content(&link).unwrap(), b"src");
-        assert!(list_files(&[dir.clone()]).contains(&link));
-        assert!(!list_files(&[dir.clone()]).contains(&link.join("lib.rs")));
+        let whole = list_files(std::slice::from_ref(&dir));
+        assert!(whole.contains(&link) && !whole.contains(&link.join("lib.rs")));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
