@@ -118,13 +118,24 @@ fn scores_the_current_variant_on_the_real_model() {
     let samples = run["samples"].as_array().unwrap();
     let bound = run["roofline"]["bound_tok_s"].as_f64().unwrap();
     let bytes = run["roofline"]["bytes_per_token"].as_u64().unwrap();
+    let suspect_above = run["suspect_above_tok_s"].as_f64().unwrap();
     assert!(
         (90_000_000..100_000_000).contains(&bytes),
         "about 96 MB of weights per token: {bytes}"
     );
+    // Not the bound itself: an honest variant comes near it, and a shared machine's measured
+    // bandwidth moves by 7-13% (a CI run of 2026-12-05 read 196.3 tok/s against 183).
     assert!(
-        bound > row["decode_tok_s"].parse::<f64>().unwrap(),
-        "an honest variant is below the roofline ({bound})"
+        suspect_above > bound && bound > 0.0,
+        "the suspect threshold is above the bound ({suspect_above}, {bound})"
+    );
+    let fastest = samples
+        .iter()
+        .map(|s| s["timing"]["decode_tok_s"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert!(
+        fastest <= suspect_above,
+        "an honest variant is not suspect: fastest {fastest} tok/s, threshold {suspect_above}"
     );
     assert_eq!(samples.len(), 5, "one timed request per prompt per round");
     // No two requests share an instance, the untimed warm-up included.

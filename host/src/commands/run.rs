@@ -46,6 +46,9 @@ struct RunRecord<'a> {
     description: &'a str,
     load_ms: f64,
     roofline: &'a crate::measure::roofline::Roofline,
+    /// The decode rate above which a request made the run suspect (on the CPU; a GPU's is not
+    /// checked): [`crate::measure::roofline::SUSPECT_SLACK`] times the bound.
+    suspect_above_tok_s: Option<f64>,
     /// The prompts run (all of prompts/ unless `--prompt` chose some).
     prompts: &'a [String],
     summary: Option<&'a Summary>,
@@ -157,6 +160,7 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         description: &args.description,
         load_ms,
         roofline: &roofline,
+        suspect_above_tok_s: (setup.device == Device::Cpu).then(|| roofline.suspect_above()),
         prompts: &order,
         summary: summary.as_ref(),
         gates: gates.as_ref(),
