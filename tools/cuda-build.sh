@@ -20,7 +20,7 @@
 set -euo pipefail
 
 VARIANT="${1:-variants/baseline}"
-case "$VARIANT" in -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
+case "$VARIANT" in -h|--help) sed -n '2,/^[^#]/{/^#/{s/^# \{0,1\}//;p}}' "$0"; exit 0 ;; esac
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 [ -f "$VARIANT/Cargo.toml" ] || { echo "cuda-build.sh: no variant crate at $VARIANT (no Cargo.toml)" >&2; exit 2; }

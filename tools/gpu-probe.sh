@@ -22,7 +22,7 @@
 set -euo pipefail
 
 case "${1:-}" in
-  -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,/^[^#]/{/^#/{s/^# \{0,1\}//;p}}' "$0"; exit 0 ;;
   -*) echo "gpu-probe.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
 esac
 [ $# -le 1 ] || { echo "gpu-probe.sh: one directory at most, got $# arguments (see --help)" >&2; exit 2; }

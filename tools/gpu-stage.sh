@@ -41,7 +41,7 @@
 set -euo pipefail
 
 case "${1:-}" in
-  ""|-h|--help) sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  ""|-h|--help) sed -n '2,/^[^#]/{/^#/{s/^# \{0,1\}//;p}}' "$0"; exit 0 ;;
 esac
 DESCRIPTION="$1"
 shift
