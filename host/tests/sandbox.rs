@@ -503,6 +503,12 @@ fn a_variant_burns_no_cpu_while_the_other_side_is_measured() {
     }
 }
 
+/// Held by each test that builds the build-escape fixture. Its check for a lingering
+/// `sleep 617` looks at every process of the machine, so a second build of the fixture in
+/// flight on another test thread (its process alive until that build ends) would be read as an
+/// escape; CI failed once on exactly that overlap.
+static BUILD_ESCAPE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The processes whose command line is `sleep 617` (what the build-escape fixture leaves).
 fn lingering() -> Vec<String> {
     std::fs::read_dir("/proc")
@@ -517,6 +523,7 @@ fn lingering() -> Vec<String> {
 #[test]
 fn a_build_script_writes_only_its_own_build_output() {
     require_landlock();
+    let _alone = BUILD_ESCAPE.lock().unwrap_or_else(|e| e.into_inner());
     build_plain();
     let results = scratch("attack-build");
     std::fs::write(results.join("results.tsv"), "").unwrap();
@@ -558,6 +565,12 @@ fn escaped_nothing(stderr: &str, attempts: usize) {
             "{line}\n(only its own build output may be written)"
         );
     }
+    // The group is killed with SIGKILL after cargo exits, and a signalled process takes a
+    // moment to die on a loaded machine: give it 5 s (a process that escaped lives 617 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !lingering().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     assert_eq!(
         lingering(),
         Vec::<String>::new(),
@@ -574,6 +587,7 @@ fn escaped_nothing(stderr: &str, attempts: usize) {
 #[test]
 fn the_gpu_staging_tools_build_variant_code_confined() {
     require_landlock();
+    let _alone = BUILD_ESCAPE.lock().unwrap_or_else(|e| e.into_inner());
     let target = scratch("confined-cargo");
     let (out, _, stderr) = output(
         std::process::Command::new(root().join("tools/confined-cargo.sh"))
