@@ -379,11 +379,13 @@ enum Command {
     },
     /// Write a GGUF with random weights in a real model's Llama shape (layers, width, heads,
     /// KV heads, FFN, vocabulary), to measure speed at realistic sizes without downloading
-    /// weights: every matrix random Q4_1 or Q8_0 from --seed, the tokenizer copied from
-    /// another GGUF (padded with unused tokens up to the shape's vocabulary), and the file
-    /// marked `autoinfer.synthetic`: its output is noise, so runs on it measure speed only and
-    /// skip the quality gates. Shapes: llama-3.2-1b, llama-3.1-8b, smollm2-135m, tiny. Prints
-    /// the path written.
+    /// weights: every matrix random Q4_1 or Q8_0 (each block its own scale), the tokenizer
+    /// copied from another GGUF (padded with unused tokens up to the shape's vocabulary), and
+    /// the file marked `autoinfer.synthetic`. Without --seed the values come from a secret key
+    /// never stored, so a variant can only read them: runs and comparisons on that file are
+    /// gated against the oracle at its shape and may KEEP. With --seed the file can be written
+    /// again the same, and runs on it measure speed only. Shapes: llama-3.2-1b, llama-3.1-8b,
+    /// smollm2-135m, tiny. Prints the path written.
     Synth(synth::SynthArgs),
     /// Internal: serve requests for one variant (started by the supervisor).
     #[command(hide = true)]

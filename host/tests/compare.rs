@@ -77,6 +77,52 @@ fn drift() -> String {
     fixture("drift").display().to_string()
 }
 
+/// On a synthetic model written without `--seed` (secret weights) a comparison is gated as on
+/// the real model: a B that skips every third layer is REVERTED by the agreement gate, where on
+/// a seeded file it was NOISE and never judged.
+#[test]
+fn a_comparison_on_a_secret_synthetic_model_is_gated() {
+    let _one_at_a_time = serial();
+    model();
+    // The model outside the results directory, which no worker may read.
+    let dir = scratch("compare-secret-synth");
+    let path = dir.join("t.gguf");
+    let (out, _, err) = output(
+        host()
+            .args(["synth", "--shape", "tiny", "--out"])
+            .arg(&path),
+    );
+    assert!(out.status.success(), "host synth failed: {err}");
+    let results = dir.join("results");
+    let (out, stdout, err) = compare(
+        "variants/baseline",
+        &drift(),
+        "skip-layers",
+        &results,
+        &[
+            "--model",
+            path.to_str().unwrap(),
+            "--looks",
+            "1",
+            "--rounds-per-look",
+            "2",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(4), "REVERT: {stdout}{err}");
+    assert!(err.contains("secret random weights"), "{err}");
+    assert!(
+        stdout.contains("agreement"),
+        "the failed gate is named: {stdout}"
+    );
+    let row = &records(&results)[0];
+    assert_eq!(
+        (row["verdict"].as_str(), row["status"].as_str()),
+        ("REVERT", "rejected"),
+        "{row:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn a_variant_against_itself_is_noise() {
     let _one_at_a_time = serial();

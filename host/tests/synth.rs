@@ -1,10 +1,11 @@
 //! `host synth` end to end: the real binary writes a tiny synthetic model that opens, refuses
 //! to overwrite it, refuses unknown shapes by listing the known ones, and (when the baseline
-//! is already built) benches on it; `host run` on it says so loudly and skips the gates.
+//! is already built) benches on it; `host run` on it says so loudly, gates it when its weights
+//! are secret (no --seed) and skips the gates when a seed wrote it.
 
 mod common;
 
-use common::{build_plain, host, model, output, records, scratch};
+use common::{build_plain, host, model, output, records, run_fixture, scratch};
 
 #[test]
 fn writes_a_tiny_model_and_refuses_to_overwrite_it() {
@@ -117,22 +118,29 @@ fn unknown_shapes_and_types_are_refused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn a_run_on_a_synthetic_model_says_so_and_skips_the_gates() {
+/// Writes a tiny synthetic model into `dir` (`extra`: say `--seed 1`); returns its path.
+fn tiny(dir: &std::path::Path, name: &str, extra: &[&str]) -> std::path::PathBuf {
     model();
-    let dir = scratch("synth-run");
-    let path = dir.join("t.gguf");
+    let path = dir.join(name);
     let (out, _, stderr) = output(
         host()
             .args(["synth", "--shape", "tiny", "--out"])
-            .arg(&path),
+            .arg(&path)
+            .args(extra),
     );
     assert!(out.status.success(), "host synth failed:\n{stderr}");
-    let results = dir.join("results");
-    let (out, stdout, stderr) = output(
+    path
+}
+
+/// `host run variants/baseline` on `path`: one round of 32 tokens of the code prompt.
+fn run_baseline_on(
+    path: &std::path::Path,
+    results: &std::path::Path,
+) -> (std::process::Output, String, String) {
+    output(
         host()
             .args(["run", "variants/baseline", "--model"])
-            .arg(&path)
+            .arg(path)
             .args([
                 "--rounds",
                 "1",
@@ -142,8 +150,64 @@ fn a_run_on_a_synthetic_model_says_so_and_skips_the_gates() {
                 "code",
             ])
             .arg("--results")
-            .arg(&results),
+            .arg(results),
+    )
+}
+
+/// Without --seed the weights come from a secret key: a run on them is gated against the
+/// oracle at the synthetic shape, the baseline passes, and a variant that skips work fails as
+/// it would on the real model.
+#[test]
+fn a_run_on_a_secret_synthetic_model_is_gated() {
+    let dir = scratch("synth-secret");
+    let path = tiny(&dir, "t.gguf", &[]);
+    let results = dir.join("results");
+    let (out, stdout, stderr) = run_baseline_on(&path, &results);
+    assert!(out.status.success(), "host run failed:\n{stderr}");
+    assert!(stderr.contains("secret random weights"), "{stderr}");
+    assert!(stdout.contains("gates: PASS"), "{stdout}");
+    let rows = records(&results);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0]["status"].as_str(), rows[0]["gates"].as_str()),
+        ("ok", "pass"),
+        "{:?}",
+        rows[0]
     );
+    // Every third layer skipped (the drift fixture): rejected by the agreement gate.
+    let (out, stdout, stderr) = run_fixture(
+        "drift",
+        "skip-layers",
+        &results,
+        &[
+            "--model",
+            path.to_str().unwrap(),
+            "--prompt",
+            "code",
+            "--max-new-tokens",
+            "16",
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "a variant that skips work passed:\n{stdout}"
+    );
+    assert!(
+        stderr.contains("failed") && stderr.contains("agreement"),
+        "{stderr}"
+    );
+    let rows = records(&results);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1]["status"], "rejected", "{:?}", rows[1]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_run_on_a_seeded_synthetic_model_says_so_and_skips_the_gates() {
+    let dir = scratch("synth-run");
+    let path = tiny(&dir, "t.gguf", &["--seed", "1"]);
+    let results = dir.join("results");
+    let (out, stdout, stderr) = run_baseline_on(&path, &results);
     assert!(
         out.status.success(),
         "host run on the synthetic model failed:\n{stderr}"

@@ -179,7 +179,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
     }
     let synthetic = model.is_synthetic();
     if synthetic {
-        eprintln!("{}", crate::commands::setup::SYNTHETIC_BANNER);
+        eprintln!("*** SYNTHETIC MODEL: random weights; host bench measures speed only. ***");
     }
     let root = crate::commands::setup::find_root(&std::env::current_dir()?)
         .or_else(|_| crate::commands::setup::find_root(&args.variant))

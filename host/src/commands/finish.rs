@@ -78,18 +78,19 @@ pub fn quality_phase(
 }
 
 /// The status a measurement is recorded with, and its error in words: `suspect` (faster than
-/// memory bandwidth allows) before `synthetic` (random weights, nothing gated) before
+/// memory bandwidth allows) before `synthetic` (`ungated`: random weights from a seed, nothing
+/// gated) before
 /// `rejected` (a gate failed); an error is `interrupted` after Ctrl-C or SIGTERM (what was
 /// measured is recorded, nothing is judged) and `failed` otherwise.
 pub fn status(
     outcome: &Result<()>,
     suspect: bool,
-    synthetic: bool,
+    ungated: bool,
     gates: Option<&GateReport>,
 ) -> (Status, Option<String>) {
     match outcome {
         Ok(()) if suspect => (Status::Suspect, None),
-        Ok(()) if synthetic => (Status::Synthetic, None),
+        Ok(()) if ungated => (Status::Synthetic, None),
         Ok(()) if gates.is_some_and(|g| !g.passed()) => (Status::Rejected, None),
         Ok(()) => (Status::Ok, None),
         Err(e) if crate::interrupt::requested() => (Status::Interrupted, Some(format!("{e:#}"))),

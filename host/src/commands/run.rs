@@ -88,8 +88,9 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         .collect();
 
     let synthetic = model.is_synthetic();
+    let ungated = !model.is_gated();
     if synthetic {
-        eprintln!("{}", crate::commands::setup::SYNTHETIC_BANNER);
+        eprintln!("{}", crate::commands::setup::synthetic_banner(!ungated));
     }
     let oracle_device = protocol.gates.oracle_device().map_err(anyhow::Error::msg)?;
     let harness = crate::vcs::harness(&root, &OracleBuild::key_for(&root, oracle_device)?)?;
@@ -146,11 +147,11 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         &protect,
         args.verbose,
         &mut samples,
-        !suspect && !synthetic,
+        !suspect && !ungated,
         "the answers",
         &mut outcome,
     );
-    let (status, error) = finish::status(&outcome, suspect, synthetic, gates.as_ref());
+    let (status, error) = finish::status(&outcome, suspect, ungated, gates.as_ref());
     let record = RunRecord {
         schema: 1,
         provenance: &provenance,
@@ -203,7 +204,9 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         println!("{}", summary.render());
         match &gates {
             Some(gates) => println!("{}", gates.render()),
-            None => println!("quality gates: skipped (synthetic model: random weights)"),
+            None => {
+                println!("quality gates: skipped (synthetic model: random weights from a seed)")
+            }
         }
     }
     if setup.device == Device::Cpu {
@@ -225,10 +228,12 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         eprintln!("{}", crate::commands::setup::modified_banner(&harness));
     }
     if synthetic {
-        eprintln!("{}", crate::commands::setup::SYNTHETIC_BANNER);
+        eprintln!("{}", crate::commands::setup::synthetic_banner(!ungated));
+    }
+    if ungated {
         return Ok(summary);
     }
-    let gates = gates.expect("a successful run that is not suspect nor synthetic has been gated");
+    let gates = gates.expect("a successful run that is not suspect nor ungated has been gated");
     if !gates.passed() {
         bail!(
             "variant {} failed {} quality gate(s); it is recorded as rejected:\n  {}",

@@ -31,10 +31,22 @@ pub fn modified_banner(harness: &crate::vcs::Harness) -> String {
     )
 }
 
-/// Printed before and after any measurement on a synthetic model (`host synth`).
-pub const SYNTHETIC_BANNER: &str =
-    "*** SYNTHETIC MODEL: random weights. These figures measure speed only; \
-the quality gates are skipped and nothing measured on it can be kept. ***";
+/// Printed before and after any measurement on a synthetic model (`host synth`): `gated` when
+/// its weights are secret ([`crate::gguf::Model::is_gated`]).
+pub fn synthetic_banner(gated: bool) -> &'static str {
+    match gated {
+        true => {
+            "*** SYNTHETIC MODEL: secret random weights. Its text is noise, so the prompts' \
+checks mean nothing here, but every token is gated against the oracle at this shape; figures \
+compare only with runs on this same file. ***"
+        }
+        false => {
+            "*** SYNTHETIC MODEL: random weights from a seed. These figures measure speed \
+only; the quality gates are skipped and nothing measured on it can be kept (write the file \
+without --seed for a gated one). ***"
+        }
+    }
+}
 
 /// Command-line values that override the protocol file or the defaults for one invocation.
 #[derive(Debug, Clone, Default)]

@@ -64,7 +64,7 @@ pub enum Status {
     Rejected,
     /// Faster than the memory-bandwidth roofline allows: not a result.
     Suspect,
-    /// On a synthetic model: no gates, never kept.
+    /// On a synthetic model written from a seed: no gates, never kept.
     Synthetic,
     /// A build, a worker or the oracle failed (the JSON record holds the error).
     Failed,

@@ -96,8 +96,8 @@ pub fn build_plain() {
     });
 }
 
-/// A tiny synthetic model (`host synth --shape tiny`), written once per test binary: fast to
-/// run on, with no quality gates (for the timing attacks).
+/// A tiny synthetic model (`host synth --shape tiny --seed 1`), written once per test binary:
+/// fast to run on, with no quality gates (written from a seed; for the timing attacks).
 pub fn tiny_model() -> &'static Path {
     static TINY: OnceLock<PathBuf> = OnceLock::new();
     TINY.get_or_init(|| {
@@ -106,7 +106,9 @@ pub fn tiny_model() -> &'static Path {
             std::env::temp_dir().join(format!("autoinfer-test-tiny-{}.gguf", std::process::id()));
         let (out, _, stderr) = output(
             host()
-                .args(["synth", "--shape", "tiny", "--force", "--out"])
+                .args([
+                    "synth", "--shape", "tiny", "--seed", "1", "--force", "--out",
+                ])
                 .arg(&path),
         );
         assert!(out.status.success(), "host synth failed: {stderr}");

@@ -20,8 +20,9 @@ pub enum Outcome {
     Noise,
 }
 
-/// The rule on a synthetic model, whose random weights make the quality gates meaningless:
-/// REVERT when anything is SLOWER, NOISE otherwise. Never KEEP, since nothing was gated.
+/// The rule on a synthetic model written from a seed, whose weights a variant could regenerate
+/// instead of reading (so its gates could be passed by work no real model allows): REVERT when
+/// anything is SLOWER, NOISE otherwise. Never KEEP, since nothing was gated.
 pub fn decide_synthetic(figures: &[FigureCall]) -> (Outcome, Vec<String>) {
     let slower: Vec<String> = figures
         .iter()
@@ -32,8 +33,8 @@ pub fn decide_synthetic(figures: &[FigureCall]) -> (Outcome, Vec<String>) {
         return (Outcome::Revert, slower);
     }
     let mut why = vec![
-        "synthetic model (random weights): the quality gates were skipped, so nothing can be \
-         kept"
+        "synthetic model written from a seed: the quality gates were skipped, so nothing can \
+         be kept (a file written without --seed is gated)"
             .to_string(),
     ];
     if let Some(d) = figures

@@ -295,7 +295,8 @@ struct Prepared {
     results_dir: PathBuf,
     stem: String,
     protect: Vec<PathBuf>,
-    synthetic: bool,
+    /// On a synthetic model written from a seed: nothing gated, never kept.
+    ungated: bool,
 }
 
 /// Checks the arguments and the harness, opens the protocol, prompts and model, and builds the
@@ -358,9 +359,9 @@ fn prepare(args: &CompareArgs) -> Result<Prepared> {
     );
 
     // Builds before any timed request.
-    let synthetic = setup.model.is_synthetic();
-    if synthetic {
-        eprintln!("{}", crate::commands::setup::SYNTHETIC_BANNER);
+    let ungated = !setup.model.is_gated();
+    if setup.model.is_synthetic() {
+        eprintln!("{}", crate::commands::setup::synthetic_banner(!ungated));
     }
     // The oracle first: the variants' builds start from its compiled dependencies.
     let oracle_build = OracleBuild::prepare(&root, oracle_device)?;
@@ -414,7 +415,7 @@ fn prepare(args: &CompareArgs) -> Result<Prepared> {
         results_dir,
         stem,
         protect,
-        synthetic,
+        ungated,
     })
 }
 
@@ -458,7 +459,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     // A comparison that may be kept but ended before the gates' rounds were measured: B answers
     // the missing rounds untimed, so a keep is always judged on as much text as the gates were
     // calibrated for.
-    if outcome.is_ok() && suspect.is_none() && !p.synthetic && keepable(&figures) {
+    if outcome.is_ok() && suspect.is_none() && !p.ungated && keepable(&figures) {
         match untimed_answers(args, &p, &plan, measured.rounds) {
             Ok(answers) => judged_samples.extend(answers),
             Err(e) => outcome = Err(e),
@@ -473,7 +474,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         &p.protect,
         args.verbose,
         &mut judged_samples,
-        suspect.is_none() && !p.synthetic,
+        suspect.is_none() && !p.ungated,
         "B's answers",
         &mut outcome,
     );
@@ -491,8 +492,8 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     let decided = outcome
         .as_ref()
         .ok()
-        .map(|()| outcome_of(&figures, gates.as_ref(), suspect.as_deref(), p.synthetic));
-    let (status, error) = finish::status(&outcome, suspect.is_some(), p.synthetic, gates.as_ref());
+        .map(|()| outcome_of(&figures, gates.as_ref(), suspect.as_deref(), p.ungated));
+    let (status, error) = finish::status(&outcome, suspect.is_some(), p.ungated, gates.as_ref());
     let reasons = decided.as_ref().map(|d| d.1.clone()).unwrap_or_default();
     let verdict = decided.as_ref().map(|d| d.0);
     let record = CompareRecord {
@@ -700,16 +701,16 @@ fn print_report(
     Ok(())
 }
 
-/// The keep rule ([`keep_rule::decide`], or its synthetic-model form) on what this comparison
-/// measured.
+/// The keep rule ([`keep_rule::decide`], or its form for an ungated synthetic model) on what
+/// this comparison measured.
 fn outcome_of(
     figures: &[FigureResult],
     gates: Option<&GateReport>,
     suspect: Option<&str>,
-    synthetic: bool,
+    ungated: bool,
 ) -> (Outcome, Vec<String>) {
     let calls: Vec<FigureCall> = figures.iter().map(FigureResult::call).collect();
-    match synthetic {
+    match ungated {
         true => keep_rule::decide_synthetic(&calls),
         false => keep_rule::decide(&calls, gates.map(|g| g.failures.as_slice()), suspect),
     }
