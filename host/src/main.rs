@@ -603,6 +603,7 @@ fn plot_command(
         [
             (history.other_harness_rows, "of other harnesses"),
             (history.other_device_rows, "of this harness on other devices"),
+            (history.other_model_rows, "of this harness and device on other models"),
         ]
         .iter()
         .filter(|(n, _)| *n > 0)

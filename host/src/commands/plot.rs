@@ -36,7 +36,8 @@ pub enum Mark {
     Crashed,
 }
 
-/// The experiments of one harness on one device, in order, and what was left out.
+/// The experiments of one harness on one device and one model, in order, and what was left
+/// out.
 #[derive(Debug)]
 pub struct History {
     pub harness: String,
@@ -47,11 +48,14 @@ pub struct History {
     pub other_harness_rows: usize,
     /// Comparison rows of this harness on other devices, not drawn.
     pub other_device_rows: usize,
+    /// Comparison rows of this harness and device on other models (a synthetic shape's
+    /// figures are not the real model's), not drawn.
+    pub other_model_rows: usize,
 }
 
 impl History {
     /// Reads the comparison rows of `harness` (the newest comparison's when `None`) on `device`
-    /// (its newest row's when `None`).
+    /// (its newest row's when `None`), on the model of the newest of those rows.
     pub fn read(results: &Path, harness: Option<&str>, device: Option<&str>) -> Result<History> {
         let rows = crate::ledger::row::read_rows(results)?;
         let compared: Vec<_> = rows
@@ -86,8 +90,8 @@ impl History {
             );
         };
         let device = device.map_or_else(|| last.device.clone(), str::to_string);
-        let mine: Vec<_> = of_harness.iter().filter(|r| r.device == device).collect();
-        if mine.is_empty() {
+        let on_device: Vec<_> = of_harness.iter().filter(|r| r.device == device).collect();
+        if on_device.is_empty() {
             let mut devices: Vec<&str> = of_harness.iter().map(|r| r.device.as_str()).collect();
             devices.sort();
             devices.dedup();
@@ -98,6 +102,11 @@ impl History {
                 devices.join(", ")
             );
         }
+        let model = on_device
+            .last()
+            .map(|r| r.model.clone())
+            .unwrap_or_default();
+        let mine: Vec<_> = on_device.iter().filter(|r| r.model == model).collect();
         let experiments = mine
             .iter()
             .map(|r| {
@@ -124,7 +133,8 @@ impl History {
             .collect();
         Ok(History {
             other_harness_rows: compared.len() - of_harness.len(),
-            other_device_rows: of_harness.len() - mine.len(),
+            other_device_rows: of_harness.len() - on_device.len(),
+            other_model_rows: on_device.len() - mine.len(),
             harness,
             device,
             experiments,
@@ -500,6 +510,51 @@ mod tests {
         );
         let (svg, _) = draw(&h, &dir.join("progress")).unwrap();
         assert!(std::fs::read_to_string(&svg).unwrap().contains("cuda:0"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Comparisons on a synthetic shape share the harness and device but not the model: only
+    /// the newest row's model is drawn, the others counted as left out.
+    #[test]
+    fn history_keeps_one_model() {
+        let dir = std::env::temp_dir().join(format!("autoinfer-plot-model-{}", std::process::id()));
+        let row = |t, d| {
+            [
+                t,
+                "aaaaaaaaaaaa",
+                d,
+                "1.0500 [1.03, 1.07]",
+                "KEEP",
+                "ok",
+                "cuda:0",
+            ]
+        };
+        write_results_on(
+            &dir,
+            &[row("t1", "2200.0"), row("t2", "300.0"), row("t3", "2260.0")],
+        );
+        // Row t2 ran on another model (the rows' model column is "x" otherwise).
+        let path = dir.join("results.tsv");
+        let column = crate::ledger::row::COLUMNS
+            .iter()
+            .position(|c| *c == "model")
+            .unwrap();
+        let text: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut f: Vec<&str> = l.split('\t').collect();
+                if f[0] == "t2" {
+                    f[column] = "synth-8b";
+                }
+                f.join("\t")
+            })
+            .collect();
+        std::fs::write(&path, text.join("\n") + "\n").unwrap();
+        let h = History::read(&dir, None, None).unwrap();
+        let decode: Vec<f64> = h.experiments.iter().filter_map(|e| e.decode).collect();
+        assert_eq!(decode, [2200.0, 2260.0]);
+        assert_eq!(h.other_model_rows, 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
