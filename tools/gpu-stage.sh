@@ -26,7 +26,10 @@
 #      the host looks for it, moves the machine's HEAD to this one's (its .git is the checkout as
 #      the session started), prints `git status --short` (only B's files may differ), starts
 #      the comparison of HEAD:variants/current against B's commit under setsid (so it
-#      outlives the call) and follows it for up to 540 s
+#      outlives the call) and follows it for up to 540 s. With SHAPE set (`SHAPE=llama-3.2-1b
+#      bash gpu-stage/2/go.sh`) it compares on a synthetic model of that shape instead,
+#      written there first without --seed: gated against the oracle at that shape, so its
+#      KEEP counts (program.md; about 2 s for the 1B's 777 MB)
 #      (`bash gpu-stage/2/go.sh setup` does the same without starting the comparison, for a
 #      command of your own first, say a diagnostic comparison of a few pairs; then call
 #      `bash gpu-stage/2/go.sh` within 30 s)
@@ -139,7 +142,8 @@ STAGED_SUMS="$(cd "$STAGE/1" && sha256sum host.gz built/*.so "$ORACLE" head.bund
 
 cat > "$STAGE/2/go.sh" <<EOF
 #!/usr/bin/env bash
-# Written by tools/gpu-stage.sh: see there. \`go.sh\` sets up and starts; \`go.sh setup\` only
+# Written by tools/gpu-stage.sh: see there. \`go.sh\` sets up and starts (on a synthetic model
+# of shape \$SHAPE when set); \`go.sh setup\` only
 # sets up; \`go.sh wait\` follows; \`go.sh bench\` (after the comparison) sets up and runs
 # \`host bench\` of A and then of B on the default model and the synthetic shapes in \$SHAPES
 # (default llama-3.2-1b llama-3.1-8b, written there by \`host synth\`), with the options in
@@ -190,9 +194,16 @@ SUMS
     done
     exit 0
   fi
+  on=()
+  if [ -n "\${SHAPE:-}" ]; then
+    # A file of its own for this comparison, with a secret key (so gated).
+    ./target/release/host synth --shape "\$SHAPE" --out "\$S/compare-\$SHAPE.gguf" --force > /dev/null ||
+      { echo "no synthetic \$SHAPE: not comparing"; exit 1; }
+    on=("--model=\$S/compare-\$SHAPE.gguf")
+  fi
   set +e
   setsid nohup ./target/release/host compare HEAD:variants/current $B_COMMIT:variants/current \\
-    --device cuda --no-build$EXTRA \\
+    --device cuda --no-build "\${on[@]}"$EXTRA \\
     --description "$(printf '%s' "$DESCRIPTION" | sed 's/["$`\\]/\\&/g')" > \$S/compare.log 2>&1 < /dev/null &
   echo \$! > \$S/compare.pid
 fi
