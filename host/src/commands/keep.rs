@@ -15,6 +15,7 @@ use serde::Deserialize;
 use crate::commands::compare::figures::FigureCall;
 use crate::commands::compare::keep_rule::{self, Outcome};
 use crate::harness::{CURRENT, LOCK};
+use crate::ledger::record::ModelKind;
 use crate::ledger::row::{read_rows, ResultsRow, Status, Verdict};
 use crate::quality::GateFailure;
 use crate::sandbox::Level;
@@ -253,6 +254,10 @@ struct ProvenanceView {
     variant_tree: String,
     harness: String,
     sandbox: Level,
+    #[serde(default)]
+    model_kind: ModelKind,
+    #[serde(default)]
+    model_path: String,
 }
 
 #[derive(Deserialize)]
@@ -328,6 +333,18 @@ fn check_record(
              after the comparison; run `host compare` again",
             row.time,
             path.display()
+        );
+    }
+    let kind = record.provenance.model_kind;
+    if !kind.keepable() {
+        bail!(
+            "the latest comparison of {CURRENT} ({}) ran on {} ({}): a keep rests only on the \
+             default model or on a synthetic model written without --seed, whose weights no \
+             variant could have chosen or regenerated; run `host compare` without --model, or \
+             with --model of such a synthetic file",
+            row.time,
+            kind.describe(),
+            record.provenance.model_path
         );
     }
     Ok(())
@@ -480,7 +497,9 @@ mod tests {
         }
         let record = serde_json::json!({
             "kind": "compare",
-            "provenance": { "variant_tree": tree, "harness": RULES.harness, "sandbox": "full" },
+            "provenance": { "variant_tree": tree, "harness": RULES.harness, "sandbox": "full",
+                            "model_kind": if edit.0 == "record_model_kind" { edit.1 } else { "default" },
+                            "model_path": "/models/m.gguf" },
             "against": { "tree": head },
             "protocol": { "seed": 42 },
             "outcome": if outcome == "-" { serde_json::Value::Null } else { outcome.into() },
@@ -599,6 +618,21 @@ mod tests {
                 ("json", "../x.json"),
                 "names no record",
             ),
+            // A comparison on a model whose weights its writer chose, or that a seed repeats.
+            (
+                "KEEP",
+                "ok",
+                "pass",
+                ("record_model_kind", "other"),
+                "neither the default one nor synthetic (/models/m.gguf)",
+            ),
+            (
+                "KEEP",
+                "ok",
+                "pass",
+                ("record_model_kind", "synthetic_seeded"),
+                "a synthetic model written from a seed",
+            ),
             ("NOISE", "ok", "pass", ("", ""), "host keep --simpler"),
         ] {
             record_compare(&dir, verdict, status, gates, edit);
@@ -636,6 +670,20 @@ mod tests {
         let head = crate::vcs::tree_hash_at(&dir, "HEAD", CURRENT).unwrap();
         check_record(&results, &row, &tree, &head, RULES.harness)
             .expect("a prefill KEEP is backed by its record");
+        // A synthetic model with secret weights is one a keep may rest on.
+        record_compare(
+            &dir,
+            "KEEP",
+            "ok",
+            "pass",
+            ("record_model_kind", "synthetic_secret"),
+        );
+        let row = crate::ledger::row::read_rows(&results)
+            .unwrap()
+            .pop()
+            .unwrap();
+        check_record(&results, &row, &tree, &head, RULES.harness)
+            .expect("a comparison on secret synthetic weights is kept");
 
         record_compare(&dir, "KEEP", "ok", "pass", ("", ""));
         assert!(

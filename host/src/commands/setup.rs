@@ -360,6 +360,7 @@ impl Setup {
             harness_modified: harness.modified.clone(),
             model_path: self.model.path.display().to_string(),
             model_sha256: self.model.sha256().to_string(),
+            model_kind: crate::ledger::record::ModelKind::of(&self.model),
             machine: record::machine(),
             device: self.device_label(),
             sandbox,

@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::harness::protocol::Protocol;
 use crate::ledger::row::{ResultsRow, Status, Verdict};
@@ -33,6 +33,53 @@ pub struct Compared<'a> {
     pub verdict: Option<Verdict>,
 }
 
+/// What the measured model is, as far as a keep is concerned ([`ModelKind::keepable`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// The protocol's default model (its pinned SHA-256).
+    Default,
+    /// A `host synth` file whose weights came from a secret key: gated at its shape.
+    SyntheticSecret,
+    /// A `host synth` file written from a seed: measured for speed only.
+    SyntheticSeeded,
+    /// Any other GGUF, or a record from before this field.
+    #[default]
+    Other,
+}
+
+impl ModelKind {
+    /// The kind of `model`.
+    pub fn of(model: &crate::gguf::Model) -> ModelKind {
+        match (model.is_synthetic(), model.is_gated()) {
+            (true, true) => ModelKind::SyntheticSecret,
+            (true, false) => ModelKind::SyntheticSeeded,
+            _ if model.sha256() == crate::harness::fetch::DEFAULT_MODEL_SHA256 => {
+                ModelKind::Default
+            }
+            _ => ModelKind::Other,
+        }
+    }
+
+    /// Whether a comparison on such a model may be kept: the default model, or a synthetic
+    /// one no variant can regenerate. Any other file is gated, but its weights are whatever
+    /// its writer chose (all zeros, say, where skipping every layer gives the oracle's own
+    /// output), so the gates say nothing of the real model.
+    pub fn keepable(self) -> bool {
+        matches!(self, ModelKind::Default | ModelKind::SyntheticSecret)
+    }
+
+    /// In words, for a refusal.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ModelKind::Default => "the default model",
+            ModelKind::SyntheticSecret => "a synthetic model with secret weights",
+            ModelKind::SyntheticSeeded => "a synthetic model written from a seed",
+            ModelKind::Other => "a model that is neither the default one nor synthetic",
+        }
+    }
+}
+
 /// Where the run's code and machine came from.
 #[derive(Debug, Clone, Serialize)]
 pub struct Provenance {
@@ -44,6 +91,8 @@ pub struct Provenance {
     pub harness: String,
     pub model_path: String,
     pub model_sha256: String,
+    /// What the model is, for `host keep`.
+    pub model_kind: ModelKind,
     pub machine: String,
     pub device: String,
     /// What of the harness differed from HEAD (empty: the committed one ran).
