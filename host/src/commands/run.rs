@@ -45,7 +45,8 @@ struct RunRecord<'a> {
     error: Option<String>,
     description: &'a str,
     load_ms: f64,
-    roofline: &'a crate::measure::roofline::Roofline,
+    /// The memory-bandwidth bound (on the CPU; a GPU's is not measured: null).
+    roofline: Option<&'a crate::measure::roofline::Roofline>,
     /// The decode rate above which a request made the run suspect (on the CPU; a GPU's is not
     /// checked): [`crate::measure::roofline::SUSPECT_SLACK`] times the bound.
     suspect_above_tok_s: Option<f64>,
@@ -123,7 +124,9 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     let order = setup.order();
     let mut measured = Measured::default();
 
-    let roofline = crate::measure::roofline::Roofline::for_model(model.view);
+    // Measured on the CPU only: a GPU may beat the CPU's bound honestly, so nothing would use it.
+    let roofline = (setup.device == Device::Cpu)
+        .then(|| crate::measure::roofline::Roofline::for_model(model.view));
     let outcome = measure(args, &setup, &lib, &plan, &protect, &mut measured);
     let Measured {
         mut samples,
@@ -136,7 +139,7 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         .map(|s| s.timing.decode_tok_s)
         .fold(0.0, f64::max);
     // The bound is the CPU's: a GPU may beat it honestly.
-    let suspect = setup.device == Device::Cpu && roofline.is_suspect(fastest);
+    let suspect = roofline.as_ref().is_some_and(|r| r.is_suspect(fastest));
     let mut outcome = outcome;
     let Quality {
         gates,
@@ -160,8 +163,8 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         error,
         description: &args.description,
         load_ms,
-        roofline: &roofline,
-        suspect_above_tok_s: (setup.device == Device::Cpu).then(|| roofline.suspect_above()),
+        roofline: roofline.as_ref(),
+        suspect_above_tok_s: roofline.as_ref().map(|r| r.suspect_above()),
         prompts: &order,
         summary: summary.as_ref(),
         gates: gates.as_ref(),
@@ -188,11 +191,11 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         },
     )?;
     outcome?;
-    if suspect {
+    if let Some(r) = roofline.as_ref().filter(|_| suspect) {
         bail!(
             "variant {} {}: the run is recorded as suspect, not as a result",
             args.variant.display(),
-            roofline.excess(fastest)
+            r.excess(fastest)
         );
     }
     let summary = summary.expect("a successful run has a summary");
@@ -209,19 +212,18 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
             }
         }
     }
-    if setup.device == Device::Cpu {
-        eprintln!(
+    match &roofline {
+        Some(r) => eprintln!(
             "decode roofline: {:.0} tok/s ({:.1} MB of weights per token at {:.1} GB/s; suspect above {:.0}); fastest request {fastest:.2} tok/s",
-            roofline.bound_tok_s,
-            roofline.bytes_per_token as f64 / 1e6,
-            roofline.bandwidth_gb_s,
-            roofline.suspect_above(),
-        );
-    } else {
-        eprintln!(
+            r.bound_tok_s,
+            r.bytes_per_token as f64 / 1e6,
+            r.bandwidth_gb_s,
+            r.suspect_above(),
+        ),
+        None => eprintln!(
             "decode roofline: not checked on {} (the host measures the CPU's memory bandwidth only); fastest request {fastest:.2} tok/s",
             setup.device
-        );
+        ),
     }
     recorded.report(oracle_cost.as_ref());
     if !harness.is_committed() {
