@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+# Registers, spills and shared memory of every kernel of a CUDA source, as ptxas reports them,
+# compiled here by NVRTC as the variant compiles it on the GPU (sm_90, --fmad=false), with no GPU
+# and no CUDA toolkit: only libnvrtc, which .ci/run fetches from PyPI into the cache.
+#
+#   tools/kernel-registers.py [SOURCE.cu ...] [--only SUBSTRING]
+#     SOURCE.cu   default variants/current/src/cuda/kernels.cu; several are compiled as one
+#                 source, in order (matvec_candidates.cu needs kernels.cu first)
+#     --only S    only the kernels whose name contains S
+#
+# A kernel that spills, or whose registers limit it to fewer blocks an SM than its design
+# wants, is slower for that alone; a GPU minute costs more than this check (program.md).
+# Exit status 1 when any kernel shown spills.
+# Needs: python3, libnvrtc 13.0 (AUTOINFER_NVRTC: its lib directory; default the cache's
+# nvrtc-13.0.88, where `.ci/run` puts it).
+import ctypes
+import os
+import re
+import signal
+import sys
+
+
+def usage():
+    with open(__file__) as f:
+        for line in f.readlines()[1:]:
+            if not line.startswith("#"):
+                break
+            print(line[2:].rstrip())
+
+
+def main(argv):
+    if any(a in ("-h", "--help") for a in argv):
+        usage()
+        return 0
+    only = None
+    sources = []
+    args = iter(argv)
+    for a in args:
+        if a == "--only":
+            only = next(args, None)
+            if only is None:
+                print("kernel-registers.py: --only needs a substring", file=sys.stderr)
+                return 2
+        else:
+            sources.append(a)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not sources:
+        sources = [os.path.join(root, "variants/current/src/cuda/kernels.cu")]
+    text = ""
+    for path in sources:
+        try:
+            with open(path) as f:
+                text += f.read() + "\n"
+        except OSError as e:
+            print(f"kernel-registers.py: cannot read {path}: {e.strerror}", file=sys.stderr)
+            return 2
+    cache = os.environ.get("AUTOINFER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "autoinfer")
+    libdir = os.environ.get("AUTOINFER_NVRTC") or os.path.join(
+        cache, "nvrtc-13.0.88/nvidia/cu13/lib")
+    try:
+        # The builtins library next to it is found through the same directory.
+        ctypes.CDLL(os.path.join(libdir, "libnvrtc-builtins.so.13.0"), mode=ctypes.RTLD_GLOBAL)
+        lib = ctypes.CDLL(os.path.join(libdir, "libnvrtc.so.13"))
+    except OSError as e:
+        print(f"kernel-registers.py: no libnvrtc 13 in {libdir} ({e}); run .ci/run's fetch, "
+              "or set AUTOINFER_NVRTC", file=sys.stderr)
+        return 2
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), text.encode(), b"kernels.cu", 0, None, None):
+        print("kernel-registers.py: NVRTC could not create the program", file=sys.stderr)
+        return 2
+    opts = [b"--gpu-architecture=sm_90", b"--fmad=false", b"--ptxas-options=-v"]
+    status = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    log = log.value.decode(errors="replace")
+    if status:
+        print(f"kernel-registers.py: NVRTC failed to compile {', '.join(sources)}:\n{log}",
+              file=sys.stderr)
+        return 1
+    rows, kernel, spills = {}, None, False
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            kernel = m.group(1)
+            rows[kernel] = {"regs": "?", "spill": "0/0", "smem": "0"}
+            continue
+        if kernel is None:
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            rows[kernel]["spill"] = f"{m.group(1)}/{m.group(2)}"
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            rows[kernel]["regs"] = m.group(1)
+            s = re.search(r"(\d+) bytes smem", line)
+            rows[kernel]["smem"] = s.group(1) if s else "0"
+    shown = sorted(k for k in rows if only is None or only in k)
+    if not shown:
+        print(f"kernel-registers.py: no kernel matches {only!r}", file=sys.stderr)
+        return 2
+    print(f"{'kernel':32} {'registers':>9} {'spill st/ld B':>13} {'smem B':>8}")
+    for k in shown:
+        r = rows[k]
+        spills |= r["spill"] != "0/0"
+        print(f"{k:32} {r['regs']:>9} {r['spill']:>13} {r['smem']:>8}")
+    return 1 if spills else 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends it quietly
+    sys.exit(main(sys.argv[1:]))
