@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Output;
 use std::sync::{Mutex, MutexGuard};
 
-use common::{build_plain, fixture, host, model, output, records, root, scratch};
+use common::{build_plain, fixture, host, model, output, records, root, scratch, synth_tiny};
 
 /// One comparison at a time: a comparison measures while another test's comparison would build
 /// (the first one in a fresh checkout compiles the oracle) or measure beside it, and on two
@@ -83,16 +83,9 @@ fn drift() -> String {
 #[test]
 fn a_comparison_on_a_secret_synthetic_model_is_gated() {
     let _one_at_a_time = serial();
-    model();
     // The model outside the results directory, which no worker may read.
     let dir = scratch("compare-secret-synth");
-    let path = dir.join("t.gguf");
-    let (out, _, err) = output(
-        host()
-            .args(["synth", "--shape", "tiny", "--out"])
-            .arg(&path),
-    );
-    assert!(out.status.success(), "host synth failed: {err}");
+    let path = synth_tiny(&dir, "t.gguf", &[]);
     let results = dir.join("results");
     let (out, stdout, err) = compare(
         "variants/baseline",

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{build_plain, host, model, output, records, run_fixture, scratch};
+use common::{build_plain, host, model, output, records, run_fixture, scratch, synth_tiny};
 
 #[test]
 fn writes_a_tiny_model_and_refuses_to_overwrite_it() {
@@ -118,20 +118,6 @@ fn unknown_shapes_and_types_are_refused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Writes a tiny synthetic model into `dir` (`extra`: say `--seed 1`); returns its path.
-fn tiny(dir: &std::path::Path, name: &str, extra: &[&str]) -> std::path::PathBuf {
-    model();
-    let path = dir.join(name);
-    let (out, _, stderr) = output(
-        host()
-            .args(["synth", "--shape", "tiny", "--out"])
-            .arg(&path)
-            .args(extra),
-    );
-    assert!(out.status.success(), "host synth failed:\n{stderr}");
-    path
-}
-
 /// `host run variants/baseline` on `path`: one round of 32 tokens of the code prompt.
 fn run_baseline_on(
     path: &std::path::Path,
@@ -160,7 +146,7 @@ fn run_baseline_on(
 #[test]
 fn a_run_on_a_secret_synthetic_model_is_gated() {
     let dir = scratch("synth-secret");
-    let path = tiny(&dir, "t.gguf", &[]);
+    let path = synth_tiny(&dir, "t.gguf", &[]);
     let results = dir.join("results");
     let (out, stdout, stderr) = run_baseline_on(&path, &results);
     assert!(out.status.success(), "host run failed:\n{stderr}");
@@ -205,7 +191,7 @@ fn a_run_on_a_secret_synthetic_model_is_gated() {
 #[test]
 fn a_run_on_a_seeded_synthetic_model_says_so_and_skips_the_gates() {
     let dir = scratch("synth-run");
-    let path = tiny(&dir, "t.gguf", &["--seed", "1"]);
+    let path = synth_tiny(&dir, "t.gguf", &["--seed", "1"]);
     let results = dir.join("results");
     let (out, stdout, stderr) = run_baseline_on(&path, &results);
     assert!(

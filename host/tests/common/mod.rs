@@ -96,6 +96,22 @@ pub fn build_plain() {
     });
 }
 
+/// Writes a tiny synthetic model to `dir/name` (`extra`: more `host synth` options, say
+/// `--seed 1`; without one its weights are secret, so runs on it are gated); returns its path.
+#[allow(dead_code)] // not every test binary writes one
+pub fn synth_tiny(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    model();
+    let path = dir.join(name);
+    let (out, _, stderr) = output(
+        host()
+            .args(["synth", "--shape", "tiny", "--out"])
+            .arg(&path)
+            .args(extra),
+    );
+    assert!(out.status.success(), "host synth failed:\n{stderr}");
+    path
+}
+
 /// A tiny synthetic model (`host synth --shape tiny --seed 1`), written once per test binary:
 /// fast to run on, with no quality gates (written from a seed; for the timing attacks).
 pub fn tiny_model() -> &'static Path {
