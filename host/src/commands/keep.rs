@@ -132,7 +132,7 @@ pub fn keep(root: &Path, results: &Path, message: &str, rules: &KeepRules) -> Re
             row.sandbox
         );
     }
-    check_record(results, &row, &tree, &head_tree, rules.harness)?;
+    let model = check_record(results, &row, &tree, &head_tree, rules.harness)?;
     let (added, removed) = line_changes(&repo)?;
     match verdict {
         Verdict::Keep => {}
@@ -198,7 +198,8 @@ pub fn keep(root: &Path, results: &Path, message: &str, rules: &KeepRules) -> Re
          B: decode {} tok/s, prefill {} tok/s, TTFT {} ms, peak RSS {} MiB\n\
          gates pass: agreement {}, perplexity ratio {}, checks {} (baseline {})\n\
          {CURRENT} tree {}, {added} line(s) added, {removed} removed{}\n\
-         compared {} on {}, harness {}",
+         compared {} on {}, harness {}\n\
+         model: {model}",
         message.trim(),
         if verdict == Verdict::Noise {
             " (simpler)"
@@ -280,14 +281,15 @@ struct GatesView {
 /// verdict, the status and the sandbox), and when the keep rule ([`keep_rule::decide`]), applied
 /// again to the record's figures and gates, gives the recorded verdict. So a row edited or
 /// appended by anything but the host is refused. `tree` and `head_tree` are the present and
-/// HEAD's `variants/current`, `harness` HEAD's harness hash.
+/// HEAD's `variants/current`, `harness` HEAD's harness hash. Returns the model it ran on, in
+/// words, for the commit message.
 fn check_record(
     results: &Path,
     row: &ResultsRow,
     tree: &str,
     head_tree: &str,
     harness: &str,
-) -> Result<()> {
+) -> Result<String> {
     let name = row.json.as_str();
     if name.contains('/') || name.starts_with('.') {
         bail!(
@@ -347,7 +349,11 @@ fn check_record(
             record.provenance.model_path
         );
     }
-    Ok(())
+    Ok(format!(
+        "{} ({})",
+        kind.describe(),
+        record.provenance.model_path
+    ))
 }
 
 /// Lines added and removed in `variants/current` between HEAD and the working tree (new files
@@ -682,8 +688,12 @@ mod tests {
             .unwrap()
             .pop()
             .unwrap();
-        check_record(&results, &row, &tree, &head, RULES.harness)
+        let model = check_record(&results, &row, &tree, &head, RULES.harness)
             .expect("a comparison on secret synthetic weights is kept");
+        assert_eq!(
+            model,
+            "a synthetic model with secret weights (/models/m.gguf)"
+        );
 
         record_compare(&dir, "KEEP", "ok", "pass", ("", ""));
         assert!(
@@ -697,7 +707,8 @@ mod tests {
             message.starts_with("faster dot\n")
                 && message.contains("KEEP against HEAD:variants/current")
                 && message.contains("decode B/A 1.0500 [1.0300, 1.0700]")
-                && message.contains("decode 42.00 tok/s"),
+                && message.contains("decode 42.00 tok/s")
+                && message.contains("model: the default model (/models/m.gguf)"),
             "{message}"
         );
         let tree = commit.tree().unwrap();
