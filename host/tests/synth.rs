@@ -142,7 +142,9 @@ fn run_baseline_on(
 
 /// Without --seed the weights come from a secret key: a run on them is gated against the
 /// oracle at the synthetic shape, the baseline passes, and a variant that skips work fails as
-/// it would on the real model.
+/// it would on the real model; so does one that computes each Q4_1 block's minimum from its
+/// scale instead of reading it (the drift fixture's `derive-min`: exact on a file whose
+/// minimum followed from its scale, as one factor once made both).
 #[test]
 fn a_run_on_a_secret_synthetic_model_is_gated() {
     let dir = scratch("synth-secret");
@@ -160,31 +162,25 @@ fn a_run_on_a_secret_synthetic_model_is_gated() {
         "{:?}",
         rows[0]
     );
-    // Every third layer skipped (the drift fixture): rejected by the agreement gate.
-    let (out, stdout, stderr) = run_fixture(
-        "drift",
-        "skip-layers",
-        &results,
-        &[
-            "--model",
-            path.to_str().unwrap(),
-            "--prompt",
-            "code",
-            "--max-new-tokens",
-            "16",
-        ],
-    );
-    assert!(
-        !out.status.success(),
-        "a variant that skips work passed:\n{stdout}"
-    );
-    assert!(
-        stderr.contains("failed") && stderr.contains("agreement"),
-        "{stderr}"
-    );
-    let rows = records(&results);
-    assert_eq!(rows.len(), 2);
-    assert_eq!(rows[1]["status"], "rejected", "{:?}", rows[1]);
+    let model = ["--model", path.to_str().unwrap()];
+    let short = ["--prompt", "code", "--max-new-tokens", "16"];
+    for (n, mode) in ["skip-layers", "derive-min"].into_iter().enumerate() {
+        let (out, stdout, stderr) =
+            run_fixture("drift", mode, &results, &[&model[..], &short[..]].concat());
+        assert!(!out.status.success(), "{mode} passed:\n{stdout}");
+        assert!(
+            stderr.contains("failed") && stderr.contains("agreement"),
+            "{mode}: {stderr}"
+        );
+        let rows = records(&results);
+        assert_eq!(rows.len(), 2 + n);
+        assert_eq!(
+            rows[1 + n]["status"],
+            "rejected",
+            "{mode}: {:?}",
+            rows[1 + n]
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -12,8 +12,10 @@
 //! then no variant can compute the weights instead of reading them (a variant sees the file, so
 //! a seeded generator's state, SplitMix64's say, could be read back from its first values and
 //! the whole matrix regenerated in registers faster than memory delivers it). Every block has
-//! its own scale (and Q4_1 its own minimum) and the norm weights are random too, so no block's
-//! bytes can be skipped as "the same as the last". Only such a file is gated like the real
+//! its own scale, and a Q4_1 block its own minimum drawn apart from it, and the norm weights
+//! are random too, so no block's bytes can be skipped as "the same as the last" or computed
+//! from the rest of the block (a minimum that followed from the scale, as `m = -7.5 d` did
+//! while one factor made both, could be dropped at load with the output unchanged). Only such a file is gated like the real
 //! model, against the oracle at its own shape, and so only on it can a comparison KEEP: what is
 //! timed at 1B or 8B is then also what is checked. `--seed` gives a file that a seed repeats
 //! (for benches), marked with the seed, which is measured for speed only.
@@ -25,10 +27,11 @@
 //! tokenized by the source tokenizer stay valid ids, and both this host's tokenizer and
 //! llama.cpp accept the file.
 //!
-//! Values: norm weights uniform on `[0.75, 1.25]`; a matrix with `cols` inputs has values
-//! uniform on `[-a s, a s]` with `a = sqrt(3 / cols)` and `s` the block's own factor, uniform on
-//! `[0.75, 1.25]` (standard deviation about `1 / sqrt(cols)`, so activations stay finite through
-//! every layer); the token embedding has `a = 0.05`. Nothing but the header is
+//! Values: norm weights uniform on `[0.75, 1.25]`; a matrix with `cols` inputs has `a = sqrt(3
+//! / cols)`, and a Q4_1 block values uniform on `[-a t, -a t + 2 a s]`, a Q8_0 block on
+//! `[-a s, a s]`, with `s` and `t` the block's own factors, each uniform on `[0.75, 1.25]`
+//! (standard deviation about `1 / sqrt(cols)`, so activations stay finite through every
+//! layer); the token embedding has `a = 0.05`. Nothing but the header is
 //! held in memory: tensor data is generated in chunks as it is written, to `<out>.partial`
 //! first and renamed into place at the end, so a crash never leaves a half file under the real
 //! name.
@@ -668,16 +671,17 @@ fn pad_per_token(key: &str, value: &mut MetaValue, source_vocab: u64, vocab: u64
     }
 }
 
-/// Appends `n` random blocks of `quant`, each with values on `[-a s, a s]` for its own factor
-/// `s` ([`factor`]).
+/// Appends `n` random blocks of `quant`: Q4_1 with values on `[-a t, -a t + 2 a s]`, Q8_0 on
+/// `[-a s, a s]`, for the block's own factors `s` and `t` ([`factor`], drawn apart, so that
+/// neither of a Q4_1 block's scale and minimum follows from the other).
 fn random_blocks(quant: Quant, a: f32, n: u64, rng: &mut ChaCha20Rng, out: &mut Vec<u8>) {
     match quant {
         Quant::Q4_1 => {
             let mut q = [0u8; 16];
             for _ in 0..n {
-                let s = factor(rng);
+                let (s, t) = (factor(rng), factor(rng));
                 out.extend(f32_to_f16(2.0 * a * s / 15.0).to_le_bytes());
-                out.extend(f32_to_f16(-a * s).to_le_bytes());
+                out.extend(f32_to_f16(-a * t).to_le_bytes());
                 rng.fill_bytes(&mut q);
                 out.extend(q);
             }
@@ -1074,10 +1078,14 @@ mod tests {
         assert_eq!(q4.len(), 64 * 20);
         let mut values = Vec::new();
         let mut scales = HashSet::new();
+        // The minimum over the scale, to three digits: one value (-7.5) when one factor made
+        // both, so that a variant could compute the minimum instead of reading it.
+        let mut ratios = HashSet::new();
         for b in q4.chunks_exact(20) {
             scales.insert([b[0], b[1]]);
             let d = f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
             let m = f16_to_f32(u16::from_le_bytes([b[2], b[3]]));
+            ratios.insert((m / d * 1000.0).round() as i64);
             for &byte in &b[4..] {
                 values.push(d * f32::from(byte & 0xf) + m);
                 values.push(d * f32::from(byte >> 4) + m);
@@ -1087,11 +1095,17 @@ mod tests {
         random_blocks(Quant::Q8_0, a, 64, &mut rng, &mut q8);
         assert_eq!(q8.len(), 64 * 34);
         let mut values8 = Vec::new();
-        // No block's scale may be assumed from another's (a variant could skip reading them).
+        // No block's scale may be assumed from another's (a variant could skip reading them),
+        // nor its minimum from its scale.
         assert!(
             scales.len() > 48,
             "{} distinct Q4_1 scales in 64 blocks",
             scales.len()
+        );
+        assert!(
+            ratios.len() > 48,
+            "{} distinct minimum/scale ratios in 64 blocks",
+            ratios.len()
         );
         scales.clear();
         for b in q8.chunks_exact(34) {
@@ -1107,18 +1121,22 @@ mod tests {
             "{} distinct Q8_0 scales in 64 blocks",
             scales.len()
         );
-        for v in [values, values8] {
-            let (tol, top) = (a * 1e-3, 1.25 * a);
+        // Q4_1 on [-a t, -a t + 2 a s] (at most 1.75 a), Q8_0 on [-a s, a s]; the standard
+        // deviation over a / sqrt(3) (= 1 / sqrt(cols)) is expected at 1.13 for Q4_1 (its 16
+        // levels, E[s^2] = 1 + 1/48, and the blocks' means a (s - t)) and 1.01 for Q8_0.
+        for (v, top, sd_ratio) in [(values, 1.75 * a, 1.13), (values8, 1.25 * a, 1.01)] {
+            let tol = a * 1e-3;
             assert!(
                 v.iter().all(|x| x.abs() <= top + tol),
                 "a value outside [-{top}, {top}]"
             );
             let mean = v.iter().sum::<f32>() / v.len() as f32;
             let sd = (v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / v.len() as f32).sqrt();
-            // Uniform on [-a s, a s], s about 1: mean 0, sd about a / sqrt(3) = 1 / sqrt(cols)
-            // (Q4_1's 16 levels and the spread of s put it some 8% above that).
             assert!(mean.abs() < 0.1 * a, "mean {mean}");
-            assert!((sd / (a / 3f32.sqrt()) - 1.0).abs() < 0.15, "sd {sd}");
+            assert!(
+                (sd / (a / 3f32.sqrt()) / sd_ratio - 1.0).abs() < 0.1,
+                "sd {sd}"
+            );
         }
     }
 
