@@ -1,7 +1,8 @@
 //! Generation and scoring over any [`Transformer`]: the hand-written CPU model or the
 //! candle-ops one.
 //!
-//! [`generate`] prefills the prompt in chunks of [`PREFILL_CHUNK`] tokens, then greedily decodes
+//! [`generate`] prefills the prompt in chunks of [`Transformer::prefill_chunk`] tokens
+//! ([`PREFILL_CHUNK`] on the CPU), then greedily decodes
 //! exactly `max_new_tokens` tokens (end-of-sequence does not stop it), handing each one to the
 //! caller as soon as it is chosen. [`score`] runs a sequence teacher-forced, in the same chunks,
 //! and reports for every position the log-probability of the actual next token and the argmax
@@ -76,7 +77,7 @@ pub fn generate<M: Transformer + ?Sized>(
     let mut logits = Vec::new();
     let mut pos = 0;
     let mut token = 0;
-    for chunk in prompt.chunks(PREFILL_CHUNK) {
+    for chunk in prompt.chunks(model.prefill_chunk().max(1)) {
         if pos + chunk.len() < prompt.len() {
             model.forward_hidden(chunk, pos)?;
         } else {

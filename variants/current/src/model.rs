@@ -814,6 +814,13 @@ pub trait Transformer: Send {
     /// Preallocates the KV cache for a sequence of `n` positions (it grows anyway if needed).
     fn reserve(&mut self, n: usize) -> Result<(), ModelError>;
 
+    /// The most prompt tokens [`crate::generate::generate`] runs in one forward pass:
+    /// [`crate::generate::PREFILL_CHUNK`], whose activations fit a CPU core's L2. A model with
+    /// room for more (the GPU's) takes a longer prompt in fewer, fuller passes.
+    fn prefill_chunk(&self) -> usize {
+        crate::generate::PREFILL_CHUNK
+    }
+
     /// Runs `tokens` (at positions `pos..`, `pos <=` the cached length; a smaller `pos` rewinds
     /// the cache) and returns the final-normed hidden states `(tokens.len(), n_embd)`. Feed rows
     /// of it to [`Transformer::logits`].

@@ -84,6 +84,10 @@ const ATT_HD_MAX: usize = 128;
 /// over many blocks; longer for a chunk, whose queries already fill the GPU.
 const SPLIT_DECODE: usize = 32;
 const SPLIT_PREFILL: usize = 256;
+/// The most prompt tokens a prefill pass takes ([`Transformer::prefill_chunk`]): 2,048, so that
+/// the protocol's long prompt (about 1,680) is one pass; the scratch then holds 2,048 rows of
+/// the widest activation (the 8B's FFN: 117 MB) and attention's split records.
+const PREFILL_CHUNK_GPU: usize = 2048;
 /// Threads of the one block of `argmax` (`ARGMAX_THREADS` in kernels.cu).
 const ARGMAX_THREADS: u32 = 1024;
 /// Threads of the element-wise kernels (embedding, RMSNorm, RoPE).
@@ -428,7 +432,7 @@ struct Scratch {
     att: CudaSlice<f32>,
     /// SwiGLU output, `(t, n_ff)`.
     ff: CudaSlice<f32>,
-    /// `(rows, vocab)` logits.
+    /// One row of logits, `(vocab,)`.
     logits: CudaSlice<f32>,
     /// Attention's per-split records ([`attention`]), grown to the longest sequence seen.
     partial: CudaSlice<f32>,
@@ -676,7 +680,8 @@ impl CudaLlama {
         Ok(())
     }
 
-    /// Activation buffers for `t` tokens (and `t` rows of logits), grown when needed.
+    /// Activation buffers for `t` tokens and one row of logits (only a chunk's last token, or a
+    /// decode step's, goes through the output layer here), grown when needed.
     fn scratch(&mut self, t: usize) -> Result<(), ModelError> {
         if self.scratch.as_ref().is_some_and(|s| s.tokens >= t) {
             return Ok(());
@@ -692,7 +697,7 @@ impl CudaLlama {
             qkv: s.alloc_zeros(t * qkv)?,
             att: s.alloc_zeros(t * cfg.n_head * cfg.head_dim)?,
             ff: s.alloc_zeros(t * cfg.n_ff)?,
-            logits: s.alloc_zeros(t * cfg.vocab_size)?,
+            logits: s.alloc_zeros(cfg.vocab_size)?,
             partial: s.alloc_zeros(1)?,
         });
         self.generation += 1;
@@ -945,7 +950,7 @@ impl CudaLlama {
         }
         if !self.fused(1) {
             self.final_norm(0, 1)?;
-            return self.output_rows(0, 1);
+            return self.output_row(0);
         }
         let Some(s) = self.scratch.as_mut() else {
             unreachable!("callers allocate scratch")
@@ -960,21 +965,21 @@ impl CudaLlama {
         matmul(st, k, &self.output, &xg, &mut s.logits, 1, false, &fusion)
     }
 
-    /// Launches the output layer over the final-normed rows `xn[first..first + rows]`, into
-    /// the first `rows` rows of the scratch logits.
-    fn output_rows(&mut self, first: usize, rows: usize) -> Result<(), ModelError> {
+    /// Launches the output layer over the final-normed row `xn[row]`, into the scratch logits
+    /// (one row).
+    fn output_row(&mut self, row: usize) -> Result<(), ModelError> {
         let Some(s) = self.scratch.as_mut() else {
             unreachable!("callers allocate scratch")
         };
         let d = self.cfg.n_embd;
-        let xn = s.xn.slice(first * d..(first + rows) * d);
+        let xn = s.xn.slice(row * d..(row + 1) * d);
         matmul(
             &self.stream,
             &self.kernels,
             &self.output,
             &xn,
             &mut s.logits,
-            rows,
+            1,
             false,
             &Fusion::NONE,
         )
@@ -1509,7 +1514,7 @@ impl CudaLlama {
         } else {
             self.launch_blocks(t, pos, pos >= DECODE_LONG_FROM)?;
             self.final_norm(t - 1, 1)?;
-            self.output_rows(t - 1, 1)?;
+            self.output_row(t - 1)?;
         }
         self.len = end;
         Ok(t)
@@ -1523,6 +1528,12 @@ impl Transformer for CudaLlama {
 
     fn reset(&mut self) {
         self.len = 0;
+    }
+
+    /// [`PREFILL_CHUNK_GPU`] tokens: a prompt of the protocol's longest in one pass, whose
+    /// tiles fill the SMs, where 256-token chunks each left most of them idle.
+    fn prefill_chunk(&self) -> usize {
+        PREFILL_CHUNK_GPU
     }
 
     fn reserve(&mut self, n: usize) -> Result<(), ModelError> {

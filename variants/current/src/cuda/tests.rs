@@ -441,6 +441,26 @@ fn cuda_scoring_and_generation_match_the_cpu_model() {
     let on_cpu = generated(&mut cpu);
     assert_eq!(on_cpu.len(), 6);
     assert_eq!(on_cpu, generated(&mut gpu));
+    // A prompt longer than the CPU's chunk: the GPU prefills it in one pass, the CPU in two.
+    let view = tiny::view("llama", 2 * crate::generate::PREFILL_CHUNK as u64);
+    let (mut cpu, mut gpu) = (
+        LlamaModel::from_gguf(view).unwrap(),
+        CudaLlama::from_gguf(view, 0).unwrap(),
+    );
+    assert!(gpu.prefill_chunk() > crate::generate::PREFILL_CHUNK + 40);
+    let prompt: Vec<u32> = (0..crate::generate::PREFILL_CHUNK as u32 + 40)
+        .map(|i| (i * 7 + 3) % 16)
+        .collect();
+    let generated = |model: &mut dyn Transformer| {
+        let mut out = Vec::new();
+        crate::generate::generate(model, &prompt, 6, |t| {
+            out.extend_from_slice(t);
+            true
+        })
+        .unwrap();
+        out
+    };
+    assert_eq!(generated(&mut cpu), generated(&mut gpu));
 }
 
 #[test]
@@ -1454,7 +1474,10 @@ fn probe_decode_steps() {
 /// How long a prefill takes at real shapes (random weights): for each shape in
 /// `AUTOINFER_PROBE_SHAPES` (default `smollm2,1b`), the [`probe_prompt`]-token prompt from
 /// position 0, once to warm up (in [`probe_models`]), then 8 times timed on the wall clock, each
-/// to its greedy token (`tools/gpu-probe.sh` runs it with `PROBE=prefill`).
+/// to its greedy token (`tools/gpu-probe.sh` runs it with `PROBE=prefill`). Through
+/// `generate`, in its chunks, as a request's prefill runs: until G50 this probe timed one pass
+/// where requests took 256-token chunks, so its 1,680-token figure was not what the long
+/// prompt's requests did (15.7 ms against their 29.6 to 41.5).
 #[test]
 #[ignore = "needs a CUDA GPU; a probe, run by hand with --exact --nocapture"]
 fn probe_prefill() {
@@ -1462,10 +1485,13 @@ fn probe_prefill() {
         let (prompt, n) = (probe_tokens(&shape), 8);
         let started = std::time::Instant::now();
         for _ in 0..n {
-            assert_eq!(
-                gpu.forward_greedy(&prompt, 0, &mut Vec::new()).unwrap(),
-                first
-            );
+            let mut got = Vec::new();
+            crate::generate::generate(&mut gpu, &prompt, 1, |t| {
+                got.extend_from_slice(t);
+                true
+            })
+            .unwrap();
+            assert_eq!(got, [first]);
         }
         let us = started.elapsed().as_secs_f64() * 1e6 / n as f64;
         println!(
