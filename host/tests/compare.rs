@@ -160,6 +160,9 @@ fn a_variant_against_itself_is_noise() {
         assert_eq!(row["against"], "variants/baseline");
         assert_eq!(row["against_tree"], row["variant_tree"]);
         assert_eq!(row["status"], "ok");
+        // The same variant on both sides answers alike, and both counts are over the answers
+        // the gates judged, the untimed round's included.
+        assert_eq!(row["checks_passed"], row["checks_baseline"], "{row:?}");
         if row["verdict"] == "NOISE" {
             // It runs every look, unless futility ended it: decode can then in all likelihood
             // end neither FASTER nor SLOWER (chances below the protocol's 1%).

@@ -193,8 +193,12 @@ pub fn row(
         itl_p50_ms: f(o.and_then(|o| o.itl_p50_ms.map(|s| s.median)), 2),
         itl_p99_ms: f(o.and_then(|o| o.itl_p99_ms.map(|s| s.median)), 2),
         peak_rss_mib: f(o.and_then(|o| o.peak_rss_mib.map(|s| s.max)), 1),
-        checks_passed: o
-            .map(|o| format!("{}/{}", o.checks_passed, o.checks_total))
+        // The gates' count where they ran: over the same answers as the baseline's beside it.
+        // The timed samples' count alone leaves out the rounds a comparison's B answered
+        // untimed, so it read "12/14 (baseline 18/21)" for a variant that passed 18 of 21.
+        checks_passed: g
+            .map(|g| format!("{}/{}", g.checks_passed, g.checks_total))
+            .or_else(|| o.map(|o| format!("{}/{}", o.checks_passed, o.checks_total)))
             .unwrap_or_else(|| "-".into()),
         checks_baseline: g
             .map(|g| format!("{}/{}", g.reference_checks_passed, g.checks_total))
