@@ -349,7 +349,7 @@ fn json_summary_and_no_build() {
 #[test]
 fn model_tensors_lists_types_and_shares_of_a_tokens_read() {
     let path = model();
-    let (out, stdout, stderr) = output(host().args(["model", "--tensors", "--model"]).arg(&path));
+    let (out, stdout, stderr) = output(host().args(["model", "--tensors", "--model"]).arg(path));
     assert!(out.status.success(), "{stderr}");
     // SmolLM2-135M: the FFN and attention matrices of 30 layers are Q4_1; the token
     // embedding, tied to the output layer, is Q8_0 and read whole every token.
@@ -365,7 +365,7 @@ fn model_tensors_lists_types_and_shares_of_a_tokens_read() {
         output(host().args(["model", "--tensors", "--model", "/nonexistent.gguf"]));
     assert!(!out.status.success());
     assert!(stderr.contains("/nonexistent.gguf"), "{stderr}");
-    let (out, _, stderr) = output(host().args(["model", "--model"]).arg(&path));
+    let (out, _, stderr) = output(host().args(["model", "--model"]).arg(path));
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--tensors"), "{stderr}");
 }

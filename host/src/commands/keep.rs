@@ -22,14 +22,11 @@ use crate::sandbox::Level;
 
 /// The newest row of `results.tsv` for `CURRENT` whose tree hash starts like `tree`.
 fn latest_row(results: &Path, tree: &str) -> Result<Option<ResultsRow>> {
-    Ok(read_rows(results)?
-        .into_iter()
-        .filter(|r| {
-            r.variant.trim_end_matches('/').ends_with(CURRENT)
-                && !r.variant_tree.is_empty()
-                && tree.starts_with(r.variant_tree.as_str())
-        })
-        .next_back())
+    Ok(read_rows(results)?.into_iter().rfind(|r| {
+        r.variant.trim_end_matches('/').ends_with(CURRENT)
+            && !r.variant_tree.is_empty()
+            && tree.starts_with(r.variant_tree.as_str())
+    }))
 }
 
 /// What `host keep` checks the comparison against.

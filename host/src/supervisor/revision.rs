@@ -385,7 +385,7 @@ pub(crate) mod tests {
         let edited = Committed::find(&dir, "HEAD", "variants/current").unwrap();
         assert_ne!(edited.tree, first.tree);
         // Older revisions stay reachable.
-        let old = Committed::find(&dir, &format!("{}", first.commit), "variants/current").unwrap();
+        let old = Committed::find(&dir, &first.commit.to_string(), "variants/current").unwrap();
         assert_eq!(old.key, first.key);
         let parent = Committed::find(&dir, "HEAD~1", "variants/current").unwrap();
         assert_eq!(parent.key, api.key);
