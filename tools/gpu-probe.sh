@@ -99,6 +99,11 @@ for i in "${!PATCHES[@]}"; do
   p="$(test_binary "$worktree" "$ROOT/target/gpu-stage-b")" || p=""
   [ -n "$p" ] && [ -f "$p" ] || { echo "gpu-probe.sh: cargo named no test binary for $name" >&2; exit 1; }
   strip --strip-debug -o "$OUT/$name" "$p"
+  # A binary equal to an earlier one screens nothing: cargo kept a stale build (program.md).
+  for other in a b "${NAMES[@]:0:$i}"; do
+    ! cmp -s "$OUT/$name" "$OUT/$other" ||
+      { echo "gpu-probe.sh: $name's binary is $other's, byte for byte: a stale build, or the same change twice" >&2; exit 1; }
+  done
 done
 
 cat > "$OUT/ab.sh" <<'EOF'
