@@ -94,25 +94,11 @@ pub enum Key {
 }
 
 impl Key {
-    /// A fresh secret key from the kernel's random source.
+    /// A fresh secret key from the kernel's random source (never a fallback: a key the clock
+    /// gave could be guessed).
     pub fn secret() -> Result<Key, SynthError> {
         let mut key = [0u8; 32];
-        let mut filled = 0;
-        while filled < key.len() {
-            // SAFETY: getrandom writes at most `key.len() - filled` bytes at `key[filled..]`.
-            let n = unsafe {
-                libc::getrandom(key[filled..].as_mut_ptr().cast(), key.len() - filled, 0)
-            };
-            match n {
-                n if n > 0 => filled += n as usize,
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(SynthError::NoRandomness(e));
-                    }
-                }
-            }
-        }
+        crate::stats::rng::fill_from_kernel(&mut key).map_err(SynthError::NoRandomness)?;
         Ok(Key::Secret(key))
     }
 
