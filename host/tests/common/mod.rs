@@ -117,18 +117,8 @@ pub fn synth_tiny(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
 pub fn tiny_model() -> &'static Path {
     static TINY: OnceLock<PathBuf> = OnceLock::new();
     TINY.get_or_init(|| {
-        model();
-        let path =
-            std::env::temp_dir().join(format!("autoinfer-test-tiny-{}.gguf", std::process::id()));
-        let (out, _, stderr) = output(
-            host()
-                .args([
-                    "synth", "--shape", "tiny", "--seed", "1", "--force", "--out",
-                ])
-                .arg(&path),
-        );
-        assert!(out.status.success(), "host synth failed: {stderr}");
-        path
+        let name = format!("autoinfer-test-tiny-{}.gguf", std::process::id());
+        synth_tiny(&std::env::temp_dir(), &name, &["--seed", "1", "--force"])
     })
 }
 
