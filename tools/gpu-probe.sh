@@ -10,7 +10,8 @@
 #     one of candidates/) is applied to HEAD in a worktree (A's, reset between patches) and
 #     built too, as a binary named by the patch file's first word
 #     (candidates/g54-two-warps-a-row.patch: g54), so that one call screens several
-#     candidates: a lease's start costs more device time than a screen.
+#     candidates: a lease's start costs more device time than a screen. A patch may change
+#     only variants/current, as a staged comparison may.
 #
 # Then on the GPU machine, in one call: carry gpu-probe, run `bash gpu-probe/ab.sh`
 # (environment: SHAPES, default smollm2,1b,8b; ROUNDS, default 2; VARIANTS, the binaries in
@@ -28,6 +29,7 @@
 # Needs: cargo, git, strip, a kernel with Landlock (both sides build confined).
 set -euo pipefail
 
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 OUT=""
 PATCHES=()  # absolute paths
 NAMES=()    # the binary each builds
@@ -37,6 +39,11 @@ while [ $# -gt 0 ]; do
     --patch)
       [ $# -ge 2 ] || { echo "gpu-probe.sh: --patch needs a file (see --help)" >&2; exit 2; }
       [ -f "$2" ] || { echo "gpu-probe.sh: --patch $2: no such file" >&2; exit 2; }
+      # As gpu-stage.sh stages nothing but variants/current, a screen builds nothing else: a
+      # patch to plugin-api or the lock file would time code no comparison could run.
+      # (From the checkout's root: in a subdirectory git skips the paths outside it.)
+      outside="$(git -C "$ROOT" apply --numstat "$(realpath "$2")" 2> /dev/null | cut -f3 | grep -v '^variants/current/' || true)"
+      [ -z "$outside" ] || { echo "gpu-probe.sh: --patch $2 changes files besides variants/current: $(echo $outside)" >&2; exit 2; }
       name="$(basename "$2")"; name="${name%%-*}"; name="${name%.patch}"
       case "$name" in
         ""|a|b|ab.sh|*[!A-Za-z0-9_]*)
@@ -52,7 +59,6 @@ while [ $# -gt 0 ]; do
       OUT="$1"; shift ;;
   esac
 done
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 OUT="${OUT:-gpu-probe}"
 OUT="${OUT%/}"

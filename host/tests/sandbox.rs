@@ -633,6 +633,36 @@ fn the_gpu_staging_tools_build_variant_code_confined() {
     let _ = std::fs::remove_dir_all(&target);
 }
 
+/// A screen builds candidate patches of `variants/current` only, as a staged comparison runs
+/// nothing else: a patch that reaches past it (plugin-api, say, which both sides link) is
+/// refused by name before anything is built.
+#[test]
+fn the_gpu_screen_refuses_a_patch_outside_variants_current() {
+    let dir = scratch("gpu-probe-patch");
+    let patch = dir.join("g99-outside.patch");
+    std::fs::write(
+        &patch,
+        "diff --git a/plugin-api/src/lib.rs b/plugin-api/src/lib.rs\n\
+         --- a/plugin-api/src/lib.rs\n\
+         +++ b/plugin-api/src/lib.rs\n\
+         @@ -1 +1,2 @@\n \
+         x\n\
+         +y\n",
+    )
+    .unwrap();
+    let (out, _, stderr) = output(
+        std::process::Command::new(root().join("tools/gpu-probe.sh"))
+            .arg("--patch")
+            .arg(&patch),
+    );
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("changes files besides variants/current: plugin-api/src/lib.rs"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn only_the_committed_harness_measures() {
     require_landlock();
