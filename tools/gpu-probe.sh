@@ -5,7 +5,8 @@
 # (the test `probe_decode_steps`: 64 steps to warm up, 256 timed, from position 32 or PROMPT).
 #
 #   tools/gpu-probe.sh [DIR] [--patch FILE]...
-#     writes DIR (default gpu-probe/; a test binary each, about 3.6 MB, and ab.sh);
+#     writes DIR (default gpu-probe/; a test binary each, about 3.6 MB, ab.sh, run.sh and the
+#     host, gzipped, that run.sh confines each binary with: 7 MB);
 #     tools/gpu-stage.sh puts one in gpu-stage/1. Each --patch (a `git format-patch` file, say
 #     one of candidates/) is applied to HEAD in a worktree (A's, reset between patches) and
 #     built too, as a binary named by the patch file's first word
@@ -20,13 +21,14 @@
 # of PROMPT tokens instead, `probe_prefill`, the variant's test: check that it prefills in the
 # chunks a request uses). Three shapes and two rounds take about 70 s
 # there for A and B; on the H200 the same binary's step time repeats within 0.3%. Add
-# `gpu-probe/b --ignored --skip bench_ --skip probe_` to run B's GPU tests in the same call
-# (and the same with each patch's binary).
+# `bash gpu-probe/run.sh b --ignored --skip bench_ --skip probe_` to run B's GPU tests in the
+# same call (and the same with each patch's binary). Every binary runs through run.sh
+# (tools/gpu-run-confined.sh): confined as variant code, its leftovers killed when it exits.
 #
 # A screen is not a verdict: only `host compare` on the real model keeps a change. It says
 # which ideas are worth a comparison, and what a change does at the shapes the comparison
 # never sees (a compare on a synthetic model can never KEEP).
-# Needs: cargo, git, strip, a kernel with Landlock (both sides build confined).
+# Needs: cargo, git, strip, gzip, a kernel with Landlock (both sides build confined).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -46,8 +48,8 @@ while [ $# -gt 0 ]; do
       [ -z "$outside" ] || { echo "gpu-probe.sh: --patch $2 changes files besides variants/current: $(echo $outside)" >&2; exit 2; }
       name="$(basename "$2")"; name="${name%%-*}"; name="${name%.patch}"
       case "$name" in
-        ""|a|b|ab.sh|*[!A-Za-z0-9_]*)
-          echo "gpu-probe.sh: --patch $2: its first word '$name' cannot name a binary (letters, digits and _ only; not a or b)" >&2; exit 2 ;;
+        ""|a|b|host|*[!A-Za-z0-9_]*)
+          echo "gpu-probe.sh: --patch $2: its first word '$name' cannot name a binary (letters, digits and _ only; not a, b or host)" >&2; exit 2 ;;
       esac
       for other in "${NAMES[@]}"; do
         [ "$other" != "$name" ] || { echo "gpu-probe.sh: two patches would both build '$name'" >&2; exit 2; }
@@ -62,7 +64,7 @@ done
 cd "$ROOT"
 OUT="${OUT:-gpu-probe}"
 OUT="${OUT%/}"
-for tool in cargo git strip; do
+for tool in cargo git strip gzip; do
   command -v "$tool" > /dev/null || { echo "gpu-probe.sh: $tool is needed and not on PATH" >&2; exit 1; }
 done
 mkdir -p "$OUT" && git check-ignore -q "$OUT/" ||
@@ -112,19 +114,24 @@ for i in "${!PATCHES[@]}"; do
   done
 done
 
-cat > "$OUT/ab.sh" <<'EOF'
-#!/usr/bin/env bash
+# Every binary runs confined on the GPU machine (run.sh, from tools/gpu-run-confined.sh), with
+# the host that confines it beside it (gzipped: 7 MB).
+cp tools/gpu-run-confined.sh "$OUT/run.sh"
+strip --strip-debug -o "$OUT/host" target/release/host
+gzip -f "$OUT/host"
+{ echo "#!/usr/bin/env bash"; echo "all=\"a b ${NAMES[*]:-}\"  # the binaries tools/gpu-probe.sh built"; } > "$OUT/ab.sh"
+cat >> "$OUT/ab.sh" <<'EOF'
 # Written by tools/gpu-probe.sh: decode step (or, with PROBE=prefill, prefill) times of A
-# (HEAD), B (the working tree) and each patch's binary (VARIANTS: which, in turn).
+# (HEAD), B (the working tree) and each patch's binary (VARIANTS: which, in turn), each run
+# confined by run.sh.
 set -uo pipefail
 dir="$(dirname "$0")"
-all="a b $(find "$dir" -maxdepth 1 -type f -perm -u+x ! -name a ! -name b ! -name ab.sh -printf '%f\n' | sort | tr '\n' ' ')"
 for round in $(seq "${ROUNDS:-2}"); do
   for v in ${VARIANTS:-$all}; do
     AUTOINFER_PROBE_SHAPES="${SHAPES:-smollm2,1b,8b}" AUTOINFER_PROBE_PROMPT="${PROMPT:-32}" \
-      "$dir/$v" --ignored --exact \
+      bash "$dir/run.sh" "$v" --ignored --exact \
       "cuda::tests::probe_${PROBE:-decode_steps}" --nocapture 2>&1 |
-      grep -E "us a step|us a prefill|panicked" | sed "s/^/$v $round /"
+      grep -E "us a step|us a prefill|panicked|run.sh|host confine" | sed "s/^/$v $round /"
   done
 done
 EOF

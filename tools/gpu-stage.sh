@@ -20,7 +20,8 @@
 # Then, on the GPU machine, three kinds of call, each within 30 s of the last (a machine left
 # idle longer is given back, and what was staged there with it):
 #   1. carry gpu-stage/1, run B's GPU tests and the screen (or `true`):
-#      `gpu-stage/1/probe/b --ignored --skip bench_ --skip probe_; bash gpu-stage/1/probe/ab.sh`
+#      `bash gpu-stage/1/probe/run.sh b --ignored --skip bench_ --skip probe_;
+#      bash gpu-stage/1/probe/ab.sh` (run.sh runs a test binary confined: tools/gpu-run-confined.sh)
 #      and make the next call at once: a slower screen is a reason to stop here, not to think
 #   2. carry gpu-stage/2, run `bash gpu-stage/2/go.sh`: joins the model, puts every file where
 #      the host looks for it, moves the machine's HEAD to this one's (its .git is the checkout as
@@ -124,6 +125,7 @@ for lib in "$STAGE/1/built/"*.so; do strip --strip-debug "$lib"; done
 strip --strip-debug -o "$STAGE/1/host" target/release/host
 gzip -f "$STAGE/1/host"
 tools/gpu-probe.sh "$STAGE/1/probe" > /dev/null
+rm "$STAGE/1/probe/host.gz"  # the probe's run.sh takes ../host.gz, the same host
 git bundle create -q "$STAGE/1/head.bundle" HEAD refs/gpu-stage/b
 
 # The model split so that each call's tree stays under the limit.
@@ -137,7 +139,8 @@ head -c "$first" "$MODEL" > "$STAGE/1/model.part1"
 tail -c +"$((first + 1))" "$MODEL" > "$STAGE/2/model.part2"
 MODEL_SHA="$(sha256sum < "$MODEL" | cut -d' ' -f1)"
 # What the second call checks before it uses the first call's files: the first call may have run
-# B's test binaries (variant code, unconfined there) on the same machine.
+# B's test binaries (variant code, confined there by run.sh, but a second line costs nothing) on
+# the same machine.
 STAGED_SUMS="$(cd "$STAGE/1" && sha256sum host.gz built/*.so "$ORACLE" head.bundle)"
 
 cat > "$STAGE/2/go.sh" <<EOF

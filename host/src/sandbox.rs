@@ -837,6 +837,11 @@ pub struct ConfineArgs {
     /// at all where the kernel cannot confine files (no Landlock, or an ABI before 3).
     #[arg(long)]
     pub variant_build: bool,
+    /// Variant code run outside a worker (a GPU screen's test binary, tools/gpu-probe.sh's
+    /// run.sh): refuse to run at all where the kernel cannot confine files, as for a build,
+    /// but read no toolchain.
+    #[arg(long, conflicts_with = "variant_build")]
+    pub variant_run: bool,
     /// The program and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<std::ffi::OsString>,
@@ -851,14 +856,19 @@ pub fn confine_and_exec(args: &ConfineArgs) -> anyhow::Result<()> {
     policy.write.extend(args.write.iter().cloned());
     policy.devices.extend(args.device.iter().cloned());
     let support = Support::probe();
+    if (args.variant_build || args.variant_run) && support.landlock_abi < FILES_ABI {
+        let (flag, what) = if args.variant_build {
+            ("--variant-build", "built")
+        } else {
+            ("--variant-run", "run")
+        };
+        anyhow::bail!(
+            "host confine {flag}: this kernel's Landlock ABI is {} (3 or later is needed to \
+             confine variant code's files), so variant code is not {what} here",
+            support.landlock_abi
+        );
+    }
     if args.variant_build {
-        if support.landlock_abi < FILES_ABI {
-            anyhow::bail!(
-                "host confine --variant-build: this kernel's Landlock ABI is {} (3 or later is \
-                 needed to confine a build's files), so variant code is not built here",
-                support.landlock_abi
-            );
-        }
         policy.read.extend(toolchain_paths());
     }
     confine_build(&policy, support)?;

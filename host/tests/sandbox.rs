@@ -663,6 +663,86 @@ fn the_gpu_screen_refuses_a_patch_outside_variants_current() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// On the GPU machine a screen runs variant code (B's test binary, a candidate's) in the lease
+/// that later compares: tools/gpu-run-confined.sh (each screen's run.sh) runs it under `host
+/// confine --variant-run`. A stand-in binary, a script, tries what such code would: it writes
+/// its scratch folder (allowed) but not its own folder or another one, reads neither an
+/// unconfined process's memory view nor a file outside what it may read, cannot leave its
+/// process group, and what it leaves running is killed when it exits.
+#[test]
+fn a_screen_binary_runs_confined_and_leaves_nothing_running() {
+    require_landlock();
+    let dir = scratch("gpu-run-confined");
+    let outside = scratch("gpu-run-confined-outside");
+    std::fs::copy(root().join("tools/gpu-run-confined.sh"), dir.join("run.sh")).unwrap();
+    let gz = std::process::Command::new("gzip")
+        .arg("-c")
+        .arg(env!("CARGO_BIN_EXE_host"))
+        .stdout(std::fs::File::create(dir.join("host.gz")).unwrap())
+        .status()
+        .unwrap();
+    assert!(gz.success());
+    std::fs::write(outside.join("secret"), "key").unwrap();
+    let binary = dir.join("b");
+    std::fs::write(
+        &binary,
+        "#!/bin/sh\n\
+         echo \"args $*\"\n\
+         echo x > \"$TMPDIR/mine\" && echo 'scratch WROTE'\n\
+         echo x > \"$OUTSIDE/escaped\" 2> /dev/null && echo 'outside WROTE'\n\
+         echo x > \"$(dirname \"$0\")/planted\" 2> /dev/null && echo 'folder WROTE'\n\
+         head -c 1 /proc/$VICTIM/environ > /dev/null 2>&1 && echo 'victim READ'\n\
+         cat \"$OUTSIDE/secret\" > /dev/null 2>&1 && echo 'secret READ'\n\
+         setsid sh -c 'echo session ESCAPED' 2> /dev/null\n\
+         sleep 300 > /dev/null 2>&1 &\n\
+         echo \"left $!\"\n\
+         exit 3\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .unwrap();
+    let (out, stdout, stderr) = output(
+        std::process::Command::new("bash")
+            .arg(dir.join("run.sh"))
+            .args(["b", "--ignored", "x"])
+            .env("OUTSIDE", &outside)
+            .env("VICTIM", std::process::id().to_string()),
+    );
+    assert_eq!(out.status.code(), Some(3), "the binary's status: {stdout}{stderr}");
+    assert!(stdout.contains("args --ignored x"), "{stdout}{stderr}");
+    assert!(stdout.contains("scratch WROTE"), "{stdout}{stderr}");
+    for escape in ["outside", "folder", "victim", "secret", "session"] {
+        assert!(!stdout.contains(escape), "{escape}: {stdout}");
+    }
+    assert!(!outside.join("escaped").exists() && !dir.join("planted").exists());
+    let left: u32 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("left ")?.trim().parse().ok())
+        .expect("the binary names what it left running");
+    // Killed with its group when run.sh returned; allow the kernel a moment to reap it.
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{left}/stat"))
+            .is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+    };
+    for _ in 0..50 {
+        if !alive() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(!alive(), "process {left} outlived the screen's binary");
+    // A name that is no binary of the folder is refused by name.
+    let (out, _, stderr) = output(
+        std::process::Command::new("bash")
+            .arg(dir.join("run.sh"))
+            .arg("host.gz"),
+    );
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("'host.gz' is not a test binary"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&outside);
+}
+
 #[test]
 fn only_the_committed_harness_measures() {
     require_landlock();

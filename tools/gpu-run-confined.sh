@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Runs one of a GPU screen's test binaries confined, on the GPU machine. tools/gpu-probe.sh
+# copies this script into its folder as run.sh, beside the binaries and the host (host.gz
+# there, or in the folder above, as tools/gpu-stage.sh stages it):
+#
+#   bash gpu-probe/run.sh NAME [ARGUMENT...]     (NAME: a, b or a patch's binary)
+#
+# A screen's binaries are variant code (B's, a candidate's), and the machine also runs the
+# comparison that decides whether B is kept: `host synth` holds a secret key in its memory while
+# it writes a synthetic model, and the host and the staged libraries lie on its disk. So each
+# binary runs under `host confine --variant-run`, as the host confines variant builds: Landlock
+# lets it read the system and this folder only, write only a scratch folder of its own (TMPDIR)
+# and its threads' /proc entries (the CUDA driver names its threads there), open only the
+# NVIDIA device nodes besides /dev/null and the like, and trace or read the memory of no
+# process outside its domain; seccomp denies ptrace, other processes' memory and scheduling,
+# and leaving its process group. It starts in a session of its own, and that process group is
+# killed when it exits, so nothing it started outlives it (into a comparison later in the
+# lease). The script refuses to run where the kernel has no Landlock ABI 3.
+set -uo pipefail
+dir="$(cd "$(dirname "$0")" && pwd)"
+[ $# -ge 1 ] || { echo "run.sh: which binary? (a, b or a patch's name)" >&2; exit 2; }
+name="$1"; shift
+case "$name" in
+  ""|*/*|run.sh|ab.sh|host|host.gz|.host) echo "run.sh: '$name' is not a test binary of this folder" >&2; exit 2 ;;
+esac
+[ -x "$dir/$name" ] || { echo "run.sh: no test binary $dir/$name" >&2; exit 2; }
+
+# The host, unpacked once into this folder (readable to the binaries, writable to none).
+host="$dir/.host"
+if [ ! -x "$host" ]; then
+  gz="$dir/host.gz"
+  [ -f "$gz" ] || gz="$dir/../host.gz"
+  [ -f "$gz" ] || { echo "run.sh: no host.gz in $dir or its parent" >&2; exit 1; }
+  gunzip -c "$gz" > "$host.tmp" && chmod +x "$host.tmp" && mv "$host.tmp" "$host" ||
+    { echo "run.sh: cannot unpack $gz" >&2; rm -f "$host.tmp"; exit 1; }
+fi
+
+devices=()
+for node in /dev/nvidia*; do
+  [ -e "$node" ] && devices+=(--device "$node")
+done
+scratch="$(mktemp -d)"
+# In a subshell, so that setsid makes this very process a session (and group) leader without
+# forking: $! is then the group to kill.
+( exec setsid env TMPDIR="$scratch" "$host" confine --variant-run --read "$dir" \
+    --write "$scratch" --write /proc/self/task "${devices[@]}" -- "$dir/$name" "$@" ) &
+leader=$!
+wait "$leader"
+rc=$?
+kill -KILL -- "-$leader" 2> /dev/null
+rm -rf "$scratch"
+exit "$rc"
