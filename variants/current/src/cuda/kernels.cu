@@ -215,6 +215,11 @@ extern "C" __global__ void swiglu_q8_0(const u8* wg, const u8* sg, const u8* wu,
 #define VEC_WARPS 4
 // Rows each warp of the one-token Q8_0 kernel carries (one for Q4_1, two matrices when GATED).
 #define Q8_ROWS 2
+// Warps that share each row of the one-token Q4_1 kernels, each taking every Q4_SPLIT-th run
+// of 32 pieces: one warp a row left the 1B's and 8B's long rows with too few warps resident to
+// hide their loads (the 8B's down matvec: 0.65 waves, 46% occupancy, 31% of DRAM bandwidth).
+// VEC_WARPS * (rows a warp) / Q4_SPLIT must stay even: a QKV block's rows are rotation pairs.
+#define Q4_SPLIT 2
 
 // Nibble P/4 of `word` (bits P..P+3, P at most 12) as an exact float: OR-ed under the exponent
 // of 2^(23 - P), the nibble lands in the mantissa's units, and subtracting 2^(23 - P) leaves it.
@@ -369,10 +374,11 @@ __device__ __forceinline__ void rope_store(const Rope& rp, const RopeAt& ra, flo
 }
 
 // y = x W^T for one token (or y += that with `accumulate`; with GATED, y = silu(x Wg^T) *
-// (x Wu^T), the up matrix in w2/s2). Q4_1: a warp per row (with GATED, the same row of both
-// matrices), lane l taking quant words l, l + 32, ... Q8_0: a warp per Q8_ROWS rows, lane l
-// taking 16-byte halves of blocks (half l, l + 32, ...) The loads of every row a warp carries are
-// issued before any arithmetic, so they are in flight together.
+// (x Wu^T), the up matrix in w2/s2). Q4_1: Q4_SPLIT warps a row (with GATED, the same row of
+// both matrices), lane l of warp p taking quant words 32 p + l, 32 (p + Q4_SPLIT) + l, ...;
+// their sums are added in warp order. Q8_0: a warp per Q8_ROWS rows, lane l taking 16-byte
+// halves of blocks (half l, l + 32, ...) The loads of every row a warp carries are issued before
+// any arithmetic, so they are in flight together.
 //
 // The RMSNorms of a decode step are fused into these kernels (null pointers: no fusion):
 // - norm_in: x holds x ⊙ g (g the norm's weight) and *norm_in the sum of squares of x's
@@ -397,9 +403,14 @@ __device__ void matvec_body(const u8* w, const u8* s, const u8* w2, const u8* s2
                             Rope rope = Rope{}) {
     constexpr int R = FMT == FMT_Q4_1 ? 1 : Q8_ROWS;  // rows per matrix
     constexpr int M = GATED ? 2 : 1;                  // matrices
+    constexpr int K = FMT == FMT_Q4_1 ? Q4_SPLIT : 1;  // warps a row
+    constexpr int GROUPS = VEC_WARPS / K;              // of K warps, each its own rows
     __shared__ double squares[VEC_WARPS];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int row0 = (blockIdx.x * VEC_WARPS + warp) * R;
+    const int group = warp / K, part = warp % K;
+    const int row0 = (blockIdx.x * GROUPS + group) * R;
+    // The lane's first piece, and the step to its next: runs of 32 pieces dealt to the K warps.
+    const int first = lane + 32 * part, step = 32 * K;
     // A warp past the last row computes nothing but still takes part in the block's sum of
     // squares.
     const bool live = row0 < rows;
@@ -410,12 +421,12 @@ __device__ void matvec_body(const u8* w, const u8* s, const u8* w2, const u8* s2
     typedef typename Piece<FMT>::Q Q;
     typedef typename Piece<FMT>::S S;
     constexpr int PRE = FMT == FMT_Q4_1 ? PRE_Q4_1 : PRE_Q8_0;
-    // Piece c = lane + 32 k of row r of matrix mi, and its scale, for k < PRE.
+    // Piece c = first + step k of row r of matrix mi, and its scale, for k < PRE.
     Q qp[PRE][M][R];
     S sp[PRE][M][R];
 #pragma unroll
     for (int k = 0; k < PRE; k++) {
-        const int c = lane + 32 * k;
+        const int c = first + step * k;
 #pragma unroll
         for (int mi = 0; mi < M; mi++)
 #pragma unroll
@@ -434,17 +445,18 @@ __device__ void matvec_body(const u8* w, const u8* s, const u8* w2, const u8* s2
     if (live) {
         const long row_bytes = FMT == FMT_Q4_1 ? (long)pieces * 4 : (long)pieces * 16;
         const long scale_bytes = FMT == FMT_Q4_1 ? (long)nb * 4 : (long)nb * 2;
-        // What the loads above cover: the first 32 * PRE pieces, and their blocks' scales.
-        const long pre_bytes = (long)32 * PRE * sizeof(Q);
-        const long pre_scale_bytes = (long)32 * PRE / Piece<FMT>::PER * sizeof(S);
+        // What the loads above cover (of all K warps of the row): the first step * PRE pieces,
+        // and their blocks' scales. The rest is dealt to the K warps' lanes a line each.
+        const long pre_bytes = (long)step * PRE * sizeof(Q);
+        const long pre_scale_bytes = (long)step * PRE / Piece<FMT>::PER * sizeof(S);
 #pragma unroll
         for (int mi = 0; mi < M; mi++)
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 const long row = min(row0 + r, rows - 1);
-                for (long at = pre_bytes + 128 * lane; at < row_bytes; at += 32 * 128)
+                for (long at = pre_bytes + 128 * first; at < row_bytes; at += 128 * step)
                     prefetch_l2(ws[mi] + row * row_bytes + at);
-                for (long at = pre_scale_bytes + 128 * lane; at < scale_bytes; at += 32 * 128)
+                for (long at = pre_scale_bytes + 128 * first; at < scale_bytes; at += 128 * step)
                     prefetch_l2(ss[mi] + row * scale_bytes + at);
             }
     }
@@ -453,7 +465,7 @@ __device__ void matvec_body(const u8* w, const u8* s, const u8* w2, const u8* s2
 #pragma unroll
     for (int r = 0; r < R; r++) {
         resid[r] = gain[r] = 0.0f;
-        if (lane == 0 && row0 + r < rows) {
+        if (lane == 0 && part == 0 && row0 + r < rows) {
             if (ROPE) placed[r] = rope_at(rope, row0 + r);
             if (!GATED && !ROPE && accumulate) resid[r] = y[row0 + r];
             if (!GATED && !ROPE && next_g) gain[r] = next_g[row0 + r];
@@ -469,10 +481,10 @@ __device__ void matvec_body(const u8* w, const u8* s, const u8* w2, const u8* s2
     // The pieces in hand first, then the rest of the row, in the same order (the same sums).
 #pragma unroll
     for (int k = 0; k < PRE; k++) {
-        const int c = lane + 32 * k;
+        const int c = first + step * k;
         if (live && c < pieces) piece_dot<FMT, M, R>(qp[k], sp[k], x, c, acc);
     }
-    for (int c = lane + 32 * PRE; live && c < pieces; c += 32) {
+    for (int c = first + step * PRE; live && c < pieces; c += step) {
         Q q[M][R];
         S sc[M][R];
 #pragma unroll
@@ -486,27 +498,49 @@ __device__ void matvec_body(const u8* w, const u8* s, const u8* w2, const u8* s2
         piece_dot<FMT, M, R>(q, sc, x, c, acc);
     }
     const float scale = norm_in ? (float)(1.0 / sqrt(sum_sq / (double)cols + eps)) : 1.0f;
-    if (ROPE) {  // the same for every thread of the launch
-        __shared__ float vals[VEC_WARPS * R];
+    // Each row's sum over the lanes, then over its K warps in warp order (every lane holds it).
+    float sums[M][R];
 #pragma unroll
-        for (int r = 0; r < R; r++) {
-            const float sum = warp_sum(acc[0][r]) * scale;
-            if (lane == 0) vals[warp * R + r] = sum;
-        }
+    for (int mi = 0; mi < M; mi++)
+#pragma unroll
+        for (int r = 0; r < R; r++) sums[mi][r] = warp_sum(acc[mi][r]);
+    if constexpr (K > 1) {  // the same for every thread of the launch
+        __shared__ float partial[VEC_WARPS][M][R];
+        if (lane == 0)
+#pragma unroll
+            for (int mi = 0; mi < M; mi++)
+#pragma unroll
+                for (int r = 0; r < R; r++) partial[warp][mi][r] = sums[mi][r];
         __syncthreads();
-        if (lane == 0) {
+#pragma unroll
+        for (int mi = 0; mi < M; mi++)
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                float total = partial[group * K][mi][r];
+                for (int p = 1; p < K; p++) total += partial[group * K + p][mi][r];
+                sums[mi][r] = total;
+            }
+    }
+    const bool writer = lane == 0 && part == 0;
+    if (ROPE) {  // the same for every thread of the launch
+        __shared__ float vals[GROUPS * R];
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            if (writer) vals[group * R + r] = sums[0][r] * scale;
+        __syncthreads();
+        if (writer) {
 #pragma unroll
             for (int r = 0; r < R; r++)
-                if (row0 + r < rows) rope_store(rope, placed[r], y, row0 + r, vals, warp * R + r);
+                if (row0 + r < rows) rope_store(rope, placed[r], y, row0 + r, vals, group * R + r);
         }
         return;
     }
     double sq = 0.0;
 #pragma unroll
     for (int r = 0; r < R; r++) {
-        const float sum = warp_sum(acc[0][r]) * scale;
-        const float up = GATED ? warp_sum(acc[M - 1][r]) * scale : 0.0f;
-        if (lane == 0 && row0 + r < rows) {
+        const float sum = sums[0][r] * scale;
+        const float up = GATED ? sums[M - 1][r] * scale : 0.0f;
+        if (writer && row0 + r < rows) {
             float* out = y + row0 + r;
             if (GATED) {
                 *out = sum / (1.0f + expf(-sum)) * up;

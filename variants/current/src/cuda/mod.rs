@@ -59,6 +59,8 @@ const MMA_THREADS: u32 = 256;
 const VEC_WARPS: u32 = 4;
 /// Rows per warp of the one-token Q8_0 kernel (`Q8_ROWS` in kernels.cu); Q4_1 takes one.
 const Q8_ROWS: u32 = 2;
+/// Warps that share a row of the one-token Q4_1 kernels (`Q4_SPLIT` in kernels.cu).
+const Q4_SPLIT: u32 = 2;
 /// The most threads of an `attention_split` block (`ATT_THREADS` in kernels.cu), and the head
 /// dimensions each lane holds (`PD`): a (query, head) takes [`att_lanes`] lanes.
 const ATT_THREADS: u32 = 128;
@@ -1059,8 +1061,11 @@ fn matmul_config(rows: usize, t: usize) -> LaunchConfig {
 
 /// The grid of the one-token `matvec`/`swiglu_vec` for `rows` weight rows in `format`.
 fn vec_config(rows: usize, format: Format) -> LaunchConfig {
-    let rows_per_warp = if format == Format::Q8_0 { Q8_ROWS } else { 1 };
-    tiles(rows, VEC_WARPS * rows_per_warp, 1, 1, VEC_WARPS * 32)
+    let rows_per_block = match format {
+        Format::Q8_0 => VEC_WARPS * Q8_ROWS,
+        _ => VEC_WARPS / Q4_SPLIT,
+    };
+    tiles(rows, rows_per_block, 1, 1, VEC_WARPS * 32)
 }
 
 /// The grid of the chunk kernel for `rows` weight rows in `format` and `t` tokens (of both

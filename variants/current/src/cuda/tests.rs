@@ -85,8 +85,14 @@ fn cuda_matmul_of_each_format_matches_the_cpu_for_any_token_count() {
     let (stream, k) = gpu();
     // Rows that fill no whole block of the grid; rows shorter than a warp's lanes and rows
     // that take the lanes several rounds (the one-token kernel's loop); chunks whose few tiles
-    // split the columns (`column_splits`), into splits of equal and of unequal lengths.
-    for (rows, cols, t_max) in [(130, 96, 200), (131, 1088, 20), (300, 1600, 70)] {
+    // split the columns (`column_splits`), into splits of equal and of unequal lengths; rows
+    // long enough for the one-token kernel's loads of several pieces at a time (AHEAD_*).
+    for (rows, cols, t_max) in [
+        (130, 96, 200),
+        (131, 1088, 20),
+        (300, 1600, 70),
+        (67, 4160, 3),
+    ] {
         for (n, format) in [Format::Q4_1, Format::Q8_0, Format::F32]
             .into_iter()
             .enumerate()
@@ -156,9 +162,11 @@ fn cpu_product(cpu: &Matrix, x: &[f32], t: usize, cols: usize) -> Vec<f32> {
 #[ignore = "needs a CUDA GPU"]
 fn cuda_swiglu_of_each_format_matches_the_cpu_for_any_token_count() {
     let (stream, k) = gpu();
-    let (rows, cols) = (67, 1088);
-    for (n, format) in [Format::Q4_1, Format::Q8_0, Format::F32]
+    // The second shape's rows are long enough for the one-token kernel's loads of several
+    // pieces at a time (AHEAD_*).
+    for (n, (format, (rows, cols))) in [Format::Q4_1, Format::Q8_0, Format::F32]
         .into_iter()
+        .flat_map(|format| [(format, (67, 1088)), (format, (35, 4160))])
         .enumerate()
     {
         let gate = random_weights(format, rows, cols, 30 + n as u64);
@@ -166,7 +174,7 @@ fn cuda_swiglu_of_each_format_matches_the_cpu_for_any_token_count() {
         let gate_d = DeviceMatrix::upload(&stream, "gate", &[(&gate, rows)]).unwrap();
         let up_d = DeviceMatrix::upload(&stream, "up", &[(&up, rows)]).unwrap();
         let (gate, up) = (Matrix::new(gate, rows, cols), Matrix::new(up, rows, cols));
-        for t in [1, 3, 9, 70] {
+        for t in [1, 3, 9, 70].into_iter().filter(|&t| cols < 4000 || t < 9) {
             let x = random_activations(t * cols, 50 + t as u64);
             let (g, u) = (
                 cpu_product(&gate, &x, t, cols),
@@ -181,7 +189,10 @@ fn cuda_swiglu_of_each_format_matches_the_cpu_for_any_token_count() {
             let mut y = stream.alloc_zeros::<f32>(t * rows).unwrap();
             swiglu(&stream, &k, &gate_d, &up_d, &xd, &mut y, t, &Fusion::NONE).unwrap();
             let diff = rel_diff(&want, &stream.clone_dtoh(&y).unwrap());
-            assert!(diff < 1e-5, "{format:?} t={t}: relative difference {diff}");
+            assert!(
+                diff < 1e-5,
+                "{format:?} {rows}x{cols} t={t}: relative difference {diff}"
+            );
         }
     }
 }
@@ -827,6 +838,7 @@ fn kernels_cu_defines_match_the_launch_constants() {
         ("MMA_TOKENS", MMA_TOKENS as usize),
         ("MMA_THREADS", MMA_THREADS as usize),
         ("VEC_WARPS", VEC_WARPS as usize),
+        ("Q4_SPLIT", Q4_SPLIT as usize),
         ("Q8_ROWS", Q8_ROWS as usize),
         ("ATT_THREADS", ATT_THREADS as usize),
         ("PD", ATT_LANE_DIMS),
