@@ -699,8 +699,7 @@ fn a_screen_binary_runs_confined_and_leaves_nothing_running() {
          exit 3\n",
     )
     .unwrap();
-    std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .unwrap();
+    std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let (out, stdout, stderr) = output(
         std::process::Command::new("bash")
             .arg(dir.join("run.sh"))
@@ -708,7 +707,11 @@ fn a_screen_binary_runs_confined_and_leaves_nothing_running() {
             .env("OUTSIDE", &outside)
             .env("VICTIM", std::process::id().to_string()),
     );
-    assert_eq!(out.status.code(), Some(3), "the binary's status: {stdout}{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the binary's status: {stdout}{stderr}"
+    );
     assert!(stdout.contains("args --ignored x"), "{stdout}{stderr}");
     assert!(stdout.contains("scratch WROTE"), "{stdout}{stderr}");
     for escape in ["outside", "folder", "victim", "secret", "session"] {
@@ -721,8 +724,13 @@ fn a_screen_binary_runs_confined_and_leaves_nothing_running() {
         .expect("the binary names what it left running");
     // Killed with its group when run.sh returned; allow the kernel a moment to reap it.
     let alive = || {
-        std::fs::read_to_string(format!("/proc/{left}/stat"))
-            .is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        std::fs::read_to_string(format!("/proc/{left}/stat")).is_ok_and(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
     };
     for _ in 0..50 {
         if !alive() {
@@ -738,7 +746,10 @@ fn a_screen_binary_runs_confined_and_leaves_nothing_running() {
             .arg("host.gz"),
     );
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("'host.gz' is not a test binary"), "{stderr}");
+    assert!(
+        stderr.contains("'host.gz' is not a test binary"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&outside);
 }
