@@ -61,6 +61,12 @@ const VEC_WARPS: u32 = 4;
 const Q8_ROWS: u32 = 2;
 /// Warps that share a row of the one-token Q4_1 kernels (`Q4_SPLIT` in kernels.cu).
 const Q4_SPLIT: u32 = 2;
+/// Rows a warp pair of the `_long` one-token Q4_1 kernels carries (`Q4_ROWS_LONG`).
+const Q4_ROWS_LONG: u32 = 2;
+/// The columns from which a Q4_1 matrix takes the `_long` one-token kernels: the 1B's and
+/// 8B's rows (2,048 and more), not SmolLM2's (576 and 1,536), where two rows a warp pair was
+/// slower (G55).
+const LONG_ROW_COLS: usize = 2048;
 /// The most threads of an `attention_split` block (`ATT_THREADS` in kernels.cu), and the head
 /// dimensions each lane holds (`PD`): a (query, head) takes [`att_lanes`] lanes.
 const ATT_THREADS: u32 = 128;
@@ -257,6 +263,11 @@ struct Kernels {
     swiglu_vec: [Option<CudaFunction>; 3],
     /// `qkv_vec_*` per [`Format`]: the one-token QKV matvec with RoPE and the cache write.
     qkv_vec: [Option<CudaFunction>; 3],
+    /// The Q4_1 one-token kernels for long rows ([`long_rows`]): `matvec_q4_1_long`,
+    /// `swiglu_vec_q4_1_long`, `qkv_vec_q4_1_long`.
+    matvec_long: CudaFunction,
+    swiglu_vec_long: CudaFunction,
+    qkv_vec_long: CudaFunction,
     embed: CudaFunction,
     rmsnorm: CudaFunction,
     rope_kv: CudaFunction,
@@ -295,6 +306,9 @@ impl Kernels {
                 Some(f("swiglu_vec_q8_0")?),
             ],
             qkv_vec: [None, Some(f("qkv_vec_q4_1")?), Some(f("qkv_vec_q8_0")?)],
+            matvec_long: f("matvec_q4_1_long")?,
+            swiglu_vec_long: f("swiglu_vec_q4_1_long")?,
+            qkv_vec_long: f("qkv_vec_q4_1_long")?,
             embed: f("embed")?,
             rmsnorm: f("rmsnorm")?,
             rope_kv: f("rope_kv")?,
@@ -369,14 +383,15 @@ impl Kernels {
         Ok(cubin)
     }
 
-    /// The kernel and grid for `t` tokens through a `(rows, _)` matrix in `format` (gate and
-    /// up together when `gated`): the tiled kernel for a chunk of more than [`TILED_ABOVE`]
-    /// tokens, the one-token kernel for a quantized decode step, else the warp kernel. The
-    /// flag says whether it is the one-token kernel, the one that takes a [`Fusion`].
+    /// The kernel and grid for `t` tokens through a `(rows, cols)` matrix in `format` (gate
+    /// and up together when `gated`): the tiled kernel for a chunk of more than
+    /// [`TILED_ABOVE`] tokens, the one-token kernel for a quantized decode step (its `_long`
+    /// form for [`long_rows`]), else the warp kernel. The flag says whether it is the
+    /// one-token kernel, the one that takes a [`Fusion`].
     fn pick(
         &self,
         format: Format,
-        rows: usize,
+        (rows, cols): (usize, usize),
         t: usize,
         gated: bool,
     ) -> (&CudaFunction, LaunchConfig, bool) {
@@ -394,8 +409,17 @@ impl Kernels {
         } else {
             &self.matvec
         };
+        let long = long_rows(format, cols);
         match &vec[f] {
-            Some(kernel) if t == 1 => (kernel, vec_config(rows, format), true),
+            Some(_) if t == 1 && long => {
+                let kernel = if gated {
+                    &self.swiglu_vec_long
+                } else {
+                    &self.matvec_long
+                };
+                (kernel, vec_config(rows, format, long), true)
+            }
+            Some(kernel) if t == 1 => (kernel, vec_config(rows, format, long), true),
             _ => {
                 let table = if gated { &self.swiglu } else { &self.matmul };
                 (&table[f], matmul_config(rows, t), false)
@@ -1059,10 +1083,17 @@ fn matmul_config(rows: usize, t: usize) -> LaunchConfig {
     tiles(rows, ROW_WARPS, t, TOKEN_TILE, ROW_WARPS * 32)
 }
 
-/// The grid of the one-token `matvec`/`swiglu_vec` for `rows` weight rows in `format`.
-fn vec_config(rows: usize, format: Format) -> LaunchConfig {
+/// Whether a matrix in `format` with rows of `cols` takes the `_long` one-token kernels.
+fn long_rows(format: Format, cols: usize) -> bool {
+    format == Format::Q4_1 && cols >= LONG_ROW_COLS
+}
+
+/// The grid of the one-token `matvec`/`swiglu_vec` for `rows` weight rows in `format` (the
+/// `_long` kernels' when `long`).
+fn vec_config(rows: usize, format: Format, long: bool) -> LaunchConfig {
     let rows_per_block = match format {
         Format::Q8_0 => VEC_WARPS * Q8_ROWS,
+        _ if long => VEC_WARPS * Q4_ROWS_LONG / Q4_SPLIT,
         _ => VEC_WARPS / Q4_SPLIT,
     };
     tiles(rows, rows_per_block, 1, 1, VEC_WARPS * 32)
@@ -1386,8 +1417,11 @@ fn qkv_rope(
     fusion: &Fusion,
     rope: &RopeArgs,
 ) -> Result<(), ModelError> {
-    let Some(kernel) = &k.qkv_vec[w.format as usize] else {
-        return Err(Fusion::unsupported(w.format, 1));
+    let long = long_rows(w.format, w.cols);
+    let kernel = match &k.qkv_vec[w.format as usize] {
+        Some(_) if long => &k.qkv_vec_long,
+        Some(kernel) => kernel,
+        None => return Err(Fusion::unsupported(w.format, 1)),
     };
     let (rows, cols) = (w.rows as i32, w.cols as i32);
     let mut launch = stream.launch_builder(kernel);
@@ -1404,7 +1438,7 @@ fn qkv_rope(
     // SAFETY: `x` holds w.cols floats, `qkv` w.rows = (n_head + 2 n_kv) head_dim, the norm sum
     // is a live f64 of the model, and `rope` addresses the model's tables (covering the
     // position) and this block's caches (holding capacity > the position, grow_cache).
-    unsafe { launch.launch(vec_config(w.rows, w.format)) }?;
+    unsafe { launch.launch(vec_config(w.rows, w.format, long)) }?;
     Ok(())
 }
 
@@ -1434,7 +1468,7 @@ fn swiglu(
     fusion: &Fusion,
 ) -> Result<(), ModelError> {
     let (rows, cols, tt) = (gate.rows as i32, gate.cols as i32, t as i32);
-    let (kernel, config, one_token) = k.pick(gate.format, gate.rows, t, true);
+    let (kernel, config, one_token) = k.pick(gate.format, (gate.rows, gate.cols), t, true);
     let mut launch = stream.launch_builder(kernel);
     launch
         .arg(&gate.quants)
@@ -1471,7 +1505,7 @@ fn matmul(
     fusion: &Fusion,
 ) -> Result<(), ModelError> {
     let (rows, cols, tt, acc) = (w.rows as i32, w.cols as i32, t as i32, accumulate as i32);
-    let (kernel, mut config, one_token) = k.pick(w.format, w.rows, t, false);
+    let (kernel, mut config, one_token) = k.pick(w.format, (w.rows, w.cols), t, false);
     if t > TILED_ABOVE && w.format != Format::F32 {
         let (gx, gy, _) = config.grid_dim;
         config.grid_dim.2 = column_splits(gx * gy, w.cols / 32, k.sms);

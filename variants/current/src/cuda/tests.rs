@@ -839,6 +839,7 @@ fn kernels_cu_defines_match_the_launch_constants() {
         ("MMA_THREADS", MMA_THREADS as usize),
         ("VEC_WARPS", VEC_WARPS as usize),
         ("Q4_SPLIT", Q4_SPLIT as usize),
+        ("Q4_ROWS_LONG", Q4_ROWS_LONG as usize),
         ("Q8_ROWS", Q8_ROWS as usize),
         ("ATT_THREADS", ATT_THREADS as usize),
         ("PD", ATT_LANE_DIMS),
@@ -901,18 +902,47 @@ fn nvrtc_compiles_every_kernel_of_kernels_cu() {
     }
 }
 
+/// The `_long` one-token kernels take the synthetic 1B's and 8B's Q4_1 rows (2,048 columns
+/// and more: every matrix) and none of SmolLM2's (576 and 1,536), whose kernels they leave as
+/// they were; Q8_0 has no `_long` form.
+#[test]
+fn the_long_row_kernels_take_the_1b_and_8b_rows_and_none_of_smollm2s() {
+    for cols in [576, 1536] {
+        assert!(!long_rows(Format::Q4_1, cols), "SmolLM2's {cols}");
+    }
+    for cols in [2048, 4096, 8192, 14336] {
+        assert!(long_rows(Format::Q4_1, cols), "{cols}");
+        assert!(!long_rows(Format::Q8_0, cols), "Q8_0 {cols}");
+    }
+    assert_eq!(
+        vec_config(9, Format::Q4_1, true).grid_dim.0,
+        3,
+        "4 rows a block"
+    );
+    assert_eq!(
+        vec_config(9, Format::Q4_1, false).grid_dim.0,
+        5,
+        "2 rows a block"
+    );
+}
+
 /// The decode step's QKV matvec with RoPE and the cache write in its epilogue stores exactly
 /// what the matvec followed by `rope_kv` stores: the rotated q, and k and v in the caches at the
-/// token's position, for a full and a partial rotation.
+/// token's position, for a full and a partial rotation, and for rows long enough for the
+/// `_long` Q4_1 kernel.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn cuda_qkv_rope_epilogue_matches_the_matvec_then_rope_kv() {
     let (stream, k) = gpu();
-    let (n_head, n_kv, hd, d, positions, pos) = (4usize, 2usize, 16usize, 96usize, 8usize, 5usize);
+    let (n_head, n_kv, hd, positions, pos) = (4usize, 2usize, 16usize, 8usize, 5usize);
     let rows = (n_head + 2 * n_kv) * hd;
-    for (n, (format, rope_half)) in [(Format::Q4_1, hd / 2), (Format::Q8_0, hd / 2 - 2)]
-        .into_iter()
-        .enumerate()
+    for (n, (format, rope_half, d)) in [
+        (Format::Q4_1, hd / 2, 96),
+        (Format::Q8_0, hd / 2 - 2, 96),
+        (Format::Q4_1, hd / 2 - 2, LONG_ROW_COLS),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let seed = 90 + 10 * n as u64;
         let w = random_weights(format, rows, d, seed);
@@ -964,15 +994,15 @@ fn cuda_qkv_rope_epilogue_matches_the_matvec_then_rope_kv() {
         let (want, got) = (run(false), run(true));
         assert!(
             want.1.iter().any(|&v| v != 0.0),
-            "{format:?}: no key written"
+            "{format:?} d={d}: no key written"
         );
         assert!(
             want.2.iter().any(|&v| v != 0.0),
-            "{format:?}: no value written"
+            "{format:?} d={d}: no value written"
         );
-        assert_eq!(want.0, got.0, "{format:?}: rotated q");
-        assert_eq!(want.1, got.1, "{format:?}: key cache");
-        assert_eq!(want.2, got.2, "{format:?}: value cache");
+        assert_eq!(want.0, got.0, "{format:?} d={d}: rotated q");
+        assert_eq!(want.1, got.1, "{format:?} d={d}: key cache");
+        assert_eq!(want.2, got.2, "{format:?} d={d}: value cache");
     }
 }
 
