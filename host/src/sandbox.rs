@@ -550,11 +550,8 @@ pub const RESIDENCY_DROPPING_ADVICE: [i32; 3] = [
 /// The seccomp filters of a worker, for the process `pid`: [`always_denied`], other
 /// processes' scheduling ([`own_process_only`]), signals to anything but itself, new
 /// processes and programs (threads only: a frozen worker must have no process that keeps
-/// running), and the network and other processes' sockets: only local (unix) sockets can be
-/// made, and every `connect`, addressed `sendto` and `sendmsg` answers ENOENT, as if no one
-/// listened there (the CUDA driver makes a unix socket and tries the MPS daemon's address at
-/// start-up; told there is none, it carries on). `clone3` answers ENOSYS, so that the C library falls
-/// back to `clone`, whose flags a filter can read.
+/// running), and the network and other processes' sockets ([`no_sockets`]). `clone3` answers
+/// ENOSYS, so that the C library falls back to `clone`, whose flags a filter can read.
 ///
 /// With [`WorkerLimits`]: a worker `pinned` to a CPU budget ([`pin_to_cpus`]) may not change
 /// any thread's affinity at all, its own included: every thread it starts inherits the budget
@@ -591,14 +588,7 @@ pub fn worker_filters(pid: u32, limits: WorkerLimits) -> Result<Vec<BpfProgram>,
     ] {
         deny.push((nr, vec![]));
     }
-    deny.push((
-        libc::SYS_socket,
-        vec![rule(vec![cond(
-            0,
-            SeccompCmpOp::Ne,
-            libc::AF_UNIX as u64,
-        )?])?],
-    ));
+    let refused = no_sockets(&mut deny)?;
     #[cfg(target_arch = "x86_64")]
     for nr in [libc::SYS_fork, libc::SYS_vfork] {
         deny.push((nr, vec![]));
@@ -612,18 +602,10 @@ pub fn worker_filters(pid: u32, limits: WorkerLimits) -> Result<Vec<BpfProgram>,
             0,
         )?])?],
     ));
-    let addressed = SeccompCondition::new(4, SeccompCmpArgLen::Qword, SeccompCmpOp::Ne, 0)
-        .map_err(|e| SandboxError::Seccomp(format!("{e:?}")))?;
-    let refused = vec![
-        (libc::SYS_connect, vec![]),
-        (libc::SYS_sendto, vec![rule(vec![addressed])?]),
-        (libc::SYS_sendmsg, vec![]),
-        (libc::SYS_sendmmsg, vec![]),
-    ];
     let mut filters = vec![
         deny_filter(deny, libc::EPERM)?,
         deny_filter(vec![(libc::SYS_clone3, vec![])], libc::ENOSYS)?,
-        deny_filter(refused, libc::ENOENT)?,
+        refused,
     ];
     if limits.pinned {
         filters.push(deny_filter(
@@ -632,6 +614,32 @@ pub fn worker_filters(pid: u32, limits: WorkerLimits) -> Result<Vec<BpfProgram>,
         )?);
     }
     Ok(filters)
+}
+
+/// The network and other processes' sockets, out of reach: `deny` (an EPERM filter's rules)
+/// gains the rule that only local (unix) sockets can be made, and the filter returned answers
+/// every `connect`, addressed `sendto`, `sendmsg` and `sendmmsg` with ENOENT, as if no one
+/// listened there (the CUDA driver tries the MPS daemon's address at start-up; told there is
+/// none, it carries on). A unix socket's path is not a file Landlock guards, so without this a
+/// confined process could ask any daemon listening on the machine to act for it.
+fn no_sockets(deny: &mut Vec<(i64, Vec<SeccompRule>)>) -> Result<BpfProgram, SandboxError> {
+    deny.push((
+        libc::SYS_socket,
+        vec![rule(vec![cond(
+            0,
+            SeccompCmpOp::Ne,
+            libc::AF_UNIX as u64,
+        )?])?],
+    ));
+    let addressed = SeccompCondition::new(4, SeccompCmpArgLen::Qword, SeccompCmpOp::Ne, 0)
+        .map_err(|e| SandboxError::Seccomp(format!("{e:?}")))?;
+    let refused = vec![
+        (libc::SYS_connect, vec![]),
+        (libc::SYS_sendto, vec![rule(vec![addressed])?]),
+        (libc::SYS_sendmsg, vec![]),
+        (libc::SYS_sendmmsg, vec![]),
+    ];
+    deny_filter(refused, libc::ENOENT)
 }
 
 /// The CPUs this process may run on, in order.
@@ -691,6 +699,11 @@ pub fn pin_to_cpus(n: usize) -> Result<Vec<usize>, SandboxError> {
 /// the build's process group (`setsid`, `setpgid`), so that killing the group after cargo
 /// exits ends every process a build script started.
 pub fn build_filters() -> Result<Vec<BpfProgram>, SandboxError> {
+    Ok(vec![deny_filter(build_denials()?, libc::EPERM)?])
+}
+
+/// The rules of [`build_filters`].
+fn build_denials() -> Result<Vec<(i64, Vec<SeccompRule>)>, SandboxError> {
     let mut deny: Vec<(i64, Vec<SeccompRule>)> =
         always_denied().into_iter().map(|nr| (nr, vec![])).collect();
     deny.extend(own_process_only(None)?);
@@ -701,7 +714,16 @@ pub fn build_filters() -> Result<Vec<BpfProgram>, SandboxError> {
     ] {
         deny.push((nr, vec![]));
     }
-    Ok(vec![deny_filter(deny, libc::EPERM)?])
+    Ok(deny)
+}
+
+/// The seccomp filters of variant code run outside a worker (`host confine --variant-run`: a
+/// GPU screen's test binary): a build's ([`build_filters`]), and no network or other
+/// process's socket ([`no_sockets`]), as for a worker.
+pub fn run_filters() -> Result<Vec<BpfProgram>, SandboxError> {
+    let mut deny = build_denials()?;
+    let refused = no_sockets(&mut deny)?;
+    Ok(vec![deny_filter(deny, libc::EPERM)?, refused])
 }
 
 /// Installs `filters` on every thread of this process (and what it starts afterwards).
@@ -839,7 +861,7 @@ pub struct ConfineArgs {
     pub variant_build: bool,
     /// Variant code run outside a worker (a GPU screen's test binary, tools/gpu-probe.sh's
     /// run.sh): refuse to run at all where the kernel cannot confine files, as for a build,
-    /// but read no toolchain.
+    /// read no toolchain, and reach no socket ([`run_filters`]).
     #[arg(long, conflicts_with = "variant_build")]
     pub variant_run: bool,
     /// The program and its arguments.
@@ -847,8 +869,9 @@ pub struct ConfineArgs {
     pub command: Vec<std::ffi::OsString>,
 }
 
-/// Confines this process as a build ([`confine_build`]) with the system's part of a policy
-/// ([`Policy::system`]) and `args`' paths, and replaces it with the program.
+/// Confines this process as a build ([`confine_build`]; with `--variant-run`, [`run_filters`])
+/// with the system's part of a policy ([`Policy::system`]) and `args`' paths, and replaces it
+/// with the program.
 pub fn confine_and_exec(args: &ConfineArgs) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let mut policy = Policy::system();
@@ -871,7 +894,11 @@ pub fn confine_and_exec(args: &ConfineArgs) -> anyhow::Result<()> {
     if args.variant_build {
         policy.read.extend(toolchain_paths());
     }
-    confine_build(&policy, support)?;
+    if args.variant_run {
+        confine(&policy, support, run_filters)?;
+    } else {
+        confine_build(&policy, support)?;
+    }
     let (program, rest) = args
         .command
         .split_first()

@@ -278,6 +278,21 @@ fn the_supervisor_cannot_be_signalled() {
     assert_eq!(rows.last().unwrap()["status"], "synthetic", "{rows:?}");
 }
 
+/// A worker reaches no socket: neither a daemon's unix socket (a path Landlock does not guard;
+/// seccomp answers every connect with ENOENT) nor a TCP service on this machine.
+#[test]
+fn a_worker_reaches_no_socket() {
+    let results = scratch("attack-sockets");
+    let daemon = results.join("daemon.sock");
+    let _listening = std::os::unix::net::UnixListener::bind(&daemon).unwrap();
+    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = service.local_addr().unwrap().port();
+    let mode = format!("sockets,socket={},port={port}", daemon.display());
+    let (out, _, stderr) = attack(&mode, &results, &[]);
+    assert!(out.status.success(), "{stderr}");
+    all_denied(&stderr, "sockets", 2);
+}
+
 /// `host compare variants/baseline drift` on the tiny model with the drift fixture in `mode`.
 fn compare_against(
     mode: &str,
@@ -668,7 +683,8 @@ fn the_gpu_screen_refuses_a_patch_outside_variants_current() {
 /// confine --variant-run`. A stand-in binary, a script, tries what such code would: it writes
 /// its scratch folder (allowed) but not its own folder or another one, reads neither an
 /// unconfined process's memory view nor a file outside what it may read, cannot leave its
-/// process group, and what it leaves running is killed when it exits.
+/// process group, reaches neither a daemon's unix socket nor the network, and what it leaves
+/// running is killed when it exits.
 #[test]
 fn a_screen_binary_runs_confined_and_leaves_nothing_running() {
     require_landlock();
@@ -683,6 +699,10 @@ fn a_screen_binary_runs_confined_and_leaves_nothing_running() {
         .unwrap();
     assert!(gz.success());
     std::fs::write(outside.join("secret"), "key").unwrap();
+    // A daemon's socket and a network service on this machine, which the binary must not reach.
+    let _daemon = std::os::unix::net::UnixListener::bind(outside.join("daemon.sock")).unwrap();
+    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = service.local_addr().unwrap().port();
     let binary = dir.join("b");
     std::fs::write(
         &binary,
@@ -694,6 +714,11 @@ fn a_screen_binary_runs_confined_and_leaves_nothing_running() {
          head -c 1 /proc/$VICTIM/environ > /dev/null 2>&1 && echo 'victim READ'\n\
          cat \"$OUTSIDE/secret\" > /dev/null 2>&1 && echo 'secret READ'\n\
          setsid sh -c 'echo session ESCAPED' 2> /dev/null\n\
+         python3 -c 'print(\"python ran\")'\n\
+         python3 -c 'import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])' \
+           \"$OUTSIDE/daemon.sock\" 2> /dev/null && echo 'daemon REACHED'\n\
+         python3 -c 'import socket, sys; socket.create_connection((\"127.0.0.1\", int(sys.argv[1])))' \
+           \"$PORT\" 2> /dev/null && echo 'network REACHED'\n\
          sleep 300 > /dev/null 2>&1 &\n\
          echo \"left $!\"\n\
          exit 3\n",
@@ -705,7 +730,8 @@ fn a_screen_binary_runs_confined_and_leaves_nothing_running() {
             .arg(dir.join("run.sh"))
             .args(["b", "--ignored", "x"])
             .env("OUTSIDE", &outside)
-            .env("VICTIM", std::process::id().to_string()),
+            .env("VICTIM", std::process::id().to_string())
+            .env("PORT", port.to_string()),
     );
     assert_eq!(
         out.status.code(),
@@ -714,7 +740,13 @@ fn a_screen_binary_runs_confined_and_leaves_nothing_running() {
     );
     assert!(stdout.contains("args --ignored x"), "{stdout}{stderr}");
     assert!(stdout.contains("scratch WROTE"), "{stdout}{stderr}");
-    for escape in ["outside", "folder", "victim", "secret", "session"] {
+    assert!(
+        stdout.contains("python ran"),
+        "the socket probes need python3: {stderr}"
+    );
+    for escape in [
+        "outside", "folder", "victim", "secret", "session", "daemon", "network",
+    ] {
         assert!(!stdout.contains(escape), "{escape}: {stdout}");
     }
     assert!(!outside.join("escaped").exists() && !dir.join("planted").exists());
