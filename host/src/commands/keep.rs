@@ -3,7 +3,10 @@
 //! [`keep`] commits `variants/current` alone, and only when `results/results.tsv` holds a
 //! comparison of exactly its present content against the last kept one (`host compare` with no
 //! arguments), made under the present harness, whose verdict is KEEP; or NOISE when the change
-//! is a simplification (it deletes more lines than it adds) and `--simpler` says so. The commit
+//! is a simplification (it deletes more lines than it adds) and `--simpler` says so. A KEEP on a
+//! synthetic model (a change aimed at the 1B or 8B shapes) also needs a comparison of the same
+//! content on the default model whose verdict is KEEP or NOISE: nothing the loop's default model
+//! guards (decode, prefill, TTFT, peak memory, ITL p99) may be worse for it. The commit
 //! message carries the comparison's figures. [`revert`] puts `variants/current` back as the last
 //! commit has it, deleting files added since. Both touch nothing outside `variants/current`.
 
@@ -129,7 +132,10 @@ pub fn keep(root: &Path, results: &Path, message: &str, rules: &KeepRules) -> Re
             row.sandbox
         );
     }
-    let model = check_record(results, &row, &tree, &head_tree, rules.harness)?;
+    let (kind, model) = check_record(results, &row, &tree, &head_tree, rules.harness)?;
+    if kind == ModelKind::SyntheticSecret && verdict == Verdict::Keep {
+        default_model_beside(results, &row, &tree, &head_tree, rules)?;
+    }
     let (added, removed) = line_changes(&repo)?;
     match verdict {
         Verdict::Keep => {}
@@ -278,15 +284,15 @@ struct GatesView {
 /// verdict, the status and the sandbox), and when the keep rule ([`keep_rule::decide`]), applied
 /// again to the record's figures and gates, gives the recorded verdict. So a row edited or
 /// appended by anything but the host is refused. `tree` and `head_tree` are the present and
-/// HEAD's `variants/current`, `harness` HEAD's harness hash. Returns the model it ran on, in
-/// words, for the commit message.
+/// HEAD's `variants/current`, `harness` HEAD's harness hash. Returns the kind of model it ran
+/// on, and the model in words for the commit message.
 fn check_record(
     results: &Path,
     row: &ResultsRow,
     tree: &str,
     head_tree: &str,
     harness: &str,
-) -> Result<String> {
+) -> Result<(ModelKind, String)> {
     let name = row.json.as_str();
     if name.contains('/') || name.starts_with('.') {
         bail!(
@@ -346,11 +352,78 @@ fn check_record(
             record.provenance.model_path
         );
     }
-    Ok(format!(
-        "{} ({})",
-        kind.describe(),
-        record.provenance.model_path
+    Ok((
+        kind,
+        format!("{} ({})", kind.describe(), record.provenance.model_path),
     ))
+}
+
+/// For a KEEP on a synthetic model (`synthetic`, its row): the newest comparison of the same
+/// `tree` against the same `head_tree` on the default model, under the present harness and on
+/// the full protocol, backed by its record ([`check_record`]), must have ended KEEP or NOISE.
+/// (its gates passed, its variant code fully confined unless `--allow-unsandboxed`). A
+/// synthetic shape says nothing of the default model's figures: G57's three kernels, kept on
+/// the 1B shape and never run by SmolLM2, grew the NVRTC compile of kernels.cu, about a third of
+/// a CUDA worker's peak memory, from 188 to 196 MB (measured on the CPU here), which no
+/// comparison on the default model looked at.
+fn default_model_beside(
+    results: &Path,
+    synthetic: &ResultsRow,
+    tree: &str,
+    head_tree: &str,
+    rules: &KeepRules,
+) -> Result<()> {
+    let same_change = |r: &ResultsRow| {
+        r.variant.trim_end_matches('/').ends_with(CURRENT)
+            && !r.variant_tree.is_empty()
+            && tree.starts_with(r.variant_tree.as_str())
+            && !r.against_tree.is_empty()
+            && head_tree.starts_with(r.against_tree.as_str())
+            && !r.harness.is_empty()
+            && rules.harness.starts_with(r.harness.as_str())
+            && r.prompts == "all"
+            && r.max_new_tokens == rules.max_new_tokens.to_string()
+            && r.verdict.is_some_and(|v| !v.is_screen())
+            && r.json != synthetic.json
+    };
+    let mut rows = read_rows(results)?;
+    rows.retain(same_change);
+    for row in rows.iter().rev() {
+        let (kind, _) = check_record(results, row, tree, head_tree, rules.harness)?;
+        if kind != ModelKind::Default {
+            continue;
+        }
+        return match row.verdict {
+            Some(Verdict::Keep | Verdict::Noise)
+                if row.status == Status::Ok
+                    && row.gates == "pass"
+                    && (row.sandbox == "full" || rules.allow_unsandboxed) =>
+            {
+                Ok(())
+            }
+            _ => bail!(
+                "the KEEP of {} on a synthetic model rests on the default model's figures too, \
+                 and the comparison of the same change on the default model ({}) ended {} with \
+                 status {:?}, gates {:?}, sandbox {:?}: a change that makes the default model slower, or larger, on any \
+                 figure the comparison guards is not kept; revert it, or make it leave the \
+                 default model's path as it was",
+                synthetic.time,
+                row.time,
+                row.verdict.map_or("-", |v| v.label()),
+                row.status.as_str(),
+                row.gates,
+                row.sandbox
+            ),
+        };
+    }
+    bail!(
+        "the KEEP of {} is on a synthetic model, which says nothing of the default model's \
+         figures: compare the same change on the default model too (`host compare`, no \
+         --model), then on the synthetic model again (host keep rests on a change's newest \
+         comparison); it is kept when the default model's ends KEEP or NOISE (no guarded \
+         figure SLOWER)",
+        synthetic.time
+    )
 }
 
 /// Lines added and removed in `variants/current` between HEAD and the working tree (new files
@@ -438,6 +511,20 @@ mod tests {
     /// Writes a results.tsv with one comparison of the present `variants/current` against
     /// HEAD's, with `verdict` and `status`; `edit` changes one field afterwards.
     fn record_compare(dir: &Path, verdict: &str, status: &str, gates: &str, edit: (&str, &str)) {
+        write_compare(dir, verdict, status, gates, edit, "compare.json", false);
+    }
+
+    /// [`record_compare`] with its record named `json`, the row appended to results.tsv when
+    /// `append`.
+    fn write_compare(
+        dir: &Path,
+        verdict: &str,
+        status: &str,
+        gates: &str,
+        edit: (&str, &str),
+        json: &str,
+        append: bool,
+    ) {
         let tree = crate::vcs::tree_hash(&dir.join(CURRENT));
         let head = crate::vcs::tree_hash_at(dir, "HEAD", CURRENT).unwrap();
         let header = crate::ledger::row::COLUMNS.join("\t");
@@ -459,7 +546,7 @@ mod tests {
                 "decode_ratio" => "1.0500 [1.0300, 1.0700]".to_string(),
                 "sandbox" => "full".to_string(),
                 "seed" => "42".to_string(),
-                "json" => "compare.json".to_string(),
+                "json" => json.to_string(),
                 _ => "x".to_string(),
             })
             .collect();
@@ -510,12 +597,78 @@ mod tests {
             "figures": figures,
             "gates": { "failures": failures },
         });
-        std::fs::write(results.join("runs/compare.json"), record.to_string()).unwrap();
-        std::fs::write(
-            results.join("results.tsv"),
-            format!("{header}\n{}\n", row.join("\t")),
-        )
-        .unwrap();
+        std::fs::write(results.join("runs").join(json), record.to_string()).unwrap();
+        let tsv = results.join("results.tsv");
+        let before = match append {
+            true => std::fs::read_to_string(&tsv).unwrap(),
+            false => format!("{header}\n"),
+        };
+        std::fs::write(&tsv, format!("{before}{}\n", row.join("\t"))).unwrap();
+    }
+
+    /// A KEEP on a synthetic model is kept only beside a comparison of the same change on the
+    /// default model that ended KEEP or NOISE.
+    #[test]
+    fn a_synthetic_keep_needs_the_default_model_beside_it() {
+        let (dir, repo) = checkout("keep-synthetic");
+        let results = dir.join("results");
+        std::fs::write(dir.join("variants/current/src/lib.rs"), "// v2\n").unwrap();
+        let synthetic = ("record_model_kind", "synthetic_secret");
+        let keep_err = || {
+            keep(&dir, &results, "faster at 1B", &RULES)
+                .unwrap_err()
+                .to_string()
+        };
+        // Alone.
+        write_compare(&dir, "KEEP", "ok", "pass", synthetic, "s.json", false);
+        let err = keep_err();
+        assert!(
+            err.contains("compare the same change on the default model"),
+            "{err}"
+        );
+        // Beside a default-model comparison that ended REVERT, or that failed its gates.
+        // (The second is faster, but its gates failed: the keep rule makes it a REVERT.)
+        for (status, gates, edit, needle) in [
+            ("ok", "pass", ("", ""), "ended REVERT with status \"ok\""),
+            (
+                "rejected",
+                "fail: code agreement",
+                ("record_decode", "Faster"),
+                "status \"rejected\", gates \"fail: code agreement\"",
+            ),
+        ] {
+            write_compare(&dir, "REVERT", status, gates, edit, "d.json", false);
+            write_compare(&dir, "KEEP", "ok", "pass", synthetic, "s.json", true);
+            let err = keep_err();
+            assert!(err.contains(needle), "{status}: {err}");
+        }
+        // A default-model comparison of another change does not count.
+        write_compare(
+            &dir,
+            "NOISE",
+            "ok",
+            "pass",
+            ("variant_tree", "0123456789ab"),
+            "d.json",
+            false,
+        );
+        write_compare(&dir, "KEEP", "ok", "pass", synthetic, "s.json", true);
+        let err = keep_err();
+        assert!(
+            err.contains("compare the same change on the default model"),
+            "{err}"
+        );
+        // Beside a NOISE on the default model: kept, and the message names the synthetic model.
+        write_compare(&dir, "NOISE", "ok", "pass", ("", ""), "d.json", false);
+        write_compare(&dir, "KEEP", "ok", "pass", synthetic, "s.json", true);
+        let id = keep(&dir, &results, "faster at 1B", &RULES).unwrap();
+        let commit = repo.find_commit(git2::Oid::from_str(&id).unwrap()).unwrap();
+        let message = commit.message().unwrap();
+        assert!(
+            message.contains("model: a synthetic model with secret weights"),
+            "{message}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -685,8 +838,9 @@ mod tests {
             .unwrap()
             .pop()
             .unwrap();
-        let model = check_record(&results, &row, &tree, &head, RULES.harness)
+        let (kind, model) = check_record(&results, &row, &tree, &head, RULES.harness)
             .expect("a comparison on secret synthetic weights is kept");
+        assert_eq!(kind, ModelKind::SyntheticSecret);
         assert_eq!(
             model,
             "a synthetic model with secret weights (/models/m.gguf)"
