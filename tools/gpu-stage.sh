@@ -122,10 +122,9 @@ B_LIB="$(side_lib "$B_COMMIT")"
 for lib in "$STAGE/1/built/"*.so; do strip --strip-debug "$lib"; done
 # The host goes compressed: since its rarely-run dependencies are built without optimisation
 # (Cargo.toml) it is 24 MB stripped, 7 MB gzipped, and the model's first part needs the room.
-strip --strip-debug -o "$STAGE/1/host" target/release/host
-gzip -f "$STAGE/1/host"
+# gpu-probe.sh packs it for its run.sh; one copy serves both (run.sh also looks in ../).
 tools/gpu-probe.sh "$STAGE/1/probe" > /dev/null
-rm "$STAGE/1/probe/host.gz"  # the probe's run.sh takes ../host.gz, the same host
+mv "$STAGE/1/probe/host.gz" "$STAGE/1/host.gz"
 git bundle create -q "$STAGE/1/head.bundle" HEAD refs/gpu-stage/b
 
 # The model split so that each call's tree stays under the limit.
