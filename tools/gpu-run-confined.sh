@@ -14,9 +14,10 @@
 # NVIDIA device nodes besides /dev/null and the like, and trace or read the memory of no
 # process outside its domain; seccomp denies ptrace, other processes' memory and scheduling,
 # leaving its process group, and every socket but a unix one, whose connects answer ENOENT (a
-# daemon's socket is no file Landlock guards), as for a worker. It starts in a session of its own, and that process group is
-# killed when it exits, so nothing it started outlives it (into a comparison later in the
-# lease). The script refuses to run where the kernel has no Landlock ABI 3.
+# daemon's socket is no file Landlock guards), as for a worker. It starts in a session of its
+# own, and that process group is killed when it exits, so nothing it started outlives it (into
+# a comparison later in the lease). `host confine` refuses to run it where the kernel has no
+# Landlock ABI 3.
 set -uo pipefail
 dir="$(cd "$(dirname "$0")" && pwd)"
 [ $# -ge 1 ] || { echo "run.sh: which binary? (a, b or a patch's name)" >&2; exit 2; }
