@@ -3,10 +3,13 @@
 # compiled here by NVRTC as the variant compiles it on the GPU (sm_90, --fmad=false), with no GPU
 # and no CUDA toolkit: only libnvrtc, which .ci/run fetches from PyPI into the cache.
 #
-#   tools/kernel-registers.py [SOURCE.cu ...] [--only SUBSTRING]
+#   tools/kernel-registers.py [SOURCE.cu ...] [--only SUBSTRING] [-D NAME]...
 #     SOURCE.cu   default variants/current/src/cuda/kernels.cu; several are compiled as one
 #                 source, in order (matvec_candidates.cu needs kernels.cu first)
 #     --only S    only the kernels whose name contains S
+#     -D NAME     a macro the source is compiled with, as the variant passes NVRTC (a source
+#                 may compile some kernels only for models that use them: kernels.cu's
+#                 `-D LONG_ROWS -D LONGEST_ROWS` for its long-row kernels)
 #
 # A kernel that spills, or whose registers limit it to fewer blocks an SM than its design
 # wants, is slower for that alone; a GPU minute costs more than this check (program.md).
@@ -34,6 +37,7 @@ def main(argv):
         return 0
     only = None
     sources = []
+    defines = []
     args = iter(argv)
     for a in args:
         if a == "--only":
@@ -41,6 +45,12 @@ def main(argv):
             if only is None:
                 print("kernel-registers.py: --only needs a substring", file=sys.stderr)
                 return 2
+        elif a == "-D":
+            name = next(args, None)
+            if not name or not name.replace("_", "").isalnum():
+                print(f"kernel-registers.py: -D needs a macro name, got {name!r}", file=sys.stderr)
+                return 2
+            defines.append(b"-D" + name.encode())
         else:
             sources.append(a)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +80,7 @@ def main(argv):
     if lib.nvrtcCreateProgram(ctypes.byref(prog), text.encode(), b"kernels.cu", 0, None, None):
         print("kernel-registers.py: NVRTC could not create the program", file=sys.stderr)
         return 2
-    opts = [b"--gpu-architecture=sm_90", b"--fmad=false", b"--ptxas-options=-v"]
+    opts = [b"--gpu-architecture=sm_90", b"--fmad=false", b"--ptxas-options=-v"] + defines
     status = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     size = ctypes.c_size_t()
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
