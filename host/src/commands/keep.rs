@@ -25,11 +25,16 @@ use crate::sandbox::Level;
 
 /// The newest row of `results.tsv` for `CURRENT` whose tree hash starts like `tree`.
 fn latest_row(results: &Path, tree: &str) -> Result<Option<ResultsRow>> {
-    Ok(read_rows(results)?.into_iter().rfind(|r| {
-        r.variant.trim_end_matches('/').ends_with(CURRENT)
-            && !r.variant_tree.is_empty()
-            && tree.starts_with(r.variant_tree.as_str())
-    }))
+    Ok(read_rows(results)?
+        .into_iter()
+        .rfind(|r| measures_tree(r, tree)))
+}
+
+/// Whether `row` measured `CURRENT` with a tree hash that starts like `tree`.
+fn measures_tree(row: &ResultsRow, tree: &str) -> bool {
+    row.variant.trim_end_matches('/').ends_with(CURRENT)
+        && !row.variant_tree.is_empty()
+        && tree.starts_with(row.variant_tree.as_str())
 }
 
 /// What `host keep` checks the comparison against.
@@ -75,63 +80,9 @@ pub fn keep(root: &Path, results: &Path, message: &str, rules: &KeepRules) -> Re
             row.time
         );
     };
-    if verdict.is_screen() {
-        bail!(
-            "the latest comparison of {CURRENT} ({}) was a screen ({}): a screen is never \
-             kept; run `host compare` on the full protocol",
-            row.time,
-            verdict.label()
-        );
-    }
-    if !rules.harness.starts_with(row.harness.as_str()) || row.harness.is_empty() {
-        bail!(
-            "the latest comparison of {CURRENT} ({}) was measured under harness {}, and the harness \
-             is now {}: results of different harnesses are not compared; run `host compare` again",
-            row.time,
-            row.harness,
-            &rules.harness[..12.min(rules.harness.len())]
-        );
-    }
     let head_tree = crate::vcs::tree_hash_at(root, "HEAD", CURRENT)?;
-    if !head_tree.starts_with(row.against_tree.as_str()) || row.against_tree.is_empty() {
-        bail!(
-            "the latest comparison of {CURRENT} ({}) was against {} (tree {}), not the last kept \
-             {CURRENT} (tree {}): run `host compare` with no arguments",
-            row.time,
-            row.against,
-            row.against_tree,
-            &head_tree[..12]
-        );
-    }
-    if row.prompts != "all" || row.max_new_tokens != rules.max_new_tokens.to_string() {
-        bail!(
-            "the latest comparison of {CURRENT} ({}) was a quick one (prompts {}, {} tokens per \
-             request): only a comparison on every prompt with the protocol's {} tokens is kept on; \
-             run `host compare` without --prompt or --max-new-tokens",
-            row.time,
-            row.prompts,
-            row.max_new_tokens,
-            rules.max_new_tokens
-        );
-    }
-    if row.status != Status::Ok || row.gates != "pass" {
-        bail!(
-            "the latest comparison of {CURRENT} as it is now ({}) has status {:?} and gates {:?}: \
-             only a change that passed is kept; revert it with `host revert`",
-            row.time,
-            row.status.as_str(),
-            row.gates
-        );
-    }
-    if row.sandbox != "full" && !rules.allow_unsandboxed {
-        bail!(
-            "the latest comparison of {CURRENT} ({}) ran with its variant code confined only in \
-             part ({}): a verdict is trusted only when neither side could reach the clock, the \
-             results or the other side. Keep it anyway with `host keep --allow-unsandboxed`",
-            row.time,
-            row.sandbox
-        );
-    }
+    comparable(&row, verdict, &head_tree, rules)?;
+    passed(&row, rules)?;
     let (kind, model) = check_record(results, &row, &tree, &head_tree, rules.harness)?;
     if kind == ModelKind::SyntheticSecret && verdict == Verdict::Keep {
         default_model_beside(results, &row, &tree, &head_tree, rules)?;
@@ -374,17 +325,10 @@ fn default_model_beside(
     rules: &KeepRules,
 ) -> Result<()> {
     let same_change = |r: &ResultsRow| {
-        r.variant.trim_end_matches('/').ends_with(CURRENT)
-            && !r.variant_tree.is_empty()
-            && tree.starts_with(r.variant_tree.as_str())
-            && !r.against_tree.is_empty()
-            && head_tree.starts_with(r.against_tree.as_str())
-            && !r.harness.is_empty()
-            && rules.harness.starts_with(r.harness.as_str())
-            && r.prompts == "all"
-            && r.max_new_tokens == rules.max_new_tokens.to_string()
-            && r.verdict.is_some_and(|v| !v.is_screen())
+        measures_tree(r, tree)
             && r.json != synthetic.json
+            && r.verdict
+                .is_some_and(|v| comparable(r, v, head_tree, rules).is_ok())
     };
     let mut rows = read_rows(results)?;
     rows.retain(same_change);
@@ -394,13 +338,7 @@ fn default_model_beside(
             continue;
         }
         return match row.verdict {
-            Some(Verdict::Keep | Verdict::Noise)
-                if row.status == Status::Ok
-                    && row.gates == "pass"
-                    && (row.sandbox == "full" || rules.allow_unsandboxed) =>
-            {
-                Ok(())
-            }
+            Some(Verdict::Keep | Verdict::Noise) if passed(row, rules).is_ok() => Ok(()),
             _ => bail!(
                 "the KEEP of {} on a synthetic model rests on the default model's figures too, \
                  and the comparison of the same change on the default model ({}) ended {} with \
@@ -424,6 +362,80 @@ fn default_model_beside(
          figure SLOWER)",
         synthetic.time
     )
+}
+
+/// Whether `row`, a comparison with `verdict`, is one a keep can rest on: on the full protocol
+/// (not a screen, every prompt, the protocol's tokens), under the present harness, against
+/// HEAD's `CURRENT` (`head_tree`). The error says which it is not.
+fn comparable(
+    row: &ResultsRow,
+    verdict: Verdict,
+    head_tree: &str,
+    rules: &KeepRules,
+) -> Result<()> {
+    if verdict.is_screen() {
+        bail!(
+            "the latest comparison of {CURRENT} ({}) was a screen ({}): a screen is never \
+             kept; run `host compare` on the full protocol",
+            row.time,
+            verdict.label()
+        );
+    }
+    if !rules.harness.starts_with(row.harness.as_str()) || row.harness.is_empty() {
+        bail!(
+            "the latest comparison of {CURRENT} ({}) was measured under harness {}, and the harness \
+             is now {}: results of different harnesses are not compared; run `host compare` again",
+            row.time,
+            row.harness,
+            &rules.harness[..12.min(rules.harness.len())]
+        );
+    }
+    if !head_tree.starts_with(row.against_tree.as_str()) || row.against_tree.is_empty() {
+        bail!(
+            "the latest comparison of {CURRENT} ({}) was against {} (tree {}), not the last kept \
+             {CURRENT} (tree {}): run `host compare` with no arguments",
+            row.time,
+            row.against,
+            row.against_tree,
+            &head_tree[..12]
+        );
+    }
+    if row.prompts != "all" || row.max_new_tokens != rules.max_new_tokens.to_string() {
+        bail!(
+            "the latest comparison of {CURRENT} ({}) was a quick one (prompts {}, {} tokens per \
+             request): only a comparison on every prompt with the protocol's {} tokens is kept on; \
+             run `host compare` without --prompt or --max-new-tokens",
+            row.time,
+            row.prompts,
+            row.max_new_tokens,
+            rules.max_new_tokens
+        );
+    }
+    Ok(())
+}
+
+/// Whether the comparison `row` passed: status ok, every gate passed, its variant code fully
+/// confined (or `--allow-unsandboxed`). The error says what failed.
+fn passed(row: &ResultsRow, rules: &KeepRules) -> Result<()> {
+    if row.status != Status::Ok || row.gates != "pass" {
+        bail!(
+            "the latest comparison of {CURRENT} as it is now ({}) has status {:?} and gates {:?}: \
+             only a change that passed is kept; revert it with `host revert`",
+            row.time,
+            row.status.as_str(),
+            row.gates
+        );
+    }
+    if row.sandbox != "full" && !rules.allow_unsandboxed {
+        bail!(
+            "the latest comparison of {CURRENT} ({}) ran with its variant code confined only in \
+             part ({}): a verdict is trusted only when neither side could reach the clock, the \
+             results or the other side. Keep it anyway with `host keep --allow-unsandboxed`",
+            row.time,
+            row.sandbox
+        );
+    }
+    Ok(())
 }
 
 /// Lines added and removed in `variants/current` between HEAD and the working tree (new files
