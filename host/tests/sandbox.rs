@@ -291,6 +291,13 @@ fn a_worker_reaches_no_socket() {
     let (out, _, stderr) = attack(&mode, &results, &[]);
     assert!(out.status.success(), "{stderr}");
     all_denied(&stderr, "sockets", 2);
+    // Denied by the worker's rules, not by chance: the socket file exists, so ENOENT is the
+    // connect rule's answer, and an AF_INET socket is refused outright (EPERM).
+    let lines = reports(&stderr, "sockets");
+    let unix = lines.iter().find(|l| l.contains("unix socket")).unwrap();
+    assert!(unix.contains("os error 2)"), "{unix}");
+    let tcp = lines.iter().find(|l| l.contains("127.0.0.1")).unwrap();
+    assert!(tcp.contains("os error 1)"), "{tcp}");
 }
 
 /// `host compare variants/baseline drift` on the tiny model with the drift fixture in `mode`.
