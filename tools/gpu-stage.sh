@@ -27,14 +27,16 @@
 #      the host looks for it, moves the machine's HEAD to this one's (its .git is the checkout as
 #      the session started), prints `git status --short` (only B's files may differ), starts
 #      the comparison of HEAD:variants/current against B's commit under setsid (so it
-#      outlives the call) and follows it for up to 540 s. With SHAPE set (`SHAPE=llama-3.2-1b
+#      outlives the call) and follows it for up to 540 s (FOLLOW=S seconds instead, for a call
+#      whose limit is shorter: little device time left), copying what it prints to
+#      $OUT/compare.log every 5 s, so a call cut off at its limit still returns it. With SHAPE set (`SHAPE=llama-3.2-1b
 #      bash gpu-stage/2/go.sh`) it compares on a synthetic model of that shape instead,
 #      written there first without --seed: gated against the oracle at that shape, so its
 #      KEEP counts (program.md; about 2 s for the 1B's 777 MB)
 #      (`bash gpu-stage/2/go.sh setup` does the same without starting the comparison, for a
 #      command of your own first, say a diagnostic comparison of a few pairs; then call
 #      `bash gpu-stage/2/go.sh` within 30 s)
-#   3. carry nothing, run `bash gpu-stage/2/go.sh wait`: follows it for 540 s more; again
+#   3. carry nothing, run `bash gpu-stage/2/go.sh wait`: follows it for 540 s (FOLLOW) more; again
 #      until it ends. The last call leaves results/ (row and record) in $OUT/results.tgz: unpack
 #      it here, append the row to results/results.tsv, copy the record into results/runs/, and
 #      `host keep` on KEEP (`--allow-unsandboxed` if the row's sandbox is not `full`).
@@ -210,8 +212,17 @@ SUMS
   echo \$! > \$S/compare.pid
 fi
 pid=\$(cat \$S/compare.pid)
-for _ in \$(seq 108); do kill -0 "\$pid" 2> /dev/null || break; sleep 5; done
-grep -v '^[AB] prompt\|^oracle: [0-9]' \$S/compare.log | tail -40
+# Follows the comparison for FOLLOW seconds (540 unless set), writing what it has printed so
+# far to \$OUT/compare.log every 5 s: a call cut off at its limit still brings that back.
+follow=\${FOLLOW:-540}
+case "\$follow" in ''|*[!0-9]*) echo "FOLLOW is a number of seconds, not '\$follow'"; exit 2 ;; esac
+tail_log() { grep -v '^[AB] prompt\|^oracle: [0-9]' \$S/compare.log | tail -40; }
+for _ in \$(seq \$(((follow + 4) / 5))); do
+  kill -0 "\$pid" 2> /dev/null || break
+  sleep 5
+  [ -n "\${OUT:-}" ] && tail_log > "\$OUT/compare.log"
+done
+tail_log
 if kill -0 "\$pid" 2> /dev/null; then echo "STILL RUNNING: call \\\`bash \$S/2/go.sh wait\\\` within 30 s"; fi
 tar czf "\${OUT:-/tmp}/results.tgz" results 2> /dev/null || true
 EOF
