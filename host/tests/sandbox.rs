@@ -294,9 +294,15 @@ fn a_worker_reaches_no_socket() {
     // Denied by the worker's rules, not by chance: the socket file exists, so ENOENT is the
     // connect rule's answer, and an AF_INET socket is refused outright (EPERM).
     let lines = reports(&stderr, "sockets");
-    let unix = lines.iter().find(|l| l.contains("unix socket")).unwrap();
+    let line = |what: &str| {
+        lines
+            .iter()
+            .find(|l| l.contains(what))
+            .unwrap_or_else(|| panic!("no sockets report names {what}: {stderr}"))
+    };
+    let unix = line("unix socket");
     assert!(unix.contains("os error 2)"), "{unix}");
-    let tcp = lines.iter().find(|l| l.contains("127.0.0.1")).unwrap();
+    let tcp = line("127.0.0.1");
     assert!(tcp.contains("os error 1)"), "{tcp}");
 }
 
