@@ -29,8 +29,8 @@
 #      the comparison of HEAD:variants/current against B's commit under setsid (so it
 #      outlives the call) and follows it for up to 540 s (FOLLOW=S seconds instead, for a call
 #      whose limit is shorter: little device time left), copying what it prints to
-#      $OUT/compare.log every 5 s, so a call cut off at its limit still returns it. With SHAPE set (`SHAPE=llama-3.2-1b
-#      bash gpu-stage/2/go.sh`) it compares on a synthetic model of that shape instead,
+#      $OUT/compare.log every 5 s, so a call cut off at its limit still returns it. With SHAPE
+#      set (`SHAPE=llama-3.2-1b bash gpu-stage/2/go.sh`) it compares on a synthetic model of that shape instead,
 #      written there first without --seed: gated against the oracle at that shape, so its
 #      KEEP counts (program.md; about 2 s for the 1B's 777 MB)
 #      (`bash gpu-stage/2/go.sh setup` does the same without starting the comparison, for a
@@ -154,6 +154,9 @@ cat > "$STAGE/2/go.sh" <<EOF
 # \$BENCH (default -p 512 -n 128 -r 3). A is $A_LIB, B $B_LIB.
 set -uo pipefail
 S=$STAGE
+# Seconds each call follows the comparison (checked before anything starts).
+follow=\${FOLLOW:-540}
+case "\$follow" in ''|*[!0-9]*) echo "FOLLOW is a number of seconds, not '\$follow'"; exit 2 ;; esac
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:\${LD_LIBRARY_PATH:-} CARGO_TARGET_DIR=target
 if [ "\${1:-}" = bench ] && [ -f \$S/compare.pid ] && kill -0 "\$(cat \$S/compare.pid)" 2> /dev/null; then
   echo "the comparison is still running: \\\`go.sh wait\\\` until it ends, then bench"; exit 1
@@ -212,17 +215,19 @@ SUMS
   echo \$! > \$S/compare.pid
 fi
 pid=\$(cat \$S/compare.pid)
-# Follows the comparison for FOLLOW seconds (540 unless set), writing what it has printed so
-# far to \$OUT/compare.log every 5 s: a call cut off at its limit still brings that back.
-follow=\${FOLLOW:-540}
-case "\$follow" in ''|*[!0-9]*) echo "FOLLOW is a number of seconds, not '\$follow'"; exit 2 ;; esac
-tail_log() { grep -v '^[AB] prompt\|^oracle: [0-9]' \$S/compare.log | tail -40; }
+# Follows the comparison for \$follow seconds, writing what it has printed so far to
+# \$OUT/compare.log every 5 s and at the end: a call cut off at its limit still brings that back.
+tail_log() {
+  grep -v '^[AB] prompt\|^oracle: [0-9]' \$S/compare.log | tail -40 > \$S/compare.tail
+  if [ -n "\${OUT:-}" ]; then cp \$S/compare.tail "\$OUT/compare.log"; fi
+}
 for _ in \$(seq \$(((follow + 4) / 5))); do
   kill -0 "\$pid" 2> /dev/null || break
   sleep 5
-  [ -n "\${OUT:-}" ] && tail_log > "\$OUT/compare.log"
+  tail_log
 done
 tail_log
+cat \$S/compare.tail
 if kill -0 "\$pid" 2> /dev/null; then echo "STILL RUNNING: call \\\`bash \$S/2/go.sh wait\\\` within 30 s"; fi
 tar czf "\${OUT:-/tmp}/results.tgz" results 2> /dev/null || true
 EOF
