@@ -220,11 +220,16 @@ extern "C" __global__ void swiglu_q8_0(const u8* wg, const u8* sg, const u8* wu,
 // hide their loads (the 8B's down matvec: 0.65 waves, 46% occupancy, 31% of DRAM bandwidth).
 // VEC_WARPS * (rows a warp) / Q4_SPLIT must stay even: a QKV block's rows are rotation pairs.
 #define Q4_SPLIT 2
-// Rows that a Q4_1 warp pair carries in the `_long` one-token kernels, which the host picks for
-// rows of 2,048 columns or more (the 1B's and 8B's, none of SmolLM2's): the activations a lane
-// loads serve each row, so a weight byte costs half the L1 reads of x, and each warp has twice
-// the loads in flight. On SmolLM2's short rows the same halved the blocks and was slower (G55).
+// Rows that a Q4_1 warp pair carries in the `_long` one-token kernels (four warps in the
+// `_longest`), which the host picks for rows of 2,048 columns or more (the 1B's and 8B's, none
+// of SmolLM2's): the activations a lane loads serve each row, so a weight byte costs half the
+// L1 reads of x, and each warp has twice the loads in flight. On SmolLM2's short rows the same
+// halved the blocks and was slower (G55).
 #define Q4_ROWS_LONG 2
+// Warps that share those rows in the `_longest` kernels, which the host picks for rows of 4,096
+// columns or more (every 8B matrix, the 1B's down): four warps to two rows gave the 8B 3.9% less
+// a step, and the 1B, whose rows of 2,048 columns then leave a lane two pieces, 12% more (G58).
+#define Q4_SPLIT_LONGEST 4
 
 // Nibble P/4 of `word` (bits P..P+3, P at most 12) as an exact float: OR-ed under the exponent
 // of 2^(23 - P), the nibble lands in the mantissa's units, and subtracting 2^(23 - P) leaves it.
@@ -379,11 +384,11 @@ __device__ __forceinline__ void rope_store(const Rope& rp, const RopeAt& ra, flo
 }
 
 // y = x W^T for one token (or y += that with `accumulate`; with GATED, y = silu(x Wg^T) *
-// (x Wu^T), the up matrix in w2/s2). Q4_1: Q4_SPLIT warps share Q4R rows (with GATED, the same
-// rows of both matrices), lane l of warp p taking quant words 32 p + l, 32 (p + Q4_SPLIT) + l,
-// ... of each; their sums are added in warp order. Q8_0: a warp per Q8_ROWS rows, lane l taking 16-byte
-// halves of blocks (half l, l + 32, ...) The loads of every row a warp carries are issued before
-// any arithmetic, so they are in flight together.
+// (x Wu^T), the up matrix in w2/s2). Q4_1: Q4K warps share Q4R rows (with GATED, the same rows
+// of both matrices), lane l of warp p taking quant words 32 p + l, 32 (p + Q4K) + l, ... of
+// each; their sums are added in warp order. Q8_0: a warp per Q8_ROWS rows, lane l taking
+// 16-byte halves of blocks (half l, l + 32, ...) The loads of every row a warp carries are
+// issued before any arithmetic, so they are in flight together.
 //
 // The RMSNorms of a decode step are fused into these kernels (null pointers: no fusion):
 // - norm_in: x holds x ⊙ g (g the norm's weight) and *norm_in the sum of squares of x's
@@ -401,14 +406,14 @@ __device__ __forceinline__ void rope_store(const Rope& rp, const RopeAt& ra, flo
 // decode step never accumulates into its predecessor's output). That the one before the
 // predecessor has finished is what PDL guarantees: the predecessor's blocks waited for it
 // before letting this kernel start.
-template <int FMT, bool GATED, bool ROPE = false, int Q4R = 1>
+template <int FMT, bool GATED, bool ROPE = false, int Q4R = 1, int Q4K = Q4_SPLIT>
 __device__ void matvec_body(const u8* w, const u8* s, const u8* w2, const u8* s2, const float* x,
                             float* y, int rows, int cols, int accumulate, const double* norm_in,
                             double eps, const float* next_g, float* xg, double* norm_out,
                             Rope rope = Rope{}) {
     constexpr int R = FMT == FMT_Q4_1 ? Q4R : Q8_ROWS;  // rows per matrix
     constexpr int M = GATED ? 2 : 1;                    // matrices
-    constexpr int K = FMT == FMT_Q4_1 ? Q4_SPLIT : 1;   // warps sharing R rows
+    constexpr int K = FMT == FMT_Q4_1 ? Q4K : 1;        // warps sharing R rows
     constexpr int GROUPS = VEC_WARPS / K;               // of K warps, each its own rows
     __shared__ double squares[VEC_WARPS];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -611,27 +616,54 @@ extern "C" __global__ void swiglu_vec_q8_0(const u8* wg, const u8* sg, const u8*
     matvec_body<FMT_Q8_0, true>(wg, sg, wu, su, x, y, rows, cols, 0, norm_in, eps, nullptr,
                                 nullptr, nullptr);
 }
-// The Q4_1 one-token kernels for long rows: the same arguments, Q4_ROWS_LONG rows a warp pair.
-extern "C" __global__ void matvec_q4_1_long(const u8* w, const u8* s, const float* x, float* y,
-                                            int rows, int cols, int t, int accumulate,
+// The Q4_1 one-token kernels for long rows, the same arguments as matvec_q4_1, qkv_vec_q4_1
+// and swiglu_vec_q4_1: Q4_ROWS_LONG rows to Q4_SPLIT warps (`_long`) or to Q4_SPLIT_LONGEST
+// (`_longest`). Each three are compiled only for a model that has such rows (LONG_ROWS,
+// LONGEST_ROWS: `LongRows` in mod.rs), since NVRTC's memory at load grows with them.
+#ifdef LONG_ROWS
+extern "C" __global__ void matvec_q4_1_long(const u8* w, const u8* s, const float* x,
+                                            float* y, int rows, int cols, int t, int accumulate,
                                             const double* norm_in, double eps,
                                             const float* next_g, float* xg, double* norm_out) {
-    matvec_body<FMT_Q4_1, false, false, Q4_ROWS_LONG>(w, s, w, s, x, y, rows, cols, accumulate,
-                                                      norm_in, eps, next_g, xg, norm_out);
+    matvec_body<FMT_Q4_1, false, false, Q4_ROWS_LONG, Q4_SPLIT>(
+        w, s, w, s, x, y, rows, cols, accumulate, norm_in, eps, next_g, xg, norm_out);
 }
-extern "C" __global__ void qkv_vec_q4_1_long(const u8* w, const u8* s, const float* x, float* y,
-                                             int rows, int cols, const double* norm_in,
+extern "C" __global__ void qkv_vec_q4_1_long(const u8* w, const u8* s, const float* x,
+                                             float* y, int rows, int cols, const double* norm_in,
                                              double eps, Rope rope) {
-    matvec_body<FMT_Q4_1, false, true, Q4_ROWS_LONG>(w, s, w, s, x, y, rows, cols, 0, norm_in,
-                                                     eps, nullptr, nullptr, nullptr, rope);
+    matvec_body<FMT_Q4_1, false, true, Q4_ROWS_LONG, Q4_SPLIT>(
+        w, s, w, s, x, y, rows, cols, 0, norm_in, eps, nullptr, nullptr, nullptr, rope);
 }
 extern "C" __global__ void swiglu_vec_q4_1_long(const u8* wg, const u8* sg, const u8* wu,
-                                                const u8* su, const float* x, float* y, int rows,
-                                                int cols, int t, const double* norm_in,
-                                                double eps) {
-    matvec_body<FMT_Q4_1, true, false, Q4_ROWS_LONG>(wg, sg, wu, su, x, y, rows, cols, 0,
-                                                     norm_in, eps, nullptr, nullptr, nullptr);
+                                                const u8* su, const float* x, float* y,
+                                                int rows, int cols, int t,
+                                                const double* norm_in, double eps) {
+    matvec_body<FMT_Q4_1, true, false, Q4_ROWS_LONG, Q4_SPLIT>(
+        wg, sg, wu, su, x, y, rows, cols, 0, norm_in, eps, nullptr, nullptr, nullptr);
 }
+#endif
+#ifdef LONGEST_ROWS
+extern "C" __global__ void matvec_q4_1_longest(const u8* w, const u8* s, const float* x,
+                                               float* y, int rows, int cols, int t, int accumulate,
+                                               const double* norm_in, double eps,
+                                               const float* next_g, float* xg, double* norm_out) {
+    matvec_body<FMT_Q4_1, false, false, Q4_ROWS_LONG, Q4_SPLIT_LONGEST>(
+        w, s, w, s, x, y, rows, cols, accumulate, norm_in, eps, next_g, xg, norm_out);
+}
+extern "C" __global__ void qkv_vec_q4_1_longest(const u8* w, const u8* s, const float* x,
+                                                float* y, int rows, int cols, const double* norm_in,
+                                                double eps, Rope rope) {
+    matvec_body<FMT_Q4_1, false, true, Q4_ROWS_LONG, Q4_SPLIT_LONGEST>(
+        w, s, w, s, x, y, rows, cols, 0, norm_in, eps, nullptr, nullptr, nullptr, rope);
+}
+extern "C" __global__ void swiglu_vec_q4_1_longest(const u8* wg, const u8* sg, const u8* wu,
+                                                   const u8* su, const float* x, float* y,
+                                                   int rows, int cols, int t,
+                                                   const double* norm_in, double eps) {
+    matvec_body<FMT_Q4_1, true, false, Q4_ROWS_LONG, Q4_SPLIT_LONGEST>(
+        wg, sg, wu, su, x, y, rows, cols, 0, norm_in, eps, nullptr, nullptr, nullptr);
+}
+#endif
 
 // Eight consecutive weights of an f32 matrix, elements 8 * part .. 8 * part + 7 of block `blk`.
 __device__ __forceinline__ void load_eighth(const u8* w, long blk, int part, float out[8]) {

@@ -61,12 +61,18 @@ const VEC_WARPS: u32 = 4;
 const Q8_ROWS: u32 = 2;
 /// Warps that share a row of the one-token Q4_1 kernels (`Q4_SPLIT` in kernels.cu).
 const Q4_SPLIT: u32 = 2;
-/// Rows a warp pair of the `_long` one-token Q4_1 kernels carries (`Q4_ROWS_LONG`).
+/// Rows that the warps of a `_long` or `_longest` one-token Q4_1 kernel share
+/// (`Q4_ROWS_LONG`).
 const Q4_ROWS_LONG: u32 = 2;
 /// The columns from which a Q4_1 matrix takes the `_long` one-token kernels: the 1B's and
 /// 8B's rows (2,048 and more), not SmolLM2's (576 and 1,536), where two rows a warp pair was
 /// slower (G55).
 const LONG_ROW_COLS: usize = 2048;
+/// Warps that share the two rows of the `_longest` kernels (`Q4_SPLIT_LONGEST`), and the
+/// columns from which a Q4_1 matrix takes them: every 8B matrix, the 1B's down (G58: four
+/// warps were 3.9% faster at 8B and 12% slower on the 1B's rows of 2,048 columns).
+const Q4_SPLIT_LONGEST: u32 = 4;
+const LONGEST_ROW_COLS: usize = 4096;
 /// The most threads of an `attention_split` block (`ATT_THREADS` in kernels.cu), and the head
 /// dimensions each lane holds (`PD`): a (query, head) takes [`att_lanes`] lanes.
 const ATT_THREADS: u32 = 128;
@@ -263,11 +269,10 @@ struct Kernels {
     swiglu_vec: [Option<CudaFunction>; 3],
     /// `qkv_vec_*` per [`Format`]: the one-token QKV matvec with RoPE and the cache write.
     qkv_vec: [Option<CudaFunction>; 3],
-    /// The Q4_1 one-token kernels for long rows ([`long_rows`]): `matvec_q4_1_long`,
-    /// `swiglu_vec_q4_1_long`, `qkv_vec_q4_1_long`.
-    matvec_long: CudaFunction,
-    swiglu_vec_long: CudaFunction,
-    qkv_vec_long: CudaFunction,
+    /// The Q4_1 one-token kernels for long rows ([`RowLength`]): `_long` and `_longest`, each
+    /// compiled only when [`LongRows`] asks for it.
+    long: Option<LongRowKernels>,
+    longest: Option<LongRowKernels>,
     embed: CudaFunction,
     rmsnorm: CudaFunction,
     rope_kv: CudaFunction,
@@ -284,12 +289,20 @@ struct Kernels {
 }
 
 impl Kernels {
-    /// Compiles kernels.cu for `ctx`'s device with NVRTC and loads it.
-    fn compile(ctx: &Arc<CudaContext>) -> Result<Self, ModelError> {
+    /// Compiles kernels.cu for `ctx`'s device with NVRTC, with the long-row kernels of
+    /// `long_rows` only, and loads it.
+    fn compile(ctx: &Arc<CudaContext>, long_rows: LongRows) -> Result<Self, ModelError> {
         let (major, minor) = ctx.compute_capability()?;
         let arch = arch_name(major, minor);
-        let module = ctx.load_module(Ptx::from_binary(Self::cubin(arch)?))?;
+        let module = ctx.load_module(Ptx::from_binary(Self::cubin(arch, long_rows)?))?;
         let f = |name: &str| module.load_function(name);
+        let long_row_kernels = |suffix: &str| -> Result<LongRowKernels, ModelError> {
+            Ok(LongRowKernels {
+                matvec: f(&format!("matvec_q4_1{suffix}"))?,
+                swiglu_vec: f(&format!("swiglu_vec_q4_1{suffix}"))?,
+                qkv_vec: f(&format!("qkv_vec_q4_1{suffix}"))?,
+            })
+        };
         Ok(Self {
             matmul: [f("matmul_f32")?, f("matmul_q4_1")?, f("matmul_q8_0")?],
             swiglu: [f("swiglu_f32")?, f("swiglu_q4_1")?, f("swiglu_q8_0")?],
@@ -306,9 +319,14 @@ impl Kernels {
                 Some(f("swiglu_vec_q8_0")?),
             ],
             qkv_vec: [None, Some(f("qkv_vec_q4_1")?), Some(f("qkv_vec_q8_0")?)],
-            matvec_long: f("matvec_q4_1_long")?,
-            swiglu_vec_long: f("swiglu_vec_q4_1_long")?,
-            qkv_vec_long: f("qkv_vec_q4_1_long")?,
+            long: long_rows
+                .long
+                .then(|| long_row_kernels("_long"))
+                .transpose()?,
+            longest: long_rows
+                .longest
+                .then(|| long_row_kernels("_longest"))
+                .transpose()?,
             embed: f("embed")?,
             rmsnorm: f("rmsnorm")?,
             rope_kv: f("rope_kv")?,
@@ -337,17 +355,18 @@ impl Kernels {
     /// cubin, which the driver loads as it is. PTX would be compiled a second time by the
     /// driver at load, which on the H200 took 42 MB more peak memory and 1.5-3 s when no cache
     /// is kept (`probe_load_memory_*` in tests.rs). Needs `libnvrtc`, not a GPU.
-    fn cubin(arch: &'static str) -> Result<Vec<u8>, ModelError> {
+    fn cubin(arch: &'static str, long_rows: LongRows) -> Result<Vec<u8>, ModelError> {
         use cudarc::nvrtc::{result, sys};
         let fail =
             |what: String| ModelError::Gpu(format!("NVRTC cannot compile kernels.cu: {what}"));
         let src = std::ffi::CString::new(SOURCE).map_err(|e| fail(e.to_string()))?;
         let prog =
             result::create_program(&src, Some(c"kernels.cu")).map_err(|e| fail(e.to_string()))?;
-        let options = [
+        let mut options = vec![
             format!("--gpu-architecture={arch}"),
             "--fmad=false".to_string(),
         ];
+        options.extend(long_rows.defines().map(|d| format!("-D{d}")));
         // SAFETY: `prog` is live until it is destroyed below, and the cubin's buffer has the
         // size NVRTC reports for it.
         let built = unsafe {
@@ -385,8 +404,8 @@ impl Kernels {
 
     /// The kernel and grid for `t` tokens through a `(rows, cols)` matrix in `format` (gate
     /// and up together when `gated`): the tiled kernel for a chunk of more than
-    /// [`TILED_ABOVE`] tokens, the one-token kernel for a quantized decode step (its `_long`
-    /// form for [`long_rows`]), else the warp kernel. The flag says whether it is the
+    /// [`TILED_ABOVE`] tokens, the one-token kernel for a quantized decode step (its form for
+    /// the matrix's [`RowLength`]), else the warp kernel. The flag says whether it is the
     /// one-token kernel, the one that takes a [`Fusion`].
     fn pick(
         &self,
@@ -409,17 +428,17 @@ impl Kernels {
         } else {
             &self.matvec
         };
-        let long = long_rows(format, cols);
-        match &vec[f] {
-            Some(_) if t == 1 && long => {
+        let length = self.row_length(format, cols);
+        match (&vec[f], self.long_rows(length)) {
+            (Some(_), Some(long)) if t == 1 => {
                 let kernel = if gated {
-                    &self.swiglu_vec_long
+                    &long.swiglu_vec
                 } else {
-                    &self.matvec_long
+                    &long.matvec
                 };
-                (kernel, vec_config(rows, format, long), true)
+                (kernel, vec_config(rows, format, length), true)
             }
-            Some(kernel) if t == 1 => (kernel, vec_config(rows, format, long), true),
+            (Some(kernel), _) if t == 1 => (kernel, vec_config(rows, format, length), true),
             _ => {
                 let table = if gated { &self.swiglu } else { &self.matmul };
                 (&table[f], matmul_config(rows, t), false)
@@ -580,7 +599,7 @@ impl CudaLlama {
         unsafe { ctx.disable_event_tracking() };
         // A stream of its own: the legacy default stream cannot be captured into a graph.
         let stream = ctx.new_stream()?;
-        let kernels = Kernels::compile(&ctx)?;
+        let kernels = Kernels::compile(&ctx, LongRows::of_tensors(view.tensors.iter()))?;
 
         let (d, ff) = (cfg.n_embd, cfg.n_ff);
         let (q_dim, kv_dim) = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim);
@@ -1083,17 +1102,123 @@ fn matmul_config(rows: usize, t: usize) -> LaunchConfig {
     tiles(rows, ROW_WARPS, t, TOKEN_TILE, ROW_WARPS * 32)
 }
 
-/// Whether a matrix in `format` with rows of `cols` takes the `_long` one-token kernels.
-fn long_rows(format: Format, cols: usize) -> bool {
-    format == Format::Q4_1 && cols >= LONG_ROW_COLS
+/// Which one-token kernels a quantized matrix takes, by its format and row length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowLength {
+    /// Q8_0, or Q4_1 rows under [`LONG_ROW_COLS`]: `matvec_*`, `swiglu_vec_*`, `qkv_vec_*`.
+    Short,
+    /// Q4_1 rows of [`LONG_ROW_COLS`] up to [`LONGEST_ROW_COLS`]: the `_long` kernels.
+    Long,
+    /// Q4_1 rows of [`LONGEST_ROW_COLS`] or more: the `_longest` kernels.
+    Longest,
 }
 
-/// The grid of the one-token `matvec`/`swiglu_vec` for `rows` weight rows in `format` (the
-/// `_long` kernels' when `long`).
-fn vec_config(rows: usize, format: Format, long: bool) -> LaunchConfig {
-    let rows_per_block = match format {
-        Format::Q8_0 => VEC_WARPS * Q8_ROWS,
-        _ if long => VEC_WARPS * Q4_ROWS_LONG / Q4_SPLIT,
+impl RowLength {
+    /// The class of a matrix in `format` with rows of `cols`.
+    fn of(format: Format, cols: usize) -> RowLength {
+        match cols {
+            _ if format != Format::Q4_1 => RowLength::Short,
+            c if c >= LONGEST_ROW_COLS => RowLength::Longest,
+            c if c >= LONG_ROW_COLS => RowLength::Long,
+            _ => RowLength::Short,
+        }
+    }
+
+    /// This class if `compiled` has its kernels, else [`RowLength::Short`], whose kernels
+    /// take rows of any length.
+    fn within(self, compiled: LongRows) -> RowLength {
+        match self {
+            RowLength::Long if !compiled.long => RowLength::Short,
+            RowLength::Longest if !compiled.longest => RowLength::Short,
+            length => length,
+        }
+    }
+}
+
+/// Which long-row classes of one-token kernels kernels.cu is compiled with: those of the
+/// model's matrices. NVRTC's memory at load is most of a worker's peak past the weights, and
+/// each class's three kernels add about 7 MB to it (`tools/kernel-registers.py` under
+/// `/usr/bin/time`), which a model without such rows (SmolLM2's) should not pay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct LongRows {
+    /// `_long`: some Q4_1 matrix has rows of [`RowLength::Long`].
+    long: bool,
+    /// `_longest`: some has rows of [`RowLength::Longest`].
+    longest: bool,
+}
+
+impl LongRows {
+    /// Every class, for the kernel tests.
+    #[cfg(test)]
+    const ALL: LongRows = LongRows {
+        long: true,
+        longest: true,
+    };
+
+    /// The classes of the two-dimensional tensors among `tensors` (GGUF's `dims[0]` is a row's
+    /// length): every matrix a step can multiply by, and perhaps more, never fewer.
+    fn of_tensors<'a>(tensors: impl IntoIterator<Item = &'a plugin_api::TensorInfo>) -> Self {
+        let mut rows = LongRows::default();
+        for t in tensors {
+            let format = match plugin_api::GgmlType::from_id(t.ggml_type) {
+                Some(plugin_api::GgmlType::Q4_1) => Format::Q4_1,
+                _ => continue,
+            };
+            if t.dims.len() != 2 {
+                continue;
+            }
+            match RowLength::of(format, t.dims[0] as usize) {
+                RowLength::Short => {}
+                RowLength::Long => rows.long = true,
+                RowLength::Longest => rows.longest = true,
+            }
+        }
+        rows
+    }
+
+    /// The macros kernels.cu is compiled with (`#ifdef LONG_ROWS`, `LONGEST_ROWS`).
+    fn defines(self) -> impl Iterator<Item = &'static str> {
+        [(self.long, "LONG_ROWS"), (self.longest, "LONGEST_ROWS")]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+    }
+}
+
+/// The three one-token Q4_1 kernels of one [`RowLength`] past `Short`.
+struct LongRowKernels {
+    matvec: CudaFunction,
+    swiglu_vec: CudaFunction,
+    qkv_vec: CudaFunction,
+}
+
+impl Kernels {
+    /// The class whose kernels a matrix in `format` with rows of `cols` takes: its own if
+    /// compiled ([`RowLength::within`]).
+    fn row_length(&self, format: Format, cols: usize) -> RowLength {
+        let compiled = LongRows {
+            long: self.long.is_some(),
+            longest: self.longest.is_some(),
+        };
+        RowLength::of(format, cols).within(compiled)
+    }
+
+    /// The kernels for `length`, none for [`RowLength::Short`] or a class not compiled.
+    fn long_rows(&self, length: RowLength) -> Option<&LongRowKernels> {
+        match length {
+            RowLength::Short => None,
+            RowLength::Long => self.long.as_ref(),
+            RowLength::Longest => self.longest.as_ref(),
+        }
+    }
+}
+
+/// The grid of the one-token `matvec`/`swiglu_vec` for `rows` weight rows in `format`, of
+/// row length `length`.
+fn vec_config(rows: usize, format: Format, length: RowLength) -> LaunchConfig {
+    let rows_per_block = match (format, length) {
+        (Format::Q8_0, _) => VEC_WARPS * Q8_ROWS,
+        (_, RowLength::Long) => VEC_WARPS * Q4_ROWS_LONG / Q4_SPLIT,
+        (_, RowLength::Longest) => VEC_WARPS * Q4_ROWS_LONG / Q4_SPLIT_LONGEST,
         _ => VEC_WARPS / Q4_SPLIT,
     };
     tiles(rows, rows_per_block, 1, 1, VEC_WARPS * 32)
@@ -1417,11 +1542,11 @@ fn qkv_rope(
     fusion: &Fusion,
     rope: &RopeArgs,
 ) -> Result<(), ModelError> {
-    let long = long_rows(w.format, w.cols);
-    let kernel = match &k.qkv_vec[w.format as usize] {
-        Some(_) if long => &k.qkv_vec_long,
-        Some(kernel) => kernel,
-        None => return Err(Fusion::unsupported(w.format, 1)),
+    let length = k.row_length(w.format, w.cols);
+    let kernel = match (&k.qkv_vec[w.format as usize], k.long_rows(length)) {
+        (Some(_), Some(long)) => &long.qkv_vec,
+        (Some(kernel), None) => kernel,
+        (None, _) => return Err(Fusion::unsupported(w.format, 1)),
     };
     let (rows, cols) = (w.rows as i32, w.cols as i32);
     let mut launch = stream.launch_builder(kernel);
@@ -1438,7 +1563,7 @@ fn qkv_rope(
     // SAFETY: `x` holds w.cols floats, `qkv` w.rows = (n_head + 2 n_kv) head_dim, the norm sum
     // is a live f64 of the model, and `rope` addresses the model's tables (covering the
     // position) and this block's caches (holding capacity > the position, grow_cache).
-    unsafe { launch.launch(vec_config(w.rows, w.format, long)) }?;
+    unsafe { launch.launch(vec_config(w.rows, w.format, length)) }?;
     Ok(())
 }
 

@@ -7,6 +7,7 @@ use crate::matmul::Matrix;
 use crate::model::{self, tensor_to_vec, tiny, AttentionShape, LlamaModel, KV_CACHE_STEP};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use plugin_api::GgmlType;
 
 /// The largest difference between two vectors, relative to the largest magnitude in `a`.
 fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -68,7 +69,7 @@ fn random_weights(format: Format, rows: usize, cols: usize, seed: u64) -> Weight
 fn gpu() -> (Arc<CudaStream>, Kernels) {
     let ctx = CudaContext::new(0).expect("a CUDA device (these tests need a GPU)");
     unsafe { ctx.disable_event_tracking() };
-    let kernels = Kernels::compile(&ctx).expect("kernels.cu compiles");
+    let kernels = Kernels::compile(&ctx, LongRows::ALL).expect("kernels.cu compiles");
     (ctx.default_stream(), kernels)
 }
 
@@ -86,11 +87,13 @@ fn cuda_matmul_of_each_format_matches_the_cpu_for_any_token_count() {
     // Rows that fill no whole block of the grid; rows shorter than a warp's lanes and rows
     // that take the lanes several rounds (the one-token kernel's loop); chunks whose few tiles
     // split the columns (`column_splits`), into splits of equal and of unequal lengths; rows
-    // long enough for the one-token kernel's loads of several pieces at a time (AHEAD_*).
+    // of each one-token Q4_1 kernel's length (`RowLength`: 2,080 columns `_long`, 4,160
+    // `_longest`).
     for (rows, cols, t_max) in [
         (130, 96, 200),
         (131, 1088, 20),
         (300, 1600, 70),
+        (67, 2080, 3),
         (67, 4160, 3),
     ] {
         for (n, format) in [Format::Q4_1, Format::Q8_0, Format::F32]
@@ -162,11 +165,17 @@ fn cpu_product(cpu: &Matrix, x: &[f32], t: usize, cols: usize) -> Vec<f32> {
 #[ignore = "needs a CUDA GPU"]
 fn cuda_swiglu_of_each_format_matches_the_cpu_for_any_token_count() {
     let (stream, k) = gpu();
-    // The second shape's rows are long enough for the one-token kernel's loads of several
-    // pieces at a time (AHEAD_*).
+    // The second and third shapes' Q4_1 rows take the `_long` and `_longest` one-token
+    // kernels (`RowLength`).
     for (n, (format, (rows, cols))) in [Format::Q4_1, Format::Q8_0, Format::F32]
         .into_iter()
-        .flat_map(|format| [(format, (67, 1088)), (format, (35, 4160))])
+        .flat_map(|format| {
+            [
+                (format, (67, 1088)),
+                (format, (35, 2080)),
+                (format, (35, 4160)),
+            ]
+        })
         .enumerate()
     {
         let gate = random_weights(format, rows, cols, 30 + n as u64);
@@ -840,6 +849,7 @@ fn kernels_cu_defines_match_the_launch_constants() {
         ("VEC_WARPS", VEC_WARPS as usize),
         ("Q4_SPLIT", Q4_SPLIT as usize),
         ("Q4_ROWS_LONG", Q4_ROWS_LONG as usize),
+        ("Q4_SPLIT_LONGEST", Q4_SPLIT_LONGEST as usize),
         ("Q8_ROWS", Q8_ROWS as usize),
         ("ATT_THREADS", ATT_THREADS as usize),
         ("PD", ATT_LANE_DIMS),
@@ -874,7 +884,7 @@ fn nvrtc_compiles_every_kernel_of_kernels_cu() {
     assert_eq!(arch, "sm_90");
     // A second load on the same generation reuses the name instead of leaking another.
     assert!(std::ptr::eq(arch, arch_name(9, 0)));
-    let cubin = Kernels::cubin(arch).unwrap();
+    let cubin = Kernels::cubin(arch, LongRows::ALL).unwrap();
     assert_eq!(
         cubin.get(..4),
         Some(&b"\x7fELF"[..]),
@@ -892,38 +902,133 @@ fn nvrtc_compiles_every_kernel_of_kernels_cu() {
         })
         .collect();
     assert!(declared.len() >= 20, "kernels found: {declared:?}");
-    for name in declared {
-        // The kernel's symbol, its name between two NULs in the string table.
+    // The kernel's symbol, its name between two NULs in the string table.
+    let has = |cubin: &[u8], name: &str| {
         let symbol = format!("\0{name}\0");
-        assert!(
-            cubin.windows(symbol.len()).any(|w| w == symbol.as_bytes()),
-            "{name} is missing from the cubin"
-        );
+        cubin.windows(symbol.len()).any(|w| w == symbol.as_bytes())
+    };
+    for name in &declared {
+        assert!(has(&cubin, name), "{name} is missing from the cubin");
+    }
+    // A model's own set: the long-row kernels only of the classes asked for, the rest always.
+    let long = [
+        "matvec_q4_1_long",
+        "qkv_vec_q4_1_long",
+        "swiglu_vec_q4_1_long",
+    ];
+    let longest = long.map(|name| format!("{name}est"));
+    for (long_rows, want_long, want_longest) in [
+        (LongRows::default(), false, false),
+        (
+            LongRows {
+                long: true,
+                longest: false,
+            },
+            true,
+            false,
+        ),
+        (
+            LongRows {
+                long: false,
+                longest: true,
+            },
+            false,
+            true,
+        ),
+    ] {
+        let cubin = Kernels::cubin(arch, long_rows).unwrap();
+        for name in &declared {
+            let want = if long.contains(name) {
+                want_long
+            } else if longest.iter().any(|l| l == name) {
+                want_longest
+            } else {
+                true
+            };
+            assert_eq!(has(&cubin, name), want, "{name} with {long_rows:?}");
+        }
     }
 }
 
-/// The `_long` one-token kernels take the synthetic 1B's and 8B's Q4_1 rows (2,048 columns
-/// and more: every matrix) and none of SmolLM2's (576 and 1,536), whose kernels they leave as
-/// they were; Q8_0 has no `_long` form.
+/// The long-row classes kernels.cu is compiled with are those of the model's Q4_1 matrices
+/// (GGUF dims: a row's length first), and a class not compiled falls back to the short
+/// kernels, which take rows of any length.
 #[test]
-fn the_long_row_kernels_take_the_1b_and_8b_rows_and_none_of_smollm2s() {
-    for cols in [576, 1536] {
-        assert!(!long_rows(Format::Q4_1, cols), "SmolLM2's {cols}");
-    }
-    for cols in [2048, 4096, 8192, 14336] {
-        assert!(long_rows(Format::Q4_1, cols), "{cols}");
-        assert!(!long_rows(Format::Q8_0, cols), "Q8_0 {cols}");
-    }
+fn a_model_compiles_the_long_row_kernels_of_its_own_matrices() {
+    let tensor = |ggml_type: GgmlType, dims: &[u64]| plugin_api::TensorInfo {
+        name: "t".into(),
+        ggml_type: ggml_type.id(),
+        dims: dims.to_vec().into(),
+        offset: 0,
+        size: 0,
+    };
+    let of = |tensors: &[plugin_api::TensorInfo]| LongRows::of_tensors(tensors.iter());
+    // SmolLM2: rows of 576 and 1,536; the Q8_0 embedding and the norms do not count.
+    let smollm2 = [
+        tensor(GgmlType::Q4_1, &[576, 1536]),
+        tensor(GgmlType::Q4_1, &[1536, 576]),
+        tensor(GgmlType::Q8_0, &[576, 49152]),
+        tensor(GgmlType::F32, &[4096]),
+        tensor(GgmlType::Q8_0, &[8192, 64]),
+    ];
+    assert_eq!(of(&smollm2), LongRows::default());
+    // The 1B: rows of 2,048 and its down's 8,192.
+    let one_b = [
+        tensor(GgmlType::Q4_1, &[2048, 8192]),
+        tensor(GgmlType::Q4_1, &[8192, 2048]),
+    ];
+    assert_eq!(of(&one_b), LongRows::ALL);
+    // The 8B: every row 4,096 or more.
+    let eight_b = [
+        tensor(GgmlType::Q4_1, &[4096, 14336]),
+        tensor(GgmlType::Q4_1, &[14336, 4096]),
+    ];
+    let longest_only = LongRows {
+        long: false,
+        longest: true,
+    };
+    assert_eq!(of(&eight_b), longest_only);
+    assert_eq!(of(&one_b[..1]).defines().collect::<Vec<_>>(), ["LONG_ROWS"]);
     assert_eq!(
-        vec_config(9, Format::Q4_1, true).grid_dim.0,
-        3,
-        "4 rows a block"
+        LongRows::ALL.defines().collect::<Vec<_>>(),
+        ["LONG_ROWS", "LONGEST_ROWS"]
     );
+    // Without its kernels a class takes the short ones.
+    assert_eq!(RowLength::Long.within(longest_only), RowLength::Short);
+    assert_eq!(RowLength::Longest.within(longest_only), RowLength::Longest);
     assert_eq!(
-        vec_config(9, Format::Q4_1, false).grid_dim.0,
-        5,
-        "2 rows a block"
+        RowLength::Longest.within(LongRows::default()),
+        RowLength::Short
     );
+    assert_eq!(RowLength::Long.within(LongRows::ALL), RowLength::Long);
+    assert_eq!(RowLength::Short.within(LongRows::ALL), RowLength::Short);
+}
+
+/// The one-token kernels by row length: SmolLM2's Q4_1 rows (576 and 1,536 columns) keep the
+/// short kernels, the 1B's rows of 2,048 take the `_long` ones, and rows of 4,096 or more (every
+/// 8B matrix, the 1B's down) the `_longest`; Q8_0 has only the short ones.
+#[test]
+fn the_one_token_kernels_follow_the_row_length() {
+    for (cols, want) in [
+        (576, RowLength::Short),
+        (1536, RowLength::Short),
+        (2048, RowLength::Long),
+        (4095, RowLength::Long),
+        (4096, RowLength::Longest),
+        (8192, RowLength::Longest),
+        (14336, RowLength::Longest),
+    ] {
+        assert_eq!(RowLength::of(Format::Q4_1, cols), want, "Q4_1 {cols}");
+        assert_eq!(
+            RowLength::of(Format::Q8_0, cols),
+            RowLength::Short,
+            "Q8_0 {cols}"
+        );
+    }
+    let blocks = |length| vec_config(9, Format::Q4_1, length).grid_dim.0;
+    assert_eq!(blocks(RowLength::Short), 5, "2 rows a block");
+    assert_eq!(blocks(RowLength::Long), 3, "4 rows a block");
+    assert_eq!(blocks(RowLength::Longest), 5, "2 rows a block");
 }
 
 /// The decode step's QKV matvec with RoPE and the cache write in its epilogue stores exactly
@@ -940,6 +1045,7 @@ fn cuda_qkv_rope_epilogue_matches_the_matvec_then_rope_kv() {
         (Format::Q4_1, hd / 2, 96),
         (Format::Q8_0, hd / 2 - 2, 96),
         (Format::Q4_1, hd / 2 - 2, LONG_ROW_COLS),
+        (Format::Q4_1, hd / 2, LONGEST_ROW_COLS),
     ]
     .into_iter()
     .enumerate()
@@ -1329,7 +1435,7 @@ fn probe_load_memory_cubin() {
     let ctx = CudaContext::new(0).unwrap();
     let (major, minor) = ctx.compute_capability().unwrap();
     let arch = arch_name(major, minor);
-    let (cubin, nvrtc) = peak_rise_mb(|| Kernels::cubin(arch).unwrap());
+    let (cubin, nvrtc) = peak_rise_mb(|| Kernels::cubin(arch, LongRows::ALL).unwrap());
     let bytes = cubin.len();
     let (module, load) = peak_rise_mb(|| ctx.load_module(Ptx::from_binary(cubin)).unwrap());
     assert!(module.load_function("argmax").is_ok());
