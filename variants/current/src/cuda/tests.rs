@@ -963,12 +963,14 @@ fn a_model_compiles_the_long_row_kernels_of_its_own_matrices() {
         size: 0,
     };
     let of = |tensors: &[plugin_api::TensorInfo]| LongRows::of_tensors(tensors.iter());
-    // SmolLM2: rows of 576 and 1,536; the Q8_0 embedding and the norms do not count.
+    // SmolLM2: rows of 576 and 1,536; the Q8_0 embedding, the norms and a tensor that is not
+    // a matrix (one dimension, however long) do not count.
     let smollm2 = [
         tensor(GgmlType::Q4_1, &[576, 1536]),
         tensor(GgmlType::Q4_1, &[1536, 576]),
         tensor(GgmlType::Q8_0, &[576, 49152]),
         tensor(GgmlType::F32, &[4096]),
+        tensor(GgmlType::Q4_1, &[4096]),
         tensor(GgmlType::Q8_0, &[8192, 64]),
     ];
     assert_eq!(of(&smollm2), LongRows::default());
