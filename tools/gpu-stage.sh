@@ -30,9 +30,9 @@
 #      outlives the call) and follows it for up to 540 s (FOLLOW=S seconds instead, for a call
 #      whose limit is shorter: little device time left), copying what it prints to
 #      $OUT/compare.log every 5 s, so a call cut off at its limit still returns it. With SHAPE
-#      set (`SHAPE=llama-3.2-1b bash gpu-stage/2/go.sh`) it compares on a synthetic model of that shape instead,
-#      written there first without --seed: gated against the oracle at that shape, so its
-#      KEEP counts (program.md; about 2 s for the 1B's 777 MB)
+#      set (`SHAPE=llama-3.2-1b bash gpu-stage/2/go.sh`) it compares on a synthetic model of
+#      that shape instead, written there first without --seed: gated against the oracle at
+#      that shape, so its KEEP counts (program.md; about 2 s for the 1B's 777 MB)
 #      (`bash gpu-stage/2/go.sh setup` does the same without starting the comparison, for a
 #      command of your own first, say a diagnostic comparison of a few pairs; then call
 #      `bash gpu-stage/2/go.sh` within 30 s)
