@@ -3,13 +3,17 @@
 # compiled here by NVRTC as the variant compiles it on the GPU (sm_90, --fmad=false), with no GPU
 # and no CUDA toolkit: only libnvrtc, which .ci/run fetches from PyPI into the cache.
 #
-#   tools/kernel-registers.py [SOURCE.cu ...] [--only SUBSTRING] [-D NAME]...
+#   tools/kernel-registers.py [SOURCE.cu ...] [--only SUBSTRING] [-D NAME]... [--digest]
 #     SOURCE.cu   default variants/current/src/cuda/kernels.cu; several are compiled as one
 #                 source, in order (matvec_candidates.cu needs kernels.cu first)
 #     --only S    only the kernels whose name contains S
 #     -D NAME     a macro the source is compiled with, as the variant passes NVRTC (a source
 #                 may compile some kernels only for models that use them: kernels.cu's
 #                 `-D LONG_ROWS -D LONGEST_ROWS` for its long-row kernels)
+#     --digest    also each kernel's code digest (the first 12 hex digits of the SHA-256 of its
+#                 `.text.KERNEL` section in the cubin): the same digest before and after an edit
+#                 means the same machine code, so a change meant for long rows can show it left
+#                 the default model's kernels as they were without a GPU (program.md)
 #
 # A kernel that spills, or whose registers limit it to fewer blocks an SM than its design
 # wants, is slower for that alone; a GPU minute costs more than this check (program.md).
@@ -17,7 +21,9 @@
 # Needs: python3, libnvrtc 13.0 (AUTOINFER_NVRTC: its lib directory; default the cache's
 # nvrtc-13.0.88, where `.ci/run` puts it).
 import ctypes
+import hashlib
 import os
+import struct
 import re
 import signal
 import sys
@@ -31,11 +37,36 @@ def usage():
             print(line[2:].rstrip())
 
 
+def text_digests(cubin):
+    """Each kernel's `.text.NAME` section of an ELF64 cubin, as the first 12 hex digits of its
+    SHA-256, by kernel name."""
+    if cubin[:5] != b"\x7fELF\x02":
+        raise ValueError("the cubin is not a 64-bit ELF file")
+    shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+
+    def section(i):
+        name, _, _, _, offset, size = struct.unpack_from("<IIQQQQ", cubin, shoff + i * shentsize)
+        return name, offset, size
+
+    _, names_at, _ = section(shstrndx)
+    digests = {}
+    for i in range(shnum):
+        name_at, offset, size = section(i)
+        end = cubin.index(b"\0", names_at + name_at)
+        name = cubin[names_at + name_at:end].decode(errors="replace")
+        if name.startswith(".text."):
+            code = cubin[offset:offset + size]
+            digests[name[len(".text."):]] = hashlib.sha256(code).hexdigest()[:12]
+    return digests
+
+
 def main(argv):
     if any(a in ("-h", "--help") for a in argv):
         usage()
         return 0
     only = None
+    digest = False
     sources = []
     defines = []
     args = iter(argv)
@@ -51,6 +82,8 @@ def main(argv):
                 print(f"kernel-registers.py: -D needs a macro name, got {name!r}", file=sys.stderr)
                 return 2
             defines.append(b"-D" + name.encode())
+        elif a == "--digest":
+            digest = True
         else:
             sources.append(a)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,8 +119,14 @@ def main(argv):
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
     log = ctypes.create_string_buffer(size.value)
     lib.nvrtcGetProgramLog(prog, log)
-    lib.nvrtcDestroyProgram(ctypes.byref(prog))
     log = log.value.decode(errors="replace")
+    cubin = b""
+    if not status:
+        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+        buffer = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetCUBIN(prog, buffer)
+        cubin = buffer.raw
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
     if status:
         print(f"kernel-registers.py: NVRTC failed to compile {', '.join(sources)}:\n{log}",
               file=sys.stderr)
@@ -113,11 +152,21 @@ def main(argv):
     if not shown:
         print(f"kernel-registers.py: no kernel matches {only!r}", file=sys.stderr)
         return 2
-    print(f"{'kernel':32} {'registers':>9} {'spill st/ld B':>13} {'smem B':>8}")
+    digests = {}
+    if digest:
+        try:
+            digests = text_digests(cubin)
+        except (ValueError, struct.error) as e:
+            print(f"kernel-registers.py: cannot read the kernels' code from the cubin: {e}",
+                  file=sys.stderr)
+            return 1
+    header = f"{'kernel':32} {'registers':>9} {'spill st/ld B':>13} {'smem B':>8}"
+    print(header + (f" {'code digest':>12}" if digest else ""))
     for k in shown:
         r = rows[k]
         spills |= r["spill"] != "0/0"
-        print(f"{k:32} {r['regs']:>9} {r['spill']:>13} {r['smem']:>8}")
+        line = f"{k:32} {r['regs']:>9} {r['spill']:>13} {r['smem']:>8}"
+        print(line + (f" {digests.get(k, '?'):>12}" if digest else ""))
     return 1 if spills else 0
 
 

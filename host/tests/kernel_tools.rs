@@ -1,0 +1,69 @@
+//! `tools/kernel-registers.py`, the check a CUDA kernel gets before it costs device time: its
+//! `--digest` must tell an edited kernel from one left as it was, since program.md relies on it
+//! to show that a change for long rows leaves the default model's kernels alone.
+
+mod common;
+
+use std::collections::HashMap;
+
+/// Each kernel's code digest as `kernel-registers.py --digest` prints it for `source`.
+fn digests(source: &std::path::Path) -> HashMap<String, String> {
+    let out = std::process::Command::new("python3")
+        .arg(common::root().join("tools/kernel-registers.py"))
+        .arg(source)
+        .arg("--digest")
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(
+                fields.len(),
+                5,
+                "kernel, registers, spills, smem, digest: {line}"
+            );
+            (fields[0].to_string(), fields[4].to_string())
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs libnvrtc (.ci/run fetches it from PyPI into the cache)"]
+fn nvrtc_kernel_digests_change_only_for_the_kernel_edited() {
+    let dir = common::scratch("kernel-digests");
+    let source = |scale: &str| {
+        format!(
+            "extern \"C\" __global__ void kept(float* x) {{ x[threadIdx.x] *= 2.0f; }}\n\
+             extern \"C\" __global__ void edited(float* x) {{ x[threadIdx.x] *= {scale}; }}\n"
+        )
+    };
+    std::fs::write(dir.join("before.cu"), source("3.0f")).unwrap();
+    std::fs::write(dir.join("after.cu"), source("5.0f")).unwrap();
+    let before = digests(&dir.join("before.cu"));
+    let after = digests(&dir.join("after.cu"));
+    for d in before.values().chain(after.values()) {
+        assert!(
+            d.len() == 12 && d.chars().all(|c| c.is_ascii_hexdigit()),
+            "{d}"
+        );
+    }
+    assert_eq!(before.len(), 2, "{before:?}");
+    assert_eq!(
+        before["kept"], after["kept"],
+        "an unchanged kernel keeps its digest"
+    );
+    assert_ne!(
+        before["edited"], after["edited"],
+        "an edited kernel's digest changes"
+    );
+    // The same source twice compiles to the same code.
+    assert_eq!(digests(&dir.join("before.cu")), before);
+}
