@@ -42,6 +42,8 @@
 #      `host keep` on KEEP (`--allow-unsandboxed` if the row's sandbox is not `full`).
 #   4. optionally, carry nothing, run `bash gpu-stage/2/go.sh bench`: `host bench` of A, then
 #      of B, on the model and the synthetic 1B and 8B shapes (SHAPES, BENCH: see go.sh)
+#   5. optionally, the peer table beside llama.cpp: `go.sh peer` after tools/gpu-peer.sh (see
+#      there)
 # Needs: cargo, git, strip, a kernel with Landlock, the model in the cache (any `host run`
 # fetches it).
 set -euo pipefail
@@ -151,15 +153,17 @@ cat > "$STAGE/2/go.sh" <<EOF
 # sets up; \`go.sh wait\` follows; \`go.sh bench\` (after the comparison) sets up and runs
 # \`host bench\` of A and then of B on the default model and the synthetic shapes in \$SHAPES
 # (default llama-3.2-1b llama-3.1-8b, written there by \`host synth\`), with the options in
-# \$BENCH (default -p 512 -n 128 -r 3). A is $A_LIB, B $B_LIB.
+# \$BENCH (default -p 512 -n 128 -r 3); \`go.sh peer\` (after tools/gpu-peer.sh's build.sh)
+# sets up, waits up to \$WAIT s (480) for llama-bench's build and runs bench/peer.sh with
+# \$SIDE's library (B) on the same models. A is $A_LIB, B $B_LIB.
 set -uo pipefail
 S=$STAGE
 # Seconds each call follows the comparison (checked before anything starts).
 follow=\${FOLLOW:-540}
 case "\$follow" in ''|*[!0-9]*) echo "FOLLOW is a number of seconds, not '\$follow'"; exit 2 ;; esac
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:\${LD_LIBRARY_PATH:-} CARGO_TARGET_DIR=target
-if [ "\${1:-}" = bench ] && [ -f \$S/compare.pid ] && kill -0 "\$(cat \$S/compare.pid)" 2> /dev/null; then
-  echo "the comparison is still running: \\\`go.sh wait\\\` until it ends, then bench"; exit 1
+if { [ "\${1:-}" = bench ] || [ "\${1:-}" = peer ]; } && [ -f \$S/compare.pid ] && kill -0 "\$(cat \$S/compare.pid)" 2> /dev/null; then
+  echo "the comparison is still running: \\\`go.sh wait\\\` until it ends, then \$1"; exit 1
 fi
 if [ "\${1:-}" != wait ]; then
   set -e
@@ -179,27 +183,76 @@ SUMS
   echo "HEAD \$(git rev-parse --short HEAD); what differs from it (only variants/current may):"
   git status --short
   if [ "\${1:-}" = setup ]; then exit 0; fi
-  if [ "\${1:-}" = bench ]; then
-    set +e
-    H=./target/release/host
+  H=./target/release/host
+  # The models a bench or peer run measures: the default one (""), then the synthetic shapes in
+  # \$SHAPES, written now or there from an earlier call (then synth refuses to overwrite them).
+  synth_models() {
     models=("")
     for shape in \${SHAPES:-llama-3.2-1b llama-3.1-8b}; do
-      # Written now, or there from an earlier call (then synth refuses to overwrite it).
       m="\$(\$H synth --shape "\$shape" 2> \$S/synth.err | tail -1)"
       [ -f "\$m" ] || m="\$HOME/.cache/autoinfer/synth/\$shape-q4_1.gguf"
-      if [ -f "\$m" ]; then models+=("--model=\$m")
+      if [ -f "\$m" ]; then models+=("\$m")
       else echo "no synthetic \$shape, skipped: \$(tail -1 \$S/synth.err)"; fi
     done
+  }
+  if [ "\${1:-}" = bench ]; then
+    set +e
+    synth_models
     for side in "A $A_LIB" "B $B_LIB"; do
       set -- \$side
       echo "\$1: \$2"
       cp "target/autoinfer-git/built/\$2" target/release/libcurrent.so
       for model in "\${models[@]}"; do
-        \$H bench variants/current --device cuda --no-build \${BENCH:--p 512 -n 128 -r 3} \$model 2>&1 |
+        \$H bench variants/current --device cuda --no-build \${BENCH:--p 512 -n 128 -r 3} \${model:+--model=\$model} 2>&1 |
           grep -E '^\\| |rror'
       done
     done
     exit 0
+  fi
+  if [ "\${1:-}" = peer ]; then
+    set +e
+    [ -f \$S/peer/build.pid ] || { echo "no llama.cpp build started here: carry \$S/peer and run \\\`bash \$S/peer/build.sh\\\` first (tools/gpu-peer.sh)"; exit 1; }
+    case "\${SIDE:-B}" in
+      A) lib=$A_LIB ;;
+      B) lib=$B_LIB ;;
+      *) echo "SIDE is A or B, not '\$SIDE'"; exit 2 ;;
+    esac
+    echo "\${SIDE:-B}: \$lib"
+    cp "target/autoinfer-git/built/\$lib" target/release/libcurrent.so
+    synth_models
+    waited=0
+    while kill -0 "\$(cat \$S/peer/build.pid)" 2> /dev/null && [ \$waited -lt \${WAIT:-480} ]; do
+      sleep 5; waited=\$((waited + 5))
+    done
+    if kill -0 "\$(cat \$S/peer/build.pid)" 2> /dev/null; then
+      echo "llama-bench is still building after \$waited s more: call \\\`bash \$S/2/go.sh peer\\\` again within 30 s"; exit 1
+    fi
+    grep -q "llama-bench built" \$S/peer/build.log || { echo "llama-bench's build failed:"; tail -20 \$S/peer/build.log; exit 1; }
+    {
+      grep "llama-bench built" \$S/peer/build.log
+      # The card's read bandwidth, the 70% target's reference: a sum over 4 GiB of float32.
+      if ! python3 - 2> \$S/peer/torch.err <<'PY'
+import torch
+x = torch.ones(1 << 30, dtype=torch.float32, device="cuda")
+for _ in range(3):
+    x.sum()
+a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+ms = []
+for _ in range(20):
+    a.record(); x.sum(); b.record(); torch.cuda.synchronize(); ms.append(a.elapsed_time(b))
+ms.sort()
+gb = x.numel() * 4 / 1e9
+print(f"read bandwidth (torch sum of 4 GiB of float32, 20 runs): median {gb / (ms[10] / 1e3):.0f} GB/s, best {gb / (ms[0] / 1e3):.0f}")
+PY
+      then echo "read bandwidth not measured: \$(tail -1 \$S/peer/torch.err)"; fi
+      failed=0
+      for model in "\${models[@]}"; do
+        bash bench/peer.sh --device cuda --no-build \${BENCH:--p 512 -n 128 -r 3} \${model:+--model \$model} variants/current 2>&1 |
+          grep -v '^ggml_cuda_init\|^  Device [0-9]\|repetition\|warm-up' || failed=1
+      done
+      exit \$failed
+    } | tee "\${OUT:-/tmp}/peer.log"
+    exit
   fi
   on=()
   if [ -n "\${SHAPE:-}" ]; then

@@ -109,6 +109,24 @@ fn the_peer_script_refuses_bad_arguments_before_fetching_anything() {
     }
 }
 
+/// tools/gpu-peer.sh stages llama.cpp for the GPU machine and takes no arguments: one is
+/// refused by name before anything is fetched or written.
+#[test]
+fn the_gpu_peer_staging_refuses_an_argument() {
+    let out = std::process::Command::new("bash")
+        .arg(common::root().join("tools/gpu-peer.sh"))
+        .arg("--shapes")
+        .env("AUTOINFER_CACHE", "/nonexistent/autoinfer-peer-test")
+        .output()
+        .expect("bash runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no arguments expected, got '--shapes'"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn the_peer_table_puts_both_engines_against_the_one_bound_it_prints() {
     // Two `host bench` reports whose bandwidth probes disagree (280.9 and 231.0 t/s allowed),
