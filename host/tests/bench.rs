@@ -151,16 +151,9 @@ fn the_peer_table_puts_both_engines_against_the_one_bound_it_prints() {
     std::fs::write(dir.join("ours-1.json"), report(1, 280.9, 78.12)).unwrap();
     std::fs::write(dir.join("ours-2.json"), report(2, 231.0, 131.7)).unwrap();
     std::fs::write(dir.join("ours-16.json"), report(16, 300.0, 150.0)).unwrap();
-    let out = std::process::Command::new("python3")
-        .arg(common::root().join("bench/peer_table.py"))
-        .args([dir.to_str().unwrap(), "variants/current", "0.3.36", "70"])
-        .output()
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = common::python_script(
+        "bench/peer_table.py",
+        [dir.to_str().unwrap(), "variants/current", "0.3.36", "70"],
     );
     // The bound is the lowest thread count's probe, and every share is against it.
     assert!(stdout.contains("allows 280.9 t/s"), "{stdout}");

@@ -8,19 +8,8 @@ use std::collections::HashMap;
 
 /// Each kernel's code digest as `kernel-registers.py --digest` prints it for `source`.
 fn digests(source: &std::path::Path) -> HashMap<String, String> {
-    let out = std::process::Command::new("python3")
-        .arg(common::root().join("tools/kernel-registers.py"))
-        .arg(source)
-        .arg("--digest")
-        .output()
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    let source = source.as_os_str();
+    common::python_script("tools/kernel-registers.py", [source, "--digest".as_ref()])
         .lines()
         .skip(1)
         .map(|line| {

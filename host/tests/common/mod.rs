@@ -28,6 +28,27 @@ pub fn output(cmd: &mut Command) -> (Output, String, String) {
     (out, stdout, stderr)
 }
 
+/// Runs the checkout's Python script `script` (a path from the root) with `args`, asserts that
+/// it succeeded, and returns its stdout.
+pub fn python_script<I, S>(script: &str, args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = Command::new("python3")
+        .arg(root().join(script))
+        .args(args)
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{script}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// The default model's path, fetched once if the cache lacks it.
 pub fn model() -> &'static Path {
     static MODEL: OnceLock<PathBuf> = OnceLock::new();
