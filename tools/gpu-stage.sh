@@ -161,6 +161,9 @@ S=$STAGE
 # Seconds each call follows the comparison (checked before anything starts).
 follow=\${FOLLOW:-540}
 case "\$follow" in ''|*[!0-9]*) echo "FOLLOW is a number of seconds, not '\$follow'"; exit 2 ;; esac
+# Seconds \`go.sh peer\` waits for llama-bench's build.
+wait_build=\${WAIT:-480}
+case "\$wait_build" in ''|*[!0-9]*) echo "WAIT is a number of seconds, not '\$wait_build'"; exit 2 ;; esac
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:\${LD_LIBRARY_PATH:-} CARGO_TARGET_DIR=target
 if { [ "\${1:-}" = bench ] || [ "\${1:-}" = peer ]; } && [ -f \$S/compare.pid ] && kill -0 "\$(cat \$S/compare.pid)" 2> /dev/null; then
   echo "the comparison is still running: \\\`go.sh wait\\\` until it ends, then \$1"; exit 1
@@ -221,7 +224,7 @@ SUMS
     cp "target/autoinfer-git/built/\$lib" target/release/libcurrent.so
     synth_models
     waited=0
-    while kill -0 "\$(cat \$S/peer/build.pid)" 2> /dev/null && [ \$waited -lt \${WAIT:-480} ]; do
+    while kill -0 "\$(cat \$S/peer/build.pid)" 2> /dev/null && [ \$waited -lt \$wait_build ]; do
       sleep 5; waited=\$((waited + 5))
     done
     if kill -0 "\$(cat \$S/peer/build.pid)" 2> /dev/null; then
