@@ -18,6 +18,13 @@
 # own, and that process group is killed when it exits, so nothing it started outlives it (into
 # a comparison later in the lease). `host confine` refuses to run it where the kernel has no
 # Landlock ABI 3.
+#
+# With PROFILER set to a profiler's command line (`PROFILER="/usr/local/cuda/bin/ncu --csv
+# --page raw --metrics gpu__time_duration.sum --launch-skip 2000 --launch-count 400"`), the
+# binary runs under it, the profiler inside the same confinement: a profile without a lease
+# given back after it. Whether ncu works so (it writes into TMPDIR, talks to the process it
+# profiles, reads the GPU's counters) is untried on the GPU machine as of 2026-12-06, when ncu
+# ran there unconfined on a lease that compared nothing after it.
 set -uo pipefail
 dir="$(cd "$(dirname "$0")" && pwd)"
 [ $# -ge 1 ] || { echo "run.sh: which binary? (a, b or a patch's name)" >&2; exit 2; }
@@ -26,6 +33,8 @@ case "$name" in
   ""|*/*|run.sh|ab.sh|host|host.gz|.host) echo "run.sh: '$name' is not a test binary of this folder" >&2; exit 2 ;;
 esac
 [ -x "$dir/$name" ] || { echo "run.sh: no test binary $dir/$name" >&2; exit 2; }
+profiler=()
+[ -z "${PROFILER:-}" ] || read -r -a profiler <<< "$PROFILER"
 
 # The host, unpacked once into this folder (readable to the binaries, writable to none).
 host="$dir/.host"
@@ -45,7 +54,7 @@ scratch="$(mktemp -d)"
 # In a subshell, so that setsid makes this very process a session (and group) leader without
 # forking: $! is then the group to kill.
 ( exec setsid env TMPDIR="$scratch" "$host" confine --variant-run --read "$dir" \
-    --write "$scratch" --write /proc/self/task "${devices[@]}" -- "$dir/$name" "$@" ) &
+    --write "$scratch" --write /proc/self/task "${devices[@]}" -- "${profiler[@]}" "$dir/$name" "$@" ) &
 leader=$!
 wait "$leader"
 rc=$?

@@ -721,6 +721,7 @@ fn a_screen_binary_runs_confined_and_leaves_nothing_running() {
         &binary,
         "#!/bin/sh\n\
          echo \"args $*\"\n\
+         echo \"profiled ${PROFILED:-no}\"\n\
          echo x > \"$TMPDIR/mine\" && echo 'scratch WROTE'\n\
          echo x > \"$OUTSIDE/escaped\" 2> /dev/null && echo 'outside WROTE'\n\
          echo x > \"$(dirname \"$0\")/planted\" 2> /dev/null && echo 'folder WROTE'\n\
@@ -738,52 +739,77 @@ fn a_screen_binary_runs_confined_and_leaves_nothing_running() {
     )
     .unwrap();
     std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let (out, stdout, stderr) = output(
-        std::process::Command::new("bash")
-            .arg(dir.join("run.sh"))
+    // Plainly, then under a stand-in profiler (PROFILER), which must run inside the same
+    // confinement: it tries to write outside, then runs the binary, which is denied the same.
+    let stand_in = dir.join("profiler");
+    std::fs::write(
+        &stand_in,
+        "#!/bin/sh\n\
+         echo x > \"$OUTSIDE/profiler-escaped\" 2> /dev/null && echo 'profiler WROTE'\n\
+         PROFILED=yes exec \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &stand_in,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    for profiler in [None, Some(stand_in.to_str().unwrap())] {
+        let mut run = std::process::Command::new("bash");
+        run.arg(dir.join("run.sh"))
             .args(["b", "--ignored", "x"])
             .env("OUTSIDE", &outside)
             .env("VICTIM", std::process::id().to_string())
-            .env("PORT", port.to_string()),
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "the binary's status: {stdout}{stderr}"
-    );
-    assert!(stdout.contains("args --ignored x"), "{stdout}{stderr}");
-    assert!(stdout.contains("scratch WROTE"), "{stdout}{stderr}");
-    assert!(
-        stdout.contains("python ran"),
-        "the socket probes need python3: {stderr}"
-    );
-    for escape in [
-        "outside", "folder", "victim", "secret", "session", "daemon", "network",
-    ] {
-        assert!(!stdout.contains(escape), "{escape}: {stdout}");
-    }
-    assert!(!outside.join("escaped").exists() && !dir.join("planted").exists());
-    let left: u32 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("left ")?.trim().parse().ok())
-        .expect("the binary names what it left running");
-    // Killed with its group when run.sh returned; allow the kernel a moment to reap it.
-    let alive = || {
-        std::fs::read_to_string(format!("/proc/{left}/stat")).is_ok_and(|s| {
-            !s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
-    };
-    for _ in 0..50 {
-        if !alive() {
-            break;
+            .env("PORT", port.to_string());
+        if let Some(profiler) = profiler {
+            run.env("PROFILER", profiler);
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        let (out, stdout, stderr) = output(&mut run);
+        let profiled = if profiler.is_some() { "yes" } else { "no" };
+        assert!(
+            stdout.contains(&format!("profiled {profiled}")),
+            "{profiler:?}: {stdout}{stderr}"
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "the binary's status: {stdout}{stderr}"
+        );
+        assert!(stdout.contains("args --ignored x"), "{stdout}{stderr}");
+        assert!(stdout.contains("scratch WROTE"), "{stdout}{stderr}");
+        assert!(
+            stdout.contains("python ran"),
+            "the socket probes need python3: {stderr}"
+        );
+        for escape in [
+            "outside", "folder", "victim", "secret", "session", "daemon", "network", "profiler",
+        ] {
+            assert!(!stdout.contains(escape), "{escape}: {stdout}");
+        }
+        assert!(!outside.join("escaped").exists() && !dir.join("planted").exists());
+        assert!(!outside.join("profiler-escaped").exists());
+        let left: u32 = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("left ")?.trim().parse().ok())
+            .expect("the binary names what it left running");
+        // Killed with its group when run.sh returned; allow the kernel a moment to reap it.
+        let alive = || {
+            std::fs::read_to_string(format!("/proc/{left}/stat")).is_ok_and(|s| {
+                !s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+        };
+        for _ in 0..50 {
+            if !alive() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert!(!alive(), "process {left} outlived the screen's binary");
     }
-    assert!(!alive(), "process {left} outlived the screen's binary");
     // A name that is no binary of the folder is refused by name.
     let (out, _, stderr) = output(
         std::process::Command::new("bash")
