@@ -54,7 +54,8 @@ scratch="$(mktemp -d)"
 # In a subshell, so that setsid makes this very process a session (and group) leader without
 # forking: $! is then the group to kill.
 ( exec setsid env TMPDIR="$scratch" "$host" confine --variant-run --read "$dir" \
-    --write "$scratch" --write /proc/self/task "${devices[@]}" -- "${profiler[@]}" "$dir/$name" "$@" ) &
+    --write "$scratch" --write /proc/self/task "${devices[@]}" -- \
+    "${profiler[@]}" "$dir/$name" "$@" ) &
 leader=$!
 wait "$leader"
 rc=$?
