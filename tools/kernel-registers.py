@@ -4,6 +4,7 @@
 # and no CUDA toolkit: only libnvrtc, which .ci/run fetches from PyPI into the cache.
 #
 #   tools/kernel-registers.py [SOURCE.cu ...] [--only SUBSTRING] [-D NAME]... [--digest]
+#                             [--against REV]
 #     SOURCE.cu   default variants/current/src/cuda/kernels.cu; several are compiled as one
 #                 source, in order (matvec_candidates.cu needs kernels.cu first)
 #     --only S    only the kernels whose name contains S
@@ -14,6 +15,9 @@
 #                 `.text.KERNEL` section in the cubin): the same digest before and after an edit
 #                 means the same machine code, so a change meant for long rows can show it left
 #                 the default model's kernels as they were without a GPU (program.md)
+#     --against R the same sources as git revision R has them (`HEAD`: the last commit),
+#                 compiled the same way, and a column that says of each kernel whether its
+#                 code is the `same` as there, `changed`, or `new`; implies --digest
 #
 # A kernel that spills, or whose registers limit it to fewer blocks an SM than its design
 # wants, is slower for that alone; a GPU minute costs more than this check (program.md).
@@ -23,9 +27,10 @@
 import ctypes
 import hashlib
 import os
-import struct
 import re
 import signal
+import struct
+import subprocess
 import sys
 
 
@@ -61,12 +66,68 @@ def text_digests(cubin):
     return digests
 
 
+class CompileError(Exception):
+    """NVRTC refused the source; the message is its log."""
+
+
+def load_nvrtc():
+    """libnvrtc 13 from AUTOINFER_NVRTC or the cache, or None (said why on stderr)."""
+    cache = os.environ.get("AUTOINFER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "autoinfer")
+    libdir = os.environ.get("AUTOINFER_NVRTC") or os.path.join(
+        cache, "nvrtc-13.0.88/nvidia/cu13/lib")
+    try:
+        # The builtins library next to it is found through the same directory.
+        ctypes.CDLL(os.path.join(libdir, "libnvrtc-builtins.so.13.0"), mode=ctypes.RTLD_GLOBAL)
+        return ctypes.CDLL(os.path.join(libdir, "libnvrtc.so.13"))
+    except OSError as e:
+        print(f"kernel-registers.py: no libnvrtc 13 in {libdir} ({e}); run .ci/run's fetch, "
+              "or set AUTOINFER_NVRTC", file=sys.stderr)
+        return None
+
+
+def compile_source(lib, text, defines):
+    """NVRTC's log (ptxas -v) and cubin for `text`, as the variant compiles it (sm_90,
+    --fmad=false) with `defines`."""
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), text.encode(), b"kernels.cu", 0, None, None):
+        raise CompileError("NVRTC could not create the program")
+    opts = [b"--gpu-architecture=sm_90", b"--fmad=false", b"--ptxas-options=-v"] + defines
+    status = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    log = log.value.decode(errors="replace")
+    cubin = b""
+    if not status:
+        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+        buffer = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetCUBIN(prog, buffer)
+        cubin = buffer.raw
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    if status:
+        raise CompileError(log)
+    return log, cubin
+
+
+def git_show(rev, path):
+    """The text of `path` at git revision `rev`, from the repository that holds it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    top = subprocess.run(["git", "-C", folder, "rev-parse", "--show-toplevel"], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    inside = os.path.relpath(os.path.abspath(path), top)
+    return subprocess.run(["git", "-C", top, "show", f"{rev}:{inside}"], check=True,
+                          capture_output=True, text=True).stdout
+
+
 def main(argv):
     if any(a in ("-h", "--help") for a in argv):
         usage()
         return 0
     only = None
     digest = False
+    against = None
     sources = []
     defines = []
     args = iter(argv)
@@ -84,6 +145,12 @@ def main(argv):
             defines.append(b"-D" + name.encode())
         elif a == "--digest":
             digest = True
+        elif a == "--against":
+            against = next(args, None)
+            if not against:
+                print("kernel-registers.py: --against needs a git revision", file=sys.stderr)
+                return 2
+            digest = True
         else:
             sources.append(a)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,40 +164,37 @@ def main(argv):
         except OSError as e:
             print(f"kernel-registers.py: cannot read {path}: {e.strerror}", file=sys.stderr)
             return 2
-    cache = os.environ.get("AUTOINFER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "autoinfer")
-    libdir = os.environ.get("AUTOINFER_NVRTC") or os.path.join(
-        cache, "nvrtc-13.0.88/nvidia/cu13/lib")
+    lib = load_nvrtc()
+    if lib is None:
+        return 2
     try:
-        # The builtins library next to it is found through the same directory.
-        ctypes.CDLL(os.path.join(libdir, "libnvrtc-builtins.so.13.0"), mode=ctypes.RTLD_GLOBAL)
-        lib = ctypes.CDLL(os.path.join(libdir, "libnvrtc.so.13"))
-    except OSError as e:
-        print(f"kernel-registers.py: no libnvrtc 13 in {libdir} ({e}); run .ci/run's fetch, "
-              "or set AUTOINFER_NVRTC", file=sys.stderr)
-        return 2
-    prog = ctypes.c_void_p()
-    if lib.nvrtcCreateProgram(ctypes.byref(prog), text.encode(), b"kernels.cu", 0, None, None):
-        print("kernel-registers.py: NVRTC could not create the program", file=sys.stderr)
-        return 2
-    opts = [b"--gpu-architecture=sm_90", b"--fmad=false", b"--ptxas-options=-v"] + defines
-    status = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-    size = ctypes.c_size_t()
-    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-    log = ctypes.create_string_buffer(size.value)
-    lib.nvrtcGetProgramLog(prog, log)
-    log = log.value.decode(errors="replace")
-    cubin = b""
-    if not status:
-        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
-        buffer = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetCUBIN(prog, buffer)
-        cubin = buffer.raw
-    lib.nvrtcDestroyProgram(ctypes.byref(prog))
-    if status:
-        print(f"kernel-registers.py: NVRTC failed to compile {', '.join(sources)}:\n{log}",
+        log, cubin = compile_source(lib, text, defines)
+    except CompileError as e:
+        print(f"kernel-registers.py: NVRTC failed to compile {', '.join(sources)}:\n{e}",
               file=sys.stderr)
         return 1
+    theirs = None
+    if against is not None:
+        try:
+            their_text = "".join(git_show(against, path) + "\n" for path in sources)
+            _, their_cubin = compile_source(lib, their_text, defines)
+            theirs = text_digests(their_cubin)
+        except subprocess.CalledProcessError as e:
+            print(f"kernel-registers.py: cannot read the sources at {against}: git says "
+                  f"{e.stderr.strip()}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            print(f"kernel-registers.py: cannot read the sources at {against}: {e}",
+                  file=sys.stderr)
+            return 2
+        except CompileError as e:
+            print(f"kernel-registers.py: NVRTC failed to compile the sources at {against}:\n{e}",
+                  file=sys.stderr)
+            return 1
+        except (ValueError, struct.error) as e:
+            print(f"kernel-registers.py: cannot read the kernels' code at {against}: {e}",
+                  file=sys.stderr)
+            return 1
     rows, kernel, spills = {}, None, False
     for line in log.splitlines():
         m = re.search(r"Compiling entry function '(\w+)'", line)
@@ -161,12 +225,17 @@ def main(argv):
                   file=sys.stderr)
             return 1
     header = f"{'kernel':32} {'registers':>9} {'spill st/ld B':>13} {'smem B':>8}"
-    print(header + (f" {'code digest':>12}" if digest else ""))
+    header += f" {'code digest':>12}" if digest else ""
+    print(header + (f" vs {against}" if theirs is not None else ""))
     for k in shown:
         r = rows[k]
         spills |= r["spill"] != "0/0"
         line = f"{k:32} {r['regs']:>9} {r['spill']:>13} {r['smem']:>8}"
-        print(line + (f" {digests.get(k, '?'):>12}" if digest else ""))
+        line += f" {digests.get(k, '?'):>12}" if digest else ""
+        if theirs is not None:
+            line += " new" if k not in theirs else (
+                " same" if theirs[k] == digests.get(k) else " changed")
+        print(line)
     return 1 if spills else 0
 
 

@@ -56,3 +56,59 @@ fn nvrtc_kernel_digests_change_only_for_the_kernel_edited() {
     // The same source twice compiles to the same code.
     assert_eq!(digests(&dir.join("before.cu")), before);
 }
+
+/// `--against REV` compiles the same source as git has it at REV and says of each kernel
+/// whether its code is the same, changed or new: the one-command check program.md asks for
+/// before a change meant for long rows costs device time.
+#[test]
+#[ignore = "needs libnvrtc (.ci/run fetches it from PyPI into the cache)"]
+fn nvrtc_kernel_digests_against_a_revision_name_what_changed() {
+    let dir = common::scratch("kernel-digests-against");
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&dir)
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+            .args(args)
+            .output()
+            .expect("git runs");
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let kernel = |name: &str, scale: &str| {
+        format!("extern \"C\" __global__ void {name}(float* x) {{ x[threadIdx.x] *= {scale}; }}\n")
+    };
+    let source = dir.join("kernels.cu");
+    std::fs::write(&source, kernel("kept", "2.0f") + &kernel("edited", "3.0f")).unwrap();
+    git(&["init", "-q"]);
+    git(&["add", "kernels.cu"]);
+    git(&["commit", "-q", "-m", "before"]);
+    std::fs::write(
+        &source,
+        kernel("kept", "2.0f") + &kernel("edited", "5.0f") + &kernel("added", "7.0f"),
+    )
+    .unwrap();
+    let source = source.as_os_str();
+    let stdout = common::python_script(
+        "tools/kernel-registers.py",
+        [source, "--against".as_ref(), "HEAD".as_ref()],
+    );
+    let verdicts: HashMap<&str, &str> = stdout
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            Some((*fields.first()?, *fields.last()?))
+        })
+        .collect();
+    assert_eq!(verdicts.get("kept"), Some(&"same"), "{stdout}");
+    assert_eq!(verdicts.get("edited"), Some(&"changed"), "{stdout}");
+    assert_eq!(verdicts.get("added"), Some(&"new"), "{stdout}");
+    assert!(
+        stdout.lines().next().unwrap_or("").ends_with("vs HEAD"),
+        "{stdout}"
+    );
+}
