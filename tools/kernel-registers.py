@@ -17,7 +17,8 @@
 #                 the default model's kernels as they were without a GPU (program.md)
 #     --against R the same sources as git revision R has them (`HEAD`: the last commit),
 #                 compiled the same way, and a column that says of each kernel whether its
-#                 code is the `same` as there, `changed`, or `new`; implies --digest
+#                 code, registers, spills and shared memory are the `same` as there, or it
+#                 `changed`, or is `new`; implies --digest
 #
 # A kernel that spills, or whose registers limit it to fewer blocks an SM than its design
 # wants, is slower for that alone; a GPU minute costs more than this check (program.md).
@@ -64,6 +65,29 @@ def text_digests(cubin):
             code = cubin[offset:offset + size]
             digests[name[len(".text."):]] = hashlib.sha256(code).hexdigest()[:12]
     return digests
+
+
+def ptxas_rows(log):
+    """Each kernel's registers, spill bytes (stores/loads) and shared memory, from ptxas -v's
+    lines in NVRTC's log, by kernel name."""
+    rows, kernel = {}, None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            kernel = m.group(1)
+            rows[kernel] = {"regs": "?", "spill": "0/0", "smem": "0"}
+            continue
+        if kernel is None:
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            rows[kernel]["spill"] = f"{m.group(1)}/{m.group(2)}"
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            rows[kernel]["regs"] = m.group(1)
+            s = re.search(r"(\d+) bytes smem", line)
+            rows[kernel]["smem"] = s.group(1) if s else "0"
+    return rows
 
 
 class CompileError(Exception):
@@ -173,11 +197,12 @@ def main(argv):
         print(f"kernel-registers.py: NVRTC failed to compile {', '.join(sources)}:\n{e}",
               file=sys.stderr)
         return 1
-    theirs = None
+    theirs, their_rows = None, {}
     if against is not None:
         try:
             their_text = "".join(git_show(against, path) + "\n" for path in sources)
-            _, their_cubin = compile_source(lib, their_text, defines)
+            their_log, their_cubin = compile_source(lib, their_text, defines)
+            their_rows = ptxas_rows(their_log)
             theirs = text_digests(their_cubin)
         except subprocess.CalledProcessError as e:
             print(f"kernel-registers.py: cannot read the sources at {against}: git says "
@@ -195,23 +220,8 @@ def main(argv):
             print(f"kernel-registers.py: cannot read the kernels' code at {against}: {e}",
                   file=sys.stderr)
             return 1
-    rows, kernel, spills = {}, None, False
-    for line in log.splitlines():
-        m = re.search(r"Compiling entry function '(\w+)'", line)
-        if m:
-            kernel = m.group(1)
-            rows[kernel] = {"regs": "?", "spill": "0/0", "smem": "0"}
-            continue
-        if kernel is None:
-            continue
-        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m:
-            rows[kernel]["spill"] = f"{m.group(1)}/{m.group(2)}"
-        m = re.search(r"Used (\d+) registers", line)
-        if m:
-            rows[kernel]["regs"] = m.group(1)
-            s = re.search(r"(\d+) bytes smem", line)
-            rows[kernel]["smem"] = s.group(1) if s else "0"
+    rows = ptxas_rows(log)
+    spills = False
     shown = sorted(k for k in rows if only is None or only in k)
     if not shown:
         print(f"kernel-registers.py: no kernel matches {only!r}", file=sys.stderr)
@@ -233,8 +243,11 @@ def main(argv):
         line = f"{k:32} {r['regs']:>9} {r['spill']:>13} {r['smem']:>8}"
         line += f" {digests.get(k, '?'):>12}" if digest else ""
         if theirs is not None:
-            line += " new" if k not in theirs else (
-                " same" if theirs[k] == digests.get(k) else " changed")
+            # The same only if the code and what ptxas gave it (registers, spills, shared
+            # memory) are: the digest covers `.text` alone, since the kernel's `.nv.info`
+            # also holds symbol numbers that move when another kernel comes or goes.
+            same = theirs.get(k) == digests.get(k) and their_rows.get(k) == r
+            line += " new" if k not in theirs else (" same" if same else " changed")
         print(line)
     return 1 if spills else 0
 

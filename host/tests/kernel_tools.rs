@@ -58,7 +58,8 @@ fn nvrtc_kernel_digests_change_only_for_the_kernel_edited() {
 }
 
 /// `--against REV` compiles the same source as git has it at REV and says of each kernel
-/// whether its code is the same, changed or new: the one-command check program.md asks for
+/// whether its code and resources are the same, changed or new (a kernel whose code stays
+/// but whose shared memory grows has changed): the one-command check program.md asks for
 /// before a change meant for long rows costs device time.
 #[test]
 #[ignore = "needs libnvrtc (.ci/run fetches it from PyPI into the cache)"]
@@ -81,14 +82,29 @@ fn nvrtc_kernel_digests_against_a_revision_name_what_changed() {
     let kernel = |name: &str, scale: &str| {
         format!("extern \"C\" __global__ void {name}(float* x) {{ x[threadIdx.x] *= {scale}; }}\n")
     };
+    // The same code over a larger shared array: its digest stays, its shared memory does not.
+    let resized = |n: u32| {
+        format!(
+            "extern \"C\" __global__ void resized(float* x) {{ __shared__ float s[{n}]; \
+             s[threadIdx.x % 32] = x[threadIdx.x]; __syncthreads(); \
+             x[threadIdx.x] = s[(threadIdx.x + 1) % 32]; }}\n"
+        )
+    };
     let source = dir.join("kernels.cu");
-    std::fs::write(&source, kernel("kept", "2.0f") + &kernel("edited", "3.0f")).unwrap();
+    std::fs::write(
+        &source,
+        kernel("kept", "2.0f") + &kernel("edited", "3.0f") + &resized(32),
+    )
+    .unwrap();
     git(&["init", "-q"]);
     git(&["add", "kernels.cu"]);
     git(&["commit", "-q", "-m", "before"]);
     std::fs::write(
         &source,
-        kernel("kept", "2.0f") + &kernel("edited", "5.0f") + &kernel("added", "7.0f"),
+        kernel("kept", "2.0f")
+            + &kernel("edited", "5.0f")
+            + &kernel("added", "7.0f")
+            + &resized(64),
     )
     .unwrap();
     let source = source.as_os_str();
@@ -107,6 +123,7 @@ fn nvrtc_kernel_digests_against_a_revision_name_what_changed() {
     assert_eq!(verdicts.get("kept"), Some(&"same"), "{stdout}");
     assert_eq!(verdicts.get("edited"), Some(&"changed"), "{stdout}");
     assert_eq!(verdicts.get("added"), Some(&"new"), "{stdout}");
+    assert_eq!(verdicts.get("resized"), Some(&"changed"), "{stdout}");
     assert!(
         stdout.lines().next().unwrap_or("").ends_with("vs HEAD"),
         "{stdout}"
