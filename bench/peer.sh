@@ -7,6 +7,7 @@
 #   bench/peer.sh -p 512 -n 128 -r 3 --model my.gguf
 #   bench/peer.sh --device cuda --no-build        # on an NVIDIA GPU (llama.cpp built with CUDA)
 #   bench/peer.sh --device cuda --build-only      # build llama-bench and stop
+#   bench/peer.sh --source-only                   # fetch and unpack llama.cpp, print where
 #
 # llama.cpp comes from the package registry: the source distribution of the PyPI package
 # llama-cpp-python (pinned in this script; it vendors llama.cpp), fetched with pip. Only llama-bench is
@@ -32,8 +33,9 @@ VARIANT=variants/baseline
 DEVICE=cpu
 NO_BUILD=""
 BUILD_ONLY=""
+SOURCE_ONLY=""
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     -p) PROMPTS="$2"; shift 2 ;;
@@ -44,6 +46,7 @@ while [ $# -gt 0 ]; do
     --device) DEVICE="$2"; shift 2 ;;
     --no-build) NO_BUILD=1; shift ;;
     --build-only) BUILD_ONLY=1; shift ;;
+    --source-only) SOURCE_ONLY=1; shift ;;
     -h|--help) usage 0 ;;
     -*) echo "peer.sh: unknown option $1" >&2; usage 2 ;;
     *) VARIANT="$1"; shift ;;
@@ -55,7 +58,7 @@ done
 [[ "$REPS" =~ ^[1-9][0-9]*$ ]] || { echo "peer.sh: -r wants a positive number, not '$REPS'" >&2; exit 2; }
 [[ "$DEVICE" =~ ^(cpu|cuda(:[0-9]+)?)$ ]] || { echo "peer.sh: --device wants cpu, cuda or cuda:N, not '$DEVICE'" >&2; exit 2; }
 command -v python3 > /dev/null || { echo "peer.sh: python3 is needed and not on PATH" >&2; exit 1; }
-command -v cmake > /dev/null || {
+[ -n "$SOURCE_ONLY" ] || command -v cmake > /dev/null || {
   echo "peer.sh: cmake is needed and not on PATH (PyPI has it: python3 -m pip install cmake)" >&2
   exit 1
 }
@@ -77,22 +80,32 @@ fi
 BENCH="$BUILD/bin/llama-bench"
 started=$SECONDS
 
-if [ ! -x "$BENCH" ]; then
+# llama.cpp's source in $SRC: there already, or unpacked from llama-cpp-python's source
+# distribution, fetched from PyPI once.
+fetch_source() {
+  [ ! -f "$SRC/CMakeLists.txt" ] || return 0
   mkdir -p "$CACHE/download"
-  sdist="$CACHE/download/llama_cpp_python-$VERSION.tar.gz"
-  if [ ! -f "$sdist" ] && [ ! -f "$SRC/CMakeLists.txt" ]; then
+  local sdist="$CACHE/download/llama_cpp_python-$VERSION.tar.gz"
+  if [ ! -f "$sdist" ]; then
     command -v pip > /dev/null || { echo "peer.sh: pip is needed to fetch llama.cpp and is not on PATH" >&2; exit 1; }
     echo "== fetching llama-cpp-python $VERSION's source distribution from PyPI" >&2
     pip download "llama-cpp-python==$VERSION" --no-deps --no-binary llama-cpp-python \
       -d "$CACHE/download" >&2
   fi
-  if [ ! -f "$SRC/CMakeLists.txt" ]; then
-    echo "== unpacking its vendored llama.cpp into $SRC" >&2
-    rm -rf "$SRC.partial" && mkdir -p "$SRC.partial"
-    tar xzf "$sdist" -C "$SRC.partial" --strip-components=3 \
-      "llama_cpp_python-$VERSION/vendor/llama.cpp"
-    rm -rf "$SRC" && mv "$SRC.partial" "$SRC"
-  fi
+  echo "== unpacking its vendored llama.cpp into $SRC" >&2
+  rm -rf "$SRC.partial" && mkdir -p "$SRC.partial"
+  tar xzf "$sdist" -C "$SRC.partial" --strip-components=3 \
+    "llama_cpp_python-$VERSION/vendor/llama.cpp"
+  rm -rf "$SRC" && mv "$SRC.partial" "$SRC"
+}
+if [ -n "$SOURCE_ONLY" ]; then
+  fetch_source
+  echo "$SRC"
+  exit 0
+fi
+
+if [ ! -x "$BENCH" ]; then
+  fetch_source
   flags=""
   if grep -q amx /proc/cpuinfo 2> /dev/null; then
     flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"

@@ -20,8 +20,8 @@
 #      and the synthetic shapes in $SHAPES, about 45 s in all; $OUT/peer.log holds the tables.
 #      Run it after a comparison, not before: it runs B's library (confined, in host bench's
 #      workers) and writes synthetic models.
-# Needs: pip (llama-cpp-python's source distribution comes from PyPI once, into the cache, as
-# peer.sh fetches it), tar with xz.
+# Needs: what `bench/peer.sh --source-only` needs (pip: llama-cpp-python's source distribution
+# comes from PyPI once, into the cache), tar with xz.
 set -euo pipefail
 
 case "${1:-}" in
@@ -33,24 +33,16 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 STAGE=gpu-stage
 [ -f "$STAGE/2/go.sh" ] || { echo "gpu-peer.sh: no $STAGE/2/go.sh: run tools/gpu-stage.sh first (it empties $STAGE/)" >&2; exit 1; }
-VERSION="$(sed -n 's/^VERSION="${LLAMA_CPP_PYTHON_VERSION:-\([0-9.]*\)}"$/\1/p' bench/peer.sh)"
-VERSION="${LLAMA_CPP_PYTHON_VERSION:-$VERSION}"
-[ -n "$VERSION" ] || { echo "gpu-peer.sh: bench/peer.sh pins no llama-cpp-python version" >&2; exit 1; }
-CACHE="${AUTOINFER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/autoinfer}/peer"
-sdist="$CACHE/download/llama_cpp_python-$VERSION.tar.gz"
-if [ ! -f "$sdist" ]; then
-  command -v pip > /dev/null || { echo "gpu-peer.sh: pip is needed to fetch llama.cpp and is not on PATH" >&2; exit 1; }
-  echo "gpu-peer.sh: fetching llama-cpp-python $VERSION's source distribution from PyPI" >&2
-  mkdir -p "$CACHE/download"
-  pip download "llama-cpp-python==$VERSION" --no-deps --no-binary llama-cpp-python \
-    -d "$CACHE/download" -q >&2
-fi
+# llama.cpp's source as peer.sh fetches and unpacks it here (its pin, or
+# LLAMA_CPP_PYTHON_VERSION), named llama.cpp-VERSION.
+src="$(bash bench/peer.sh --source-only)"
+VERSION="${src##*/llama.cpp-}"
 
 out="$STAGE/peer"
 rm -rf "$out" && mkdir -p "$out"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-tar xzf "$sdist" -C "$work" --strip-components=2 "llama_cpp_python-$VERSION/vendor/llama.cpp"
+cp -a "$src" "$work/llama.cpp"
 # What llama-bench's build (peer.sh: no tests, examples or server) does not read.
 for unused in models docs media gguf-py conversion benches tests tools/ui tools/server .devops .github; do
   rm -rf "${work:?}/llama.cpp/$unused"

@@ -109,6 +109,45 @@ fn the_peer_script_refuses_bad_arguments_before_fetching_anything() {
     }
 }
 
+/// `peer.sh --source-only` unpacks llama.cpp from llama-cpp-python's source distribution in the
+/// cache (no pip, no cmake needed when it is there) and prints where: tools/gpu-peer.sh packs
+/// that folder for the GPU machine.
+#[test]
+fn the_peer_script_unpacks_llama_cpp_from_the_cached_source_distribution() {
+    let cache = common::scratch("peer-source");
+    let sdist_root = cache.join("sdist/llama_cpp_python-0.3.36/vendor/llama.cpp");
+    std::fs::create_dir_all(sdist_root.join("tools/llama-bench")).unwrap();
+    std::fs::write(sdist_root.join("CMakeLists.txt"), "project(llama)\n").unwrap();
+    std::fs::create_dir_all(cache.join("peer/download")).unwrap();
+    let tar = std::process::Command::new("tar")
+        .arg("czf")
+        .arg(cache.join("peer/download/llama_cpp_python-0.3.36.tar.gz"))
+        .arg("-C")
+        .arg(cache.join("sdist"))
+        .arg("llama_cpp_python-0.3.36")
+        .status()
+        .expect("tar runs");
+    assert!(tar.success());
+    let out = std::process::Command::new("bash")
+        .arg(common::root().join("bench/peer.sh"))
+        .arg("--source-only")
+        .env("AUTOINFER_CACHE", &cache)
+        .env("LLAMA_CPP_PYTHON_VERSION", "0.3.36")
+        .output()
+        .expect("bash runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let src = cache.join("peer/llama.cpp-0.3.36");
+    assert_eq!(stdout.trim(), src.to_str().unwrap(), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(src.join("CMakeLists.txt")).unwrap(),
+        "project(llama)\n"
+    );
+    assert!(src.join("tools/llama-bench").is_dir());
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
 /// tools/gpu-peer.sh stages llama.cpp for the GPU machine and takes no arguments: one is
 /// refused by name before anything is fetched or written.
 #[test]
