@@ -57,6 +57,10 @@ cat > "$out/build.sh" <<EOF
 # bench/peer.sh looks for it and starts its CUDA build of llama-bench in the background; the log
 # is $out/build.log, and \`go.sh peer\` waits for it.
 set -euo pipefail
+if [ -f $STAGE/compare.pid ] && kill -0 "\$(cat $STAGE/compare.pid)" 2> /dev/null; then
+  echo "a comparison is running here: building llama-bench now would take its cores; build after it ends" >&2
+  exit 1
+fi
 P="\${AUTOINFER_CACHE:-\${XDG_CACHE_HOME:-\$HOME/.cache}/autoinfer}/peer"
 mkdir -p "\$P" && rm -rf "\$P/llama.cpp-$VERSION" "\$P/llama.cpp-$VERSION.partial"
 mkdir "\$P/llama.cpp-$VERSION.partial"

@@ -164,9 +164,18 @@ case "\$follow" in ''|*[!0-9]*) echo "FOLLOW is a number of seconds, not '\$foll
 # Seconds \`go.sh peer\` waits for llama-bench's build.
 wait_build=\${WAIT:-480}
 case "\$wait_build" in ''|*[!0-9]*) echo "WAIT is a number of seconds, not '\$wait_build'"; exit 2 ;; esac
+case "\${1:-}" in
+  ""|setup|wait|bench|peer) ;;
+  *) echo "go.sh: no command '\$1' (setup, wait, bench, peer, or none to start the comparison)"; exit 2 ;;
+esac
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:\${LD_LIBRARY_PATH:-} CARGO_TARGET_DIR=target
 if { [ "\${1:-}" = bench ] || [ "\${1:-}" = peer ]; } && [ -f \$S/compare.pid ] && kill -0 "\$(cat \$S/compare.pid)" 2> /dev/null; then
   echo "the comparison is still running: \\\`go.sh wait\\\` until it ends, then \$1"; exit 1
+fi
+# llama-bench's build (tools/gpu-peer.sh) takes every core: a comparison beside it would share
+# them with the build for as long as it runs.
+if [ -z "\${1:-}" ] && [ -f \$S/peer/build.pid ] && kill -0 "\$(cat \$S/peer/build.pid)" 2> /dev/null; then
+  echo "llama-bench is still building on this machine's cores: compare after it ends (\\\`go.sh peer\\\` waits for it)"; exit 1
 fi
 if [ "\${1:-}" != wait ]; then
   set -e
