@@ -194,6 +194,8 @@ fn the_peer_table_puts_both_engines_against_the_one_bound_it_prints() {
         "bench/peer_table.py",
         [dir.to_str().unwrap(), "variants/current", "0.3.36", "70"],
     );
+    // The table says what it cannot vouch for: bench's tokens are counted, not gated.
+    assert!(stdout.contains("not gated: host bench counts"), "{stdout}");
     // The bound is the lowest thread count's probe, and every share is against it.
     assert!(stdout.contains("allows 280.9 t/s"), "{stdout}");
     assert!(
