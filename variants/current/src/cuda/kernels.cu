@@ -230,6 +230,13 @@ extern "C" __global__ void swiglu_q8_0(const u8* wg, const u8* sg, const u8* wu,
 // columns or more (every 8B matrix, the 1B's down): four warps to two rows gave the 8B 3.9% less
 // a step, and the 1B, whose rows of 2,048 columns then leave a lane two pieces, 12% more (G58).
 #define Q4_SPLIT_LONGEST 4
+// Blocks an SM that the `_longest` matvec and QKV kernels, and their SwiGLU, ask ptxas to fit
+// (`__launch_bounds__`, which caps their registers: 48 and 56 a thread, no spills, where they
+// took 55-56 and 69 unbounded, 9 and 7 blocks). At 8B ncu read their DRAM traffic at 25-40% of
+// the peak, their occupancy capped by registers (56% in theory, 44.5% achieved) over 1.7-7.8
+// waves of blocks (G71).
+#define LONGEST_MIN_BLOCKS 10
+#define LONGEST_SWIGLU_MIN_BLOCKS 9
 
 // Nibble P/4 of `word` (bits P..P+3, P at most 12) as an exact float: OR-ed under the exponent
 // of 2^(23 - P), the nibble lands in the mantissa's units, and subtracting 2^(23 - P) leaves it.
@@ -648,23 +655,23 @@ extern "C" __global__ void swiglu_vec_q4_1_long(const u8* wg, const u8* sg, cons
 }
 #endif
 #ifdef LONGEST_ROWS
-extern "C" __global__ void matvec_q4_1_longest(const u8* w, const u8* s, const float* x,
-                                               float* y, int rows, int cols, int t, int accumulate,
-                                               const double* norm_in, double eps,
-                                               const float* next_g, float* xg, double* norm_out) {
+extern "C" __global__ void __launch_bounds__(VEC_WARPS * 32, LONGEST_MIN_BLOCKS)
+    matvec_q4_1_longest(const u8* w, const u8* s, const float* x, float* y, int rows, int cols,
+                        int t, int accumulate, const double* norm_in, double eps,
+                        const float* next_g, float* xg, double* norm_out) {
     matvec_body<FMT_Q4_1, false, false, Q4_ROWS_LONG, Q4_SPLIT_LONGEST>(
         w, s, w, s, x, y, rows, cols, accumulate, norm_in, eps, next_g, xg, norm_out);
 }
-extern "C" __global__ void qkv_vec_q4_1_longest(const u8* w, const u8* s, const float* x,
-                                                float* y, int rows, int cols, const double* norm_in,
-                                                double eps, Rope rope) {
+extern "C" __global__ void __launch_bounds__(VEC_WARPS * 32, LONGEST_MIN_BLOCKS)
+    qkv_vec_q4_1_longest(const u8* w, const u8* s, const float* x, float* y, int rows, int cols,
+                         const double* norm_in, double eps, Rope rope) {
     matvec_body<FMT_Q4_1, false, true, Q4_ROWS_LONG, Q4_SPLIT_LONGEST>(
         w, s, w, s, x, y, rows, cols, 0, norm_in, eps, nullptr, nullptr, nullptr, rope);
 }
-extern "C" __global__ void swiglu_vec_q4_1_longest(const u8* wg, const u8* sg, const u8* wu,
-                                                   const u8* su, const float* x, float* y,
-                                                   int rows, int cols, int t,
-                                                   const double* norm_in, double eps) {
+extern "C" __global__ void __launch_bounds__(VEC_WARPS * 32, LONGEST_SWIGLU_MIN_BLOCKS)
+    swiglu_vec_q4_1_longest(const u8* wg, const u8* sg, const u8* wu, const u8* su,
+                            const float* x, float* y, int rows, int cols, int t,
+                            const double* norm_in, double eps) {
     matvec_body<FMT_Q4_1, true, false, Q4_ROWS_LONG, Q4_SPLIT_LONGEST>(
         wg, sg, wu, su, x, y, rows, cols, 0, norm_in, eps, nullptr, nullptr, nullptr);
 }
