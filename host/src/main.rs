@@ -162,7 +162,9 @@ enum Command {
     /// timed repetitions each, reported as mean ± sd t/s in llama-bench's markdown table (or
     /// --json, --csv). The host draws the tokens and times them; end-of-sequence is ignored.
     /// Also measures the machine's memory read bandwidth and reports the decode rate it allows
-    /// (the roofline) and each tg test's share of it. No quality gates, no results row.
+    /// (the roofline) and each tg test's share of it. Every timed token is then checked
+    /// against the oracle (host run's agreement gate): a variant whose answers are not the
+    /// model's gets an error and no table. No statistics, no results row.
     Bench {
         /// The variant's crate directory, e.g. variants/baseline.
         variant: PathBuf,

@@ -5,23 +5,18 @@ mod common;
 
 use common::{host, model, output};
 
+/// The small workload both end-to-end benches run: pp16 and tg8, two timed repetitions each,
+/// one thread, the worker's log echoed.
+const SMALL: [&str; 9] = ["-p", "16", "-n", "8", "-r", "2", "-t", "1", "-v"];
+
 #[test]
 fn benches_the_baseline_with_one_thread() {
     model();
-    let (out, stdout, stderr) = output(host().args([
-        "bench",
-        "variants/baseline",
-        "-p",
-        "16",
-        "-n",
-        "8",
-        "-r",
-        "2",
-        "-t",
-        "1",
-        "--json",
-        "-v",
-    ]));
+    let (out, stdout, stderr) = output(
+        host()
+            .args(["bench", "variants/baseline", "--json"])
+            .args(SMALL),
+    );
     assert!(out.status.success(), "host bench failed:\n{stderr}");
     assert!(
         stderr.contains("baseline: computing with 1 threads"),
@@ -57,6 +52,64 @@ fn benches_the_baseline_with_one_thread() {
     assert!(
         share > 0.0 && share < 1.0,
         "an honest variant stays under the roofline: {share}"
+    );
+    // Every timed token was checked against the oracle, and the baseline's are its own.
+    assert_eq!(report["gated"], true, "{report}");
+    for t in tests {
+        assert_eq!(t["agreement"].as_f64(), Some(1.0), "{t}");
+    }
+    // The oracle's line: "oracle: 0.3 s (4 sequences scored, 0 reference answers generated, 0
+    // answers from its cache)"; a second run finds its scores in the cache.
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("oracle: "))
+        .unwrap_or_else(|| panic!("the oracle did not run:\n{stderr}"));
+    let count = |what: &str| -> u32 {
+        let before = &line[..line.find(what).expect(what)];
+        before.rsplit(['(', ' ']).next().unwrap().parse().unwrap()
+    };
+    assert_eq!(
+        count(" sequences scored") + count(" answers from its cache"),
+        4,
+        "the oracle did not check the 4 timed requests: {line}"
+    );
+}
+
+/// A variant that answers bench's requests without computing (the drift fixture's
+/// `bench-fake`: a prompt without the chat template gets its last token repeated, at once) would
+/// post any speed beside llama.cpp's; the oracle's check refuses it and no table is printed.
+#[test]
+fn a_variant_that_fakes_bench_answers_gets_no_figures() {
+    model();
+    common::build_plain();
+    let (out, stdout, stderr) = output(
+        host()
+            .arg("bench")
+            .arg(common::fixture("drift"))
+            .arg("--no-build")
+            .args(SMALL)
+            .env("AUTOINFER_FIXTURE_MODE", "bench-fake")
+            .env("CARGO_TARGET_DIR", common::root().join("target")),
+    );
+    assert!(
+        stderr.contains("attack bench-fake: answered a bench request"),
+        "the fixture did not fake its answers:\n{stderr}"
+    );
+    assert!(
+        !out.status.success(),
+        "a faked bench was reported:\n{stdout}"
+    );
+    assert!(
+        stderr.contains("failed the agreement gate in pp16: 0 of its 2 timed tokens agree"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("first in pp16 repetition 1/2: token 1 of 1 is id"),
+        "{stderr}"
+    );
+    assert!(
+        !stdout.contains("| model |"),
+        "a table was printed:\n{stdout}"
     );
 }
 
@@ -174,11 +227,12 @@ fn the_peer_table_puts_both_engines_against_the_one_bound_it_prints() {
     let dir = common::scratch("peer-table");
     let report = |threads: u32, bound: f64, tg: f64| {
         format!(
-            r#"{{"device": "cpu", "threads": {threads}, "synthetic": false,
+            r#"{{"device": "cpu", "threads": {threads}, "synthetic": false, "gated": {gated},
                 "model": {{"description": "llama 135M Q4_1", "path": "/m/SmolLM2.gguf"}},
                 "roofline": {{"bytes_per_token": 96573440, "bandwidth_gb_s": {gb}, "bound_tok_s": {bound}}},
                 "tests": [{{"test": "tg128", "n_prompt": 0, "n_gen": 128, "mean_tok_s": {tg},
                             "sd_tok_s": 1.0, "roofline_share": {share}}}]}}"#,
+            gated = threads != 16,
             gb = bound * 96573440.0 / 1e9,
             share = tg / bound,
         )
@@ -194,8 +248,11 @@ fn the_peer_table_puts_both_engines_against_the_one_bound_it_prints() {
         "bench/peer_table.py",
         [dir.to_str().unwrap(), "variants/current", "0.3.36", "70"],
     );
-    // The table says what it cannot vouch for: bench's tokens are counted, not gated.
-    assert!(stdout.contains("not gated: host bench counts"), "{stdout}");
+    // One report of three was not gated (random weights from a seed), so the table says so.
+    assert!(
+        stdout.contains("not gated: variants/current's tokens were not checked"),
+        "{stdout}"
+    );
     // The bound is the lowest thread count's probe, and every share is against it.
     assert!(stdout.contains("allows 280.9 t/s"), "{stdout}");
     assert!(
@@ -222,5 +279,16 @@ fn the_peer_table_puts_both_engines_against_the_one_bound_it_prints() {
         "{rows:?}"
     );
     assert!(rows[1].ends_with("| 1.134 |"), "{rows:?}");
+    // Without the one ungated report, the table vouches for the variant's tokens.
+    std::fs::remove_file(dir.join("ours-16.json")).unwrap();
+    let stdout = common::python_script(
+        "bench/peer_table.py",
+        [dir.to_str().unwrap(), "variants/current", "0.3.36", "70"],
+    );
+    assert!(
+        stdout.contains("gated: every timed token of variants/current was checked"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("not gated"), "{stdout}");
     let _ = std::fs::remove_dir_all(&dir);
 }

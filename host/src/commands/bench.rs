@@ -10,6 +10,13 @@
 //! count reaches the variant as the `threads` load option. [`BenchReport`] adds the roofline:
 //! the bytes of weights a generated token reads, the decode rate the measured bandwidth allows,
 //! and each tg test's share of it.
+//!
+//! The figures are gated as `host run`'s are: after the last timed request, the oracle scores
+//! every timed request's tokens (teacher-forced) and each test must reach the protocol's
+//! agreement (its tie margin included), or bench fails and reports nothing ([`check_answers`]).
+//! A bench prompt is easy to tell from a comparison's, so a variant that skipped the work here
+//! could otherwise post any speed beside llama.cpp's. Only a model of random weights from a
+//! seed (`host synth --seed`) is not gated, as in `host run`.
 
 use std::path::PathBuf;
 
@@ -17,10 +24,13 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::commands::setup::generate_timed;
+use crate::harness::protocol::{Gates, Protocol};
 use crate::measure::roofline::{measure_bandwidth, Roofline};
 use crate::measure::Timing;
+use crate::quality::Agreement;
 use crate::stats::rng::SplitMix64;
 use crate::supervisor::cargo_build::VariantCrate;
+use crate::supervisor::oracle::{Oracle, OracleBuild};
 use crate::supervisor::{Spawn, Worker};
 use crate::worker::wire::LoadRequest;
 use plugin_api::{Device, ModelView};
@@ -116,6 +126,9 @@ pub struct TestResult {
     pub sd_tok_s: f64,
     /// For tg tests: the mean as a share of the roofline's bound.
     pub roofline_share: Option<f64>,
+    /// Share of the timed repetitions' tokens that agreed with the oracle; `None` when the
+    /// model is not gated (random weights from a seed).
+    pub agreement: Option<f64>,
 }
 
 /// What the model is, in llama-bench's columns.
@@ -138,8 +151,11 @@ pub struct BenchReport {
     pub backend: &'static str,
     /// The device as `--device` names it.
     pub device: String,
-    /// Whether the model is synthetic (random weights): speed only.
+    /// Whether the model is synthetic (random weights).
     pub synthetic: bool,
+    /// Whether every timed request's tokens were checked against the oracle (all but a model
+    /// of random weights from a seed).
+    pub gated: bool,
     pub threads: usize,
     pub repetitions: usize,
     pub seed: u64,
@@ -178,31 +194,34 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         }
     }
     let synthetic = model.is_synthetic();
+    let gated = model.is_gated();
     if synthetic {
-        eprintln!("*** SYNTHETIC MODEL: random weights; host bench measures speed only. ***");
+        eprintln!("{}", crate::commands::setup::synthetic_banner(gated));
     }
-    let root = crate::commands::setup::find_root(&std::env::current_dir()?)
+    let Ok(root) = crate::commands::setup::find_root(&std::env::current_dir()?)
         .or_else(|_| crate::commands::setup::find_root(&args.variant))
-        .ok();
-    let (lib, _) = match &root {
-        Some(root) if !args.no_build => {
-            // The committed baseline's build is what the variant's confined build starts from.
-            crate::supervisor::oracle::OracleBuild::prepare(root, args.device)?;
-            variant.library_for(
-                false,
-                args.device,
-                &crate::commands::setup::build_sandbox(root),
-            )?
-        }
-        Some(root) => variant.library_for(
-            true,
-            args.device,
-            &crate::commands::setup::build_sandbox(root),
-        )?,
-        None => anyhow::bail!(
+    else {
+        bail!(
             "host bench builds a variant inside an autoinfer checkout (its build starts from the \
-             committed baseline's); run it from the checkout, or use --no-build"
-        ),
+             committed baseline's) and checks its tokens with that checkout's oracle; run it \
+             from the checkout"
+        );
+    };
+    let sandbox = crate::commands::setup::build_sandbox(&root);
+    if !args.no_build {
+        // The committed baseline's build is what the variant's confined build starts from.
+        OracleBuild::prepare(&root, args.device)?;
+    }
+    let (lib, _) = variant.library_for(args.no_build, args.device, &sandbox)?;
+    let protocol_path = root.join("prompts").join("protocol.toml");
+    let gates = Protocol::load(&protocol_path)?.gates;
+    let oracle_device = gates
+        .oracle_device()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", protocol_path.display()))?;
+    // Built before measuring, so a build never runs beside a timed request.
+    let oracle_build = match gated {
+        true => Some(OracleBuild::prepare(&root, oracle_device)?),
+        false => None,
     };
 
     // Before the worker starts, so nothing else reads memory meanwhile.
@@ -216,7 +235,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         threads: Some(args.threads),
         device: Some(args.device),
     };
-    let protect = crate::commands::setup::protected_paths(root.as_deref(), None);
+    let protect = crate::commands::setup::protected_paths(Some(&root), None);
     let mut worker = Worker::spawn(&Spawn {
         variant: &name,
         lib: &lib,
@@ -229,6 +248,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
 
     let bar = crate::progress::progress_bar(tests.len() * (args.repetitions + 1), "");
     let mut results = Vec::new();
+    let mut answers = Vec::new();
     for (t, &test) in tests.iter().enumerate() {
         let mut rates = Vec::new();
         for rep in 0..=args.repetitions {
@@ -250,11 +270,17 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
                 timeout,
             )?;
             let rate = test.rate(&generated.timing);
-            if rep > 0 {
-                rates.push(rate);
-            }
             crate::progress::log_line(&bar, format!("{label}: {rate:.2} t/s"));
             bar.inc(1);
+            if rep > 0 {
+                rates.push(rate);
+                answers.push(Answer {
+                    test: t,
+                    label,
+                    prompt,
+                    tokens: generated.tokens,
+                });
+            }
         }
         let (mean, sd) = mean_sd(&rates);
         let (n_prompt, n_gen) = test.counts();
@@ -269,9 +295,29 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
                 .as_ref()
                 .filter(|_| matches!(test, Test::Generate(_)))
                 .map(|r| mean / r.bound_tok_s),
+            agreement: None,
         });
     }
     bar.finish_and_clear();
+    drop(worker);
+    if let Some(build) = oracle_build {
+        let mut oracle = Oracle::new(
+            build,
+            &model.path,
+            model.sha256(),
+            timeout,
+            args.verbose,
+            protect.clone(),
+        );
+        let checked = check_answers(&mut oracle, &answers, &tests, &gates, &name);
+        eprintln!(
+            "{}",
+            crate::commands::judge::describe_cost(&oracle.finish())
+        );
+        for (result, agreement) in results.iter_mut().zip(checked?) {
+            result.agreement = Some(agreement);
+        }
+    }
     let report = BenchReport {
         variant: name,
         model: model_info(view, &model.path),
@@ -282,6 +328,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         },
         device: args.device.to_string(),
         synthetic,
+        gated,
         threads: args.threads,
         repetitions: args.repetitions,
         seed: args.seed,
@@ -294,6 +341,80 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         Format::Csv => print!("{}", csv(&report)),
     }
     Ok(report)
+}
+
+/// One timed request's answer, kept for the oracle.
+struct Answer {
+    /// Index of its test.
+    test: usize,
+    /// `tg128 repetition 2/5`.
+    label: String,
+    prompt: Vec<u32>,
+    tokens: Vec<u32>,
+}
+
+/// Scores every timed answer with `oracle` (teacher-forced: the prompt, then the variant's
+/// tokens) and returns each test's agreement, or an error naming the first test below the
+/// protocol's `min_agreement`, the repetition and the token where it went astray. The same
+/// count as `host run`'s agreement gate, tie margin included.
+fn check_answers(
+    oracle: &mut Oracle,
+    answers: &[Answer],
+    tests: &[Test],
+    gates: &Gates,
+    variant: &str,
+) -> Result<Vec<f64>> {
+    let bar = crate::progress::progress_bar(answers.len(), "oracle ");
+    let mut agreed = vec![0usize; tests.len()];
+    let mut total = vec![0usize; tests.len()];
+    let mut first_miss: Vec<Option<String>> = vec![None; tests.len()];
+    for answer in answers {
+        let label = format!("{}'s tokens", answer.label);
+        bar.set_message(format!("checking {label}"));
+        let scores = oracle.scores(&answer.prompt, &answer.tokens, &label)?;
+        let count = Agreement::count(&answer.tokens, &scores, gates.tie_margin);
+        agreed[answer.test] += count.agreed;
+        total[answer.test] += answer.tokens.len();
+        if let (None, Some(d)) = (&first_miss[answer.test], count.first_disagreements.first()) {
+            first_miss[answer.test] = Some(format!(
+                "first in {}: token {} of {} is id {} where the oracle's choice is id {} ({:.3} \
+                 nats more likely)",
+                answer.label,
+                d.index + 1,
+                answer.tokens.len(),
+                d.token,
+                d.oracle_argmax,
+                d.gap
+            ));
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let mut agreements = Vec::with_capacity(tests.len());
+    for (t, test) in tests.iter().enumerate() {
+        let agreement = match total[t] {
+            0 => 1.0,
+            n => agreed[t] as f64 / n as f64,
+        };
+        if agreement < gates.min_agreement {
+            bail!(
+                "variant {variant} failed the agreement gate in {}: {} of its {} timed tokens \
+                 agree with the oracle ({agreement:.4}; the protocol asks at least {} with a tie \
+                 margin of {} nats); {}. host bench checks its tokens as host run does, so it \
+                 reports no figures for a variant whose answers are not the model's",
+                test.name(),
+                agreed[t],
+                total[t],
+                gates.min_agreement,
+                gates.tie_margin,
+                first_miss[t]
+                    .as_deref()
+                    .unwrap_or("no single token stands out")
+            );
+        }
+        agreements.push(agreement);
+    }
+    Ok(agreements)
 }
 
 /// `n` token ids below `vocab`, the same for the same (seed, test, repetition).
@@ -389,9 +510,7 @@ pub fn markdown(r: &BenchReport) -> String {
             t.sd_tok_s
         ));
     }
-    if r.synthetic {
-        out.push_str("\nSYNTHETIC MODEL (random weights): the figures measure speed only\n");
-    }
+    out.push_str(&gate_note(r));
     let Some(rl) = &r.roofline else {
         out.push_str(&format!(
             "\nroofline: not measured on {} (the host measures the CPU's memory bandwidth only)",
@@ -412,6 +531,29 @@ pub fn markdown(r: &BenchReport) -> String {
         }
     }
     out
+}
+
+/// What the figures' tokens were checked against: a line under the table.
+fn gate_note(r: &BenchReport) -> String {
+    if !r.gated {
+        return "\nnot gated: SYNTHETIC MODEL of random weights from a seed; the figures \
+                measure speed only\n"
+            .into();
+    }
+    let agreements: Vec<String> = r
+        .tests
+        .iter()
+        .filter_map(|t| Some(format!("{} {:.4}", t.test, t.agreement?)))
+        .collect();
+    let what = match r.synthetic {
+        true => "SYNTHETIC MODEL of secret random weights: its text is noise, but ",
+        false => "",
+    };
+    format!(
+        "\ngated: {what}every timed request's tokens were checked against the oracle \
+         (agreement: {})\n",
+        agreements.join(", ")
+    )
 }
 
 /// The report as CSV, one row per test.
@@ -515,6 +657,7 @@ mod tests {
             backend: "CPU",
             device: "cpu".into(),
             synthetic: false,
+            gated: true,
             threads: 2,
             repetitions: 3,
             seed: 1,
@@ -532,6 +675,7 @@ mod tests {
                     mean_tok_s: 110.0,
                     sd_tok_s: 10.0,
                     roofline_share: None,
+                    agreement: Some(1.0),
                 },
                 TestResult {
                     test: "tg128".into(),
@@ -541,6 +685,7 @@ mod tests {
                     mean_tok_s: 25.0,
                     sd_tok_s: 0.0,
                     roofline_share: Some(0.25),
+                    agreement: Some(0.9995),
                 },
             ],
         }
@@ -561,6 +706,13 @@ mod tests {
         );
         assert!(
             md.contains("allows 100.0 t/s; tg128 reaches 25.0% of it"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "gated: every timed request's tokens were checked against the oracle \
+                 (agreement: pp512 1.0000, tg128 0.9995)"
+            ),
             "{md}"
         );
     }
@@ -590,7 +742,21 @@ mod tests {
         let md = markdown(&r);
         assert!(md.contains("| CUDA | 2 | tg128 |"), "{md}");
         assert!(md.contains("roofline: not measured on cuda:0"), "{md}");
-        assert!(md.contains("SYNTHETIC MODEL"), "{md}");
+        assert!(
+            md.contains("gated: SYNTHETIC MODEL of secret random weights"),
+            "{md}"
+        );
+        // Random weights from a seed are not gated, and the table says so.
+        r.gated = false;
+        for t in &mut r.tests {
+            t.agreement = None;
+        }
+        let md = markdown(&r);
+        assert!(
+            md.contains("not gated: SYNTHETIC MODEL of random weights from a seed"),
+            "{md}"
+        );
+        assert!(!md.contains("\ngated:"), "{md}");
         let text = csv(&r);
         let row: Vec<&str> = text.lines().nth(2).unwrap().split(',').collect();
         assert_eq!(row[3], "CUDA");

@@ -83,18 +83,22 @@ fn mean_nll(scores: &[ScoredPosition]) -> f64 {
     -scores.iter().map(|s| s.logprob as f64).sum::<f64>() / scores.len() as f64
 }
 
-impl RequestQuality {
-    /// Judges one request: `tokens` the variant emitted and `scores` the oracle gave them (one
-    /// per token), the reference tokens and their scores, and both texts' figures.
-    pub fn judge(
-        tokens: &[u32],
-        scores: &[ScoredPosition],
-        reference_tokens: &[u32],
-        reference_scores: &[ScoredPosition],
-        variant: TextFigures,
-        reference: TextFigures,
-        tie_margin: f64,
-    ) -> RequestQuality {
+/// How many of a request's emitted tokens agree with the oracle's argmax (the agreement gate's
+/// count, shared by `host run`'s gates and `host bench`'s check).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Agreement {
+    /// Emitted tokens equal to the oracle's argmax or within the tie margin of it.
+    pub agreed: usize,
+    /// Of those, the ones that agreed only by the tie margin.
+    pub agreed_by_margin: usize,
+    /// The first few that did not, in order.
+    pub first_disagreements: Vec<Disagreement>,
+}
+
+impl Agreement {
+    /// Counts `tokens` against the oracle's `scores` of them (one per token): a token agrees
+    /// when it is the argmax, or within `tie_margin` nats of it.
+    pub fn count(tokens: &[u32], scores: &[ScoredPosition], tie_margin: f64) -> Agreement {
         let mut agreed = 0;
         let mut agreed_by_margin = 0;
         let mut first_disagreements = Vec::new();
@@ -114,6 +118,31 @@ impl RequestQuality {
                 });
             }
         }
+        Agreement {
+            agreed,
+            agreed_by_margin,
+            first_disagreements,
+        }
+    }
+}
+
+impl RequestQuality {
+    /// Judges one request: `tokens` the variant emitted and `scores` the oracle gave them (one
+    /// per token), the reference tokens and their scores, and both texts' figures.
+    pub fn judge(
+        tokens: &[u32],
+        scores: &[ScoredPosition],
+        reference_tokens: &[u32],
+        reference_scores: &[ScoredPosition],
+        variant: TextFigures,
+        reference: TextFigures,
+        tie_margin: f64,
+    ) -> RequestQuality {
+        let Agreement {
+            agreed,
+            agreed_by_margin,
+            first_disagreements,
+        } = Agreement::count(tokens, scores, tie_margin);
         let nll = mean_nll(scores);
         let reference_nll = mean_nll(reference_scores);
         RequestQuality {
