@@ -2,7 +2,8 @@
 //! llama.cpp and beside the machine's memory bandwidth.
 //!
 //! Each [`Test`] is either prompt processing (`ppN`: a prompt of N random tokens, timed to the
-//! first token, t/s = N / time to first token) or text generation (`tgN`: one random token in,
+//! first token, t/s = N / time to first token; a few more tokens follow, untimed, for the
+//! oracle to check) or text generation (`tgN`: one random token in,
 //! N tokens out, t/s = N / time to the N-th token). The host draws the tokens (seeded), the
 //! variant must emit exactly the tokens asked for (end-of-sequence is ignored), and the host's
 //! worker timestamps them as in `host run`. Every test gets one warm-up request, then
@@ -63,6 +64,13 @@ pub enum Format {
     Csv,
 }
 
+/// Tokens a pp request asks for (its rate is timed to the first). Every one is checked against
+/// the oracle: a variant that skipped part of the prompt's work (attending to its last few
+/// hundred tokens only, say) might still choose the right first token, but each further token
+/// it computes from the same wrong state is another chance to be caught, and costs one decode
+/// step, untimed.
+pub const PP_CHECKED_TOKENS: usize = 8;
+
 /// One workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Test {
@@ -81,10 +89,12 @@ impl Test {
         }
     }
 
-    /// (prompt tokens, tokens to generate) of one request.
+    /// (prompt tokens, tokens to generate) of one request. A pp request is timed to its first
+    /// token only, but asks for [`PP_CHECKED_TOKENS`] so that the oracle has more than one
+    /// token to check it by.
     fn shape(self) -> (usize, usize) {
         match self {
-            Test::Prompt(n) => (n, 1),
+            Test::Prompt(n) => (n, PP_CHECKED_TOKENS),
             Test::Generate(n) => (1, n),
         }
     }
@@ -398,8 +408,8 @@ fn check_answers(
         };
         if agreement < gates.min_agreement {
             bail!(
-                "variant {variant} failed the agreement gate in {}: {} of its {} timed tokens \
-                 agree with the oracle ({agreement:.4}; the protocol asks at least {} with a tie \
+                "variant {variant} failed the agreement gate in {}: {} of the {} tokens of its \
+                 timed requests agree with the oracle ({agreement:.4}; the protocol asks at least {} with a tie \
                  margin of {} nats); {}. host bench checks its tokens as host run does, so it \
                  reports no figures for a variant whose answers are not the model's",
                 test.name(),
@@ -600,7 +610,7 @@ mod tests {
         let names: Vec<String> = t.iter().map(|t| t.name()).collect();
         assert_eq!(names, ["pp128", "pp512", "tg128"]);
         assert!(tests_of(&[0], &[0]).is_empty());
-        assert_eq!(Test::Prompt(512).shape(), (512, 1));
+        assert_eq!(Test::Prompt(512).shape(), (512, PP_CHECKED_TOKENS));
         assert_eq!(Test::Generate(128).shape(), (1, 128));
     }
 
