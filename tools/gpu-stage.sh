@@ -216,7 +216,7 @@ SUMS
       cp "target/autoinfer-git/built/\$2" target/release/libcurrent.so
       for model in "\${models[@]}"; do
         \$H bench variants/current --device cuda --no-build \${BENCH:--p 512 -n 128 -r 3} \${model:+--model=\$model} 2>&1 |
-          grep -E '^\\| |rror'
+          grep -E '^\\| |gated|rror'
       done
     done
     exit 0
