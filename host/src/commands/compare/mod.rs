@@ -443,11 +443,14 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
     let suspect = check_roofline(&p, &measured.pairs, &mut outcome);
 
     let b_samples: Vec<Sample> = measured.pairs.iter().map(|pair| pair.b.clone()).collect();
-    // The oracle scores B's answers of `scored_rounds` rounds, picked at random now (after
-    // measuring, by the supervisor, so a variant cannot know which of its answers count): the
-    // amount of text `host run` judges, at a cost that does not grow with the comparison.
-    let scored_rounds = pick_rounds(
+    let may_keep = outcome.is_ok() && suspect.is_none() && !p.ungated && keepable(&figures);
+    // A comparison that may be kept has every timed answer of B scored: one left unscored could
+    // be a faked one whose speed counted in the verdict. Any other has `scored_rounds` rounds
+    // scored, picked at random now (after measuring, by the supervisor, so a variant cannot know
+    // which of its answers count): the gates are then a record, at a cost that does not grow.
+    let scored_rounds = scored_rounds_of(
         measured.rounds,
+        may_keep,
         p.setup.protocol.gates.scored_rounds,
         crate::stats::rng::fresh_seed(),
     );
@@ -457,9 +460,9 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome> {
         .cloned()
         .collect();
     // A comparison that may be kept but ended before the gates' rounds were measured: B answers
-    // the missing rounds untimed, so a keep is always judged on as much text as the gates were
-    // calibrated for.
-    if outcome.is_ok() && suspect.is_none() && !p.ungated && keepable(&figures) {
+    // the missing rounds untimed, so a keep is always judged on at least as much text as the
+    // gates were calibrated for.
+    if may_keep {
         match untimed_answers(args, &p, &plan, measured.rounds) {
             Ok(answers) => judged_samples.extend(answers),
             Err(e) => outcome = Err(e),
@@ -742,6 +745,15 @@ fn screen_overrides(args: &CompareArgs) -> Result<Overrides> {
 }
 
 /// `k` of the rounds `0..rounds` (all when there are no more), drawn with `seed`, in order.
+/// The measured rounds whose answers of B the oracle scores: all of them when the comparison
+/// may be kept (`may_keep`), else `k` picked at random by `seed`.
+fn scored_rounds_of(rounds: u32, may_keep: bool, k: u32, seed: u64) -> Vec<u32> {
+    match may_keep {
+        true => (0..rounds).collect(),
+        false => pick_rounds(rounds, k, seed),
+    }
+}
+
 fn pick_rounds(rounds: u32, k: u32, seed: u64) -> Vec<u32> {
     let mut all: Vec<u32> = (0..rounds).collect();
     let mut rng = crate::stats::rng::SplitMix64::new(seed);
@@ -1478,6 +1490,18 @@ mod tests {
             distinct.len() > 30,
             "seeds pick different rounds: {distinct:?}"
         );
+    }
+
+    #[test]
+    fn a_comparison_that_may_be_kept_has_every_round_scored() {
+        for seed in 0..20 {
+            assert_eq!(
+                scored_rounds_of(7, true, 3, seed),
+                (0..7).collect::<Vec<u32>>()
+            );
+            assert_eq!(scored_rounds_of(7, false, 3, seed), pick_rounds(7, 3, seed));
+        }
+        assert_eq!(scored_rounds_of(2, true, 3, 1), vec![0, 1]);
     }
 
     #[test]
