@@ -406,7 +406,36 @@ fn a_prefix_cached_from_the_warm_up_is_never_kept() {
     assert!(ratio < 1.15, "prefill B/A {ratio}:\n{stdout}");
     let row = &records(&results)[0];
     assert_ne!(row["verdict"], "KEEP", "{stdout}");
+    // Eight rounds: a NOISE (which may be kept as simpler) has all eight of B's answers
+    // scored, a REVERT three picked at random.
+    assert_scored_rounds(&record, 8);
     std::fs::remove_dir_all(&results).unwrap();
+}
+
+/// The rounds whose answers of B the oracle scored, from a comparison's record of `rounds`
+/// measured rounds: every one when nothing was SLOWER (the comparison may be kept), else 3.
+fn assert_scored_rounds(record: &serde_json::Value, rounds: u64) {
+    let scored: Vec<u64> = record["scored_rounds"]
+        .as_array()
+        .expect("scored_rounds")
+        .iter()
+        .map(|r| r.as_u64().unwrap())
+        .collect();
+    let slower = record["figures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["verdict"] == "Slower");
+    if slower {
+        assert_eq!(scored.len(), 3, "{scored:?}");
+        assert!(scored.iter().all(|&r| r < rounds), "{scored:?}");
+    } else {
+        assert_eq!(
+            scored,
+            (0..rounds).collect::<Vec<_>>(),
+            "every round scored"
+        );
+    }
 }
 
 #[test]
@@ -607,6 +636,11 @@ fn a_variant_that_sends_its_tokens_in_bursts_is_reverted_by_the_itl_guard() {
     assert!(stdout.contains("ITL p99 ms is SLOWER"), "{stdout}");
     let row = &records(&results)[0];
     assert_eq!(row["verdict"], "REVERT", "{stdout}");
+    // A REVERT cannot be kept: three of its six rounds were scored, for the record.
+    let json = results.join("runs").join(&row["json"]);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    assert_scored_rounds(&record, 6);
     std::fs::remove_dir_all(&results).unwrap();
 }
 
