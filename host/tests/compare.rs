@@ -412,9 +412,57 @@ fn a_prefix_cached_from_the_warm_up_is_never_kept() {
     std::fs::remove_dir_all(&results).unwrap();
 }
 
+/// A variant that answers about one request in four with made-up tokens at once, hoping they
+/// land in rounds the oracle does not score: nothing reads SLOWER, so the comparison may be
+/// kept, every round of B is scored, and the agreement gate refuses the keep. (With 3 of 6
+/// rounds scored at random, a draw that missed every faked answer let it through.)
+#[test]
+fn a_variant_that_fakes_a_few_answers_is_caught_in_whichever_round() {
+    let _one_at_a_time = serial();
+    let results = scratch("compare-fake-some");
+    // Seed 7's instances have B fake at least one timed answer (checked below).
+    let (out, stdout, err) = compare(
+        "variants/baseline",
+        &drift(),
+        "fake-one-in=4",
+        &results,
+        &["--looks", "1", "--rounds-per-look", "6", "--seed", "7"],
+    );
+    let row = &records(&results)[0];
+    assert_ne!(row["verdict"], "KEEP", "{stdout}{err}");
+    let json = results.join("runs").join(&row["json"]);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    // The faked answers among the timed ones: one token repeated.
+    let faked: Vec<u64> = record["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|pair| {
+            let tokens = pair["b"]["tokens"].as_array().unwrap();
+            tokens.windows(2).all(|w| w[0] == w[1])
+        })
+        .map(|pair| pair["round"].as_u64().unwrap())
+        .collect();
+    assert!(!faked.is_empty(), "no timed answer was faked: {stdout}");
+    assert!(faked.len() < 6, "every answer was faked: {faked:?}");
+    assert_scored_rounds(&record, 6);
+    assert!(
+        out.status.code() == Some(4) && stdout.contains("gates: FAIL"),
+        "the faked answers in rounds {faked:?} were not caught:\n{stdout}"
+    );
+    std::fs::remove_dir_all(&results).unwrap();
+}
+
 /// The rounds whose answers of B the oracle scored, from a comparison's record of `rounds`
 /// measured rounds: every one when nothing was SLOWER (the comparison may be kept), else 3.
+/// (Not for a comparison recorded as suspect, which is never kept either.)
 fn assert_scored_rounds(record: &serde_json::Value, rounds: u64) {
+    assert_ne!(
+        record["status"], "suspect",
+        "a suspect comparison: {}",
+        record["status"]
+    );
     let scored: Vec<u64> = record["scored_rounds"]
         .as_array()
         .expect("scored_rounds")
