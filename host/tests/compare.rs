@@ -47,6 +47,15 @@ fn compare(
     output(&mut cmd)
 }
 
+/// The JSON record of a results row (its `json` column names the file under `runs/`).
+fn record_of(
+    results: &Path,
+    row: &std::collections::BTreeMap<String, String>,
+) -> serde_json::Value {
+    let json = results.join("runs").join(&row["json"]);
+    serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+}
+
 /// Each pair's two worker lives from a comparison's record, in the order they started: (side,
 /// started, ended), in seconds from the start of measuring.
 fn worker_lives(record: &serde_json::Value) -> Vec<[(char, f64, f64); 2]> {
@@ -166,9 +175,7 @@ fn a_variant_against_itself_is_noise() {
         if row["verdict"] == "NOISE" {
             // It runs every look, unless futility ended it: decode can then in all likelihood
             // end neither FASTER nor SLOWER (chances below the protocol's 1%).
-            let json = results.join("runs").join(&row["json"]);
-            let record: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+            let record = record_of(&results, row);
             let decode = &record["figures"][0];
             assert_eq!(decode["figure"], "decode_tok_s");
             let futile = ["chance_faster_at_end", "chance_slower_at_end"]
@@ -194,9 +201,7 @@ fn a_variant_against_itself_is_noise() {
     }
     // The JSON holds every pair, both sides, each two pairs one A B and one B A (which first
     // is drawn).
-    let json = results.join("runs").join(&rows[0]["json"]);
-    let record: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    let record = record_of(&results, &rows[0]);
     let orders: Vec<&str> = record["pairs"]
         .as_array()
         .unwrap()
@@ -291,9 +296,7 @@ fn a_slower_variant_is_slower_and_reverted() {
         (row["verdict"].as_str(), row["status"].as_str()),
         ("REVERT", "ok")
     );
-    let json = results.join("runs").join(&row["json"]);
-    let record: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    let record = record_of(&results, row);
     assert_eq!(record["protocol"]["compare"]["turn_ms"], 0);
     assert!(
         err.contains("pairs: one worker at a time, each ended before the other side's starts"),
@@ -393,9 +396,7 @@ fn a_prefix_cached_from_the_warm_up_is_never_kept() {
     );
     // So B's prefill is A's, within the noise of 8 short pairs (it read 1.5x with the shared
     // system message).
-    let json = results.join("runs").join(&records(&results)[0]["json"]);
-    let record: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    let record = record_of(&results, &records(&results)[0]);
     let prefill = record["figures"]
         .as_array()
         .unwrap()
@@ -430,9 +431,7 @@ fn a_variant_that_fakes_a_few_answers_is_caught_in_whichever_round() {
     );
     let row = &records(&results)[0];
     assert_ne!(row["verdict"], "KEEP", "{stdout}{err}");
-    let json = results.join("runs").join(&row["json"]);
-    let record: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    let record = record_of(&results, row);
     // The faked answers among the timed ones: one token repeated.
     let faked: Vec<u64> = record["pairs"]
         .as_array()
@@ -685,9 +684,7 @@ fn a_variant_that_sends_its_tokens_in_bursts_is_reverted_by_the_itl_guard() {
     let row = &records(&results)[0];
     assert_eq!(row["verdict"], "REVERT", "{stdout}");
     // A REVERT cannot be kept: three of its six rounds were scored, for the record.
-    let json = results.join("runs").join(&row["json"]);
-    let record: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    let record = record_of(&results, row);
     assert_scored_rounds(&record, 6);
     std::fs::remove_dir_all(&results).unwrap();
 }
