@@ -22,9 +22,10 @@
 # With PROFILER set to a profiler's command line (`PROFILER="/usr/local/cuda/bin/ncu --csv
 # --page raw --metrics gpu__time_duration.sum --launch-skip 2000 --launch-count 400"`), the
 # binary runs under it, the profiler inside the same confinement: a profile without a lease
-# given back after it. Whether ncu works so (it writes into TMPDIR, talks to the process it
-# profiles, reads the GPU's counters) is untried on the GPU machine as of 2026-12-06, when ncu
-# ran there unconfined on a lease that compared nothing after it.
+# given back after it. First tried on the H100 machine on 2026-12-06: ncu started and profiled
+# confined with no write denied (it warned only that it could not put its section files under
+# $HOME), but with --launch-skip 2000 the 1B probe outran the call's 170 s (ncu serializes every
+# launch), so no figures came back yet: skip fewer launches, or name the kernels (-k).
 set -uo pipefail
 dir="$(cd "$(dirname "$0")" && pwd)"
 [ $# -ge 1 ] || { echo "run.sh: which binary? (a, b or a patch's name)" >&2; exit 2; }

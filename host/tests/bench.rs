@@ -76,7 +76,7 @@ fn benches_the_baseline_with_one_thread() {
 }
 
 /// A variant that answers bench's requests without computing (the drift fixture's
-/// `bench-fake`: a prompt without the chat template gets its last token repeated, at once) would
+/// `bench-fake`: a prompt without the chat template gets its last token repeated, 0.1 ms apart) would
 /// post any speed beside llama.cpp's; the oracle's check refuses it and no table is printed.
 #[test]
 fn a_variant_that_fakes_bench_answers_gets_no_figures() {

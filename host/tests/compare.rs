@@ -413,7 +413,8 @@ fn a_prefix_cached_from_the_warm_up_is_never_kept() {
     std::fs::remove_dir_all(&results).unwrap();
 }
 
-/// A variant that answers about one request in four with made-up tokens at once, hoping they
+/// A variant that answers about one request in four with made-up tokens (15 ms apart, twice the
+/// baseline's pace here, under the roofline), hoping they
 /// land in rounds the oracle does not score: nothing reads SLOWER, so the comparison may be
 /// kept, every round of B is scored, and the agreement gate refuses the keep. (With 3 of 6
 /// rounds scored at random, a draw that missed every faked answer let it through.)

@@ -744,7 +744,6 @@ fn screen_overrides(args: &CompareArgs) -> Result<Overrides> {
     })
 }
 
-/// `k` of the rounds `0..rounds` (all when there are no more), drawn with `seed`, in order.
 /// The measured rounds whose answers of B the oracle scores: all of them when the comparison
 /// may be kept (`may_keep`), else `k` picked at random by `seed`.
 fn scored_rounds_of(rounds: u32, may_keep: bool, k: u32, seed: u64) -> Vec<u32> {
@@ -754,6 +753,7 @@ fn scored_rounds_of(rounds: u32, may_keep: bool, k: u32, seed: u64) -> Vec<u32> 
     }
 }
 
+/// `k` of the rounds `0..rounds` (all when there are no more), drawn with `seed`, in order.
 fn pick_rounds(rounds: u32, k: u32, seed: u64) -> Vec<u32> {
     let mut all: Vec<u32> = (0..rounds).collect();
     let mut rng = crate::stats::rng::SplitMix64::new(seed);
