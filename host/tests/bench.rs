@@ -114,6 +114,58 @@ fn a_variant_that_fakes_bench_answers_gets_no_figures() {
     );
 }
 
+/// A variant that wants its answers ready before it is asked (computed at load, or at build from
+/// the public model, then replayed at any speed) must know the prompts: the drift fixture's
+/// `bench-predict` tries, by a table of every one-token prompt and by drawing bench's prompts
+/// from the old default seed with bench's own generator. Prompts of 8 tokens or more from a
+/// fresh seed defeat both; a given `--seed` does not, and the table says so.
+#[test]
+fn bench_prompts_cannot_be_known_ahead_unless_a_seed_is_given() {
+    model();
+    common::build_plain();
+    let bench = |seed: Option<&str>| {
+        let mut cmd = host();
+        cmd.arg("bench")
+            .arg(common::fixture("drift"))
+            .arg("--no-build")
+            .args(SMALL)
+            .env("AUTOINFER_FIXTURE_MODE", "bench-predict")
+            .env("CARGO_TARGET_DIR", common::root().join("target"));
+        if let Some(seed) = seed {
+            cmd.args(["--seed", seed]);
+        }
+        output(&mut cmd)
+    };
+    let (out, stdout, stderr) = bench(None);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let tries: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("attack bench-predict: "))
+        .collect();
+    // Two tests of a warm-up and two repetitions each.
+    assert_eq!(tries.len(), 6, "{stderr}");
+    assert!(
+        tries
+            .iter()
+            .all(|l| l.ends_with("denied (not one of seed 1's)")),
+        "a prompt was known ahead: {tries:#?}"
+    );
+    assert!(stdout.contains("; prompts from a fresh seed, "), "{stdout}");
+    // With the seed given (the old default), the fixture draws every prompt itself, and the
+    // table says its figures could have been prepared.
+    let (out, stdout, stderr) = bench(Some("1"));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let known = stderr
+        .lines()
+        .filter(|l| l.contains("attack bench-predict: ") && l.ends_with(": DONE"))
+        .count();
+    assert_eq!(known, 6, "{stderr}");
+    assert!(
+        stdout.contains("but the prompts came from --seed 1: predictable"),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn bad_inputs_are_refused_by_name() {
     for (args, needle) in [
@@ -121,6 +173,7 @@ fn bad_inputs_are_refused_by_name() {
         (vec!["-r", "0"], "--repetitions"),
         (vec!["-t", "0"], "--threads"),
         (vec!["-p", "9000", "-n", "0"], "pp9000 needs 9008 positions"),
+        (vec!["-n", "1"], "-n 1: a tg test needs at least 2 tokens"),
         (vec!["-p", "abc"], "invalid value 'abc'"),
         (vec!["--json", "--csv"], "cannot be used with"),
     ] {
@@ -228,12 +281,13 @@ fn the_peer_table_puts_both_engines_against_the_one_bound_it_prints() {
     let dir = common::scratch("peer-table");
     let report = |threads: u32, bound: f64, tg: f64| {
         format!(
-            r#"{{"device": "cpu", "threads": {threads}, "synthetic": false, "gated": {gated},
+            r#"{{"device": "cpu", "threads": {threads}, "synthetic": false, "gated": {gated}, "fresh_prompts": {fresh},
                 "model": {{"description": "llama 135M Q4_1", "path": "/m/SmolLM2.gguf"}},
                 "roofline": {{"bytes_per_token": 96573440, "bandwidth_gb_s": {gb}, "bound_tok_s": {bound}}},
                 "tests": [{{"test": "tg128", "n_prompt": 0, "n_gen": 128, "mean_tok_s": {tg},
                             "sd_tok_s": 1.0, "roofline_share": {share}}}]}}"#,
             gated = threads != 16,
+            fresh = threads != 2,
             gb = bound * 96573440.0 / 1e9,
             share = tg / bound,
         )
@@ -280,16 +334,27 @@ fn the_peer_table_puts_both_engines_against_the_one_bound_it_prints() {
         "{rows:?}"
     );
     assert!(rows[1].ends_with("| 1.134 |"), "{rows:?}");
-    // Without the one ungated report, the table vouches for the variant's tokens.
+    // Without the ungated report, the table vouches for the tokens, but not for prompts from
+    // a given seed (the 2-thread report's)...
+    let table = || {
+        common::python_script(
+            "bench/peer_table.py",
+            [dir.to_str().unwrap(), "variants/current", "0.3.36", "70"],
+        )
+    };
     std::fs::remove_file(dir.join("ours-16.json")).unwrap();
-    let stdout = common::python_script(
-        "bench/peer_table.py",
-        [dir.to_str().unwrap(), "variants/current", "0.3.36", "70"],
+    let stdout = table();
+    assert!(
+        stdout.contains("gated, but on prompts from a given --seed"),
+        "{stdout}"
     );
+    assert!(!stdout.contains("not gated"), "{stdout}");
+    // ... and with fresh prompts throughout, it vouches for both.
+    std::fs::remove_file(dir.join("ours-2.json")).unwrap();
+    let stdout = table();
     assert!(
         stdout.contains("gated: every timed token of variants/current was checked"),
         "{stdout}"
     );
-    assert!(!stdout.contains("not gated"), "{stdout}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -3,8 +3,9 @@
 //!
 //! Each [`Test`] is either prompt processing (`ppN`: a prompt of N random tokens, timed to the
 //! first token, t/s = N / time to first token; a few more tokens follow, untimed, for the
-//! oracle to check) or text generation (`tgN`: one random token in,
-//! N tokens out, t/s = N / time to the N-th token). The host draws the tokens (seeded), the
+//! oracle to check) or text generation (`tgN`: [`TG_PROMPT_TOKENS`] random tokens in, N tokens
+//! out, t/s = (N - 1) / the time from the first token to the N-th, the prompt excluded as
+//! llama-bench excludes it). The host draws the tokens from a fresh seed unless given one, the
 //! variant must emit exactly the tokens asked for (end-of-sequence is ignored), and the host's
 //! worker timestamps them as in `host run`. Every test gets one warm-up request, then
 //! `repetitions` timed ones; [`TestResult`] holds their mean and standard deviation. The thread
@@ -49,7 +50,8 @@ pub struct BenchArgs {
     /// Where the variant computes (the `device` load option).
     pub device: Device,
     pub model: Option<PathBuf>,
-    pub seed: u64,
+    /// The prompts' seed; `None` draws a fresh one, so that no variant can know them ahead.
+    pub seed: Option<u64>,
     pub timeout_s: u64,
     pub no_build: bool,
     pub format: Format,
@@ -70,6 +72,12 @@ pub enum Format {
 /// it computes from the same wrong state is another chance to be caught, and costs one decode
 /// step, untimed.
 pub const PP_CHECKED_TOKENS: usize = 8;
+
+/// Random tokens a tg request's prompt has. With one, there would be only as many tg prompts as
+/// the vocabulary has tokens, and a variant could carry every one's answer in a table computed
+/// ahead (49,152 x 128 tokens for SmolLM2) and replay it at any speed; with 8 there are too
+/// many to tabulate. The tg rate leaves the prompt out.
+pub const TG_PROMPT_TOKENS: usize = 8;
 
 /// One workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -95,7 +103,7 @@ impl Test {
     fn shape(self) -> (usize, usize) {
         match self {
             Test::Prompt(n) => (n, PP_CHECKED_TOKENS),
-            Test::Generate(n) => (1, n),
+            Test::Generate(n) => (TG_PROMPT_TOKENS, n),
         }
     }
 
@@ -107,11 +115,12 @@ impl Test {
         }
     }
 
-    /// Tokens per second of one timed request.
+    /// Tokens per second of one timed request: pp to the first token, tg from the first token
+    /// to the last (its prompt's prefill left out).
     fn rate(self, timing: &Timing) -> f64 {
         match self {
             Test::Prompt(n) => n as f64 / (timing.ttft_ms / 1e3),
-            Test::Generate(n) => n as f64 / (timing.total_ms / 1e3),
+            Test::Generate(_) => timing.decode_tok_s,
         }
     }
 }
@@ -169,6 +178,9 @@ pub struct BenchReport {
     pub threads: usize,
     pub repetitions: usize,
     pub seed: u64,
+    /// Whether the seed was drawn fresh for this bench (no `--seed`): only then could no
+    /// variant have known the prompts, and their answers, ahead.
+    pub fresh_prompts: bool,
     /// The CPU's decode bound; `None` on another device (the host measures the CPU's
     /// bandwidth only).
     pub roofline: Option<Roofline>,
@@ -187,6 +199,13 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
     if args.threads == 0 {
         bail!("-t/--threads must be at least 1");
     }
+    if args.gens.contains(&1) {
+        bail!(
+            "-n 1: a tg test needs at least 2 tokens (its rate is timed from the first token to \
+             the last, the prompt left out)"
+        );
+    }
+    let seed = args.seed.unwrap_or_else(crate::stats::rng::fresh_seed);
     let variant = VariantCrate::open(&args.variant)?;
     let model = crate::commands::setup::open_model(args.model.as_deref())?;
     let view = model.view;
@@ -269,7 +288,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
             };
             bar.set_message(label.clone());
             let (n_prompt, n_gen) = test.shape();
-            let prompt = random_tokens(args.seed, t as u64, rep as u64, n_prompt, vocab);
+            let prompt = random_tokens(seed, t as u64, rep as u64, n_prompt, vocab);
             let generated = generate_timed(
                 &mut worker,
                 &name,
@@ -341,7 +360,8 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         gated,
         threads: args.threads,
         repetitions: args.repetitions,
-        seed: args.seed,
+        seed,
+        fresh_prompts: args.seed.is_none(),
         roofline,
         tests: results,
     };
@@ -559,9 +579,17 @@ fn gate_note(r: &BenchReport) -> String {
         true => "SYNTHETIC MODEL of secret random weights: its text is noise, but ",
         false => "",
     };
+    let prompts = match r.fresh_prompts {
+        true => format!("; prompts from a fresh seed, {}", r.seed),
+        false => format!(
+            ", but the prompts came from --seed {}: predictable, so a variant could have had \
+             their answers ready; leave --seed out for figures to set beside another engine's",
+            r.seed
+        ),
+    };
     format!(
         "\ngated: {what}every timed request's tokens were checked against the oracle \
-         (agreement: {})\n",
+         (agreement: {}){prompts}\n",
         agreements.join(", ")
     )
 }
@@ -611,22 +639,20 @@ mod tests {
         assert_eq!(names, ["pp128", "pp512", "tg128"]);
         assert!(tests_of(&[0], &[0]).is_empty());
         assert_eq!(Test::Prompt(512).shape(), (512, PP_CHECKED_TOKENS));
-        assert_eq!(Test::Generate(128).shape(), (1, 128));
+        assert_eq!(Test::Generate(128).shape(), (TG_PROMPT_TOKENS, 128));
     }
 
     #[test]
-    fn rates_use_the_first_token_for_pp_and_the_last_for_tg() {
-        let timing = Timing {
-            prompt_tokens: 512,
-            new_tokens: 1,
-            ttft_ms: 2000.0,
-            prefill_tok_s: 256.0,
-            decode_tok_s: 0.0,
-            total_ms: 4000.0,
-            itl_ms: vec![],
-        };
-        assert!((Test::Prompt(512).rate(&timing) - 256.0).abs() < 1e-9);
-        assert!((Test::Generate(128).rate(&timing) - 32.0).abs() < 1e-9);
+    fn rates_use_the_first_token_for_pp_and_the_gaps_after_it_for_tg() {
+        // pp512: the first of its 8 tokens 2 s after the request.
+        let emits: Vec<u64> = (0..8).map(|i| 2_000_000_000 + i * 10_000_000).collect();
+        let pp = Timing::from_arrivals(512, &[1; 8], &emits, 0, 8, 10).unwrap();
+        assert!((Test::Prompt(512).rate(&pp) - 256.0).abs() < 1e-9);
+        // tg128: its 8-token prompt takes 50 ms to the first token, then one every 10 ms: 100
+        // t/s, not 128 / 1.32 s (the prompt's prefill would count).
+        let emits: Vec<u64> = (0..128).map(|i| 50_000_000 + i * 10_000_000).collect();
+        let tg = Timing::from_arrivals(TG_PROMPT_TOKENS, &[1; 128], &emits, 0, 128, 10).unwrap();
+        assert!((Test::Generate(128).rate(&tg) - 100.0).abs() < 1e-6);
     }
 
     #[test]
@@ -671,6 +697,7 @@ mod tests {
             threads: 2,
             repetitions: 3,
             seed: 1,
+            fresh_prompts: true,
             roofline: Some(Roofline {
                 bytes_per_token: 85 << 20,
                 bandwidth_gb_s: 8.9,
@@ -721,8 +748,16 @@ mod tests {
         assert!(
             md.contains(
                 "gated: every timed request's tokens were checked against the oracle \
-                 (agreement: pp512 1.0000, tg128 0.9995)"
+                 (agreement: pp512 1.0000, tg128 0.9995); prompts from a fresh seed, 1"
             ),
+            "{md}"
+        );
+        // Prompts from a given seed could have been known ahead, and the table says so.
+        let mut given = report();
+        given.fresh_prompts = false;
+        let md = markdown(&given);
+        assert!(
+            md.contains("but the prompts came from --seed 1: predictable"),
             "{md}"
         );
     }
