@@ -166,6 +166,34 @@ fn bench_prompts_cannot_be_known_ahead_unless_a_seed_is_given() {
     );
 }
 
+/// A variant that computes every token of a request before it emits the first, then sends them
+/// 0.1 ms apart (the drift fixture's `buffer,gap=100`), has its tg rate timed from the request: no faster
+/// than it computed, under the roofline. (Timed from its first token, it read thousands of t/s.)
+#[test]
+fn a_variant_that_holds_its_tokens_back_gains_no_tg_rate() {
+    model();
+    common::build_plain();
+    let (out, stdout, stderr) = output(
+        host()
+            .arg("bench")
+            .arg(common::fixture("drift"))
+            .args(["--no-build", "--json"])
+            .args(SMALL)
+            .env("AUTOINFER_FIXTURE_MODE", "buffer,gap=100")
+            .env("CARGO_TARGET_DIR", common::root().join("target")),
+    );
+    // Its answers are the model's: it is gated and passes.
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON on stdout");
+    let tg = &report["tests"][1];
+    assert_eq!(tg["test"], "tg8", "{report}");
+    let share = tg["roofline_share"].as_f64().unwrap();
+    assert!(
+        share < 1.0,
+        "a held-back tg8 read {share:.1}x the roofline: {tg}"
+    );
+}
+
 #[test]
 fn bad_inputs_are_refused_by_name() {
     for (args, needle) in [
@@ -173,7 +201,6 @@ fn bad_inputs_are_refused_by_name() {
         (vec!["-r", "0"], "--repetitions"),
         (vec!["-t", "0"], "--threads"),
         (vec!["-p", "9000", "-n", "0"], "pp9000 needs 9008 positions"),
-        (vec!["-n", "1"], "-n 1: a tg test needs at least 2 tokens"),
         (vec!["-p", "abc"], "invalid value 'abc'"),
         (vec!["--json", "--csv"], "cannot be used with"),
     ] {
