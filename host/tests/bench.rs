@@ -9,6 +9,21 @@ use common::{host, model, output};
 /// one thread, the worker's log echoed.
 const SMALL: [&str; 9] = ["-p", "16", "-n", "8", "-r", "2", "-t", "1", "-v"];
 
+/// `host bench` of the drift fixture (built once, run with --no-build) in `mode`, on the SMALL
+/// workload.
+fn drift_bench(mode: &str) -> std::process::Command {
+    model();
+    common::build_plain();
+    let mut cmd = host();
+    cmd.arg("bench")
+        .arg(common::fixture("drift"))
+        .arg("--no-build")
+        .args(SMALL)
+        .env("AUTOINFER_FIXTURE_MODE", mode)
+        .env("CARGO_TARGET_DIR", common::root().join("target"));
+    cmd
+}
+
 #[test]
 fn benches_the_baseline_with_one_thread() {
     model();
@@ -80,17 +95,7 @@ fn benches_the_baseline_with_one_thread() {
 /// post any speed beside llama.cpp's; the oracle's check refuses it and no table is printed.
 #[test]
 fn a_variant_that_fakes_bench_answers_gets_no_figures() {
-    model();
-    common::build_plain();
-    let (out, stdout, stderr) = output(
-        host()
-            .arg("bench")
-            .arg(common::fixture("drift"))
-            .arg("--no-build")
-            .args(SMALL)
-            .env("AUTOINFER_FIXTURE_MODE", "bench-fake")
-            .env("CARGO_TARGET_DIR", common::root().join("target")),
-    );
+    let (out, stdout, stderr) = output(&mut drift_bench("bench-fake"));
     assert!(
         stderr.contains("attack bench-fake: answered a bench request"),
         "the fixture did not fake its answers:\n{stderr}"
@@ -121,16 +126,8 @@ fn a_variant_that_fakes_bench_answers_gets_no_figures() {
 /// fresh seed defeat both; a given `--seed` does not, and the table says so.
 #[test]
 fn bench_prompts_cannot_be_known_ahead_unless_a_seed_is_given() {
-    model();
-    common::build_plain();
     let bench = |seed: Option<&str>| {
-        let mut cmd = host();
-        cmd.arg("bench")
-            .arg(common::fixture("drift"))
-            .arg("--no-build")
-            .args(SMALL)
-            .env("AUTOINFER_FIXTURE_MODE", "bench-predict")
-            .env("CARGO_TARGET_DIR", common::root().join("target"));
+        let mut cmd = drift_bench("bench-predict");
         if let Some(seed) = seed {
             cmd.args(["--seed", seed]);
         }
@@ -171,17 +168,7 @@ fn bench_prompts_cannot_be_known_ahead_unless_a_seed_is_given() {
 /// than it computed, under the roofline. (Timed from its first token, it read thousands of t/s.)
 #[test]
 fn a_variant_that_holds_its_tokens_back_gains_no_tg_rate() {
-    model();
-    common::build_plain();
-    let (out, stdout, stderr) = output(
-        host()
-            .arg("bench")
-            .arg(common::fixture("drift"))
-            .args(["--no-build", "--json"])
-            .args(SMALL)
-            .env("AUTOINFER_FIXTURE_MODE", "buffer,gap=100")
-            .env("CARGO_TARGET_DIR", common::root().join("target")),
-    );
+    let (out, stdout, stderr) = output(drift_bench("buffer,gap=100").arg("--json"));
     // Its answers are the model's: it is gated and passes.
     assert!(out.status.success(), "{stdout}{stderr}");
     let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON on stdout");
