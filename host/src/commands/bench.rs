@@ -70,7 +70,9 @@ pub enum Format {
 /// the oracle: a variant that skipped part of the prompt's work (attending to its last few
 /// hundred tokens only, say) might still choose the right first token, but each further token
 /// it computes from the same wrong state is another chance to be caught, and costs one decode
-/// step, untimed.
+/// step, untimed. They do not catch a variant that, once its first token is out and the clock
+/// has stopped, prefills again properly before the rest: its first token must still be the
+/// oracle's in every repetition, as `host run`'s agreement gate asks of any first token.
 pub const PP_CHECKED_TOKENS: usize = 8;
 
 /// Random tokens a tg request's prompt has. With one, there would be only as many tg prompts as
@@ -233,20 +235,23 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         );
     };
     let sandbox = crate::commands::setup::build_sandbox(&root);
-    if !args.no_build {
-        // The committed baseline's build is what the variant's confined build starts from.
-        OracleBuild::prepare(&root, args.device)?;
-    }
+    // The committed baseline's build is what the variant's confined build starts from.
+    let base = match args.no_build {
+        true => None,
+        false => Some(OracleBuild::prepare(&root, args.device)?),
+    };
     let (lib, _) = variant.library_for(args.no_build, args.device, &sandbox)?;
     let protocol_path = root.join("prompts").join("protocol.toml");
     let gates = Protocol::load(&protocol_path)?.gates;
     let oracle_device = gates
         .oracle_device()
         .map_err(|e| anyhow::anyhow!("{}: {e}", protocol_path.display()))?;
-    // Built before measuring, so a build never runs beside a timed request.
-    let oracle_build = match gated {
-        true => Some(OracleBuild::prepare(&root, oracle_device)?),
-        false => None,
+    // Built before measuring, so a build never runs beside a timed request; the base build
+    // serves when it is for the oracle's device.
+    let oracle_build = match (gated, base) {
+        (false, _) => None,
+        (true, Some(base)) if base.device == oracle_device => Some(base),
+        (true, _) => Some(OracleBuild::prepare(&root, oracle_device)?),
     };
 
     // Before the worker starts, so nothing else reads memory meanwhile.
@@ -418,8 +423,13 @@ fn check_answers(
     bar.finish_and_clear();
     let mut agreements = Vec::with_capacity(tests.len());
     for (t, test) in tests.iter().enumerate() {
+        // Every timed request emitted the tokens it asked for (generate_timed checks), so a
+        // test with none checked is a fault here, never a pass.
         let agreement = match total[t] {
-            0 => 1.0,
+            0 => bail!(
+                "{}: no timed tokens to check against the oracle",
+                test.name()
+            ),
             n => agreed[t] as f64 / n as f64,
         };
         if agreement < gates.min_agreement {
