@@ -236,9 +236,10 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
     };
     let sandbox = crate::commands::setup::build_sandbox(&root);
     // The committed baseline's build is what the variant's confined build starts from.
-    let base = match args.no_build {
-        true => None,
-        false => Some(OracleBuild::prepare(&root, args.device)?),
+    let base = if args.no_build {
+        None
+    } else {
+        Some(OracleBuild::prepare(&root, args.device)?)
     };
     let (lib, _) = variant.library_for(args.no_build, args.device, &sandbox)?;
     let protocol_path = root.join("prompts").join("protocol.toml");
