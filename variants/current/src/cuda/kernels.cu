@@ -689,7 +689,7 @@ __device__ __forceinline__ void load_eighth(const u8* w, long blk, int part, flo
 // `accumulate`; with GATED, y = silu(x Wg^T) * (x Wu^T), the second matrix in w2). Block (row
 // tile, token tile): each column step stages TILE_ROWS x 32 weights and TILE_TOKENS x 32
 // activations in shared memory, and thread (tr, tc) accumulates rows tr + 16 i and tokens
-// tc + 16 j. (Quantized matrices take the tensor-core `mma_body` below.)
+// tc + 16 j. (Quantized matrices take the tensor-core `mma_body` or `mma_pipe_body` below.)
 template <bool GATED>
 __device__ void tiled_body(const u8* w, const u8* w2, const float* x, float* y, int rows,
                            int cols, int t, int accumulate) {
@@ -788,29 +788,50 @@ extern "C" __global__ void tiled_swiglu_f32(const u8* wg, const u8* sg, const u8
 // The scales come after a 32-weight block's sums: y += d * sum(q x) (+ m * sum(x) for Q4_1),
 // which is sum((d q + m) x) summed in another order.
 //
-// Block: MMA_ROWS weight rows x MMA_TOKENS tokens, 8 warps; warp w computes rows
-// 32 (w % 4) .. + 32 and tokens 32 (w / 4) .. + 32 as 2 x 4 tiles of mma.m16n8k16. The gated
-// kernel's block is MMA_ROWS_GATED rows of both matrices, warp w rows 16 (w % 4) .. + 16 of
-// each: the same 128 staged rows and the same accumulators a thread, so that two blocks fit an
-// SM either way. Each 32-column step stages the block's quants as bf16 and its activations'
-// three parts in shared memory; the next step's global loads are issued before this step's
-// products, and the warps take their fragments with ldmatrix. When the tiles would leave SMs
-// idle (a short chunk: few token tiles), the host splits the columns over gridDim.z blocks, each
-// adding its partial sums into y atomically: the same products, summed in another order, and a
-// block's chain of 32-column steps (a global load's latency each) a fraction as long.
+// Two matmuls, by the model's width (`PIPELINE_FROM_EMBD` in mod.rs). Both take blocks of
+// MMA_ROWS weight rows x MMA_TOKENS tokens, 8 warps; warp w computes rows 32 (w % 4) .. + 32 and
+// tokens 32 (w / 4) .. + 32 as 2 x 4 tiles of mma.m16n8k16. The gated kernel's block is
+// MMA_ROWS_GATED rows of both matrices, warp w rows 16 (w % 4) .. + 16 of each: the same 128
+// staged rows and the same accumulators a thread. When the tiles would leave SMs idle (a short
+// chunk: few token tiles), the host splits the columns over gridDim.z blocks, each adding its
+// partial sums into y atomically: the same products, summed in another order. Each stages the
+// 32 columns of a quant block in an order that is not the weights' own, quants and
+// activations alike, so every product still pairs a weight with its activation; only the order
+// the tensor cores add them in differs.
 //
-// A step's 32 columns are staged in a fixed order that is not the weights' own: within each
-// group of four, columns 4a, 4a + 1, 4a + 2, 4a + 3 hold weights 4a, 4a + 2, 4a + 1, 4a + 3.
-// Quants and activations are staged in the same order, so every product pairs the same weight
-// and activation as before; only the order the tensor cores add them in differs. It lets two
-// Q4_1 nibbles two bytes apart become a bf16 pair in one operation (mma_q4_1_pair).
+// `mma_body` (one pass; narrow models): each 32-column step stages the block's quants as bf16
+// and its activations' three parts in shared memory; the next step's global loads are issued
+// before this step's products, and the warps take their fragments with ldmatrix. Its staged
+// order: within each group of four, columns 4a, 4a + 1, 4a + 2, 4a + 3 hold weights 4a, 4a + 2,
+// 4a + 1, 4a + 3, so that two Q4_1 nibbles two bytes apart become a bf16 pair in one operation
+// (mma_q4_1_pair).
+//
+// `mma_pipe_body` (pipelined; wide models, compiled under PIPELINED): `split_parts`, or the
+// kernel that wrote the input (`rmsnorm_split`, `attention_combine_split`, the pipelined
+// SwiGLU's epilogue), splits a chunk's activations once into three bf16 planes of (t, cols)
+// and each 32-column block's sum (cols / 32, t), so that the matmul's blocks, many for one
+// token tile, neither split nor sum them again. The matmul then streams raw quants, scales,
+// parts and sums into shared memory with `cp.async`, MMA_STAGES_* steps of MMA_KB quant blocks
+// in flight, one barrier a step; each warp turns its rows' quants into mma fragments in
+// registers, and takes the parts' fragments with ldmatrix. Its staged order: two k16 tiles,
+// tile h holding weights 16 h .. 16 h + 15, where columns 2 c, 2 c + 1, 2 c + 8, 2 c + 9 of a
+// tile hold its weights 4 c, 4 c + 2, 4 c + 1, 4 c + 3 (`staged_position`). It lets lane (g, c)
+// of a warp build all its A fragments of a row from one 4-byte word of the row's quants: Q4_1
+// bytes 4 c .. 4 c + 3 hold weights 4 c .. 4 c + 3 in their low nibbles (tile 0) and 16 + 4 c
+// .. in their high ones (tile 1), and two nibbles two bytes apart become a bf16 pair in one
+// operation (mma_q4_1_pair).
 #define MMA_ROWS 128
 #define MMA_ROWS_GATED 64
 #define MMA_TOKENS 64
 #define MMA_THREADS 256
-// bf16 elements a staged row takes: 32, and 8 of padding so that the 8 rows an ldmatrix reads
-// (80 bytes apart) fall in distinct banks.
+// bf16 elements a staged row of the one-pass matmul (`mma_body`) takes: 32, and 8 of padding
+// so that the 8 rows an ldmatrix reads (80 bytes apart) fall in distinct banks.
 #define MMA_STRIDE 40
+// Quant blocks (32 columns each) a pipeline step stages, and the steps in flight: Q8_0's
+// quants take twice the room, and three of its steps would leave one block an SM.
+#define MMA_KB 2
+#define MMA_STAGES_Q4_1 3
+#define MMA_STAGES_Q8_0 2
 
 // x with its low 16 bits cleared: its top 8 significant bits, exact in bf16.
 __device__ __forceinline__ float bf16_top(float x) {
@@ -881,6 +902,24 @@ __device__ __forceinline__ void mma_bf16_first(float (&c)[4], const u32 (&a)[4],
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(z));
 }
 
+// 4 bytes from global to shared memory, as cp_async16 (zeros where `in` is false).
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool in) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(in ? 4 : 0)
+                 : "memory");
+}
+
+// The column split of a tensor-core matmul block: when the host launches gridDim.z > 1 (never
+// for a gated kernel, whose SwiGLU needs whole sums), block z takes quant blocks begin .. end
+// of the `nb` and adds its partial sums into y atomically (y zeroed first unless accumulating).
+struct MmaSplit {
+    int splits, begin, end;
+};
+__device__ __forceinline__ MmaSplit mma_split(int nb) {
+    const int splits = gridDim.z;
+    return {splits, (int)((long)blockIdx.z * nb / splits), (int)((long)(blockIdx.z + 1) * nb / splits)};
+}
+
 // The global data of one 32-column step a thread stages: 16 quants of one row of one matrix
 // (Q4_1: all 16 bytes of the block, of which it takes one nibble each; Q8_0: half the block's
 // bytes) with the row's scales, and 8 activations of one token.
@@ -929,12 +968,8 @@ __device__ void mma_body(const u8* w, const u8* s, const u8* w2, const u8* s2, c
     const int wm = warp % 4, wn = warp / 4;
     const int row0 = blockIdx.x * BR, tok0 = blockIdx.y * MMA_TOKENS;
     const int nb = cols / 32;
-    // Split over the columns when the host launches gridDim.z > 1 (never for GATED, whose
-    // SwiGLU needs whole sums): block z takes quant blocks b_begin .. b_end and adds its
-    // partial sums into y atomically (y zeroed first unless accumulating).
-    const int splits = gridDim.z;
-    const int b_begin = (int)((long)blockIdx.z * nb / splits);
-    const int b_end = (int)((long)(blockIdx.z + 1) * nb / splits);
+    const MmaSplit split = mma_split(nb);
+    const int splits = split.splits, b_begin = split.begin, b_end = split.end;
     // What this thread stages: quants 16 half .. 16 half + 15 of row lr of matrix ms, and
     // activations 8 qtr .. 8 qtr + 7 of token lt.
     const int ms = (tid / 2) / BR, lr = (tid / 2) % BR, half = tid % 2, lt = tid / 4, qtr = tid % 4;
@@ -1134,6 +1169,382 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS)
     mma_body<FMT_Q8_0, true>(wg, sg, wu, su, x, y, rows, cols, t, 0);
 }
 
+// Where weight w (0..31) of a 32-weight block is staged (see the comment above MMA_ROWS):
+// tile w / 16, column 2 c + lo + 8 hi of it for w % 16 = 4 c + 2 lo + hi.
+__device__ __forceinline__ int staged_position(int w) {
+    const int h = w >> 4, c = (w >> 2) & 3, lo = (w >> 1) & 1, hi = w & 1;
+    return 16 * h + 8 * hi + 2 * c + lo;
+}
+
+// x (t, cols) f32 into the matmul's operands: planes p = 0, 1, 2 of `parts` (each (t, cols)
+// bf16, every 32-column block in the staged order) the three parts of each activation, and
+// sums[b * t + token] the sum of block b's 32 activations (Q4_1's m term). One warp a block of
+// one token.
+// Writes activation v of column `col` of token `tok` (of t, `cols` wide) into `parts`, the three
+// bf16 planes split_parts describes: its three parts, at the column's staged position.
+__device__ __forceinline__ void write_parts(u16* parts, float v, int tok, int col, int t,
+                                            int cols) {
+    const float p1 = bf16_top(v), r = v - p1, p2 = bf16_top(r), p3 = r - p2;
+    const long at = (long)tok * cols + (col & ~31) + staged_position(col & 31);
+    const long plane = (long)t * cols;
+    parts[at] = (u16)(__float_as_uint(p1) >> 16);
+    parts[plane + at] = (u16)(__float_as_uint(p2) >> 16);
+    parts[2 * plane + at] = (u16)(__float_as_uint(p3) >> 16);
+}
+
+// write_parts for the 32 lanes of a warp holding the 32 activations of one column block, lane
+// l column 32 b + l, and the block's sum into sums[b * t + tok]. Every lane must call it.
+__device__ __forceinline__ void write_parts_block(u16* parts, float* sums, float v, int tok,
+                                                  int col, int t, int cols) {
+    write_parts(parts, v, tok, col, t, cols);
+    const float sum = warp_sum(v);
+    if (threadIdx.x % 32 == 0) sums[(long)(col / 32) * t + tok] = sum;
+}
+
+// The pipelined matmul and the kernels that feed it are compiled only for a model wide enough
+// to take them (PIPELINED: `PIPELINE_FROM_EMBD` in mod.rs), since NVRTC's memory at load grows
+// with them.
+#ifdef PIPELINED
+extern "C" __global__ void split_parts(const float* x, u16* parts, float* sums, int t, int cols) {
+    after_predecessor();
+    const int nb = cols / 32, lane = threadIdx.x % 32;
+    const long item = (long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (item >= (long)t * nb) return;
+    const int tok = (int)(item / nb), col = (int)(item % nb) * 32 + lane;
+    write_parts_block(parts, sums, x[(long)tok * cols + col], tok, col, t, cols);
+}
+
+// The shared memory of one pipeline step of the matmul in format FMT, in bytes, region by
+// region (each a multiple of 16): the parts, 3 x MMA_TOKENS tokens of MMA_KB * 32 bf16 (and
+// 16 bytes of padding, so that the 8 tokens an ldmatrix reads fall in distinct banks); the
+// quants of 128 staged rows (padded likewise for the fragment loads); their scales (Q8_0: the
+// aligned 4-byte word that holds the 2-byte scale); the blocks' activation sums.
+template <int FMT>
+struct MmaStage {
+    static constexpr int QB = FMT == FMT_Q4_1 ? 16 : 32;  // a 32-weight block's quant bytes
+    static constexpr int X_ROW = MMA_KB * 64 + 16;
+    static constexpr int Q_ROW = MMA_KB * QB + 16;
+    static constexpr int X = 3 * MMA_TOKENS * X_ROW;
+    static constexpr int Q = 128 * Q_ROW;
+    static constexpr int S = 128 * MMA_KB * 4;
+    static constexpr int XS = MMA_KB * MMA_TOKENS * 4;
+    static constexpr int BYTES = X + Q + S + XS;
+    static constexpr int STAGES = FMT == FMT_Q4_1 ? MMA_STAGES_Q4_1 : MMA_STAGES_Q8_0;
+};
+
+// Q8_0 quants `lo_byte` and `hi_byte` of `word` as a bf16 pair (exact: at most 8 bits each).
+__device__ __forceinline__ u32 s8_pair(u32 word, int lo_byte, int hi_byte) {
+    return bf16_pair((float)(signed char)(word >> (8 * lo_byte)),
+                     (float)(signed char)(word >> (8 * hi_byte)));
+}
+
+template <int FMT, bool GATED>
+__device__ void mma_pipe_body(const u8* w, const u8* s, const u8* w2, const u8* s2,
+                              const u16* xp,
+                         const float* xsum, float* y, int rows, int cols, int t,
+                         int accumulate, u16* y_parts, float* y_sums) {
+    using L = MmaStage<FMT>;
+    // Matrices, 16-row tiles a warp, and rows a block.
+    constexpr int NM = GATED ? 2 : 1, IT = GATED ? 1 : 2, BR = GATED ? MMA_ROWS_GATED : MMA_ROWS;
+    extern __shared__ __align__(16) u8 smem[];
+    {
+        // The host sizes the dynamic shared memory from its own copy of these constants; a
+        // launch with less would write past it.
+        u32 have;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
+        if (have < (u32)(L::STAGES * L::BYTES)) __trap();
+    }
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, tig = lane % 4;
+    const int wm = warp % 4, wn = warp / 4;
+    const int row0 = blockIdx.x * BR, tok0 = blockIdx.y * MMA_TOKENS;
+    const int nb = cols / 32;
+    const MmaSplit split = mma_split(nb);
+    const int splits = split.splits, b_begin = split.begin, b_end = split.end;
+    const int steps = (b_end - b_begin + MMA_KB - 1) / MMA_KB;
+    const long plane = (long)t * cols;
+
+    // Issues the copies of step `st` (quant blocks b_begin + MMA_KB st ..) into stage `stage`;
+    // what lies past the rows, the tokens or the split arrives as zeros. Thread tid copies:
+    // 16-byte piece tid % QP of staged rows tid / QP + (256 / QP) n, n < QP / 2 (QP the pieces
+    // a row: 128 rows of QP pieces are QP / 2 copies a thread);
+    // the scales of row tid / 2, block tid % 2; piece tid % 8 of tokens tid / 8 and + 32 in each
+    // part; and (Q4_1) the sum of block tid / 64 of token tid % 64.
+    static_assert(MMA_KB == 2 && MMA_THREADS == 256 && MMA_TOKENS == 64, "the copies' shape");
+    constexpr int QP = MMA_KB * L::QB / 16;
+    const int q_piece = tid % QP, q_kb = q_piece * 16 / L::QB;
+    const int x_piece = tid % 8, x_tok = tid / 8;
+    auto load = [&](int st, int stage) {
+        u8* const xs = smem + stage * L::BYTES;
+        u8* const qs = xs + L::X;
+        u8* const ss = qs + L::Q;
+        u8* const sm = ss + L::S;
+        const int b0 = b_begin + MMA_KB * st;
+#pragma unroll
+        for (int n = 0; n < QP / 2; n++) {
+            const int r = tid / QP + (256 / QP) * n, lr = r % BR, row = row0 + lr;
+            const int b = b0 + q_kb;
+            const bool in = row < rows && b < b_end;
+            const u8* src = r < BR ? w : w2;
+            if (in) src += ((long)row * nb + b) * L::QB + (q_piece * 16) % L::QB;
+            cp_async16(qs + r * L::Q_ROW + q_piece * 16, src, in);
+        }
+        {
+            const int r = tid / 2, lr = r % BR, row = row0 + lr, b = b0 + tid % 2;
+            const bool in = row < rows && b < b_end;
+            const u8* src = r < BR ? s : s2;
+            if (in) {
+                const long blk = (long)row * nb + b;
+                src += FMT == FMT_Q4_1 ? blk * 4 : (blk / 2) * 4;
+            }
+            cp_async4(ss + tid * 4, src, in);
+        }
+        {
+            const bool b_in = b0 + x_piece / 4 < b_end;
+            const bool x_in0 = tok0 + x_tok < t, x_in1 = tok0 + x_tok + 32 < t;
+            const u16* const src = xp + (long)(tok0 + x_tok) * cols + b0 * 32 + x_piece * 8;
+            u8* const dst = xs + x_tok * L::X_ROW + x_piece * 16;
+#pragma unroll
+            for (int p = 0; p < 3; p++) {
+                const bool in0 = x_in0 && b_in, in1 = x_in1 && b_in;
+                cp_async16(dst + p * MMA_TOKENS * L::X_ROW, in0 ? src + p * plane : xp, in0);
+                cp_async16(dst + (p * MMA_TOKENS + 32) * L::X_ROW,
+                           in1 ? src + p * plane + 32L * cols : xp, in1);
+            }
+        }
+        if (FMT == FMT_Q4_1 && tid < MMA_KB * MMA_TOKENS) {
+            const int kb = tid / MMA_TOKENS, tok = tok0 + tid % MMA_TOKENS, b = b0 + kb;
+            const bool in = tok < t && b < b_end;
+            cp_async4(sm + tid * 4, in ? xsum + (long)b * t + tok : xsum, in);
+        }
+    };
+
+    // The ldmatrix rows of this lane for the parts (two 8-token tiles x 16 columns): token
+    // l % 8 + 8 (l / 16) at column 8 ((l / 8) % 2).
+    const int b_tok = 32 * wn + lane % 8 + 8 * (lane / 16), b_col = 8 * ((lane / 8) % 2);
+    float acc[NM][IT][4][4], part[NM][IT][4][4];
+#pragma unroll
+    for (int m = 0; m < NM; m++)
+#pragma unroll
+        for (int i = 0; i < IT; i++)
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) acc[m][i][j][e] = 0.0f;
+
+#pragma unroll
+    for (int st = 0; st < L::STAGES - 1; st++) {
+        if (st < steps) load(st, st);
+        cp_async_commit();
+    }
+    for (int st = 0; st < steps; st++) {
+        cp_async_wait<L::STAGES - 2>();
+        __syncthreads();  // step st has landed, and every warp is done with the stage it reuses
+        {
+            const int ahead = st + L::STAGES - 1;
+            if (ahead < steps) load(ahead, ahead % L::STAGES);
+            cp_async_commit();
+        }
+        const u8* const xs = smem + (st % L::STAGES) * L::BYTES;
+        const u8* const qs = xs + L::X;
+        const u8* const ss = qs + L::Q;
+        const u8* const sm = ss + L::S;
+#pragma unroll 1
+        for (int kb = 0; kb < MMA_KB; kb++) {
+            // This lane's quant words of the block: row g + 8 hr of tile i of matrix m, bytes
+            // 4 tig .. + 3 (Q8_0: of each 16-byte half, one a k16 tile).
+            constexpr int HALVES = FMT == FMT_Q4_1 ? 1 : 2;
+            u32 words[NM][IT][2][HALVES];
+#pragma unroll
+            for (int m = 0; m < NM; m++)
+#pragma unroll
+                for (int i = 0; i < IT; i++)
+#pragma unroll
+                    for (int hr = 0; hr < 2; hr++) {
+                        const int r = m * BR + 16 * IT * wm + 16 * i + g + 8 * hr;
+                        const u8* q = qs + r * L::Q_ROW + kb * L::QB + 4 * tig;
+#pragma unroll
+                        for (int half = 0; half < HALVES; half++)
+                            words[m][i][hr][half] = *reinterpret_cast<const u32*>(q + 16 * half);
+                    }
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                // A fragments of k16 tile h: register hr + 2 k8 of a[m][i] holds row g + 8 hr,
+                // columns 2 tig + 8 k8 .. + 1.
+                u32 a[NM][IT][4];
+#pragma unroll
+                for (int m = 0; m < NM; m++)
+#pragma unroll
+                    for (int i = 0; i < IT; i++)
+#pragma unroll
+                        for (int hr = 0; hr < 2; hr++) {
+                            if (FMT == FMT_Q4_1) {
+                                const u32 word = words[m][i][hr][0] >> (4 * h);
+                                a[m][i][hr] = mma_q4_1_pair(word);
+                                a[m][i][2 + hr] = mma_q4_1_pair(word >> 8);
+                            } else {
+                                const u32 word = words[m][i][hr][h % HALVES];
+                                a[m][i][hr] = s8_pair(word, 0, 2);
+                                a[m][i][2 + hr] = s8_pair(word, 1, 3);
+                            }
+                        }
+                // The smallest part first, so that it is not lost below the larger ones' sum.
+#pragma unroll
+                for (int p = 2; p >= 0; p--)
+#pragma unroll
+                    for (int jj = 0; jj < 4; jj += 2) {
+                        // bf[0], bf[1]: tile jj's two halves of k; bf[2], bf[3]: tile jj + 1's.
+                        u32 bf[4];
+                        ldmatrix_x4(bf, smem_addr(xs + (p * MMA_TOKENS + b_tok + 8 * jj) * L::X_ROW +
+                                                  (kb * 32 + 16 * h + b_col) * 2));
+#pragma unroll
+                        for (int hj = 0; hj < 2; hj++)
+#pragma unroll
+                            for (int m = 0; m < NM; m++)
+#pragma unroll
+                                for (int i = 0; i < IT; i++) {
+                                    if (p == 2 && h == 0) {
+                                        mma_bf16_first(part[m][i][jj + hj], a[m][i],
+                                                       bf[2 * hj], bf[2 * hj + 1]);
+                                    } else {
+                                        mma_bf16(part[m][i][jj + hj], a[m][i], bf[2 * hj],
+                                                 bf[2 * hj + 1]);
+                                    }
+                                }
+                    }
+            }
+            // Scale the block's sums into the result: element e of tile (i, j) is row
+            // 16 IT wm + 16 i + g (+ 8 for e >= 2), token 32 wn + 8 j + 2 tig + e % 2.
+            float2 xsj[4];
+            if (FMT == FMT_Q4_1) {
+#pragma unroll
+                for (int j = 0; j < 4; j++)
+                    xsj[j] = *reinterpret_cast<const float2*>(
+                        sm + (kb * MMA_TOKENS + 32 * wn + 8 * j + 2 * tig) * 4);
+            }
+#pragma unroll
+            for (int m = 0; m < NM; m++)
+#pragma unroll
+                for (int i = 0; i < IT; i++)
+#pragma unroll
+                    for (int hr = 0; hr < 2; hr++) {
+                        const int lr = 16 * IT * wm + 16 * i + g + 8 * hr;
+                        const u32 word =
+                            *reinterpret_cast<const u32*>(ss + ((m * BR + lr) * MMA_KB + kb) * 4);
+                        float d, mm = 0.0f;
+                        if (FMT == FMT_Q4_1) {
+                            d = f16_to_f32((u16)(word & 0xffff));
+                            mm = f16_to_f32((u16)(word >> 16));
+                        } else {
+                            // The scale's half of its aligned word (zeros past the rows): the
+                            // parity of the block's index row * nb + b.
+                            const int odd = ((row0 + lr) * (nb & 1) + b_begin + MMA_KB * st + kb) & 1;
+                            d = f16_to_f32((u16)(odd ? word >> 16 : word & 0xffff));
+                        }
+#pragma unroll
+                        for (int j = 0; j < 4; j++)
+#pragma unroll
+                            for (int ec = 0; ec < 2; ec++) {
+                                const int e = 2 * hr + ec;
+                                float v = fmaf(d, part[m][i][j][e], acc[m][i][j][e]);
+                                if (FMT == FMT_Q4_1) v = fmaf(mm, ec ? xsj[j].y : xsj[j].x, v);
+                                acc[m][i][j][e] = v;
+                            }
+                    }
+        }
+    }
+    cp_async_wait<0>();
+    if (GATED) {
+        // y, and (y_parts not null) y split for the down projection, as split_parts would
+        // leave it: rows are y's columns, warp w's 16 rows half of column block w / 2. A
+        // block's sum over its 32 rows: each warp sums its 16 over g, then two warps' sums
+        // meet in shared memory, free once every warp is done with the last step.
+        float* const red = reinterpret_cast<float*>(smem);  // [4 warps' rows][MMA_TOKENS]
+        if (y_parts != nullptr) __syncthreads();
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int ec = 0; ec < 2; ec++) {
+                const int tl = 32 * wn + 8 * j + 2 * tig + ec, tok = tok0 + tl;
+                float v[2];
+#pragma unroll
+                for (int hr = 0; hr < 2; hr++) {
+                    const int e = 2 * hr + ec, row = row0 + 16 * wm + g + 8 * hr;
+                    const float gate = acc[0][0][j][e];
+                    v[hr] = gate / (1.0f + expf(-gate)) * acc[NM - 1][0][j][e];
+                    if (row >= rows || tok >= t) continue;
+                    y[(long)tok * rows + row] = v[hr];
+                    if (y_parts != nullptr) write_parts(y_parts, v[hr], tok, row, t, rows);
+                }
+                if (y_parts != nullptr) {
+                    float sum = v[0] + v[1];
+                    sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+                    sum += __shfl_xor_sync(0xffffffffu, sum, 8);
+                    sum += __shfl_xor_sync(0xffffffffu, sum, 16);
+                    if (g == 0) red[wm * MMA_TOKENS + tl] = sum;
+                }
+            }
+        if (y_parts != nullptr) {
+            __syncthreads();
+            if (tid < 2 * MMA_TOKENS) {
+                const int blk = tid / MMA_TOKENS, tl = tid % MMA_TOKENS;
+                const int row = row0 + 32 * blk, tok = tok0 + tl;
+                if (row < rows && tok < t)
+                    y_sums[(long)(row / 32) * t + tok] =
+                        red[2 * blk * MMA_TOKENS + tl] + red[(2 * blk + 1) * MMA_TOKENS + tl];
+            }
+        }
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < IT; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int row = row0 + 16 * IT * wm + 16 * i + g + (e >= 2 ? 8 : 0);
+                const int tok = tok0 + 32 * wn + 8 * j + 2 * tig + e % 2;
+                if (row >= rows || tok >= t) continue;
+                float* out = y + (long)tok * rows + row;
+                if (splits > 1) {
+                    atomicAdd(out, acc[0][i][j][e]);
+                } else {
+                    *out = accumulate ? *out + acc[0][i][j][e] : acc[0][i][j][e];
+                }
+            }
+}
+
+// `xp` and `xsum`: the chunk's activations as split_parts leaves them.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 2)
+    mma_pipe_q4_1(const u8* w, const u8* s, const u16* xp, const float* xsum, float* y, int rows,
+             int cols, int t, int accumulate) {
+    after_predecessor();
+    mma_pipe_body<FMT_Q4_1, false>(w, s, w, s, xp, xsum, y, rows, cols, t, accumulate, nullptr,
+                              nullptr);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 2)
+    mma_pipe_q8_0(const u8* w, const u8* s, const u16* xp, const float* xsum, float* y, int rows,
+             int cols, int t, int accumulate) {
+    after_predecessor();
+    mma_pipe_body<FMT_Q8_0, false>(w, s, w, s, xp, xsum, y, rows, cols, t, accumulate, nullptr,
+                              nullptr);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 2)
+    mma_pipe_swiglu_q4_1(const u8* wg, const u8* sg, const u8* wu, const u8* su, const u16* xp,
+                    const float* xsum, float* y, int rows, int cols, int t, u16* y_parts,
+                    float* y_sums) {
+    after_predecessor();
+    mma_pipe_body<FMT_Q4_1, true>(wg, sg, wu, su, xp, xsum, y, rows, cols, t, 0, y_parts, y_sums);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 2)
+    mma_pipe_swiglu_q8_0(const u8* wg, const u8* sg, const u8* wu, const u8* su, const u16* xp,
+                    const float* xsum, float* y, int rows, int cols, int t, u16* y_parts,
+                    float* y_sums) {
+    after_predecessor();
+    mma_pipe_body<FMT_Q8_0, true>(wg, sg, wu, su, xp, xsum, y, rows, cols, t, 0, y_parts, y_sums);
+}
+#endif  // PIPELINED
+
 // One weight of row `row`, column `col`, of a matrix in format `fmt`.
 __device__ __forceinline__ float weight_at(int fmt, const u8* w, const u8* s, long row, int col,
                                            int cols) {
@@ -1183,10 +1594,14 @@ extern "C" __global__ void embed(int fmt, const u8* w, const u8* s, const u32* t
 }
 
 // out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight, for rows r of width n; one block per row.
-// The sum of squares is taken in f64 and the scale rounded once, as the CPU model does.
-extern "C" __global__ void rmsnorm(const float* x, const float* weight, float* out, int n,
-                                   double eps) {
-    after_predecessor();
+// The sum of squares is taken in f64 and the scale rounded once, as the CPU model does. With
+// SPLIT, out's t rows also go into `parts` and `sums` for the pipelined matmul, as split_parts
+// would leave them (n a multiple of 32, the block's threads too, so a warp holds whole column
+// blocks).
+template <bool SPLIT>
+__device__ __forceinline__ void rmsnorm_rows(const float* x, const float* weight, float* out,
+                                             int n, double eps, u16* parts, float* sums,
+                                             int t) {
     __shared__ double partial[32];
     const float* xr = x + (long)blockIdx.x * n;
     double sum = 0.0;
@@ -1198,8 +1613,26 @@ extern "C" __global__ void rmsnorm(const float* x, const float* weight, float* o
     for (int i = 0; i < (int)(blockDim.x / 32); i++) total += partial[i];
     const float scale = (float)(1.0 / sqrt(total / (double)n + eps));
     float* o = out + (long)blockIdx.x * n;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = xr[i] * scale * weight[i];
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = xr[i] * scale * weight[i];
+        o[i] = v;
+        if (SPLIT) write_parts_block(parts, sums, v, blockIdx.x, i, t, n);
+    }
 }
+
+extern "C" __global__ void rmsnorm(const float* x, const float* weight, float* out, int n,
+                                   double eps) {
+    after_predecessor();
+    rmsnorm_rows<false>(x, weight, out, n, eps, nullptr, nullptr, 0);
+}
+
+#ifdef PIPELINED
+extern "C" __global__ void rmsnorm_split(const float* x, const float* weight, float* out, int n,
+                                         double eps, u16* parts, float* sums, int t) {
+    after_predecessor();
+    rmsnorm_rows<true>(x, weight, out, n, eps, parts, sums, t);
+}
+#endif
 
 // Interleaved RoPE and the cache write, for token blockIdx.x of a chunk starting at position
 // *pos_at (read from device memory, so a captured decode step serves every position).
@@ -1390,10 +1823,14 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
                                 split_len, n_split, scale, ks, vs);
 }
 
-extern "C" __global__ void attention_combine(const float* partial, float* out,
-                                             const int* pos_at, int n_head, int hd,
-                                             int split_len, int n_split) {
-    after_predecessor();
+// Merges the splits' records into each query's attention output; with SPLIT, out's t rows also
+// go into `parts` and `sums` for the pipelined matmul, as split_parts would leave them (hd a
+// multiple of 32, the block's threads too).
+template <bool SPLIT>
+__device__ __forceinline__ void combine_splits(const float* partial, float* out,
+                                               const int* pos_at, int n_head, int hd,
+                                               int split_len, int n_split, u16* parts,
+                                               float* sums, int t) {
     const int pos0 = *pos_at;
     const int h = blockIdx.x, tok = blockIdx.y;
     // Splits past this query's position were never filled for it.
@@ -1413,8 +1850,27 @@ extern "C" __global__ void attention_combine(const float* partial, float* out,
             if (ms != NEG_INF) sum += expf(ms - m) * recs[s * (hd + 2) + 2 + d];
         }
         out[(long)tok * n_head * hd + h * hd + d] = sum / l;
+        if (SPLIT) write_parts_block(parts, sums, sum / l, tok, h * hd + d, t, n_head * hd);
     }
 }
+
+extern "C" __global__ void attention_combine(const float* partial, float* out,
+                                             const int* pos_at, int n_head, int hd,
+                                             int split_len, int n_split) {
+    after_predecessor();
+    combine_splits<false>(partial, out, pos_at, n_head, hd, split_len, n_split, nullptr, nullptr,
+                          0);
+}
+
+#ifdef PIPELINED
+extern "C" __global__ void attention_combine_split(const float* partial, float* out,
+                                                   const int* pos_at, int n_head, int hd,
+                                                   int split_len, int n_split, u16* parts,
+                                                   float* sums, int t) {
+    after_predecessor();
+    combine_splits<true>(partial, out, pos_at, n_head, hd, split_len, n_split, parts, sums, t);
+}
+#endif
 
 // Keys per tile of attention_decode, its threads per block, the most query heads one KV head
 // may serve there, and the blocks of a cluster (one cluster per KV head; 16 is above the

@@ -22,8 +22,8 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DevicePtr,
-    DeviceRepr, DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut,
+    DevicePtr, DeviceRepr, DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 use plugin_api::ModelView;
@@ -55,6 +55,18 @@ const MMA_ROWS: u32 = 128;
 const MMA_ROWS_GATED: u32 = 64;
 const MMA_TOKENS: u32 = 64;
 const MMA_THREADS: u32 = 256;
+/// Quant blocks a pipeline step of the tensor-core matmul stages, and the steps in flight per
+/// format (`MMA_KB`, `MMA_STAGES_Q4_1`, `MMA_STAGES_Q8_0`): with [`mma_shared_bytes`], the
+/// dynamic shared memory a block is launched with (the kernel traps on less).
+const MMA_KB: u32 = 2;
+const MMA_STAGES_Q4_1: u32 = 3;
+const MMA_STAGES_Q8_0: u32 = 2;
+/// The narrowest model (`n_embd`) whose chunks take the pipelined matmuls (`mma_pipe_*`, their
+/// inputs split by the kernels that write them, [`Parts`]); narrower ones keep the one-pass
+/// `mma_*`. Measured on the H100, a prefill of 512 tokens: the pipeline took 6.4% off the
+/// synthetic 1B's (2,048 wide) and 7.6% off the 8B's (4,096), and added 1.2% to SmolLM2's
+/// (576) at 1,680 tokens and 4.5% at 88, where its blocks run a few steps each.
+const PIPELINE_FROM_EMBD: usize = 2048;
 /// Warps per block of the one-token kernels (`VEC_WARPS` in kernels.cu).
 const VEC_WARPS: u32 = 4;
 /// Rows per warp of the one-token Q8_0 kernel (`Q8_ROWS` in kernels.cu); Q4_1 takes one.
@@ -186,8 +198,10 @@ impl DeviceMatrix {
                  weights"
             )));
         }
-        // An empty scale buffer still needs a valid allocation to pass as a pointer.
-        scales.resize(scales.len().max(4), 0);
+        // An empty scale buffer still needs a valid allocation to pass as a pointer, and the
+        // tensor-core matmul reads Q8_0's 2-byte scales as the aligned 4-byte words holding
+        // them, so the last one's word must be allocated too.
+        scales.resize(scales.len().max(4).next_multiple_of(4), 0);
         Ok(Self {
             format,
             rows,
@@ -263,6 +277,13 @@ struct Kernels {
     /// for f32 matrices, the tensor-core `mma_*` and `mma_swiglu_*` for the quantized ones.
     tiled: [CudaFunction; 3],
     tiled_swiglu: [CudaFunction; 3],
+    /// The pipelined tensor-core matmuls per quantized [`Format`], `mma_pipe_*` and
+    /// `mma_pipe_swiglu_*`: the chunk kernels of a model at least [`PIPELINE_FROM_EMBD`] wide,
+    /// which take their input split ahead ([`Parts`]). These and the three kernels that feed
+    /// them (`rmsnorm_split`, `attention_combine_split`, `split_parts`) are compiled for such a
+    /// model only.
+    pipelined: [Option<CudaFunction>; 3],
+    pipelined_swiglu: [Option<CudaFunction>; 3],
     /// `matvec_*` and `swiglu_vec_*` per [`Format`]: the one-token kernels of a decode step,
     /// for the quantized formats (f32 matrices take the warp kernel).
     matvec: [Option<CudaFunction>; 3],
@@ -275,12 +296,18 @@ struct Kernels {
     longest: Option<LongRowKernels>,
     embed: CudaFunction,
     rmsnorm: CudaFunction,
+    /// `rmsnorm` that also splits its output for a pipelined matmul ([`Parts`]).
+    rmsnorm_split: Option<CudaFunction>,
     rope_kv: CudaFunction,
     attention_split: CudaFunction,
     attention_combine: CudaFunction,
+    /// `attention_combine` that also splits its output for a pipelined matmul ([`Parts`]).
+    attention_combine_split: Option<CudaFunction>,
     attention_decode: CudaFunction,
     attention_decode_short: CudaFunction,
     argmax: CudaFunction,
+    /// Splits a chunk's activations into the pipelined matmul's operands ([`Parts`]).
+    split_parts: Option<CudaFunction>,
     /// The device's multiprocessors: a tensor-core matmul whose tiles are fewer splits its
     /// columns ([`column_splits`]).
     sms: u32,
@@ -290,11 +317,16 @@ struct Kernels {
 
 impl Kernels {
     /// Compiles kernels.cu for `ctx`'s device with NVRTC, with the long-row kernels of
-    /// `long_rows` only, and loads it.
-    fn compile(ctx: &Arc<CudaContext>, long_rows: LongRows) -> Result<Self, ModelError> {
+    /// `long_rows` only and the pipelined matmuls only when `pipelined`, and loads it.
+    fn compile(
+        ctx: &Arc<CudaContext>,
+        long_rows: LongRows,
+        pipelined: bool,
+    ) -> Result<Self, ModelError> {
         let (major, minor) = ctx.compute_capability()?;
         let arch = arch_name(major, minor);
-        let module = ctx.load_module(Ptx::from_binary(Self::cubin(arch, long_rows)?))?;
+        let cubin = Self::cubin(arch, long_rows, pipelined)?;
+        let module = ctx.load_module(Ptx::from_binary(cubin))?;
         let f = |name: &str| module.load_function(name);
         let long_row_kernels = |suffix: &str| -> Result<LongRowKernels, ModelError> {
             Ok(LongRowKernels {
@@ -303,6 +335,19 @@ impl Kernels {
                 qkv_vec: f(&format!("qkv_vec_q4_1{suffix}"))?,
             })
         };
+        // The pipelined matmuls take more shared memory than a launch may without asking.
+        let mma = |name: &str, format: Format| -> Result<Option<CudaFunction>, ModelError> {
+            if !pipelined {
+                return Ok(None);
+            }
+            let function = f(name)?;
+            function.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                mma_shared_bytes(format) as i32,
+            )?;
+            Ok(Some(function))
+        };
+        let feeding = |name: &str| pipelined.then(|| f(name)).transpose();
         Ok(Self {
             matmul: [f("matmul_f32")?, f("matmul_q4_1")?, f("matmul_q8_0")?],
             swiglu: [f("swiglu_f32")?, f("swiglu_q4_1")?, f("swiglu_q8_0")?],
@@ -311,6 +356,16 @@ impl Kernels {
                 f("tiled_swiglu_f32")?,
                 f("mma_swiglu_q4_1")?,
                 f("mma_swiglu_q8_0")?,
+            ],
+            pipelined: [
+                None,
+                mma("mma_pipe_q4_1", Format::Q4_1)?,
+                mma("mma_pipe_q8_0", Format::Q8_0)?,
+            ],
+            pipelined_swiglu: [
+                None,
+                mma("mma_pipe_swiglu_q4_1", Format::Q4_1)?,
+                mma("mma_pipe_swiglu_q8_0", Format::Q8_0)?,
             ],
             matvec: [None, Some(f("matvec_q4_1")?), Some(f("matvec_q8_0")?)],
             swiglu_vec: [
@@ -329,9 +384,11 @@ impl Kernels {
                 .transpose()?,
             embed: f("embed")?,
             rmsnorm: f("rmsnorm")?,
+            rmsnorm_split: feeding("rmsnorm_split")?,
             rope_kv: f("rope_kv")?,
             attention_split: f("attention_split")?,
             attention_combine: f("attention_combine")?,
+            attention_combine_split: feeding("attention_combine_split")?,
             attention_decode: {
                 // Its clusters of 16 blocks are above the portable size (8); the H100 and H200
                 // run them once the function allows them.
@@ -344,6 +401,7 @@ impl Kernels {
             },
             attention_decode_short: f("attention_decode_short")?,
             argmax: f("argmax")?,
+            split_parts: feeding("split_parts")?,
             sms: ctx.attribute(
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )? as u32,
@@ -355,7 +413,11 @@ impl Kernels {
     /// cubin, which the driver loads as it is. PTX would be compiled a second time by the
     /// driver at load, which on the H200 took 42 MB more peak memory and 1.5-3 s when no cache
     /// is kept (`probe_load_memory_*` in tests.rs). Needs `libnvrtc`, not a GPU.
-    fn cubin(arch: &'static str, long_rows: LongRows) -> Result<Vec<u8>, ModelError> {
+    fn cubin(
+        arch: &'static str,
+        long_rows: LongRows,
+        pipelined: bool,
+    ) -> Result<Vec<u8>, ModelError> {
         use cudarc::nvrtc::{result, sys};
         let fail =
             |what: String| ModelError::Gpu(format!("NVRTC cannot compile kernels.cu: {what}"));
@@ -367,6 +429,9 @@ impl Kernels {
             "--fmad=false".to_string(),
         ];
         options.extend(long_rows.defines().map(|d| format!("-D{d}")));
+        if pipelined {
+            options.push("-DPIPELINED".to_string());
+        }
         // SAFETY: `prog` is live until it is destroyed below, and the cubin's buffer has the
         // size NVRTC reports for it.
         let built = unsafe {
@@ -445,6 +510,40 @@ impl Kernels {
             }
         }
     }
+
+    /// [`Kernels::pick`], or, given `parts`, the pipelined kernel where there is one (a chunk in
+    /// a quantized format, on a model compiled with it) and its grid, which then takes its input
+    /// split into `parts`: they come back only in that case.
+    fn pick_split<'p>(
+        &self,
+        format: Format,
+        (rows, cols): (usize, usize),
+        t: usize,
+        gated: bool,
+        parts: Option<&'p mut Parts>,
+    ) -> (&CudaFunction, LaunchConfig, bool, Option<&'p mut Parts>) {
+        let table = if gated {
+            &self.pipelined_swiglu
+        } else {
+            &self.pipelined
+        };
+        let pipelined = table[format as usize]
+            .as_ref()
+            .filter(|_| tensor_cores(format, t));
+        match (pipelined, parts) {
+            (Some(kernel), Some(parts)) => {
+                let config = LaunchConfig {
+                    shared_mem_bytes: mma_shared_bytes(format),
+                    ..tiled_config(rows, t, format, gated)
+                };
+                (kernel, config, false, Some(parts))
+            }
+            _ => {
+                let (kernel, config, one_token) = self.pick(format, (rows, cols), t, gated);
+                (kernel, config, one_token, None)
+            }
+        }
+    }
 }
 
 /// `sm_<major><minor>` as NVRTC wants it, `'static`: each name is leaked once per process and
@@ -481,6 +580,12 @@ struct Scratch {
     logits: CudaSlice<f32>,
     /// Attention's per-split records ([`attention`]), grown to the longest sequence seen.
     partial: CudaSlice<f32>,
+    /// The pipelined matmuls' split activations (a model of [`PIPELINE_FROM_EMBD`] and wider
+    /// only): of the norms' and attention's outputs (the inputs of qkv, gate/up and wo) ...
+    parts: Option<Parts>,
+    /// ... and of the SwiGLU's (down's input), apart, as the SwiGLU reads `parts` while it
+    /// writes these.
+    ff_parts: Option<Parts>,
 }
 
 /// The captured one-token step and the buffer generation it was captured against.
@@ -525,6 +630,9 @@ pub struct CudaLlama {
     /// Whether decode steps fuse their RMSNorms into the one-token matvecs ([`Fusion`]): only
     /// when every matrix has a one-token kernel (none was stacked as f32).
     fuse_norms: bool,
+    /// Whether chunks take the pipelined matmuls: a model of [`PIPELINE_FROM_EMBD`] and wider
+    /// (tests load narrow ones so too: [`CudaLlama::load`]).
+    pipelined: bool,
     /// For the fused norms of a decode step: the sums of squares, per block its attention and
     /// FFN norm and then the output norm (`2 n_layer + 1`), and the pending norm's `x ⊙ g`.
     norm_sums: CudaSlice<f64>,
@@ -575,6 +683,13 @@ impl CudaLlama {
     /// Opens CUDA device `ordinal`, compiles the kernels and uploads the model's weights.
     pub fn from_gguf(view: &'static ModelView, ordinal: usize) -> Result<Self, ModelError> {
         let cfg = LlamaConfig::from_view(view)?;
+        Self::load(view, ordinal, cfg.n_embd >= PIPELINE_FROM_EMBD)
+    }
+
+    /// [`CudaLlama::from_gguf`], its chunks through the pipelined matmuls when `pipelined`
+    /// (tests take them at any width).
+    fn load(view: &'static ModelView, ordinal: usize, pipelined: bool) -> Result<Self, ModelError> {
+        let cfg = LlamaConfig::from_view(view)?;
         if cfg.head_dim > ATT_HD_MAX || !cfg.head_dim.is_multiple_of(8) {
             return Err(ModelError::Gpu(format!(
                 "the attention kernel needs a head width that is a multiple of 8 and at most \
@@ -599,7 +714,8 @@ impl CudaLlama {
         unsafe { ctx.disable_event_tracking() };
         // A stream of its own: the legacy default stream cannot be captured into a graph.
         let stream = ctx.new_stream()?;
-        let kernels = Kernels::compile(&ctx, LongRows::of_tensors(view.tensors.iter()))?;
+        let long_rows = LongRows::of_tensors(view.tensors.iter());
+        let kernels = Kernels::compile(&ctx, long_rows, pipelined)?;
 
         let (d, ff) = (cfg.n_embd, cfg.n_ff);
         let (q_dim, kv_dim) = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim);
@@ -669,6 +785,7 @@ impl CudaLlama {
         let rope = RopeTables::new(cfg.rope_dim, cfg.rope_base, cfg.context_len);
         let (cos, sin) = rope.tables();
         Ok(Self {
+            pipelined,
             cos: stream.clone_htod(cos)?,
             sin: stream.clone_htod(sin)?,
             output_norm: vector("output_norm.weight")?,
@@ -744,6 +861,12 @@ impl CudaLlama {
             ff: s.alloc_zeros(t * cfg.n_ff)?,
             logits: s.alloc_zeros(cfg.vocab_size)?,
             partial: s.alloc_zeros(1)?,
+            parts: (self.pipelined)
+                .then(|| Parts::new(s, t, cfg.n_embd.max(cfg.n_head * cfg.head_dim)))
+                .transpose()?,
+            ff_parts: (self.pipelined)
+                .then(|| Parts::new(s, t, cfg.n_ff))
+                .transpose()?,
         });
         self.generation += 1;
         Ok(())
@@ -912,9 +1035,12 @@ impl CudaLlama {
                 qkv_rope(st, k, &b.qkv, &self.xg, &mut s.qkv, &reading(2 * i), &rope)?;
             }
         } else {
-            rmsnorm(st, k, &s.x, &b.attn_norm, &mut s.xn, t, cfg)?;
+            let parts = s.parts.as_mut().filter(|_| tensor_cores(b.qkv.format, t));
+            let (x, mut xn) = (s.x.as_view(), s.xn.as_view_mut());
+            rmsnorm(st, k, &x, &b.attn_norm, &mut xn, parts, t, cfg)?;
             let xn = s.xn.as_view();
-            matmul(st, k, &b.qkv, &xn, &mut s.qkv, t, false, none)?;
+            let parts = s.parts.as_mut();
+            matmul(st, k, &b.qkv, &xn, &mut s.qkv, parts, t, false, none)?;
             rope_kv(st, k, &mut s.qkv, &rope, t)?;
         }
 
@@ -928,6 +1054,7 @@ impl CudaLlama {
                 &self.values[i],
                 &mut s.partial,
                 &mut s.att,
+                s.parts.as_mut().filter(|_| tensor_cores(b.wo.format, t)),
                 &self.pos_at,
                 pos,
                 t,
@@ -938,7 +1065,17 @@ impl CudaLlama {
         if fused {
             let after = writing(2 * i + 1, &b.ffn_norm);
             if wo {
-                matmul(st, k, &b.wo, &s.att.as_view(), &mut s.x, t, true, &after)?;
+                matmul(
+                    st,
+                    k,
+                    &b.wo,
+                    &s.att.as_view(),
+                    &mut s.x,
+                    None,
+                    t,
+                    true,
+                    &after,
+                )?;
             }
             if ffn {
                 swiglu(
@@ -948,6 +1085,8 @@ impl CudaLlama {
                     &b.up,
                     &self.xg,
                     &mut s.ff,
+                    None,
+                    None,
                     t,
                     &reading(2 * i + 1),
                 )?;
@@ -960,12 +1099,62 @@ impl CudaLlama {
             if !down {
                 return Ok(());
             }
-            matmul(st, k, &b.down, &s.ff.as_view(), &mut s.x, t, true, &after)
+            matmul(
+                st,
+                k,
+                &b.down,
+                &s.ff.as_view(),
+                &mut s.x,
+                None,
+                t,
+                true,
+                &after,
+            )
         } else {
-            matmul(st, k, &b.wo, &s.att.as_view(), &mut s.x, t, true, none)?;
-            rmsnorm(st, k, &s.x, &b.ffn_norm, &mut s.xn, t, cfg)?;
-            swiglu(st, k, &b.gate, &b.up, &s.xn, &mut s.ff, t, none)?;
-            matmul(st, k, &b.down, &s.ff.as_view(), &mut s.x, t, true, none)
+            let att = s.att.as_view();
+            matmul(
+                st,
+                k,
+                &b.wo,
+                &att,
+                &mut s.x,
+                s.parts.as_mut(),
+                t,
+                true,
+                none,
+            )?;
+            let parts = s.parts.as_mut().filter(|_| tensor_cores(b.gate.format, t));
+            let (x, mut xn) = (s.x.as_view(), s.xn.as_view_mut());
+            rmsnorm(st, k, &x, &b.ffn_norm, &mut xn, parts, t, cfg)?;
+            let ff_parts = s
+                .ff_parts
+                .as_mut()
+                .filter(|_| tensor_cores(b.down.format, t));
+            let (xn, ff) = (&s.xn, &mut s.ff);
+            swiglu(
+                st,
+                k,
+                &b.gate,
+                &b.up,
+                xn,
+                ff,
+                s.parts.as_mut(),
+                ff_parts,
+                t,
+                none,
+            )?;
+            let ff = s.ff.as_view();
+            matmul(
+                st,
+                k,
+                &b.down,
+                &ff,
+                &mut s.x,
+                s.ff_parts.as_mut(),
+                t,
+                true,
+                none,
+            )
         }
     }
 
@@ -1007,7 +1196,17 @@ impl CudaLlama {
         };
         let xg = self.xg.as_view();
         let (st, k) = (&self.stream, &self.kernels);
-        matmul(st, k, &self.output, &xg, &mut s.logits, 1, false, &fusion)
+        matmul(
+            st,
+            k,
+            &self.output,
+            &xg,
+            &mut s.logits,
+            None,
+            1,
+            false,
+            &fusion,
+        )
     }
 
     /// Launches the output layer over the final-normed row `xn[row]`, into the scratch logits
@@ -1024,6 +1223,7 @@ impl CudaLlama {
             &self.output,
             &xn,
             &mut s.logits,
+            None,
             1,
             false,
             &Fusion::NONE,
@@ -1074,17 +1274,9 @@ impl CudaLlama {
         };
         let x = s.x.slice(first * d..(first + rows) * d);
         let mut xn = s.xn.slice_mut(first * d..(first + rows) * d);
-        let (n, eps) = (d as i32, self.cfg.rms_eps);
-        let mut launch = self.stream.launch_builder(&self.kernels.rmsnorm);
-        launch
-            .arg(&x)
-            .arg(&self.output_norm)
-            .arg(&mut xn)
-            .arg(&n)
-            .arg(&eps);
-        // SAFETY: both views hold `rows` rows of n_embd, the norm weight n_embd floats.
-        unsafe { launch.launch(rows_config(rows as u32)) }?;
-        Ok(())
+        // No split: the output layer reads these rows one token at a time.
+        let (st, k, cfg) = (&self.stream, &self.kernels, &self.cfg);
+        rmsnorm(st, k, &x, &self.output_norm, &mut xn, None, rows, cfg)
     }
 }
 
@@ -1235,6 +1427,151 @@ fn tiled_config(rows: usize, t: usize, format: Format, gated: bool) -> LaunchCon
     }
 }
 
+/// `kernel`, one of those kernels.cu compiles only for a pipelined model (`name`), or an
+/// error saying it was not compiled: a split asked of a model loaded without the pipeline.
+fn compiled<'a>(
+    kernel: &'a Option<CudaFunction>,
+    name: &str,
+) -> Result<&'a CudaFunction, ModelError> {
+    kernel.as_ref().ok_or_else(|| {
+        ModelError::Gpu(format!(
+            "{name} is compiled only for a model whose chunks take the pipelined matmuls"
+        ))
+    })
+}
+
+/// Whether a matmul of `t` tokens in `format` runs on the tensor cores (`mma_*`, or for a
+/// model of [`PIPELINE_FROM_EMBD`] and wider, `mma_pipe_*`, which takes its input as
+/// [`Parts`]).
+fn tensor_cores(format: Format, t: usize) -> bool {
+    t > TILED_ABOVE && format != Format::F32
+}
+
+/// The dynamic shared memory of a pipelined matmul block in `format`: its pipeline steps in
+/// flight, each the parts of `MMA_TOKENS` tokens, the quants and scales of 128 rows and the
+/// blocks' activation sums, as `MmaStage` in kernels.cu lays them out.
+fn mma_shared_bytes(format: Format) -> u32 {
+    let (quant_bytes, stages) = match format {
+        Format::Q8_0 => (32, MMA_STAGES_Q8_0),
+        _ => (16, MMA_STAGES_Q4_1),
+    };
+    let parts = 3 * MMA_TOKENS * (MMA_KB * 64 + 16);
+    let quants = 128 * (MMA_KB * quant_bytes + 16);
+    let scales = 128 * MMA_KB * 4;
+    let sums = MMA_KB * MMA_TOKENS * 4;
+    stages * (parts + quants + scales + sums)
+}
+
+/// A chunk's activations as the tensor-core matmul takes them (`split_parts` in kernels.cu):
+/// three bf16 planes of `(t, cols)` whose sum is each activation exactly, every 32-column block
+/// in the matmul's staged order, and each block's sum, `(cols / 32, t)`. Sized for the widest
+/// input of a model's matrices.
+///
+/// The kernel that writes a matmul's input can split it on the way ([`Parts::fill_from`]:
+/// rmsnorm, attention_combine, the tensor-core SwiGLU), saving split_parts' launch and its read
+/// of the input; the matmul then takes that split if it is of its input ([`Parts::prepare`]).
+struct Parts {
+    planes: CudaSlice<u16>,
+    sums: CudaSlice<f32>,
+    /// What the buffers hold, written by a producer and not yet taken: the device address of
+    /// the f32 input the producer wrote beside them, its rows and its columns.
+    ready: Option<(u64, usize, usize)>,
+}
+
+impl Parts {
+    /// Room for `tokens` rows of up to `cols` activations.
+    fn new(stream: &Arc<CudaStream>, tokens: usize, cols: usize) -> Result<Self, ModelError> {
+        Ok(Self {
+            planes: stream.alloc_zeros(3 * tokens * cols)?,
+            sums: stream.alloc_zeros((tokens * cols / BLOCK).max(1))?,
+            ready: None,
+        })
+    }
+
+    /// Fails unless the buffers hold `t` rows of `cols` (a multiple of 32) split.
+    fn check(&self, t: usize, cols: usize) -> Result<(), ModelError> {
+        let (planes, sums) = (3 * t * cols, t * cols / BLOCK);
+        if !cols.is_multiple_of(BLOCK) || self.planes.len() < planes || self.sums.len() < sums {
+            return Err(ModelError::Gpu(format!(
+                "split parts: a chunk of {t} x {cols} activations needs {planes} parts and {sums} \
+                 block sums (and columns a multiple of {BLOCK}); the buffers hold {} and {}",
+                self.planes.len(),
+                self.sums.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The device addresses (planes, sums) for a kernel that writes the `t` rows of `cols` at
+    /// device address `x` and splits them on the way; the next [`Parts::prepare`] of that input
+    /// takes them instead of splitting again.
+    fn fill_from(
+        &mut self,
+        stream: &CudaStream,
+        x: u64,
+        t: usize,
+        cols: usize,
+    ) -> Result<(u64, u64), ModelError> {
+        self.check(t, cols)?;
+        self.ready = Some((x, t, cols));
+        Ok((
+            address(stream, &self.planes, 0),
+            address(stream, &self.sums, 0),
+        ))
+    }
+
+    /// Makes the buffers hold the `t` rows of `x`, `cols` each, split: a producer's split of
+    /// exactly this input is taken as it is (once), anything else is split here.
+    fn prepare(
+        &mut self,
+        stream: &CudaStream,
+        k: &Kernels,
+        x: &CudaView<'_, f32>,
+        t: usize,
+        cols: usize,
+    ) -> Result<(), ModelError> {
+        // Event tracking is off (one stream), so the guard that comes with the pointer does
+        // nothing.
+        let at = x.device_ptr(stream).0;
+        if self.ready.take() == Some((at, t, cols)) {
+            return Ok(());
+        }
+        self.split(stream, k, x, t, cols)
+    }
+
+    /// Splits the `t` rows of `x`, `cols` each, into these buffers.
+    fn split(
+        &mut self,
+        stream: &CudaStream,
+        k: &Kernels,
+        x: &CudaView<'_, f32>,
+        t: usize,
+        cols: usize,
+    ) -> Result<(), ModelError> {
+        self.check(t, cols)?;
+        let (tt, cc) = (t as i32, cols as i32);
+        // One warp a 32-column block of one token, eight a block.
+        let items = (t * cols / BLOCK) as u32;
+        let config = LaunchConfig {
+            grid_dim: (items.div_ceil(8), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let kernel = compiled(&k.split_parts, "split_parts")?;
+        let mut launch = stream.launch_builder(kernel);
+        launch
+            .arg(x)
+            .arg(&mut self.planes)
+            .arg(&mut self.sums)
+            .arg(&tt)
+            .arg(&cc);
+        // SAFETY: `x` holds t rows of cols floats (cols a multiple of 32, checked at upload for
+        // every matrix), and the planes and sums were checked above to hold what it writes.
+        unsafe { launch.launch(config) }?;
+        Ok(())
+    }
+}
+
 /// Quant blocks (32 columns) each split of a tensor-core matmul takes at least: a split's
 /// fixed cost (its first load, its atomic adds) is worth paying for a few steps, not one.
 const SPLIT_MIN_BLOCKS: usize = 2;
@@ -1303,7 +1640,9 @@ fn decodes_in_cluster(cfg: &LlamaConfig, t: usize) -> bool {
 /// `attention_combine`; one token goes through `attention_decode` instead, a cluster of blocks
 /// per KV head, all their threads busy, merged in the cluster's shared memory (clusters of 16
 /// blocks when `long`, for positions from [`DECODE_LONG_FROM`], else of 8). `partial` must
-/// hold [`partial_len`] floats (`prepare` grows it: a captured step cannot allocate).
+/// hold [`partial_len`] floats (`prepare` grows it: a captured step cannot allocate). A chunk's
+/// `out` is also split into `parts` when given and the head width allows (a multiple of 32,
+/// so that no column block spans two heads).
 #[allow(clippy::too_many_arguments)]
 fn attention(
     stream: &Arc<CudaStream>,
@@ -1314,6 +1653,7 @@ fn attention(
     values: &CudaSlice<f32>,
     partial: &mut CudaSlice<f32>,
     out: &mut CudaSlice<f32>,
+    parts: Option<&mut Parts>,
     pos_at: &CudaSlice<i32>,
     pos: usize,
     t: usize,
@@ -1393,7 +1733,18 @@ fn attention(
     // ATT_HD_MAX and a KV head's lanes at most ATT_THREADS (both checked at load), so the
     // block has whole (query, head) lane groups and at most ATT_THREADS threads.
     unsafe { launch.launch(config) }?;
-    let mut launch = stream.launch_builder(&k.attention_combine);
+    let out_split = match parts {
+        Some(parts) if cfg.head_dim.is_multiple_of(BLOCK) => {
+            let at = address(stream, out, 0);
+            Some(parts.fill_from(stream, at, t, cfg.n_head * cfg.head_dim)?)
+        }
+        _ => None,
+    };
+    let kernel = match out_split {
+        Some(_) => compiled(&k.attention_combine_split, "attention_combine_split")?,
+        None => &k.attention_combine,
+    };
+    let mut launch = stream.launch_builder(kernel);
     launch
         .arg(&*partial)
         .arg(out)
@@ -1402,12 +1753,18 @@ fn attention(
         .arg(&hd)
         .arg(&split)
         .arg(&splits);
+    if let Some((planes, sums)) = &out_split {
+        launch.arg(planes).arg(sums).arg(&tt);
+    }
     let config = LaunchConfig {
         grid_dim: (cfg.n_head as u32, t as u32, 1),
         block_dim: (64, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: `partial` holds the records just written, `out` room for t rows of n_head heads.
+    // SAFETY: `partial` holds the records just written, `out` room for t rows of n_head heads;
+    // the parts (attention_combine_split's) were checked to hold t rows of n_head heads split,
+    // and are given only for a head width that is a multiple of 32, so that the block's 64
+    // threads' warps hold whole column blocks.
     unsafe { launch.launch(config) }?;
     Ok(())
 }
@@ -1418,20 +1775,42 @@ fn att_lanes(head_dim: usize) -> u32 {
     head_dim.div_ceil(ATT_LANE_DIMS).next_power_of_two() as u32
 }
 
-/// `out = rmsnorm(x) * weight` for `t` rows of n_embd.
+/// `out = rmsnorm(x) * weight` for `t` rows of n_embd, also split into `parts` when given (for
+/// a tensor-core matmul that reads `out` next). The one launch of the `rmsnorm` kernel: the
+/// layers' norms and the final one all come here.
+#[allow(clippy::too_many_arguments)] // the launch's own arguments, named
 fn rmsnorm(
     stream: &CudaStream,
     k: &Kernels,
-    x: &CudaSlice<f32>,
+    x: &CudaView<'_, f32>,
     weight: &CudaSlice<f32>,
-    out: &mut CudaSlice<f32>,
+    out: &mut CudaViewMut<'_, f32>,
+    parts: Option<&mut Parts>,
     t: usize,
     cfg: &LlamaConfig,
 ) -> Result<(), ModelError> {
-    let (n, eps) = (cfg.n_embd as i32, cfg.rms_eps);
-    let mut launch = stream.launch_builder(&k.rmsnorm);
+    let (n, eps, tt) = (cfg.n_embd as i32, cfg.rms_eps, t as i32);
+    let split = match parts {
+        Some(parts) => {
+            // Event tracking is off (one stream), so the pointer's guard does nothing.
+            let at = out.device_ptr(stream).0;
+            Some(parts.fill_from(stream, at, t, cfg.n_embd)?)
+        }
+        None => None,
+    };
+    let kernel = match split {
+        Some(_) => compiled(&k.rmsnorm_split, "rmsnorm_split")?,
+        None => &k.rmsnorm,
+    };
+    let mut launch = stream.launch_builder(kernel);
     launch.arg(x).arg(weight).arg(out).arg(&n).arg(&eps);
-    // SAFETY: `x` and `out` hold at least t rows of n_embd (scratch), `weight` n_embd floats.
+    if let Some((planes, sums)) = &split {
+        launch.arg(planes).arg(sums).arg(&tt);
+    }
+    // SAFETY: `x` and `out` hold at least t rows of n_embd (views of the scratch), `weight`
+    // n_embd floats;
+    // the parts (for rmsnorm_split) were checked to hold t rows of n_embd split, n_embd a
+    // multiple of 32 as the blocks' ROW_THREADS are, so every warp holds whole column blocks.
     unsafe { launch.launch(rows_config(t as u32)) }?;
     Ok(())
 }
@@ -1581,6 +1960,8 @@ fn address<T>(stream: &CudaStream, slice: &CudaSlice<T>, i: usize) -> u64 {
 }
 
 /// `y = silu(x · gateᵀ) * (x · upᵀ)` for the `t` token rows of `x`, gate and up in one kernel.
+/// With `parts`, a chunk in a quantized format goes through the pipelined kernel, x split into
+/// `parts` first, which also splits y into `y_parts` when given, for the down projection.
 #[allow(clippy::too_many_arguments)] // the launch's own arguments, named
 fn swiglu(
     stream: &CudaStream,
@@ -1589,35 +1970,52 @@ fn swiglu(
     up: &DeviceMatrix,
     x: &CudaSlice<f32>,
     y: &mut CudaSlice<f32>,
+    parts: Option<&mut Parts>,
+    y_parts: Option<&mut Parts>,
     t: usize,
     fusion: &Fusion,
 ) -> Result<(), ModelError> {
     let (rows, cols, tt) = (gate.rows as i32, gate.cols as i32, t as i32);
-    let (kernel, config, one_token) = k.pick(gate.format, (gate.rows, gate.cols), t, true);
+    let shape = (gate.rows, gate.cols);
+    let (kernel, config, one_token, mut pipelined) =
+        k.pick_split(gate.format, shape, t, true, parts);
+    let mut y_split = (0u64, 0u64);
+    if let Some(parts) = &mut pipelined {
+        parts.prepare(stream, k, &x.as_view(), t, gate.cols)?;
+        if let Some(y_parts) = y_parts {
+            y_split = y_parts.fill_from(stream, address(stream, y, 0), t, gate.rows)?;
+        }
+    }
     let mut launch = stream.launch_builder(kernel);
     launch
         .arg(&gate.quants)
         .arg(&gate.scales)
         .arg(&up.quants)
-        .arg(&up.scales)
-        .arg(x)
-        .arg(y)
-        .arg(&rows)
-        .arg(&cols)
-        .arg(&tt);
+        .arg(&up.scales);
+    match &pipelined {
+        Some(parts) => launch.arg(&parts.planes).arg(&parts.sums),
+        None => launch.arg(x),
+    };
+    launch.arg(y).arg(&rows).arg(&cols).arg(&tt);
+    if pipelined.is_some() {
+        launch.arg(&y_split.0).arg(&y_split.1);
+    }
     if one_token {
         launch.arg(&fusion.norm_in).arg(&fusion.eps);
     } else if !fusion.is_none() {
         return Err(Fusion::unsupported(gate.format, t));
     }
-    // SAFETY: gate and up are (rows, cols) in one format (checked at load), `x` holds t rows of
-    // cols and `y` room for t rows of `rows`; a fusion's addresses are live buffers of the
-    // model (one f64 sum, or n_embd floats).
+    // SAFETY: gate and up are (rows, cols) in one format (checked at load), `x` (or the parts
+    // split from it) holds t rows of cols and `y` room for t rows of `rows`; y's parts (0 for
+    // none) were checked to hold t rows of `rows` split; a fusion's addresses are live buffers
+    // of the model (one f64 sum, or n_embd floats).
     unsafe { launch.launch(config) }?;
     Ok(())
 }
 
-/// `y = x · Wᵀ` (or `y += x · Wᵀ` when `accumulate`) for the `t` token rows `x` views.
+/// `y = x · Wᵀ` (or `y += x · Wᵀ` when `accumulate`) for the `t` token rows `x` views. With
+/// `parts`, a chunk in a quantized format goes through the pipelined kernel, x split into
+/// `parts` first.
 #[allow(clippy::too_many_arguments)] // the launch's own arguments, named
 fn matmul(
     stream: &Arc<CudaStream>,
@@ -1625,13 +2023,16 @@ fn matmul(
     w: &DeviceMatrix,
     x: &CudaView<'_, f32>,
     y: &mut CudaSlice<f32>,
+    parts: Option<&mut Parts>,
     t: usize,
     accumulate: bool,
     fusion: &Fusion,
 ) -> Result<(), ModelError> {
     let (rows, cols, tt, acc) = (w.rows as i32, w.cols as i32, t as i32, accumulate as i32);
-    let (kernel, mut config, one_token) = k.pick(w.format, (w.rows, w.cols), t, false);
-    if t > TILED_ABOVE && w.format != Format::F32 {
+    let shape = (w.rows, w.cols);
+    let (kernel, mut config, one_token, mut pipelined) =
+        k.pick_split(w.format, shape, t, false, parts);
+    if tensor_cores(w.format, t) {
         let (gx, gy, _) = config.grid_dim;
         config.grid_dim.2 = column_splits(gx * gy, w.cols / 32, k.sms);
         if config.grid_dim.2 > 1 && !accumulate {
@@ -1639,16 +2040,16 @@ fn matmul(
             stream.memset_zeros(&mut y.slice_mut(..t * w.rows))?;
         }
     }
+    if let Some(parts) = &mut pipelined {
+        parts.prepare(stream, k, x, t, w.cols)?;
+    }
     let mut launch = stream.launch_builder(kernel);
-    launch
-        .arg(&w.quants)
-        .arg(&w.scales)
-        .arg(x)
-        .arg(y)
-        .arg(&rows)
-        .arg(&cols)
-        .arg(&tt)
-        .arg(&acc);
+    launch.arg(&w.quants).arg(&w.scales);
+    match &pipelined {
+        Some(parts) => launch.arg(&parts.planes).arg(&parts.sums),
+        None => launch.arg(x),
+    };
+    launch.arg(y).arg(&rows).arg(&cols).arg(&tt).arg(&acc);
     if one_token {
         launch
             .arg(&fusion.norm_in)
@@ -1659,10 +2060,11 @@ fn matmul(
     } else if !fusion.is_none() {
         return Err(Fusion::unsupported(w.format, t));
     }
-    // SAFETY: `x` holds t rows of w.cols and `y` t rows of w.rows (the scratch is sized for
-    // every matrix of the model), and w's buffers hold rows x cols weights in its format; a
-    // grid split over the columns (z > 1, tensor-core kernels only) adds into y, zeroed above
-    // unless accumulating; a fusion's addresses are live buffers of the model (one f64 sum, or w.rows floats).
+    // SAFETY: `x` (or the parts split from it) holds t rows of w.cols and `y` t rows of w.rows
+    // (the scratch is sized for every matrix of the model), and w's buffers hold rows x cols
+    // weights in its format; a grid split over the columns (z > 1, tensor-core kernels only)
+    // adds into y, zeroed above unless accumulating; a fusion's addresses are live buffers of
+    // the model (one f64 sum, or w.rows floats).
     unsafe { launch.launch(config) }?;
     Ok(())
 }
@@ -1729,12 +2131,16 @@ impl Transformer for CudaLlama {
         // Its own buffers: `logits` takes `&self`, and scoring asks for a few rows at a time.
         let x = self.stream.clone_htod(&rows_in)?;
         let mut y = self.stream.alloc_zeros::<f32>(rows * self.cfg.vocab_size)?;
+        let mut parts = (self.pipelined)
+            .then(|| Parts::new(&self.stream, rows, d))
+            .transpose()?;
         matmul(
             &self.stream,
             &self.kernels,
             &self.output,
             &x.as_view(),
             &mut y,
+            parts.as_mut(),
             rows,
             false,
             &Fusion::NONE,

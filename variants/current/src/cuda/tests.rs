@@ -69,7 +69,7 @@ fn random_weights(format: Format, rows: usize, cols: usize, seed: u64) -> Weight
 fn gpu() -> (Arc<CudaStream>, Kernels) {
     let ctx = CudaContext::new(0).expect("a CUDA device (these tests need a GPU)");
     unsafe { ctx.disable_event_tracking() };
-    let kernels = Kernels::compile(&ctx, LongRows::ALL).expect("kernels.cu compiles");
+    let kernels = Kernels::compile(&ctx, LongRows::ALL, true).expect("kernels.cu compiles");
     (ctx.default_stream(), kernels)
 }
 
@@ -116,7 +116,8 @@ fn cuda_matmul_of_each_format_matches_the_cpu_for_any_token_count() {
     }
 }
 
-/// The GPU's `x · Wᵀ` (and `y += x · Wᵀ`) for `t` random token rows against the CPU's.
+/// The GPU's `x · Wᵀ` (and `y += x · Wᵀ`) for `t` random token rows against the CPU's, through
+/// the one-pass kernels and through the pipelined ones (given [`Parts`]).
 fn check_matmul(
     stream: &Arc<CudaStream>,
     k: &Kernels,
@@ -128,27 +129,97 @@ fn check_matmul(
     let x = random_activations(t * cols, t as u64);
     let want = cpu_product(cpu, &x, t, cols);
     let xd = stream.clone_htod(&x).unwrap();
-    // Not zeros: a product that does not accumulate must not read what y held.
-    let mut y = stream.clone_htod(&vec![f32::NAN; t * rows]).unwrap();
-    let product = |y: &mut CudaSlice<f32>, accumulate: bool| {
-        let x = xd.as_view();
-        matmul(stream, k, device, &x, y, t, accumulate, &Fusion::NONE).unwrap();
-    };
-    product(&mut y, false);
-    let got = stream.clone_dtoh(&y).unwrap();
-    let diff = rel_diff(&want, &got);
-    assert!(
-        diff < 1e-5,
-        "{format:?} {rows}x{cols} t={t}: relative difference {diff}"
+    for pipelined in [false, true] {
+        // Not zeros: a product that does not accumulate must not read what y held.
+        let mut y = stream.clone_htod(&vec![f32::NAN; t * rows]).unwrap();
+        let mut parts = pipelined.then(|| Parts::new(stream, t, cols).unwrap());
+        let mut product = |y: &mut CudaSlice<f32>, accumulate: bool| {
+            let x = xd.as_view();
+            let none = &Fusion::NONE;
+            matmul(
+                stream,
+                k,
+                device,
+                &x,
+                y,
+                parts.as_mut(),
+                t,
+                accumulate,
+                none,
+            )
+            .unwrap();
+        };
+        let what = format!("{format:?} {rows}x{cols} t={t} pipelined {pipelined}");
+        product(&mut y, false);
+        let got = stream.clone_dtoh(&y).unwrap();
+        let diff = rel_diff(&want, &got);
+        assert!(diff < 1e-5, "{what}: relative difference {diff}");
+        // Accumulating adds the same product again.
+        product(&mut y, true);
+        let twice: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
+        let diff = rel_diff(&twice, &stream.clone_dtoh(&y).unwrap());
+        assert!(diff < 1e-5, "{what} accumulated: {diff}");
+    }
+}
+
+/// That `parts`, as a producer kernel left them beside its output `x` (`t` rows of `cols`),
+/// are what split_parts makes of x: the planes bit for bit, the block sums exactly when the
+/// producer summed in split_parts' order (`exact_sums`), else to f32 rounding; and that the
+/// matmul's `prepare` takes them. A producer that was not to split (`expected` false: no
+/// tensor-core consumer, or no whole column blocks) must leave nothing marked ready, so that
+/// the matmul splits.
+#[allow(clippy::too_many_arguments)]
+fn check_producer_split(
+    stream: &Arc<CudaStream>,
+    k: &Kernels,
+    parts: &mut Parts,
+    x: &CudaSlice<f32>,
+    (t, cols): (usize, usize),
+    expected: bool,
+    exact_sums: bool,
+    what: &str,
+) {
+    assert_eq!(
+        parts.ready.is_some(),
+        expected,
+        "{what}: marked ready {:?}",
+        parts.ready
     );
-    // Accumulating adds the same product again.
-    product(&mut y, true);
-    let twice: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
-    let diff = rel_diff(&twice, &stream.clone_dtoh(&y).unwrap());
-    assert!(
-        diff < 1e-5,
-        "{format:?} {rows}x{cols} t={t} accumulated: {diff}"
-    );
+    if !expected {
+        return;
+    }
+    assert_holds_split(stream, k, parts, x, (t, cols), exact_sums, what);
+    // The matmul takes the split as it is, and only once.
+    parts.prepare(stream, k, &x.as_view(), t, cols).unwrap();
+    assert_eq!(parts.ready, None, "{what}: not taken");
+}
+
+/// That `parts` hold what split_parts makes of `x` (`t` rows of `cols`): the planes bit for
+/// bit, the block sums exactly (`exact_sums`) or to f32 rounding.
+fn assert_holds_split(
+    stream: &Arc<CudaStream>,
+    k: &Kernels,
+    parts: &Parts,
+    x: &CudaSlice<f32>,
+    (t, cols): (usize, usize),
+    exact_sums: bool,
+    what: &str,
+) {
+    let mut fresh = Parts::new(stream, t, cols).unwrap();
+    fresh.split(stream, k, &x.as_view(), t, cols).unwrap();
+    let (n_planes, n_sums) = (3 * t * cols, t * cols / 32);
+    let planes = |p: &Parts| stream.clone_dtoh(&p.planes.slice(..n_planes)).unwrap();
+    let sums = |p: &Parts| stream.clone_dtoh(&p.sums.slice(..n_sums)).unwrap();
+    let (got, want) = (planes(parts), planes(&fresh));
+    let wrong = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+    assert_eq!(wrong, 0, "{what}: {wrong} of {n_planes} parts differ");
+    let (got, want) = (sums(parts), sums(&fresh));
+    if exact_sums {
+        assert_eq!(got, want, "{what}: block sums");
+    } else {
+        let diff = rel_diff(&want, &got);
+        assert!(diff < 1e-6, "{what}: block sums differ by {diff}");
+    }
 }
 
 /// The CPU's `x · Wᵀ` for `t` token rows of `cols`, flattened.
@@ -172,6 +243,7 @@ fn cuda_swiglu_of_each_format_matches_the_cpu_for_any_token_count() {
         .flat_map(|format| {
             [
                 (format, (67, 1088)),
+                (format, (96, 1088)),
                 (format, (35, 2080)),
                 (format, (35, 4160)),
             ]
@@ -195,13 +267,27 @@ fn cuda_swiglu_of_each_format_matches_the_cpu_for_any_token_count() {
                 .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
                 .collect();
             let xd = stream.clone_htod(&x).unwrap();
-            let mut y = stream.alloc_zeros::<f32>(t * rows).unwrap();
-            swiglu(&stream, &k, &gate_d, &up_d, &xd, &mut y, t, &Fusion::NONE).unwrap();
-            let diff = rel_diff(&want, &stream.clone_dtoh(&y).unwrap());
-            assert!(
-                diff < 1e-5,
-                "{format:?} {rows}x{cols} t={t}: relative difference {diff}"
-            );
+            // The one-pass kernels, and the pipelined ones (given parts).
+            for pipelined in [false, true] {
+                let mut y = stream.alloc_zeros::<f32>(t * rows).unwrap();
+                let mut parts = pipelined.then(|| Parts::new(&stream, t, cols).unwrap());
+                // Rows in whole column blocks can be split for a down projection on the way,
+                // by the pipelined kernel only.
+                let mut y_parts = Parts::new(&stream, t, rows).unwrap();
+                let split_y = rows % 32 == 0;
+                let none = &Fusion::NONE;
+                let (parts, y_out) = (parts.as_mut(), split_y.then_some(&mut y_parts));
+                swiglu(
+                    &stream, &k, &gate_d, &up_d, &xd, &mut y, parts, y_out, t, none,
+                )
+                .unwrap();
+                let what = format!("swiglu {format:?} {rows}x{cols} t={t} pipelined {pipelined}");
+                let diff = rel_diff(&want, &stream.clone_dtoh(&y).unwrap());
+                assert!(diff < 1e-5, "{what}: relative difference {diff}");
+                let expected = pipelined && split_y && tensor_cores(format, t);
+                let shape = (t, rows);
+                check_producer_split(&stream, &k, &mut y_parts, &y, shape, expected, false, &what);
+            }
         }
     }
 }
@@ -312,9 +398,12 @@ fn attention_difference(
     let pos_at = stream.clone_htod(&[pos0 as i32]).unwrap();
     // Twice, the output cleared between: a launch must leave nothing behind that the next
     // one depends on. One token goes through both decode kernels (clusters of 8 and of 16), each
-    // correct at any position.
+    // correct at any position; a chunk through attention_combine, then (given parts, as a model
+    // of pipelined matmuls gives them) attention_combine_split.
     let mut worst = 0f32;
+    let mut parts = Parts::new(stream, t, n_head * hd).unwrap();
     for long in [false, true] {
+        let split = long && t > TILED_ABOVE;
         stream.memset_zeros(&mut out).unwrap();
         attention(
             stream,
@@ -325,6 +414,7 @@ fn attention_difference(
             &values_d,
             &mut partial,
             &mut out,
+            split.then_some(&mut parts),
             &pos_at,
             pos0,
             t,
@@ -333,6 +423,10 @@ fn attention_difference(
         )
         .unwrap();
         worst = worst.max(rel_diff(&want, &stream.clone_dtoh(&out).unwrap()));
+        let what = format!("attention {heads:?} of {t} at {pos0}, split {split}");
+        let expected = split && hd % 32 == 0;
+        let shape = (t, n_head * hd);
+        check_producer_split(stream, k, &mut parts, &out, shape, expected, true, &what);
     }
     worst
 }
@@ -397,13 +491,27 @@ fn cuda_attention_matches_the_cpu_in_every_split_and_tile_shape() {
 #[ignore = "needs a CUDA GPU"]
 fn cuda_model_matches_the_cpu_model_in_prefill_decode_and_rewind() {
     let view = tiny::view("llama", 64);
+    // Chunks through the one-pass matmuls (the tiny model is narrower than
+    // PIPELINE_FROM_EMBD), then through the pipelined ones.
+    for pipelined in [false, true] {
+        let mut gpu = CudaLlama::load(view, 0, pipelined).unwrap();
+        model_matches_the_cpu_model(view, &mut gpu);
+    }
+}
+
+/// Prefill, decode, a rewind, hidden states and logits of `gpu` against the CPU model of `view`.
+fn model_matches_the_cpu_model(view: &'static ModelView, gpu: &mut CudaLlama) {
+    let what = format!("pipelined {}", gpu.pipelined);
     let mut cpu = LlamaModel::from_gguf(view).unwrap();
-    let mut gpu = CudaLlama::from_gguf(view, 0).unwrap();
     let prompt = [1u32, 5, 9, 2, 7, 3, 11, 4, 8, 13];
     let (mut a, mut b) = (Vec::new(), Vec::new());
     tensor_to_vec(&Transformer::forward(&mut cpu, &prompt, 0).unwrap(), &mut a).unwrap();
     tensor_to_vec(&gpu.forward(&prompt, 0).unwrap(), &mut b).unwrap();
-    assert!(rel_diff(&a, &b) < 1e-4, "prefill: {}", rel_diff(&a, &b));
+    assert!(
+        rel_diff(&a, &b) < 1e-4,
+        "{what} prefill: {}",
+        rel_diff(&a, &b)
+    );
     for (k, token) in [4u32, 8, 15].into_iter().enumerate() {
         let pos = prompt.len() + k;
         tensor_to_vec(
@@ -412,7 +520,11 @@ fn cuda_model_matches_the_cpu_model_in_prefill_decode_and_rewind() {
         )
         .unwrap();
         tensor_to_vec(&gpu.forward(&[token], pos).unwrap(), &mut b).unwrap();
-        assert!(rel_diff(&a, &b) < 1e-4, "decode {k}: {}", rel_diff(&a, &b));
+        assert!(
+            rel_diff(&a, &b) < 1e-4,
+            "{what} decode {k}: {}",
+            rel_diff(&a, &b)
+        );
     }
     // Rewinding reuses the cache from an earlier position, as scoring after generation does.
     tensor_to_vec(
@@ -421,17 +533,29 @@ fn cuda_model_matches_the_cpu_model_in_prefill_decode_and_rewind() {
     )
     .unwrap();
     tensor_to_vec(&gpu.forward(&prompt[..3], 0).unwrap(), &mut b).unwrap();
-    assert!(rel_diff(&a, &b) < 1e-4, "rewind: {}", rel_diff(&a, &b));
+    assert!(
+        rel_diff(&a, &b) < 1e-4,
+        "{what} rewind: {}",
+        rel_diff(&a, &b)
+    );
     // Hidden states and the logits of several rows, as scoring takes them.
     let ha = cpu.forward_hidden(&prompt, 0).unwrap();
     let hb = gpu.forward_hidden(&prompt, 0).unwrap();
     tensor_to_vec(&ha, &mut a).unwrap();
     tensor_to_vec(&hb, &mut b).unwrap();
-    assert!(rel_diff(&a, &b) < 1e-4, "hidden: {}", rel_diff(&a, &b));
+    assert!(
+        rel_diff(&a, &b) < 1e-4,
+        "{what} hidden: {}",
+        rel_diff(&a, &b)
+    );
     tensor_to_vec(&cpu.logits(&ha).unwrap(), &mut a).unwrap();
     tensor_to_vec(&gpu.logits(&hb).unwrap(), &mut b).unwrap();
     assert_eq!(a.len(), prompt.len() * tiny::VOCAB);
-    assert!(rel_diff(&a, &b) < 1e-4, "logits: {}", rel_diff(&a, &b));
+    assert!(
+        rel_diff(&a, &b) < 1e-4,
+        "{what} logits: {}",
+        rel_diff(&a, &b)
+    );
 }
 
 #[test]
@@ -703,6 +827,55 @@ fn cuda_decode_across_the_long_context_switch_matches_the_cpu() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
+fn cuda_rmsnorm_of_a_chunk_matches_the_cpu_and_splits_it_for_the_tensor_cores() {
+    let (stream, k) = gpu();
+    let d = 576;
+    let cfg = LlamaConfig {
+        n_layer: 1,
+        n_embd: d,
+        n_ff: 32,
+        n_head: 9,
+        n_kv_head: 3,
+        head_dim: 64,
+        rope_dim: 64,
+        rope_base: 10_000.0,
+        rms_eps: 1e-5,
+        context_len: 256,
+        vocab_size: 16,
+    };
+    let g: Vec<f32> = (0..d).map(|i| 0.5 + (i % 7) as f32 / 6.0).collect();
+    let g_d = stream.clone_htod(&g).unwrap();
+    // `rmsnorm`, and for a chunk also `rmsnorm_split` (given parts).
+    for (t, split) in [(3, false), (70, false), (70, true)] {
+        let x = random_activations(t * d, 80 + t as u64);
+        let mut want = vec![0f32; t * d];
+        for (row, out) in x.chunks_exact(d).zip(want.chunks_exact_mut(d)) {
+            model::rms_norm_row(row, &g, cfg.rms_eps, out);
+        }
+        let x_d = stream.clone_htod(&x).unwrap();
+        let mut out = stream.alloc_zeros::<f32>(t * d).unwrap();
+        let mut parts = Parts::new(&stream, t, d).unwrap();
+        let given = split.then_some(&mut parts);
+        let (x_v, mut out_v) = (x_d.as_view(), out.as_view_mut());
+        rmsnorm(&stream, &k, &x_v, &g_d, &mut out_v, given, t, &cfg).unwrap();
+        let what = format!("rmsnorm of {t} rows, split {split}");
+        let diff = rel_diff(&want, &stream.clone_dtoh(&out).unwrap());
+        assert!(diff < 1e-6, "{what}: relative difference {diff}");
+        check_producer_split(&stream, &k, &mut parts, &out, (t, d), split, true, &what);
+        if split {
+            // A split marked ready for `out` is not taken for another input of its shape.
+            let split = Some(&mut parts);
+            let (x_v, mut out_v) = (x_d.as_view(), out.as_view_mut());
+            rmsnorm(&stream, &k, &x_v, &g_d, &mut out_v, split, t, &cfg).unwrap();
+            parts.prepare(&stream, &k, &x_d.as_view(), t, d).unwrap();
+            let what = format!("rmsnorm of {t} rows, then a matmul of its input");
+            assert_holds_split(&stream, &k, &parts, &x_d, (t, d), true, &what);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_fused_rmsnorm_matches_a_norm_then_a_matmul() {
     let (stream, k) = gpu();
     let (d, inner, rows, eps) = (160, 96, 131, 1e-5);
@@ -739,6 +912,7 @@ fn cuda_fused_rmsnorm_matches_a_norm_then_a_matmul() {
             &w1_d,
             &a_d.as_view(),
             &mut x_d,
+            None,
             1,
             true,
             &writing,
@@ -766,7 +940,7 @@ fn cuda_fused_rmsnorm_matches_a_norm_then_a_matmul() {
         let want = cpu_product(&Matrix::new(w2, rows, d), &normed, 1, d);
         let mut y = stream.alloc_zeros::<f32>(rows).unwrap();
         let (st, x) = (&stream, xg.as_view());
-        matmul(st, &k, &w2_d, &x, &mut y, 1, false, &reading).unwrap();
+        matmul(st, &k, &w2_d, &x, &mut y, None, 1, false, &reading).unwrap();
         let diff = rel_diff(&want, &stream.clone_dtoh(&y).unwrap());
         assert!(diff < 1e-5, "{format:?} normed matmul: {diff}");
 
@@ -783,12 +957,15 @@ fn cuda_fused_rmsnorm_matches_a_norm_then_a_matmul() {
             .zip(&uv)
             .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
             .collect();
-        swiglu(&stream, &k, &gate_d, &up_d, &xg, &mut y, 1, &reading).unwrap();
+        swiglu(
+            &stream, &k, &gate_d, &up_d, &xg, &mut y, None, None, 1, &reading,
+        )
+        .unwrap();
         let diff = rel_diff(&want, &stream.clone_dtoh(&y).unwrap());
         assert!(diff < 1e-5, "{format:?} normed SwiGLU: {diff}");
 
         // A kernel without a one-token form refuses a fusion instead of ignoring it.
-        let err = matmul(st, &k, &w2_d, &x, &mut y, 2, false, &reading).unwrap_err();
+        let err = matmul(st, &k, &w2_d, &x, &mut y, None, 2, false, &reading).unwrap_err();
         assert!(
             err.to_string().contains(&format!("{format:?} matrix")),
             "{err}"
@@ -825,6 +1002,23 @@ fn kernels_cu_matmul_splits_its_columns_only_where_tiles_leave_sms_idle() {
     }
 }
 
+/// The tensor-core matmul's pipeline is sized so that two blocks share an SM (its
+/// `__launch_bounds__(MMA_THREADS, 2)`): on sm_90 an SM has 228 KB of shared memory and a block
+/// takes 1 KB more than it asks for. More stages or wider steps than fit would halve the
+/// resident warps without any error.
+#[test]
+fn kernels_cu_matmul_pipeline_leaves_room_for_two_blocks_an_sm() {
+    for format in [Format::Q4_1, Format::Q8_0] {
+        let bytes = mma_shared_bytes(format);
+        assert!(
+            2 * (bytes + 1024) <= 228 * 1024,
+            "{format:?}: {bytes} bytes a block"
+        );
+        // Each stage's regions are whole 16-byte copies (kernels.cu's `MmaStage`).
+        assert_eq!(bytes % 16, 0, "{format:?}");
+    }
+}
+
 #[test]
 fn kernels_cu_defines_match_the_launch_constants() {
     let define = |name: &str| -> usize {
@@ -846,6 +1040,9 @@ fn kernels_cu_defines_match_the_launch_constants() {
         ("MMA_ROWS_GATED", MMA_ROWS_GATED as usize),
         ("MMA_TOKENS", MMA_TOKENS as usize),
         ("MMA_THREADS", MMA_THREADS as usize),
+        ("MMA_KB", MMA_KB as usize),
+        ("MMA_STAGES_Q4_1", MMA_STAGES_Q4_1 as usize),
+        ("MMA_STAGES_Q8_0", MMA_STAGES_Q8_0 as usize),
         ("VEC_WARPS", VEC_WARPS as usize),
         ("Q4_SPLIT", Q4_SPLIT as usize),
         ("Q4_ROWS_LONG", Q4_ROWS_LONG as usize),
@@ -884,7 +1081,7 @@ fn nvrtc_compiles_every_kernel_of_kernels_cu() {
     assert_eq!(arch, "sm_90");
     // A second load on the same generation reuses the name instead of leaking another.
     assert!(std::ptr::eq(arch, arch_name(9, 0)));
-    let cubin = Kernels::cubin(arch, LongRows::ALL).unwrap();
+    let cubin = Kernels::cubin(arch, LongRows::ALL, true).unwrap();
     assert_eq!(
         cubin.get(..4),
         Some(&b"\x7fELF"[..]),
@@ -910,7 +1107,18 @@ fn nvrtc_compiles_every_kernel_of_kernels_cu() {
     for name in &declared {
         assert!(has(&cubin, name), "{name} is missing from the cubin");
     }
-    // A model's own set: the long-row kernels only of the classes asked for, the rest always.
+    // A model's own set: the long-row kernels only of the classes asked for, the pipelined
+    // matmul and its feeders only for a pipelined model (each compile below is without them),
+    // the rest always.
+    let pipelined = [
+        "split_parts",
+        "mma_pipe_q4_1",
+        "mma_pipe_q8_0",
+        "mma_pipe_swiglu_q4_1",
+        "mma_pipe_swiglu_q8_0",
+        "rmsnorm_split",
+        "attention_combine_split",
+    ];
     let long = [
         "matvec_q4_1_long",
         "qkv_vec_q4_1_long",
@@ -936,9 +1144,11 @@ fn nvrtc_compiles_every_kernel_of_kernels_cu() {
             true,
         ),
     ] {
-        let cubin = Kernels::cubin(arch, long_rows).unwrap();
+        let cubin = Kernels::cubin(arch, long_rows, false).unwrap();
         for name in &declared {
-            let want = if long.contains(name) {
+            let want = if pipelined.contains(name) {
+                false
+            } else if long.contains(name) {
                 want_long
             } else if longest.iter().any(|l| l == name) {
                 want_longest
@@ -1088,7 +1298,7 @@ fn cuda_qkv_rope_epilogue_matches_the_matvec_then_rope_kv() {
                 qkv_rope(&stream, &k, &w_d, &xg, &mut qkv, &reading, &rope).unwrap();
             } else {
                 let x = xg.as_view();
-                matmul(&stream, &k, &w_d, &x, &mut qkv, 1, false, &reading).unwrap();
+                matmul(&stream, &k, &w_d, &x, &mut qkv, None, 1, false, &reading).unwrap();
                 rope_kv(&stream, &k, &mut qkv, &rope, 1).unwrap();
             }
             let mut q = stream.clone_dtoh(&qkv).unwrap();
@@ -1169,7 +1379,8 @@ fn bench_matvec_candidates() {
             (us, stream.clone_dtoh(&y).unwrap())
         };
         let (base_us, want) = time(&mut |m, y| {
-            matmul(&stream, &k, m, &x.slice(..), y, 1, false, &Fusion::NONE).unwrap()
+            let none = &Fusion::NONE;
+            matmul(&stream, &k, m, &x.slice(..), y, None, 1, false, none).unwrap()
         });
         let gbs = |us: f64| bytes as f64 / us / 1e3;
         let mut line = format!(
@@ -1437,7 +1648,7 @@ fn probe_load_memory_cubin() {
     let ctx = CudaContext::new(0).unwrap();
     let (major, minor) = ctx.compute_capability().unwrap();
     let arch = arch_name(major, minor);
-    let (cubin, nvrtc) = peak_rise_mb(|| Kernels::cubin(arch, LongRows::ALL).unwrap());
+    let (cubin, nvrtc) = peak_rise_mb(|| Kernels::cubin(arch, LongRows::ALL, true).unwrap());
     let bytes = cubin.len();
     let (module, load) = peak_rise_mb(|| ctx.load_module(Ptx::from_binary(cubin)).unwrap());
     assert!(module.load_function("argmax").is_ok());
