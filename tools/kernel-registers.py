@@ -10,7 +10,9 @@
 #     --only S    only the kernels whose name contains S
 #     -D NAME     a macro the source is compiled with, as the variant passes NVRTC (a source
 #                 may compile some kernels only for models that use them: kernels.cu's
-#                 `-D LONG_ROWS -D LONGEST_ROWS` for its long-row kernels)
+#                 `-D LONG_ROWS -D LONGEST_ROWS` for its long-row kernels, `-D PIPELINED`
+#                 for the wide models' matmul pipeline, and with it `-D WGMMA`, its warpgroup
+#                 MMAs, compiled for sm_90a as the variant does)
 #     --digest    also each kernel's code digest (the first 12 hex digits of the SHA-256 of its
 #                 `.text.KERNEL` section in the cubin): the same digest before and after an edit
 #                 means the same machine code, so a change meant for long rows can show it left
@@ -116,7 +118,9 @@ def compile_source(lib, text, defines):
     prog = ctypes.c_void_p()
     if lib.nvrtcCreateProgram(ctypes.byref(prog), text.encode(), b"kernels.cu", 0, None, None):
         raise CompileError("NVRTC could not create the program")
-    opts = [b"--gpu-architecture=sm_90", b"--fmad=false", b"--ptxas-options=-v"] + defines
+    # The variant passes -D WGMMA only with sm_90a, whose machine code has warpgroup MMAs.
+    arch = b"sm_90a" if b"-DWGMMA" in defines else b"sm_90"
+    opts = [b"--gpu-architecture=" + arch, b"--fmad=false", b"--ptxas-options=-v"] + defines
     status = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     size = ctypes.c_size_t()
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))

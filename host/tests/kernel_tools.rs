@@ -129,3 +129,36 @@ fn nvrtc_kernel_digests_against_a_revision_name_what_changed() {
         "{stdout}"
     );
 }
+
+/// `-D WGMMA` compiles for sm_90a, as the variant does when it passes that macro: warpgroup
+/// MMAs exist only there, so a source with one compiles with the macro and is refused, by
+/// ptxas naming the target, without it.
+#[test]
+#[ignore = "needs libnvrtc (.ci/run fetches it from PyPI into the cache)"]
+fn nvrtc_kernel_registers_compiles_wgmma_for_sm_90a() {
+    let dir = common::scratch("kernel-registers-wgmma");
+    let source = dir.join("wgmma.cu");
+    std::fs::write(
+        &source,
+        "extern \"C\" __global__ void fenced(float* x) {\n\
+         asm volatile(\"wgmma.fence.sync.aligned;\" ::: \"memory\");\n\
+         x[threadIdx.x] *= 2.0f; }\n",
+    )
+    .unwrap();
+    let stdout = common::python_script(
+        "tools/kernel-registers.py",
+        [source.as_os_str(), "-D".as_ref(), "WGMMA".as_ref()],
+    );
+    assert!(
+        stdout.lines().any(|line| line.starts_with("fenced ")),
+        "{stdout}"
+    );
+    let out = std::process::Command::new("python3")
+        .arg(common::root().join("tools/kernel-registers.py"))
+        .arg(&source)
+        .output()
+        .expect("python3 runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("sm_90'"), "{stderr}");
+}
