@@ -15,8 +15,9 @@
 # process outside its domain; seccomp denies ptrace, other processes' memory and scheduling,
 # leaving its process group, and every socket but a unix one, whose connects answer ENOENT (a
 # daemon's socket is no file Landlock guards), as for a worker. It starts in a session of its
-# own, and that process group is killed when it exits, so nothing it started outlives it (into
-# a comparison later in the lease). `host confine` refuses to run it where the kernel has no
+# own, and that process group is killed when it exits or when run.sh is stopped by a signal
+# (TERM, INT, HUP: a `timeout` around it), so nothing it started outlives it (into a comparison
+# later in the lease). `host confine` refuses to run it where the kernel has no
 # Landlock ABI 3.
 #
 # With PROFILER set to a profiler's command line (`PROFILER="/usr/local/cuda/bin/ncu --csv
@@ -58,8 +59,17 @@ scratch="$(mktemp -d)"
     --write "$scratch" --write /proc/self/task "${devices[@]}" -- \
     "${profiler[@]}" "$dir/$name" "$@" ) &
 leader=$!
+# The group is killed however run.sh ends: when the binary exits, and when run.sh itself is
+# stopped (a `timeout` around it, the call's limit), which would otherwise leave the binary
+# running on the GPU into whatever the lease runs next.
+stop() {
+  kill -KILL -- "-$leader" 2> /dev/null
+  rm -rf "$scratch"
+}
+trap 'stop; exit 143' TERM
+trap 'stop; exit 130' INT
+trap 'stop; exit 129' HUP
 wait "$leader"
 rc=$?
-kill -KILL -- "-$leader" 2> /dev/null
-rm -rf "$scratch"
+stop
 exit "$rc"

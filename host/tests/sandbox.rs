@@ -698,11 +698,9 @@ fn the_gpu_screen_refuses_a_patch_outside_variants_current() {
 /// unconfined process's memory view nor a file outside what it may read, cannot leave its
 /// process group, reaches neither a daemon's unix socket nor the network, and what it leaves
 /// running is killed when it exits.
-#[test]
-fn a_screen_binary_runs_confined_and_leaves_nothing_running() {
-    require_landlock();
-    let dir = scratch("gpu-run-confined");
-    let outside = scratch("gpu-run-confined-outside");
+/// A screen's folder as tools/gpu-probe.sh writes it, without binaries: run.sh and host.gz.
+fn screen_folder(name: &str) -> std::path::PathBuf {
+    let dir = scratch(name);
     std::fs::copy(root().join("tools/gpu-run-confined.sh"), dir.join("run.sh")).unwrap();
     let gz = std::process::Command::new("gzip")
         .arg("-c")
@@ -711,6 +709,35 @@ fn a_screen_binary_runs_confined_and_leaves_nothing_running() {
         .status()
         .unwrap();
     assert!(gz.success());
+    dir
+}
+
+/// Whether process `pid` is gone (or a zombie) within 5 s: the kernel may take a moment to
+/// reap a killed group.
+fn gone(pid: u32) -> bool {
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    };
+    for _ in 0..50 {
+        if !alive() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    !alive()
+}
+
+#[test]
+fn a_screen_binary_runs_confined_and_leaves_nothing_running() {
+    require_landlock();
+    let dir = screen_folder("gpu-run-confined");
+    let outside = scratch("gpu-run-confined-outside");
     std::fs::write(outside.join("secret"), "key").unwrap();
     // A daemon's socket and a network service on this machine, which the binary must not reach.
     let _daemon = std::os::unix::net::UnixListener::bind(outside.join("daemon.sock")).unwrap();
@@ -792,23 +819,8 @@ fn a_screen_binary_runs_confined_and_leaves_nothing_running() {
             .lines()
             .find_map(|l| l.strip_prefix("left ")?.trim().parse().ok())
             .expect("the binary names what it left running");
-        // Killed with its group when run.sh returned; allow the kernel a moment to reap it.
-        let alive = || {
-            std::fs::read_to_string(format!("/proc/{left}/stat")).is_ok_and(|s| {
-                !s.rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start()
-                    .starts_with('Z')
-            })
-        };
-        for _ in 0..50 {
-            if !alive() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        assert!(!alive(), "process {left} outlived the screen's binary");
+        // Killed with its group when run.sh returned.
+        assert!(gone(left), "process {left} outlived the screen's binary");
     }
     // A name that is no binary of the folder is refused by name.
     let (out, _, stderr) = output(
@@ -823,6 +835,46 @@ fn a_screen_binary_runs_confined_and_leaves_nothing_running() {
     );
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&outside);
+}
+
+/// run.sh stopped from outside (a `timeout` around it in a device call, as the twenty-eighth
+/// GPU session's profile had) still kills the binary's group: before, the binary and what it
+/// started ran on, on the GPU, into whatever the lease ran next.
+#[test]
+fn a_screen_binary_stopped_from_outside_leaves_nothing_running() {
+    require_landlock();
+    let dir = screen_folder("gpu-run-confined-stopped");
+    let binary = dir.join("b");
+    std::fs::write(
+        &binary,
+        "#!/bin/sh\n\
+         sleep 300 > /dev/null 2>&1 &\n\
+         echo \"left $! $$\"\n\
+         exec sleep 300 > /dev/null 2>&1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    for signal in ["TERM", "INT", "HUP"] {
+        let (out, stdout, stderr) = output(
+            std::process::Command::new("timeout")
+                .args(["-s", signal, "3", "bash"])
+                .arg(dir.join("run.sh"))
+                .arg("b"),
+        );
+        assert_eq!(out.status.code(), Some(124), "{signal}: {stdout}{stderr}");
+        let left: Vec<u32> = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("left "))
+            .expect("the binary names what it left running")
+            .split_whitespace()
+            .map(|pid| pid.parse().unwrap())
+            .collect();
+        assert_eq!(left.len(), 2, "{stdout}");
+        for pid in left {
+            assert!(gone(pid), "{signal}: process {pid} outlived run.sh");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
