@@ -17,8 +17,10 @@
 # daemon's socket is no file Landlock guards), as for a worker. It starts in a session of its
 # own, and that process group is killed when it exits or when run.sh is stopped by a signal
 # (TERM, INT, HUP: a `timeout` around it), so nothing it started outlives it (into a comparison
-# later in the lease). `host confine` refuses to run it where the kernel has no
-# Landlock ABI 3.
+# later in the lease). A SIGKILL of run.sh runs no trap: for that, `host confine` runs the
+# binary as the first process of a PID namespace of its own, which the kernel kills whole when
+# `host confine` (its supervisor) dies, and `host confine` dies with run.sh. `host confine`
+# refuses to run it where the kernel has no Landlock ABI 3 or no PID namespace can be made.
 #
 # With PROFILER set to a profiler's command line (`PROFILER="/usr/local/cuda/bin/ncu --csv
 # --page raw --metrics gpu__time_duration.sum --launch-skip 2000 --launch-count 400"`), the

@@ -718,10 +718,18 @@ fn build_denials() -> Result<Vec<(i64, Vec<SeccompRule>)>, SandboxError> {
 }
 
 /// The seccomp filters of variant code run outside a worker (`host confine --variant-run`: a
-/// GPU screen's test binary): a build's ([`build_filters`]), and no network or other
-/// process's socket ([`no_sockets`]), as for a worker.
+/// GPU screen's test binary): a build's ([`build_filters`]), no network or other process's
+/// socket ([`no_sockets`]), as for a worker, and no parent-death signal but SIGKILL, so that
+/// the binary cannot undo the tie [`run_in_pid_namespace`] gives it to its supervisor.
 pub fn run_filters() -> Result<Vec<BpfProgram>, SandboxError> {
     let mut deny = build_denials()?;
+    deny.push((
+        libc::SYS_prctl,
+        vec![rule(vec![
+            cond(0, SeccompCmpOp::Eq, libc::PR_SET_PDEATHSIG as u64)?,
+            cond(1, SeccompCmpOp::Ne, libc::SIGKILL as u64)?,
+        ])?],
+    ));
     let refused = no_sockets(&mut deny)?;
     Ok(vec![deny_filter(deny, libc::EPERM)?, refused])
 }
@@ -894,20 +902,141 @@ pub fn confine_and_exec(args: &ConfineArgs) -> anyhow::Result<()> {
     if args.variant_build {
         policy.read.extend(toolchain_paths());
     }
-    if args.variant_run {
-        confine(&policy, support, run_filters)?;
-    } else {
-        confine_build(&policy, support)?;
-    }
     let (program, rest) = args
         .command
         .split_first()
         .ok_or_else(|| anyhow::anyhow!("host confine: no program to run"))?;
+    if args.variant_run {
+        return run_in_pid_namespace(&policy, support, program, rest);
+    }
+    confine_build(&policy, support)?;
     let err = std::process::Command::new(program).args(rest).exec();
     Err(anyhow::anyhow!(
         "host confine: cannot run {}: {err}",
         program.to_string_lossy()
     ))
+}
+
+/// Runs `program` confined ([`run_filters`]) as the first process of a PID namespace of its
+/// own, and exits with its status. This process stays outside as its supervisor, so that
+/// nothing the program starts can outlive the script that started `host confine` (a GPU
+/// screen's run.sh), even when that script is killed with SIGKILL and cannot kill the group
+/// itself:
+/// - the supervisor gets SIGKILL when its parent (the script) dies (`PR_SET_PDEATHSIG`);
+/// - the program gets SIGKILL when the supervisor dies, and seccomp keeps it from choosing any
+///   other parent-death signal (a signal from the ancestor namespace reaches a namespace's
+///   first process even where it ignores signals);
+/// - when a namespace's first process dies, the kernel kills every other process in it, and
+///   no process there may leave its namespace (`unshare`, `setns`) or its process group.
+///
+/// The namespace needs CAP_SYS_ADMIN (root, as on the GPU machine) or, failing that, a user
+/// namespace of one's own, which maps only one's own user and group. Where neither can be
+/// made, variant code is not run at all.
+fn run_in_pid_namespace(
+    policy: &Policy,
+    support: Support,
+    program: &std::ffi::OsStr,
+    rest: &[std::ffi::OsString],
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getppid and prctl(PR_SET_PDEATHSIG) act on this process only.
+    let parent = unsafe { libc::getppid() };
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+        anyhow::bail!(
+            "host confine --variant-run: cannot tie itself to its parent: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: as above.
+    if unsafe { libc::getppid() } != parent {
+        anyhow::bail!("host confine --variant-run: the process that started it is gone");
+    }
+    if thread_count() != 1 {
+        anyhow::bail!(
+            "host confine --variant-run: {} threads before the namespace is made; it needs one",
+            thread_count()
+        );
+    }
+    new_pid_namespace().context(
+        "host confine --variant-run: variant code is not run where its processes cannot be \
+         held in a PID namespace of their own",
+    )?;
+    // SAFETY: this process has one thread (checked above), so the child starts with no lock
+    // held by a thread that does not exist in it, and may allocate before it runs the program.
+    match unsafe { libc::fork() } {
+        -1 => anyhow::bail!(
+            "host confine --variant-run: cannot start the program: {}",
+            std::io::Error::last_os_error()
+        ),
+        0 => {
+            // The namespace's first process. A supervisor killed between the fork and the
+            // prctl would leave it untied; only the script's own death (which no confined
+            // process can cause) kills the supervisor, so that window is not the variant's.
+            // SAFETY: prctl on this process.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+            // Confined here, not before the fork: Landlock's rules are opened now, so
+            // /proc/self/task (the CUDA driver names its threads there) is this process's.
+            let err = match confine(policy, support, run_filters) {
+                Ok(()) => {
+                    let e = std::process::Command::new(program).args(rest).exec();
+                    format!("cannot run {}: {e}", program.to_string_lossy())
+                }
+                Err(e) => format!("cannot confine {}: {e}", program.to_string_lossy()),
+            };
+            eprintln!("host confine --variant-run: {err}");
+            // SAFETY: ends this child without running the parent's exit handlers twice.
+            unsafe { libc::_exit(127) }
+        }
+        child => {
+            let mut status = 0;
+            loop {
+                // SAFETY: waits for this process's own child; `status` is a valid int.
+                if unsafe { libc::waitpid(child, &mut status, 0) } == child {
+                    break;
+                }
+                let err = std::io::Error::last_os_error();
+                if err.kind() != std::io::ErrorKind::Interrupted {
+                    anyhow::bail!("host confine --variant-run: cannot wait for the program: {err}");
+                }
+            }
+            let code = if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                128 + libc::WTERMSIG(status)
+            };
+            std::process::exit(code)
+        }
+    }
+}
+
+/// Moves this process's next children into a new PID namespace: directly with CAP_SYS_ADMIN,
+/// else inside a new user namespace that maps only this process's user and group to
+/// themselves (files keep their owners as seen from inside).
+fn new_pid_namespace() -> Result<(), SandboxError> {
+    // SAFETY: unshare with namespace flags only changes this process's namespaces.
+    if unsafe { libc::unshare(libc::CLONE_NEWPID) } == 0 {
+        return Ok(());
+    }
+    let direct = std::io::Error::last_os_error();
+    // SAFETY: as above; getuid and getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    if unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWPID) } != 0 {
+        return Err(SandboxError::Setup(format!(
+            "cannot make a PID namespace ({direct}) nor one inside a user namespace ({})",
+            std::io::Error::last_os_error()
+        )));
+    }
+    for (file, text) in [
+        ("setgroups", "deny".to_string()),
+        ("uid_map", format!("{uid} {uid} 1")),
+        ("gid_map", format!("{gid} {gid} 1")),
+    ] {
+        std::fs::write(format!("/proc/self/{file}"), &text).map_err(|e| {
+            SandboxError::Setup(format!("cannot write /proc/self/{file} ({text}): {e}"))
+        })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
