@@ -20,7 +20,9 @@
 # later in the lease). A SIGKILL of run.sh runs no trap: for that, `host confine` runs the
 # binary as the first process of a PID namespace of its own, which the kernel kills whole when
 # `host confine` (its supervisor) dies, and `host confine` dies with run.sh. `host confine`
-# refuses to run it where the kernel has no Landlock ABI 3 or no PID namespace can be made.
+# refuses to run it where the kernel has no Landlock ABI 3 or no PID namespace can be made;
+# SCREEN_SHARED_PID_NAMESPACE=1 (the operator's choice, for such a machine) runs it in run.sh's
+# namespace, held by the group alone.
 #
 # With PROFILER set to a profiler's command line (`PROFILER="/usr/local/cuda/bin/ncu --csv
 # --page raw --metrics gpu__time_duration.sum --launch-skip 2000 --launch-count 400"`), the
@@ -39,6 +41,12 @@ esac
 [ -x "$dir/$name" ] || { echo "run.sh: no test binary $dir/$name" >&2; exit 2; }
 profiler=()
 [ -z "${PROFILER:-}" ] || read -r -a profiler <<< "$PROFILER"
+namespace=()
+case "${SCREEN_SHARED_PID_NAMESPACE:-}" in
+  "") ;;
+  1) namespace=(--shared-pid-namespace) ;;
+  *) echo "run.sh: SCREEN_SHARED_PID_NAMESPACE is 1 or unset, not '$SCREEN_SHARED_PID_NAMESPACE'" >&2; exit 2 ;;
+esac
 
 # The host, unpacked once into this folder (readable to the binaries, writable to none).
 host="$dir/.host"
@@ -57,7 +65,7 @@ done
 scratch="$(mktemp -d)"
 # In a subshell, so that setsid makes this very process a session (and group) leader without
 # forking: $! is then the group to kill.
-( exec setsid env TMPDIR="$scratch" "$host" confine --variant-run --read "$dir" \
+( exec setsid env TMPDIR="$scratch" "$host" confine --variant-run "${namespace[@]}" --read "$dir" \
     --write "$scratch" --write /proc/self/task "${devices[@]}" -- \
     "${profiler[@]}" "$dir/$name" "$@" ) &
 leader=$!

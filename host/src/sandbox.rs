@@ -872,6 +872,12 @@ pub struct ConfineArgs {
     /// read no toolchain, and reach no socket ([`run_filters`]).
     #[arg(long, conflicts_with = "variant_build")]
     pub variant_run: bool,
+    /// With --variant-run, run the program in this PID namespace, not a new one of its own:
+    /// for a machine where none can be made, by the operator's choice (run.sh's
+    /// SCREEN_SHARED_PID_NAMESPACE=1), never the program's. A SIGKILL of the script that
+    /// started it then leaves whatever the program started running.
+    #[arg(long, requires = "variant_run")]
+    pub shared_pid_namespace: bool,
     /// The program and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<std::ffi::OsString>,
@@ -906,10 +912,14 @@ pub fn confine_and_exec(args: &ConfineArgs) -> anyhow::Result<()> {
         .command
         .split_first()
         .ok_or_else(|| anyhow::anyhow!("host confine: no program to run"))?;
-    if args.variant_run {
+    if args.variant_run && !args.shared_pid_namespace {
         return run_in_pid_namespace(&policy, support, program, rest);
     }
-    confine_build(&policy, support)?;
+    if args.variant_run {
+        confine(&policy, support, run_filters)?;
+    } else {
+        confine_build(&policy, support)?;
+    }
     let err = std::process::Command::new(program).args(rest).exec();
     Err(anyhow::anyhow!(
         "host confine: cannot run {}: {err}",
@@ -960,7 +970,8 @@ fn run_in_pid_namespace(
     }
     new_pid_namespace().context(
         "host confine --variant-run: variant code is not run where its processes cannot be \
-         held in a PID namespace of their own",
+         held in a PID namespace of their own (SCREEN_SHARED_PID_NAMESPACE=1 for run.sh runs \
+         it without one: then a SIGKILL of run.sh leaves what it started running)",
     )?;
     // SAFETY: this process has one thread (checked above), so the child starts with no lock
     // held by a thread that does not exist in it, and may allocate before it runs the program.

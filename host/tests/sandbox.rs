@@ -903,6 +903,49 @@ fn a_screen_binary_stopped_from_outside_leaves_nothing_running() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The screen's binary is the first process of a PID namespace of its own unless run.sh's
+/// operator asks for the shared one (SCREEN_SHARED_PID_NAMESPACE=1, for a machine where none
+/// can be made); any other value is refused by name.
+#[test]
+fn a_screen_binary_shares_run_sh_pid_namespace_only_when_asked() {
+    require_landlock();
+    let dir = screen_folder("gpu-run-confined-namespace");
+    std::fs::write(dir.join("b"), "#!/bin/sh\necho \"pid $$\"\n").unwrap();
+    std::fs::set_permissions(
+        dir.join("b"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    for (shared, first) in [(None, true), (Some("1"), false)] {
+        let mut run = std::process::Command::new("bash");
+        run.arg(dir.join("run.sh")).arg("b");
+        if let Some(value) = shared {
+            run.env("SCREEN_SHARED_PID_NAMESPACE", value);
+        } else {
+            run.env_remove("SCREEN_SHARED_PID_NAMESPACE");
+        }
+        let (out, stdout, stderr) = output(&mut run);
+        assert!(out.status.success(), "{shared:?}: {stdout}{stderr}");
+        let pid: u32 = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("pid ")?.trim().parse().ok())
+            .expect("the binary prints its pid");
+        assert_eq!(pid == 1, first, "{shared:?}: the binary's pid {pid}");
+    }
+    let (out, _, stderr) = output(
+        std::process::Command::new("bash")
+            .arg(dir.join("run.sh"))
+            .arg("b")
+            .env("SCREEN_SHARED_PID_NAMESPACE", "yes"),
+    );
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("SCREEN_SHARED_PID_NAMESPACE is 1 or unset, not 'yes'"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// run.sh killed with SIGKILL (a device call's limit may end it so) runs no trap, so the
 /// group it would kill is left to the construction of `host confine --variant-run`: the
 /// binary is the first process of a PID namespace of its own, tied to the supervisor, which
