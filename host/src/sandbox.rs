@@ -883,9 +883,11 @@ pub struct ConfineArgs {
     pub command: Vec<std::ffi::OsString>,
 }
 
-/// Confines this process as a build ([`confine_build`]; with `--variant-run`, [`run_filters`])
-/// with the system's part of a policy ([`Policy::system`]) and `args`' paths, and replaces it
-/// with the program.
+/// Confines this process as a build ([`confine_build`]) with the system's part of a policy
+/// ([`Policy::system`]) and `args`' paths, and replaces it with the program. With
+/// `--variant-run` the program runs confined by [`run_filters`] as the first process of a PID
+/// namespace of its own, under this process as its supervisor ([`run_in_pid_namespace`]), or
+/// with `--shared-pid-namespace` confined so in this process's place.
 pub fn confine_and_exec(args: &ConfineArgs) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let mut policy = Policy::system();
