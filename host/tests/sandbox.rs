@@ -712,6 +712,13 @@ fn screen_folder(name: &str) -> std::path::PathBuf {
     dir
 }
 
+/// Writes `text` to `path` as an executable script: a stand-in for a screen's binary (or its
+/// profiler).
+fn script(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
 /// The live processes (not zombies) that have `marker` among their arguments. A screen's
 /// binary runs in a PID namespace of its own, so the process ids it could print are not this
 /// test's: the stand-in binaries tag what they start with a marker instead (`sleep 301.1234`).
@@ -764,7 +771,7 @@ fn a_screen_binary_runs_confined_and_leaves_nothing_running() {
     let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = service.local_addr().unwrap().port();
     let binary = dir.join("b");
-    std::fs::write(
+    script(
         &binary,
         "#!/bin/sh\n\
          echo \"args $*\"\n\
@@ -783,24 +790,16 @@ fn a_screen_binary_runs_confined_and_leaves_nothing_running() {
          sleep \"$MARK\" > /dev/null 2>&1 &\n\
          kill -0 $! && echo 'left running'\n\
          exit 3\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    );
     // Plainly, then under a stand-in profiler (PROFILER), which must run inside the same
     // confinement: it tries to write outside, then runs the binary, which is denied the same.
     let stand_in = dir.join("profiler");
-    std::fs::write(
+    script(
         &stand_in,
         "#!/bin/sh\n\
          echo x > \"$OUTSIDE/profiler-escaped\" 2> /dev/null && echo 'profiler WROTE'\n\
          PROFILED=yes exec \"$@\"\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        &stand_in,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    );
     for (n, profiler) in [None, Some(stand_in.to_str().unwrap())]
         .into_iter()
         .enumerate()
@@ -871,15 +870,13 @@ fn a_screen_binary_stopped_from_outside_leaves_nothing_running() {
     require_landlock();
     let dir = screen_folder("gpu-run-confined-stopped");
     let binary = dir.join("b");
-    std::fs::write(
+    script(
         &binary,
         "#!/bin/sh\n\
          sleep \"$MARK\" > /dev/null 2>&1 &\n\
          kill -0 $! && echo 'left running'\n\
          exec sleep \"$MARK\" > /dev/null 2>&1\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    );
     for (n, signal) in ["TERM", "INT", "HUP"].into_iter().enumerate() {
         let mark = marker(10 + n as u32);
         let (out, stdout, stderr) = output(
@@ -910,12 +907,7 @@ fn a_screen_binary_stopped_from_outside_leaves_nothing_running() {
 fn a_screen_binary_shares_run_sh_pid_namespace_only_when_asked() {
     require_landlock();
     let dir = screen_folder("gpu-run-confined-namespace");
-    std::fs::write(dir.join("b"), "#!/bin/sh\necho \"pid $$\"\n").unwrap();
-    std::fs::set_permissions(
-        dir.join("b"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    script(&dir.join("b"), "#!/bin/sh\necho \"pid $$\"\n");
     for (shared, first) in [(None, true), (Some("1"), false)] {
         let mut run = std::process::Command::new("bash");
         run.arg(dir.join("run.sh")).arg("b");
@@ -954,18 +946,12 @@ fn a_screen_binary_shares_run_sh_pid_namespace_only_when_asked() {
 fn a_screen_binary_outlives_no_sigkill_of_its_run_sh() {
     require_landlock();
     let dir = screen_folder("gpu-run-confined-killed");
-    std::fs::write(
-        dir.join("b"),
+    script(
+        &dir.join("b"),
         "#!/bin/sh\n\
          sleep \"$MARK\" > /dev/null 2>&1 &\n\
          exec sleep \"$MARK\" > /dev/null 2>&1\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        dir.join("b"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    );
     let mark = marker(20);
     let mut run = std::process::Command::new("bash")
         .arg(dir.join("run.sh"))
