@@ -18,9 +18,10 @@
 # own, and that process group is killed when it exits or when run.sh is stopped by a signal
 # (TERM, INT, HUP: a `timeout` around it), so nothing it started outlives it (into a comparison
 # later in the lease). A SIGKILL of run.sh runs no trap: for that, `host confine` runs the
-# binary as the first process of a PID namespace of its own, which the kernel kills whole when
-# `host confine` (its supervisor) dies, and `host confine` dies with run.sh. `host confine`
-# refuses to run it where the kernel has no Landlock ABI 3 or no PID namespace can be made;
+# binary as the first process of a PID namespace of its own (with its own /proc, as in a
+# container), which the kernel kills whole when `host confine` (its supervisor) dies, and
+# `host confine` dies with run.sh. `host confine` refuses to run it where the kernel has no
+# Landlock ABI 3 or no PID namespace can be made;
 # SCREEN_SHARED_PID_NAMESPACE=1 (the operator's choice, for such a machine) runs it in run.sh's
 # namespace, held by the group alone.
 #

@@ -988,14 +988,19 @@ fn run_in_pid_namespace(
             // process can cause) kills the supervisor, so that window is not the variant's.
             // SAFETY: prctl on this process.
             unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
-            // Confined here, not before the fork: Landlock's rules are opened now, so
-            // /proc/self/task (the CUDA driver names its threads there) is this process's.
-            let err = match confine(policy, support, run_filters) {
+            // Confined here, not before the fork, and after /proc is this namespace's own:
+            // Landlock's rules are opened now, so /proc/self/task (the CUDA driver names its
+            // threads there, by their ids in this namespace) is this process's.
+            let err = match own_proc().and_then(|()| confine(policy, support, run_filters)) {
                 Ok(()) => {
                     let e = std::process::Command::new(program).args(rest).exec();
                     format!("cannot run {}: {e}", program.to_string_lossy())
                 }
-                Err(e) => format!("cannot confine {}: {e}", program.to_string_lossy()),
+                Err(e) => format!(
+                    "cannot confine {}: {e} (SCREEN_SHARED_PID_NAMESPACE=1 for run.sh runs it \
+                     in run.sh's namespace)",
+                    program.to_string_lossy()
+                ),
             };
             eprintln!("host confine --variant-run: {err}");
             // SAFETY: ends this child without running the parent's exit handlers twice.
@@ -1021,6 +1026,48 @@ fn run_in_pid_namespace(
             std::process::exit(code)
         }
     }
+}
+
+/// Mounts a /proc of this process's PID namespace over the one it sees, in a mount namespace
+/// of its own (changes there reach no other process). Without it, /proc is the parent
+/// namespace's: a thread's id in this namespace (`gettid`, which the C library uses to name a
+/// thread under /proc/self/task) names no entry there, or another process's. Confinement
+/// afterwards denies `mount` and `umount2`, so the old /proc cannot be uncovered.
+fn own_proc() -> Result<(), SandboxError> {
+    let setup = |what: &str| {
+        SandboxError::Setup(format!(
+            "cannot {what}: {}",
+            std::io::Error::last_os_error()
+        ))
+    };
+    // SAFETY: unshare with a namespace flag changes only this process's namespaces.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        return Err(setup("make a mount namespace"));
+    }
+    // SAFETY: mount with valid NUL-terminated strings (or null where the call takes none).
+    unsafe {
+        if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(setup("make the mounts private to this namespace"));
+        }
+        if libc::mount(
+            c"proc".as_ptr(),
+            c"/proc".as_ptr(),
+            c"proc".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(setup("mount this PID namespace's /proc"));
+        }
+    }
+    Ok(())
 }
 
 /// Moves this process's next children into a new PID namespace: directly with CAP_SYS_ADMIN,

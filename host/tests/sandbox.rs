@@ -800,7 +800,10 @@ fn a_screen_binary_runs_confined_and_leaves_nothing_running() {
          echo x > \"$OUTSIDE/profiler-escaped\" 2> /dev/null && echo 'profiler WROTE'\n\
          PROFILED=yes exec \"$@\"\n",
     );
-    for (n, profiler) in [None, Some(stand_in.to_str().unwrap())]
+    // And in run.sh's own PID namespace (SCREEN_SHARED_PID_NAMESPACE=1), where the victim's
+    // /proc entry is there to be denied, not absent.
+    let profiled_run = Some(stand_in.to_str().unwrap());
+    for (n, (profiler, shared)) in [(None, false), (profiled_run, false), (None, true)]
         .into_iter()
         .enumerate()
     {
@@ -814,6 +817,9 @@ fn a_screen_binary_runs_confined_and_leaves_nothing_running() {
             .env("PORT", port.to_string());
         if let Some(profiler) = profiler {
             run.env("PROFILER", profiler);
+        }
+        if shared {
+            run.env("SCREEN_SHARED_PID_NAMESPACE", "1");
         }
         let (out, stdout, stderr) = output(&mut run);
         let profiled = if profiler.is_some() { "yes" } else { "no" };
@@ -907,10 +913,21 @@ fn a_screen_binary_stopped_from_outside_leaves_nothing_running() {
 fn a_screen_binary_shares_run_sh_pid_namespace_only_when_asked() {
     require_landlock();
     let dir = screen_folder("gpu-run-confined-namespace");
-    script(&dir.join("b"), "#!/bin/sh\necho \"pid $$\"\n");
+    // What the CUDA driver does: name a thread under /proc/self/task by its id as the process
+    // sees it (so /proc must be the namespace's own).
+    script(
+        &dir.join("b"),
+        "#!/bin/sh\n\
+         echo \"pid $$\"\n\
+         echo named > /proc/self/task/$$/comm && echo 'named itself'\n\
+         [ -e /proc/$VICTIM ] && echo 'sees the test'\n\
+         true\n",
+    );
     for (shared, first) in [(None, true), (Some("1"), false)] {
         let mut run = std::process::Command::new("bash");
-        run.arg(dir.join("run.sh")).arg("b");
+        run.arg(dir.join("run.sh"))
+            .arg("b")
+            .env("VICTIM", std::process::id().to_string());
         if let Some(value) = shared {
             run.env("SCREEN_SHARED_PID_NAMESPACE", value);
         } else {
@@ -923,6 +940,16 @@ fn a_screen_binary_shares_run_sh_pid_namespace_only_when_asked() {
             .find_map(|l| l.strip_prefix("pid ")?.trim().parse().ok())
             .expect("the binary prints its pid");
         assert_eq!(pid == 1, first, "{shared:?}: the binary's pid {pid}");
+        assert!(
+            stdout.contains("named itself"),
+            "{shared:?}: {stdout}{stderr}"
+        );
+        // In a namespace of its own it sees no process outside it, the test included.
+        assert_eq!(
+            stdout.contains("sees the test"),
+            !first,
+            "{shared:?}: {stdout}"
+        );
     }
     let (out, _, stderr) = output(
         std::process::Command::new("bash")
