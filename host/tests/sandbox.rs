@@ -537,17 +537,6 @@ fn a_variant_burns_no_cpu_while_the_other_side_is_measured() {
 /// escape; CI failed once on exactly that overlap.
 static BUILD_ESCAPE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// The processes whose command line is `sleep 617` (what the build-escape fixture leaves).
-fn lingering() -> Vec<String> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.trim() == "sleep 617")
-        .collect()
-}
-
 #[test]
 fn a_build_script_writes_only_its_own_build_output() {
     require_landlock();
@@ -594,15 +583,12 @@ fn escaped_nothing(stderr: &str, attempts: usize) {
         );
     }
     // The group is killed with SIGKILL after cargo exits, and a signalled process takes a
-    // moment to die on a loaded machine: give it 5 s (a process that escaped lives 617 s).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !lingering().is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert_eq!(
-        lingering(),
-        Vec::<String>::new(),
-        "a build script's process outlived it"
+    // moment to die on a loaded machine: `all_gone` gives it 5 s (a process that escaped lives
+    // 617 s: `sleep 617`).
+    assert!(
+        all_gone("617"),
+        "a build script's process outlived it: {:?}",
+        tagged("617")
     );
 }
 
@@ -719,9 +705,10 @@ fn script(path: &Path, text: &str) {
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 }
 
-/// The live processes (not zombies) that have `marker` among their arguments. A screen's
+/// The live processes (not zombies) that have `marker` among their arguments: what a build
+/// script or a screen's binary left running (`sleep 617`, `sleep 301.1234`). A screen's
 /// binary runs in a PID namespace of its own, so the process ids it could print are not this
-/// test's: the stand-in binaries tag what they start with a marker instead (`sleep 301.1234`).
+/// test's: the stand-ins tag what they start with a marker instead.
 fn tagged(marker: &str) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
