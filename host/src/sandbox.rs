@@ -914,13 +914,12 @@ pub fn confine_and_exec(args: &ConfineArgs) -> anyhow::Result<()> {
         .command
         .split_first()
         .ok_or_else(|| anyhow::anyhow!("host confine: no program to run"))?;
-    if args.variant_run && !args.shared_pid_namespace {
-        return run_in_pid_namespace(&policy, support, program, rest);
-    }
-    if args.variant_run {
+    if !args.variant_run {
+        confine_build(&policy, support)?;
+    } else if args.shared_pid_namespace {
         confine(&policy, support, run_filters)?;
     } else {
-        confine_build(&policy, support)?;
+        return run_in_pid_namespace(&policy, support, program, rest);
     }
     let err = std::process::Command::new(program).args(rest).exec();
     Err(anyhow::anyhow!(
@@ -964,10 +963,11 @@ fn run_in_pid_namespace(
     if unsafe { libc::getppid() } != parent {
         anyhow::bail!("host confine --variant-run: the process that started it is gone");
     }
-    if thread_count() != 1 {
+    let threads = thread_count();
+    if threads != 1 {
         anyhow::bail!(
-            "host confine --variant-run: {} threads before the namespace is made; it needs one",
-            thread_count()
+            "host confine --variant-run: {threads} threads before the namespace is made; it \
+             needs one"
         );
     }
     new_pid_namespace().context(
