@@ -234,9 +234,38 @@ fn the_model_mapping_cannot_be_released_from_the_resident_set() {
     );
 }
 
-/// Peak memory is the worker's resident high-water mark, read after each request; a CPU
-/// worker that could write its `clear_refs` would reset it before it is read (a GPU worker is
-/// sampled instead). Landlock keeps every path to it read-only, in every request.
+/// Peak memory counts what a worker keeps in files beside its resident set: the `stash`
+/// attack's 64 MiB in a file of its scratch directory and 64 MiB in a memfd it maps a page of
+/// (none of it resident) raise the run's peak memory by at least that much over the plain
+/// fixture's. Read from the resident set alone, both runs showed the same figure.
+#[test]
+fn memory_kept_in_files_counts_as_peak_memory() {
+    let results = scratch("attack-stash");
+    let (out, _, stderr) = attack("", &results, &[]);
+    assert!(out.status.success(), "{stderr}");
+    let (out, _, stderr) = attack("stash", &results, &[]);
+    assert!(out.status.success(), "{stderr}");
+    let stores = reports(&stderr, "stash");
+    assert!(
+        stores.len() == 2 && stores.iter().all(|l| l.ends_with("DONE")),
+        "both stores made, as a variant may:\n{stderr}"
+    );
+    let peaks: Vec<f64> = records(&results)
+        .iter()
+        .map(|r| r["peak_rss_mib"].parse().unwrap())
+        .collect();
+    assert!(
+        peaks[1] >= peaks[0] + 120.0,
+        "plain {} MiB, with 128 MiB kept in files {} MiB",
+        peaks[0],
+        peaks[1]
+    );
+}
+
+/// Peak memory includes the worker's resident high-water mark, read after each request; a CPU
+/// worker that could write its `clear_refs` would reset it, and hide what it allocated and
+/// freed between two samples (a GPU worker can: the CUDA driver writes its /proc entries).
+/// Landlock keeps every path to it read-only, in every request.
 #[test]
 fn the_peak_memory_mark_cannot_be_reset() {
     let results = scratch("attack-hwm");

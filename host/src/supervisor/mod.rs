@@ -14,6 +14,7 @@
 pub mod build_place;
 pub mod cargo_build;
 pub mod oracle;
+pub mod outside;
 pub mod revision;
 
 use std::collections::VecDeque;
@@ -111,7 +112,9 @@ pub struct Generation {
     pub arrivals_ns: Vec<u64>,
     /// Tokens that arrived past the number asked for.
     pub overflow: u64,
-    /// The worker's resident-memory high-water mark after the request (VmHWM), in KiB.
+    /// The worker's peak memory by the end of the request, in KiB: the larger of its resident
+    /// high-water mark (VmHWM) and the most it was seen to hold in its resident set and in
+    /// files together (a sample every few ms while it ran: [`outside::Outside`]).
     pub peak_rss_kib: u64,
     /// CPU time the worker's threads used during the request, in ms.
     pub cpu_ms: f64,
@@ -260,9 +263,10 @@ pub struct Worker {
     frozen_at_ns: Option<u64>,
     /// Closed while the worker is paused between turns ([`ReadGate`]).
     gate: Arc<ReadGate>,
-    /// For a worker that can reset its peak-memory counter (a CUDA worker may write its
-    /// threads' /proc entries): the highest memory seen by sampling it.
-    sampler: Option<MemorySampler>,
+    /// The highest memory seen by sampling the worker while it runs: its resident set plus
+    /// what it keeps in files ([`outside::Outside`]), and its high-water mark, which a CUDA
+    /// worker could reset (it may write its threads' /proc entries).
+    sampler: MemorySampler,
     /// Time from spawning to `Ready`, by the supervisor's clock.
     pub load_ms: f64,
 }
@@ -440,6 +444,12 @@ impl Worker {
         std::thread::spawn(move || drain_log(stderr, tail, echo, stderr_gate));
         let pid = child.id() as libc::pid_t;
         let stdin = child.stdin.take();
+        // Sampled from the start: a store of files may be written while the variant loads.
+        let cadence = match spec.load.device {
+            Some(plugin_api::Device::Cuda(_)) => Cadence::GPU,
+            _ => Cadence::CPU,
+        };
+        let sampler = MemorySampler::start(pid, outside::Outside::new(&scratch), cadence);
         let mut worker = Worker {
             variant: spec.variant.into(),
             child,
@@ -450,8 +460,7 @@ impl Worker {
             cpu_clock: cpu_clock(pid),
             frozen_at_ns: None,
             gate,
-            sampler: matches!(spec.load.device, Some(plugin_api::Device::Cuda(_)))
-                .then(|| MemorySampler::start(pid)),
+            sampler,
             load_ms: 0.0,
         };
         let label = "loading the variant";
@@ -567,10 +576,12 @@ impl Worker {
                 }
             }
         }
-        let mut peak_rss_kib = peak_rss_kib(self.pid());
-        if let Some(sampler) = &self.sampler {
-            peak_rss_kib = peak_rss_kib.max(sampler.peak_kib.load(Ordering::Relaxed));
-        }
+        // What it holds now (read while it runs, so that a short request is measured too),
+        // and the highest the sampler saw.
+        let peak_rss_kib = self
+            .sampler
+            .measure()
+            .max(self.sampler.peak_kib.load(Ordering::Relaxed));
         let cpu_ms = self.cpu_ns().saturating_sub(g.cpu_before) as f64 / 1e6;
         self.freeze();
         Ok(Some(Generation {
@@ -732,6 +743,8 @@ impl Worker {
             return;
         }
         let pid = self.pid();
+        // A stopped process changes no memory, and sampling it would cost the other side's turn.
+        self.sampler.pause();
         // SAFETY: signalling our own child, which has not been reaped (we hold its Child).
         unsafe { libc::kill(pid, libc::SIGSTOP) };
         wait_until_stopped(pid, Duration::from_secs(2));
@@ -746,6 +759,7 @@ impl Worker {
         let used = self.cpu_ns().saturating_sub(at);
         // SAFETY: as in `freeze`.
         unsafe { libc::kill(self.pid(), libc::SIGCONT) };
+        self.sampler.resume();
         if used > FROZEN_CPU_TOLERANCE_NS {
             self.kill();
             return Err(WorkerError::RanWhileFrozen {
@@ -853,45 +867,119 @@ impl Drop for Worker {
     }
 }
 
-/// Samples a process's memory every [`SAMPLE_EVERY`] and keeps the highest figure seen (its
-/// high-water mark or its resident size), so that resetting the high-water mark (writing
-/// `clear_refs`) can hide only what is allocated and freed between two samples.
+/// Samples a process's memory while it runs (not while it is frozen: then it changes nothing,
+/// and the sampling would take the other side's turn; its thread sleeps until the thaw) and
+/// keeps the highest figure seen: its high-water mark, or its resident size plus what it keeps
+/// in files ([`outside::Outside`]). Resetting the high-water mark (writing `clear_refs`) can
+/// then hide only what is allocated and freed between two samples, and a store of files is
+/// seen for as long as it is kept.
 struct MemorySampler {
     peak_kib: Arc<AtomicU64>,
+    /// Whether the process may run (it is not frozen).
+    running: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
+    /// The sampling thread, unparked when the process is let run again.
+    thread: std::thread::Thread,
+    pid: libc::pid_t,
+    outside: outside::Outside,
 }
 
-/// How often [`MemorySampler`] reads a process's memory.
-const SAMPLE_EVERY: Duration = Duration::from_millis(10);
+/// How often [`MemorySampler`] reads a process's memory, and every how many reads it also
+/// reads what the process keeps in files (about 0.1 ms a read).
+#[derive(Debug, Clone, Copy)]
+struct Cadence {
+    every: Duration,
+    outside_every: u64,
+}
+
+impl Cadence {
+    /// A CUDA worker may reset its high-water mark, so its resident size is read often; the
+    /// machines that run one have cores to spare.
+    const GPU: Cadence = Cadence {
+        every: Duration::from_millis(10),
+        outside_every: 5,
+    };
+    /// A CPU worker cannot reset its mark (Landlock), so only a store of files needs reading,
+    /// and one is worth keeping only for far longer than this. Each wake-up takes a core from
+    /// the worker's threads: at every 10 ms, a 2-core VM's `host bench` tg128 read 6-7% slower.
+    const CPU: Cadence = Cadence {
+        every: Duration::from_millis(100),
+        outside_every: 1,
+    };
+}
 
 impl MemorySampler {
-    fn start(pid: libc::pid_t) -> MemorySampler {
+    fn start(pid: libc::pid_t, outside: outside::Outside, cadence: Cadence) -> MemorySampler {
         let peak_kib = Arc::new(AtomicU64::new(0));
+        let running = Arc::new(AtomicBool::new(true));
         let stop = Arc::new(AtomicBool::new(false));
-        let (peak, done) = (peak_kib.clone(), stop.clone());
-        std::thread::spawn(move || {
+        let (peak, run, done) = (peak_kib.clone(), running.clone(), stop.clone());
+        let files = outside.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut kept_kib, mut samples) = (0, 0u64);
             while !done.load(Ordering::Relaxed) {
-                let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+                if !run.load(Ordering::Relaxed) {
+                    std::thread::park();
+                    continue;
+                }
+                if samples % cadence.outside_every == 0 {
+                    kept_kib = files.kib(pid);
+                }
+                samples += 1;
+                let Some(kib) = memory_kib(pid, kept_kib) else {
                     return; // gone
                 };
-                for key in ["VmHWM:", "VmRSS:"] {
-                    let kib = status
-                        .lines()
-                        .find(|l| l.starts_with(key))
-                        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                        .unwrap_or(0);
-                    peak.fetch_max(kib, Ordering::Relaxed);
-                }
-                std::thread::sleep(SAMPLE_EVERY);
+                peak.fetch_max(kib, Ordering::Relaxed);
+                std::thread::park_timeout(cadence.every);
             }
-        });
-        MemorySampler { peak_kib, stop }
+        })
+        .thread()
+        .clone();
+        MemorySampler {
+            peak_kib,
+            running,
+            stop,
+            thread,
+            pid,
+            outside,
+        }
     }
+
+    /// The process is stopped: sampling waits for [`MemorySampler::resume`].
+    fn pause(&self) {
+        self.running.store(false, Ordering::Relaxed);
+    }
+
+    /// The process runs again.
+    fn resume(&self) {
+        self.running.store(true, Ordering::Relaxed);
+        self.thread.unpark();
+    }
+
+    /// The process's memory now, as a sample reads it (0 once it is gone).
+    fn measure(&self) -> u64 {
+        memory_kib(self.pid, self.outside.kib(self.pid)).unwrap_or(0)
+    }
+}
+
+/// Process `pid`'s memory in KiB: the larger of its high-water mark and its resident size plus
+/// `kept_kib` (what it keeps in files). `None` once it is gone.
+fn memory_kib(pid: libc::pid_t, kept_kib: u64) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Some(field("VmHWM:").max(field("VmRSS:") + kept_kib))
 }
 
 impl Drop for MemorySampler {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.thread.unpark();
     }
 }
 
@@ -956,7 +1044,8 @@ fn wait_until_stopped(pid: libc::pid_t, limit: Duration) {
 }
 
 /// The resident-memory high-water mark (VmHWM) of process `pid`, in KiB; 0 when unreadable.
-pub fn peak_rss_kib(pid: libc::pid_t) -> u64 {
+#[cfg(test)]
+fn peak_rss_kib(pid: libc::pid_t) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -1073,7 +1162,9 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id() as libc::pid_t;
-        let sampler = MemorySampler::start(pid);
+        let empty = std::env::temp_dir().join(format!("sampler-{}", std::process::id()));
+        std::fs::create_dir_all(&empty).unwrap();
+        let sampler = MemorySampler::start(pid, outside::Outside::new(&empty), Cadence::GPU);
         // Wait for the allocation, then for the reset, however slowly a loaded machine runs
         // python (no fixed sleep): each wait ends on what it waits for, or after 30 s.
         let wait_for = |done: &dyn Fn() -> bool| {
@@ -1088,6 +1179,7 @@ mod tests {
         let sampled = sampler.peak_kib.load(Ordering::Relaxed);
         child.kill().unwrap();
         child.wait().unwrap();
+        std::fs::remove_dir_all(&empty).unwrap();
         assert!(
             after < 128 << 10,
             "the reset took effect: VmHWM {after} KiB"

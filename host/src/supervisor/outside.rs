@@ -1,0 +1,310 @@
+//! Memory a worker holds outside its resident set: [`Outside`].
+//!
+//! Peak memory is read from a worker's resident set, but a process can keep data the resident
+//! set does not show: in files of its scratch directory (their pages sit in the page cache), in
+//! a memfd, in a file it unlinked but still holds open or mapped, or in a shared anonymous
+//! mapping it unmapped all but a page of (the pages stay with the mapping's object, and
+//! `mremap` grows the page back over them). Mapped a window at a time, such a store keeps the
+//! resident set small while the variant uses as much memory as it likes: repacked weights at
+//! no cost to the peak-memory guard. The worker can create files only in its scratch directory
+//! (Landlock), so every such store is a file there, or a file with no name left (`st_nlink`
+//! 0), reached through one of the worker's descriptors or mappings. [`Outside::kib`] adds up
+//! the blocks those files hold, as seen from outside the worker.
+
+use std::collections::HashSet;
+use std::fs::Metadata;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// How deep [`Outside::kib`] walks the scratch directory; deeper entries are not counted.
+const MAX_DEPTH: usize = 32;
+
+/// What a worker keeps in files, measured from outside it.
+#[derive(Debug, Clone)]
+pub struct Outside {
+    /// The worker's scratch directory, its only writable place.
+    scratch: PathBuf,
+    /// Bytes the host itself put in the scratch directory (the variant's library), which are
+    /// not the variant's: subtracted from the sum, so that growing that file still counts.
+    baseline_bytes: u64,
+}
+
+impl Outside {
+    /// For a worker whose scratch directory is `scratch`, as the host has filled it (the
+    /// library copied in): what is there now is the host's, not the variant's.
+    pub fn new(scratch: &Path) -> Outside {
+        let mut outside = Outside {
+            scratch: scratch.to_path_buf(),
+            baseline_bytes: 0,
+        };
+        outside.baseline_bytes = outside.scratch_bytes(&mut HashSet::new());
+        outside
+    }
+
+    /// KiB that process `pid` holds in files beyond what the host put there: the files of
+    /// its scratch directory, and every regular file with no name left that one of its
+    /// descriptors or mappings reaches (memfds, unlinked files, shared anonymous mappings),
+    /// each file once, by the blocks it has allocated. 0 for a process that keeps nothing so.
+    pub fn kib(&self, pid: libc::pid_t) -> u64 {
+        let mut seen = HashSet::new();
+        let mut bytes = self.scratch_bytes(&mut seen);
+        bytes += descriptor_bytes(pid, &mut seen);
+        bytes += mapping_bytes(pid, &mut seen);
+        bytes.saturating_sub(self.baseline_bytes) / 1024
+    }
+
+    /// The blocks of every regular file under the scratch directory (links not followed).
+    fn scratch_bytes(&self, seen: &mut HashSet<(u64, u64)>) -> u64 {
+        let mut bytes = 0;
+        let mut dirs = vec![(self.scratch.clone(), 0)];
+        while let Some((dir, depth)) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let Ok(meta) = entry.metadata() else { continue };
+                if meta.is_dir() && depth < MAX_DEPTH {
+                    dirs.push((entry.path(), depth + 1));
+                } else {
+                    bytes += file_bytes(&meta, seen);
+                }
+            }
+        }
+        bytes
+    }
+}
+
+/// The blocks a regular file holds, the first time its (device, inode) is seen; else 0.
+fn file_bytes(meta: &Metadata, seen: &mut HashSet<(u64, u64)>) -> u64 {
+    if meta.is_file() && seen.insert((meta.dev(), meta.ino())) {
+        meta.blocks() * 512
+    } else {
+        0
+    }
+}
+
+/// A file with no name left: only a descriptor or a mapping holds it.
+fn nameless(meta: &Metadata) -> bool {
+    meta.is_file() && meta.nlink() == 0
+}
+
+/// The nameless files process `pid` holds open (memfds, unlinked and O_TMPFILE files), in the
+/// descriptor table of every thread: a thread made without CLONE_FILES has a table of its own.
+fn descriptor_bytes(pid: libc::pid_t, seen: &mut HashSet<(u64, u64)>) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_dir(task.path().join("fd")).ok())
+        .flat_map(|entries| entries.flatten())
+        .filter_map(|entry| std::fs::metadata(entry.path()).ok())
+        .filter(nameless)
+        .map(|meta| file_bytes(&meta, seen))
+        .sum()
+}
+
+/// The nameless files process `pid` maps: `/proc/<pid>/maps` names them `/memfd:...` or
+/// `... (deleted)` (a shared anonymous mapping is `/dev/zero (deleted)`). Each is measured
+/// through `/proc/<pid>/map_files`, which needs CAP_SYS_ADMIN (or CAP_CHECKPOINT_RESTORE);
+/// without it the mapping's own length is counted, which misses what lies beyond it.
+fn mapping_bytes(pid: libc::pid_t, seen: &mut HashSet<(u64, u64)>) -> u64 {
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return 0;
+    };
+    // Mappings measured by their length, by the (device, inode) that maps prints.
+    let mut unmeasured: HashSet<(String, u64)> = HashSet::new();
+    let mut bytes = 0;
+    for line in maps.lines() {
+        let Some(mapping) = Mapping::parse(line) else {
+            continue;
+        };
+        if mapping.inode == 0
+            || !(mapping.path.starts_with("/memfd:") || mapping.path.ends_with(" (deleted)"))
+        {
+            continue;
+        }
+        match std::fs::metadata(format!("/proc/{pid}/map_files/{}", mapping.range)) {
+            Ok(meta) if nameless(&meta) => bytes += file_bytes(&meta, seen),
+            Ok(_) => {}
+            Err(_) => {
+                if unmeasured.insert((mapping.device.to_string(), mapping.inode)) {
+                    bytes += mapping.length;
+                }
+            }
+        }
+    }
+    bytes
+}
+
+/// One line of `/proc/<pid>/maps`.
+struct Mapping<'a> {
+    /// `start-end`, in hex, as `map_files` names the mapping.
+    range: &'a str,
+    length: u64,
+    device: &'a str,
+    inode: u64,
+    path: &'a str,
+}
+
+impl<'a> Mapping<'a> {
+    /// `start-end perms offset device inode [path]`; the path may hold spaces.
+    fn parse(line: &'a str) -> Option<Mapping<'a>> {
+        let mut rest = line;
+        let mut field = || {
+            let trimmed = rest.trim_start();
+            let end = trimmed.find(' ').unwrap_or(trimmed.len());
+            let (word, tail) = trimmed.split_at(end);
+            rest = tail;
+            word
+        };
+        let range = field();
+        let (_perms, _offset, device, inode) = (field(), field(), field(), field());
+        let path = rest.trim_start();
+        let (start, end) = range.split_once('-')?;
+        let length = u64::from_str_radix(end, 16)
+            .ok()?
+            .checked_sub(u64::from_str_radix(start, 16).ok()?)?;
+        Some(Mapping {
+            range,
+            length,
+            device,
+            inode: inode.parse().ok()?,
+            path,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Child, Command};
+
+    /// A python child running `script` (with `SCRATCH` its scratch directory), once it has
+    /// written `ready` to its stdout.
+    fn child(scratch: &Path, script: &str) -> Child {
+        use std::io::Read;
+        let mut child = Command::new("python3")
+            .args(["-c", script])
+            .env("SCRATCH", scratch)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut ready = [0u8; 5];
+        child
+            .stdout
+            .as_mut()
+            .unwrap()
+            .read_exact(&mut ready)
+            .unwrap();
+        assert_eq!(&ready, b"ready");
+        child
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("outside-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Runs `script` as a worker would, the scratch directory holding a 1 MiB "library" the
+    /// host put there, and returns what [`Outside::kib`] reads of it.
+    fn kept(name: &str, script: &str) -> u64 {
+        let dir = scratch(name);
+        std::fs::write(dir.join("variant.so"), vec![7u8; 1 << 20]).unwrap();
+        let outside = Outside::new(&dir);
+        let mut child = child(&dir, script);
+        let kib = outside.kib(child.id() as libc::pid_t);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        kib
+    }
+
+    const MIB_16: u64 = 16 << 10;
+
+    // Each script fills 16 MiB with data a page apart, so the file's blocks are allocated.
+    const PRELUDE: &str = "import os, mmap, sys, time\n\
+        data = os.urandom(1 << 20) * 16\n\
+        def ready():\n    sys.stdout.write('ready'); sys.stdout.flush(); time.sleep(60)\n";
+
+    #[test]
+    fn a_process_that_keeps_nothing_in_files_reads_zero() {
+        let kib = kept("none", &format!("{PRELUDE}ready()\n"));
+        assert_eq!(kib, 0);
+    }
+
+    #[test]
+    fn a_file_in_the_scratch_directory_counts() {
+        let script = format!(
+            "{PRELUDE}os.makedirs(os.environ['SCRATCH'] + '/a/b')\n\
+             open(os.environ['SCRATCH'] + '/a/b/stash', 'wb').write(data)\nready()\n"
+        );
+        let kib = kept("file", &script);
+        assert!((MIB_16..MIB_16 + 1024).contains(&kib), "{kib} KiB");
+    }
+
+    #[test]
+    fn growing_the_hosts_library_counts() {
+        let script = format!(
+            "{PRELUDE}open(os.environ['SCRATCH'] + '/variant.so', 'ab').write(data)\nready()\n"
+        );
+        let kib = kept("library", &script);
+        assert!((MIB_16..MIB_16 + 1024).contains(&kib), "{kib} KiB");
+    }
+
+    #[test]
+    fn a_memfd_counts_while_open_and_while_only_mapped() {
+        let open = format!("{PRELUDE}fd = os.memfd_create('stash')\nos.write(fd, data)\nready()\n");
+        let kib = kept("memfd-open", &open);
+        assert!((MIB_16..MIB_16 + 1024).contains(&kib), "{kib} KiB");
+        // Mapped one page, its descriptor closed: the rest of the file is out of the
+        // resident set and still the process's (mremap grows the page back over it).
+        let mapped = format!(
+            "{PRELUDE}fd = os.memfd_create('stash')\nos.write(fd, data)\n\
+             m = mmap.mmap(fd, 4096)\nos.close(fd)\nready()\n"
+        );
+        let kib = kept("memfd-mapped", &mapped);
+        assert!(kib >= MIB_16, "{kib} KiB");
+    }
+
+    #[test]
+    fn an_unlinked_file_held_open_counts() {
+        let script = format!(
+            "{PRELUDE}p = os.environ['SCRATCH'] + '/stash'\nf = open(p, 'wb+')\n\
+             f.write(data); f.flush()\nos.unlink(p)\nready()\n"
+        );
+        let kib = kept("unlinked", &script);
+        assert!((MIB_16..MIB_16 + 1024).contains(&kib), "{kib} KiB");
+    }
+
+    #[test]
+    fn a_shared_anonymous_mapping_shrunk_to_a_page_counts() {
+        // python's mmap cannot unmap part of a mapping, so the C library's munmap does it.
+        let script = format!(
+            "{PRELUDE}import ctypes\nlibc = ctypes.CDLL(None)\n\
+             libc.mmap.restype = ctypes.c_void_p\n\
+             libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]\n\
+             libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]\n\
+             n = len(data)\np = libc.mmap(None, n, 3, 0x01 | 0x20, -1, 0)\n\
+             ctypes.memmove(p, data, n)\nassert libc.munmap(p + 4096, n - 4096) == 0\nready()\n"
+        );
+        let kib = kept("shared-anon", &script);
+        assert!(kib >= MIB_16, "{kib} KiB");
+    }
+
+    #[test]
+    fn maps_lines_parse_with_spaces_in_paths() {
+        let line = "7f00a000-7f00c000 rw-s 00000000 00:01 4242    /memfd:a b (deleted)";
+        let m = Mapping::parse(line).unwrap();
+        assert_eq!(m.range, "7f00a000-7f00c000");
+        assert_eq!(m.length, 0x2000);
+        assert_eq!(m.device, "00:01");
+        assert_eq!(m.inode, 4242);
+        assert_eq!(m.path, "/memfd:a b (deleted)");
+        let anon = Mapping::parse("7ffd0000-7ffd1000 rw-p 00000000 00:00 0").unwrap();
+        assert_eq!((anon.inode, anon.path), (0, ""));
+        assert!(Mapping::parse("garbage").is_none());
+    }
+}
