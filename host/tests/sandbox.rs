@@ -262,6 +262,21 @@ fn memory_kept_in_files_counts_as_peak_memory() {
     );
 }
 
+/// A scratch directory of more directories than the supervisor walks cannot be measured for
+/// what it keeps in files: the request fails, naming the variant, the directory and why.
+#[test]
+fn a_scratch_tree_too_large_to_measure_fails_the_request() {
+    let results = scratch("attack-stash-dirs");
+    let (out, _, stderr) = attack("stash-dirs", &results, &[]);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot be measured during")
+            && stderr.contains("autoinfer-worker-")
+            && stderr.contains("more than 256 directories"),
+        "{stderr}"
+    );
+}
+
 /// Peak memory includes the worker's resident high-water mark, read after each request; a CPU
 /// worker that could write its `clear_refs` would reset it, and hide what it allocated and
 /// freed between two samples (a GPU worker can: the CUDA driver writes its /proc entries).

@@ -69,6 +69,14 @@ pub enum WorkerError {
         "interrupted (Ctrl-C or SIGTERM) during {request} of {variant}: its worker was stopped"
     )]
     Interrupted { variant: String, request: String },
+    #[error(
+        "variant {variant} cannot be measured during {request}: {why}, so its worker was killed"
+    )]
+    Unmeasurable {
+        variant: String,
+        request: String,
+        why: outside::Unmeasurable,
+    },
     #[error("variant {variant} used {cpu_ms:.0} ms of CPU while it was frozen (before {request}): a worker may compute only during its own requests")]
     RanWhileFrozen {
         variant: String,
@@ -578,10 +586,17 @@ impl Worker {
         }
         // What it holds now (read while it runs, so that a short request is measured too),
         // and the highest the sampler saw.
-        let peak_rss_kib = self
-            .sampler
-            .measure()
-            .max(self.sampler.peak_kib.load(Ordering::Relaxed));
+        let peak_rss_kib = match self.sampler.measure() {
+            Ok(kib) => kib.max(self.sampler.peak_kib.load(Ordering::Relaxed)),
+            Err(why) => {
+                self.kill();
+                return Err(WorkerError::Unmeasurable {
+                    variant: self.variant.clone(),
+                    request: label,
+                    why,
+                });
+            }
+        };
         let cpu_ms = self.cpu_ns().saturating_sub(g.cpu_before) as f64 / 1e6;
         self.freeze();
         Ok(Some(Generation {
@@ -875,6 +890,8 @@ impl Drop for Worker {
 /// seen for as long as it is kept.
 struct MemorySampler {
     peak_kib: Arc<AtomicU64>,
+    /// The first time a sample could not measure what the process keeps in files.
+    unmeasurable: Arc<Mutex<Option<outside::Unmeasurable>>>,
     /// Whether the process may run (it is not frozen).
     running: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
@@ -913,7 +930,9 @@ impl MemorySampler {
         let peak_kib = Arc::new(AtomicU64::new(0));
         let running = Arc::new(AtomicBool::new(true));
         let stop = Arc::new(AtomicBool::new(false));
+        let unmeasurable = Arc::new(Mutex::new(None));
         let (peak, run, done) = (peak_kib.clone(), running.clone(), stop.clone());
+        let failure = unmeasurable.clone();
         let files = outside.clone();
         let thread = std::thread::spawn(move || {
             let (mut kept_kib, mut samples) = (0, 0u64);
@@ -923,7 +942,14 @@ impl MemorySampler {
                     continue;
                 }
                 if samples % cadence.outside_every == 0 {
-                    kept_kib = files.kib(pid);
+                    // An unmeasurable store is an error at the request's end (`measure`).
+                    match files.kib(pid) {
+                        Ok(kib) => kept_kib = kib,
+                        Err(e) => {
+                            let mut first = failure.lock().unwrap_or_else(|e| e.into_inner());
+                            first.get_or_insert(e);
+                        }
+                    }
                 }
                 samples += 1;
                 let Some(kib) = memory_kib(pid, kept_kib) else {
@@ -937,6 +963,7 @@ impl MemorySampler {
         .clone();
         MemorySampler {
             peak_kib,
+            unmeasurable,
             running,
             stop,
             thread,
@@ -956,9 +983,18 @@ impl MemorySampler {
         self.thread.unpark();
     }
 
-    /// The process's memory now, as a sample reads it (0 once it is gone).
-    fn measure(&self) -> u64 {
-        memory_kib(self.pid, self.outside.kib(self.pid)).unwrap_or(0)
+    /// The process's memory now, as a sample reads it (0 once it is gone); an error if this
+    /// reading, or any sample's, could not measure what it keeps in files.
+    fn measure(&self) -> Result<u64, outside::Unmeasurable> {
+        let earlier = self
+            .unmeasurable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(e) = earlier {
+            return Err(e);
+        }
+        Ok(memory_kib(self.pid, self.outside.kib(self.pid)?).unwrap_or(0))
     }
 }
 

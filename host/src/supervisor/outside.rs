@@ -13,11 +13,22 @@
 
 use std::collections::HashSet;
 use std::fs::Metadata;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-/// How deep [`Outside::kib`] walks the scratch directory; deeper entries are not counted.
-const MAX_DEPTH: usize = 32;
+/// The most directories [`Outside::kib`] walks in a scratch directory. Honest code makes a
+/// few at most (a library's cache); a tree with more cannot be measured, and is an error.
+pub const MAX_DIRS: usize = 256;
+
+/// A scratch directory that cannot be measured: more than [`MAX_DIRS`] directories, or one
+/// that would not open.
+#[derive(Debug, thiserror::Error)]
+#[error("its scratch directory {dir} cannot be measured for the files it keeps: {why}")]
+pub struct Unmeasurable {
+    dir: PathBuf,
+    why: String,
+}
 
 /// What a worker keeps in files, measured from outside it.
 #[derive(Debug, Clone)]
@@ -37,7 +48,7 @@ impl Outside {
             scratch: scratch.to_path_buf(),
             baseline_bytes: 0,
         };
-        outside.baseline_bytes = outside.scratch_bytes(&mut HashSet::new());
+        outside.baseline_bytes = outside.scratch_bytes(&mut HashSet::new()).unwrap_or(0);
         outside
     }
 
@@ -45,32 +56,55 @@ impl Outside {
     /// its scratch directory, and every regular file with no name left that one of its
     /// descriptors or mappings reaches (memfds, unlinked files, shared anonymous mappings),
     /// each file once, by the blocks it has allocated. 0 for a process that keeps nothing so.
-    pub fn kib(&self, pid: libc::pid_t) -> u64 {
+    pub fn kib(&self, pid: libc::pid_t) -> Result<u64, Unmeasurable> {
         let mut seen = HashSet::new();
-        let mut bytes = self.scratch_bytes(&mut seen);
+        let mut bytes = self.scratch_bytes(&mut seen)?;
         bytes += descriptor_bytes(pid, &mut seen);
         bytes += mapping_bytes(pid, &mut seen);
-        bytes.saturating_sub(self.baseline_bytes) / 1024
+        Ok(bytes.saturating_sub(self.baseline_bytes) / 1024)
     }
 
     /// The blocks of every regular file under the scratch directory (links not followed).
-    fn scratch_bytes(&self, seen: &mut HashSet<(u64, u64)>) -> u64 {
+    /// Each directory is opened through its parent's descriptor (`/proc/self/fd/N/name`), so
+    /// no depth makes a path too long to open. An entry gone between its listing and its
+    /// reading (renamed or deleted meanwhile) is skipped: a store kept is seen by another
+    /// sample, and peak memory is the most any sample saw.
+    fn scratch_bytes(&self, seen: &mut HashSet<(u64, u64)>) -> Result<u64, Unmeasurable> {
+        let unmeasurable = |why: String| Unmeasurable {
+            dir: self.scratch.clone(),
+            why,
+        };
         let mut bytes = 0;
-        let mut dirs = vec![(self.scratch.clone(), 0)];
-        while let Some((dir, depth)) = dirs.pop() {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
+        let top = std::fs::File::open(&self.scratch)
+            .map_err(|e| unmeasurable(format!("cannot open it: {e}")))?;
+        let (mut pending, mut walked) = (vec![top], 0);
+        while let Some(dir) = pending.pop() {
+            walked += 1;
+            if walked > MAX_DIRS {
+                return Err(unmeasurable(format!(
+                    "it holds more than {MAX_DIRS} directories"
+                )));
+            }
+            let handle = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+            let Ok(entries) = std::fs::read_dir(&handle) else {
                 continue;
             };
             for entry in entries.flatten() {
                 let Ok(meta) = entry.metadata() else { continue };
-                if meta.is_dir() && depth < MAX_DEPTH {
-                    dirs.push((entry.path(), depth + 1));
+                if meta.is_dir() {
+                    match std::fs::File::open(handle.join(entry.file_name())) {
+                        Ok(child) => pending.push(child),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            return Err(unmeasurable(format!("cannot open a directory: {e}")))
+                        }
+                    }
                 } else {
                     bytes += file_bytes(&meta, seen);
                 }
             }
         }
-        bytes
+        Ok(bytes)
     }
 }
 
@@ -215,7 +249,7 @@ mod tests {
         std::fs::write(dir.join("variant.so"), vec![7u8; 1 << 20]).unwrap();
         let outside = Outside::new(&dir);
         let mut child = child(&dir, script);
-        let kib = outside.kib(child.id() as libc::pid_t);
+        let kib = outside.kib(child.id() as libc::pid_t).unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
@@ -306,5 +340,34 @@ mod tests {
         let anon = Mapping::parse("7ffd0000-7ffd1000 rw-p 00000000 00:00 0").unwrap();
         assert_eq!((anon.inode, anon.path), (0, ""));
         assert!(Mapping::parse("garbage").is_none());
+    }
+
+    #[test]
+    fn a_store_deeper_than_a_path_can_name_counts() {
+        // Directories of 200 characters, 40 deep (8,000 characters: twice PATH_MAX), made by
+        // chdir, and the store at the bottom.
+        let script = format!(
+            "{PRELUDE}os.chdir(os.environ['SCRATCH'])\n\
+             for i in range(40):\n    os.mkdir('d' * 200); os.chdir('d' * 200)\n\
+             open('stash', 'wb').write(data)\nready()\n"
+        );
+        let kib = kept("deep", &script);
+        assert!((MIB_16..MIB_16 + 1024).contains(&kib), "{kib} KiB");
+    }
+
+    #[test]
+    fn a_tree_of_too_many_directories_is_an_error_that_names_it() {
+        let dir = scratch("many");
+        let outside = Outside::new(&dir);
+        for i in 0..=MAX_DIRS {
+            std::fs::create_dir(dir.join(i.to_string())).unwrap();
+        }
+        let err = outside.kib(std::process::id() as libc::pid_t).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let text = err.to_string();
+        assert!(
+            text.contains(dir.to_str().unwrap()) && text.contains("more than 256 directories"),
+            "{text}"
+        );
     }
 }
