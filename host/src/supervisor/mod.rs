@@ -409,6 +409,9 @@ impl Worker {
         for var in ["HOME", "TMPDIR", "XDG_CACHE_HOME"] {
             command.env(var, &scratch);
         }
+        // What the scratch directory holds before the worker starts is the host's (the
+        // library): read now, before any code of the worker's could add to it.
+        let files = outside::Outside::new(&scratch);
         let started = Instant::now();
         let mut child = match command
             .stdin(Stdio::piped())
@@ -457,7 +460,7 @@ impl Worker {
             Some(plugin_api::Device::Cuda(_)) => Cadence::GPU,
             _ => Cadence::CPU,
         };
-        let sampler = MemorySampler::start(pid, outside::Outside::new(&scratch), cadence);
+        let sampler = MemorySampler::start(pid, files, cadence);
         let mut worker = Worker {
             variant: spec.variant.into(),
             child,
