@@ -11,7 +11,7 @@
 //! 0), reached through one of the worker's descriptors or mappings. [`Outside::kib`] adds up
 //! the blocks those files hold, as seen from outside the worker.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::Metadata;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
@@ -35,9 +35,10 @@ pub struct Unmeasurable {
 pub struct Outside {
     /// The worker's scratch directory, its only writable place.
     scratch: PathBuf,
-    /// Bytes the host itself put in the scratch directory (the variant's library), which are
-    /// not the variant's: subtracted from the sum, so that growing that file still counts.
-    baseline_bytes: u64,
+    /// The blocks of each file the host itself put in the scratch directory (the variant's
+    /// library), by (device, inode): not the variant's. Only what such a file grows beyond
+    /// them counts, so shrinking it earns no room for a store elsewhere.
+    host_files: HashMap<(u64, u64), u64>,
 }
 
 impl Outside {
@@ -46,9 +47,11 @@ impl Outside {
     pub fn new(scratch: &Path) -> Outside {
         let mut outside = Outside {
             scratch: scratch.to_path_buf(),
-            baseline_bytes: 0,
+            host_files: HashMap::new(),
         };
-        outside.baseline_bytes = outside.scratch_bytes(&mut HashSet::new()).unwrap_or(0);
+        let mut tally = Tally::new(&outside.host_files);
+        let _ = outside.scratch_bytes(&mut tally);
+        outside.host_files = tally.blocks;
         outside
     }
 
@@ -57,11 +60,11 @@ impl Outside {
     /// descriptors or mappings reaches (memfds, unlinked files, shared anonymous mappings),
     /// each file once, by the blocks it has allocated. 0 for a process that keeps nothing so.
     pub fn kib(&self, pid: libc::pid_t) -> Result<u64, Unmeasurable> {
-        let mut seen = HashSet::new();
-        let mut bytes = self.scratch_bytes(&mut seen)?;
-        bytes += descriptor_bytes(pid, &mut seen);
-        bytes += mapping_bytes(pid, &mut seen);
-        Ok(bytes.saturating_sub(self.baseline_bytes) / 1024)
+        let mut tally = Tally::new(&self.host_files);
+        let mut bytes = self.scratch_bytes(&mut tally)?;
+        bytes += descriptor_bytes(pid, &mut tally);
+        bytes += mapping_bytes(pid, &mut tally);
+        Ok(bytes / 1024)
     }
 
     /// The blocks of every regular file under the scratch directory (links not followed).
@@ -69,7 +72,7 @@ impl Outside {
     /// no depth makes a path too long to open. An entry gone between its listing and its
     /// reading (renamed or deleted meanwhile) is skipped: a store kept is seen by another
     /// sample, and peak memory is the most any sample saw.
-    fn scratch_bytes(&self, seen: &mut HashSet<(u64, u64)>) -> Result<u64, Unmeasurable> {
+    fn scratch_bytes(&self, tally: &mut Tally) -> Result<u64, Unmeasurable> {
         let unmeasurable = |why: String| Unmeasurable {
             dir: self.scratch.clone(),
             why,
@@ -100,7 +103,7 @@ impl Outside {
                         }
                     }
                 } else {
-                    bytes += file_bytes(&meta, seen);
+                    bytes += tally.add(&meta);
                 }
             }
         }
@@ -108,12 +111,31 @@ impl Outside {
     }
 }
 
-/// The blocks a regular file holds, the first time its (device, inode) is seen; else 0.
-fn file_bytes(meta: &Metadata, seen: &mut HashSet<(u64, u64)>) -> u64 {
-    if meta.is_file() && seen.insert((meta.dev(), meta.ino())) {
-        meta.blocks() * 512
-    } else {
-        0
+/// The files one reading has counted, each once, less what the host put in them.
+struct Tally<'a> {
+    /// The blocks of every regular file seen so far, by (device, inode).
+    blocks: HashMap<(u64, u64), u64>,
+    host_files: &'a HashMap<(u64, u64), u64>,
+}
+
+impl<'a> Tally<'a> {
+    fn new(host_files: &'a HashMap<(u64, u64), u64>) -> Tally<'a> {
+        Tally {
+            blocks: HashMap::new(),
+            host_files,
+        }
+    }
+
+    /// The bytes a regular file holds beyond the host's share of it, the first time its
+    /// (device, inode) is seen; else 0.
+    fn add(&mut self, meta: &Metadata) -> u64 {
+        let key = (meta.dev(), meta.ino());
+        if !meta.is_file() || self.blocks.contains_key(&key) {
+            return 0;
+        }
+        let bytes = meta.blocks() * 512;
+        self.blocks.insert(key, bytes);
+        bytes.saturating_sub(self.host_files.get(&key).copied().unwrap_or(0))
     }
 }
 
@@ -124,7 +146,7 @@ fn nameless(meta: &Metadata) -> bool {
 
 /// The nameless files process `pid` holds open (memfds, unlinked and O_TMPFILE files), in the
 /// descriptor table of every thread: a thread made without CLONE_FILES has a table of its own.
-fn descriptor_bytes(pid: libc::pid_t, seen: &mut HashSet<(u64, u64)>) -> u64 {
+fn descriptor_bytes(pid: libc::pid_t, tally: &mut Tally) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;
     };
@@ -134,7 +156,7 @@ fn descriptor_bytes(pid: libc::pid_t, seen: &mut HashSet<(u64, u64)>) -> u64 {
         .flat_map(|entries| entries.flatten())
         .filter_map(|entry| std::fs::metadata(entry.path()).ok())
         .filter(nameless)
-        .map(|meta| file_bytes(&meta, seen))
+        .map(|meta| tally.add(&meta))
         .sum()
 }
 
@@ -142,7 +164,7 @@ fn descriptor_bytes(pid: libc::pid_t, seen: &mut HashSet<(u64, u64)>) -> u64 {
 /// `... (deleted)` (a shared anonymous mapping is `/dev/zero (deleted)`). Each is measured
 /// through `/proc/<pid>/map_files`, which needs CAP_SYS_ADMIN (or CAP_CHECKPOINT_RESTORE);
 /// without it the mapping's own length is counted, which misses what lies beyond it.
-fn mapping_bytes(pid: libc::pid_t, seen: &mut HashSet<(u64, u64)>) -> u64 {
+fn mapping_bytes(pid: libc::pid_t, tally: &mut Tally) -> u64 {
     let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
         return 0;
     };
@@ -159,7 +181,7 @@ fn mapping_bytes(pid: libc::pid_t, seen: &mut HashSet<(u64, u64)>) -> u64 {
             continue;
         }
         match std::fs::metadata(format!("/proc/{pid}/map_files/{}", mapping.range)) {
-            Ok(meta) if nameless(&meta) => bytes += file_bytes(&meta, seen),
+            Ok(meta) if nameless(&meta) => bytes += tally.add(&meta),
             Ok(_) => {}
             Err(_) => {
                 if unmeasured.insert((mapping.device.to_string(), mapping.inode)) {
@@ -286,6 +308,19 @@ mod tests {
         );
         let kib = kept("library", &script);
         assert!((MIB_16..MIB_16 + 1024).contains(&kib), "{kib} KiB");
+    }
+
+    #[test]
+    fn shrinking_the_hosts_library_earns_no_room() {
+        // The library emptied, a store of its size and 16 MiB more beside it: all of the
+        // store counts (taking the host's share off the sum read 15 MiB).
+        let script = format!(
+            "{PRELUDE}open(os.environ['SCRATCH'] + '/variant.so', 'wb').close()\n\
+             open(os.environ['SCRATCH'] + '/stash', 'wb').write(data + os.urandom(1 << 20))\n\
+             ready()\n"
+        );
+        let kib = kept("shrunk", &script);
+        assert!(kib >= MIB_16 + 1024, "{kib} KiB");
     }
 
     #[test]
