@@ -1005,14 +1005,16 @@ impl MemorySampler {
 /// `kept_kib` (what it keeps in files). `None` once it is gone.
 fn memory_kib(pid: libc::pid_t, kept_kib: u64) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |key: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Some(field("VmHWM:").max(field("VmRSS:") + kept_kib))
+    Some(status_kib(&status, "VmHWM:").max(status_kib(&status, "VmRSS:") + kept_kib))
+}
+
+/// The KiB of field `key` (`VmHWM:`, say) in a `/proc/<pid>/status` text; 0 when absent.
+fn status_kib(status: &str, key: &str) -> u64 {
+    status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
 }
 
 impl Drop for MemorySampler {
@@ -1086,14 +1088,7 @@ fn wait_until_stopped(pid: libc::pid_t, limit: Duration) {
 #[cfg(test)]
 fn peak_rss_kib(pid: libc::pid_t) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+        .map_or(0, |status| status_kib(&status, "VmHWM:"))
 }
 
 #[cfg(test)]
