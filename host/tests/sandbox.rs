@@ -609,6 +609,55 @@ fn a_build_script_writes_only_its_own_build_output() {
     escaped_nothing(&stderr, 17);
 }
 
+/// A build that never ends (its script sleeps, and leaves a process holding cargo's output
+/// open) is killed at the limit AUTOINFER_BUILD_TIMEOUT sets, with everything it started; the
+/// run fails naming the variant and the limit, and writes no results row. A limit that is not
+/// a number of seconds is refused before anything is built.
+#[test]
+fn a_build_that_hangs_is_killed_at_the_build_time_limit() {
+    require_landlock();
+    let _alone = BUILD_ESCAPE.lock().unwrap_or_else(|e| e.into_inner());
+    build_plain();
+    let results = scratch("build-hang");
+    std::fs::write(results.join("results.tsv"), "earlier\n").unwrap();
+    let run = |limit: &str| {
+        let mut cmd = host();
+        cmd.arg("run")
+            .arg(fixture("build-escape"))
+            .arg("--model")
+            .arg(tiny_model())
+            .args(["--prompt", "code", "--rounds", "1", "--results"])
+            .arg(&results)
+            .env("AUTOINFER_FIXTURE_MODE", "build-hang")
+            .env("AUTOINFER_BUILD_TIMEOUT", limit);
+        let (out, _, stderr) = output(&mut cmd);
+        (out, stderr)
+    };
+    let (out, stderr) = run("5");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("did not end within 5 s") && stderr.contains("build-escape"),
+        "{stderr}"
+    );
+    // The script's processes would sleep 619 s.
+    assert!(
+        all_gone("619"),
+        "a process of the killed build outlived it: {:?}",
+        tagged("619")
+    );
+    let (out, stderr) = run("5 minutes");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("AUTOINFER_BUILD_TIMEOUT is \"5 minutes\""),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(results.join("results.tsv")).unwrap(),
+        "earlier\n",
+        "a failed build leaves the results as they were"
+    );
+}
+
 /// Asserts the build-escape fixture's build script ran (`attempts` reported: 17 with a results
 /// directory to find, 16 without) and wrote nothing but its own build output, and that the
 /// process it left running ended with the build.

@@ -234,7 +234,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
              from the checkout"
         );
     };
-    let sandbox = crate::commands::setup::build_sandbox(&root);
+    let sandbox = crate::commands::setup::build_sandbox(&root)?;
     // The committed baseline's build is what the variant's confined build starts from.
     let base = if args.no_build {
         None

@@ -102,7 +102,7 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     // since the variant's build starts from its compiled dependencies.
     let oracle_build = OracleBuild::prepare(&root, oracle_device)?;
     let results_dir = args.results.clone().unwrap_or_else(|| root.join("results"));
-    let sandbox = crate::commands::setup::build_sandbox(&root);
+    let sandbox = crate::commands::setup::build_sandbox(&root)?;
     let (lib, build) = variant.library_for(args.no_build, setup.device, &sandbox)?;
     let sandbox_level = crate::sandbox::Support::probe().worker_level().and(build);
     if !sandbox_level.is_full() {

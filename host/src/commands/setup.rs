@@ -145,13 +145,18 @@ pub fn protected_paths(root: Option<&Path>, results: Option<&Path>) -> Vec<PathB
 /// is built ([`crate::supervisor::revision::place_dir`]), from a copy of the files they need,
 /// starting from the committed baseline's build ([`crate::supervisor::revision::seed_dir`]);
 /// they may read that copy, the toolchain and the system, and write only the place's target
-/// directory.
-pub fn build_sandbox(root: &Path) -> BuildSandbox {
-    BuildSandbox {
+/// directory; each build for at most the time `AUTOINFER_BUILD_TIMEOUT` sets (fails when it
+/// is not a number of seconds).
+pub fn build_sandbox(root: &Path) -> Result<BuildSandbox> {
+    use crate::supervisor::cargo_build::{build_limit, BUILD_TIMEOUT_VAR};
+    let value = std::env::var_os(BUILD_TIMEOUT_VAR).map(|v| v.to_string_lossy().into_owned());
+    let limit = build_limit(value.as_deref()).map_err(anyhow::Error::msg)?;
+    Ok(BuildSandbox {
         seed: Some(crate::supervisor::revision::seed_dir(root)),
         dir: crate::supervisor::revision::place_dir(root),
         checkout: root.to_path_buf(),
-    }
+        limit,
+    })
 }
 
 /// Resolves the model: `--model`, else the default one (fetched when missing, hash-checked).

@@ -145,6 +145,9 @@ pub struct BuildSandbox {
     pub dir: PathBuf,
     /// The checkout whose working tree a variant directory is taken from.
     pub checkout: PathBuf,
+    /// How long one build may run before it is killed
+    /// ([`crate::supervisor::cargo_build::BUILD_TIMEOUT_VAR`]).
+    pub limit: std::time::Duration,
 }
 
 /// The lock on the place, held while it lives (the kernel drops it if the process dies).
@@ -178,7 +181,7 @@ impl BuildSandbox {
             let variant = VariantCrate::open(&src.join(&sources.variant))?;
             let mut reads = vec![src.clone()];
             reads.extend(crate::sandbox::toolchain_paths());
-            variant.build_confined(device, &reads, &target, &out)
+            variant.build_confined(device, &reads, &target, &out, self.limit)
         })();
         let _ = clear(&src);
         let _ = clear(&target);
@@ -454,6 +457,7 @@ mod tests {
             seed: None,
             dir: dir.clone(),
             checkout: dir.clone(),
+            limit: crate::supervisor::cargo_build::DEFAULT_BUILD_LIMIT,
         };
         let held = sandbox.lock().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();

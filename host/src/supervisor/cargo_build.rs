@@ -11,7 +11,8 @@
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use plugin_api::Device;
 
@@ -54,6 +55,12 @@ pub enum BuildError {
     },
     #[error("cargo build of variant {dir} failed ({status}); cargo's errors are above")]
     Failed { dir: PathBuf, status: String },
+    #[error(
+        "cargo build of variant {dir} did not end within {seconds} s, and was killed with \
+         everything it started (a build script or proc macro that hangs, or a process it left \
+         holding cargo's output open?); {BUILD_TIMEOUT_VAR}=SECONDS sets the limit"
+    )]
+    TimedOut { dir: PathBuf, seconds: u64 },
     #[error("cargo built variant {dir} but reported no cdylib for package {package}")]
     NoArtifact { dir: PathBuf, package: String },
     #[error(
@@ -127,6 +134,10 @@ impl BuildError {
             BuildError::Failed { status, .. } => BuildError::Failed {
                 dir: shown.into(),
                 status,
+            },
+            BuildError::TimedOut { seconds, .. } => BuildError::TimedOut {
+                dir: shown.into(),
+                seconds,
             },
             BuildError::NoArtifact { package, .. } => BuildError::NoArtifact {
                 dir: shown.into(),
@@ -241,19 +252,21 @@ impl VariantCrate {
     pub fn build_trusted(&self, target_dir: &Path, device: Device) -> Result<PathBuf, BuildError> {
         let mut command = Command::new(cargo());
         command.env("CARGO_TARGET_DIR", target_dir);
-        self.run_cargo(command, device, target_dir, false)
+        self.run_cargo(command, device, target_dir, None)
     }
 
     /// Builds the crate for `device` as variant code into `target_dir` (a fresh copy of the
     /// seed, made by [`BuildSandbox::build`]), with cargo and everything it runs (build scripts,
     /// proc macros) confined to reading `reads` (its sources and the toolchain) and writing only
-    /// `target_dir` ([`crate::sandbox`]), and copies the library to `out`.
+    /// `target_dir` ([`crate::sandbox`]), and copies the library to `out`. A build still running
+    /// after `limit` is killed, with every process it started ([`BuildError::TimedOut`]).
     pub(crate) fn build_confined(
         &self,
         device: Device,
         reads: &[PathBuf],
         target_dir: &Path,
         out: &Path,
+        limit: Duration,
     ) -> Result<PathBuf, BuildError> {
         self.feature_for(device)?;
         self.fetch()?;
@@ -276,7 +289,7 @@ impl VariantCrate {
             // Its own process group, so that whatever a build script leaves running is
             // killed with it (the sandbox keeps it from leaving the group).
             .process_group(0);
-        let lib = self.run_cargo(command, device, target_dir, true)?;
+        let lib = self.run_cargo(command, device, target_dir, Some(limit))?;
         plain_file(&lib)?;
         let copy_error = |source| BuildError::Copy {
             from: lib.clone(),
@@ -321,16 +334,17 @@ impl VariantCrate {
 
     /// Runs `command` (cargo, or `host confine -- cargo`) as `cargo build --release` of this
     /// crate for `device` into `target_dir`, and returns the cdylib it reports. Cargo's own
-    /// output, errors included, goes to the user's terminal. A `confined` build is `--frozen`
-    /// (its dependencies were fetched beforehand) and leads a process group, which is killed
-    /// after cargo exits.
+    /// output, errors included, goes to the user's terminal. A confined build (`limit` given) is
+    /// `--frozen` (its dependencies were fetched beforehand) and leads a process group, which
+    /// is killed as soon as cargo exits, or when the build has run for `limit`.
     fn run_cargo(
         &self,
         mut command: Command,
         device: Device,
         target_dir: &Path,
-        confined: bool,
+        limit: Option<Duration>,
     ) -> Result<PathBuf, BuildError> {
+        let confined = limit.is_some();
         let feature = self.feature_for(device)?;
         let cargo = cargo();
         command.args([
@@ -357,6 +371,9 @@ impl VariantCrate {
         let mut library = None;
         let mut compiled = Vec::new();
         let stdout = child.stdout.take().expect("stdout was piped");
+        // Cargo's messages are read here until its output closes, which a process it left
+        // behind could hold off for ever; the watcher ends the group instead (see `watch`).
+        let watcher = std::thread::spawn(move || watch(child, limit));
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
@@ -383,15 +400,19 @@ impl VariantCrate {
                     .map(PathBuf::from);
             }
         }
-        let status = child
-            .wait()
-            .map_err(|source| BuildError::Cargo { cargo, source });
-        if confined {
-            // SAFETY: signalling the process group the confined cargo led (its pid): whatever
-            // a build script left running in it.
-            unsafe { libc::killpg(child.id() as libc::pid_t, libc::SIGKILL) };
+        let (status, timed_out) = watcher.join().unwrap_or_else(|_| {
+            (
+                Err(std::io::Error::other("the build's watcher panicked")),
+                false,
+            )
+        });
+        if timed_out {
+            return Err(BuildError::TimedOut {
+                dir: self.dir.clone(),
+                seconds: limit.unwrap_or_default().as_secs(),
+            });
         }
-        let status = status?;
+        let status = status.map_err(|source| BuildError::Cargo { cargo, source })?;
         if !status.success() {
             return Err(BuildError::Failed {
                 dir: self.dir.clone(),
@@ -533,6 +554,63 @@ impl VariantCrate {
             .as_str()
             .map(PathBuf::from)
             .unwrap_or_else(|| self.dir.join("target")))
+    }
+}
+
+/// The environment variable that sets how long a confined build may run, in whole seconds
+/// ([`DEFAULT_BUILD_LIMIT`] when unset).
+pub const BUILD_TIMEOUT_VAR: &str = "AUTOINFER_BUILD_TIMEOUT";
+
+/// How long a confined build may run when [`BUILD_TIMEOUT_VAR`] is unset: a build from a fresh
+/// clone on 2 cores, every dependency compiled anew, takes a few minutes; half an hour means a
+/// hang.
+pub const DEFAULT_BUILD_LIMIT: Duration = Duration::from_secs(1800);
+
+/// The build time limit `value` (of [`BUILD_TIMEOUT_VAR`]) sets: a whole number of seconds,
+/// at least 1.
+pub fn build_limit(value: Option<&str>) -> Result<Duration, String> {
+    match value {
+        None => Ok(DEFAULT_BUILD_LIMIT),
+        Some(text) => match text.trim().parse::<u64>() {
+            Ok(seconds) if seconds > 0 => Ok(Duration::from_secs(seconds)),
+            _ => Err(format!(
+                "{BUILD_TIMEOUT_VAR} is {text:?}: it is the seconds a variant's build may take, a \
+                 whole number of at least 1 (unset: {})",
+                DEFAULT_BUILD_LIMIT.as_secs()
+            )),
+        },
+    }
+}
+
+/// Waits for cargo (`child`) and returns how it ended, and whether it was killed for running
+/// past `limit`. Under a limit (a confined build, whose command leads its own process group)
+/// the group is killed as soon as cargo exits, so that nothing a build script left running
+/// holds cargo's output open, and at `limit` if cargo is still running. Without one it only
+/// waits.
+fn watch(mut child: Child, limit: Option<Duration>) -> (std::io::Result<ExitStatus>, bool) {
+    let Some(limit) = limit else {
+        return (child.wait(), false);
+    };
+    // SAFETY (both calls below): signalling the process group the confined command leads (its
+    // pid is the group's id): whatever it and its build scripts started.
+    let kill_group = |pid: u32| unsafe { libc::killpg(pid as libc::pid_t, libc::SIGKILL) };
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                kill_group(child.id());
+                return (Ok(status), false);
+            }
+            Ok(None) if Instant::now() >= deadline => {
+                kill_group(child.id());
+                return (child.wait(), true);
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => {
+                kill_group(child.id());
+                return (Err(e), false);
+            }
+        }
     }
 }
 
@@ -708,6 +786,60 @@ mod tests {
             other => panic!("expected BuiltFromElsewhere, got {other:?}"),
         }
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn the_build_limit_is_whole_seconds_or_the_default() {
+        assert_eq!(build_limit(None), Ok(DEFAULT_BUILD_LIMIT));
+        assert_eq!(build_limit(Some("90")), Ok(Duration::from_secs(90)));
+        assert_eq!(build_limit(Some(" 5\n")), Ok(Duration::from_secs(5)));
+        for bad in ["", "0", "-3", "1.5", "ten", "5s"] {
+            let e = build_limit(Some(bad)).expect_err(bad);
+            assert!(
+                e.contains(BUILD_TIMEOUT_VAR) && e.contains(&format!("{bad:?}")),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    /// A watched command still running at its limit is killed with its whole group; one that
+    /// ends in time is waited for, and its group killed with it.
+    #[test]
+    fn a_build_past_its_limit_is_killed_with_its_group() {
+        let child = Command::new("sh")
+            .args(["-c", "sleep 613 & sleep 613"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let group = child.id() as libc::pid_t;
+        let (status, timed_out) = watch(child, Some(Duration::from_millis(300)));
+        assert!(timed_out);
+        assert!(!status.unwrap().success());
+        assert!(
+            group_gone(group),
+            "a process of the killed build's group is still running"
+        );
+
+        let child = Command::new("sh")
+            .args(["-c", "sleep 614 > /dev/null & exit 0"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let group = child.id() as libc::pid_t;
+        let (status, timed_out) = watch(child, Some(Duration::from_secs(60)));
+        assert!(!timed_out && status.unwrap().success());
+        assert!(group_gone(group), "what the build left running outlived it");
+    }
+
+    /// Whether process group `group` has no process left within 5 s (a killed orphan is a
+    /// zombie, which signal 0 still finds, until init reaps it).
+    fn group_gone(group: libc::pid_t) -> bool {
+        (0..250).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            // SAFETY: signal 0 only asks whether any process of the group is left.
+            let left = unsafe { libc::killpg(group, 0) };
+            left != 0
+        })
     }
 
     #[test]

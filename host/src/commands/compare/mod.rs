@@ -203,7 +203,7 @@ pub fn stage(a_arg: &str, b_arg: &str, device: Device, out: &Path) -> Result<()>
         &root,
         protocol.gates.oracle_device().map_err(anyhow::Error::msg)?,
     )?;
-    let sandbox = crate::commands::setup::build_sandbox(&root);
+    let sandbox = crate::commands::setup::build_sandbox(&root)?;
     let (a, b) = build_sides(&root, (a_arg, b_arg), false, device, &sandbox)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot make {}", out.display()))?;
     for side in [&a, &b] {
@@ -366,7 +366,7 @@ fn prepare(args: &CompareArgs) -> Result<Prepared> {
     // The oracle first: the variants' builds start from its compiled dependencies.
     let oracle_build = OracleBuild::prepare(&root, oracle_device)?;
     let results_dir = args.results.clone().unwrap_or_else(|| root.join("results"));
-    let sandbox = crate::commands::setup::build_sandbox(&root);
+    let sandbox = crate::commands::setup::build_sandbox(&root)?;
     let (a, b) = build_sides(
         &root,
         (&a_arg, &b_arg),
