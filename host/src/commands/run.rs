@@ -99,10 +99,11 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         eprintln!("{}", crate::commands::setup::modified_banner(&harness));
     }
     // Built before measuring, so a build never runs beside a timed request; the oracle first,
-    // since the variant's build starts from its compiled dependencies.
+    // since the variant's build starts from its compiled dependencies (and before either, a
+    // bad build time limit is refused).
+    let sandbox = crate::commands::setup::build_sandbox(&root)?;
     let oracle_build = OracleBuild::prepare(&root, oracle_device)?;
     let results_dir = args.results.clone().unwrap_or_else(|| root.join("results"));
-    let sandbox = crate::commands::setup::build_sandbox(&root)?;
     let (lib, build) = variant.library_for(args.no_build, setup.device, &sandbox)?;
     let sandbox_level = crate::sandbox::Support::probe().worker_level().and(build);
     if !sandbox_level.is_full() {

@@ -150,7 +150,7 @@ pub fn protected_paths(root: Option<&Path>, results: Option<&Path>) -> Vec<PathB
 pub fn build_sandbox(root: &Path) -> Result<BuildSandbox> {
     use crate::supervisor::cargo_build::{build_limit, BUILD_TIMEOUT_VAR};
     let value = std::env::var_os(BUILD_TIMEOUT_VAR).map(|v| v.to_string_lossy().into_owned());
-    let limit = build_limit(value.as_deref()).map_err(anyhow::Error::msg)?;
+    let limit = build_limit(value.as_deref())?;
     Ok(BuildSandbox {
         seed: Some(crate::supervisor::revision::seed_dir(root)),
         dir: crate::supervisor::revision::place_dir(root),

@@ -61,6 +61,12 @@ pub enum BuildError {
          holding cargo's output open?); {BUILD_TIMEOUT_VAR}=SECONDS sets the limit"
     )]
     TimedOut { dir: PathBuf, seconds: u64 },
+    #[error(
+        "{BUILD_TIMEOUT_VAR} is {value:?}: it is the seconds a variant's build may take, a whole \
+         number of at least 1 (unset: {})",
+        DEFAULT_BUILD_LIMIT.as_secs()
+    )]
+    BadLimit { value: String },
     #[error("cargo built variant {dir} but reported no cdylib for package {package}")]
     NoArtifact { dir: PathBuf, package: String },
     #[error(
@@ -400,19 +406,19 @@ impl VariantCrate {
                     .map(PathBuf::from);
             }
         }
-        let (status, timed_out) = watcher.join().unwrap_or_else(|_| {
-            (
-                Err(std::io::Error::other("the build's watcher panicked")),
-                false,
-            )
-        });
-        if timed_out {
-            return Err(BuildError::TimedOut {
-                dir: self.dir.clone(),
-                seconds: limit.unwrap_or_default().as_secs(),
-            });
-        }
-        let status = status.map_err(|source| BuildError::Cargo { cargo, source })?;
+        let ended = watcher
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the build's watcher panicked")))
+            .map_err(|source| BuildError::Cargo { cargo, source })?;
+        let status = match ended {
+            Ended::Exited(status) => status,
+            Ended::TimedOut(limit) => {
+                return Err(BuildError::TimedOut {
+                    dir: self.dir.clone(),
+                    seconds: limit.as_secs(),
+                })
+            }
+        };
         if !status.success() {
             return Err(BuildError::Failed {
                 dir: self.dir.clone(),
@@ -568,50 +574,79 @@ pub const DEFAULT_BUILD_LIMIT: Duration = Duration::from_secs(1800);
 
 /// The build time limit `value` (of [`BUILD_TIMEOUT_VAR`]) sets: a whole number of seconds,
 /// at least 1.
-pub fn build_limit(value: Option<&str>) -> Result<Duration, String> {
+pub fn build_limit(value: Option<&str>) -> Result<Duration, BuildError> {
     match value {
         None => Ok(DEFAULT_BUILD_LIMIT),
         Some(text) => match text.trim().parse::<u64>() {
             Ok(seconds) if seconds > 0 => Ok(Duration::from_secs(seconds)),
-            _ => Err(format!(
-                "{BUILD_TIMEOUT_VAR} is {text:?}: it is the seconds a variant's build may take, a \
-                 whole number of at least 1 (unset: {})",
-                DEFAULT_BUILD_LIMIT.as_secs()
-            )),
+            _ => Err(BuildError::BadLimit { value: text.into() }),
         },
     }
 }
 
-/// Waits for cargo (`child`) and returns how it ended, and whether it was killed for running
-/// past `limit`. Under a limit (a confined build, whose command leads its own process group)
-/// the group is killed as soon as cargo exits, so that nothing a build script left running
-/// holds cargo's output open, and at `limit` if cargo is still running. Without one it only
-/// waits.
-fn watch(mut child: Child, limit: Option<Duration>) -> (std::io::Result<ExitStatus>, bool) {
+/// How a build's cargo ended.
+#[derive(Debug)]
+enum Ended {
+    /// It exited by itself.
+    Exited(ExitStatus),
+    /// It was killed for running past this limit.
+    TimedOut(Duration),
+}
+
+/// Waits for cargo (`child`). Under a limit (a confined build, whose command leads its own
+/// process group) the group is killed as soon as cargo exits, so that nothing a build script
+/// left running holds cargo's output open, and at `limit` if cargo is still running. Without
+/// one it only waits.
+fn watch(mut child: Child, limit: Option<Duration>) -> std::io::Result<Ended> {
     let Some(limit) = limit else {
-        return (child.wait(), false);
+        return child.wait().map(Ended::Exited);
     };
-    // SAFETY (both calls below): signalling the process group the confined command leads (its
-    // pid is the group's id): whatever it and its build scripts started.
-    let kill_group = |pid: u32| unsafe { libc::killpg(pid as libc::pid_t, libc::SIGKILL) };
+    let group = child.id() as libc::pid_t;
+    // SAFETY: signalling the process group the confined command leads: whatever it and its
+    // build scripts started. Its leader, our child, is reaped only after this (`has_exited`
+    // leaves it a zombie), so the group's id cannot have passed to another process.
+    let kill_group = || unsafe { libc::killpg(group, libc::SIGKILL) };
     let deadline = Instant::now() + limit;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                kill_group(child.id());
-                return (Ok(status), false);
-            }
-            Ok(None) if Instant::now() >= deadline => {
-                kill_group(child.id());
-                return (child.wait(), true);
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+    let timed_out = loop {
+        match has_exited(child.id()) {
+            Ok(true) => break false,
+            Ok(false) if Instant::now() >= deadline => break true,
+            Ok(false) => std::thread::sleep(Duration::from_millis(50)),
             Err(e) => {
-                kill_group(child.id());
-                return (Err(e), false);
+                kill_group();
+                let _ = child.wait();
+                return Err(e);
             }
         }
+    };
+    kill_group();
+    let status = child.wait()?;
+    Ok(if timed_out {
+        Ended::TimedOut(limit)
+    } else {
+        Ended::Exited(status)
+    })
+}
+
+/// Whether our child `pid` has exited, leaving it unreaped: a zombie keeps its pid, and so its
+/// process group's id, from being given to another process.
+fn has_exited(pid: u32) -> std::io::Result<bool> {
+    // SAFETY: siginfo_t is plain data, valid zeroed; waitid only writes it.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid on our own child, into `info`; WNOWAIT leaves the reaping to `Child::wait`.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: waitid filled `info`; with WNOHANG si_pid stays 0 while the child runs.
+    Ok(unsafe { info.si_pid() } != 0)
 }
 
 /// Whether `lib` (a `--no-build` library) was built from the crate in `dir`, by the dep-info
@@ -790,11 +825,11 @@ mod tests {
 
     #[test]
     fn the_build_limit_is_whole_seconds_or_the_default() {
-        assert_eq!(build_limit(None), Ok(DEFAULT_BUILD_LIMIT));
-        assert_eq!(build_limit(Some("90")), Ok(Duration::from_secs(90)));
-        assert_eq!(build_limit(Some(" 5\n")), Ok(Duration::from_secs(5)));
+        assert_eq!(build_limit(None).unwrap(), DEFAULT_BUILD_LIMIT);
+        assert_eq!(build_limit(Some("90")).unwrap(), Duration::from_secs(90));
+        assert_eq!(build_limit(Some(" 5\n")).unwrap(), Duration::from_secs(5));
         for bad in ["", "0", "-3", "1.5", "ten", "5s"] {
-            let e = build_limit(Some(bad)).expect_err(bad);
+            let e = build_limit(Some(bad)).expect_err(bad).to_string();
             assert!(
                 e.contains(BUILD_TIMEOUT_VAR) && e.contains(&format!("{bad:?}")),
                 "{bad}: {e}"
@@ -806,29 +841,35 @@ mod tests {
     /// ends in time is waited for, and its group killed with it.
     #[test]
     fn a_build_past_its_limit_is_killed_with_its_group() {
-        let child = Command::new("sh")
-            .args(["-c", "sleep 613 & sleep 613"])
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        let group = child.id() as libc::pid_t;
-        let (status, timed_out) = watch(child, Some(Duration::from_millis(300)));
-        assert!(timed_out);
-        assert!(!status.unwrap().success());
+        let (child, group) = group_leader("sleep 613 & sleep 613");
+        let ended = watch(child, Some(Duration::from_millis(300))).unwrap();
+        assert!(
+            matches!(ended, Ended::TimedOut(limit) if limit == Duration::from_millis(300)),
+            "{ended:?}"
+        );
         assert!(
             group_gone(group),
             "a process of the killed build's group is still running"
         );
 
+        let (child, group) = group_leader("sleep 614 > /dev/null & exit 0");
+        let ended = watch(child, Some(Duration::from_secs(60))).unwrap();
+        assert!(
+            matches!(ended, Ended::Exited(status) if status.success()),
+            "{ended:?}"
+        );
+        assert!(group_gone(group), "what the build left running outlived it");
+    }
+
+    /// `sh -c script` leading a process group of its own, as a confined build's command does.
+    fn group_leader(script: &str) -> (Child, libc::pid_t) {
         let child = Command::new("sh")
-            .args(["-c", "sleep 614 > /dev/null & exit 0"])
+            .args(["-c", script])
             .process_group(0)
             .spawn()
             .unwrap();
         let group = child.id() as libc::pid_t;
-        let (status, timed_out) = watch(child, Some(Duration::from_secs(60)));
-        assert!(!timed_out && status.unwrap().success());
-        assert!(group_gone(group), "what the build left running outlived it");
+        (child, group)
     }
 
     /// Whether process group `group` has no process left within 5 s (a killed orphan is a

@@ -199,11 +199,11 @@ pub fn stage(a_arg: &str, b_arg: &str, device: Device, out: &Path) -> Result<()>
     // The oracle's build, for the device the protocol gives it, is what the variants' builds
     // start from, as in a comparison.
     let protocol = Protocol::load(&root.join("prompts/protocol.toml"))?;
+    let sandbox = crate::commands::setup::build_sandbox(&root)?;
     OracleBuild::prepare(
         &root,
         protocol.gates.oracle_device().map_err(anyhow::Error::msg)?,
     )?;
-    let sandbox = crate::commands::setup::build_sandbox(&root)?;
     let (a, b) = build_sides(&root, (a_arg, b_arg), false, device, &sandbox)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot make {}", out.display()))?;
     for side in [&a, &b] {
@@ -364,9 +364,9 @@ fn prepare(args: &CompareArgs) -> Result<Prepared> {
         eprintln!("{}", crate::commands::setup::synthetic_banner(!ungated));
     }
     // The oracle first: the variants' builds start from its compiled dependencies.
+    let sandbox = crate::commands::setup::build_sandbox(&root)?;
     let oracle_build = OracleBuild::prepare(&root, oracle_device)?;
     let results_dir = args.results.clone().unwrap_or_else(|| root.join("results"));
-    let sandbox = crate::commands::setup::build_sandbox(&root)?;
     let (a, b) = build_sides(
         &root,
         (&a_arg, &b_arg),
