@@ -89,9 +89,10 @@ impl Outside {
                 )));
             }
             let handle = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
-            let Ok(entries) = std::fs::read_dir(&handle) else {
-                continue;
-            };
+            // One it cannot list (a mode the host may not read past, when it runs without
+            // root's rights) would hide what it holds: an error, as one it cannot open.
+            let entries = std::fs::read_dir(&handle)
+                .map_err(|e| unmeasurable(format!("cannot list a directory: {e}")))?;
             for entry in entries.flatten() {
                 let Ok(meta) = entry.metadata() else { continue };
                 if meta.is_dir() {
