@@ -954,6 +954,49 @@ __device__ __forceinline__ void mma_fetch(MmaLoads& l, const u8* w, const u8* s,
     }
 }
 
+// Zeros a tensor-core matmul's accumulators (NM matrices, IT 16-row tiles, J 8-token tiles).
+template <int NM, int IT, int J>
+__device__ __forceinline__ void mma_zero(float (&acc)[NM][IT][J][4]) {
+#pragma unroll
+    for (int m = 0; m < NM; m++)
+#pragma unroll
+        for (int i = 0; i < IT; i++)
+#pragma unroll
+            for (int j = 0; j < J; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) acc[m][i][j][e] = 0.0f;
+}
+
+// Stores warp (warp_row, warp_tok)'s results of a tensor-core matmul block at (row0, tok0):
+// GATED, the SwiGLU of the gate's and up's sums; else the sums, added atomically under a column
+// split (splits > 1), or added to y when accumulating. Element e of tile (i, j) is row
+// warp_row + row_tile i + g (+ 8 for e >= 2), token warp_tok + 8 j + 2 tig + e % 2.
+template <bool GATED, int NM, int IT, int J>
+__device__ __forceinline__ void mma_store(const float (&acc)[NM][IT][J][4], float* y, int rows,
+                                          int t, int row0, int tok0, int warp_row, int row_tile,
+                                          int warp_tok, int g, int tig, int splits,
+                                          int accumulate) {
+#pragma unroll
+    for (int i = 0; i < IT; i++)
+#pragma unroll
+        for (int j = 0; j < J; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int row = row0 + warp_row + row_tile * i + g + (e >= 2 ? 8 : 0);
+                const int tok = tok0 + warp_tok + 8 * j + 2 * tig + e % 2;
+                if (row >= rows || tok >= t) continue;
+                float* out = y + (long)tok * rows + row;
+                if (GATED) {
+                    const float gate = acc[0][i][j][e];
+                    *out = gate / (1.0f + expf(-gate)) * acc[NM - 1][i][j][e];
+                } else if (splits > 1) {
+                    atomicAdd(out, acc[0][i][j][e]);
+                } else {
+                    *out = accumulate ? *out + acc[0][i][j][e] : acc[0][i][j][e];
+                }
+            }
+}
+
 template <int FMT, bool GATED>
 __device__ void mma_body(const u8* w, const u8* s, const u8* w2, const u8* s2, const float* x,
                          float* y, int rows, int cols, int t, int accumulate) {
@@ -982,14 +1025,7 @@ __device__ void mma_body(const u8* w, const u8* s, const u8* w2, const u8* s2, c
     const int a_row = 16 * IT * wm + lane % 8 + 8 * ((lane / 8) % 2), a_col = 8 * (lane / 16);
     const int b_tok = 32 * wn + lane % 8 + 8 * (lane / 16), b_col = 8 * ((lane / 8) % 2);
     float acc[NM][IT][4][4], part[NM][IT][4][4];
-#pragma unroll
-    for (int m = 0; m < NM; m++)
-#pragma unroll
-        for (int i = 0; i < IT; i++)
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) acc[m][i][j][e] = 0.0f;
+    mma_zero(acc);
     MmaLoads next;
     mma_fetch<FMT>(next, wms, sms, x, b_begin, nb, row0 + lr, row_in, half, tok0 + lt, tok_in,
                    cols, qtr);
@@ -1123,25 +1159,8 @@ __device__ void mma_body(const u8* w, const u8* s, const u8* w2, const u8* s2, c
                 }
         __syncthreads();
     }
-#pragma unroll
-    for (int i = 0; i < IT; i++)
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int row = row0 + 16 * IT * wm + 16 * i + g + (e >= 2 ? 8 : 0);
-                const int tok = tok0 + 32 * wn + 8 * j + 2 * tig + e % 2;
-                if (row >= rows || tok >= t) continue;
-                float* out = y + (long)tok * rows + row;
-                if (GATED) {
-                    const float gate = acc[0][i][j][e];
-                    *out = gate / (1.0f + expf(-gate)) * acc[NM - 1][i][j][e];
-                } else if (splits > 1) {
-                    atomicAdd(out, acc[0][i][j][e]);
-                } else {
-                    *out = accumulate ? *out + acc[0][i][j][e] : acc[0][i][j][e];
-                }
-            }
+    mma_store<GATED>(acc, y, rows, t, row0, tok0, 16 * IT * wm, 16, 32 * wn, g, tig, splits,
+                     accumulate);
 }
 
 extern "C" __global__ void __launch_bounds__(MMA_THREADS) mma_q4_1(const u8* w, const u8* s,
@@ -1205,6 +1224,19 @@ __device__ __forceinline__ void write_parts_block(u16* parts, float* sums, float
 // to take them (PIPELINED: `PIPELINE_FROM_EMBD` in mod.rs), since NVRTC's memory at load grows
 // with them.
 #ifdef PIPELINED
+// The pipelined matmul's block: MMA_THREADS, as the one-pass matmul's, or with warpgroup MMAs
+// four warpgroups (MMA_PIPE_THREADS_WG), one block an SM, which stage the quants of twice the
+// rows (MMA_PIPE_ROWS, one row's scales a thread pair) for the same parts: the parts are most
+// of what a block reads from L2 a step, and then serve 256 rows instead of 128.
+#define MMA_PIPE_THREADS_WG 512
+#ifdef WGMMA
+#define MMA_PIPE_THREADS MMA_PIPE_THREADS_WG
+#define MMA_PIPE_MIN_BLOCKS 1
+#else
+#define MMA_PIPE_THREADS MMA_THREADS
+#define MMA_PIPE_MIN_BLOCKS 2
+#endif
+#define MMA_PIPE_ROWS (MMA_PIPE_THREADS / 2)
 extern "C" __global__ void split_parts(const float* x, u16* parts, float* sums, int t, int cols) {
     after_predecessor();
     const int nb = cols / 32, lane = threadIdx.x % 32;
@@ -1225,8 +1257,8 @@ struct MmaStage {
     static constexpr int X_ROW = MMA_KB * 64 + 16;
     static constexpr int Q_ROW = MMA_KB * QB + 16;
     static constexpr int X = 3 * MMA_TOKENS * X_ROW;
-    static constexpr int Q = 128 * Q_ROW;
-    static constexpr int S = 128 * MMA_KB * 4;
+    static constexpr int Q = MMA_PIPE_ROWS * Q_ROW;
+    static constexpr int S = MMA_PIPE_ROWS * MMA_KB * 4;
     static constexpr int XS = MMA_KB * MMA_TOKENS * 4;
     static constexpr int BYTES = X + Q + S + XS;
     static constexpr int STAGES = FMT == FMT_Q4_1 ? MMA_STAGES_Q4_1 : MMA_STAGES_Q8_0;
@@ -1238,14 +1270,91 @@ __device__ __forceinline__ u32 s8_pair(u32 word, int lo_byte, int hi_byte) {
                      (float)(signed char)(word >> (8 * hi_byte)));
 }
 
+// On sm_90a (the H100 and H200, `-D WGMMA` from mod.rs) the pipeline's products run as
+// warpgroup MMAs: each warpgroup of four warps multiplies 64 rows by the block's 64 tokens with
+// `wgmma.mma_async` (A, the quants, from registers as for mma.sync; B, the parts, read by the
+// tensor cores from shared memory through a descriptor), where mma.sync took 16 x 8 tiles a
+// warp. Warpgroup wn takes staged rows 64 wn .. + 64: rows 64 wn .. of the matrix, or, gated,
+// the gate's (wn 0) or the up's (wn 1) 64 rows, whose sums meet in shared memory at the end. Its B layout is K-major without swizzle: 8 x 8 "core matrices" of 128 contiguous
+// bytes (8 tokens of 8 columns), 8 of them along a stage's 64 columns (128 bytes apart: the
+// descriptor's leading offset), then the next 8 tokens (1,024 bytes: its stride offset).
+#ifdef WGMMA
+#define MMA_WG 1
+// The descriptor of a K-major, unswizzled B operand at shared address `addr` (16-byte aligned).
+__device__ __forceinline__ unsigned long long wgmma_desc(u32 addr) {
+    return (unsigned long long)((addr & 0x3ffffu) >> 4) | (unsigned long long)(128 >> 4) << 16 |
+           (unsigned long long)(1024 >> 4) << 32;
+}
+// Orders this thread's earlier register accesses before the warpgroup MMAs after it.
+__device__ __forceinline__ void wgmma_fence() {
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+}
+// Closes the warpgroup MMAs issued so far into a group, and waits for every group to end.
+__device__ __forceinline__ void wgmma_commit_and_wait() {
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+}
+// Pins the accumulators of a tile in program order: the compiler sees an asm that may
+// change them, so it moves no read of them above this point (after the wait: the sums are
+// final) and no write below it (before the MMAs).
+template <int J>
+__device__ __forceinline__ void wgmma_fence_operands(float (&d)[J][4]) {
+#pragma unroll
+    for (int j = 0; j < J; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) asm volatile("" : "+f"(d[j][e])::"memory");
+}
+// Makes this thread's shared-memory writes (cp.async's included) visible to the tensor cores'
+// reads, which go through the async proxy.
+__device__ __forceinline__ void fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+// d (+)= a b for the warpgroup's 64 x 64 tile, K 16: a this warp's 16 rows as mma.sync's A
+// fragments, b the descriptor's 64 tokens; d[j][e] as mma.sync's C of the 8-token tile j
+// (rows g, g + 8 for e >= 2). `accumulate` 0 writes a fresh sum.
+__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[8][4], const u32 (&a)[4],
+                                                unsigned long long b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, "
+        "%8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, "
+        "%24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate)
+        : "memory");
+}
+#else
+#define MMA_WG 0
+#endif
+
 template <int FMT, bool GATED>
 __device__ void mma_pipe_body(const u8* w, const u8* s, const u8* w2, const u8* s2,
-                              const u16* xp,
-                         const float* xsum, float* y, int rows, int cols, int t,
-                         int accumulate, u16* y_parts, float* y_sums) {
+                              const u16* xp, const float* xsum, float* y, int rows, int cols,
+                              int t, int accumulate, u16* y_parts, float* y_sums) {
     using L = MmaStage<FMT>;
     // Matrices, 16-row tiles a warp, and rows a block.
-    constexpr int NM = GATED ? 2 : 1, IT = GATED ? 1 : 2, BR = GATED ? MMA_ROWS_GATED : MMA_ROWS;
+    constexpr int NM = GATED ? 2 : 1, IT = GATED ? 1 : 2;
+    constexpr int BR = GATED ? MMA_PIPE_ROWS / 2 : MMA_PIPE_ROWS;
+    // A thread's accumulator tiles: mma.sync gives warp (wm, wn) IT adjacent 16-row tiles of
+    // each matrix by four 8-token tiles (tokens 32 wn ..); a warpgroup MMA gives it one tile
+    // of 16 rows by all eight (below, `matrix` and `row_in` say which).
+    constexpr bool WG = MMA_WG;
+    constexpr int AM = WG ? 1 : NM, AI = WG ? 1 : IT, J = WG ? 8 : 4;
+    // A stage's parts: mma.sync's padded token rows, or the warpgroup MMA's core matrices
+    // (plane p at 8,192 p; token tok's 16 bytes of columns 8 c .. at 128 (8 (tok / 8) + c) +
+    // 16 (tok % 8)).
+    constexpr int X_PLANE = WG ? 8192 : MMA_TOKENS * L::X_ROW;
+    static_assert(3 * X_PLANE <= L::X, "the parts fit their region");
     extern __shared__ __align__(16) u8 smem[];
     {
         // The host sizes the dynamic shared memory from its own copy of these constants; a
@@ -1256,8 +1365,16 @@ __device__ void mma_pipe_body(const u8* w, const u8* s, const u8* w2, const u8* 
     }
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, tig = lane % 4;
+    // Warp wm of warpgroup wn (mma.sync: of token half wn; warpgroup MMAs: 0 .. 3).
     const int wm = warp % 4, wn = warp / 4;
     const int row0 = blockIdx.x * BR, tok0 = blockIdx.y * MMA_TOKENS;
+    // The matrix of accumulator m, row g + 8 hr of its tile i (within the block's rows of that
+    // matrix), and the first token of this warp's tiles (within the block's).
+    auto matrix = [&](int m) { return WG ? (GATED ? wn / 2 : 0) : m; };
+    auto row_in = [&](int i, int hr) {
+        return (WG ? 64 * (GATED ? wn % 2 : wn) + 16 * wm : 16 * IT * wm + 16 * i) + g + 8 * hr;
+    };
+    const int warp_tok = WG ? 0 : 32 * wn;
     const int nb = cols / 32;
     const MmaSplit split = mma_split(nb);
     const int splits = split.splits, b_begin = split.begin, b_end = split.end;
@@ -1270,10 +1387,19 @@ __device__ void mma_pipe_body(const u8* w, const u8* s, const u8* w2, const u8* 
     // a row: 128 rows of QP pieces are QP / 2 copies a thread);
     // the scales of row tid / 2, block tid % 2; piece tid % 8 of tokens tid / 8 and + 32 in each
     // part; and (Q4_1) the sum of block tid / 64 of token tid % 64.
-    static_assert(MMA_KB == 2 && MMA_THREADS == 256 && MMA_TOKENS == 64, "the copies' shape");
+    static_assert(MMA_KB == 2 && MMA_TOKENS == 64 &&
+                      (MMA_PIPE_THREADS == 256 || (MMA_PIPE_THREADS == 512 && WG)),
+                  "the copies' shape");
+    // Tokens a thread copies of each part: x_tok and (256 threads) x_tok + 32.
+    constexpr int X_TOKS = MMA_PIPE_THREADS == 512 ? 1 : 2;
     constexpr int QP = MMA_KB * L::QB / 16;
     const int q_piece = tid % QP, q_kb = q_piece * 16 / L::QB;
-    const int x_piece = tid % 8, x_tok = tid / 8;
+    // Each thread copies piece x_piece (8 columns) of tokens x_tok and x_tok + 32 of each part;
+    // for the core matrices, 8 neighbouring threads fill one (128 contiguous bytes).
+    const int x_piece = WG ? (tid / 8) % 8 : tid % 8, x_tok = WG ? 8 * (tid / 64) + tid % 8 : tid / 8;
+    const int x_at = WG ? 128 * (8 * (x_tok / 8) + x_piece) + 16 * (x_tok % 8)
+                        : x_tok * L::X_ROW + x_piece * 16;
+    constexpr int X_PLUS32 = WG ? 4096 : 32 * L::X_ROW;  // token x_tok + 32
     auto load = [&](int st, int stage) {
         u8* const xs = smem + stage * L::BYTES;
         u8* const qs = xs + L::X;
@@ -1282,7 +1408,7 @@ __device__ void mma_pipe_body(const u8* w, const u8* s, const u8* w2, const u8* 
         const int b0 = b_begin + MMA_KB * st;
 #pragma unroll
         for (int n = 0; n < QP / 2; n++) {
-            const int r = tid / QP + (256 / QP) * n, lr = r % BR, row = row0 + lr;
+            const int r = tid / QP + (MMA_PIPE_THREADS / QP) * n, lr = r % BR, row = row0 + lr;
             const int b = b0 + q_kb;
             const bool in = row < rows && b < b_end;
             const u8* src = r < BR ? w : w2;
@@ -1303,13 +1429,14 @@ __device__ void mma_pipe_body(const u8* w, const u8* s, const u8* w2, const u8* 
             const bool b_in = b0 + x_piece / 4 < b_end;
             const bool x_in0 = tok0 + x_tok < t, x_in1 = tok0 + x_tok + 32 < t;
             const u16* const src = xp + (long)(tok0 + x_tok) * cols + b0 * 32 + x_piece * 8;
-            u8* const dst = xs + x_tok * L::X_ROW + x_piece * 16;
+            u8* const dst = xs + x_at;
 #pragma unroll
             for (int p = 0; p < 3; p++) {
                 const bool in0 = x_in0 && b_in, in1 = x_in1 && b_in;
-                cp_async16(dst + p * MMA_TOKENS * L::X_ROW, in0 ? src + p * plane : xp, in0);
-                cp_async16(dst + (p * MMA_TOKENS + 32) * L::X_ROW,
-                           in1 ? src + p * plane + 32L * cols : xp, in1);
+                cp_async16(dst + p * X_PLANE, in0 ? src + p * plane : xp, in0);
+                if (X_TOKS == 2)
+                    cp_async16(dst + p * X_PLANE + X_PLUS32,
+                               in1 ? src + p * plane + 32L * cols : xp, in1);
             }
         }
         if (FMT == FMT_Q4_1 && tid < MMA_KB * MMA_TOKENS) {
@@ -1319,18 +1446,9 @@ __device__ void mma_pipe_body(const u8* w, const u8* s, const u8* w2, const u8* 
         }
     };
 
-    // The ldmatrix rows of this lane for the parts (two 8-token tiles x 16 columns): token
-    // l % 8 + 8 (l / 16) at column 8 ((l / 8) % 2).
-    const int b_tok = 32 * wn + lane % 8 + 8 * (lane / 16), b_col = 8 * ((lane / 8) % 2);
-    float acc[NM][IT][4][4], part[NM][IT][4][4];
-#pragma unroll
-    for (int m = 0; m < NM; m++)
-#pragma unroll
-        for (int i = 0; i < IT; i++)
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) acc[m][i][j][e] = 0.0f;
+    float acc[AM][AI][J][4], part[AM][AI][J][4];
+    mma_zero(acc);
+    mma_zero(part);  // a warpgroup MMA names its accumulators as operands
 
 #pragma unroll
     for (int st = 0; st < L::STAGES - 1; st++) {
@@ -1339,6 +1457,9 @@ __device__ void mma_pipe_body(const u8* w, const u8* s, const u8* w2, const u8* 
     }
     for (int st = 0; st < steps; st++) {
         cp_async_wait<L::STAGES - 2>();
+#if MMA_WG
+        fence_proxy_async();  // for the tensor cores' reads of it
+#endif
         __syncthreads();  // step st has landed, and every warp is done with the stage it reuses
         {
             const int ahead = st + L::STAGES - 1;
@@ -1354,28 +1475,26 @@ __device__ void mma_pipe_body(const u8* w, const u8* s, const u8* w2, const u8* 
             // This lane's quant words of the block: row g + 8 hr of tile i of matrix m, bytes
             // 4 tig .. + 3 (Q8_0: of each 16-byte half, one a k16 tile).
             constexpr int HALVES = FMT == FMT_Q4_1 ? 1 : 2;
-            u32 words[NM][IT][2][HALVES];
+            u32 words[AM][AI][2][HALVES];
 #pragma unroll
-            for (int m = 0; m < NM; m++)
+            for (int m = 0; m < AM; m++)
 #pragma unroll
-                for (int i = 0; i < IT; i++)
+                for (int i = 0; i < AI; i++)
 #pragma unroll
                     for (int hr = 0; hr < 2; hr++) {
-                        const int r = m * BR + 16 * IT * wm + 16 * i + g + 8 * hr;
+                        const int r = matrix(m) * BR + row_in(i, hr);
                         const u8* q = qs + r * L::Q_ROW + kb * L::QB + 4 * tig;
 #pragma unroll
                         for (int half = 0; half < HALVES; half++)
                             words[m][i][hr][half] = *reinterpret_cast<const u32*>(q + 16 * half);
                     }
+            // A fragments of k16 tile h: register hr + 2 k8 of a[m][i] holds row g + 8 hr,
+            // columns 2 tig + 8 k8 .. + 1.
+            auto fragments = [&](int h, u32 (&a)[AM][AI][4]) {
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                // A fragments of k16 tile h: register hr + 2 k8 of a[m][i] holds row g + 8 hr,
-                // columns 2 tig + 8 k8 .. + 1.
-                u32 a[NM][IT][4];
+                for (int m = 0; m < AM; m++)
 #pragma unroll
-                for (int m = 0; m < NM; m++)
-#pragma unroll
-                    for (int i = 0; i < IT; i++)
+                    for (int i = 0; i < AI; i++)
 #pragma unroll
                         for (int hr = 0; hr < 2; hr++) {
                             if (FMT == FMT_Q4_1) {
@@ -1388,6 +1507,36 @@ __device__ void mma_pipe_body(const u8* w, const u8* s, const u8* w2, const u8* 
                                 a[m][i][2 + hr] = s8_pair(word, 1, 3);
                             }
                         }
+            };
+#if MMA_WG
+            {
+                // Both k16 tiles' fragments first: a warpgroup MMA reads its registers until
+                // the wait, so none may be rewritten while the block's products run.
+                u32 a[2][AM][AI][4];
+                fragments(0, a[0]);
+                fragments(1, a[1]);
+                wgmma_fence_operands(part[0][0]);
+                wgmma_fence();
+                // The block's 64 tokens of columns 32 kb .. (core matrices 4 kb ..).
+                const u32 b0 = smem_addr(xs + 512 * kb);
+#pragma unroll
+                for (int h = 0; h < 2; h++)
+                    // The smallest part first, so that it is not lost below the larger ones' sum.
+#pragma unroll
+                    for (int p = 2; p >= 0; p--)
+                        wgmma_m64n64k16(part[0][0], a[h][0][0],
+                                        wgmma_desc(b0 + p * X_PLANE + 256 * h), p != 2 || h != 0);
+                wgmma_commit_and_wait();
+                wgmma_fence_operands(part[0][0]);
+            }
+#else
+            // The ldmatrix rows of this lane for the parts (two 8-token tiles x 16 columns):
+            // token l % 8 + 8 (l / 16) at column 8 ((l / 8) % 2).
+            const int b_tok = 32 * wn + lane % 8 + 8 * (lane / 16), b_col = 8 * ((lane / 8) % 2);
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                u32 a[NM][IT][4];
+                fragments(h, a);
                 // The smallest part first, so that it is not lost below the larger ones' sum.
 #pragma unroll
                 for (int p = 2; p >= 0; p--)
@@ -1413,24 +1562,25 @@ __device__ void mma_pipe_body(const u8* w, const u8* s, const u8* w2, const u8* 
                                 }
                     }
             }
+#endif
             // Scale the block's sums into the result: element e of tile (i, j) is row
-            // 16 IT wm + 16 i + g (+ 8 for e >= 2), token 32 wn + 8 j + 2 tig + e % 2.
-            float2 xsj[4];
+            // row_in(i, e / 2) of its matrix, token warp_tok + 8 j + 2 tig + e % 2.
+            float2 xsj[J];
             if (FMT == FMT_Q4_1) {
 #pragma unroll
-                for (int j = 0; j < 4; j++)
+                for (int j = 0; j < J; j++)
                     xsj[j] = *reinterpret_cast<const float2*>(
-                        sm + (kb * MMA_TOKENS + 32 * wn + 8 * j + 2 * tig) * 4);
+                        sm + (kb * MMA_TOKENS + warp_tok + 8 * j + 2 * tig) * 4);
             }
 #pragma unroll
-            for (int m = 0; m < NM; m++)
+            for (int m = 0; m < AM; m++)
 #pragma unroll
-                for (int i = 0; i < IT; i++)
+                for (int i = 0; i < AI; i++)
 #pragma unroll
                     for (int hr = 0; hr < 2; hr++) {
-                        const int lr = 16 * IT * wm + 16 * i + g + 8 * hr;
-                        const u32 word =
-                            *reinterpret_cast<const u32*>(ss + ((m * BR + lr) * MMA_KB + kb) * 4);
+                        const int lr = row_in(i, hr);
+                        const u32 word = *reinterpret_cast<const u32*>(
+                            ss + ((matrix(m) * BR + lr) * MMA_KB + kb) * 4);
                         float d, mm = 0.0f;
                         if (FMT == FMT_Q4_1) {
                             d = f16_to_f32((u16)(word & 0xffff));
@@ -1442,7 +1592,7 @@ __device__ void mma_pipe_body(const u8* w, const u8* s, const u8* w2, const u8* 
                             d = f16_to_f32((u16)(odd ? word >> 16 : word & 0xffff));
                         }
 #pragma unroll
-                        for (int j = 0; j < 4; j++)
+                        for (int j = 0; j < J; j++)
 #pragma unroll
                             for (int ec = 0; ec < 2; ec++) {
                                 const int e = 2 * hr + ec;
@@ -1454,6 +1604,38 @@ __device__ void mma_pipe_body(const u8* w, const u8* s, const u8* w2, const u8* 
         }
     }
     cp_async_wait<0>();
+#if MMA_WG
+    if (GATED) {
+        // The gate's sums (warpgroups 0 and 1) and the up's (2, 3) meet in shared memory,
+        // red[m][token][row] (rows padded by 4, so that a warp's stores of a tile fall in
+        // distinct banks), once every warp is done with the last step's stage. Then warp w
+        // takes items w, w + 16, ..: 32 rows of one token, y and (y_parts not null) y split for
+        // the down projection with the 32 rows' sum, as split_parts would leave it.
+        // (The gated block's rows a matrix: BR, which this branch alone sees.)
+        constexpr int GR = MMA_PIPE_ROWS / 2, RED_ROW = GR + 4, ROW_BLOCKS = GR / 32;
+        static_assert(2 * MMA_TOKENS * RED_ROW * 4 <= L::STAGES * L::BYTES, "the sums fit");
+        float* const red = reinterpret_cast<float*>(smem);
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < J; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                red[(matrix(0) * MMA_TOKENS + 8 * j + 2 * tig + e % 2) * RED_ROW +
+                    row_in(0, e / 2)] = acc[0][0][j][e];
+        __syncthreads();
+        for (int item = warp; item < ROW_BLOCKS * MMA_TOKENS; item += MMA_PIPE_THREADS / 32) {
+            const int tl = item / ROW_BLOCKS, blk = item % ROW_BLOCKS, tok = tok0 + tl;
+            const int rl = 32 * blk + lane;
+            // Whole warps leave: y_parts' rows are whole 32-row blocks.
+            if (tok >= t || row0 + 32 * blk >= rows) continue;
+            const float gate = red[tl * RED_ROW + rl], up = red[(MMA_TOKENS + tl) * RED_ROW + rl];
+            const float v = gate / (1.0f + expf(-gate)) * up;
+            if (row0 + rl < rows) y[(long)tok * rows + row0 + rl] = v;
+            if (y_parts != nullptr) write_parts_block(y_parts, y_sums, v, tok, row0 + rl, t, rows);
+        }
+        return;
+    }
+#else
     if (GATED) {
         // y, and (y_parts not null) y split for the down projection, as split_parts would
         // leave it: rows are y's columns, warp w's 16 rows half of column block w / 2. A
@@ -1496,47 +1678,34 @@ __device__ void mma_pipe_body(const u8* w, const u8* s, const u8* w2, const u8* 
         }
         return;
     }
-#pragma unroll
-    for (int i = 0; i < IT; i++)
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int row = row0 + 16 * IT * wm + 16 * i + g + (e >= 2 ? 8 : 0);
-                const int tok = tok0 + 32 * wn + 8 * j + 2 * tig + e % 2;
-                if (row >= rows || tok >= t) continue;
-                float* out = y + (long)tok * rows + row;
-                if (splits > 1) {
-                    atomicAdd(out, acc[0][i][j][e]);
-                } else {
-                    *out = accumulate ? *out + acc[0][i][j][e] : acc[0][i][j][e];
-                }
-            }
+#endif
+    mma_store<false>(acc, y, rows, t, row0, tok0, row_in(0, 0) - g, 16, warp_tok, g, tig, splits,
+                     accumulate);
 }
 
 // `xp` and `xsum`: the chunk's activations as split_parts leaves them.
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, 2)
+extern "C" __global__ void __launch_bounds__(MMA_PIPE_THREADS, MMA_PIPE_MIN_BLOCKS)
     mma_pipe_q4_1(const u8* w, const u8* s, const u16* xp, const float* xsum, float* y, int rows,
              int cols, int t, int accumulate) {
     after_predecessor();
     mma_pipe_body<FMT_Q4_1, false>(w, s, w, s, xp, xsum, y, rows, cols, t, accumulate, nullptr,
                               nullptr);
 }
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, 2)
+extern "C" __global__ void __launch_bounds__(MMA_PIPE_THREADS, MMA_PIPE_MIN_BLOCKS)
     mma_pipe_q8_0(const u8* w, const u8* s, const u16* xp, const float* xsum, float* y, int rows,
              int cols, int t, int accumulate) {
     after_predecessor();
     mma_pipe_body<FMT_Q8_0, false>(w, s, w, s, xp, xsum, y, rows, cols, t, accumulate, nullptr,
                               nullptr);
 }
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, 2)
+extern "C" __global__ void __launch_bounds__(MMA_PIPE_THREADS, MMA_PIPE_MIN_BLOCKS)
     mma_pipe_swiglu_q4_1(const u8* wg, const u8* sg, const u8* wu, const u8* su, const u16* xp,
                     const float* xsum, float* y, int rows, int cols, int t, u16* y_parts,
                     float* y_sums) {
     after_predecessor();
     mma_pipe_body<FMT_Q4_1, true>(wg, sg, wu, su, xp, xsum, y, rows, cols, t, 0, y_parts, y_sums);
 }
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, 2)
+extern "C" __global__ void __launch_bounds__(MMA_PIPE_THREADS, MMA_PIPE_MIN_BLOCKS)
     mma_pipe_swiglu_q8_0(const u8* wg, const u8* sg, const u8* wu, const u8* su, const u16* xp,
                     const float* xsum, float* y, int rows, int cols, int t, u16* y_parts,
                     float* y_sums) {

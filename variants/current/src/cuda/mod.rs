@@ -61,6 +61,10 @@ const MMA_THREADS: u32 = 256;
 const MMA_KB: u32 = 2;
 const MMA_STAGES_Q4_1: u32 = 3;
 const MMA_STAGES_Q8_0: u32 = 2;
+/// The pipelined matmul's block with warpgroup MMAs (`MMA_PIPE_THREADS_WG`): four warpgroups,
+/// one block an SM, half as many threads as rows it stages (256; the gated kernel 128 of each
+/// matrix). Without them it is the one-pass block ([`MMA_THREADS`], [`MMA_ROWS`]).
+const MMA_PIPE_THREADS_WG: u32 = 512;
 /// The narrowest model (`n_embd`) whose chunks take the pipelined matmuls (`mma_pipe_*`, their
 /// inputs split by the kernels that write them, [`Parts`]); narrower ones keep the one-pass
 /// `mma_*`. Measured on the H100, a prefill of 512 tokens: the pipeline took 6.4% off the
@@ -311,6 +315,9 @@ struct Kernels {
     /// The device's multiprocessors: a tensor-core matmul whose tiles are fewer splits its
     /// columns ([`column_splits`]).
     sms: u32,
+    /// Whether the pipelined matmuls were compiled as warpgroup MMAs ([`takes_wgmma`]), which
+    /// sizes their blocks ([`PipeBlock`]).
+    wgmma: bool,
     /// Keeps the module loaded while its functions are used.
     _module: Arc<CudaModule>,
 }
@@ -343,7 +350,7 @@ impl Kernels {
             let function = f(name)?;
             function.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                mma_shared_bytes(format) as i32,
+                mma_shared_bytes(format, PipeBlock::of(takes_wgmma(arch, pipelined))) as i32,
             )?;
             Ok(Some(function))
         };
@@ -402,6 +409,7 @@ impl Kernels {
             attention_decode_short: f("attention_decode_short")?,
             argmax: f("argmax")?,
             split_parts: feeding("split_parts")?,
+            wgmma: takes_wgmma(arch, pipelined),
             sms: ctx.attribute(
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )? as u32,
@@ -409,8 +417,8 @@ impl Kernels {
         })
     }
 
-    /// kernels.cu compiled by NVRTC to the machine code of `arch` (`sm_90` on the H200): a
-    /// cubin, which the driver loads as it is. PTX would be compiled a second time by the
+    /// kernels.cu compiled by NVRTC to the machine code of `arch` (`sm_90` on the H200; a
+    /// pipelined model's `sm_90a` there, for the warpgroup MMAs): a cubin, which the driver loads as it is. PTX would be compiled a second time by the
     /// driver at load, which on the H200 took 42 MB more peak memory and 1.5-3 s when no cache
     /// is kept (`probe_load_memory_*` in tests.rs). Needs `libnvrtc`, not a GPU.
     fn cubin(
@@ -424,13 +432,17 @@ impl Kernels {
         let src = std::ffi::CString::new(SOURCE).map_err(|e| fail(e.to_string()))?;
         let prog =
             result::create_program(&src, Some(c"kernels.cu")).map_err(|e| fail(e.to_string()))?;
+        let wgmma = takes_wgmma(arch, pipelined);
         let mut options = vec![
-            format!("--gpu-architecture={arch}"),
+            format!("--gpu-architecture={}", if wgmma { "sm_90a" } else { arch }),
             "--fmad=false".to_string(),
         ];
         options.extend(long_rows.defines().map(|d| format!("-D{d}")));
         if pipelined {
             options.push("-DPIPELINED".to_string());
+        }
+        if wgmma {
+            options.push("-DWGMMA".to_string());
         }
         // SAFETY: `prog` is live until it is destroyed below, and the cubin's buffer has the
         // size NVRTC reports for it.
@@ -532,9 +544,11 @@ impl Kernels {
             .filter(|_| tensor_cores(format, t));
         match (pipelined, parts) {
             (Some(kernel), Some(parts)) => {
+                let block = PipeBlock::of(self.wgmma);
+                let row_tile = if gated { block.rows / 2 } else { block.rows };
                 let config = LaunchConfig {
-                    shared_mem_bytes: mma_shared_bytes(format),
-                    ..tiled_config(rows, t, format, gated)
+                    shared_mem_bytes: mma_shared_bytes(format, block),
+                    ..tiles(rows, row_tile, t, MMA_TOKENS, block.threads)
                 };
                 (kernel, config, false, Some(parts))
             }
@@ -1035,7 +1049,7 @@ impl CudaLlama {
                 qkv_rope(st, k, &b.qkv, &self.xg, &mut s.qkv, &reading(2 * i), &rope)?;
             }
         } else {
-            let parts = s.parts.as_mut().filter(|_| tensor_cores(b.qkv.format, t));
+            let parts = Parts::for_input(&mut s.parts, &b.qkv, t);
             let (x, mut xn) = (s.x.as_view(), s.xn.as_view_mut());
             rmsnorm(st, k, &x, &b.attn_norm, &mut xn, parts, t, cfg)?;
             let xn = s.xn.as_view();
@@ -1054,7 +1068,7 @@ impl CudaLlama {
                 &self.values[i],
                 &mut s.partial,
                 &mut s.att,
-                s.parts.as_mut().filter(|_| tensor_cores(b.wo.format, t)),
+                Parts::for_input(&mut s.parts, &b.wo, t),
                 &self.pos_at,
                 pos,
                 t,
@@ -1123,13 +1137,10 @@ impl CudaLlama {
                 true,
                 none,
             )?;
-            let parts = s.parts.as_mut().filter(|_| tensor_cores(b.gate.format, t));
+            let parts = Parts::for_input(&mut s.parts, &b.gate, t);
             let (x, mut xn) = (s.x.as_view(), s.xn.as_view_mut());
             rmsnorm(st, k, &x, &b.ffn_norm, &mut xn, parts, t, cfg)?;
-            let ff_parts = s
-                .ff_parts
-                .as_mut()
-                .filter(|_| tensor_cores(b.down.format, t));
+            let ff_parts = Parts::for_input(&mut s.ff_parts, &b.down, t);
             let (xn, ff) = (&s.xn, &mut s.ff);
             swiglu(
                 st,
@@ -1447,17 +1458,47 @@ fn tensor_cores(format: Format, t: usize) -> bool {
     t > TILED_ABOVE && format != Format::F32
 }
 
+/// Whether kernels.cu compiled for `arch` takes warpgroup MMAs in its pipelined matmuls
+/// (`-D WGMMA`): on sm_90 only, whose sm_90a machine code has them (a cubin for sm_90a loads
+/// on the H100 and H200 alike).
+fn takes_wgmma(arch: &str, pipelined: bool) -> bool {
+    pipelined && arch == "sm_90"
+}
+
+/// The threads of a pipelined matmul block and the weight rows it stages (the gated kernel
+/// half of them of each matrix): `MMA_PIPE_THREADS` and `MMA_PIPE_ROWS` in kernels.cu.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct PipeBlock {
+    threads: u32,
+    rows: u32,
+}
+
+impl PipeBlock {
+    /// The block of the warpgroup-MMA kernels (`wgmma`) or of the mma.sync ones.
+    fn of(wgmma: bool) -> Self {
+        let threads = if wgmma {
+            MMA_PIPE_THREADS_WG
+        } else {
+            MMA_THREADS
+        };
+        Self {
+            threads,
+            rows: threads / 2,
+        }
+    }
+}
+
 /// The dynamic shared memory of a pipelined matmul block in `format`: its pipeline steps in
-/// flight, each the parts of `MMA_TOKENS` tokens, the quants and scales of 128 rows and the
-/// blocks' activation sums, as `MmaStage` in kernels.cu lays them out.
-fn mma_shared_bytes(format: Format) -> u32 {
+/// flight, each the parts of `MMA_TOKENS` tokens, the quants and scales of the block's rows
+/// and the blocks' activation sums, as `MmaStage` in kernels.cu lays them out.
+fn mma_shared_bytes(format: Format, block: PipeBlock) -> u32 {
     let (quant_bytes, stages) = match format {
         Format::Q8_0 => (32, MMA_STAGES_Q8_0),
         _ => (16, MMA_STAGES_Q4_1),
     };
     let parts = 3 * MMA_TOKENS * (MMA_KB * 64 + 16);
-    let quants = 128 * (MMA_KB * quant_bytes + 16);
-    let scales = 128 * MMA_KB * 4;
+    let quants = block.rows * (MMA_KB * quant_bytes + 16);
+    let scales = block.rows * MMA_KB * 4;
     let sums = MMA_KB * MMA_TOKENS * 4;
     stages * (parts + quants + scales + sums)
 }
@@ -1486,6 +1527,17 @@ impl Parts {
             sums: stream.alloc_zeros((tokens * cols / BLOCK).max(1))?,
             ready: None,
         })
+    }
+
+    /// `slot`'s parts for the kernel that writes the input of `w` for `t` tokens to split on
+    /// the way: only where that matmul will take them (a chunk on the tensor cores), so that
+    /// no split is left waiting for a matmul that never reads it.
+    fn for_input<'a>(
+        slot: &'a mut Option<Parts>,
+        w: &DeviceMatrix,
+        t: usize,
+    ) -> Option<&'a mut Parts> {
+        slot.as_mut().filter(|_| tensor_cores(w.format, t))
     }
 
     /// Fails unless the buffers hold `t` rows of `cols` (a multiple of 32) split.
@@ -1536,18 +1588,6 @@ impl Parts {
         if self.ready.take() == Some((at, t, cols)) {
             return Ok(());
         }
-        self.split(stream, k, x, t, cols)
-    }
-
-    /// Splits the `t` rows of `x`, `cols` each, into these buffers.
-    fn split(
-        &mut self,
-        stream: &CudaStream,
-        k: &Kernels,
-        x: &CudaView<'_, f32>,
-        t: usize,
-        cols: usize,
-    ) -> Result<(), ModelError> {
         self.check(t, cols)?;
         let (tt, cc) = (t as i32, cols as i32);
         // One warp a 32-column block of one token, eight a block.

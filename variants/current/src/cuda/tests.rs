@@ -206,7 +206,8 @@ fn assert_holds_split(
     what: &str,
 ) {
     let mut fresh = Parts::new(stream, t, cols).unwrap();
-    fresh.split(stream, k, &x.as_view(), t, cols).unwrap();
+    // Nothing is ready in fresh buffers, so prepare splits x itself.
+    fresh.prepare(stream, k, &x.as_view(), t, cols).unwrap();
     let (n_planes, n_sums) = (3 * t * cols, t * cols / 32);
     let planes = |p: &Parts| stream.clone_dtoh(&p.planes.slice(..n_planes)).unwrap();
     let sums = |p: &Parts| stream.clone_dtoh(&p.sums.slice(..n_sums)).unwrap();
@@ -1002,21 +1003,29 @@ fn kernels_cu_matmul_splits_its_columns_only_where_tiles_leave_sms_idle() {
     }
 }
 
-/// The tensor-core matmul's pipeline is sized so that two blocks share an SM (its
-/// `__launch_bounds__(MMA_THREADS, 2)`): on sm_90 an SM has 228 KB of shared memory and a block
-/// takes 1 KB more than it asks for. More stages or wider steps than fit would halve the
-/// resident warps without any error.
+/// The tensor-core matmul's pipeline is sized so that its blocks fit an SM as their
+/// `__launch_bounds__` say (`MMA_PIPE_MIN_BLOCKS`: two of the mma.sync block, one of the
+/// warpgroup-MMA block): on sm_90 an SM has 228 KB of shared memory and a block takes 1 KB
+/// more than it asks for. More stages or wider steps than fit would cut the resident warps
+/// without any error.
 #[test]
 fn kernels_cu_matmul_pipeline_leaves_room_for_two_blocks_an_sm() {
-    for format in [Format::Q4_1, Format::Q8_0] {
-        let bytes = mma_shared_bytes(format);
-        assert!(
-            2 * (bytes + 1024) <= 228 * 1024,
-            "{format:?}: {bytes} bytes a block"
-        );
-        // Each stage's regions are whole 16-byte copies (kernels.cu's `MmaStage`).
-        assert_eq!(bytes % 16, 0, "{format:?}");
+    // The mma.sync block, two an SM; the warpgroup-MMA block (512 threads) is one an SM.
+    for (wgmma, blocks) in [(false, 2), (true, 1)] {
+        let block = PipeBlock::of(wgmma);
+        assert_eq!(block.rows, block.threads / 2);
+        for format in [Format::Q4_1, Format::Q8_0] {
+            let bytes = mma_shared_bytes(format, block);
+            assert!(
+                blocks * (bytes + 1024) <= 228 * 1024,
+                "{format:?}, wgmma {wgmma}: {bytes} bytes a block"
+            );
+            // Each stage's regions are whole 16-byte copies (kernels.cu's `MmaStage`).
+            assert_eq!(bytes % 16, 0, "{format:?}");
+        }
     }
+    assert!(takes_wgmma("sm_90", true));
+    assert!(!takes_wgmma("sm_90", false) && !takes_wgmma("sm_100", true));
 }
 
 #[test]
@@ -1040,6 +1049,7 @@ fn kernels_cu_defines_match_the_launch_constants() {
         ("MMA_ROWS_GATED", MMA_ROWS_GATED as usize),
         ("MMA_TOKENS", MMA_TOKENS as usize),
         ("MMA_THREADS", MMA_THREADS as usize),
+        ("MMA_PIPE_THREADS_WG", MMA_PIPE_THREADS_WG as usize),
         ("MMA_KB", MMA_KB as usize),
         ("MMA_STAGES_Q4_1", MMA_STAGES_Q4_1 as usize),
         ("MMA_STAGES_Q8_0", MMA_STAGES_Q8_0 as usize),
@@ -1119,6 +1129,16 @@ fn nvrtc_compiles_every_kernel_of_kernels_cu() {
         "rmsnorm_split",
         "attention_combine_split",
     ];
+    // On sm_90 the pipelined matmuls are warpgroup MMAs (compiled for sm_90a); any other
+    // architecture takes their mma.sync form, which no lent GPU runs: it must still compile
+    // (here for sm_100).
+    let mma_sync = Kernels::cubin("sm_100", LongRows::ALL, true).unwrap();
+    for name in pipelined {
+        assert!(
+            has(&mma_sync, name),
+            "{name} is missing from sm_100's cubin"
+        );
+    }
     let long = [
         "matvec_q4_1_long",
         "qkv_vec_q4_1_long",
