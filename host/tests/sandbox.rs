@@ -262,6 +262,18 @@ fn memory_kept_in_files_counts_as_peak_memory() {
     );
 }
 
+/// A worker cannot keep data in its own library's copy, which the count of its files leaves
+/// out as the host's: the copy lies outside the scratch directory, readable only. Before
+/// that, the library lay in the scratch directory, where opening it for writing was DONE.
+#[test]
+fn a_worker_cannot_write_its_library() {
+    let results = scratch("attack-stash-lib");
+    let (out, _, stderr) = attack("stash-lib", &results, &[]);
+    assert!(out.status.success(), "{stderr}");
+    // Two attempts a worker, one worker at least.
+    all_denied(&stderr, "stash-lib", 2);
+}
+
 /// A scratch directory of more directories than the supervisor walks cannot be measured for
 /// what it keeps in files: the request fails, naming the variant, the directory and why.
 #[test]

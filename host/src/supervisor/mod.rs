@@ -2,8 +2,8 @@
 //! arrival, freeze the worker between its requests, and turn a crash into a verdict that names
 //! the variant and the request.
 //!
-//! [`Worker::spawn`] starts this same executable as `host worker` with a private scratch
-//! directory, waits for `Ready`, and keeps two reader threads: messages (one JSON line each,
+//! [`Worker::spawn`] starts this same executable as `host worker` with a private directory
+//! (the library's copy, readable only, beside the scratch directory it may write), waits for `Ready`, and keeps two reader threads: messages (one JSON line each,
 //! stamped with the supervisor's clock when read: [`crate::worker::wire::LineReader`]) and stderr
 //! (echoed when asked, its last lines kept for error messages). [`Worker::generate`] turns a
 //! stream of tokens into a [`Generation`]: the tokens, each one's arrival time, the worker's
@@ -265,7 +265,8 @@ pub struct Worker {
     stdin: Option<ChildStdin>,
     messages: Receiver<Received>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
-    scratch: PathBuf,
+    /// Its worker directory ([`worker_dir`]), removed when it ends.
+    dir: PathBuf,
     cpu_clock: Option<libc::clockid_t>,
     /// The worker's CPU time when it was frozen; `None` while it runs.
     frozen_at_ns: Option<u64>,
@@ -279,7 +280,8 @@ pub struct Worker {
     pub load_ms: f64,
 }
 
-/// The name of the copy of a variant's library that a worker loads, in its scratch directory.
+/// The name of the copy of a variant's library that a worker loads, in its worker directory
+/// ([`worker_dir`]), beside its scratch directory ([`WORKER_SCRATCH`]), not in it.
 ///
 /// The same for every variant, so that the two workers of a comparison start from the same
 /// command line and load a library of the same path: the worker keeps these paths on its heap
@@ -289,6 +291,12 @@ pub struct Worker {
 /// two sides, and an A/A comparison of one source, built once from the working tree and once
 /// from git (the same machine code), read prefill 7.5% FASTER and was a KEEP.
 pub const WORKER_LIBRARY: &str = "variant.so";
+
+/// The name of a worker's scratch directory in its worker directory: the only place the
+/// worker may write (its HOME and TMPDIR), and all of it is counted as memory the worker keeps
+/// ([`outside::Outside`]). The library lies outside it, readable only: a worker that could
+/// write its own library's copy could keep data there that the count leaves out as the host's.
+pub const WORKER_SCRATCH: &str = "scratch";
 
 const TAIL_LINES: usize = 12;
 /// The longest log line kept from a worker; the rest of the line is dropped.
@@ -300,8 +308,9 @@ const FROZEN_CPU_TOLERANCE_NS: u64 = 10_000_000;
 /// by the supervisor's pid and 16 random hex digits: one length for every worker (see
 /// [`WORKER_LIBRARY`]), and nothing in it tells a worker which side of a comparison it is or
 /// how many workers came before it (a counter did: A, started first in every pair, always
-/// had an even one).
-fn scratch_dir() -> std::io::Result<PathBuf> {
+/// had an even one). It holds the worker's library and its empty scratch directory
+/// ([`WORKER_SCRATCH`]).
+fn worker_dir() -> std::io::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     loop {
         let draw = crate::stats::rng::fresh_seed();
@@ -314,11 +323,25 @@ fn scratch_dir() -> std::io::Result<PathBuf> {
             Err(e) => {
                 return Err(std::io::Error::new(
                     e.kind(),
-                    format!("cannot make its scratch directory {}: {e}", dir.display()),
+                    format!("cannot make its worker directory {}: {e}", dir.display()),
                 ))
             }
-            Ok(()) => return Ok(dir),
+            Ok(()) => {}
         }
+        let scratch = dir.join(WORKER_SCRATCH);
+        return match std::fs::DirBuilder::new().mode(0o700).create(&scratch) {
+            Ok(()) => Ok(dir),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot make its scratch directory {}: {e}",
+                        scratch.display()
+                    ),
+                ))
+            }
+        };
     }
 }
 
@@ -371,10 +394,11 @@ impl Worker {
             source,
         };
         let exe = crate::sandbox::this_program().map_err(spawn_err)?;
-        let scratch = scratch_dir().map_err(spawn_err)?;
-        let lib = scratch.join(WORKER_LIBRARY);
+        let dir = worker_dir().map_err(spawn_err)?;
+        let scratch = dir.join(WORKER_SCRATCH);
+        let lib = dir.join(WORKER_LIBRARY);
         if let Err(source) = std::fs::copy(spec.lib, &lib) {
-            let _ = std::fs::remove_dir_all(&scratch);
+            let _ = std::fs::remove_dir_all(&dir);
             return Err(WorkerError::Spawn {
                 variant: spec.variant.into(),
                 source: std::io::Error::new(
@@ -409,8 +433,7 @@ impl Worker {
         for var in ["HOME", "TMPDIR", "XDG_CACHE_HOME"] {
             command.env(var, &scratch);
         }
-        // What the scratch directory holds before the worker starts is the host's (the
-        // library): read now, before any code of the worker's could add to it.
+        // Everything the scratch directory will hold is the worker's: it starts empty.
         let files = outside::Outside::new(&scratch);
         let started = Instant::now();
         let mut child = match command
@@ -421,7 +444,7 @@ impl Worker {
         {
             Ok(child) => child,
             Err(source) => {
-                let _ = std::fs::remove_dir_all(&scratch);
+                let _ = std::fs::remove_dir_all(&dir);
                 return Err(spawn_err(source));
             }
         };
@@ -467,7 +490,7 @@ impl Worker {
             stdin,
             messages,
             stderr_tail,
-            scratch,
+            dir,
             cpu_clock: cpu_clock(pid),
             frozen_at_ns: None,
             gate,
@@ -881,7 +904,7 @@ impl Drop for Worker {
         if !ended {
             self.kill();
         }
-        let _ = std::fs::remove_dir_all(&self.scratch);
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -1097,13 +1120,21 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     #[test]
-    fn every_worker_gets_a_scratch_directory_name_of_one_length() {
-        let dirs: Vec<PathBuf> = (0..12).map(|_| scratch_dir().unwrap()).collect();
+    fn every_worker_gets_a_directory_name_of_one_length_and_an_empty_scratch_directory() {
+        let dirs: Vec<PathBuf> = (0..12).map(|_| worker_dir().unwrap()).collect();
         let lengths: Vec<usize> = dirs.iter().map(|d| d.as_os_str().len()).collect();
+        let scratch_entries: Vec<usize> = dirs
+            .iter()
+            .map(|d| std::fs::read_dir(d.join(WORKER_SCRATCH)).unwrap().count())
+            .collect();
         for dir in &dirs {
             std::fs::remove_dir_all(dir).unwrap();
         }
         assert!(lengths.iter().all(|&n| n == lengths[0]), "{lengths:?}");
+        assert!(
+            scratch_entries.iter().all(|&n| n == 0),
+            "{scratch_entries:?}"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! 0), reached through one of the worker's descriptors or mappings. [`Outside::kib`] adds up
 //! the blocks those files hold, as seen from outside the worker.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs::Metadata;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
@@ -33,34 +33,25 @@ pub struct Unmeasurable {
 /// What a worker keeps in files, measured from outside it.
 #[derive(Debug, Clone)]
 pub struct Outside {
-    /// The worker's scratch directory, its only writable place.
+    /// The worker's scratch directory, its only writable place: everything in it is the
+    /// worker's (the host keeps the library beside it, not in it).
     scratch: PathBuf,
-    /// The blocks of each file the host itself put in the scratch directory (the variant's
-    /// library), by (device, inode): not the variant's. Only what such a file grows beyond
-    /// them counts, so shrinking it earns no room for a store elsewhere.
-    host_files: HashMap<(u64, u64), u64>,
 }
 
 impl Outside {
-    /// For a worker whose scratch directory is `scratch`, as the host has filled it (the
-    /// library copied in): what is there now is the host's, not the variant's.
+    /// For a worker whose scratch directory is `scratch`.
     pub fn new(scratch: &Path) -> Outside {
-        let mut outside = Outside {
+        Outside {
             scratch: scratch.to_path_buf(),
-            host_files: HashMap::new(),
-        };
-        let mut tally = Tally::new(&outside.host_files);
-        let _ = outside.scratch_bytes(&mut tally);
-        outside.host_files = tally.blocks;
-        outside
+        }
     }
 
-    /// KiB that process `pid` holds in files beyond what the host put there: the files of
+    /// KiB that process `pid` holds in files: the files of
     /// its scratch directory, and every regular file with no name left that one of its
     /// descriptors or mappings reaches (memfds, unlinked files, shared anonymous mappings),
     /// each file once, by the blocks it has allocated. 0 for a process that keeps nothing so.
     pub fn kib(&self, pid: libc::pid_t) -> Result<u64, Unmeasurable> {
-        let mut tally = Tally::new(&self.host_files);
+        let mut tally = Tally::default();
         let mut bytes = self.scratch_bytes(&mut tally)?;
         bytes += descriptor_bytes(pid, &mut tally);
         bytes += mapping_bytes(pid, &mut tally);
@@ -112,31 +103,20 @@ impl Outside {
     }
 }
 
-/// The files one reading has counted, each once, less what the host put in them.
-struct Tally<'a> {
-    /// The blocks of every regular file seen so far, by (device, inode).
-    blocks: HashMap<(u64, u64), u64>,
-    host_files: &'a HashMap<(u64, u64), u64>,
+/// The files one reading has counted, each once.
+#[derive(Default)]
+struct Tally {
+    /// Every regular file seen so far, by (device, inode).
+    seen: HashSet<(u64, u64)>,
 }
 
-impl<'a> Tally<'a> {
-    fn new(host_files: &'a HashMap<(u64, u64), u64>) -> Tally<'a> {
-        Tally {
-            blocks: HashMap::new(),
-            host_files,
-        }
-    }
-
-    /// The bytes a regular file holds beyond the host's share of it, the first time its
-    /// (device, inode) is seen; else 0.
+impl Tally {
+    /// The bytes a regular file holds, the first time its (device, inode) is seen; else 0.
     fn add(&mut self, meta: &Metadata) -> u64 {
-        let key = (meta.dev(), meta.ino());
-        if !meta.is_file() || self.blocks.contains_key(&key) {
+        if !meta.is_file() || !self.seen.insert((meta.dev(), meta.ino())) {
             return 0;
         }
-        let bytes = meta.blocks() * 512;
-        self.blocks.insert(key, bytes);
-        bytes.saturating_sub(self.host_files.get(&key).copied().unwrap_or(0))
+        meta.blocks() * 512
     }
 }
 
@@ -265,11 +245,10 @@ mod tests {
         dir
     }
 
-    /// Runs `script` as a worker would, the scratch directory holding a 1 MiB "library" the
-    /// host put there, and returns what [`Outside::kib`] reads of it.
+    /// Runs `script` as a worker would, with the scratch directory `$SCRATCH`, and returns
+    /// what [`Outside::kib`] reads of it.
     fn kept(name: &str, script: &str) -> u64 {
         let dir = scratch(name);
-        std::fs::write(dir.join("variant.so"), vec![7u8; 1 << 20]).unwrap();
         let outside = Outside::new(&dir);
         let mut child = child(&dir, script);
         let kib = outside.kib(child.id() as libc::pid_t).unwrap();
@@ -300,28 +279,6 @@ mod tests {
         );
         let kib = kept("file", &script);
         assert!((MIB_16..MIB_16 + 1024).contains(&kib), "{kib} KiB");
-    }
-
-    #[test]
-    fn growing_the_hosts_library_counts() {
-        let script = format!(
-            "{PRELUDE}open(os.environ['SCRATCH'] + '/variant.so', 'ab').write(data)\nready()\n"
-        );
-        let kib = kept("library", &script);
-        assert!((MIB_16..MIB_16 + 1024).contains(&kib), "{kib} KiB");
-    }
-
-    #[test]
-    fn shrinking_the_hosts_library_earns_no_room() {
-        // The library emptied, a store of its size and 16 MiB more beside it: all of the
-        // store counts (taking the host's share off the sum read 15 MiB).
-        let script = format!(
-            "{PRELUDE}open(os.environ['SCRATCH'] + '/variant.so', 'wb').close()\n\
-             open(os.environ['SCRATCH'] + '/stash', 'wb').write(data + os.urandom(1 << 20))\n\
-             ready()\n"
-        );
-        let kib = kept("shrunk", &script);
-        assert!(kib >= MIB_16 + 1024, "{kib} KiB");
     }
 
     #[test]

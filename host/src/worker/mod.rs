@@ -6,10 +6,11 @@
 //!    takes a private copy of stdout for its messages and points fd 1 at stderr, so a variant
 //!    that prints cannot garble them;
 //! 2. it dies with the supervisor (`PR_SET_PDEATHSIG`), maps the model and checks that its
-//!    library is the copy the supervisor made in its scratch directory;
+//!    library is the copy the supervisor made beside its scratch directory;
 //! 3. given a thread count, it pins itself to that many CPUs ([`crate::sandbox::pin_to_cpus`]);
 //!    it confines itself ([`crate::sandbox::confine_worker`]): from then on it can read only
-//!    system files, write only its scratch directory and, when pinned, not change affinity;
+//!    system files and its library, write only its scratch directory and, when pinned, not
+//!    change affinity;
 //! 4. it leaves a random number of bytes allocated ([`shift_heap`]), so that the variant's
 //!    buffers land at offsets drawn afresh in every worker, then opens the library and
 //!    answers requests. Its sink ([`StreamSink`]) forwards every `emit` at once as a
@@ -37,14 +38,15 @@ use crate::worker::wire::{Message, Request};
 /// What the supervisor starts a worker with (its hidden command line).
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkerArgs {
-    /// The variant's library: the supervisor's copy in `scratch`, named
-    /// [`crate::supervisor::WORKER_LIBRARY`].
+    /// The variant's library: the supervisor's copy beside `scratch` (in its parent, the
+    /// worker directory), named [`crate::supervisor::WORKER_LIBRARY`].
     #[arg(long)]
     pub lib: PathBuf,
     /// The GGUF model.
     #[arg(long)]
     pub model: PathBuf,
-    /// The private directory the worker may write (the supervisor removes it afterwards).
+    /// The private directory the worker may write (the supervisor removes it afterwards);
+    /// its library lies beside it, not in it.
     #[arg(long)]
     pub scratch: PathBuf,
     /// Paths that stay out of reach even inside a readable system directory.
@@ -117,7 +119,9 @@ fn fail(out: &mut File, message: String) -> Result<()> {
     send(out, &Message::Failed { message })
 }
 
-/// What the worker may touch once confined: the system's files and its scratch directory; on
+/// What the worker may touch once confined: the system's files, its scratch directory, and
+/// its library, to read only (so it cannot keep data in the library's copy, which is not
+/// counted as its own: [`crate::supervisor::WORKER_SCRATCH`]); on
 /// a GPU also what the CUDA driver needs: the device nodes, its own program (the driver opens
 /// it), and its threads' /proc entries (the driver names its threads there; they include
 /// `clear_refs`, which resets the peak-memory counter, so the supervisor samples a CUDA
@@ -125,6 +129,7 @@ fn fail(out: &mut File, message: String) -> Result<()> {
 fn policy(args: &WorkerArgs) -> Policy {
     let mut policy = Policy::system();
     policy.write.push(args.scratch.clone());
+    policy.exact.push(args.lib.clone());
     if matches!(args.device, Some(Device::Cuda(_))) {
         policy.devices.extend(Policy::nvidia_devices());
         policy
@@ -136,16 +141,17 @@ fn policy(args: &WorkerArgs) -> Policy {
     policy
 }
 
-/// The library to open: it must be the fresh copy the supervisor made in this worker's scratch
-/// directory ([`crate::supervisor::WORKER_LIBRARY`]). glibc caches a loaded library by path
-/// and inode, so only a fresh copy loads rebuilt code; the confined worker reads nothing
-/// outside its scratch directory and the system's files; and every worker loads the same
-/// path, whatever the library's own name.
+/// The library to open: it must be the fresh copy the supervisor made beside this worker's
+/// scratch directory ([`crate::supervisor::WORKER_LIBRARY`]). glibc caches a loaded library
+/// by path and inode, so only a fresh copy loads rebuilt code; the confined worker reads
+/// nothing outside its worker directory and the system's files; and every worker loads the
+/// same path, whatever the library's own name.
 fn scratch_library(lib: &Path, scratch: &Path) -> Result<PathBuf> {
-    let copy = scratch.join(crate::supervisor::WORKER_LIBRARY);
+    let dir = scratch.parent().unwrap_or(scratch);
+    let copy = dir.join(crate::supervisor::WORKER_LIBRARY);
     anyhow::ensure!(
         lib == copy,
-        "the worker loads only {} (its scratch directory's copy), not {}",
+        "the worker loads only {} (its worker directory's copy), not {}",
         copy.display(),
         lib.display()
     );
@@ -285,16 +291,22 @@ mod tests {
     }
 
     #[test]
-    fn only_the_scratch_directorys_copy_of_the_library_is_loaded() {
-        let scratch = Path::new("/tmp/autoinfer-worker-1-00");
-        let copy = scratch.join(crate::supervisor::WORKER_LIBRARY);
-        assert_eq!(scratch_library(&copy, scratch).unwrap(), copy);
+    fn only_the_worker_directorys_copy_of_the_library_is_loaded() {
+        let dir = Path::new("/tmp/autoinfer-worker-1-00");
+        let scratch = dir.join(crate::supervisor::WORKER_SCRATCH);
+        let copy = dir.join(crate::supervisor::WORKER_LIBRARY);
+        assert_eq!(scratch_library(&copy, &scratch).unwrap(), copy);
+        // Not a copy inside the scratch directory, which the worker may write.
+        let inside = scratch.join(crate::supervisor::WORKER_LIBRARY);
         let elsewhere = Path::new("/work/target/release/libcurrent.so");
-        let err = scratch_library(elsewhere, scratch).unwrap_err().to_string();
-        assert!(
-            err.contains(&copy.display().to_string()) && err.contains("libcurrent.so"),
-            "{err}"
-        );
+        for wrong in [&inside, elsewhere] {
+            let err = scratch_library(wrong, &scratch).unwrap_err().to_string();
+            assert!(
+                err.contains(&copy.display().to_string())
+                    && err.contains(&wrong.display().to_string()),
+                "{err}"
+            );
+        }
     }
 
     #[test]
