@@ -27,11 +27,13 @@
 #
 # With PROFILER set to a profiler's command line (`PROFILER="/usr/local/cuda/bin/ncu --csv
 # --page raw --metrics gpu__time_duration.sum --launch-skip 2000 --launch-count 400"`), the
-# binary runs under it, the profiler inside the same confinement: a profile without a lease
-# given back after it. First tried on the H100 machine on 2026-12-06: ncu started and profiled
-# confined with no write denied (it warned only that it could not put its section files under
-# $HOME), but with --launch-skip 2000 the 1B probe outran the call's 170 s (ncu serializes every
-# launch), so no figures came back yet: skip fewer launches, or name the kernels (-k).
+# binary runs under it, the profiler inside the same confinement. ncu does not work so: it
+# starts and warns (it cannot put its section files under $HOME), then profiles no kernel (on
+# the H100 machine, 2026-12-06 and twice on 2026-12-07: 120-400 s, named kernels, nothing back),
+# likely because the confinement refuses the socket its injected library reports through. The
+# same binary run plainly under ncu profiled four named kernels in 31 s: do that only after the
+# lease's last comparison, with a binary of code you wrote, then give the machine back
+# (program.md).
 set -uo pipefail
 dir="$(cd "$(dirname "$0")" && pwd)"
 [ $# -ge 1 ] || { echo "run.sh: which binary? (a, b or a patch's name)" >&2; exit 2; }
