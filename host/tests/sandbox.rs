@@ -263,15 +263,24 @@ fn memory_kept_in_files_counts_as_peak_memory() {
 }
 
 /// A worker cannot keep data in its own library's copy, which the count of its files leaves
-/// out as the host's: the copy lies outside the scratch directory, readable only. Before
+/// out as the host's: the copy lies outside the scratch directory, readable only, and cannot
+/// be replaced or linked into the scratch directory. Before
 /// that, the library lay in the scratch directory, where opening it for writing was DONE.
 #[test]
 fn a_worker_cannot_write_its_library() {
     let results = scratch("attack-stash-lib");
     let (out, _, stderr) = attack("stash-lib", &results, &[]);
     assert!(out.status.success(), "{stderr}");
-    // Two attempts a worker, one worker at least.
-    all_denied(&stderr, "stash-lib", 2);
+    // Three attempts a worker, one worker at least: the open, the replacement, the link.
+    all_denied(&stderr, "stash-lib", 3);
+    for attempt in ["opened for writing", "replaced by a file", "linked into"] {
+        assert!(
+            reports(&stderr, "stash-lib")
+                .iter()
+                .any(|l| l.contains(attempt)),
+            "no attempt '{attempt}':\n{stderr}"
+        );
+    }
 }
 
 /// A scratch directory of more directories than the supervisor walks cannot be measured for
