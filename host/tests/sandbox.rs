@@ -262,10 +262,10 @@ fn memory_kept_in_files_counts_as_peak_memory() {
     );
 }
 
-/// A worker cannot keep data in its own library's copy, which the count of its files leaves
-/// out as the host's: the copy lies outside the scratch directory, readable only, and cannot
-/// be replaced or linked into the scratch directory. Before
-/// that, the library lay in the scratch directory, where opening it for writing was DONE.
+/// A worker cannot keep data in its own library's copy: the copy lies outside the scratch
+/// directory whose files count as the worker's memory, readable only, and can be neither
+/// replaced nor linked into the scratch directory. While the library lay in the scratch
+/// directory (left out of the count as the host's), opening it for writing was DONE.
 #[test]
 fn a_worker_cannot_write_its_library() {
     let results = scratch("attack-stash-lib");
@@ -273,11 +273,10 @@ fn a_worker_cannot_write_its_library() {
     assert!(out.status.success(), "{stderr}");
     // Three attempts a worker, one worker at least: the open, the replacement, the link.
     all_denied(&stderr, "stash-lib", 3);
+    let lines = reports(&stderr, "stash-lib");
     for attempt in ["opened for writing", "replaced by a file", "linked into"] {
         assert!(
-            reports(&stderr, "stash-lib")
-                .iter()
-                .any(|l| l.contains(attempt)),
+            lines.iter().any(|l| l.contains(attempt)),
             "no attempt '{attempt}':\n{stderr}"
         );
     }

@@ -63,7 +63,8 @@ pub enum BuildError {
     TimedOut { dir: PathBuf, seconds: u64 },
     #[error(
         "{BUILD_TIMEOUT_VAR} is {value:?}: it is the seconds a variant's build may take, a whole \
-         number of at least 1 (unset: {})",
+         number from 1 to {} (unset: {})",
+        MAX_BUILD_LIMIT.as_secs(),
         DEFAULT_BUILD_LIMIT.as_secs()
     )]
     BadLimit { value: String },
@@ -572,13 +573,19 @@ pub const BUILD_TIMEOUT_VAR: &str = "AUTOINFER_BUILD_TIMEOUT";
 /// hang.
 pub const DEFAULT_BUILD_LIMIT: Duration = Duration::from_secs(1800);
 
+/// The longest limit [`BUILD_TIMEOUT_VAR`] may set: a week. A deadline is the clock plus the
+/// limit, which a limit near `u64::MAX` seconds would overflow.
+pub const MAX_BUILD_LIMIT: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// The build time limit `value` (of [`BUILD_TIMEOUT_VAR`]) sets: a whole number of seconds,
-/// at least 1.
+/// from 1 to [`MAX_BUILD_LIMIT`].
 pub fn build_limit(value: Option<&str>) -> Result<Duration, BuildError> {
     match value {
         None => Ok(DEFAULT_BUILD_LIMIT),
         Some(text) => match text.trim().parse::<u64>() {
-            Ok(seconds) if seconds > 0 => Ok(Duration::from_secs(seconds)),
+            Ok(seconds) if seconds > 0 && seconds <= MAX_BUILD_LIMIT.as_secs() => {
+                Ok(Duration::from_secs(seconds))
+            }
             _ => Err(BuildError::BadLimit { value: text.into() }),
         },
     }
@@ -828,7 +835,17 @@ mod tests {
         assert_eq!(build_limit(None).unwrap(), DEFAULT_BUILD_LIMIT);
         assert_eq!(build_limit(Some("90")).unwrap(), Duration::from_secs(90));
         assert_eq!(build_limit(Some(" 5\n")).unwrap(), Duration::from_secs(5));
-        for bad in ["", "0", "-3", "1.5", "ten", "5s"] {
+        assert_eq!(build_limit(Some("604800")).unwrap(), MAX_BUILD_LIMIT);
+        for bad in [
+            "",
+            "0",
+            "-3",
+            "1.5",
+            "ten",
+            "5s",
+            "604801",
+            "18446744073709551615",
+        ] {
             let e = build_limit(Some(bad)).expect_err(bad).to_string();
             assert!(
                 e.contains(BUILD_TIMEOUT_VAR) && e.contains(&format!("{bad:?}")),

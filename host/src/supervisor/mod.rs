@@ -3,7 +3,8 @@
 //! the variant and the request.
 //!
 //! [`Worker::spawn`] starts this same executable as `host worker` with a private directory
-//! (the library's copy, readable only, beside the scratch directory it may write), waits for `Ready`, and keeps two reader threads: messages (one JSON line each,
+//! (the library's copy, readable only, beside the scratch directory it may write), waits for
+//! `Ready`, and keeps two reader threads: messages (one JSON line each,
 //! stamped with the supervisor's clock when read: [`crate::worker::wire::LineReader`]) and stderr
 //! (echoed when asked, its last lines kept for error messages). [`Worker::generate`] turns a
 //! stream of tokens into a [`Generation`]: the tokens, each one's arrival time, the worker's
@@ -414,12 +415,10 @@ impl Worker {
         let mut command = Command::new(exe);
         command
             .arg("worker")
-            .arg("--lib")
-            .arg(&lib)
+            .arg("--dir")
+            .arg(&dir)
             .arg("--model")
-            .arg(spec.model)
-            .arg("--scratch")
-            .arg(&scratch);
+            .arg(spec.model);
         for path in spec.protect {
             command.arg("--protect").arg(path);
         }

@@ -46,10 +46,10 @@ impl Outside {
         }
     }
 
-    /// KiB that process `pid` holds in files: the files of
-    /// its scratch directory, and every regular file with no name left that one of its
-    /// descriptors or mappings reaches (memfds, unlinked files, shared anonymous mappings),
-    /// each file once, by the blocks it has allocated. 0 for a process that keeps nothing so.
+    /// KiB that process `pid` holds in files: the files of its scratch directory, and every
+    /// regular file with no name left that one of its descriptors or mappings reaches (memfds,
+    /// unlinked files, shared anonymous mappings), each file once, by the blocks it has
+    /// allocated. 0 for a process that keeps nothing so.
     pub fn kib(&self, pid: libc::pid_t) -> Result<u64, Unmeasurable> {
         let mut tally = Tally::default();
         let mut bytes = self.scratch_bytes(&mut tally)?;

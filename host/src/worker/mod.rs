@@ -5,8 +5,8 @@
 //! 1. it keeps only descriptors 0-2 (whatever started the host may have left others open),
 //!    takes a private copy of stdout for its messages and points fd 1 at stderr, so a variant
 //!    that prints cannot garble them;
-//! 2. it dies with the supervisor (`PR_SET_PDEATHSIG`), maps the model and checks that its
-//!    library is the copy the supervisor made beside its scratch directory;
+//! 2. it dies with the supervisor (`PR_SET_PDEATHSIG`) and maps the model; its library is the
+//!    copy the supervisor made in its worker directory, beside its scratch directory;
 //! 3. given a thread count, it pins itself to that many CPUs ([`crate::sandbox::pin_to_cpus`]);
 //!    it confines itself ([`crate::sandbox::confine_worker`]): from then on it can read only
 //!    system files and its library, write only its scratch directory and, when pinned, not
@@ -23,7 +23,7 @@ pub mod wire;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::FromRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::RSlice;
@@ -38,17 +38,14 @@ use crate::worker::wire::{Message, Request};
 /// What the supervisor starts a worker with (its hidden command line).
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkerArgs {
-    /// The variant's library: the supervisor's copy beside `scratch` (in its parent, the
-    /// worker directory), named [`crate::supervisor::WORKER_LIBRARY`].
+    /// The worker's private directory (the supervisor makes it and removes it afterwards):
+    /// the fresh copy of the variant's library, [`WorkerArgs::library`], beside the scratch
+    /// directory, [`WorkerArgs::scratch`], which the worker may write.
     #[arg(long)]
-    pub lib: PathBuf,
+    pub dir: PathBuf,
     /// The GGUF model.
     #[arg(long)]
     pub model: PathBuf,
-    /// The private directory the worker may write (the supervisor removes it afterwards);
-    /// its library lies beside it, not in it.
-    #[arg(long)]
-    pub scratch: PathBuf,
     /// Paths that stay out of reach even inside a readable system directory.
     #[arg(long = "protect")]
     pub protect: Vec<PathBuf>,
@@ -128,8 +125,8 @@ fn fail(out: &mut File, message: String) -> Result<()> {
 /// worker's memory instead of trusting the counter: [`crate::supervisor`]).
 fn policy(args: &WorkerArgs) -> Policy {
     let mut policy = Policy::system();
-    policy.write.push(args.scratch.clone());
-    policy.exact.push(args.lib.clone());
+    policy.write.push(args.scratch());
+    policy.exact.push(args.library());
     if matches!(args.device, Some(Device::Cuda(_))) {
         policy.devices.extend(Policy::nvidia_devices());
         policy
@@ -139,23 +136,6 @@ fn policy(args: &WorkerArgs) -> Policy {
     }
     policy.protect = args.protect.clone();
     policy
-}
-
-/// The library to open: it must be the fresh copy the supervisor made beside this worker's
-/// scratch directory ([`crate::supervisor::WORKER_LIBRARY`]). glibc caches a loaded library
-/// by path and inode, so only a fresh copy loads rebuilt code; the confined worker reads
-/// nothing outside its worker directory and the system's files; and every worker loads the
-/// same path, whatever the library's own name.
-fn scratch_library(lib: &Path, scratch: &Path) -> Result<PathBuf> {
-    let dir = scratch.parent().unwrap_or(scratch);
-    let copy = dir.join(crate::supervisor::WORKER_LIBRARY);
-    anyhow::ensure!(
-        lib == copy,
-        "the worker loads only {} (its worker directory's copy), not {}",
-        copy.display(),
-        lib.display()
-    );
-    Ok(copy)
 }
 
 /// The most bytes [`shift_heap`] leaves allocated.
@@ -177,6 +157,22 @@ fn shift_heap(draw: u64) -> usize {
     bytes
 }
 
+impl WorkerArgs {
+    /// The library to open: the fresh copy the supervisor made in the worker directory
+    /// ([`crate::supervisor::WORKER_LIBRARY`]). glibc caches a loaded library by path and
+    /// inode, so only a fresh copy loads rebuilt code, and every worker loads the same path,
+    /// whatever the library's own name.
+    pub fn library(&self) -> PathBuf {
+        self.dir.join(crate::supervisor::WORKER_LIBRARY)
+    }
+
+    /// The only directory the worker may write ([`crate::supervisor::WORKER_SCRATCH`]); the
+    /// library lies beside it, not in it.
+    pub fn scratch(&self) -> PathBuf {
+        self.dir.join(crate::supervisor::WORKER_SCRATCH)
+    }
+}
+
 /// Runs the worker: confine, load the variant, then answer requests until stdin closes.
 pub fn run(args: &WorkerArgs) -> Result<()> {
     sandbox::close_inherited_descriptors(&[])?;
@@ -194,10 +190,6 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
     let model = match Model::open(&args.model) {
         Ok(m) => m,
         Err(e) => return fail(&mut out, e.to_string()),
-    };
-    let lib = match scratch_library(&args.lib, &args.scratch) {
-        Ok(lib) => lib,
-        Err(e) => return fail(&mut out, format!("{e:#}")),
     };
     // A thread count is a CPU budget: the worker runs on that many CPUs and cannot leave them.
     if let Some(n) = args.threads {
@@ -225,10 +217,11 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         device: args.device,
     };
     shift_heap(heap_draw);
-    let mut variant = match crate::worker::plugin::load(&lib, model.view, &load.options()) {
-        Ok(v) => v,
-        Err(e) => return fail(&mut out, e.to_string()),
-    };
+    let mut variant =
+        match crate::worker::plugin::load(&args.library(), model.view, &load.options()) {
+            Ok(v) => v,
+            Err(e) => return fail(&mut out, e.to_string()),
+        };
     send(&mut out, &Message::Ready)?;
 
     for line in BufReader::new(std::io::stdin()).lines() {
@@ -290,22 +283,35 @@ mod tests {
         }
     }
 
+    /// The worker writes only its scratch directory, and reads its library as one file
+    /// outside it: a library it could write would be a store the count of its files (the
+    /// scratch directory, [`crate::supervisor::outside`]) leaves out.
     #[test]
-    fn only_the_worker_directorys_copy_of_the_library_is_loaded() {
-        let dir = Path::new("/tmp/autoinfer-worker-1-00");
-        let scratch = dir.join(crate::supervisor::WORKER_SCRATCH);
-        let copy = dir.join(crate::supervisor::WORKER_LIBRARY);
-        assert_eq!(scratch_library(&copy, &scratch).unwrap(), copy);
-        // Not a copy inside the scratch directory, which the worker may write.
-        let inside = scratch.join(crate::supervisor::WORKER_LIBRARY);
-        let elsewhere = Path::new("/work/target/release/libcurrent.so");
-        for wrong in [&inside, elsewhere] {
-            let err = scratch_library(wrong, &scratch).unwrap_err().to_string();
-            assert!(
-                err.contains(&copy.display().to_string())
-                    && err.contains(&wrong.display().to_string()),
-                "{err}"
+    fn the_library_is_readable_only_and_outside_the_writable_directory() {
+        for device in [None, Some(Device::Cuda(0))] {
+            let args = WorkerArgs {
+                dir: PathBuf::from("/tmp/autoinfer-worker-1-00"),
+                model: PathBuf::from("/models/m.gguf"),
+                protect: Vec::new(),
+                threads: None,
+                device,
+            };
+            let policy = policy(&args);
+            let library = args.library();
+            assert_eq!(
+                library,
+                PathBuf::from("/tmp/autoinfer-worker-1-00/variant.so")
             );
+            assert!(policy.exact.contains(&library), "{policy:?}");
+            assert!(policy.write.contains(&args.scratch()), "{policy:?}");
+            for root in policy.write.iter().chain(&policy.read) {
+                assert!(
+                    !library.starts_with(root),
+                    "{} under {}",
+                    library.display(),
+                    root.display()
+                );
+            }
         }
     }
 
