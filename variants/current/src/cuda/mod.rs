@@ -1630,6 +1630,31 @@ fn column_splits(tiles: u32, col_blocks: usize, sms: u32) -> u32 {
     sms.div_ceil(tiles).min(most)
 }
 
+/// The most splits [`wave_splits`] gives a matmul: each adds its sums into y by atomic adds.
+const WAVE_SPLITS_MAX: u32 = 4;
+
+/// How many splits of its `col_blocks` 32-column blocks a warpgroup-MMA matmul of `tiles` row
+/// and token tiles takes on a device of `sms` multiprocessors, each of which holds one of its
+/// blocks (512 threads and 127 KB of shared memory): the fewest whose grid fills its last wave
+/// within a point of the best fill of up to [`WAVE_SPLITS_MAX`], each split at least
+/// [`SPLIT_MIN_BLOCKS`] long. Every block of such a grid is the same length, so a grid of 1.45
+/// waves (the 8B's QKV at 512 tokens: 192 blocks on 132 SMs) leaves 27% of the SMs' time idle
+/// in its second wave; [`column_splits`], which splits only grids under one wave, gave it one
+/// split, and the 1B's wo and down (64 tiles) three, 1.45 waves again.
+fn wave_splits(tiles: u32, col_blocks: usize, sms: u32) -> u32 {
+    if tiles == 0 || sms == 0 {
+        return 1;
+    }
+    let most = ((col_blocks / SPLIT_MIN_BLOCKS).max(1) as u32).min(WAVE_SPLITS_MAX);
+    // The share of the waves' SM time the grid of `splits` splits fills, in thousandths.
+    let fill = |splits: u32| {
+        let blocks = u64::from(tiles * splits);
+        blocks * 1000 / (blocks.div_ceil(u64::from(sms)) * u64::from(sms))
+    };
+    let best = (1..=most).map(fill).max().unwrap_or(0);
+    (1..=most).find(|&s| fill(s) + 10 >= best).unwrap_or(1)
+}
+
 /// A grid of blocks of `threads` covering `rows` weight rows `row_tile` at a time and `t`
 /// tokens `token_tile` at a time.
 fn tiles(rows: usize, row_tile: u32, t: usize, token_tile: u32, threads: u32) -> LaunchConfig {
@@ -2074,7 +2099,11 @@ fn matmul(
         k.pick_split(w.format, shape, t, false, parts);
     if tensor_cores(w.format, t) {
         let (gx, gy, _) = config.grid_dim;
-        config.grid_dim.2 = column_splits(gx * gy, w.cols / 32, k.sms);
+        config.grid_dim.2 = if k.wgmma && pipelined.is_some() {
+            wave_splits(gx * gy, w.cols / 32, k.sms)
+        } else {
+            column_splits(gx * gy, w.cols / 32, k.sms)
+        };
         if config.grid_dim.2 > 1 && !accumulate {
             // The splits add into y, so it starts from zero.
             stream.memset_zeros(&mut y.slice_mut(..t * w.rows))?;

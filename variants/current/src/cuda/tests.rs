@@ -974,6 +974,45 @@ fn cuda_fused_rmsnorm_matches_a_norm_then_a_matmul() {
     }
 }
 
+/// The warpgroup-MMA matmuls (one block an SM) split their columns so that the grid's last
+/// wave is nearly full, with the fewest splits that do so. Needs neither a GPU nor libnvrtc.
+#[test]
+fn kernels_cu_wgmma_matmul_splits_its_columns_to_fill_its_last_wave() {
+    // The 8B at 512 tokens (256-row tiles, 8 token tiles) on 132 SMs: QKV's 24 row tiles
+    // (192, 1.45 waves) in two splits (384 blocks, 97% full); wo and down (128 tiles, one
+    // wave 97% full) in one.
+    assert_eq!(wave_splits(192, 128, 132), 2);
+    assert_eq!(wave_splits(128, 128, 132), 1);
+    assert_eq!(wave_splits(128, 448, 132), 1);
+    // The 1B: QKV's 12 row tiles (96) in four (384), wo's and down's 8 (64) in two (128).
+    assert_eq!(wave_splits(96, 64, 132), 4);
+    assert_eq!(wave_splits(64, 64, 132), 2);
+    assert_eq!(wave_splits(64, 256, 132), 2);
+    // Too few columns for two splits of SPLIT_MIN_BLOCKS; no tiles; no SMs known.
+    assert_eq!(wave_splits(1, 3, 132), 1);
+    assert_eq!(wave_splits(0, 64, 132), 1);
+    assert_eq!(wave_splits(64, 64, 0), 1);
+    for tiles in 1..600u32 {
+        for col_blocks in 1..300usize {
+            let splits = wave_splits(tiles, col_blocks, 132);
+            assert!((1..=WAVE_SPLITS_MAX).contains(&splits));
+            assert!(splits == 1 || splits as usize * SPLIT_MIN_BLOCKS <= col_blocks);
+            // No other allowed split count fills the last wave by more than a point.
+            let fill = |s: u32| {
+                let blocks = tiles * s;
+                blocks as f64 / (blocks.div_ceil(132) * 132) as f64
+            };
+            let most = ((col_blocks / SPLIT_MIN_BLOCKS).max(1) as u32).min(WAVE_SPLITS_MAX);
+            for other in 1..=most {
+                assert!(
+                    fill(other) <= fill(splits) + 0.011,
+                    "{tiles} tiles, {col_blocks}"
+                );
+            }
+        }
+    }
+}
+
 /// The launch sites size grids and blocks with constants that kernels.cu `#define`s again for
 /// its kernels: each pair must agree, or a kernel indexes past what its launch covers (a
 /// cluster size that differs, say, makes `attention_decode` take KV heads that do not exist).
