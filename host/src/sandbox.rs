@@ -531,6 +531,11 @@ pub struct WorkerLimits {
     /// Its peak memory is read from its resident high-water mark (a CPU worker), so it may not
     /// drop resident pages.
     pub keep_resident: bool,
+    /// It may not make unix socket pairs (a CPU worker): what one end writes waits in kernel
+    /// buffers, in no resident set, and the supervisor counts only pipes' (its
+    /// `outside` module). A CUDA worker keeps them until it is known that the driver makes
+    /// none.
+    pub no_socket_pairs: bool,
 }
 
 /// `madvise` advice that takes pages out of a process's resident set while their contents stay
@@ -556,7 +561,7 @@ pub const RESIDENCY_DROPPING_ADVICE: [i32; 3] = [
 /// With [`WorkerLimits`]: a worker `pinned` to a CPU budget ([`pin_to_cpus`]) may not change
 /// any thread's affinity at all, its own included: every thread it starts inherits the budget
 /// and keeps it. A worker that must `keep_resident` may not drop resident pages with `madvise`
-/// ([`RESIDENCY_DROPPING_ADVICE`]).
+/// ([`RESIDENCY_DROPPING_ADVICE`]); one with `no_socket_pairs` may not call `socketpair`.
 pub fn worker_filters(pid: u32, limits: WorkerLimits) -> Result<Vec<BpfProgram>, SandboxError> {
     let mut deny: Vec<(i64, Vec<SeccompRule>)> =
         always_denied().into_iter().map(|nr| (nr, vec![])).collect();
@@ -589,6 +594,9 @@ pub fn worker_filters(pid: u32, limits: WorkerLimits) -> Result<Vec<BpfProgram>,
         deny.push((nr, vec![]));
     }
     let refused = no_sockets(&mut deny)?;
+    if limits.no_socket_pairs {
+        deny.push((libc::SYS_socketpair, vec![]));
+    }
     #[cfg(target_arch = "x86_64")]
     for nr in [libc::SYS_fork, libc::SYS_vfork] {
         deny.push((nr, vec![]));
@@ -1197,6 +1205,7 @@ mod tests {
         let limits = |pinned, keep_resident| WorkerLimits {
             pinned,
             keep_resident,
+            no_socket_pairs: keep_resident,
         };
         assert_eq!(worker_filters(1234, limits(false, false)).unwrap().len(), 3);
         assert_eq!(worker_filters(1234, limits(false, true)).unwrap().len(), 3);

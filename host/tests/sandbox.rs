@@ -262,6 +262,54 @@ fn memory_kept_in_files_counts_as_peak_memory() {
     );
 }
 
+/// Memory kept in the kernel's pipe buffers counts as peak memory, as memory kept in files
+/// does: filled pipes (up to 64 MiB; the kernel caps one user's pipes) raise the peak by what
+/// they hold. A CPU worker may not make a unix socket pair, whose buffers would be another
+/// such store.
+#[test]
+fn memory_kept_in_pipes_counts_and_socket_pairs_are_refused() {
+    let results = scratch("attack-stash-pipes");
+    let (out, _, stderr) = attack("", &results, &[]);
+    assert!(out.status.success(), "{stderr}");
+    let (out, _, stderr) = attack("stash-pipes", &results, &[]);
+    assert!(out.status.success(), "{stderr}");
+    let lines = reports(&stderr, "stash-pipes");
+    // The most any worker stored (each worker reports once).
+    let stored = lines
+        .iter()
+        .filter(|l| l.ends_with("DONE"))
+        .filter_map(|l| {
+            l.split("pipes holding ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .fold(0u64, u64::max);
+    assert!(
+        stored >= 32 << 20,
+        "at least 32 MiB stored in pipes:\n{stderr}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("socket pair") && l.contains("denied")),
+        "the socket pair refused:\n{stderr}"
+    );
+    let peaks: Vec<f64> = records(&results)
+        .iter()
+        .map(|r| r["peak_rss_mib"].parse().unwrap())
+        .collect();
+    let stored_mib = stored as f64 / f64::from(1 << 20);
+    assert!(
+        peaks[1] >= peaks[0] + 0.9 * stored_mib,
+        "plain {} MiB, with {stored_mib:.1} MiB kept in pipes {} MiB",
+        peaks[0],
+        peaks[1]
+    );
+}
+
 /// A worker cannot keep data in its own library's copy: the copy lies outside the scratch
 /// directory whose files count as the worker's memory, readable only, and can be neither
 /// replaced nor linked into the scratch directory. While the library lay in the scratch

@@ -10,6 +10,11 @@
 //! (Landlock), so every such store is a file there, or a file with no name left (`st_nlink`
 //! 0), reached through one of the worker's descriptors or mappings. [`Outside::kib`] adds up
 //! the blocks those files hold, as seen from outside the worker.
+//!
+//! The kernel's own buffers are a store too: a pipe holds up to 1 MiB (`F_SETPIPE_SZ`) that
+//! is in no process's resident set, and a worker may make as many pipes as it has descriptors.
+//! So [`Outside::kib`] also counts the bytes queued in every pipe the worker holds. (Unix
+//! socket pairs, the other such buffer, are refused to a CPU worker by its seccomp filter.)
 
 use std::collections::HashSet;
 use std::fs::Metadata;
@@ -49,12 +54,14 @@ impl Outside {
     /// KiB that process `pid` holds in files: the files of its scratch directory, and every
     /// regular file with no name left that one of its descriptors or mappings reaches (memfds,
     /// unlinked files, shared anonymous mappings), each file once, by the blocks it has
-    /// allocated. 0 for a process that keeps nothing so.
+    /// allocated; and the bytes queued in the pipes it holds, each pipe once. 0 for a process
+    /// that keeps nothing so.
     pub fn kib(&self, pid: libc::pid_t) -> Result<u64, Unmeasurable> {
         let mut tally = Tally::default();
         let mut bytes = self.scratch_bytes(&mut tally)?;
         bytes += descriptor_bytes(pid, &mut tally);
         bytes += mapping_bytes(pid, &mut tally);
+        bytes += pipe_bytes(pid);
         Ok(bytes / 1024)
     }
 
@@ -139,6 +146,46 @@ fn descriptor_bytes(pid: libc::pid_t, tally: &mut Tally) -> u64 {
         .filter(nameless)
         .map(|meta| tally.add(&meta))
         .sum()
+}
+
+/// The bytes queued in the pipes process `pid` holds, in the descriptor table of every thread,
+/// each pipe once (its two ends share an inode). A pipe is read through its entry in
+/// `/proc/<pid>/fd`, opened as a new read end that does not wait for a writer, and asked how
+/// much it holds (`FIONREAD`): opening it takes nothing out of it.
+fn pipe_bytes(pid: libc::pid_t) -> u64 {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    let mut seen = HashSet::new();
+    let mut bytes = 0;
+    let entries = tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_dir(task.path().join("fd")).ok())
+        .flat_map(|entries| entries.flatten());
+    for entry in entries {
+        let Ok(link) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let link = link.to_string_lossy().into_owned();
+        if !link.starts_with("pipe:[") || !seen.insert(link) {
+            continue;
+        }
+        let Ok(pipe) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(entry.path())
+        else {
+            continue;
+        };
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int through the pointer, which is a live int; the
+        // descriptor is our own open pipe end.
+        if unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut queued) } == 0 {
+            bytes += u64::try_from(queued).unwrap_or(0);
+        }
+    }
+    bytes
 }
 
 /// The nameless files process `pid` maps: `/proc/<pid>/maps` names them `/memfd:...` or
@@ -319,6 +366,20 @@ mod tests {
         );
         let kib = kept("shared-anon", &script);
         assert!(kib >= MIB_16, "{kib} KiB");
+    }
+
+    #[test]
+    fn bytes_queued_in_pipes_count_each_pipe_once() {
+        // 16 pipes of 1 MiB, each filled, its read end held once and its write end twice:
+        // 16 MiB in kernel buffers, none of it in the resident set, each pipe counted once.
+        let script = format!(
+            "{PRELUDE}import fcntl\npipes = []\n\
+             for i in range(16):\n    r, w = os.pipe()\n\
+             \x20   fcntl.fcntl(w, 1031, 1 << 20)\n    os.write(w, data[i << 20:(i + 1) << 20])\n\
+             \x20   pipes.append((r, w, os.dup(w)))\nready()\n"
+        );
+        let kib = kept("pipes", &script);
+        assert!((MIB_16..MIB_16 + 64).contains(&kib), "{kib} KiB");
     }
 
     #[test]

@@ -200,11 +200,13 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
             );
         }
     }
+    let cuda = matches!(args.device, Some(Device::Cuda(_)));
     let limits = sandbox::WorkerLimits {
         pinned: args.threads.is_some(),
         // A GPU worker's memory is sampled ([`crate::supervisor`]), and the CUDA driver's own
-        // use of madvise is not ours to refuse.
-        keep_resident: !matches!(args.device, Some(Device::Cuda(_))),
+        // use of madvise, or of socket pairs, is not ours to refuse.
+        keep_resident: !cuda,
+        no_socket_pairs: !cuda,
     };
     if let Err(e) = sandbox::confine_worker(&policy(args), Support::probe(), limits) {
         return fail(
