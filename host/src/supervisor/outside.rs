@@ -13,8 +13,9 @@
 //!
 //! The kernel's own buffers are a store too: a pipe holds up to 1 MiB (`F_SETPIPE_SZ`) that
 //! is in no process's resident set, and a worker may make as many pipes as it has descriptors.
-//! So [`Outside::kib`] also counts the bytes queued in every pipe the worker holds. (Unix
-//! socket pairs, the other such buffer, are refused to a CPU worker by its seccomp filter.)
+//! So [`Outside::kib`] also counts the bytes queued in every pipe the worker holds, a named
+//! one in its scratch directory included. (Unix socket pairs, the other such buffer, are
+//! refused to a CPU worker by its seccomp filter.)
 
 use std::collections::HashSet;
 use std::fs::Metadata;
@@ -149,11 +150,12 @@ fn descriptor_bytes(pid: libc::pid_t, tally: &mut Tally) -> u64 {
 }
 
 /// The bytes queued in the pipes process `pid` holds, in the descriptor table of every thread,
-/// each pipe once (its two ends share an inode). A pipe is read through its entry in
-/// `/proc/<pid>/fd`, opened as a new read end that does not wait for a writer, and asked how
-/// much it holds (`FIONREAD`): opening it takes nothing out of it.
+/// each pipe once (its two ends share an inode): anonymous pipes and named ones (a FIFO it
+/// made in its scratch directory, which the walk of its files does not count). A pipe is read
+/// through its entry in `/proc/<pid>/fd`, opened as a new read end that does not wait for a
+/// writer, and asked how much it holds (`FIONREAD`): opening it takes nothing out of it.
 fn pipe_bytes(pid: libc::pid_t) -> u64 {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;
     };
@@ -164,11 +166,10 @@ fn pipe_bytes(pid: libc::pid_t) -> u64 {
         .filter_map(|task| std::fs::read_dir(task.path().join("fd")).ok())
         .flat_map(|entries| entries.flatten());
     for entry in entries {
-        let Ok(link) = std::fs::read_link(entry.path()) else {
+        let Ok(meta) = std::fs::metadata(entry.path()) else {
             continue;
         };
-        let link = link.to_string_lossy().into_owned();
-        if !link.starts_with("pipe:[") || !seen.insert(link) {
+        if !meta.file_type().is_fifo() || !seen.insert((meta.dev(), meta.ino())) {
             continue;
         }
         let Ok(pipe) = std::fs::OpenOptions::new()
@@ -370,13 +371,17 @@ mod tests {
 
     #[test]
     fn bytes_queued_in_pipes_count_each_pipe_once() {
-        // 16 pipes of 1 MiB, each filled, its read end held once and its write end twice:
-        // 16 MiB in kernel buffers, none of it in the resident set, each pipe counted once.
+        // 15 pipes of 1 MiB, each filled, its read end held once and its write end twice, and
+        // a named pipe in the scratch directory filled as well: 16 MiB in kernel buffers, none
+        // of it in the resident set or in a regular file, each pipe counted once.
         let script = format!(
             "{PRELUDE}import fcntl\npipes = []\n\
-             for i in range(16):\n    r, w = os.pipe()\n\
+             for i in range(15):\n    r, w = os.pipe()\n\
              \x20   fcntl.fcntl(w, 1031, 1 << 20)\n    os.write(w, data[i << 20:(i + 1) << 20])\n\
-             \x20   pipes.append((r, w, os.dup(w)))\nready()\n"
+             \x20   pipes.append((r, w, os.dup(w)))\n\
+             os.mkfifo(os.environ['SCRATCH'] + '/fifo')\n\
+             f = os.open(os.environ['SCRATCH'] + '/fifo', os.O_RDWR | os.O_NONBLOCK)\n\
+             fcntl.fcntl(f, 1031, 1 << 20)\nos.write(f, data[15 << 20:])\nready()\n"
         );
         let kib = kept("pipes", &script);
         assert!((MIB_16..MIB_16 + 64).contains(&kib), "{kib} KiB");
