@@ -62,7 +62,6 @@ impl Outside {
         let mut bytes = self.scratch_bytes(&mut tally)?;
         bytes += descriptor_bytes(pid, &mut tally);
         bytes += mapping_bytes(pid, &mut tally);
-        bytes += pipe_bytes(pid);
         Ok(bytes / 1024)
     }
 
@@ -133,33 +132,16 @@ fn nameless(meta: &Metadata) -> bool {
     meta.is_file() && meta.nlink() == 0
 }
 
-/// The nameless files process `pid` holds open (memfds, unlinked and O_TMPFILE files), in the
-/// descriptor table of every thread: a thread made without CLONE_FILES has a table of its own.
+/// What process `pid` holds through its descriptors, in the table of every thread (a thread
+/// made without CLONE_FILES has a table of its own): the nameless files (memfds, unlinked and
+/// O_TMPFILE files), by their blocks, and the bytes queued in its pipes ([`pipe_bytes`]), each
+/// file and each pipe once.
 fn descriptor_bytes(pid: libc::pid_t, tally: &mut Tally) -> u64 {
+    use std::os::unix::fs::FileTypeExt;
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;
     };
-    tasks
-        .flatten()
-        .filter_map(|task| std::fs::read_dir(task.path().join("fd")).ok())
-        .flat_map(|entries| entries.flatten())
-        .filter_map(|entry| std::fs::metadata(entry.path()).ok())
-        .filter(nameless)
-        .map(|meta| tally.add(&meta))
-        .sum()
-}
-
-/// The bytes queued in the pipes process `pid` holds, in the descriptor table of every thread,
-/// each pipe once (its two ends share an inode): anonymous pipes and named ones (a FIFO it
-/// made in its scratch directory, which the walk of its files does not count). A pipe is read
-/// through its entry in `/proc/<pid>/fd`, opened as a new read end that does not wait for a
-/// writer, and asked how much it holds (`FIONREAD`): opening it takes nothing out of it.
-fn pipe_bytes(pid: libc::pid_t) -> u64 {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    let mut seen = HashSet::new();
+    let mut pipes = HashSet::new();
     let mut bytes = 0;
     let entries = tasks
         .flatten()
@@ -169,24 +151,36 @@ fn pipe_bytes(pid: libc::pid_t) -> u64 {
         let Ok(meta) = std::fs::metadata(entry.path()) else {
             continue;
         };
-        if !meta.file_type().is_fifo() || !seen.insert((meta.dev(), meta.ino())) {
-            continue;
-        }
-        let Ok(pipe) = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(entry.path())
-        else {
-            continue;
-        };
-        let mut queued: libc::c_int = 0;
-        // SAFETY: FIONREAD writes one int through the pointer, which is a live int; the
-        // descriptor is our own open pipe end.
-        if unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut queued) } == 0 {
-            bytes += u64::try_from(queued).unwrap_or(0);
+        if nameless(&meta) {
+            bytes += tally.add(&meta);
+        } else if meta.file_type().is_fifo() && pipes.insert((meta.dev(), meta.ino())) {
+            bytes += pipe_bytes(&entry.path());
         }
     }
     bytes
+}
+
+/// The bytes queued in the pipe that descriptor entry `fd` (`/proc/<pid>/fd/N`) holds: an
+/// anonymous pipe, or a named one (a FIFO the worker made in its scratch directory, which the
+/// walk of its files does not count). The entry is opened as a new read end that does not
+/// wait for a writer and asked how much the pipe holds (`FIONREAD`): opening it takes nothing
+/// out of it. 0 where it cannot be opened.
+fn pipe_bytes(fd: &Path) -> u64 {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(pipe) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fd)
+    else {
+        return 0;
+    };
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which is a live int; the descriptor
+    // is our own open pipe end.
+    if unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut queued) } != 0 {
+        return 0;
+    }
+    u64::try_from(queued).unwrap_or(0)
 }
 
 /// The nameless files process `pid` maps: `/proc/<pid>/maps` names them `/memfd:...` or
