@@ -432,7 +432,9 @@ fn deny_filter(deny: Vec<(i64, Vec<SeccompRule>)>, errno: i32) -> Result<BpfProg
 /// Calls no confined process needs, denied outright: tracing and the memory of other
 /// processes, descriptors of other processes, kernel stores that outlive a process (SysV IPC,
 /// POSIX message queues, key rings), io_uring (its operations bypass seccomp), BPF and perf
-/// events, new namespaces and mounts, and changes to the system's clocks.
+/// events, new namespaces and mounts, changes to the system's clocks, and secret memory
+/// (`memfd_secret`: a file that keeps what it was written after it is unmapped, with one link
+/// and no blocks, so neither the resident set nor the count of a worker's files sees it).
 fn always_denied() -> Vec<i64> {
     vec![
         libc::SYS_ptrace,
@@ -459,6 +461,7 @@ fn always_denied() -> Vec<i64> {
         libc::SYS_mq_unlink,
         libc::SYS_io_uring_setup,
         libc::SYS_io_uring_enter,
+        libc::SYS_memfd_secret,
         libc::SYS_io_uring_register,
         libc::SYS_bpf,
         libc::SYS_perf_event_open,
@@ -528,14 +531,12 @@ fn own_process_only(pid: Option<u32>) -> Result<Vec<(i64, Vec<SeccompRule>)>, Sa
 pub struct WorkerLimits {
     /// Held to the CPUs it was pinned to ([`pin_to_cpus`]).
     pub pinned: bool,
-    /// Its peak memory is read from its resident high-water mark (a CPU worker), so it may not
-    /// drop resident pages.
-    pub keep_resident: bool,
-    /// It may not make unix socket pairs (a CPU worker): what one end writes waits in kernel
-    /// buffers, in no resident set, and the supervisor counts only pipes' (its
-    /// `outside` module). A CUDA worker keeps them until it is known that the driver makes
-    /// none.
-    pub no_socket_pairs: bool,
+    /// A CPU worker (not a CUDA one): its peak memory is read from its resident high-water
+    /// mark, so it may not drop resident pages; and it may not make unix socket pairs, whose
+    /// buffers are in no resident set (the supervisor counts pipes' only: its `outside`
+    /// module). A CUDA worker is sampled instead, and the driver's own use of madvise, or of
+    /// socket pairs, is not ours to refuse.
+    pub cpu: bool,
 }
 
 /// `madvise` advice that takes pages out of a process's resident set while their contents stay
@@ -560,13 +561,13 @@ pub const RESIDENCY_DROPPING_ADVICE: [i32; 3] = [
 ///
 /// With [`WorkerLimits`]: a worker `pinned` to a CPU budget ([`pin_to_cpus`]) may not change
 /// any thread's affinity at all, its own included: every thread it starts inherits the budget
-/// and keeps it. A worker that must `keep_resident` may not drop resident pages with `madvise`
-/// ([`RESIDENCY_DROPPING_ADVICE`]); one with `no_socket_pairs` may not call `socketpair`.
+/// and keeps it. A `cpu` worker may not drop resident pages with `madvise`
+/// ([`RESIDENCY_DROPPING_ADVICE`]) nor call `socketpair`.
 pub fn worker_filters(pid: u32, limits: WorkerLimits) -> Result<Vec<BpfProgram>, SandboxError> {
     let mut deny: Vec<(i64, Vec<SeccompRule>)> =
         always_denied().into_iter().map(|nr| (nr, vec![])).collect();
     deny.extend(own_process_only(Some(pid))?);
-    if limits.keep_resident {
+    if limits.cpu {
         let advice = RESIDENCY_DROPPING_ADVICE
             .iter()
             .map(|&a| rule(vec![cond(2, SeccompCmpOp::Eq, a as u64)?]))
@@ -594,7 +595,7 @@ pub fn worker_filters(pid: u32, limits: WorkerLimits) -> Result<Vec<BpfProgram>,
         deny.push((nr, vec![]));
     }
     let refused = no_sockets(&mut deny)?;
-    if limits.no_socket_pairs {
+    if limits.cpu {
         deny.push((libc::SYS_socketpair, vec![]));
     }
     #[cfg(target_arch = "x86_64")]
@@ -1202,11 +1203,7 @@ mod tests {
 
     #[test]
     fn filters_compile_for_this_machine() {
-        let limits = |pinned, keep_resident| WorkerLimits {
-            pinned,
-            keep_resident,
-            no_socket_pairs: keep_resident,
-        };
+        let limits = |pinned, cpu| WorkerLimits { pinned, cpu };
         assert_eq!(worker_filters(1234, limits(false, false)).unwrap().len(), 3);
         assert_eq!(worker_filters(1234, limits(false, true)).unwrap().len(), 3);
         assert_eq!(worker_filters(1234, limits(true, true)).unwrap().len(), 4);

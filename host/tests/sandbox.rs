@@ -265,9 +265,10 @@ fn memory_kept_in_files_counts_as_peak_memory() {
 /// Memory kept in the kernel's pipe buffers counts as peak memory, as memory kept in files
 /// does: filled pipes (up to 64 MiB; the kernel caps one user's pipes) raise the peak by what
 /// they hold. A CPU worker may not make a unix socket pair, whose buffers would be another
-/// such store.
+/// such store, and no worker may make secret memory (`memfd_secret`), a file the count of its
+/// files would not see.
 #[test]
-fn memory_kept_in_pipes_counts_and_socket_pairs_are_refused() {
+fn memory_kept_in_pipes_counts_and_other_kernel_stores_are_refused() {
     let results = scratch("attack-stash-pipes");
     let (out, _, stderr) = attack("", &results, &[]);
     assert!(out.status.success(), "{stderr}");
@@ -296,6 +297,12 @@ fn memory_kept_in_pipes_counts_and_socket_pairs_are_refused() {
             .iter()
             .any(|l| l.contains("socket pair") && l.contains("denied")),
         "the socket pair refused:\n{stderr}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("memfd_secret") && l.contains("denied")),
+        "secret memory refused:\n{stderr}"
     );
     let peaks: Vec<f64> = records(&results)
         .iter()

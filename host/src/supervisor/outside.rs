@@ -154,7 +154,7 @@ fn descriptor_bytes(pid: libc::pid_t, tally: &mut Tally) -> u64 {
         if nameless(&meta) {
             bytes += tally.add(&meta);
         } else if meta.file_type().is_fifo() && pipes.insert((meta.dev(), meta.ino())) {
-            bytes += pipe_bytes(&entry.path());
+            bytes += pipe_bytes(&entry.path(), &meta);
         }
     }
     bytes
@@ -164,16 +164,22 @@ fn descriptor_bytes(pid: libc::pid_t, tally: &mut Tally) -> u64 {
 /// anonymous pipe, or a named one (a FIFO the worker made in its scratch directory, which the
 /// walk of its files does not count). The entry is opened as a new read end that does not
 /// wait for a writer and asked how much the pipe holds (`FIONREAD`): opening it takes nothing
-/// out of it. 0 where it cannot be opened.
-fn pipe_bytes(fd: &Path) -> u64 {
+/// out of it. Only if what was opened is still the pipe `seen` describes: the worker may put
+/// another file at that descriptor between the look and the open, and nothing but a pipe is
+/// asked. 0 where it cannot be opened.
+fn pipe_bytes(fd: &Path, seen: &Metadata) -> u64 {
     use std::os::unix::fs::OpenOptionsExt;
     let Ok(pipe) = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(fd)
     else {
         return 0;
     };
+    match pipe.metadata() {
+        Ok(now) if now.dev() == seen.dev() && now.ino() == seen.ino() => {}
+        _ => return 0,
+    }
     let mut queued: libc::c_int = 0;
     // SAFETY: FIONREAD writes one int through the pointer, which is a live int; the descriptor
     // is our own open pipe end.

@@ -200,13 +200,9 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
             );
         }
     }
-    let cuda = matches!(args.device, Some(Device::Cuda(_)));
     let limits = sandbox::WorkerLimits {
         pinned: args.threads.is_some(),
-        // A GPU worker's memory is sampled ([`crate::supervisor`]), and the CUDA driver's own
-        // use of madvise, or of socket pairs, is not ours to refuse.
-        keep_resident: !cuda,
-        no_socket_pairs: !cuda,
+        cpu: !matches!(args.device, Some(Device::Cuda(_))),
     };
     if let Err(e) = sandbox::confine_worker(&policy(args), Support::probe(), limits) {
         return fail(
