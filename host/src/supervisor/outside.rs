@@ -27,13 +27,32 @@ use std::path::{Path, PathBuf};
 /// few at most (a library's cache); a tree with more cannot be measured, and is an error.
 pub const MAX_DIRS: usize = 256;
 
-/// A scratch directory that cannot be measured: more than [`MAX_DIRS`] directories, or one
-/// that would not open.
+/// What a worker keeps that cannot be measured from outside it. A reading the host cannot take
+/// is an error, never a 0: a worker that hides a store from the host (a directory tree too
+/// deep to walk, a pipe it made unreadable with `fchmod`, descriptors it hid with
+/// `PR_SET_DUMPABLE`, which stop a host that runs without root's rights) is refused by name.
 #[derive(Debug, thiserror::Error)]
-#[error("its scratch directory {dir} cannot be measured for the files it keeps: {why}")]
-pub struct Unmeasurable {
-    dir: PathBuf,
-    why: String,
+pub enum Unmeasurable {
+    /// A scratch directory of more than [`MAX_DIRS`] directories, or one that would not open.
+    #[error("its scratch directory {dir} cannot be measured for the files it keeps: {why}")]
+    Scratch { dir: PathBuf, why: String },
+    /// One of the worker's `/proc` entries (its descriptors, a pipe it holds, its mappings)
+    /// that the host could not read while the worker was still there.
+    #[error("what it holds through {entry} cannot be measured from outside it: {why}")]
+    Process { entry: PathBuf, why: String },
+}
+
+/// The error for `/proc` entry `entry` that could not be read, or `None` where the reason is
+/// that what it named is gone (the worker exited, a thread ended, a descriptor was closed):
+/// nothing is kept there any more.
+fn unreadable(entry: &Path, e: &std::io::Error) -> Option<Unmeasurable> {
+    if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) {
+        return None;
+    }
+    Some(Unmeasurable::Process {
+        entry: entry.to_path_buf(),
+        why: e.to_string(),
+    })
 }
 
 /// What a worker keeps in files, measured from outside it.
@@ -60,8 +79,8 @@ impl Outside {
     pub fn kib(&self, pid: libc::pid_t) -> Result<u64, Unmeasurable> {
         let mut tally = Tally::default();
         let mut bytes = self.scratch_bytes(&mut tally)?;
-        bytes += descriptor_bytes(pid, &mut tally);
-        bytes += mapping_bytes(pid, &mut tally);
+        bytes += descriptor_bytes(pid, &mut tally)?;
+        bytes += mapping_bytes(pid, &mut tally)?;
         Ok(bytes / 1024)
     }
 
@@ -71,7 +90,7 @@ impl Outside {
     /// reading (renamed or deleted meanwhile) is skipped: a store kept is seen by another
     /// sample, and peak memory is the most any sample saw.
     fn scratch_bytes(&self, tally: &mut Tally) -> Result<u64, Unmeasurable> {
-        let unmeasurable = |why: String| Unmeasurable {
+        let unmeasurable = |why: String| Unmeasurable::Scratch {
             dir: self.scratch.clone(),
             why,
         };
@@ -135,29 +154,41 @@ fn nameless(meta: &Metadata) -> bool {
 /// What process `pid` holds through its descriptors, in the table of every thread (a thread
 /// made without CLONE_FILES has a table of its own): the nameless files (memfds, unlinked and
 /// O_TMPFILE files), by their blocks, and the bytes queued in its pipes ([`pipe_bytes`]), each
-/// file and each pipe once.
-fn descriptor_bytes(pid: libc::pid_t, tally: &mut Tally) -> u64 {
+/// file and each pipe once. An error where a table it still has cannot be read.
+fn descriptor_bytes(pid: libc::pid_t, tally: &mut Tally) -> Result<u64, Unmeasurable> {
     use std::os::unix::fs::FileTypeExt;
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
+    let task_dir = PathBuf::from(format!("/proc/{pid}/task"));
+    let tasks = match std::fs::read_dir(&task_dir) {
+        Ok(tasks) => tasks,
+        Err(e) => return unreadable(&task_dir, &e).map_or(Ok(0), Err),
     };
     let mut pipes = HashSet::new();
     let mut bytes = 0;
-    let entries = tasks
-        .flatten()
-        .filter_map(|task| std::fs::read_dir(task.path().join("fd")).ok())
-        .flat_map(|entries| entries.flatten());
-    for entry in entries {
-        let Ok(meta) = std::fs::metadata(entry.path()) else {
-            continue;
+    for task in tasks.flatten() {
+        let fd_dir = task.path().join("fd");
+        let entries = match std::fs::read_dir(&fd_dir) {
+            Ok(entries) => entries,
+            Err(e) => match unreadable(&fd_dir, &e) {
+                Some(e) => return Err(e),
+                None => continue,
+            },
         };
-        if nameless(&meta) {
-            bytes += tally.add(&meta);
-        } else if meta.file_type().is_fifo() && pipes.insert((meta.dev(), meta.ino())) {
-            bytes += pipe_bytes(&entry.path(), &meta);
+        for entry in entries.flatten() {
+            let meta = match std::fs::metadata(entry.path()) {
+                Ok(meta) => meta,
+                Err(e) => match unreadable(&entry.path(), &e) {
+                    Some(e) => return Err(e),
+                    None => continue,
+                },
+            };
+            if nameless(&meta) {
+                bytes += tally.add(&meta);
+            } else if meta.file_type().is_fifo() && pipes.insert((meta.dev(), meta.ino())) {
+                bytes += pipe_bytes(&entry.path(), &meta)?;
+            }
         }
     }
-    bytes
+    Ok(bytes)
 }
 
 /// The bytes queued in the pipe that descriptor entry `fd` (`/proc/<pid>/fd/N`) holds: an
@@ -166,36 +197,42 @@ fn descriptor_bytes(pid: libc::pid_t, tally: &mut Tally) -> u64 {
 /// wait for a writer and asked how much the pipe holds (`FIONREAD`): opening it takes nothing
 /// out of it. Only if what was opened is still the pipe `seen` describes: the worker may put
 /// another file at that descriptor between the look and the open, and nothing but a pipe is
-/// asked. 0 where it cannot be opened.
-fn pipe_bytes(fd: &Path, seen: &Metadata) -> u64 {
+/// asked. 0 where the descriptor is gone; an error where the pipe would not open (a worker
+/// can `fchmod` its pipe to mode 0, which stops a host without root's rights).
+fn pipe_bytes(fd: &Path, seen: &Metadata) -> Result<u64, Unmeasurable> {
     use std::os::unix::fs::OpenOptionsExt;
-    let Ok(pipe) = std::fs::OpenOptions::new()
+    let pipe = match std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(fd)
-    else {
-        return 0;
+    {
+        Ok(pipe) => pipe,
+        Err(e) => return unreadable(fd, &e).map_or(Ok(0), Err),
     };
     match pipe.metadata() {
         Ok(now) if now.dev() == seen.dev() && now.ino() == seen.ino() => {}
-        _ => return 0,
+        _ => return Ok(0),
     }
     let mut queued: libc::c_int = 0;
     // SAFETY: FIONREAD writes one int through the pointer, which is a live int; the descriptor
     // is our own open pipe end.
     if unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut queued) } != 0 {
-        return 0;
+        let e = std::io::Error::last_os_error();
+        return unreadable(fd, &e).map_or(Ok(0), Err);
     }
-    u64::try_from(queued).unwrap_or(0)
+    Ok(u64::try_from(queued).unwrap_or(0))
 }
 
 /// The nameless files process `pid` maps: `/proc/<pid>/maps` names them `/memfd:...` or
 /// `... (deleted)` (a shared anonymous mapping is `/dev/zero (deleted)`). Each is measured
 /// through `/proc/<pid>/map_files`, which needs CAP_SYS_ADMIN (or CAP_CHECKPOINT_RESTORE);
-/// without it the mapping's own length is counted, which misses what lies beyond it.
-fn mapping_bytes(pid: libc::pid_t, tally: &mut Tally) -> u64 {
-    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
-        return 0;
+/// without it the mapping's own length is counted, which misses what lies beyond it. An error
+/// where the list of mappings cannot be read while the process is there.
+fn mapping_bytes(pid: libc::pid_t, tally: &mut Tally) -> Result<u64, Unmeasurable> {
+    let maps_path = PathBuf::from(format!("/proc/{pid}/maps"));
+    let maps = match std::fs::read_to_string(&maps_path) {
+        Ok(maps) => maps,
+        Err(e) => return unreadable(&maps_path, &e).map_or(Ok(0), Err),
     };
     // Mappings measured by their length, by the (device, inode) that maps prints.
     let mut unmeasured: HashSet<(String, u64)> = HashSet::new();
@@ -219,7 +256,7 @@ fn mapping_bytes(pid: libc::pid_t, tally: &mut Tally) -> u64 {
             }
         }
     }
-    bytes
+    Ok(bytes)
 }
 
 /// One line of `/proc/<pid>/maps`.
@@ -426,6 +463,161 @@ mod tests {
         let text = err.to_string();
         assert!(
             text.contains(dir.to_str().unwrap()) && text.contains("more than 256 directories"),
+            "{text}"
+        );
+    }
+
+    /// How [`hiding_child`] hides the pipe it fills.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Hide {
+        Nothing,
+        /// `fchmod` the pipe to mode 0: no one without CAP_DAC_OVERRIDE opens it.
+        PipeMode,
+        /// `PR_SET_DUMPABLE` 0: its `/proc` entries are closed to all but CAP_SYS_PTRACE.
+        Dumpable,
+    }
+
+    /// The user the unprivileged side of [`a_store_hidden_from_a_host_without_root_is_an_error`]
+    /// runs as when the tests run as root.
+    const NOBODY: libc::uid_t = 65534;
+
+    /// A forked child, as `NOBODY` when the tests run as root, that holds a pipe with 32 KiB
+    /// queued and hides it as `hide` says; it waits to be killed. Only system calls run in it
+    /// after the fork (no allocation: the test harness has other threads).
+    fn hiding_child(hide: Hide, root: bool) -> libc::pid_t {
+        static DATA: [u8; 32 << 10] = [7; 32 << 10];
+        let mut ready = [0; 2];
+        // SAFETY: `ready` is two ints for pipe(2) to fill. The child runs only system calls on
+        // its own descriptors and the static buffer, then waits, so forking this multithreaded
+        // process is sound (nothing in it takes a lock another thread may hold).
+        unsafe {
+            assert_eq!(libc::pipe(ready.as_mut_ptr()), 0);
+            let pid = libc::fork();
+            assert!(pid >= 0);
+            if pid > 0 {
+                libc::close(ready[1]);
+                let mut byte = 0u8;
+                assert_eq!(libc::read(ready[0], (&mut byte as *mut u8).cast(), 1), 1);
+                // The end of file: the child has closed its end too (below).
+                assert_eq!(libc::read(ready[0], (&mut byte as *mut u8).cast(), 1), 0);
+                libc::close(ready[0]);
+                return pid;
+            }
+            if root {
+                let (u, g) = (NOBODY as libc::c_long, NOBODY as libc::c_long);
+                if libc::syscall(libc::SYS_setresgid, g, g, g) != 0
+                    || libc::syscall(libc::SYS_setresuid, u, u, u) != 0
+                {
+                    libc::_exit(3);
+                }
+            }
+            // The test harness's own descriptors (its captured output is a pipe of root's
+            // that `NOBODY` may not open) are not the child's to hold, as a worker holds only
+            // what the host gives it.
+            for fd in 0..1024 {
+                if fd != ready[1] {
+                    libc::close(fd);
+                }
+            }
+            // A change of user makes a process undumpable; an honest worker is not.
+            libc::prctl(libc::PR_SET_DUMPABLE, 1);
+            let mut store = [0; 2];
+            if libc::pipe(store.as_mut_ptr()) != 0
+                || libc::write(store[1], DATA.as_ptr().cast(), DATA.len()) != DATA.len() as isize
+            {
+                libc::_exit(4);
+            }
+            match hide {
+                Hide::Nothing => {}
+                Hide::PipeMode => {
+                    libc::fchmod(store[0], 0);
+                }
+                Hide::Dumpable => {
+                    libc::prctl(libc::PR_SET_DUMPABLE, 0);
+                }
+            }
+            // Then it closes its end of the pipe to the parent, root's when the tests run as
+            // root, and so one `NOBODY` may not open: it holds nothing but its store.
+            libc::write(ready[1], b"r".as_ptr().cast(), 1);
+            libc::close(ready[1]);
+            loop {
+                libc::pause();
+            }
+        }
+    }
+
+    /// Runs `f` in this thread alone as `NOBODY` when `root` (the system calls change only the
+    /// calling thread's credentials, and the saved user stays root, so it can return), as the
+    /// supervisor of a host without root's rights would.
+    fn as_nobody<T>(root: bool, f: impl FnOnce() -> T) -> T {
+        let set = |uid: libc::uid_t| {
+            let (u, keep) = (uid as libc::c_long, -1 as libc::c_long);
+            // SAFETY: setresuid/setresgid on this thread only, with plain integer arguments;
+            // -1 leaves the real and saved ids as they are. The group goes first when giving
+            // rights up, last when taking them back.
+            unsafe {
+                if uid == 0 {
+                    assert_eq!(libc::syscall(libc::SYS_setresuid, keep, u, keep), 0);
+                    assert_eq!(libc::syscall(libc::SYS_setresgid, keep, u, keep), 0);
+                } else {
+                    assert_eq!(libc::syscall(libc::SYS_setresgid, keep, u, keep), 0);
+                    assert_eq!(libc::syscall(libc::SYS_setresuid, keep, u, keep), 0);
+                }
+            }
+        };
+        if root {
+            set(NOBODY);
+        }
+        let result = f();
+        if root {
+            set(0);
+        }
+        result
+    }
+
+    #[test]
+    fn a_store_hidden_from_a_host_without_root_is_an_error() {
+        // A host without root's rights cannot open a pipe whose mode is 0 or read the /proc
+        // entries of an undumpable worker: each reading is an error that names the entry, not
+        // a store of 0 bytes. The same child that hides nothing is measured by the same user,
+        // so the errors come from the hiding alone.
+        // SAFETY: geteuid has no arguments and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        let dir = scratch("hidden");
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let outside = Outside::new(&dir);
+        let mut readings = Vec::new();
+        for hide in [Hide::Nothing, Hide::PipeMode, Hide::Dumpable] {
+            let pid = hiding_child(hide, root);
+            readings.push((pid, as_nobody(root, || outside.kib(pid))));
+            // SAFETY: kill and waitpid on our own child, with a null status pointer.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        match &readings[0].1 {
+            Ok(kib) => assert!(*kib >= 32, "the plain child's pipe read {kib} KiB"),
+            Err(e) => panic!("the plain child could not be measured: {e}"),
+        }
+        let (pid, pipe) = &readings[1];
+        let text = pipe
+            .as_ref()
+            .expect_err("a pipe of mode 0 was measured")
+            .to_string();
+        assert!(
+            text.contains(&format!("/proc/{pid}/task/{pid}/fd/")) && text.contains("denied"),
+            "{text}"
+        );
+        let (pid, dumpable) = &readings[2];
+        let text = dumpable
+            .as_ref()
+            .expect_err("an undumpable child was measured")
+            .to_string();
+        assert!(
+            text.contains(&format!("/proc/{pid}/")) && text.contains("denied"),
             "{text}"
         );
     }
