@@ -14,8 +14,8 @@
 //! The kernel's own buffers are a store too: a pipe holds up to 1 MiB (`F_SETPIPE_SZ`) that
 //! is in no process's resident set, and a worker may make as many pipes as it has descriptors.
 //! So [`Outside::kib`] also counts the bytes queued in every pipe the worker holds, a named
-//! one in its scratch directory included. (Unix socket pairs, the other such buffer, are
-//! refused to a CPU worker by its seccomp filter.)
+//! one in its scratch directory included, and the bytes its unix sockets have sent and their
+//! peers not read (a socket pair, which only a GPU worker may make).
 
 use std::collections::HashSet;
 use std::fs::Metadata;
@@ -185,6 +185,12 @@ fn descriptor_bytes(pid: libc::pid_t, tally: &mut Tally) -> Result<u64, Unmeasur
                 bytes += tally.add(&meta);
             } else if meta.file_type().is_fifo() && pipes.insert((meta.dev(), meta.ino())) {
                 bytes += pipe_bytes(&entry.path(), &meta)?;
+            } else if meta.file_type().is_socket() && pipes.insert((meta.dev(), meta.ino())) {
+                let task = task.file_name().to_str().and_then(|t| t.parse().ok());
+                let fd = entry.file_name().to_str().and_then(|n| n.parse().ok());
+                if let (Some(task), Some(fd)) = (task, fd) {
+                    bytes += socket_bytes(task, fd, &entry.path(), &meta)?;
+                }
             }
         }
     }
@@ -219,6 +225,84 @@ fn pipe_bytes(fd: &Path, seen: &Metadata) -> Result<u64, Unmeasurable> {
     if unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut queued) } != 0 {
         let e = std::io::Error::last_os_error();
         return unreadable(fd, &e).map_or(Ok(0), Err);
+    }
+    Ok(u64::try_from(queued).unwrap_or(0))
+}
+
+/// The bytes queued in the unix socket at descriptor `fd` of thread `task` (`entry`, its
+/// `/proc` entry, as `seen`): a socket pair is a store as a pipe is, each end holding up to its
+/// send buffer (4 MiB here, `net.core.wmem_max`). A socket's `/proc` entry cannot be opened, so
+/// the supervisor takes a copy of the descriptor (`pidfd_getfd`, which takes nothing out of the
+/// socket) and asks it: a stream (or sequenced-packet) socket the bytes waiting to be read from
+/// it (`SIOCINQ`), wherever they came from and whether or not their sender is still open; a
+/// datagram socket the bytes it has sent that are still queued (`SIOCOUTQ`), since a datagram
+/// socket's `SIOCINQ` shows only the first datagram. Each queued byte is so counted once. Only
+/// a unix socket can be there (seccomp lets a worker make no other), and only a GPU worker can
+/// make a pair (a CPU worker's `socketpair` is refused, and every worker's `connect` and
+/// addressed sends are answered ENOENT). 0 where the thread or the descriptor is gone, or the
+/// descriptor is no longer that socket; an error where the copy is refused (an undumpable
+/// worker under a host without root's rights).
+fn socket_bytes(
+    task: libc::pid_t,
+    fd: libc::c_int,
+    entry: &Path,
+    seen: &Metadata,
+) -> Result<u64, Unmeasurable> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let refused = |e: std::io::Error| unreadable(entry, &e).map_or(Ok(0), Err);
+    // SAFETY: pidfd_open takes a thread id and flags (PIDFD_THREAD, Linux 6.9: a pidfd of this
+    // thread, whose descriptor table may be its own); it returns a new descriptor or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, task, libc::O_EXCL) };
+    if pidfd < 0 {
+        return refused(std::io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor was just returned to us and nothing else owns it.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as libc::c_int) };
+    // SAFETY: pidfd_getfd takes our pidfd, the target's descriptor number and flags 0; it
+    // returns a new descriptor of ours or -1.
+    let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if copy < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EBADF) {
+            return Ok(0); // closed since the walk saw it
+        }
+        return refused(e);
+    }
+    // SAFETY: as above, a descriptor just returned to us.
+    let socket = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(copy as libc::c_int) });
+    match socket.metadata() {
+        Ok(now) if now.dev() == seen.dev() && now.ino() == seen.ino() => {}
+        _ => return Ok(0),
+    }
+    let (mut kind, mut len): (libc::c_int, libc::socklen_t) = (0, 4);
+    // SAFETY: SO_TYPE writes one int into `kind`, whose size `len` gives.
+    let got = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut kind as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if got != 0 {
+        return refused(std::io::Error::last_os_error());
+    }
+    // SIOCINQ and SIOCOUTQ are FIONREAD's and TIOCOUTQ's numbers.
+    let ask = if kind == libc::SOCK_DGRAM {
+        libc::TIOCOUTQ
+    } else {
+        libc::FIONREAD
+    };
+    let mut queued: libc::c_int = 0;
+    // SAFETY: the request writes one int through the pointer, which is a live int; the
+    // descriptor is our own copy of a unix socket.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), ask, &mut queued) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINVAL) {
+            return Ok(0); // a listening socket, which queues connections, not bytes
+        }
+        return refused(e);
     }
     Ok(u64::try_from(queued).unwrap_or(0))
 }
@@ -436,6 +520,25 @@ mod tests {
         let anon = Mapping::parse("7ffd0000-7ffd1000 rw-p 00000000 00:00 0").unwrap();
         assert_eq!((anon.inode, anon.path), (0, ""));
         assert!(Mapping::parse("garbage").is_none());
+    }
+
+    #[test]
+    fn bytes_queued_in_unix_sockets_count_once_closed_senders_included() {
+        // 8 stream pairs with 64 KiB sent one way, one of them sent both ways, a pair whose
+        // sender is closed with 64 KiB still waiting, and a datagram pair with 32 KiB: 672 KiB
+        // that no resident set or file holds, each byte counted once. A datagram's count
+        // includes the kernel's bookkeeping, so it is a little more than its bytes.
+        let script = format!(
+            "{PRELUDE}import socket\nkeep = []\n\
+             for i in range(8):\n    a, b = socket.socketpair()\n\
+             \x20   a.sendall(data[:64 << 10])\n    keep.append((a, b))\n\
+             keep[0][1].sendall(data[:64 << 10])\n\
+             a, b = socket.socketpair()\na.sendall(data[:64 << 10])\na.close()\nkeep.append(b)\n\
+             a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+             a.send(data[:32 << 10])\nkeep.append((a, b))\nready()\n"
+        );
+        let kib = kept("sockets", &script);
+        assert!((672..672 + 64).contains(&kib), "{kib} KiB");
     }
 
     #[test]
