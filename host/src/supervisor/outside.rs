@@ -600,7 +600,11 @@ mod tests {
             if pid > 0 {
                 libc::close(ready[1]);
                 let mut byte = 0u8;
-                assert_eq!(libc::read(ready[0], (&mut byte as *mut u8).cast(), 1), 1);
+                assert_eq!(
+                    libc::read(ready[0], (&mut byte as *mut u8).cast(), 1),
+                    1,
+                    "the hiding child died before it was ready (as uid {NOBODY} when root)"
+                );
                 // The end of file: the child has closed its end too (below).
                 assert_eq!(libc::read(ready[0], (&mut byte as *mut u8).cast(), 1), 0);
                 libc::close(ready[0]);
@@ -654,17 +658,34 @@ mod tests {
     /// supervisor of a host without root's rights would.
     fn as_nobody<T>(root: bool, f: impl FnOnce() -> T) -> T {
         let set = |uid: libc::uid_t| {
+            let why = format!("this thread cannot take user and group {uid} (the test plays a host without root's rights as uid {NOBODY})");
             let (u, keep) = (uid as libc::c_long, -1 as libc::c_long);
             // SAFETY: setresuid/setresgid on this thread only, with plain integer arguments;
             // -1 leaves the real and saved ids as they are. The group goes first when giving
             // rights up, last when taking them back.
             unsafe {
                 if uid == 0 {
-                    assert_eq!(libc::syscall(libc::SYS_setresuid, keep, u, keep), 0);
-                    assert_eq!(libc::syscall(libc::SYS_setresgid, keep, u, keep), 0);
+                    assert_eq!(
+                        libc::syscall(libc::SYS_setresuid, keep, u, keep),
+                        0,
+                        "{why}"
+                    );
+                    assert_eq!(
+                        libc::syscall(libc::SYS_setresgid, keep, u, keep),
+                        0,
+                        "{why}"
+                    );
                 } else {
-                    assert_eq!(libc::syscall(libc::SYS_setresgid, keep, u, keep), 0);
-                    assert_eq!(libc::syscall(libc::SYS_setresuid, keep, u, keep), 0);
+                    assert_eq!(
+                        libc::syscall(libc::SYS_setresgid, keep, u, keep),
+                        0,
+                        "{why}"
+                    );
+                    assert_eq!(
+                        libc::syscall(libc::SYS_setresuid, keep, u, keep),
+                        0,
+                        "{why}"
+                    );
                 }
             }
         };
