@@ -6,7 +6,8 @@
 //! is a simplification (it deletes more lines than it adds) and `--simpler` says so. A KEEP on a
 //! synthetic model (a change aimed at the 1B or 8B shapes) also needs a comparison of the same
 //! content on the default model whose verdict is KEEP or NOISE: nothing the loop's default model
-//! guards (decode, prefill, TTFT, peak memory, ITL p99) may be worse for it. The commit
+//! guards (decode, prefill, TTFT, peak memory, ITL p99) may be worse for it. The two may come in
+//! either order; each model's newest comparison of the change is the one that counts. The commit
 //! message carries the comparison's figures. [`revert`] puts `variants/current` back as the last
 //! commit has it, deleting files added since. Both touch nothing outside `variants/current`.
 
@@ -84,6 +85,16 @@ pub fn keep(root: &Path, results: &Path, message: &str, rules: &KeepRules) -> Re
     comparable(&row, verdict, &head_tree, rules)?;
     passed(&row, rules)?;
     let (kind, model) = check_record(results, &row, &tree, &head_tree, rules.harness)?;
+    // The default model's NOISE after a KEEP of the same change on a synthetic model: the
+    // keep rests on that KEEP, each model's newest comparison being the one that counts.
+    let (row, verdict, kind, model) = if kind == ModelKind::Default && verdict == Verdict::Noise {
+        match synthetic_keep_before(results, &row, &tree, &head_tree, rules)? {
+            Some((synthetic, kind, model)) => (synthetic, Verdict::Keep, kind, model),
+            None => (row, verdict, kind, model),
+        }
+    } else {
+        (row, verdict, kind, model)
+    };
     if kind == ModelKind::SyntheticSecret && verdict == Verdict::Keep {
         default_model_beside(results, &row, &tree, &head_tree, rules)?;
     }
@@ -357,11 +368,46 @@ fn default_model_beside(
     bail!(
         "the KEEP of {} is on a synthetic model, which says nothing of the default model's \
          figures: compare the same change on the default model too (`host compare`, no \
-         --model), then on the synthetic model again (host keep rests on a change's newest \
-         comparison); it is kept when the default model's ends KEEP or NOISE (no guarded \
-         figure SLOWER)",
+         --model), then `host keep` again (the two comparisons may come in either order); it \
+         is kept when the default model's ends KEEP or NOISE (no guarded figure SLOWER)",
         synthetic.time
     )
+}
+
+/// For the default model's comparison `default` of `tree`: the newest comparison of the same
+/// change on another model, if it is a KEEP on a synthetic model with secret weights that a
+/// keep can rest on (under the present harness, on the full protocol, against `head_tree`, its
+/// gates passed, backed by its record), with its model. So a synthetic shape's comparison may
+/// come before the default model's as well as after it: a short lease can run the one that
+/// decides first. Each model's newest comparison is the one that counts, so a KEEP followed by
+/// another verdict on a synthetic model is not one to keep on.
+fn synthetic_keep_before(
+    results: &Path,
+    default: &ResultsRow,
+    tree: &str,
+    head_tree: &str,
+    rules: &KeepRules,
+) -> Result<Option<(ResultsRow, ModelKind, String)>> {
+    let rows = read_rows(results)?;
+    let same_change = rows.iter().rev().filter(|r| {
+        measures_tree(r, tree)
+            && r.json != default.json
+            && r.verdict
+                .is_some_and(|v| comparable(r, v, head_tree, rules).is_ok())
+    });
+    for row in same_change {
+        let Ok((kind, model)) = check_record(results, row, tree, head_tree, rules.harness) else {
+            return Ok(None);
+        };
+        if kind == ModelKind::Default {
+            continue;
+        }
+        let kept = kind == ModelKind::SyntheticSecret
+            && row.verdict == Some(Verdict::Keep)
+            && passed(row, rules).is_ok();
+        return Ok(kept.then(|| (row.clone(), kind, model)));
+    }
+    Ok(None)
 }
 
 /// Whether `row`, a comparison with `verdict`, is one a keep can rest on: on the full protocol
@@ -618,19 +664,37 @@ mod tests {
         std::fs::write(&tsv, format!("{before}{}\n", row.join("\t"))).unwrap();
     }
 
+    /// The record edit of a comparison on a synthetic model with secret weights.
+    const SYNTHETIC: (&str, &str) = ("record_model_kind", "synthetic_secret");
+
+    /// Why `host keep` of the change in `dir` (said to be faster at 1B) is refused.
+    fn keep_error(dir: &Path) -> String {
+        keep(dir, &dir.join("results"), "faster at 1B", &RULES)
+            .unwrap_err()
+            .to_string()
+    }
+
+    /// `host keep` of the change in `dir` commits it, saying it was kept on a synthetic model;
+    /// then the checkout is removed.
+    fn assert_kept_on_synthetic(dir: &Path, repo: &git2::Repository) {
+        let id = keep(dir, &dir.join("results"), "faster at 1B", &RULES).unwrap();
+        let commit = repo.find_commit(git2::Oid::from_str(&id).unwrap()).unwrap();
+        let message = commit.message().unwrap();
+        assert!(
+            message.contains("model: a synthetic model with secret weights"),
+            "{message}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     /// A KEEP on a synthetic model is kept only beside a comparison of the same change on the
     /// default model that ended KEEP or NOISE.
     #[test]
     fn a_synthetic_keep_needs_the_default_model_beside_it() {
         let (dir, repo) = checkout("keep-synthetic");
-        let results = dir.join("results");
         std::fs::write(dir.join("variants/current/src/lib.rs"), "// v2\n").unwrap();
-        let synthetic = ("record_model_kind", "synthetic_secret");
-        let keep_err = || {
-            keep(&dir, &results, "faster at 1B", &RULES)
-                .unwrap_err()
-                .to_string()
-        };
+        let synthetic = SYNTHETIC;
+        let keep_err = || keep_error(&dir);
         // Alone.
         write_compare(&dir, "KEEP", "ok", "pass", synthetic, "s.json", false);
         let err = keep_err();
@@ -673,14 +737,42 @@ mod tests {
         // Beside a NOISE on the default model: kept, and the message names the synthetic model.
         write_compare(&dir, "NOISE", "ok", "pass", ("", ""), "d.json", false);
         write_compare(&dir, "KEEP", "ok", "pass", synthetic, "s.json", true);
-        let id = keep(&dir, &results, "faster at 1B", &RULES).unwrap();
-        let commit = repo.find_commit(git2::Oid::from_str(&id).unwrap()).unwrap();
-        let message = commit.message().unwrap();
-        assert!(
-            message.contains("model: a synthetic model with secret weights"),
-            "{message}"
+        assert_kept_on_synthetic(&dir, &repo);
+    }
+
+    /// The default model's NOISE may come after the synthetic model's KEEP: the keep rests on
+    /// that KEEP, if it is the synthetic model's newest comparison of the change.
+    #[test]
+    fn a_synthetic_keep_may_come_before_the_default_models_noise() {
+        let (dir, repo) = checkout("keep-synthetic-first");
+        std::fs::write(dir.join("variants/current/src/lib.rs"), "// v2\n").unwrap();
+        let synthetic = SYNTHETIC;
+        let keep_err = || keep_error(&dir);
+        // The synthetic model's newest comparison is not its KEEP: the default's NOISE alone.
+        for later in ["NOISE", "REVERT"] {
+            write_compare(&dir, "KEEP", "ok", "pass", synthetic, "s.json", false);
+            write_compare(&dir, later, "ok", "pass", synthetic, "s2.json", true);
+            write_compare(&dir, "NOISE", "ok", "pass", ("", ""), "d.json", true);
+            let err = keep_err();
+            assert!(err.contains("the verdict is NOISE"), "{later}: {err}");
+        }
+        // A synthetic KEEP whose gates failed is no KEEP.
+        write_compare(
+            &dir,
+            "KEEP",
+            "rejected",
+            "fail: code agreement",
+            synthetic,
+            "s.json",
+            false,
         );
-        let _ = std::fs::remove_dir_all(&dir);
+        write_compare(&dir, "NOISE", "ok", "pass", ("", ""), "d.json", true);
+        let err = keep_err();
+        assert!(err.contains("the verdict is NOISE"), "{err}");
+        // Its KEEP, then the default model's NOISE: kept on the KEEP.
+        write_compare(&dir, "KEEP", "ok", "pass", synthetic, "s.json", false);
+        write_compare(&dir, "NOISE", "ok", "pass", ("", ""), "d.json", true);
+        assert_kept_on_synthetic(&dir, &repo);
     }
 
     #[test]
