@@ -14,8 +14,8 @@
 //! The kernel's own buffers are a store too: a pipe holds up to 1 MiB (`F_SETPIPE_SZ`) that
 //! is in no process's resident set, and a worker may make as many pipes as it has descriptors.
 //! So [`Outside::kib`] also counts the bytes queued in every pipe the worker holds, a named
-//! one in its scratch directory included, and the bytes its unix sockets have sent and their
-//! peers not read (a socket pair, which only a GPU worker may make).
+//! one in its scratch directory included, and the bytes queued in its unix sockets (a socket
+//! pair, which only a GPU worker may make).
 
 use std::collections::HashSet;
 use std::fs::Metadata;
@@ -74,8 +74,8 @@ impl Outside {
     /// KiB that process `pid` holds in files: the files of its scratch directory, and every
     /// regular file with no name left that one of its descriptors or mappings reaches (memfds,
     /// unlinked files, shared anonymous mappings), each file once, by the blocks it has
-    /// allocated; and the bytes queued in the pipes it holds, each pipe once. 0 for a process
-    /// that keeps nothing so.
+    /// allocated; and the bytes queued in the pipes and unix sockets it holds, each once. 0 for
+    /// a process that keeps nothing so; an error where a store cannot be read ([`Unmeasurable`]).
     pub fn kib(&self, pid: libc::pid_t) -> Result<u64, Unmeasurable> {
         let mut tally = Tally::default();
         let mut bytes = self.scratch_bytes(&mut tally)?;
@@ -153,8 +153,9 @@ fn nameless(meta: &Metadata) -> bool {
 
 /// What process `pid` holds through its descriptors, in the table of every thread (a thread
 /// made without CLONE_FILES has a table of its own): the nameless files (memfds, unlinked and
-/// O_TMPFILE files), by their blocks, and the bytes queued in its pipes ([`pipe_bytes`]), each
-/// file and each pipe once. An error where a table it still has cannot be read.
+/// O_TMPFILE files), by their blocks, and the bytes queued in its pipes ([`pipe_bytes`]) and
+/// unix sockets ([`socket_bytes`]), each once. An error where a table it still has cannot be
+/// read.
 fn descriptor_bytes(pid: libc::pid_t, tally: &mut Tally) -> Result<u64, Unmeasurable> {
     use std::os::unix::fs::FileTypeExt;
     let task_dir = PathBuf::from(format!("/proc/{pid}/task"));
