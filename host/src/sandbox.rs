@@ -533,7 +533,8 @@ pub struct WorkerLimits {
     pub pinned: bool,
     /// A CPU worker (not a CUDA one): its peak memory is read from its resident high-water
     /// mark, so it may not drop resident pages; and it may not make unix socket pairs, whose
-    /// buffers are in no resident set (the supervisor counts pipes' only: its `outside`
+    /// buffers are in no resident set and whose messages can carry descriptors out of its
+    /// reach (the supervisor counts what sockets queue, not the files in flight: its `outside`
     /// module). A CUDA worker is sampled instead, and the driver's own use of madvise, or of
     /// socket pairs, is not ours to refuse.
     pub cpu: bool,

@@ -693,11 +693,9 @@ mod tests {
     fn a_synthetic_keep_needs_the_default_model_beside_it() {
         let (dir, repo) = checkout("keep-synthetic");
         std::fs::write(dir.join("variants/current/src/lib.rs"), "// v2\n").unwrap();
-        let synthetic = SYNTHETIC;
-        let keep_err = || keep_error(&dir);
         // Alone.
-        write_compare(&dir, "KEEP", "ok", "pass", synthetic, "s.json", false);
-        let err = keep_err();
+        write_compare(&dir, "KEEP", "ok", "pass", SYNTHETIC, "s.json", false);
+        let err = keep_error(&dir);
         assert!(
             err.contains("compare the same change on the default model"),
             "{err}"
@@ -714,8 +712,8 @@ mod tests {
             ),
         ] {
             write_compare(&dir, "REVERT", status, gates, edit, "d.json", false);
-            write_compare(&dir, "KEEP", "ok", "pass", synthetic, "s.json", true);
-            let err = keep_err();
+            write_compare(&dir, "KEEP", "ok", "pass", SYNTHETIC, "s.json", true);
+            let err = keep_error(&dir);
             assert!(err.contains(needle), "{status}: {err}");
         }
         // A default-model comparison of another change does not count.
@@ -728,15 +726,15 @@ mod tests {
             "d.json",
             false,
         );
-        write_compare(&dir, "KEEP", "ok", "pass", synthetic, "s.json", true);
-        let err = keep_err();
+        write_compare(&dir, "KEEP", "ok", "pass", SYNTHETIC, "s.json", true);
+        let err = keep_error(&dir);
         assert!(
             err.contains("compare the same change on the default model"),
             "{err}"
         );
         // Beside a NOISE on the default model: kept, and the message names the synthetic model.
         write_compare(&dir, "NOISE", "ok", "pass", ("", ""), "d.json", false);
-        write_compare(&dir, "KEEP", "ok", "pass", synthetic, "s.json", true);
+        write_compare(&dir, "KEEP", "ok", "pass", SYNTHETIC, "s.json", true);
         assert_kept_on_synthetic(&dir, &repo);
     }
 
@@ -746,14 +744,12 @@ mod tests {
     fn a_synthetic_keep_may_come_before_the_default_models_noise() {
         let (dir, repo) = checkout("keep-synthetic-first");
         std::fs::write(dir.join("variants/current/src/lib.rs"), "// v2\n").unwrap();
-        let synthetic = SYNTHETIC;
-        let keep_err = || keep_error(&dir);
         // The synthetic model's newest comparison is not its KEEP: the default's NOISE alone.
         for later in ["NOISE", "REVERT"] {
-            write_compare(&dir, "KEEP", "ok", "pass", synthetic, "s.json", false);
-            write_compare(&dir, later, "ok", "pass", synthetic, "s2.json", true);
+            write_compare(&dir, "KEEP", "ok", "pass", SYNTHETIC, "s.json", false);
+            write_compare(&dir, later, "ok", "pass", SYNTHETIC, "s2.json", true);
             write_compare(&dir, "NOISE", "ok", "pass", ("", ""), "d.json", true);
-            let err = keep_err();
+            let err = keep_error(&dir);
             assert!(err.contains("the verdict is NOISE"), "{later}: {err}");
         }
         // A synthetic KEEP whose gates failed is no KEEP.
@@ -762,15 +758,15 @@ mod tests {
             "KEEP",
             "rejected",
             "fail: code agreement",
-            synthetic,
+            SYNTHETIC,
             "s.json",
             false,
         );
         write_compare(&dir, "NOISE", "ok", "pass", ("", ""), "d.json", true);
-        let err = keep_err();
+        let err = keep_error(&dir);
         assert!(err.contains("the verdict is NOISE"), "{err}");
         // Its KEEP, then the default model's NOISE: kept on the KEEP.
-        write_compare(&dir, "KEEP", "ok", "pass", synthetic, "s.json", false);
+        write_compare(&dir, "KEEP", "ok", "pass", SYNTHETIC, "s.json", false);
         write_compare(&dir, "NOISE", "ok", "pass", ("", ""), "d.json", true);
         assert_kept_on_synthetic(&dir, &repo);
     }

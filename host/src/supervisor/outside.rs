@@ -19,7 +19,7 @@
 
 use std::collections::HashSet;
 use std::fs::Metadata;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -166,6 +166,8 @@ fn descriptor_bytes(pid: libc::pid_t, tally: &mut Tally) -> Result<u64, Unmeasur
     let mut pipes = HashSet::new();
     let mut bytes = 0;
     for task in tasks.flatten() {
+        // A pidfd of this thread, opened for its first socket only ([`socket_bytes`]).
+        let mut pidfd = None;
         let fd_dir = task.path().join("fd");
         let entries = match std::fs::read_dir(&fd_dir) {
             Ok(entries) => entries,
@@ -187,10 +189,13 @@ fn descriptor_bytes(pid: libc::pid_t, tally: &mut Tally) -> Result<u64, Unmeasur
             } else if meta.file_type().is_fifo() && pipes.insert((meta.dev(), meta.ino())) {
                 bytes += pipe_bytes(&entry.path(), &meta)?;
             } else if meta.file_type().is_socket() && pipes.insert((meta.dev(), meta.ino())) {
-                let task = task.file_name().to_str().and_then(|t| t.parse().ok());
+                let tid = task.file_name().to_str().and_then(|t| t.parse().ok());
                 let fd = entry.file_name().to_str().and_then(|n| n.parse().ok());
-                if let (Some(task), Some(fd)) = (task, fd) {
-                    bytes += socket_bytes(task, fd, &entry.path(), &meta)?;
+                if let (Some(tid), Some(fd)) = (tid, fd) {
+                    let Some(pidfd) = thread_pidfd(&mut pidfd, tid, &task.path())? else {
+                        break; // the thread is gone
+                    };
+                    bytes += socket_bytes(pidfd, fd, &entry.path(), &meta)?;
                 }
             }
         }
@@ -214,6 +219,10 @@ fn pipe_bytes(fd: &Path, seen: &Metadata) -> Result<u64, Unmeasurable> {
         .open(fd)
     {
         Ok(pipe) => pipe,
+        // Only if the descriptor is still that pipe: in a moment between the look and the open
+        // an honest process may close it and open something else there (a socket, which its
+        // `/proc` entry cannot open).
+        Err(_) if !still(fd, seen) => return Ok(0),
         Err(e) => return unreadable(fd, &e).map_or(Ok(0), Err),
     };
     match pipe.metadata() {
@@ -230,6 +239,11 @@ fn pipe_bytes(fd: &Path, seen: &Metadata) -> Result<u64, Unmeasurable> {
     Ok(u64::try_from(queued).unwrap_or(0))
 }
 
+/// Whether `/proc` descriptor entry `fd` still names the file `seen` describes.
+fn still(fd: &Path, seen: &Metadata) -> bool {
+    std::fs::metadata(fd).is_ok_and(|now| now.dev() == seen.dev() && now.ino() == seen.ino())
+}
+
 /// The bytes queued in the unix socket at descriptor `fd` of thread `task` (`entry`, its
 /// `/proc` entry, as `seen`): a socket pair is a store as a pipe is, each end holding up to its
 /// send buffer (4 MiB here, `net.core.wmem_max`). A socket's `/proc` entry cannot be opened, so
@@ -244,21 +258,12 @@ fn pipe_bytes(fd: &Path, seen: &Metadata) -> Result<u64, Unmeasurable> {
 /// descriptor is no longer that socket; an error where the copy is refused (an undumpable
 /// worker under a host without root's rights).
 fn socket_bytes(
-    task: libc::pid_t,
+    pidfd: &OwnedFd,
     fd: libc::c_int,
     entry: &Path,
     seen: &Metadata,
 ) -> Result<u64, Unmeasurable> {
-    use std::os::fd::{FromRawFd, OwnedFd};
     let refused = |e: std::io::Error| unreadable(entry, &e).map_or(Ok(0), Err);
-    // SAFETY: pidfd_open takes a thread id and flags (PIDFD_THREAD, Linux 6.9: a pidfd of this
-    // thread, whose descriptor table may be its own); it returns a new descriptor or -1.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, task, libc::O_EXCL) };
-    if pidfd < 0 {
-        return refused(std::io::Error::last_os_error());
-    }
-    // SAFETY: the descriptor was just returned to us and nothing else owns it.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as libc::c_int) };
     // SAFETY: pidfd_getfd takes our pidfd, the target's descriptor number and flags 0; it
     // returns a new descriptor of ours or -1.
     let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
@@ -306,6 +311,27 @@ fn socket_bytes(
         return refused(e);
     }
     Ok(u64::try_from(queued).unwrap_or(0))
+}
+
+/// The pidfd of thread `tid` (`/proc` entry `task`) in `slot`, opened there the first time
+/// (`PIDFD_THREAD`, Linux 6.9: a pidfd of this thread, whose descriptor table may be its own);
+/// `None` where the thread is gone, an error where it cannot be opened.
+fn thread_pidfd<'a>(
+    slot: &'a mut Option<OwnedFd>,
+    tid: libc::pid_t,
+    task: &Path,
+) -> Result<Option<&'a OwnedFd>, Unmeasurable> {
+    if slot.is_none() {
+        // SAFETY: pidfd_open takes a thread id and flags; it returns a new descriptor or -1.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, tid, libc::O_EXCL) };
+        if pidfd < 0 {
+            let e = std::io::Error::last_os_error();
+            return unreadable(task, &e).map_or(Ok(None), Err);
+        }
+        // SAFETY: the descriptor was just returned to us and nothing else owns it.
+        *slot = Some(unsafe { OwnedFd::from_raw_fd(pidfd as libc::c_int) });
+    }
+    Ok(slot.as_ref())
 }
 
 /// The nameless files process `pid` maps: `/proc/<pid>/maps` names them `/memfd:...` or
@@ -543,6 +569,27 @@ mod tests {
     }
 
     #[test]
+    fn a_pipe_replaced_before_its_open_reads_zero_not_an_error() {
+        // A descriptor seen as a pipe, then closed and reused for a socket before the open (an
+        // honest process may do that between two system calls of the sampler): its `/proc`
+        // entry no longer opens (ENXIO), and that is the race, not a store kept from the host.
+        let (mut ends, socket) = ([0; 2], {
+            // SAFETY: socket(2) with constant arguments; returns a descriptor of ours or -1.
+            unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) }
+        });
+        // SAFETY: `ends` is two ints for pipe(2) to fill.
+        assert!(socket >= 0 && unsafe { libc::pipe(ends.as_mut_ptr()) } == 0);
+        let entry = PathBuf::from(format!("/proc/self/fd/{}", ends[0]));
+        let pipe = std::fs::metadata(&entry).unwrap();
+        // SAFETY: dup2 and close on descriptors of this test's own.
+        assert!(unsafe { libc::dup2(socket, ends[0]) } == ends[0]);
+        let read = pipe_bytes(&entry, &pipe);
+        // SAFETY: as above.
+        unsafe { [socket, ends[0], ends[1]].map(|fd| libc::close(fd)) };
+        assert_eq!(read.expect("a replaced pipe is not an error"), 0);
+    }
+
+    #[test]
     fn a_store_deeper_than_a_path_can_name_counts() {
         // Directories of 200 characters, 40 deep (8,000 characters: twice PATH_MAX), made by
         // chdir, and the store at the bottom.
@@ -658,36 +705,21 @@ mod tests {
     /// calling thread's credentials, and the saved user stays root, so it can return), as the
     /// supervisor of a host without root's rights would.
     fn as_nobody<T>(root: bool, f: impl FnOnce() -> T) -> T {
-        let set = |uid: libc::uid_t| {
-            let why = format!("this thread cannot take user and group {uid} (the test plays a host without root's rights as uid {NOBODY})");
-            let (u, keep) = (uid as libc::c_long, -1 as libc::c_long);
-            // SAFETY: setresuid/setresgid on this thread only, with plain integer arguments;
-            // -1 leaves the real and saved ids as they are. The group goes first when giving
-            // rights up, last when taking them back.
-            unsafe {
-                if uid == 0 {
-                    assert_eq!(
-                        libc::syscall(libc::SYS_setresuid, keep, u, keep),
-                        0,
-                        "{why}"
-                    );
-                    assert_eq!(
-                        libc::syscall(libc::SYS_setresgid, keep, u, keep),
-                        0,
-                        "{why}"
-                    );
-                } else {
-                    assert_eq!(
-                        libc::syscall(libc::SYS_setresgid, keep, u, keep),
-                        0,
-                        "{why}"
-                    );
-                    assert_eq!(
-                        libc::syscall(libc::SYS_setresuid, keep, u, keep),
-                        0,
-                        "{why}"
-                    );
-                }
+        let set = |id: libc::uid_t| {
+            let why = format!(
+                "this thread cannot take user and group {id} (the test plays a host without \
+                 root's rights as uid {NOBODY})"
+            );
+            // The group goes first when giving rights up, last when taking them back.
+            let order = match id {
+                0 => [libc::SYS_setresuid, libc::SYS_setresgid],
+                _ => [libc::SYS_setresgid, libc::SYS_setresuid],
+            };
+            for nr in order {
+                let (id, keep) = (id as libc::c_long, -1 as libc::c_long);
+                // SAFETY: setresuid/setresgid on this thread only, with plain integer
+                // arguments; -1 leaves the real and saved ids as they are.
+                assert_eq!(unsafe { libc::syscall(nr, keep, id, keep) }, 0, "{why}");
             }
         };
         if root {
