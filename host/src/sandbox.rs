@@ -533,10 +533,11 @@ pub struct WorkerLimits {
     pub pinned: bool,
     /// A CPU worker (not a CUDA one): its peak memory is read from its resident high-water
     /// mark, so it may not drop resident pages; and it may not make unix socket pairs, whose
-    /// buffers are in no resident set and whose messages can carry descriptors out of its
-    /// reach (the supervisor counts what sockets queue, not the files in flight: its `outside`
-    /// module). A CUDA worker is sampled instead, and the driver's own use of madvise, or of
-    /// socket pairs, is not ours to refuse.
+    /// buffers are in no resident set. A CUDA worker is sampled instead (the supervisor's
+    /// `outside` module counts what its sockets queue), and the driver's own use of madvise is
+    /// not ours to refuse; but it may not make a datagram pair: a datagram socket shows only
+    /// its first queued datagram, so what a closed sender left queued could not be counted.
+    /// No worker can send a descriptor over a pair (`sendmsg` is refused: [`worker_filters`]).
     pub cpu: bool,
 }
 
@@ -563,7 +564,8 @@ pub const RESIDENCY_DROPPING_ADVICE: [i32; 3] = [
 /// With [`WorkerLimits`]: a worker `pinned` to a CPU budget ([`pin_to_cpus`]) may not change
 /// any thread's affinity at all, its own included: every thread it starts inherits the budget
 /// and keeps it. A `cpu` worker may not drop resident pages with `madvise`
-/// ([`RESIDENCY_DROPPING_ADVICE`]) nor call `socketpair`.
+/// ([`RESIDENCY_DROPPING_ADVICE`]) nor call `socketpair`; a CUDA worker may make stream socket
+/// pairs but not datagram ones.
 pub fn worker_filters(pid: u32, limits: WorkerLimits) -> Result<Vec<BpfProgram>, SandboxError> {
     let mut deny: Vec<(i64, Vec<SeccompRule>)> =
         always_denied().into_iter().map(|nr| (nr, vec![])).collect();
@@ -598,6 +600,16 @@ pub fn worker_filters(pid: u32, limits: WorkerLimits) -> Result<Vec<BpfProgram>,
     let refused = no_sockets(&mut deny)?;
     if limits.cpu {
         deny.push((libc::SYS_socketpair, vec![]));
+    } else {
+        // socketpair(domain, type, ...): the type without its CLOEXEC and NONBLOCK flags.
+        deny.push((
+            libc::SYS_socketpair,
+            vec![rule(vec![cond(
+                1,
+                SeccompCmpOp::MaskedEq(SOCKET_TYPE_MASK),
+                libc::SOCK_DGRAM as u64,
+            )?])?],
+        ));
     }
     #[cfg(target_arch = "x86_64")]
     for nr in [libc::SYS_fork, libc::SYS_vfork] {
@@ -626,12 +638,18 @@ pub fn worker_filters(pid: u32, limits: WorkerLimits) -> Result<Vec<BpfProgram>,
     Ok(filters)
 }
 
+/// The bits of `socket`'s and `socketpair`'s type argument that name the type (the kernel's
+/// `SOCK_TYPE_MASK`); the rest are flags (`SOCK_CLOEXEC`, `SOCK_NONBLOCK`).
+const SOCKET_TYPE_MASK: u64 = 0xf;
+
 /// The network and other processes' sockets, out of reach: `deny` (an EPERM filter's rules)
 /// gains the rule that only local (unix) sockets can be made, and the filter returned answers
 /// every `connect`, addressed `sendto`, `sendmsg` and `sendmmsg` with ENOENT, as if no one
 /// listened there (the CUDA driver tries the MPS daemon's address at start-up; told there is
 /// none, it carries on). A unix socket's path is not a file Landlock guards, so without this a
-/// confined process could ask any daemon listening on the machine to act for it.
+/// confined process could ask any daemon listening on the machine to act for it. With
+/// `sendmsg` refused, no descriptor travels over a socket either (`SCM_RIGHTS`), so none can
+/// be kept in flight, out of every process's descriptors, where no count of memory sees it.
 fn no_sockets(deny: &mut Vec<(i64, Vec<SeccompRule>)>) -> Result<BpfProgram, SandboxError> {
     deny.push((
         libc::SYS_socket,
@@ -1200,6 +1218,121 @@ mod tests {
             "{err}"
         );
         assert!(pin_to_cpus(0).is_err());
+    }
+
+    /// What a worker's filters answer to its socket pairs, from a forked child that installs
+    /// them: 0 when every call got the answer `expected` names, else the number of the first
+    /// call that did not.
+    fn socket_pair_answers(limits: WorkerLimits, expected: [i32; 4]) -> i32 {
+        let filters = worker_filters(std::process::id(), limits).unwrap();
+        // SAFETY: the child makes only system calls (the filters were built before the fork,
+        // so nothing allocates there) and leaves by _exit.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork: {}", std::io::Error::last_os_error());
+        if child == 0 {
+            let answer = |result: libc::c_long| {
+                if result >= 0 {
+                    0
+                } else {
+                    // SAFETY: errno is this thread's, written by the call just made.
+                    unsafe { *libc::__errno_location() }
+                }
+            };
+            let mut code = 0;
+            let mut check = |n: i32, got: i32| {
+                if code == 0 && got != expected[n as usize - 1] {
+                    code = n;
+                }
+            };
+            for filter in &filters {
+                // SAFETY: a seccomp filter on this (single-threaded) child alone.
+                if seccompiler::apply_filter(filter).is_err() {
+                    unsafe { libc::_exit(100) };
+                }
+            }
+            let mut pair = [-1i32; 2];
+            let make = |kind: i32, pair: &mut [i32; 2]| {
+                // SAFETY: `pair` has room for the two descriptors socketpair writes.
+                answer(unsafe {
+                    libc::socketpair(
+                        libc::AF_UNIX,
+                        kind | libc::SOCK_CLOEXEC,
+                        0,
+                        pair.as_mut_ptr(),
+                    )
+                } as libc::c_long)
+            };
+            check(1, make(libc::SOCK_DGRAM, &mut pair));
+            check(2, make(libc::SOCK_SEQPACKET, &mut pair));
+            check(3, make(libc::SOCK_STREAM, &mut pair));
+            // A descriptor (stdin's) in an SCM_RIGHTS message over the stream pair.
+            let mut byte = [0u8; 1];
+            let mut iov = libc::iovec {
+                iov_base: byte.as_mut_ptr().cast(),
+                iov_len: 1,
+            };
+            let mut control = [0u64; 4];
+            // SAFETY: msghdr and cmsghdr are plain data; the control buffer (32 bytes, 8-byte
+            // aligned) holds one cmsghdr with one descriptor (CMSG_SPACE(4) = 24).
+            let sent = unsafe {
+                let mut msg: libc::msghdr = std::mem::zeroed();
+                msg.msg_iov = &mut iov;
+                msg.msg_iovlen = 1;
+                msg.msg_control = control.as_mut_ptr().cast();
+                msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
+                let header = libc::CMSG_FIRSTHDR(&msg);
+                (*header).cmsg_level = libc::SOL_SOCKET;
+                (*header).cmsg_type = libc::SCM_RIGHTS;
+                (*header).cmsg_len = libc::CMSG_LEN(4) as usize;
+                *(libc::CMSG_DATA(header) as *mut i32) = 0;
+                libc::sendmsg(pair[0], &msg, 0)
+            };
+            check(
+                4,
+                if pair[0] < 0 {
+                    -1
+                } else {
+                    answer(sent as libc::c_long)
+                },
+            );
+            // SAFETY: leaving the child without running the parent's exit handlers.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for the child forked above.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        assert!(
+            libc::WIFEXITED(status),
+            "the child ended by signal: {status}"
+        );
+        libc::WEXITSTATUS(status)
+    }
+
+    /// A CUDA worker may make a stream or sequenced pair (the supervisor counts everything
+    /// they queue) but no datagram pair, and sends no descriptor over it; a CPU worker makes
+    /// no pair at all.
+    #[test]
+    fn a_worker_sends_no_descriptor_and_a_cuda_worker_makes_no_datagram_pair() {
+        let gpu = WorkerLimits {
+            pinned: false,
+            cpu: false,
+        };
+        let cpu = WorkerLimits {
+            pinned: false,
+            cpu: true,
+        };
+        // Answers: datagram pair, sequenced pair, stream pair, sendmsg with a descriptor
+        // (-1: no pair to send over).
+        let gpu_answers = socket_pair_answers(gpu, [libc::EPERM, 0, 0, libc::ENOENT]);
+        assert_eq!(
+            gpu_answers, 0,
+            "a CUDA worker's call {gpu_answers} was answered otherwise"
+        );
+        let cpu_answers = socket_pair_answers(cpu, [libc::EPERM, libc::EPERM, libc::EPERM, -1]);
+        assert_eq!(
+            cpu_answers, 0,
+            "a CPU worker's call {cpu_answers} was answered otherwise"
+        );
     }
 
     #[test]

@@ -253,8 +253,9 @@ fn still(fd: &Path, seen: &Metadata) -> bool {
 /// datagram socket the bytes it has sent that are still queued (`SIOCOUTQ`), since a datagram
 /// socket's `SIOCINQ` shows only the first datagram. Each queued byte is so counted once. Only
 /// a unix socket can be there (seccomp lets a worker make no other), and only a GPU worker can
-/// make a pair (a CPU worker's `socketpair` is refused, and every worker's `connect` and
-/// addressed sends are answered ENOENT). 0 where the thread or the descriptor is gone, or the
+/// make a pair, of stream or sequenced-packet sockets only (a CPU worker's `socketpair` is
+/// refused, and every worker's `connect` and addressed sends are answered ENOENT): a datagram
+/// socket here came from elsewhere, and what a closed sender left queued in it is not seen. 0 where the thread or the descriptor is gone, or the
 /// descriptor is no longer that socket; an error where the copy is refused (an undumpable
 /// worker under a host without root's rights).
 fn socket_bytes(
@@ -584,8 +585,10 @@ mod tests {
         // SAFETY: dup2 and close on descriptors of this test's own.
         assert!(unsafe { libc::dup2(socket, ends[0]) } == ends[0]);
         let read = pipe_bytes(&entry, &pipe);
-        // SAFETY: as above.
-        unsafe { [socket, ends[0], ends[1]].map(|fd| libc::close(fd)) };
+        for fd in [socket, ends[0], ends[1]] {
+            // SAFETY: as above.
+            unsafe { libc::close(fd) };
+        }
         assert_eq!(read.expect("a replaced pipe is not an error"), 0);
     }
 
