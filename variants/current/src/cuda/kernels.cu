@@ -1195,8 +1195,34 @@ __device__ __forceinline__ int staged_position(int w) {
     return 16 * h + 8 * hi + 2 * c + lo;
 }
 
-// x (t, cols) f32 into the matmul's operands: planes p = 0, 1, 2 of `parts` (each (t, cols)
-// bf16, every 32-column block in the staged order) the three parts of each activation, and
+// Where the parts of activation (tok, col) of a (t, cols) input lie in each plane, and a
+// plane's length. The mma.sync matmul reads them as rows of tokens: token tok's columns at
+// tok * cols, each 32-column block in the staged order. With warpgroup MMAs (WGMMA) every
+// tile of 64 tokens by 64 columns (MMA_TOKENS by a pipeline step) is one contiguous run of
+// 8 KB in the order the tensor cores read it from shared memory (the core matrices of
+// `mma_pipe_body`), so that one bulk copy stages a step's plane; the tiles run along a
+// token tile's columns, then the token tiles, the plane padded to whole tiles.
+#ifdef WGMMA
+#define PARTS_TILE 64
+__device__ __forceinline__ long parts_plane(int t, int cols) {
+    return (long)((t + PARTS_TILE - 1) / PARTS_TILE) * ((cols + PARTS_TILE - 1) / PARTS_TILE) *
+           (PARTS_TILE * PARTS_TILE);
+}
+__device__ __forceinline__ long parts_at(int tok, int col, int cols) {
+    const int tiles = (cols + PARTS_TILE - 1) / PARTS_TILE, tl = tok % PARTS_TILE;
+    const int c = (col & 32) + staged_position(col & 31);  // staged, within the tile
+    return ((long)(tok / PARTS_TILE) * tiles + col / PARTS_TILE) * (PARTS_TILE * PARTS_TILE) +
+           64 * (8 * (tl / 8) + c / 8) + 8 * (tl % 8) + c % 8;
+}
+#else
+__device__ __forceinline__ long parts_plane(int t, int cols) { return (long)t * cols; }
+__device__ __forceinline__ long parts_at(int tok, int col, int cols) {
+    return (long)tok * cols + (col & ~31) + staged_position(col & 31);
+}
+#endif
+
+// x (t, cols) f32 into the matmul's operands: planes p = 0, 1, 2 of `parts` (each
+// parts_plane(t, cols) bf16, laid out as parts_at says) the three parts of each activation, and
 // sums[b * t + token] the sum of block b's 32 activations (Q4_1's m term). One warp a block of
 // one token.
 // Writes activation v of column `col` of token `tok` (of t, `cols` wide) into `parts`, the three
@@ -1204,8 +1230,7 @@ __device__ __forceinline__ int staged_position(int w) {
 __device__ __forceinline__ void write_parts(u16* parts, float v, int tok, int col, int t,
                                             int cols) {
     const float p1 = bf16_top(v), r = v - p1, p2 = bf16_top(r), p3 = r - p2;
-    const long at = (long)tok * cols + (col & ~31) + staged_position(col & 31);
-    const long plane = (long)t * cols;
+    const long at = parts_at(tok, col, cols), plane = parts_plane(t, cols);
     parts[at] = (u16)(__float_as_uint(p1) >> 16);
     parts[plane + at] = (u16)(__float_as_uint(p2) >> 16);
     parts[2 * plane + at] = (u16)(__float_as_uint(p3) >> 16);
@@ -1304,11 +1329,6 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[J][4]) {
 #pragma unroll
         for (int e = 0; e < 4; e++) asm volatile("" : "+f"(d[j][e])::"memory");
 }
-// Makes this thread's shared-memory writes (cp.async's included) visible to the tensor cores'
-// reads, which go through the async proxy.
-__device__ __forceinline__ void fence_proxy_async() {
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
 // d (+)= a b for the warpgroup's 64 x 64 tile, K 16: a this warp's 16 rows as mma.sync's A
 // fragments, b the descriptor's 64 tokens; d[j][e] as mma.sync's C of the 8-token tile j
 // (rows g, g + 8 for e >= 2). `accumulate` 0 writes a fresh sum.
@@ -1331,6 +1351,33 @@ __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[8][4], const u32 (&a)
           "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
           "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate)
+        : "memory");
+}
+// The mbarrier at shared address `bar`: set up for `count` arrivals; this thread's arrival
+// with `bytes` more to come by bulk copies (complete_tx); a wait for phase `parity` to end.
+__device__ __forceinline__ void mbarrier_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbarrier_expect(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(u32 bar, u32 parity) {
+    u32 done = 0;
+    while (!done)
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, p;\n}"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+}
+// `bytes` (a multiple of 16) from global `src` to shared address `dst` by the copy engine,
+// counted on mbarrier `bar`.
+__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+        ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
         : "memory");
 }
 #else
@@ -1376,10 +1423,30 @@ __device__ void mma_pipe_body(const u8* w, const u8* s, const u8* w2, const u8* 
     };
     const int warp_tok = WG ? 0 : 32 * wn;
     const int nb = cols / 32;
+#if MMA_WG
+    // A step's parts are one tile of them (parts_at), so each split is whole steps: the
+    // blocks' MMA_KB-block units dealt out as mma_split deals blocks.
+    static_assert(PARTS_TILE == MMA_TOKENS && PARTS_TILE == 32 * MMA_KB, "a step is a tile");
+    const int splits = gridDim.z, units = (nb + MMA_KB - 1) / MMA_KB;
+    const int b_begin = MMA_KB * (int)((long)blockIdx.z * units / splits);
+    const int b_end = min(nb, MMA_KB * (int)((long)(blockIdx.z + 1) * units / splits));
+#else
     const MmaSplit split = mma_split(nb);
     const int splits = split.splits, b_begin = split.begin, b_end = split.end;
+#endif
     const int steps = (b_end - b_begin + MMA_KB - 1) / MMA_KB;
-    const long plane = (long)t * cols;
+    const long plane = parts_plane(t, cols);
+#if MMA_WG
+    // Per stage, the mbarrier its parts' bulk copies count on: phase k of stage s ends when
+    // step s + STAGES k has landed. Set up before the first copy.
+    __shared__ __align__(8) unsigned long long full[L::STAGES];
+    if (tid == 0) {
+#pragma unroll
+        for (int st = 0; st < L::STAGES; st++) mbarrier_init(smem_addr(&full[st]), 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+#endif
 
     // Issues the copies of step `st` (quant blocks b_begin + MMA_KB st ..) into stage `stage`;
     // what lies past the rows, the tokens or the split arrives as zeros. Thread tid copies:
@@ -1425,6 +1492,19 @@ __device__ void mma_pipe_body(const u8* w, const u8* s, const u8* w2, const u8* 
             }
             cp_async4(ss + tid * 4, src, in);
         }
+#if MMA_WG
+        if (tid == 0) {
+            // The step's tile of each plane, 8 KB each, on the stage's mbarrier.
+            const u32 bar = smem_addr(&full[stage]);
+            mbarrier_expect(bar, 3 * X_PLANE);
+            const int tiles = (cols + PARTS_TILE - 1) / PARTS_TILE;
+            const u16* const src =
+                xp + ((long)(tok0 / PARTS_TILE) * tiles + b0 / MMA_KB) * (PARTS_TILE * PARTS_TILE);
+#pragma unroll
+            for (int p = 0; p < 3; p++)
+                bulk_copy(smem_addr(xs + p * X_PLANE), src + p * plane, X_PLANE, bar);
+        }
+#else
         {
             const bool b_in = b0 + x_piece / 4 < b_end;
             const bool x_in0 = tok0 + x_tok < t, x_in1 = tok0 + x_tok + 32 < t;
@@ -1439,6 +1519,7 @@ __device__ void mma_pipe_body(const u8* w, const u8* s, const u8* w2, const u8* 
                                in1 ? src + p * plane + 32L * cols : xp, in1);
             }
         }
+#endif
         if (FMT == FMT_Q4_1 && tid < MMA_KB * MMA_TOKENS) {
             const int kb = tid / MMA_TOKENS, tok = tok0 + tid % MMA_TOKENS, b = b0 + kb;
             const bool in = tok < t && b < b_end;
@@ -1458,9 +1539,13 @@ __device__ void mma_pipe_body(const u8* w, const u8* s, const u8* w2, const u8* 
     for (int st = 0; st < steps; st++) {
         cp_async_wait<L::STAGES - 2>();
 #if MMA_WG
-        fence_proxy_async();  // for the tensor cores' reads of it
-#endif
+        // Step st's parts have landed (the copy engine's writes, visible once the mbarrier's
+        // phase ends); then every warp is done with the stage the next copies reuse.
+        mbarrier_wait(smem_addr(&full[st % L::STAGES]), (st / L::STAGES) & 1);
+        __syncthreads();
+#else
         __syncthreads();  // step st has landed, and every warp is done with the stage it reuses
+#endif
         {
             const int ahead = st + L::STAGES - 1;
             if (ahead < steps) load(ahead, ahead % L::STAGES);

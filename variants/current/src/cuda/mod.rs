@@ -65,6 +65,9 @@ const MMA_STAGES_Q8_0: u32 = 2;
 /// one block an SM, half as many threads as rows it stages (256; the gated kernel 128 of each
 /// matrix). Without them it is the one-pass block ([`MMA_THREADS`], [`MMA_ROWS`]).
 const MMA_PIPE_THREADS_WG: u32 = 512;
+/// Tokens and columns of a tile of split activations (`PARTS_TILE`): the warpgroup-MMA matmul
+/// stages a tile of each plane a step, so [`Parts`] are sized in whole tiles.
+const PARTS_TILE: usize = 64;
 /// The narrowest model (`n_embd`) whose chunks take the pipelined matmuls (`mma_pipe_*`, their
 /// inputs split by the kernels that write them, [`Parts`]); narrower ones keep the one-pass
 /// `mma_*`. Measured on the H100, a prefill of 512 tokens: the pipeline took 6.4% off the
@@ -1504,9 +1507,10 @@ fn mma_shared_bytes(format: Format, block: PipeBlock) -> u32 {
 }
 
 /// A chunk's activations as the tensor-core matmul takes them (`split_parts` in kernels.cu):
-/// three bf16 planes of `(t, cols)` whose sum is each activation exactly, every 32-column block
-/// in the matmul's staged order, and each block's sum, `(cols / 32, t)`. Sized for the widest
-/// input of a model's matrices.
+/// three bf16 planes of `(t, cols)` whose sum is each activation exactly, laid out as
+/// kernels.cu's `parts_at` says (every 32-column block in the matmul's staged order; with
+/// warpgroup MMAs, in tiles of [`PARTS_TILE`] tokens and columns), and each block's sum,
+/// `(cols / 32, t)`. Sized for the widest input of a model's matrices.
 ///
 /// The kernel that writes a matmul's input can split it on the way ([`Parts::fill_from`]:
 /// rmsnorm, attention_combine, the tensor-core SwiGLU), saving split_parts' launch and its read
@@ -1523,7 +1527,7 @@ impl Parts {
     /// Room for `tokens` rows of up to `cols` activations.
     fn new(stream: &Arc<CudaStream>, tokens: usize, cols: usize) -> Result<Self, ModelError> {
         Ok(Self {
-            planes: stream.alloc_zeros(3 * tokens * cols)?,
+            planes: stream.alloc_zeros(3 * parts_plane(tokens, cols))?,
             sums: stream.alloc_zeros((tokens * cols / BLOCK).max(1))?,
             ready: None,
         })
@@ -1542,7 +1546,7 @@ impl Parts {
 
     /// Fails unless the buffers hold `t` rows of `cols` (a multiple of 32) split.
     fn check(&self, t: usize, cols: usize) -> Result<(), ModelError> {
-        let (planes, sums) = (3 * t * cols, t * cols / BLOCK);
+        let (planes, sums) = (3 * parts_plane(t, cols), t * cols / BLOCK);
         if !cols.is_multiple_of(BLOCK) || self.planes.len() < planes || self.sums.len() < sums {
             return Err(ModelError::Gpu(format!(
                 "split parts: a chunk of {t} x {cols} activations needs {planes} parts and {sums} \
@@ -1610,6 +1614,13 @@ impl Parts {
         unsafe { launch.launch(config) }?;
         Ok(())
     }
+}
+
+/// The length of one plane of split activations for `t` rows of `cols`, in whole tiles of
+/// [`PARTS_TILE`] (kernels.cu's `parts_plane` with warpgroup MMAs; the mma.sync layout needs
+/// only `t * cols` of it).
+fn parts_plane(t: usize, cols: usize) -> usize {
+    t.div_ceil(PARTS_TILE) * cols.div_ceil(PARTS_TILE) * PARTS_TILE * PARTS_TILE
 }
 
 /// Quant blocks (32 columns) each split of a tensor-core matmul takes at least: a split's
