@@ -7,8 +7,9 @@
 //! synthetic model (a change aimed at the 1B or 8B shapes) also needs a comparison of the same
 //! content on the default model whose verdict is KEEP or NOISE: nothing the loop's default model
 //! guards (decode, prefill, TTFT, peak memory, ITL p99) may be worse for it. The two may come in
-//! either order; each model's newest comparison of the change is the one that counts. The commit
-//! message carries the comparison's figures. [`revert`] puts `variants/current` back as the last
+//! either order; each model's newest comparison of the change is the one that counts, and a
+//! verdict drawn again after another on the same model (or shape) is refused
+//! ([`no_other_draw`]). The commit message carries the comparison's figures. [`revert`] puts `variants/current` back as the last
 //! commit has it, deleting files added since. Both touch nothing outside `variants/current`.
 
 use std::path::Path;
@@ -87,16 +88,37 @@ pub fn keep(root: &Path, results: &Path, message: &str, rules: &KeepRules) -> Re
     let (kind, model) = check_record(results, &row, &tree, &head_tree, rules.harness)?;
     // The default model's NOISE after a KEEP of the same change on a synthetic model: the
     // keep rests on that KEEP, each model's newest comparison being the one that counts.
-    let (row, verdict, kind, model) = if kind == ModelKind::Default && verdict == Verdict::Noise {
+    let (row, verdict, kind, model, mut guard) = if kind == ModelKind::Default
+        && verdict == Verdict::Noise
+    {
         match synthetic_keep_before(results, &row, &tree, &head_tree, rules)? {
-            Some((synthetic, kind, model)) => (synthetic, Verdict::Keep, kind, model),
-            None => (row, verdict, kind, model),
+            Some((synthetic, kind, model)) => (synthetic, Verdict::Keep, kind, model, Some(row)),
+            None => (row, verdict, kind, model, None),
         }
     } else {
-        (row, verdict, kind, model)
+        (row, verdict, kind, model, None)
     };
-    if kind == ModelKind::SyntheticSecret && verdict == Verdict::Keep {
-        default_model_beside(results, &row, &tree, &head_tree, rules)?;
+    if kind == ModelKind::SyntheticSecret && verdict == Verdict::Keep && guard.is_none() {
+        guard = Some(default_model_beside(
+            results, &row, &tree, &head_tree, rules,
+        )?);
+    }
+    // Every draw of the change on the model it is kept on must be a KEEP (NOISE too, for a
+    // simpler change), and on the default model beside it a KEEP or NOISE.
+    let allowed: &[Verdict] = match verdict {
+        Verdict::Keep => &[Verdict::Keep],
+        _ => &[Verdict::Keep, Verdict::Noise],
+    };
+    no_other_draw(results, &row, allowed, &tree, &head_tree, rules)?;
+    if let Some(guard) = &guard {
+        no_other_draw(
+            results,
+            guard,
+            &[Verdict::Keep, Verdict::Noise],
+            &tree,
+            &head_tree,
+            rules,
+        )?;
     }
     let (added, removed) = line_changes(&repo)?;
     match verdict {
@@ -322,7 +344,8 @@ fn check_record(
 
 /// For a KEEP on a synthetic model (`synthetic`, its row): the newest comparison of the same
 /// `tree` against the same `head_tree` on the default model, under the present harness and on
-/// the full protocol, backed by its record ([`check_record`]), must have ended KEEP or NOISE.
+/// the full protocol, backed by its record ([`check_record`]), must have ended KEEP or NOISE;
+/// it is returned.
 /// (its gates passed, its variant code fully confined unless `--allow-unsandboxed`). A
 /// synthetic shape says nothing of the default model's figures: G57's three kernels, kept on
 /// the 1B shape and never run by SmolLM2, grew the NVRTC compile of kernels.cu, about a third of
@@ -334,7 +357,7 @@ fn default_model_beside(
     tree: &str,
     head_tree: &str,
     rules: &KeepRules,
-) -> Result<()> {
+) -> Result<ResultsRow> {
     let same_change = |r: &ResultsRow| {
         measures_tree(r, tree)
             && r.json != synthetic.json
@@ -349,7 +372,7 @@ fn default_model_beside(
             continue;
         }
         return match row.verdict {
-            Some(Verdict::Keep | Verdict::Noise) if passed(row, rules).is_ok() => Ok(()),
+            Some(Verdict::Keep | Verdict::Noise) if passed(row, rules).is_ok() => Ok(row.clone()),
             _ => bail!(
                 "the KEEP of {} on a synthetic model rests on the default model's figures too, \
                  and the comparison of the same change on the default model ({}) ended {} with \
@@ -408,6 +431,118 @@ fn synthetic_keep_before(
         return Ok(kept.then(|| (row.clone(), kind, model)));
     }
     Ok(None)
+}
+
+/// Refuses a verdict drawn again: every comparison of the change that `deciding` measured (the
+/// same `tree` against the same `head_tree`, on the full protocol, under any harness) on the
+/// same model (the default model, or a synthetic one of the same shape: [`record_model`]) and
+/// the same machine and device must have ended in `allowed`. A comparison that ends NOISE,
+/// then again until one reads KEEP, would turn the test's 5% chance of a false verdict into
+/// whatever the number of tries makes it (program.md: one comparison per hypothesis). A
+/// comparison that failed or was interrupted has no verdict and does not count; nor does one
+/// on another shape (a change may lose nothing at 8B and gain at 1B).
+fn no_other_draw(
+    results: &Path,
+    deciding: &ResultsRow,
+    allowed: &[Verdict],
+    tree: &str,
+    head_tree: &str,
+    rules: &KeepRules,
+) -> Result<()> {
+    let model = record_model(results, deciding)?;
+    let same_change = |r: &ResultsRow| {
+        measures_tree(r, tree)
+            && r.json != deciding.json
+            && !r.against_tree.is_empty()
+            && head_tree.starts_with(r.against_tree.as_str())
+            && r.prompts == "all"
+            && r.max_new_tokens == rules.max_new_tokens.to_string()
+            && r.machine == deciding.machine
+            && r.device == deciding.device
+            && r.verdict.is_some_and(|v| !v.is_screen())
+    };
+    for row in read_rows(results)?.iter().filter(|r| same_change(r)) {
+        let Some(verdict) = row.verdict else { continue };
+        if allowed.contains(&verdict) || record_model(results, row)? != model {
+            continue;
+        }
+        bail!(
+            "the same change ({CURRENT} tree {}, against {}) was compared on {} before, at {}, \
+             and that comparison ended {}: a verdict drawn again after another is not kept (the \
+             test's chance of a false verdict holds for one comparison per hypothesis, not for \
+             the best of several). Revert it with `host revert`, or make a change that is a new \
+             hypothesis",
+            &tree[..12.min(tree.len())],
+            deciding.against_tree,
+            model.describe(),
+            row.time,
+            verdict.label()
+        );
+    }
+    Ok(())
+}
+
+/// Which model a comparison ran on, as [`no_other_draw`] tells them apart.
+#[derive(Debug, PartialEq, Eq)]
+enum ModelIdentity {
+    /// The default model, or another file, by its SHA-256.
+    File(ModelKind, String),
+    /// A synthetic model of secret weights, by its shape: each comparison writes its own file.
+    Shape(String),
+}
+
+impl ModelIdentity {
+    fn describe(&self) -> String {
+        match self {
+            ModelIdentity::File(kind, _) => kind.describe().to_string(),
+            ModelIdentity::Shape(shape) => format!(
+                "a synthetic model of the same shape (tensor index {})",
+                &shape[..12.min(shape.len())]
+            ),
+        }
+    }
+}
+
+/// The model the comparison `row` ran on, from its record. A record from before shapes were
+/// recorded names a synthetic model by its file's hash, which no other comparison shares.
+fn record_model(results: &Path, row: &ResultsRow) -> Result<ModelIdentity> {
+    #[derive(Deserialize)]
+    struct View {
+        provenance: ModelView,
+    }
+    #[derive(Deserialize)]
+    struct ModelView {
+        #[serde(default)]
+        model_kind: ModelKind,
+        #[serde(default)]
+        model_sha256: String,
+        #[serde(default)]
+        model_shape: String,
+    }
+    let name = row.json.as_str();
+    let path = results.join("runs").join(name);
+    let read = || -> Result<View> {
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            bail!("the row names no record of its own ({name:?})");
+        }
+        Ok(serde_json::from_str(&std::fs::read_to_string(&path)?)?)
+    };
+    let view = read().with_context(|| {
+        format!(
+            "the record of the comparison of {} ({}) cannot be read, so which model it ran on \
+             is unknown, and `host keep` cannot tell whether its verdict was drawn again",
+            row.time,
+            path.display()
+        )
+    })?;
+    let model = view.provenance;
+    Ok(
+        if model.model_kind == ModelKind::SyntheticSecret && !model.model_shape.is_empty() {
+            ModelIdentity::Shape(model.model_shape)
+        } else {
+            ModelIdentity::File(model.model_kind, model.model_sha256)
+        },
+    )
 }
 
 /// Whether `row`, a comparison with `verdict`, is one a keep can rest on: on the full protocol
@@ -646,7 +781,15 @@ mod tests {
         let record = serde_json::json!({
             "kind": "compare",
             "provenance": { "variant_tree": tree, "harness": RULES.harness, "sandbox": "full",
-                            "model_kind": if edit.0 == "record_model_kind" { edit.1 } else { "default" },
+                            "model_kind": match edit.0 {
+                                "record_model_kind" => edit.1,
+                                "record_model_shape" => "synthetic_secret",
+                                _ => "default",
+                            },
+                            "model_shape": match edit.0 {
+                                "record_model_shape" => edit.1,
+                                _ => "shape",
+                            },
                             "model_path": "/models/m.gguf" },
             "against": { "tree": head },
             "protocol": { "seed": 42 },
@@ -767,6 +910,58 @@ mod tests {
         assert!(err.contains("the verdict is NOISE"), "{err}");
         // Its KEEP, then the default model's NOISE: kept on the KEEP.
         write_compare(&dir, "KEEP", "ok", "pass", SYNTHETIC, "s.json", false);
+        write_compare(&dir, "NOISE", "ok", "pass", ("", ""), "d.json", true);
+        assert_kept_on_synthetic(&dir, &repo);
+    }
+
+    /// A verdict drawn again is not kept: an earlier comparison of the same change on the same
+    /// model, or a synthetic one of the same shape, that ended otherwise refuses it, whatever
+    /// the harness was; one on another shape, against another A, or without a verdict does not.
+    #[test]
+    fn a_verdict_drawn_again_is_not_kept() {
+        let (dir, repo) = checkout("keep-drawn-again");
+        std::fs::write(
+            dir.join("variants/current/src/lib.rs"),
+            "// v2
+",
+        )
+        .unwrap();
+        let shape_1b = ("record_model_shape", "1b");
+        // The default model: NOISE (under an older harness), then KEEP.
+        let older = ("harness", "fedcba987654");
+        write_compare(&dir, "NOISE", "ok", "pass", older, "d1.json", false);
+        write_compare(&dir, "KEEP", "ok", "pass", ("", ""), "d2.json", true);
+        let err = keep_error(&dir);
+        assert!(
+            err.contains("was compared on the default model before") && err.contains("ended NOISE"),
+            "{err}"
+        );
+        // The 1B shape: NOISE, then KEEP (each on its own file), the default model's NOISE.
+        write_compare(&dir, "NOISE", "ok", "pass", shape_1b, "s1.json", false);
+        write_compare(&dir, "KEEP", "ok", "pass", shape_1b, "s2.json", true);
+        write_compare(&dir, "NOISE", "ok", "pass", ("", ""), "d.json", true);
+        let err = keep_error(&dir);
+        assert!(
+            err.contains("a synthetic model of the same shape") && err.contains("ended NOISE"),
+            "{err}"
+        );
+        // The default model beside the shape's KEEP: REVERT, then NOISE.
+        write_compare(&dir, "REVERT", "ok", "pass", ("", ""), "d1.json", false);
+        write_compare(&dir, "KEEP", "ok", "pass", shape_1b, "s.json", true);
+        write_compare(&dir, "NOISE", "ok", "pass", ("", ""), "d.json", true);
+        let err = keep_error(&dir);
+        assert!(
+            err.contains("on the default model before") && err.contains("ended REVERT"),
+            "{err}"
+        );
+        // Not draws of the same hypothesis: a NOISE on another shape, a comparison that
+        // failed, one against another A.
+        let shape_8b = ("record_model_shape", "8b");
+        write_compare(&dir, "NOISE", "ok", "pass", shape_8b, "s8.json", false);
+        write_compare(&dir, "-", "failed", "pass", shape_1b, "f.json", true);
+        let other_a = ("against_tree", "0123456789ab");
+        write_compare(&dir, "REVERT", "ok", "pass", other_a, "a.json", true);
+        write_compare(&dir, "KEEP", "ok", "pass", shape_1b, "s.json", true);
         write_compare(&dir, "NOISE", "ok", "pass", ("", ""), "d.json", true);
         assert_kept_on_synthetic(&dir, &repo);
     }

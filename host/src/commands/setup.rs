@@ -366,6 +366,7 @@ impl Setup {
             model_path: self.model.path.display().to_string(),
             model_sha256: self.model.sha256().to_string(),
             model_kind: crate::ledger::record::ModelKind::of(&self.model),
+            model_shape: self.model.shape_sha256(),
             machine: record::machine(),
             device: self.device_label(),
             sandbox,

@@ -1138,6 +1138,26 @@ mod tests {
         (path, model)
     }
 
+    /// Files of one shape from two keys share their shape's hash, not their file's; another
+    /// format of the same shape is another shape (`host keep` tells draws apart by it).
+    #[test]
+    fn a_shape_hash_is_the_same_for_every_key_of_one_shape() {
+        let source = tokenizer_view(300);
+        let open = |quant, key, name| {
+            let plan = Plan::new(TINY, quant, key, &source).unwrap();
+            let (path, model) = write_and_open(&plan, name);
+            let hashes = (model.shape_sha256(), model.sha256().to_string());
+            let _ = fs::remove_dir_all(path.parent().unwrap());
+            hashes
+        };
+        let one = open(Quant::Q4_1, Key::Seeded(1), "shape-one");
+        let two = open(Quant::Q4_1, Key::Seeded(2), "shape-two");
+        let q8 = open(Quant::Q8_0, Key::Seeded(1), "shape-q8");
+        assert_eq!(one.0, two.0);
+        assert_ne!(one.1, two.1);
+        assert_ne!(one.0, q8.0);
+    }
+
     #[test]
     fn a_tiny_file_reads_back_as_a_synthetic_llama() {
         let source = tokenizer_view(300);

@@ -100,6 +100,24 @@ impl Model {
             .get_or_init(|| sha256_hex(self.view.bytes.as_slice()))
     }
 
+    /// The model's shape: the SHA-256 of its tensor index (each tensor's name, type and
+    /// dimensions, in file order), not of its bytes. Two synthetic files of one shape written
+    /// from different secret keys share it where their file hashes differ, so `host keep` can
+    /// tell a comparison drawn again on the same shape from one on another shape.
+    pub fn shape_sha256(&self) -> String {
+        let mut index = Vec::new();
+        for tensor in self.view.tensors.iter() {
+            index.extend_from_slice(tensor.name.as_bytes());
+            index.push(0);
+            index.extend_from_slice(&tensor.ggml_type.to_le_bytes());
+            index.extend_from_slice(&(tensor.dims.len() as u64).to_le_bytes());
+            for dim in tensor.dims.iter() {
+                index.extend_from_slice(&dim.to_le_bytes());
+            }
+        }
+        sha256_hex(&index)
+    }
+
     /// Whether this is a synthetic model (random weights, written by `host synth`): its
     /// metadata has `autoinfer.synthetic` set to the bool true. Its text is noise, and its
     /// figures are comparable only with runs on the same file.

@@ -93,6 +93,9 @@ pub struct Provenance {
     pub model_sha256: String,
     /// What the model is, for `host keep`.
     pub model_kind: ModelKind,
+    /// The model's shape ([`crate::gguf::Model::shape_sha256`]): for `host keep`, which
+    /// refuses a verdict drawn again on the same shape after another.
+    pub model_shape: String,
     pub machine: String,
     pub device: String,
     /// What of the harness differed from HEAD (empty: the committed one ran).
