@@ -342,7 +342,8 @@ enum Command {
         #[arg(long)]
         harness: Option<String>,
         /// Plot the rows of this device, as the results' device column writes it ("cpu",
-        /// "cpu, 1 thread", "cuda:0").
+        /// "cpu, 1 thread", "cuda:0 (NVIDIA H200)": a GPU with its model, where the driver
+        /// names it).
         #[arg(long)]
         device: Option<String>,
     },

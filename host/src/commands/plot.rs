@@ -41,7 +41,7 @@ pub enum Mark {
 #[derive(Debug)]
 pub struct History {
     pub harness: String,
-    /// The rows' device column (`cpu`, `cpu, 1 thread`, `cuda:0`).
+    /// The rows' device column (`cpu`, `cpu, 1 thread`, `cuda:0 (NVIDIA H200)`).
     pub device: String,
     pub experiments: Vec<Experiment>,
     /// Comparison rows of other harnesses, not drawn.

@@ -268,11 +268,23 @@ impl Setup {
     }
 
     /// The device as results record it: `cpu`, or `cpu, 1 thread` under `--threads 1`.
+    /// A GPU's label names the card's model too (`cuda:0 (NVIDIA H200)`), where the driver
+    /// lists it: results of two kinds of card are not one history.
     pub fn device_label(&self) -> String {
+        let device = match self.device {
+            Device::Cuda(_) => {
+                let models = record::nvidia_models(Path::new(record::NVIDIA_GPUS));
+                match models.as_slice() {
+                    [] => self.device.to_string(),
+                    models => format!("{} ({})", self.device, models.join(" or ")),
+                }
+            }
+            _ => self.device.to_string(),
+        };
         match self.threads {
-            None => self.device.to_string(),
-            Some(1) => format!("{}, 1 thread", self.device),
-            Some(n) => format!("{}, {n} threads", self.device),
+            None => device,
+            Some(1) => format!("{device}, 1 thread"),
+            Some(n) => format!("{device}, {n} threads"),
         }
     }
 

@@ -125,6 +125,33 @@ pub fn machine() -> String {
     format!("{host} ({cpu}, {cpus} CPUs)")
 }
 
+/// Where the NVIDIA driver lists the machine's GPUs: a folder per card, each with an
+/// `information` file.
+pub const NVIDIA_GPUS: &str = "/proc/driver/nvidia/gpus";
+
+/// The models of the NVIDIA GPUs listed under `gpus` ([`NVIDIA_GPUS`]; each card's
+/// `information` file names it on its `Model:` line), each once, sorted: so a comparison's
+/// device says which card it ran on (an H100 and an H200 machine have the same CPUs and both
+/// call it `cuda:0`). Empty where there is no NVIDIA driver or it lists no card.
+pub fn nvidia_models(gpus: &Path) -> Vec<String> {
+    let Ok(cards) = fs::read_dir(gpus) else {
+        return Vec::new();
+    };
+    let mut models: Vec<String> = cards
+        .flatten()
+        .filter_map(|card| fs::read_to_string(card.path().join("information")).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("Model:"))
+                .map(|m| m.trim().to_string())
+        })
+        .filter(|m| !m.is_empty())
+        .collect();
+    models.sort();
+    models.dedup();
+    models
+}
+
 /// The first 12 hex digits of a hash: enough to tell runs apart in a table.
 fn short(hash: &str) -> String {
     hash.chars().take(12).collect()
@@ -235,5 +262,37 @@ pub fn row(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A card's model is read from its `Model:` line, each model once; a card without an
+    /// information file, or no driver at all, adds nothing.
+    #[test]
+    fn nvidia_models_are_read_from_the_drivers_cards() {
+        let gpus = std::env::temp_dir().join(format!("autoinfer-gpus-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&gpus);
+        let card = |bus: &str, info: Option<&str>| {
+            let dir = gpus.join(bus);
+            fs::create_dir_all(&dir).unwrap();
+            if let Some(info) = info {
+                fs::write(dir.join("information"), info).unwrap();
+            }
+        };
+        assert!(nvidia_models(&gpus).is_empty(), "no driver: no models");
+        let h200 = "Model: \t\t NVIDIA H200\nIRQ:   \t\t 17\nGPU UUID: \t GPU-0\n";
+        card("0000:18:00.0", Some(h200));
+        card("0000:2a:00.0", Some(h200));
+        card("0000:3a:00.0", None);
+        assert_eq!(nvidia_models(&gpus), ["NVIDIA H200"]);
+        card("0000:4a:00.0", Some("Model: \t\t NVIDIA H100 80GB HBM3\n"));
+        assert_eq!(
+            nvidia_models(&gpus),
+            ["NVIDIA H100 80GB HBM3", "NVIDIA H200"]
+        );
+        let _ = fs::remove_dir_all(&gpus);
     }
 }
