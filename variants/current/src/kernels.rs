@@ -459,6 +459,11 @@ mod x86 {
         /// The same sums for [`decode_rows8`], each in lane 1 of an otherwise zero vector
         /// (where a widened Q4_1 header holds the minimum), reused across calls.
         static XSUMS8: RefCell<Vec<[f32; 8]>> = const { RefCell::new(Vec::new()) };
+        /// One token's activations as [`decode_pairs_q4_1`] reads them: per block, for each
+        /// nibble position of a quant word, the weights' activations in word order (twice),
+        /// scaled by the position's power of two; then the block sums as in `XSUMS8`, in
+        /// lanes 1 and 5.
+        static XNIBBLES: RefCell<Vec<[f32; 8]>> = const { RefCell::new(Vec::new()) };
     }
 
     /// The f16 scale (and for Q4_1 the minimum) of the block at `p`, as f32: `[d, m, _, _]`.
@@ -931,6 +936,15 @@ mod x86 {
                     [0.0, sum8(s), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
                 }));
                 let mut r = 0;
+                if format == Format::Q4_1 {
+                    XNIBBLES.with_borrow_mut(|xn| {
+                        nibble_activations(x, sums, xn);
+                        while rows - r >= 2 {
+                            decode_pairs_q4_1(w, cols, r, xn, out);
+                            r += 2;
+                        }
+                    });
+                }
                 while r < rows {
                     let n = if rows - r >= DECODE_ROWS {
                         DECODE_ROWS
@@ -982,6 +996,109 @@ mod x86 {
             }
         });
     }
+    /// The power of two that nibble position `s` of a quant word is scaled by as it lies in the
+    /// word (bits `4s..4s + 4`); the top one is shifted down to bits 0..4 first, so that no
+    /// value reaches the sign bit.
+    const fn nibble_scale(s: usize) -> f32 {
+        if s == 7 {
+            1.0
+        } else {
+            (1u32 << (4 * s)) as f32
+        }
+    }
+
+    /// Arranges one token's activations for [`decode_pairs_q4_1`] into `xn`: for each block,
+    /// 8 vectors (nibble position `s` of quant words 0..4: the weight `4w + s / 2`, or with
+    /// 16 added for odd `s`, whose activation is divided by [`nibble_scale`]`(s)`, in lanes
+    /// `w` and `4 + w`), then the block's sum in lanes 1 and 5 (from `sums`, `XSUMS8`'s lane
+    /// 1). Dividing by a power of two is exact (the activations are far from f32's smallest).
+    #[target_feature(enable = "avx2")]
+    fn nibble_activations(x: &[f32], sums: &[[f32; 8]], xn: &mut Vec<[f32; 8]>) {
+        xn.clear();
+        for (block, sum) in x.chunks_exact(BLOCK).zip(sums) {
+            for s in 0..8 {
+                let scale = nibble_scale(s);
+                xn.push(std::array::from_fn(|lane| {
+                    let word = lane % 4;
+                    block[4 * word + s / 2 + if s % 2 == 1 { 16 } else { 0 }] / scale
+                }));
+            }
+            let mut total = [0f32; 8];
+            (total[1], total[5]) = (sum[1], sum[1]);
+            xn.push(total);
+        }
+    }
+
+    /// One token, Q4_1 rows `r` and `r + 1` of `w` together, a block's 16 quant bytes of each
+    /// in one register's halves: nibble position `s` of every quant word is masked where it
+    /// lies (`q 2^4s`, exact as an integer and as a float) and converted, and multiplied by the
+    /// activations arranged for it ([`nibble_activations`], divided by `2^4s`), so no quant is
+    /// widened or shifted (the top position once); the product is `q x`, rounded as ever. Each
+    /// block's sums are scaled by `[d_r; 4] ++ [d_r+1; 4]` and the minimum added as in
+    /// [`decode_rows8`], the two rows' headers converted together. Same sums as a reordered sum
+    /// of the reference; the activations and masks are read where used, so that the 16
+    /// registers hold a row pair's work without spilling.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn decode_pairs_q4_1(w: &[u8], cols: usize, r: usize, xn: &[[f32; 8]], out: &mut [f32]) {
+        let row_bytes = Format::Q4_1.row_bytes(cols);
+        let bb = Format::Q4_1.block_bytes();
+        let blocks = cols / BLOCK;
+        assert!((r + 2) * row_bytes <= w.len() && xn.len() == blocks * 9 && r + 2 <= out.len());
+        let masks: [__m256i; 7] = std::array::from_fn(|s| _mm256_set1_epi32(0xF << (4 * s)));
+        let (mut acc, mut minima) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for (blk, xv) in xn.chunks_exact(9).enumerate() {
+            let a = r * row_bytes + blk * bb;
+            prefetch_lines(w, a + PREFETCH_AHEAD, bb);
+            prefetch_lines(w, a + row_bytes + PREFETCH_AHEAD, bb);
+            // SAFETY: both rows' blocks lie inside `w` (asserted above): 4 header bytes, then
+            // 16 quant bytes, read unaligned.
+            let (q, heads) = unsafe {
+                let pa = w.as_ptr().add(a);
+                let pb = pa.add(row_bytes);
+                let q =
+                    _mm256_loadu2_m128i(pb.add(4) as *const __m128i, pa.add(4) as *const __m128i);
+                let ha = _mm_cvtsi32_si128(std::ptr::read_unaligned(pa as *const i32));
+                let hb = _mm_cvtsi32_si128(std::ptr::read_unaligned(pb as *const i32));
+                let ab = _mm_unpacklo_epi32(ha, hb);
+                (q, _mm256_cvtph_ps(_mm_unpacklo_epi32(ab, ab)))
+            };
+            let x = |s: usize| {
+                // SAFETY: `xv` holds the block's 9 vectors of 8 floats.
+                unsafe { _mm256_loadu_ps(xv[s].as_ptr()) }
+            };
+            let nibble = |s: usize| {
+                _mm256_cvtepi32_ps(if s == 7 {
+                    _mm256_srli_epi32::<28>(q)
+                } else {
+                    _mm256_and_si256(q, masks[s])
+                })
+            };
+            let mut even = _mm256_mul_ps(nibble(0), x(0));
+            let mut odd = _mm256_mul_ps(nibble(1), x(1));
+            for s in (2..8).step_by(2) {
+                even = _mm256_fmadd_ps(nibble(s), x(s), even);
+                odd = _mm256_fmadd_ps(nibble(s + 1), x(s + 1), odd);
+            }
+            // [d_r, m_r, d_r, m_r, d_r+1, m_r+1, ..]: the scales spread, the minima against
+            // the block sums in lanes 1 and 5.
+            // (Two accumulators, so that a block waits on one multiply-add of the last.)
+            acc = _mm256_fmadd_ps(_mm256_moveldup_ps(heads), _mm256_add_ps(even, odd), acc);
+            minima = _mm256_fmadd_ps(heads, x(8), minima);
+        }
+        let acc = _mm256_add_ps(acc, minima);
+        let lo = _mm256_castps256_ps128(acc);
+        let hi = _mm256_extractf128_ps::<1>(acc);
+        out[r] = sum4(lo);
+        out[r + 1] = sum4(hi);
+    }
+
+    /// The sum of 4 lanes, in a fixed order.
+    #[target_feature(enable = "sse3")]
+    fn sum4(v: __m128) -> f32 {
+        let s = _mm_add_ps(v, _mm_movehl_ps(v, v));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
     /// One token, rows `r..r + N` of `w`: `out[r + i] = Σ_k w[r + i][k] x[k]`, with each
     /// block's scale and minimum taken out of its sum, `Σ_k (d q_k + m) x_k = d Σ_k q_k x_k +
     /// m Σ_k x_k`: the block's quants times `x` in a fresh vector, then one multiply-add by
