@@ -535,8 +535,9 @@ pub struct WorkerLimits {
     /// mark, so it may not drop resident pages; and it may not make unix socket pairs, whose
     /// buffers are in no resident set. A CUDA worker is sampled instead (the supervisor's
     /// `outside` module counts what its sockets queue), and the driver's own use of madvise is
-    /// not ours to refuse; but it may not make a datagram pair: a datagram socket shows only
-    /// its first queued datagram, so what a closed sender left queued could not be counted.
+    /// not ours to refuse; but it may make stream and sequenced-packet pairs only: a datagram
+    /// socket shows only its first queued datagram, so what a closed sender left queued could
+    /// not be counted.
     /// No worker can send a descriptor over a pair (`sendmsg` is refused: [`worker_filters`]).
     pub cpu: bool,
 }
@@ -564,8 +565,9 @@ pub const RESIDENCY_DROPPING_ADVICE: [i32; 3] = [
 /// With [`WorkerLimits`]: a worker `pinned` to a CPU budget ([`pin_to_cpus`]) may not change
 /// any thread's affinity at all, its own included: every thread it starts inherits the budget
 /// and keeps it. A `cpu` worker may not drop resident pages with `madvise`
-/// ([`RESIDENCY_DROPPING_ADVICE`]) nor call `socketpair`; a CUDA worker may make stream socket
-/// pairs but not datagram ones.
+/// ([`RESIDENCY_DROPPING_ADVICE`]) nor call `socketpair`; a CUDA worker may make stream and
+/// sequenced-packet socket pairs only (not datagram ones, nor `SOCK_RAW`, which a unix socket
+/// takes as a datagram).
 pub fn worker_filters(pid: u32, limits: WorkerLimits) -> Result<Vec<BpfProgram>, SandboxError> {
     let mut deny: Vec<(i64, Vec<SeccompRule>)> =
         always_denied().into_iter().map(|nr| (nr, vec![])).collect();
@@ -601,15 +603,14 @@ pub fn worker_filters(pid: u32, limits: WorkerLimits) -> Result<Vec<BpfProgram>,
     if limits.cpu {
         deny.push((libc::SYS_socketpair, vec![]));
     } else {
-        // socketpair(domain, type, ...): the type without its CLOEXEC and NONBLOCK flags.
-        deny.push((
-            libc::SYS_socketpair,
-            vec![rule(vec![cond(
-                1,
-                SeccompCmpOp::MaskedEq(SOCKET_TYPE_MASK),
-                libc::SOCK_DGRAM as u64,
-            )?])?],
-        ));
+        // socketpair(domain, type, ...): every type but a stream's and a sequenced-packet's,
+        // the type without its CLOEXEC and NONBLOCK flags. A list of what may pass, not of what
+        // may not: a unix SOCK_RAW pair is a datagram pair by another name.
+        let others = (0..=SOCKET_TYPE_MASK)
+            .filter(|&t| t != libc::SOCK_STREAM as u64 && t != libc::SOCK_SEQPACKET as u64)
+            .map(|t| rule(vec![cond(1, SeccompCmpOp::MaskedEq(SOCKET_TYPE_MASK), t)?]))
+            .collect::<Result<Vec<_>, _>>()?;
+        deny.push((libc::SYS_socketpair, others));
     }
     #[cfg(target_arch = "x86_64")]
     for nr in [libc::SYS_fork, libc::SYS_vfork] {
@@ -1223,7 +1224,7 @@ mod tests {
     /// What a worker's filters answer to its socket pairs, from a forked child that installs
     /// them: 0 when every call got the answer `expected` names, else the number of the first
     /// call that did not.
-    fn socket_pair_answers(limits: WorkerLimits, expected: [i32; 4]) -> i32 {
+    fn socket_pair_answers(limits: WorkerLimits, expected: [i32; 5]) -> i32 {
         let filters = worker_filters(std::process::id(), limits).unwrap();
         // SAFETY: the child makes only system calls (the filters were built before the fork,
         // so nothing allocates there) and leaves by _exit.
@@ -1245,7 +1246,8 @@ mod tests {
                 }
             };
             for filter in &filters {
-                // SAFETY: a seccomp filter on this (single-threaded) child alone.
+                // SAFETY (both): a seccomp filter on this (single-threaded) child alone; on
+                // failure the child leaves without running the parent's exit handlers.
                 if seccompiler::apply_filter(filter).is_err() {
                     unsafe { libc::_exit(100) };
                 }
@@ -1263,8 +1265,9 @@ mod tests {
                 } as libc::c_long)
             };
             check(1, make(libc::SOCK_DGRAM, &mut pair));
-            check(2, make(libc::SOCK_SEQPACKET, &mut pair));
-            check(3, make(libc::SOCK_STREAM, &mut pair));
+            check(2, make(libc::SOCK_RAW, &mut pair));
+            check(3, make(libc::SOCK_SEQPACKET, &mut pair));
+            check(4, make(libc::SOCK_STREAM, &mut pair));
             // A descriptor (stdin's) in an SCM_RIGHTS message over the stream pair.
             let mut byte = [0u8; 1];
             let mut iov = libc::iovec {
@@ -1288,7 +1291,7 @@ mod tests {
                 libc::sendmsg(pair[0], &msg, 0)
             };
             check(
-                4,
+                5,
                 if pair[0] < 0 {
                     -1
                 } else {
@@ -1309,10 +1312,31 @@ mod tests {
     }
 
     /// A CUDA worker may make a stream or sequenced pair (the supervisor counts everything
-    /// they queue) but no datagram pair, and sends no descriptor over it; a CPU worker makes
-    /// no pair at all.
+    /// they queue) but no datagram pair, under either name, and sends no descriptor over it; a
+    /// CPU worker makes no pair at all.
     #[test]
     fn a_worker_sends_no_descriptor_and_a_cuda_worker_makes_no_datagram_pair() {
+        // The attack the list of allowed types closes: unfiltered, a unix SOCK_RAW pair is
+        // made, and it is a datagram pair.
+        let mut raw = [-1i32; 2];
+        // SAFETY: `raw` has room for the two descriptors socketpair writes.
+        let made = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_RAW, 0, raw.as_mut_ptr()) };
+        assert_eq!(made, 0, "{}", std::io::Error::last_os_error());
+        let (mut kind, mut len): (libc::c_int, libc::socklen_t) = (0, 4);
+        // SAFETY: SO_TYPE writes one int into `kind`, whose size `len` gives; then the two
+        // descriptors of this test's own are closed.
+        unsafe {
+            libc::getsockopt(
+                raw[0],
+                libc::SOL_SOCKET,
+                libc::SO_TYPE,
+                (&mut kind as *mut libc::c_int).cast(),
+                &mut len,
+            );
+            libc::close(raw[0]);
+            libc::close(raw[1]);
+        }
+        assert_eq!(kind, libc::SOCK_DGRAM, "a unix SOCK_RAW pair's type");
         let gpu = WorkerLimits {
             pinned: false,
             cpu: false,
@@ -1321,14 +1345,17 @@ mod tests {
             pinned: false,
             cpu: true,
         };
-        // Answers: datagram pair, sequenced pair, stream pair, sendmsg with a descriptor
-        // (-1: no pair to send over).
-        let gpu_answers = socket_pair_answers(gpu, [libc::EPERM, 0, 0, libc::ENOENT]);
+        // Answers: datagram pair, raw pair, sequenced pair, stream pair, sendmsg with a
+        // descriptor (-1: no pair to send over).
+        let gpu_answers = socket_pair_answers(gpu, [libc::EPERM, libc::EPERM, 0, 0, libc::ENOENT]);
         assert_eq!(
             gpu_answers, 0,
             "a CUDA worker's call {gpu_answers} was answered otherwise"
         );
-        let cpu_answers = socket_pair_answers(cpu, [libc::EPERM, libc::EPERM, libc::EPERM, -1]);
+        let cpu_answers = socket_pair_answers(
+            cpu,
+            [libc::EPERM, libc::EPERM, libc::EPERM, libc::EPERM, -1],
+        );
         assert_eq!(
             cpu_answers, 0,
             "a CPU worker's call {cpu_answers} was answered otherwise"

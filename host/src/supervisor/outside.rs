@@ -163,7 +163,8 @@ fn descriptor_bytes(pid: libc::pid_t, tally: &mut Tally) -> Result<u64, Unmeasur
         Ok(tasks) => tasks,
         Err(e) => return unreadable(&task_dir, &e).map_or(Ok(0), Err),
     };
-    let mut pipes = HashSet::new();
+    // The pipes and sockets counted so far, each once whatever holds it.
+    let mut queues = HashSet::new();
     let mut bytes = 0;
     for task in tasks.flatten() {
         // A pidfd of this thread, opened for its first socket only ([`socket_bytes`]).
@@ -186,9 +187,9 @@ fn descriptor_bytes(pid: libc::pid_t, tally: &mut Tally) -> Result<u64, Unmeasur
             };
             if nameless(&meta) {
                 bytes += tally.add(&meta);
-            } else if meta.file_type().is_fifo() && pipes.insert((meta.dev(), meta.ino())) {
+            } else if meta.file_type().is_fifo() && queues.insert((meta.dev(), meta.ino())) {
                 bytes += pipe_bytes(&entry.path(), &meta)?;
-            } else if meta.file_type().is_socket() && pipes.insert((meta.dev(), meta.ino())) {
+            } else if meta.file_type().is_socket() && queues.insert((meta.dev(), meta.ino())) {
                 let tid = task.file_name().to_str().and_then(|t| t.parse().ok());
                 let fd = entry.file_name().to_str().and_then(|n| n.parse().ok());
                 if let (Some(tid), Some(fd)) = (tid, fd) {
@@ -255,9 +256,10 @@ fn still(fd: &Path, seen: &Metadata) -> bool {
 /// a unix socket can be there (seccomp lets a worker make no other), and only a GPU worker can
 /// make a pair, of stream or sequenced-packet sockets only (a CPU worker's `socketpair` is
 /// refused, and every worker's `connect` and addressed sends are answered ENOENT): a datagram
-/// socket here came from elsewhere, and what a closed sender left queued in it is not seen. 0 where the thread or the descriptor is gone, or the
-/// descriptor is no longer that socket; an error where the copy is refused (an undumpable
-/// worker under a host without root's rights).
+/// socket here came from elsewhere, and what a closed sender left queued in it is not seen.
+/// 0 where the thread or the descriptor is gone, or the descriptor is no longer that socket;
+/// an error where the copy is refused (an undumpable worker under a host without root's
+/// rights).
 fn socket_bytes(
     pidfd: &OwnedFd,
     fd: libc::c_int,
