@@ -9,8 +9,9 @@
 //! guards (decode, prefill, TTFT, peak memory, ITL p99) may be worse for it. The two may come in
 //! either order; each model's newest comparison of the change is the one that counts, and a
 //! verdict drawn again after another on the same model (or shape) is refused
-//! ([`no_other_draw`]). The commit message carries the comparison's figures. [`revert`] puts `variants/current` back as the last
-//! commit has it, deleting files added since. Both touch nothing outside `variants/current`.
+//! ([`no_other_draw`]). The commit message carries the comparison's figures. [`revert`] puts
+//! `variants/current` back as the last commit has it, deleting files added since. Both touch
+//! nothing outside `variants/current`.
 
 use std::path::Path;
 
@@ -450,19 +451,18 @@ fn no_other_draw(
     rules: &KeepRules,
 ) -> Result<()> {
     let model = record_model(results, deciding)?;
-    let same_change = |r: &ResultsRow| {
-        measures_tree(r, tree)
+    // Other full-protocol comparisons of the change on this machine and device, any harness.
+    let drawn = |r: &ResultsRow| {
+        let verdict = r.verdict.filter(|v| !v.is_screen())?;
+        let same = measures_tree(r, tree)
             && r.json != deciding.json
-            && !r.against_tree.is_empty()
-            && head_tree.starts_with(r.against_tree.as_str())
-            && r.prompts == "all"
-            && r.max_new_tokens == rules.max_new_tokens.to_string()
             && r.machine == deciding.machine
             && r.device == deciding.device
-            && r.verdict.is_some_and(|v| !v.is_screen())
+            && against_head_on_protocol(r, head_tree, rules).is_ok();
+        same.then_some(verdict)
     };
-    for row in read_rows(results)?.iter().filter(|r| same_change(r)) {
-        let Some(verdict) = row.verdict else { continue };
+    for row in read_rows(results)?.iter() {
+        let Some(verdict) = drawn(row) else { continue };
         if allowed.contains(&verdict) || record_model(results, row)? != model {
             continue;
         }
@@ -571,6 +571,13 @@ fn comparable(
             &rules.harness[..12.min(rules.harness.len())]
         );
     }
+    against_head_on_protocol(row, head_tree, rules)
+}
+
+/// Whether the comparison `row` was against HEAD's `CURRENT` (`head_tree`) on the full
+/// protocol's prompts and tokens, whatever its harness: the part of [`comparable`] that
+/// [`no_other_draw`] also asks of an earlier draw. The error says which it is not.
+fn against_head_on_protocol(row: &ResultsRow, head_tree: &str, rules: &KeepRules) -> Result<()> {
     if !head_tree.starts_with(row.against_tree.as_str()) || row.against_tree.is_empty() {
         bail!(
             "the latest comparison of {CURRENT} ({}) was against {} (tree {}), not the last kept \
@@ -920,12 +927,7 @@ mod tests {
     #[test]
     fn a_verdict_drawn_again_is_not_kept() {
         let (dir, repo) = checkout("keep-drawn-again");
-        std::fs::write(
-            dir.join("variants/current/src/lib.rs"),
-            "// v2
-",
-        )
-        .unwrap();
+        std::fs::write(dir.join("variants/current/src/lib.rs"), "// v2\n").unwrap();
         let shape_1b = ("record_model_shape", "1b");
         // The default model: NOISE (under an older harness), then KEEP.
         let older = ("harness", "fedcba987654");
@@ -955,12 +957,21 @@ mod tests {
             "{err}"
         );
         // Not draws of the same hypothesis: a NOISE on another shape, a comparison that
-        // failed, one against another A.
+        // failed, one against another A, a quick one (one prompt).
         let shape_8b = ("record_model_shape", "8b");
         write_compare(&dir, "NOISE", "ok", "pass", shape_8b, "s8.json", false);
         write_compare(&dir, "-", "failed", "pass", shape_1b, "f.json", true);
         let other_a = ("against_tree", "0123456789ab");
         write_compare(&dir, "REVERT", "ok", "pass", other_a, "a.json", true);
+        write_compare(
+            &dir,
+            "REVERT",
+            "ok",
+            "pass",
+            ("prompts", "code"),
+            "q.json",
+            true,
+        );
         write_compare(&dir, "KEEP", "ok", "pass", shape_1b, "s.json", true);
         write_compare(&dir, "NOISE", "ok", "pass", ("", ""), "d.json", true);
         assert_kept_on_synthetic(&dir, &repo);
