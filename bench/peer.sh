@@ -5,6 +5,7 @@
 #   bench/peer.sh                                  # variants/baseline, -p 128,512 -n 128 -r 5, all cores
 #   bench/peer.sh -t 1,2 variants/current          # one row per test and thread count
 #   bench/peer.sh -p 512 -n 128 -r 3 --model my.gguf
+#   bench/peer.sh -t 1,2 -r 3 --rounds 5 variants/current   # 5 rounds, the median ratio
 #   bench/peer.sh --device cuda --no-build        # on an NVIDIA GPU (llama.cpp built with CUDA)
 #   bench/peer.sh --device cuda --build-only      # build llama-bench and stop
 #   bench/peer.sh --source-only                   # fetch and unpack llama.cpp, print where
@@ -12,7 +13,10 @@
 # llama.cpp comes from the package registry: the source distribution of the PyPI package
 # llama-cpp-python (pinned in this script; it vendors llama.cpp), fetched with pip. Only llama-bench is
 # built, with CMake, once, in $AUTOINFER_CACHE/peer (default ~/.cache/autoinfer/peer); later runs
-# reuse it. On a CPU that advertises AMX the build disables it (-mno-amx-*): virtual machines
+# reuse it. With --rounds N both engines run N times, taking turns at going first (llama.cpp in
+# odd rounds), and the table gives the median of the rounds' ratios with its range: on a shared
+# machine the rate moves by tens of percent from one minute to the next, so a single run's ratio
+# says as much about the moment as about the engines. On a CPU that advertises AMX the build disables it (-mno-amx-*): virtual machines
 # may advertise AMX without being able to run it, and a native build then dies with an illegal
 # instruction. With --device cuda, llama-bench is built with its CUDA backend (nvcc on PATH or in
 # /usr/local/cuda; CUDA_ARCHITECTURES, default native) into its own build folder, runs every
@@ -27,6 +31,7 @@ VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 PROMPTS=128,512
 GENS=128
 REPS=5
+ROUNDS=1
 THREADS="$(nproc)"
 MODEL=""
 VARIANT=variants/baseline
@@ -35,12 +40,13 @@ NO_BUILD=""
 BUILD_ONLY=""
 SOURCE_ONLY=""
 
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     -p) PROMPTS="$2"; shift 2 ;;
     -n) GENS="$2"; shift 2 ;;
     -r) REPS="$2"; shift 2 ;;
+    --rounds) ROUNDS="$2"; shift 2 ;;
     -t) THREADS="$2"; shift 2 ;;
     --model) MODEL="$2"; shift 2 ;;
     --device) DEVICE="$2"; shift 2 ;;
@@ -56,6 +62,7 @@ for list in "$PROMPTS" "$GENS" "$THREADS"; do
   [[ "$list" =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "peer.sh: '$list' is not a comma-separated list of numbers" >&2; exit 2; }
 done
 [[ "$REPS" =~ ^[1-9][0-9]*$ ]] || { echo "peer.sh: -r wants a positive number, not '$REPS'" >&2; exit 2; }
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "peer.sh: --rounds wants a positive number, not '$ROUNDS'" >&2; exit 2; }
 [[ "$DEVICE" =~ ^(cpu|cuda(:[0-9]+)?)$ ]] || { echo "peer.sh: --device wants cpu, cuda or cuda:N, not '$DEVICE'" >&2; exit 2; }
 command -v python3 > /dev/null || { echo "peer.sh: python3 is needed and not on PATH" >&2; exit 1; }
 [ -n "$SOURCE_ONLY" ] || command -v cmake > /dev/null || {
@@ -135,12 +142,29 @@ fi
 
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-echo "== llama-bench -p $PROMPTS -n $GENS -r $REPS -t $THREADS ${NGL[*]}" >&2
-"$BENCH" -m "$MODEL" -p "$PROMPTS" -n "$GENS" -r "$REPS" -t "$THREADS" "${NGL[@]}" -o json > "$WORK/peer.json"
-for t in ${THREADS//,/ }; do
-  echo "== host bench $VARIANT -p $PROMPTS -n $GENS -r $REPS -t $t --device $DEVICE" >&2
-  (cd "$ROOT" && "$HOST" bench "$VARIANT" -p "$PROMPTS" -n "$GENS" -r "$REPS" -t "$t" \
-    --device "$DEVICE" ${NO_BUILD:+--no-build} --model "$MODEL" --json) > "$WORK/ours-$t.json"
+# One round's llama-bench and host bench runs into folder $1.
+run_peer() {
+  echo "== llama-bench -p $PROMPTS -n $GENS -r $REPS -t $THREADS ${NGL[*]}" >&2
+  "$BENCH" -m "$MODEL" -p "$PROMPTS" -n "$GENS" -r "$REPS" -t "$THREADS" "${NGL[@]}" -o json > "$1/peer.json"
+}
+run_ours() {
+  local t
+  for t in ${THREADS//,/ }; do
+    echo "== host bench $VARIANT -p $PROMPTS -n $GENS -r $REPS -t $t --device $DEVICE" >&2
+    (cd "$ROOT" && "$HOST" bench "$VARIANT" -p "$PROMPTS" -n "$GENS" -r "$REPS" -t "$t" \
+      --device "$DEVICE" ${NO_BUILD:+--no-build} --model "$MODEL" --json) > "$1/ours-$t.json"
+  done
+}
+for round in $(seq 1 "$ROUNDS"); do
+  mkdir -p "$WORK/round-$round"
+  [ "$ROUNDS" -eq 1 ] || echo "== round $round of $ROUNDS" >&2
+  if [ $((round % 2)) -eq 1 ]; then
+    run_peer "$WORK/round-$round"
+    run_ours "$WORK/round-$round"
+  else
+    run_ours "$WORK/round-$round"
+    run_peer "$WORK/round-$round"
+  fi
 done
 
 python3 "$ROOT/bench/peer_table.py" "$WORK" "$VARIANT" "$VERSION" "$((SECONDS - started))"
