@@ -14,6 +14,8 @@
 //! - [`model::LlamaConfig`]: the hyperparameters, read from the `llama.*` metadata.
 //! - [`matmul::Matrix`]: a weight matrix left in the host's mapping, and its f32 matmul.
 //! - [`pool::Pool`]: the persistent threads every parallel step runs on.
+//! - [`output_argmax::OutputBound`]: decode's greedy token from a bound pass over the output
+//!   layer, with only the rows that can win computed exactly.
 //! - [`kernels`]: the Q4_1/Q8_0 row kernels and attention's (scores from tiles of keys, the
 //!   softmax's `exp`, the weighted sum of values), for AVX-512, AVX2 and a scalar reference,
 //!   picked at run time by [`kernels::Isa::best`].
@@ -28,6 +30,7 @@ pub mod heap;
 pub mod kernels;
 pub mod matmul;
 pub mod model;
+pub mod output_argmax;
 pub mod pool;
 
 use plugin_api::{Device, Engine, HostLog, LoadOptions, ModelView, ScoredPosition, Sink};

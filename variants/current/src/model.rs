@@ -27,6 +27,7 @@ use plugin_api::{GgmlType, ModelView, TensorInfo};
 use crate::generate::argmax;
 use crate::kernels::{self, Isa, KEY_TILE};
 use crate::matmul::{dequantize_q8_0_row, matmul_many, Matrix, Weights};
+use crate::output_argmax::OutputBound;
 use crate::pool::Pool;
 
 /// The KV cache grows in steps of this many positions (and never past the context length).
@@ -708,6 +709,8 @@ pub struct LlamaModel {
     blocks: Vec<Block>,
     output_norm: Vec<f32>,
     output: Matrix,
+    /// The output layer's bound for greedy tokens, where it applies.
+    output_bound: Option<OutputBound>,
     rope: RopeTables,
     cache: KvCache,
     scratch: Scratch,
@@ -759,10 +762,12 @@ impl LlamaModel {
         } else {
             "token_embd.weight"
         };
+        let output = load_matrix(view, output_name, cfg.vocab_size, d)?;
         Ok(Self {
             embedding: EmbeddingTable::new(view, &cfg)?,
             output_norm: load_vector(view, "output_norm.weight", d)?,
-            output: load_matrix(view, output_name, cfg.vocab_size, d)?,
+            output_bound: OutputBound::for_matrix(&output),
+            output,
             rope: RopeTables::new(cfg.rope_dim, cfg.rope_base, cfg.context_len),
             cache: KvCache::new(&cfg),
             scratch: Scratch::default(),
@@ -914,6 +919,14 @@ impl Transformer for LlamaModel {
         self.hidden_rows(tokens, pos)?;
         let d = self.cfg.n_embd;
         let last = &self.scratch.h[(tokens.len() - 1) * d..tokens.len() * d];
+        if let Some(token) = self
+            .output_bound
+            .as_mut()
+            .and_then(|bound| bound.argmax(&self.output, last))
+        {
+            self.release_chunk_buffers(tokens.len());
+            return Ok(token);
+        }
         scratch.resize(self.output.rows(), 0.0);
         matmul_many(&[&self.output], last, &mut [scratch.as_mut_slice()]);
         self.release_chunk_buffers(tokens.len());
