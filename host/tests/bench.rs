@@ -293,6 +293,9 @@ fn the_peer_table_puts_both_engines_against_the_one_bound_it_prints() {
     // the second with its own share of its own bound (57.0%): the table must state one bound
     // and measure both engines against it, 131.7 / 280.9 = 46.9% at 2 threads, not 57.0%.
     let dir = common::scratch("peer-table");
+    // bench/peer.sh writes a round's files into round-N (one round unless --rounds).
+    let round = dir.join("round-1");
+    std::fs::create_dir_all(&round).unwrap();
     let report = |threads: u32, bound: f64, tg: f64| {
         format!(
             r#"{{"device": "cpu", "threads": {threads}, "synthetic": false, "gated": {gated}, "fresh_prompts": {fresh},
@@ -309,10 +312,10 @@ fn the_peer_table_puts_both_engines_against_the_one_bound_it_prints() {
     let peer = r#"[{"n_threads": 1, "n_prompt": 0, "n_gen": 128, "avg_ts": 67.12, "stddev_ts": 0.42},
                    {"n_threads": 2, "n_prompt": 0, "n_gen": 128, "avg_ts": 116.10, "stddev_ts": 1.0},
                    {"n_threads": 16, "n_prompt": 0, "n_gen": 128, "avg_ts": 200.0, "stddev_ts": 1.0}]"#;
-    std::fs::write(dir.join("peer.json"), peer).unwrap();
-    std::fs::write(dir.join("ours-1.json"), report(1, 280.9, 78.12)).unwrap();
-    std::fs::write(dir.join("ours-2.json"), report(2, 231.0, 131.7)).unwrap();
-    std::fs::write(dir.join("ours-16.json"), report(16, 300.0, 150.0)).unwrap();
+    std::fs::write(round.join("peer.json"), peer).unwrap();
+    std::fs::write(round.join("ours-1.json"), report(1, 280.9, 78.12)).unwrap();
+    std::fs::write(round.join("ours-2.json"), report(2, 231.0, 131.7)).unwrap();
+    std::fs::write(round.join("ours-16.json"), report(16, 300.0, 150.0)).unwrap();
     let stdout = common::python_script(
         "bench/peer_table.py",
         [dir.to_str().unwrap(), "variants/current", "0.3.36", "70"],
@@ -356,7 +359,7 @@ fn the_peer_table_puts_both_engines_against_the_one_bound_it_prints() {
             [dir.to_str().unwrap(), "variants/current", "0.3.36", "70"],
         )
     };
-    std::fs::remove_file(dir.join("ours-16.json")).unwrap();
+    std::fs::remove_file(round.join("ours-16.json")).unwrap();
     let stdout = table();
     assert!(
         stdout.contains("gated, but on prompts from a given --seed"),
@@ -364,7 +367,7 @@ fn the_peer_table_puts_both_engines_against_the_one_bound_it_prints() {
     );
     assert!(!stdout.contains("not gated"), "{stdout}");
     // ... and with fresh prompts throughout, it vouches for both.
-    std::fs::remove_file(dir.join("ours-2.json")).unwrap();
+    std::fs::remove_file(round.join("ours-2.json")).unwrap();
     let stdout = table();
     assert!(
         stdout.contains("gated: every timed token of variants/current was checked"),
