@@ -212,6 +212,10 @@ fn the_peer_script_refuses_bad_arguments_before_fetching_anything() {
             "'two' is not a comma-separated list of numbers",
         ),
         (vec!["-r", "0"], "-r wants a positive number, not '0'"),
+        (
+            vec!["--rounds", "x"],
+            "--rounds wants a positive number, not 'x'",
+        ),
         (vec!["--fast"], "unknown option --fast"),
         (
             vec!["--device", "gpu"],
