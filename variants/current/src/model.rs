@@ -766,7 +766,7 @@ impl LlamaModel {
         Ok(Self {
             embedding: EmbeddingTable::new(view, &cfg)?,
             output_norm: load_vector(view, "output_norm.weight", d)?,
-            output_bound: OutputBound::for_matrix(&output),
+            output_bound: OutputBound::for_matrix(&output, Isa::best()),
             output,
             rope: RopeTables::new(cfg.rope_dim, cfg.rope_base, cfg.context_len),
             cache: KvCache::new(&cfg),

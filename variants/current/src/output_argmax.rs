@@ -3,7 +3,7 @@
 //! The output layer (SmolLM2's tied Q8_0 embedding, 49,152 rows) is about a sixth of a
 //! token's work at one thread, and decode needs only its argmax. [`OutputBound`] first runs
 //! every row against the activations rounded to 16-bit integers
-//! ([`kernels::approx_rows_q8_0`]: exact integer sums, about 10 vector operations a block-row
+//! ([`kernels::approx_rows_q8_0`]: exact integer sums, about 11 vector operations a block-row
 //! where the exact kernel takes 16), and bounds each row's distance from its exact value by the
 //! largest block scale times the row's L1 norm, made at load ([`kernels::q8_0_row_l1`]). Only
 //! the rows whose upper bound reaches the best lower bound can be the argmax; those alone are
@@ -14,7 +14,7 @@
 //! (Experiment 80 bounded 8-bit activations the same way: one large activation made the bound
 //! cover most rows. 16-bit steps are 256 times finer.)
 
-use crate::kernels::{self, Format, Isa, BLOCK};
+use crate::kernels::{self, Format, Isa};
 use crate::matmul::{Matrix, Weights};
 
 /// Candidates beyond this share of the rows (and beyond [`MIN_CANDIDATE_LIMIT`]) send the
@@ -41,13 +41,13 @@ pub struct OutputBound {
 }
 
 impl OutputBound {
-    /// The bound for `output`, where it applies: Q8_0 weights on a machine whose best path is
-    /// AVX2 (the bound's kernel is AVX2; the AVX-512 path is left as it was).
-    pub fn for_matrix(output: &Matrix) -> Option<Self> {
+    /// The bound for `output` whose full layer runs on `isa`, where it applies: Q8_0 weights
+    /// on the AVX2 path, whose kernel computes the candidates (AVX-512 keeps the full layer).
+    pub fn for_matrix(output: &Matrix, isa: Isa) -> Option<Self> {
         let Weights::Q8_0(data) = output.weights() else {
             return None;
         };
-        if Isa::best() != Isa::Avx2 {
+        if isa != Isa::Avx2 || !isa.supported() {
             return None;
         }
         let row_bytes = Format::Q8_0.row_bytes(output.cols());
@@ -63,8 +63,8 @@ impl OutputBound {
     }
 
     /// The index of the largest of `output`'s rows times `x` (one token, `output.cols()`
-    /// floats), the first if several are equal: the full layer's argmax. `None` when the bound
-    /// spares too little (or an activation is not finite): then compute the full layer.
+    /// floats), the first if several are equal: the (AVX2) full layer's argmax. `None` when the
+    /// bound spares too little (or an activation is not finite): then compute the full layer.
     pub fn argmax(&mut self, output: &Matrix, x: &[f32]) -> Option<u32> {
         let Weights::Q8_0(data) = output.weights() else {
             return None;
@@ -106,12 +106,11 @@ impl OutputBound {
             }
             let mut exact = [0f32];
             let row = &data[r * row_bytes..(r + 1) * row_bytes];
-            kernels::matmul_rows(Isa::best(), Format::Q8_0, row, cols, x, &mut exact);
+            kernels::matmul_rows(Isa::Avx2, Format::Q8_0, row, cols, x, &mut exact);
             if exact[0] > best_value {
                 (best, best_value) = (r, exact[0]);
             }
         }
-        debug_assert!(x.len() == cols && cols.is_multiple_of(BLOCK));
         (seen > 0).then_some(best as u32)
     }
 }
@@ -119,6 +118,7 @@ impl OutputBound {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::BLOCK;
     use half::f16;
 
     /// `rows` Q8_0 rows of `cols` with varied scales and quants; rows 3 and 7 are the same, so
@@ -137,29 +137,24 @@ mod tests {
         Matrix::new(Weights::Q8_0(Vec::leak(data)), rows, cols)
     }
 
-    /// The full layer's products, as decode computes them.
+    /// The full layer's products, as decode computes them on the AVX2 path.
     fn full(output: &Matrix, x: &[f32]) -> Vec<f32> {
         let Weights::Q8_0(data) = output.weights() else {
             unreachable!()
         };
         let mut out = vec![0f32; output.rows()];
-        kernels::matmul_rows(Isa::best(), Format::Q8_0, data, output.cols(), x, &mut out);
+        kernels::matmul_rows(Isa::Avx2, Format::Q8_0, data, output.cols(), x, &mut out);
         out
-    }
-
-    fn first_argmax(v: &[f32]) -> u32 {
-        crate::generate::argmax(v)
     }
 
     #[test]
     fn the_token_is_the_full_layers_argmax() {
-        if Isa::best() != Isa::Avx2 {
-            eprintln!("skipped: the bound runs where AVX2 is the best path");
+        if !Isa::Avx2.supported() {
             return;
         }
         let (rows, cols) = (96, 128);
         let m = output(rows, cols);
-        let mut bound = OutputBound::for_matrix(&m).expect("Q8_0 on AVX2");
+        let mut bound = OutputBound::for_matrix(&m, Isa::Avx2).expect("Q8_0 on AVX2");
         for seed in 0..80 {
             // One large activation in a varying place, as the real model's final norm has.
             let x: Vec<f32> = (0..cols)
@@ -170,7 +165,7 @@ mod tests {
             let logits = full(&m, &x);
             assert_eq!(
                 bound.argmax(&m, &x),
-                Some(first_argmax(&logits)),
+                Some(crate::generate::argmax(&logits)),
                 "seed {seed}"
             );
         }
@@ -178,7 +173,7 @@ mod tests {
 
     #[test]
     fn a_row_the_rounding_puts_second_still_wins() {
-        if Isa::best() != Isa::Avx2 {
+        if !Isa::Avx2.supported() {
             return;
         }
         // Two blocks; x's one large activation (50) makes block 0's step 50 / 32767, so 0.0007
@@ -216,19 +211,19 @@ mod tests {
             exact[5] > exact[2] && approx[2] > approx[5],
             "{exact:?} {approx:?}"
         );
-        assert_eq!(first_argmax(&exact), 5);
-        let mut bound = OutputBound::for_matrix(&m).expect("Q8_0 on AVX2");
+        assert_eq!(crate::generate::argmax(&exact), 5);
+        let mut bound = OutputBound::for_matrix(&m, Isa::Avx2).expect("Q8_0 on AVX2");
         assert_eq!(bound.argmax(&m, &x), Some(5));
     }
 
     #[test]
     fn an_exact_tie_goes_to_the_first_row() {
-        if Isa::best() != Isa::Avx2 {
+        if !Isa::Avx2.supported() {
             return;
         }
         let (rows, cols) = (96, 128);
         let m = output(rows, cols);
-        let mut bound = OutputBound::for_matrix(&m).expect("Q8_0 on AVX2");
+        let mut bound = OutputBound::for_matrix(&m, Isa::Avx2).expect("Q8_0 on AVX2");
         // Rows 3 and 7 are equal; row 3's own weights as the activations make them lead.
         let Weights::Q8_0(data) = m.weights() else {
             unreachable!()
@@ -238,8 +233,8 @@ mod tests {
         kernels::dequantize_q8_0_row(&data[3 * row_bytes..4 * row_bytes], &mut x);
         let logits = full(&m, &x);
         assert_eq!(logits[3], logits[7]);
-        assert_eq!(first_argmax(&logits), 3, "the tie leads");
-        assert_eq!(bound.argmax(&m, &x), Some(first_argmax(&logits)));
+        assert_eq!(crate::generate::argmax(&logits), 3, "the tie leads");
+        assert_eq!(bound.argmax(&m, &x), Some(crate::generate::argmax(&logits)));
     }
 
     #[test]
@@ -276,11 +271,11 @@ mod tests {
 
     #[test]
     fn activations_that_are_not_finite_take_the_full_layer() {
-        if Isa::best() != Isa::Avx2 {
+        if !Isa::Avx2.supported() {
             return;
         }
         let m = output(8, 64);
-        let mut bound = OutputBound::for_matrix(&m).expect("Q8_0 on AVX2");
+        let mut bound = OutputBound::for_matrix(&m, Isa::Avx2).expect("Q8_0 on AVX2");
         let mut x = vec![0.5f32; 64];
         x[9] = f32::NAN;
         assert_eq!(bound.argmax(&m, &x), None);
