@@ -514,6 +514,10 @@ mod x86 {
     const PREFETCH_AHEAD: usize = 2048;
     /// The same for the AVX-512 one.
     const PREFETCH_AHEAD_512: usize = 4096;
+    /// How far ahead the AVX2 Q4_1 row-pair kernel ([`decode_pairs_q4_1`]) asks for its rows:
+    /// it reads them faster than the other one-token kernels (about 2.0 ns a block-row at one
+    /// thread), and 2 KiB ahead left it waiting on memory (2.07-2.11 ns; 3-5 KiB read alike).
+    const PAIR_PREFETCH_AHEAD: usize = 4096;
 
     /// Asks for the cache line holding `w[at]` (nothing past the end of `w`).
     #[target_feature(enable = "sse")]
@@ -521,6 +525,13 @@ mod x86 {
         if let Some(p) = w.get(at) {
             _mm_prefetch::<_MM_HINT_T0>(p as *const u8 as *const i8);
         }
+    }
+
+    /// Asks for the cache line holding byte `at` of `w`, which may lie past its end: a prefetch
+    /// is a hint that never faults, so no bounds check is spent on it in a kernel's loop.
+    #[target_feature(enable = "sse")]
+    fn prefetch_unchecked(w: &[u8], at: usize) {
+        _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add(at) as *const i8);
     }
 
     /// Asks for every cache line of `w[at..at + len]` (nothing past the end of `w`): the one-token
@@ -1102,85 +1113,146 @@ mod x86 {
         }
     }
 
-    /// Arranges one token's activations for [`decode_pairs_q4_1`] into `xn`: for each block,
-    /// 8 vectors (nibble position `s` of quant words 0..4: the weight `4w + s / 2`, or with
-    /// 16 added for odd `s`, whose activation is divided by [`nibble_scale`]`(s)`, in lanes
-    /// `w` and `4 + w`), then the block's sum in lanes 1 and 5 (from `sums`, `XSUMS8`'s lane
-    /// 1). Dividing by a power of two is exact (the activations are far from f32's smallest).
+    /// Arranges one token's activations for [`decode_pairs_q4_1`] into `xn`, a step of two
+    /// blocks at a time (the last block alone when their number is odd): for each block of the
+    /// step, 8 vectors (nibble position `s` of quant words 0..4: the weight `4w + s / 2`, or
+    /// with 16 added for odd `s`, whose activation is divided by [`nibble_scale`]`(s)`, in
+    /// lanes `w` and `4 + w`), then one vector of the step's block sums (from `sums`,
+    /// `XSUMS8`'s lane 1) where the kernel's converted headers hold the minima: the first
+    /// block's in lanes 1 and 5, the second's in lanes 3 and 7. Dividing by a power of two is
+    /// exact (the activations are far from f32's smallest).
     #[target_feature(enable = "avx2")]
     fn nibble_activations(x: &[f32], sums: &[[f32; 8]], xn: &mut Vec<[f32; 8]>) {
         xn.clear();
-        for (block, sum) in x.chunks_exact(BLOCK).zip(sums) {
-            for s in 0..8 {
-                let scale = nibble_scale(s);
-                xn.push(std::array::from_fn(|lane| {
-                    let word = lane % 4;
-                    block[4 * word + s / 2 + if s % 2 == 1 { 16 } else { 0 }] / scale
-                }));
-            }
+        for (step, step_sums) in x.chunks(2 * BLOCK).zip(sums.chunks(2)) {
             let mut total = [0f32; 8];
-            (total[1], total[5]) = (sum[1], sum[1]);
+            for (i, (block, sum)) in step.chunks_exact(BLOCK).zip(step_sums).enumerate() {
+                for s in 0..8 {
+                    let scale = nibble_scale(s);
+                    xn.push(std::array::from_fn(|lane| {
+                        let word = lane % 4;
+                        block[4 * word + s / 2 + if s % 2 == 1 { 16 } else { 0 }] / scale
+                    }));
+                }
+                (total[1 + 2 * i], total[5 + 2 * i]) = (sum[1], sum[1]);
+            }
             xn.push(total);
         }
+    }
+
+    /// `Σ q x` of one block for two rows, a register's halves (see [`decode_pairs_q4_1`]), as
+    /// two partial sums: the even nibble positions' and the odd ones'.
+    #[target_feature(enable = "avx2,fma")]
+    fn pair_block_sums(q: __m256i, masks: &[__m256i; 7], xv: &[[f32; 8]]) -> (__m256, __m256) {
+        let x = |s: usize| {
+            // SAFETY: `xv` holds the block's 8 vectors of 8 floats (indexing checks it).
+            unsafe { _mm256_loadu_ps(xv[s].as_ptr()) }
+        };
+        let nibble = |s: usize| {
+            _mm256_cvtepi32_ps(if s == 7 {
+                _mm256_srli_epi32::<28>(q)
+            } else {
+                _mm256_and_si256(q, masks[s])
+            })
+        };
+        let mut even = _mm256_mul_ps(nibble(0), x(0));
+        let mut odd = _mm256_mul_ps(nibble(1), x(1));
+        for s in (2..8).step_by(2) {
+            even = _mm256_fmadd_ps(nibble(s), x(s), even);
+            odd = _mm256_fmadd_ps(nibble(s + 1), x(s + 1), odd);
+        }
+        (even, odd)
+    }
+
+    /// One step of [`decode_pairs_q4_1`]: the blocks at byte `a` of a row and of the next
+    /// row (`row_bytes` on), and when `TWO` the block after each, accumulated into
+    /// `acc` (the even positions' sums, the odd ones', the minima). `xv` is the step's part
+    /// of [`nibble_activations`].
+    ///
+    /// # Safety
+    /// The blocks read (both rows' block at `a`, and the next when `TWO`) lie inside `w`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pair_step<const TWO: bool>(
+        w: &[u8],
+        a: usize,
+        row_bytes: usize,
+        masks: &[__m256i; 7],
+        xv: &[[f32; 8]],
+        acc: &mut [__m256; 3],
+    ) {
+        // SAFETY: the caller's blocks hold these 4 header bytes; read unaligned.
+        let header =
+            |at: usize| unsafe { std::ptr::read_unaligned(w.as_ptr().add(at) as *const i32) };
+        let bb = Format::Q4_1.block_bytes();
+        let second = |at: usize| if TWO { header(at + bb) } else { 0 };
+        // [d, m] of row r's first and second block, then row r + 1's (zero for no second).
+        let heads = _mm256_cvtph_ps(_mm_setr_epi32(
+            header(a),
+            second(a),
+            header(a + row_bytes),
+            second(a + row_bytes),
+        ));
+        let scales = [
+            _mm256_permute_ps::<0x00>(heads),
+            _mm256_permute_ps::<0xAA>(heads),
+        ];
+        for (i, scale) in scales.into_iter().enumerate().take(if TWO { 2 } else { 1 }) {
+            // SAFETY: block i of both rows lies inside `w` (the caller's promise).
+            let q = unsafe {
+                let pa = w.as_ptr().add(a + i * bb + 4);
+                _mm256_loadu2_m128i(pa.add(row_bytes) as *const __m128i, pa as *const __m128i)
+            };
+            let (even, odd) = pair_block_sums(q, masks, &xv[8 * i..8 * i + 8]);
+            acc[0] = _mm256_fmadd_ps(scale, even, acc[0]);
+            acc[1] = _mm256_fmadd_ps(scale, odd, acc[1]);
+        }
+        let sums = &xv[if TWO { 16 } else { 8 }];
+        // SAFETY: `sums` holds the 8 floats read.
+        acc[2] = _mm256_fmadd_ps(heads, unsafe { _mm256_loadu_ps(sums.as_ptr()) }, acc[2]);
     }
 
     /// One token, Q4_1 rows `r` and `r + 1` of `w` together, a block's 16 quant bytes of each
     /// in one register's halves: nibble position `s` of every quant word is masked where it
     /// lies (`q 2^4s`, exact as an integer and as a float) and converted, and multiplied by the
     /// activations arranged for it ([`nibble_activations`], divided by `2^4s`), so no quant is
-    /// widened or shifted (the top position once); the product is `q x`, rounded as ever. Each
-    /// block's sums are scaled by `[d_r; 4] ++ [d_r+1; 4]` and the minimum added as in
-    /// [`decode_rows8`], the two rows' headers converted together. Same sums as a reordered sum
-    /// of the reference; the activations and masks are read where used, so that the 16
-    /// registers hold a row pair's work without spilling.
+    /// widened or shifted (the top position once); the product is `q x`, rounded as ever.
+    /// Two blocks make a step: the four headers (two rows, two blocks) are converted in one
+    /// instruction, `[d, m]` of the first block then the second, row `r`'s in the low half;
+    /// each block's scale is spread over its row's half by an in-lane shuffle, and one
+    /// multiply-add against the step's block sums adds all four minima. The even and odd
+    /// nibble positions' sums go to two accumulators (no add between them on the way). Same
+    /// sums as a reordered sum of the reference; the activations and masks are read where
+    /// used, so that the 16 registers hold a step's work without spilling. Each row's line
+    /// [`PAIR_PREFETCH_AHEAD`] bytes ahead is asked for once a step (two blocks are 40 bytes,
+    /// under a line, so every line is asked for).
     #[target_feature(enable = "avx2,fma,f16c")]
     fn decode_pairs_q4_1(w: &[u8], cols: usize, r: usize, xn: &[[f32; 8]], out: &mut [f32]) {
         let row_bytes = Format::Q4_1.row_bytes(cols);
         let bb = Format::Q4_1.block_bytes();
         let blocks = cols / BLOCK;
-        assert!((r + 2) * row_bytes <= w.len() && xn.len() == blocks * 9 && r + 2 <= out.len());
+        assert!(
+            (r + 2) * row_bytes <= w.len()
+                && xn.len() == blocks * 8 + blocks.div_ceil(2)
+                && r + 2 <= out.len()
+        );
         let masks: [__m256i; 7] = std::array::from_fn(|s| _mm256_set1_epi32(0xF << (4 * s)));
-        let (mut acc, mut minima) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        for (blk, xv) in xn.chunks_exact(9).enumerate() {
-            let a = r * row_bytes + blk * bb;
-            prefetch_lines(w, a + PREFETCH_AHEAD, bb);
-            prefetch_lines(w, a + row_bytes + PREFETCH_AHEAD, bb);
-            // SAFETY: both rows' blocks lie inside `w` (asserted above): 4 header bytes, then
-            // 16 quant bytes, read unaligned.
-            let (q, heads) = unsafe {
-                let pa = w.as_ptr().add(a);
-                let pb = pa.add(row_bytes);
-                let q =
-                    _mm256_loadu2_m128i(pb.add(4) as *const __m128i, pa.add(4) as *const __m128i);
-                let ha = _mm_cvtsi32_si128(std::ptr::read_unaligned(pa as *const i32));
-                let hb = _mm_cvtsi32_si128(std::ptr::read_unaligned(pb as *const i32));
-                let ab = _mm_unpacklo_epi32(ha, hb);
-                (q, _mm256_cvtph_ps(_mm_unpacklo_epi32(ab, ab)))
-            };
-            let x = |s: usize| {
-                // SAFETY: `xv` holds the block's 9 vectors of 8 floats.
-                unsafe { _mm256_loadu_ps(xv[s].as_ptr()) }
-            };
-            let nibble = |s: usize| {
-                _mm256_cvtepi32_ps(if s == 7 {
-                    _mm256_srli_epi32::<28>(q)
-                } else {
-                    _mm256_and_si256(q, masks[s])
-                })
-            };
-            let mut even = _mm256_mul_ps(nibble(0), x(0));
-            let mut odd = _mm256_mul_ps(nibble(1), x(1));
-            for s in (2..8).step_by(2) {
-                even = _mm256_fmadd_ps(nibble(s), x(s), even);
-                odd = _mm256_fmadd_ps(nibble(s + 1), x(s + 1), odd);
-            }
-            // [d_r, m_r, d_r, m_r, d_r+1, m_r+1, ..]: the scales spread, the minima against
-            // the block sums in lanes 1 and 5.
-            // (Two accumulators, so that a block waits on one multiply-add of the last.)
-            acc = _mm256_fmadd_ps(_mm256_moveldup_ps(heads), _mm256_add_ps(even, odd), acc);
-            minima = _mm256_fmadd_ps(heads, x(8), minima);
+        let mut acc = [_mm256_setzero_ps(); 3];
+        let (pairs, tail) = xn.split_at(blocks / 2 * 17);
+        for (p, xv) in pairs.chunks_exact(17).enumerate() {
+            let a = r * row_bytes + 2 * p * bb;
+            prefetch_unchecked(w, a + PAIR_PREFETCH_AHEAD);
+            prefetch_unchecked(w, a + row_bytes + PAIR_PREFETCH_AHEAD);
+            // SAFETY: 2p + 1 < blocks, so both rows' blocks 2p and 2p + 1 lie inside `w`.
+            unsafe { pair_step::<true>(w, a, row_bytes, &masks, xv, &mut acc) };
         }
-        let acc = _mm256_add_ps(acc, minima);
+        if blocks % 2 == 1 {
+            let a = r * row_bytes + (blocks - 1) * bb;
+            // SAFETY: both rows' last block lies inside `w`.
+            unsafe { pair_step::<false>(w, a, row_bytes, &masks, tail, &mut acc) };
+        }
+        let [even, odd, minima] = acc;
+        let acc = _mm256_add_ps(_mm256_add_ps(even, odd), minima);
         let lo = _mm256_castps256_ps128(acc);
         let hi = _mm256_extractf128_ps::<1>(acc);
         out[r] = sum4(lo);
