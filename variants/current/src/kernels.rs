@@ -1130,8 +1130,7 @@ mod x86 {
                 for s in 0..8 {
                     let scale = nibble_scale(s);
                     xn.push(std::array::from_fn(|lane| {
-                        let word = lane % 4;
-                        block[4 * word + s / 2 + if s % 2 == 1 { 16 } else { 0 }] / scale
+                        block[4 * (lane % 4) + s / 2 + 16 * (s % 2)] / scale
                     }));
                 }
                 (total[1 + 2 * i], total[5 + 2 * i]) = (sum[1], sum[1]);
@@ -1139,6 +1138,9 @@ mod x86 {
             xn.push(total);
         }
     }
+
+    /// Vectors of [`nibble_activations`] a step of two blocks: 8 a block, then the sums.
+    const PAIR_STEP_VECTORS: usize = 2 * 8 + 1;
 
     /// `Σ q x` of one block for two rows, a register's halves (see [`decode_pairs_q4_1`]), as
     /// two partial sums: the even nibble positions' and the odd ones'.
@@ -1238,8 +1240,8 @@ mod x86 {
         );
         let masks: [__m256i; 7] = std::array::from_fn(|s| _mm256_set1_epi32(0xF << (4 * s)));
         let mut acc = [_mm256_setzero_ps(); 3];
-        let (pairs, tail) = xn.split_at(blocks / 2 * 17);
-        for (p, xv) in pairs.chunks_exact(17).enumerate() {
+        let (pairs, tail) = xn.split_at(blocks / 2 * PAIR_STEP_VECTORS);
+        for (p, xv) in pairs.chunks_exact(PAIR_STEP_VECTORS).enumerate() {
             let a = r * row_bytes + 2 * p * bb;
             prefetch_unchecked(w, a + PAIR_PREFETCH_AHEAD);
             prefetch_unchecked(w, a + row_bytes + PAIR_PREFETCH_AHEAD);

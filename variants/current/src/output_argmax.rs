@@ -147,35 +147,38 @@ mod tests {
         out
     }
 
+    /// The AVX2 bound for `m`, checked to exist exactly where AVX2 runs (never for Scalar).
+    fn avx2_bound(m: &Matrix) -> Option<OutputBound> {
+        let bound = OutputBound::for_matrix(m, Isa::Avx2);
+        assert!(OutputBound::for_matrix(m, Isa::Scalar).is_none());
+        assert_eq!(bound.is_some(), Isa::Avx2.supported(), "a Q8_0 layer");
+        bound
+    }
+
     #[test]
     fn the_token_is_the_full_layers_argmax() {
-        if !Isa::Avx2.supported() {
-            return;
-        }
         let (rows, cols) = (96, 128);
         let m = output(rows, cols);
-        let mut bound = OutputBound::for_matrix(&m, Isa::Avx2).expect("Q8_0 on AVX2");
-        for seed in 0..80 {
-            // One large activation in a varying place, as the real model's final norm has.
-            let x: Vec<f32> = (0..cols)
-                .map(|k| ((k * 37 + seed * 13) % 101) as f32 * 0.02 - 1.0)
-                .enumerate()
-                .map(|(k, v)| if k == (seed * 7) % cols { v * 40.0 } else { v })
-                .collect();
-            let logits = full(&m, &x);
-            assert_eq!(
-                bound.argmax(&m, &x),
-                Some(crate::generate::argmax(&logits)),
-                "seed {seed}"
-            );
+        if let Some(mut bound) = avx2_bound(&m) {
+            for seed in 0..80 {
+                // One large activation in a varying place, as the real model's final norm has.
+                let x: Vec<f32> = (0..cols)
+                    .map(|k| ((k * 37 + seed * 13) % 101) as f32 * 0.02 - 1.0)
+                    .enumerate()
+                    .map(|(k, v)| if k == (seed * 7) % cols { v * 40.0 } else { v })
+                    .collect();
+                let logits = full(&m, &x);
+                assert_eq!(
+                    bound.argmax(&m, &x),
+                    Some(crate::generate::argmax(&logits)),
+                    "seed {seed}"
+                );
+            }
         }
     }
 
     #[test]
     fn a_row_the_rounding_puts_second_still_wins() {
-        if !Isa::Avx2.supported() {
-            return;
-        }
         // Two blocks; x's one large activation (50) makes block 0's step 50 / 32767, so 0.0007
         // rounds to 0 steps and 0.0008 to 1. Rows 2 and 5 share 100 x 50 and differ there:
         // row 5 has quant 2 at the 0.0007 (exactly 0.0014 d more, 0 after rounding), row 2
@@ -196,90 +199,84 @@ mod tests {
                 data.extend(q.map(|q| q as u8));
             }
         }
-        let m = Matrix::new(Weights::Q8_0(Vec::leak(data)), rows, cols);
-        let mut x = vec![0f32; cols];
-        (x[0], x[10], x[11]) = (50.0, 0.0007, 0.0008);
-        let exact = full(&m, &x);
-        let Weights::Q8_0(data) = m.weights() else {
-            unreachable!()
-        };
-        let (mut xq, mut scales) = (Vec::new(), Vec::new());
-        kernels::quantize_i16(&x, &mut xq, &mut scales).unwrap();
-        let mut approx = vec![0f32; rows];
-        kernels::approx_rows_q8_0(Isa::Avx2, data, cols, &xq, &scales, &mut approx);
-        assert!(
-            exact[5] > exact[2] && approx[2] > approx[5],
-            "{exact:?} {approx:?}"
-        );
-        assert_eq!(crate::generate::argmax(&exact), 5);
-        let mut bound = OutputBound::for_matrix(&m, Isa::Avx2).expect("Q8_0 on AVX2");
-        assert_eq!(bound.argmax(&m, &x), Some(5));
+        let data: &'static [u8] = Vec::leak(data);
+        let m = Matrix::new(Weights::Q8_0(data), rows, cols);
+        if let Some(mut bound) = avx2_bound(&m) {
+            let mut x = vec![0f32; cols];
+            (x[0], x[10], x[11]) = (50.0, 0.0007, 0.0008);
+            let exact = full(&m, &x);
+            let (mut xq, mut scales) = (Vec::new(), Vec::new());
+            kernels::quantize_i16(&x, &mut xq, &mut scales).unwrap();
+            let mut approx = vec![0f32; rows];
+            kernels::approx_rows_q8_0(Isa::Avx2, data, cols, &xq, &scales, &mut approx);
+            assert!(
+                exact[5] > exact[2] && approx[2] > approx[5],
+                "{exact:?} {approx:?}"
+            );
+            assert_eq!(crate::generate::argmax(&exact), 5);
+            assert_eq!(bound.argmax(&m, &x), Some(5));
+        }
     }
 
     #[test]
     fn an_exact_tie_goes_to_the_first_row() {
-        if !Isa::Avx2.supported() {
-            return;
-        }
         let (rows, cols) = (96, 128);
         let m = output(rows, cols);
-        let mut bound = OutputBound::for_matrix(&m, Isa::Avx2).expect("Q8_0 on AVX2");
-        // Rows 3 and 7 are equal; row 3's own weights as the activations make them lead.
-        let Weights::Q8_0(data) = m.weights() else {
-            unreachable!()
-        };
-        let row_bytes = Format::Q8_0.row_bytes(cols);
-        let mut x = vec![0f32; cols];
-        kernels::dequantize_q8_0_row(&data[3 * row_bytes..4 * row_bytes], &mut x);
-        let logits = full(&m, &x);
-        assert_eq!(logits[3], logits[7]);
-        assert_eq!(crate::generate::argmax(&logits), 3, "the tie leads");
-        assert_eq!(bound.argmax(&m, &x), Some(crate::generate::argmax(&logits)));
+        if let Some(mut bound) = avx2_bound(&m) {
+            // Rows 3 and 7 are equal; row 3's own weights as the activations make them lead.
+            let Weights::Q8_0(data) = m.weights() else {
+                unreachable!()
+            };
+            let row_bytes = Format::Q8_0.row_bytes(cols);
+            let mut x = vec![0f32; cols];
+            kernels::dequantize_q8_0_row(&data[3 * row_bytes..4 * row_bytes], &mut x);
+            let logits = full(&m, &x);
+            assert_eq!(logits[3], logits[7]);
+            assert_eq!(crate::generate::argmax(&logits), 3, "the tie leads");
+            assert_eq!(bound.argmax(&m, &x), Some(crate::generate::argmax(&logits)));
+        }
     }
 
     #[test]
     fn every_row_lies_within_its_bound() {
-        if !Isa::Avx2.supported() {
-            return;
-        }
         let (rows, cols) = (40, 256);
         let m = output(rows, cols);
-        let Weights::Q8_0(data) = m.weights() else {
-            unreachable!()
-        };
-        let row_bytes = Format::Q8_0.row_bytes(cols);
-        let x: Vec<f32> = (0..cols)
-            .map(|k| ((k * 53) % 97) as f32 * 0.03 - 1.4 + if k == 17 { 50.0 } else { 0.0 })
-            .collect();
-        let (mut xq, mut scales) = (Vec::new(), Vec::new());
-        let top = kernels::quantize_i16(&x, &mut xq, &mut scales).unwrap();
-        let mut simd = vec![0f32; rows];
-        let mut scalar = vec![0f32; rows];
-        kernels::approx_rows_q8_0(Isa::Avx2, data, cols, &xq, &scales, &mut simd);
-        kernels::approx_rows_q8_0(Isa::Scalar, data, cols, &xq, &scales, &mut scalar);
-        let exact = full(&m, &x);
-        for r in 0..rows {
-            let l1 = kernels::q8_0_row_l1(&data[r * row_bytes..(r + 1) * row_bytes]);
-            let err = (exact[r] - simd[r]).abs();
-            // Within the quantization's 0.51 share of the bound: the rest is the f32 room.
-            assert!(err <= 0.51 * top * l1, "row {r}: {err} vs {}", top * l1);
-            // The same sums as the reference, to f32 rounding of terms up to max|x| l1.
+        if avx2_bound(&m).is_some() {
+            let Weights::Q8_0(data) = m.weights() else {
+                unreachable!()
+            };
+            let row_bytes = Format::Q8_0.row_bytes(cols);
+            let x: Vec<f32> = (0..cols)
+                .map(|k| ((k * 53) % 97) as f32 * 0.03 - 1.4 + if k == 17 { 50.0 } else { 0.0 })
+                .collect();
+            let (mut xq, mut scales) = (Vec::new(), Vec::new());
+            let top = kernels::quantize_i16(&x, &mut xq, &mut scales).unwrap();
+            let mut simd = vec![0f32; rows];
+            let mut scalar = vec![0f32; rows];
+            kernels::approx_rows_q8_0(Isa::Avx2, data, cols, &xq, &scales, &mut simd);
+            kernels::approx_rows_q8_0(Isa::Scalar, data, cols, &xq, &scales, &mut scalar);
+            let exact = full(&m, &x);
             let xmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-            assert!((simd[r] - scalar[r]).abs() <= 1e-6 * xmax * l1, "row {r}");
+            for r in 0..rows {
+                let l1 = kernels::q8_0_row_l1(&data[r * row_bytes..(r + 1) * row_bytes]);
+                let err = (exact[r] - simd[r]).abs();
+                // Within the quantization's 0.51 share of the bound: the rest is the f32 room.
+                assert!(err <= 0.51 * top * l1, "row {r}: {err} vs {}", top * l1);
+                // The same sums as the reference, to f32 rounding of terms up to max|x| l1.
+                assert!((simd[r] - scalar[r]).abs() <= 1e-6 * xmax * l1, "row {r}");
+            }
         }
     }
 
     #[test]
     fn activations_that_are_not_finite_take_the_full_layer() {
-        if !Isa::Avx2.supported() {
-            return;
-        }
         let m = output(8, 64);
-        let mut bound = OutputBound::for_matrix(&m, Isa::Avx2).expect("Q8_0 on AVX2");
-        let mut x = vec![0.5f32; 64];
-        x[9] = f32::NAN;
-        assert_eq!(bound.argmax(&m, &x), None);
-        x[9] = f32::INFINITY;
-        assert_eq!(bound.argmax(&m, &x), None);
+        if let Some(mut bound) = avx2_bound(&m) {
+            let mut x = vec![0.5f32; 64];
+            x[9] = f32::NAN;
+            assert_eq!(bound.argmax(&m, &x), None);
+            x[9] = f32::INFINITY;
+            assert_eq!(bound.argmax(&m, &x), None);
+        }
     }
 }
